@@ -1,0 +1,239 @@
+//! vmsa-core's errors. Every variant names the value that broke a rule and the rule.
+
+use crate::addr::{Gpa, Pfn};
+use crate::ghcb::ApCreationError;
+use crate::state::{Op, StateKind, VcpuId, VmKind};
+
+/// The platform call that failed, for [`Error::Platform`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub enum PlatformOp {
+    /// [`Platform::alloc_page`](crate::Platform::alloc_page).
+    AllocPage,
+    /// [`Platform::write_frame`](crate::Platform::write_frame).
+    WriteFrame,
+    /// [`Platform::read_frame`](crate::Platform::read_frame).
+    ReadFrame,
+    /// [`Platform::rmp_make_private`](crate::Platform::rmp_make_private).
+    RmpMakePrivate,
+    /// [`Platform::launch_start`](crate::Platform::launch_start).
+    LaunchStart,
+    /// [`Platform::launch_update_vmsa`](crate::Platform::launch_update_vmsa).
+    LaunchUpdateVmsa,
+    /// [`Platform::launch_update_data`](crate::Platform::launch_update_data).
+    LaunchUpdateData,
+    /// [`Platform::snp_launch_update`](crate::Platform::snp_launch_update).
+    SnpLaunchUpdate,
+    /// [`Platform::launch_finish`](crate::Platform::launch_finish).
+    LaunchFinish,
+    /// [`Platform::dbg_decrypt_vmsa`](crate::Platform::dbg_decrypt_vmsa).
+    DbgDecrypt,
+}
+
+impl core::fmt::Display for PlatformOp {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::AllocPage => "page allocation",
+            Self::WriteFrame => "host write",
+            Self::ReadFrame => "host read",
+            Self::RmpMakePrivate => "RMPUPDATE to private",
+            Self::LaunchStart => "launch start",
+            Self::LaunchUpdateVmsa => "LAUNCH_UPDATE_VMSA",
+            Self::LaunchUpdateData => "LAUNCH_UPDATE_DATA",
+            Self::SnpLaunchUpdate => "SNP_LAUNCH_UPDATE",
+            Self::LaunchFinish => "launch finish",
+            Self::DbgDecrypt => "debug decrypt",
+        })
+    }
+}
+
+/// The phase of a VM's launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub enum LaunchState {
+    /// No launch command yet.
+    NotStarted,
+    /// Launch started; pages and VMSAs may be added.
+    Started,
+    /// Launch finished; the guest may run.
+    Finished,
+    /// A launch step failed. The launch can never be finished (the kernel patch would retry
+    /// into a freed VMSA); tear the VM down.
+    Failed,
+}
+
+impl core::fmt::Display for LaunchState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        core::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why an intra-host migration was refused (KVM's `sev_vm_move_enc_context_from` rules).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MigrationError {
+    /// The destination already has an encryption context.
+    #[error("the destination already is a {kind} VM; it must be created with Vm::migration_target")]
+    DestinationIsConfidential {
+        /// The destination's kind.
+        kind: VmKind,
+    },
+    /// SNP guests cannot migrate (KVM: "until additional state transfer is implemented").
+    #[error("the source is an SEV-SNP VM; only SEV-ES guests can migrate within a host")]
+    SourceIsSnp,
+    /// The two VMs have different vCPU counts.
+    #[error("the source has {source_vcpus} vCPUs but the destination has {destination_vcpus}")]
+    VcpuCountMismatch {
+        /// vCPUs in the source.
+        source_vcpus: usize,
+        /// vCPUs in the destination.
+        destination_vcpus: usize,
+    },
+    /// A source vCPU never had its VMSA launched.
+    #[error("source vCPU {vcpu} was never launched (LAUNCH_UPDATE_VMSA not done)")]
+    SourceNotLaunched {
+        /// The vCPU.
+        vcpu: VcpuId,
+    },
+}
+
+/// Errors of vmsa-core, generic over the platform's error `E`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error<E: std::error::Error + Send + Sync + 'static> {
+    /// A transition was called from a state it is not defined for (also reported as a `Warn`
+    /// event: in the kernel this is a `WARN_ON_ONCE`).
+    #[error("vCPU {vcpu}: {op} is not valid for a VMSA in state {state}")]
+    InvalidState {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// The transition attempted.
+        op: Op,
+        /// The state found.
+        state: StateKind,
+    },
+    /// The guest state was already launched, so writing it would write an encrypted page.
+    #[error("vCPU {vcpu}: guest state is already protected, so {op} would write an encrypted VMSA")]
+    AlreadyProtected {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// The operation attempted.
+        op: Op,
+    },
+    /// Guest debugging cannot be used with protected register state.
+    #[error("vCPU {vcpu}: guest debugging is enabled; SEV-ES/SNP VMSAs cannot be launched with it")]
+    GuestDebug {
+        /// The vCPU.
+        vcpu: VcpuId,
+    },
+    /// DR7 must be in its reset state when a VMSA is launched.
+    #[error(
+        "vCPU {vcpu}: DR7 {dr7:#x} has bits beyond DR7_FIXED_1 (0x400); a launched VMSA may not carry breakpoints"
+    )]
+    Dr7 {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// Its DR7.
+        dr7: u64,
+    },
+    /// A platform operation failed.
+    #[error("{}{op} failed", vcpu.map(|v| format!("vCPU {v}: ")).unwrap_or_default())]
+    Platform {
+        /// The vCPU concerned, if any.
+        vcpu: Option<VcpuId>,
+        /// The operation.
+        op: PlatformOp,
+        /// The platform's error.
+        #[source]
+        source: E,
+    },
+    /// The allocator kept returning 2 MiB-aligned pages.
+    #[error(
+        "vCPU {vcpu}: {tries} page allocations in a row were 2 MiB aligned (erratum 1467 forbids them for a VMSA)"
+    )]
+    NoUnalignedPage {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// Attempts made.
+        tries: usize,
+    },
+    /// No vCPU has this id.
+    #[error("no vCPU with id {0}")]
+    UnknownVcpu(VcpuId),
+    /// A vCPU with this id exists already.
+    #[error("vCPU {0} already exists")]
+    VcpuExists(VcpuId),
+    /// A launch command came in the wrong launch phase.
+    #[error("{op} is not allowed while the launch is {state}")]
+    Launch {
+        /// The command.
+        op: &'static str,
+        /// The phase the VM is in.
+        state: LaunchState,
+    },
+    /// The command exists only for another kind of guest.
+    #[error("{op} needs an {needed} guest; this is an {kind} guest")]
+    WrongKind {
+        /// The command.
+        op: &'static str,
+        /// The kind it needs.
+        needed: VmKind,
+        /// The VM's kind.
+        kind: VmKind,
+    },
+    /// A guest policy broke a rule.
+    #[error("guest policy {policy:#x}: {rule}")]
+    BadPolicy {
+        /// The policy.
+        policy: u64,
+        /// The rule broken.
+        rule: &'static str,
+    },
+    /// A launch-update range broke a rule.
+    #[error("launch update of {len:#x} bytes at GPA {gpa}: {rule}")]
+    BadLaunchUpdate {
+        /// Start of the range.
+        gpa: Gpa,
+        /// Length of the range in bytes.
+        len: u64,
+        /// The rule broken.
+        rule: &'static str,
+    },
+    /// No guest memory backs a guest frame.
+    #[error("no guest memory (memslot with guest_memfd) backs GPA {gpa}")]
+    NoGuestMemory {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// An AP-creation request was refused.
+    #[error(transparent)]
+    ApCreation(#[from] ApCreationError),
+    /// The vCPU is runnable but has no valid VMSA (KVM_RUN returns -EINVAL in this case).
+    #[error("vCPU {vcpu}: runnable but its VMCB holds no valid VMSA address (INVALID_PAGE)")]
+    InvalidVmsa {
+        /// The vCPU.
+        vcpu: VcpuId,
+    },
+    /// The guest policy forbids debugging.
+    #[error("debug decrypt of vCPU {vcpu} refused: policy {policy:#x} {rule}")]
+    DebugPolicy {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// The guest policy.
+        policy: u64,
+        /// The rule.
+        rule: &'static str,
+    },
+    /// Intra-host migration refused.
+    #[error("intra-host migration refused: {0}")]
+    Migration(#[from] MigrationError),
+    /// The VM's encryption context was migrated away; only teardown remains.
+    #[error("the VM is dead: its encryption context was migrated to another VM")]
+    VmDead,
+    /// A page was leaked earlier; like a `KVM_BUG`'d VM, only teardown remains.
+    #[error("the VM is bugged: pfn {pfn} was leaked (vCPU {vcpu:?}); only teardown is allowed")]
+    VmBugged {
+        /// The vCPU whose page leaked, if any.
+        vcpu: Option<VcpuId>,
+        /// The leaked frame.
+        pfn: Pfn,
+    },
+}

@@ -1,0 +1,196 @@
+//! Leaks, warnings and transitions as values.
+//!
+//! The kernel reports a leaked page with `pr_err`/`snp_leak_pages` and an invariant break with
+//! `WARN_ON_ONCE`; vmsa-core reports both as [`Event`]s into an [`EventSink`] the embedder
+//! chooses, so tests and VMMs can count them instead of scraping logs.
+
+use std::sync::Mutex;
+
+use crate::addr::{Gpa, Hpa, Pfn};
+use crate::state::{Op, StateKind, VcpuId, VmsaState};
+
+/// Why a page was taken out of circulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub enum LeakReason {
+    /// `RMPUPDATE` back to hypervisor-owned failed while freeing a private VMSA.
+    MakeSharedFailed,
+    /// `SNP_PAGE_RECLAIM` failed after a failed SNP launch of the VMSA.
+    ReclaimFailed,
+    /// `SNP_PAGE_RECLAIM` succeeded but the `RMPUPDATE` back to hypervisor-owned failed.
+    ReclaimMakeSharedFailed,
+    /// A page still private in the RMP was handed back through a path that cannot clean it
+    /// up (a caller bug caught by a warning).
+    StillPrivate,
+}
+
+/// Something vmsa-core did or noticed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(tag = "event"))]
+pub enum Event {
+    /// A vCPU's VMSA changed owner.
+    Transition {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// What caused it.
+        op: Op,
+        /// The state before.
+        from: VmsaState<Pfn>,
+        /// The state after.
+        to: VmsaState<Pfn>,
+    },
+    /// A page was deliberately leaked: its RMP state could not be restored, so it must never be
+    /// reused.
+    Leaked {
+        /// The vCPU whose VMSA it was (`None` for a guest page refused during launch).
+        vcpu: Option<VcpuId>,
+        /// The frame.
+        pfn: Pfn,
+        /// The step that failed.
+        reason: LeakReason,
+        /// The platform's error message.
+        detail: String,
+    },
+    /// An internal invariant broke (the kernel's `WARN_ON_ONCE`); the call returned a typed error.
+    Warn {
+        /// The vCPU concerned, if any.
+        vcpu: Option<VcpuId>,
+        /// The operation that was attempted.
+        op: Op,
+        /// The state it found.
+        state: StateKind,
+        /// What was wrong.
+        message: String,
+    },
+    /// A 2 MiB-aligned page was refused for a VMSA (AMD erratum 1467) and another one taken.
+    Erratum1467Avoided {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// The refused frame.
+        refused: Pfn,
+    },
+    /// The address the VMCB points at for this vCPU changed (`vmcb->control.vmsa_pa`).
+    VmcbVmsaPa {
+        /// The vCPU.
+        vcpu: VcpuId,
+        /// The new address; `None` is `INVALID_PAGE`.
+        pa: Option<Hpa>,
+    },
+    /// An AP-creation request was accepted for a target vCPU.
+    ApRequest {
+        /// The vCPU that asked.
+        requester: VcpuId,
+        /// The vCPU it targets.
+        target: VcpuId,
+        /// The requested VMSA (`None` for AP_DESTROY).
+        gpa: Option<Gpa>,
+        /// The raw request type (0 CREATE_ON_INIT, 1 CREATE, 2 DESTROY).
+        request: u32,
+    },
+}
+
+/// Where vmsa-core sends its [`Event`]s. Implementations must be cheap and must not call back
+/// into the VM.
+pub trait EventSink: Send + Sync {
+    /// Record one event.
+    fn emit(&self, event: Event);
+}
+
+/// A sink that drops everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullSink;
+
+impl EventSink for NullSink {
+    fn emit(&self, _event: Event) {}
+}
+
+/// A sink that keeps every event in memory, in order.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    events: Mutex<Vec<Event>>,
+}
+
+impl EventLog {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of every event so far.
+    pub fn snapshot(&self) -> Vec<Event> {
+        self.lock().clone()
+    }
+
+    /// Remove and return every event so far.
+    pub fn drain(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// The `Leaked` events so far.
+    pub fn leaks(&self) -> Vec<Event> {
+        self.filtered(|e| matches!(e, Event::Leaked { .. }))
+    }
+
+    /// The `Warn` events so far.
+    pub fn warnings(&self) -> Vec<Event> {
+        self.filtered(|e| matches!(e, Event::Warn { .. }))
+    }
+
+    fn filtered(&self, keep: impl Fn(&Event) -> bool) -> Vec<Event> {
+        self.lock().iter().filter(|e| keep(e)).cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Event>> {
+        // A panic while holding the lock cannot leave the Vec half-updated (push is atomic with
+        // respect to unwinding), so a poisoned lock is still consistent.
+        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl EventSink for EventLog {
+    fn emit(&self, event: Event) {
+        self.lock().push(event);
+    }
+}
+
+impl<T: EventSink + ?Sized> EventSink for std::sync::Arc<T> {
+    fn emit(&self, event: Event) {
+        (**self).emit(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_keeps_order_and_filters() {
+        let log = EventLog::new();
+        log.emit(Event::Erratum1467Avoided {
+            vcpu: VcpuId(0),
+            refused: Pfn(512),
+        });
+        log.emit(Event::Leaked {
+            vcpu: Some(VcpuId(1)),
+            pfn: Pfn(3),
+            reason: LeakReason::ReclaimFailed,
+            detail: "fw 0x1a".into(),
+        });
+        log.emit(Event::Warn {
+            vcpu: None,
+            op: Op::Free,
+            state: StateKind::None,
+            message: "x".into(),
+        });
+        assert_eq!(log.snapshot().len(), 3);
+        assert_eq!(log.leaks().len(), 1);
+        assert_eq!(log.warnings().len(), 1);
+        assert_eq!(log.drain().len(), 3);
+        assert!(log.snapshot().is_empty());
+        NullSink.emit(Event::VmcbVmsaPa {
+            vcpu: VcpuId(0),
+            pa: None,
+        });
+    }
+}

@@ -1,0 +1,66 @@
+//! # vmsa-core
+//!
+//! The life of an AMD SEV-ES / SEV-SNP vCPU's VMSA (VM Save Area, the encrypted page that holds
+//! a confidential vCPU's register state), independent of any hypervisor.
+//!
+//! A VMSA is always in exactly one [`VmsaState`]: `None`, `KvmShared(page)` (host-allocated,
+//! still hypervisor-owned in the RMP), `KvmPrivate(page)` (host-allocated, now guest-private or
+//! firmware-encrypted) or `GuestOwned(gpa)` (a page the guest created and named through the
+//! GHCB AP-creation protocol). A [`Vm`] moves each vCPU's VMSA between those states through the
+//! transitions of Linux KVM's "Streamline VMSA setting for VCPUs" design (allocation that avoids
+//! AMD erratum 1467, make-private before the launch command, free with make-shared/flush/leak,
+//! reclaim after a failed SNP launch, switching to a guest VMSA on INIT), and asks a [`Platform`]
+//! for every hardware effect. Leaks and invariant breaks are [`Event`]s, never panics.
+//!
+//! [`SevEsSaveArea`] is the bit-exact page layout (AMD APM vol. 2 table B-4), with byte views
+//! through `zerocopy`.
+//!
+//! The crate does no I/O, holds no global state and contains no `unsafe` code.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmsa_core::{EventLog, Vm, VmConfig, VcpuId, VmsaState};
+//! use vmsa_core::testing::TestPlatform;
+//!
+//! let events = Arc::new(EventLog::new());
+//! let mut vm = Vm::new(TestPlatform::default(), VmConfig::snp(0), events.clone());
+//! vm.create_vcpu(VcpuId(0))?;
+//! vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO)?;
+//! vm.launch_finish([0; 32])?;
+//! assert!(matches!(vm.vcpu(VcpuId(0))?.state, VmsaState::KvmPrivate(_)));
+//! let report = vm.teardown();
+//! assert_eq!(report.leaked, 0);
+//! assert!(events.leaks().is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod addr;
+mod error;
+mod event;
+pub mod ghcb;
+pub mod layout;
+mod platform;
+mod state;
+mod vcpu;
+mod vm;
+
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+pub use addr::{
+    Asid, Gfn, Gpa, Hpa, INITIAL_VMSA_GPA, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PTRS_PER_PMD, PageLevel, Pfn,
+};
+pub use error::{Error, LaunchState, MigrationError, PlatformOp};
+pub use event::{Event, EventLog, EventSink, LeakReason, NullSink};
+pub use ghcb::{ApCreationError, ApCreationRequest, ApRequest};
+pub use layout::{SevEsSaveArea, VmcbSeg};
+pub use platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
+pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
+pub use vm::{
+    ApCreated, Entry, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, Teardown, VcpuInfo, Vm,
+    VmConfig,
+};

@@ -1,0 +1,836 @@
+//! A confidential VM's vCPUs and the whole-VM flows: creation, SEV-ES and SNP launch, AP
+//! creation, INIT, entry checks, guest_memfd invalidation, debug decrypt, intra-host migration
+//! and teardown.
+//!
+//! Locking follows KVM: VM-wide commands take `&mut self` (KVM holds `kvm->lock` and every vCPU
+//! mutex); per-vCPU events take `&self` and lock only the vCPU they change (KVM's
+//! `snp_vmsa_mutex`), so an AP-creation request from one vCPU thread can target another while
+//! both run.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::addr::{Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
+use crate::error::{Error, LaunchState, MigrationError, PlatformOp};
+use crate::event::{Event, EventSink, LeakReason, NullSink};
+use crate::ghcb::{ApCreationError, ApCreationRequest, ApRequest, ApRules};
+use crate::layout::{SEV_FEAT_SNP_ACTIVE, SevEsSaveArea};
+use crate::platform::{LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
+use crate::state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
+use crate::vcpu::{Cx, Leak, Vcpu};
+
+/// SEV policy bit 0 (`NODBG`): debugging is forbidden.
+pub const SEV_POLICY_NODBG: u64 = 1 << 0;
+/// SNP policy bit 19 (`DEBUG`): debugging is allowed.
+pub const SNP_POLICY_DEBUG: u64 = 1 << 19;
+/// SNP policy bit 17: reserved, must be one.
+pub const SNP_POLICY_RSVD_MBO: u64 = 1 << 17;
+
+/// How a VM is configured, fixed at creation (KVM's `KVM_SEV_INIT2` parameters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// SEV-ES or SEV-SNP.
+    pub kind: VmKind,
+    /// SEV_FEATURES every VMSA of the VM carries (`vmsa_features`); for SNP guests vmsa-core
+    /// adds `SNP_ACTIVE` itself, as KVM does.
+    pub sev_features: u64,
+    /// Whether launch VMSAs carry the x87/SSE/AVX state (VMs created with `KVM_SEV_INIT2`);
+    /// `false` reproduces legacy `KVM_SEV_ES_INIT` measurements.
+    pub sync_fpu: bool,
+    /// The guest's MAXPHYADDR, which bounds AP-creation VMSA addresses.
+    pub max_phys_bits: u8,
+}
+
+impl VmConfig {
+    /// An SEV-SNP VM with the given extra SEV features and a 48-bit guest physical space.
+    pub fn snp(sev_features: u64) -> Self {
+        Self {
+            kind: VmKind::Snp,
+            sev_features,
+            sync_fpu: true,
+            max_phys_bits: 48,
+        }
+    }
+
+    /// An SEV-ES VM with the given SEV features and a 48-bit guest physical space.
+    pub fn sev_es(sev_features: u64) -> Self {
+        Self {
+            kind: VmKind::SevEs,
+            ..Self::snp(sev_features)
+        }
+    }
+
+    /// The SEV_FEATURES value the VMSAs carry (`kvm_sev_info.vmsa_features`).
+    pub fn vmsa_features(&self) -> u64 {
+        match self.kind {
+            VmKind::Snp => self.sev_features | SEV_FEAT_SNP_ACTIVE,
+            VmKind::SevEs => self.sev_features,
+        }
+    }
+}
+
+/// What a vCPU looks like from outside, at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct VcpuInfo {
+    /// The vCPU (and its APIC ID).
+    pub id: VcpuId,
+    /// Who owns its VMSA.
+    pub state: VmsaState<Pfn>,
+    /// Whether its register state is protected (launched).
+    pub protected: bool,
+    /// The address the VMCB points at; `None` is `INVALID_PAGE`.
+    pub vmcb_vmsa_pa: Option<Hpa>,
+    /// A VMSA requested by AP creation and not yet installed.
+    pub pending_gpa: Option<Gpa>,
+    /// Its run state.
+    pub mp_state: MpState,
+}
+
+/// What an accepted AP-creation request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApCreated {
+    /// The vCPU the request targets.
+    pub target: VcpuId,
+    /// The request.
+    pub request: ApRequest,
+    /// Whether the target must be kicked to apply it now (false for CREATE_ON_INIT, which
+    /// waits for the target's INIT).
+    pub kick: bool,
+}
+
+/// What a vCPU may do at guest entry ([`Vm::prepare_entry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Run the guest with the VMSA at this address.
+    Run(Hpa),
+    /// Do not run: the vCPU is halted or was never started.
+    Blocked(MpState),
+}
+
+/// What tearing a VM down did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Teardown {
+    /// vCPUs torn down.
+    pub vcpus: usize,
+    /// Host VMSA pages leaked on purpose (see the `Leaked` events).
+    pub leaked: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A confidential VM.
+    Confidential,
+    /// A VM created only to receive another VM's encryption context (no VMSAs of its own).
+    MigrationTarget,
+    /// A VM whose encryption context moved away.
+    Dead,
+}
+
+/// A confidential VM's VMSAs, driven through a [`Platform`].
+pub struct Vm<P: Platform> {
+    platform: P,
+    config: VmConfig,
+    role: Role,
+    policy: u64,
+    launch: LaunchState,
+    events: Arc<dyn EventSink>,
+    vcpus: Vec<Mutex<Vcpu<P::Page>>>,
+    index: HashMap<VcpuId, usize>,
+    bugged: Mutex<Option<Leak>>,
+}
+
+impl<P: Platform> std::fmt::Debug for Vm<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .field("role", &self.role)
+            .field("launch", &self.launch)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+type Res<T, P> = Result<T, Error<<P as Platform>::Error>>;
+
+impl<P: Platform> Vm<P> {
+    /// A confidential VM without vCPUs. Events go to `events`.
+    pub fn new(platform: P, config: VmConfig, events: Arc<dyn EventSink>) -> Self {
+        Self {
+            platform,
+            config,
+            role: Role::Confidential,
+            policy: 0,
+            launch: LaunchState::NotStarted,
+            events,
+            vcpus: Vec::new(),
+            index: HashMap::new(),
+            bugged: Mutex::new(None),
+        }
+    }
+
+    /// A VM that will receive another VM's encryption context through [`Vm::migrate_from`]:
+    /// its vCPUs get no VMSA of their own (KVM: a non-SEV destination VM).
+    pub fn migration_target(platform: P, events: Arc<dyn EventSink>) -> Self {
+        let mut vm = Self::new(platform, VmConfig::sev_es(0), events);
+        vm.role = Role::MigrationTarget;
+        vm
+    }
+
+    /// The platform.
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The launch phase.
+    pub fn launch_state(&self) -> LaunchState {
+        self.launch
+    }
+
+    /// The guest policy given at launch start (0 before).
+    pub fn policy(&self) -> u64 {
+        self.policy
+    }
+
+    fn cx(&self) -> Cx<'_, P> {
+        Cx {
+            p: &self.platform,
+            kind: self.config.kind,
+            events: &*self.events,
+        }
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, Vcpu<P::Page>> {
+        // Every update of a Vcpu completes before any call that can panic, so a poisoned
+        // lock still guards a consistent record.
+        self.vcpus[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn idx(&self, id: VcpuId) -> Res<usize, P> {
+        self.index.get(&id).copied().ok_or(Error::UnknownVcpu(id))
+    }
+
+    fn note_leak(&self, leak: Option<Leak>) {
+        if let Some(leak) = leak {
+            self.bugged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(leak);
+        }
+    }
+
+    fn check_usable(&self) -> Res<(), P> {
+        if self.role == Role::Dead {
+            return Err(Error::VmDead);
+        }
+        match *self.bugged.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(Leak { vcpu, pfn }) => Err(Error::VmBugged { vcpu, pfn }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a page was leaked (the VM is then "bugged" and refuses everything but teardown).
+    pub fn is_bugged(&self) -> bool {
+        self.bugged.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Create a vCPU and its host VMSA (`sev_vcpu_create` + `sev_es_init_vmcb`). The first vCPU
+    /// is runnable, the others start uninitialized (they are APs).
+    pub fn create_vcpu(&mut self, id: VcpuId) -> Res<VcpuInfo, P> {
+        self.check_usable()?;
+        if self.index.contains_key(&id) {
+            return Err(Error::VcpuExists(id));
+        }
+        let mp = if self.vcpus.is_empty() {
+            MpState::Runnable
+        } else {
+            MpState::Uninitialized
+        };
+        let mut v = Vcpu::new(id, mp);
+        if self.role == Role::Confidential {
+            let cx = self.cx();
+            cx.alloc(&mut v)?;
+            let pa = cx.resolve_pa(&v);
+            cx.set_vmcb_pa(&mut v, pa);
+        }
+        let info = info(&v);
+        self.index.insert(id, self.vcpus.len());
+        self.vcpus.push(Mutex::new(v));
+        Ok(info)
+    }
+
+    /// The vCPUs in creation (index) order.
+    pub fn vcpu_ids(&self) -> Vec<VcpuId> {
+        let mut ids: Vec<_> = self.index.iter().map(|(id, i)| (*i, *id)).collect();
+        ids.sort();
+        ids.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// A snapshot of one vCPU.
+    pub fn vcpu(&self, id: VcpuId) -> Res<VcpuInfo, P> {
+        Ok(info(&self.lock(self.idx(id)?)))
+    }
+
+    /// Snapshots of every vCPU, in index order.
+    pub fn vcpus(&self) -> Vec<VcpuInfo> {
+        (0..self.vcpus.len()).map(|i| info(&self.lock(i))).collect()
+    }
+
+    /// Set the register state that a launch will sync into the vCPU's VMSA (KVM_SET_REGS and
+    /// friends). Refused once the guest state is protected.
+    pub fn set_registers(&self, id: VcpuId, regs: &SevEsSaveArea) -> Res<(), P> {
+        let mut v = self.lock(self.idx(id)?);
+        if v.protected {
+            return Err(Error::AlreadyProtected {
+                vcpu: id,
+                op: Op::Sync,
+            });
+        }
+        *v.regs = regs.clone();
+        Ok(())
+    }
+
+    /// The register state the VMM set (not the encrypted VMSA; see [`Vm::decrypt_vmsa`]).
+    pub fn registers(&self, id: VcpuId) -> Res<Box<SevEsSaveArea>, P> {
+        Ok(self.lock(self.idx(id)?).regs.clone())
+    }
+
+    /// Enable or disable guest debugging (KVM_SET_GUEST_DEBUG); a launch refuses debugged vCPUs.
+    pub fn set_guest_debug(&self, id: VcpuId, enabled: bool) -> Res<(), P> {
+        self.lock(self.idx(id)?).guest_debug = enabled;
+        Ok(())
+    }
+
+    /// Force a vCPU's run state (KVM_SET_MP_STATE).
+    pub fn set_mp_state(&self, id: VcpuId, mp: MpState) -> Res<(), P> {
+        self.lock(self.idx(id)?).mp_state = mp;
+        Ok(())
+    }
+
+    /// The address the VMCB must point at for the vCPU's current state (`sev_es_vmsa_pa`):
+    /// `None` for no VMSA, the page's address for a host VMSA, the guest_memfd frame for a
+    /// guest-owned one (`None` if nothing backs it).
+    pub fn resolve_vmsa_pa(&self, id: VcpuId) -> Res<Option<Hpa>, P> {
+        let v = self.lock(self.idx(id)?);
+        Ok(self.cx().resolve_pa(&v))
+    }
+
+    fn require(&self, op: &'static str, needed: VmKind) -> Res<(), P> {
+        if self.config.kind != needed {
+            return Err(Error::WrongKind {
+                op,
+                needed,
+                kind: self.config.kind,
+            });
+        }
+        Ok(())
+    }
+
+    fn require_launch(&self, op: &'static str, want: LaunchState) -> Res<(), P> {
+        self.check_usable()?;
+        if self.role != Role::Confidential || self.launch != want {
+            return Err(Error::Launch {
+                op,
+                state: self.launch,
+            });
+        }
+        Ok(())
+    }
+
+    /// Run one launch step; a failure makes the launch fail for good.
+    fn launch_step<T>(&mut self, step: impl FnOnce(&mut Self) -> Res<T, P>) -> Res<T, P> {
+        let r = step(self);
+        if r.is_err() {
+            self.launch = LaunchState::Failed;
+        }
+        r
+    }
+
+    /// Start the launch: `LAUNCH_START` (SEV-ES) or `SNP_GCTX_CREATE` + `SNP_LAUNCH_START` +
+    /// `SNP_ACTIVATE` (SEV-SNP). An SNP policy must have bit 17 set (SNP ABI §4.3).
+    pub fn launch_start(&mut self, policy: u64) -> Res<(), P> {
+        self.require_launch("launch start", LaunchState::NotStarted)?;
+        let start = match self.config.kind {
+            VmKind::Snp => {
+                if policy & SNP_POLICY_RSVD_MBO == 0 {
+                    return Err(Error::BadPolicy {
+                        policy,
+                        rule: "an SNP policy must have bit 17 (reserved, must be one) set",
+                    });
+                }
+                LaunchStart::Snp {
+                    policy,
+                    gosvw: [0; 16],
+                }
+            }
+            VmKind::SevEs => LaunchStart::SevEs {
+                policy: u32::try_from(policy).map_err(|_| Error::BadPolicy {
+                    policy,
+                    rule: "an SEV-ES policy is 32 bits wide",
+                })?,
+            },
+        };
+        self.launch_step(|vm| {
+            vm.platform
+                .launch_start(&start)
+                .map_err(|source| Error::Platform {
+                    vcpu: None,
+                    op: PlatformOp::LaunchStart,
+                    source,
+                })
+        })?;
+        self.policy = policy;
+        self.launch = LaunchState::Started;
+        Ok(())
+    }
+
+    /// Add guest pages to the launch: `LAUNCH_UPDATE_DATA` (SEV-ES, `Normal` only) or
+    /// `SNP_LAUNCH_UPDATE` of the given type (SEV-SNP; KVM's `sev_gmem_post_populate`: each
+    /// guest_memfd page is filled, made pre-guest with `RMPUPDATE`, then measured; a page the
+    /// firmware refuses is reclaimed, or leaked if that fails).
+    ///
+    /// `data` holds the contents (`len` bytes), except for `Zero` pages, which take none.
+    pub fn launch_update_data(
+        &mut self,
+        gpa: Gpa,
+        len: u64,
+        page_type: SnpPageType,
+        data: Option<&[u8]>,
+    ) -> Res<(), P> {
+        self.require_launch("launch update", LaunchState::Started)?;
+        let bad = |rule| Err(Error::BadLaunchUpdate { gpa, len, rule });
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+            return bad("the length must be a non-zero multiple of 4096");
+        }
+        if !gpa.is_page_aligned() {
+            return bad("the GPA must be 4 KiB aligned");
+        }
+        if page_type == SnpPageType::Vmsa {
+            return bad("VMSA pages come from vCPUs (launch finish), not from data updates");
+        }
+        if self.config.kind == VmKind::SevEs && page_type != SnpPageType::Normal {
+            return bad("SEV-ES launches only measure normal pages");
+        }
+        match (page_type, data) {
+            (SnpPageType::Zero, Some(_)) => return bad("ZERO pages take no contents"),
+            (SnpPageType::Zero, None) => {}
+            (_, None) => return bad("contents are required for all but ZERO pages"),
+            (_, Some(d)) if d.len() as u64 != len => return bad("the contents must be exactly len bytes"),
+            _ => {}
+        }
+        self.launch_step(|vm| {
+            for i in 0..len / PAGE_SIZE {
+                let page_gpa = Gpa(gpa.0 + i * PAGE_SIZE);
+                let chunk = data.map(|d| &d[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize]);
+                vm.launch_update_page(page_gpa, page_type, chunk)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn launch_update_page(&self, gpa: Gpa, page_type: SnpPageType, data: Option<&[u8]>) -> Res<(), P> {
+        let pfn = self
+            .platform
+            .gmem_pfn(gpa.gfn())
+            .ok_or(Error::NoGuestMemory { gpa })?;
+        let plat = |op, source| Error::Platform {
+            vcpu: None,
+            op,
+            source,
+        };
+        if let Some(d) = data {
+            let page: &PageBuf = d.try_into().expect("chunks are one page");
+            self.platform
+                .write_frame(pfn, page)
+                .map_err(|e| plat(PlatformOp::WriteFrame, e))?;
+        }
+        match self.config.kind {
+            VmKind::SevEs => self
+                .platform
+                .launch_update_data(pfn)
+                .map_err(|e| plat(PlatformOp::LaunchUpdateData, e)),
+            VmKind::Snp => {
+                self.platform
+                    .rmp_make_private(pfn, gpa, PageLevel::Size4K, self.platform.asid(), true)
+                    .map_err(|e| plat(PlatformOp::RmpMakePrivate, e))?;
+                self.platform.snp_launch_update(pfn, gpa, page_type).map_err(|e| {
+                    self.reclaim_guest_frame(pfn);
+                    plat(PlatformOp::SnpLaunchUpdate, e)
+                })
+            }
+        }
+    }
+
+    /// `snp_page_reclaim` for a guest_memfd frame the firmware refused: reclaim and make shared,
+    /// or report the frame leaked.
+    fn reclaim_guest_frame(&self, pfn: Pfn) {
+        let failed = match self.platform.page_reclaim(pfn) {
+            Err(e) => Some((LeakReason::ReclaimFailed, e.to_string())),
+            Ok(()) => self
+                .platform
+                .rmp_make_shared(pfn, PageLevel::Size4K)
+                .err()
+                .map(|e| (LeakReason::ReclaimMakeSharedFailed, e.to_string())),
+        };
+        if let Some((reason, detail)) = failed {
+            self.events.emit(Event::Leaked {
+                vcpu: None,
+                pfn,
+                reason,
+                detail,
+            });
+            self.note_leak(Some(Leak { vcpu: None, pfn }));
+        }
+    }
+
+    /// SEV-ES `LAUNCH_UPDATE_VMSA` for every vCPU in index order (KVM's
+    /// `sev_launch_update_vmsa`): sync, make private, then encrypt (make-private before the
+    /// firmware call, as the review asks). Stops at the first failure; the failed vCPU's VMSA
+    /// is freed and the launch fails for good.
+    pub fn launch_update_vmsas(&mut self) -> Res<(), P> {
+        self.require("LAUNCH_UPDATE_VMSA", VmKind::SevEs)?;
+        self.require_launch("LAUNCH_UPDATE_VMSA", LaunchState::Started)?;
+        self.launch_step(|vm| {
+            for i in 0..vm.vcpus.len() {
+                vm.launch_vmsa(i)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Launch one vCPU's VMSA (`__sev_launch_update_vmsa` / the body of
+    /// `snp_launch_update_vmsa`, which the review asks to split out).
+    fn launch_vmsa(&self, i: usize) -> Res<(), P> {
+        let cx = self.cx();
+        let mut v = self.lock(i);
+        cx.sync(&mut v, self.config.vmsa_features(), self.config.sync_fpu)?;
+        cx.make_private(&mut v)?;
+        let VmsaState::KvmPrivate(page) = &v.state else {
+            unreachable!("make_private succeeded")
+        };
+        let pfn = crate::platform::HostPage::pfn(page);
+        let (fw, op) = match self.config.kind {
+            VmKind::SevEs => (
+                self.platform.launch_update_vmsa(pfn),
+                PlatformOp::LaunchUpdateVmsa,
+            ),
+            VmKind::Snp => (
+                self.platform
+                    .snp_launch_update(pfn, crate::addr::INITIAL_VMSA_GPA, SnpPageType::Vmsa),
+                PlatformOp::SnpLaunchUpdate,
+            ),
+        };
+        match fw {
+            Ok(()) => {
+                v.protected = true;
+                Ok(())
+            }
+            Err(source) => {
+                let leak = match self.config.kind {
+                    VmKind::SevEs => cx.free(&mut v, Op::Free),
+                    VmKind::Snp => cx.reclaim(&mut v)?,
+                };
+                self.note_leak(leak);
+                Err(Error::Platform {
+                    vcpu: Some(v.id),
+                    op,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Finish the launch. SEV-ES: `LAUNCH_FINISH` (after [`Vm::launch_update_vmsas`]). SEV-SNP
+    /// (KVM's `snp_launch_finish`): first every vCPU's VMSA in index order (sync, `RMPUPDATE` to
+    /// a firmware VMSA page at `INITIAL_VMSA_GPA`, `SNP_LAUNCH_UPDATE` type VMSA, reclaim on
+    /// failure), then `SNP_LAUNCH_FINISH`.
+    pub fn launch_finish(&mut self, host_data: [u8; 32]) -> Res<(), P> {
+        self.require_launch("launch finish", LaunchState::Started)?;
+        let finish = match self.config.kind {
+            VmKind::SevEs => LaunchFinish::SevEs,
+            VmKind::Snp => LaunchFinish::Snp { host_data },
+        };
+        self.launch_step(|vm| {
+            if vm.config.kind == VmKind::Snp {
+                for i in 0..vm.vcpus.len() {
+                    vm.launch_vmsa(i)?;
+                }
+            }
+            vm.platform
+                .launch_finish(&finish)
+                .map_err(|source| Error::Platform {
+                    vcpu: None,
+                    op: PlatformOp::LaunchFinish,
+                    source,
+                })
+        })?;
+        self.launch = LaunchState::Finished;
+        Ok(())
+    }
+
+    /// Handle a GHCB AP-creation request from `req.requester` (KVM's `sev_snp_ap_creation`).
+    ///
+    /// On success the target records the requested VMSA (kept apart from the one it runs) and
+    /// waits for reset; unless the request is CREATE_ON_INIT the caller must kick the target,
+    /// whose next [`Vm::prepare_entry`] applies it. On error nothing changed; answer the guest
+    /// with [`ApCreationError::sw_exit_info`].
+    pub fn ap_creation(&self, req: &ApCreationRequest) -> Result<ApCreated, ApCreationError> {
+        let rules = ApRules {
+            kind: self.config.kind,
+            vmsa_features: self.config.vmsa_features(),
+            max_phys_bits: self.config.max_phys_bits,
+        };
+        let valid = rules.validate(req, |apic| self.index.contains_key(&VcpuId(apic)))?;
+        let target = VcpuId(valid.apic_id);
+        let mut v = self.lock(self.index[&target]);
+        v.pending_gpa = valid.gpa;
+        v.waiting_for_reset = true;
+        let kick = valid.request != ApRequest::CreateOnInit;
+        if kick {
+            v.update_requested = true;
+        }
+        self.events.emit(Event::ApRequest {
+            requester: req.requester,
+            target,
+            gpa: valid.gpa,
+            request: valid.request.raw(),
+        });
+        Ok(ApCreated {
+            target,
+            request: valid.request,
+            kick,
+        })
+    }
+
+    /// Deliver INIT (or a reset) to a vCPU (`sev_init_vmcb` with `init_event`): an SNP vCPU with
+    /// an AP-creation request waiting switches VMSA; then the VMCB is pointed at whatever the
+    /// state resolves to (`sev_es_init_vmcb`).
+    pub fn init_vcpu(&self, id: VcpuId) -> Res<VcpuInfo, P> {
+        let i = self.idx(id)?;
+        let cx = self.cx();
+        let mut v = self.lock(i);
+        v.update_requested = false;
+        self.reset(&cx, &mut v);
+        Ok(info(&v))
+    }
+
+    fn reset(&self, cx: &Cx<'_, P>, v: &mut Vcpu<P::Page>) {
+        if self.config.kind == VmKind::Snp {
+            let leak = cx.init_protected_guest_state(v);
+            self.note_leak(leak);
+        }
+        let pa = cx.resolve_pa(v);
+        cx.set_vmcb_pa(v, pa);
+        v.reload_requested = false;
+    }
+
+    /// What the vCPU may do at guest entry: apply a pending AP-creation update (the kernel's
+    /// `KVM_REQ_UPDATE_PROTECTED_GUEST_STATE`) or guest VMSA reload, then check the VMSA
+    /// (`pre_sev_run`): a runnable vCPU without a valid VMSA is refused.
+    pub fn prepare_entry(&self, id: VcpuId) -> Res<Entry, P> {
+        self.check_usable()?;
+        let i = self.idx(id)?;
+        let cx = self.cx();
+        let mut v = self.lock(i);
+        if v.update_requested {
+            v.update_requested = false;
+            self.reset(&cx, &mut v);
+        }
+        if v.reload_requested {
+            cx.reload(&mut v);
+        }
+        match v.mp_state {
+            MpState::Runnable => v
+                .vmcb_vmsa_pa
+                .map(Entry::Run)
+                .ok_or(Error::InvalidVmsa { vcpu: id }),
+            other => Ok(Entry::Blocked(other)),
+        }
+    }
+
+    /// The guest memory in `[start, end)` is being replaced (guest_memfd hole punch or
+    /// conversion; upstream's `sev_gmem_invalidate_range`): every vCPU whose installed guest
+    /// VMSA lies there stops pointing at it now and re-resolves it at its next entry.
+    pub fn gmem_invalidate(&self, start: Gfn, end: Gfn) -> Vec<VcpuId> {
+        let cx = self.cx();
+        let mut hit = Vec::new();
+        for i in 0..self.vcpus.len() {
+            let mut v = self.lock(i);
+            if let VmsaState::GuestOwned(gpa) = v.state
+                && (start..end).contains(&gpa.gfn())
+            {
+                cx.set_vmcb_pa(&mut v, None);
+                v.reload_requested = true;
+                hit.push(v.id);
+            }
+        }
+        hit
+    }
+
+    /// Read a vCPU's VMSA for debugging (`sev_decrypt_vmsa`): an unlaunched host VMSA is read
+    /// as is; a protected or guest-owned one goes through the firmware, if the guest policy
+    /// allows debugging (SNP: policy bit 19; SEV-ES: policy bit 0 clear).
+    pub fn decrypt_vmsa(&self, id: VcpuId) -> Res<Box<SevEsSaveArea>, P> {
+        let i = self.idx(id)?;
+        let v = self.lock(i);
+        let mut page = Box::new([0u8; PAGE_SIZE as usize]);
+        let plat = |op, source| Error::Platform {
+            vcpu: Some(id),
+            op,
+            source,
+        };
+        match (&v.state, v.protected) {
+            (VmsaState::None, _) => return Err(self.cx().invalid(&v, Op::Decrypt)),
+            (VmsaState::KvmShared(p), false) => {
+                self.platform
+                    .read_frame(crate::platform::HostPage::pfn(p), &mut page)
+                    .map_err(|e| plat(PlatformOp::ReadFrame, e))?;
+            }
+            _ => {
+                let refused = match self.config.kind {
+                    VmKind::Snp if self.policy & SNP_POLICY_DEBUG == 0 => Some("lacks DEBUG (bit 19)"),
+                    VmKind::SevEs if self.policy & SEV_POLICY_NODBG != 0 => Some("has NODBG (bit 0)"),
+                    _ => None,
+                };
+                if let Some(rule) = refused {
+                    return Err(Error::DebugPolicy {
+                        vcpu: id,
+                        policy: self.policy,
+                        rule,
+                    });
+                }
+                let pa = v.vmcb_vmsa_pa.ok_or(Error::InvalidVmsa { vcpu: id })?;
+                self.platform
+                    .dbg_decrypt_vmsa(pa, &mut page)
+                    .map_err(|e| plat(PlatformOp::DbgDecrypt, e))?;
+            }
+        }
+        Ok(SevEsSaveArea::from_page(&page))
+    }
+
+    /// Intra-host migration (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`): move the encryption context
+    /// (the platform, with its ASID and pages) and every vCPU's VMSA from `src` into `self`,
+    /// which must come from [`Vm::migration_target`] and have as many vCPUs. Only launched
+    /// SEV-ES VMs move. Afterwards `src` is dead; nothing moves if a check fails.
+    pub fn migrate_from(&mut self, src: &mut Vm<P>) -> Res<(), P> {
+        self.check_usable()?;
+        src.check_usable()?;
+        if self.role != Role::MigrationTarget {
+            return Err(MigrationError::DestinationIsConfidential {
+                kind: self.config.kind,
+            }
+            .into());
+        }
+        if src.config.kind == VmKind::Snp {
+            return Err(MigrationError::SourceIsSnp.into());
+        }
+        if src.vcpus.len() != self.vcpus.len() {
+            return Err(MigrationError::VcpuCountMismatch {
+                source_vcpus: src.vcpus.len(),
+                destination_vcpus: self.vcpus.len(),
+            }
+            .into());
+        }
+        if let Some(v) = src.vcpus().into_iter().find(|v| !v.protected) {
+            return Err(MigrationError::SourceNotLaunched { vcpu: v.id }.into());
+        }
+        std::mem::swap(&mut self.platform, &mut src.platform);
+        self.config = src.config;
+        self.policy = src.policy;
+        self.launch = src.launch;
+        self.role = Role::Confidential;
+        src.role = Role::Dead;
+        src.launch = LaunchState::NotStarted;
+        for (d, s) in self.vcpus.iter_mut().zip(src.vcpus.iter_mut()) {
+            let d = d.get_mut().unwrap_or_else(|p| p.into_inner());
+            let s = s.get_mut().unwrap_or_else(|p| p.into_inner());
+            let moved = s.state.snapshot();
+            d.state = std::mem::take(&mut s.state);
+            d.protected = true;
+            d.vmcb_vmsa_pa = s.vmcb_vmsa_pa.take();
+            d.pending_gpa = s.pending_gpa.take();
+            d.waiting_for_reset = std::mem::take(&mut s.waiting_for_reset);
+            s.protected = false;
+            for (vcpu, op, from, to) in [
+                (s.id, Op::MigrateOut, moved.clone(), VmsaState::None),
+                (d.id, Op::MigrateIn, VmsaState::None, moved),
+            ] {
+                self.events.emit(Event::Transition { vcpu, op, from, to });
+            }
+        }
+        Ok(())
+    }
+
+    /// Free one vCPU's VMSA (`sev_free_vcpu`): private pages are made shared and flushed
+    /// first; a page that cannot be made shared is leaked and reported. The vCPU stays, with
+    /// no VMSA.
+    pub fn free_vcpu_vmsa(&self, id: VcpuId) -> Res<VcpuInfo, P> {
+        let i = self.idx(id)?;
+        let mut v = self.lock(i);
+        let leak = self.cx().free(&mut v, Op::Free);
+        self.note_leak(leak);
+        Ok(info(&v))
+    }
+
+    /// Tear every vCPU down (in index order), freeing or leaking each host VMSA. Also done on
+    /// drop; calling it twice is harmless.
+    pub fn teardown(&mut self) -> Teardown {
+        let mut report = Teardown::default();
+        let cx = Cx {
+            p: &self.platform,
+            kind: self.config.kind,
+            events: &*self.events,
+        };
+        for v in self.vcpus.drain(..) {
+            let mut v = v.into_inner().unwrap_or_else(|p| p.into_inner());
+            report.vcpus += 1;
+            if cx.free(&mut v, Op::Free).is_some() {
+                report.leaked += 1;
+            }
+        }
+        self.index.clear();
+        report
+    }
+
+    /// The host pages the vCPUs hold, by state (for accounting in tests and reports).
+    pub fn host_pages(&self) -> Vec<(VcpuId, StateKind, Pfn)> {
+        self.vcpus()
+            .into_iter()
+            .filter_map(|v| match v.state {
+                VmsaState::KvmShared(p) => Some((v.id, StateKind::KvmShared, p)),
+                VmsaState::KvmPrivate(p) => Some((v.id, StateKind::KvmPrivate, p)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl<P: Platform> Vm<P> {
+    /// A VM whose events are dropped.
+    pub fn without_events(platform: P, config: VmConfig) -> Self {
+        Self::new(platform, config, Arc::new(NullSink))
+    }
+}
+
+impl<P: Platform> Drop for Vm<P> {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn info<Pg: crate::platform::HostPage>(v: &Vcpu<Pg>) -> VcpuInfo {
+    VcpuInfo {
+        id: v.id,
+        state: v.state.snapshot(),
+        protected: v.protected,
+        vmcb_vmsa_pa: v.vmcb_vmsa_pa,
+        pending_gpa: v.pending_gpa,
+        mp_state: v.mp_state,
+    }
+}

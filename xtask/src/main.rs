@@ -1,0 +1,173 @@
+//! Project tasks, run as `cargo xtask <task>`:
+//!
+//! - `test`: formatting, clippy (warnings are errors), the independent test fixtures, then the
+//!   whole test suite (simulator always; real-KVM tests run where `/dev/kvm` is usable and
+//!   print why they skip elsewhere).
+//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them).
+//! - `lint`: formatting and clippy only.
+//! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// The sev-snp-measure release the fixtures are generated with.
+const SEV_SNP_MEASURE: &str = "sev-snp-measure==0.0.13";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = match args.split_first() {
+        Some((t, r)) => (t.as_str(), r),
+        None => ("help", &[][..]),
+    };
+    let result = match task {
+        "test" => test(),
+        "bench" => bench(rest),
+        "lint" => lint(),
+        "fixtures" => fixtures(),
+        "help" | "-h" | "--help" => {
+            println!("usage: cargo xtask <test | bench [-- FILTER] | lint | fixtures>");
+            Ok(())
+        }
+        other => Err(format!(
+            "unknown task `{other}` (expected test, bench, lint or fixtures)"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Run a command, echoing it and timing it; fail with its status.
+fn run(step: &str, mut cmd: Command) -> Result<(), String> {
+    println!("==> {step}: {cmd:?}");
+    let t = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{step}: cannot start {cmd:?}: {e}"))?;
+    println!("<== {step}: {status} in {:.1}s", t.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn lint() -> Result<(), String> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run("rustfmt", fmt)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("clippy", clippy)
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn test() -> Result<(), String> {
+    lint()?;
+    fixtures()?;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => println!("==> /dev/kvm is usable: the real-KVM tests run"),
+        Err(e) => println!("==> /dev/kvm is not usable ({e}): the real-KVM tests will print why they skip"),
+    }
+    if has_nextest() {
+        let mut t = cargo();
+        t.args(["nextest", "run", "--workspace", "--locked", "--no-fail-fast"]);
+        run("tests (nextest)", t)?;
+    } else {
+        let mut t = cargo();
+        t.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
+        run("tests", t)?;
+    }
+    let mut doc = cargo();
+    doc.args(["test", "--workspace", "--locked", "--doc"]);
+    run("doctests", doc)?;
+    let mut docs = cargo();
+    docs.env("RUSTDOCFLAGS", "-D warnings")
+        .args(["doc", "--workspace", "--no-deps", "--locked"]);
+    run("rustdoc", docs)
+}
+
+fn bench(rest: &[String]) -> Result<(), String> {
+    let mut b = cargo();
+    b.args(["bench", "--workspace", "--benches", "--locked"])
+        .args(rest);
+    run("benchmarks", b)
+}
+
+/// Generate the test vectors under `target/fixtures` with independent tools, installed into a
+/// virtualenv of their own so the host Python stays untouched.
+fn fixtures() -> Result<(), String> {
+    let root = root();
+    let script = root.join("tests/fixtures/generate.py");
+    if !script.exists() {
+        println!("==> fixtures: no generator yet ({})", script.display());
+        return Ok(());
+    }
+    let venv = root.join("target/fixtures-venv");
+    let python = venv.join("bin/python3");
+    if !python.exists() {
+        let mut mk = Command::new("python3");
+        mk.args(["-m", "venv"]).arg(&venv);
+        run("fixture venv", mk)?;
+    }
+    let have = Command::new(&python)
+        .args(["-c", "import sevsnpmeasure"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        let mut pip = Command::new(&python);
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            SEV_SNP_MEASURE,
+        ]);
+        run("install sev-snp-measure", pip)?;
+    }
+    let mut generate = Command::new(&python);
+    generate
+        .arg(&script)
+        .arg(root.join("target/fixtures"))
+        .current_dir(&root);
+    run("generate fixtures", generate)
+}
