@@ -64,3 +64,8 @@ pub use vm::{
     ApCreated, Entry, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, Teardown, VcpuInfo, Vm,
     VmConfig,
 };
+
+/// The README's embedding example is compiled as a doctest so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
