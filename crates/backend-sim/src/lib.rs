@@ -1,8 +1,55 @@
 //! backend-sim: a cycle-approximate software SEV-SNP machine implementing vmsa-core's
-//! `Platform`. (The machine itself arrives with its issue; the measurement is here first
-//! because the VMM's `measure` command shares it.)
+//! [`Platform`](vmsa_core::Platform).
+//!
+//! - [`Machine`]: host DRAM (sparse, 1 TiB by default), the RMP ([`rmp`]), the PSP firmware
+//!   ([`firmware`]), memory encryption ([`crypto`]), caches, the cost ledger ([`cost`]), the
+//!   timeline ([`trace`]) and the fault plan ([`fault`]).
+//! - [`SimPlatform`]: one guest on the machine (its ASID and guest_memfd memory), the
+//!   `Platform` vmsa-core drives.
+//! - [`guest`]: a scripted guest (PVALIDATE, RMPADJUST, VMSA writes, AP creation, page state
+//!   changes, HLT) and the runner that executes it against a `Vm<SimPlatform>`.
+//! - [`measure`]: the launch digests, shared with the VMM's `measure` command.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use backend_sim::{Machine, MachineConfig};
+//! use vmsa_core::{EventLog, Vm, VmConfig, VmKind, VcpuId, SNP_POLICY_RSVD_MBO};
+//!
+//! let machine = Machine::new(MachineConfig::default());
+//! let platform = machine.create_guest(VmKind::Snp)?;
+//! let events = Arc::new(EventLog::new());
+//! let mut vm = Vm::new(platform.clone(), VmConfig::snp(0), events.clone());
+//! vm.create_vcpu(VcpuId(0))?;
+//! vm.launch_start(SNP_POLICY_RSVD_MBO)?;
+//! vm.launch_finish([0; 32])?;
+//! assert!(platform.launch_digest().is_some());
+//! vm.teardown();
+//! platform.destroy()?;
+//! assert_eq!(machine.allocated_frames(), 0);
+//! assert_eq!(machine.stats().rmp_faults, 0);
+//! println!("{} cycles", machine.cost_report().total_cycles);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod cost;
+pub mod crypto;
+pub mod fault;
+pub mod firmware;
+pub mod guest;
+pub mod machine;
 pub mod measure;
+pub mod memory;
+mod platform;
+pub mod rmp;
+pub mod trace;
+
+pub use cost::{CostModel, CostOp, CostReport};
+pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
+pub use firmware::{LaunchDigest, PageState, SevStatus};
+
+pub use machine::{DestroyReport, Footprint, Machine, MachineConfig, SimError, Stats};
+pub use platform::{SimPage, SimPlatform};
+pub use rmp::{PageSize, RmpEntry, RmpRet, RmpState};

@@ -1,0 +1,422 @@
+//! Fault injection: make the Nth call of a platform operation fail with a chosen code.
+//!
+//! A plan is a comma-separated list of rules `OP[:PAGE_TYPE]:N=CODE`, for example
+//! `snp_launch_update:vmsa:4=INVALID_PAGE_STATE` (the fourth SNP_LAUNCH_UPDATE of a VMSA page,
+//! i.e. the VMSA of vCPU 3) or `rmp_make_shared:1=FAIL_INUSE`. `N` counts from 1 over the
+//! machine's lifetime, per operation (or per operation and page type when one is given). The
+//! code must be one the operation can return: a firmware status (`SEV_RET_*` name) for
+//! firmware commands, an RMP return code (`FAIL_*`) for RMP instructions, `ENOMEM` for page
+//! allocation, `GP` (the #GP of the VM_PAGE_FLUSH MSR write) for page flushes, `RMP_FAULT` for
+//! host writes and host reads (a read faults only when injected), `UNBACKED` for
+//! guest_memfd lookups and `VMEXIT_INVALID` for VMRUN. An injected failure has no effect on
+//! the machine, exactly like a real failure of the same code.
+
+use std::str::FromStr;
+
+use serde::Serialize;
+use vmsa_core::SnpPageType;
+
+use crate::firmware::SevStatus;
+use crate::rmp::RmpRet;
+
+macro_rules! fault_ops {
+    ($( $(#[$doc:meta])* $v:ident = $name:literal, $class:ident; )*) => {
+        /// The operations a plan can fail.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum FaultOp { $( $(#[$doc])* $v, )* }
+
+        impl FaultOp {
+            /// Every operation.
+            pub const ALL: &'static [FaultOp] = &[$(FaultOp::$v),*];
+
+            /// The operation's name in a plan.
+            pub fn name(self) -> &'static str {
+                match self { $(FaultOp::$v => $name,)* }
+            }
+
+            fn class(self) -> CodeClass {
+                match self { $(FaultOp::$v => CodeClass::$class,)* }
+            }
+        }
+    };
+}
+
+fault_ops! {
+    /// `Platform::alloc_page`.
+    AllocPage = "alloc_page", Alloc;
+    /// `Platform::write_frame` (a host write).
+    WriteFrame = "write_frame", HostAccess;
+    /// `Platform::read_frame` (a host read).
+    ReadFrame = "read_frame", HostAccess;
+    /// `Platform::rmp_make_private` (RMPUPDATE).
+    RmpMakePrivate = "rmp_make_private", Rmp;
+    /// `Platform::rmp_make_shared` (RMPUPDATE).
+    RmpMakeShared = "rmp_make_shared", Rmp;
+    /// `Platform::flush_encrypted_page` (VM_PAGE_FLUSH).
+    FlushEncryptedPage = "flush_encrypted_page", Flush;
+    /// `Platform::gmem_pfn` (guest_memfd lookup).
+    GmemPfn = "gmem_pfn", Gmem;
+    /// `Platform::launch_start` (LAUNCH_START, or SNP_GCTX_CREATE + SNP_LAUNCH_START).
+    LaunchStart = "launch_start", Firmware;
+    /// SNP_ACTIVATE / ACTIVATE inside `launch_start` (fails after the context exists).
+    Activate = "activate", Firmware;
+    /// `Platform::launch_update_data` (SEV-ES LAUNCH_UPDATE_DATA).
+    LaunchUpdateData = "launch_update_data", Firmware;
+    /// `Platform::launch_update_vmsa` (SEV-ES LAUNCH_UPDATE_VMSA).
+    LaunchUpdateVmsa = "launch_update_vmsa", Firmware;
+    /// `Platform::snp_launch_update` (SNP_LAUNCH_UPDATE; a page type may be given).
+    SnpLaunchUpdate = "snp_launch_update", Firmware;
+    /// `Platform::launch_finish`.
+    LaunchFinish = "launch_finish", Firmware;
+    /// `Platform::page_reclaim` (SNP_PAGE_RECLAIM).
+    PageReclaim = "page_reclaim", Firmware;
+    /// `Platform::dbg_decrypt_vmsa` (SNP_DBG_DECRYPT / DBG_DECRYPT).
+    DbgDecrypt = "dbg_decrypt", Firmware;
+    /// SNP_DECOMMISSION / DECOMMISSION when a guest is destroyed.
+    Decommission = "decommission", Firmware;
+    /// Guest PVALIDATE.
+    Pvalidate = "pvalidate", Rmp;
+    /// Guest RMPADJUST.
+    Rmpadjust = "rmpadjust", Rmp;
+    /// Host PSMASH.
+    Psmash = "psmash", Rmp;
+    /// VMRUN of a vCPU.
+    Vmrun = "vmrun", Vmrun;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CodeClass {
+    Alloc,
+    HostAccess,
+    Rmp,
+    Flush,
+    Gmem,
+    Firmware,
+    Vmrun,
+}
+
+impl CodeClass {
+    fn expected(self) -> &'static str {
+        match self {
+            Self::Alloc => "ENOMEM",
+            Self::HostAccess => "RMP_FAULT",
+            Self::Rmp => {
+                "an RMP return code (FAIL_INPUT, FAIL_PERMISSION, FAIL_INUSE, FAIL_OVERLAP, FAIL_SIZEMISMATCH, FAIL_BADADDR)"
+            }
+            Self::Flush => "GP",
+            Self::Gmem => "UNBACKED",
+            Self::Firmware => {
+                "a firmware status name (e.g. INVALID_PAGE_STATE, INVALID_GUEST_STATE, INVALID_ADDRESS)"
+            }
+            Self::Vmrun => "VMEXIT_INVALID",
+        }
+    }
+}
+
+/// The failure an injected rule produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum FaultCode {
+    /// A firmware status.
+    Firmware(SevStatus),
+    /// An RMP instruction return code.
+    Rmp(RmpRet),
+    /// The allocator has no memory.
+    NoMemory,
+    /// The VM_PAGE_FLUSH MSR write raised #GP.
+    GeneralProtection,
+    /// The host access took an RMP #PF.
+    RmpFault,
+    /// guest_memfd has no page for the frame.
+    Unbacked,
+    /// VMRUN failed its consistency checks (`VMEXIT_INVALID`).
+    VmexitInvalid,
+}
+
+impl std::fmt::Display for FaultCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Firmware(s) => s.fmt(f),
+            Self::Rmp(r) => r.fmt(f),
+            Self::NoMemory => f.write_str("ENOMEM"),
+            Self::GeneralProtection => f.write_str("GP"),
+            Self::RmpFault => f.write_str("RMP_FAULT"),
+            Self::Unbacked => f.write_str("UNBACKED"),
+            Self::VmexitInvalid => f.write_str("VMEXIT_INVALID"),
+        }
+    }
+}
+
+/// One rule of a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct FaultRule {
+    /// The operation.
+    pub op: FaultOp,
+    /// Only calls with this page type count (SNP_LAUNCH_UPDATE only).
+    pub page_type: Option<SnpPageType>,
+    /// Which call fails (1-based).
+    pub nth: u64,
+    /// What it fails with.
+    pub code: FaultCode,
+}
+
+/// Why a plan did not parse: the input and the rule it broke.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("fault spec `{input}`: {rule}")]
+pub struct FaultSpecError {
+    /// The rule text that failed.
+    pub input: String,
+    /// What was wrong.
+    pub rule: String,
+}
+
+fn page_type_name(s: &str) -> Option<SnpPageType> {
+    Some(match s {
+        "normal" => SnpPageType::Normal,
+        "vmsa" => SnpPageType::Vmsa,
+        "zero" => SnpPageType::Zero,
+        "unmeasured" => SnpPageType::Unmeasured,
+        "secrets" => SnpPageType::Secrets,
+        "cpuid" => SnpPageType::Cpuid,
+        _ => return None,
+    })
+}
+
+impl FromStr for FaultRule {
+    type Err = FaultSpecError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let err = |rule: String| FaultSpecError {
+            input: input.to_string(),
+            rule,
+        };
+        let (lhs, code) = input
+            .split_once('=')
+            .ok_or_else(|| err("expected OP[:PAGE_TYPE]:N=CODE (no `=`)".into()))?;
+        let parts: Vec<&str> = lhs.trim().split(':').collect();
+        let (op_s, ty_s, n_s) = match parts.as_slice() {
+            [op, n] => (*op, None, *n),
+            [op, ty, n] => (*op, Some(*ty), *n),
+            _ => return Err(err("expected OP[:PAGE_TYPE]:N before `=`".into())),
+        };
+        let op = FaultOp::ALL
+            .iter()
+            .copied()
+            .find(|o| o.name() == op_s)
+            .ok_or_else(|| {
+                err(format!(
+                    "unknown operation `{op_s}` (known: {})",
+                    FaultOp::ALL
+                        .iter()
+                        .map(|o| o.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        let page_type = match ty_s {
+            None => None,
+            Some(_) if op != FaultOp::SnpLaunchUpdate => {
+                return Err(err(format!(
+                    "a page type can only be given for snp_launch_update, not {op_s}"
+                )));
+            }
+            Some(t) => Some(page_type_name(t).ok_or_else(|| {
+                err(format!(
+                    "unknown page type `{t}` (normal, vmsa, zero, unmeasured, secrets, cpuid)"
+                ))
+            })?),
+        };
+        let nth: u64 = n_s
+            .parse()
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| err(format!("the call number `{n_s}` must be an integer >= 1")))?;
+        let code_s = code.trim();
+        let class = op.class();
+        let code = match class {
+            CodeClass::Firmware => SevStatus::from_name(code_s).map(FaultCode::Firmware),
+            CodeClass::Rmp => RmpRet::from_name(code_s).map(FaultCode::Rmp),
+            CodeClass::Alloc => (code_s == "ENOMEM").then_some(FaultCode::NoMemory),
+            CodeClass::Flush => (code_s == "GP").then_some(FaultCode::GeneralProtection),
+            CodeClass::HostAccess => (code_s == "RMP_FAULT").then_some(FaultCode::RmpFault),
+            CodeClass::Gmem => (code_s == "UNBACKED").then_some(FaultCode::Unbacked),
+            CodeClass::Vmrun => (code_s == "VMEXIT_INVALID").then_some(FaultCode::VmexitInvalid),
+        }
+        .ok_or_else(|| {
+            err(format!(
+                "{op_s} cannot fail with `{code_s}`; it takes {}",
+                class.expected()
+            ))
+        })?;
+        Ok(Self {
+            op,
+            page_type,
+            nth,
+            code,
+        })
+    }
+}
+
+/// A set of rules and the call counters they are checked against.
+#[derive(Clone, Debug, Default)]
+pub struct FaultPlan {
+    rules: Vec<FaultRule>,
+    calls: std::collections::HashMap<(FaultOp, Option<u8>), u64>,
+    fired: Vec<FaultRule>,
+}
+
+impl FromStr for FaultPlan {
+    type Err = FaultSpecError;
+
+    /// Parse a comma-separated list of rules (an empty string is an empty plan).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut plan = Self::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            plan.rules.push(part.parse()?);
+        }
+        Ok(plan)
+    }
+}
+
+impl FaultPlan {
+    /// An empty plan.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a rule.
+    pub fn add(&mut self, rule: FaultRule) {
+        self.rules.push(rule);
+    }
+
+    /// Rules not yet fired.
+    pub fn pending(&self) -> &[FaultRule] {
+        &self.rules
+    }
+
+    /// Rules that fired, in order.
+    pub fn fired(&self) -> &[FaultRule] {
+        &self.fired
+    }
+
+    /// Calls of `op` so far (all page types).
+    pub fn calls(&self, op: FaultOp) -> u64 {
+        self.calls.get(&(op, None)).copied().unwrap_or(0)
+    }
+
+    /// Count one call of `op` and return the code it must fail with, if a rule says so.
+    pub fn check(&mut self, op: FaultOp, page_type: Option<SnpPageType>) -> Option<FaultCode> {
+        let all = {
+            let n = self.calls.entry((op, None)).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let typed = page_type.map(|t| {
+            let n = self.calls.entry((op, Some(t as u8))).or_insert(0);
+            *n += 1;
+            *n
+        });
+        let i = self.rules.iter().position(|r| {
+            r.op == op
+                && match r.page_type {
+                    None => r.nth == all,
+                    Some(t) => Some(t) == page_type && Some(r.nth) == typed,
+                }
+        })?;
+        let rule = self.rules.remove(i);
+        self.fired.push(rule);
+        Some(rule.code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_examples() {
+        let p: FaultPlan = "snp_launch_update:vmsa:4=INVALID_PAGE_STATE, rmp_make_shared:1=FAIL_INUSE"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            p.pending(),
+            &[
+                FaultRule {
+                    op: FaultOp::SnpLaunchUpdate,
+                    page_type: Some(SnpPageType::Vmsa),
+                    nth: 4,
+                    code: FaultCode::Firmware(SevStatus::InvalidPageState),
+                },
+                FaultRule {
+                    op: FaultOp::RmpMakeShared,
+                    page_type: None,
+                    nth: 1,
+                    code: FaultCode::Rmp(RmpRet::FailInuse),
+                },
+            ]
+        );
+        assert!("".parse::<FaultPlan>().unwrap().pending().is_empty());
+        let r: FaultRule = "alloc_page:2=ENOMEM".parse().unwrap();
+        assert_eq!(r.code, FaultCode::NoMemory);
+        let r: FaultRule = "page_reclaim:1=SEV_RET_INVALID_PAGE_STATE".parse().unwrap();
+        assert_eq!(r.code, FaultCode::Firmware(SevStatus::InvalidPageState));
+    }
+
+    #[test]
+    fn bad_specs_name_the_input_and_the_rule() {
+        let cases = [
+            ("snp_launch_update:vmsa:4", "no `=`"),
+            ("launch:1=INVALID_PAGE_STATE", "unknown operation `launch`"),
+            (
+                "snp_launch_update:vmsa:0=INVALID_PAGE_STATE",
+                "must be an integer >= 1",
+            ),
+            ("snp_launch_update:vmsa:x=INVALID_PAGE_STATE", "`x`"),
+            (
+                "snp_launch_update:kernel:1=INVALID_PAGE_STATE",
+                "unknown page type `kernel`",
+            ),
+            (
+                "rmp_make_shared:vmsa:1=FAIL_INUSE",
+                "only be given for snp_launch_update",
+            ),
+            (
+                "rmp_make_shared:1=INVALID_PAGE_STATE",
+                "cannot fail with `INVALID_PAGE_STATE`",
+            ),
+            ("page_reclaim:1=FAIL_INUSE", "firmware status"),
+            ("a:b:c:d=e", "expected OP[:PAGE_TYPE]:N"),
+        ];
+        for (spec, want) in cases {
+            let e = spec.parse::<FaultRule>().unwrap_err();
+            assert_eq!(e.input, spec);
+            assert!(e.to_string().contains(want), "{spec}: {e}");
+        }
+        let e = "alloc_page:1=ENOMEM,bogus".parse::<FaultPlan>().unwrap_err();
+        assert_eq!(e.input, "bogus");
+    }
+
+    #[test]
+    fn counts_per_op_and_per_page_type() {
+        let mut p: FaultPlan =
+            "snp_launch_update:vmsa:2=INVALID_PAGE_STATE,snp_launch_update:3=INVALID_ADDRESS"
+                .parse()
+                .unwrap();
+        assert_eq!(p.check(FaultOp::SnpLaunchUpdate, Some(SnpPageType::Normal)), None);
+        assert_eq!(p.check(FaultOp::SnpLaunchUpdate, Some(SnpPageType::Vmsa)), None);
+        assert_eq!(
+            p.check(FaultOp::SnpLaunchUpdate, Some(SnpPageType::Normal)),
+            Some(FaultCode::Firmware(SevStatus::InvalidAddress)),
+            "third call overall"
+        );
+        assert_eq!(
+            p.check(FaultOp::SnpLaunchUpdate, Some(SnpPageType::Vmsa)),
+            Some(FaultCode::Firmware(SevStatus::InvalidPageState)),
+            "second VMSA call"
+        );
+        assert_eq!(p.check(FaultOp::SnpLaunchUpdate, Some(SnpPageType::Vmsa)), None);
+        assert_eq!(p.fired().len(), 2);
+        assert!(p.pending().is_empty());
+        assert_eq!(p.calls(FaultOp::SnpLaunchUpdate), 5);
+    }
+}

@@ -1,0 +1,278 @@
+//! [`SimPlatform`]: the machine as one guest sees it, implementing vmsa-core's `Platform`,
+//! plus the guest's memory (memslots, hole punches) and the guest-side hardware effects the
+//! scripted guest uses.
+
+use std::sync::Arc;
+
+use vmsa_core::{
+    Asid, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PAGE_SIZE, PageBuf, PageLevel, Pfn, Platform,
+    SnpPageType, VmKind,
+};
+
+use crate::fault::FaultOp;
+use crate::firmware::LaunchDigest;
+use crate::machine::{DestroyReport, Machine, SimError};
+use crate::rmp::{PageSize, RmpState};
+
+/// A host page handed out by [`SimPlatform::alloc_page`](Platform::alloc_page).
+#[derive(Debug, PartialEq, Eq)]
+pub struct SimPage {
+    pfn: Pfn,
+}
+
+impl HostPage for SimPage {
+    fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+}
+
+/// One guest on a [`Machine`]: its ASID, kind and memory. Create it with
+/// [`Machine::create_guest`].
+#[derive(Debug, Clone)]
+pub struct SimPlatform {
+    machine: Arc<Machine>,
+    asid: u32,
+    kind: VmKind,
+}
+
+impl SimPlatform {
+    pub(crate) fn new(machine: Arc<Machine>, asid: u32, kind: VmKind) -> Self {
+        Self { machine, asid, kind }
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.machine
+    }
+
+    /// SEV-ES or SEV-SNP.
+    pub fn kind(&self) -> VmKind {
+        self.kind
+    }
+
+    /// Give the guest `len` bytes of guest_memfd-backed memory at `gpa` (a memslot; frames are
+    /// allocated on first use, so 16 GiB costs nothing until touched).
+    pub fn add_memslot(&self, gpa: Gpa, len: u64) -> Result<(), SimError> {
+        let mut hw = self.machine.hw();
+        hw.slot_mut(self.asid)?
+            .gmem
+            .add_slot(gpa.gfn(), len.div_ceil(PAGE_SIZE));
+        Ok(())
+    }
+
+    /// Punch a hole in guest_memfd over `[gpa, gpa + len)` (or replace its backing): every
+    /// private frame there is made shared, flushed and freed (`sev_gmem_invalidate`). Returns
+    /// the guest frames range; the VMM must then call `Vm::gmem_invalidate(start, end)`.
+    pub fn punch_hole(&self, gpa: Gpa, len: u64) -> Result<(Gfn, Gfn), SimError> {
+        let start = gpa.gfn();
+        let end = Gfn(start.0 + len.div_ceil(PAGE_SIZE));
+        let mut hw = self.machine.hw();
+        for g in start.0..end.0 {
+            let pfn = hw.slot_mut(self.asid)?.gmem.punch(Gfn(g));
+            if let Some(pfn) = pfn {
+                hw.release_gmem_frame(self.asid, pfn);
+            }
+        }
+        Ok((start, end))
+    }
+
+    /// The launch digest, once the launch finished.
+    pub fn launch_digest(&self) -> Option<LaunchDigest> {
+        self.machine.launch_digest(self.asid)
+    }
+
+    /// Destroy the guest on the machine (see [`Machine::destroy_guest`]). Call after
+    /// `Vm::teardown`.
+    pub fn destroy(&self) -> Result<DestroyReport, SimError> {
+        self.machine.destroy_guest(self.asid)
+    }
+
+    /// Guest write of one page at `gpa` (C=1: encrypted with the guest's key; C=0: shared).
+    pub fn guest_write(&self, gpa: Gpa, data: &PageBuf, private: bool) -> Result<(), SimError> {
+        self.machine.hw().guest_write(self.asid, gpa, data, private)
+    }
+
+    /// Guest read of one page at `gpa`.
+    pub fn guest_read(&self, gpa: Gpa, private: bool) -> Result<Box<PageBuf>, SimError> {
+        self.machine.hw().guest_read(self.asid, gpa, private)
+    }
+
+    /// Guest `PVALIDATE` (VMPL0); `Ok(false)` when the bit did not change.
+    pub fn pvalidate(&self, gpa: Gpa, size: PageSize, validate: bool) -> Result<bool, SimError> {
+        self.machine.hw().pvalidate(self.asid, gpa, size, validate)
+    }
+
+    /// Guest `RMPADJUST` (VMPL0, 4 KiB) of the page at `gpa`.
+    pub fn rmpadjust(&self, gpa: Gpa, target_vmpl: u8, perms: u8, vmsa: bool) -> Result<(), SimError> {
+        self.machine
+            .hw()
+            .rmpadjust(self.asid, gpa, target_vmpl, perms, vmsa)
+    }
+
+    /// Host side of a page state change of one guest frame; `true` when a private frame was
+    /// released (so `Vm::gmem_invalidate` must be called for it).
+    pub fn page_state_change(&self, gfn: Gfn, to_shared: bool) -> Result<bool, SimError> {
+        let mut hw = self.machine.hw();
+        if to_shared {
+            hw.convert_to_shared(self.asid, gfn)
+        } else {
+            hw.convert_to_private(self.asid, gfn).map(|()| false)
+        }
+    }
+
+    /// VMRUN with the VMSA at `hpa`, which the RMP must record at `expected_gpa` (the
+    /// vCPU's guest VMSA GPA, or `INITIAL_VMSA_GPA` for a launch VMSA).
+    pub fn vmrun(&self, hpa: Hpa, expected_gpa: Gpa) -> Result<(), SimError> {
+        self.machine.hw().vmrun(self.asid, hpa, expected_gpa)
+    }
+
+    /// #VMEXIT of a vCPU running on the VMSA at `hpa`.
+    pub fn vmexit(&self, hpa: Hpa) {
+        self.machine.hw().vmexit(hpa)
+    }
+
+    /// Charge a cost to the guest's track of the timeline.
+    pub fn charge(&self, op: crate::cost::CostOp, detail: &str) {
+        self.machine.hw().charge(op, self.asid, || detail.to_string())
+    }
+
+    fn page(&self, pfn: Pfn) -> SimPage {
+        SimPage { pfn }
+    }
+
+    fn need(&self, op: &'static str, needed: VmKind) -> Result<(), SimError> {
+        if self.kind != needed {
+            return Err(SimError::WrongKind {
+                op,
+                needed,
+                kind: self.kind,
+                asid: self.asid,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn level(l: PageLevel) -> PageSize {
+    PageSize::from(l)
+}
+
+impl Platform for SimPlatform {
+    type Page = SimPage;
+    type Error = SimError;
+
+    fn asid(&self) -> Asid {
+        Asid(self.asid)
+    }
+
+    fn alloc_page(&self) -> Result<SimPage, SimError> {
+        self.machine.hw().alloc_page().map(|p| self.page(p))
+    }
+
+    fn free_page(&self, page: SimPage) {
+        self.machine.hw().free_page(page.pfn)
+    }
+
+    fn leak_page(&self, page: SimPage) {
+        self.machine.hw().leak_page(page.pfn)
+    }
+
+    fn write_frame(&self, pfn: Pfn, data: &PageBuf) -> Result<(), SimError> {
+        self.machine.hw().host_write(pfn, data)
+    }
+
+    fn read_frame(&self, pfn: Pfn, buf: &mut PageBuf) -> Result<(), SimError> {
+        self.machine.hw().host_read(pfn, buf)
+    }
+
+    fn rmp_make_private(
+        &self,
+        pfn: Pfn,
+        gpa: Gpa,
+        level_: PageLevel,
+        asid: Asid,
+        immutable: bool,
+    ) -> Result<(), SimError> {
+        let st = RmpState {
+            gpa,
+            assigned: true,
+            page_size: level(level_),
+            immutable,
+            asid: asid.0,
+        };
+        self.machine.hw().rmpupdate(FaultOp::RmpMakePrivate, pfn, st)
+    }
+
+    fn rmp_make_shared(&self, pfn: Pfn, level_: PageLevel) -> Result<(), SimError> {
+        let st = RmpState {
+            page_size: level(level_),
+            ..RmpState::default()
+        };
+        self.machine.hw().rmpupdate(FaultOp::RmpMakeShared, pfn, st)
+    }
+
+    fn flush_encrypted_page(&self, pfn: Pfn, asid: Asid) -> Result<(), SimError> {
+        self.machine.hw().flush_page(pfn, asid.0)
+    }
+
+    fn writeback_caches(&self) {
+        self.machine.hw().writeback_caches()
+    }
+
+    fn gmem_pfn(&self, gfn: Gfn) -> Option<Pfn> {
+        self.machine.hw().gmem_pfn(self.asid, gfn)
+    }
+
+    fn launch_start(&self, start: &LaunchStart) -> Result<(), SimError> {
+        let mut hw = self.machine.hw();
+        match *start {
+            LaunchStart::Snp { policy, .. } => {
+                self.need("SNP_LAUNCH_START", VmKind::Snp)?;
+                hw.snp_launch_start(self.asid, policy)
+            }
+            LaunchStart::SevEs { policy } => {
+                self.need("LAUNCH_START", VmKind::SevEs)?;
+                hw.sev_launch_start(self.asid, policy)
+            }
+        }
+    }
+
+    fn launch_update_data(&self, pfn: Pfn) -> Result<(), SimError> {
+        self.need("LAUNCH_UPDATE_DATA", VmKind::SevEs)?;
+        self.machine.hw().sev_launch_update(self.asid, pfn, false)
+    }
+
+    fn launch_update_vmsa(&self, pfn: Pfn) -> Result<(), SimError> {
+        self.need("LAUNCH_UPDATE_VMSA", VmKind::SevEs)?;
+        self.machine.hw().sev_launch_update(self.asid, pfn, true)
+    }
+
+    fn snp_launch_update(&self, pfn: Pfn, gpa: Gpa, page_type: SnpPageType) -> Result<(), SimError> {
+        self.need("SNP_LAUNCH_UPDATE", VmKind::Snp)?;
+        self.machine
+            .hw()
+            .snp_launch_update(self.asid, pfn, gpa, page_type)
+    }
+
+    fn launch_finish(&self, finish: &LaunchFinish) -> Result<(), SimError> {
+        let data = match *finish {
+            LaunchFinish::Snp { host_data } => {
+                self.need("SNP_LAUNCH_FINISH", VmKind::Snp)?;
+                Some(host_data)
+            }
+            LaunchFinish::SevEs => {
+                self.need("LAUNCH_FINISH", VmKind::SevEs)?;
+                None
+            }
+        };
+        self.machine.hw().launch_finish(self.asid, data)
+    }
+
+    fn page_reclaim(&self, pfn: Pfn) -> Result<(), SimError> {
+        self.machine.hw().page_reclaim(pfn)
+    }
+
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), SimError> {
+        self.machine.hw().dbg_decrypt(self.asid, self.kind, pa, out)
+    }
+}
