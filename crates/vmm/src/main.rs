@@ -1,1 +1,76 @@
-fn main() {}
+//! `vmm`: parse the command line, run the subcommand, print, exit.
+//!
+//! Exit codes: 0 success; 2 a bad argument or input file, reported as one line on stderr.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A thin VMM and CLI for AMD SEV-ES / SEV-SNP guests.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compute the launch digest of an OVMF guest without running it (as sev-snp-measure).
+    Measure(vmm::measure::MeasureArgs),
+}
+
+/// Exit code for a bad argument or input file.
+const EXIT_USAGE: u8 = 2;
+
+/// One line from a clap error: its message lines before the usage block, without tips.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let msg: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information"))
+        .collect();
+    msg.join(" ").trim_start_matches("error: ").to_owned()
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vmm: {}", one_line(&e));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cli.command {
+        Command::Measure(args) => match vmm::measure::measure(&args) {
+            Ok(out) => {
+                for w in &out.warnings {
+                    eprintln!("vmm measure: warning: {w}");
+                }
+                let mut stdout = std::io::stdout().lock();
+                if stdout
+                    .write_all(out.stdout.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    return ExitCode::FAILURE;
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmm measure: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+    }
+}

@@ -1,0 +1,13 @@
+//! # vmm
+//!
+//! The program users run: a thin VMM and CLI for confidential guests on vmsa-core backends.
+//! The binary (`src/main.rs`) only parses arguments, calls a subcommand here, prints and sets
+//! the exit code; each subcommand lives in its own module:
+//!
+//! - [`measure`]: `vmm measure`, the expected SEV-SNP / SEV-ES launch digest of an OVMF guest,
+//!   and the [`measure::LaunchPlan`] a real launch of that firmware follows.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod measure;

@@ -1,0 +1,301 @@
+//! The `vmm measure` subcommand: its arguments, their validation, and its output.
+//!
+//! Validation happens before anything is written: option combinations, then the `--dump-vmsa`
+//! directory, then the firmware, kernel and initrd files, then the launch plan. Only then is
+//! the digest computed and the dump written (atomically).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use vmsa_core::{SnpPageType, VmKind};
+
+use super::error::MeasureError;
+use super::hashes::{KernelInput, SevHashes};
+use super::ovmf::{MAX_IMAGE_SIZE, Ovmf, check_image_size};
+use super::plan::{LaunchDigest, LaunchPlan, PlanConfig, PlanError};
+use super::vcpu_types::VcpuType;
+use super::vmm_types::VmmType;
+use super::{VcpuCount, dump, parse_hex_u64};
+
+/// SEV_FEATURES of SNP VMSAs when `--guest-features` is not given: SNP_ACTIVE only (as
+/// sev-snp-measure defaults).
+pub const DEFAULT_SNP_GUEST_FEATURES: u64 = 0x1;
+
+/// `vmm measure`: the launch digest of an OVMF guest, without running it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MeasureArgs {
+    /// OVMF image with SEV metadata (e.g. /usr/share/ovmf/OVMF.fd).
+    #[arg(long, value_name = "OVMF.fd")]
+    pub firmware: PathBuf,
+    /// Number of vCPUs (1 to 512); each adds a launch VMSA.
+    #[arg(long, value_name = "N")]
+    pub vcpus: VcpuCount,
+    /// QEMU vCPU model (EPYC, EPYC-v1..v4, EPYC-IBPB, EPYC-Rome[-v1..v3], EPYC-Milan[-v1,v2],
+    /// EPYC-Genoa[-v1], EPYC-Turin); required with --vmm-type qemu.
+    #[arg(long, value_name = "NAME")]
+    pub vcpu_type: Option<VcpuType>,
+    /// The VMM whose launch to reproduce: qemu, ec2 or gce.
+    #[arg(long, value_name = "qemu|ec2|gce", default_value = "qemu")]
+    pub vmm_type: VmmType,
+    /// SEV_FEATURES of the SNP VMSAs, in hex (default 0x1, SNP_ACTIVE). SNP only.
+    #[arg(long, value_name = "HEX", value_parser = parse_hex_u64)]
+    pub guest_features: Option<u64>,
+    /// Measure an SEV-ES launch (SHA-256) instead of SEV-SNP (SHA-384).
+    #[arg(long)]
+    pub sev_es: bool,
+    /// Kernel for a direct boot: its hash goes into the firmware's SEV hash table.
+    #[arg(long, value_name = "K")]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for a direct boot (needs --kernel).
+    #[arg(long, value_name = "I")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for a direct boot (needs --kernel).
+    #[arg(long, value_name = "CMDLINE")]
+    pub append: Option<String>,
+    /// Write the launch VMSAs as DIR/vmsa<N>.bin (DIR must not exist or be empty).
+    #[arg(long, value_name = "DIR")]
+    pub dump_vmsa: Option<PathBuf>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `vmm measure` prints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeasureOutput {
+    /// Standard output: text ending with the digest line, or one JSON document.
+    pub stdout: String,
+    /// Warnings for standard error, one line each.
+    pub warnings: Vec<String>,
+    /// The digest.
+    pub digest: LaunchDigest,
+}
+
+fn read_firmware(path: &Path) -> Result<Ovmf, MeasureError> {
+    let read_err = |source| MeasureError::ReadFirmware {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fw_err = |source| MeasureError::Firmware {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::other("not a regular file")));
+    }
+    check_image_size(meta.len()).map_err(fw_err)?;
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_IMAGE_SIZE + 1)
+        .read_to_end(&mut data)
+        .map_err(read_err)?;
+    Ovmf::parse(data).map_err(fw_err)
+}
+
+fn plan_input(e: &PlanError, firmware: &Path) -> String {
+    match e {
+        PlanError::GuestFeaturesWithoutSnp { .. } | PlanError::GuestFeaturesWithSevEs { .. } => {
+            "--guest-features".to_owned()
+        }
+        _ => format!("--firmware {}", firmware.display()),
+    }
+}
+
+/// Run `vmm measure`: validate, plan, measure, dump, and render the output.
+pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
+    if args.kernel.is_none() {
+        if args.initrd.is_some() {
+            return Err(MeasureError::NeedsKernel { option: "initrd" });
+        }
+        if args.append.is_some() {
+            return Err(MeasureError::NeedsKernel { option: "append" });
+        }
+    }
+    let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
+    let guest_features = match (kind, args.guest_features) {
+        (VmKind::SevEs, Some(v)) => {
+            return Err(MeasureError::SnpOnly {
+                option: "guest-features",
+                value: format!("{v:#x}"),
+            });
+        }
+        (VmKind::SevEs, None) => 0,
+        (VmKind::Snp, v) => v.unwrap_or(DEFAULT_SNP_GUEST_FEATURES),
+    };
+    if args.vmm_type.uses_vcpu_signature() && args.vcpu_type.is_none() {
+        return Err(MeasureError::MissingVcpuType);
+    }
+    if let Some(dir) = &args.dump_vmsa {
+        dump::check_dir(dir)?;
+    }
+    let ovmf = read_firmware(&args.firmware)?;
+    let hashes = match &args.kernel {
+        None => None,
+        Some(k) => Some(
+            SevHashes::from_files(k, args.initrd.as_deref(), args.append.as_deref()).map_err(
+                |(which, source)| {
+                    let (option, path) = match which {
+                        KernelInput::Kernel => ("kernel", k.clone()),
+                        KernelInput::Initrd => ("initrd", args.initrd.clone().unwrap_or_default()),
+                    };
+                    MeasureError::ReadKernelInput { option, path, source }
+                },
+            )?,
+        ),
+    };
+    let config = PlanConfig {
+        kind,
+        vcpus: args.vcpus,
+        vcpu_sig: args.vcpu_type.map_or(0, |t| t.signature()),
+        vmm_type: args.vmm_type,
+        guest_features,
+    };
+    let plan = LaunchPlan::build(&ovmf, &config, hashes.as_ref()).map_err(|source| MeasureError::Plan {
+        input: plan_input(&source, &args.firmware),
+        source,
+    })?;
+    let digest = plan.measure();
+    let dumped = match &args.dump_vmsa {
+        Some(dir) => Some(dump::write(dir, plan.vmsas())?),
+        None => None,
+    };
+    let stdout = if args.json {
+        render_json(args, &ovmf, &plan, &config, digest, dumped)
+    } else {
+        render_text(args, &ovmf, &plan, &config, digest, dumped)
+    };
+    Ok(MeasureOutput {
+        stdout,
+        warnings: plan.warnings().to_vec(),
+        digest,
+    })
+}
+
+fn mode_name(kind: VmKind) -> &'static str {
+    match kind {
+        VmKind::Snp => "snp",
+        VmKind::SevEs => "sev-es",
+    }
+}
+
+/// Pages of each type the plan adds (VMSAs included).
+fn page_counts(plan: &LaunchPlan) -> [(SnpPageType, u64); 6] {
+    let mut counts = [
+        (SnpPageType::Normal, 0),
+        (SnpPageType::Vmsa, 0),
+        (SnpPageType::Zero, 0),
+        (SnpPageType::Unmeasured, 0),
+        (SnpPageType::Secrets, 0),
+        (SnpPageType::Cpuid, 0),
+    ];
+    let mut add = |ty, n| {
+        if let Some(c) = counts.iter_mut().find(|(t, _)| *t == ty) {
+            c.1 += n;
+        }
+    };
+    for d in plan.data_updates() {
+        add(d.page_type, d.len.div_ceil(4096));
+    }
+    add(SnpPageType::Vmsa, plan.vmsas().count() as u64);
+    counts
+}
+
+fn type_name(ty: SnpPageType) -> &'static str {
+    match ty {
+        SnpPageType::Normal => "normal",
+        SnpPageType::Vmsa => "vmsa",
+        SnpPageType::Zero => "zero",
+        SnpPageType::Unmeasured => "unmeasured",
+        SnpPageType::Secrets => "secrets",
+        SnpPageType::Cpuid => "cpuid",
+    }
+}
+
+fn render_text(
+    args: &MeasureArgs,
+    ovmf: &Ovmf,
+    plan: &LaunchPlan,
+    config: &PlanConfig,
+    digest: LaunchDigest,
+    dumped: Option<usize>,
+) -> String {
+    let mut out = format!(
+        "firmware: {} ({} bytes at {:#x}, {} SEV metadata sections)\n",
+        args.firmware.display(),
+        ovmf.data().len(),
+        ovmf.gpa(),
+        ovmf.metadata_sections().len()
+    );
+    let cpu = match args.vcpu_type {
+        Some(t) => format!(" {t} (signature {:#010x})", t.signature()),
+        None => String::new(),
+    };
+    out += &format!(
+        "launch: {}, {} vCPUs{cpu}, vmm {}, guest features {:#x}\n",
+        plan.kind(),
+        config.vcpus,
+        config.vmm_type,
+        config.guest_features
+    );
+    if let Some(k) = &args.kernel {
+        out += &format!("kernel hashes: kernel {}", k.display());
+        if let Some(i) = &args.initrd {
+            out += &format!(", initrd {}", i.display());
+        }
+        if let Some(a) = &args.append {
+            out += &format!(", cmdline {a:?}");
+        }
+        out += "\n";
+    }
+    let pages: Vec<String> = page_counts(plan)
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(t, n)| format!("{n} {}", type_name(*t)))
+        .collect();
+    out += &format!("pages measured: {}\n", pages.join(", "));
+    if let (Some(dir), Some(n)) = (&args.dump_vmsa, dumped) {
+        out += &format!("vmsa dump: {n} files in {}\n", dir.display());
+    }
+    out += &format!("launch digest ({}):\n{}\n", digest.algorithm(), digest.hex());
+    out
+}
+
+fn render_json(
+    args: &MeasureArgs,
+    ovmf: &Ovmf,
+    plan: &LaunchPlan,
+    config: &PlanConfig,
+    digest: LaunchDigest,
+    dumped: Option<usize>,
+) -> String {
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let pages: serde_json::Map<String, serde_json::Value> = page_counts(plan)
+        .iter()
+        .map(|(t, n)| (type_name(*t).to_owned(), json!(n)))
+        .collect();
+    let doc = json!({
+        "mode": mode_name(plan.kind()),
+        "algorithm": digest.algorithm(),
+        "digest": digest.hex(),
+        "inputs": {
+            "firmware": args.firmware.display().to_string(),
+            "firmware_size": ovmf.data().len(),
+            "firmware_gpa": format!("{:#x}", ovmf.gpa()),
+            "vcpus": config.vcpus.get(),
+            "vcpu_type": args.vcpu_type.map(|t| t.name),
+            "vcpu_signature": args.vcpu_type.map(|t| format!("{:#x}", t.signature())),
+            "vmm_type": config.vmm_type.name(),
+            "guest_features": format!("{:#x}", config.guest_features),
+            "kernel": path(&args.kernel),
+            "initrd": path(&args.initrd),
+            "append": args.append,
+        },
+        "pages": pages,
+        "vmsa_dump": path(&args.dump_vmsa).map(|d| json!({"dir": d, "files": dumped})),
+        "warnings": plan.warnings(),
+    });
+    format!("{doc}\n")
+}

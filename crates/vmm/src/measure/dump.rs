@@ -1,0 +1,160 @@
+//! `--dump-vmsa DIR`: the launch VMSAs as `vmsa<N>.bin` files (the names and bytes
+//! sev-snp-measure's `--dump-vmsa` writes into its working directory), written all or nothing:
+//! into a fresh sibling directory first, renamed onto DIR at the end.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::error::MeasureError;
+use super::plan::VmsaUpdate;
+
+fn dir_error(path: &Path, rule: impl Into<String>) -> MeasureError {
+    MeasureError::DumpDir {
+        path: path.to_path_buf(),
+        rule: rule.into(),
+    }
+}
+
+/// The parent and final name of DIR, checked before any work: DIR must name a directory that
+/// does not exist or is empty (nothing is overwritten), in an existing parent directory.
+pub(crate) fn check_dir(dir: &Path) -> Result<(PathBuf, String), MeasureError> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            dir_error(
+                dir,
+                "must name a directory by a UTF-8 name (not '/', '.' or '..')",
+            )
+        })?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(dir_error(
+            dir,
+            format!("its parent {} is not an existing directory", parent.display()),
+        ));
+    }
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(dir_error(dir, format!("cannot inspect it: {e}"))),
+        Ok(m) if !m.is_dir() => {
+            return Err(dir_error(
+                dir,
+                "exists and is not a directory (refusing to overwrite)",
+            ));
+        }
+        Ok(_) => {
+            let mut entries =
+                fs::read_dir(dir).map_err(|e| dir_error(dir, format!("cannot list it: {e}")))?;
+            if entries.next().is_some() {
+                return Err(dir_error(dir, "exists and is not empty (refusing to overwrite)"));
+            }
+        }
+    }
+    Ok((parent, name.to_owned()))
+}
+
+/// Write `vmsa<N>.bin` for every VMSA into DIR, atomically; returns how many were written.
+pub(crate) fn write<'a>(
+    dir: &Path,
+    vmsas: impl Iterator<Item = &'a VmsaUpdate>,
+) -> Result<usize, MeasureError> {
+    let (parent, name) = check_dir(dir)?;
+    let tmp = parent.join(format!(".{name}.vmm-measure-{}", std::process::id()));
+    let werr = |source| MeasureError::DumpWrite {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::create_dir(&tmp).map_err(werr)?;
+    let result = (|| {
+        let mut n = 0;
+        for v in vmsas {
+            fs::write(tmp.join(format!("vmsa{}.bin", v.vcpu.0)), v.save_area.as_page())?;
+            n += 1;
+        }
+        // Replaces DIR only if it is (still) an empty directory.
+        fs::rename(&tmp, dir)?;
+        Ok(n)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result.map_err(werr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmsa_core::{SevEsSaveArea, VcpuId};
+
+    fn scratch(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("vmm-dump-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn vmsas(n: u32) -> Vec<VmsaUpdate> {
+        (0..n)
+            .map(|i| {
+                let mut save_area = SevEsSaveArea::boxed();
+                save_area.rip = u64::from(i);
+                VmsaUpdate {
+                    vcpu: VcpuId(i),
+                    save_area,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_new_or_empty_directories() {
+        let root = scratch("ok");
+        let d = root.join("out");
+        assert_eq!(write(&d, vmsas(3).iter()).unwrap(), 3);
+        let b = fs::read(d.join("vmsa2.bin")).unwrap();
+        assert_eq!(b.len(), 4096);
+        assert_eq!(b[0x178], 2);
+        let empty = root.join("empty");
+        fs::create_dir(&empty).unwrap();
+        assert_eq!(write(&empty, vmsas(1).iter()).unwrap(), 1);
+        // Nothing but the two results remains.
+        let mut names: Vec<_> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["empty", "out"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn refuses_to_overwrite_and_leaves_nothing() {
+        let root = scratch("refuse");
+        let full = root.join("full");
+        fs::create_dir(&full).unwrap();
+        fs::write(full.join("keep"), b"x").unwrap();
+        let file = root.join("file");
+        fs::write(&file, b"x").unwrap();
+        for (dir, rule) in [
+            (full.clone(), "not empty"),
+            (file.clone(), "not a directory"),
+            (root.join("missing/out"), "parent"),
+            (PathBuf::from("/"), "must name"),
+            (root.join(".."), "must name"),
+        ] {
+            let e = write(&dir, vmsas(2).iter()).unwrap_err().to_string();
+            assert!(e.contains(rule), "{e}");
+            assert!(e.starts_with("--dump-vmsa "), "{e}");
+        }
+        assert_eq!(fs::read(full.join("keep")).unwrap(), b"x");
+        assert_eq!(fs::read_dir(&full).unwrap().count(), 1);
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 2);
+        fs::remove_dir_all(root).unwrap();
+    }
+}

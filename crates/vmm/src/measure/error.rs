@@ -1,0 +1,94 @@
+//! Why `vmm measure` refused its inputs. Every message is one line that starts with the input
+//! (option and value) and states the rule broken.
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use super::ovmf::OvmfError;
+use super::plan::PlanError;
+
+/// A refused `vmm measure` invocation.
+#[derive(Debug, Error)]
+pub enum MeasureError {
+    /// The firmware file cannot be read.
+    #[error("--firmware {}: cannot read the firmware image: {source}", path.display())]
+    ReadFirmware {
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The firmware image is not an SEV-capable OVMF build.
+    #[error("--firmware {}: {source}", path.display())]
+    Firmware {
+        /// The path given.
+        path: PathBuf,
+        /// The rule it breaks.
+        source: OvmfError,
+    },
+    /// The launch cannot be planned (the firmware or the options break a rule).
+    #[error("{input}: {source}")]
+    Plan {
+        /// The input at fault (option and value).
+        input: String,
+        /// The rule broken.
+        source: PlanError,
+    },
+    /// The kernel or initrd file cannot be read.
+    #[error("--{option} {}: cannot read it: {source}", path.display())]
+    ReadKernelInput {
+        /// `kernel` or `initrd`.
+        option: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// `--initrd` or `--append` without `--kernel`.
+    #[error(
+        "--{option} needs --kernel: the hash table QEMU measures covers kernel, initrd and command line together"
+    )]
+    NeedsKernel {
+        /// `initrd` or `append`.
+        option: &'static str,
+    },
+    /// An SNP-only option with `--sev-es`.
+    #[error("--{option} {value}: this option applies to SEV-SNP launches only, not with --sev-es")]
+    SnpOnly {
+        /// The option.
+        option: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// No `--vcpu-type` where the model matters.
+    #[error(
+        "--vcpu-type is required with --vmm-type qemu: QEMU puts the vCPU model's CPUID signature in RDX of \
+         every launch VMSA"
+    )]
+    MissingVcpuType,
+    /// The dump directory cannot be used.
+    #[error("--dump-vmsa {}: {rule}", path.display())]
+    DumpDir {
+        /// The directory given.
+        path: PathBuf,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// Writing the dump failed (nothing is left behind).
+    #[error("--dump-vmsa {}: cannot write the VMSA files: {source}", path.display())]
+    DumpWrite {
+        /// The directory given.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+impl MeasureError {
+    /// The process exit code for this error: 2, a bad argument or input file.
+    pub fn exit_code(&self) -> u8 {
+        2
+    }
+}
