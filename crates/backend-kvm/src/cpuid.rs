@@ -1,0 +1,62 @@
+//! The CPUID table each vCPU gets before its first run (`KVM_SET_CPUID2`).
+//!
+//! The table is KVM's supported table with the vCPU's APIC ID patched into leaf 1 (EBX
+//! bits 31:24) and leaf 0xB (EDX). It advertises no SEV: leaf 0x8000001F stays as KVM
+//! reports it (all zero on hosts without SEV), because a VMSA-image VM has no encryption.
+//! Set it before KVM_SET_SREGS puts the vCPU in long mode (`kvm-host.md` §4).
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::error::{IoctlContext, IoctlError};
+
+/// KVM's supported CPUID table (read once per VM and cloned per vCPU).
+pub fn supported(kvm: &Kvm) -> Result<CpuId, IoctlError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .ioctl("KVM_GET_SUPPORTED_CPUID")
+}
+
+/// `table` with `apic_id` in leaves 1 and 0xB.
+pub fn for_vcpu(table: &CpuId, apic_id: u32) -> CpuId {
+    let mut t = table.clone();
+    for e in t.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((apic_id & 0xff) << 24),
+            0xb => e.edx = apic_id,
+            _ => {}
+        }
+    }
+    t
+}
+
+/// Give `vcpu` the table for `apic_id`.
+pub fn set(vcpu: &VcpuFd, table: &CpuId, apic_id: u32) -> Result<(), IoctlError> {
+    vcpu.set_cpuid2(&for_vcpu(table, apic_id)).ioctl("KVM_SET_CPUID2")
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    use super::*;
+
+    #[test]
+    fn apic_id_goes_into_leaves_1_and_0xb() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0x0a0b_0c0d,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                edx: 0,
+                ..Default::default()
+            },
+        ];
+        let t = CpuId::from_entries(&entries).unwrap();
+        let p = for_vcpu(&t, 0x42);
+        assert_eq!(p.as_slice()[0].ebx, 0x420b_0c0d);
+        assert_eq!(p.as_slice()[1].edx, 0x42);
+    }
+}

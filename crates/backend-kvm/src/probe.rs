@@ -1,0 +1,738 @@
+//! What this host's KVM can run: API version, `KVM_CAP_VM_TYPES`, guest_memfd, `/dev/sev`
+//! and the `KVM_X86_SEV_VMSA_FEATURES` attribute, folded into a verdict per [`Mode`].
+//!
+//! Every unsupported mode carries the exact reasons ([`Missing`]): which capability, VM type,
+//! device or attribute is missing, and the value or errno that was seen. [`ProbeReport`]
+//! prints as a human report (`Display`) and serializes to JSON (`serde::Serialize`) for
+//! `vmm probe` and `vmm probe --json`.
+//!
+//! The checks follow `../shared/reference/kvm-host.md` §10.1: the `KVM_CAP_VM_TYPES` bitmask
+//! is the primary test (kvm-ioctls has no `Cap` for it, so it is read with
+//! `check_extension_raw(235)`), corroborated by the SEV device attribute on the system fd
+//! (`KVM_GET_DEVICE_ATTR`, which kvm-ioctls does not wrap for `Kvm`) and by actually creating
+//! a `KVM_X86_SNP_VM`.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+
+use kvm_bindings::{KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES, kvm_device_attr};
+use kvm_ioctls::Kvm;
+use serde::Serialize;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+
+use crate::error::Errno;
+
+/// `KVM_API_VERSION`: the only API version KVM has ever had.
+pub const KVM_API_VERSION: i32 = 12;
+/// `KVM_CAP_USER_MEMORY2`.
+pub const KVM_CAP_USER_MEMORY2: u32 = 231;
+/// `KVM_CAP_MEMORY_ATTRIBUTES`.
+pub const KVM_CAP_MEMORY_ATTRIBUTES: u32 = 233;
+/// `KVM_CAP_GUEST_MEMFD`.
+pub const KVM_CAP_GUEST_MEMFD: u32 = 234;
+/// `KVM_CAP_VM_TYPES` (a bitmask of `1 << type`).
+pub const KVM_CAP_VM_TYPES: u32 = 235;
+/// `KVM_CAP_GUEST_MEMFD_FLAGS` (kernel 6.18; not in kvm-bindings 0.14): the supported
+/// `KVM_CREATE_GUEST_MEMFD` flags.
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+/// `KVM_CAP_X86_USER_SPACE_MSR`.
+pub const KVM_CAP_X86_USER_SPACE_MSR: u32 = 188;
+/// `KVM_CAP_EXIT_HYPERCALL`.
+pub const KVM_CAP_EXIT_HYPERCALL: u32 = 201;
+/// `KVM_CAP_MAX_VCPUS`.
+pub const KVM_CAP_MAX_VCPUS: u32 = 66;
+
+/// `KVM_X86_DEFAULT_VM`.
+pub const VM_TYPE_DEFAULT: u32 = 0;
+/// `KVM_X86_SEV_ES_VM`.
+pub const VM_TYPE_SEV_ES: u32 = 3;
+/// `KVM_X86_SNP_VM`.
+pub const VM_TYPE_SNP: u32 = 4;
+
+/// `GUEST_MEMFD_FLAG_MMAP` (not in kvm-bindings 0.14): the guest_memfd can be mmapped.
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED` (not in kvm-bindings 0.14): its pages start shared.
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+
+/// `KVM_X86_GRP_SYSTEM` / `KVM_X86_XCOMP_GUEST_SUPP`: the control attribute that proves the
+/// system-fd device-attribute ioctl itself works.
+const KVM_X86_GRP_SYSTEM: u32 = 0;
+const KVM_X86_XCOMP_GUEST_SUPP: u64 = 0;
+
+/// The SEV firmware device KVM needs for every SEV launch command (`kvm_sev_cmd.sev_fd`).
+pub const SEV_DEVICE: &str = "/dev/sev";
+/// The KVM device.
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Request numbers kvm-ioctls does not export.
+mod nr {
+    use kvm_bindings::kvm_device_attr;
+    use vmm_sys_util::ioctl_iow_nr;
+
+    // `_IOW(KVMIO, 0xe2, struct kvm_device_attr)`.
+    ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe2, kvm_device_attr);
+}
+use nr::KVM_GET_DEVICE_ATTR;
+
+/// A way of running vCPUs from VMSAs on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Mode {
+    /// SEV-SNP: KVM_X86_SNP_VM, firmware launch, guest_memfd private memory.
+    Snp,
+    /// SEV-ES: KVM_X86_SEV_ES_VM. Reported for completeness; this backend runs SNP and
+    /// VMSA-image VMs only.
+    SevEs,
+    /// A default KVM VM whose vCPUs are loaded from and saved to VMSA images, with no
+    /// encryption and no RMP (see the crate documentation).
+    VmsaImage,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Snp => "SEV-SNP",
+            Mode::SevEs => "SEV-ES",
+            Mode::VmsaImage => "VMSA-image",
+        })
+    }
+}
+
+/// One reason a mode is unavailable, with the value that was seen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "missing", rename_all = "snake_case")]
+pub enum Missing {
+    /// `/dev/kvm` could not be opened.
+    Kvm {
+        /// The device path.
+        path: &'static str,
+        /// Why.
+        errno: Errno,
+    },
+    /// `KVM_GET_API_VERSION` returned something else than 12.
+    ApiVersion {
+        /// The version seen.
+        seen: i32,
+        /// The version required.
+        required: i32,
+    },
+    /// `KVM_CAP_VM_TYPES` lacks the VM type.
+    VmType {
+        /// The VM type (`KVM_X86_*_VM`).
+        vm_type: u32,
+        /// Its uapi name.
+        name: &'static str,
+        /// The bitmask `KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES)` returned.
+        bitmask: i32,
+    },
+    /// A capability is absent or lacks required bits.
+    Capability {
+        /// Its number.
+        cap: u32,
+        /// Its uapi name.
+        name: &'static str,
+        /// The value `KVM_CHECK_EXTENSION` returned.
+        seen: i32,
+        /// What is needed, in words.
+        required: &'static str,
+    },
+    /// A device node is missing or cannot be opened.
+    Device {
+        /// The path.
+        path: &'static str,
+        /// Why.
+        errno: Errno,
+    },
+    /// `KVM_GET_DEVICE_ATTR(KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES)` on the system fd failed
+    /// (ENXIO: KVM has no SEV support).
+    SevAttribute {
+        /// Why.
+        errno: Errno,
+    },
+    /// `KVM_CREATE_VM` with the VM type failed.
+    CreateVm {
+        /// The VM type.
+        vm_type: u32,
+        /// Why.
+        errno: Errno,
+    },
+}
+
+impl fmt::Display for Missing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Missing::Kvm { path, errno } => write!(f, "{path} cannot be opened: {errno}"),
+            Missing::ApiVersion { seen, required } => {
+                write!(f, "KVM API version is {seen}, {required} is required")
+            }
+            Missing::VmType {
+                vm_type,
+                name,
+                bitmask,
+            } => write!(
+                f,
+                "VM type {name} ({vm_type}) is not supported: KVM_CAP_VM_TYPES = {bitmask:#x} ({})",
+                vm_type_names(*bitmask)
+            ),
+            Missing::Capability {
+                cap,
+                name,
+                seen,
+                required,
+            } => write!(f, "{name} ({cap}) = {seen}, but {required} is required"),
+            Missing::Device { path, errno } => write!(f, "{path} is not usable: {errno}"),
+            Missing::SevAttribute { errno } => write!(
+                f,
+                "KVM_GET_DEVICE_ATTR(KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES) on {KVM_DEVICE}: {errno} (KVM has no SEV support)"
+            ),
+            Missing::CreateVm { vm_type, errno } => {
+                write!(f, "KVM_CREATE_VM(type {vm_type}) failed: {errno}")
+            }
+        }
+    }
+}
+
+/// The names of the VM types in a `KVM_CAP_VM_TYPES` bitmask.
+pub fn vm_type_names(bitmask: i32) -> String {
+    const NAMES: [&str; 6] = ["DEFAULT", "SW_PROTECTED", "SEV", "SEV_ES", "SNP", "TDX"];
+    let names: Vec<String> = (0..32)
+        .filter(|b| bitmask >= 0 && (bitmask >> b) & 1 == 1)
+        .map(|b| {
+            NAMES
+                .get(b as usize)
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| format!("type {b}"))
+        })
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The verdict for one mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModeSupport {
+    /// The mode.
+    pub mode: Mode,
+    /// Whether this host can run it.
+    pub supported: bool,
+    /// Why not (empty when supported).
+    pub missing: Vec<Missing>,
+}
+
+/// The capability values read from the system fd (`KVM_CHECK_EXTENSION` on `/dev/kvm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// `KVM_CAP_VM_TYPES` (235): bitmask of `1 << type`; 0 on kernels without it.
+    pub vm_types: i32,
+    /// `KVM_CAP_GUEST_MEMFD` (234).
+    pub guest_memfd: i32,
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS` (244): supported guest_memfd flags.
+    pub guest_memfd_flags: i32,
+    /// `KVM_CAP_USER_MEMORY2` (231).
+    pub user_memory2: i32,
+    /// `KVM_CAP_MEMORY_ATTRIBUTES` (233): supported memory attributes for a default VM.
+    pub memory_attributes: i32,
+    /// `KVM_CAP_X86_USER_SPACE_MSR` (188).
+    pub user_space_msr: i32,
+    /// `KVM_CAP_EXIT_HYPERCALL` (201): bitmask of hypercalls that can exit to userspace.
+    pub exit_hypercall: i32,
+    /// `KVM_CAP_MAX_VCPUS` (66).
+    pub max_vcpus: i32,
+}
+
+/// The outcome of one probe step that can fail with an errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Probed<T> {
+    /// It worked and returned this.
+    Ok {
+        /// The value.
+        value: T,
+    },
+    /// It failed.
+    Err {
+        /// Why.
+        errno: Errno,
+    },
+    /// Not attempted (a prerequisite was missing).
+    Skipped,
+}
+
+impl<T: fmt::Display> fmt::Display for Probed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Probed::Ok { value } => write!(f, "{value}"),
+            Probed::Err { errno } => write!(f, "error {errno}"),
+            Probed::Skipped => f.write_str("not attempted"),
+        }
+    }
+}
+
+impl<T> Probed<T> {
+    fn from_result(r: Result<T, Errno>) -> Self {
+        match r {
+            Ok(value) => Probed::Ok { value },
+            Err(errno) => Probed::Err { errno },
+        }
+    }
+}
+
+/// Everything the probe saw and its verdict per mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProbeReport {
+    /// `KVM_GET_API_VERSION`, or the errno of opening `/dev/kvm`.
+    pub api_version: Probed<i32>,
+    /// Capability values from the system fd (all zero when `/dev/kvm` is unusable).
+    pub caps: Capabilities,
+    /// Opening `/dev/sev` read-write.
+    pub sev_device: Probed<&'static str>,
+    /// `KVM_X86_SEV_VMSA_FEATURES`: the SEV_FEATURES KVM supports.
+    pub sev_vmsa_features: Probed<u64>,
+    /// The control attribute `KVM_X86_XCOMP_GUEST_SUPP`, read the same way: if this works and
+    /// the SEV attribute does not, the SEV attribute's errno is KVM's answer, not a broken
+    /// ioctl.
+    pub xcomp_guest_supp: Probed<u64>,
+    /// Creating (and dropping) a `KVM_X86_SNP_VM`.
+    pub snp_vm_create: Probed<&'static str>,
+    /// The verdict per mode: SNP, SEV-ES, VMSA-image.
+    pub modes: Vec<ModeSupport>,
+}
+
+impl ProbeReport {
+    /// The verdict for `mode`.
+    pub fn mode(&self, mode: Mode) -> Option<&ModeSupport> {
+        self.modes.iter().find(|m| m.mode == mode)
+    }
+
+    /// Whether `mode` can run here.
+    pub fn supports(&self, mode: Mode) -> bool {
+        self.mode(mode).is_some_and(|m| m.supported)
+    }
+
+    /// Why `mode` cannot run here (empty if it can).
+    pub fn missing(&self, mode: Mode) -> &[Missing] {
+        self.mode(mode).map(|m| m.missing.as_slice()).unwrap_or(&[])
+    }
+
+    /// The mode a run should use: SNP where the host has it, else VMSA-image; `None` if
+    /// neither works.
+    pub fn best_mode(&self) -> Option<Mode> {
+        [Mode::Snp, Mode::VmsaImage]
+            .into_iter()
+            .find(|m| self.supports(*m))
+    }
+}
+
+impl fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "KVM host probe")?;
+        writeln!(f, "  {KVM_DEVICE}: API version {}", self.api_version)?;
+        let c = &self.caps;
+        writeln!(
+            f,
+            "  KVM_CAP_VM_TYPES = {:#x} ({})",
+            c.vm_types,
+            vm_type_names(c.vm_types)
+        )?;
+        writeln!(
+            f,
+            "  KVM_CAP_GUEST_MEMFD = {}, KVM_CAP_GUEST_MEMFD_FLAGS = {:#x}, KVM_CAP_USER_MEMORY2 = {}, KVM_CAP_MEMORY_ATTRIBUTES = {:#x}",
+            c.guest_memfd, c.guest_memfd_flags, c.user_memory2, c.memory_attributes
+        )?;
+        writeln!(
+            f,
+            "  KVM_CAP_X86_USER_SPACE_MSR = {}, KVM_CAP_EXIT_HYPERCALL = {:#x}, KVM_CAP_MAX_VCPUS = {}",
+            c.user_space_msr, c.exit_hypercall, c.max_vcpus
+        )?;
+        writeln!(f, "  {SEV_DEVICE}: {}", self.sev_device)?;
+        match self.sev_vmsa_features {
+            Probed::Ok { value } => writeln!(f, "  KVM_X86_SEV_VMSA_FEATURES = {value:#x}")?,
+            other => writeln!(f, "  KVM_X86_SEV_VMSA_FEATURES: {other}")?,
+        }
+        match self.xcomp_guest_supp {
+            Probed::Ok { value } => writeln!(f, "  KVM_X86_XCOMP_GUEST_SUPP (control) = {value:#x}")?,
+            other => writeln!(f, "  KVM_X86_XCOMP_GUEST_SUPP (control): {other}")?,
+        }
+        writeln!(f, "  KVM_CREATE_VM(KVM_X86_SNP_VM): {}", self.snp_vm_create)?;
+        writeln!(f, "Modes")?;
+        for m in &self.modes {
+            if m.supported {
+                writeln!(f, "  {}: supported", m.mode)?;
+            } else {
+                writeln!(f, "  {}: not supported", m.mode)?;
+                for why in &m.missing {
+                    writeln!(f, "    - {why}")?;
+                }
+            }
+        }
+        match self.best_mode() {
+            Some(mode) => write!(f, "A run uses {mode} mode."),
+            None => write!(f, "No mode of this backend can run on this host."),
+        }
+    }
+}
+
+/// Probe the host's KVM. Never fails: an unusable `/dev/kvm` is itself a reason in the
+/// report.
+pub fn probe() -> ProbeReport {
+    match Kvm::new() {
+        Ok(kvm) => probe_with(&kvm),
+        Err(e) => {
+            let errno = Errno::from(e);
+            let missing = vec![Missing::Kvm {
+                path: KVM_DEVICE,
+                errno,
+            }];
+            ProbeReport {
+                api_version: Probed::Err { errno },
+                caps: Capabilities::default(),
+                sev_device: probe_sev_device(),
+                sev_vmsa_features: Probed::Skipped,
+                xcomp_guest_supp: Probed::Skipped,
+                snp_vm_create: Probed::Skipped,
+                modes: [Mode::Snp, Mode::SevEs, Mode::VmsaImage]
+                    .into_iter()
+                    .map(|mode| ModeSupport {
+                        mode,
+                        supported: false,
+                        missing: missing.clone(),
+                    })
+                    .collect(),
+            }
+        }
+    }
+}
+
+/// Read a `u64` system attribute through `KVM_GET_DEVICE_ATTR` on the `/dev/kvm` fd.
+pub fn system_attr(kvm: &Kvm, group: u32, attr: u64) -> Result<u64, Errno> {
+    let mut value: u64 = 0;
+    let dev_attr = kvm_device_attr {
+        flags: 0,
+        group,
+        attr,
+        addr: &mut value as *mut u64 as u64,
+    };
+    // SAFETY: `kvm` is an open /dev/kvm fd; KVM_GET_DEVICE_ATTR reads the 24-byte
+    // `kvm_device_attr` we pass by reference and writes at most 8 bytes (a u64 attribute) to
+    // `addr`, which points at `value`, a live local that outlives the call.
+    let ret = unsafe { ioctl_with_ref(kvm, KVM_GET_DEVICE_ATTR(), &dev_attr) };
+    if ret < 0 {
+        return Err(Errno::last());
+    }
+    Ok(value)
+}
+
+fn probe_sev_device() -> Probed<&'static str> {
+    match OpenOptions::new().read(true).write(true).open(SEV_DEVICE) {
+        Ok(file) => {
+            // Only the ability to open it matters here.
+            let _ = file.as_raw_fd();
+            Probed::Ok { value: "present" }
+        }
+        Err(e) => Probed::Err {
+            errno: Errno::from(&e),
+        },
+    }
+}
+
+/// Probe through an already open `Kvm`.
+pub fn probe_with(kvm: &Kvm) -> ProbeReport {
+    let cap = |c: u32| kvm.check_extension_raw(c as libc::c_ulong);
+    let api = kvm.get_api_version();
+    let caps = Capabilities {
+        vm_types: cap(KVM_CAP_VM_TYPES),
+        guest_memfd: cap(KVM_CAP_GUEST_MEMFD),
+        guest_memfd_flags: cap(KVM_CAP_GUEST_MEMFD_FLAGS),
+        user_memory2: cap(KVM_CAP_USER_MEMORY2),
+        memory_attributes: cap(KVM_CAP_MEMORY_ATTRIBUTES),
+        user_space_msr: cap(KVM_CAP_X86_USER_SPACE_MSR),
+        exit_hypercall: cap(KVM_CAP_EXIT_HYPERCALL),
+        max_vcpus: cap(KVM_CAP_MAX_VCPUS),
+    };
+    let sev_device = probe_sev_device();
+    let sev_vmsa_features = Probed::from_result(system_attr(
+        kvm,
+        KVM_X86_GRP_SEV,
+        u64::from(KVM_X86_SEV_VMSA_FEATURES),
+    ));
+    let xcomp_guest_supp =
+        Probed::from_result(system_attr(kvm, KVM_X86_GRP_SYSTEM, KVM_X86_XCOMP_GUEST_SUPP));
+    let snp_vm_create = Probed::from_result(
+        kvm.create_vm_with_type(u64::from(VM_TYPE_SNP))
+            .map(|vm| {
+                drop(vm);
+                "created"
+            })
+            .map_err(Errno::from),
+    );
+    let facts = Facts {
+        api,
+        caps,
+        sev_device,
+        sev_vmsa_features,
+        snp_vm_create,
+    };
+    ProbeReport {
+        api_version: Probed::Ok { value: api },
+        caps,
+        sev_device,
+        sev_vmsa_features,
+        xcomp_guest_supp,
+        snp_vm_create,
+        modes: facts.verdicts(),
+    }
+}
+
+/// The facts the verdicts are computed from (separate, so the rules are unit-testable).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Facts {
+    pub api: i32,
+    pub caps: Capabilities,
+    pub sev_device: Probed<&'static str>,
+    pub sev_vmsa_features: Probed<u64>,
+    pub snp_vm_create: Probed<&'static str>,
+}
+
+impl Facts {
+    pub fn verdicts(&self) -> Vec<ModeSupport> {
+        [Mode::Snp, Mode::SevEs, Mode::VmsaImage]
+            .into_iter()
+            .map(|mode| {
+                let missing = self.missing(mode);
+                ModeSupport {
+                    mode,
+                    supported: missing.is_empty(),
+                    missing,
+                }
+            })
+            .collect()
+    }
+
+    fn missing(&self, mode: Mode) -> Vec<Missing> {
+        let mut out = Vec::new();
+        let c = &self.caps;
+        if self.api != KVM_API_VERSION {
+            out.push(Missing::ApiVersion {
+                seen: self.api,
+                required: KVM_API_VERSION,
+            });
+        }
+        let vm_type = |out: &mut Vec<Missing>, vm_type: u32, name| {
+            if c.vm_types < 0 || (c.vm_types >> vm_type) & 1 == 0 {
+                out.push(Missing::VmType {
+                    vm_type,
+                    name,
+                    bitmask: c.vm_types,
+                });
+            }
+        };
+        let need = |out: &mut Vec<Missing>, cap, name, seen: i32, ok: bool, required| {
+            if !ok {
+                out.push(Missing::Capability {
+                    cap,
+                    name,
+                    seen,
+                    required,
+                });
+            }
+        };
+        let sev = |out: &mut Vec<Missing>| {
+            if let Probed::Err { errno } = self.sev_device {
+                out.push(Missing::Device {
+                    path: SEV_DEVICE,
+                    errno,
+                });
+            }
+            if let Probed::Err { errno } = self.sev_vmsa_features {
+                out.push(Missing::SevAttribute { errno });
+            }
+        };
+        match mode {
+            Mode::Snp => {
+                vm_type(&mut out, VM_TYPE_SNP, "KVM_X86_SNP_VM");
+                sev(&mut out);
+                need(
+                    &mut out,
+                    KVM_CAP_GUEST_MEMFD,
+                    "KVM_CAP_GUEST_MEMFD",
+                    c.guest_memfd,
+                    c.guest_memfd > 0,
+                    "a non-zero value",
+                );
+                need(
+                    &mut out,
+                    KVM_CAP_USER_MEMORY2,
+                    "KVM_CAP_USER_MEMORY2",
+                    c.user_memory2,
+                    c.user_memory2 > 0,
+                    "a non-zero value",
+                );
+                need(
+                    &mut out,
+                    KVM_CAP_EXIT_HYPERCALL,
+                    "KVM_CAP_EXIT_HYPERCALL",
+                    c.exit_hypercall,
+                    c.exit_hypercall > 0 && (c.exit_hypercall >> crate::sev::KVM_HC_MAP_GPA_RANGE) & 1 == 1,
+                    "bit 12 (KVM_HC_MAP_GPA_RANGE)",
+                );
+                if let Probed::Err { errno } = self.snp_vm_create {
+                    out.push(Missing::CreateVm {
+                        vm_type: VM_TYPE_SNP,
+                        errno,
+                    });
+                }
+            }
+            Mode::SevEs => {
+                vm_type(&mut out, VM_TYPE_SEV_ES, "KVM_X86_SEV_ES_VM");
+                sev(&mut out);
+            }
+            Mode::VmsaImage => {
+                // Kernels without KVM_CAP_VM_TYPES still have the default type.
+                if c.vm_types > 0 {
+                    vm_type(&mut out, VM_TYPE_DEFAULT, "KVM_X86_DEFAULT_VM");
+                }
+                need(
+                    &mut out,
+                    KVM_CAP_GUEST_MEMFD,
+                    "KVM_CAP_GUEST_MEMFD",
+                    c.guest_memfd,
+                    c.guest_memfd > 0,
+                    "a non-zero value",
+                );
+                let flags = (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i32;
+                need(
+                    &mut out,
+                    KVM_CAP_GUEST_MEMFD_FLAGS,
+                    "KVM_CAP_GUEST_MEMFD_FLAGS",
+                    c.guest_memfd_flags,
+                    c.guest_memfd_flags >= 0 && c.guest_memfd_flags & flags == flags,
+                    "GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED (0x3)",
+                );
+                need(
+                    &mut out,
+                    KVM_CAP_USER_MEMORY2,
+                    "KVM_CAP_USER_MEMORY2",
+                    c.user_memory2,
+                    c.user_memory2 > 0,
+                    "a non-zero value",
+                );
+                need(
+                    &mut out,
+                    KVM_CAP_X86_USER_SPACE_MSR,
+                    "KVM_CAP_X86_USER_SPACE_MSR",
+                    c.user_space_msr,
+                    c.user_space_msr > 0,
+                    "a non-zero value (the GHCB doorbell is a userspace MSR exit)",
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_like() -> Facts {
+        Facts {
+            api: 12,
+            caps: Capabilities {
+                vm_types: 1,
+                guest_memfd: 1,
+                guest_memfd_flags: 3,
+                user_memory2: 1,
+                memory_attributes: 0,
+                user_space_msr: 1,
+                exit_hypercall: 4096,
+                max_vcpus: 1024,
+            },
+            sev_device: Probed::Err {
+                errno: Errno::new(libc::ENOENT),
+            },
+            sev_vmsa_features: Probed::Err {
+                errno: Errno::new(libc::ENXIO),
+            },
+            snp_vm_create: Probed::Err {
+                errno: Errno::new(libc::EINVAL),
+            },
+        }
+    }
+
+    #[test]
+    fn device_attr_request_number_matches_the_uapi() {
+        // kernel.md §3.1: KVM_GET_DEVICE_ATTR = _IOW(KVMIO, 0xe2, struct kvm_device_attr).
+        assert_eq!(KVM_GET_DEVICE_ATTR(), 0x4018_AEE2);
+        assert_eq!(std::mem::size_of::<kvm_device_attr>(), 24);
+    }
+
+    #[test]
+    fn a_host_without_sev_gets_every_reason() {
+        let modes = host_like().verdicts();
+        let snp = &modes[0];
+        assert_eq!(snp.mode, Mode::Snp);
+        assert!(!snp.supported);
+        assert_eq!(
+            snp.missing,
+            vec![
+                Missing::VmType {
+                    vm_type: 4,
+                    name: "KVM_X86_SNP_VM",
+                    bitmask: 1
+                },
+                Missing::Device {
+                    path: "/dev/sev",
+                    errno: Errno::new(libc::ENOENT)
+                },
+                Missing::SevAttribute {
+                    errno: Errno::new(libc::ENXIO)
+                },
+                Missing::CreateVm {
+                    vm_type: 4,
+                    errno: Errno::new(libc::EINVAL)
+                },
+            ]
+        );
+        assert!(!modes[1].supported);
+        assert!(modes[2].supported, "{:?}", modes[2]);
+        let text = snp.missing[0].to_string();
+        assert_eq!(
+            text,
+            "VM type KVM_X86_SNP_VM (4) is not supported: KVM_CAP_VM_TYPES = 0x1 (DEFAULT)"
+        );
+    }
+
+    #[test]
+    fn snp_host_is_supported_and_vmsa_image_needs_mmap_flags() {
+        let mut f = host_like();
+        f.caps.vm_types = 0b11101;
+        f.sev_device = Probed::Ok { value: "present" };
+        f.sev_vmsa_features = Probed::Ok { value: 0x20 };
+        f.snp_vm_create = Probed::Ok { value: "created" };
+        f.caps.guest_memfd_flags = 0;
+        let modes = f.verdicts();
+        assert!(modes[0].supported, "{:?}", modes[0]);
+        assert!(modes[1].supported);
+        assert!(!modes[2].supported);
+        assert!(matches!(
+            modes[2].missing[0],
+            Missing::Capability {
+                cap: 244,
+                seen: 0,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn vm_type_names_decode_the_bitmask() {
+        assert_eq!(vm_type_names(1), "DEFAULT");
+        assert_eq!(vm_type_names(0b11101), "DEFAULT, SEV, SEV_ES, SNP");
+        assert_eq!(vm_type_names(0), "none");
+        assert_eq!(vm_type_names(-22), "none");
+        assert_eq!(vm_type_names(1 << 7), "type 7");
+    }
+}
