@@ -5,8 +5,8 @@
 //! i.e. the VMSA of vCPU 3) or `rmp_make_shared:1=FAIL_INUSE`. `N` counts from 1 over the
 //! machine's lifetime, per operation (or per operation and page type when one is given). The
 //! code must be one the operation can return: a firmware status (`SEV_RET_*` name) for
-//! firmware commands, an RMP return code (`FAIL_*`) for RMP instructions, `ENOMEM` for page
-//! allocation, `GP` (the #GP of the VM_PAGE_FLUSH MSR write) for page flushes, `RMP_FAULT` for
+//! firmware commands, an RMP return code (`FAIL_*`) for RMP instructions, `ENOMEM` (or `ALIGNED_2M`:
+//! hand out a 2 MiB-aligned frame) for page allocation, `GP` (the #GP of the VM_PAGE_FLUSH MSR write) for page flushes, `RMP_FAULT` for
 //! host writes and host reads (a read faults only when injected), `UNBACKED` for
 //! guest_memfd lookups and `VMEXIT_INVALID` for VMRUN. An injected failure has no effect on
 //! the machine, exactly like a real failure of the same code.
@@ -99,7 +99,7 @@ enum CodeClass {
 impl CodeClass {
     fn expected(self) -> &'static str {
         match self {
-            Self::Alloc => "ENOMEM",
+            Self::Alloc => "ENOMEM or ALIGNED_2M",
             Self::HostAccess => "RMP_FAULT",
             Self::Rmp => {
                 "an RMP return code (FAIL_INPUT, FAIL_PERMISSION, FAIL_INUSE, FAIL_OVERLAP, FAIL_SIZEMISMATCH, FAIL_BADADDR)"
@@ -123,6 +123,9 @@ pub enum FaultCode {
     Rmp(RmpRet),
     /// The allocator has no memory.
     NoMemory,
+    /// The allocator returns a 2 MiB-aligned frame (legal for it; vmsa-core must refuse it
+    /// for a VMSA, AMD erratum 1467).
+    Aligned2M,
     /// The VM_PAGE_FLUSH MSR write raised #GP.
     GeneralProtection,
     /// The host access took an RMP #PF.
@@ -139,6 +142,7 @@ impl std::fmt::Display for FaultCode {
             Self::Firmware(s) => s.fmt(f),
             Self::Rmp(r) => r.fmt(f),
             Self::NoMemory => f.write_str("ENOMEM"),
+            Self::Aligned2M => f.write_str("ALIGNED_2M"),
             Self::GeneralProtection => f.write_str("GP"),
             Self::RmpFault => f.write_str("RMP_FAULT"),
             Self::Unbacked => f.write_str("UNBACKED"),
@@ -236,7 +240,11 @@ impl FromStr for FaultRule {
         let code = match class {
             CodeClass::Firmware => SevStatus::from_name(code_s).map(FaultCode::Firmware),
             CodeClass::Rmp => RmpRet::from_name(code_s).map(FaultCode::Rmp),
-            CodeClass::Alloc => (code_s == "ENOMEM").then_some(FaultCode::NoMemory),
+            CodeClass::Alloc => match code_s {
+                "ENOMEM" => Some(FaultCode::NoMemory),
+                "ALIGNED_2M" => Some(FaultCode::Aligned2M),
+                _ => None,
+            },
             CodeClass::Flush => (code_s == "GP").then_some(FaultCode::GeneralProtection),
             CodeClass::HostAccess => (code_s == "RMP_FAULT").then_some(FaultCode::RmpFault),
             CodeClass::Gmem => (code_s == "UNBACKED").then_some(FaultCode::Unbacked),

@@ -49,6 +49,10 @@ pub mod trace;
 pub use cost::{CostModel, CostOp, CostReport};
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
 pub use firmware::{LaunchDigest, PageState, SevStatus};
+pub use guest::{
+    GuestAction, GuestConfig, GuestScript, RunReport, Runner, ScriptError, ScriptReport, run_guest,
+    run_script,
+};
 
 pub use machine::{DestroyReport, Footprint, Machine, MachineConfig, SimError, Stats};
 pub use platform::{SimPage, SimPlatform};

@@ -403,10 +403,11 @@ impl Hw {
     // ---- host memory ----
 
     pub fn alloc_page(&mut self) -> Result<Pfn, SimError> {
-        if self.inject(FaultOp::AllocPage, None).is_some() {
-            return Err(SimError::InjectedNoMemory);
-        }
-        let pfn = self.mem.alloc()?;
+        let pfn = match self.inject(FaultOp::AllocPage, None) {
+            Some(FaultCode::Aligned2M) => self.mem.alloc_2m_aligned()?,
+            Some(_) => return Err(SimError::InjectedNoMemory),
+            None => self.mem.alloc()?,
+        };
         self.charge(CostOp::PageAlloc, 0, || format!("pfn {pfn}"));
         Ok(pfn)
     }

@@ -58,6 +58,7 @@ pub struct HostMemory {
     data: HashMap<u64, Box<PageBuf>>,
     peak_allocated: usize,
     peak_data: usize,
+    aligned_top: Option<u64>,
 }
 
 impl HostMemory {
@@ -73,6 +74,7 @@ impl HostMemory {
             data: HashMap::new(),
             peak_allocated: 0,
             peak_data: 0,
+            aligned_top: None,
         }
     }
 
@@ -108,7 +110,7 @@ impl HostMemory {
     pub fn alloc(&mut self) -> Result<Pfn, MemError> {
         let pfn = match self.free.pop() {
             Some(p) => p,
-            None if self.next < self.end => {
+            None if self.next < self.aligned_top.unwrap_or(self.end) => {
                 self.next += 1;
                 self.next - 1
             }
@@ -118,6 +120,23 @@ impl HostMemory {
                 });
             }
         };
+        self.data.remove(&pfn);
+        self.allocated.insert(pfn);
+        self.peak_allocated = self.peak_allocated.max(self.allocated.len());
+        Ok(Pfn(pfn))
+    }
+
+    /// Allocate a 2 MiB-aligned frame (what a buddy allocator returns when it splits a fresh
+    /// 2 MiB block), taken from the top of DRAM downwards.
+    pub fn alloc_2m_aligned(&mut self) -> Result<Pfn, MemError> {
+        let top = self.aligned_top.unwrap_or(self.end) & !511;
+        let pfn = top.checked_sub(512).filter(|&p| p >= self.next.max(self.first));
+        let Some(pfn) = pfn.filter(|p| !self.allocated.contains(p) && !self.leaked.contains(p)) else {
+            return Err(MemError::OutOfMemory {
+                frames: self.end - self.first,
+            });
+        };
+        self.aligned_top = Some(pfn);
         self.data.remove(&pfn);
         self.allocated.insert(pfn);
         self.peak_allocated = self.peak_allocated.max(self.allocated.len());
@@ -333,6 +352,11 @@ mod tests {
         m.alloc().unwrap();
         m.alloc().unwrap();
         assert!(matches!(m.alloc(), Err(MemError::OutOfMemory { frames: 4 })));
+        let mut big = HostMemory::new(DEFAULT_FIRST_PFN, 8 << 20);
+        let a = big.alloc_2m_aligned().unwrap();
+        let b = big.alloc_2m_aligned().unwrap();
+        assert!(a.is_2m_aligned() && b.is_2m_aligned() && a != b);
+        assert_eq!(a.0, DEFAULT_FIRST_PFN + 3 * 512);
         assert!(matches!(
             m.write(Pfn(1), &[0; 4096]),
             Err(MemError::OutOfRange { .. })
