@@ -175,6 +175,15 @@ pub enum SimError {
         /// The check that failed.
         check: &'static str,
     },
+    /// A shared (C=0) access to a frame whose attribute is private (KVM exits with
+    /// `KVM_EXIT_MEMORY_FAULT` for an implicit conversion, which this machine refuses).
+    #[error("guest ASID {asid}: shared access to GPA {gpa}, which is private")]
+    PrivateMemory {
+        /// The guest.
+        asid: u32,
+        /// The address.
+        gpa: Gpa,
+    },
     /// A private access to a frame the guest made shared (KVM exits with
     /// `KVM_EXIT_MEMORY_FAULT`).
     #[error("guest ASID {asid}: private access to GPA {gpa}, which is shared")]
@@ -710,6 +719,9 @@ impl Hw {
         let g = &self.slot(asid)?.gmem;
         if !g.in_slot(gfn) {
             return Err(SimError::NotInSlot { gpa, asid });
+        }
+        if !g.is_shared(gfn) {
+            return Err(SimError::PrivateMemory { asid, gpa });
         }
         let pfn = match g.shared_pfn(gfn) {
             Some(p) => p,

@@ -529,7 +529,7 @@ impl Rmp {
         if vmpl != 0 {
             return Err(RmpRet::FailPermission.into());
         }
-        if size == PageSize::Size2M && (!gpa.is_2m_aligned() || !pfn.is_2m_aligned()) {
+        if size == PageSize::Size2M && !gpa.is_2m_aligned() {
             return Err(RmpRet::FailInput.into());
         }
         let e = self.owned_by(asid, gpa, pfn)?;
@@ -563,7 +563,7 @@ impl Rmp {
         if target_vmpl <= vmpl {
             return Err(RmpRet::FailPermission.into());
         }
-        if size == PageSize::Size2M && (!gpa.is_2m_aligned() || !pfn.is_2m_aligned()) {
+        if size == PageSize::Size2M && !gpa.is_2m_aligned() {
             return Err(RmpRet::FailInput.into());
         }
         let e = self.owned_by(asid, gpa, pfn)?;
@@ -772,7 +772,8 @@ mod tests {
         );
         assert_eq!(
             r.pvalidate(1, 0, Gpa(0x60_1000), Pfn(small.0 + 1), PageSize::Size2M, true),
-            Err(RmpRet::FailInput.into())
+            Err(RmpRet::FailInput.into()),
+            "a 2 MiB request needs a 2 MiB-aligned address"
         );
     }
 
