@@ -46,6 +46,10 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("vmm: a subcommand is required (measure); see 'vmm --help'");
+            return ExitCode::from(EXIT_USAGE);
+        }
         Err(e) => {
             eprintln!("vmm: {}", one_line(&e));
             return ExitCode::from(EXIT_USAGE);

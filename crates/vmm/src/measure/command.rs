@@ -30,7 +30,7 @@ pub struct MeasureArgs {
     #[arg(long, value_name = "OVMF.fd")]
     pub firmware: PathBuf,
     /// Number of vCPUs (1 to 512); each adds a launch VMSA.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub vcpus: VcpuCount,
     /// QEMU vCPU model (EPYC, EPYC-v1..v4, EPYC-IBPB, EPYC-Rome[-v1..v3], EPYC-Milan[-v1,v2],
     /// EPYC-Genoa[-v1], EPYC-Turin); required with --vmm-type qemu.

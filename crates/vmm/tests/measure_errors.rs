@@ -1,0 +1,379 @@
+//! `vmm measure` refusals through the real binary: every bad argument or input file ends with
+//! exit code 2, nothing on stdout, one line on stderr that names the input and the rule, and
+//! nothing left behind on disk.
+
+mod measure_support;
+
+use std::path::{Path, PathBuf};
+
+use measure_support::*;
+
+/// Run `vmm measure ARGS` and check the refusal shape; return the stderr line.
+#[track_caller]
+fn refused(args: &[&str], must_contain: &[&str]) -> String {
+    let mut full = vec!["measure"];
+    full.extend_from_slice(args);
+    let out = vmm(&full);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{args:?}: exit {:?}, stderr {err}",
+        out.status.code()
+    );
+    assert!(out.stdout.is_empty(), "{args:?}: stdout {:?}", stdout(&out));
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{args:?}: stderr must be one line: {err:?}"
+    );
+    assert!(err.ends_with('\n'));
+    for s in must_contain {
+        assert!(err.contains(s), "{args:?}: {err:?} lacks {s:?}");
+    }
+    err
+}
+
+fn ok_base() -> Vec<&'static str> {
+    vec![
+        "--firmware",
+        DEBIAN_OVMF,
+        "--vcpus",
+        "2",
+        "--vcpu-type",
+        "EPYC-v4",
+    ]
+}
+
+fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = ok_base();
+    a.extend_from_slice(extra);
+    a
+}
+
+fn ls(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn the_good_base_invocation_works() {
+    let out = vmm(["measure"].into_iter().chain(ok_base()));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_vcpu_types_list_the_known_ones() {
+    let e = refused(
+        &[
+            "--firmware",
+            DEBIAN_OVMF,
+            "--vcpus",
+            "2",
+            "--vcpu-type",
+            "EPYC-Foo",
+        ],
+        &["--vcpu-type", "EPYC-Foo", "unknown vCPU type"],
+    );
+    for t in vmm::measure::vcpu_types::VCPU_TYPES {
+        assert!(e.contains(t.name), "{e} lacks {}", t.name);
+    }
+    refused(
+        &["--firmware", DEBIAN_OVMF, "--vcpus", "2", "--vcpu-type", "epyc"],
+        &["'epyc'", "case-sensitive"],
+    );
+    refused(
+        &["--firmware", DEBIAN_OVMF, "--vcpus", "2"],
+        &["--vcpu-type is required with --vmm-type qemu", "RDX"],
+    );
+}
+
+#[test]
+fn vcpu_counts_outside_1_to_512() {
+    for n in ["0", "513", "4096", "-1", "two", ""] {
+        refused(
+            &["--firmware", DEBIAN_OVMF, "--vcpus", n, "--vcpu-type", "EPYC"],
+            &["--vcpus", &format!("'{n}'"), "from 1 to 512"],
+        );
+    }
+    refused(&["--firmware", DEBIAN_OVMF, "--vcpu-type", "EPYC"], &["--vcpus"]);
+}
+
+#[test]
+fn bad_hex_and_impossible_features() {
+    for v in ["zz", "0x", "0x1_0", "12345678901234567"] {
+        refused(
+            &with(&["--guest-features", v]),
+            &["--guest-features", &format!("'{v}'"), "hex"],
+        );
+    }
+    refused(
+        &with(&["--guest-features", "0x20"]),
+        &["--guest-features", "0x20", "SNP_ACTIVE"],
+    );
+    refused(
+        &with(&["--vmm-type", "xen"]),
+        &["--vmm-type", "'xen'", "qemu, ec2, gce"],
+    );
+    refused(&with(&["--bogus"]), &["--bogus"]);
+}
+
+#[test]
+fn snp_only_options_with_sev_es() {
+    refused(
+        &with(&["--sev-es", "--guest-features", "0x21"]),
+        &["--guest-features 0x21", "SEV-SNP launches only", "--sev-es"],
+    );
+}
+
+#[test]
+fn unreadable_missing_and_non_sev_firmware() {
+    let dir = scratch("fw");
+    let missing = dir.join("nope.fd");
+    refused(
+        &["--firmware", &s(&missing), "--vcpus", "1", "--vcpu-type", "EPYC"],
+        &["--firmware", &s(&missing), "cannot read"],
+    );
+    refused(
+        &["--firmware", &s(&dir), "--vcpus", "1", "--vcpu-type", "EPYC"],
+        &["--firmware", &s(&dir), "not a regular file"],
+    );
+    // A firmware-sized file without the OVMF footer table: no SEV metadata at all.
+    let zeros = dir.join("zeros.fd");
+    std::fs::write(&zeros, vec![0u8; 64 * 4096]).unwrap();
+    refused(
+        &["--firmware", &s(&zeros), "--vcpus", "1", "--vcpu-type", "EPYC"],
+        &[
+            "--firmware",
+            &s(&zeros),
+            "no OVMF footer table",
+            "no SEV metadata",
+        ],
+    );
+    // Debian's variable store is an OVMF file without any of it too.
+    let vars = "/usr/share/OVMF/OVMF_VARS.fd";
+    if Path::new(vars).exists() {
+        refused(
+            &["--firmware", vars, "--vcpus", "1", "--vcpu-type", "EPYC"],
+            &[vars, "no OVMF footer table"],
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn truncated_and_corrupt_firmware() {
+    let dir = scratch("corrupt");
+    let good = std::fs::read(DEBIAN_OVMF).unwrap();
+    let write = |name: &str, data: &[u8]| -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    };
+    let cases: Vec<(PathBuf, Vec<&str>)> = vec![
+        (
+            write("cut-odd.fd", &good[..good.len() - 100]),
+            vec!["multiple of 4096"],
+        ),
+        (
+            write("cut-half.fd", &good[..good.len() / 2]),
+            vec!["no OVMF footer table"],
+        ),
+        (write("empty.fd", &[]), vec!["is 0 bytes", "non-zero"]),
+        (write("huge.fd", &vec![0; 17 << 20]), vec!["at most 16 MiB"]),
+        (
+            {
+                // The ASEV header's signature, found through the metadata pointer.
+                let mut b = good.clone();
+                let at = b.windows(4).rposition(|w| w == b"ASEV").unwrap();
+                b[at] = b'X';
+                write("bad-sig.fd", &b)
+            },
+            vec!["signature", "ASEV"],
+        ),
+        (
+            {
+                let mut b = good.clone();
+                let at = b.windows(4).rposition(|w| w == b"ASEV").unwrap();
+                b[at + 12..at + 16].copy_from_slice(&1000u32.to_le_bytes());
+                write("bad-count.fd", &b)
+            },
+            vec!["SEV metadata header", "1000 sections"],
+        ),
+        (
+            {
+                // The footer table's size field (48 bytes before the end).
+                let mut b = good.clone();
+                let at = b.len() - 50;
+                b[at..at + 2].copy_from_slice(&5u16.to_le_bytes());
+                write("bad-footer.fd", &b)
+            },
+            vec!["footer table size 5"],
+        ),
+    ];
+    for (path, rules) in &cases {
+        let mut want = vec!["--firmware", path.to_str().unwrap()];
+        want.extend(rules);
+        refused(
+            &[
+                "--firmware",
+                path.to_str().unwrap(),
+                "--vcpus",
+                "2",
+                "--vcpu-type",
+                "EPYC",
+            ],
+            &want,
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn kernel_hashes_need_a_firmware_with_a_place_for_them() {
+    // sev-snp-measure refuses these too (recorded with its message in the fixtures).
+    let refusals = fixtures()["refusals"].as_array().unwrap();
+    assert_eq!(refusals.len(), 4);
+    for c in refusals {
+        assert!(c["tool_error"].as_str().unwrap().contains("Kernel specified"));
+        let args = measure_args(c);
+        let args: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+        let rule = if c["mode"] == "snp" {
+            "SNP_KERNEL_HASHES"
+        } else {
+            "kernel hashes"
+        };
+        refused(&args, &["--firmware", c["firmware"].as_str().unwrap(), rule]);
+    }
+    refused(
+        &with(&["--initrd", "/etc/hostname"]),
+        &["--initrd needs --kernel"],
+    );
+    refused(&with(&["--append", "quiet"]), &["--append needs --kernel"]);
+    let synthetic = fixture_dir().join("synthetic-hashes.fd");
+    let k = fixture_dir().join("kernel.bin");
+    refused(
+        &[
+            "--firmware",
+            &s(&synthetic),
+            "--vcpus",
+            "1",
+            "--vcpu-type",
+            "EPYC",
+            "--kernel",
+            "/nonexistent/bzImage",
+        ],
+        &["--kernel /nonexistent/bzImage", "cannot read"],
+    );
+    refused(
+        &[
+            "--firmware",
+            &s(&synthetic),
+            "--vcpus",
+            "1",
+            "--vcpu-type",
+            "EPYC",
+            "--kernel",
+            &s(&k),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        &["--initrd /nonexistent/initrd", "cannot read"],
+    );
+}
+
+#[test]
+fn dump_vmsa_refuses_to_overwrite_and_leaves_nothing_behind() {
+    let root = scratch("dumpdir");
+    let full = root.join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("vmsa0.bin"), b"mine").unwrap();
+    let file = root.join("file");
+    std::fs::write(&file, b"mine").unwrap();
+    refused(
+        &with(&["--dump-vmsa", &s(&full)]),
+        &["--dump-vmsa", &s(&full), "not empty"],
+    );
+    refused(
+        &with(&["--dump-vmsa", &s(&file)]),
+        &["--dump-vmsa", "not a directory"],
+    );
+    let orphan = root.join("no/such/dir");
+    refused(&with(&["--dump-vmsa", &s(&orphan)]), &["--dump-vmsa", "parent"]);
+    // A bad input with a valid dump directory: the directory is not created.
+    let fresh = root.join("fresh");
+    refused(
+        &[
+            "--firmware",
+            DEBIAN_OVMF,
+            "--vcpus",
+            "2",
+            "--vcpu-type",
+            "EPYC-Foo",
+            "--dump-vmsa",
+            &s(&fresh),
+        ],
+        &["EPYC-Foo"],
+    );
+    let zeros = root.join("zeros.fd");
+    std::fs::write(&zeros, vec![0u8; 4096]).unwrap();
+    refused(
+        &[
+            "--firmware",
+            &s(&zeros),
+            "--vcpus",
+            "2",
+            "--vcpu-type",
+            "EPYC",
+            "--dump-vmsa",
+            &s(&fresh),
+        ],
+        &["no OVMF footer table"],
+    );
+    refused(
+        &[
+            "--firmware",
+            DEBIAN_OVMF,
+            "--vcpus",
+            "2",
+            "--vcpu-type",
+            "EPYC",
+            "--kernel",
+            "/etc/hostname",
+            "--dump-vmsa",
+            &s(&fresh),
+        ],
+        &["SNP_KERNEL_HASHES"],
+    );
+    assert_eq!(ls(&root), ["file", "full", "zeros.fd"]);
+    assert_eq!(ls(&full), ["vmsa0.bin"]);
+    assert_eq!(std::fs::read(full.join("vmsa0.bin")).unwrap(), b"mine");
+    // An empty existing directory is fine.
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = vmm(["measure"].into_iter().chain(with(&["--dump-vmsa", &s(&empty)])));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(ls(&empty), ["vmsa0.bin", "vmsa1.bin"]);
+    assert_eq!(ls(&root), ["empty", "file", "full", "zeros.fd"]);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn usage_errors_are_one_line_too() {
+    for args in [&[][..], &["frobnicate"][..]] {
+        let out = vmm(args);
+        assert_eq!(out.status.code(), Some(2));
+        assert_eq!(stderr(&out).lines().count(), 1, "{args:?}: {}", stderr(&out));
+    }
+    let help = vmm(["measure", "--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(stdout(&help).contains("--dump-vmsa"));
+}

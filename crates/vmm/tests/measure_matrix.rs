@@ -1,0 +1,262 @@
+//! `vmm measure` against sev-snp-measure 0.0.13: every fixture case's digest, the
+//! `--dump-vmsa` files byte for byte, the `--json` document, and the kernel hash tables.
+//! Expected values come only from `tests/fixtures/gen_measure.py` (run `cargo xtask fixtures`).
+
+mod measure_support;
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use measure_support::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use vmm::measure::hashes::SevHashes;
+
+/// Run `f` over `items` on all cores, collecting failure messages.
+fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<(), String> + Sync) -> Vec<String> {
+    let failures = Mutex::new(Vec::new());
+    let next = Mutex::new(0usize);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap();
+                        *n += 1;
+                        *n - 1
+                    };
+                    let Some(item) = items.get(i) else { break };
+                    if let Err(e) = f(item) {
+                        failures.lock().unwrap().push(e);
+                    }
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap()
+}
+
+fn cases() -> &'static [Value] {
+    fixtures()["cases"].as_array().expect("cases")
+}
+
+#[test]
+fn the_matrix_covers_what_the_issue_asks() {
+    let cases = cases();
+    let set = |key: &str| -> BTreeSet<String> { cases.iter().map(|c| c[key].to_string()).collect() };
+    let types = set("vcpu_type");
+    for t in vmm::measure::vcpu_types::VCPU_TYPES {
+        assert!(
+            types.contains(&format!("\"{}\"", t.name)),
+            "no case for {}",
+            t.name
+        );
+    }
+    assert_eq!(set("vmm_type").len(), 3);
+    assert_eq!(set("mode").len(), 2);
+    for n in ["1", "2", "64", "512"] {
+        assert!(set("vcpus").contains(n), "no case with {n} vCPUs");
+    }
+    let fws = set("firmware");
+    assert!(
+        fws.contains(&format!("\"{DEBIAN_OVMF}\"")) && fws.contains(&format!("\"{DEBIAN_OVMF_CODE_4M}\""))
+    );
+    assert!(set("guest_features").len() > 3);
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.get("kernel").is_some() && c["mode"] == "snp")
+    );
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.get("kernel").is_some() && c["mode"] == "sev-es")
+    );
+}
+
+#[test]
+fn every_digest_matches_sev_snp_measure() {
+    // The dump cases are checked (digest included) by `dumped_vmsas_are_byte_identical`.
+    let plain: Vec<&Value> = cases().iter().filter(|c| c["dump"] != true).collect();
+    let failures = parallel(&plain, |c| {
+        let out = vmm(measure_args(c));
+        let text = stdout(&out);
+        let last = text.lines().last().unwrap_or_default();
+        let want = c["digest"].as_str().unwrap();
+        if out.status.code() != Some(0) || last != want {
+            return Err(format!(
+                "case {} {:?}: exit {:?}, last line {last:?}, sev-snp-measure {want}; stderr {}",
+                c["id"],
+                measure_args(c),
+                out.status.code(),
+                stderr(&out)
+            ));
+        }
+        if text
+            .lines()
+            .any(|l| l.len() == want.len() && l.chars().all(|ch| ch.is_ascii_hexdigit()) && l != want)
+        {
+            return Err(format!("case {}: another digest-like line", c["id"]));
+        }
+        Ok(())
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases().len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn dumped_vmsas_are_byte_identical() {
+    let dumps: Vec<&Value> = cases().iter().filter(|c| c["dump"] == true).collect();
+    assert!(dumps.len() >= 10, "the fixtures dump too few cases");
+    let root = scratch("dumps");
+    let failures = parallel(&dumps, |c| {
+        let id = c["id"].as_str().unwrap();
+        let dir = root.join(id);
+        let mut args = measure_args(c);
+        args.extend(["--dump-vmsa".to_owned(), dir.display().to_string()]);
+        let out = vmm(&args);
+        let want_digest = c["digest"].as_str().unwrap();
+        if out.status.code() != Some(0) || stdout(&out).lines().last() != Some(want_digest) {
+            return Err(format!(
+                "case {id}: exit {:?}, stdout {:?}, sev-snp-measure {want_digest}; stderr {}",
+                out.status.code(),
+                stdout(&out),
+                stderr(&out)
+            ));
+        }
+        let want_dir = fixture_dir().join("dumps").join(id);
+        let names = |d: &std::path::Path| -> BTreeSet<String> {
+            std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        };
+        let (have, want) = (names(&dir), names(&want_dir));
+        if have != want {
+            return Err(format!(
+                "case {id}: files {have:?}, sev-snp-measure wrote {want:?}"
+            ));
+        }
+        for name in &want {
+            let a = std::fs::read(dir.join(name)).unwrap();
+            let b = std::fs::read(want_dir.join(name)).unwrap();
+            if a != b {
+                let at = a.iter().zip(&b).position(|(x, y)| x != y);
+                return Err(format!(
+                    "case {id}: {name} differs (first at {at:?}, lengths {} {})",
+                    a.len(),
+                    b.len()
+                ));
+            }
+        }
+        Ok(())
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing but the requested directories was created.
+    let mut left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    let mut want: Vec<String> = dumps
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    want.sort();
+    assert_eq!(left, want);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn json_is_one_document_with_digest_mode_and_inputs() {
+    let pick = |mode: &str, kernel: bool| {
+        cases()
+            .iter()
+            .find(|c| c["mode"] == mode && c.get("kernel").is_some() == kernel && c["vmm_type"] == "ec2")
+            .unwrap()
+    };
+    for c in [
+        pick("snp", false),
+        pick("sev-es", false),
+        pick("snp", true),
+        pick("sev-es", true),
+    ] {
+        let mut args = measure_args(c);
+        args.push("--json".to_owned());
+        let out = vmm(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert_eq!(text.lines().count(), 1, "one JSON line: {text}");
+        let doc: Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(doc["digest"], c["digest"]);
+        assert_eq!(doc["mode"], c["mode"]);
+        let alg = if c["mode"] == "snp" { "sha384" } else { "sha256" };
+        assert_eq!(doc["algorithm"], alg);
+        let inputs = &doc["inputs"];
+        assert_eq!(inputs["vcpus"], c["vcpus"]);
+        assert_eq!(inputs["vmm_type"], c["vmm_type"]);
+        assert_eq!(inputs["vcpu_type"], c["vcpu_type"]);
+        assert_eq!(
+            inputs["firmware"].as_str().unwrap(),
+            fixture_path(c["firmware"].as_str().unwrap())
+                .display()
+                .to_string()
+        );
+        if c["mode"] == "snp" {
+            assert_eq!(inputs["guest_features"], c["guest_features"]);
+        }
+        assert_eq!(inputs["append"], c.get("append").cloned().unwrap_or(Value::Null));
+        assert_eq!(doc["pages"]["vmsa"], c["vcpus"]);
+        assert!(doc["warnings"].as_array().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn snp_with_a_firmware_without_metadata_warns_on_stderr_but_matches() {
+    let c = cases()
+        .iter()
+        .find(|c| c["firmware"] == DEBIAN_OVMF_CODE_4M && c["mode"] == "snp")
+        .unwrap();
+    let out = vmm(measure_args(c));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        stdout(&out).lines().last().unwrap(),
+        c["digest"].as_str().unwrap()
+    );
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("no SEV metadata"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hash_tables_match_sev_snp_measures_sev_hashes() {
+    let tables = fixtures()["hash_tables"].as_array().unwrap();
+    assert!(!tables.is_empty());
+    for t in tables {
+        let path = |k: &str| t[k].as_str().map(fixture_path);
+        let h = SevHashes::from_files(
+            &path("kernel").unwrap(),
+            path("initrd").as_deref(),
+            t["append"].as_str(),
+        )
+        .unwrap();
+        assert_eq!(hex(&h.table()), t["table"].as_str().unwrap(), "{t}");
+        for (off, sha) in t["pages"].as_object().unwrap() {
+            let page = h.page(off.parse().unwrap()).unwrap();
+            assert_eq!(
+                hex(&Sha256::digest(&page[..])),
+                sha.as_str().unwrap(),
+                "{t} @{off}"
+            );
+        }
+    }
+}

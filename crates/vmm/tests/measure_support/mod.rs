@@ -1,0 +1,131 @@
+//! Shared helpers for the `vmm measure` tests: the fixtures sev-snp-measure generated
+//! (`cargo xtask fixtures`) and a way to run the real binary.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Debian's OVMF builds the fixtures were generated with (`apt-get install ovmf`).
+pub const DEBIAN_OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// Debian's 4 MiB code-only OVMF build.
+pub const DEBIAN_OVMF_CODE_4M: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
+/// `target/fixtures/measure` of the workspace.
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fixtures/measure")
+}
+
+/// The parsed `cases.json`, after checking that the fixtures and the firmware they were made
+/// from are present and unchanged.
+pub fn fixtures() -> &'static Value {
+    static DOC: OnceLock<Value> = OnceLock::new();
+    DOC.get_or_init(|| {
+        for fw in [DEBIAN_OVMF, DEBIAN_OVMF_CODE_4M] {
+            assert!(
+                Path::new(fw).exists(),
+                "{fw} is missing: install Debian's OVMF (apt-get install ovmf); CI's .ci/run does"
+            );
+        }
+        let path = fixture_dir().join("cases.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: generate the sev-snp-measure fixtures with `cargo xtask fixtures`",
+                path.display()
+            )
+        });
+        let doc: Value = serde_json::from_str(&text).expect("cases.json is JSON");
+        for (fw, sha) in doc["firmware_sha256"].as_object().expect("firmware_sha256") {
+            let have = hex(&Sha256::digest(std::fs::read(fw).expect("firmware readable")));
+            assert_eq!(
+                have,
+                sha.as_str().unwrap(),
+                "{fw} changed since the fixtures were generated: rerun `cargo xtask fixtures`"
+            );
+        }
+        doc
+    })
+}
+
+/// Lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A fixture path: absolute paths are system files, others live in the fixture directory.
+pub fn fixture_path(p: &str) -> PathBuf {
+    if p.starts_with('/') {
+        PathBuf::from(p)
+    } else {
+        fixture_dir().join(p)
+    }
+}
+
+/// The `vmm measure` arguments for a fixture case.
+pub fn measure_args(case: &Value) -> Vec<String> {
+    let mut a = vec![
+        "measure".to_owned(),
+        "--firmware".to_owned(),
+        fixture_path(case["firmware"].as_str().unwrap())
+            .display()
+            .to_string(),
+        "--vcpus".to_owned(),
+        case["vcpus"].to_string(),
+        "--vmm-type".to_owned(),
+        case["vmm_type"].as_str().unwrap().to_owned(),
+    ];
+    if let Some(t) = case["vcpu_type"].as_str() {
+        a.extend(["--vcpu-type".to_owned(), t.to_owned()]);
+    }
+    match case["mode"].as_str().unwrap() {
+        "snp" => a.extend([
+            "--guest-features".to_owned(),
+            case["guest_features"].as_str().unwrap().to_owned(),
+        ]),
+        "sev-es" => a.push("--sev-es".to_owned()),
+        m => panic!("mode {m}"),
+    }
+    for opt in ["kernel", "initrd"] {
+        if let Some(p) = case.get(opt).and_then(Value::as_str) {
+            a.extend([format!("--{opt}"), fixture_path(p).display().to_string()]);
+        }
+    }
+    if let Some(s) = case.get("append").and_then(Value::as_str) {
+        a.extend(["--append".to_owned(), s.to_owned()]);
+    }
+    a
+}
+
+/// Run the real `vmm` binary.
+pub fn vmm<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .output()
+        .expect("the vmm binary runs")
+}
+
+/// Stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
+}
+
+/// Stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).expect("stderr is UTF-8")
+}
+
+/// A fresh scratch directory under the target directory's tmp.
+pub fn scratch(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("measure-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
