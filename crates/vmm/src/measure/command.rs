@@ -54,7 +54,7 @@ pub struct MeasureArgs {
     /// Kernel command line for a direct boot (needs --kernel).
     #[arg(long, value_name = "CMDLINE")]
     pub append: Option<String>,
-    /// Write the launch VMSAs as DIR/vmsa<N>.bin (DIR must not exist or be empty).
+    /// Write the launch VMSAs as DIR/vmsa0.bin, vmsa1.bin, ... (DIR must not exist or be empty).
     #[arg(long, value_name = "DIR")]
     pub dump_vmsa: Option<PathBuf>,
     /// Print one JSON document instead of text.

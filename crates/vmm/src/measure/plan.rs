@@ -443,12 +443,26 @@ fn snp_metadata_steps(
         return Err(PlanError::NoKernelHashesSection);
     }
     let mut cpuid_last = Vec::new();
+    // Guest ranges already added (the firmware first): KVM adds each guest page to an SNP
+    // launch once (`snp_launch_update` populates only pages still shared).
+    let mut taken = vec![(ovmf.gpa(), FOUR_GIB)];
     for (index, s) in ovmf.metadata_sections().iter().enumerate() {
         let section = s.section_type().ok_or(PlanError::UnknownSection {
             index,
             raw_type: s.raw_type,
         })?;
         let len = section_len(index, section, s.gpa, s.size)?;
+        let range = (u64::from(s.gpa), u64::from(s.gpa) + len);
+        if taken.iter().any(|&(a, b)| range.0 < b && a < range.1) {
+            return Err(PlanError::Section {
+                index,
+                section,
+                gpa: s.gpa,
+                size: s.size,
+                rule: "overlaps the firmware image or an earlier section; a guest page joins an SNP launch once",
+            });
+        }
+        taken.push(range);
         let zeros = || Some(vec![0u8; len as usize]);
         let (page_type, contents) = match section {
             SectionType::SnpSecMem => match vmm.sec_mem_page_type() {
@@ -711,6 +725,8 @@ mod tests {
             (&[(0x1000, 0x2000, 2)][..], "exactly one page"),
             (&[(0x1000, 0x2000, 3)][..], "exactly one page"),
             (&[(0xffff_f000, 0x2000, 1)][..], "4 GiB"),
+            (&[(0xffff_e000, 0x1000, 1)][..], "overlaps the firmware"),
+            (&[(0x1000, 0x3000, 1), (0x3000, 0x1000, 3)][..], "overlaps"),
         ] {
             match build(sections, 4) {
                 Err(PlanError::Section { rule: r, .. }) => assert!(r.contains(rule), "{r} / {rule}"),
