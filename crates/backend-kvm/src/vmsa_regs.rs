@@ -1,7 +1,9 @@
 //! A VMSA image ([`SevEsSaveArea`]) ↔ a KVM vCPU's register state.
 //!
-//! [`load`] starts a vCPU from an image with `KVM_SET_SREGS`, `KVM_SET_REGS`, `KVM_SET_FPU`,
-//! `KVM_SET_XSAVE` (upper YMM halves), `KVM_SET_XCRS`, `KVM_SET_MSRS` and `KVM_SET_DEBUGREGS`;
+//! [`load`] starts a vCPU from an image with `KVM_SET_SREGS`, `KVM_SET_REGS`, `KVM_SET_XCRS`,
+//! `KVM_SET_XSAVE` (the FPU state: x87, SSE, MXCSR and the upper YMM halves — not
+//! `KVM_SET_FPU`, which ignores MXCSR and leaves XSTATE_BV unchanged, so the state would not
+//! survive a later XSAVE), `KVM_SET_MSRS` and `KVM_SET_DEBUGREGS`;
 //! [`capture`] is the reverse (the `sev_es_sync_vmsa` of this backend), overwriting only the
 //! fields KVM holds and keeping the others from a base image. The translation itself is pure
 //! ([`KvmState::from_image`], [`KvmState::store`]) and unit-tested; the round trip through real
@@ -42,6 +44,10 @@ pub const EFER_SVME: u64 = 1 << 12;
 pub const V_TPR_MASK: u64 = 0x0f;
 /// `XFEATURE_MASK_YMM`.
 const XCR0_YMM: u64 = 1 << 2;
+/// Offset of MXCSR in the XSAVE legacy region.
+const XSAVE_MXCSR: usize = 24;
+/// XSTATE_BV bits of the legacy region (x87 and SSE, which covers MXCSR).
+const XSTATE_FP_SSE: u8 = 0b11;
 /// Offset of XSTATE_BV in the (standard-format) XSAVE area.
 const XSAVE_XSTATE_BV: usize = 512;
 /// Offset of the YMM_Hi128 component in the standard-format XSAVE area (CPUID 0xD.2 EBX).
@@ -108,7 +114,7 @@ pub struct KvmState {
     pub regs: kvm_regs,
     /// `KVM_{GET,SET}_SREGS`.
     pub sregs: kvm_sregs,
-    /// `KVM_{GET,SET}_FPU`.
+    /// The x87/SSE state in `kvm_fpu` form (moved through the XSAVE legacy region).
     pub fpu: kvm_fpu,
     /// XCR0.
     pub xcr0: u64,
@@ -459,17 +465,20 @@ pub fn load(vcpu: &VcpuFd, img: &SevEsSaveArea) -> Result<LoadReport, RegsError>
     let st = KvmState::from_image(img, &current)?;
     vcpu.set_sregs(&st.sregs).ioctl("KVM_SET_SREGS")?;
     vcpu.set_regs(&st.regs).ioctl("KVM_SET_REGS")?;
-    vcpu.set_fpu(&st.fpu).ioctl("KVM_SET_FPU")?;
     set_xcr0(vcpu, st.xcr0)?;
+    // x87/SSE state goes through the XSAVE image, not KVM_SET_FPU: KVM_SET_FPU ignores MXCSR
+    // and leaves XSTATE_BV alone, so KVM_GET_XSAVE would later report the init state.
+    let mut xsave = vcpu.get_xsave().ioctl("KVM_GET_XSAVE")?;
+    let bytes = xsave_bytes_mut(&mut xsave.region);
+    write_legacy(&st.fpu, bytes);
+    bytes[XSAVE_XSTATE_BV] |= XSTATE_FP_SSE;
     if st.xcr0 & XCR0_YMM != 0 {
-        let mut xsave = vcpu.get_xsave().ioctl("KVM_GET_XSAVE")?;
-        let bytes = xsave_bytes_mut(&mut xsave.region);
         bytes[XSAVE_YMM_HI..XSAVE_YMM_HI + 256].copy_from_slice(&st.ymm_hi);
         bytes[XSAVE_XSTATE_BV] |= XCR0_YMM as u8;
-        // SAFETY: `xsave` is the 4096-byte legacy `kvm_xsave` just read from this vCPU; the
-        // kernel reads exactly that struct (no trailing FAM data is used by KVM_SET_XSAVE).
-        unsafe { vcpu.set_xsave(&xsave) }.ioctl("KVM_SET_XSAVE")?;
     }
+    // SAFETY: `xsave` is the 4096-byte legacy `kvm_xsave` just read from this vCPU; the
+    // kernel reads exactly that struct (no trailing FAM data is used by KVM_SET_XSAVE).
+    unsafe { vcpu.set_xsave(&xsave) }.ioctl("KVM_SET_XSAVE")?;
     let msrs = msr_list(Some(&st.msrs))?;
     let done = vcpu.set_msrs(&msrs).ioctl("KVM_SET_MSRS")?;
     if done != VMSA_MSRS.len() {
@@ -479,6 +488,51 @@ pub fn load(vcpu: &VcpuFd, img: &SevEsSaveArea) -> Result<LoadReport, RegsError>
     Ok(LoadReport {
         not_loaded: unloadable_fields(img),
     })
+}
+
+/// Store `fpu` in the legacy (FXSAVE) region of an XSAVE image, keeping MXCSR_MASK.
+fn write_legacy(fpu: &kvm_fpu, b: &mut [u8]) {
+    b[0..2].copy_from_slice(&fpu.fcw.to_le_bytes());
+    b[2..4].copy_from_slice(&fpu.fsw.to_le_bytes());
+    b[4] = fpu.ftwx;
+    b[5] = 0;
+    b[6..8].copy_from_slice(&fpu.last_opcode.to_le_bytes());
+    b[8..16].copy_from_slice(&fpu.last_ip.to_le_bytes());
+    b[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
+    b[XSAVE_MXCSR..XSAVE_MXCSR + 4].copy_from_slice(&fpu.mxcsr.to_le_bytes());
+    for (i, st) in fpu.fpr.iter().enumerate() {
+        b[32 + i * 16..48 + i * 16].copy_from_slice(st);
+    }
+    for (i, x) in fpu.xmm.iter().enumerate() {
+        b[160 + i * 16..176 + i * 16].copy_from_slice(x);
+    }
+}
+
+/// The x87/SSE state in the legacy region of an XSAVE image.
+fn read_legacy(b: &[u8]) -> kvm_fpu {
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |o: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(v)
+    };
+    let mut fpu = kvm_fpu {
+        fcw: u16_at(0),
+        fsw: u16_at(2),
+        ftwx: b[4],
+        last_opcode: u16_at(6),
+        last_ip: u64_at(8),
+        last_dp: u64_at(16),
+        mxcsr: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
+        ..Default::default()
+    };
+    for (i, st) in fpu.fpr.iter_mut().enumerate() {
+        st.copy_from_slice(&b[32 + i * 16..48 + i * 16]);
+    }
+    for (i, x) in fpu.xmm.iter_mut().enumerate() {
+        x.copy_from_slice(&b[160 + i * 16..176 + i * 16]);
+    }
+    fpu
 }
 
 /// A `kvm_xsave` region viewed as its 4096 bytes.
@@ -493,15 +547,14 @@ fn xsave_bytes_mut(region: &mut [u32; 1024]) -> &mut [u8] {
 pub fn read_state(vcpu: &VcpuFd) -> Result<KvmState, RegsError> {
     let regs = vcpu.get_regs().ioctl("KVM_GET_REGS")?;
     let sregs = vcpu.get_sregs().ioctl("KVM_GET_SREGS")?;
-    let fpu = vcpu.get_fpu().ioctl("KVM_GET_FPU")?;
     let xcr0 = get_xcr0(vcpu)?;
     let mut ymm_hi = [0u8; 256];
-    if xcr0 & XCR0_YMM != 0 {
-        let mut xsave = vcpu.get_xsave().ioctl("KVM_GET_XSAVE")?;
-        let bytes = xsave_bytes_mut(&mut xsave.region);
-        if bytes[XSAVE_XSTATE_BV] & XCR0_YMM as u8 != 0 {
-            ymm_hi.copy_from_slice(&bytes[XSAVE_YMM_HI..XSAVE_YMM_HI + 256]);
-        }
+    let mut xsave = vcpu.get_xsave().ioctl("KVM_GET_XSAVE")?;
+    let bytes = xsave_bytes_mut(&mut xsave.region);
+    // KVM expands components in their init state, so the legacy region is always meaningful.
+    let fpu = read_legacy(bytes);
+    if xcr0 & XCR0_YMM != 0 && bytes[XSAVE_XSTATE_BV] & XCR0_YMM as u8 != 0 {
+        ymm_hi.copy_from_slice(&bytes[XSAVE_YMM_HI..XSAVE_YMM_HI + 256]);
     }
     let mut msrs = msr_list(None)?;
     let done = vcpu.get_msrs(&mut msrs).ioctl("KVM_GET_MSRS")?;

@@ -1,0 +1,126 @@
+//! The probe on the real host, and SNP mode's refusal where the probe says no.
+
+mod common;
+
+use backend_kvm::probe::{Missing, Probed};
+use backend_kvm::runner::{self, ModeChoice, RunConfig, RunError};
+use backend_kvm::{Mode, probe};
+
+/// Whether the host CPU advertises SVM (no SVM, no SEV of any kind).
+fn host_has_svm() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn the_probe_reports_what_this_host_has() {
+    if !common::kvm_or_skip("the_probe_reports_what_this_host_has") {
+        return;
+    }
+    let r = probe();
+    println!("{r}");
+    assert_eq!(r.api_version, Probed::Ok { value: 12 });
+    // The report agrees with the device nodes as the file system shows them.
+    let sev_present = std::path::Path::new("/dev/sev").exists();
+    assert_eq!(matches!(r.sev_device, Probed::Ok { .. }), sev_present);
+    // The control attribute proves the system-fd device-attribute ioctl works at all.
+    assert!(
+        matches!(r.xcomp_guest_supp, Probed::Ok { .. }),
+        "{:?}",
+        r.xcomp_guest_supp
+    );
+    // Consistency of the verdict with the raw facts.
+    assert_eq!(
+        r.supports(Mode::Snp),
+        r.caps.vm_types >= 0 && r.caps.vm_types & (1 << 4) != 0 && r.missing(Mode::Snp).is_empty()
+    );
+    assert!(r.supports(Mode::VmsaImage), "{:?}", r.missing(Mode::VmsaImage));
+    assert_eq!(
+        r.best_mode(),
+        Some(if r.supports(Mode::Snp) {
+            Mode::Snp
+        } else {
+            Mode::VmsaImage
+        })
+    );
+
+    if !host_has_svm() {
+        // This project's machines: no SVM, so the exact answer is known (kvm-host.md §1).
+        assert_eq!(r.caps.vm_types, 1, "only KVM_X86_DEFAULT_VM");
+        assert!(!r.supports(Mode::Snp) && !r.supports(Mode::SevEs));
+        let snp = r.missing(Mode::Snp);
+        assert!(snp.contains(&Missing::VmType {
+            vm_type: 4,
+            name: "KVM_X86_SNP_VM",
+            bitmask: 1
+        }));
+        assert!(
+            snp.iter().any(
+                |m| matches!(m, Missing::Device { path: "/dev/sev", errno } if errno.code == libc::ENOENT)
+            )
+        );
+        assert!(
+            snp.iter()
+                .any(|m| matches!(m, Missing::SevAttribute { errno } if errno.code == libc::ENXIO))
+        );
+        assert!(
+            snp.iter()
+                .any(|m| matches!(m, Missing::CreateVm { vm_type: 4, errno } if errno.code == libc::EINVAL))
+        );
+        let text = r.to_string();
+        assert!(text.contains("KVM_CAP_VM_TYPES = 0x1 (DEFAULT)"), "{text}");
+        assert!(text.contains("ENXIO"), "{text}");
+        assert!(text.contains("A run uses VMSA-image mode."), "{text}");
+        // The VMSA-image prerequisites are there: guest_memfd with MMAP | INIT_SHARED.
+        assert_eq!(r.caps.guest_memfd_flags & 3, 3);
+    }
+
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["api_version"]["value"], 12);
+    assert_eq!(json["modes"][0]["mode"], "Snp");
+    assert_eq!(json["modes"][2]["mode"], "VmsaImage");
+    assert_eq!(json["modes"][2]["supported"], true);
+    if !host_has_svm() {
+        assert_eq!(json["sev_vmsa_features"]["errno"]["name"], "ENXIO");
+        assert_eq!(json["modes"][0]["missing"][0]["missing"], "vm_type");
+        assert_eq!(json["modes"][0]["missing"][0]["bitmask"], 1);
+    }
+}
+
+#[test]
+fn snp_mode_stops_at_the_probe_with_its_reasons() {
+    let host = probe();
+    if host.supports(Mode::Snp) {
+        eprintln!("skipped: this host has SNP; the refusal path does not apply");
+        return;
+    }
+    let cfg = RunConfig {
+        mode: ModeChoice::Snp,
+        ..RunConfig::ap_creation(2)
+    };
+    let err = runner::run_with_probe(&cfg, &host).unwrap_err();
+    match &err {
+        RunError::Unsupported { mode, missing } => {
+            assert_eq!(*mode, Mode::Snp);
+            assert_eq!(missing.as_slice(), host.missing(Mode::Snp));
+            assert!(!missing.is_empty());
+        }
+        other => panic!("expected the probe's refusal, got {other}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.starts_with("SEV-SNP mode is not available on this host: "),
+        "{text}"
+    );
+    // The reason is the probe's, with the value seen, never a bare errno from an SEV ioctl.
+    for m in host.missing(Mode::Snp) {
+        assert!(text.contains(&m.to_string()), "{text}");
+    }
+    // The SNP entry point refuses the same way when called directly.
+    let direct = backend_kvm::snp::run(&cfg, &host).unwrap_err();
+    assert_eq!(direct, err);
+}
