@@ -452,6 +452,31 @@ fn sev_es_failures() {
     assert_eq!(g.vm.vcpu(VcpuId(0)).unwrap().state.kind(), StateKind::KvmPrivate);
     assert!(leaks(&g.log).is_empty());
     finish(g, &[]);
+    for spec in [
+        "launch_start:1=INVALID_PLATFORM_STATE",
+        "activate:1=DFFLUSH_REQUIRED",
+    ] {
+        let mut g = guest(spec, VmKind::SevEs, 1);
+        assert_eq!(
+            fw_status(g.vm.launch_start(0)).0,
+            PlatformOp::LaunchStart,
+            "{spec}"
+        );
+        assert_eq!(g.vm.launch_state(), LaunchState::Failed);
+        finish(g, &[]);
+    }
+    // Migration refuses a source whose VMSAs were never launched; nothing moves.
+    let mut g = guest("", VmKind::SevEs, 1);
+    let dst_p = g.m.create_guest(VmKind::SevEs).unwrap();
+    let mut dst = Vm::migration_target(dst_p.clone(), g.log.clone());
+    dst.create_vcpu(VcpuId(0)).unwrap();
+    let e = dst.migrate_from(&mut g.vm).unwrap_err();
+    assert!(matches!(e, Error::Migration(_)), "{e}");
+    assert_eq!(g.vm.vcpu(VcpuId(0)).unwrap().state.kind(), StateKind::KvmShared);
+    dst.teardown();
+    drop(dst);
+    dst_p.destroy().unwrap();
+    finish(g, &[]);
     let mut g = guest("launch_update_data:1=INACTIVE", VmKind::SevEs, 1);
     g.vm.launch_start(0).unwrap();
     let r =

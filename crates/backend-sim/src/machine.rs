@@ -339,16 +339,14 @@ impl Hw {
     /// Charge `op` and record it on the timeline (track `tid`).
     pub fn charge(&mut self, op: CostOp, tid: u32, detail: impl FnOnce() -> String) {
         let (start, dur) = self.ledger.charge(&self.model, op, 1);
-        if self.trace.events().len() < usize::MAX {
-            self.trace.record(TraceEvent {
-                name: op.name().to_string(),
-                cat: cat(op),
-                start,
-                dur,
-                tid,
-                detail: Some(detail()),
-            });
-        }
+        self.trace.record_with(|| TraceEvent {
+            name: op.name().to_string(),
+            cat: cat(op),
+            start,
+            dur,
+            tid,
+            detail: Some(detail()),
+        });
     }
 
     fn inject(&mut self, op: FaultOp, ty: Option<SnpPageType>) -> Option<FaultCode> {

@@ -47,6 +47,18 @@ impl Trace {
         }
     }
 
+    /// Record the span `make` builds, building it only if it will be kept.
+    pub fn record_with(&mut self, make: impl FnOnce() -> TraceEvent) {
+        if !self.enabled {
+            return;
+        }
+        if self.events.len() >= self.cap {
+            self.dropped += 1;
+            return;
+        }
+        self.events.push(make());
+    }
+
     /// Record one span.
     pub fn record(&mut self, event: TraceEvent) {
         if !self.enabled {
@@ -126,6 +138,8 @@ mod tests {
             });
         }
         assert_eq!(t.dropped(), 1);
+        t.record_with(|| unreachable!("not built when it would be dropped"));
+        assert_eq!(t.dropped(), 2);
         let v = t.to_chrome_json(2.7e9);
         let evs = v["traceEvents"].as_array().unwrap();
         let x: Vec<_> = evs.iter().filter(|e| e["ph"] == "X").collect();
