@@ -288,3 +288,43 @@ mod serde_json_probe {
         }
     }
 }
+
+#[test]
+fn guest_instructions_fail_on_demand() {
+    let m = Machine::new(MachineConfig {
+        faults: "pvalidate:2=FAIL_INUSE,rmpadjust:1=FAIL_PERMISSION"
+            .parse()
+            .unwrap(),
+        ..MachineConfig::default()
+    });
+    let r = run_guest(
+        &m,
+        &GuestConfig::snp(2, 16 << 20),
+        &GuestScript::smp_boot(2, 0x20_0000),
+        Arc::new(EventLog::new()),
+    )
+    .unwrap();
+    let errs: Vec<_> = r
+        .script
+        .failures()
+        .iter()
+        .map(|o| (o.index, o.error.clone().unwrap()))
+        .collect();
+    // The RMPADJUST of the AP's VMSA fails, so the AP's VMRUN is refused (no VMSA bit), and the
+    // AP's first PVALIDATE (the 2nd overall) returns the injected code.
+    assert!(
+        errs.iter()
+            .any(|(i, e)| *i == 2 && e.contains("FAIL_PERMISSION") && e.contains("injected")),
+        "{errs:?}"
+    );
+    assert!(
+        r.script.outcomes[3].detail.contains("cannot run"),
+        "{:?}",
+        r.script.outcomes[3]
+    );
+    // VMRUN is refused at the kick and again before each of the AP's own actions.
+    let ap_actions = r.script.outcomes.iter().filter(|o| o.vcpu == 1).count() as u64;
+    assert_eq!(r.stats.vmrun_failures, 1 + ap_actions);
+    assert_eq!((r.leaked_frames, r.leak_events), (0, 0));
+    assert_eq!(m.allocated_frames(), 0);
+}

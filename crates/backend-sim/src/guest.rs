@@ -264,6 +264,26 @@ impl GuestScript {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
+    /// The names [`GuestScript::builtin`] knows.
+    pub const BUILTINS: &'static [&'static str] = &["smp-boot", "idle"];
+
+    /// A built-in script by name, for a guest of `vcpus` vCPUs (the VMM's
+    /// `--guest builtin:NAME`): `smp-boot` is [`GuestScript::smp_boot`] with its VMSAs from
+    /// 2 MiB up (the guest needs `(vcpus + 1) * 2 MiB` of memory); `idle` only halts the BSP.
+    pub fn builtin(name: &str, vcpus: u32) -> Result<Self, ScriptError> {
+        match name {
+            "smp-boot" => Ok(Self::smp_boot(vcpus, 0x20_0000)),
+            "idle" => Ok(Self {
+                name: "idle".into(),
+                actions: vec![GuestAction::Hlt { vcpu: 0 }],
+            }),
+            other => Err(ScriptError::Parse {
+                source_name: format!("builtin:{other}"),
+                detail: format!("unknown built-in guest (known: {})", Self::BUILTINS.join(", ")),
+            }),
+        }
+    }
+
     /// The built-in SMP boot: the BSP (vCPU 0) validates a page per AP at
     /// [`smp_boot_vmsa_gpa`]`(base, i)`, writes the AP's VMSA there, RMPADJUSTs it into a
     /// VMSA and starts the AP with AP_CREATE; each AP then shares and re-privatises a page of
@@ -879,6 +899,17 @@ mod tests {
         let e =
             GuestScript::from_json("t.json", r#"{"actions":[{"action":"hlt","vcpu":0,"x":1}]}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn builtins_by_name() {
+        assert_eq!(
+            GuestScript::builtin("smp-boot", 3).unwrap(),
+            GuestScript::smp_boot(3, 0x20_0000)
+        );
+        assert_eq!(GuestScript::builtin("idle", 1).unwrap().actions.len(), 1);
+        let e = GuestScript::builtin("doom", 1).unwrap_err().to_string();
+        assert!(e.contains("builtin:doom") && e.contains("smp-boot, idle"), "{e}");
     }
 
     #[test]
