@@ -36,13 +36,16 @@
 
 pub mod cost;
 pub mod crypto;
+mod error;
 pub mod fault;
 pub mod firmware;
 pub mod guest;
+mod guest_hw;
 pub mod machine;
 pub mod measure;
 pub mod memory;
 mod platform;
+mod psp;
 pub mod rmp;
 pub mod trace;
 

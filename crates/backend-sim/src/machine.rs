@@ -10,13 +10,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use vmsa_core::{Gfn, Gpa, Hpa, PAGE_SIZE, PageBuf, Pfn, SnpPageType, VmKind};
+use vmsa_core::{PAGE_SIZE, PageBuf, Pfn, SnpPageType, VmKind};
 
 use crate::cost::{CostModel, CostOp, CostReport, Ledger};
+pub use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp, FaultPlan};
 use crate::firmware::{Firmware, Handle, LaunchDigest, PageState, SevStatus, page_state};
-use crate::memory::{DEFAULT_FIRST_PFN, GuestMemfd, HostMemory, MemError, TIB};
-use crate::rmp::{GuestFault, GuestInstrError, PageSize, Rmp, RmpEntry, RmpRet, RmpState};
+use crate::memory::{DEFAULT_FIRST_PFN, GuestMemfd, HostMemory, TIB};
+use crate::rmp::{PageSize, Rmp, RmpEntry, RmpState};
 use crate::trace::{Trace, TraceEvent};
 
 /// How to build a [`Machine`].
@@ -53,172 +54,6 @@ impl Default for MachineConfig {
             trace_cap: 1 << 20,
             faults: FaultPlan::default(),
         }
-    }
-}
-
-/// Errors of the machine (the `Platform::Error` of [`crate::SimPlatform`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SimError {
-    /// An RMP instruction returned a failure code.
-    #[error("{op} of pfn {pfn} returned {code}{}", inj(*injected))]
-    Rmp {
-        /// The instruction.
-        op: &'static str,
-        /// The frame.
-        pfn: Pfn,
-        /// The return code.
-        code: RmpRet,
-        /// Whether the fault plan made it fail.
-        injected: bool,
-    },
-    /// A host access broke the RMP rules: an RMP #PF (APM §15.36.10), counted in the stats.
-    #[error("RMP fault: host {access} of pfn {pfn}, which is {state:?} (assigned to ASID {asid}){}", inj(*injected))]
-    RmpFault {
-        /// `write` or `read`.
-        access: &'static str,
-        /// The frame.
-        pfn: Pfn,
-        /// Its firmware page state.
-        state: PageState,
-        /// Its owner.
-        asid: u32,
-        /// Whether the fault plan made it fail.
-        injected: bool,
-    },
-    /// A firmware command returned a status.
-    #[error("firmware {cmd} failed with {status}{}", inj(*injected))]
-    Firmware {
-        /// The command.
-        cmd: &'static str,
-        /// The status code.
-        status: SevStatus,
-        /// Whether the fault plan made it fail.
-        injected: bool,
-    },
-    /// The page allocator failed.
-    #[error("host memory: {0}")]
-    Memory(#[from] MemError),
-    /// The allocator was told to fail.
-    #[error("page allocation failed (ENOMEM, injected)")]
-    InjectedNoMemory,
-    /// The VM_PAGE_FLUSH MSR write raised #GP.
-    #[error("VM_PAGE_FLUSH of pfn {pfn} for ASID {asid} raised #GP: {rule}")]
-    FlushFault {
-        /// The frame.
-        pfn: Pfn,
-        /// The ASID.
-        asid: u32,
-        /// Why.
-        rule: &'static str,
-    },
-    /// Every ASID is in use.
-    #[error("no free ASID: all {max} SEV-ES/SNP ASIDs are in use")]
-    NoAsid {
-        /// The highest ASID.
-        max: u32,
-    },
-    /// No guest has this ASID on the machine.
-    #[error("no live guest with ASID {asid} on this machine")]
-    UnknownGuest {
-        /// The ASID.
-        asid: u32,
-    },
-    /// The operation is for the other kind of guest.
-    #[error("{op} is for {needed} guests; ASID {asid} is an {kind} guest")]
-    WrongKind {
-        /// The operation.
-        op: &'static str,
-        /// The kind it needs.
-        needed: VmKind,
-        /// The guest's kind.
-        kind: VmKind,
-        /// The guest.
-        asid: u32,
-    },
-    /// A guest address outside every memslot.
-    #[error("GPA {gpa} of guest ASID {asid} is not in any memslot")]
-    NotInSlot {
-        /// The address.
-        gpa: Gpa,
-        /// The guest.
-        asid: u32,
-    },
-    /// A guest access or instruction faulted.
-    #[error("guest ASID {asid}: {fault}")]
-    GuestFault {
-        /// The guest.
-        asid: u32,
-        /// The fault.
-        fault: GuestFault,
-    },
-    /// A guest RMP instruction returned a failure code.
-    #[error("guest ASID {asid}: {op} at GPA {gpa} returned {code}{}", inj(*injected))]
-    GuestInstr {
-        /// The guest.
-        asid: u32,
-        /// The instruction.
-        op: &'static str,
-        /// The address.
-        gpa: Gpa,
-        /// The return code.
-        code: RmpRet,
-        /// Whether the fault plan made it fail.
-        injected: bool,
-    },
-    /// VMRUN refused the VMSA (`VMEXIT_INVALID`, APM table 15-41).
-    #[error("VMRUN of ASID {asid} with VMSA {hpa} failed with VMEXIT_INVALID: {check}")]
-    VmrunInvalid {
-        /// The guest.
-        asid: u32,
-        /// The VMSA address.
-        hpa: Hpa,
-        /// The check that failed.
-        check: &'static str,
-    },
-    /// A shared (C=0) access to a frame whose attribute is private (KVM exits with
-    /// `KVM_EXIT_MEMORY_FAULT` for an implicit conversion, which this machine refuses).
-    #[error("guest ASID {asid}: shared access to GPA {gpa}, which is private")]
-    PrivateMemory {
-        /// The guest.
-        asid: u32,
-        /// The address.
-        gpa: Gpa,
-    },
-    /// A private access to a frame the guest made shared (KVM exits with
-    /// `KVM_EXIT_MEMORY_FAULT`).
-    #[error("guest ASID {asid}: private access to GPA {gpa}, which is shared")]
-    SharedMemory {
-        /// The guest.
-        asid: u32,
-        /// The address.
-        gpa: Gpa,
-    },
-}
-
-fn inj(injected: bool) -> &'static str {
-    if injected { " (injected)" } else { "" }
-}
-
-impl SimError {
-    /// The firmware status, if this is a firmware failure.
-    pub fn firmware_status(&self) -> Option<SevStatus> {
-        match self {
-            Self::Firmware { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// The RMP return code, if this is an RMP instruction failure.
-    pub fn rmp_code(&self) -> Option<RmpRet> {
-        match self {
-            Self::Rmp { code, .. } | Self::GuestInstr { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
-
-    /// Whether this is an RMP #PF of a host access.
-    pub fn is_rmp_fault(&self) -> bool {
-        matches!(self, Self::RmpFault { .. })
     }
 }
 
@@ -349,7 +184,7 @@ impl Hw {
         });
     }
 
-    fn inject(&mut self, op: FaultOp, ty: Option<SnpPageType>) -> Option<FaultCode> {
+    pub(crate) fn inject(&mut self, op: FaultOp, ty: Option<SnpPageType>) -> Option<FaultCode> {
         let c = self.faults.check(op, ty);
         if c.is_some() {
             self.stats.injected += 1;
@@ -357,7 +192,7 @@ impl Hw {
         c
     }
 
-    fn fw_err(&mut self, cmd: &'static str, status: SevStatus, injected: bool) -> SimError {
+    pub(crate) fn fw_err(&mut self, cmd: &'static str, status: SevStatus, injected: bool) -> SimError {
         self.stats.firmware_errors += 1;
         SimError::Firmware {
             cmd,
@@ -367,14 +202,19 @@ impl Hw {
     }
 
     /// Check the fault plan for a firmware command.
-    fn fw_inject(&mut self, op: FaultOp, ty: Option<SnpPageType>, cmd: &'static str) -> Result<(), SimError> {
+    pub(crate) fn fw_inject(
+        &mut self,
+        op: FaultOp,
+        ty: Option<SnpPageType>,
+        cmd: &'static str,
+    ) -> Result<(), SimError> {
         match self.inject(op, ty) {
             Some(FaultCode::Firmware(s)) => Err(self.fw_err(cmd, s, true)),
             _ => Ok(()),
         }
     }
 
-    fn fw_result(&mut self, cmd: &'static str, r: Result<(), SevStatus>) -> Result<(), SimError> {
+    pub(crate) fn fw_result(&mut self, cmd: &'static str, r: Result<(), SevStatus>) -> Result<(), SimError> {
         r.map_err(|s| self.fw_err(cmd, s, false))
     }
 
@@ -386,7 +226,7 @@ impl Hw {
         self.guests.get_mut(&asid).ok_or(SimError::UnknownGuest { asid })
     }
 
-    fn rmp_fault(&mut self, pfn: Pfn, access: &'static str, injected: bool) -> SimError {
+    pub(crate) fn rmp_fault(&mut self, pfn: Pfn, access: &'static str, injected: bool) -> SimError {
         let e = self.rmp.entry(pfn);
         let state = page_state(self.rmp.covered(pfn), &e);
         self.stats.rmp_faults += 1;
@@ -511,7 +351,7 @@ impl Hw {
         })
     }
 
-    fn make_firmware_page(&mut self) -> Result<Pfn, SimError> {
+    pub(crate) fn make_firmware_page(&mut self) -> Result<Pfn, SimError> {
         let pfn = self.alloc_page()?;
         let st = RmpState {
             assigned: true,
@@ -532,7 +372,7 @@ impl Hw {
     }
 
     /// `snp_free_firmware_page`: reclaim, make shared, free; leak if either step fails.
-    fn free_firmware_page(&mut self, pfn: Pfn) -> bool {
+    pub(crate) fn free_firmware_page(&mut self, pfn: Pfn) -> bool {
         self.charge(CostOp::SnpPageReclaim, 0, || format!("pfn {pfn}"));
         let ok = self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn).is_ok()
             && self.rmp.rmpupdate(pfn, RmpState::default()).is_ok();
@@ -578,345 +418,6 @@ impl Hw {
         self.charge(CostOp::WbinvdAll, 0, || "all CPUs".into());
         self.dirty.clear();
         self.fw.note_wbinvd();
-    }
-
-    // ---- guest memory ----
-
-    /// `kvm_gmem_get_pfn` without preparing: the frame backing `gfn`, allocated on first use.
-    pub fn gmem_pfn(&mut self, asid: u32, gfn: Gfn) -> Option<Pfn> {
-        if self.inject(FaultOp::GmemPfn, None).is_some() {
-            return None;
-        }
-        let g = &self.guests.get(&asid)?.gmem;
-        if let Some(p) = g.private_pfn(gfn) {
-            return Some(p);
-        }
-        if !g.in_slot(gfn) || g.is_shared(gfn) {
-            return None;
-        }
-        let pfn = self.mem.alloc().ok()?;
-        self.charge(CostOp::PageAlloc, asid, || format!("gmem gfn {gfn} -> pfn {pfn}"));
-        self.guests.get_mut(&asid)?.gmem.set_private(gfn, pfn);
-        Some(pfn)
-    }
-
-    /// Resolve a private guest access: the guest_memfd frame, prepared (`sev_gmem_prepare`:
-    /// RMPUPDATE to Guest-Invalid) on the first fault, with KVM's PSMASH on a SIZEM fault.
-    fn private_frame(&mut self, asid: u32, gpa: Gpa) -> Result<Pfn, SimError> {
-        let gfn = gpa.gfn();
-        let g = &self.slot(asid)?.gmem;
-        if !g.in_slot(gfn) {
-            return Err(SimError::NotInSlot { gpa, asid });
-        }
-        if g.is_shared(gfn) {
-            return Err(SimError::SharedMemory { asid, gpa });
-        }
-        let pfn = match g.private_pfn(gfn) {
-            Some(p) => p,
-            None => {
-                let pfn = self.mem.alloc()?;
-                self.slot_mut(asid)?.gmem.set_private(gfn, pfn);
-                pfn
-            }
-        };
-        if !self.rmp.entry(pfn).assigned {
-            self.stats.npf += 1;
-            self.charge(CostOp::GmemFault, asid, || format!("gpa {gpa} -> pfn {pfn}"));
-            let st = RmpState {
-                gpa: Gpa(gpa.0 & !(PAGE_SIZE - 1)),
-                assigned: true,
-                asid,
-                ..RmpState::default()
-            };
-            self.rmp.rmpupdate(pfn, st).map_err(|code| SimError::Rmp {
-                op: "RMPUPDATE (gmem prepare)",
-                pfn,
-                code,
-                injected: false,
-            })?;
-        }
-        if self.rmp.entry(pfn).page_size == PageSize::Size2M {
-            // sev_handle_rmp_fault: a 4 KiB mapping of a 2 MiB entry faults with SIZEM.
-            self.stats.npf += 1;
-            self.stats.psmash_on_fault += 1;
-            self.psmash(Pfn(pfn.0 & !511))?;
-        }
-        Ok(pfn)
-    }
-
-    fn guest_fault(&mut self, asid: u32, fault: GuestFault) -> SimError {
-        match fault {
-            GuestFault::Npf { .. } => self.stats.npf += 1,
-            GuestFault::NotValidated { .. } => self.stats.vc += 1,
-        }
-        SimError::GuestFault { asid, fault }
-    }
-
-    fn key_for(&self, asid: u32) -> Result<crate::crypto::GuestKey, SimError> {
-        self.fw
-            .key_for_asid(asid)
-            .cloned()
-            .ok_or(SimError::UnknownGuest { asid })
-    }
-
-    /// A guest write of one page: C=1 (private, encrypted with the guest's key) or C=0.
-    pub fn guest_write(
-        &mut self,
-        asid: u32,
-        gpa: Gpa,
-        data: &PageBuf,
-        private: bool,
-    ) -> Result<(), SimError> {
-        let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
-        let pfn = if private {
-            let pfn = self.private_frame(asid, gpa)?;
-            if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
-                return Err(self.guest_fault(asid, f));
-            }
-            pfn
-        } else {
-            self.shared_frame(asid, gpa)?
-        };
-        self.charge(CostOp::GuestCopy, asid, || {
-            format!("write gpa {gpa} c={}", u8::from(private))
-        });
-        let mut page = *data;
-        if private {
-            self.key_for(asid)?.encrypt(pfn, &mut page);
-            self.dirty.insert(pfn.0, asid);
-        }
-        self.mem.write(pfn, &page)?;
-        Ok(())
-    }
-
-    /// A guest read of one page (decrypted with the guest's key when C=1).
-    pub fn guest_read(&mut self, asid: u32, gpa: Gpa, private: bool) -> Result<Box<PageBuf>, SimError> {
-        let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
-        let pfn = if private {
-            let pfn = self.private_frame(asid, gpa)?;
-            if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
-                return Err(self.guest_fault(asid, f));
-            }
-            pfn
-        } else {
-            self.shared_frame(asid, gpa)?
-        };
-        self.charge(CostOp::GuestCopy, asid, || {
-            format!("read gpa {gpa} c={}", u8::from(private))
-        });
-        let mut page = Box::new([0u8; PAGE_SIZE as usize]);
-        self.mem.read(pfn, &mut page)?;
-        if private {
-            self.key_for(asid)?.decrypt(pfn, &mut page);
-        }
-        Ok(page)
-    }
-
-    fn shared_frame(&mut self, asid: u32, gpa: Gpa) -> Result<Pfn, SimError> {
-        let gfn = gpa.gfn();
-        let g = &self.slot(asid)?.gmem;
-        if !g.in_slot(gfn) {
-            return Err(SimError::NotInSlot { gpa, asid });
-        }
-        if !g.is_shared(gfn) {
-            return Err(SimError::PrivateMemory { asid, gpa });
-        }
-        let pfn = match g.shared_pfn(gfn) {
-            Some(p) => p,
-            None => {
-                let p = self.mem.alloc()?;
-                self.slot_mut(asid)?.gmem.set_shared(gfn, p);
-                p
-            }
-        };
-        if let Err(e) = self.rmp.check_hypervisor_owned(pfn) {
-            let _ = e;
-            return Err(self.guest_fault(
-                asid,
-                GuestFault::Npf {
-                    gpa: gpa.0,
-                    sizem: false,
-                    check: "Hypervisor-Owned: a C=0 access to an assigned page",
-                },
-            ));
-        }
-        Ok(pfn)
-    }
-
-    fn guest_instr_err(&mut self, asid: u32, op: &'static str, gpa: Gpa, e: GuestInstrError) -> SimError {
-        match e {
-            GuestInstrError::Ret(code) => SimError::GuestInstr {
-                asid,
-                op,
-                gpa,
-                code,
-                injected: false,
-            },
-            GuestInstrError::Fault(f) => self.guest_fault(asid, f),
-        }
-    }
-
-    /// Guest `PVALIDATE` at VMPL0 of the page at `gpa`; `Ok(false)` is "no update" (CF=1).
-    pub fn pvalidate(
-        &mut self,
-        asid: u32,
-        gpa: Gpa,
-        size: PageSize,
-        validate: bool,
-    ) -> Result<bool, SimError> {
-        if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Pvalidate, None) {
-            return Err(SimError::GuestInstr {
-                asid,
-                op: "PVALIDATE",
-                gpa,
-                code,
-                injected: true,
-            });
-        }
-        let pfn = self.private_frame(asid, gpa)?;
-        let cost = match size {
-            PageSize::Size4K => CostOp::Pvalidate4K,
-            PageSize::Size2M => CostOp::Pvalidate2M,
-        };
-        self.charge(cost, asid, || format!("gpa {gpa} validate={validate}"));
-        self.rmp
-            .pvalidate(asid, 0, gpa, pfn, size, validate)
-            .map_err(|e| self.guest_instr_err(asid, "PVALIDATE", gpa, e))
-    }
-
-    /// Guest `RMPADJUST` at VMPL0 of the 4 KiB page at `gpa`.
-    pub fn rmpadjust(
-        &mut self,
-        asid: u32,
-        gpa: Gpa,
-        target_vmpl: u8,
-        perms: u8,
-        vmsa: bool,
-    ) -> Result<(), SimError> {
-        if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Rmpadjust, None) {
-            return Err(SimError::GuestInstr {
-                asid,
-                op: "RMPADJUST",
-                gpa,
-                code,
-                injected: true,
-            });
-        }
-        let pfn = self.private_frame(asid, gpa)?;
-        self.charge(CostOp::Rmpadjust, asid, || format!("gpa {gpa} vmsa={vmsa}"));
-        self.rmp
-            .rmpadjust(asid, 0, gpa, pfn, PageSize::Size4K, target_vmpl, perms, vmsa)
-            .map_err(|e| self.guest_instr_err(asid, "RMPADJUST", gpa, e))
-    }
-
-    /// The host side of a page state change to shared (GHCB PSC → `KVM_SET_MEMORY_ATTRIBUTES`
-    /// → guest_memfd hole punch → `sev_gmem_invalidate`: RMPUPDATE shared, CLFLUSH, free).
-    /// Returns whether a private frame was released (the VMM must then call
-    /// `Vm::gmem_invalidate`).
-    pub fn convert_to_shared(&mut self, asid: u32, gfn: Gfn) -> Result<bool, SimError> {
-        let slot = self.slot_mut(asid)?;
-        if !slot.gmem.in_slot(gfn) {
-            return Err(SimError::NotInSlot {
-                gpa: Gpa(gfn.0 << 12),
-                asid,
-            });
-        }
-        slot.gmem.set_attr_shared(gfn, true);
-        let Some(pfn) = slot.gmem.punch(gfn) else {
-            return Ok(false);
-        };
-        self.release_gmem_frame(asid, pfn);
-        Ok(true)
-    }
-
-    /// The host side of a page state change to private: the attribute flips and the shared
-    /// copy is discarded; the next private access prepares a guest_memfd frame.
-    pub fn convert_to_private(&mut self, asid: u32, gfn: Gfn) -> Result<(), SimError> {
-        let slot = self.slot_mut(asid)?;
-        if !slot.gmem.in_slot(gfn) {
-            return Err(SimError::NotInSlot {
-                gpa: Gpa(gfn.0 << 12),
-                asid,
-            });
-        }
-        slot.gmem.set_attr_shared(gfn, false);
-        if let Some(p) = slot.gmem.remove_shared(gfn) {
-            self.free_page(p);
-        }
-        Ok(())
-    }
-
-    /// `sev_gmem_invalidate` for one frame: PSMASH if inside a 2 MiB entry, RMPUPDATE shared
-    /// (leak on failure), CLFLUSH, free. Returns whether it was freed.
-    pub(crate) fn release_gmem_frame(&mut self, asid: u32, pfn: Pfn) -> bool {
-        let e = self.rmp.entry(pfn);
-        if e.assigned {
-            if e.page_size == PageSize::Size2M && self.psmash(Pfn(pfn.0 & !511)).is_err() {
-                self.leak_page(pfn);
-                return false;
-            }
-            // Not a vmsa-core platform call, so the fault plan does not count it.
-            self.charge(CostOp::Rmpupdate4K, asid, || format!("gmem pfn {pfn} shared"));
-            if self.rmp.rmpupdate(pfn, RmpState::default()).is_err() {
-                self.leak_page(pfn);
-                return false;
-            }
-        }
-        self.charge(CostOp::Clflush, asid, || format!("pfn {pfn}"));
-        self.dirty.remove(&pfn.0);
-        self.free_page(pfn);
-        true
-    }
-
-    /// VMRUN checks of the VMSA page (APM table 15-41): for SNP the page must be covered,
-    /// assigned to the ASID at the expected GPA, mutable, with the VMSA bit; and not 2 MiB
-    /// aligned (AMD erratum 1467: a 2 MiB-aligned VMSA faults spuriously). On success the page
-    /// is marked in use until [`Hw::vmexit`].
-    pub fn vmrun(&mut self, asid: u32, hpa: Hpa, expected_gpa: Gpa) -> Result<(), SimError> {
-        let kind = self.slot(asid)?.kind;
-        let pfn = hpa.pfn();
-        let fail = |check| SimError::VmrunInvalid { asid, hpa, check };
-        let injected = self.inject(FaultOp::Vmrun, None).is_some();
-        self.charge(CostOp::Vmrun, asid, || format!("vmsa {hpa}"));
-        self.charge(CostOp::EsWorldSwitchExtra, asid, || format!("vmsa {hpa}"));
-        let check = if injected {
-            Some("injected")
-        } else if !self.mem.contains(pfn) {
-            Some("the VMSA is not in DRAM")
-        } else if pfn.is_2m_aligned() {
-            Some("the VMSA is 2 MiB aligned (AMD erratum 1467)")
-        } else if kind == VmKind::Snp {
-            let e = self.rmp.entry(pfn);
-            if !self.rmp.covered(pfn) {
-                Some("Covered: the VMSA is beyond the RMP")
-            } else if !e.assigned || e.asid != asid {
-                Some("Guest-Owned: the VMSA is not assigned to the guest's ASID")
-            } else if e.gpa != expected_gpa.0 {
-                Some("Reverse-Map: the VMSA's RMP GPA differs from the vCPU's")
-            } else if e.immutable {
-                Some("Mutable: the VMSA is immutable")
-            } else if !e.vmsa {
-                Some("the RMP entry does not have the VMSA bit")
-            } else {
-                None
-            }
-        } else {
-            None
-        };
-        if let Some(check) = check {
-            self.stats.vmrun_failures += 1;
-            return Err(fail(check));
-        }
-        self.stats.vmruns += 1;
-        if kind == VmKind::Snp {
-            self.rmp.set_in_use(pfn, true);
-        }
-        Ok(())
-    }
-
-    /// #VMEXIT: the VMSA is no longer in use.
-    pub fn vmexit(&mut self, hpa: Hpa) {
-        self.rmp.set_in_use(hpa.pfn(), false);
     }
 }
 
@@ -1180,174 +681,5 @@ impl Machine {
         hw.charge(CostOp::SnpDfFlush, 0, || "all".into());
         let r = hw.fw.snp_df_flush();
         hw.fw_result("SNP_DF_FLUSH", r)
-    }
-}
-
-impl Hw {
-    /// Firmware command helpers used by the platform.
-    pub fn snp_launch_start(&mut self, asid: u32, policy: u64) -> Result<(), SimError> {
-        self.fw_inject(FaultOp::LaunchStart, None, "SNP_LAUNCH_START")?;
-        let gctx = self.make_firmware_page()?;
-        self.charge(CostOp::SnpGctxCreate, asid, || format!("gctx {gctx}"));
-        let r = self.fw.snp_gctx_create(&mut self.rmp, gctx).map(|_| ());
-        if let Err(e) = self.fw_result("SNP_GCTX_CREATE", r) {
-            self.free_firmware_page(gctx);
-            return Err(e);
-        }
-        let done = (|| {
-            self.charge(CostOp::SnpLaunchStart, asid, || format!("policy {policy:#x}"));
-            let r = self.fw.snp_launch_start(&self.rmp, gctx, policy);
-            self.fw_result("SNP_LAUNCH_START", r)?;
-            self.fw_inject(FaultOp::Activate, None, "SNP_ACTIVATE")?;
-            self.charge(CostOp::SnpActivate, asid, || format!("asid {asid}"));
-            let r = self.fw.snp_activate(&self.rmp, gctx, asid);
-            self.fw_result("SNP_ACTIVATE", r)
-        })();
-        if let Err(e) = done {
-            // snp_decommission_context: DECOMMISSION, then reclaim and free the page.
-            self.charge(CostOp::SnpDecommission, asid, || format!("gctx {gctx}"));
-            let _ = self.fw.snp_decommission(&mut self.rmp, gctx);
-            self.free_firmware_page(gctx);
-            return Err(e);
-        }
-        let slot = self.slot_mut(asid)?;
-        slot.handle = Some(Handle(gctx.0));
-        slot.gctx = Some(gctx);
-        Ok(())
-    }
-
-    pub fn sev_launch_start(&mut self, asid: u32, policy: u32) -> Result<(), SimError> {
-        self.fw_inject(FaultOp::LaunchStart, None, "LAUNCH_START")?;
-        self.charge(CostOp::SevLaunchStart, asid, || format!("policy {policy:#x}"));
-        let h = match self.fw.sev_launch_start(policy) {
-            Ok(h) => h,
-            Err(s) => return Err(self.fw_err("LAUNCH_START", s, false)),
-        };
-        let done = (|| {
-            self.fw_inject(FaultOp::Activate, None, "ACTIVATE")?;
-            self.charge(CostOp::SevActivate, asid, || format!("asid {asid}"));
-            let r = self.fw.sev_activate(&self.rmp, h, asid);
-            self.fw_result("ACTIVATE", r)
-        })();
-        if let Err(e) = done {
-            let _ = self.fw.sev_decommission(h);
-            return Err(e);
-        }
-        self.slot_mut(asid)?.handle = Some(h);
-        Ok(())
-    }
-
-    fn handle(&self, asid: u32, cmd: &'static str) -> Result<Handle, SimError> {
-        self.slot(asid)?.handle.ok_or(SimError::Firmware {
-            cmd,
-            status: SevStatus::InvalidGuest,
-            injected: false,
-        })
-    }
-
-    pub fn sev_launch_update(&mut self, asid: u32, pfn: Pfn, vmsa: bool) -> Result<(), SimError> {
-        let (op, cmd) = if vmsa {
-            (FaultOp::LaunchUpdateVmsa, "LAUNCH_UPDATE_VMSA")
-        } else {
-            (FaultOp::LaunchUpdateData, "LAUNCH_UPDATE_DATA")
-        };
-        self.fw_inject(op, None, cmd)?;
-        let h = self.handle(asid, cmd)?;
-        self.charge(CostOp::SevLaunchUpdate, asid, || format!("{cmd} pfn {pfn}"));
-        let r = self.fw.sev_launch_update(&mut self.mem, h, pfn);
-        self.fw_result(cmd, r)?;
-        self.dirty.insert(pfn.0, asid);
-        Ok(())
-    }
-
-    pub fn snp_launch_update(
-        &mut self,
-        asid: u32,
-        pfn: Pfn,
-        gpa: Gpa,
-        ty: SnpPageType,
-    ) -> Result<(), SimError> {
-        self.fw_inject(FaultOp::SnpLaunchUpdate, Some(ty), "SNP_LAUNCH_UPDATE")?;
-        let h = self.handle(asid, "SNP_LAUNCH_UPDATE")?;
-        let cost = match ty {
-            SnpPageType::Normal | SnpPageType::Vmsa => CostOp::SnpLaunchUpdateMeasured,
-            _ => CostOp::SnpLaunchUpdateOther,
-        };
-        self.charge(cost, asid, || format!("{ty:?} pfn {pfn} gpa {gpa}"));
-        let Hw { fw, rmp, mem, .. } = self;
-        let r = fw.snp_launch_update(rmp, mem, Pfn(h.0), pfn, gpa, ty);
-        self.fw_result("SNP_LAUNCH_UPDATE", r)?;
-        self.dirty.insert(pfn.0, asid);
-        Ok(())
-    }
-
-    pub fn launch_finish(&mut self, asid: u32, host_data: Option<[u8; 32]>) -> Result<(), SimError> {
-        let cmd = if host_data.is_some() {
-            "SNP_LAUNCH_FINISH"
-        } else {
-            "LAUNCH_FINISH"
-        };
-        self.fw_inject(FaultOp::LaunchFinish, None, cmd)?;
-        let h = self.handle(asid, cmd)?;
-        let r = match host_data {
-            Some(d) => {
-                self.charge(CostOp::SnpLaunchFinish, asid, || "finish".into());
-                self.fw.snp_launch_finish(&self.rmp, Pfn(h.0), d)
-            }
-            None => {
-                self.charge(CostOp::SevLaunchFinish, asid, || "finish".into());
-                self.fw.sev_launch_finish(h)
-            }
-        };
-        self.fw_result(cmd, r)
-    }
-
-    pub fn page_reclaim(&mut self, pfn: Pfn) -> Result<(), SimError> {
-        self.fw_inject(FaultOp::PageReclaim, None, "SNP_PAGE_RECLAIM")?;
-        self.charge(CostOp::SnpPageReclaim, 0, || format!("pfn {pfn}"));
-        let r = self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn);
-        self.fw_result("SNP_PAGE_RECLAIM", r)
-    }
-
-    /// `sev_decrypt_vmsa`'s firmware part: SNP decrypts into a temporary firmware page that is
-    /// reclaimed afterwards (leaked if that fails); SEV-ES decrypts directly.
-    pub fn dbg_decrypt(
-        &mut self,
-        asid: u32,
-        kind: VmKind,
-        pa: Hpa,
-        out: &mut PageBuf,
-    ) -> Result<(), SimError> {
-        let cmd = match kind {
-            VmKind::Snp => "SNP_DBG_DECRYPT",
-            VmKind::SevEs => "DBG_DECRYPT",
-        };
-        self.fw_inject(FaultOp::DbgDecrypt, None, cmd)?;
-        let h = self.handle(asid, cmd)?;
-        match kind {
-            VmKind::SevEs => {
-                self.charge(CostOp::SevDbgDecrypt, asid, || format!("pa {pa}"));
-                let r = self.fw.sev_dbg_decrypt(&self.mem, h, pa.pfn(), out);
-                self.fw_result(cmd, r)
-            }
-            VmKind::Snp => {
-                let dst = self.make_firmware_page()?;
-                self.charge(CostOp::SnpDbgDecrypt, asid, || format!("pa {pa}"));
-                let Hw { fw, rmp, mem, .. } = self;
-                let r = fw.snp_dbg_decrypt(rmp, mem, Pfn(h.0), pa.pfn(), dst);
-                let r = self.fw_result(cmd, r);
-                if r.is_ok() {
-                    self.mem.read(dst, out)?;
-                }
-                if !self.free_firmware_page(dst) {
-                    return Err(SimError::Firmware {
-                        cmd: "SNP_PAGE_RECLAIM",
-                        status: SevStatus::InvalidPageState,
-                        injected: false,
-                    });
-                }
-                r
-            }
-        }
     }
 }

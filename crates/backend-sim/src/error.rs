@@ -1,0 +1,174 @@
+//! The machine's error type: every refusal carries the failing value and the rule (an RMP
+//! return code, a firmware status, a fault with the check that failed).
+
+use vmsa_core::{Gpa, Hpa, Pfn, VmKind};
+
+use crate::firmware::{PageState, SevStatus};
+use crate::memory::MemError;
+use crate::rmp::{GuestFault, RmpRet};
+
+/// Errors of the machine (the `Platform::Error` of [`crate::SimPlatform`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SimError {
+    /// An RMP instruction returned a failure code.
+    #[error("{op} of pfn {pfn} returned {code}{}", inj(*injected))]
+    Rmp {
+        /// The instruction.
+        op: &'static str,
+        /// The frame.
+        pfn: Pfn,
+        /// The return code.
+        code: RmpRet,
+        /// Whether the fault plan made it fail.
+        injected: bool,
+    },
+    /// A host access broke the RMP rules: an RMP #PF (APM §15.36.10), counted in the stats.
+    #[error("RMP fault: host {access} of pfn {pfn}, which is {state:?} (assigned to ASID {asid}){}", inj(*injected))]
+    RmpFault {
+        /// `write` or `read`.
+        access: &'static str,
+        /// The frame.
+        pfn: Pfn,
+        /// Its firmware page state.
+        state: PageState,
+        /// Its owner.
+        asid: u32,
+        /// Whether the fault plan made it fail.
+        injected: bool,
+    },
+    /// A firmware command returned a status.
+    #[error("firmware {cmd} failed with {status}{}", inj(*injected))]
+    Firmware {
+        /// The command.
+        cmd: &'static str,
+        /// The status code.
+        status: SevStatus,
+        /// Whether the fault plan made it fail.
+        injected: bool,
+    },
+    /// The page allocator failed.
+    #[error("host memory: {0}")]
+    Memory(#[from] MemError),
+    /// The allocator was told to fail.
+    #[error("page allocation failed (ENOMEM, injected)")]
+    InjectedNoMemory,
+    /// The VM_PAGE_FLUSH MSR write raised #GP.
+    #[error("VM_PAGE_FLUSH of pfn {pfn} for ASID {asid} raised #GP: {rule}")]
+    FlushFault {
+        /// The frame.
+        pfn: Pfn,
+        /// The ASID.
+        asid: u32,
+        /// Why.
+        rule: &'static str,
+    },
+    /// Every ASID is in use.
+    #[error("no free ASID: all {max} SEV-ES/SNP ASIDs are in use")]
+    NoAsid {
+        /// The highest ASID.
+        max: u32,
+    },
+    /// No guest has this ASID on the machine.
+    #[error("no live guest with ASID {asid} on this machine")]
+    UnknownGuest {
+        /// The ASID.
+        asid: u32,
+    },
+    /// The operation is for the other kind of guest.
+    #[error("{op} is for {needed} guests; ASID {asid} is an {kind} guest")]
+    WrongKind {
+        /// The operation.
+        op: &'static str,
+        /// The kind it needs.
+        needed: VmKind,
+        /// The guest's kind.
+        kind: VmKind,
+        /// The guest.
+        asid: u32,
+    },
+    /// A guest address outside every memslot.
+    #[error("GPA {gpa} of guest ASID {asid} is not in any memslot")]
+    NotInSlot {
+        /// The address.
+        gpa: Gpa,
+        /// The guest.
+        asid: u32,
+    },
+    /// A guest access or instruction faulted.
+    #[error("guest ASID {asid}: {fault}")]
+    GuestFault {
+        /// The guest.
+        asid: u32,
+        /// The fault.
+        fault: GuestFault,
+    },
+    /// A guest RMP instruction returned a failure code.
+    #[error("guest ASID {asid}: {op} at GPA {gpa} returned {code}{}", inj(*injected))]
+    GuestInstr {
+        /// The guest.
+        asid: u32,
+        /// The instruction.
+        op: &'static str,
+        /// The address.
+        gpa: Gpa,
+        /// The return code.
+        code: RmpRet,
+        /// Whether the fault plan made it fail.
+        injected: bool,
+    },
+    /// VMRUN refused the VMSA (`VMEXIT_INVALID`, APM table 15-41).
+    #[error("VMRUN of ASID {asid} with VMSA {hpa} failed with VMEXIT_INVALID: {check}")]
+    VmrunInvalid {
+        /// The guest.
+        asid: u32,
+        /// The VMSA address.
+        hpa: Hpa,
+        /// The check that failed.
+        check: &'static str,
+    },
+    /// A shared (C=0) access to a frame whose attribute is private (KVM exits with
+    /// `KVM_EXIT_MEMORY_FAULT` for an implicit conversion, which this machine refuses).
+    #[error("guest ASID {asid}: shared access to GPA {gpa}, which is private")]
+    PrivateMemory {
+        /// The guest.
+        asid: u32,
+        /// The address.
+        gpa: Gpa,
+    },
+    /// A private access to a frame the guest made shared (KVM exits with
+    /// `KVM_EXIT_MEMORY_FAULT`).
+    #[error("guest ASID {asid}: private access to GPA {gpa}, which is shared")]
+    SharedMemory {
+        /// The guest.
+        asid: u32,
+        /// The address.
+        gpa: Gpa,
+    },
+}
+
+fn inj(injected: bool) -> &'static str {
+    if injected { " (injected)" } else { "" }
+}
+
+impl SimError {
+    /// The firmware status, if this is a firmware failure.
+    pub fn firmware_status(&self) -> Option<SevStatus> {
+        match self {
+            Self::Firmware { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The RMP return code, if this is an RMP instruction failure.
+    pub fn rmp_code(&self) -> Option<RmpRet> {
+        match self {
+            Self::Rmp { code, .. } | Self::GuestInstr { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an RMP #PF of a host access.
+    pub fn is_rmp_fault(&self) -> bool {
+        matches!(self, Self::RmpFault { .. })
+    }
+}

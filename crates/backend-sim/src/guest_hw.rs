@@ -1,0 +1,429 @@
+//! The guest side of the machine: private and shared guest memory accesses (encrypted with
+//! the guest's key, RMP-checked per APM table 15-39), `PVALIDATE`, `RMPADJUST`, page state
+//! changes with their guest_memfd effects, and VMRUN's VMSA checks (APM table 15-41).
+
+use vmsa_core::{Gfn, Gpa, Hpa, PAGE_SIZE, PageBuf, Pfn, VmKind};
+
+use crate::cost::CostOp;
+use crate::error::SimError;
+use crate::fault::{FaultCode, FaultOp};
+use crate::machine::Hw;
+use crate::rmp::{GuestFault, GuestInstrError, PageSize, RmpState};
+
+impl Hw {
+    // ---- guest memory ----
+
+    /// `kvm_gmem_get_pfn` without preparing: the frame backing `gfn`, allocated on first use.
+    pub fn gmem_pfn(&mut self, asid: u32, gfn: Gfn) -> Option<Pfn> {
+        if self.inject(FaultOp::GmemPfn, None).is_some() {
+            return None;
+        }
+        let g = &self.guests.get(&asid)?.gmem;
+        if let Some(p) = g.private_pfn(gfn) {
+            return Some(p);
+        }
+        if !g.in_slot(gfn) || g.is_shared(gfn) {
+            return None;
+        }
+        let pfn = self.mem.alloc().ok()?;
+        self.charge(CostOp::PageAlloc, asid, || format!("gmem gfn {gfn} -> pfn {pfn}"));
+        self.guests.get_mut(&asid)?.gmem.set_private(gfn, pfn);
+        Some(pfn)
+    }
+
+    /// Resolve a private guest access: the guest_memfd frame, prepared (`sev_gmem_prepare`:
+    /// RMPUPDATE to Guest-Invalid) on the first fault, with KVM's PSMASH on a SIZEM fault.
+    pub(crate) fn private_frame(&mut self, asid: u32, gpa: Gpa) -> Result<Pfn, SimError> {
+        let gfn = gpa.gfn();
+        let g = &self.slot(asid)?.gmem;
+        if !g.in_slot(gfn) {
+            return Err(SimError::NotInSlot { gpa, asid });
+        }
+        if g.is_shared(gfn) {
+            return Err(SimError::SharedMemory { asid, gpa });
+        }
+        let pfn = match g.private_pfn(gfn) {
+            Some(p) => p,
+            None => {
+                let pfn = self.mem.alloc()?;
+                self.slot_mut(asid)?.gmem.set_private(gfn, pfn);
+                pfn
+            }
+        };
+        if !self.rmp.entry(pfn).assigned {
+            self.stats.npf += 1;
+            self.charge(CostOp::GmemFault, asid, || format!("gpa {gpa} -> pfn {pfn}"));
+            let st = RmpState {
+                gpa: Gpa(gpa.0 & !(PAGE_SIZE - 1)),
+                assigned: true,
+                asid,
+                ..RmpState::default()
+            };
+            self.rmp.rmpupdate(pfn, st).map_err(|code| SimError::Rmp {
+                op: "RMPUPDATE (gmem prepare)",
+                pfn,
+                code,
+                injected: false,
+            })?;
+        }
+        if self.rmp.entry(pfn).page_size == PageSize::Size2M {
+            // sev_handle_rmp_fault: a 4 KiB mapping of a 2 MiB entry faults with SIZEM.
+            self.stats.npf += 1;
+            self.stats.psmash_on_fault += 1;
+            self.psmash(Pfn(pfn.0 & !511))?;
+        }
+        Ok(pfn)
+    }
+
+    pub(crate) fn guest_fault(&mut self, asid: u32, fault: GuestFault) -> SimError {
+        match fault {
+            GuestFault::Npf { .. } => self.stats.npf += 1,
+            GuestFault::NotValidated { .. } => self.stats.vc += 1,
+        }
+        SimError::GuestFault { asid, fault }
+    }
+
+    pub(crate) fn key_for(&self, asid: u32) -> Result<crate::crypto::GuestKey, SimError> {
+        self.fw
+            .key_for_asid(asid)
+            .cloned()
+            .ok_or(SimError::UnknownGuest { asid })
+    }
+
+    /// A guest write of one page: C=1 (private, encrypted with the guest's key) or C=0.
+    pub fn guest_write(
+        &mut self,
+        asid: u32,
+        gpa: Gpa,
+        data: &PageBuf,
+        private: bool,
+    ) -> Result<(), SimError> {
+        let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
+        let pfn = if private {
+            let pfn = self.private_frame(asid, gpa)?;
+            if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
+                return Err(self.guest_fault(asid, f));
+            }
+            pfn
+        } else {
+            self.shared_frame(asid, gpa)?
+        };
+        self.charge(CostOp::GuestCopy, asid, || {
+            format!("write gpa {gpa} c={}", u8::from(private))
+        });
+        let mut page = *data;
+        if private {
+            self.key_for(asid)?.encrypt(pfn, &mut page);
+            self.dirty.insert(pfn.0, asid);
+        }
+        self.mem.write(pfn, &page)?;
+        Ok(())
+    }
+
+    /// A guest read of one page (decrypted with the guest's key when C=1).
+    pub fn guest_read(&mut self, asid: u32, gpa: Gpa, private: bool) -> Result<Box<PageBuf>, SimError> {
+        let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
+        let pfn = if private {
+            let pfn = self.private_frame(asid, gpa)?;
+            if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
+                return Err(self.guest_fault(asid, f));
+            }
+            pfn
+        } else {
+            self.shared_frame(asid, gpa)?
+        };
+        self.charge(CostOp::GuestCopy, asid, || {
+            format!("read gpa {gpa} c={}", u8::from(private))
+        });
+        let mut page = Box::new([0u8; PAGE_SIZE as usize]);
+        self.mem.read(pfn, &mut page)?;
+        if private {
+            self.key_for(asid)?.decrypt(pfn, &mut page);
+        }
+        Ok(page)
+    }
+
+    pub(crate) fn shared_frame(&mut self, asid: u32, gpa: Gpa) -> Result<Pfn, SimError> {
+        let gfn = gpa.gfn();
+        let g = &self.slot(asid)?.gmem;
+        if !g.in_slot(gfn) {
+            return Err(SimError::NotInSlot { gpa, asid });
+        }
+        if !g.is_shared(gfn) {
+            return Err(SimError::PrivateMemory { asid, gpa });
+        }
+        let pfn = match g.shared_pfn(gfn) {
+            Some(p) => p,
+            None => {
+                let p = self.mem.alloc()?;
+                self.slot_mut(asid)?.gmem.set_shared(gfn, p);
+                p
+            }
+        };
+        if let Err(e) = self.rmp.check_hypervisor_owned(pfn) {
+            let _ = e;
+            return Err(self.guest_fault(
+                asid,
+                GuestFault::Npf {
+                    gpa: gpa.0,
+                    sizem: false,
+                    check: "Hypervisor-Owned: a C=0 access to an assigned page",
+                },
+            ));
+        }
+        Ok(pfn)
+    }
+
+    pub(crate) fn guest_instr_err(
+        &mut self,
+        asid: u32,
+        op: &'static str,
+        gpa: Gpa,
+        e: GuestInstrError,
+    ) -> SimError {
+        match e {
+            GuestInstrError::Ret(code) => SimError::GuestInstr {
+                asid,
+                op,
+                gpa,
+                code,
+                injected: false,
+            },
+            GuestInstrError::Fault(f) => self.guest_fault(asid, f),
+        }
+    }
+
+    /// Guest `PVALIDATE` at VMPL0 of the page at `gpa`; `Ok(false)` is "no update" (CF=1).
+    pub fn pvalidate(
+        &mut self,
+        asid: u32,
+        gpa: Gpa,
+        size: PageSize,
+        validate: bool,
+    ) -> Result<bool, SimError> {
+        if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Pvalidate, None) {
+            return Err(SimError::GuestInstr {
+                asid,
+                op: "PVALIDATE",
+                gpa,
+                code,
+                injected: true,
+            });
+        }
+        let pfn = self.private_frame(asid, gpa)?;
+        let cost = match size {
+            PageSize::Size4K => CostOp::Pvalidate4K,
+            PageSize::Size2M => CostOp::Pvalidate2M,
+        };
+        self.charge(cost, asid, || format!("gpa {gpa} validate={validate}"));
+        self.rmp
+            .pvalidate(asid, 0, gpa, pfn, size, validate)
+            .map_err(|e| self.guest_instr_err(asid, "PVALIDATE", gpa, e))
+    }
+
+    /// Guest `RMPADJUST` at VMPL0 of the 4 KiB page at `gpa`.
+    pub fn rmpadjust(
+        &mut self,
+        asid: u32,
+        gpa: Gpa,
+        target_vmpl: u8,
+        perms: u8,
+        vmsa: bool,
+    ) -> Result<(), SimError> {
+        if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Rmpadjust, None) {
+            return Err(SimError::GuestInstr {
+                asid,
+                op: "RMPADJUST",
+                gpa,
+                code,
+                injected: true,
+            });
+        }
+        let pfn = self.private_frame(asid, gpa)?;
+        self.charge(CostOp::Rmpadjust, asid, || format!("gpa {gpa} vmsa={vmsa}"));
+        self.rmp
+            .rmpadjust(asid, 0, gpa, pfn, PageSize::Size4K, target_vmpl, perms, vmsa)
+            .map_err(|e| self.guest_instr_err(asid, "RMPADJUST", gpa, e))
+    }
+
+    /// The host side of a page state change to shared (GHCB PSC → `KVM_SET_MEMORY_ATTRIBUTES`
+    /// → guest_memfd hole punch → `sev_gmem_invalidate`: RMPUPDATE shared, CLFLUSH, free).
+    /// Returns whether a private frame was released (the VMM must then call
+    /// `Vm::gmem_invalidate`).
+    pub fn convert_to_shared(&mut self, asid: u32, gfn: Gfn) -> Result<bool, SimError> {
+        let slot = self.slot_mut(asid)?;
+        if !slot.gmem.in_slot(gfn) {
+            return Err(SimError::NotInSlot {
+                gpa: Gpa(gfn.0 << 12),
+                asid,
+            });
+        }
+        slot.gmem.set_attr_shared(gfn, true);
+        let Some(pfn) = slot.gmem.punch(gfn) else {
+            return Ok(false);
+        };
+        self.release_gmem_frame(asid, pfn);
+        Ok(true)
+    }
+
+    /// The host side of a page state change to private: the attribute flips and the shared
+    /// copy is discarded; the next private access prepares a guest_memfd frame.
+    pub fn convert_to_private(&mut self, asid: u32, gfn: Gfn) -> Result<(), SimError> {
+        let slot = self.slot_mut(asid)?;
+        if !slot.gmem.in_slot(gfn) {
+            return Err(SimError::NotInSlot {
+                gpa: Gpa(gfn.0 << 12),
+                asid,
+            });
+        }
+        slot.gmem.set_attr_shared(gfn, false);
+        if let Some(p) = slot.gmem.remove_shared(gfn) {
+            self.free_page(p);
+        }
+        Ok(())
+    }
+
+    /// `sev_gmem_invalidate` for one frame: PSMASH if inside a 2 MiB entry, RMPUPDATE shared
+    /// (leak on failure), CLFLUSH, free. Returns whether it was freed.
+    pub(crate) fn release_gmem_frame(&mut self, asid: u32, pfn: Pfn) -> bool {
+        let e = self.rmp.entry(pfn);
+        if e.assigned {
+            if e.page_size == PageSize::Size2M && self.psmash(Pfn(pfn.0 & !511)).is_err() {
+                self.leak_page(pfn);
+                return false;
+            }
+            // Not a vmsa-core platform call, so the fault plan does not count it.
+            self.charge(CostOp::Rmpupdate4K, asid, || format!("gmem pfn {pfn} shared"));
+            if self.rmp.rmpupdate(pfn, RmpState::default()).is_err() {
+                self.leak_page(pfn);
+                return false;
+            }
+        }
+        self.charge(CostOp::Clflush, asid, || format!("pfn {pfn}"));
+        self.dirty.remove(&pfn.0);
+        self.free_page(pfn);
+        true
+    }
+
+    /// VMRUN checks of the VMSA page (APM table 15-41): for SNP the page must be covered,
+    /// assigned to the ASID at the expected GPA, mutable, with the VMSA bit; and not 2 MiB
+    /// aligned (AMD erratum 1467: a 2 MiB-aligned VMSA faults spuriously). On success the page
+    /// is marked in use until [`Hw::vmexit`].
+    pub fn vmrun(&mut self, asid: u32, hpa: Hpa, expected_gpa: Gpa) -> Result<(), SimError> {
+        let kind = self.slot(asid)?.kind;
+        let pfn = hpa.pfn();
+        let fail = |check| SimError::VmrunInvalid { asid, hpa, check };
+        let injected = self.inject(FaultOp::Vmrun, None).is_some();
+        self.charge(CostOp::Vmrun, asid, || format!("vmsa {hpa}"));
+        self.charge(CostOp::EsWorldSwitchExtra, asid, || format!("vmsa {hpa}"));
+        let check = if injected {
+            Some("injected")
+        } else if !self.mem.contains(pfn) {
+            Some("the VMSA is not in DRAM")
+        } else if pfn.is_2m_aligned() {
+            Some("the VMSA is 2 MiB aligned (AMD erratum 1467)")
+        } else if kind == VmKind::Snp {
+            let e = self.rmp.entry(pfn);
+            if !self.rmp.covered(pfn) {
+                Some("Covered: the VMSA is beyond the RMP")
+            } else if !e.assigned || e.asid != asid {
+                Some("Guest-Owned: the VMSA is not assigned to the guest's ASID")
+            } else if e.gpa != expected_gpa.0 {
+                Some("Reverse-Map: the VMSA's RMP GPA differs from the vCPU's")
+            } else if e.immutable {
+                Some("Mutable: the VMSA is immutable")
+            } else if !e.vmsa {
+                Some("the RMP entry does not have the VMSA bit")
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        if let Some(check) = check {
+            self.stats.vmrun_failures += 1;
+            return Err(fail(check));
+        }
+        self.stats.vmruns += 1;
+        if kind == VmKind::Snp {
+            self.rmp.set_in_use(pfn, true);
+        }
+        Ok(())
+    }
+
+    /// #VMEXIT: the VMSA is no longer in use.
+    pub fn vmexit(&mut self, hpa: Hpa) {
+        self.rmp.set_in_use(hpa.pfn(), false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::{Machine, MachineConfig};
+
+    #[test]
+    fn a_4k_access_to_a_2m_entry_is_psmashed_by_the_host() {
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(VmKind::Snp).unwrap();
+        p.add_memslot(Gpa(0), 8 << 20).unwrap();
+        let asid = vmsa_core::Platform::asid(&p).0;
+        let gpa = Gpa(0x40_0000);
+        {
+            let mut hw = m.hw();
+            let head = hw.mem.alloc_2m_aligned().unwrap();
+            hw.slot_mut(asid).unwrap().gmem.set_private(gpa.gfn(), head);
+            let st = RmpState {
+                gpa,
+                assigned: true,
+                page_size: PageSize::Size2M,
+                asid,
+                ..RmpState::default()
+            };
+            hw.rmp.rmpupdate(head, st).unwrap();
+        }
+        assert_eq!(p.pvalidate(gpa, PageSize::Size4K, true), Ok(true));
+        let s = m.stats();
+        assert_eq!((s.psmash_on_fault, s.npf), (1, 1));
+        let pfn = vmsa_core::Platform::gmem_pfn(&p, gpa.gfn()).unwrap();
+        assert_eq!(m.rmp_entry(pfn).page_size, PageSize::Size4K);
+        // Another guest frame of the same 2 MiB region kept its attributes through PSMASH.
+        let next = m.rmp_entry(Pfn(pfn.0 + 1));
+        assert_eq!(
+            (next.asid, next.gpa, next.validated),
+            (asid, gpa.0 + 0x1000, false)
+        );
+    }
+
+    #[test]
+    fn page_state_changes_move_frames_between_gmem_and_shared_memory() {
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(VmKind::Snp).unwrap();
+        p.add_memslot(Gpa(0), 1 << 20).unwrap();
+        let gfn = Gfn(3);
+        // Shared accesses need the shared attribute; private ones the private attribute.
+        assert!(matches!(
+            p.guest_write(Gpa(0x3000), &[1; 4096], false),
+            Err(SimError::PrivateMemory { .. })
+        ));
+        p.pvalidate(Gpa(0x3000), PageSize::Size4K, true).unwrap();
+        let before = m.allocated_frames();
+        assert!(
+            p.page_state_change(gfn, true).unwrap(),
+            "the private frame is released"
+        );
+        assert_eq!(m.allocated_frames(), before - 1);
+        p.guest_write(Gpa(0x3000), &[1; 4096], false).unwrap();
+        assert_eq!(*p.guest_read(Gpa(0x3000), false).unwrap(), [1; 4096]);
+        assert!(matches!(
+            p.guest_read(Gpa(0x3000), true),
+            Err(SimError::SharedMemory { .. })
+        ));
+        assert!(!p.page_state_change(gfn, false).unwrap());
+        assert_eq!(m.allocated_frames(), before - 1, "the shared copy was discarded");
+        assert!(matches!(
+            p.page_state_change(Gfn(0x1000), true),
+            Err(SimError::NotInSlot { .. })
+        ));
+    }
+}

@@ -1,0 +1,222 @@
+//! The firmware commands as the platform issues them: fault plan, cost, the command, and the
+//! cleanup the kernel does when one fails (`snp_decommission_context`, reclaim of temporary
+//! firmware pages).
+
+use vmsa_core::{Gpa, Hpa, PageBuf, Pfn, SnpPageType, VmKind};
+
+use crate::cost::CostOp;
+use crate::error::SimError;
+use crate::fault::FaultOp;
+use crate::firmware::{Handle, SevStatus};
+use crate::machine::Hw;
+
+impl Hw {
+    /// Firmware command helpers used by the platform.
+    pub fn snp_launch_start(&mut self, asid: u32, policy: u64) -> Result<(), SimError> {
+        self.fw_inject(FaultOp::LaunchStart, None, "SNP_LAUNCH_START")?;
+        let gctx = self.make_firmware_page()?;
+        self.charge(CostOp::SnpGctxCreate, asid, || format!("gctx {gctx}"));
+        let r = self.fw.snp_gctx_create(&mut self.rmp, gctx).map(|_| ());
+        if let Err(e) = self.fw_result("SNP_GCTX_CREATE", r) {
+            self.free_firmware_page(gctx);
+            return Err(e);
+        }
+        let done = (|| {
+            self.charge(CostOp::SnpLaunchStart, asid, || format!("policy {policy:#x}"));
+            let r = self.fw.snp_launch_start(&self.rmp, gctx, policy);
+            self.fw_result("SNP_LAUNCH_START", r)?;
+            self.fw_inject(FaultOp::Activate, None, "SNP_ACTIVATE")?;
+            self.charge(CostOp::SnpActivate, asid, || format!("asid {asid}"));
+            let r = self.fw.snp_activate(&self.rmp, gctx, asid);
+            self.fw_result("SNP_ACTIVATE", r)
+        })();
+        if let Err(e) = done {
+            // snp_decommission_context: DECOMMISSION, then reclaim and free the page.
+            self.charge(CostOp::SnpDecommission, asid, || format!("gctx {gctx}"));
+            let _ = self.fw.snp_decommission(&mut self.rmp, gctx);
+            self.free_firmware_page(gctx);
+            return Err(e);
+        }
+        let slot = self.slot_mut(asid)?;
+        slot.handle = Some(Handle(gctx.0));
+        slot.gctx = Some(gctx);
+        Ok(())
+    }
+
+    pub fn sev_launch_start(&mut self, asid: u32, policy: u32) -> Result<(), SimError> {
+        self.fw_inject(FaultOp::LaunchStart, None, "LAUNCH_START")?;
+        self.charge(CostOp::SevLaunchStart, asid, || format!("policy {policy:#x}"));
+        let h = match self.fw.sev_launch_start(policy) {
+            Ok(h) => h,
+            Err(s) => return Err(self.fw_err("LAUNCH_START", s, false)),
+        };
+        let done = (|| {
+            self.fw_inject(FaultOp::Activate, None, "ACTIVATE")?;
+            self.charge(CostOp::SevActivate, asid, || format!("asid {asid}"));
+            let r = self.fw.sev_activate(&self.rmp, h, asid);
+            self.fw_result("ACTIVATE", r)
+        })();
+        if let Err(e) = done {
+            let _ = self.fw.sev_decommission(h);
+            return Err(e);
+        }
+        self.slot_mut(asid)?.handle = Some(h);
+        Ok(())
+    }
+
+    pub(crate) fn handle(&self, asid: u32, cmd: &'static str) -> Result<Handle, SimError> {
+        self.slot(asid)?.handle.ok_or(SimError::Firmware {
+            cmd,
+            status: SevStatus::InvalidGuest,
+            injected: false,
+        })
+    }
+
+    pub fn sev_launch_update(&mut self, asid: u32, pfn: Pfn, vmsa: bool) -> Result<(), SimError> {
+        let (op, cmd) = if vmsa {
+            (FaultOp::LaunchUpdateVmsa, "LAUNCH_UPDATE_VMSA")
+        } else {
+            (FaultOp::LaunchUpdateData, "LAUNCH_UPDATE_DATA")
+        };
+        self.fw_inject(op, None, cmd)?;
+        let h = self.handle(asid, cmd)?;
+        self.charge(CostOp::SevLaunchUpdate, asid, || format!("{cmd} pfn {pfn}"));
+        let r = self.fw.sev_launch_update(&mut self.mem, h, pfn);
+        self.fw_result(cmd, r)?;
+        self.dirty.insert(pfn.0, asid);
+        Ok(())
+    }
+
+    pub fn snp_launch_update(
+        &mut self,
+        asid: u32,
+        pfn: Pfn,
+        gpa: Gpa,
+        ty: SnpPageType,
+    ) -> Result<(), SimError> {
+        self.fw_inject(FaultOp::SnpLaunchUpdate, Some(ty), "SNP_LAUNCH_UPDATE")?;
+        let h = self.handle(asid, "SNP_LAUNCH_UPDATE")?;
+        let cost = match ty {
+            SnpPageType::Normal | SnpPageType::Vmsa => CostOp::SnpLaunchUpdateMeasured,
+            _ => CostOp::SnpLaunchUpdateOther,
+        };
+        self.charge(cost, asid, || format!("{ty:?} pfn {pfn} gpa {gpa}"));
+        let Hw { fw, rmp, mem, .. } = self;
+        let r = fw.snp_launch_update(rmp, mem, Pfn(h.0), pfn, gpa, ty);
+        self.fw_result("SNP_LAUNCH_UPDATE", r)?;
+        self.dirty.insert(pfn.0, asid);
+        Ok(())
+    }
+
+    pub fn launch_finish(&mut self, asid: u32, host_data: Option<[u8; 32]>) -> Result<(), SimError> {
+        let cmd = if host_data.is_some() {
+            "SNP_LAUNCH_FINISH"
+        } else {
+            "LAUNCH_FINISH"
+        };
+        self.fw_inject(FaultOp::LaunchFinish, None, cmd)?;
+        let h = self.handle(asid, cmd)?;
+        let r = match host_data {
+            Some(d) => {
+                self.charge(CostOp::SnpLaunchFinish, asid, || "finish".into());
+                self.fw.snp_launch_finish(&self.rmp, Pfn(h.0), d)
+            }
+            None => {
+                self.charge(CostOp::SevLaunchFinish, asid, || "finish".into());
+                self.fw.sev_launch_finish(h)
+            }
+        };
+        self.fw_result(cmd, r)
+    }
+
+    pub fn page_reclaim(&mut self, pfn: Pfn) -> Result<(), SimError> {
+        self.fw_inject(FaultOp::PageReclaim, None, "SNP_PAGE_RECLAIM")?;
+        self.charge(CostOp::SnpPageReclaim, 0, || format!("pfn {pfn}"));
+        let r = self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn);
+        self.fw_result("SNP_PAGE_RECLAIM", r)
+    }
+
+    /// `sev_decrypt_vmsa`'s firmware part: SNP decrypts into a temporary firmware page that is
+    /// reclaimed afterwards (leaked if that fails); SEV-ES decrypts directly.
+    pub fn dbg_decrypt(
+        &mut self,
+        asid: u32,
+        kind: VmKind,
+        pa: Hpa,
+        out: &mut PageBuf,
+    ) -> Result<(), SimError> {
+        let cmd = match kind {
+            VmKind::Snp => "SNP_DBG_DECRYPT",
+            VmKind::SevEs => "DBG_DECRYPT",
+        };
+        self.fw_inject(FaultOp::DbgDecrypt, None, cmd)?;
+        let h = self.handle(asid, cmd)?;
+        match kind {
+            VmKind::SevEs => {
+                self.charge(CostOp::SevDbgDecrypt, asid, || format!("pa {pa}"));
+                let r = self.fw.sev_dbg_decrypt(&self.mem, h, pa.pfn(), out);
+                self.fw_result(cmd, r)
+            }
+            VmKind::Snp => {
+                let dst = self.make_firmware_page()?;
+                self.charge(CostOp::SnpDbgDecrypt, asid, || format!("pa {pa}"));
+                let Hw { fw, rmp, mem, .. } = self;
+                let r = fw.snp_dbg_decrypt(rmp, mem, Pfn(h.0), pa.pfn(), dst);
+                let r = self.fw_result(cmd, r);
+                if r.is_ok() {
+                    self.mem.read(dst, out)?;
+                }
+                if !self.free_firmware_page(dst) {
+                    return Err(SimError::Firmware {
+                        cmd: "SNP_PAGE_RECLAIM",
+                        status: SevStatus::InvalidPageState,
+                        injected: false,
+                    });
+                }
+                r
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmsa_core::{LaunchFinish, LaunchStart, Platform};
+
+    use crate::machine::{Machine, MachineConfig};
+    use crate::{PageState, SevStatus, SimError};
+
+    #[test]
+    fn snp_launch_start_creates_a_context_and_debug_decrypt_returns_its_page() {
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(vmsa_core::VmKind::Snp).unwrap();
+        let bad = p.launch_start(&LaunchStart::SevEs { policy: 0 }).unwrap_err();
+        assert!(matches!(bad, SimError::WrongKind { .. }), "{bad}");
+        p.launch_start(&LaunchStart::Snp {
+            policy: (1 << 17) | (1 << 19),
+            gosvw: [0; 16],
+        })
+        .unwrap();
+        let gctx = m.hw().slot(p.asid().0).unwrap().gctx.unwrap();
+        assert_eq!(m.page_state(gctx), PageState::Context);
+        assert_eq!(m.allocated_frames(), 1);
+        // Decrypting through a temporary firmware page leaves no frame behind.
+        let mut out = [0u8; 4096];
+        let e = p.dbg_decrypt_vmsa(gctx.hpa(), &mut out).unwrap_err();
+        assert_eq!(
+            e.firmware_status(),
+            Some(SevStatus::InvalidPageState),
+            "a context is not a guest page"
+        );
+        assert_eq!(m.allocated_frames(), 1);
+        p.launch_finish(&LaunchFinish::Snp { host_data: [0; 32] })
+            .unwrap();
+        let e = p
+            .launch_finish(&LaunchFinish::Snp { host_data: [0; 32] })
+            .unwrap_err();
+        assert_eq!(e.firmware_status(), Some(SevStatus::InvalidGuestState));
+        p.destroy().unwrap();
+        assert_eq!(m.allocated_frames(), 0);
+        assert_eq!(m.page_state(gctx), PageState::Hypervisor);
+    }
+}
