@@ -10,6 +10,20 @@
 //!   changes, HLT) and the runner that executes it against a `Vm<SimPlatform>`.
 //! - [`measure`]: the launch digests, shared with the VMM's `measure` command.
 //!
+//! For a VMM:
+//! - machine: [`Machine::new`]`(`[`MachineConfig`]`)` (costs from [`CostModel::from_file`],
+//!   failures from a [`FaultPlan`] parsed with `"snp_launch_update:vmsa:4=INVALID_PAGE_STATE"
+//!   .parse()`, `trace: true` for a timeline);
+//! - guest: [`Machine::create_guest`] gives a [`SimPlatform`]; [`SimPlatform::add_memslot`]
+//!   gives it memory; drive it with `vmsa_core::Vm::new(platform.clone(), ..)`;
+//!   [`SimPlatform::destroy`] after `Vm::teardown`;
+//! - scripted guest: [`GuestScript::from_file`] (JSON) or [`GuestScript::builtin`], run on a
+//!   launched VM with [`run_script`], or the whole life (create, launch, run, teardown, with
+//!   per-phase cycles) with [`run_guest`];
+//! - reports: [`Machine::cost_report`], [`Machine::stats`] (RMP faults, leaks, VMRUNs),
+//!   [`Machine::footprint`], [`SimPlatform::launch_digest`], [`Machine::write_trace`]
+//!   (Chrome trace-event JSON for ui.perfetto.dev).
+//!
 //! ```
 //! use std::sync::Arc;
 //! use backend_sim::{Machine, MachineConfig};
