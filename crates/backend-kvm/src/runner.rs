@@ -97,6 +97,9 @@ pub enum GuestProgram {
         /// AP reports to wait for.
         expect_reports: u64,
     },
+    /// The BSP loops forever without an exit (`jmp $`): the run ends only by the watchdog,
+    /// with `timed_out` set. For checking that a stuck vCPU cannot hang the VMM.
+    Spin,
 }
 
 /// What to run.
@@ -441,6 +444,7 @@ fn run_image(cfg: &RunConfig, mode_reason: String, snp_missing: Vec<Missing>) ->
             ram.write_u64(PARAMS_GPA + params::EXPECT_REPORTS, *expect_reports)?;
             (0, prog.entries.requests, requests.len() as u64)
         }
+        GuestProgram::Spin => (0, prog.entries.spin, 0),
     };
     crate::guest::load(&ram, &prog, n, flags)?;
     let table = cpuid::supported(&kvm)?;
@@ -538,7 +542,7 @@ fn run_image(cfg: &RunConfig, mode_reason: String, snp_missing: Vec<Missing>) ->
                 ))
             })
             .collect::<Result<Vec<_>, GmemError>>()?,
-        GuestProgram::ApCreation { .. } => Vec::new(),
+        GuestProgram::ApCreation { .. } | GuestProgram::Spin => Vec::new(),
     };
     let guest_sev_features = ram.read_u64(PARAMS_GPA + params::SEV_FEATURES)?;
 

@@ -13,7 +13,9 @@
 //! read from guest memory, pre-checked, handed to [`vmsa_core::Vm::ap_creation`], answered in
 //! `sw_exit_info_1/2`, and the target is kicked; the requester waits until the target has
 //! applied the request, so ownership histories are deterministic (KVM itself does not wait;
-//! the guest cannot tell the difference).
+//! the guest cannot tell the difference). Two vCPUs that target each other at the same
+//! moment would each wait for the other until the kick timeout, which is then reported as
+//! [`VcpuError::KickTimeout`]; the built-in guest only creates APs from the BSP.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

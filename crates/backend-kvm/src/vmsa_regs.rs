@@ -693,6 +693,22 @@ mod tests {
     }
 
     #[test]
+    fn the_xsave_legacy_region_round_trips_and_sits_where_fxsave_puts_it() {
+        let st = KvmState::from_image(&image(), &kvm_sregs::default()).unwrap();
+        let mut buf = [0u8; 4096];
+        buf[28..32].copy_from_slice(&0xffffu32.to_le_bytes()); // MXCSR_MASK is kept
+        write_legacy(&st.fpu, &mut buf);
+        assert_eq!(&buf[0..2], &0x37fu16.to_le_bytes(), "FCW at 0");
+        assert_eq!(buf[4], 0x81, "abridged FTW at 4");
+        assert_eq!(&buf[24..28], &0x1f80u32.to_le_bytes(), "MXCSR at 24");
+        assert_eq!(&buf[28..32], &0xffffu32.to_le_bytes());
+        assert_eq!(buf[32], 0x11, "ST0 at 32");
+        assert_eq!(buf[40], 0x22, "ST0 bytes 8-9 follow");
+        assert_eq!(buf[160 + 17], 0x33, "XMM1 byte 1");
+        assert_eq!(read_legacy(&buf), st.fpu);
+    }
+
+    #[test]
     fn names_fields_kvm_cannot_take() {
         let mut img = image();
         assert!(unloadable_fields(&img).is_empty());

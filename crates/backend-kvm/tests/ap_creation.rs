@@ -185,3 +185,31 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
         Err(runner::RunError::Config { value: 0, .. })
     ));
 }
+
+#[test]
+fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
+    if !common::kvm_or_skip("a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog") {
+        return;
+    }
+    let cfg = RunConfig {
+        mode: ModeChoice::VmsaImage,
+        guest: GuestProgram::Spin,
+        timeout: std::time::Duration::from_millis(300),
+        ..RunConfig::ap_creation(2)
+    };
+    let t0 = std::time::Instant::now();
+    let r = runner::run(&cfg).unwrap();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    assert!(r.timed_out);
+    assert!(!r.completed);
+    assert!(
+        r.vcpu_records[0]
+            .errors
+            .contains(&backend_kvm::vcpu::VcpuError::TimedOut),
+        "{:?}",
+        r.vcpu_records[0].errors
+    );
+    assert!(r.vcpu_records[0].exits.interrupted >= 1, "KVM_RUN returned EINTR");
+    assert!(r.vcpu_records[0].done.is_empty());
+    assert_eq!(r.teardown.host_pages_live, 0);
+}

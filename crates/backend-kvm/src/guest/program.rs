@@ -14,6 +14,7 @@
 //!   [`RESULTS_GPA`]; wait for the expected number of AP reports; `OUT DONE`.
 //! - [`Entries::ap`] (APs): write `generation << 32 | apic_id` to the mailbox, `lock inc` the
 //!   report counter, `OUT DONE`.
+//! - [`Entries::spin`]: `jmp $`, a vCPU stuck in `KVM_RUN` for the watchdog to end.
 //!
 //! A request is a GHCB-style doorbell: the guest fills the GHCB (exit code 0x8000_0013,
 //! `exit_info_1`, `exit_info_2`, RAX, the valid bitmap, usage 0) and writes the GHCB's GPA
@@ -55,6 +56,8 @@ pub struct Entries {
     pub requests: u64,
     /// The APs' entry.
     pub ap: u64,
+    /// A vCPU that never exits (`jmp $`): only the watchdog gets it out of `KVM_RUN`.
+    pub spin: u64,
 }
 
 /// The assembled program.
@@ -86,6 +89,7 @@ pub fn assemble() -> Result<Program, AssembleError> {
     let mut ghcb_call = a.create_label();
     let mut write_vmsa = a.create_label();
     let mut sev_features = a.create_label();
+    let mut spin = a.create_label();
 
     // ---- BSP: AP-creation scenario. In: rdi = n_vcpus, rsp = stack.
     a.set_label(&mut scenario)?;
@@ -243,6 +247,10 @@ pub fn assemble() -> Result<Program, AssembleError> {
     a.out(ports::DONE as u32, eax)?;
     a.hlt()?;
 
+    // ---- spin: never exits.
+    a.set_label(&mut spin)?;
+    a.jmp(spin)?;
+
     // ---- sev_features: r15 = SEV_STATUS >> 2; also stored in the parameter page.
     a.set_label(&mut sev_features)?;
     a.mov(ecx, MSR_SEV_STATUS)?;
@@ -306,6 +314,7 @@ pub fn assemble() -> Result<Program, AssembleError> {
         scenario: result.label_ip(&scenario)?,
         requests: result.label_ip(&requests)?,
         ap: result.label_ip(&ap)?,
+        spin: result.label_ip(&spin)?,
     };
     let code = result.inner.code_buffer;
     if code.len() as u64 > CODE_MAX {
@@ -347,7 +356,7 @@ mod tests {
         assert_eq!(p, assemble().unwrap());
         assert_eq!(p.entries.scenario, CODE_GPA);
         let end = CODE_GPA + p.code.len() as u64;
-        for e in [p.entries.requests, p.entries.ap] {
+        for e in [p.entries.requests, p.entries.ap, p.entries.spin] {
             assert!((CODE_GPA..end).contains(&e), "{e:#x}");
         }
     }
