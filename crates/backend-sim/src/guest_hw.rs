@@ -50,7 +50,8 @@ impl Hw {
                 pfn
             }
         };
-        if !self.rmp.entry(pfn).assigned {
+        // SEV-ES guests have no RMP: their memory is only encrypted.
+        if self.slot(asid)?.kind == VmKind::Snp && !self.rmp.entry(pfn).assigned {
             self.stats.npf += 1;
             self.charge(CostOp::GmemFault, asid, || format!("gpa {gpa} -> pfn {pfn}"));
             let st = RmpState {
@@ -101,7 +102,9 @@ impl Hw {
         let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
         let pfn = if private {
             let pfn = self.private_frame(asid, gpa)?;
-            if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
+            if self.slot(asid)?.kind == VmKind::Snp
+                && let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn)
+            {
                 return Err(self.guest_fault(asid, f));
             }
             pfn
@@ -125,7 +128,9 @@ impl Hw {
         let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
         let pfn = if private {
             let pfn = self.private_frame(asid, gpa)?;
-            if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
+            if self.slot(asid)?.kind == VmKind::Snp
+                && let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn)
+            {
                 return Err(self.guest_fault(asid, f));
             }
             pfn
@@ -193,6 +198,20 @@ impl Hw {
         }
     }
 
+    /// SNP-only guest instructions raise #UD in an SEV-ES guest.
+    fn need_snp(&self, asid: u32, op: &'static str) -> Result<(), SimError> {
+        let kind = self.slot(asid)?.kind;
+        if kind != VmKind::Snp {
+            return Err(SimError::WrongKind {
+                op,
+                needed: VmKind::Snp,
+                kind,
+                asid,
+            });
+        }
+        Ok(())
+    }
+
     /// Guest `PVALIDATE` at VMPL0 of the page at `gpa`; `Ok(false)` is "no update" (CF=1).
     pub fn pvalidate(
         &mut self,
@@ -201,6 +220,7 @@ impl Hw {
         size: PageSize,
         validate: bool,
     ) -> Result<bool, SimError> {
+        self.need_snp(asid, "PVALIDATE")?;
         if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Pvalidate, None) {
             return Err(SimError::GuestInstr {
                 asid,
@@ -230,6 +250,7 @@ impl Hw {
         perms: u8,
         vmsa: bool,
     ) -> Result<(), SimError> {
+        self.need_snp(asid, "RMPADJUST")?;
         if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Rmpadjust, None) {
             return Err(SimError::GuestInstr {
                 asid,
@@ -393,6 +414,25 @@ mod tests {
             (next.asid, next.gpa, next.validated),
             (asid, gpa.0 + 0x1000, false)
         );
+    }
+
+    #[test]
+    fn sev_es_guests_have_encrypted_memory_but_no_rmp() {
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(VmKind::SevEs).unwrap();
+        p.add_memslot(Gpa(0), 1 << 20).unwrap();
+        vmsa_core::Platform::launch_start(&p, &vmsa_core::LaunchStart::SevEs { policy: 0 }).unwrap();
+        p.guest_write(Gpa(0x2000), &[5; 4096], true).unwrap();
+        assert_eq!(*p.guest_read(Gpa(0x2000), true).unwrap(), [5; 4096]);
+        let pfn = vmsa_core::Platform::gmem_pfn(&p, Gfn(2)).unwrap();
+        assert!(!m.rmp_entry(pfn).assigned, "no RMP for SEV-ES");
+        assert_ne!(*m.host_read(pfn).unwrap(), [5; 4096], "but encrypted");
+        assert!(matches!(
+            p.pvalidate(Gpa(0x2000), PageSize::Size4K, true),
+            Err(SimError::WrongKind { op: "PVALIDATE", .. })
+        ));
+        p.destroy().unwrap();
+        assert_eq!(m.allocated_frames(), 0);
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Default for MachineConfig {
             seed: 0x5eed,
             costs: CostModel::default(),
             trace: true,
-            trace_cap: 1 << 20,
+            trace_cap: 1 << 18,
             faults: FaultPlan::default(),
         }
     }
