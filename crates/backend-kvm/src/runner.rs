@@ -387,7 +387,7 @@ fn check(cfg: &RunConfig) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Guest MAXPHYADDR from CPUID 0x8000_0008 EAX[7:0] (48 if absent).
+/// Guest MAXPHYADDR from CPUID 0x8000_0008 `EAX[7:0]` (48 if absent).
 fn max_phys_bits(table: &kvm_bindings::CpuId) -> u8 {
     table
         .as_slice()

@@ -60,7 +60,7 @@ pub enum SnpError {
     /// Guest memory.
     #[error(transparent)]
     Gmem(#[from] GmemError),
-    /// The host's CPUID table has no C-bit position (leaf 0x8000001F EBX[5:0]).
+    /// The host's CPUID table has no C-bit position (leaf 0x8000001F `EBX[5:0]`).
     #[error("CPUID 0x8000001F reports no C-bit position (EBX = {ebx:#x})")]
     NoCBit {
         /// EBX of leaf 0x8000001F.
