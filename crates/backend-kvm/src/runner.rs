@@ -102,6 +102,34 @@ pub enum GuestProgram {
     Spin,
 }
 
+impl GuestProgram {
+    /// The names `vmm run --guest builtin:NAME` accepts, with what each runs.
+    pub const BUILTIN: [(&'static str, &'static str); 3] = [
+        (
+            "ap-creation",
+            "the BSP creates every AP from a VMSA it writes, then destroys and re-creates AP 1",
+        ),
+        (
+            "ap-creation-once",
+            "the BSP creates every AP from a VMSA it writes, once",
+        ),
+        (
+            "spin",
+            "the BSP loops without exits until the watchdog ends the run",
+        ),
+    ];
+
+    /// The built-in program called `name` (see [`GuestProgram::BUILTIN`]).
+    pub fn builtin(name: &str) -> Option<Self> {
+        match name {
+            "ap-creation" => Some(Self::ApCreation { recreate: true }),
+            "ap-creation-once" => Some(Self::ApCreation { recreate: false }),
+            "spin" => Some(Self::Spin),
+            _ => None,
+        }
+    }
+}
+
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RunConfig {
@@ -362,7 +390,8 @@ pub fn run_with_probe(cfg: &RunConfig, report: &ProbeReport) -> Result<RunReport
     }
 }
 
-fn check(cfg: &RunConfig) -> Result<(), RunError> {
+/// Refuse a configuration the guest map or this backend cannot hold.
+pub(crate) fn check(cfg: &RunConfig) -> Result<(), RunError> {
     let bad = |rule, value| Err(RunError::Config { rule, value });
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
         return bad("vCPUs must be 1..=512", u64::from(cfg.vcpus));

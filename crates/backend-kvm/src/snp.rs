@@ -171,6 +171,7 @@ pub fn run(cfg: &RunConfig, report: &ProbeReport) -> Result<RunReport, RunError>
             missing: report.missing(Mode::Snp).to_vec(),
         });
     }
+    crate::runner::check(cfg)?;
     watchdog::install()?;
     let t0 = Instant::now();
     let kvm = Kvm::new().map_err(|e| IoctlError::new("open /dev/kvm", Errno::from(e)))?;

@@ -213,3 +213,15 @@ fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
     assert!(r.vcpu_records[0].done.is_empty());
     assert_eq!(r.teardown.host_pages_live, 0);
 }
+
+#[test]
+fn builtin_names_map_to_programs() {
+    for (name, what) in GuestProgram::BUILTIN {
+        assert!(GuestProgram::builtin(name).is_some(), "{name}: {what}");
+    }
+    assert_eq!(
+        GuestProgram::builtin("ap-creation"),
+        Some(GuestProgram::ApCreation { recreate: true })
+    );
+    assert_eq!(GuestProgram::builtin("nope"), None);
+}
