@@ -17,7 +17,7 @@
 //!    `KVM_SET_MEMORY_ATTRIBUTES`;
 //! 3. vCPUs with CPUID and long-mode registers (KVM copies them into each VMSA at launch
 //!    finish), page tables with the C-bit;
-//! 4. `SNP_LAUNCH_START`, `SNP_LAUNCH_UPDATE` (NORMAL) of page tables and code,
+//! 4. `SNP_LAUNCH_START` (the selftests' default policy), `SNP_LAUNCH_UPDATE` (NORMAL) of page tables and code,
 //!    `SNP_LAUNCH_FINISH` (which syncs, encrypts and measures every vCPU's VMSA in-kernel);
 //! 5. every vCPU runs until the guest's GHCB termination request (`KVM_EXIT_SYSTEM_EVENT`,
 //!    `KVM_SYSTEM_EVENT_SEV_TERM`); `KVM_EXIT_MEMORY_FAULT` and `KVM_HC_MAP_GPA_RANGE` exits
@@ -226,7 +226,7 @@ pub fn run(cfg: &RunConfig, report: &ProbeReport) -> Result<RunReport, RunError>
             .map_err(|e| IoctlError::new("KVM_SET_REGS", e))?;
         fds.push(fd);
     }
-    sev.snp_launch_start(SNP_POLICY_RSVD_MBO, [0; 16])
+    sev.snp_launch_start(default_policy(), [0; 16])
         .map_err(SnpError::from)?;
     // The staging mapping is page aligned, as SNP_LAUNCH_UPDATE requires of its source.
     sev.snp_launch_update(
@@ -308,6 +308,22 @@ pub fn run(cfg: &RunConfig, report: &ProbeReport) -> Result<RunReport, RunError>
             c_bit: cbit,
         }),
     })
+}
+
+/// `SNP_POLICY_SMT`: SMT may be enabled on the host.
+pub const SNP_POLICY_SMT: u64 = 1 << 16;
+
+/// The policy the KVM selftests use (`snp_default_policy`): bit 17, plus SMT when the host
+/// has SMT active (the firmware refuses a launch whose policy forbids SMT on such a host).
+pub fn default_policy() -> u64 {
+    let smt = std::fs::read_to_string("/sys/devices/system/cpu/smt/active")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    policy_for(smt)
+}
+
+fn policy_for(smt_active: bool) -> u64 {
+    SNP_POLICY_RSVD_MBO | if smt_active { SNP_POLICY_SMT } else { 0 }
 }
 
 fn mapping_bytes(m: &Mapping) -> &[u8] {
@@ -403,6 +419,13 @@ mod tests {
                 0x0f, 0x01, 0xd9, 0xf4
             ]
         );
+    }
+
+    #[test]
+    fn policy_follows_the_selftests() {
+        assert_eq!(policy_for(false), 1 << 17);
+        assert_eq!(policy_for(true), (1 << 17) | (1 << 16));
+        assert_ne!(default_policy() & SNP_POLICY_RSVD_MBO, 0);
     }
 
     #[test]
