@@ -136,6 +136,22 @@ pub enum FaultCode {
     VmexitInvalid,
 }
 
+impl FaultCode {
+    /// The code's name in a plan (`INVALID_PAGE_STATE`, `FAIL_INUSE`, `ENOMEM`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Firmware(s) => s.name(),
+            Self::Rmp(r) => r.name(),
+            Self::NoMemory => "ENOMEM",
+            Self::Aligned2M => "ALIGNED_2M",
+            Self::GeneralProtection => "GP",
+            Self::RmpFault => "RMP_FAULT",
+            Self::Unbacked => "UNBACKED",
+            Self::VmexitInvalid => "VMEXIT_INVALID",
+        }
+    }
+}
+
 impl std::fmt::Display for FaultCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -174,16 +190,31 @@ pub struct FaultSpecError {
     pub rule: String,
 }
 
+/// Page types by their name in a plan.
+const PAGE_TYPES: [(&str, SnpPageType); 6] = [
+    ("normal", SnpPageType::Normal),
+    ("vmsa", SnpPageType::Vmsa),
+    ("zero", SnpPageType::Zero),
+    ("unmeasured", SnpPageType::Unmeasured),
+    ("secrets", SnpPageType::Secrets),
+    ("cpuid", SnpPageType::Cpuid),
+];
+
 fn page_type_name(s: &str) -> Option<SnpPageType> {
-    Some(match s {
-        "normal" => SnpPageType::Normal,
-        "vmsa" => SnpPageType::Vmsa,
-        "zero" => SnpPageType::Zero,
-        "unmeasured" => SnpPageType::Unmeasured,
-        "secrets" => SnpPageType::Secrets,
-        "cpuid" => SnpPageType::Cpuid,
-        _ => return None,
-    })
+    PAGE_TYPES.iter().find(|(n, _)| *n == s).map(|(_, t)| *t)
+}
+
+/// A rule in the syntax it is parsed from (`OP[:PAGE_TYPE]:N=CODE`).
+impl std::fmt::Display for FaultRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.op.name())?;
+        if let Some(t) = self.page_type
+            && let Some((name, _)) = PAGE_TYPES.iter().find(|(_, pt)| *pt == t)
+        {
+            write!(f, ":{name}")?;
+        }
+        write!(f, ":{}={}", self.nth, self.code.name())
+    }
 }
 
 impl FromStr for FaultRule {
@@ -426,5 +457,17 @@ mod tests {
         assert_eq!(p.fired().len(), 2);
         assert!(p.pending().is_empty());
         assert_eq!(p.calls(FaultOp::SnpLaunchUpdate), 5);
+    }
+
+    #[test]
+    fn rules_print_in_the_syntax_they_parse_from() {
+        for spec in [
+            "snp_launch_update:vmsa:4=INVALID_PAGE_STATE",
+            "rmp_make_shared:1=FAIL_INUSE",
+            "alloc_page:2=ALIGNED_2M",
+        ] {
+            let rule: FaultRule = spec.parse().unwrap();
+            assert_eq!(rule.to_string(), spec);
+        }
     }
 }

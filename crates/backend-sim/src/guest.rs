@@ -264,26 +264,6 @@ impl GuestScript {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    /// The names [`GuestScript::builtin`] knows.
-    pub const BUILTINS: &'static [&'static str] = &["smp-boot", "idle"];
-
-    /// A built-in script by name, for a guest of `vcpus` vCPUs (the VMM's
-    /// `--guest builtin:NAME`): `smp-boot` is [`GuestScript::smp_boot`] with its VMSAs from
-    /// 2 MiB up (the guest needs `(vcpus + 1) * 2 MiB` of memory); `idle` only halts the BSP.
-    pub fn builtin(name: &str, vcpus: u32) -> Result<Self, ScriptError> {
-        match name {
-            "smp-boot" => Ok(Self::smp_boot(vcpus, 0x20_0000)),
-            "idle" => Ok(Self {
-                name: "idle".into(),
-                actions: vec![GuestAction::Hlt { vcpu: 0 }],
-            }),
-            other => Err(ScriptError::Parse {
-                source_name: format!("builtin:{other}"),
-                detail: format!("unknown built-in guest (known: {})", Self::BUILTINS.join(", ")),
-            }),
-        }
-    }
-
     /// The built-in SMP boot: the BSP (vCPU 0) validates a page per AP at
     /// [`smp_boot_vmsa_gpa`]`(base, i)`, writes the AP's VMSA there, RMPADJUSTs it into a
     /// VMSA and starts the AP with AP_CREATE; each AP then shares and re-privatises a page of
@@ -437,6 +417,8 @@ pub struct Runner<'a> {
     vm: &'a Vm<SimPlatform>,
     running: HashMap<u32, Hpa>,
     report: ScriptReport,
+    start_cycles: u64,
+    start_faults: u64,
 }
 
 fn vmsa_image(rip: u64, rsp: u64, sev_features: u64) -> Box<SevEsSaveArea> {
@@ -464,11 +446,20 @@ fn vmsa_image(rip: u64, rsp: u64, sev_features: u64) -> Box<SevEsSaveArea> {
 impl<'a> Runner<'a> {
     /// A runner for `vm` (whose launch should be finished).
     pub fn new(vm: &'a Vm<SimPlatform>) -> Self {
+        let machine = vm.platform().machine();
         Self {
             vm,
             running: HashMap::new(),
             report: ScriptReport::default(),
+            start_cycles: machine.now(),
+            start_faults: machine.stats().rmp_faults,
         }
+    }
+
+    /// Name the report after `name`.
+    pub fn named(mut self, name: &str) -> Self {
+        self.report.name = name.to_owned();
+        self
     }
 
     fn platform(&self) -> &SimPlatform {
@@ -657,37 +648,46 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Execute every action in order and return what happened. Failures are recorded per
-    /// action (the guest sees them); the script goes on.
-    pub fn run(mut self, script: &GuestScript) -> ScriptReport {
-        let machine = self.platform().machine().clone();
-        let start = machine.now();
-        let faults_before = machine.stats().rmp_faults;
-        self.report.name = script.name.clone();
-        for (index, a) in script.actions.iter().enumerate() {
-            let r = self.act(a);
-            let (error, detail) = match r {
-                Ok(d) => (None, d),
-                Err(e) => (Some(e), String::new()),
-            };
-            if error.is_some() {
-                self.report.failed += 1;
-            }
-            self.report.outcomes.push(ActionOutcome {
-                index,
-                action: a.name(),
-                vcpu: a.vcpu(),
-                error,
-                detail,
-            });
+    /// Execute one action (number `index` of its script) as the guest would, and record how
+    /// it ended. A failure is recorded (the guest sees it) rather than returned.
+    pub fn step(&mut self, index: usize, a: &GuestAction) -> &ActionOutcome {
+        let (error, detail) = match self.act(a) {
+            Ok(d) => (None, d),
+            Err(e) => (Some(e), String::new()),
+        };
+        if error.is_some() {
+            self.report.failed += 1;
         }
+        self.report.outcomes.push(ActionOutcome {
+            index,
+            action: a.name(),
+            vcpu: a.vcpu(),
+            error,
+            detail,
+        });
+        self.report.outcomes.last().expect("just pushed")
+    }
+
+    /// Take every vCPU out of the guest and return what the steps did.
+    pub fn finish(mut self) -> ScriptReport {
         let ids: Vec<u32> = self.running.keys().copied().collect();
         for v in ids {
             self.exit(v);
         }
-        self.report.cycles = machine.now() - start;
-        self.report.rmp_faults = machine.stats().rmp_faults - faults_before;
+        let machine = self.platform().machine().clone();
+        self.report.cycles = machine.now() - self.start_cycles;
+        self.report.rmp_faults = machine.stats().rmp_faults - self.start_faults;
         self.report
+    }
+
+    /// Execute every action in order and return what happened. Failures are recorded per
+    /// action (the guest sees them); the script goes on.
+    pub fn run(mut self, script: &GuestScript) -> ScriptReport {
+        self.report.name = script.name.clone();
+        for (index, a) in script.actions.iter().enumerate() {
+            self.step(index, a);
+        }
+        self.finish()
     }
 }
 
@@ -899,17 +899,6 @@ mod tests {
         let e =
             GuestScript::from_json("t.json", r#"{"actions":[{"action":"hlt","vcpu":0,"x":1}]}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
-    }
-
-    #[test]
-    fn builtins_by_name() {
-        assert_eq!(
-            GuestScript::builtin("smp-boot", 3).unwrap(),
-            GuestScript::smp_boot(3, 0x20_0000)
-        );
-        assert_eq!(GuestScript::builtin("idle", 1).unwrap().actions.len(), 1);
-        let e = GuestScript::builtin("doom", 1).unwrap_err().to_string();
-        assert!(e.contains("builtin:doom") && e.contains("smp-boot, idle"), "{e}");
     }
 
     #[test]

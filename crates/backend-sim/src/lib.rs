@@ -17,8 +17,8 @@
 //! - guest: [`Machine::create_guest`] gives a [`SimPlatform`]; [`SimPlatform::add_memslot`]
 //!   gives it memory; drive it with `vmsa_core::Vm::new(platform.clone(), ..)`;
 //!   [`SimPlatform::destroy`] after `Vm::teardown`;
-//! - scripted guest: [`GuestScript::from_file`] (JSON) or [`GuestScript::builtin`], run on a
-//!   launched VM with [`run_script`], or the whole life (create, launch, run, teardown, with
+//! - scripted guest: [`GuestScript::from_file`] (JSON) or [`GuestScript::smp_boot`], run on a
+//!   launched VM with [`run_script`] (or step by step with [`Runner::step`]), or the whole life (create, launch, run, teardown, with
 //!   per-phase cycles) with [`run_guest`];
 //! - reports: [`Machine::cost_report`], [`Machine::stats`] (RMP faults, leaks, VMRUNs),
 //!   [`Machine::footprint`], [`SimPlatform::launch_digest`], [`Machine::write_trace`]

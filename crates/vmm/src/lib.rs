@@ -4,10 +4,17 @@
 //! The binary (`src/main.rs`) only parses arguments, calls a subcommand here, prints and sets
 //! the exit code; each subcommand lives in its own module:
 //!
+//! - [`run`]: `vmm run`, a confidential guest's whole life on the simulator or on KVM, with
+//!   every vCPU's VMSA ownership history;
 //! - [`measure`]: `vmm measure`, the expected SEV-SNP / SEV-ES launch digest of an OVMF guest,
-//!   and the [`measure::LaunchPlan`] a real launch of that firmware follows.
+//!   and the [`measure::LaunchPlan`] a real launch of that firmware follows;
+//! - [`probe`]: `vmm probe`, what the host supports and why;
+//! - [`size`]: byte sizes on the command line.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod measure;
+pub mod probe;
+pub mod run;
+pub mod size;

@@ -1,6 +1,7 @@
 //! `vmm`: parse the command line, run the subcommand, print, exit.
 //!
-//! Exit codes: 0 success; 2 a bad argument or input file, reported as one line on stderr.
+//! Exit codes: 0 success; 1 a run that failed (its summary says why); 2 a bad argument or input
+//! file, reported as one line on stderr.
 
 #![forbid(unsafe_code)]
 
@@ -19,8 +20,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a confidential guest (simulator by default, or /dev/kvm) and report every vCPU's
+    /// VMSA ownership history, leaks, RMP faults, costs and the launch digest.
+    Run(vmm::run::RunArgs),
     /// Compute the launch digest of an OVMF guest without running it (as sev-snp-measure).
     Measure(vmm::measure::MeasureArgs),
+    /// Show what this host supports (KVM, VM types, SEV-SNP) and why.
+    Probe(vmm::probe::ProbeArgs),
 }
 
 /// Exit code for a bad argument or input file.
@@ -47,7 +53,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            eprintln!("vmm: a subcommand is required (measure); see 'vmm --help'");
+            eprintln!("vmm: a subcommand is required (run, measure or probe); see 'vmm --help'");
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -56,25 +62,62 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Run(args) => run(&args),
         Command::Measure(args) => match vmm::measure::measure(&args) {
             Ok(out) => {
                 for w in &out.warnings {
                     eprintln!("vmm measure: warning: {w}");
                 }
-                let mut stdout = std::io::stdout().lock();
-                if stdout
-                    .write_all(out.stdout.as_bytes())
-                    .and_then(|()| stdout.flush())
-                    .is_err()
-                {
-                    return ExitCode::FAILURE;
-                }
-                ExitCode::SUCCESS
+                print(&out.stdout)
             }
             Err(e) => {
                 eprintln!("vmm measure: {e}");
                 ExitCode::from(e.exit_code())
             }
         },
+        Command::Probe(args) => print(&vmm::probe::probe(&args)),
+    }
+}
+
+/// Write to stdout; a closed pipe is a failure, not a panic.
+fn print(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    if stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(args: &vmm::run::RunArgs) -> ExitCode {
+    match vmm::run::run(args) {
+        Ok(summary) => {
+            let text = if args.json {
+                match serde_json::to_string(&summary) {
+                    Ok(mut j) => {
+                        j.push('\n');
+                        j
+                    }
+                    Err(e) => {
+                        eprintln!("vmm run: cannot render the summary as JSON: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                summary.render_text()
+            };
+            let printed = print(&text);
+            if !summary.ok {
+                return ExitCode::FAILURE;
+            }
+            printed
+        }
+        Err(e) => {
+            eprintln!("vmm run: {}", vmm::run::error_chain(&e));
+            ExitCode::from(e.exit_code())
+        }
     }
 }

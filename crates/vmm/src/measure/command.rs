@@ -73,7 +73,7 @@ pub struct MeasureOutput {
     pub digest: LaunchDigest,
 }
 
-fn read_firmware(path: &Path) -> Result<Ovmf, MeasureError> {
+pub(crate) fn read_firmware(path: &Path) -> Result<Ovmf, MeasureError> {
     let read_err = |source| MeasureError::ReadFirmware {
         path: path.to_path_buf(),
         source,
@@ -95,7 +95,7 @@ fn read_firmware(path: &Path) -> Result<Ovmf, MeasureError> {
     Ovmf::parse(data).map_err(fw_err)
 }
 
-fn plan_input(e: &PlanError, firmware: &Path) -> String {
+pub(crate) fn plan_input(e: &PlanError, firmware: &Path) -> String {
     match e {
         PlanError::GuestFeaturesWithoutSnp { .. } | PlanError::GuestFeaturesWithSevEs { .. } => {
             "--guest-features".to_owned()

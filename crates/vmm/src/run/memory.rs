@@ -1,0 +1,238 @@
+//! The guest's memory as the VMM holds it (vm-memory's `GuestMemoryMmap`): the shared,
+//! host-visible copy the guest image is loaded into before the launch copies it into the
+//! guest's private (guest_memfd) pages, as KVM's `SNP_LAUNCH_UPDATE` does from `uaddr`.
+//!
+//! Layout (as QEMU's q35 machine): RAM from 0 up to the 3 GiB PCI hole, the rest from 4 GiB; a
+//! firmware image, if any, as a ROM region that ends at 4 GiB.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use vmsa_core::{Gpa, PAGE_SIZE};
+
+/// Where the PCI hole starts: RAM above this is placed from 4 GiB on.
+pub const LOW_RAM_END: u64 = 0xC000_0000;
+/// 4 GiB: the reset vector's region ends here.
+pub const FOUR_GIB: u64 = 1 << 32;
+/// The largest firmware image the ROM region takes (it must stay inside the PCI hole).
+pub const MAX_ROM: u64 = FOUR_GIB - LOW_RAM_END;
+
+/// One guest-physical range of the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Region {
+    /// First address.
+    pub gpa: Gpa,
+    /// Length in bytes.
+    pub len: u64,
+    /// Whether this is the firmware ROM.
+    pub rom: bool,
+}
+
+impl Region {
+    /// Whether `[gpa, gpa + len)` lies inside this region.
+    pub fn contains(&self, gpa: Gpa, len: u64) -> bool {
+        gpa.0 >= self.gpa.0 && gpa.0.saturating_add(len) <= self.gpa.0 + self.len
+    }
+}
+
+/// Why guest memory could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size breaks a rule.
+    #[error("--memory {size:#x}: {rule}")]
+    BadSize {
+        /// The size.
+        size: u64,
+        /// The rule.
+        rule: &'static str,
+    },
+    /// The firmware is larger than the ROM window below 4 GiB.
+    #[error("firmware of {size:#x} bytes does not fit below 4 GiB (at most {MAX_ROM:#x})")]
+    RomTooLarge {
+        /// Its size.
+        size: u64,
+    },
+    /// A range the launch needs is not guest memory.
+    #[error("{what} at GPA {gpa} ({len:#x} bytes) is outside guest memory ({layout}); raise --memory")]
+    OutOfRange {
+        /// What needed it.
+        what: String,
+        /// Start.
+        gpa: Gpa,
+        /// Length.
+        len: u64,
+        /// The layout, for the message.
+        layout: String,
+    },
+    /// vm-memory refused.
+    #[error("guest memory: {0}")]
+    Mmap(String),
+}
+
+/// The VMM's copy of guest memory.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    regions: Vec<Region>,
+}
+
+impl GuestRam {
+    /// `memory` bytes of RAM (a non-zero multiple of 4 KiB) and, if `rom` is given, a ROM
+    /// region of that many bytes ending at 4 GiB. The mappings are reserved lazily: untouched
+    /// memory costs nothing.
+    pub fn new(memory: u64, rom: Option<u64>) -> Result<Self, MemoryError> {
+        if memory == 0 || !memory.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::BadSize {
+                size: memory,
+                rule: "guest memory must be a non-zero multiple of 4 KiB",
+            });
+        }
+        let mut regions = vec![Region {
+            gpa: Gpa(0),
+            len: memory.min(LOW_RAM_END),
+            rom: false,
+        }];
+        if memory > LOW_RAM_END {
+            regions.push(Region {
+                gpa: Gpa(FOUR_GIB),
+                len: memory - LOW_RAM_END,
+                rom: false,
+            });
+        }
+        if let Some(size) = rom {
+            if size == 0 || size > MAX_ROM || !size.is_multiple_of(PAGE_SIZE) {
+                return Err(MemoryError::RomTooLarge { size });
+            }
+            regions.push(Region {
+                gpa: Gpa(FOUR_GIB - size),
+                len: size,
+                rom: true,
+            });
+        }
+        regions.sort_by_key(|r| r.gpa);
+        let ranges: Vec<(GuestAddress, usize)> = regions
+            .iter()
+            .map(|r| {
+                usize::try_from(r.len)
+                    .map(|len| (GuestAddress(r.gpa.0), len))
+                    .map_err(|_| MemoryError::BadSize {
+                        size: memory,
+                        rule: "guest memory must fit in the host's address space",
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        Ok(Self { mem, regions })
+    }
+
+    /// The regions, in address order.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// A one-line description of the layout.
+    pub fn describe(&self) -> String {
+        self.regions
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}{:#x}..{:#x}",
+                    if r.rom { "ROM " } else { "" },
+                    r.gpa.0,
+                    r.gpa.0 + r.len
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn check(&self, what: &str, gpa: Gpa, len: u64) -> Result<(), MemoryError> {
+        if self.regions.iter().any(|r| r.contains(gpa, len)) {
+            Ok(())
+        } else {
+            Err(MemoryError::OutOfRange {
+                what: what.into(),
+                gpa,
+                len,
+                layout: self.describe(),
+            })
+        }
+    }
+
+    /// Load `bytes` at `gpa` (`what` names it in errors).
+    pub fn load(&self, what: &str, gpa: Gpa, bytes: &[u8]) -> Result<(), MemoryError> {
+        self.check(what, gpa, bytes.len() as u64)?;
+        self.mem
+            .write_slice(bytes, GuestAddress(gpa.0))
+            .map_err(|e| MemoryError::Mmap(e.to_string()))
+    }
+
+    /// Read `len` bytes at `gpa`.
+    pub fn read(&self, what: &str, gpa: Gpa, len: u64) -> Result<Vec<u8>, MemoryError> {
+        self.check(what, gpa, len)?;
+        let mut buf = vec![0u8; len as usize];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(gpa.0))
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        Ok(buf)
+    }
+
+    /// Ensure `[gpa, gpa + len)` is guest memory.
+    pub fn require(&self, what: &str, gpa: Gpa, len: u64) -> Result<(), MemoryError> {
+        self.check(what, gpa, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_around_the_pci_hole_and_places_the_rom_below_4g() {
+        let ram = GuestRam::new(4 << 30, Some(2 << 20)).unwrap();
+        assert_eq!(
+            ram.regions(),
+            &[
+                Region {
+                    gpa: Gpa(0),
+                    len: LOW_RAM_END,
+                    rom: false
+                },
+                Region {
+                    gpa: Gpa(FOUR_GIB - (2 << 20)),
+                    len: 2 << 20,
+                    rom: true
+                },
+                Region {
+                    gpa: Gpa(FOUR_GIB),
+                    len: (4 << 30) - LOW_RAM_END,
+                    rom: false
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn loads_and_reads_back_and_refuses_out_of_range() {
+        let ram = GuestRam::new(16 << 20, None).unwrap();
+        ram.load("image", Gpa(0x10_0000), &[0xf4; 8192]).unwrap();
+        assert_eq!(ram.read("image", Gpa(0x10_1000), 4096).unwrap(), vec![0xf4; 4096]);
+        let e = ram.load("firmware", Gpa(16 << 20), &[0; 4096]).unwrap_err();
+        assert!(
+            e.to_string().contains("outside guest memory (0x0..0x1000000)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(GuestRam::new(0, None), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(
+            GuestRam::new(4097, None),
+            Err(MemoryError::BadSize { .. })
+        ));
+        assert!(matches!(
+            GuestRam::new(1 << 20, Some(2 << 30)),
+            Err(MemoryError::RomTooLarge { .. })
+        ));
+    }
+}

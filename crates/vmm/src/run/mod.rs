@@ -1,0 +1,161 @@
+//! `vmm run`: create a confidential VM on a backend chosen at run time, load and launch its
+//! guest, run it to completion, tear it down, and report what happened to every vCPU's VMSA.
+//!
+//! - [`scenario`]: the built-in guests and guest files;
+//! - [`memory`]: the VMM's guest memory (vm-memory) the image is loaded into;
+//! - [`dispatch`]: the simulator's vCPU and control loop on event-manager;
+//! - `sim` / `kvm`: the two backends;
+//! - [`history`] and [`report`]: the summary, for people or as JSON;
+//! - [`progress`]: the progress bar of long runs.
+
+use std::path::PathBuf;
+
+use vmsa_core::VmKind;
+
+use crate::measure::vcpu_types::VcpuType;
+use crate::measure::{MeasureError, VcpuCount};
+use crate::size::ByteSize;
+
+pub mod dispatch;
+pub mod history;
+mod kvm;
+pub mod memory;
+pub mod progress;
+pub mod report;
+pub mod scenario;
+mod sim;
+
+pub use report::RunSummary;
+pub use scenario::GuestSpec;
+
+/// Which backend runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// backend-sim's software SEV-SNP machine (runs anywhere).
+    Sim,
+    /// `/dev/kvm` (SEV-SNP where the host has it, else VMSA-image mode).
+    Kvm,
+}
+
+/// The arguments of `vmm run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// The backend: the simulator (default) or /dev/kvm.
+    #[arg(long, value_enum, default_value = "sim")]
+    pub backend: BackendKind,
+    /// Number of vCPUs (1 to 512).
+    #[arg(long, value_name = "N", default_value = "4", allow_negative_numbers = true)]
+    pub vcpus: VcpuCount,
+    /// Guest memory, e.g. 512M, 16G (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    pub memory: ByteSize,
+    /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail, or a JSON
+    /// guest script (simulator).
+    #[arg(long, value_name = "builtin:NAME|FILE", default_value = "builtin:boot")]
+    pub guest: GuestSpec,
+    /// Launch this OVMF image (its pages and SEV metadata are measured; the digest must equal
+    /// `vmm measure`'s). Simulator only.
+    #[arg(long, value_name = "OVMF.fd")]
+    pub firmware: Option<PathBuf>,
+    /// The vCPU model whose CPUID signature the reset VMSAs carry.
+    #[arg(long, value_name = "NAME", default_value = "EPYC-v4")]
+    pub vcpu_type: VcpuType,
+    /// An SEV-ES guest instead of SEV-SNP.
+    #[arg(long, conflicts_with = "snp")]
+    pub sev_es: bool,
+    /// An SEV-SNP guest (the default).
+    #[arg(long)]
+    pub snp: bool,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the simulator's timeline as Chrome trace-event JSON (opens in ui.perfetto.dev).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Override the simulator's cycle costs from a TOML or JSON file.
+    #[arg(long, value_name = "FILE")]
+    pub costs: Option<PathBuf>,
+    /// Inject failures into the simulator: OP[:PAGE_TYPE]:N=CODE[,...], e.g.
+    /// snp_launch_update:vmsa:2=INVALID_PAGE_STATE.
+    #[arg(long, value_name = "SPEC")]
+    pub fault: Option<String>,
+}
+
+/// Why `vmm run` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A bad argument or input file (exit code 2).
+    #[error("{0}")]
+    Input(String),
+    /// The firmware could not be used.
+    #[error(transparent)]
+    Measure(#[from] MeasureError),
+    /// Guest memory could not be set up or does not hold the image.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// The guest could not be prepared.
+    #[error(transparent)]
+    Scenario(#[from] scenario::ScenarioError),
+    /// vmsa-core refused a step.
+    #[error("vmsa-core: {0}")]
+    Core(#[from] vmsa_core::Error<backend_sim::SimError>),
+    /// The simulator failed.
+    #[error("simulator: cannot {what}: {source}")]
+    Sim {
+        /// What was attempted.
+        what: &'static str,
+        /// The simulator's error.
+        #[source]
+        source: backend_sim::SimError,
+    },
+    /// The KVM backend failed.
+    #[error("kvm: {0}")]
+    Kvm(#[from] backend_kvm::RunError),
+    /// An output could not be written, or the event loop failed.
+    #[error("{0}")]
+    Output(String),
+}
+
+impl RunError {
+    fn sim(what: &'static str) -> impl FnOnce(backend_sim::SimError) -> Self {
+        move |source| Self::Sim { what, source }
+    }
+
+    /// 2 for bad arguments or inputs, 1 for failures of the run itself.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Input(_) | Self::Measure(_) | Self::Memory(_) | Self::Scenario(_) => 2,
+            Self::Kvm(backend_kvm::RunError::Config { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// An error with its causes, `outer: inner: innermost` (thiserror messages do not repeat their
+/// source, so a one-line report must walk the chain).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Run a guest as `args` ask and summarise it.
+pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
+    let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
+    let progress = progress::Progress::new(!args.json);
+    match args.backend {
+        BackendKind::Sim => {
+            let scenario = scenario::Scenario::new(&args.guest, args.vcpus.get(), kind)?;
+            sim::run(args, kind, &scenario, &progress)
+        }
+        BackendKind::Kvm => kvm::run(args, progress),
+    }
+}

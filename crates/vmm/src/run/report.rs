@@ -1,0 +1,334 @@
+//! What `vmm run` reports: one summary, printed for people or as one JSON document.
+
+use std::fmt::Write as _;
+
+use backend_sim::CostReport;
+use backend_sim::guest::{ActionOutcome, PhaseReport, ScriptReport};
+use serde::Serialize;
+use vmsa_core::LaunchState;
+
+use super::dispatch::LoopStats;
+use super::history::{Ledger, render_steps};
+
+/// How the launch went.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LaunchSummary {
+    /// `Finished` or `Failed`.
+    pub state: LaunchState,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Whether the scenario makes it fail on purpose.
+    pub expected_failure: bool,
+    /// What was launched.
+    pub image: String,
+    /// Data pages measured.
+    pub data_pages: u64,
+    /// VMSAs (one per vCPU).
+    pub vmsas: u32,
+    /// The launch digest the firmware computed (hex), if the launch got that far.
+    pub digest: Option<String>,
+    /// The digest `vmm measure` predicts for this firmware (with `--firmware`).
+    pub expected_digest: Option<String>,
+    /// Whether they agree (with `--firmware`).
+    pub digest_matches: Option<bool>,
+    /// The guest policy.
+    pub policy: u64,
+}
+
+/// What the guest did on the simulator.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GuestRunSummary {
+    /// Actions executed.
+    pub actions: usize,
+    /// Actions that failed (the guest saw an error).
+    pub failed: usize,
+    /// The failures.
+    pub failures: Vec<ActionOutcome>,
+    /// Successful VMRUNs.
+    pub vmruns: u64,
+    /// AP-creation requests accepted.
+    pub ap_requests: u64,
+    /// AP-creation requests refused (GHCB error to the guest).
+    pub ap_refused: u64,
+    /// Simulated cycles of the guest's run.
+    pub cycles: u64,
+    /// The event loop's counters.
+    pub event_loop: LoopStats,
+}
+
+impl GuestRunSummary {
+    /// From the runner's report and the loop's counters.
+    pub fn new(r: ScriptReport, event_loop: LoopStats) -> Self {
+        Self {
+            actions: r.outcomes.len(),
+            failed: r.failed,
+            failures: r.failures().into_iter().cloned().collect(),
+            vmruns: r.vmruns,
+            ap_requests: r.ap_requests,
+            ap_refused: r.ap_refused,
+            cycles: r.cycles,
+            event_loop,
+        }
+    }
+}
+
+/// What tearing down left behind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TeardownSummary {
+    /// vCPUs torn down.
+    pub vcpus: usize,
+    /// Host VMSA pages leaked on purpose.
+    pub vmsas_leaked: usize,
+    /// Guest memory frames returned to the host.
+    pub guest_frames_released: u64,
+    /// Guest memory frames that could not be returned.
+    pub guest_frames_leaked: u64,
+    /// Host frames still allocated after teardown (not counting those leaked on purpose).
+    pub frames_still_allocated: u64,
+    /// Host frames kept out of circulation on purpose.
+    pub frames_leaked_on_purpose: u64,
+    /// Why destroying the guest failed.
+    pub error: Option<String>,
+}
+
+/// The summary of one `vmm run`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    /// `sim` or `kvm`.
+    pub backend: &'static str,
+    /// `SEV-SNP`, `SEV-ES` or `VMSA-image`.
+    pub mode: String,
+    /// Why this mode (KVM: what the host lacks for SNP).
+    pub mode_reason: Option<String>,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Where guest memory and the firmware ROM sit.
+    pub memory_layout: String,
+    /// `--guest` as given.
+    pub guest: String,
+    /// The guest's name.
+    pub scenario: String,
+    /// Whether the run did what it should (see `problems`).
+    pub ok: bool,
+    /// Why not.
+    pub problems: Vec<String>,
+    /// Things to know that are not failures.
+    pub warnings: Vec<String>,
+    /// The launch.
+    pub launch: LaunchSummary,
+    /// Per-vCPU VMSA ownership histories, leaks and warnings.
+    pub ownership: Ledger,
+    /// What the guest did (absent if the launch failed).
+    pub guest_run: Option<GuestRunSummary>,
+    /// Host accesses refused with an RMP fault.
+    pub rmp_faults: u64,
+    /// Failures injected (rules that fired).
+    pub faults_injected: Vec<String>,
+    /// Simulated cycles per phase (create, launch, run, teardown).
+    pub phases: Vec<PhaseReport>,
+    /// Per-operation counts and cycles.
+    pub costs: Option<CostReport>,
+    /// Teardown.
+    pub teardown: TeardownSummary,
+    /// The Perfetto timeline written, if any.
+    pub trace: Option<String>,
+    /// The KVM backend's own report.
+    pub kvm: Option<backend_kvm::RunReport>,
+}
+
+impl RunSummary {
+    /// Decide `ok`: the launch ended as the scenario meant, nothing leaked and no RMP fault
+    /// happened unless failures were injected, a firmware launch reproduced the predicted
+    /// digest, every host frame came back, and a built-in guest saw no error.
+    pub fn judge(&mut self, injected: bool, builtin: bool) {
+        let mut p = std::mem::take(&mut self.problems);
+        match (self.launch.state, self.launch.expected_failure) {
+            (LaunchState::Finished, true) => p.push("the launch was meant to fail but finished".into()),
+            (LaunchState::Finished, false) => {}
+            (_, true) => {}
+            (_, false) => p.push(format!(
+                "the launch failed: {}",
+                self.launch.error.as_deref().unwrap_or("unknown error")
+            )),
+        }
+        if self.launch.digest_matches == Some(false) {
+            p.push(format!(
+                "launch digest {} differs from the predicted {}",
+                self.launch.digest.as_deref().unwrap_or("(none)"),
+                self.launch.expected_digest.as_deref().unwrap_or("(none)")
+            ));
+        }
+        if !injected {
+            if !self.ownership.leaks.is_empty() {
+                p.push(format!(
+                    "{} pages leaked without any injected fault",
+                    self.ownership.leaks.len()
+                ));
+            }
+            if self.rmp_faults != 0 {
+                p.push(format!(
+                    "{} RMP faults without any injected fault",
+                    self.rmp_faults
+                ));
+            }
+        }
+        if !self.ownership.warnings.is_empty() {
+            p.push(format!("{} vmsa-core warnings", self.ownership.warnings.len()));
+        }
+        let unreturned = self.teardown.frames_still_allocated;
+        if unreturned != 0 {
+            p.push(format!(
+                "{unreturned} host frames neither freed nor reported leaked"
+            ));
+        }
+        if let Some(e) = &self.teardown.error {
+            p.push(format!("destroying the guest failed: {e}"));
+        }
+        if builtin
+            && let Some(g) = &self.guest_run
+            && g.failed != 0
+        {
+            p.push(format!("{} guest actions failed", g.failed));
+        }
+        self.ok = p.is_empty();
+        self.problems = p;
+    }
+
+    /// The summary for people.
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        let _ = self.write_text(&mut s);
+        s
+    }
+
+    fn write_text(&self, s: &mut String) -> std::fmt::Result {
+        writeln!(
+            s,
+            "vmm run: {} guest '{}' on the {} backend: {} vCPUs, {} MiB",
+            self.mode,
+            self.scenario,
+            self.backend,
+            self.vcpus,
+            self.memory >> 20
+        )?;
+        if let Some(r) = &self.mode_reason {
+            writeln!(s, "  mode: {r}")?;
+        }
+        let l = &self.launch;
+        writeln!(
+            s,
+            "launch: {}{} ({} data pages + {} VMSAs from {})",
+            l.state,
+            if l.expected_failure {
+                " (failure injected on purpose)"
+            } else {
+                ""
+            },
+            l.data_pages,
+            l.vmsas,
+            l.image
+        )?;
+        if let Some(e) = &l.error {
+            writeln!(s, "  error: {e}")?;
+        }
+        if let Some(d) = &l.digest {
+            writeln!(s, "  launch digest: {d}")?;
+        }
+        if let (Some(e), Some(m)) = (&l.expected_digest, l.digest_matches) {
+            writeln!(
+                s,
+                "  predicted:     {e} ({})",
+                if m { "matches" } else { "DIFFERS" }
+            )?;
+        }
+        writeln!(s, "VMSA ownership:")?;
+        for h in &self.ownership.vcpus {
+            writeln!(s, "  vCPU {:>3}: {}", h.vcpu, render_steps(&h.steps))?;
+        }
+        writeln!(
+            s,
+            "  {} AP-creation requests accepted, {} 2 MiB-aligned pages refused (erratum 1467)",
+            self.ownership.ap_requests, self.ownership.erratum_1467_refusals
+        )?;
+        if let Some(g) = &self.guest_run {
+            writeln!(
+                s,
+                "guest: {} actions, {} failed, {} VMRUNs, {} AP requests accepted / {} refused",
+                g.actions, g.failed, g.vmruns, g.ap_requests, g.ap_refused
+            )?;
+            for f in &g.failures {
+                writeln!(
+                    s,
+                    "  action #{} {} on vCPU {}: {}",
+                    f.index,
+                    f.action,
+                    f.vcpu,
+                    f.error.as_deref().unwrap_or("")
+                )?;
+            }
+        }
+        writeln!(s, "leaks: {}", self.ownership.leaks.len())?;
+        for leak in &self.ownership.leaks {
+            writeln!(s, "  pfn {} ({:?}): {}", leak.pfn, leak.reason, leak.detail)?;
+        }
+        writeln!(s, "RMP faults: {}", self.rmp_faults)?;
+        if !self.faults_injected.is_empty() {
+            writeln!(s, "faults injected: {}", self.faults_injected.join(", "))?;
+        }
+        if !self.phases.is_empty() {
+            let phases: Vec<String> = self
+                .phases
+                .iter()
+                .map(|p| format!("{} {} cycles ({:.1} µs)", p.name, p.cycles, p.us))
+                .collect();
+            writeln!(s, "phases: {}", phases.join(", "))?;
+        }
+        if let Some(c) = &self.costs {
+            writeln!(
+                s,
+                "simulated time: {} cycles ({:.3} ms at {:.1} GHz)",
+                c.total_cycles,
+                c.total_us / 1000.0,
+                c.clock_hz / 1e9
+            )?;
+        }
+        let t = &self.teardown;
+        writeln!(
+            s,
+            "teardown: {} vCPUs, {} VMSAs leaked, {} guest frames released, {} host frames left ({} leaked on purpose)",
+            t.vcpus,
+            t.vmsas_leaked,
+            t.guest_frames_released,
+            t.frames_still_allocated,
+            t.frames_leaked_on_purpose
+        )?;
+        if let Some(k) = &self.kvm {
+            let e = &k.exits;
+            writeln!(
+                s,
+                "kvm: {} exits ({} I/O, {} GHCB doorbells), {} VMSA loads; setup {} µs, launch {} µs, run {} µs, teardown {} µs",
+                e.total,
+                e.io,
+                e.doorbells,
+                k.vcpu_records.iter().map(|r| r.vmsa_loads).sum::<u32>(),
+                k.timings.setup_us,
+                k.timings.launch_us,
+                k.timings.run_us,
+                k.timings.teardown_us
+            )?;
+        }
+        if let Some(t) = &self.trace {
+            writeln!(s, "trace: {t} (open in ui.perfetto.dev)")?;
+        }
+        for w in &self.warnings {
+            writeln!(s, "warning: {w}")?;
+        }
+        if self.ok {
+            writeln!(s, "result: ok")
+        } else {
+            writeln!(s, "result: FAILED: {}", self.problems.join("; "))
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The built-in guests of `vmm run --guest builtin:NAME`, and guests loaded from files.
+//!
+//! A built-in is a scripted guest for the simulator (the guest side of every GHCB path, see
+//! `backend_sim::guest`), sometimes with failures to inject, and what its run must show. On the
+//! KVM backend the names map to the real guest programs of `backend_kvm` where one exists.
+
+use std::path::{Path, PathBuf};
+
+use backend_sim::guest::{GuestAction, GuestScript, smp_boot_vmsa_gpa};
+use backend_sim::{FaultPlan, PageSize};
+use vmsa_core::{PAGE_SIZE, PMD_SIZE, VmKind};
+
+/// Where the built-in guests put their AP VMSAs: 2 MiB up, one 2 MiB region per AP.
+const VMSA_BASE: u64 = PMD_SIZE;
+
+/// How many create/destroy rounds `ap-churn` runs per AP.
+pub const CHURN_ROUNDS: u32 = 8;
+
+/// The built-in guests, with a line on what each shows.
+pub const BUILTINS: &[(&str, &str)] = &[
+    (
+        "boot",
+        "the BSP launches from a host VMSA and creates every AP from a VMSA it builds itself",
+    ),
+    ("ap-churn", "APs created, destroyed and re-created many times"),
+    (
+        "reset",
+        "AP_CREATE_ON_INIT: the requested VMSA waits until INIT, then replaces the running one",
+    ),
+    (
+        "launch-fail",
+        "the firmware refuses the last vCPU's VMSA at launch; the page is reclaimed, nothing leaks",
+    ),
+];
+
+/// What `--guest` named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestSpec {
+    /// `builtin:NAME`.
+    Builtin(String),
+    /// A JSON guest script.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for GuestSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("builtin:") {
+            Some(name) if BUILTINS.iter().any(|(n, _)| *n == name) => Ok(Self::Builtin(name.into())),
+            Some(name) => Err(format!(
+                "'builtin:{name}' is not a built-in guest (known: {})",
+                names()
+            )),
+            None if s.is_empty() => Err("the guest file name is empty".into()),
+            None => Ok(Self::File(PathBuf::from(s))),
+        }
+    }
+}
+
+impl std::fmt::Display for GuestSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Builtin(n) => write!(f, "builtin:{n}"),
+            Self::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+fn names() -> String {
+    BUILTINS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+/// A guest ready to run on the simulator.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Its name (the built-in's, or the script's / file's).
+    pub name: String,
+    /// The guest's actions.
+    pub script: GuestScript,
+    /// Failures the run injects.
+    pub faults: FaultPlan,
+    /// Whether the launch is meant to fail (the run then shows the recovery, not the guest).
+    pub expect_launch_failure: bool,
+    /// The least guest memory the script touches, in bytes.
+    pub min_memory: u64,
+}
+
+/// Why a guest cannot run as asked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScenarioError {
+    /// The built-in needs more vCPUs.
+    #[error("builtin:{name} needs at least {min} vCPUs (got --vcpus {got})")]
+    TooFewVcpus {
+        /// The built-in.
+        name: String,
+        /// Its minimum.
+        min: u32,
+        /// What was asked.
+        got: u32,
+    },
+    /// The built-in needs SEV-SNP.
+    #[error(
+        "builtin:{name} needs an SEV-SNP guest (AP creation and the RMP are SNP features); drop --sev-es"
+    )]
+    NeedsSnp {
+        /// The built-in.
+        name: String,
+    },
+    /// The script file could not be used.
+    #[error("{0}")]
+    Script(String),
+}
+
+impl Scenario {
+    /// The guest `spec` names, for `vcpus` vCPUs of a `kind` guest.
+    pub fn new(spec: &GuestSpec, vcpus: u32, kind: VmKind) -> Result<Self, ScenarioError> {
+        match spec {
+            GuestSpec::File(path) => Self::from_file(path),
+            GuestSpec::Builtin(name) => Self::builtin(name, vcpus, kind),
+        }
+    }
+
+    fn from_file(path: &Path) -> Result<Self, ScenarioError> {
+        let script = GuestScript::from_file(path).map_err(|e| ScenarioError::Script(e.to_string()))?;
+        if script.actions.is_empty() {
+            return Err(ScenarioError::Script(format!(
+                "guest script {}: it has no actions",
+                path.display()
+            )));
+        }
+        let name = if script.name.is_empty() {
+            path.file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+        } else {
+            script.name.clone()
+        };
+        Ok(Self {
+            name,
+            script,
+            faults: FaultPlan::default(),
+            expect_launch_failure: false,
+            min_memory: 0,
+        })
+    }
+
+    fn builtin(name: &str, vcpus: u32, kind: VmKind) -> Result<Self, ScenarioError> {
+        let need = |min: u32| {
+            if vcpus < min {
+                Err(ScenarioError::TooFewVcpus {
+                    name: name.into(),
+                    min,
+                    got: vcpus,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let snp = || {
+            if kind == VmKind::Snp {
+                Ok(())
+            } else {
+                Err(ScenarioError::NeedsSnp { name: name.into() })
+            }
+        };
+        let min_memory = (u64::from(vcpus) + 1) * PMD_SIZE;
+        let mut faults = FaultPlan::default();
+        let (script, expect_launch_failure) = match name {
+            // SEV-ES guests have no AP creation: their APs run from launched host VMSAs, so
+            // the SEV-ES boot is the BSP's.
+            "boot" if kind == VmKind::SevEs => (
+                GuestScript {
+                    name: "boot".into(),
+                    actions: vec![GuestAction::Run { vcpu: 0 }, GuestAction::Hlt { vcpu: 0 }],
+                },
+                false,
+            ),
+            "boot" => (named("boot", GuestScript::smp_boot(vcpus, VMSA_BASE)), false),
+            "ap-churn" => {
+                need(2)?;
+                snp()?;
+                (ap_churn(vcpus, CHURN_ROUNDS), false)
+            }
+            "reset" => {
+                need(2)?;
+                snp()?;
+                (reset(vcpus), false)
+            }
+            "launch-fail" => {
+                snp()?;
+                let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
+                faults = spec
+                    .parse()
+                    .map_err(|e: backend_sim::FaultSpecError| ScenarioError::Script(e.to_string()))?;
+                (
+                    named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
+                    true,
+                )
+            }
+            other => {
+                return Err(ScenarioError::Script(format!(
+                    "'builtin:{other}' is not a built-in guest (known: {})",
+                    names()
+                )));
+            }
+        };
+        Ok(Self {
+            name: name.into(),
+            script,
+            faults,
+            expect_launch_failure,
+            min_memory,
+        })
+    }
+}
+
+fn named(name: &str, mut s: GuestScript) -> GuestScript {
+    s.name = name.into();
+    s
+}
+
+/// The BSP validates a page for `ap`'s VMSA, writes the VMSA there and RMPADJUSTs it into one.
+fn prepare_vmsa(a: &mut Vec<GuestAction>, gpa: u64, rip: u64) {
+    a.push(GuestAction::Pvalidate {
+        vcpu: 0,
+        gpa,
+        pages: 1,
+        size: PageSize::Size4K,
+        validate: true,
+    });
+    a.push(GuestAction::WriteVmsa {
+        vcpu: 0,
+        gpa,
+        rip,
+        rsp: 0x8_0000,
+        sev_features: None,
+    });
+    a.push(GuestAction::MakeVmsa {
+        vcpu: 0,
+        gpa,
+        vmsa: true,
+    });
+}
+
+/// The BSP takes a VMSA page out of service: RMPADJUST clears the VMSA bit, PVALIDATE rescinds.
+fn retire_vmsa(a: &mut Vec<GuestAction>, gpa: u64) {
+    a.push(GuestAction::MakeVmsa {
+        vcpu: 0,
+        gpa,
+        vmsa: false,
+    });
+    a.push(GuestAction::Pvalidate {
+        vcpu: 0,
+        gpa,
+        pages: 1,
+        size: PageSize::Size4K,
+        validate: false,
+    });
+}
+
+/// `ap-churn`: every round, each AP gets a fresh VMSA (alternating between two pages of its
+/// region), runs, halts and is destroyed; the old page is retired before it is reused.
+fn ap_churn(vcpus: u32, rounds: u32) -> GuestScript {
+    let mut a = Vec::new();
+    for round in 0..rounds {
+        for ap in 1..vcpus {
+            let gpa = smp_boot_vmsa_gpa(VMSA_BASE, ap) + u64::from(round % 2) * PAGE_SIZE;
+            prepare_vmsa(&mut a, gpa, 0x10_0000 + u64::from(round) * 0x10);
+            a.push(GuestAction::ApCreate {
+                vcpu: 0,
+                apic_id: ap,
+                gpa,
+                on_init: false,
+                sev_features: None,
+            });
+            a.push(GuestAction::Run { vcpu: ap });
+            a.push(GuestAction::Hlt { vcpu: ap });
+            a.push(GuestAction::ApDestroy { vcpu: 0, apic_id: ap });
+            retire_vmsa(&mut a, gpa);
+        }
+    }
+    a.push(GuestAction::Hlt { vcpu: 0 });
+    GuestScript {
+        name: "ap-churn".into(),
+        actions: a,
+    }
+}
+
+/// `reset`: AP 1 is created with CREATE_ON_INIT and starts only at the INIT the BSP sends;
+/// then, while it runs, a second CREATE_ON_INIT names another VMSA, which replaces the running
+/// one at the next INIT. The other APs boot normally. Finally every AP is destroyed.
+fn reset(vcpus: u32) -> GuestScript {
+    let mut a = Vec::new();
+    let first = smp_boot_vmsa_gpa(VMSA_BASE, 1);
+    let second = first + PAGE_SIZE;
+    prepare_vmsa(&mut a, first, 0x10_0000);
+    a.push(GuestAction::ApCreate {
+        vcpu: 0,
+        apic_id: 1,
+        gpa: first,
+        on_init: true,
+        sev_features: None,
+    });
+    a.push(GuestAction::SendInit { vcpu: 0, apic_id: 1 });
+    a.push(GuestAction::Run { vcpu: 1 });
+    prepare_vmsa(&mut a, second, 0x20_0000);
+    a.push(GuestAction::ApCreate {
+        vcpu: 0,
+        apic_id: 1,
+        gpa: second,
+        on_init: true,
+        sev_features: None,
+    });
+    a.push(GuestAction::Run { vcpu: 1 });
+    a.push(GuestAction::SendInit { vcpu: 0, apic_id: 1 });
+    a.push(GuestAction::Run { vcpu: 1 });
+    a.push(GuestAction::Hlt { vcpu: 1 });
+    for ap in 2..vcpus {
+        let gpa = smp_boot_vmsa_gpa(VMSA_BASE, ap);
+        prepare_vmsa(&mut a, gpa, 0x10_0000);
+        a.push(GuestAction::ApCreate {
+            vcpu: 0,
+            apic_id: ap,
+            gpa,
+            on_init: false,
+            sev_features: None,
+        });
+        a.push(GuestAction::Hlt { vcpu: ap });
+    }
+    for ap in 1..vcpus {
+        a.push(GuestAction::ApDestroy { vcpu: 0, apic_id: ap });
+    }
+    retire_vmsa(&mut a, first);
+    retire_vmsa(&mut a, second);
+    a.push(GuestAction::Hlt { vcpu: 0 });
+    GuestScript {
+        name: "reset".into(),
+        actions: a,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_name_the_known_builtins() {
+        assert_eq!(
+            "builtin:boot".parse::<GuestSpec>(),
+            Ok(GuestSpec::Builtin("boot".into()))
+        );
+        assert_eq!(
+            "g.json".parse::<GuestSpec>(),
+            Ok(GuestSpec::File("g.json".into()))
+        );
+        let e = "builtin:doom".parse::<GuestSpec>().unwrap_err();
+        assert!(e.contains("boot, ap-churn, reset, launch-fail"), "{e}");
+    }
+
+    #[test]
+    fn builtins_check_their_needs() {
+        let spec = GuestSpec::Builtin("ap-churn".into());
+        assert_eq!(
+            Scenario::new(&spec, 1, VmKind::Snp).unwrap_err(),
+            ScenarioError::TooFewVcpus {
+                name: "ap-churn".into(),
+                min: 2,
+                got: 1
+            }
+        );
+        assert!(matches!(
+            Scenario::new(&spec, 4, VmKind::SevEs),
+            Err(ScenarioError::NeedsSnp { .. })
+        ));
+        let fail = Scenario::new(&GuestSpec::Builtin("launch-fail".into()), 4, VmKind::Snp).unwrap();
+        assert!(fail.expect_launch_failure);
+        assert_eq!(fail.faults.pending().len(), 1);
+    }
+
+    #[test]
+    fn churn_alternates_pages_and_never_uses_a_2m_aligned_vmsa() {
+        let s = ap_churn(3, 4);
+        let creates: Vec<u64> = s
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                GuestAction::ApCreate { gpa, apic_id: 1, .. } => Some(*gpa),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(creates.len(), 4);
+        assert_ne!(creates[0], creates[1]);
+        assert_eq!(creates[0], creates[2]);
+        assert!(creates.iter().all(|g| g % PMD_SIZE != 0));
+    }
+}

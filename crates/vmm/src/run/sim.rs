@@ -1,0 +1,347 @@
+//! `vmm run --backend sim`: the whole life of a confidential guest on backend-sim's SEV-SNP
+//! machine, driven through vmsa-core: create the vCPUs and their host VMSAs, load the guest
+//! image into the VMM's memory, launch it (every page measured by the simulated firmware), run
+//! the scripted guest on the event loop, tear down, and report.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend_sim::guest::{PhaseReport, Runner};
+use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, SimPlatform};
+use vmsa_core::{
+    EventLog, Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VcpuId, Vm, VmConfig, VmKind,
+};
+
+use super::dispatch;
+use super::history::Ledger;
+use super::memory::GuestRam;
+use super::progress::Progress;
+use super::report::{GuestRunSummary, LaunchSummary, RunSummary, TeardownSummary};
+use super::scenario::Scenario;
+use super::{RunArgs, RunError};
+use crate::measure::command::{plan_input, read_firmware};
+use crate::measure::plan::UpdateSource;
+use crate::measure::reset::{BSP_EIP, reset_vmsa};
+use crate::measure::vmm_types::VmmType;
+use crate::measure::{DataUpdate, LaunchPlan, MeasureError, PlanConfig, VcpuCount};
+
+/// Where the stand-in image of a guest without `--firmware` is loaded, and how big it is.
+const SYNTHETIC_IMAGE_GPA: u64 = 0x10_0000;
+const SYNTHETIC_IMAGE_LEN: u64 = 64 << 10;
+/// The byte the stand-in image is made of (`HLT`).
+const HLT: u8 = 0xf4;
+/// The policies the launches use: QEMU's defaults (SNP: SMT allowed + reserved bit 17;
+/// SEV-ES: NODBG + ES).
+const SNP_POLICY: u64 = SNP_POLICY_RSVD_MBO | (1 << 16);
+const SEV_ES_POLICY: u64 = 0x5;
+/// How long a scripted guest may run (wall clock) before the watchdog stops it.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// What the launch measures: data pages, the VMSA register state per vCPU, and (with a
+/// firmware) the digest `vmm measure` predicts for it.
+struct Image {
+    source: String,
+    updates: Vec<DataUpdate>,
+    vmsas: Vec<Box<SevEsSaveArea>>,
+    config: VmConfig,
+    expected: Option<String>,
+    warnings: Vec<String>,
+}
+
+impl Image {
+    /// The launch of an OVMF image: the same plan `vmm measure` digests.
+    fn firmware(path: &Path, kind: VmKind, vcpus: VcpuCount, args: &RunArgs) -> Result<Self, RunError> {
+        let ovmf = read_firmware(path)?;
+        let config = PlanConfig {
+            kind,
+            vcpus,
+            vcpu_sig: args.vcpu_type.signature(),
+            vmm_type: VmmType::Qemu,
+            guest_features: match kind {
+                VmKind::Snp => vmsa_core::layout::SEV_FEAT_SNP_ACTIVE,
+                VmKind::SevEs => 0,
+            },
+        };
+        let plan = LaunchPlan::build(&ovmf, &config, None).map_err(|source| MeasureError::Plan {
+            input: plan_input(&source, path),
+            source,
+        })?;
+        Ok(Self {
+            source: path.display().to_string(),
+            updates: plan.data_updates().cloned().collect(),
+            vmsas: plan.vmsas().map(|v| v.save_area.clone()).collect(),
+            config: plan.vm_config(),
+            expected: Some(plan.measure().hex()),
+            warnings: plan.warnings().to_vec(),
+        })
+    }
+
+    /// A guest without firmware: a 64 KiB stand-in image of HLT instructions at 1 MiB, and the
+    /// x86 reset state QEMU gives every vCPU.
+    fn synthetic(kind: VmKind, vcpus: u32, args: &RunArgs) -> Self {
+        let (config, features) = match kind {
+            VmKind::Snp => (VmConfig::snp(0), vmsa_core::layout::SEV_FEAT_SNP_ACTIVE),
+            VmKind::SevEs => (VmConfig::sev_es(0), 0),
+        };
+        let vmsa = reset_vmsa(BSP_EIP, features, args.vcpu_type.signature(), VmmType::Qemu);
+        Self {
+            source: format!(
+                "built-in {} KiB HLT image at {SYNTHETIC_IMAGE_GPA:#x}",
+                SYNTHETIC_IMAGE_LEN >> 10
+            ),
+            updates: vec![DataUpdate {
+                gpa: Gpa(SYNTHETIC_IMAGE_GPA),
+                len: SYNTHETIC_IMAGE_LEN,
+                page_type: SnpPageType::Normal,
+                contents: Some(vec![HLT; SYNTHETIC_IMAGE_LEN as usize]),
+                source: UpdateSource::Firmware,
+            }],
+            vmsas: (0..vcpus).map(|_| vmsa.clone()).collect(),
+            config,
+            expected: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    fn pages(&self) -> u64 {
+        self.updates
+            .iter()
+            .map(|d| d.len.div_ceil(vmsa_core::PAGE_SIZE))
+            .sum()
+    }
+}
+
+/// Load the image into guest memory: the launch reads it back from there, as KVM reads
+/// `SNP_LAUNCH_UPDATE`'s `uaddr`.
+fn load(ram: &GuestRam, image: &Image) -> Result<(), RunError> {
+    for d in &image.updates {
+        let what = format!("{} of the launch image", d.source);
+        match &d.contents {
+            Some(bytes) => ram.load(&what, d.gpa, bytes)?,
+            None => ram.require(&what, d.gpa, d.len)?,
+        }
+    }
+    Ok(())
+}
+
+/// Launch: start, every data update (contents read from guest memory), the VMSAs, finish.
+fn launch(
+    vm: &mut Vm<SimPlatform>,
+    ram: &GuestRam,
+    image: &Image,
+    progress: &Progress,
+) -> Result<(), RunError> {
+    let kind = vm.config().kind;
+    vm.launch_start(match kind {
+        VmKind::Snp => SNP_POLICY,
+        VmKind::SevEs => SEV_ES_POLICY,
+    })?;
+    for d in &image.updates {
+        progress.message(format!("{} at {}", d.source, d.gpa));
+        let bytes = match d.page_type {
+            SnpPageType::Zero => None,
+            _ => Some(ram.read(&d.source.to_string(), d.gpa, d.len)?),
+        };
+        vm.launch_update_data(d.gpa, d.len, d.page_type, bytes.as_deref())?;
+        progress.inc(d.len.div_ceil(vmsa_core::PAGE_SIZE));
+    }
+    progress.message("VMSAs");
+    if kind == VmKind::SevEs {
+        vm.launch_update_vmsas()?;
+    }
+    vm.launch_finish([0; 32])?;
+    progress.inc(vm.vcpu_ids().len() as u64);
+    Ok(())
+}
+
+/// Run `scenario` on the simulator as `args` ask.
+pub(super) fn run(
+    args: &RunArgs,
+    kind: VmKind,
+    scenario: &Scenario,
+    progress: &Progress,
+) -> Result<RunSummary, RunError> {
+    let vcpus = args.vcpus.get();
+    // Every input is checked before anything is created.
+    let costs = match &args.costs {
+        Some(p) => {
+            CostModel::from_file(p).map_err(|e| RunError::Input(format!("--costs {}: {e}", p.display())))?
+        }
+        None => CostModel::default(),
+    };
+    let mut faults = scenario.faults.clone();
+    if let Some(spec) = &args.fault {
+        let extra: FaultPlan = spec
+            .parse()
+            .map_err(|e: backend_sim::FaultSpecError| RunError::Input(format!("--fault: {e}")))?;
+        for rule in extra.pending() {
+            faults.add(*rule);
+        }
+    }
+    let injecting = !faults.pending().is_empty();
+    if let Some(trace) = &args.trace {
+        let dir = trace
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(RunError::Input(format!(
+                "--trace {}: the directory {} does not exist",
+                trace.display(),
+                dir.display()
+            )));
+        }
+    }
+    let image = match &args.firmware {
+        Some(path) => Image::firmware(path, kind, args.vcpus, args)?,
+        None => Image::synthetic(kind, vcpus, args),
+    };
+    let memory = args.memory.bytes();
+    if memory < scenario.min_memory {
+        return Err(RunError::Input(format!(
+            "--memory {}: {} needs at least {} of guest memory for its VMSA and data pages",
+            args.memory,
+            args.guest,
+            crate::size::ByteSize::new(scenario.min_memory)
+        )));
+    }
+    let rom = args.firmware.as_ref().map(|_| {
+        image
+            .updates
+            .iter()
+            .filter(|d| d.source == UpdateSource::Firmware)
+            .map(|d| d.len)
+            .sum()
+    });
+    let ram = GuestRam::new(memory, rom)?;
+    load(&ram, &image)?;
+
+    let machine = Machine::new(MachineConfig {
+        costs: costs.clone(),
+        faults,
+        trace: args.trace.is_some(),
+        ..MachineConfig::default()
+    });
+    let events = Arc::new(EventLog::new());
+    let mut phases = Vec::new();
+    let mut mark = |name: &'static str, start: u64| {
+        let end = machine.now();
+        machine.mark_phase(name, start, end);
+        phases.push(PhaseReport {
+            name,
+            cycles: end - start,
+            us: costs.micros(end - start),
+        });
+        end
+    };
+
+    let t0 = machine.now();
+    let platform = machine
+        .create_guest(kind)
+        .map_err(RunError::sim("create the guest"))?;
+    for r in ram.regions() {
+        platform
+            .add_memslot(r.gpa, r.len)
+            .map_err(RunError::sim("add guest memory"))?;
+    }
+    let mut vm = Vm::new(platform.clone(), image.config, events.clone());
+    let created = (0..vcpus).try_for_each(|i| {
+        vm.create_vcpu(VcpuId(i))?;
+        vm.set_registers(VcpuId(i), &image.vmsas[i as usize])
+    });
+    let t1 = mark("create", t0);
+
+    progress.phase("launch", image.pages() + u64::from(vcpus));
+    let launched = created
+        .map_err(RunError::from)
+        .and_then(|()| launch(&mut vm, &ram, &image, progress));
+    let t2 = mark("launch", t1);
+    let digest = platform.launch_digest().map(|d| d.hex());
+
+    let mut guest_run = None;
+    let mut problems = Vec::new();
+    if launched.is_ok() {
+        progress.phase("guest", scenario.script.actions.len() as u64);
+        let runner = Runner::new(&vm).named(&scenario.name);
+        match dispatch::run(runner, &scenario.script, vcpus, WATCHDOG, progress) {
+            Ok((report, loop_stats)) => guest_run = Some(GuestRunSummary::new(report, loop_stats)),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    let t3 = mark("run", t2);
+
+    progress.message("teardown");
+    let teardown = vm.teardown();
+    drop(vm);
+    let destroyed = platform.destroy();
+    mark("teardown", t3);
+    progress.finish();
+
+    if let Some(path) = &args.trace {
+        machine
+            .write_trace(path)
+            .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
+    }
+
+    let stats = machine.stats();
+    let ledger = Ledger::from_events(&events.snapshot());
+    let launch = LaunchSummary {
+        state: if launched.is_ok() {
+            LaunchState::Finished
+        } else {
+            LaunchState::Failed
+        },
+        error: launched.as_ref().err().map(|e| super::error_chain(e)),
+        expected_failure: scenario.expect_launch_failure,
+        image: image.source.clone(),
+        data_pages: image.pages(),
+        vmsas: vcpus,
+        digest_matches: image.expected.as_ref().map(|e| digest.as_ref() == Some(e)),
+        digest,
+        expected_digest: image.expected.clone(),
+        policy: match kind {
+            VmKind::Snp => SNP_POLICY,
+            VmKind::SevEs => SEV_ES_POLICY,
+        },
+    };
+    let teardown = TeardownSummary {
+        vcpus: teardown.vcpus,
+        vmsas_leaked: teardown.leaked,
+        guest_frames_released: destroyed.as_ref().map_or(0, |d| d.frames_released),
+        guest_frames_leaked: destroyed.as_ref().map_or(0, |d| d.frames_leaked),
+        frames_still_allocated: machine.allocated_frames() as u64,
+        frames_leaked_on_purpose: machine.leaked_frames().len() as u64,
+        error: destroyed.err().map(|e| e.to_string()),
+    };
+    let mut summary = RunSummary {
+        backend: "sim",
+        mode: kind.to_string(),
+        mode_reason: None,
+        vcpus,
+        memory,
+        memory_layout: ram.describe(),
+        guest: args.guest.to_string(),
+        scenario: scenario.name.clone(),
+        ok: true,
+        problems,
+        warnings: image.warnings.clone(),
+        launch,
+        ownership: ledger,
+        guest_run,
+        rmp_faults: stats.rmp_faults,
+        faults_injected: machine
+            .fault_plan()
+            .fired()
+            .iter()
+            .map(|r| r.to_string())
+            .collect(),
+        phases,
+        costs: Some(machine.cost_report()),
+        teardown,
+        trace: args.trace.as_ref().map(|p| p.display().to_string()),
+        kvm: None,
+    };
+    summary.judge(injecting, matches!(args.guest, super::GuestSpec::Builtin(_)));
+    Ok(summary)
+}
