@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
 use kvm_ioctls::Kvm;
 use serde::Serialize;
-use vmsa_core::{Event, EventLog, Gpa, Op, VcpuId, Vm, VmConfig, VmsaState};
+use vmsa_core::{Event, EventLog, Gpa, VcpuId, Vm, VmConfig};
 
 use crate::cpuid;
 use crate::error::{Errno, IoctlError};
@@ -199,26 +199,6 @@ fn join(m: &[Missing]) -> String {
     m.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; ")
 }
 
-/// One ownership transition of a vCPU's VMSA (from vmsa-core's events).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Transition {
-    /// What caused it.
-    pub op: Op,
-    /// Before.
-    pub from: VmsaState<vmsa_core::Pfn>,
-    /// After.
-    pub to: VmsaState<vmsa_core::Pfn>,
-}
-
-/// One vCPU's ownership history.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct History {
-    /// The vCPU.
-    pub vcpu: u32,
-    /// Its transitions, in order.
-    pub transitions: Vec<Transition>,
-}
-
 /// An accepted AP-creation request (from vmsa-core's events).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct AcceptedRequest {
@@ -275,8 +255,8 @@ pub struct RunReport {
     pub timed_out: bool,
     /// Per-vCPU records (exits, loads, errors), by APIC ID.
     pub vcpu_records: Vec<VcpuRecord>,
-    /// Per-vCPU VMSA ownership histories.
-    pub histories: Vec<History>,
+    /// Per-vCPU VMSA ownership histories, by vCPU id.
+    pub histories: Vec<vmsa_core::History>,
     /// Accepted AP-creation requests, in order.
     pub accepted_requests: Vec<AcceptedRequest>,
     /// The mailboxes after the run (`generation << 32 | apic_id` for each AP that reported).
@@ -585,34 +565,24 @@ fn run_image(cfg: &RunConfig, mode_reason: String, snp_missing: Vec<Missing>) ->
     let teardown_us = t_down.elapsed().as_micros() as u64;
 
     let all = events.snapshot();
-    let mut histories: Vec<History> = (0..n)
-        .map(|vcpu| History {
-            vcpu,
-            transitions: Vec::new(),
-        })
-        .collect();
-    let mut accepted_requests = Vec::new();
-    for e in all {
-        match e {
-            Event::Transition { vcpu, op, from, to } => {
-                if let Some(h) = histories.get_mut(vcpu.0 as usize) {
-                    h.transitions.push(Transition { op, from, to });
-                }
-            }
+    let histories = vmsa_core::histories(&all);
+    let accepted_requests = all
+        .iter()
+        .filter_map(|e| match *e {
             Event::ApRequest {
                 requester,
                 target,
                 gpa,
                 request,
-            } => accepted_requests.push(AcceptedRequest {
+            } => Some(AcceptedRequest {
                 requester: requester.0,
                 target: target.0,
                 gpa,
                 request,
             }),
-            _ => {}
-        }
-    }
+            _ => None,
+        })
+        .collect();
     let bsp_done = records.first().is_some_and(|r| r.done.first() == Some(&0));
     let clean = records.iter().all(|r| r.errors.is_empty());
     Ok(RunReport {

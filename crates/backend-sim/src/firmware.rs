@@ -13,7 +13,7 @@ use serde::Serialize;
 use vmsa_core::{Gpa, PAGE_SIZE, PageBuf, Pfn, SnpPageType, VmKind};
 
 use crate::crypto::{GuestKey, KeySource};
-use crate::measure::{SevEsLaunchDigest, SnpLaunchDigest};
+use crate::measure::{LaunchDigest, SevEsLaunchDigest, SnpLaunchDigest};
 use crate::memory::HostMemory;
 use crate::rmp::{PageSize, Rmp, RmpEntry};
 
@@ -197,30 +197,6 @@ pub enum GuestState {
     Launch,
     /// Launch finished.
     Running,
-}
-
-/// A finished guest's launch digest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LaunchDigest {
-    /// SEV-SNP: SHA-384 over the PAGE_INFO chain.
-    Snp([u8; 48]),
-    /// SEV-ES: SHA-256 over everything measured.
-    SevEs([u8; 32]),
-}
-
-impl LaunchDigest {
-    /// The digest bytes.
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Self::Snp(d) => d,
-            Self::SevEs(d) => d,
-        }
-    }
-
-    /// Lowercase hex.
-    pub fn hex(&self) -> String {
-        crate::measure::hex(self.bytes())
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use vmsa_core::{
 };
 
 use crate::cost::{CostOp, CostReport};
-use crate::machine::{DestroyReport, Machine, SimError, Stats};
+use crate::machine::{DestroyReport, Machine, PhaseReport, SimError, Stats};
 use crate::platform::SimPlatform;
 use crate::rmp::PageSize;
 
@@ -177,6 +177,33 @@ impl GuestAction {
         }
     }
 
+    /// What a guest does to turn one of its pages into an AP's VMSA (Linux
+    /// `wakeup_cpu_via_vmgexit`): `vcpu` validates the page at `gpa`, writes a 64-bit entry
+    /// state (`rip`, `rsp`) there, and RMPADJUSTs it into a VMSA.
+    pub fn vmsa_setup(vcpu: u32, gpa: u64, rip: u64, rsp: u64) -> [Self; 3] {
+        [
+            Self::Pvalidate {
+                vcpu,
+                gpa,
+                pages: 1,
+                size: PageSize::Size4K,
+                validate: true,
+            },
+            Self::WriteVmsa {
+                vcpu,
+                gpa,
+                rip,
+                rsp,
+                sev_features: None,
+            },
+            Self::MakeVmsa {
+                vcpu,
+                gpa,
+                vmsa: true,
+            },
+        ]
+    }
+
     /// The action's name (its JSON tag).
     pub fn name(&self) -> &'static str {
         match self {
@@ -274,25 +301,12 @@ impl GuestScript {
         let mut a = Vec::new();
         for i in 1..vcpus {
             let gpa = smp_boot_vmsa_gpa(base, i);
-            a.push(GuestAction::Pvalidate {
-                vcpu: 0,
+            a.extend(GuestAction::vmsa_setup(
+                0,
                 gpa,
-                pages: 1,
-                size: PageSize::Size4K,
-                validate: true,
-            });
-            a.push(GuestAction::WriteVmsa {
-                vcpu: 0,
-                gpa,
-                rip: 0x10_0000 + u64::from(i) * 0x100,
-                rsp: 0x8_0000 + u64::from(i) * 0x1000,
-                sev_features: None,
-            });
-            a.push(GuestAction::MakeVmsa {
-                vcpu: 0,
-                gpa,
-                vmsa: true,
-            });
+                0x10_0000 + u64::from(i) * 0x100,
+                0x8_0000 + u64::from(i) * 0x1000,
+            ));
             a.push(GuestAction::ApCreate {
                 vcpu: 0,
                 apic_id: i,
@@ -745,17 +759,6 @@ impl GuestConfig {
     }
 }
 
-/// One phase of [`run_guest`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PhaseReport {
-    /// `create`, `launch`, `run` or `teardown`.
-    pub name: &'static str,
-    /// Cycles.
-    pub cycles: u64,
-    /// Microseconds at the model's clock.
-    pub us: f64,
-}
-
 /// What [`run_guest`] did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RunReport {
@@ -793,16 +796,11 @@ pub fn run_guest(
             detail: e.to_string(),
         }
     };
-    let model = machine.cost_model();
     let mut phases = Vec::new();
     let mut mark = |name: &'static str, start: u64| {
-        let end = machine.now();
-        machine.mark_phase(name, start, end);
-        phases.push(PhaseReport {
-            name,
-            cycles: end - start,
-            us: model.micros(end - start),
-        });
+        let p = machine.end_phase(name, start);
+        let end = p.end();
+        phases.push(p);
         end
     };
     let t0 = machine.now();

@@ -65,12 +65,13 @@ pub mod trace;
 
 pub use cost::{CostModel, CostOp, CostReport};
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
-pub use firmware::{LaunchDigest, PageState, SevStatus};
+pub use firmware::{PageState, SevStatus};
 pub use guest::{
     GuestAction, GuestConfig, GuestScript, RunReport, Runner, ScriptError, ScriptReport, run_guest,
     run_script,
 };
+pub use measure::LaunchDigest;
 
-pub use machine::{DestroyReport, Footprint, Machine, MachineConfig, SimError, Stats};
+pub use machine::{DestroyReport, Footprint, Machine, MachineConfig, PhaseReport, SimError, Stats};
 pub use platform::{SimPage, SimPlatform};
 pub use rmp::{PageSize, RmpEntry, RmpRet, RmpState};

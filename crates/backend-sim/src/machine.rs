@@ -15,10 +15,31 @@ use vmsa_core::{PAGE_SIZE, PageBuf, Pfn, SnpPageType, VmKind};
 use crate::cost::{CostModel, CostOp, CostReport, Ledger};
 pub use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp, FaultPlan};
-use crate::firmware::{Firmware, Handle, LaunchDigest, PageState, SevStatus, page_state};
+use crate::firmware::{Firmware, Handle, PageState, SevStatus, page_state};
+use crate::measure::LaunchDigest;
 use crate::memory::{DEFAULT_FIRST_PFN, GuestMemfd, HostMemory, TIB};
 use crate::rmp::{PageSize, Rmp, RmpEntry, RmpState};
 use crate::trace::{Trace, TraceEvent};
+
+/// One phase of a run (create, launch, run, teardown), on the machine's clock.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PhaseReport {
+    /// The phase.
+    pub name: &'static str,
+    /// The cycle it began at.
+    pub start: u64,
+    /// Its length in cycles.
+    pub cycles: u64,
+    /// Its length in microseconds at the model's clock.
+    pub us: f64,
+}
+
+impl PhaseReport {
+    /// The cycle it ended at (where the next phase begins).
+    pub fn end(&self) -> u64 {
+        self.start + self.cycles
+    }
+}
 
 /// How to build a [`Machine`].
 #[derive(Clone, Debug)]
@@ -514,16 +535,25 @@ impl Machine {
         std::fs::write(path, serde_json::to_vec(&v).map_err(std::io::Error::other)?)
     }
 
-    /// Add a span of the caller's (a phase of a run) to the timeline.
-    pub fn mark_phase(&self, name: &str, start: u64, end: u64) {
+    /// Close a phase of the caller's run that began at cycle `start`: put it on the timeline
+    /// and report how long it took.
+    pub fn end_phase(&self, name: &'static str, start: u64) -> PhaseReport {
+        let end = self.now();
+        let cycles = end.saturating_sub(start);
         self.hw().trace.record(TraceEvent {
             name: name.to_string(),
             cat: "phase",
             start,
-            dur: end.saturating_sub(start),
+            dur: cycles,
             tid: 0,
             detail: None,
         });
+        PhaseReport {
+            name,
+            start,
+            cycles,
+            us: self.cost_model().micros(cycles),
+        }
     }
 
     /// The counters.

@@ -100,6 +100,38 @@ impl SevEsLaunchDigest {
     }
 }
 
+/// A launch digest, as the firmware reports it once the launch finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LaunchDigest {
+    /// SEV-SNP: SHA-384 over the `PAGE_INFO` chain.
+    Snp([u8; SNP_DIGEST_SIZE]),
+    /// SEV-ES: SHA-256 over everything measured.
+    SevEs([u8; 32]),
+}
+
+impl LaunchDigest {
+    /// The digest bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Snp(d) => d,
+            Self::SevEs(d) => d,
+        }
+    }
+
+    /// Lowercase hex.
+    pub fn hex(&self) -> String {
+        hex(self.bytes())
+    }
+
+    /// The hash algorithm's name.
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Self::Snp(_) => "sha384",
+            Self::SevEs(_) => "sha256",
+        }
+    }
+}
+
 /// Lowercase hex of a byte string.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -10,8 +10,8 @@ use vmsa_core::{
 };
 
 use crate::fault::FaultOp;
-use crate::firmware::LaunchDigest;
 use crate::machine::{DestroyReport, Machine, SimError};
+use crate::measure::LaunchDigest;
 use crate::rmp::{PageSize, RmpState};
 
 /// A host page handed out by [`SimPlatform::alloc_page`](Platform::alloc_page).

@@ -41,7 +41,7 @@ fn ops(summary: &Value, vcpu: u64) -> Vec<String> {
         .iter()
         .find(|h| h["vcpu"] == vcpu)
         .unwrap();
-    h["steps"]
+    h["transitions"]
         .as_array()
         .unwrap()
         .iter()
@@ -122,13 +122,13 @@ fn reset_applies_a_pending_guest_vmsa_at_init() {
     assert_eq!(code, 0, "{s:#}");
     let p = path(&s, 1);
     assert_eq!(count(&p, "GuestOwned"), 2, "two INITs, two guest VMSAs: {p:?}");
-    let steps = s["ownership"]["vcpus"][1]["steps"].as_array().unwrap();
-    let owned: Vec<&str> = steps
+    let steps = s["ownership"]["vcpus"][1]["transitions"].as_array().unwrap();
+    let owned: Vec<u64> = steps
         .iter()
-        .filter(|x| x["to"].as_str().unwrap().starts_with("GuestOwned"))
-        .map(|x| x["to"].as_str().unwrap())
+        .filter(|x| x["to"]["state"] == "GuestOwned")
+        .map(|x| x["to"]["at"].as_u64().unwrap())
         .collect();
-    assert_eq!(owned, ["GuestOwned(gpa 0x401000)", "GuestOwned(gpa 0x402000)"]);
+    assert_eq!(owned, [0x40_1000, 0x40_2000]);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! `WARN_ON_ONCE`; vmsa-core reports both as [`Event`]s into an [`EventSink`] the embedder
 //! chooses, so tests and VMMs can count them instead of scraping logs.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::addr::{Gpa, Hpa, Pfn};
@@ -90,6 +91,65 @@ pub enum Event {
     },
 }
 
+/// One change of a vCPU's VMSA owner (a [`Event::Transition`] without the vCPU).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Transition {
+    /// What caused it.
+    pub op: Op,
+    /// The state before.
+    pub from: VmsaState<Pfn>,
+    /// The state after.
+    pub to: VmsaState<Pfn>,
+}
+
+/// The ownership history of one vCPU's VMSA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct History {
+    /// The vCPU.
+    pub vcpu: VcpuId,
+    /// Its transitions, in order.
+    pub transitions: Vec<Transition>,
+}
+
+impl History {
+    /// The states the VMSA went through, starting where the first transition started
+    /// (consecutive repeats, such as a reload, counted once).
+    pub fn path(&self) -> Vec<StateKind> {
+        let mut path: Vec<StateKind> = self
+            .transitions
+            .first()
+            .map(|t| t.from.kind())
+            .into_iter()
+            .collect();
+        for t in &self.transitions {
+            if path.last() != Some(&t.to.kind()) {
+                path.push(t.to.kind());
+            }
+        }
+        path
+    }
+}
+
+/// Every vCPU's ownership history in an event stream, ordered by vCPU id.
+pub fn histories(events: &[Event]) -> Vec<History> {
+    let mut by_vcpu: BTreeMap<VcpuId, Vec<Transition>> = BTreeMap::new();
+    for e in events {
+        if let Event::Transition { vcpu, op, from, to } = e {
+            by_vcpu.entry(*vcpu).or_default().push(Transition {
+                op: *op,
+                from: from.clone(),
+                to: to.clone(),
+            });
+        }
+    }
+    by_vcpu
+        .into_iter()
+        .map(|(vcpu, transitions)| History { vcpu, transitions })
+        .collect()
+}
+
 /// Where vmsa-core sends its [`Event`]s. Implementations must be cheap and must not call back
 /// into the VM.
 pub trait EventSink: Send + Sync {
@@ -163,6 +223,7 @@ impl<T: EventSink + ?Sized> EventSink for std::sync::Arc<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::Gpa;
 
     #[test]
     fn log_keeps_order_and_filters() {
@@ -192,5 +253,39 @@ mod tests {
             vcpu: VcpuId(0),
             pa: None,
         });
+    }
+
+    #[test]
+    fn histories_group_transitions_by_vcpu_in_order() {
+        let t = |vcpu, op, from, to| Event::Transition {
+            vcpu: VcpuId(vcpu),
+            op,
+            from,
+            to,
+        };
+        let g = VmsaState::GuestOwned(Gpa(0x3000));
+        let events = [
+            t(1, Op::Alloc, VmsaState::None, VmsaState::KvmShared(Pfn(5))),
+            t(0, Op::Alloc, VmsaState::None, VmsaState::KvmShared(Pfn(4))),
+            t(1, Op::SetGuestVmsa, VmsaState::KvmShared(Pfn(5)), VmsaState::None),
+            t(1, Op::SetGuestVmsa, VmsaState::None, g.clone()),
+            t(1, Op::Reload, g.clone(), g),
+        ];
+        let h = histories(&events);
+        assert_eq!(
+            h.iter().map(|h| h.vcpu).collect::<Vec<_>>(),
+            [VcpuId(0), VcpuId(1)]
+        );
+        assert_eq!(h[1].transitions.len(), 4);
+        assert_eq!(h[1].transitions[3].op, Op::Reload);
+        assert_eq!(
+            h[1].path(),
+            [
+                StateKind::None,
+                StateKind::KvmShared,
+                StateKind::None,
+                StateKind::GuestOwned
+            ]
+        );
     }
 }

@@ -55,7 +55,7 @@ pub use addr::{
     Asid, Gfn, Gpa, Hpa, INITIAL_VMSA_GPA, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PTRS_PER_PMD, PageLevel, Pfn,
 };
 pub use error::{Error, LaunchState, MigrationError, PlatformOp};
-pub use event::{Event, EventLog, EventSink, LeakReason, NullSink};
+pub use event::{Event, EventLog, EventSink, History, LeakReason, NullSink, Transition, histories};
 pub use ghcb::{ApCreationError, ApCreationRequest, ApRequest};
 pub use layout::{SevEsSaveArea, VmcbSeg};
 pub use platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};

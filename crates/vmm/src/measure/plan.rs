@@ -32,7 +32,8 @@
 
 use core::fmt;
 
-use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest, hex};
+pub use backend_sim::measure::LaunchDigest;
+use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest};
 use thiserror::Error;
 use vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
 use vmsa_core::{Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SevEsSaveArea, SnpPageType, VcpuId, VmConfig, VmKind};
@@ -129,38 +130,6 @@ pub enum LaunchStep {
     Data(DataUpdate),
     /// A vCPU's VMSA (all of them follow the data updates).
     Vmsa(VmsaUpdate),
-}
-
-/// The launch digest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LaunchDigest {
-    /// SEV-SNP: the SHA-384 `PAGE_INFO` chain.
-    Snp([u8; 48]),
-    /// SEV-ES: SHA-256 of everything measured.
-    SevEs([u8; 32]),
-}
-
-impl LaunchDigest {
-    /// The digest bytes.
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Self::Snp(d) => d,
-            Self::SevEs(d) => d,
-        }
-    }
-
-    /// Lowercase hex.
-    pub fn hex(&self) -> String {
-        hex(self.bytes())
-    }
-
-    /// The hash algorithm's name.
-    pub fn algorithm(&self) -> &'static str {
-        match self {
-            Self::Snp(_) => "sha384",
-            Self::SevEs(_) => "sha256",
-        }
-    }
 }
 
 /// Why a launch plan cannot be built from a firmware image and configuration.

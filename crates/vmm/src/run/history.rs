@@ -1,31 +1,7 @@
 //! Per-vCPU VMSA ownership histories, leaks and warnings, read from vmsa-core's event stream.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
-use vmsa_core::{Event, LeakReason, Op, Pfn, StateKind, VcpuId};
-
-/// One change of a vCPU's VMSA owner.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Step {
-    /// What caused it.
-    pub op: Op,
-    /// The state before.
-    pub from: String,
-    /// The state after.
-    pub to: String,
-}
-
-/// The ownership history of one vCPU's VMSA.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct VcpuHistory {
-    /// The vCPU.
-    pub vcpu: VcpuId,
-    /// Every change, in order.
-    pub steps: Vec<Step>,
-    /// The state names it went through, starting at `None` (for quick reading and tests).
-    pub path: Vec<StateKind>,
-}
+use vmsa_core::{Event, History, LeakReason, Op, Pfn, StateKind, VcpuId};
 
 /// A page leaked on purpose, with why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -51,6 +27,16 @@ pub struct WarnRecord {
     pub message: String,
 }
 
+/// A vCPU's history as reported: vmsa-core's transitions and the states they went through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VcpuHistory {
+    /// The vCPU and its transitions.
+    #[serde(flatten)]
+    pub history: History,
+    /// The states its VMSA went through.
+    pub path: Vec<StateKind>,
+}
+
 /// Everything the VMM reports from the event stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Ledger {
@@ -67,27 +53,11 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Fold an event stream into histories.
+    /// Fold an event stream into histories and counts.
     pub fn from_events(events: &[Event]) -> Self {
-        let mut by_vcpu: BTreeMap<VcpuId, VcpuHistory> = BTreeMap::new();
-        let mut out = Ledger::default();
+        let mut out = Self::with_histories(vmsa_core::histories(events));
         for e in events {
             match e {
-                Event::Transition { vcpu, op, from, to } => {
-                    let h = by_vcpu.entry(*vcpu).or_insert_with(|| VcpuHistory {
-                        vcpu: *vcpu,
-                        steps: Vec::new(),
-                        path: vec![from.kind()],
-                    });
-                    h.steps.push(Step {
-                        op: *op,
-                        from: from.to_string(),
-                        to: to.to_string(),
-                    });
-                    if h.path.last() != Some(&to.kind()) {
-                        h.path.push(to.kind());
-                    }
-                }
                 Event::Leaked {
                     vcpu,
                     pfn,
@@ -108,43 +78,43 @@ impl Ledger {
                 }),
                 Event::Erratum1467Avoided { .. } => out.erratum_1467_refusals += 1,
                 Event::ApRequest { .. } => out.ap_requests += 1,
-                Event::VmcbVmsaPa { .. } => {}
+                Event::Transition { .. } | Event::VmcbVmsaPa { .. } => {}
             }
         }
-        out.vcpus = by_vcpu.into_values().collect();
         out
+    }
+
+    /// A ledger of histories only (a backend that reports them already folded).
+    pub fn with_histories(histories: Vec<History>) -> Self {
+        Self {
+            vcpus: histories
+                .into_iter()
+                .map(|history| VcpuHistory {
+                    path: history.path(),
+                    history,
+                })
+                .collect(),
+            ..Self::default()
+        }
     }
 
     /// The history of one vCPU.
     pub fn vcpu(&self, id: VcpuId) -> Option<&VcpuHistory> {
-        self.vcpus.iter().find(|h| h.vcpu == id)
+        self.vcpus.iter().find(|h| h.history.vcpu == id)
     }
-}
-
-/// A short rendering of a state path, e.g. `None → KvmShared → KvmPrivate → GuestOwned → None`.
-pub fn render_path(path: &[StateKind]) -> String {
-    path.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(" → ")
 }
 
 /// A history with the cause of every change, e.g.
 /// `None -Alloc-> KvmShared -MakePrivate-> KvmPrivate -Reclaim-> None`.
-pub fn render_steps(steps: &[Step]) -> String {
+pub fn render(h: &History) -> String {
     let mut out = String::new();
-    for (i, s) in steps.iter().enumerate() {
+    for (i, t) in h.transitions.iter().enumerate() {
         if i == 0 {
-            out.push_str(short(&s.from));
+            out.push_str(&t.from.kind().to_string());
         }
-        out.push_str(&format!(" -{}-> {}", s.op, short(&s.to)));
+        out.push_str(&format!(" -{}-> {}", t.op, t.to.kind()));
     }
     out
-}
-
-/// The state's name without its address.
-fn short(state: &str) -> &str {
-    state.split('(').next().unwrap_or(state)
 }
 
 #[cfg(test)]
@@ -153,7 +123,7 @@ mod tests {
     use vmsa_core::{Gpa, VmsaState};
 
     #[test]
-    fn folds_transitions_into_paths() {
+    fn folds_transitions_leaks_and_counts() {
         let v = VcpuId(1);
         let events = vec![
             Event::Transition {
@@ -174,38 +144,34 @@ mod tests {
                 from: VmsaState::None,
                 to: VmsaState::GuestOwned(Gpa(0x3000)),
             },
-            Event::Transition {
-                vcpu: v,
-                op: Op::Reload,
-                from: VmsaState::GuestOwned(Gpa(0x3000)),
-                to: VmsaState::GuestOwned(Gpa(0x3000)),
-            },
             Event::Leaked {
                 vcpu: Some(v),
                 pfn: Pfn(9),
                 reason: LeakReason::ReclaimFailed,
                 detail: "x".into(),
             },
+            Event::Erratum1467Avoided {
+                vcpu: v,
+                refused: Pfn(512),
+            },
         ];
         let l = Ledger::from_events(&events);
         let h = l.vcpu(v).unwrap();
-        assert_eq!(h.steps.len(), 4);
-        assert_eq!(h.steps[2].to, "GuestOwned(gpa 0x3000)");
+        assert_eq!(h.history.transitions.len(), 3);
         assert_eq!(
             h.path,
-            vec![
+            [
                 StateKind::None,
                 StateKind::KvmShared,
                 StateKind::None,
                 StateKind::GuestOwned
             ]
         );
-        assert_eq!(render_path(&h.path), "None → KvmShared → None → GuestOwned");
         assert_eq!(
-            render_steps(&h.steps),
-            "None -Alloc-> KvmShared -SetGuestVmsa-> None -SetGuestVmsa-> GuestOwned -Reload-> GuestOwned"
+            render(&h.history),
+            "None -Alloc-> KvmShared -SetGuestVmsa-> None -SetGuestVmsa-> GuestOwned"
         );
-        assert_eq!(l.leaks.len(), 1);
+        assert_eq!((l.leaks.len(), l.erratum_1467_refusals), (1, 1));
         assert!(l.vcpu(VcpuId(0)).is_none());
     }
 }

@@ -13,7 +13,7 @@ use backend_kvm::{ModeChoice, RunConfig};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
-use vmsa_core::{Event, LaunchState, VcpuId};
+use vmsa_core::LaunchState;
 
 use super::dispatch::errno;
 use super::history::Ledger;
@@ -137,25 +137,8 @@ pub(super) fn run(args: &RunArgs, progress: Progress) -> Result<RunSummary, RunE
         .join()
         .map_err(|_| RunError::Output("the KVM worker thread panicked".into()))??;
 
-    let mut events = Vec::new();
-    for h in &report.histories {
-        for t in &h.transitions {
-            events.push(Event::Transition {
-                vcpu: VcpuId(h.vcpu),
-                op: t.op,
-                from: t.from.clone(),
-                to: t.to.clone(),
-            });
-        }
-    }
-    for r in &report.accepted_requests {
-        events.push(Event::ApRequest {
-            requester: VcpuId(r.requester),
-            target: VcpuId(r.target),
-            gpa: r.gpa,
-            request: r.request,
-        });
-    }
+    let mut ownership = Ledger::with_histories(report.histories.clone());
+    ownership.ap_requests = report.accepted_requests.len();
     let mut problems = Vec::new();
     if !report.completed {
         problems.push(if report.timed_out {
@@ -188,7 +171,7 @@ pub(super) fn run(args: &RunArgs, progress: Progress) -> Result<RunSummary, RunE
             digest_matches: None,
             policy: 0,
         },
-        ownership: Ledger::from_events(&events),
+        ownership,
         guest_run: None,
         rmp_faults: 0,
         faults_injected: Vec::new(),

@@ -75,7 +75,7 @@ pub struct RunArgs {
     /// Override the simulator's cycle costs from a TOML or JSON file.
     #[arg(long, value_name = "FILE")]
     pub costs: Option<PathBuf>,
-    /// Inject failures into the simulator: OP[:PAGE_TYPE]:N=CODE[,...], e.g.
+    /// Inject failures into the simulator: `OP[:PAGE_TYPE]:N=CODE[,...]`, e.g.
     /// snp_launch_update:vmsa:2=INVALID_PAGE_STATE.
     #[arg(long, value_name = "SPEC")]
     pub fault: Option<String>,

@@ -2,13 +2,13 @@
 
 use std::fmt::Write as _;
 
-use backend_sim::CostReport;
-use backend_sim::guest::{ActionOutcome, PhaseReport, ScriptReport};
+use backend_sim::guest::{ActionOutcome, ScriptReport};
+use backend_sim::{CostReport, PhaseReport};
 use serde::Serialize;
 use vmsa_core::LaunchState;
 
 use super::dispatch::LoopStats;
-use super::history::{Ledger, render_steps};
+use super::history::{Ledger, render};
 
 /// How the launch went.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -245,7 +245,7 @@ impl RunSummary {
         }
         writeln!(s, "VMSA ownership:")?;
         for h in &self.ownership.vcpus {
-            writeln!(s, "  vCPU {:>3}: {}", h.vcpu, render_steps(&h.steps))?;
+            writeln!(s, "  vCPU {:>3}: {}", h.history.vcpu, render(&h.history))?;
         }
         writeln!(
             s,

@@ -219,27 +219,9 @@ fn named(name: &str, mut s: GuestScript) -> GuestScript {
     s
 }
 
-/// The BSP validates a page for `ap`'s VMSA, writes the VMSA there and RMPADJUSTs it into one.
+/// The BSP builds a VMSA in its page at `gpa` (validate, write, RMPADJUST).
 fn prepare_vmsa(a: &mut Vec<GuestAction>, gpa: u64, rip: u64) {
-    a.push(GuestAction::Pvalidate {
-        vcpu: 0,
-        gpa,
-        pages: 1,
-        size: PageSize::Size4K,
-        validate: true,
-    });
-    a.push(GuestAction::WriteVmsa {
-        vcpu: 0,
-        gpa,
-        rip,
-        rsp: 0x8_0000,
-        sev_features: None,
-    });
-    a.push(GuestAction::MakeVmsa {
-        vcpu: 0,
-        gpa,
-        vmsa: true,
-    });
+    a.extend(GuestAction::vmsa_setup(0, gpa, rip, 0x8_0000));
 }
 
 /// The BSP takes a VMSA page out of service: RMPADJUST clears the VMSA bit, PVALIDATE rescinds.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backend_sim::guest::{PhaseReport, Runner};
+use backend_sim::guest::Runner;
 use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, SimPlatform};
 use vmsa_core::{
     EventLog, Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VcpuId, Vm, VmConfig, VmKind,
@@ -218,7 +218,7 @@ pub(super) fn run(
     load(&ram, &image)?;
 
     let machine = Machine::new(MachineConfig {
-        costs: costs.clone(),
+        costs,
         faults,
         trace: args.trace.is_some(),
         ..MachineConfig::default()
@@ -226,13 +226,9 @@ pub(super) fn run(
     let events = Arc::new(EventLog::new());
     let mut phases = Vec::new();
     let mut mark = |name: &'static str, start: u64| {
-        let end = machine.now();
-        machine.mark_phase(name, start, end);
-        phases.push(PhaseReport {
-            name,
-            cycles: end - start,
-            us: costs.micros(end - start),
-        });
+        let p = machine.end_phase(name, start);
+        let end = p.end();
+        phases.push(p);
         end
     };
 
