@@ -22,7 +22,7 @@ use vmsa_core::{
 };
 
 use crate::cost::{CostOp, CostReport};
-use crate::machine::{DestroyReport, Machine, PhaseReport, SimError, Stats};
+use crate::machine::{DestroyReport, Machine, PhaseClock, PhaseReport, SimError, Stats};
 use crate::platform::SimPlatform;
 use crate::rmp::PageSize;
 
@@ -796,14 +796,7 @@ pub fn run_guest(
             detail: e.to_string(),
         }
     };
-    let mut phases = Vec::new();
-    let mut mark = |name: &'static str, start: u64| {
-        let p = machine.end_phase(name, start);
-        let end = p.end();
-        phases.push(p);
-        end
-    };
-    let t0 = machine.now();
+    let mut clock = PhaseClock::new(machine);
     let platform = machine.create_guest(cfg.kind).map_err(|e| phase("create")(&e))?;
     platform
         .add_memslot(Gpa(0), cfg.memory)
@@ -817,7 +810,7 @@ pub fn run_guest(
     for i in 0..cfg.vcpus {
         vm.create_vcpu(VcpuId(i)).map_err(|e| phase("create")(&e))?;
     }
-    let t1 = mark("create", t0);
+    clock.end("create");
     let policy = match cfg.kind {
         VmKind::Snp => cfg.policy | vmsa_core::SNP_POLICY_RSVD_MBO,
         VmKind::SevEs => cfg.policy,
@@ -836,7 +829,7 @@ pub fn run_guest(
         vm.launch_finish([0; 32])
     })();
     let launch_err = launched.err().map(|e| e.to_string());
-    let t2 = mark("launch", t1);
+    clock.end("launch");
     let report = if launch_err.is_none() && vm.launch_state() == LaunchState::Finished {
         run_script(&vm, script)
     } else {
@@ -845,12 +838,12 @@ pub fn run_guest(
             ..ScriptReport::default()
         }
     };
-    let t3 = mark("run", t2);
+    clock.end("run");
     let digest = platform.launch_digest().map(|d| d.hex());
     let teardown = vm.teardown();
     drop(vm);
     let destroy = platform.destroy().map_err(|e| phase("teardown")(&e))?;
-    mark("teardown", t3);
+    clock.end("teardown");
     if let Some(e) = launch_err {
         return Err(ScriptError::Phase {
             phase: "launch",
@@ -858,7 +851,7 @@ pub fn run_guest(
         });
     }
     Ok(RunReport {
-        phases,
+        phases: clock.into_phases(),
         script: report,
         launch_digest: digest,
         teardown,

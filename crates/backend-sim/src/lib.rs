@@ -72,6 +72,8 @@ pub use guest::{
 };
 pub use measure::LaunchDigest;
 
-pub use machine::{DestroyReport, Footprint, Machine, MachineConfig, PhaseReport, SimError, Stats};
+pub use machine::{
+    DestroyReport, Footprint, Machine, MachineConfig, PhaseClock, PhaseReport, SimError, Stats,
+};
 pub use platform::{SimPage, SimPlatform};
 pub use rmp::{PageSize, RmpEntry, RmpRet, RmpState};

@@ -34,10 +34,35 @@ pub struct PhaseReport {
     pub us: f64,
 }
 
-impl PhaseReport {
-    /// The cycle it ended at (where the next phase begins).
-    pub fn end(&self) -> u64 {
-        self.start + self.cycles
+/// Consecutive phases of a run: each [`PhaseClock::end`] closes the phase that began where the
+/// previous one ended, puts it on the machine's timeline and keeps its report.
+#[derive(Debug)]
+pub struct PhaseClock<'m> {
+    machine: &'m Machine,
+    start: u64,
+    phases: Vec<PhaseReport>,
+}
+
+impl<'m> PhaseClock<'m> {
+    /// A clock whose first phase begins now.
+    pub fn new(machine: &'m Machine) -> Self {
+        Self {
+            machine,
+            start: machine.now(),
+            phases: Vec::new(),
+        }
+    }
+
+    /// Close the current phase as `name`; the next one begins now.
+    pub fn end(&mut self, name: &'static str) {
+        let p = self.machine.end_phase(name, self.start);
+        self.start += p.cycles;
+        self.phases.push(p);
+    }
+
+    /// The phases closed so far.
+    pub fn into_phases(self) -> Vec<PhaseReport> {
+        self.phases
     }
 }
 

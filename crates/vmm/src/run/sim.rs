@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backend_sim::guest::Runner;
-use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, SimPlatform};
+use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, PhaseClock, SimPlatform};
 use vmsa_core::{
     EventLog, Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VcpuId, Vm, VmConfig, VmKind,
 };
@@ -224,15 +224,8 @@ pub(super) fn run(
         ..MachineConfig::default()
     });
     let events = Arc::new(EventLog::new());
-    let mut phases = Vec::new();
-    let mut mark = |name: &'static str, start: u64| {
-        let p = machine.end_phase(name, start);
-        let end = p.end();
-        phases.push(p);
-        end
-    };
+    let mut clock = PhaseClock::new(&machine);
 
-    let t0 = machine.now();
     let platform = machine
         .create_guest(kind)
         .map_err(RunError::sim("create the guest"))?;
@@ -246,13 +239,13 @@ pub(super) fn run(
         vm.create_vcpu(VcpuId(i))?;
         vm.set_registers(VcpuId(i), &image.vmsas[i as usize])
     });
-    let t1 = mark("create", t0);
+    clock.end("create");
 
     progress.phase("launch", image.pages() + u64::from(vcpus));
     let launched = created
         .map_err(RunError::from)
         .and_then(|()| launch(&mut vm, &ram, &image, progress));
-    let t2 = mark("launch", t1);
+    clock.end("launch");
     let digest = platform.launch_digest().map(|d| d.hex());
 
     let mut guest_run = None;
@@ -265,13 +258,13 @@ pub(super) fn run(
             Err(e) => problems.push(e.to_string()),
         }
     }
-    let t3 = mark("run", t2);
+    clock.end("run");
 
     progress.message("teardown");
     let teardown = vm.teardown();
     drop(vm);
     let destroyed = platform.destroy();
-    mark("teardown", t3);
+    clock.end("teardown");
     progress.finish();
 
     if let Some(path) = &args.trace {
@@ -332,7 +325,7 @@ pub(super) fn run(
             .iter()
             .map(|r| r.to_string())
             .collect(),
-        phases,
+        phases: clock.into_phases(),
         costs: Some(machine.cost_report()),
         teardown,
         trace: args.trace.as_ref().map(|p| p.display().to_string()),
