@@ -288,7 +288,7 @@ impl RunSummary {
         if let Some(c) = &self.costs {
             writeln!(
                 s,
-                "simulated time: {} cycles ({:.3} ms at {:.1} GHz)",
+                "machine clock: {} cycles ({:.3} ms at {:.1} GHz) since power-on, SNP_INIT included",
                 c.total_cycles,
                 c.total_us / 1000.0,
                 c.clock_hz / 1e9
