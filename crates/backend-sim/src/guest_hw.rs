@@ -8,6 +8,7 @@ use crate::cost::CostOp;
 use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp};
 use crate::machine::Hw;
+use crate::memory::GuestMemfd;
 use crate::rmp::{GuestFault, GuestInstrError, PageSize, RmpState};
 
 impl Hw {
@@ -91,14 +92,10 @@ impl Hw {
             .ok_or(SimError::UnknownGuest { asid })
     }
 
-    /// A guest write of one page: C=1 (private, encrypted with the guest's key) or C=0.
-    pub fn guest_write(
-        &mut self,
-        asid: u32,
-        gpa: Gpa,
-        data: &PageBuf,
-        private: bool,
-    ) -> Result<(), SimError> {
+    /// The frame a guest `access` ("read" or "write") of the page at `gpa` goes to, charged as
+    /// a guest copy: C=1 (`private`) resolves the guest_memfd frame, which for SNP must pass
+    /// the RMP checks of table 15-39; C=0 the shared frame.
+    fn access_frame(&mut self, asid: u32, gpa: Gpa, private: bool, access: &str) -> Result<Pfn, SimError> {
         let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
         let pfn = if private {
             let pfn = self.private_frame(asid, gpa)?;
@@ -112,8 +109,20 @@ impl Hw {
             self.shared_frame(asid, gpa)?
         };
         self.charge(CostOp::GuestCopy, asid, || {
-            format!("write gpa {gpa} c={}", u8::from(private))
+            format!("{access} gpa {gpa} c={}", u8::from(private))
         });
+        Ok(pfn)
+    }
+
+    /// A guest write of one page: C=1 (private, encrypted with the guest's key) or C=0.
+    pub fn guest_write(
+        &mut self,
+        asid: u32,
+        gpa: Gpa,
+        data: &PageBuf,
+        private: bool,
+    ) -> Result<(), SimError> {
+        let pfn = self.access_frame(asid, gpa, private, "write")?;
         let mut page = *data;
         if private {
             self.key_for(asid)?.encrypt(pfn, &mut page);
@@ -125,21 +134,7 @@ impl Hw {
 
     /// A guest read of one page (decrypted with the guest's key when C=1).
     pub fn guest_read(&mut self, asid: u32, gpa: Gpa, private: bool) -> Result<Box<PageBuf>, SimError> {
-        let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
-        let pfn = if private {
-            let pfn = self.private_frame(asid, gpa)?;
-            if self.slot(asid)?.kind == VmKind::Snp
-                && let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn)
-            {
-                return Err(self.guest_fault(asid, f));
-            }
-            pfn
-        } else {
-            self.shared_frame(asid, gpa)?
-        };
-        self.charge(CostOp::GuestCopy, asid, || {
-            format!("read gpa {gpa} c={}", u8::from(private))
-        });
+        let pfn = self.access_frame(asid, gpa, private, "read")?;
         let mut page = Box::new([0u8; PAGE_SIZE as usize]);
         self.mem.read(pfn, &mut page)?;
         if private {
@@ -212,6 +207,28 @@ impl Hw {
         Ok(())
     }
 
+    /// What a guest RMP instruction `op` does before its RMP rules: #UD outside SNP, a return
+    /// code the fault plan injects at `fault`, then the guest_memfd frame of the page at `gpa`.
+    fn guest_instr_frame(
+        &mut self,
+        asid: u32,
+        op: &'static str,
+        fault: FaultOp,
+        gpa: Gpa,
+    ) -> Result<Pfn, SimError> {
+        self.need_snp(asid, op)?;
+        if let Some(FaultCode::Rmp(code)) = self.inject(fault, None) {
+            return Err(SimError::GuestInstr {
+                asid,
+                op,
+                gpa,
+                code,
+                injected: true,
+            });
+        }
+        self.private_frame(asid, gpa)
+    }
+
     /// Guest `PVALIDATE` at VMPL0 of the page at `gpa`; `Ok(false)` is "no update" (CF=1).
     pub fn pvalidate(
         &mut self,
@@ -220,17 +237,7 @@ impl Hw {
         size: PageSize,
         validate: bool,
     ) -> Result<bool, SimError> {
-        self.need_snp(asid, "PVALIDATE")?;
-        if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Pvalidate, None) {
-            return Err(SimError::GuestInstr {
-                asid,
-                op: "PVALIDATE",
-                gpa,
-                code,
-                injected: true,
-            });
-        }
-        let pfn = self.private_frame(asid, gpa)?;
+        let pfn = self.guest_instr_frame(asid, "PVALIDATE", FaultOp::Pvalidate, gpa)?;
         let cost = match size {
             PageSize::Size4K => CostOp::Pvalidate4K,
             PageSize::Size2M => CostOp::Pvalidate2M,
@@ -250,21 +257,23 @@ impl Hw {
         perms: u8,
         vmsa: bool,
     ) -> Result<(), SimError> {
-        self.need_snp(asid, "RMPADJUST")?;
-        if let Some(FaultCode::Rmp(code)) = self.inject(FaultOp::Rmpadjust, None) {
-            return Err(SimError::GuestInstr {
-                asid,
-                op: "RMPADJUST",
-                gpa,
-                code,
-                injected: true,
-            });
-        }
-        let pfn = self.private_frame(asid, gpa)?;
+        let pfn = self.guest_instr_frame(asid, "RMPADJUST", FaultOp::Rmpadjust, gpa)?;
         self.charge(CostOp::Rmpadjust, asid, || format!("gpa {gpa} vmsa={vmsa}"));
         self.rmp
             .rmpadjust(asid, 0, gpa, pfn, PageSize::Size4K, target_vmpl, perms, vmsa)
             .map_err(|e| self.guest_instr_err(asid, "RMPADJUST", gpa, e))
+    }
+
+    /// The guest's guest_memfd, for a page state change of `gfn` (which must be in its memslot).
+    fn gmem_with(&mut self, asid: u32, gfn: Gfn) -> Result<&mut GuestMemfd, SimError> {
+        let gmem = &mut self.slot_mut(asid)?.gmem;
+        if !gmem.in_slot(gfn) {
+            return Err(SimError::NotInSlot {
+                gpa: Gpa(gfn.0 << 12),
+                asid,
+            });
+        }
+        Ok(gmem)
     }
 
     /// The host side of a page state change to shared (GHCB PSC → `KVM_SET_MEMORY_ATTRIBUTES`
@@ -272,15 +281,9 @@ impl Hw {
     /// Returns whether a private frame was released (the VMM must then call
     /// `Vm::gmem_invalidate`).
     pub fn convert_to_shared(&mut self, asid: u32, gfn: Gfn) -> Result<bool, SimError> {
-        let slot = self.slot_mut(asid)?;
-        if !slot.gmem.in_slot(gfn) {
-            return Err(SimError::NotInSlot {
-                gpa: Gpa(gfn.0 << 12),
-                asid,
-            });
-        }
-        slot.gmem.set_attr_shared(gfn, true);
-        let Some(pfn) = slot.gmem.punch(gfn) else {
+        let gmem = self.gmem_with(asid, gfn)?;
+        gmem.set_attr_shared(gfn, true);
+        let Some(pfn) = gmem.punch(gfn) else {
             return Ok(false);
         };
         self.release_gmem_frame(asid, pfn);
@@ -290,15 +293,9 @@ impl Hw {
     /// The host side of a page state change to private: the attribute flips and the shared
     /// copy is discarded; the next private access prepares a guest_memfd frame.
     pub fn convert_to_private(&mut self, asid: u32, gfn: Gfn) -> Result<(), SimError> {
-        let slot = self.slot_mut(asid)?;
-        if !slot.gmem.in_slot(gfn) {
-            return Err(SimError::NotInSlot {
-                gpa: Gpa(gfn.0 << 12),
-                asid,
-            });
-        }
-        slot.gmem.set_attr_shared(gfn, false);
-        if let Some(p) = slot.gmem.remove_shared(gfn) {
+        let gmem = self.gmem_with(asid, gfn)?;
+        gmem.set_attr_shared(gfn, false);
+        if let Some(p) = gmem.remove_shared(gfn) {
             self.free_page(p);
         }
         Ok(())
