@@ -107,24 +107,24 @@ impl GuestKey {
         }
     }
 
-    /// Encrypt a page that will sit in frame `pfn`.
-    pub fn encrypt(&self, pfn: Pfn, page: &mut PageBuf) {
+    /// XEX over the page in frame `pfn`: tweak, `cipher` with the data key, tweak again.
+    fn xex(&self, pfn: Pfn, page: &mut PageBuf, cipher: impl FnOnce(&Aes128, &mut [Block])) {
         let t = self.tweaks(pfn);
         let mut b = Self::blocks(page);
         Self::xor(&mut b, &t);
-        self.data.encrypt_blocks(&mut b);
+        cipher(&self.data, &mut b);
         Self::xor(&mut b, &t);
         Self::store(&b, page);
     }
 
+    /// Encrypt a page that will sit in frame `pfn`.
+    pub fn encrypt(&self, pfn: Pfn, page: &mut PageBuf) {
+        self.xex(pfn, page, |k, b| k.encrypt_blocks(b));
+    }
+
     /// Decrypt the contents of frame `pfn`.
     pub fn decrypt(&self, pfn: Pfn, page: &mut PageBuf) {
-        let t = self.tweaks(pfn);
-        let mut b = Self::blocks(page);
-        Self::xor(&mut b, &t);
-        self.data.decrypt_blocks(&mut b);
-        Self::xor(&mut b, &t);
-        Self::store(&b, page);
+        self.xex(pfn, page, |k, b| k.decrypt_blocks(b));
     }
 }
 
