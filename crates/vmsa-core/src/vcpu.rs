@@ -203,22 +203,17 @@ impl<P: Platform> Cx<'_, P> {
             })
     }
 
-    /// `sev_es_make_kvm_vmsa_private`: `KvmShared` → `KvmPrivate`. On SNP the page first becomes
-    /// a firmware-owned VMSA page at `INITIAL_VMSA_GPA` (`RMPUPDATE`, APM vol. 2 §15.36.5); on
-    /// failure the state is unchanged.
-    pub fn make_private(&self, v: &mut Vcpu<P::Page>) -> Res<(), P> {
-        let VmsaState::KvmShared(page) = &v.state else {
-            return Err(self.invalid(v, Op::MakePrivate));
+    /// `sev_es_make_kvm_vmsa_private`: `KvmShared` → `KvmPrivate`, returning the page's frame.
+    /// On SNP the page first becomes a firmware-owned VMSA page at `INITIAL_VMSA_GPA`
+    /// (`RMPUPDATE`, APM vol. 2 §15.36.5); on failure the state is unchanged.
+    pub fn make_private(&self, v: &mut Vcpu<P::Page>) -> Res<Pfn, P> {
+        let pfn = match &v.state {
+            VmsaState::KvmShared(page) => page.pfn(),
+            _ => return Err(self.invalid(v, Op::MakePrivate)),
         };
         if self.kind == VmKind::Snp {
             self.p
-                .rmp_make_private(
-                    page.pfn(),
-                    INITIAL_VMSA_GPA,
-                    PageLevel::Size4K,
-                    self.p.asid(),
-                    true,
-                )
+                .rmp_make_private(pfn, INITIAL_VMSA_GPA, PageLevel::Size4K, self.p.asid(), true)
                 .map_err(|source| Error::Platform {
                     vcpu: Some(v.id),
                     op: PlatformOp::RmpMakePrivate,
@@ -226,12 +221,12 @@ impl<P: Platform> Cx<'_, P> {
                 })?;
         }
         let from = v.state.snapshot();
-        let VmsaState::KvmShared(page) = std::mem::take(&mut v.state) else {
-            unreachable!("checked above")
+        v.state = match std::mem::take(&mut v.state) {
+            VmsaState::KvmShared(page) => VmsaState::KvmPrivate(page),
+            other => other,
         };
-        v.state = VmsaState::KvmPrivate(page);
         self.transition(v, Op::MakePrivate, from);
-        Ok(())
+        Ok(pfn)
     }
 
     /// `sev_es_free_kvm_vmsa`: release the host VMSA, whatever the state, ending in `None` with
@@ -291,12 +286,13 @@ impl<P: Platform> Cx<'_, P> {
     /// immutable page back to the hypervisor (`SNP_PAGE_RECLAIM`, then `RMPUPDATE` shared) and
     /// free it; if either step fails the page is leaked and reported. Ends in `None`.
     pub fn reclaim(&self, v: &mut Vcpu<P::Page>) -> Res<Option<Leak>, P> {
-        if self.kind != VmKind::Snp || !matches!(v.state, VmsaState::KvmPrivate(_)) {
-            return Err(self.invalid(v, Op::Reclaim));
-        }
         let from = v.state.snapshot();
-        let VmsaState::KvmPrivate(page) = std::mem::take(&mut v.state) else {
-            unreachable!("checked above")
+        let page = match std::mem::take(&mut v.state) {
+            VmsaState::KvmPrivate(page) if self.kind == VmKind::Snp => page,
+            other => {
+                v.state = other;
+                return Err(self.invalid(v, Op::Reclaim));
+            }
         };
         let pfn = page.pfn();
         let leak = match self.p.page_reclaim(pfn) {

@@ -424,17 +424,20 @@ impl<P: Platform> Vm<P> {
             (_, Some(d)) if d.len() as u64 != len => return bad("the contents must be exactly len bytes"),
             _ => {}
         }
+        let pages = (len / PAGE_SIZE) as usize;
+        let contents: Box<dyn Iterator<Item = Option<&PageBuf>>> = match data {
+            Some(d) => Box::new(d.as_chunks().0.iter().map(Some)),
+            None => Box::new(std::iter::repeat_n(None, pages)),
+        };
         self.launch_step(|vm| {
-            for i in 0..len / PAGE_SIZE {
-                let page_gpa = Gpa(gpa.0 + i * PAGE_SIZE);
-                let chunk = data.map(|d| &d[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize]);
-                vm.launch_update_page(page_gpa, page_type, chunk)?;
+            for (i, page) in (0u64..).zip(contents) {
+                vm.launch_update_page(Gpa(gpa.0 + i * PAGE_SIZE), page_type, page)?;
             }
             Ok(())
         })
     }
 
-    fn launch_update_page(&self, gpa: Gpa, page_type: SnpPageType, data: Option<&[u8]>) -> Res<(), P> {
+    fn launch_update_page(&self, gpa: Gpa, page_type: SnpPageType, data: Option<&PageBuf>) -> Res<(), P> {
         let pfn = self
             .platform
             .gmem_pfn(gpa.gfn())
@@ -444,8 +447,7 @@ impl<P: Platform> Vm<P> {
             op,
             source,
         };
-        if let Some(d) = data {
-            let page: &PageBuf = d.try_into().expect("chunks are one page");
+        if let Some(page) = data {
             self.platform
                 .write_frame(pfn, page)
                 .map_err(|e| plat(PlatformOp::WriteFrame, e))?;
@@ -510,11 +512,7 @@ impl<P: Platform> Vm<P> {
         let cx = self.cx();
         let mut v = self.lock(i);
         cx.sync(&mut v, self.config.vmsa_features(), self.config.sync_fpu)?;
-        cx.make_private(&mut v)?;
-        let VmsaState::KvmPrivate(page) = &v.state else {
-            unreachable!("make_private succeeded")
-        };
-        let pfn = crate::platform::HostPage::pfn(page);
+        let pfn = cx.make_private(&mut v)?;
         let (fw, op) = match self.config.kind {
             VmKind::SevEs => (
                 self.platform.launch_update_vmsa(pfn),
