@@ -185,15 +185,20 @@ impl KvmPlatform {
         // The image must be readable; that it is loadable is checked when the vCPU starts.
         let mut page = Box::new([0u8; 4096]);
         self.frames.read(pfn, &mut page)?;
-        let mut s = self.lock();
+        self.launching(op)?.stats.vmsa_commits += 1;
+        Ok(())
+    }
+
+    /// The locked state, while the launch is started and not finished; otherwise `op` fails.
+    fn launching(&self, op: &'static str) -> Result<MutexGuard<'_, State>, PlatformError> {
+        let s = self.lock();
         if s.phase != Phase::Started {
             return Err(PlatformError::Launch {
                 op,
                 rule: "the launch has not started or is finished",
             });
         }
-        s.stats.vmsa_commits += 1;
-        Ok(())
+        Ok(s)
     }
 }
 
@@ -316,13 +321,7 @@ impl Platform for KvmPlatform {
     }
 
     fn launch_update_data(&self, pfn: Pfn) -> Result<(), PlatformError> {
-        let mut s = self.lock();
-        if s.phase != Phase::Started {
-            return Err(PlatformError::Launch {
-                op: "LAUNCH_UPDATE_DATA",
-                rule: "the launch has not started or is finished",
-            });
-        }
+        let mut s = self.launching("LAUNCH_UPDATE_DATA")?;
         if self.frames.classify(pfn).is_none() {
             return Err(FrameError::Unbacked { pfn }.into());
         }
@@ -347,14 +346,7 @@ impl Platform for KvmPlatform {
         if page_type == SnpPageType::Vmsa {
             self.commit(pfn, op)?;
         } else {
-            let mut s = self.lock();
-            if s.phase != Phase::Started {
-                return Err(PlatformError::Launch {
-                    op,
-                    rule: "the launch has not started or is finished",
-                });
-            }
-            s.stats.data_pages += 1;
+            self.launching(op)?.stats.data_pages += 1;
         }
         let mut s = self.lock();
         if let Some(e) = s.rmp.get_mut(&pfn) {
@@ -365,14 +357,7 @@ impl Platform for KvmPlatform {
     }
 
     fn launch_finish(&self, _finish: &LaunchFinish) -> Result<(), PlatformError> {
-        let mut s = self.lock();
-        if s.phase != Phase::Started {
-            return Err(PlatformError::Launch {
-                op: "launch finish",
-                rule: "the launch has not started or is finished",
-            });
-        }
-        s.phase = Phase::Finished;
+        self.launching("launch finish")?.phase = Phase::Finished;
         Ok(())
     }
 
