@@ -4,7 +4,7 @@
 
 mod common;
 
-use backend_kvm::runner::{self, GuestProgram, ModeChoice, RunConfig, RunReport};
+use backend_kvm::runner::{self, GuestProgram, RunConfig, RunReport};
 use backend_kvm::{Mode, probe};
 use vmsa_core::{Gpa, Op, StateKind};
 
@@ -118,10 +118,7 @@ fn sixty_four_vcpus() {
     if !common::kvm_or_skip("sixty_four_vcpus") {
         return;
     }
-    let cfg = RunConfig {
-        mode: ModeChoice::VmsaImage,
-        ..RunConfig::ap_creation(64)
-    };
+    let cfg = common::vmsa_image(64);
     let r = runner::run(&cfg).unwrap();
     println!("{r}");
     check_scenario(&r, 64);
@@ -133,9 +130,8 @@ fn without_recreation_ap_1_reports_once() {
         return;
     }
     let cfg = RunConfig {
-        mode: ModeChoice::VmsaImage,
         guest: GuestProgram::ApCreation { recreate: false },
-        ..RunConfig::ap_creation(3)
+        ..common::vmsa_image(3)
     };
     let r = runner::run(&cfg).unwrap();
     assert!(r.completed, "{r}");
@@ -149,10 +145,7 @@ fn a_single_vcpu_runs_the_bsp_alone() {
     if !common::kvm_or_skip("a_single_vcpu_runs_the_bsp_alone") {
         return;
     }
-    let cfg = RunConfig {
-        mode: ModeChoice::VmsaImage,
-        ..RunConfig::ap_creation(1)
-    };
+    let cfg = common::vmsa_image(1);
     let r = runner::run(&cfg).unwrap();
     assert!(r.completed, "{r}");
     assert_eq!(r.exits.doorbells, 0);
@@ -163,8 +156,7 @@ fn a_single_vcpu_runs_the_bsp_alone() {
 fn bad_configurations_are_refused_before_any_vm_exists() {
     let too_small = RunConfig {
         memory: 1 << 20,
-        mode: ModeChoice::VmsaImage,
-        ..RunConfig::ap_creation(4)
+        ..common::vmsa_image(4)
     };
     let host = probe();
     if !host.supports(Mode::VmsaImage) {
@@ -192,10 +184,9 @@ fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
         return;
     }
     let cfg = RunConfig {
-        mode: ModeChoice::VmsaImage,
         guest: GuestProgram::Spin,
         timeout: std::time::Duration::from_millis(300),
-        ..RunConfig::ap_creation(2)
+        ..common::vmsa_image(2)
     };
     let t0 = std::time::Instant::now();
     let r = runner::run(&cfg).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use backend_kvm::runner::{self, ModeChoice, RunConfig};
+use backend_kvm::runner;
 
 fn fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
@@ -37,10 +37,7 @@ fn runs_leak_no_fds_mappings_or_pages() {
     if !common::kvm_or_skip("runs_leak_no_fds_mappings_or_pages") {
         return;
     }
-    let cfg = RunConfig {
-        mode: ModeChoice::VmsaImage,
-        ..RunConfig::ap_creation(8)
-    };
+    let cfg = common::vmsa_image(8);
     // Warm up (the signal handler, thread stacks the allocator keeps, lazy statics).
     assert!(runner::run(&cfg).unwrap().completed);
     let (fd0, maps0, gmem0) = (fds(), maps(), gmem_maps());
