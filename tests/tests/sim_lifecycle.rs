@@ -43,6 +43,15 @@ fn guest(faults: &str, kind: VmKind, vcpus: u32) -> G {
     G { m, p, vm, log }
 }
 
+/// An SNP guest of `vcpus` vCPUs launched with the default policy.
+#[track_caller]
+fn launched(faults: &str, vcpus: u32) -> G {
+    let mut g = guest(faults, VmKind::Snp, vcpus);
+    g.vm.launch_start(POLICY).unwrap();
+    g.vm.launch_finish([0; 32]).unwrap();
+    g
+}
+
 fn host_pfn(vm: &Vm<SimPlatform>, id: u32) -> Pfn {
     match vm.vcpu(VcpuId(id)).unwrap().state {
         VmsaState::KvmShared(p) | VmsaState::KvmPrivate(p) => p,
@@ -77,6 +86,20 @@ fn fw_status<T: std::fmt::Debug>(r: Result<T, Error<SimError>>) -> (PlatformOp, 
         Err(Error::Platform { op, source, .. }) => (op, source.firmware_status().expect("firmware error")),
         other => panic!("expected a firmware failure, got {other:?}"),
     }
+}
+
+/// The BSP turns the page at `gpa` into a VMSA that starts at `rip` and asks for AP 1 to run
+/// it: at once, or (`on_init`) at its next INIT.
+fn create_ap_1(gpa: u64, rip: u64, on_init: bool) -> Vec<GuestAction> {
+    let mut a = GuestAction::vmsa_setup(0, gpa, rip, 0).to_vec();
+    a.push(GuestAction::ApCreate {
+        vcpu: 0,
+        apic_id: 1,
+        gpa,
+        on_init,
+        sev_features: None,
+    });
+    a
 }
 
 /// Tear down and destroy; every frame is either back in the allocator or leaked, and the
@@ -134,37 +157,11 @@ fn snp_happy_path_runs_every_transition() {
     assert_eq!(g.m.stats().rmp_faults, 1);
     // AP 1 gets a guest-owned VMSA; then its memory is replaced, and the VMSA reloaded.
     let gpa = 0x20_1000;
+    let mut actions = create_ap_1(gpa, 0x1000, false);
+    actions.push(GuestAction::Hlt { vcpu: 1 });
     let script = GuestScript {
         name: "ap".into(),
-        actions: vec![
-            GuestAction::Pvalidate {
-                vcpu: 0,
-                gpa,
-                pages: 1,
-                size: backend_sim::PageSize::Size4K,
-                validate: true,
-            },
-            GuestAction::WriteVmsa {
-                vcpu: 0,
-                gpa,
-                rip: 0x1000,
-                rsp: 0,
-                sev_features: None,
-            },
-            GuestAction::MakeVmsa {
-                vcpu: 0,
-                gpa,
-                vmsa: true,
-            },
-            GuestAction::ApCreate {
-                vcpu: 0,
-                apic_id: 1,
-                gpa,
-                on_init: false,
-                sev_features: None,
-            },
-            GuestAction::Hlt { vcpu: 1 },
-        ],
+        actions,
     };
     let r = run_script(&g.vm, &script);
     assert_eq!(r.failed, 0, "{:?}", r.failures());
@@ -415,9 +412,7 @@ fn launch_start_and_finish_failures() {
 #[test]
 fn free_failures_leak_or_fall_back() {
     // RMPUPDATE to shared fails when the launched VMSA is freed: leaked and reported.
-    let mut g = guest("rmp_make_shared:1=FAIL_INUSE", VmKind::Snp, 2);
-    g.vm.launch_start(POLICY).unwrap();
-    g.vm.launch_finish([0; 32]).unwrap();
+    let g = launched("rmp_make_shared:1=FAIL_INUSE", 2);
     let victim = host_pfn(&g.vm, 0);
     g.vm.free_vcpu_vmsa(VcpuId(0)).unwrap();
     assert_eq!(
@@ -428,9 +423,7 @@ fn free_failures_leak_or_fall_back() {
     assert!(g.vm.is_bugged());
     finish(g, &[victim]);
     // VM_PAGE_FLUSH faults: a warning, then WBINVD on all CPUs; nothing leaks.
-    let mut g = guest("flush_encrypted_page:1=GP", VmKind::Snp, 1);
-    g.vm.launch_start(POLICY).unwrap();
-    g.vm.launch_finish([0; 32]).unwrap();
+    let g = launched("flush_encrypted_page:1=GP", 1);
     g.vm.free_vcpu_vmsa(VcpuId(0)).unwrap();
     assert_eq!(g.log.warnings().len(), 1);
     let wb = g.m.cost_report();
@@ -512,9 +505,7 @@ fn debug_decrypt_failures() {
     );
     finish(g, &[]);
     // SNP_DBG_DECRYPT of a launched VMSA: refused by policy, or by the firmware.
-    let mut g = guest("dbg_decrypt:1=INVALID_PAGE_STATE", VmKind::Snp, 1);
-    g.vm.launch_start(POLICY).unwrap();
-    g.vm.launch_finish([0; 32]).unwrap();
+    let g = launched("dbg_decrypt:1=INVALID_PAGE_STATE", 1);
     assert!(matches!(
         g.vm.decrypt_vmsa(VcpuId(0)),
         Err(Error::DebugPolicy { .. })
@@ -533,9 +524,7 @@ fn debug_decrypt_failures() {
 
 #[test]
 fn entry_failures_invalid_vmsa_and_vmrun_checks() {
-    let mut g = guest("vmrun:2=VMEXIT_INVALID", VmKind::Snp, 3);
-    g.vm.launch_start(POLICY).unwrap();
-    g.vm.launch_finish([0; 32]).unwrap();
+    let g = launched("vmrun:2=VMEXIT_INVALID", 3);
     let page = |gpa| GuestAction::Pvalidate {
         vcpu: 0,
         gpa,
@@ -603,38 +592,9 @@ fn entry_failures_invalid_vmsa_and_vmrun_checks() {
 
 #[test]
 fn create_on_init_waits_for_init_and_destroy_halts() {
-    let mut g = guest("", VmKind::Snp, 2);
-    g.vm.launch_start(POLICY).unwrap();
-    g.vm.launch_finish([0; 32]).unwrap();
+    let g = launched("", 2);
     let gpa = 0x60_3000;
-    let mut actions = vec![
-        GuestAction::Pvalidate {
-            vcpu: 0,
-            gpa,
-            pages: 1,
-            size: backend_sim::PageSize::Size4K,
-            validate: true,
-        },
-        GuestAction::WriteVmsa {
-            vcpu: 0,
-            gpa,
-            rip: 0x2000,
-            rsp: 0,
-            sev_features: None,
-        },
-        GuestAction::MakeVmsa {
-            vcpu: 0,
-            gpa,
-            vmsa: true,
-        },
-        GuestAction::ApCreate {
-            vcpu: 0,
-            apic_id: 1,
-            gpa,
-            on_init: true,
-            sev_features: None,
-        },
-    ];
+    let mut actions = create_ap_1(gpa, 0x2000, true);
     let r = run_script(
         &g.vm,
         &GuestScript {
