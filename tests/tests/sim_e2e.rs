@@ -5,9 +5,22 @@
 
 use std::sync::Arc;
 
-use backend_sim::guest::{GuestConfig, GuestScript, PscTarget, run_guest, smp_boot_vmsa_gpa};
+use backend_sim::guest::{GuestConfig, GuestScript, PscTarget, RunReport, run_guest, smp_boot_vmsa_gpa};
 use backend_sim::{CostOp, GuestAction, Machine, MachineConfig, PageSize, PageState, SimError};
 use vmsa_core::{EventLog, Gpa, SNP_POLICY_RSVD_MBO, VcpuId, Vm, VmConfig, VmKind, VmsaState};
+
+/// The built-in SMP boot of a 2-vCPU, 16 MiB SNP guest on a machine configured with `config`.
+fn smp_boot_2(config: MachineConfig) -> (Arc<Machine>, RunReport) {
+    let m = Machine::new(config);
+    let r = run_guest(
+        &m,
+        &GuestConfig::snp(2, 16 << 20),
+        &GuestScript::smp_boot(2, 0x20_0000),
+        Arc::new(EventLog::new()),
+    )
+    .unwrap();
+    (m, r)
+}
 
 #[test]
 fn four_vcpu_guest_boots_aps_from_guest_owned_vmsas_and_tears_down_cleanly() {
@@ -141,77 +154,39 @@ fn page_state_changes_move_memory_between_gmem_and_shared() {
     let m = Machine::new(MachineConfig::default());
     let events = Arc::new(EventLog::new());
     let gpa = 0x40_0000;
+    let pvalidate = |pages, size, validate| GuestAction::Pvalidate {
+        vcpu: 0,
+        gpa,
+        pages,
+        size,
+        validate,
+    };
+    let write = |pages, byte, private| GuestAction::Write {
+        vcpu: 0,
+        gpa,
+        pages,
+        byte,
+        private,
+    };
+    let page_state = |to| GuestAction::PageState {
+        vcpu: 0,
+        gpa,
+        pages: 4,
+        to,
+    };
     let script = GuestScript {
         name: "psc".into(),
         actions: vec![
-            GuestAction::Pvalidate {
-                vcpu: 0,
-                gpa,
-                pages: 4,
-                size: PageSize::Size4K,
-                validate: true,
-            },
-            GuestAction::Pvalidate {
-                vcpu: 0,
-                gpa,
-                pages: 1,
-                size: PageSize::Size2M,
-                validate: true,
-            },
-            GuestAction::Write {
-                vcpu: 0,
-                gpa,
-                pages: 4,
-                byte: 9,
-                private: true,
-            },
-            GuestAction::Pvalidate {
-                vcpu: 0,
-                gpa,
-                pages: 4,
-                size: PageSize::Size4K,
-                validate: false,
-            },
-            GuestAction::PageState {
-                vcpu: 0,
-                gpa,
-                pages: 4,
-                to: PscTarget::Shared,
-            },
-            GuestAction::Write {
-                vcpu: 0,
-                gpa,
-                pages: 4,
-                byte: 7,
-                private: false,
-            },
-            GuestAction::Write {
-                vcpu: 0,
-                gpa,
-                pages: 1,
-                byte: 7,
-                private: true,
-            },
-            GuestAction::PageState {
-                vcpu: 0,
-                gpa,
-                pages: 4,
-                to: PscTarget::Private,
-            },
-            GuestAction::Write {
-                vcpu: 0,
-                gpa,
-                pages: 1,
-                byte: 7,
-                private: true,
-            },
-            GuestAction::Pvalidate {
-                vcpu: 0,
-                gpa,
-                pages: 4,
-                size: PageSize::Size4K,
-                validate: true,
-            },
+            pvalidate(4, PageSize::Size4K, true),
+            pvalidate(1, PageSize::Size2M, true),
+            write(4, 9, true),
+            pvalidate(4, PageSize::Size4K, false),
+            page_state(PscTarget::Shared),
+            write(4, 7, false),
+            write(1, 7, true),
+            page_state(PscTarget::Private),
+            write(1, 7, true),
+            pvalidate(4, PageSize::Size4K, true),
             GuestAction::Hlt { vcpu: 0 },
         ],
     };
@@ -238,17 +213,10 @@ fn page_state_changes_move_memory_between_gmem_and_shared() {
 fn cost_overrides_and_perfetto_trace() {
     let costs =
         backend_sim::CostModel::from_text("c.toml", "[cycles]\nvmrun = 1\nrmpupdate_4k = 10\n").unwrap();
-    let m = Machine::new(MachineConfig {
+    let (m, r) = smp_boot_2(MachineConfig {
         costs,
         ..MachineConfig::default()
     });
-    let r = run_guest(
-        &m,
-        &GuestConfig::snp(2, 16 << 20),
-        &GuestScript::smp_boot(2, 0x20_0000),
-        Arc::new(EventLog::new()),
-    )
-    .unwrap();
     let up = r.costs.op(CostOp::Rmpupdate4K).unwrap();
     assert_eq!(up.unit_cycles, 10);
     assert_eq!(up.cycles, up.count * 10);
@@ -291,19 +259,12 @@ mod serde_json_probe {
 
 #[test]
 fn guest_instructions_fail_on_demand() {
-    let m = Machine::new(MachineConfig {
+    let (m, r) = smp_boot_2(MachineConfig {
         faults: "pvalidate:2=FAIL_INUSE,rmpadjust:1=FAIL_PERMISSION"
             .parse()
             .unwrap(),
         ..MachineConfig::default()
     });
-    let r = run_guest(
-        &m,
-        &GuestConfig::snp(2, 16 << 20),
-        &GuestScript::smp_boot(2, 0x20_0000),
-        Arc::new(EventLog::new()),
-    )
-    .unwrap();
     let errs: Vec<_> = r
         .script
         .failures()
