@@ -34,21 +34,16 @@ fn refused(args: &[&str], must_contain: &[&str]) -> String {
     err
 }
 
-fn ok_base() -> Vec<&'static str> {
-    vec![
-        "--firmware",
-        DEBIAN_OVMF,
-        "--vcpus",
-        "2",
-        "--vcpu-type",
-        "EPYC-v4",
-    ]
-}
-
-fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = ok_base();
+/// `--firmware FIRMWARE --vcpus VCPUS --vcpu-type VCPU_TYPE`, then `extra`.
+fn cli<'a>(firmware: &'a str, vcpus: &'a str, vcpu_type: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--firmware", firmware, "--vcpus", vcpus, "--vcpu-type", vcpu_type];
     a.extend_from_slice(extra);
     a
+}
+
+/// A good invocation (Debian's OVMF, 2 EPYC-v4 vCPUs), then `extra`.
+fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    cli(DEBIAN_OVMF, "2", "EPYC-v4", extra)
 }
 
 fn ls(dir: &Path) -> Vec<String> {
@@ -66,30 +61,20 @@ fn s(p: &Path) -> String {
 
 #[test]
 fn the_good_base_invocation_works() {
-    let out = vmm(["measure"].into_iter().chain(ok_base()));
+    let out = vmm(["measure"].into_iter().chain(with(&[])));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 #[test]
 fn bad_vcpu_types_list_the_known_ones() {
     let e = refused(
-        &[
-            "--firmware",
-            DEBIAN_OVMF,
-            "--vcpus",
-            "2",
-            "--vcpu-type",
-            "EPYC-Foo",
-        ],
+        &cli(DEBIAN_OVMF, "2", "EPYC-Foo", &[]),
         &["--vcpu-type", "EPYC-Foo", "unknown vCPU type"],
     );
     for t in vmm::measure::vcpu_types::VCPU_TYPES {
         assert!(e.contains(t.name), "{e} lacks {}", t.name);
     }
-    refused(
-        &["--firmware", DEBIAN_OVMF, "--vcpus", "2", "--vcpu-type", "epyc"],
-        &["'epyc'", "case-sensitive"],
-    );
+    refused(&cli(DEBIAN_OVMF, "2", "epyc", &[]), &["'epyc'", "case-sensitive"]);
     refused(
         &["--firmware", DEBIAN_OVMF, "--vcpus", "2"],
         &["--vcpu-type is required with --vmm-type qemu", "RDX"],
@@ -100,7 +85,7 @@ fn bad_vcpu_types_list_the_known_ones() {
 fn vcpu_counts_outside_1_to_512() {
     for n in ["0", "513", "4096", "-1", "two", ""] {
         refused(
-            &["--firmware", DEBIAN_OVMF, "--vcpus", n, "--vcpu-type", "EPYC"],
+            &cli(DEBIAN_OVMF, n, "EPYC", &[]),
             &["--vcpus", &format!("'{n}'"), "from 1 to 512"],
         );
     }
@@ -139,18 +124,18 @@ fn unreadable_missing_and_non_sev_firmware() {
     let dir = scratch("fw");
     let missing = dir.join("nope.fd");
     refused(
-        &["--firmware", &s(&missing), "--vcpus", "1", "--vcpu-type", "EPYC"],
+        &cli(&s(&missing), "1", "EPYC", &[]),
         &["--firmware", &s(&missing), "cannot read"],
     );
     refused(
-        &["--firmware", &s(&dir), "--vcpus", "1", "--vcpu-type", "EPYC"],
+        &cli(&s(&dir), "1", "EPYC", &[]),
         &["--firmware", &s(&dir), "not a regular file"],
     );
     // A firmware-sized file without the OVMF footer table: no SEV metadata at all.
     let zeros = dir.join("zeros.fd");
     std::fs::write(&zeros, vec![0u8; 64 * 4096]).unwrap();
     refused(
-        &["--firmware", &s(&zeros), "--vcpus", "1", "--vcpu-type", "EPYC"],
+        &cli(&s(&zeros), "1", "EPYC", &[]),
         &[
             "--firmware",
             &s(&zeros),
@@ -161,10 +146,7 @@ fn unreadable_missing_and_non_sev_firmware() {
     // Debian's variable store is an OVMF file without any of it too.
     let vars = "/usr/share/OVMF/OVMF_VARS.fd";
     if Path::new(vars).exists() {
-        refused(
-            &["--firmware", vars, "--vcpus", "1", "--vcpu-type", "EPYC"],
-            &[vars, "no OVMF footer table"],
-        );
+        refused(&cli(vars, "1", "EPYC", &[]), &[vars, "no OVMF footer table"]);
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -222,17 +204,7 @@ fn truncated_and_corrupt_firmware() {
     for (path, rules) in &cases {
         let mut want = vec!["--firmware", path.to_str().unwrap()];
         want.extend(rules);
-        refused(
-            &[
-                "--firmware",
-                path.to_str().unwrap(),
-                "--vcpus",
-                "2",
-                "--vcpu-type",
-                "EPYC",
-            ],
-            &want,
-        );
+        refused(&cli(path.to_str().unwrap(), "2", "EPYC", &[]), &want);
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -261,31 +233,16 @@ fn kernel_hashes_need_a_firmware_with_a_place_for_them() {
     let synthetic = fixture_dir().join("synthetic-hashes.fd");
     let k = fixture_dir().join("kernel.bin");
     refused(
-        &[
-            "--firmware",
-            &s(&synthetic),
-            "--vcpus",
-            "1",
-            "--vcpu-type",
-            "EPYC",
-            "--kernel",
-            "/nonexistent/bzImage",
-        ],
+        &cli(&s(&synthetic), "1", "EPYC", &["--kernel", "/nonexistent/bzImage"]),
         &["--kernel /nonexistent/bzImage", "cannot read"],
     );
     refused(
-        &[
-            "--firmware",
+        &cli(
             &s(&synthetic),
-            "--vcpus",
             "1",
-            "--vcpu-type",
             "EPYC",
-            "--kernel",
-            &s(&k),
-            "--initrd",
-            "/nonexistent/initrd",
-        ],
+            &["--kernel", &s(&k), "--initrd", "/nonexistent/initrd"],
+        ),
         &["--initrd /nonexistent/initrd", "cannot read"],
     );
 }
@@ -311,46 +268,22 @@ fn dump_vmsa_refuses_to_overwrite_and_leaves_nothing_behind() {
     // A bad input with a valid dump directory: the directory is not created.
     let fresh = root.join("fresh");
     refused(
-        &[
-            "--firmware",
-            DEBIAN_OVMF,
-            "--vcpus",
-            "2",
-            "--vcpu-type",
-            "EPYC-Foo",
-            "--dump-vmsa",
-            &s(&fresh),
-        ],
+        &cli(DEBIAN_OVMF, "2", "EPYC-Foo", &["--dump-vmsa", &s(&fresh)]),
         &["EPYC-Foo"],
     );
     let zeros = root.join("zeros.fd");
     std::fs::write(&zeros, vec![0u8; 4096]).unwrap();
     refused(
-        &[
-            "--firmware",
-            &s(&zeros),
-            "--vcpus",
-            "2",
-            "--vcpu-type",
-            "EPYC",
-            "--dump-vmsa",
-            &s(&fresh),
-        ],
+        &cli(&s(&zeros), "2", "EPYC", &["--dump-vmsa", &s(&fresh)]),
         &["no OVMF footer table"],
     );
     refused(
-        &[
-            "--firmware",
+        &cli(
             DEBIAN_OVMF,
-            "--vcpus",
             "2",
-            "--vcpu-type",
             "EPYC",
-            "--kernel",
-            "/etc/hostname",
-            "--dump-vmsa",
-            &s(&fresh),
-        ],
+            &["--kernel", "/etc/hostname", "--dump-vmsa", &s(&fresh)],
+        ),
         &["SNP_KERNEL_HASHES"],
     );
     assert_eq!(ls(&root), ["file", "full", "zeros.fd"]);
