@@ -16,34 +16,14 @@ use vmsa_core::PageBuf;
 
 use super::ovmf::Guid;
 
-/// The table's header GUID (`9438d606-4f22-4cc9-b479-a793d411fd21`).
-pub const SEV_HASH_TABLE_HEADER_GUID: Guid = Guid::new(
-    0x9438_d606,
-    0x4f22,
-    0x4cc9,
-    [0xb4, 0x79, 0xa7, 0x93, 0xd4, 0x11, 0xfd, 0x21],
-);
-/// The kernel entry's GUID (`4de79437-abd2-427f-b835-d5b172d2045b`).
-pub const SEV_KERNEL_ENTRY_GUID: Guid = Guid::new(
-    0x4de7_9437,
-    0xabd2,
-    0x427f,
-    [0xb8, 0x35, 0xd5, 0xb1, 0x72, 0xd2, 0x04, 0x5b],
-);
-/// The initrd entry's GUID (`44baf731-3a2f-4bd7-9af1-41e29169781d`).
-pub const SEV_INITRD_ENTRY_GUID: Guid = Guid::new(
-    0x44ba_f731,
-    0x3a2f,
-    0x4bd7,
-    [0x9a, 0xf1, 0x41, 0xe2, 0x91, 0x69, 0x78, 0x1d],
-);
-/// The command-line entry's GUID (`97d02dd8-bd20-4c94-aa78-e7714d36ab2a`).
-pub const SEV_CMDLINE_ENTRY_GUID: Guid = Guid::new(
-    0x97d0_2dd8,
-    0xbd20,
-    0x4c94,
-    [0xaa, 0x78, 0xe7, 0x71, 0x4d, 0x36, 0xab, 0x2a],
-);
+/// The table's header GUID.
+pub const SEV_HASH_TABLE_HEADER_GUID: Guid = Guid::parse("9438d606-4f22-4cc9-b479-a793d411fd21");
+/// The kernel entry's GUID.
+pub const SEV_KERNEL_ENTRY_GUID: Guid = Guid::parse("4de79437-abd2-427f-b835-d5b172d2045b");
+/// The initrd entry's GUID.
+pub const SEV_INITRD_ENTRY_GUID: Guid = Guid::parse("44baf731-3a2f-4bd7-9af1-41e29169781d");
+/// The command-line entry's GUID.
+pub const SEV_CMDLINE_ENTRY_GUID: Guid = Guid::parse("97d02dd8-bd20-4c94-aa78-e7714d36ab2a");
 
 /// Size of one entry: GUID, `u16` length, SHA-256.
 pub const ENTRY_SIZE: usize = 16 + 2 + 32;

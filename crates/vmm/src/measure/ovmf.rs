@@ -29,6 +29,42 @@ impl Guid {
         ])
     }
 
+    /// The GUID from its canonical text form `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (as edk2,
+    /// QEMU and sev-snp-measure write it); in a constant, malformed text fails the build.
+    pub const fn parse(text: &str) -> Self {
+        const fn nibble(c: u8) -> u8 {
+            match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                b'A'..=b'F' => c - b'A' + 10,
+                _ => panic!("a GUID has hex digits between its dashes"),
+            }
+        }
+        let s = text.as_bytes();
+        assert!(
+            s.len() == 36 && s[8] == b'-' && s[13] == b'-' && s[18] == b'-' && s[23] == b'-',
+            "a GUID is 8-4-4-4-12 hex digits"
+        );
+        // The 16 bytes in text order (the dashes never split a byte).
+        let mut t = [0u8; 16];
+        let (mut i, mut n) = (0, 0);
+        while i < s.len() {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                i += 1;
+            } else {
+                t[n] = nibble(s[i]) << 4 | nibble(s[i + 1]);
+                n += 1;
+                i += 2;
+            }
+        }
+        Self::new(
+            u32::from_be_bytes([t[0], t[1], t[2], t[3]]),
+            u16::from_be_bytes([t[4], t[5]]),
+            u16::from_be_bytes([t[6], t[7]]),
+            [t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]],
+        )
+    }
+
     /// The stored bytes.
     pub const fn bytes(&self) -> &[u8; 16] {
         &self.0
@@ -52,38 +88,17 @@ impl fmt::Debug for Guid {
     }
 }
 
-/// The footer GUID that marks the table (`96b582de-1fb2-45f7-baea-a366c55a082d`,
-/// `OVMF_TABLE_FOOTER_GUID` in QEMU and sev-snp-measure).
-pub const OVMF_TABLE_FOOTER_GUID: Guid = Guid::new(
-    0x96b5_82de,
-    0x1fb2,
-    0x45f7,
-    [0xba, 0xea, 0xa3, 0x66, 0xc5, 0x5a, 0x08, 0x2d],
-);
+/// The footer GUID that marks the table (`OVMF_TABLE_FOOTER_GUID` in QEMU and sev-snp-measure).
+pub const OVMF_TABLE_FOOTER_GUID: Guid = Guid::parse("96b582de-1fb2-45f7-baea-a366c55a082d");
 /// The SEV hash table block (`SEV_HASH_TABLE_RV_GUID`): `u32` GPA and `u32` size of the area
 /// QEMU writes the kernel/initrd/cmdline hashes into.
-pub const SEV_HASH_TABLE_RV_GUID: Guid = Guid::new(
-    0x7255_371f,
-    0x3a3b,
-    0x4b04,
-    [0x92, 0x7b, 0x1d, 0xa6, 0xef, 0xa8, 0xd4, 0x54],
-);
+pub const SEV_HASH_TABLE_RV_GUID: Guid = Guid::parse("7255371f-3a3b-4b04-927b-1da6efa8d454");
 /// The SEV-ES reset block (`SEV_ES_RESET_BLOCK_GUID`, QEMU's `SEV_INFO_BLOCK_GUID`): `u32`
 /// address the APs start at.
-pub const SEV_ES_RESET_BLOCK_GUID: Guid = Guid::new(
-    0x00f7_71de,
-    0x1a7e,
-    0x4fcb,
-    [0x89, 0x0e, 0x68, 0xc7, 0x7e, 0x2f, 0xb4, 0x4e],
-);
+pub const SEV_ES_RESET_BLOCK_GUID: Guid = Guid::parse("00f771de-1a7e-4fcb-890e-68c77e2fb44e");
 /// The SEV metadata pointer (`OVMF_SEV_META_DATA_GUID`): `u32` offset of the `ASEV` header
 /// from the end of the image.
-pub const OVMF_SEV_METADATA_GUID: Guid = Guid::new(
-    0xdc88_6566,
-    0x984a,
-    0x4798,
-    [0xa7, 0x5e, 0x55, 0x85, 0xa7, 0xbf, 0x67, 0xcc],
-);
+pub const OVMF_SEV_METADATA_GUID: Guid = Guid::parse("dc886566-984a-4798-a75e-5585a7bf67cc");
 
 /// Size of a footer table entry's trailer: `u16` size then the GUID.
 pub const TABLE_ENTRY_HEADER_SIZE: usize = 18;
@@ -589,6 +604,26 @@ pub(crate) mod tests {
             SEV_HASH_TABLE_RV_GUID.to_string(),
             "7255371f-3a3b-4b04-927b-1da6efa8d454"
         );
+    }
+
+    #[test]
+    fn guid_parse_reads_the_text_form() {
+        let want = Guid::new(
+            0x96b5_82de,
+            0x1fb2,
+            0x45f7,
+            [0xba, 0xea, 0xa3, 0x66, 0xc5, 0x5a, 0x08, 0x2d],
+        );
+        assert_eq!(Guid::parse("96b582de-1fb2-45f7-baea-a366c55a082d"), want);
+        assert_eq!(Guid::parse("96B582DE-1FB2-45F7-BAEA-A366C55A082D"), want);
+        for bad in [
+            "96b582de1fb245f7baeaa366c55a082d",
+            "96b582de-1fb2-45f7-baea-a366c55a082",
+            "96b582de-1fb2-45f7-baea-a366c55a082g",
+            "96b582de-1fb2-45f7-baea-a366c55a08-d",
+        ] {
+            assert!(std::panic::catch_unwind(|| Guid::parse(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]
