@@ -153,10 +153,6 @@ impl SimPlatform {
     }
 }
 
-fn level(l: PageLevel) -> PageSize {
-    PageSize::from(l)
-}
-
 impl Platform for SimPlatform {
     type Page = SimPage;
     type Error = SimError;
@@ -189,23 +185,23 @@ impl Platform for SimPlatform {
         &self,
         pfn: Pfn,
         gpa: Gpa,
-        level_: PageLevel,
+        level: PageLevel,
         asid: Asid,
         immutable: bool,
     ) -> Result<(), SimError> {
         let st = RmpState {
             gpa,
             assigned: true,
-            page_size: level(level_),
+            page_size: level,
             immutable,
             asid: asid.0,
         };
         self.machine.hw().rmpupdate(FaultOp::RmpMakePrivate, pfn, st)
     }
 
-    fn rmp_make_shared(&self, pfn: Pfn, level_: PageLevel) -> Result<(), SimError> {
+    fn rmp_make_shared(&self, pfn: Pfn, level: PageLevel) -> Result<(), SimError> {
         let st = RmpState {
-            page_size: level(level_),
+            page_size: level,
             ..RmpState::default()
         };
         self.machine.hw().rmpupdate(FaultOp::RmpMakeShared, pfn, st)

@@ -11,38 +11,10 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
-use vmsa_core::{Gpa, PAGE_SIZE, PMD_SIZE, PTRS_PER_PMD, Pfn};
+use vmsa_core::{Gpa, PAGE_SIZE, PTRS_PER_PMD, Pfn};
 
-/// RMP page size (`Page_Size`, qword 0 bit 1).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-pub enum PageSize {
-    /// 4 KiB.
-    #[default]
-    #[serde(rename = "4k")]
-    Size4K,
-    /// 2 MiB (the entry at the 2 MiB-aligned frame describes the region).
-    #[serde(rename = "2m")]
-    Size2M,
-}
-
-impl PageSize {
-    /// Bytes covered.
-    pub fn bytes(self) -> u64 {
-        match self {
-            Self::Size4K => PAGE_SIZE,
-            Self::Size2M => PMD_SIZE,
-        }
-    }
-}
-
-impl From<vmsa_core::PageLevel> for PageSize {
-    fn from(l: vmsa_core::PageLevel) -> Self {
-        match l {
-            vmsa_core::PageLevel::Size4K => Self::Size4K,
-            _ => Self::Size2M,
-        }
-    }
-}
+/// RMP page size (`Page_Size`, qword 0 bit 1): vmsa-core's page level.
+pub type PageSize = vmsa_core::PageLevel;
 
 /// VMPL permission bits (qword 1, one byte per VMPL): read, write, execute-user,
 /// execute-supervisor, supervisor shadow stack.
@@ -310,10 +282,7 @@ impl Rmp {
         if !e.assigned {
             return;
         }
-        let pages = match e.page_size {
-            PageSize::Size4K => 1,
-            PageSize::Size2M => PTRS_PER_PMD,
-        };
+        let pages = e.page_size.frames();
         if e.asid != 0 {
             let n = self.asid_pages.entry(e.asid).or_insert(0);
             *n = if add { *n + pages } else { n.saturating_sub(pages) };
@@ -360,7 +329,7 @@ impl Rmp {
     /// and a 2 MiB update over assigned 4 KiB entries both fail with FAIL_OVERLAP.
     pub fn rmpupdate(&mut self, pfn: Pfn, new: RmpState) -> Result<(), RmpRet> {
         let large = new.page_size == PageSize::Size2M;
-        let span = if large { PTRS_PER_PMD } else { 1 };
+        let span = new.page_size.frames();
         if !self.covered(Pfn(pfn.0 + span - 1))
             || (large && !pfn.is_2m_aligned())
             || !new.gpa.0.is_multiple_of(new.page_size.bytes())

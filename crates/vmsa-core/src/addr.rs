@@ -125,13 +125,17 @@ impl Pfn {
     }
 }
 
-/// The size of an RMP entry or of a page operation (`PG_LEVEL_4K` / `PG_LEVEL_2M`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The size of an RMP entry or of a page operation (`PG_LEVEL_4K` / `PG_LEVEL_2M`; the RMP's
+/// `Page_Size` bit, APM vol. 2 §15.36.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PageLevel {
     /// A 4 KiB page (RMP page size 0).
+    #[default]
+    #[cfg_attr(feature = "serde", serde(rename = "4k"))]
     Size4K,
-    /// A 2 MiB page (RMP page size 1).
+    /// A 2 MiB page (RMP page size 1; the entry at the 2 MiB-aligned frame describes the region).
+    #[cfg_attr(feature = "serde", serde(rename = "2m"))]
     Size2M,
 }
 
