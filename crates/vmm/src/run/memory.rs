@@ -38,7 +38,7 @@ impl Region {
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The size breaks a rule.
-    #[error("--memory {size:#x}: {rule}")]
+    #[error("--memory {size} bytes: {rule}")]
     BadSize {
         /// The size.
         size: u64,

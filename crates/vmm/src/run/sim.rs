@@ -198,14 +198,6 @@ pub(super) fn run(
         None => Image::synthetic(kind, vcpus, args),
     };
     let memory = args.memory.bytes();
-    if memory < scenario.min_memory {
-        return Err(RunError::Input(format!(
-            "--memory {}: {} needs at least {} of guest memory for its VMSA and data pages",
-            args.memory,
-            args.guest,
-            crate::size::ByteSize::new(scenario.min_memory)
-        )));
-    }
     let rom = args.firmware.as_ref().map(|_| {
         image
             .updates
@@ -215,6 +207,14 @@ pub(super) fn run(
             .sum()
     });
     let ram = GuestRam::new(memory, rom)?;
+    if memory < scenario.min_memory {
+        return Err(RunError::Input(format!(
+            "--memory {}: {} needs at least {} of guest memory for its VMSA and data pages",
+            args.memory,
+            args.guest,
+            crate::size::ByteSize::new(scenario.min_memory)
+        )));
+    }
     load(&ram, &image)?;
 
     let machine = Machine::new(MachineConfig {
