@@ -87,7 +87,20 @@ fn lint() -> Result<(), String> {
         "-D",
         "warnings",
     ]);
-    run("clippy", clippy)
+    run("clippy", clippy)?;
+    // vmsa-core must stay embeddable without the standard library.
+    let mut no_std = cargo();
+    no_std.args([
+        "clippy",
+        "--package",
+        "vmsa-core",
+        "--no-default-features",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("clippy (vmsa-core, no_std)", no_std)
 }
 
 fn has_nextest() -> bool {

@@ -169,6 +169,7 @@ impl fmt::Display for Asid {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::string::ToString;
 
     #[test]
     fn conversions_round_trip() {

@@ -1,5 +1,7 @@
 //! vmsa-core's errors. Every variant names the value that broke a rule and the rule.
 
+use alloc::format;
+
 use crate::addr::{Gpa, Pfn};
 use crate::ghcb::ApCreationError;
 use crate::state::{Op, StateKind, VcpuId, VmKind};
@@ -98,7 +100,7 @@ pub enum MigrationError {
 
 /// Errors of vmsa-core, generic over the platform's error `E`.
 #[derive(Debug, thiserror::Error)]
-pub enum Error<E: std::error::Error + Send + Sync + 'static> {
+pub enum Error<E: core::error::Error + Send + Sync + 'static> {
     /// A transition was called from a state it is not defined for (also reported as a `Warn`
     /// event: in the kernel this is a `WARN_ON_ONCE`).
     #[error("vCPU {vcpu}: {op} is not valid for a VMSA in state {state}")]

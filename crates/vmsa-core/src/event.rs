@@ -4,8 +4,11 @@
 //! `WARN_ON_ONCE`; vmsa-core reports both as [`Event`]s into an [`EventSink`] the embedder
 //! chooses, so tests and VMMs can count them instead of scraping logs.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::sync::{Guard, Lock, lock};
 
 use crate::addr::{Gpa, Hpa, Pfn};
 use crate::state::{Op, StateKind, VcpuId, VmsaState};
@@ -168,7 +171,7 @@ impl EventSink for NullSink {
 /// A sink that keeps every event in memory, in order.
 #[derive(Debug, Default)]
 pub struct EventLog {
-    events: Mutex<Vec<Event>>,
+    events: Lock<Vec<Event>>,
 }
 
 impl EventLog {
@@ -184,7 +187,7 @@ impl EventLog {
 
     /// Remove and return every event so far.
     pub fn drain(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.lock())
+        core::mem::take(&mut *self.lock())
     }
 
     /// The `Leaked` events so far.
@@ -201,10 +204,8 @@ impl EventLog {
         self.lock().iter().filter(|e| keep(e)).cloned().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Event>> {
-        // A panic while holding the lock cannot leave the Vec half-updated (push is atomic with
-        // respect to unwinding), so a poisoned lock is still consistent.
-        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Guard<'_, Vec<Event>> {
+        lock(&self.events)
     }
 }
 
@@ -214,7 +215,7 @@ impl EventSink for EventLog {
     }
 }
 
-impl<T: EventSink + ?Sized> EventSink for std::sync::Arc<T> {
+impl<T: EventSink + ?Sized> EventSink for alloc::sync::Arc<T> {
     fn emit(&self, event: Event) {
         (**self).emit(event)
     }
@@ -224,6 +225,7 @@ impl<T: EventSink + ?Sized> EventSink for std::sync::Arc<T> {
 mod tests {
     use super::*;
     use crate::addr::Gpa;
+    use std::vec::Vec;
 
     #[test]
     fn log_keeps_order_and_filters() {

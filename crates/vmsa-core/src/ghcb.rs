@@ -245,6 +245,7 @@ impl ApRules {
 mod tests {
     use super::*;
     use crate::layout::SEV_FEAT_SNP_ACTIVE;
+    use std::string::ToString;
 
     const RULES: ApRules = ApRules {
         kind: VmKind::Snp,

@@ -6,6 +6,8 @@
 //! whole page. Every field offset is asserted at compile time below; the byte views come from
 //! `zerocopy`, so there is no hand-written transmute.
 
+use alloc::boxed::Box;
+
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 use crate::addr::PAGE_SIZE;

@@ -15,7 +15,9 @@
 //! [`SevEsSaveArea`] is the bit-exact page layout (AMD APM vol. 2 table B-4), with byte views
 //! through `zerocopy`.
 //!
-//! The crate does no I/O, holds no global state and contains no `unsafe` code.
+//! The crate does no I/O, holds no global state and contains no `unsafe` code. It is
+//! `no_std` with `alloc` when built without its default `std` feature (the locks become spin
+//! locks), so a firmware or SVSM can embed it.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -34,8 +36,16 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+extern crate alloc;
+#[cfg(all(feature = "std", not(test)))]
+extern crate std;
+#[cfg(test)]
+#[macro_use]
+extern crate std;
 
 mod addr;
 mod error;
@@ -44,6 +54,7 @@ pub mod ghcb;
 pub mod layout;
 mod platform;
 mod state;
+mod sync;
 mod vcpu;
 mod vm;
 

@@ -93,7 +93,7 @@ pub trait Platform {
     /// The handle of a host page.
     type Page: HostPage;
     /// The backend's error; for firmware commands it should carry the firmware status code.
-    type Error: std::error::Error + Send + Sync + 'static;
+    type Error: core::error::Error + Send + Sync + 'static;
 
     /// The ASID the guest's memory and VMSAs are encrypted with.
     fn asid(&self) -> Asid;

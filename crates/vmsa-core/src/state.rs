@@ -164,6 +164,7 @@ impl fmt::Display for Op {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::string::ToString;
 
     #[derive(Debug)]
     struct P(u64);

@@ -7,8 +7,11 @@
 //! refused on assigned frames, pages freed while private, leaked or double-freed recorded as
 //! [`Violation`]s rather than panics, so property tests can assert none happened.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+
+use crate::sync::{Guard, Lock, lock};
 
 use crate::addr::{Asid, Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
 use crate::platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
@@ -104,11 +107,11 @@ struct Inner {
     live: BTreeSet<Pfn>,
     released: Vec<Pfn>,
     leaked: Vec<Pfn>,
-    frames: HashMap<Pfn, Box<PageBuf>>,
-    rmp: HashMap<Pfn, Rmp>,
+    frames: BTreeMap<Pfn, Box<PageBuf>>,
+    rmp: BTreeMap<Pfn, Rmp>,
     gmem: BTreeMap<Gfn, Pfn>,
-    calls: HashMap<Call, u64>,
-    plan: HashMap<Call, BTreeSet<u64>>,
+    calls: BTreeMap<Call, u64>,
+    plan: BTreeMap<Call, BTreeSet<u64>>,
     violations: Vec<Violation>,
     measured: Vec<(Pfn, u8)>,
     encrypted: BTreeSet<Pfn>,
@@ -122,7 +125,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct TestPlatform {
     asid: Asid,
-    inner: Mutex<Inner>,
+    inner: Lock<Inner>,
 }
 
 /// Guest frames live far above the pages `alloc_page` hands out.
@@ -140,15 +143,15 @@ impl TestPlatform {
     pub fn new(asid: Asid, first_pfn: Pfn) -> Self {
         Self {
             asid,
-            inner: Mutex::new(Inner {
+            inner: Lock::new(Inner {
                 next_pfn: first_pfn.0,
                 ..Inner::default()
             }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> Guard<'_, Inner> {
+        lock(&self.inner)
     }
 
     /// Make the `nth` (1-based, counting from the platform's creation) call of `call` fail.
@@ -233,7 +236,7 @@ impl TestPlatform {
         (g.flushes, g.writebacks)
     }
 
-    fn enter(&self, call: Call) -> Result<MutexGuard<'_, Inner>, TestError> {
+    fn enter(&self, call: Call) -> Result<Guard<'_, Inner>, TestError> {
         let mut g = self.lock();
         let n = g.calls.entry(call).or_insert(0);
         *n += 1;

@@ -2,6 +2,7 @@
 //! failure path, plus property tests over random lifecycles of several vCPUs.
 
 use std::sync::Arc;
+use std::{string::ToString, vec::Vec};
 
 use crate::testing::{Call, TestPlatform};
 use crate::vcpu::{Cx, Vcpu};

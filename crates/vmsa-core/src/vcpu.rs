@@ -7,6 +7,11 @@
 //! that frees or leaks the page clears the VMCB's VMSA address in the same step, and a write to
 //! the page is only reachable in [`VmsaState::KvmShared`].
 
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
 use crate::addr::{Gpa, Hpa, INITIAL_VMSA_GPA, PageLevel, Pfn};
 use crate::error::{Error, PlatformOp};
 use crate::event::{Event, EventSink, LeakReason};
@@ -221,7 +226,7 @@ impl<P: Platform> Cx<'_, P> {
                 })?;
         }
         let from = v.state.snapshot();
-        v.state = match std::mem::take(&mut v.state) {
+        v.state = match core::mem::take(&mut v.state) {
             VmsaState::KvmShared(page) => VmsaState::KvmPrivate(page),
             other => other,
         };
@@ -235,7 +240,7 @@ impl<P: Platform> Cx<'_, P> {
     pub fn free(&self, v: &mut Vcpu<P::Page>, op: Op) -> Option<Leak> {
         let from = v.state.snapshot();
         let mut leak = None;
-        match std::mem::take(&mut v.state) {
+        match core::mem::take(&mut v.state) {
             VmsaState::None => return None,
             // A guest-owned page belongs to guest_memfd; only forget it.
             VmsaState::GuestOwned(_) => {}
@@ -287,7 +292,7 @@ impl<P: Platform> Cx<'_, P> {
     /// free it; if either step fails the page is leaked and reported. Ends in `None`.
     pub fn reclaim(&self, v: &mut Vcpu<P::Page>) -> Res<Option<Leak>, P> {
         let from = v.state.snapshot();
-        let page = match std::mem::take(&mut v.state) {
+        let page = match core::mem::take(&mut v.state) {
             VmsaState::KvmPrivate(page) if self.kind == VmKind::Snp => page,
             other => {
                 v.state = other;

@@ -7,8 +7,13 @@
 //! `snp_vmsa_mutex`), so an AP-creation request from one vCPU thread can target another while
 //! both run.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::string::ToString;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use crate::sync::{Guard, Lock, get_mut, into_inner, lock};
 
 use crate::addr::{Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
 use crate::error::{Error, LaunchState, MigrationError, PlatformOp};
@@ -136,13 +141,13 @@ pub struct Vm<P: Platform> {
     policy: u64,
     launch: LaunchState,
     events: Arc<dyn EventSink>,
-    vcpus: Vec<Mutex<Vcpu<P::Page>>>,
-    index: HashMap<VcpuId, usize>,
-    bugged: Mutex<Option<Leak>>,
+    vcpus: Vec<Lock<Vcpu<P::Page>>>,
+    index: BTreeMap<VcpuId, usize>,
+    bugged: Lock<Option<Leak>>,
 }
 
-impl<P: Platform> std::fmt::Debug for Vm<P> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl<P: Platform> core::fmt::Debug for Vm<P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Vm")
             .field("config", &self.config)
             .field("role", &self.role)
@@ -165,8 +170,8 @@ impl<P: Platform> Vm<P> {
             launch: LaunchState::NotStarted,
             events,
             vcpus: Vec::new(),
-            index: HashMap::new(),
-            bugged: Mutex::new(None),
+            index: BTreeMap::new(),
+            bugged: Lock::new(None),
         }
     }
 
@@ -206,10 +211,8 @@ impl<P: Platform> Vm<P> {
         }
     }
 
-    fn lock(&self, i: usize) -> MutexGuard<'_, Vcpu<P::Page>> {
-        // Every update of a Vcpu completes before any call that can panic, so a poisoned
-        // lock still guards a consistent record.
-        self.vcpus[i].lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, i: usize) -> Guard<'_, Vcpu<P::Page>> {
+        lock(&self.vcpus[i])
     }
 
     fn idx(&self, id: VcpuId) -> Res<usize, P> {
@@ -218,10 +221,7 @@ impl<P: Platform> Vm<P> {
 
     fn note_leak(&self, leak: Option<Leak>) {
         if let Some(leak) = leak {
-            self.bugged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(leak);
+            lock(&self.bugged).get_or_insert(leak);
         }
     }
 
@@ -229,7 +229,7 @@ impl<P: Platform> Vm<P> {
         if self.role == Role::Dead {
             return Err(Error::VmDead);
         }
-        match *self.bugged.lock().unwrap_or_else(|p| p.into_inner()) {
+        match *lock(&self.bugged) {
             Some(Leak { vcpu, pfn }) => Err(Error::VmBugged { vcpu, pfn }),
             None => Ok(()),
         }
@@ -237,7 +237,7 @@ impl<P: Platform> Vm<P> {
 
     /// Whether a page was leaked (the VM is then "bugged" and refuses everything but teardown).
     pub fn is_bugged(&self) -> bool {
-        self.bugged.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        lock(&self.bugged).is_some()
     }
 
     /// Create a vCPU and its host VMSA (`sev_vcpu_create` + `sev_es_init_vmcb`). The first vCPU
@@ -261,7 +261,7 @@ impl<P: Platform> Vm<P> {
         }
         let info = info(&v);
         self.index.insert(id, self.vcpus.len());
-        self.vcpus.push(Mutex::new(v));
+        self.vcpus.push(Lock::new(v));
         Ok(info)
     }
 
@@ -427,7 +427,7 @@ impl<P: Platform> Vm<P> {
         let pages = (len / PAGE_SIZE) as usize;
         let contents: Box<dyn Iterator<Item = Option<&PageBuf>>> = match data {
             Some(d) => Box::new(d.as_chunks().0.iter().map(Some)),
-            None => Box::new(std::iter::repeat_n(None, pages)),
+            None => Box::new(core::iter::repeat_n(None, pages)),
         };
         self.launch_step(|vm| {
             for (i, page) in (0u64..).zip(contents) {
@@ -738,7 +738,7 @@ impl<P: Platform> Vm<P> {
         if let Some(v) = src.vcpus().into_iter().find(|v| !v.protected) {
             return Err(MigrationError::SourceNotLaunched { vcpu: v.id }.into());
         }
-        std::mem::swap(&mut self.platform, &mut src.platform);
+        core::mem::swap(&mut self.platform, &mut src.platform);
         self.config = src.config;
         self.policy = src.policy;
         self.launch = src.launch;
@@ -746,14 +746,14 @@ impl<P: Platform> Vm<P> {
         src.role = Role::Dead;
         src.launch = LaunchState::NotStarted;
         for (d, s) in self.vcpus.iter_mut().zip(src.vcpus.iter_mut()) {
-            let d = d.get_mut().unwrap_or_else(|p| p.into_inner());
-            let s = s.get_mut().unwrap_or_else(|p| p.into_inner());
+            let d = get_mut(d);
+            let s = get_mut(s);
             let moved = s.state.snapshot();
-            d.state = std::mem::take(&mut s.state);
+            d.state = core::mem::take(&mut s.state);
             d.protected = true;
             d.vmcb_vmsa_pa = s.vmcb_vmsa_pa.take();
             d.pending_gpa = s.pending_gpa.take();
-            d.waiting_for_reset = std::mem::take(&mut s.waiting_for_reset);
+            d.waiting_for_reset = core::mem::take(&mut s.waiting_for_reset);
             s.protected = false;
             for (vcpu, op, from, to) in [
                 (s.id, Op::MigrateOut, moved.clone(), VmsaState::None),
@@ -786,7 +786,7 @@ impl<P: Platform> Vm<P> {
             events: &*self.events,
         };
         for v in self.vcpus.drain(..) {
-            let mut v = v.into_inner().unwrap_or_else(|p| p.into_inner());
+            let mut v = into_inner(v);
             report.vcpus += 1;
             if cx.free(&mut v, Op::Free).is_some() {
                 report.leaked += 1;
