@@ -141,7 +141,9 @@ fn test() -> Result<(), String> {
 
 fn bench(rest: &[String]) -> Result<(), String> {
     let mut b = cargo();
-    b.args(["bench", "--workspace", "--benches", "--locked"])
+    // Only the criterion targets: `--benches` would also run every library's test harness in
+    // bench mode, which rejects criterion's options.
+    b.args(["bench", "--workspace", "--bench", "*", "--locked"])
         .args(rest);
     run("benchmarks", b)
 }
