@@ -1072,6 +1072,64 @@ fn migration_refusals_move_nothing() {
     assert!(es.vcpus().iter().all(|v| v.protected), "nothing moved");
 }
 
+// ---- concurrency ---------------------------------------------------------------------------
+
+#[test]
+fn vcpu_threads_create_each_other_concurrently() {
+    // Every vCPU thread keeps asking for its neighbour to be (re)created from one of two guest
+    // VMSAs, destroys it now and then, and enters itself, all at once. The per-vCPU locks must
+    // keep every vCPU's record consistent: no deadlock, no page lost, no rule broken.
+    const N: u32 = 4;
+    const ROUNDS: u64 = 300;
+    let (vm, log) = launched_snp(N, SNP_POLICY);
+    for g in 0..2 * u64::from(N) {
+        vm.platform().map_gmem(Gfn(0x90 + g));
+    }
+    std::thread::scope(|s| {
+        for me in 0..N {
+            let vm = &vm;
+            s.spawn(move || {
+                let target = (me + 1) % N;
+                for round in 0..ROUNDS {
+                    let gfn = 0x90 + u64::from(target) * 2 + round % 2;
+                    let req = if round % 7 == 6 {
+                        ApCreationRequest::new(VcpuId(me), ghcb::AP_DESTROY, target, 0, None)
+                    } else {
+                        ap(me, ghcb::AP_CREATE, target, gfn << 12)
+                    };
+                    vm.ap_creation(&req).expect("valid request");
+                    match vm.prepare_entry(VcpuId(me)) {
+                        Ok(_) | Err(Error::InvalidVmsa { .. }) => {}
+                        Err(e) => panic!("vCPU {me}: {e}"),
+                    }
+                }
+            });
+        }
+    });
+    for v in vm.vcpus() {
+        vm.prepare_entry(v.id).ok();
+        let v = vm.vcpu(v.id).unwrap();
+        match v.state {
+            VmsaState::GuestOwned(gpa) => {
+                assert_eq!(v.vmcb_vmsa_pa, vm.platform().gmem_pfn(gpa.gfn()).map(Pfn::hpa));
+            }
+            VmsaState::None => assert_eq!(v.vmcb_vmsa_pa, None),
+            other => panic!("vCPU {} still holds a host VMSA: {other:?}", v.id),
+        }
+    }
+    let accepted = log
+        .snapshot()
+        .iter()
+        .filter(|e| matches!(e, Event::ApRequest { .. }))
+        .count();
+    assert_eq!(accepted as u64, u64::from(N) * ROUNDS);
+    let mut vm = vm;
+    assert_eq!(vm.teardown().leaked, 0);
+    assert!(vm.platform().live_pages().is_empty());
+    assert!(vm.platform().violations().is_empty());
+    assert!(log.warnings().is_empty());
+}
+
 // ---- property tests ----------------------------------------------------------------------------
 
 mod props {
