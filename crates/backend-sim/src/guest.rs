@@ -177,18 +177,23 @@ impl GuestAction {
         }
     }
 
+    /// `PVALIDATE` of one 4 KiB page (validate, or rescind).
+    pub fn pvalidate_4k(vcpu: u32, gpa: u64, validate: bool) -> Self {
+        Self::Pvalidate {
+            vcpu,
+            gpa,
+            pages: 1,
+            size: PageSize::Size4K,
+            validate,
+        }
+    }
+
     /// What a guest does to turn one of its pages into an AP's VMSA (Linux
     /// `wakeup_cpu_via_vmgexit`): `vcpu` validates the page at `gpa`, writes a 64-bit entry
     /// state (`rip`, `rsp`) there, and RMPADJUSTs it into a VMSA.
     pub fn vmsa_setup(vcpu: u32, gpa: u64, rip: u64, rsp: u64) -> [Self; 3] {
         [
-            Self::Pvalidate {
-                vcpu,
-                gpa,
-                pages: 1,
-                size: PageSize::Size4K,
-                validate: true,
-            },
+            Self::pvalidate_4k(vcpu, gpa, true),
             Self::WriteVmsa {
                 vcpu,
                 gpa,
@@ -317,13 +322,7 @@ impl GuestScript {
         }
         for i in 1..vcpus {
             let data = smp_boot_vmsa_gpa(base, i) + PAGE_SIZE;
-            a.push(GuestAction::Pvalidate {
-                vcpu: i,
-                gpa: data,
-                pages: 1,
-                size: PageSize::Size4K,
-                validate: true,
-            });
+            a.push(GuestAction::pvalidate_4k(i, data, true));
             a.push(GuestAction::Write {
                 vcpu: i,
                 gpa: data,
@@ -331,13 +330,7 @@ impl GuestScript {
                 byte: i as u8,
                 private: true,
             });
-            a.push(GuestAction::Pvalidate {
-                vcpu: i,
-                gpa: data,
-                pages: 1,
-                size: PageSize::Size4K,
-                validate: false,
-            });
+            a.push(GuestAction::pvalidate_4k(i, data, false));
             a.push(GuestAction::PageState {
                 vcpu: i,
                 gpa: data,
@@ -357,13 +350,7 @@ impl GuestScript {
                 pages: 1,
                 to: PscTarget::Private,
             });
-            a.push(GuestAction::Pvalidate {
-                vcpu: i,
-                gpa: data,
-                pages: 1,
-                size: PageSize::Size4K,
-                validate: true,
-            });
+            a.push(GuestAction::pvalidate_4k(i, data, true));
             a.push(GuestAction::Hlt { vcpu: i });
         }
         for i in 1..vcpus {

@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use backend_sim::FaultPlan;
 use backend_sim::guest::{GuestAction, GuestScript, smp_boot_vmsa_gpa};
-use backend_sim::{FaultPlan, PageSize};
 use vmsa_core::{PAGE_SIZE, PMD_SIZE, VmKind};
 
 /// Where the built-in guests put their AP VMSAs: 2 MiB up, one 2 MiB region per AP.
@@ -224,6 +224,17 @@ fn prepare_vmsa(a: &mut Vec<GuestAction>, gpa: u64, rip: u64) {
     a.extend(GuestAction::vmsa_setup(0, gpa, rip, 0x8_0000));
 }
 
+/// The BSP asks for `ap` to run from the VMSA at `gpa`, now or (`on_init`) at its next INIT.
+fn ap_create(a: &mut Vec<GuestAction>, ap: u32, gpa: u64, on_init: bool) {
+    a.push(GuestAction::ApCreate {
+        vcpu: 0,
+        apic_id: ap,
+        gpa,
+        on_init,
+        sev_features: None,
+    });
+}
+
 /// The BSP takes a VMSA page out of service: RMPADJUST clears the VMSA bit, PVALIDATE rescinds.
 fn retire_vmsa(a: &mut Vec<GuestAction>, gpa: u64) {
     a.push(GuestAction::MakeVmsa {
@@ -231,13 +242,7 @@ fn retire_vmsa(a: &mut Vec<GuestAction>, gpa: u64) {
         gpa,
         vmsa: false,
     });
-    a.push(GuestAction::Pvalidate {
-        vcpu: 0,
-        gpa,
-        pages: 1,
-        size: PageSize::Size4K,
-        validate: false,
-    });
+    a.push(GuestAction::pvalidate_4k(0, gpa, false));
 }
 
 /// `ap-churn`: every round, each AP gets a fresh VMSA (alternating between two pages of its
@@ -248,13 +253,7 @@ fn ap_churn(vcpus: u32, rounds: u32) -> GuestScript {
         for ap in 1..vcpus {
             let gpa = smp_boot_vmsa_gpa(VMSA_BASE, ap) + u64::from(round % 2) * PAGE_SIZE;
             prepare_vmsa(&mut a, gpa, 0x10_0000 + u64::from(round) * 0x10);
-            a.push(GuestAction::ApCreate {
-                vcpu: 0,
-                apic_id: ap,
-                gpa,
-                on_init: false,
-                sev_features: None,
-            });
+            ap_create(&mut a, ap, gpa, false);
             a.push(GuestAction::Run { vcpu: ap });
             a.push(GuestAction::Hlt { vcpu: ap });
             a.push(GuestAction::ApDestroy { vcpu: 0, apic_id: ap });
@@ -276,23 +275,11 @@ fn reset(vcpus: u32) -> GuestScript {
     let first = smp_boot_vmsa_gpa(VMSA_BASE, 1);
     let second = first + PAGE_SIZE;
     prepare_vmsa(&mut a, first, 0x10_0000);
-    a.push(GuestAction::ApCreate {
-        vcpu: 0,
-        apic_id: 1,
-        gpa: first,
-        on_init: true,
-        sev_features: None,
-    });
+    ap_create(&mut a, 1, first, true);
     a.push(GuestAction::SendInit { vcpu: 0, apic_id: 1 });
     a.push(GuestAction::Run { vcpu: 1 });
     prepare_vmsa(&mut a, second, 0x20_0000);
-    a.push(GuestAction::ApCreate {
-        vcpu: 0,
-        apic_id: 1,
-        gpa: second,
-        on_init: true,
-        sev_features: None,
-    });
+    ap_create(&mut a, 1, second, true);
     a.push(GuestAction::Run { vcpu: 1 });
     a.push(GuestAction::SendInit { vcpu: 0, apic_id: 1 });
     a.push(GuestAction::Run { vcpu: 1 });
@@ -300,13 +287,7 @@ fn reset(vcpus: u32) -> GuestScript {
     for ap in 2..vcpus {
         let gpa = smp_boot_vmsa_gpa(VMSA_BASE, ap);
         prepare_vmsa(&mut a, gpa, 0x10_0000);
-        a.push(GuestAction::ApCreate {
-            vcpu: 0,
-            apic_id: ap,
-            gpa,
-            on_init: false,
-            sev_features: None,
-        });
+        ap_create(&mut a, ap, gpa, false);
         a.push(GuestAction::Hlt { vcpu: ap });
     }
     for ap in 1..vcpus {
