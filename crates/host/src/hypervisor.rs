@@ -1,0 +1,74 @@
+//! The host: what it can run, and VM creation.
+
+use serde::Serialize;
+use vmsa_core::VmKind;
+
+use crate::refusal::Refusal;
+use crate::vm::Vm;
+
+/// The confidential VM to create: the `KVM_CREATE_VM` type and `KVM_SEV_INIT2`'s
+/// `vmsa_features` (without `SNP_ACTIVE`, which the host adds for SNP, as
+/// `__sev_guest_init` does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct VmSpec {
+    /// SEV-ES or SEV-SNP.
+    pub kind: VmKind,
+    /// The extra SEV features every VMSA of the guest runs with.
+    pub vmsa_features: u64,
+}
+
+/// What a host can do and show, answered before anything is created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// The confidential VM kinds it creates.
+    pub kinds: Vec<VmKind>,
+    /// The SEV features `vmsa_features` may hold (`KVM_X86_SEV_VMSA_FEATURES`).
+    pub vmsa_features: u64,
+    /// The most vCPUs one VM may have.
+    pub max_vcpus: u32,
+    /// Whether the host can report each vCPU's VMSA ownership history (a real SNP kernel
+    /// cannot: the VMSAs are its own).
+    pub ownership_visible: bool,
+    /// Whether the host reports the launch digest the firmware computed.
+    pub launch_digest_visible: bool,
+}
+
+/// Why a host could not create a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// The call broke one of KVM's rules.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The host cannot run this kind of VM.
+    #[error("create_vm: {kind} guests need what this host lacks: {reason}")]
+    Unsupported {
+        /// The kind asked for.
+        kind: VmKind,
+        /// What is missing (the probe's reasons).
+        reason: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The host's own call failed.
+    #[error("{call}: {source}")]
+    Host {
+        /// The failing call.
+        call: &'static str,
+        /// The host's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A host that runs confidential VMs: Cloud Hypervisor's `Hypervisor`, with an associated VM type.
+pub trait Hypervisor {
+    /// The VMs it creates.
+    type Vm: Vm;
+
+    /// A short name for reports (`"sim"`, `"kvm VMSA-image"`, `"kvm SEV-SNP"`).
+    fn name(&self) -> &str;
+
+    /// What it can create and show.
+    fn capabilities(&self) -> &Capabilities;
+
+    /// `KVM_CREATE_VM` of the kind's type, then `KVM_SEV_INIT2` with `spec.vmsa_features`.
+    fn create_vm(&self, spec: VmSpec) -> Result<Self::Vm, HypervisorError>;
+}

@@ -1,0 +1,115 @@
+//! A confidential VM: guest memory, conversions, the launch, vCPU creation, teardown.
+
+use serde::Serialize;
+use vmsa_core::{Gpa, SnpPageType};
+
+use crate::exit::Conversion;
+use crate::hypervisor::VmSpec;
+use crate::refusal::Refusal;
+use crate::report::{HostReport, Observed};
+use crate::vcpu::Vcpu;
+
+/// A guest memory slot (`KVM_SET_USER_MEMORY_REGION2`). With `guest_memfd` the host backs its
+/// private side with a guest_memfd (`KVM_CREATE_GUEST_MEMFD`), which SNP private memory needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MemoryRegion {
+    /// The slot number.
+    pub slot: u32,
+    /// First guest-physical byte (page aligned).
+    pub gpa: Gpa,
+    /// Length in bytes (a multiple of 4 KiB).
+    pub size: u64,
+    /// Back the private side with a guest_memfd.
+    pub guest_memfd: bool,
+}
+
+/// One launch update (`KVM_SEV_SNP_LAUNCH_UPDATE`, or SEV-ES `LAUNCH_UPDATE_DATA`): `len`
+/// bytes at `gpa` of one page type, from `data` (none for ZERO pages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchUpdate<'a> {
+    /// First page.
+    pub gpa: Gpa,
+    /// Length in bytes.
+    pub len: u64,
+    /// The SNP page type (SEV-ES takes only `Normal`).
+    pub page_type: SnpPageType,
+    /// The contents (`uaddr`), `len` bytes; `None` for ZERO pages.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Why a VM call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The call broke one of KVM's rules (launch update before launch start, a range not
+    /// private, vCPU creation after launch finish, ...).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The host's own call failed (a firmware error, an ioctl, the simulated machine).
+    #[error("{call}: {source}")]
+    Host {
+        /// The failing call.
+        call: &'static str,
+        /// The host's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl VmError {
+    /// A host failure of `call`.
+    pub fn host(call: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Host {
+            call,
+            source: Box::new(source),
+        }
+    }
+
+    /// The refusal, if the call broke a rule.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Self::Refused(r) => Some(r),
+            Self::Host { .. } => None,
+        }
+    }
+}
+
+/// A confidential VM. The VMM calls the launch steps in KVM's order and then runs each vCPU on
+/// its own thread; conversions come from those threads, so they take `&self`.
+pub trait Vm: Sync {
+    /// The vCPUs it creates.
+    type Vcpu: Vcpu;
+
+    /// What was created.
+    fn spec(&self) -> VmSpec;
+
+    /// Add a guest memory slot.
+    fn add_memory(&mut self, region: MemoryRegion) -> Result<(), VmError>;
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES`: make a range private or shared (the host releases or
+    /// assigns the backing pages as KVM and guest_memfd do).
+    fn set_memory_attributes(&self, range: Conversion) -> Result<(), VmError>;
+
+    /// `LAUNCH_START` / `KVM_SEV_SNP_LAUNCH_START` with the guest policy.
+    fn launch_start(&mut self, policy: u64) -> Result<(), VmError>;
+
+    /// Measure and encrypt pages into the guest (`KVM_SEV_SNP_LAUNCH_UPDATE`, SEV-ES
+    /// `LAUNCH_UPDATE_DATA`).
+    fn launch_update(&mut self, update: LaunchUpdate<'_>) -> Result<(), VmError>;
+
+    /// SEV-ES `KVM_SEV_LAUNCH_UPDATE_VMSA`: encrypt every vCPU's VMSA (SNP does this inside
+    /// launch finish and refuses the call).
+    fn launch_update_vmsas(&mut self) -> Result<(), VmError>;
+
+    /// `KVM_SEV_SNP_LAUNCH_FINISH` (SNP: every vCPU's VMSA is synced, made private and
+    /// measured first) or SEV-ES `LAUNCH_FINISH`.
+    fn launch_finish(&mut self) -> Result<(), VmError>;
+
+    /// `KVM_CREATE_VCPU` with APIC ID `id` (the host allocates its VMSA).
+    fn create_vcpu(&mut self, id: u32) -> Result<Self::Vcpu, VmError>;
+
+    /// The host's clock in simulated cycles, where it has one.
+    fn cycles(&self) -> Observed<u64>;
+
+    /// Destroy the VM (its vCPUs must be dropped first) and report what it did and left.
+    fn teardown(self) -> HostReport;
+}
