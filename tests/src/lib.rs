@@ -1,1 +1,103 @@
 //! Shared helpers for the scenario tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backend_sim::host::SimHost;
+use backend_sim::{GuestScript, Machine, MachineConfig, PhaseClock, PhaseReport};
+use vmm::run::flow::{self, FlowReport, Launch};
+use vmm::run::progress::Progress;
+use vmsa_core::{Event, Gpa, SNP_POLICY_RSVD_MBO, SnpPageType, VmKind, layout::SEV_FEAT_SNP_ACTIVE};
+use vmsa_host::{GuestActivity, LaunchUpdate, MemoryRegion, VmSpec};
+
+/// Where the stand-in firmware of [`sim_boot`] sits, and its size in pages (HLT bytes).
+pub const FIRMWARE_GPA: u64 = 0x10_0000;
+/// Pages of the stand-in firmware.
+pub const FIRMWARE_PAGES: u64 = 16;
+
+/// A guest's whole life on the simulated host through the VMM's one flow.
+#[derive(Debug)]
+pub struct SimRun {
+    /// The machine it ran on.
+    pub machine: Arc<Machine>,
+    /// What the flow reported.
+    pub report: FlowReport,
+    /// The machine's cycles per phase.
+    pub phases: Vec<PhaseReport>,
+}
+
+impl SimRun {
+    /// What the guest did (every step).
+    pub fn guest(&self) -> &GuestActivity {
+        self.report
+            .host
+            .guest
+            .seen()
+            .expect("the simulator sees the guest")
+    }
+
+    /// vmsa-core's events.
+    pub fn events(&self) -> &[Event] {
+        self.report
+            .host
+            .events
+            .seen()
+            .expect("the simulator sees the events")
+    }
+}
+
+/// Run `script` on an SNP guest of `vcpus` vCPUs and `memory` bytes from GPA 0 on a machine built
+/// from `config`: a 16-page HLT firmware at 1 MiB is measured, every vCPU starts from the x86
+/// reset state, and the flow creates, launches, runs and tears it down.
+pub fn sim_boot(config: MachineConfig, vcpus: u32, memory: u64, script: GuestScript) -> SimRun {
+    let machine = Machine::new(config);
+    let host = SimHost::new(machine.clone(), script);
+    let firmware = vec![0xf4u8; (FIRMWARE_PAGES * vmsa_core::PAGE_SIZE) as usize];
+    let vmsas: Vec<_> = (0..vcpus)
+        .map(|_| {
+            vmm::measure::reset::reset_vmsa(
+                vmm::measure::reset::BSP_EIP,
+                SEV_FEAT_SNP_ACTIVE,
+                vmm::measure::vcpu_types::VcpuType::lookup("EPYC-v4")
+                    .expect("a known vCPU type")
+                    .signature(),
+                vmm::measure::vmm_types::VmmType::Qemu,
+            )
+        })
+        .collect();
+    let launch = Launch {
+        spec: VmSpec {
+            kind: VmKind::Snp,
+            vmsa_features: 0,
+        },
+        memory: vec![MemoryRegion {
+            slot: 0,
+            gpa: Gpa(0),
+            size: memory,
+            guest_memfd: true,
+        }],
+        policy: SNP_POLICY_RSVD_MBO,
+        updates: vec![LaunchUpdate {
+            gpa: Gpa(FIRMWARE_GPA),
+            len: firmware.len() as u64,
+            page_type: SnpPageType::Normal,
+            data: Some(&firmware),
+        }],
+        vmsas: &vmsas,
+    };
+    let mut clock = PhaseClock::new(&machine);
+    let report = flow::run(
+        &host,
+        &launch,
+        Duration::from_secs(60),
+        &Progress::hidden(),
+        &mut |p| clock.end(p),
+    )
+    .expect("the simulator creates the VM");
+    let phases = clock.into_phases();
+    SimRun {
+        machine,
+        report,
+        phases,
+    }
+}

@@ -3,65 +3,80 @@
 //! without leaks or RMP faults; the host cannot write a launched VMSA; memory encryption as
 //! the host and another guest see it; the cost report and the Perfetto trace.
 
-use std::sync::Arc;
-
-use backend_sim::guest::{GuestConfig, GuestScript, PscTarget, RunReport, run_guest, smp_boot_vmsa_gpa};
+use backend_sim::guest::{GuestScript, PscTarget, smp_boot_vmsa_gpa};
 use backend_sim::{CostOp, GuestAction, Machine, MachineConfig, PageSize, PageState, SimError};
-use vmsa_core::{EventLog, Gpa, SNP_POLICY_RSVD_MBO, VcpuId, Vm, VmConfig, VmKind, VmsaState};
+use scenario_tests::{FIRMWARE_PAGES, SimRun, sim_boot};
+use vmm::run::flow::RunEnd;
+use vmsa_core::{Gpa, SNP_POLICY_RSVD_MBO, VcpuId, Vm, VmConfig, VmKind, VmsaState};
 
 /// The built-in SMP boot of a 2-vCPU, 16 MiB SNP guest on a machine configured with `config`.
-fn smp_boot_2(config: MachineConfig) -> (Arc<Machine>, RunReport) {
-    let m = Machine::new(config);
-    let r = run_guest(
-        &m,
-        &GuestConfig::snp(2, 16 << 20),
-        &GuestScript::smp_boot(2, 0x20_0000),
-        Arc::new(EventLog::new()),
-    )
-    .unwrap();
-    (m, r)
+fn smp_boot_2(config: MachineConfig) -> SimRun {
+    sim_boot(config, 2, 16 << 20, GuestScript::smp_boot(2, 0x20_0000))
 }
 
 #[test]
 fn four_vcpu_guest_boots_aps_from_guest_owned_vmsas_and_tears_down_cleanly() {
-    let m = Machine::new(MachineConfig::default());
-    let events = Arc::new(EventLog::new());
     let base = 0x20_0000;
-    let script = GuestScript::smp_boot(4, base);
-    let r = run_guest(&m, &GuestConfig::snp(4, 1 << 30), &script, events.clone()).unwrap();
-    assert_eq!(r.script.failed, 0, "{:?}", r.script.failures());
+    let r = sim_boot(
+        MachineConfig::default(),
+        4,
+        1 << 30,
+        GuestScript::smp_boot(4, base),
+    );
+    let m = &r.machine;
+    let g = r.guest();
+    assert_eq!(g.failures().count(), 0, "{:?}", g.failures().collect::<Vec<_>>());
+    let run = r.report.run.as_ref().expect("the guest ran");
+    assert_eq!(run.end, RunEnd::Done);
+    assert!(
+        run.vcpus.iter().all(|v| v.runs > 0),
+        "every vCPU thread ran: {:?}",
+        run.vcpus
+    );
     // Each AP started on its own guest VMSA: one AP_CREATE and one AP_DESTROY per AP, and the
     // BSP plus three APs entered the guest.
-    assert_eq!((r.script.ap_requests, r.script.ap_refused), (6, 0));
+    assert_eq!((g.ap_requests, g.ap_refused), (6, 0));
     for i in 1..4u32 {
         let gpa = Gpa(smp_boot_vmsa_gpa(base, i));
         assert!(
-            events.snapshot().iter().any(|e| matches!(e,
+            r.events().iter().any(|e| matches!(e,
                 vmsa_core::Event::Transition { vcpu, to: VmsaState::GuestOwned(g), .. } if *vcpu == VcpuId(i) && *g == gpa)),
             "AP {i} owns the VMSA at {gpa}"
         );
     }
-    assert!(r.script.vmruns >= 4);
-    assert_eq!(r.stats.vmrun_failures, 0);
+    assert!(g.vmruns >= 4);
+    let stats = m.stats();
+    assert_eq!(stats.vmrun_failures, 0);
     // Torn down: no leaks, no RMP faults, every frame back.
-    assert_eq!((r.teardown.vcpus, r.teardown.leaked), (4, 0));
-    assert_eq!(r.leak_events, 0);
-    assert_eq!(r.leaked_frames, 0);
-    assert_eq!(r.stats.rmp_faults, 0);
-    assert_eq!((r.stats.freed_unflushed, r.stats.freed_while_assigned), (0, 0));
+    let t = &r.report.host.teardown;
+    assert_eq!((t.vcpus, t.vmsas_leaked.seen()), (4, Some(&0)));
+    assert!(
+        !r.events()
+            .iter()
+            .any(|e| matches!(e, vmsa_core::Event::Leaked { .. }))
+    );
+    assert!(m.leaked_frames().is_empty());
+    assert_eq!(stats.rmp_faults, 0);
+    assert_eq!((stats.freed_unflushed, stats.freed_while_assigned), (0, 0));
     assert_eq!(m.allocated_frames(), 0);
-    assert!(r.destroy.frames_released > 0 && r.destroy.frames_leaked == 0);
+    assert!(t.guest_frames_released.seen().is_some_and(|n| *n > 0));
+    assert_eq!(t.guest_frames_leaked.seen(), Some(&0));
     // Phases and costs.
     let names: Vec<_> = r.phases.iter().map(|p| p.name).collect();
     assert_eq!(names, ["create", "launch", "run", "teardown"]);
     let launch = &r.phases[1];
-    let lu = r.costs.op(CostOp::SnpLaunchUpdateMeasured).unwrap();
-    assert_eq!(lu.count, 16 + 4, "16 firmware pages and 4 VMSAs measured");
-    assert!(launch.cycles >= lu.cycles);
-    assert!(r.costs.op(CostOp::VmgexitSnp).unwrap().count >= 6);
+    let costs = m.cost_report();
+    let lu = costs.op(CostOp::SnpLaunchUpdateMeasured).unwrap();
     assert_eq!(
-        r.costs.total_cycles,
-        r.costs.ops.iter().map(|o| o.cycles).sum::<u64>()
+        lu.count,
+        FIRMWARE_PAGES + 4,
+        "16 firmware pages and 4 VMSAs measured"
+    );
+    assert!(launch.cycles >= lu.cycles);
+    assert!(costs.op(CostOp::VmgexitSnp).unwrap().count >= 6);
+    assert_eq!(
+        costs.total_cycles,
+        costs.ops.iter().map(|o| o.cycles).sum::<u64>()
     );
 }
 
@@ -151,8 +166,6 @@ fn private_memory_is_ciphertext_to_the_host_and_to_other_guests() {
 
 #[test]
 fn page_state_changes_move_memory_between_gmem_and_shared() {
-    let m = Machine::new(MachineConfig::default());
-    let events = Arc::new(EventLog::new());
     let gpa = 0x40_0000;
     let pvalidate = |pages, size, validate| GuestAction::Pvalidate {
         vcpu: 0,
@@ -190,8 +203,9 @@ fn page_state_changes_move_memory_between_gmem_and_shared() {
             GuestAction::Hlt { vcpu: 0 },
         ],
     };
-    let r = run_guest(&m, &GuestConfig::snp(1, 16 << 20), &script, events).unwrap();
-    let o = &r.script.outcomes;
+    let r = sim_boot(MachineConfig::default(), 1, 16 << 20, script);
+    let m = &r.machine;
+    let o = &r.guest().steps;
     assert_eq!(o[0].error, None);
     assert!(
         o[1].error.as_deref().unwrap().contains("FAIL_SIZEMISMATCH"),
@@ -204,8 +218,8 @@ fn page_state_changes_move_memory_between_gmem_and_shared() {
     assert!(o[6].error.as_deref().unwrap().contains("shared"), "{:?}", o[6]);
     assert!(o[8].error.as_deref().unwrap().contains("#VC"), "{:?}", o[8]);
     assert_eq!(o[9].error, None);
-    assert_eq!(r.script.failed, 3);
-    assert_eq!((r.leaked_frames, r.stats.rmp_faults), (0, 0));
+    assert_eq!(r.guest().failures().count(), 3);
+    assert_eq!((m.leaked_frames().len(), m.stats().rmp_faults), (0, 0));
     assert_eq!(m.allocated_frames(), 0);
 }
 
@@ -213,14 +227,16 @@ fn page_state_changes_move_memory_between_gmem_and_shared() {
 fn cost_overrides_and_perfetto_trace() {
     let costs =
         backend_sim::CostModel::from_text("c.toml", "[cycles]\nvmrun = 1\nrmpupdate_4k = 10\n").unwrap();
-    let (m, r) = smp_boot_2(MachineConfig {
+    let r = smp_boot_2(MachineConfig {
         costs,
         ..MachineConfig::default()
     });
-    let up = r.costs.op(CostOp::Rmpupdate4K).unwrap();
+    let m = &r.machine;
+    let costs = m.cost_report();
+    let up = costs.op(CostOp::Rmpupdate4K).unwrap();
     assert_eq!(up.unit_cycles, 10);
     assert_eq!(up.cycles, up.count * 10);
-    assert_eq!(r.costs.op(CostOp::Vmrun).unwrap().unit_cycles, 1);
+    assert_eq!(costs.op(CostOp::Vmrun).unwrap().unit_cycles, 1);
     let trace = m.trace_json();
     let events = trace["traceEvents"].as_array().unwrap();
     let x: Vec<_> = events.iter().filter(|e| e["ph"] == "X").collect();
@@ -230,7 +246,7 @@ fn cost_overrides_and_perfetto_trace() {
         .iter()
         .map(|e| e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap())
         .fold(0.0, f64::max);
-    let total_us = r.costs.total_us;
+    let total_us = costs.total_us;
     assert!(
         (last - total_us).abs() < 1e-6 * total_us.max(1.0),
         "{last} vs {total_us}"
@@ -259,16 +275,17 @@ mod serde_json_probe {
 
 #[test]
 fn guest_instructions_fail_on_demand() {
-    let (m, r) = smp_boot_2(MachineConfig {
+    let r = smp_boot_2(MachineConfig {
         faults: "pvalidate:2=FAIL_INUSE,rmpadjust:1=FAIL_PERMISSION"
             .parse()
             .unwrap(),
         ..MachineConfig::default()
     });
+    let m = &r.machine;
+    let steps = &r.guest().steps;
     let errs: Vec<_> = r
-        .script
+        .guest()
         .failures()
-        .iter()
         .map(|o| (o.index, o.error.clone().unwrap()))
         .collect();
     // The RMPADJUST of the AP's VMSA fails, so the AP's VMRUN is refused (no VMSA bit), and the
@@ -278,14 +295,15 @@ fn guest_instructions_fail_on_demand() {
             .any(|(i, e)| *i == 2 && e.contains("FAIL_PERMISSION") && e.contains("injected")),
         "{errs:?}"
     );
-    assert!(
-        r.script.outcomes[3].detail.contains("cannot run"),
-        "{:?}",
-        r.script.outcomes[3]
-    );
+    assert!(steps[3].detail.contains("cannot run"), "{:?}", steps[3]);
     // VMRUN is refused at the kick and again before each of the AP's own actions.
-    let ap_actions = r.script.outcomes.iter().filter(|o| o.vcpu == 1).count() as u64;
-    assert_eq!(r.stats.vmrun_failures, 1 + ap_actions);
-    assert_eq!((r.leaked_frames, r.leak_events), (0, 0));
+    let ap_actions = steps.iter().filter(|o| o.vcpu == 1).count() as u64;
+    assert_eq!(m.stats().vmrun_failures, 1 + ap_actions);
+    assert!(m.leaked_frames().is_empty());
+    assert!(
+        !r.events()
+            .iter()
+            .any(|e| matches!(e, vmsa_core::Event::Leaked { .. }))
+    );
     assert_eq!(m.allocated_frames(), 0);
 }

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use backend_sim::guest::{GuestAction, GuestScript, run_script};
+use backend_sim::guest::{GuestAction, GuestScript};
+use backend_sim::host::run_script;
 use backend_sim::{FaultPlan, Machine, MachineConfig, PageState, RmpRet, SevStatus, SimError, SimPlatform};
 use vmsa_core::{
     Error, Event, EventLog, Gpa, INITIAL_VMSA_GPA, LaunchState, LeakReason, MpState, Op, Pfn, PlatformOp,
@@ -164,7 +165,7 @@ fn snp_happy_path_runs_every_transition() {
         actions,
     };
     let r = run_script(&g.vm, &script);
-    assert_eq!(r.failed, 0, "{:?}", r.failures());
+    assert_eq!(r.failures().count(), 0, "{:?}", r.failures().collect::<Vec<_>>());
     assert_eq!(
         g.vm.vcpu(VcpuId(1)).unwrap().state,
         VmsaState::GuestOwned(Gpa(gpa))
@@ -182,7 +183,7 @@ fn snp_happy_path_runs_every_transition() {
             actions: vec![GuestAction::Run { vcpu: 1 }],
         },
     );
-    let err = r.outcomes[0].error.clone().unwrap();
+    let err = r.steps[0].error.clone().unwrap();
     assert!(
         err.contains("VMEXIT_INVALID"),
         "the hole-punched VMSA is gone: {err}"
@@ -573,16 +574,16 @@ fn entry_failures_invalid_vmsa_and_vmrun_checks() {
         ],
     };
     let r = run_script(&g.vm, &script);
-    assert!(r.outcomes[0].detail.contains("cannot run"), "{:?}", r.outcomes[0]);
+    assert!(r.steps[0].detail.contains("cannot run"), "{:?}", r.steps[0]);
     assert!(matches!(
         g.vm.prepare_entry(VcpuId(1)),
         Err(Error::InvalidVmsa { vcpu: VcpuId(1) })
     ));
-    assert!(r.outcomes[2].detail.contains("injected"), "{:?}", r.outcomes[2]);
-    let run = r.outcomes[3].error.as_deref().unwrap();
+    assert!(r.steps[2].detail.contains("injected"), "{:?}", r.steps[2]);
+    let run = r.steps[3].error.as_deref().unwrap();
     assert!(run.contains("VMSA bit"), "{run}");
     for (i, code) in [(4, "2/5"), (5, "2/5"), (6, "2/5")] {
-        let e = r.outcomes[i].error.as_deref().unwrap();
+        let e = r.steps[i].error.as_deref().unwrap();
         assert!(e.contains(code), "{i}: {e}");
     }
     assert_eq!((r.ap_requests, r.ap_refused), (2, 3));
@@ -602,8 +603,8 @@ fn create_on_init_waits_for_init_and_destroy_halts() {
             actions: actions.clone(),
         },
     );
-    assert_eq!(r.failed, 0, "{:?}", r.failures());
-    assert!(r.outcomes[3].detail.contains("waits for INIT"));
+    assert_eq!(r.failures().count(), 0, "{:?}", r.failures().collect::<Vec<_>>());
+    assert!(r.steps[3].detail.contains("waits for INIT"));
     assert_eq!(g.vm.vcpu(VcpuId(1)).unwrap().pending_gpa, Some(Gpa(gpa)));
     actions.clear();
     actions.push(GuestAction::SendInit { vcpu: 0, apic_id: 1 });
@@ -626,18 +627,14 @@ fn create_on_init_waits_for_init_and_destroy_halts() {
             actions,
         },
     );
+    assert!(r.steps[0].detail.contains("vCPU 1 entered"), "{:?}", r.steps[0]);
     assert!(
-        r.outcomes[0].detail.contains("vCPU 1 entered"),
+        r.steps[1].error.as_deref().unwrap().contains("in use"),
         "{:?}",
-        r.outcomes[0]
+        r.steps[1]
     );
-    assert!(
-        r.outcomes[1].error.as_deref().unwrap().contains("in use"),
-        "{:?}",
-        r.outcomes[1]
-    );
-    assert!(r.outcomes[2].detail.contains("halted"));
-    assert_eq!(r.outcomes[3].error, None);
+    assert!(r.steps[2].detail.contains("halted"));
+    assert_eq!(r.steps[3].error, None);
     assert_eq!(g.vm.vcpu(VcpuId(1)).unwrap().state, VmsaState::None);
     assert!(ops(&g.log).contains(&Op::Destroy));
     finish(g, &[]);

@@ -7,7 +7,10 @@
 //! - [`SimPlatform`]: one guest on the machine (its ASID and guest_memfd memory), the
 //!   `Platform` vmsa-core drives.
 //! - [`guest`]: a scripted guest (PVALIDATE, RMPADJUST, VMSA writes, AP creation, page state
-//!   changes, HLT) and the runner that executes it against a `Vm<SimPlatform>`.
+//!   changes, HLT), the program the simulated vCPUs run.
+//! - [`host`]: the simulator as an SEV-SNP host behind the one host interface
+//!   ([`vmsa_host`]): vmsa-core's `Vm<SimPlatform>` plays the KVM kernel over the machine, and
+//!   refuses what KVM refuses.
 //! - [`measure`]: the launch digests, shared with the VMM's `measure` command.
 //!
 //! For a VMM:
@@ -17,9 +20,9 @@
 //! - guest: [`Machine::create_guest`] gives a [`SimPlatform`]; [`SimPlatform::add_memslot`]
 //!   gives it memory; drive it with `vmsa_core::Vm::new(platform.clone(), ..)`;
 //!   [`SimPlatform::destroy`] after `Vm::teardown`;
-//! - scripted guest: [`GuestScript::from_file`] (JSON) or [`GuestScript::smp_boot`], run on a
-//!   launched VM with [`run_script`] (or step by step with [`Runner::step`]), or the whole life (create, launch, run, teardown, with
-//!   per-phase cycles) with [`run_guest`];
+//! - as a host: [`host::SimHost::new`]`(machine, script)` with a [`GuestScript`]
+//!   ([`GuestScript::from_file`] for JSON, or [`GuestScript::smp_boot`]) is a
+//!   [`vmsa_host::Hypervisor`]; a VMM drives its VMs and vCPUs through that interface;
 //! - reports: [`Machine::cost_report`], [`Machine::stats`] (RMP faults, leaks, VMRUNs),
 //!   [`Machine::footprint`], [`SimPlatform::launch_digest`], [`Machine::write_trace`]
 //!   (Chrome trace-event JSON for ui.perfetto.dev).
@@ -55,6 +58,7 @@ pub mod fault;
 pub mod firmware;
 pub mod guest;
 mod guest_hw;
+pub mod host;
 pub mod machine;
 pub mod measure;
 pub mod memory;
@@ -66,10 +70,7 @@ pub mod trace;
 pub use cost::{CostModel, CostOp, CostReport};
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
 pub use firmware::{PageState, SevStatus};
-pub use guest::{
-    GuestAction, GuestConfig, GuestScript, RunReport, Runner, ScriptError, ScriptReport, run_guest,
-    run_script,
-};
+pub use guest::{GuestAction, GuestScript, ScriptError};
 pub use measure::LaunchDigest;
 
 pub use machine::{

@@ -66,18 +66,21 @@ pub struct GuestStep {
 /// What the guest did, as the host saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct GuestActivity {
-    /// Guest steps that ended.
-    pub steps: usize,
-    /// Steps that failed (the guest saw an error).
-    pub failed: usize,
-    /// The failed steps.
-    pub failures: Vec<GuestStep>,
+    /// Every guest step that ended, in order.
+    pub steps: Vec<GuestStep>,
     /// VM entries from a VMSA (VMRUNs, VMSA loads).
     pub vmruns: u64,
     /// AP-creation requests the host kernel accepted.
     pub ap_requests: u64,
     /// AP-creation requests it refused (a GHCB error to the guest).
     pub ap_refused: u64,
+}
+
+impl GuestActivity {
+    /// The steps that failed (the guest saw an error).
+    pub fn failures(&self) -> impl Iterator<Item = &GuestStep> {
+        self.steps.iter().filter(|s| s.error.is_some())
+    }
 }
 
 /// What tearing the VM down did.

@@ -96,10 +96,11 @@ fn boot_launches_the_bsp_from_a_host_vmsa_and_the_aps_from_guest_vmsas() {
         rmpupdates["count"].as_u64().unwrap() >= 4,
         "one per VMSA at least: {rmpupdates}"
     );
-    // Each vCPU's event loop subscriber was woken.
-    let wakeups = s["guest_run"]["event_loop"]["wakeups"].as_array().unwrap();
-    assert_eq!(wakeups.len(), 4);
-    assert!(wakeups.iter().all(|w| w.as_u64().unwrap() > 0), "{wakeups:?}");
+    // Each vCPU ran on its own thread, and vCPU 0 ended the run on the done port.
+    assert_eq!(s["guest_run"]["end"]["end"], "done");
+    let vcpus = s["guest_run"]["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), 4);
+    assert!(vcpus.iter().all(|v| v["runs"].as_u64().unwrap() > 0), "{vcpus:?}");
 }
 
 #[test]

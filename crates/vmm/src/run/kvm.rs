@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 use vmsa_core::LaunchState;
 
-use super::dispatch::errno;
+use super::flow::errno;
 use super::history::Ledger;
 use super::progress::Progress;
 use super::report::{LaunchSummary, RunSummary, TeardownSummary};

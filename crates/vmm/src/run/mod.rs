@@ -3,7 +3,7 @@
 //!
 //! - [`scenario`]: the built-in guests and guest files;
 //! - [`memory`]: the VMM's guest memory (vm-memory) the image is loaded into;
-//! - [`dispatch`]: the simulator's vCPU and control loop on event-manager;
+//! - [`flow`]: the one launch-and-run flow over the host interface, for every backend;
 //! - `sim` / `kvm`: the two backends;
 //! - [`history`] and [`report`]: the summary, for people or as JSON;
 //! - [`progress`]: the progress bar of long runs.
@@ -16,7 +16,7 @@ use crate::measure::vcpu_types::VcpuType;
 use crate::measure::{MeasureError, VcpuCount};
 use crate::size::ByteSize;
 
-pub mod dispatch;
+pub mod flow;
 pub mod history;
 mod kvm;
 pub mod memory;
@@ -96,18 +96,6 @@ pub enum RunError {
     /// The guest could not be prepared.
     #[error(transparent)]
     Scenario(#[from] scenario::ScenarioError),
-    /// vmsa-core refused a step.
-    #[error("vmsa-core: {0}")]
-    Core(#[from] vmsa_core::Error<backend_sim::SimError>),
-    /// The simulator failed.
-    #[error("simulator: cannot {what}: {source}")]
-    Sim {
-        /// What was attempted.
-        what: &'static str,
-        /// The simulator's error.
-        #[source]
-        source: backend_sim::SimError,
-    },
     /// The KVM backend failed.
     #[error("kvm: {0}")]
     Kvm(#[from] backend_kvm::RunError),
@@ -117,10 +105,6 @@ pub enum RunError {
 }
 
 impl RunError {
-    fn sim(what: &'static str) -> impl FnOnce(backend_sim::SimError) -> Self {
-        move |source| Self::Sim { what, source }
-    }
-
     /// 2 for bad arguments or inputs, 1 for failures of the run itself.
     pub fn exit_code(&self) -> u8 {
         match self {

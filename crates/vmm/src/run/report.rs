@@ -2,12 +2,12 @@
 
 use std::fmt::Write as _;
 
-use backend_sim::guest::{ActionOutcome, ScriptReport};
 use backend_sim::{CostReport, PhaseReport};
 use serde::Serialize;
 use vmsa_core::LaunchState;
+use vmsa_host::{GuestActivity, GuestStep};
 
-use super::dispatch::LoopStats;
+use super::flow::{RunEnd, RunOutcome, VcpuExits};
 use super::history::{Ledger, render};
 
 /// How the launch went.
@@ -35,39 +35,41 @@ pub struct LaunchSummary {
     pub policy: u64,
 }
 
-/// What the guest did on the simulator.
+/// What the guest did: how its run ended, each vCPU thread's exits, and what the host saw of it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GuestRunSummary {
-    /// Actions executed.
+    /// How the run ended.
+    pub end: RunEnd,
+    /// Guest steps (script actions, or requests of a real guest) the host saw end.
     pub actions: usize,
-    /// Actions that failed (the guest saw an error).
+    /// Steps that failed (the guest saw an error).
     pub failed: usize,
     /// The failures.
-    pub failures: Vec<ActionOutcome>,
-    /// Successful VMRUNs.
+    pub failures: Vec<GuestStep>,
+    /// VM entries from a VMSA.
     pub vmruns: u64,
     /// AP-creation requests accepted.
     pub ap_requests: u64,
     /// AP-creation requests refused (GHCB error to the guest).
     pub ap_refused: u64,
-    /// Simulated cycles of the guest's run.
-    pub cycles: u64,
-    /// The event loop's counters.
-    pub event_loop: LoopStats,
+    /// Each vCPU thread's exits, by APIC ID.
+    pub vcpus: Vec<VcpuExits>,
 }
 
 impl GuestRunSummary {
-    /// From the runner's report and the loop's counters.
-    pub fn new(r: ScriptReport, event_loop: LoopStats) -> Self {
+    /// From the flow's run and what the host saw of the guest (if it could).
+    pub fn new(run: RunOutcome, seen: Option<GuestActivity>) -> Self {
+        let g = seen.unwrap_or_default();
+        let failures: Vec<GuestStep> = g.failures().cloned().collect();
         Self {
-            actions: r.outcomes.len(),
-            failed: r.failed,
-            failures: r.failures().into_iter().cloned().collect(),
-            vmruns: r.vmruns,
-            ap_requests: r.ap_requests,
-            ap_refused: r.ap_refused,
-            cycles: r.cycles,
-            event_loop,
+            end: run.end,
+            actions: g.steps.len(),
+            failed: failures.len(),
+            failures,
+            vmruns: g.vmruns,
+            ap_requests: g.ap_requests,
+            ap_refused: g.ap_refused,
+            vcpus: run.vcpus,
         }
     }
 }
@@ -186,11 +188,13 @@ impl RunSummary {
         if let Some(e) = &self.teardown.error {
             p.push(format!("destroying the guest failed: {e}"));
         }
-        if builtin
-            && let Some(g) = &self.guest_run
-            && g.failed != 0
-        {
-            p.push(format!("{} guest actions failed", g.failed));
+        if let Some(g) = &self.guest_run {
+            if g.end != RunEnd::Done {
+                p.push(format!("the guest's run ended: {}", g.end));
+            }
+            if builtin && g.failed != 0 {
+                p.push(format!("{} guest actions failed", g.failed));
+            }
         }
         self.ok = p.is_empty();
         self.problems = p;

@@ -1,19 +1,17 @@
 //! `vmm run --backend sim`: the whole life of a confidential guest on backend-sim's SEV-SNP
-//! machine, driven through vmsa-core: create the vCPUs and their host VMSAs, load the guest
-//! image into the VMM's memory, launch it (every page measured by the simulated firmware), run
-//! the scripted guest on the event loop, tear down, and report.
+//! host: build the simulated machine and its host from the simulator's options, load the guest
+//! image into the VMM's memory, run the one launch-and-run flow ([`super::flow`]) over the host
+//! interface, and report.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use backend_sim::guest::Runner;
-use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, PhaseClock, SimPlatform};
-use vmsa_core::{
-    EventLog, Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VcpuId, Vm, VmConfig, VmKind,
-};
+use backend_sim::host::SimHost;
+use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, PhaseClock};
+use vmsa_core::{Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VmConfig, VmKind};
+use vmsa_host::{LaunchUpdate, MemoryRegion, VmSpec};
 
-use super::dispatch;
+use super::flow::{self, Launch};
 use super::history::Ledger;
 use super::memory::GuestRam;
 use super::progress::Progress;
@@ -125,36 +123,6 @@ fn load(ram: &GuestRam, image: &Image) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Launch: start, every data update (contents read from guest memory), the VMSAs, finish.
-fn launch(
-    vm: &mut Vm<SimPlatform>,
-    ram: &GuestRam,
-    image: &Image,
-    progress: &Progress,
-) -> Result<(), RunError> {
-    let kind = vm.config().kind;
-    vm.launch_start(match kind {
-        VmKind::Snp => SNP_POLICY,
-        VmKind::SevEs => SEV_ES_POLICY,
-    })?;
-    for d in &image.updates {
-        progress.message(format!("{} at {}", d.source, d.gpa));
-        let bytes = match d.page_type {
-            SnpPageType::Zero => None,
-            _ => Some(ram.read(&d.source.to_string(), d.gpa, d.len)?),
-        };
-        vm.launch_update_data(d.gpa, d.len, d.page_type, bytes.as_deref())?;
-        progress.inc(d.len.div_ceil(vmsa_core::PAGE_SIZE));
-    }
-    progress.message("VMSAs");
-    if kind == VmKind::SevEs {
-        vm.launch_update_vmsas()?;
-    }
-    vm.launch_finish([0; 32])?;
-    progress.inc(vm.vcpu_ids().len() as u64);
-    Ok(())
-}
-
 /// Run `scenario` on the simulator as `args` ask.
 pub(super) fn run(
     args: &RunArgs,
@@ -217,55 +185,58 @@ pub(super) fn run(
     }
     load(&ram, &image)?;
 
+    // The launch reads the image back from guest memory, as KVM reads `SNP_LAUNCH_UPDATE`'s
+    // `uaddr`.
+    let contents = image
+        .updates
+        .iter()
+        .map(|d| match d.page_type {
+            SnpPageType::Zero => Ok(None),
+            _ => ram.read(&d.source.to_string(), d.gpa, d.len).map(Some),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let launch = Launch {
+        spec: VmSpec {
+            kind,
+            vmsa_features: image.config.sev_features,
+        },
+        memory: (0u32..)
+            .zip(ram.regions())
+            .map(|(slot, r)| MemoryRegion {
+                slot,
+                gpa: r.gpa,
+                size: r.len,
+                guest_memfd: true,
+            })
+            .collect(),
+        policy: match kind {
+            VmKind::Snp => SNP_POLICY,
+            VmKind::SevEs => SEV_ES_POLICY,
+        },
+        updates: image
+            .updates
+            .iter()
+            .zip(&contents)
+            .map(|(d, c)| LaunchUpdate {
+                gpa: d.gpa,
+                len: d.len,
+                page_type: d.page_type,
+                data: c.as_deref(),
+            })
+            .collect(),
+        vmsas: &image.vmsas,
+    };
+
     let machine = Machine::new(MachineConfig {
         costs,
         faults,
         trace: args.trace.is_some(),
         ..MachineConfig::default()
     });
-    let events = Arc::new(EventLog::new());
+    let host = SimHost::new(machine.clone(), scenario.script.clone());
     let mut clock = PhaseClock::new(&machine);
-
-    let platform = machine
-        .create_guest(kind)
-        .map_err(RunError::sim("create the guest"))?;
-    for r in ram.regions() {
-        platform
-            .add_memslot(r.gpa, r.len)
-            .map_err(RunError::sim("add guest memory"))?;
-    }
-    let mut vm = Vm::new(platform.clone(), image.config, events.clone());
-    let created = (0..vcpus).try_for_each(|i| {
-        vm.create_vcpu(VcpuId(i))?;
-        vm.set_registers(VcpuId(i), &image.vmsas[i as usize])
-    });
-    clock.end("create");
-
-    progress.phase("launch", image.pages() + u64::from(vcpus));
-    let launched = created
-        .map_err(RunError::from)
-        .and_then(|()| launch(&mut vm, &ram, &image, progress));
-    clock.end("launch");
-    let digest = platform.launch_digest().map(|d| d.hex());
-
-    let mut guest_run = None;
-    let mut problems = Vec::new();
-    if launched.is_ok() {
-        progress.phase("guest", scenario.script.actions.len() as u64);
-        let runner = Runner::new(&vm).named(&scenario.name);
-        match dispatch::run(runner, &scenario.script, vcpus, WATCHDOG, progress) {
-            Ok((report, loop_stats)) => guest_run = Some(GuestRunSummary::new(report, loop_stats)),
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
-    clock.end("run");
-
-    progress.message("teardown");
-    let teardown = vm.teardown();
-    drop(vm);
-    let destroyed = platform.destroy();
-    clock.end("teardown");
-    progress.finish();
+    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| clock.end(name))
+        .map_err(|e| RunError::Output(super::error_chain(&e)))?;
 
     if let Some(path) = &args.trace {
         machine
@@ -273,15 +244,23 @@ pub(super) fn run(
             .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
     }
 
-    let stats = machine.stats();
-    let ledger = Ledger::from_events(&events.snapshot());
+    let host_report = done.host;
+    let events = host_report.events.into_seen().unwrap_or_default();
+    let digest = host_report.launch_digest.into_seen().flatten();
+    let launch_error = done.launch_error.as_ref().map(|e| super::error_chain(e));
+    let guest_run = done
+        .run
+        .map(|run| GuestRunSummary::new(run, host_report.guest.into_seen()));
+    let t = host_report.teardown;
+    let seen = |o: vmsa_host::Observed<u64>| o.into_seen().unwrap_or(0);
+    let ledger = Ledger::from_events(&events);
     let launch = LaunchSummary {
-        state: if launched.is_ok() {
+        state: if launch_error.is_none() {
             LaunchState::Finished
         } else {
             LaunchState::Failed
         },
-        error: launched.as_ref().err().map(|e| super::error_chain(e)),
+        error: launch_error,
         expected_failure: scenario.expect_launch_failure,
         image: image.source.clone(),
         data_pages: image.pages(),
@@ -295,13 +274,13 @@ pub(super) fn run(
         },
     };
     let teardown = TeardownSummary {
-        vcpus: teardown.vcpus,
-        vmsas_leaked: teardown.leaked,
-        guest_frames_released: destroyed.as_ref().map_or(0, |d| d.frames_released),
-        guest_frames_leaked: destroyed.as_ref().map_or(0, |d| d.frames_leaked),
-        frames_still_allocated: machine.allocated_frames() as u64,
-        frames_leaked_on_purpose: machine.leaked_frames().len() as u64,
-        error: destroyed.err().map(|e| e.to_string()),
+        vcpus: t.vcpus,
+        vmsas_leaked: t.vmsas_leaked.into_seen().unwrap_or(0),
+        guest_frames_released: seen(t.guest_frames_released),
+        guest_frames_leaked: seen(t.guest_frames_leaked),
+        frames_still_allocated: seen(t.frames_still_allocated),
+        frames_leaked_on_purpose: seen(t.frames_leaked_on_purpose),
+        error: t.error,
     };
     let mut summary = RunSummary {
         backend: "sim",
@@ -313,12 +292,12 @@ pub(super) fn run(
         guest: args.guest.to_string(),
         scenario: scenario.name.clone(),
         ok: true,
-        problems,
+        problems: Vec::new(),
         warnings: image.warnings.clone(),
         launch,
         ownership: ledger,
         guest_run,
-        rmp_faults: stats.rmp_faults,
+        rmp_faults: host_report.rmp_faults.into_seen().unwrap_or(0),
         faults_injected: machine
             .fault_plan()
             .fired()

@@ -1,0 +1,332 @@
+//! The scripted guest's processors: which vCPUs are inside the guest, what each action does to
+//! the machine, and what the steps did.
+//!
+//! Before its action a vCPU enters the guest (`Vm::prepare_entry`, then VMRUN on the machine,
+//! which checks the VMSA page per APM table 15-41 and marks it in use) unless it is already
+//! inside. GHCB AP-creation requests (GHCB spec pub. 56421 §4.1.9) are handled here by the host
+//! kernel (vmsa-core), as KVM's `sev_snp_ap_creation` handles them: an accepted AP_CREATE or
+//! AP_DESTROY kicks the target, which leaves the guest, applies the request at once and enters
+//! its new VMSA if it has one. A GHCB page state change (§4.1.6) is the one request that
+//! reaches the VMM: KVM forwards it as `KVM_HC_MAP_GPA_RANGE`, so the step returns
+//! [`Acted::Convert`] and ends when the VMM answers.
+
+use std::collections::HashMap;
+
+use vmsa_core::ghcb::{AP_CREATE, AP_CREATE_ON_INIT, AP_DESTROY};
+use vmsa_core::{
+    ApCreationRequest, Entry, Gfn, Gpa, Hpa, INITIAL_VMSA_GPA, MpState, PAGE_SIZE, SevEsSaveArea, VcpuId, Vm,
+    VmKind, VmcbSeg, VmsaState,
+};
+use vmsa_host::{Conversion, GuestActivity, GuestStep};
+
+use crate::cost::CostOp;
+use crate::error::SimError;
+use crate::guest::{GuestAction, PscTarget};
+use crate::platform::SimPlatform;
+
+/// How an action ended on the vCPU.
+#[derive(Debug)]
+pub(crate) enum Acted {
+    /// It is done; the outcome is recorded.
+    Done,
+    /// It asks the VMM to convert a range (a GHCB page state change); it ends when the VMM
+    /// answers.
+    Convert(Conversion),
+}
+
+/// The processors of one scripted guest.
+#[derive(Debug)]
+pub(super) struct Cpus {
+    running: HashMap<u32, Hpa>,
+    report: GuestActivity,
+}
+
+/// A 64-bit AP entry state (long mode, paging, protected mode), as Linux's
+/// `wakeup_cpu_via_vmgexit` builds it.
+fn vmsa_image(rip: u64, rsp: u64, sev_features: u64) -> Box<SevEsSaveArea> {
+    let mut v = SevEsSaveArea::boxed();
+    v.cs = VmcbSeg::new(0x10, 0x29b, 0xffff_ffff, 0);
+    for s in [&mut v.ds, &mut v.es, &mut v.ss, &mut v.fs, &mut v.gs] {
+        *s = VmcbSeg::new(0x18, 0xc93, 0xffff_ffff, 0);
+    }
+    v.efer = 0x1d00; // SVME | LMA | LME | NXE
+    v.cr0 = 0x8000_0031;
+    v.cr4 = 0x20;
+    v.rip = rip;
+    v.rsp = rsp;
+    v.rflags = 2;
+    v.dr7 = 0x400;
+    v.dr6 = 0xffff_0ff0;
+    v.g_pat = 0x0007_0406_0007_0406;
+    v.xcr0 = 1;
+    v.sev_features = sev_features;
+    v
+}
+
+/// Run `f` on each of `pages` pages from `gpa`, `step` bytes apart, and join what they said.
+pub(crate) fn each_page(
+    gpa: u64,
+    pages: u64,
+    step: u64,
+    mut f: impl FnMut(Gpa) -> Result<String, SimError>,
+) -> Result<String, SimError> {
+    let mut out = Vec::new();
+    for i in 0..pages {
+        out.push(f(Gpa(gpa + i * step))?);
+    }
+    Ok(out.join(", "))
+}
+
+/// Convert `range` as KVM_SET_MEMORY_ATTRIBUTES and the guest_memfd hole punch QEMU does for a
+/// conversion to shared would (`sev_gmem_invalidate`): page by page, saying what each did.
+pub(crate) fn convert(vm: &Vm<SimPlatform>, range: Conversion) -> Result<String, SimError> {
+    let p = vm.platform();
+    each_page(range.gpa.0, range.size / PAGE_SIZE, PAGE_SIZE, |g| {
+        let gfn = g.gfn();
+        if p.page_state_change(gfn, !range.private)? {
+            let hit = vm.gmem_invalidate(gfn, Gfn(gfn.0 + 1));
+            Ok(format!("released, vCPUs reloading: {hit:?}"))
+        } else {
+            Ok("ok".into())
+        }
+    })
+}
+
+/// Run `script` on `vm` (launched) on the caller's thread, every action in order, answering the
+/// guest's page state changes at once as the VMM would ([`convert`]). For tests of the host
+/// kernel that inspect `vm` between scripts; a VMM runs guests through [`super::SimHost`].
+pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> GuestActivity {
+    let mut cpus = Cpus::new();
+    for (index, a) in script.actions.iter().enumerate() {
+        if let Acted::Convert(range) = cpus.step(vm, index, a) {
+            let done = convert(vm, range).map_err(|e| e.to_string());
+            cpus.record(index, a, done);
+        }
+    }
+    cpus.finish(vm)
+}
+
+impl Cpus {
+    /// No vCPU inside the guest yet.
+    pub(super) fn new() -> Self {
+        Self {
+            running: HashMap::new(),
+            report: GuestActivity::default(),
+        }
+    }
+
+    /// The VMSA GPA the RMP must record for a vCPU's current VMSA.
+    fn expected_gpa(vm: &Vm<SimPlatform>, id: VcpuId) -> Gpa {
+        match vm.vcpu(id).map(|v| v.state) {
+            Ok(VmsaState::GuestOwned(g)) => g,
+            _ => INITIAL_VMSA_GPA,
+        }
+    }
+
+    /// Bring a vCPU into the guest: vmsa-core's entry checks, then VMRUN. Returns whether it
+    /// now runs.
+    fn enter(&mut self, vm: &Vm<SimPlatform>, vcpu: u32) -> Result<bool, String> {
+        if self.running.contains_key(&vcpu) {
+            return Ok(true);
+        }
+        let id = VcpuId(vcpu);
+        match vm.prepare_entry(id).map_err(|e| e.to_string())? {
+            Entry::Blocked(_) => Ok(false),
+            Entry::Run(hpa) => {
+                let gpa = Self::expected_gpa(vm, id);
+                vm.platform().vmrun(hpa, gpa).map_err(|e| e.to_string())?;
+                self.report.vmruns += 1;
+                self.running.insert(vcpu, hpa);
+                Ok(true)
+            }
+        }
+    }
+
+    fn exit(&mut self, vm: &Vm<SimPlatform>, vcpu: u32) {
+        if let Some(hpa) = self.running.remove(&vcpu) {
+            vm.platform().vmexit(hpa);
+        }
+    }
+
+    /// KVM's kick: the target leaves the guest, processes its pending request and, if it is
+    /// runnable, enters again on its (new) VMSA.
+    fn kick(&mut self, vm: &Vm<SimPlatform>, target: u32) -> String {
+        self.exit(vm, target);
+        match self.enter(vm, target) {
+            Ok(true) => format!("vCPU {target} entered"),
+            Ok(false) => format!("vCPU {target} halted"),
+            Err(e) => format!("vCPU {target} cannot run: {e}"),
+        }
+    }
+
+    fn exit_cost(vm: &Vm<SimPlatform>) -> CostOp {
+        match vm.config().kind {
+            VmKind::Snp => CostOp::VmgexitSnp,
+            VmKind::SevEs => CostOp::VmgexitEs,
+        }
+    }
+
+    fn ap_request(&mut self, vm: &Vm<SimPlatform>, req: ApCreationRequest) -> Result<String, String> {
+        vm.platform().charge(Self::exit_cost(vm), "AP creation");
+        match vm.ap_creation(&req) {
+            Ok(done) => {
+                self.report.ap_requests += 1;
+                Ok(if done.kick {
+                    self.kick(vm, done.target.0)
+                } else {
+                    format!("vCPU {} waits for INIT", done.target)
+                })
+            }
+            Err(e) => {
+                self.report.ap_refused += 1;
+                let (i1, i2) = e.sw_exit_info();
+                Err(format!("{e} (sw_exit_info {i1}/{i2})"))
+            }
+        }
+    }
+
+    fn act(&mut self, vm: &Vm<SimPlatform>, a: &GuestAction) -> Result<(Acted, String), String> {
+        let vcpu = a.vcpu();
+        if !vm.vcpu_ids().contains(&VcpuId(vcpu)) {
+            return Err(format!("no vCPU {vcpu}"));
+        }
+        if !self.enter(vm, vcpu)? {
+            let mp = vm.vcpu(VcpuId(vcpu)).map(|v| v.mp_state).ok();
+            return Err(format!("vCPU {vcpu} is not runnable ({mp:?})"));
+        }
+        let p = vm.platform();
+        let done = |detail: String| (Acted::Done, detail);
+        match *a {
+            GuestAction::Pvalidate {
+                gpa,
+                pages,
+                size,
+                validate,
+                ..
+            } => each_page(gpa, pages, size.bytes(), |g| {
+                p.pvalidate(g, size, validate)
+                    .map(|changed| if changed { "ok" } else { "no update" }.to_string())
+            })
+            .map(done)
+            .map_err(|e| e.to_string()),
+            GuestAction::Write {
+                gpa,
+                pages,
+                byte,
+                private,
+                ..
+            } => each_page(gpa, pages, PAGE_SIZE, |g| {
+                p.guest_write(g, &[byte; PAGE_SIZE as usize], private)
+                    .map(|()| "ok".into())
+            })
+            .map(done)
+            .map_err(|e| e.to_string()),
+            GuestAction::WriteVmsa {
+                gpa,
+                rip,
+                rsp,
+                sev_features,
+                ..
+            } => {
+                let f = sev_features.unwrap_or(vm.config().vmsa_features());
+                let img = vmsa_image(rip, rsp, f);
+                p.guest_write(Gpa(gpa), img.as_page(), true)
+                    .map(|()| done(format!("VMSA rip {rip:#x}")))
+                    .map_err(|e| e.to_string())
+            }
+            GuestAction::MakeVmsa { gpa, vmsa, .. } => p
+                .rmpadjust(Gpa(gpa), 1, 0, vmsa)
+                .map(|()| done("ok".into()))
+                .map_err(|e| e.to_string()),
+            GuestAction::ApCreate {
+                apic_id,
+                gpa,
+                on_init,
+                sev_features,
+                ..
+            } => {
+                let req = if on_init { AP_CREATE_ON_INIT } else { AP_CREATE };
+                let f = sev_features.unwrap_or(vm.config().vmsa_features());
+                self.ap_request(
+                    vm,
+                    ApCreationRequest::new(VcpuId(vcpu), req, apic_id, gpa, Some(f)),
+                )
+                .map(done)
+            }
+            GuestAction::ApDestroy { apic_id, .. } => self
+                .ap_request(
+                    vm,
+                    ApCreationRequest::new(VcpuId(vcpu), AP_DESTROY, apic_id, 0, None),
+                )
+                .map(done),
+            GuestAction::SendInit { apic_id, .. } => {
+                self.exit(vm, apic_id);
+                vm.init_vcpu(VcpuId(apic_id)).map_err(|e| e.to_string())?;
+                Ok(done(self.kick(vm, apic_id)))
+            }
+            GuestAction::PageState { gpa, pages, to, .. } => {
+                p.charge(Self::exit_cost(vm), "page state change");
+                p.charge(CostOp::ExitToUserspace, "KVM_HC_MAP_GPA_RANGE");
+                let size = pages
+                    .checked_mul(PAGE_SIZE)
+                    .ok_or_else(|| format!("{pages} pages overflow the address space"))?;
+                Ok((
+                    Acted::Convert(Conversion {
+                        gpa: Gpa(gpa),
+                        size,
+                        private: to == PscTarget::Private,
+                    }),
+                    String::new(),
+                ))
+            }
+            GuestAction::Run { .. } => Ok(done("running".into())),
+            GuestAction::Hlt { .. } => {
+                self.exit(vm, vcpu);
+                vm.set_mp_state(VcpuId(vcpu), MpState::Halted)
+                    .map_err(|e| e.to_string())?;
+                Ok(done("halted".into()))
+            }
+        }
+    }
+
+    /// Execute action `index` of the script as the guest would. A failure is recorded (the
+    /// guest sees it) rather than returned; a conversion request is recorded when the VMM
+    /// answers it ([`Cpus::record`]).
+    pub fn step(&mut self, vm: &Vm<SimPlatform>, index: usize, a: &GuestAction) -> Acted {
+        match self.act(vm, a) {
+            Ok((Acted::Done, detail)) => {
+                self.record(index, a, Ok(detail));
+                Acted::Done
+            }
+            Ok((convert, _)) => convert,
+            Err(e) => {
+                self.record(index, a, Err(e));
+                Acted::Done
+            }
+        }
+    }
+
+    /// Record how action `index` ended.
+    pub fn record(&mut self, index: usize, a: &GuestAction, result: Result<String, String>) {
+        let (error, detail) = match result {
+            Ok(d) => (None, d),
+            Err(e) => (Some(e), String::new()),
+        };
+        self.report.steps.push(GuestStep {
+            index,
+            action: a.name().to_owned(),
+            vcpu: a.vcpu(),
+            error,
+            detail,
+        });
+    }
+
+    /// Take every vCPU out of the guest and return what the steps did.
+    pub fn finish(&mut self, vm: &Vm<SimPlatform>) -> GuestActivity {
+        let ids: Vec<u32> = self.running.keys().copied().collect();
+        for v in ids {
+            self.exit(vm, v);
+        }
+        std::mem::take(&mut self.report)
+    }
+}

@@ -1,0 +1,95 @@
+//! The simulator as an SEV-SNP host behind the one host interface ([`vmsa_host`]).
+//!
+//! vmsa-core's `Vm<SimPlatform>` plays the KVM kernel: vCPU creation allocates the VMSA
+//! (`sev_vcpu_create`), launch finish syncs, makes private and launches every VMSA
+//! (`snp_launch_update_vmsa`), the guest's GHCB AP-creation requests go to `Vm::ap_creation`
+//! (`sev_snp_ap_creation`) and INIT installs the requested guest VMSA. The [`Machine`] is the
+//! hardware beneath it (RMP, PSP firmware, memory, costs, faults), and the scripted guest the
+//! host was built with stands in for the guest's code and produces the exits. The interface
+//! refuses what KVM refuses, with KVM's errno ([`rules`]), so a VMM's ordering mistakes show
+//! here first.
+//!
+//! ```
+//! use backend_sim::host::SimHost;
+//! use backend_sim::{GuestScript, Machine, MachineConfig};
+//! use vmsa_host::{Errno, Hypervisor, LaunchUpdate, Vm, VmSpec};
+//! use vmsa_core::{Gpa, SnpPageType, VmKind};
+//!
+//! let host = SimHost::new(Machine::new(MachineConfig::default()), GuestScript::default());
+//! let mut vm = host.create_vm(VmSpec { kind: VmKind::Snp, vmsa_features: 0 })?;
+//! // KVM refuses a launch update before the launch starts, and so does the simulator.
+//! let page = [0u8; 4096];
+//! let update = LaunchUpdate { gpa: Gpa(0x1000), len: 4096, page_type: SnpPageType::Normal, data: Some(&page) };
+//! let refused = vm.launch_update(update).unwrap_err();
+//! assert_eq!(refused.refusal().map(|r| r.errno), Some(Errno::EINVAL));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::sync::Arc;
+
+use vmsa_core::VmKind;
+use vmsa_core::layout::{SEV_FEAT_DEBUG_SWAP, SEV_FEAT_SECURE_TSC};
+use vmsa_host::{Capabilities, Hypervisor, HypervisorError, VmSpec};
+
+use crate::guest::GuestScript;
+use crate::machine::Machine;
+
+mod cpu;
+pub mod rules;
+mod vcpu;
+mod vm;
+
+pub use cpu::run_script;
+pub use vcpu::{SimKick, SimVcpu};
+pub use vm::SimVm;
+
+/// The most vCPUs a simulated VM takes (KVM's `KVM_MAX_VCPUS` on x86 is larger; the
+/// simulator's APIC IDs fit the firmware's 512-vCPU measurement limit).
+pub const MAX_VCPUS: u32 = 512;
+
+/// An SEV-SNP host in software: a [`Machine`] and the guest program (a script) its vCPUs run.
+#[derive(Debug)]
+pub struct SimHost {
+    machine: Arc<Machine>,
+    script: Arc<GuestScript>,
+    caps: Capabilities,
+}
+
+impl SimHost {
+    /// A host on `machine` whose guests run `script`.
+    pub fn new(machine: Arc<Machine>, script: GuestScript) -> Self {
+        Self {
+            machine,
+            script: Arc::new(script),
+            caps: Capabilities {
+                kinds: vec![VmKind::SevEs, VmKind::Snp],
+                vmsa_features: SEV_FEAT_DEBUG_SWAP | SEV_FEAT_SECURE_TSC,
+                max_vcpus: MAX_VCPUS,
+                ownership_visible: true,
+                launch_digest_visible: true,
+            },
+        }
+    }
+
+    /// The machine beneath (costs, trace, fault plan, frame ledger).
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.machine
+    }
+}
+
+impl Hypervisor for SimHost {
+    type Vm = SimVm;
+
+    fn name(&self) -> &str {
+        "sim"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn create_vm(&self, spec: VmSpec) -> Result<SimVm, HypervisorError> {
+        rules::check_init(&spec, self.caps.vmsa_features)?;
+        SimVm::new(&self.machine, spec, self.script.clone())
+    }
+}

@@ -1,0 +1,219 @@
+//! KVM's rules, as the simulated host enforces them: what it refuses, with KVM's errno and the
+//! kernel function that refuses it.
+
+use vmsa_core::layout::{SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE};
+use vmsa_core::{LaunchState, PAGE_SIZE, VmKind};
+use vmsa_host::{Conversion, Errno, HypervisorError, MemoryRegion, Refusal, VmError, VmSpec};
+
+use crate::error::SimError;
+
+/// `__sev_guest_init`: `vmsa_features` outside the supported set (SNP_ACTIVE is the host's to
+/// add; SECURE_TSC is SNP-only) is `-EINVAL`.
+pub fn check_init(spec: &VmSpec, supported: u64) -> Result<(), HypervisorError> {
+    const CALL: &str = "KVM_SEV_INIT2";
+    let f = spec.vmsa_features;
+    if f & SEV_FEAT_SNP_ACTIVE != 0 {
+        return Err(Refusal::new(
+            CALL,
+            Errno::EINVAL,
+            "vmsa_features may not name SNP_ACTIVE; the kernel adds it for SNP (__sev_guest_init)",
+        )
+        .into());
+    }
+    if f & !supported != 0 {
+        return Err(Refusal::new(
+            CALL,
+            Errno::EINVAL,
+            "vmsa_features holds a bit outside KVM_X86_SEV_VMSA_FEATURES (__sev_guest_init)",
+        )
+        .into());
+    }
+    if spec.kind == VmKind::SevEs && f & SEV_FEAT_SECURE_TSC != 0 {
+        return Err(Refusal::new(
+            CALL,
+            Errno::EINVAL,
+            "SECURE_TSC is an SEV-SNP feature (__sev_guest_init)",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `kvm_set_memory_region`: a slot must be page aligned, non-empty and not overlap another.
+pub fn check_region(region: &MemoryRegion, existing: &[MemoryRegion]) -> Result<(), VmError> {
+    const CALL: &str = "KVM_SET_USER_MEMORY_REGION2";
+    let end = region.gpa.0.checked_add(region.size);
+    if region.size == 0
+        || !region.size.is_multiple_of(PAGE_SIZE)
+        || !region.gpa.is_page_aligned()
+        || end.is_none()
+    {
+        return Err(Refusal::new(
+            CALL,
+            Errno::EINVAL,
+            "a memory slot must be page aligned, non-empty and inside the address space (kvm_set_memory_region)",
+        )
+        .into());
+    }
+    let end = end.unwrap_or(u64::MAX);
+    for r in existing {
+        if r.slot == region.slot {
+            return Err(Refusal::new(
+                CALL,
+                Errno::EEXIST,
+                "the slot is in use; this host does not move or resize slots (kvm_set_memory_region)",
+            )
+            .into());
+        }
+        if region.gpa.0 < r.gpa.0 + r.size && r.gpa.0 < end {
+            return Err(Refusal::new(
+                CALL,
+                Errno::EEXIST,
+                "the range overlaps another memory slot (kvm_set_memory_region)",
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// `kvm_vm_ioctl_set_mem_attributes`: the range must be page aligned, non-empty, not wrap.
+pub fn check_conversion(range: &Conversion) -> Result<(), VmError> {
+    let wraps = range.gpa.0.checked_add(range.size).is_none();
+    if range.size == 0 || wraps || !range.gpa.is_page_aligned() || !range.size.is_multiple_of(PAGE_SIZE) {
+        return Err(Refusal::new(
+            "KVM_SET_MEMORY_ATTRIBUTES",
+            Errno::EINVAL,
+            "the range must be page aligned, non-empty and not wrap (kvm_vm_ioctl_set_mem_attributes)",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Map vmsa-core's refusal of `call` to the refusal KVM gives for the same rule; anything else
+/// is the host's own failure.
+pub fn from_core(call: &'static str, e: vmsa_core::Error<SimError>) -> VmError {
+    use vmsa_core::Error as E;
+    let refused = |errno, rule| VmError::Refused(Refusal::new(call, errno, rule));
+    match e {
+        E::Launch {
+            state: LaunchState::NotStarted,
+            ..
+        } => refused(
+            Errno::EINVAL,
+            "the launch has not started (snp_launch_update / snp_launch_finish: no snp_context)",
+        ),
+        E::Launch {
+            state: LaunchState::Finished,
+            ..
+        } => refused(
+            Errno::EINVAL,
+            "the launch has finished (snp_launch_start: snp_context exists; snp_launch_finish: vCPUs already protected)",
+        ),
+        E::Launch { .. } => refused(
+            Errno::EINVAL,
+            "a failed launch cannot be resumed (snp_launch_update_vmsa: a vCPU is already protected)",
+        ),
+        E::VcpuExists(_) => refused(
+            Errno::EEXIST,
+            "a vCPU with this id exists (kvm_vm_ioctl_create_vcpu)",
+        ),
+        E::AlreadyProtected { .. } => refused(
+            Errno::EINVAL,
+            "the vCPU's state is protected (kvm_arch_vcpu_ioctl_set_regs, __sev_launch_update_vmsa)",
+        ),
+        E::WrongKind { .. } => refused(
+            Errno::ENOTTY,
+            "the command does not exist for this kind of guest (sev_mem_enc_ioctl)",
+        ),
+        E::BadPolicy { .. } => refused(
+            Errno::EINVAL,
+            "the policy breaks a rule (snp_launch_start: bit 17 must be set)",
+        ),
+        E::BadLaunchUpdate { .. } => refused(
+            Errno::EINVAL,
+            "len must be a non-zero multiple of 4 KiB, the type one of NORMAL, ZERO, UNMEASURED, SECRETS, CPUID (snp_launch_update)",
+        ),
+        E::NoGuestMemory { .. } => refused(
+            Errno::EINVAL,
+            "the range has no memory slot with guest_memfd (snp_launch_update)",
+        ),
+        E::VmBugged { .. } | E::VmDead => refused(
+            Errno::EIO,
+            "the VM is bugged or dead; every ioctl but teardown fails (KVM_BUG / kvm_vm_dead)",
+        ),
+        other => VmError::host(call, CoreError(other)),
+    }
+}
+
+/// vmsa-core's error as a host failure.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct CoreError(pub vmsa_core::Error<SimError>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmsa_core::Gpa;
+
+    #[test]
+    fn init_refuses_what_sev_guest_init_refuses() {
+        let spec = |kind, vmsa_features| VmSpec { kind, vmsa_features };
+        let supported = vmsa_core::layout::SEV_FEAT_DEBUG_SWAP | SEV_FEAT_SECURE_TSC;
+        assert!(check_init(&spec(VmKind::Snp, SEV_FEAT_SECURE_TSC), supported).is_ok());
+        for bad in [
+            spec(VmKind::Snp, SEV_FEAT_SNP_ACTIVE),
+            spec(VmKind::Snp, 1 << 40),
+            spec(VmKind::SevEs, SEV_FEAT_SECURE_TSC),
+        ] {
+            match check_init(&bad, supported) {
+                Err(HypervisorError::Refused(r)) => assert_eq!(r.errno, Errno::EINVAL, "{bad:?}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn slots_must_not_overlap_and_conversions_must_be_aligned() {
+        let r = |slot, gpa, size| MemoryRegion {
+            slot,
+            gpa: Gpa(gpa),
+            size,
+            guest_memfd: true,
+        };
+        let have = [r(0, 0, 0x10_0000)];
+        assert!(check_region(&r(1, 0x10_0000, 0x1000), &have).is_ok());
+        let errno = |e: VmError| e.refusal().map(|r| r.errno);
+        assert_eq!(
+            errno(check_region(&r(1, 0xf_f000, 0x2000), &have).unwrap_err()),
+            Some(Errno::EEXIST)
+        );
+        assert_eq!(
+            errno(check_region(&r(0, 0x20_0000, 0x1000), &have).unwrap_err()),
+            Some(Errno::EEXIST)
+        );
+        assert_eq!(
+            errno(check_region(&r(1, 0x20_0000, 0), &have).unwrap_err()),
+            Some(Errno::EINVAL)
+        );
+        let c = |gpa, size| Conversion {
+            gpa: Gpa(gpa),
+            size,
+            private: false,
+        };
+        assert!(check_conversion(&c(0x1000, 0x1000)).is_ok());
+        for bad in [
+            c(0x1000, 0),
+            c(0x1001, 0x1000),
+            c(0x1000, 0x800),
+            c(u64::MAX - 0xfff, 0x2000),
+        ] {
+            assert_eq!(
+                errno(check_conversion(&bad).unwrap_err()),
+                Some(Errno::EINVAL),
+                "{bad:?}"
+            );
+        }
+    }
+}

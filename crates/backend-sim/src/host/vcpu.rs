@@ -1,0 +1,157 @@
+//! [`SimVcpu`]: one vCPU of a [`super::SimVm`], run on the VMM's thread for it.
+//!
+//! The scripted guest is one program for all vCPUs: each action names the vCPU that executes
+//! it, and actions run one at a time in script order (the hand-over of a real SMP guest, made
+//! deterministic). A vCPU's `run` executes its own actions as they come up and blocks while
+//! another vCPU's action is next, as `KVM_RUN` blocks a vCPU that has nothing to do. Actions
+//! for a vCPU that was never created are executed (and refused) by whichever vCPU finds them,
+//! so a script cannot stall on them.
+
+use std::sync::Arc;
+
+use vmsa_core::{SevEsSaveArea, VcpuId};
+use vmsa_host::{Errno, Kick, Refusal, VcpuError, VcpuExit};
+
+use super::cpu::Acted;
+use super::vm::{Pending, Shared};
+use crate::guest::GuestAction;
+
+/// One vCPU of a simulated VM.
+#[derive(Debug)]
+pub struct SimVcpu {
+    id: u32,
+    shared: Arc<Shared>,
+}
+
+/// Interrupts a [`SimVcpu`]'s run.
+#[derive(Clone, Debug)]
+pub struct SimKick {
+    id: u32,
+    shared: Arc<Shared>,
+}
+
+impl Kick for SimKick {
+    fn kick(&self) {
+        self.shared.guest().kicked.insert(self.id);
+        self.shared.wake.notify_all();
+    }
+}
+
+impl SimVcpu {
+    pub(super) fn new(id: u32, shared: Arc<Shared>) -> Self {
+        Self { id, shared }
+    }
+
+    fn refused(&self, call: &'static str, errno: Errno, rule: &'static str) -> VcpuError {
+        VcpuError::Refused {
+            vcpu: self.id,
+            refusal: Refusal::new(call, errno, rule),
+        }
+    }
+}
+
+impl vmsa_host::Vcpu for SimVcpu {
+    type Kick = SimKick;
+
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn set_state(&mut self, vmsa: &SevEsSaveArea) -> Result<(), VcpuError> {
+        self.shared
+            .kernel()
+            .set_registers(VcpuId(self.id), vmsa)
+            .map_err(|e| match super::rules::from_core("KVM_SET_REGS", e) {
+                vmsa_host::VmError::Refused(refusal) => VcpuError::Refused {
+                    vcpu: self.id,
+                    refusal,
+                },
+                vmsa_host::VmError::Host { call, source } => VcpuError::Host {
+                    vcpu: self.id,
+                    call,
+                    source,
+                },
+            })
+    }
+
+    fn run(&mut self) -> Result<VcpuExit, VcpuError> {
+        let shared = &self.shared;
+        let mut g = shared.guest();
+        loop {
+            if g.kicked.remove(&self.id) {
+                return Ok(VcpuExit::Interrupted);
+            }
+            if g.pending.as_ref().is_some_and(|p| p.vcpu == self.id) {
+                return Err(self.refused(
+                    "KVM_RUN",
+                    Errno::EINVAL,
+                    "the last exit was KVM_HC_MAP_GPA_RANGE; answer it with complete_conversion first",
+                ));
+            }
+            let action = if g.pending.is_some() {
+                None
+            } else {
+                g.script.actions.get(g.next).cloned().map(|a| (g.next, a))
+            };
+            match action {
+                Some((index, a)) if a.vcpu() == self.id || !g.vcpus.contains(&a.vcpu()) => {
+                    g.next += 1;
+                    let acted = {
+                        let kernel = shared.kernel();
+                        g.cpus.step(&kernel, index, &a)
+                    };
+                    shared.wake.notify_all();
+                    match acted {
+                        Acted::Convert(range) => {
+                            g.pending = Some(Pending {
+                                vcpu: self.id,
+                                index,
+                                action: a,
+                                range,
+                                result: None,
+                            });
+                            return Ok(VcpuExit::MapGpaRange(range));
+                        }
+                        Acted::Done if matches!(a, GuestAction::Hlt { vcpu } if vcpu == self.id) => {
+                            return Ok(VcpuExit::Halt);
+                        }
+                        Acted::Done => {}
+                    }
+                }
+                // The script is exhausted: the BSP says so on the done port.
+                None if g.pending.is_none() && self.id == 0 && !g.done_reported => {
+                    g.done_reported = true;
+                    return Ok(VcpuExit::IoOut {
+                        port: vmsa_host::ports::DONE,
+                        data: 0,
+                        size: 1,
+                    });
+                }
+                _ => g = shared.wake.wait(g).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+
+    fn complete_conversion(&mut self, answer: Result<(), Errno>) -> Result<(), VcpuError> {
+        let mut g = self.shared.guest();
+        let Some(pending) = g.pending.take_if(|p| p.vcpu == self.id) else {
+            return Err(self.refused(
+                "KVM_RUN",
+                Errno::EINVAL,
+                "no KVM_HC_MAP_GPA_RANGE exit is waiting for an answer on this vCPU",
+            ));
+        };
+        let (index, action) = (pending.index, pending.action.clone());
+        let outcome = pending.outcome(answer);
+        g.cpus.record(index, &action, outcome);
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    fn kicker(&self) -> SimKick {
+        SimKick {
+            id: self.id,
+            shared: self.shared.clone(),
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! [`SimVm`]: one confidential VM on the simulated host, with vmsa-core as its kernel.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use vmsa_core::{EventLog, VcpuId, VmConfig, VmKind};
+use vmsa_host::{
+    Conversion, Errno, HostReport, HypervisorError, LaunchUpdate, MemoryRegion, Observed, Refusal,
+    TeardownCounts, VmError, VmSpec,
+};
+
+use super::cpu::{Cpus, convert};
+use super::rules;
+use super::vcpu::SimVcpu;
+use crate::guest::GuestScript;
+use crate::machine::Machine;
+use crate::platform::SimPlatform;
+
+/// A guest page state change waiting for the VMM's answer.
+#[derive(Debug)]
+pub(super) struct Pending {
+    /// The vCPU that asked.
+    pub vcpu: u32,
+    /// Its action's index in the script.
+    pub index: usize,
+    /// The action.
+    pub action: crate::guest::GuestAction,
+    /// The range.
+    pub range: Conversion,
+    /// What converting each page did, or why it failed (set by `set_memory_attributes`).
+    pub result: Option<Result<String, String>>,
+}
+
+/// The scripted guest's execution state: the next action, the processors, the pending
+/// conversion, kicks.
+#[derive(Debug)]
+pub(super) struct Guest {
+    pub script: Arc<GuestScript>,
+    pub next: usize,
+    pub cpus: Cpus,
+    pub pending: Option<Pending>,
+    pub kicked: BTreeSet<u32>,
+    pub vcpus: BTreeSet<u32>,
+    pub done_reported: bool,
+}
+
+/// What the VM and its vCPUs share.
+#[derive(Debug)]
+pub(super) struct Shared {
+    /// The host kernel's view of the VM: VMSA ownership, launch state, AP creation.
+    pub kernel: RwLock<vmsa_core::Vm<SimPlatform>>,
+    pub platform: SimPlatform,
+    pub guest: Mutex<Guest>,
+    /// Signalled whenever the guest makes progress or a vCPU is kicked.
+    pub wake: Condvar,
+}
+
+impl Shared {
+    pub fn guest(&self) -> MutexGuard<'_, Guest> {
+        self.guest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn kernel(&self) -> RwLockReadGuard<'_, vmsa_core::Vm<SimPlatform>> {
+        self.kernel.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kernel_mut(&self) -> RwLockWriteGuard<'_, vmsa_core::Vm<SimPlatform>> {
+        self.kernel.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One confidential VM on the simulated host.
+#[derive(Debug)]
+pub struct SimVm {
+    spec: VmSpec,
+    shared: Arc<Shared>,
+    events: Arc<EventLog>,
+    regions: Vec<MemoryRegion>,
+}
+
+impl SimVm {
+    pub(super) fn new(
+        machine: &Arc<Machine>,
+        spec: VmSpec,
+        script: Arc<GuestScript>,
+    ) -> Result<Self, HypervisorError> {
+        let platform = machine
+            .create_guest(spec.kind)
+            .map_err(|e| HypervisorError::Host {
+                call: "KVM_CREATE_VM",
+                source: Box::new(e),
+            })?;
+        let config = match spec.kind {
+            VmKind::Snp => VmConfig::snp(spec.vmsa_features),
+            VmKind::SevEs => VmConfig::sev_es(spec.vmsa_features),
+        };
+        let events = Arc::new(EventLog::new());
+        let kernel = vmsa_core::Vm::new(platform.clone(), config, events.clone());
+        let cpus = Cpus::new();
+        Ok(Self {
+            spec,
+            shared: Arc::new(Shared {
+                kernel: RwLock::new(kernel),
+                platform,
+                guest: Mutex::new(Guest {
+                    script,
+                    next: 0,
+                    cpus,
+                    pending: None,
+                    kicked: BTreeSet::new(),
+                    vcpus: BTreeSet::new(),
+                    done_reported: false,
+                }),
+                wake: Condvar::new(),
+            }),
+            events,
+            regions: Vec::new(),
+        })
+    }
+
+    /// The simulated guest this VM is (its ASID, memory, launch digest).
+    pub fn platform(&self) -> &SimPlatform {
+        &self.shared.platform
+    }
+}
+
+impl vmsa_host::Vm for SimVm {
+    type Vcpu = SimVcpu;
+
+    fn spec(&self) -> VmSpec {
+        self.spec
+    }
+
+    fn add_memory(&mut self, region: MemoryRegion) -> Result<(), VmError> {
+        rules::check_region(&region, &self.regions)?;
+        // Private memory only comes from guest_memfd; a slot without one holds shared memory
+        // the guest cannot launch into (snp_launch_update refuses it).
+        if region.guest_memfd {
+            self.shared
+                .platform
+                .add_memslot(region.gpa, region.size)
+                .map_err(|e| VmError::host("KVM_SET_USER_MEMORY_REGION2", e))?;
+        }
+        self.regions.push(region);
+        Ok(())
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES`, and what QEMU does next for a conversion to shared: punch
+    /// the private page out of guest_memfd, which makes it shared in the RMP and frees it
+    /// (`sev_gmem_invalidate`); any guest VMSA there is re-resolved at its vCPU's next entry.
+    fn set_memory_attributes(&self, range: Conversion) -> Result<(), VmError> {
+        rules::check_conversion(&range)?;
+        let kernel = self.shared.kernel();
+        let result = convert(&kernel, range);
+        drop(kernel);
+        let mut g = self.shared.guest();
+        if let Some(pending) = g.pending.as_mut().filter(|p| p.range == range) {
+            pending.result = Some(result.clone().map_err(|e| e.to_string()));
+        }
+        drop(g);
+        result
+            .map(drop)
+            .map_err(|source| VmError::host("KVM_SET_MEMORY_ATTRIBUTES", ConversionFailed { range, source }))
+    }
+
+    fn launch_start(&mut self, policy: u64) -> Result<(), VmError> {
+        self.shared
+            .kernel_mut()
+            .launch_start(policy)
+            .map_err(|e| rules::from_core(launch_call(self.spec.kind, "LAUNCH_START"), e))
+    }
+
+    fn launch_update(&mut self, u: LaunchUpdate<'_>) -> Result<(), VmError> {
+        self.shared
+            .kernel_mut()
+            .launch_update_data(u.gpa, u.len, u.page_type, u.data)
+            .map_err(|e| rules::from_core(launch_call(self.spec.kind, "LAUNCH_UPDATE"), e))
+    }
+
+    fn launch_update_vmsas(&mut self) -> Result<(), VmError> {
+        if self.spec.kind == VmKind::Snp {
+            return Err(Refusal::new(
+                "KVM_SEV_LAUNCH_UPDATE_VMSA",
+                Errno::EPERM,
+                "an SNP VM refuses every command below KVM_SEV_SNP_LAUNCH_START; SNP launches its VMSAs at launch finish (sev_mem_enc_ioctl)",
+            )
+            .into());
+        }
+        self.shared
+            .kernel_mut()
+            .launch_update_vmsas()
+            .map_err(|e| rules::from_core("KVM_SEV_LAUNCH_UPDATE_VMSA", e))
+    }
+
+    fn launch_finish(&mut self) -> Result<(), VmError> {
+        self.shared
+            .kernel_mut()
+            .launch_finish([0; 32])
+            .map_err(|e| rules::from_core(launch_call(self.spec.kind, "LAUNCH_FINISH"), e))
+    }
+
+    fn create_vcpu(&mut self, id: u32) -> Result<SimVcpu, VmError> {
+        if id >= super::MAX_VCPUS {
+            return Err(Refusal::new(
+                "KVM_CREATE_VCPU",
+                Errno::EINVAL,
+                "the vCPU id is beyond the host's maximum (kvm_vm_ioctl_create_vcpu)",
+            )
+            .into());
+        }
+        self.shared
+            .kernel_mut()
+            .create_vcpu(VcpuId(id))
+            .map_err(|e| rules::from_core("KVM_CREATE_VCPU", e))?;
+        self.shared.guest().vcpus.insert(id);
+        Ok(SimVcpu::new(id, self.shared.clone()))
+    }
+
+    fn cycles(&self) -> Observed<u64> {
+        Observed::Seen(self.shared.platform.machine().now())
+    }
+
+    fn teardown(self) -> HostReport {
+        let shared = &self.shared;
+        let mut g = shared.guest();
+        let mut kernel = shared.kernel_mut();
+        let script = g.cpus.finish(&kernel);
+        let digest = shared.platform.launch_digest().map(|d| d.hex());
+        let down = kernel.teardown();
+        drop(kernel);
+        drop(g);
+        let machine = shared.platform.machine();
+        let destroyed = shared.platform.destroy();
+        let frames =
+            |f: fn(&crate::machine::DestroyReport) -> u64| Observed::Seen(destroyed.as_ref().map_or(0, f));
+        HostReport {
+            events: Observed::Seen(self.events.snapshot()),
+            launch_digest: Observed::Seen(digest),
+            rmp_faults: Observed::Seen(machine.stats().rmp_faults),
+            guest: Observed::Seen(script),
+            teardown: TeardownCounts {
+                vcpus: down.vcpus,
+                vmsas_leaked: Observed::Seen(down.leaked),
+                guest_frames_released: frames(|d| d.frames_released),
+                guest_frames_leaked: frames(|d| d.frames_leaked),
+                frames_still_allocated: Observed::Seen(machine.allocated_frames() as u64),
+                frames_leaked_on_purpose: Observed::Seen(machine.leaked_frames().len() as u64),
+                error: destroyed.err().map(|e| e.to_string()),
+            },
+        }
+    }
+}
+
+/// The KVM name of a launch command for this kind of guest.
+fn launch_call(kind: VmKind, what: &'static str) -> &'static str {
+    match (kind, what) {
+        (VmKind::Snp, "LAUNCH_START") => "KVM_SEV_SNP_LAUNCH_START",
+        (VmKind::Snp, "LAUNCH_UPDATE") => "KVM_SEV_SNP_LAUNCH_UPDATE",
+        (VmKind::Snp, _) => "KVM_SEV_SNP_LAUNCH_FINISH",
+        (VmKind::SevEs, "LAUNCH_START") => "KVM_SEV_LAUNCH_START",
+        (VmKind::SevEs, "LAUNCH_UPDATE") => "KVM_SEV_LAUNCH_UPDATE_DATA",
+        (VmKind::SevEs, _) => "KVM_SEV_LAUNCH_FINISH",
+    }
+}
+
+/// A conversion the machine could not carry out.
+#[derive(Debug, thiserror::Error)]
+#[error("converting {size:#x} bytes at GPA {gpa} to {to}", gpa = range.gpa, size = range.size, to = if range.private { "private" } else { "shared" })]
+pub struct ConversionFailed {
+    /// The range.
+    pub range: Conversion,
+    /// What the machine refused.
+    #[source]
+    pub source: crate::error::SimError,
+}
+
+impl Pending {
+    /// The pending request's outcome, given the VMM's answer.
+    pub fn outcome(self, answer: Result<(), Errno>) -> Result<String, String> {
+        match (self.result, answer) {
+            (Some(r), _) => r,
+            (None, Ok(())) => Err("the VMM answered the conversion without converting the range".into()),
+            (None, Err(errno)) => Err(format!("the VMM refused the conversion: {errno}")),
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! The one launch-and-run flow, generic over the host interface: the same code drives the
+//! simulator, KVM's VMSA-image mode and a real SEV-SNP KVM.
+//!
+//! In KVM's order ([`launch`]): create the VM, add its memory (guest_memfd-backed), create
+//! every vCPU and set its initial state, start the launch, measure every image range, (SEV-ES)
+//! encrypt the VMSAs, finish. Then ([`run_vcpus`]) one thread per vCPU loops on
+//! [`Vcpu::run`] and handles the exits a VMM must handle: conversions between private and
+//! shared memory, the built-in guests' debug ports, HLT, the guest's termination request,
+//! shutdown. The main thread waits on an event loop (event-manager) for the vCPU threads and
+//! one watchdog timer (vmm-sys-util's `TimerFd`); whoever ends the run kicks every vCPU out of
+//! `run`. Finally the vCPUs are dropped and the VM torn down, whatever happened before: nothing
+//! the host allocated outlives the run.
+
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use serde::Serialize;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::timerfd::TimerFd;
+use vmsa_core::{SevEsSaveArea, VmKind};
+use vmsa_host::{
+    Errno, HostReport, Hypervisor, HypervisorError, Kick, LaunchUpdate, MemoryRegion, Vcpu, VcpuError,
+    VcpuExit, Vm, VmError, VmSpec, ports,
+};
+
+use super::progress::Progress;
+
+/// What the flow creates and launches.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    /// The VM to create.
+    pub spec: VmSpec,
+    /// Its memory slots.
+    pub memory: Vec<MemoryRegion>,
+    /// The guest policy.
+    pub policy: u64,
+    /// The image ranges to measure, in order, with their contents.
+    pub updates: Vec<LaunchUpdate<'a>>,
+    /// Each vCPU's initial state, by APIC ID (0 is the BSP).
+    pub vmsas: &'a [Box<SevEsSaveArea>],
+}
+
+/// Why the flow could not even create the VM (after that, everything ends in a report).
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// The host refused to create the VM.
+    #[error(transparent)]
+    Create(#[from] HypervisorError),
+    /// An eventfd, timerfd or epoll call of the event loop failed.
+    #[error("event loop: {what}: {source}")]
+    EventLoop {
+        /// The call.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A step of creating or launching the VM that failed (the VM is still torn down).
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// A VM call failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU call failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// How the guest's run ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum RunEnd {
+    /// vCPU 0 wrote the done port.
+    Done,
+    /// A vCPU asked to terminate (the GHCB termination request).
+    Terminated {
+        /// The vCPU.
+        vcpu: u32,
+        /// The reason code set.
+        reason_set: u8,
+        /// The reason code.
+        reason_code: u8,
+    },
+    /// A vCPU triple-faulted.
+    Shutdown {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The guest reported a failed step on the fail port.
+    GuestFailed {
+        /// The vCPU.
+        vcpu: u32,
+        /// The step code.
+        code: u32,
+    },
+    /// A vCPU call failed.
+    Error {
+        /// The vCPU.
+        vcpu: u32,
+        /// What failed, with its causes.
+        error: String,
+    },
+    /// The watchdog fired first.
+    Watchdog {
+        /// Its timeout.
+        after_ms: u64,
+    },
+}
+
+impl std::fmt::Display for RunEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Done => write!(f, "vCPU 0 reported done"),
+            Self::Terminated {
+                vcpu,
+                reason_set,
+                reason_code,
+            } => write!(
+                f,
+                "vCPU {vcpu} asked to terminate (GHCB reason set {reason_set}, code {reason_code})"
+            ),
+            Self::Shutdown { vcpu } => write!(f, "vCPU {vcpu} shut down (triple fault)"),
+            Self::GuestFailed { vcpu, code } => write!(f, "vCPU {vcpu} reported failed step {code}"),
+            Self::Error { vcpu, error } => write!(f, "vCPU {vcpu}: {error}"),
+            Self::Watchdog { after_ms } => write!(
+                f,
+                "the guest did not finish within {after_ms} ms (watchdog); every vCPU was kicked out"
+            ),
+        }
+    }
+}
+
+/// What one vCPU's thread saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VcpuExits {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// Times `run` returned.
+    pub runs: u64,
+    /// Conversions the guest asked for (MAP_GPA_RANGE) and memory faults served.
+    pub conversions: u64,
+    /// Conversions the host refused (the guest got an error).
+    pub conversions_refused: u64,
+    /// Debug-port writes.
+    pub io: u64,
+    /// HLT exits.
+    pub halts: u64,
+    /// Kicks that interrupted a run.
+    pub interrupted: u64,
+}
+
+/// What the run did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunOutcome {
+    /// How it ended.
+    pub end: RunEnd,
+    /// Per-vCPU exit counts, by APIC ID.
+    pub vcpus: Vec<VcpuExits>,
+}
+
+/// What the whole flow did.
+#[derive(Debug)]
+pub struct FlowReport {
+    /// Why creating or launching failed, if it did (the guest then did not run).
+    pub launch_error: Option<LaunchError>,
+    /// The run, if the launch finished.
+    pub run: Option<RunOutcome>,
+    /// The host's report at teardown.
+    pub host: HostReport,
+}
+
+/// Run `launch` on `host` to the end: create, launch, run every vCPU under `watchdog`, tear
+/// down. `phase` is called as each phase (create, launch, run, teardown) ends.
+pub fn run<H: Hypervisor>(
+    host: &H,
+    launch: &Launch<'_>,
+    watchdog: Duration,
+    progress: &Progress,
+    phase: &mut dyn FnMut(&'static str),
+) -> Result<FlowReport, FlowError> {
+    let mut vm = host.create_vm(launch.spec)?;
+    let mut vcpus = Vec::with_capacity(launch.vmsas.len());
+    let created = create(&mut vm, launch, &mut vcpus);
+    phase("create");
+    progress.phase("launch", launch.updates.len() as u64 + 1);
+    let launched = created.and_then(|()| self::launch(&mut vm, launch, progress));
+    phase("launch");
+    let run = match &launched {
+        Ok(()) => {
+            progress.phase("guest", 0);
+            Some(run_vcpus(&vm, vcpus, watchdog, progress)?)
+        }
+        Err(_) => {
+            drop(vcpus);
+            None
+        }
+    };
+    phase("run");
+    progress.message("teardown");
+    let report = vm.teardown();
+    phase("teardown");
+    progress.finish();
+    Ok(FlowReport {
+        launch_error: launched.err(),
+        run,
+        host: report,
+    })
+}
+
+/// Memory, then every vCPU with its initial state.
+fn create<V: Vm>(vm: &mut V, launch: &Launch<'_>, vcpus: &mut Vec<V::Vcpu>) -> Result<(), LaunchError> {
+    for r in &launch.memory {
+        vm.add_memory(*r)?;
+    }
+    for (id, state) in (0u32..).zip(launch.vmsas) {
+        let mut vcpu = vm.create_vcpu(id)?;
+        vcpu.set_state(state)?;
+        vcpus.push(vcpu);
+    }
+    Ok(())
+}
+
+/// Start, every image range, (SEV-ES) the VMSAs, finish.
+fn launch<V: Vm>(vm: &mut V, launch: &Launch<'_>, progress: &Progress) -> Result<(), LaunchError> {
+    vm.launch_start(launch.policy)?;
+    for u in &launch.updates {
+        progress.message(format!("{:?} pages at {}", u.page_type, u.gpa));
+        vm.launch_update(*u)?;
+        progress.inc(1);
+    }
+    progress.message("VMSAs");
+    if launch.spec.kind == VmKind::SevEs {
+        vm.launch_update_vmsas()?;
+    }
+    vm.launch_finish()?;
+    progress.inc(1);
+    Ok(())
+}
+
+/// The state the vCPU threads and the control loop share.
+struct Control {
+    stop: AtomicBool,
+    /// vCPU threads that have left their loop.
+    left: AtomicUsize,
+    end: Mutex<Option<RunEnd>>,
+    /// Written by a vCPU thread when it ends the run or leaves.
+    wake: EventFd,
+}
+
+impl Control {
+    /// End the run for `why` (the first reason wins) and wake the control loop.
+    fn end(&self, why: RunEnd) {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        end.get_or_insert(why);
+        self.stop.store(true, Ordering::SeqCst);
+        // An eventfd counter only overflows after 2^64 - 2 writes.
+        let _ = self.wake.write(1);
+    }
+}
+
+/// Counts a vCPU thread out when it leaves its loop, panicking or not, and wakes the control
+/// loop (counted before the wake, so the loop that wakes sees it).
+struct Leave<'a>(&'a Control);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.left.fetch_add(1, Ordering::SeqCst);
+        let _ = self.0.wake.write(1);
+    }
+}
+
+/// One vCPU's loop: run, handle the exit, until the run ends.
+fn vcpu_loop<V: Vm>(vm: &V, vcpu: &mut V::Vcpu, control: &Control, progress: &Progress) -> VcpuExits {
+    let _leave = Leave(control);
+    let id = vcpu.id();
+    let mut n = VcpuExits {
+        vcpu: id,
+        ..VcpuExits::default()
+    };
+    while !control.stop.load(Ordering::SeqCst) {
+        let exit = vcpu.run();
+        n.runs += 1;
+        progress.inc(1);
+        match exit {
+            Ok(VcpuExit::MapGpaRange(range)) => {
+                n.conversions += 1;
+                let answer = vm.set_memory_attributes(range).map_err(|e| {
+                    n.conversions_refused += 1;
+                    e.refusal().map_or(Errno::EIO, |r| r.errno)
+                });
+                if let Err(e) = vcpu.complete_conversion(answer) {
+                    control.end(error_end(id, &e));
+                }
+            }
+            Ok(VcpuExit::MemoryFault(range)) => {
+                n.conversions += 1;
+                if let Err(e) = vm.set_memory_attributes(range) {
+                    control.end(error_end(id, &e));
+                }
+            }
+            Ok(VcpuExit::IoOut { port, data, .. }) => {
+                n.io += 1;
+                match port {
+                    ports::DONE if id == 0 => control.end(RunEnd::Done),
+                    ports::FAIL => control.end(RunEnd::GuestFailed { vcpu: id, code: data }),
+                    _ => {}
+                }
+            }
+            Ok(VcpuExit::Halt) => n.halts += 1,
+            Ok(VcpuExit::Terminate {
+                reason_set,
+                reason_code,
+            }) => control.end(RunEnd::Terminated {
+                vcpu: id,
+                reason_set,
+                reason_code,
+            }),
+            Ok(VcpuExit::Shutdown) => control.end(RunEnd::Shutdown { vcpu: id }),
+            Ok(VcpuExit::Interrupted) => n.interrupted += 1,
+            Err(e) => control.end(error_end(id, &e)),
+        }
+    }
+    n
+}
+
+fn error_end(vcpu: u32, e: &dyn std::error::Error) -> RunEnd {
+    RunEnd::Error {
+        vcpu,
+        error: super::error_chain(e),
+    }
+}
+
+/// The control loop's subscriber: the vCPU threads' eventfd and the watchdog.
+struct Waiter {
+    wake: EventFd,
+    watchdog: TimerFd,
+    woke: std::rc::Rc<std::cell::Cell<(bool, bool)>>,
+}
+
+impl MutEventSubscriber for Waiter {
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+        let (mut wake, mut dog) = self.woke.get();
+        if events.fd() == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+            wake = true;
+        } else if events.fd() == self.watchdog.as_raw_fd() {
+            let _ = self.watchdog.wait();
+            dog = true;
+        }
+        self.woke.set((wake, dog));
+    }
+
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        // Registration fails only if epoll itself is broken; `run` then reports it.
+        let _ = ops.add(Events::new(&self.wake, EventSet::IN));
+        let _ = ops.add(Events::new(&self.watchdog, EventSet::IN));
+    }
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> FlowError {
+    move |source| FlowError::EventLoop { what, source }
+}
+
+pub(super) fn errno(e: vmm_sys_util::errno::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+/// Run every vCPU on its own thread until the run ends, under one watchdog.
+pub fn run_vcpus<V: Vm>(
+    vm: &V,
+    vcpus: Vec<V::Vcpu>,
+    watchdog: Duration,
+    progress: &Progress,
+) -> Result<RunOutcome, FlowError> {
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(os("eventfd"))?;
+    let control = Control {
+        stop: AtomicBool::new(false),
+        left: AtomicUsize::new(0),
+        end: Mutex::new(None),
+        wake: wake.try_clone().map_err(os("eventfd clone"))?,
+    };
+    let mut timer = TimerFd::new().map_err(|e| os("timerfd")(errno(e)))?;
+    timer
+        .reset(watchdog, None)
+        .map_err(|e| os("timerfd arm")(errno(e)))?;
+    let woke = std::rc::Rc::new(std::cell::Cell::new((false, false)));
+    let mut em: EventManager<Waiter> = EventManager::new().map_err(|e| FlowError::EventLoop {
+        what: "epoll",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    em.add_subscriber(Waiter {
+        wake,
+        watchdog: timer,
+        woke: woke.clone(),
+    });
+    let kicks: Vec<<V::Vcpu as Vcpu>::Kick> = vcpus.iter().map(Vcpu::kicker).collect();
+    let kick_all = || kicks.iter().for_each(Kick::kick);
+    let (polled, counts) = std::thread::scope(|s| {
+        let control = &control;
+        let handles: Vec<_> = vcpus
+            .into_iter()
+            .map(|mut vcpu| s.spawn(move || vcpu_loop(vm, &mut vcpu, control, progress)))
+            .collect();
+        let mut polled = Ok(());
+        let mut kicked = false;
+        while control.left.load(Ordering::SeqCst) < handles.len() {
+            if let Err(e) = em.run() {
+                polled = Err(FlowError::EventLoop {
+                    what: "epoll_wait",
+                    source: std::io::Error::other(format!("{e:?}")),
+                });
+                control.end(RunEnd::Error {
+                    vcpu: 0,
+                    error: "the VMM's event loop failed".into(),
+                });
+            }
+            let (_, dog) = woke.replace((false, false));
+            if dog {
+                control.end(RunEnd::Watchdog {
+                    after_ms: watchdog.as_millis() as u64,
+                });
+            }
+            if control.stop.load(Ordering::SeqCst) && !kicked {
+                kick_all();
+                kicked = true;
+            }
+        }
+        let counts: Vec<VcpuExits> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect();
+        (polled, counts)
+    });
+    polled?;
+    let end = control
+        .end
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or(RunEnd::Error {
+            vcpu: 0,
+            error: "every vCPU thread left without ending the run".into(),
+        });
+    Ok(RunOutcome { end, vcpus: counts })
+}
