@@ -67,7 +67,7 @@ pub use addr::{
 };
 pub use error::{Error, LaunchState, MigrationError, PlatformOp};
 pub use event::{Event, EventLog, EventSink, History, LeakReason, NullSink, Transition, histories};
-pub use ghcb::{ApCreationError, ApCreationRequest, ApRequest};
+pub use ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest, ValidApRequest};
 pub use layout::{SevEsSaveArea, VmcbSeg};
 pub use platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
