@@ -58,6 +58,7 @@ mod sync;
 mod vcpu;
 mod vm;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 mod tests;
