@@ -24,6 +24,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use serde::Serialize;
+use vmsa_core::SNP_POLICY_RSVD_MBO;
 
 use crate::error::Errno;
 use crate::probe::SEV_DEVICE;
@@ -36,8 +37,6 @@ pub const KVM_MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1 << 0;
 pub const KVM_MAP_GPA_RANGE_PAGE_SZ_1G: u64 = 1 << 1;
 /// `KVM_MAP_GPA_RANGE_ENCRYPTED`: convert to private (else to shared).
 pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
-/// `SNP_POLICY_RSVD_MBO`: SNP policy bit 17, reserved, must be one.
-pub const SNP_POLICY_RSVD_MBO: u64 = 1 << 17;
 /// `GHCB_MSR_TERM_REQ`: the GHCB MSR value of a bare termination request.
 pub const GHCB_MSR_TERM_REQ: u64 = 0x100;
 

@@ -35,6 +35,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::Serialize;
+use vmsa_core::SNP_POLICY_RSVD_MBO;
 
 use crate::error::{Errno, IoctlError};
 use crate::gmem::{GmemError, GuestMemfd, Mapping};
@@ -42,8 +43,7 @@ use crate::guest::layout::{self, CODE_GPA, GDT, GDT_GPA};
 use crate::probe::{KVM_CAP_EXIT_HYPERCALL, Mode, ProbeReport, VM_TYPE_SNP};
 use crate::runner::{RunConfig, RunError, RunReport, Timings};
 use crate::sev::{
-    GHCB_MSR_TERM_REQ, KVM_HC_MAP_GPA_RANGE, MapGpaRange, SNP_POLICY_RSVD_MBO, SevError, SevFirmware, SevVm,
-    SnpLaunchPage,
+    GHCB_MSR_TERM_REQ, KVM_HC_MAP_GPA_RANGE, MapGpaRange, SevError, SevFirmware, SevVm, SnpLaunchPage,
 };
 use crate::vmsa_regs::KvmState;
 use crate::{cpuid, watchdog};
