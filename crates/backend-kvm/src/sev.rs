@@ -24,7 +24,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use serde::Serialize;
-use vmsa_core::SNP_POLICY_RSVD_MBO;
+use vmsa_core::{SNP_POLICY_RSVD_MBO, SevStatus};
 
 use crate::error::Errno;
 use crate::probe::SEV_DEVICE;
@@ -152,13 +152,14 @@ pub enum SevError {
         errno: Errno,
     },
     /// The ioctl failed.
-    #[error("KVM_MEMORY_ENCRYPT_OP {cmd} failed with {errno}, firmware status {fw_error:#x}")]
+    #[error("KVM_MEMORY_ENCRYPT_OP {cmd} failed with {errno}, {}", describe_fw_error(*.fw_error))]
     Command {
         /// The command.
         cmd: SevCommand,
         /// The ioctl's errno.
         errno: Errno,
-        /// `kvm_sev_cmd.error`: the SEV firmware status (0 if the firmware was not reached).
+        /// `kvm_sev_cmd.error`: the SEV firmware status (0 if the firmware was not reached or
+        /// succeeded); [`SevError::firmware_status`] names it.
         fw_error: u32,
     },
     /// An argument broke a rule before anything was sent.
@@ -179,6 +180,25 @@ pub enum SevError {
         /// Bytes not yet added.
         left: u64,
     },
+}
+
+impl SevError {
+    /// The firmware status, if the command reached the firmware and it refused.
+    pub fn firmware_status(&self) -> Option<SevStatus> {
+        match self {
+            Self::Command { fw_error, .. } => SevStatus::from_code(*fw_error),
+            _ => None,
+        }
+    }
+}
+
+/// `kvm_sev_cmd.error` in words: the `SEV_RET_*` name when the code is one.
+fn describe_fw_error(code: u32) -> String {
+    match SevStatus::from_code(code) {
+        Some(status) => format!("firmware {status}"),
+        None if code == 0 => "no firmware status (0)".to_string(),
+        None => format!("unknown firmware status {code:#x}"),
+    }
 }
 
 /// The SEV firmware device (`/dev/sev`), whose fd every command carries.
@@ -435,6 +455,28 @@ mod tests {
             SevCommand::SnpLaunchUpdate.to_string(),
             "KVM_SEV_SNP_LAUNCH_UPDATE (101)"
         );
+    }
+
+    #[test]
+    fn command_errors_name_the_firmware_status() {
+        let err = |fw_error| SevError::Command {
+            cmd: SevCommand::SnpLaunchUpdate,
+            errno: Errno::new(libc::EIO),
+            fw_error,
+        };
+        let e = err(0x1a);
+        assert_eq!(e.firmware_status(), Some(SevStatus::InvalidPageState));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "KVM_MEMORY_ENCRYPT_OP KVM_SEV_SNP_LAUNCH_UPDATE (101) failed with {}, firmware \
+                 INVALID_PAGE_STATE (0x1a)",
+                Errno::new(libc::EIO)
+            )
+        );
+        assert_eq!(err(0).firmware_status(), None);
+        assert!(err(0).to_string().ends_with(", no firmware status (0)"));
+        assert!(err(0x1e).to_string().ends_with(", unknown firmware status 0x1e"));
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub mod trace;
 
 pub use cost::{CostModel, CostOp, CostReport};
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
-pub use firmware::{PageState, SevStatus};
+pub use firmware::PageState;
 pub use guest::{
     GuestAction, GuestConfig, GuestScript, RunReport, Runner, ScriptError, ScriptReport, run_guest,
     run_script,

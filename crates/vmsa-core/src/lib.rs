@@ -54,6 +54,7 @@ pub mod ghcb;
 pub mod layout;
 mod platform;
 mod state;
+mod status;
 mod sync;
 mod vcpu;
 mod vm;
@@ -72,6 +73,7 @@ pub use ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest, V
 pub use layout::{SevEsSaveArea, VmcbSeg};
 pub use platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
+pub use status::SevStatus;
 pub use vm::{
     ApCreated, Entry, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, Teardown, VcpuInfo, Vm,
     VmConfig,
