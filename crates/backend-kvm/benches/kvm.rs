@@ -67,7 +67,7 @@ struct Looper {
 fn looper(kvm: &Kvm, body: impl FnOnce(&mut CodeAssembler)) -> Looper {
     let vm = Arc::new(kvm.create_vm().unwrap());
     let mut cap = kvm_enable_cap {
-        cap: backend_kvm::probe::KVM_CAP_X86_USER_SPACE_MSR,
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
         ..Default::default()
     };
     cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL);

@@ -22,7 +22,7 @@ use serde::Serialize;
 use vmsa_core::PAGE_SIZE;
 
 use crate::error::{Errno, IoctlError};
-use crate::probe::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
 /// Why guest memory could not be set up or accessed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]

@@ -6,8 +6,8 @@
 //! of the ioctl, and every failure becomes a [`SevError`] naming the command, the errno and
 //! the firmware status (`kvm_sev_cmd.error`).
 //!
-//! Layouts and numbers: `../shared/reference/kernel.md` §3.3–3.5 (uapi `linux/kvm.h`,
-//! `asm/kvm.h`); the structs come from kvm-bindings 0.14 and their sizes and offsets are
+//! Layouts and numbers: Linux uapi `include/uapi/linux/kvm.h` and
+//! `arch/x86/include/uapi/asm/kvm.h`; the structs come from kvm-bindings 0.14 and their sizes and offsets are
 //! checked by the tests below. **Untested on SNP hardware here**: the development hosts have
 //! no SEV (see the probe); only the layouts, the command mapping and the refusal path run.
 
@@ -27,16 +27,9 @@ use serde::Serialize;
 use vmsa_core::{SNP_POLICY_RSVD_MBO, SevStatus};
 
 use crate::error::Errno;
-use crate::probe::SEV_DEVICE;
-
-/// `KVM_HC_MAP_GPA_RANGE` (`include/uapi/linux/kvm_para.h`; not bound by kvm-bindings).
-pub const KVM_HC_MAP_GPA_RANGE: u32 = 12;
-/// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M`.
-pub const KVM_MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1 << 0;
-/// `KVM_MAP_GPA_RANGE_PAGE_SZ_1G`.
-pub const KVM_MAP_GPA_RANGE_PAGE_SZ_1G: u64 = 1 << 1;
-/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: convert to private (else to shared).
-pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+use crate::uapi::{
+    KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, SEV_DEVICE,
+};
 /// `GHCB_MSR_TERM_REQ`: the GHCB MSR value of a bare termination request.
 pub const GHCB_MSR_TERM_REQ: u64 = 0x100;
 
