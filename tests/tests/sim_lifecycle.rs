@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use backend_sim::guest::{GuestAction, GuestScript};
 use backend_sim::host::run_script;
-use backend_sim::{FaultPlan, Machine, MachineConfig, PageState, RmpRet, SevStatus, SimError, SimPlatform};
+use backend_sim::{FaultPlan, Machine, MachineConfig, PageState, RmpRet, SimError, SimPlatform};
 use vmsa_core::{
     Error, Event, EventLog, Gpa, INITIAL_VMSA_GPA, LaunchState, LeakReason, MpState, Op, Pfn, PlatformOp,
-    SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, SnpPageType, StateKind, VcpuId, Vm, VmConfig, VmKind, VmsaState,
+    SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, SevStatus, SnpPageType, StateKind, VcpuId, Vm, VmConfig, VmKind,
+    VmsaState,
 };
 
 const POLICY: u64 = SNP_POLICY_RSVD_MBO;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backend_kvm::frames::FrameSpace;
-use backend_kvm::ghcb::{self, GhcbRequest};
+use backend_kvm::ghcb::{self, ReadGhcb};
 use backend_kvm::gmem::GuestRam;
 use backend_kvm::guest::layout::{self, CODE_GPA, GHCB_GPA};
 use backend_kvm::guest::{self, program};
@@ -24,7 +24,11 @@ use criterion::{Criterion, black_box};
 use iced_x86::code_asm::*;
 use kvm_bindings::{KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use vmsa_core::{ApCreationRequest, VcpuId, Vm, VmConfig};
+use vmsa_core::ghcb::{
+    GhcbRequest, RAX, SVM_VMGEXIT_AP_CREATION, SW_EXIT_CODE, SW_EXIT_INFO_1, SW_EXIT_INFO_2, VALID_BITMAP,
+    valid_bit,
+};
+use vmsa_core::{VcpuId, Vm, VmConfig};
 
 fn create_to_first_exit(kvm: &Kvm, prog: &program::Program, table: &kvm_bindings::CpuId) {
     let vm = Arc::new(kvm.create_vm().unwrap());
@@ -63,7 +67,7 @@ struct Looper {
 fn looper(kvm: &Kvm, body: impl FnOnce(&mut CodeAssembler)) -> Looper {
     let vm = Arc::new(kvm.create_vm().unwrap());
     let mut cap = kvm_enable_cap {
-        cap: backend_kvm::probe::KVM_CAP_X86_USER_SPACE_MSR,
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
         ..Default::default()
     };
     cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL);
@@ -113,17 +117,12 @@ fn bench_exits(c: &mut Criterion) {
     let mut core = Vm::without_events(platform, VmConfig::snp(0));
     core.create_vcpu(VcpuId(0)).unwrap();
     let r = &bell.ram;
-    r.write_u64(
-        GHCB_GPA + ghcb::SW_EXIT_CODE,
-        vmsa_core::ghcb::SVM_VMGEXIT_AP_CREATION,
-    )
-    .unwrap();
-    let rax_valid = ghcb::valid_bit(ghcb::RAX).1;
-    let info_valid = ghcb::valid_bit(ghcb::SW_EXIT_CODE).1
-        | ghcb::valid_bit(ghcb::SW_EXIT_INFO_1).1
-        | ghcb::valid_bit(ghcb::SW_EXIT_INFO_2).1;
-    r.write_u64(GHCB_GPA + ghcb::RAX, 1).unwrap();
-    r.write_u64(GHCB_GPA + ghcb::VALID_BITMAP, rax_valid).unwrap();
+    r.write_u64(GHCB_GPA + SW_EXIT_CODE, SVM_VMGEXIT_AP_CREATION)
+        .unwrap();
+    let rax_valid = valid_bit(RAX).1;
+    let info_valid = valid_bit(SW_EXIT_CODE).1 | valid_bit(SW_EXIT_INFO_1).1 | valid_bit(SW_EXIT_INFO_2).1;
+    r.write_u64(GHCB_GPA + RAX, 1).unwrap();
+    r.write_u64(GHCB_GPA + VALID_BITMAP, rax_valid).unwrap();
     g.bench_function("doorbell", |b| {
         b.iter(|| {
             let gpa = match bell.vcpu.run().unwrap() {
@@ -132,18 +131,13 @@ fn bench_exits(c: &mut Criterion) {
             };
             let ram = &bell.ram;
             // What the guest would have written for this round.
-            ram.write_u64(gpa + ghcb::SW_EXIT_INFO_1, (7 << 32) | 1).unwrap();
-            ram.write_u64(gpa + ghcb::SW_EXIT_INFO_2, 0x20_7000).unwrap();
-            ram.write_u64(gpa + ghcb::VALID_BITMAP + 8, info_valid).unwrap();
+            ram.write_u64(gpa + SW_EXIT_INFO_1, (7 << 32) | 1).unwrap();
+            ram.write_u64(gpa + SW_EXIT_INFO_2, 0x20_7000).unwrap();
+            ram.write_u64(gpa + VALID_BITMAP + 8, info_valid).unwrap();
             let req = GhcbRequest::read(ram, gpa).unwrap();
             assert_eq!(req.precheck(), None);
             let answer = core
-                .ap_creation(&ApCreationRequest {
-                    requester: VcpuId(0),
-                    exit_info_1: req.exit_info_1,
-                    exit_info_2: req.exit_info_2,
-                    rax: req.rax,
-                })
+                .ap_creation(&req.ap_creation_request(VcpuId(0)))
                 .unwrap_err()
                 .sw_exit_info();
             ghcb::respond(ram, gpa, answer.0, answer.1).unwrap();

@@ -20,9 +20,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vmsa_core::{Gfn, Hpa, PageBuf, Pfn};
+use vmsa_core::{Gfn, Hpa, PAGE_SIZE, PageBuf, Pfn};
 
-use crate::gmem::{GmemError, GuestRam, PAGE_SIZE};
+use crate::gmem::{GmemError, GuestRam};
 
 /// First PFN of the host-page range (`Hpa` 4 GiB).
 pub const HOST_PFN_BASE: u64 = 0x10_0000;

@@ -19,12 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use kvm_bindings::{KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_userspace_memory_region2};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
+use vmsa_core::PAGE_SIZE;
 
 use crate::error::{Errno, IoctlError};
-use crate::probe::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-
-/// The size of a page.
-pub const PAGE_SIZE: u64 = 4096;
+use crate::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 
 /// Why guest memory could not be set up or accessed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]

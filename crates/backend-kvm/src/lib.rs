@@ -41,6 +41,7 @@ pub mod probe;
 pub mod runner;
 pub mod sev;
 pub mod snp;
+pub mod uapi;
 pub mod vcpu;
 pub mod vmsa_regs;
 pub mod watchdog;

@@ -6,7 +6,8 @@
 //! prints as a human report (`Display`) and serializes to JSON (`serde::Serialize`) for
 //! `vmm probe` and `vmm probe --json`.
 //!
-//! The checks follow `../shared/reference/kvm-host.md` §10.1: the `KVM_CAP_VM_TYPES` bitmask
+//! The checks follow the KVM API documentation (`Documentation/virt/kvm/api.rst`,
+//! `KVM_CAP_VM_TYPES`, `KVM_CREATE_GUEST_MEMFD`, `KVM_GET_DEVICE_ATTR`): the `KVM_CAP_VM_TYPES` bitmask
 //! is the primary test (kvm-ioctls has no `Cap` for it, so it is read with
 //! `check_extension_raw(235)`), corroborated by the SEV device attribute on the system fd
 //! (`KVM_GET_DEVICE_ATTR`, which kvm-ioctls does not wrap for `Kvm`) and by actually creating
@@ -16,64 +17,20 @@ use std::fmt;
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 
-use kvm_bindings::{KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES, kvm_device_attr};
-use kvm_ioctls::Kvm;
+use kvm_bindings::{
+    KVM_API_VERSION, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD, KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_X86_DEFAULT_VM, KVM_X86_GRP_SEV, KVM_X86_GRP_SYSTEM, KVM_X86_SEV_ES_VM,
+    KVM_X86_SEV_VMSA_FEATURES, KVM_X86_SNP_VM, KVM_X86_XCOMP_GUEST_SUPP, kvm_device_attr,
+};
+use kvm_ioctls::{Cap, Kvm};
 use serde::Serialize;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::error::Errno;
-
-/// `KVM_API_VERSION`: the only API version KVM has ever had.
-pub const KVM_API_VERSION: i32 = 12;
-/// `KVM_CAP_USER_MEMORY2`.
-pub const KVM_CAP_USER_MEMORY2: u32 = 231;
-/// `KVM_CAP_MEMORY_ATTRIBUTES`.
-pub const KVM_CAP_MEMORY_ATTRIBUTES: u32 = 233;
-/// `KVM_CAP_GUEST_MEMFD`.
-pub const KVM_CAP_GUEST_MEMFD: u32 = 234;
-/// `KVM_CAP_VM_TYPES` (a bitmask of `1 << type`).
-pub const KVM_CAP_VM_TYPES: u32 = 235;
-/// `KVM_CAP_GUEST_MEMFD_FLAGS` (kernel 6.18; not in kvm-bindings 0.14): the supported
-/// `KVM_CREATE_GUEST_MEMFD` flags.
-pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
-/// `KVM_CAP_X86_USER_SPACE_MSR`.
-pub const KVM_CAP_X86_USER_SPACE_MSR: u32 = 188;
-/// `KVM_CAP_EXIT_HYPERCALL`.
-pub const KVM_CAP_EXIT_HYPERCALL: u32 = 201;
-/// `KVM_CAP_MAX_VCPUS`.
-pub const KVM_CAP_MAX_VCPUS: u32 = 66;
-
-/// `KVM_X86_DEFAULT_VM`.
-pub const VM_TYPE_DEFAULT: u32 = 0;
-/// `KVM_X86_SEV_ES_VM`.
-pub const VM_TYPE_SEV_ES: u32 = 3;
-/// `KVM_X86_SNP_VM`.
-pub const VM_TYPE_SNP: u32 = 4;
-
-/// `GUEST_MEMFD_FLAG_MMAP` (not in kvm-bindings 0.14): the guest_memfd can be mmapped.
-pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
-/// `GUEST_MEMFD_FLAG_INIT_SHARED` (not in kvm-bindings 0.14): its pages start shared.
-pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
-
-/// `KVM_X86_GRP_SYSTEM` / `KVM_X86_XCOMP_GUEST_SUPP`: the control attribute that proves the
-/// system-fd device-attribute ioctl itself works.
-const KVM_X86_GRP_SYSTEM: u32 = 0;
-const KVM_X86_XCOMP_GUEST_SUPP: u64 = 0;
-
-/// The SEV firmware device KVM needs for every SEV launch command (`kvm_sev_cmd.sev_fd`).
-pub const SEV_DEVICE: &str = "/dev/sev";
-/// The KVM device.
-pub const KVM_DEVICE: &str = "/dev/kvm";
-
-/// Request numbers kvm-ioctls does not export.
-mod nr {
-    use kvm_bindings::kvm_device_attr;
-    use vmm_sys_util::ioctl_iow_nr;
-
-    // `_IOW(KVMIO, 0xe2, struct kvm_device_attr)`.
-    ioctl_iow_nr!(KVM_GET_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe2, kvm_device_attr);
-}
-use nr::KVM_GET_DEVICE_ATTR;
+use crate::uapi::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_DEVICE,
+    KVM_GET_DEVICE_ATTR, KVM_HC_MAP_GPA_RANGE, SEV_DEVICE,
+};
 
 /// A way of running vCPUs from VMSAs on this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -440,17 +397,18 @@ fn probe_sev_device() -> Probed<&'static str> {
 
 /// Probe through an already open `Kvm`.
 pub fn probe_with(kvm: &Kvm) -> ProbeReport {
-    let cap = |c: u32| kvm.check_extension_raw(c as libc::c_ulong);
+    // kvm-ioctls has no `Cap` for these two.
+    let raw = |c: u32| kvm.check_extension_raw(c as libc::c_ulong);
     let api = kvm.get_api_version();
     let caps = Capabilities {
-        vm_types: cap(KVM_CAP_VM_TYPES),
-        guest_memfd: cap(KVM_CAP_GUEST_MEMFD),
-        guest_memfd_flags: cap(KVM_CAP_GUEST_MEMFD_FLAGS),
-        user_memory2: cap(KVM_CAP_USER_MEMORY2),
-        memory_attributes: cap(KVM_CAP_MEMORY_ATTRIBUTES),
-        user_space_msr: cap(KVM_CAP_X86_USER_SPACE_MSR),
-        exit_hypercall: cap(KVM_CAP_EXIT_HYPERCALL),
-        max_vcpus: cap(KVM_CAP_MAX_VCPUS),
+        vm_types: raw(KVM_CAP_VM_TYPES),
+        guest_memfd: kvm.check_extension_int(Cap::GuestMemfd),
+        guest_memfd_flags: raw(KVM_CAP_GUEST_MEMFD_FLAGS),
+        user_memory2: kvm.check_extension_int(Cap::UserMemory2),
+        memory_attributes: kvm.check_extension_int(Cap::MemoryAttributes),
+        user_space_msr: kvm.check_extension_int(Cap::X86UserSpaceMsr),
+        exit_hypercall: kvm.check_extension_int(Cap::ExitHypercall),
+        max_vcpus: kvm.check_extension_int(Cap::MaxVcpus),
     };
     let sev_device = probe_sev_device();
     let sev_vmsa_features = Probed::from_result(system_attr(
@@ -458,10 +416,13 @@ pub fn probe_with(kvm: &Kvm) -> ProbeReport {
         KVM_X86_GRP_SEV,
         u64::from(KVM_X86_SEV_VMSA_FEATURES),
     ));
-    let xcomp_guest_supp =
-        Probed::from_result(system_attr(kvm, KVM_X86_GRP_SYSTEM, KVM_X86_XCOMP_GUEST_SUPP));
+    let xcomp_guest_supp = Probed::from_result(system_attr(
+        kvm,
+        KVM_X86_GRP_SYSTEM,
+        u64::from(KVM_X86_XCOMP_GUEST_SUPP),
+    ));
     let snp_vm_create = Probed::from_result(
-        kvm.create_vm_with_type(u64::from(VM_TYPE_SNP))
+        kvm.create_vm_with_type(u64::from(KVM_X86_SNP_VM))
             .map(|vm| {
                 drop(vm);
                 "created"
@@ -514,10 +475,12 @@ impl Facts {
     fn missing(&self, mode: Mode) -> Vec<Missing> {
         let mut out = Vec::new();
         let c = &self.caps;
-        if self.api != KVM_API_VERSION {
+        // KVM_API_VERSION is 12 and has never changed.
+        let required = KVM_API_VERSION as i32;
+        if self.api != required {
             out.push(Missing::ApiVersion {
                 seen: self.api,
-                required: KVM_API_VERSION,
+                required,
             });
         }
         let vm_type = |out: &mut Vec<Missing>, vm_type: u32, name| {
@@ -552,7 +515,7 @@ impl Facts {
         };
         match mode {
             Mode::Snp => {
-                vm_type(&mut out, VM_TYPE_SNP, "KVM_X86_SNP_VM");
+                vm_type(&mut out, KVM_X86_SNP_VM, "KVM_X86_SNP_VM");
                 sev(&mut out);
                 need(
                     &mut out,
@@ -575,24 +538,24 @@ impl Facts {
                     KVM_CAP_EXIT_HYPERCALL,
                     "KVM_CAP_EXIT_HYPERCALL",
                     c.exit_hypercall,
-                    c.exit_hypercall > 0 && (c.exit_hypercall >> crate::sev::KVM_HC_MAP_GPA_RANGE) & 1 == 1,
+                    c.exit_hypercall > 0 && (c.exit_hypercall >> KVM_HC_MAP_GPA_RANGE) & 1 == 1,
                     "bit 12 (KVM_HC_MAP_GPA_RANGE)",
                 );
                 if let Probed::Err { errno } = self.snp_vm_create {
                     out.push(Missing::CreateVm {
-                        vm_type: VM_TYPE_SNP,
+                        vm_type: KVM_X86_SNP_VM,
                         errno,
                     });
                 }
             }
             Mode::SevEs => {
-                vm_type(&mut out, VM_TYPE_SEV_ES, "KVM_X86_SEV_ES_VM");
+                vm_type(&mut out, KVM_X86_SEV_ES_VM, "KVM_X86_SEV_ES_VM");
                 sev(&mut out);
             }
             Mode::VmsaImage => {
                 // Kernels without KVM_CAP_VM_TYPES still have the default type.
                 if c.vm_types > 0 {
-                    vm_type(&mut out, VM_TYPE_DEFAULT, "KVM_X86_DEFAULT_VM");
+                    vm_type(&mut out, KVM_X86_DEFAULT_VM, "KVM_X86_DEFAULT_VM");
                 }
                 need(
                     &mut out,
@@ -660,13 +623,6 @@ mod tests {
                 errno: Errno::new(libc::EINVAL),
             },
         }
-    }
-
-    #[test]
-    fn device_attr_request_number_matches_the_uapi() {
-        // kernel.md §3.1: KVM_GET_DEVICE_ATTR = _IOW(KVMIO, 0xe2, struct kvm_device_attr).
-        assert_eq!(KVM_GET_DEVICE_ATTR(), 0x4018_AEE2);
-        assert_eq!(std::mem::size_of::<kvm_device_attr>(), 24);
     }
 
     #[test]

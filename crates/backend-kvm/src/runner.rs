@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
+use kvm_bindings::{
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap,
+};
 use kvm_ioctls::Kvm;
 use serde::Serialize;
 use vmsa_core::{Event, EventLog, Gpa, VcpuId, Vm, VmConfig};
@@ -31,7 +33,7 @@ use crate::guest::layout::{
 };
 use crate::guest::program::{self, AssembleError};
 use crate::platform::{KvmPlatform, PlatformStats};
-use crate::probe::{self, KVM_CAP_X86_USER_SPACE_MSR, Missing, Mode, ProbeReport};
+use crate::probe::{self, Missing, Mode, ProbeReport};
 use crate::vcpu::{self, ExitCounts, Shared, VcpuControl, VcpuRecord};
 use crate::watchdog;
 

@@ -6,8 +6,8 @@
 //! of the ioctl, and every failure becomes a [`SevError`] naming the command, the errno and
 //! the firmware status (`kvm_sev_cmd.error`).
 //!
-//! Layouts and numbers: `../shared/reference/kernel.md` §3.3–3.5 (uapi `linux/kvm.h`,
-//! `asm/kvm.h`); the structs come from kvm-bindings 0.14 and their sizes and offsets are
+//! Layouts and numbers: Linux uapi `include/uapi/linux/kvm.h` and
+//! `arch/x86/include/uapi/asm/kvm.h`; the structs come from kvm-bindings 0.14 and their sizes and offsets are
 //! checked by the tests below. **Untested on SNP hardware here**: the development hosts have
 //! no SEV (see the probe); only the layouts, the command mapping and the refusal path run.
 
@@ -24,20 +24,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use serde::Serialize;
+use vmsa_core::{SNP_POLICY_RSVD_MBO, SevStatus};
 
 use crate::error::Errno;
-use crate::probe::SEV_DEVICE;
-
-/// `KVM_HC_MAP_GPA_RANGE` (`include/uapi/linux/kvm_para.h`; not bound by kvm-bindings).
-pub const KVM_HC_MAP_GPA_RANGE: u32 = 12;
-/// `KVM_MAP_GPA_RANGE_PAGE_SZ_2M`.
-pub const KVM_MAP_GPA_RANGE_PAGE_SZ_2M: u64 = 1 << 0;
-/// `KVM_MAP_GPA_RANGE_PAGE_SZ_1G`.
-pub const KVM_MAP_GPA_RANGE_PAGE_SZ_1G: u64 = 1 << 1;
-/// `KVM_MAP_GPA_RANGE_ENCRYPTED`: convert to private (else to shared).
-pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
-/// `SNP_POLICY_RSVD_MBO`: SNP policy bit 17, reserved, must be one.
-pub const SNP_POLICY_RSVD_MBO: u64 = 1 << 17;
+use crate::uapi::{
+    KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, SEV_DEVICE,
+};
 /// `GHCB_MSR_TERM_REQ`: the GHCB MSR value of a bare termination request.
 pub const GHCB_MSR_TERM_REQ: u64 = 0x100;
 
@@ -153,13 +145,14 @@ pub enum SevError {
         errno: Errno,
     },
     /// The ioctl failed.
-    #[error("KVM_MEMORY_ENCRYPT_OP {cmd} failed with {errno}, firmware status {fw_error:#x}")]
+    #[error("KVM_MEMORY_ENCRYPT_OP {cmd} failed with {errno}, {}", describe_fw_error(*.fw_error))]
     Command {
         /// The command.
         cmd: SevCommand,
         /// The ioctl's errno.
         errno: Errno,
-        /// `kvm_sev_cmd.error`: the SEV firmware status (0 if the firmware was not reached).
+        /// `kvm_sev_cmd.error`: the SEV firmware status (0 if the firmware was not reached or
+        /// succeeded); [`SevError::firmware_status`] names it.
         fw_error: u32,
     },
     /// An argument broke a rule before anything was sent.
@@ -180,6 +173,25 @@ pub enum SevError {
         /// Bytes not yet added.
         left: u64,
     },
+}
+
+impl SevError {
+    /// The firmware status, if the command reached the firmware and it refused.
+    pub fn firmware_status(&self) -> Option<SevStatus> {
+        match self {
+            Self::Command { fw_error, .. } => SevStatus::from_code(*fw_error),
+            _ => None,
+        }
+    }
+}
+
+/// `kvm_sev_cmd.error` in words: the `SEV_RET_*` name when the code is one.
+fn describe_fw_error(code: u32) -> String {
+    match SevStatus::from_code(code) {
+        Some(status) => format!("firmware {status}"),
+        None if code == 0 => "no firmware status (0)".to_string(),
+        None => format!("unknown firmware status {code:#x}"),
+    }
 }
 
 /// The SEV firmware device (`/dev/sev`), whose fd every command carries.
@@ -436,6 +448,28 @@ mod tests {
             SevCommand::SnpLaunchUpdate.to_string(),
             "KVM_SEV_SNP_LAUNCH_UPDATE (101)"
         );
+    }
+
+    #[test]
+    fn command_errors_name_the_firmware_status() {
+        let err = |fw_error| SevError::Command {
+            cmd: SevCommand::SnpLaunchUpdate,
+            errno: Errno::new(libc::EIO),
+            fw_error,
+        };
+        let e = err(0x1a);
+        assert_eq!(e.firmware_status(), Some(SevStatus::InvalidPageState));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "KVM_MEMORY_ENCRYPT_OP KVM_SEV_SNP_LAUNCH_UPDATE (101) failed with {}, firmware \
+                 INVALID_PAGE_STATE (0x1a)",
+                Errno::new(libc::EIO)
+            )
+        );
+        assert_eq!(err(0).firmware_status(), None);
+        assert!(err(0).to_string().ends_with(", no firmware status (0)"));
+        assert!(err(0x1e).to_string().ends_with(", unknown firmware status 0x1e"));
     }
 
     #[test]

@@ -30,21 +30,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kvm_bindings::{
-    KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
-    KVM_SYSTEM_EVENT_SEV_TERM, kvm_enable_cap, kvm_memory_attributes, kvm_userspace_memory_region2,
+    KVM_CAP_EXIT_HYPERCALL, KVM_MEM_GUEST_MEMFD, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_SYSTEM_EVENT_SEV_TERM, KVM_X86_SNP_VM as VM_TYPE_SNP, kvm_enable_cap, kvm_memory_attributes,
+    kvm_userspace_memory_region2,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::Serialize;
+use vmsa_core::SNP_POLICY_RSVD_MBO;
 
 use crate::error::{Errno, IoctlError};
 use crate::gmem::{GmemError, GuestMemfd, Mapping};
 use crate::guest::layout::{self, CODE_GPA, GDT, GDT_GPA};
-use crate::probe::{KVM_CAP_EXIT_HYPERCALL, Mode, ProbeReport, VM_TYPE_SNP};
+use crate::probe::{Mode, ProbeReport};
 use crate::runner::{RunConfig, RunError, RunReport, Timings};
-use crate::sev::{
-    GHCB_MSR_TERM_REQ, KVM_HC_MAP_GPA_RANGE, MapGpaRange, SNP_POLICY_RSVD_MBO, SevError, SevFirmware, SevVm,
-    SnpLaunchPage,
-};
+use crate::sev::{GHCB_MSR_TERM_REQ, MapGpaRange, SevError, SevFirmware, SevVm, SnpLaunchPage};
+use crate::uapi::KVM_HC_MAP_GPA_RANGE;
 use crate::vmsa_regs::KvmState;
 use crate::{cpuid, watchdog};
 

@@ -29,7 +29,7 @@ use vmsa_core::{ApCreationRequest, Entry, MpState, VcpuId, Vm};
 
 use crate::error::{Errno, IoctlError};
 use crate::frames::FrameError;
-use crate::ghcb::{self, GHCB_MSR, GhcbRequest};
+use crate::ghcb::{self, GHCB_MSR, GhcbRequest, ReadGhcb};
 use crate::gmem::{GmemError, GuestRam};
 use crate::guest::layout::{PARAMS_GPA, params, ports};
 use crate::guest::program::MSR_SEV_STATUS;

@@ -34,12 +34,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use serde::Serialize;
+use vmsa_core::layout::EFER_SVME;
 use vmsa_core::{SevEsSaveArea, VmcbSeg};
 
 use crate::error::{IoctlContext, IoctlError};
 
-/// `EFER.SVME`.
-pub const EFER_SVME: u64 = 1 << 12;
 /// `V_TPR` in `VINTR_CTRL`.
 pub const V_TPR_MASK: u64 = 0x0f;
 /// `XFEATURE_MASK_YMM`.

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use backend_kvm::gmem::GuestRam;
 use backend_kvm::guest::layout::{self, MAILBOX_GPA, PARAMS_GPA, params, ports};
 use backend_kvm::guest::{self, program};
-use backend_kvm::vmsa_regs::{self, EFER_SVME};
+use backend_kvm::vmsa_regs;
 use backend_kvm::{cpuid, vmsa_regs::RegsError};
 use kvm_ioctls::{Kvm, VcpuExit};
+use vmsa_core::layout::EFER_SVME;
 use vmsa_core::{SevEsSaveArea, VmcbSeg};
 
 /// An image with every KVM-held field set to something recognisable.

@@ -1,9 +1,9 @@
 //! The machine's error type: every refusal carries the failing value and the rule (an RMP
 //! return code, a firmware status, a fault with the check that failed).
 
-use vmsa_core::{Gpa, Hpa, Pfn, VmKind};
+use vmsa_core::{Gpa, Hpa, Pfn, SevStatus, VmKind};
 
-use crate::firmware::{PageState, SevStatus};
+use crate::firmware::PageState;
 use crate::memory::MemError;
 use crate::rmp::{GuestFault, RmpRet};
 

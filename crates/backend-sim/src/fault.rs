@@ -14,9 +14,8 @@
 use std::str::FromStr;
 
 use serde::Serialize;
-use vmsa_core::SnpPageType;
+use vmsa_core::{SevStatus, SnpPageType};
 
-use crate::firmware::SevStatus;
 use crate::rmp::RmpRet;
 
 macro_rules! fault_ops {

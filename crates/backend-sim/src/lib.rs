@@ -69,7 +69,7 @@ pub mod trace;
 
 pub use cost::{CostModel, CostOp, CostReport};
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
-pub use firmware::{PageState, SevStatus};
+pub use firmware::PageState;
 pub use guest::{GuestAction, GuestScript, ScriptError};
 pub use measure::LaunchDigest;
 

@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use vmsa_core::{PAGE_SIZE, PageBuf, Pfn, SnpPageType, VmKind};
+use vmsa_core::{PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::cost::{CostModel, CostOp, CostReport, Ledger};
 pub use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp, FaultPlan};
-use crate::firmware::{Firmware, Handle, PageState, SevStatus, page_state};
+use crate::firmware::{Firmware, Handle, PageState, page_state};
 use crate::measure::LaunchDigest;
 use crate::memory::{DEFAULT_FIRST_PFN, GuestMemfd, HostMemory, TIB};
 use crate::rmp::{PageSize, Rmp, RmpEntry, RmpState};

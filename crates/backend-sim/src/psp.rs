@@ -2,12 +2,12 @@
 //! cleanup the kernel does when one fails (`snp_decommission_context`, reclaim of temporary
 //! firmware pages).
 
-use vmsa_core::{Gpa, Hpa, PageBuf, Pfn, SnpPageType, VmKind};
+use vmsa_core::{Gpa, Hpa, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::cost::CostOp;
 use crate::error::SimError;
 use crate::fault::FaultOp;
-use crate::firmware::{Handle, SevStatus};
+use crate::firmware::Handle;
 use crate::machine::Hw;
 
 impl Hw {
@@ -181,10 +181,10 @@ impl Hw {
 
 #[cfg(test)]
 mod tests {
-    use vmsa_core::{LaunchFinish, LaunchStart, Platform};
+    use vmsa_core::{LaunchFinish, LaunchStart, Platform, SevStatus};
 
     use crate::machine::{Machine, MachineConfig};
-    use crate::{PageState, SevStatus, SimError};
+    use crate::{PageState, SimError};
 
     #[test]
     fn snp_launch_start_creates_a_context_and_debug_decrypt_returns_its_page() {

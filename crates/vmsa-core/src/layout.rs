@@ -26,6 +26,10 @@ pub const SEV_FEAT_DEBUG_SWAP: u64 = 1 << 5;
 /// `SEV_FEATURES` bit 9: secure TSC (`SVM_SEV_FEAT_SECURE_TSC`).
 pub const SEV_FEAT_SECURE_TSC: u64 = 1 << 9;
 
+/// `EFER.SVME` (bit 12, AMD APM vol. 2 §3.1.7): KVM sets it in every SEV-ES/SNP VMSA
+/// (`sev_es_sync_vmsa` in `arch/x86/kvm/svm/sev.c`, from `init_vmcb`'s `svm_set_efer`).
+pub const EFER_SVME: u64 = 1 << 12;
+
 /// The architectural value of DR7 with no breakpoint enabled (`DR7_FIXED_1`).
 pub const DR7_FIXED_1: u64 = 0x400;
 

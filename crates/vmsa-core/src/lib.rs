@@ -54,10 +54,12 @@ pub mod ghcb;
 pub mod layout;
 mod platform;
 mod state;
+mod status;
 mod sync;
 mod vcpu;
 mod vm;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 mod tests;
@@ -67,10 +69,11 @@ pub use addr::{
 };
 pub use error::{Error, LaunchState, MigrationError, PlatformOp};
 pub use event::{Event, EventLog, EventSink, History, LeakReason, NullSink, Transition, histories};
-pub use ghcb::{ApCreationError, ApCreationRequest, ApRequest};
+pub use ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest, ValidApRequest};
 pub use layout::{SevEsSaveArea, VmcbSeg};
 pub use platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
+pub use status::SevStatus;
 pub use vm::{
     ApCreated, Entry, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, Teardown, VcpuInfo, Vm,
     VmConfig,

@@ -6,6 +6,9 @@
 //! machine; this is its pocket version: RMP assigned/immutable/ASID/GPA per frame, host writes
 //! refused on assigned frames, pages freed while private, leaked or double-freed recorded as
 //! [`Violation`]s rather than panics, so property tests can assert none happened.
+//!
+//! Only built with the crate's `testing` feature (off by default): enable it in the
+//! dev-dependencies of the crate whose tests use it.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};

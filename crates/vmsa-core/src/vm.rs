@@ -18,7 +18,7 @@ use crate::sync::{Guard, Lock, get_mut, into_inner, lock};
 use crate::addr::{Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
 use crate::error::{Error, LaunchState, MigrationError, PlatformOp};
 use crate::event::{Event, EventSink, LeakReason, NullSink};
-use crate::ghcb::{ApCreationError, ApCreationRequest, ApRequest, ApRules};
+use crate::ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest};
 use crate::layout::{SEV_FEAT_SNP_ACTIVE, SevEsSaveArea};
 use crate::platform::{LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 use crate::state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
@@ -579,7 +579,7 @@ impl<P: Platform> Vm<P> {
     /// whose next [`Vm::prepare_entry`] applies it. On error nothing changed; answer the guest
     /// with [`ApCreationError::sw_exit_info`].
     pub fn ap_creation(&self, req: &ApCreationRequest) -> Result<ApCreated, ApCreationError> {
-        let rules = ApRules {
+        let rules = ApCreationRules {
             kind: self.config.kind,
             vmsa_features: self.config.vmsa_features(),
             max_phys_bits: self.config.max_phys_bits,

@@ -13,9 +13,8 @@
 //! | `0x1_5000`–`0x1_7fff` | the BSP's stack |
 //! | `0x20_0000` + `i * 0x1000` | the VMSA the guest writes for the AP with APIC ID `i` (never 2 MiB aligned for `1 <= i < 512`) |
 
+use vmsa_core::layout::EFER_SVME;
 use vmsa_core::{SevEsSaveArea, VmcbSeg};
-
-use crate::vmsa_regs::EFER_SVME;
 
 /// The GDT.
 pub const GDT_GPA: u64 = 0x500;

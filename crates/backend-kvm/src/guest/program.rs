@@ -30,7 +30,7 @@ use super::layout::{
     CODE_GPA, CODE_MAX, GHCB_GPA, MAILBOX_GPA, PARAMS_GPA, REQUESTS_GPA, RESULTS_GPA, TEMPLATE_GPA,
     VMSA_BASE, params, ports,
 };
-use crate::ghcb::{self, GHCB_MSR};
+use vmsa_core::ghcb::{self, GHCB_MSR};
 
 /// Failure codes the guest reports through [`ports::FAIL`].
 pub mod fail {

@@ -8,14 +8,13 @@
 //! the reset vector 0xffff_fff0; APs start at the OVMF SEV-ES reset block address. Layout:
 //! `vmsa_core::SevEsSaveArea` (APM vol. 2 table B-4).
 
+use vmsa_core::layout::EFER_SVME;
 use vmsa_core::{SevEsSaveArea, VmcbSeg};
 
 use super::vmm_types::VmmType;
 
 /// The x86 reset vector, where the BSP starts.
 pub const BSP_EIP: u32 = 0xffff_fff0;
-/// `EFER.SVME`, which KVM sets in every SEV-ES/SNP VMSA.
-pub const EFER_SVME: u64 = 1 << 12;
 /// `CR4.MCE`, which KVM sets at vCPU reset.
 pub const CR4_MCE: u64 = 1 << 6;
 /// `CR0.ET`, the only CR0 bit set at reset in the VMSA.
