@@ -36,6 +36,7 @@ pub mod frames;
 pub mod ghcb;
 pub mod gmem;
 pub mod guest;
+pub mod kick;
 pub mod platform;
 pub mod probe;
 pub mod runner;
