@@ -36,6 +36,7 @@ pub mod frames;
 pub mod ghcb;
 pub mod gmem;
 pub mod guest;
+pub mod host;
 pub mod kick;
 pub mod platform;
 pub mod probe;
@@ -47,5 +48,6 @@ pub mod vmsa_regs;
 pub mod watchdog;
 
 pub use error::{Errno, IoctlError};
+pub use host::{KvmHost, KvmImageHost, KvmSnpHost, KvmVcpu, KvmVm};
 pub use probe::{Missing, Mode, ModeSupport, ProbeReport, probe};
 pub use runner::{ModeChoice, RunConfig, RunError, RunReport, run};
