@@ -19,6 +19,9 @@
 //!   **Nothing is encrypted and there is no RMP in this mode**: the RMP is tracked in
 //!   software to keep the transitions honest, not to protect anything (see [`platform`]).
 //!
+//! [`host`] puts both modes behind vmsa-host's interface ([`KvmHost`] probes and picks), the
+//! way the VMM drives every backend; [`runner`] is the older orchestrator, still working.
+//!
 //! ```no_run
 //! let report = backend_kvm::probe();
 //! println!("{report}");

@@ -358,3 +358,22 @@ fn kvms_rules_are_refused_through_the_interface() {
     assert_eq!(report.teardown.frames_still_allocated, Observed::Seen(0));
     assert_eq!(kvm_fds(), 0);
 }
+
+#[test]
+fn kvm_host_picks_the_mode_the_probe_allows_and_says_why() {
+    let probe = backend_kvm::probe();
+    let Ok(h) = backend_kvm::KvmHost::from_probe(&probe) else {
+        eprintln!("skipped: neither mode runs here");
+        return;
+    };
+    if probe.supports(backend_kvm::Mode::Snp) {
+        assert_eq!(h.mode(), backend_kvm::Mode::Snp);
+        assert!(!h.capabilities().ownership_visible);
+    } else {
+        assert_eq!(h.mode(), backend_kvm::Mode::VmsaImage);
+        assert_eq!(h.name(), "kvm VMSA-image");
+        assert!(h.reason().contains("SEV-SNP is not available"), "{}", h.reason());
+        assert!(h.capabilities().ownership_visible);
+    }
+    assert!(!h.capabilities().launch_digest_visible);
+}
