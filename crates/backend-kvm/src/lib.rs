@@ -19,6 +19,9 @@
 //!   **Nothing is encrypted and there is no RMP in this mode**: the RMP is tracked in
 //!   software to keep the transitions honest, not to protect anything (see [`platform`]).
 //!
+//! [`host`] puts both modes behind vmsa-host's interface ([`KvmHost`] probes and picks), the
+//! way the VMM drives every backend; [`runner`] is the older orchestrator, still working.
+//!
 //! ```no_run
 //! let report = backend_kvm::probe();
 //! println!("{report}");
@@ -36,6 +39,8 @@ pub mod frames;
 pub mod ghcb;
 pub mod gmem;
 pub mod guest;
+pub mod host;
+pub mod kick;
 pub mod platform;
 pub mod probe;
 pub mod runner;
@@ -47,5 +52,6 @@ pub mod vmsa_regs;
 pub mod watchdog;
 
 pub use error::{Errno, IoctlError};
+pub use host::{KvmHost, KvmImageHost, KvmSnpHost, KvmVcpu, KvmVm};
 pub use probe::{Missing, Mode, ModeSupport, ProbeReport, probe};
 pub use runner::{ModeChoice, RunConfig, RunError, RunReport, run};

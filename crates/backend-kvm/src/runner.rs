@@ -399,7 +399,7 @@ pub(crate) fn check(cfg: &RunConfig) -> Result<(), RunError> {
 }
 
 /// Guest MAXPHYADDR from CPUID 0x8000_0008 `EAX[7:0]` (48 if absent).
-fn max_phys_bits(table: &kvm_bindings::CpuId) -> u8 {
+pub(crate) fn max_phys_bits(table: &kvm_bindings::CpuId) -> u8 {
     table
         .as_slice()
         .iter()
@@ -505,7 +505,7 @@ fn run_image(cfg: &RunConfig, mode_reason: String, snp_missing: Vec<Missing>) ->
             .enumerate()
             .map(|(i, fd)| s.spawn(move || vcpu::run(shared, i as u32, fd)))
             .collect();
-        let targets: Vec<&watchdog::SignalTarget> = controls.iter().map(|c| &c.signal).collect();
+        let targets: Vec<&watchdog::SignalTarget> = controls.iter().map(VcpuControl::signal).collect();
         watchdog::watch(
             cfg.timeout,
             || handles[0].is_finished(),

@@ -18,8 +18,7 @@
 //! [`VcpuError::KickTimeout`]; the built-in guest only creates APs from the BSP.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, kvm_mp_state};
@@ -27,12 +26,13 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 use vmsa_core::{ApCreationRequest, Entry, MpState, VcpuId, Vm};
 
-use crate::error::{Errno, IoctlError};
+use crate::error::{IoctlError, errno_of};
 use crate::frames::FrameError;
 use crate::ghcb::{self, GHCB_MSR, GhcbRequest, ReadGhcb};
 use crate::gmem::{GmemError, GuestRam};
 use crate::guest::layout::{PARAMS_GPA, params, ports};
 use crate::guest::program::MSR_SEV_STATUS;
+use crate::kick::KickState;
 use crate::platform::KvmPlatform;
 use crate::vmsa_regs::{self, RegsError};
 use crate::watchdog::SignalTarget;
@@ -165,74 +165,49 @@ pub struct VcpuRecord {
     pub run_us: u64,
 }
 
-#[derive(Debug, Default)]
-struct Ctl {
-    ack: u64,
-    stop: bool,
-}
-
-/// Kicks, acknowledgements and stop for one vCPU thread.
+/// Wakes, acknowledgements and stop for one vCPU thread of [`run`] (a [`KickState`] plus a
+/// sticky stop flag).
 #[derive(Debug, Default)]
 pub struct VcpuControl {
-    kicks: AtomicU64,
-    state: Mutex<Ctl>,
-    cv: Condvar,
-    /// The thread, for signals.
-    pub signal: SignalTarget,
+    kick: KickState,
+    stop: AtomicBool,
 }
 
 impl VcpuControl {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The thread, for signals.
+    pub fn signal(&self) -> &SignalTarget {
+        self.kick.signal()
     }
 
     /// Ask the thread to apply a pending request, and wait until it has (or `timeout`).
     pub fn kick_and_wait(&self, timeout: Duration) -> bool {
-        let want = self.kicks.fetch_add(1, Ordering::SeqCst) + 1;
-        let deadline = Instant::now() + timeout;
-        let mut g = self.lock();
-        self.cv.notify_all();
-        while g.ack < want && !g.stop {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            drop(g);
-            // Out of KVM_RUN if it is in there (re-sent in case it raced the entry).
-            self.signal.signal();
-            g = self.lock();
-            let wait = (deadline - now).min(Duration::from_millis(1));
-            g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
-        }
-        true
+        self.kick.wake_and_wait(timeout, &|| self.stopped())
     }
 
     /// Make the thread leave its loop.
     pub fn stop(&self) {
-        self.lock().stop = true;
-        self.cv.notify_all();
-        self.signal.signal();
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick.kick();
     }
 
     fn stopped(&self) -> bool {
-        self.lock().stop
+        self.stop.load(Ordering::SeqCst)
     }
 
     fn kicks(&self) -> u64 {
-        self.kicks.load(Ordering::SeqCst)
+        self.kick.wakes()
     }
 
     fn ack(&self, seq: u64) {
-        let mut g = self.lock();
-        g.ack = g.ack.max(seq);
-        self.cv.notify_all();
+        self.kick.ack(seq);
     }
 
-    /// Sleep until a kick newer than `seen` or a stop.
+    /// Sleep until a wake newer than `seen` or a stop.
     fn wait(&self, seen: u64) {
-        let mut g = self.lock();
-        while self.kicks() == seen && !g.stop {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        // Read the kick count first: a stop after this read makes the wait return at once.
+        let kicks = self.kick.kicks();
+        if !self.stopped() {
+            self.kick.wait(kicks, seen);
         }
     }
 }
@@ -277,7 +252,7 @@ enum Stop {
 /// Run vCPU `id` until it is stopped, fails, or (for the BSP, `id` 0) reports DONE.
 pub fn run(shared: &Shared<'_>, id: u32, mut fd: VcpuFd) -> VcpuRecord {
     let ctl = &shared.controls[id as usize];
-    let _attached = ctl.signal.attach();
+    let _attached = ctl.signal().attach();
     let mut rec = VcpuRecord {
         id,
         ..Default::default()
@@ -314,7 +289,7 @@ pub fn run(shared: &Shared<'_>, id: u32, mut fd: VcpuFd) -> VcpuRecord {
             Ok(Entry::Run(hpa)) => hpa,
         };
         if need_load {
-            match load(shared, &fd, hpa) {
+            match load(shared.vm, &fd, hpa) {
                 Ok(not_loaded) => {
                     rec.vmsa_loads += 1;
                     rec.not_loaded = not_loaded;
@@ -350,15 +325,122 @@ pub fn run(shared: &Shared<'_>, id: u32, mut fd: VcpuFd) -> VcpuRecord {
     rec
 }
 
-/// Read the VMSA at `hpa` and start the vCPU from it.
-fn load(shared: &Shared<'_>, fd: &VcpuFd, hpa: vmsa_core::Hpa) -> Result<Vec<&'static str>, VcpuError> {
-    let vmsa = shared.vm.platform().vmsa_at(hpa)?;
+/// Read the VMSA at `hpa` (the page the VMCB points at) and start the vCPU from it, as VMRUN
+/// would. Returns the VMSA fields that have no KVM register.
+pub(crate) fn load(
+    vm: &Vm<KvmPlatform>,
+    fd: &VcpuFd,
+    hpa: vmsa_core::Hpa,
+) -> Result<Vec<&'static str>, VcpuError> {
+    let vmsa = vm.platform().vmsa_at(hpa)?;
     let report = vmsa_regs::load(fd, &vmsa)?;
     fd.set_mp_state(kvm_mp_state {
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
     .map_err(|e| IoctlError::new("KVM_SET_MP_STATE", e))?;
     Ok(report.not_loaded)
+}
+
+/// What one `KVM_RUN` of a VMSA-image vCPU came back with, after the exits this backend serves
+/// itself (SEV_STATUS and GHCB MSR reads, YIELD) were served.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Served; run again.
+    Again,
+    /// `KVM_RUN` returned `EINTR` or `EAGAIN` (a signal or `immediate_exit`).
+    Interrupted,
+    /// The guest wrote this value to the GHCB MSR: a doorbell for [`doorbell`].
+    Doorbell(u64),
+    /// An `OUT` the backend does not serve.
+    Out {
+        /// The port.
+        port: u16,
+        /// The value (zero-extended).
+        value: u32,
+        /// The access size in bytes.
+        size: u8,
+    },
+    /// `HLT`.
+    Hlt,
+    /// A triple fault (`KVM_EXIT_SHUTDOWN`), with RIP after it.
+    Shutdown {
+        /// RIP.
+        rip: u64,
+    },
+    /// The vCPU cannot continue.
+    Fatal(VcpuError),
+}
+
+/// One `KVM_RUN` of a VMSA-image vCPU, counting the exit in `exits`. `sev_status` is what the
+/// guest reads from SEV_STATUS; `ghcb_msr` is the vCPU's GHCB MSR.
+pub(crate) fn run_once(fd: &mut VcpuFd, sev_status: u64, ghcb_msr: &mut u64, exits: &mut ExitCounts) -> Step {
+    exits.total += 1;
+    // Decide inside the match; act on the vCPU fd only after the exit's borrow ends.
+    let step = match fd.run() {
+        Ok(VcpuExit::IoOut(port, data)) => {
+            exits.io += 1;
+            let mut v = [0u8; 4];
+            let n = data.len().min(4);
+            v[..n].copy_from_slice(&data[..n]);
+            let value = u32::from_le_bytes(v);
+            if port == ports::YIELD {
+                std::thread::yield_now();
+                Step::Again
+            } else {
+                Step::Out {
+                    port,
+                    value,
+                    size: n as u8,
+                }
+            }
+        }
+        Ok(VcpuExit::X86Rdmsr(msr)) => {
+            exits.rdmsr += 1;
+            match msr.index {
+                MSR_SEV_STATUS => *msr.data = sev_status,
+                GHCB_MSR => *msr.data = *ghcb_msr,
+                // Any other MSR KVM did not handle: #GP, as KVM would inject.
+                _ => *msr.error = 1,
+            }
+            Step::Again
+        }
+        Ok(VcpuExit::X86Wrmsr(msr)) => {
+            exits.wrmsr += 1;
+            if msr.index == GHCB_MSR {
+                *ghcb_msr = msr.data;
+                exits.doorbells += 1;
+                Step::Doorbell(msr.data)
+            } else {
+                *msr.error = 1;
+                Step::Again
+            }
+        }
+        Ok(VcpuExit::Hlt) => {
+            exits.hlt += 1;
+            Step::Hlt
+        }
+        Ok(VcpuExit::Shutdown) => Step::Shutdown { rip: 0 },
+        Ok(VcpuExit::InternalError) => Step::Fatal(VcpuError::InternalError {
+            suberror: 0,
+            data: Vec::new(),
+        }),
+        Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fatal(VcpuError::FailEntry { reason, cpu }),
+        Ok(other) => Step::Fatal(VcpuError::UnexpectedExit {
+            exit: format!("{other:?}"),
+        }),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            exits.interrupted += 1;
+            Step::Interrupted
+        }
+        Err(e) => Step::Fatal(IoctlError::new("KVM_RUN", errno_of(e)).into()),
+    };
+    match step {
+        Step::Fatal(VcpuError::InternalError { .. }) => Step::Fatal(internal_error(fd)),
+        Step::Shutdown { .. } => Step::Shutdown {
+            rip: fd.get_regs().map(|r| r.rip).unwrap_or(0),
+        },
+        other => other,
+    }
 }
 
 /// `KVM_RUN` until something needs the loop above.
@@ -378,97 +460,67 @@ fn exit_loop(
         if ctl.kicks() != seen {
             return Stop::Kicked;
         }
-        rec.exits.total += 1;
-        // Decide inside the match; act on the vCPU fd only after the exit's borrow ends.
-        let mut after: Option<Stop> = None;
-        let mut internal = false;
-        match fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                rec.exits.io += 1;
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                let value = u32::from_le_bytes(v);
-                match port {
-                    ports::DONE => {
-                        rec.done.push(value);
-                        after = Some(Stop::Halted);
-                    }
-                    ports::YIELD => std::thread::yield_now(),
-                    ports::FAIL => {
-                        let read = |off| shared.ram.read_u64(PARAMS_GPA + off).unwrap_or(0);
-                        after = Some(Stop::Fatal(VcpuError::GuestFailed {
-                            code: value,
-                            resp1: read(params::RESP1),
-                            resp2: read(params::RESP2),
-                        }));
-                    }
-                    other => {
-                        after = Some(Stop::Fatal(VcpuError::UnexpectedExit {
-                            exit: format!("OUT to port {other:#x} ({value:#x})"),
-                        }))
+        match run_once(fd, shared.sev_status, ghcb_msr, &mut rec.exits) {
+            Step::Again | Step::Interrupted => {}
+            Step::Out {
+                port: ports::DONE,
+                value,
+                ..
+            } => {
+                rec.done.push(value);
+                return Stop::Halted;
+            }
+            Step::Out {
+                port: ports::FAIL,
+                value,
+                ..
+            } => return Stop::Fatal(guest_failed(shared.ram, value)),
+            Step::Out { port, value, .. } => {
+                return Stop::Fatal(VcpuError::UnexpectedExit {
+                    exit: format!("OUT to port {port:#x} ({value:#x})"),
+                });
+            }
+            Step::Hlt => return Stop::Halted,
+            Step::Shutdown { rip } => return Stop::Fatal(VcpuError::Shutdown { rip }),
+            Step::Fatal(e) => return Stop::Fatal(e),
+            Step::Doorbell(value) => match doorbell(shared.vm, shared.ram, id, value) {
+                Ok(Doorbell::Answered | Doorbell::Refused) => {}
+                Ok(Doorbell::Wake(target)) if target == id => {
+                    // A request for itself: apply it (and reload) at the next entry.
+                    ctl.kick.wake();
+                    return Stop::Kicked;
+                }
+                Ok(Doorbell::Wake(target)) => {
+                    let Some(t) = shared.controls.get(target as usize) else {
+                        return Stop::Fatal(unknown_target(target));
+                    };
+                    if !t.kick_and_wait(shared.kick_timeout) {
+                        return Stop::Fatal(VcpuError::KickTimeout {
+                            target,
+                            ms: shared.kick_timeout.as_millis() as u64,
+                        });
                     }
                 }
-            }
-            Ok(VcpuExit::X86Rdmsr(msr)) => {
-                rec.exits.rdmsr += 1;
-                match msr.index {
-                    MSR_SEV_STATUS => *msr.data = shared.sev_status,
-                    GHCB_MSR => *msr.data = *ghcb_msr,
-                    // Any other MSR KVM did not handle: #GP, as KVM would inject.
-                    _ => *msr.error = 1,
-                }
-            }
-            Ok(VcpuExit::X86Wrmsr(msr)) => {
-                rec.exits.wrmsr += 1;
-                if msr.index == GHCB_MSR {
-                    *ghcb_msr = msr.data;
-                    let value = msr.data;
-                    match doorbell(shared, id, value) {
-                        Ok(true) => {
-                            rec.exits.doorbells += 1;
-                            after = Some(Stop::Kicked);
-                        }
-                        Ok(false) => rec.exits.doorbells += 1,
-                        Err(e) => after = Some(Stop::Fatal(e)),
-                    }
-                } else {
-                    *msr.error = 1;
-                }
-            }
-            Ok(VcpuExit::Hlt) => {
-                rec.exits.hlt += 1;
-                after = Some(Stop::Halted);
-            }
-            Ok(VcpuExit::Shutdown) => {
-                after = Some(Stop::Fatal(VcpuError::Shutdown { rip: 0 }));
-            }
-            Ok(VcpuExit::InternalError) => internal = true,
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                after = Some(Stop::Fatal(VcpuError::FailEntry { reason, cpu }));
-            }
-            Ok(other) => {
-                after = Some(Stop::Fatal(VcpuError::UnexpectedExit {
-                    exit: format!("{other:?}"),
-                }));
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                rec.exits.interrupted += 1;
-            }
-            Err(e) => {
-                after = Some(Stop::Fatal(IoctlError::new("KVM_RUN", Errno::from(e)).into()));
-            }
+                Err(e) => return Stop::Fatal(e),
+            },
         }
-        if internal {
-            return Stop::Fatal(internal_error(fd));
-        }
-        if let Some(Stop::Fatal(VcpuError::Shutdown { .. })) = after {
-            let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
-            return Stop::Fatal(VcpuError::Shutdown { rip });
-        }
-        if let Some(stop) = after {
-            return stop;
-        }
+    }
+}
+
+/// The guest's FAIL report, with the GHCB answer it saw (from the parameter page).
+pub(crate) fn guest_failed(ram: &GuestRam, code: u32) -> VcpuError {
+    let read = |off| ram.read_u64(PARAMS_GPA + off).unwrap_or(0);
+    VcpuError::GuestFailed {
+        code,
+        resp1: read(params::RESP1),
+        resp2: read(params::RESP2),
+    }
+}
+
+/// vmsa-core accepted a request for a vCPU this VMM does not run.
+pub(crate) fn unknown_target(target: u32) -> VcpuError {
+    VcpuError::Entry {
+        message: format!("vmsa-core accepted unknown target {target}"),
     }
 }
 
@@ -484,21 +536,39 @@ fn internal_error(fd: &mut VcpuFd) -> VcpuError {
     }
 }
 
-/// Serve a GHCB MSR write. Returns whether the requester itself must go back to vmsa-core
-/// (its own request targeted it).
-fn doorbell(shared: &Shared<'_>, id: u32, value: u64) -> Result<bool, VcpuError> {
+/// What a served doorbell asks of the requester.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Doorbell {
+    /// The guest has its answer; nothing else to do.
+    Answered,
+    /// vmsa-core refused the request; the guest has the GHCB error.
+    Refused,
+    /// vmsa-core accepted an AP-creation request for this vCPU: wake it (it applies the
+    /// request at its next entry) and wait until it has.
+    Wake(u32),
+}
+
+/// Serve a GHCB MSR write of vCPU `id` (`ram` holds guest memory): read the GHCB, pre-check it
+/// as `sev_es_validate_vmgexit` does, hand it to vmsa-core's `ap_creation`, and answer the
+/// guest in `sw_exit_info_1/2`.
+pub(crate) fn doorbell(
+    vm: &Vm<KvmPlatform>,
+    ram: &GuestRam,
+    id: u32,
+    value: u64,
+) -> Result<Doorbell, VcpuError> {
     let info = value & 0xfff;
     if info != 0 {
         return Err(VcpuError::GhcbMsrProtocol { value, info });
     }
     let gpa = value;
-    if shared.ram.offset_of(gpa, 4096).is_none() {
+    if ram.offset_of(gpa, 4096).is_none() {
         return Err(VcpuError::GhcbOutsideMemory { gpa });
     }
-    let req = GhcbRequest::read(shared.ram, gpa)?;
+    let req = GhcbRequest::read(ram, gpa)?;
     if let Some((i1, i2)) = req.precheck() {
-        ghcb::respond(shared.ram, gpa, i1, i2)?;
-        return Ok(false);
+        ghcb::respond(ram, gpa, i1, i2)?;
+        return Ok(Doorbell::Answered);
     }
     let ap = ApCreationRequest {
         requester: VcpuId(id),
@@ -506,33 +576,19 @@ fn doorbell(shared: &Shared<'_>, id: u32, value: u64) -> Result<bool, VcpuError>
         exit_info_2: req.exit_info_2,
         rax: req.rax,
     };
-    match shared.vm.ap_creation(&ap) {
+    match vm.ap_creation(&ap) {
         Err(e) => {
             let (i1, i2) = e.sw_exit_info();
-            ghcb::respond(shared.ram, gpa, i1, i2)?;
-            Ok(false)
+            ghcb::respond(ram, gpa, i1, i2)?;
+            Ok(Doorbell::Refused)
         }
         Ok(created) => {
-            ghcb::respond(shared.ram, gpa, 0, 0)?;
-            if !created.kick {
-                return Ok(false);
-            }
-            let target = created.target.0;
-            if target == id {
-                // A request for itself: apply it (and reload) at the next entry.
-                shared.controls[id as usize].kicks.fetch_add(1, Ordering::SeqCst);
-                return Ok(true);
-            }
-            let ctl = shared.controls.get(target as usize).ok_or(VcpuError::Entry {
-                message: format!("vmsa-core accepted unknown target {target}"),
-            })?;
-            if !ctl.kick_and_wait(shared.kick_timeout) {
-                return Err(VcpuError::KickTimeout {
-                    target,
-                    ms: shared.kick_timeout.as_millis() as u64,
-                });
-            }
-            Ok(false)
+            ghcb::respond(ram, gpa, 0, 0)?;
+            Ok(if created.kick {
+                Doorbell::Wake(created.target.0)
+            } else {
+                Doorbell::Answered
+            })
         }
     }
 }

@@ -56,6 +56,13 @@ impl From<&std::io::Error> for Errno {
     }
 }
 
+#[cfg(feature = "vmm-sys-util")]
+impl From<vmm_sys_util::errno::Error> for Errno {
+    fn from(e: vmm_sys_util::errno::Error) -> Self {
+        Self::new(e.errno())
+    }
+}
+
 impl fmt::Display for Errno {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = std::io::Error::from_raw_os_error(self.code).to_string();

@@ -1,0 +1,611 @@
+//! VMSA-image mode behind vmsa-host's interface: plain KVM, with vmsa-core in user space playing
+//! the SNP kernel.
+//!
+//! Who owns what:
+//!
+//! - [`KvmImageHost`] owns the probe's verdict and nothing else; every VM opens `/dev/kvm` itself.
+//! - [`KvmImageVm`] owns (through an `Arc` its vCPUs share) the default-type KVM VM fd with
+//!   `KVM_CAP_X86_USER_SPACE_MSR`, the guest_memfd-backed memslots ([`GuestRam`], `MMAP |
+//!   INIT_SHARED`), the CPUID table, and vmsa-core's [`vmsa_core::Vm`] over a [`KvmPlatform`]:
+//!   the "kernel", which owns every host VMSA page and the tracked RMP. vmsa-core's VM is created
+//!   when the first vCPU is (memory must be in place by then: its frame space is fixed).
+//! - [`KvmImageVcpu`] owns the KVM vCPU fd, its GHCB MSR and its [`KvmKick`]. Its
+//!   [`Vcpu::run`] is the body of the old thread loop ([`crate::vcpu`]): `prepare_entry`, load
+//!   the VMSA the VMCB points at when it changed, `KVM_RUN`, the GHCB doorbell (AP creation
+//!   through vmsa-core, the target woken and waited for) served inside; only vmsa-host's exits
+//!   come out.
+//!
+//! Exits of the built-in guest program: the BSP's (vCPU 0) `OUT` to the DONE port is
+//! [`VcpuExit::IoOut`]; an AP's DONE (`out DONE; hlt`) parks it, reported as the
+//! [`VcpuExit::Halt`] it leads to, as the old runner treats it; YIELD is served inside; any
+//! other port (FAIL included) is `IoOut`. A triple fault is `Shutdown`; `EINTR` after a kick is
+//! `Interrupted`. A vCPU vmsa-core reports Blocked (halted, or an AP nobody created yet) waits
+//! inside `run()` until kicked or woken by an AP-creation request.
+//!
+//! Nothing is encrypted and there is no RMP here (see [`crate::platform`]). SEV-ES guests are
+//! refused at `create_vm`: the guest program and the doorbell speak the SNP AP-creation
+//! protocol, which an SEV-ES guest does not have.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use kvm_bindings::{CpuId, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmsa_core::{Entry, Event, EventLog, MpState, SevEsSaveArea, VcpuId, VmConfig, VmKind};
+use vmsa_host::{
+    Capabilities, Conversion, Errno, GuestActivity, HostReport, Hypervisor, HypervisorError, Kick,
+    LaunchUpdate, MemoryRegion, Observed, Refusal, TeardownCounts, Vcpu, VcpuError, VcpuExit, Vm, VmError,
+    VmSpec,
+};
+
+use super::{HostError, core_refusal};
+use crate::error::IoctlError;
+use crate::frames::FrameSpace;
+use crate::gmem::GuestRam;
+use crate::guest::layout::ports;
+use crate::kick::{Consumed, KickState, KvmKick};
+use crate::platform::KvmPlatform;
+use crate::probe::{KVM_CAP_X86_USER_SPACE_MSR, Mode, ProbeReport};
+use crate::vcpu::{self, Doorbell, ExitCounts, Step};
+use crate::{cpuid, watchdog};
+
+type CoreVm = vmsa_core::Vm<KvmPlatform>;
+
+/// What a VMSA-image host says in reports and refusals.
+const NO_SEV_ES: &str = "VMSA-image mode runs SEV-SNP guests only: its guest program and GHCB doorbell speak the SNP AP-creation protocol, which SEV-ES guests do not have";
+
+/// The host of VMSA-image mode (see the module docs).
+#[derive(Debug)]
+pub struct KvmImageHost {
+    caps: Capabilities,
+    reason: String,
+    kick_timeout: Duration,
+}
+
+impl KvmImageHost {
+    /// The host, if the probe says VMSA-image mode runs here; `reason` says why this mode was
+    /// chosen (for reports).
+    pub fn new(probe: &ProbeReport, reason: impl Into<String>) -> Result<Self, HypervisorError> {
+        if !probe.supports(Mode::VmsaImage) {
+            return Err(HypervisorError::Unsupported {
+                kind: VmKind::Snp,
+                reason: Box::new(HostError::Missing {
+                    mode: Mode::VmsaImage,
+                    missing: probe.missing(Mode::VmsaImage).to_vec(),
+                }),
+            });
+        }
+        Ok(Self {
+            caps: Capabilities {
+                kinds: vec![VmKind::Snp],
+                // SEV_FEATURES beyond SNP_ACTIVE are copied into the VMSAs and checked on AP
+                // creation; nothing else depends on them here.
+                vmsa_features: !vmsa_core::layout::SEV_FEAT_SNP_ACTIVE,
+                max_vcpus: u32::try_from(probe.caps.max_vcpus).unwrap_or(0),
+                ownership_visible: true,
+                launch_digest_visible: false,
+            },
+            reason: reason.into(),
+            kick_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Why this mode was chosen.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// How long a doorbell waits for its target vCPU to apply an AP-creation request (10 s).
+    pub fn with_kick_timeout(mut self, timeout: Duration) -> Self {
+        self.kick_timeout = timeout;
+        self
+    }
+}
+
+impl Hypervisor for KvmImageHost {
+    type Vm = KvmImageVm;
+
+    fn name(&self) -> &str {
+        "kvm VMSA-image"
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn create_vm(&self, spec: VmSpec) -> Result<KvmImageVm, HypervisorError> {
+        if spec.kind != VmKind::Snp {
+            return Err(HypervisorError::Unsupported {
+                kind: spec.kind,
+                reason: NO_SEV_ES.into(),
+            });
+        }
+        if spec.vmsa_features & vmsa_core::layout::SEV_FEAT_SNP_ACTIVE != 0 {
+            // __sev_guest_init: vmsa_features outside the supported set; SNP_ACTIVE is KVM's.
+            return Err(Refusal::new(
+                "KVM_SEV_INIT2",
+                Errno::EINVAL,
+                "vmsa_features must not hold SNP_ACTIVE, which KVM adds itself (__sev_guest_init)",
+            )
+            .into());
+        }
+        let host = |call, e: IoctlError| HypervisorError::Host {
+            call,
+            source: Box::new(e),
+        };
+        watchdog::install().map_err(|e| host("sigaction(SIGRTMIN)", e))?;
+        let kvm = Kvm::new().map_err(|e| host("open /dev/kvm", IoctlError::new("open /dev/kvm", e)))?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| host("KVM_CREATE_VM", IoctlError::new("KVM_CREATE_VM", e)))?;
+        let call = "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)";
+        vm_fd
+            .enable_cap(&user_space_msr_cap())
+            .map_err(|e| host(call, IoctlError::new(call, e)))?;
+        let cpuid = cpuid::supported(&kvm).map_err(|e| host("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(KvmImageVm {
+            spec,
+            shared: Arc::new(Shared {
+                vm_fd: Arc::new(vm_fd),
+                max_phys_bits: crate::runner::max_phys_bits(&cpuid),
+                cpuid,
+                rams: RwLock::new(Vec::new()),
+                core: RwLock::new(None),
+                events: Arc::new(EventLog::new()),
+                kicks: RwLock::new(BTreeMap::new()),
+                kick_timeout: self.kick_timeout,
+                vmruns: AtomicU64::new(0),
+                ap_refused: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// `KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)` for unknown and invalid MSRs: the SEV_STATUS
+/// read and the GHCB MSR doorbell exit to user space.
+pub fn user_space_msr_cap() -> kvm_enable_cap {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL);
+    cap
+}
+
+/// What the VM and its vCPU threads share.
+struct Shared {
+    vm_fd: Arc<VmFd>,
+    cpuid: CpuId,
+    max_phys_bits: u8,
+    rams: RwLock<Vec<Arc<GuestRam>>>,
+    /// vmsa-core's VM (the SNP "kernel"): VM-wide commands take it for writing; vCPU threads
+    /// read it around `prepare_entry` and doorbells, never across `KVM_RUN`.
+    core: RwLock<Option<CoreVm>>,
+    events: Arc<EventLog>,
+    /// Each vCPU's kick state, by APIC ID: doorbells wake their targets through it.
+    kicks: RwLock<BTreeMap<u32, Arc<KickState>>>,
+    kick_timeout: Duration,
+    vmruns: AtomicU64,
+    ap_refused: AtomicU64,
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A VMSA-image VM (see the module docs for what it owns).
+pub struct KvmImageVm {
+    spec: VmSpec,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KvmImageVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmImageVm")
+            .field("spec", &self.spec)
+            .field("slots", &read(&self.shared.rams).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvmImageVm {
+    /// vmsa-core's VM, created on first use over the memory added so far.
+    fn core_mut(&self) -> RwLockWriteGuard<'_, Option<CoreVm>> {
+        let mut core = write(&self.shared.core);
+        if core.is_none() {
+            let frames = FrameSpace::new(read(&self.shared.rams).clone());
+            let config = VmConfig {
+                max_phys_bits: self.shared.max_phys_bits,
+                ..VmConfig::snp(self.spec.vmsa_features)
+            };
+            *core = Some(vmsa_core::Vm::new(
+                KvmPlatform::new(frames),
+                config,
+                self.shared.events.clone(),
+            ));
+        }
+        core
+    }
+
+    /// Run a VM-wide vmsa-core command named `call`, mapping KVM's refusals.
+    fn command(&self, call: &'static str, f: impl FnOnce(&mut CoreVm) -> CoreResult) -> Result<(), VmError> {
+        let mut guard = self.core_mut();
+        let Some(core) = guard.as_mut() else {
+            unreachable!("core_mut creates the VM");
+        };
+        f(core).map_err(|e| core_error(call, e))
+    }
+}
+
+type CoreResult = Result<(), vmsa_core::Error<crate::platform::PlatformError>>;
+
+fn core_error(call: &'static str, e: vmsa_core::Error<crate::platform::PlatformError>) -> VmError {
+    match core_refusal(call, &e) {
+        Some(r) => VmError::Refused(r),
+        None => VmError::host(call, e),
+    }
+}
+
+impl Vm for KvmImageVm {
+    type Vcpu = KvmImageVcpu;
+
+    fn spec(&self) -> VmSpec {
+        self.spec
+    }
+
+    fn add_memory(&mut self, region: MemoryRegion) -> Result<(), VmError> {
+        let call = "KVM_SET_USER_MEMORY_REGION2";
+        if read(&self.shared.core).is_some() {
+            return Err(VmError::host(call, HostError::MemoryAfterVcpus));
+        }
+        // Always guest_memfd-backed, MMAP | INIT_SHARED, mapped at its own userspace_addr: the
+        // only arrangement in which a guest runs from guest_memfd memory on PVM hosts, and what
+        // vmsa-core's guest-owned VMSAs resolve through.
+        let ram = GuestRam::new(self.shared.vm_fd.clone(), region.slot, region.gpa.0, region.size)
+            .map_err(|e| VmError::host(call, e))?;
+        write(&self.shared.rams).push(Arc::new(ram));
+        Ok(())
+    }
+
+    fn set_memory_attributes(&self, _range: Conversion) -> Result<(), VmError> {
+        // kvm_vm_ioctl_set_mem_attributes does not exist for a default VM here
+        // (KVM_CAP_MEMORY_ATTRIBUTES is 0), so the ioctl is not even dispatched.
+        Err(Refusal::new(
+            "KVM_SET_MEMORY_ATTRIBUTES",
+            Errno::ENOTTY,
+            "a default KVM VM has no private memory (KVM_CAP_MEMORY_ATTRIBUTES is 0); VMSA-image guests never convert",
+        )
+        .into())
+    }
+
+    fn launch_start(&mut self, policy: u64) -> Result<(), VmError> {
+        self.command("KVM_SEV_SNP_LAUNCH_START", |vm| vm.launch_start(policy))
+    }
+
+    fn launch_update(&mut self, u: LaunchUpdate<'_>) -> Result<(), VmError> {
+        // The contents go into guest memory through vmsa-core (SNP_LAUNCH_UPDATE of the tracked
+        // RMP: written, made pre-guest, "measured"); no vCPU's VMSA changes owner.
+        self.command("KVM_SEV_SNP_LAUNCH_UPDATE", |vm| {
+            vm.launch_update_data(u.gpa, u.len, u.page_type, u.data)
+        })
+    }
+
+    fn launch_update_vmsas(&mut self) -> Result<(), VmError> {
+        self.command("KVM_SEV_LAUNCH_UPDATE_VMSA", |vm| vm.launch_update_vmsas())
+    }
+
+    fn launch_finish(&mut self) -> Result<(), VmError> {
+        self.command("KVM_SEV_SNP_LAUNCH_FINISH", |vm| vm.launch_finish([0; 32]))
+    }
+
+    fn create_vcpu(&mut self, id: u32) -> Result<KvmImageVcpu, VmError> {
+        let mut guard = self.core_mut();
+        let Some(core) = guard.as_mut() else {
+            unreachable!("core_mut creates the VM");
+        };
+        let call = "KVM_CREATE_VCPU";
+        let mut fd = self
+            .shared
+            .vm_fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::host(call, IoctlError::new(call, e)))?;
+        cpuid::set(&fd, &self.shared.cpuid, id).map_err(|e| VmError::host("KVM_SET_CPUID2", e))?;
+        core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
+        let sev_status = (core.config().vmsa_features() << 2) | 0b11;
+        let kick = KvmKick::new();
+        // SAFETY: the kvm_run mapping lives as long as `fd`, which the vCPU owns; its Drop
+        // unregisters the pointer before `fd` is dropped.
+        unsafe { kick.state().register_run(fd.get_kvm_run()) };
+        write(&self.shared.kicks).insert(id, kick.state().clone());
+        Ok(KvmImageVcpu {
+            id,
+            shared: self.shared.clone(),
+            kick,
+            consumed: Consumed::default(),
+            wakes_seen: 0,
+            entered: false,
+            need_load: true,
+            ghcb_msr: 0,
+            sev_status,
+            exits: ExitCounts::default(),
+            fd,
+        })
+    }
+
+    fn cycles(&self) -> Observed<u64> {
+        Observed::hidden("real vCPUs have no simulated clock")
+    }
+
+    fn teardown(self) -> HostReport {
+        let core = write(&self.shared.core).take();
+        let (down, pages) = match core {
+            Some(mut core) => {
+                let down = core.teardown();
+                let pages = core.platform().frames().host_pages();
+                (down, pages)
+            }
+            None => (Default::default(), (0, 0)),
+        };
+        let events = self.shared.events.snapshot();
+        let ap_requests = events
+            .iter()
+            .filter(|e| matches!(e, Event::ApRequest { .. }))
+            .count() as u64;
+        write(&self.shared.rams).clear();
+        HostReport {
+            events: Observed::Seen(events),
+            launch_digest: Observed::hidden("VMSA-image mode measures nothing: there is no SEV firmware"),
+            rmp_faults: Observed::hidden(
+                "there is no RMP in VMSA-image mode: the tracked RMP refuses host writes, it does not fault",
+            ),
+            guest: Observed::Seen(GuestActivity {
+                vmruns: self.shared.vmruns.load(Ordering::SeqCst),
+                ap_requests,
+                ap_refused: self.shared.ap_refused.load(Ordering::SeqCst),
+                ..Default::default()
+            }),
+            teardown: TeardownCounts {
+                vcpus: down.vcpus,
+                vmsas_leaked: Observed::Seen(down.leaked),
+                guest_frames_released: Observed::hidden(
+                    "guest memory is guest_memfd, released by the kernel when its fd closes",
+                ),
+                guest_frames_leaked: Observed::hidden(
+                    "guest memory is guest_memfd, released by the kernel when its fd closes",
+                ),
+                frames_still_allocated: Observed::Seen(pages.0 as u64),
+                frames_leaked_on_purpose: Observed::Seen(pages.1 as u64),
+                error: None,
+            },
+        }
+    }
+}
+
+/// A VMSA-image vCPU (see the module docs).
+pub struct KvmImageVcpu {
+    id: u32,
+    shared: Arc<Shared>,
+    kick: KvmKick,
+    consumed: Consumed,
+    /// Wakes applied (AP-creation requests for this vCPU that vmsa-core saw at entry).
+    wakes_seen: u64,
+    /// vmsa-core said Run and the VMSA is loaded: `KVM_RUN` may go on.
+    entered: bool,
+    need_load: bool,
+    ghcb_msr: u64,
+    sev_status: u64,
+    exits: ExitCounts,
+    fd: VcpuFd,
+}
+
+impl std::fmt::Debug for KvmImageVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmImageVcpu")
+            .field("id", &self.id)
+            .field("exits", &self.exits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KvmImageVcpu {
+    fn drop(&mut self) {
+        // Before `fd` (and its kvm_run mapping) goes: kicks must stop writing to it.
+        self.kick.state().unregister_run();
+    }
+}
+
+impl KvmImageVcpu {
+    /// The exits so far.
+    pub fn exits(&self) -> ExitCounts {
+        self.exits
+    }
+
+    fn host(&self, call: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> VcpuError {
+        VcpuError::host(self.id, call, e)
+    }
+
+    /// vmsa-core's entry for this vCPU; loads the VMSA if it changed. `Ok(false)`: Blocked.
+    fn enter(&mut self) -> Result<bool, VcpuError> {
+        let st = self.kick.state().clone();
+        let wakes = st.wakes();
+        if wakes != self.wakes_seen {
+            self.wakes_seen = wakes;
+            self.need_load = true;
+        }
+        let core = read(&self.shared.core);
+        let Some(core) = core.as_ref() else {
+            return Err(self.host("prepare_entry", HostError::NoVm));
+        };
+        let entry = core.prepare_entry(VcpuId(self.id));
+        st.ack(self.wakes_seen);
+        match entry {
+            Err(vmsa_core::Error::InvalidVmsa { .. }) => Err(VcpuError::Refused {
+                vcpu: self.id,
+                // pre_sev_run: a runnable SNP vCPU without a valid VMSA cannot be entered.
+                refusal: Refusal::new(
+                    "KVM_RUN",
+                    Errno::EINVAL,
+                    "the vCPU is runnable but its VMCB holds no valid VMSA (pre_sev_run)",
+                ),
+            }),
+            Err(e) => Err(self.host("prepare_entry", e)),
+            Ok(Entry::Blocked(_)) => Ok(false),
+            Ok(Entry::Run(hpa)) => {
+                if self.need_load {
+                    if let Err(e) = vcpu::load(core, &self.fd, hpa) {
+                        // Like a failed VMRUN: the vCPU stays as it is until the next request.
+                        let _ = core.set_mp_state(VcpuId(self.id), MpState::Halted);
+                        return Err(self.host("loading the VMSA", e));
+                    }
+                    self.need_load = false;
+                    self.shared.vmruns.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// The vCPU halts: vmsa-core blocks it until a request (or a kick) comes.
+    fn halt(&mut self) -> VcpuExit {
+        if let Some(core) = read(&self.shared.core).as_ref() {
+            let _ = core.set_mp_state(VcpuId(self.id), MpState::Halted);
+        }
+        self.entered = false;
+        VcpuExit::Halt
+    }
+
+    /// Serve a doorbell; wakes and waits for the target of an accepted request.
+    fn doorbell(&mut self, value: u64) -> Result<(), VcpuError> {
+        let answer = {
+            let rams = read(&self.shared.rams);
+            let ram = rams
+                .iter()
+                .find(|r| r.offset_of(value & !0xfff, 4096).is_some())
+                .or(rams.first())
+                .ok_or_else(|| {
+                    self.host("GHCB doorbell", vcpu::VcpuError::GhcbOutsideMemory { gpa: value })
+                })?;
+            let core = read(&self.shared.core);
+            let core = core
+                .as_ref()
+                .ok_or_else(|| self.host("GHCB doorbell", HostError::NoVm))?;
+            vcpu::doorbell(core, ram, self.id, value).map_err(|e| self.host("GHCB doorbell", e))?
+        };
+        match answer {
+            Doorbell::Answered => Ok(()),
+            Doorbell::Refused => {
+                self.shared.ap_refused.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Doorbell::Wake(target) if target == self.id => {
+                // A request for itself: applied at the next entry.
+                self.kick.state().wake();
+                Ok(())
+            }
+            Doorbell::Wake(target) => {
+                let Some(t) = read(&self.shared.kicks).get(&target).cloned() else {
+                    return Err(self.host("GHCB doorbell", vcpu::unknown_target(target)));
+                };
+                let own = self.kick.state().clone();
+                let seen = self.consumed.seen();
+                // Stop waiting if this vCPU is kicked itself (the VMM is stopping the VM).
+                if t.wake_and_wait(self.shared.kick_timeout, &|| own.kicks() != seen) {
+                    Ok(())
+                } else {
+                    Err(self.host(
+                        "GHCB doorbell",
+                        vcpu::VcpuError::KickTimeout {
+                            target,
+                            ms: self.shared.kick_timeout.as_millis() as u64,
+                        },
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl Vcpu for KvmImageVcpu {
+    type Kick = KvmKick;
+
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn set_state(&mut self, vmsa: &SevEsSaveArea) -> Result<(), VcpuError> {
+        let core = read(&self.shared.core);
+        let Some(core) = core.as_ref() else {
+            return Err(self.host("KVM_SET_REGS", HostError::NoVm));
+        };
+        core.set_registers(VcpuId(self.id), vmsa)
+            .map_err(|e| match core_refusal("KVM_SET_REGS", &e) {
+                Some(refusal) => VcpuError::Refused {
+                    vcpu: self.id,
+                    refusal,
+                },
+                None => self.host("KVM_SET_REGS", e),
+            })
+    }
+
+    fn run(&mut self) -> Result<VcpuExit, VcpuError> {
+        let st = self.kick.state().clone();
+        let _attached = st.signal().attach();
+        loop {
+            if self.consumed.take(&st) {
+                return Ok(VcpuExit::Interrupted);
+            }
+            if !self.entered || st.wakes() != self.wakes_seen {
+                self.entered = self.enter()?;
+                if !self.entered {
+                    st.wait(self.consumed.seen(), self.wakes_seen);
+                    continue;
+                }
+            }
+            match vcpu::run_once(&mut self.fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits) {
+                Step::Again => {}
+                Step::Interrupted => st.clear_immediate_exit(),
+                Step::Doorbell(value) => self.doorbell(value)?,
+                Step::Out {
+                    port: ports::DONE, ..
+                } if self.id != 0 => return Ok(self.halt()),
+                Step::Out { port, value, size } => {
+                    return Ok(VcpuExit::IoOut {
+                        port,
+                        data: value,
+                        size,
+                    });
+                }
+                Step::Hlt => return Ok(self.halt()),
+                Step::Shutdown { .. } => return Ok(VcpuExit::Shutdown),
+                Step::Fatal(e) => return Err(self.host("KVM_RUN", e)),
+            }
+        }
+    }
+
+    fn complete_conversion(&mut self, _result: Result<(), Errno>) -> Result<(), VcpuError> {
+        Err(VcpuError::Refused {
+            vcpu: self.id,
+            refusal: Refusal::new(
+                "KVM_RUN",
+                Errno::EINVAL,
+                "no KVM_HC_MAP_GPA_RANGE exit is pending: VMSA-image guests never convert memory",
+            ),
+        })
+    }
+
+    fn kicker(&self) -> KvmKick {
+        self.kick.clone()
+    }
+}
+
+// The kick handle is vmsa-host's.
+const _: fn() = || {
+    fn is_kick<K: Kick>() {}
+    is_kick::<KvmKick>();
+};
