@@ -47,7 +47,9 @@ use crate::gmem::GuestRam;
 use crate::guest::layout::ports;
 use crate::kick::{Consumed, KickState, KvmKick};
 use crate::platform::KvmPlatform;
-use crate::probe::{KVM_CAP_X86_USER_SPACE_MSR, Mode, ProbeReport};
+use kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR;
+
+use crate::probe::{Mode, ProbeReport};
 use crate::vcpu::{self, Doorbell, ExitCounts, Step};
 use crate::{cpuid, watchdog};
 

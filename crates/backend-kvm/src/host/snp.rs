@@ -28,9 +28,12 @@ use super::HostError;
 use crate::error::IoctlError;
 use crate::gmem::GuestMemfd;
 use crate::kick::{Consumed, KvmKick};
-use crate::probe::{KVM_CAP_EXIT_HYPERCALL, Mode, ProbeReport, Probed, VM_TYPE_SNP};
-use crate::sev::{KVM_HC_MAP_GPA_RANGE, MapGpaRange, SevFirmware, SevVm, SnpLaunchPage};
+use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, KVM_X86_SNP_VM as VM_TYPE_SNP};
+
+use crate::probe::{Mode, ProbeReport, Probed};
+use crate::sev::{MapGpaRange, SevFirmware, SevVm, SnpLaunchPage};
 use crate::snp::fault_wants_private;
+use crate::uapi::KVM_HC_MAP_GPA_RANGE;
 use crate::vmsa_regs::KvmState;
 use crate::{cpuid, watchdog};
 
