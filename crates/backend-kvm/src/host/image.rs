@@ -40,7 +40,7 @@ use vmsa_host::{
     VmSpec,
 };
 
-use super::{HostError, core_refusal};
+use super::HostError;
 use crate::error::IoctlError;
 use crate::frames::FrameSpace;
 use crate::gmem::GuestRam;
@@ -248,7 +248,7 @@ impl KvmImageVm {
 type CoreResult = Result<(), vmsa_core::Error<crate::platform::PlatformError>>;
 
 fn core_error(call: &'static str, e: vmsa_core::Error<crate::platform::PlatformError>) -> VmError {
-    match core_refusal(call, &e) {
+    match Refusal::from_core(call, &e) {
         Some(r) => VmError::Refused(r),
         None => VmError::host(call, e),
     }
@@ -546,7 +546,7 @@ impl Vcpu for KvmImageVcpu {
             return Err(self.host("KVM_SET_REGS", HostError::NoVm));
         };
         core.set_registers(VcpuId(self.id), vmsa)
-            .map_err(|e| match core_refusal("KVM_SET_REGS", &e) {
+            .map_err(|e| match Refusal::from_core("KVM_SET_REGS", &e) {
                 Some(refusal) => VcpuError::Refused {
                     vcpu: self.id,
                     refusal,

@@ -12,10 +12,9 @@
 pub mod image;
 pub mod snp;
 
-use vmsa_core::VmKind;
 use vmsa_host::{
     Capabilities, Conversion, Errno, HostReport, Hypervisor, HypervisorError, LaunchUpdate, MemoryRegion,
-    Observed, Refusal, Vcpu, VcpuError, VcpuExit, Vm, VmError, VmSpec,
+    Observed, Vcpu, VcpuError, VcpuExit, Vm, VmError, VmSpec,
 };
 
 pub use image::{KvmImageHost, KvmImageVcpu, KvmImageVm};
@@ -41,69 +40,6 @@ pub enum HostError {
     /// A vCPU call came before vmsa-core's VM existed.
     #[error("vmsa-core's VM does not exist yet")]
     NoVm,
-}
-
-/// KVM's refusal for a vmsa-core error, when the error is one of KVM's rules (`call` is the
-/// KVM call the VMM made).
-pub fn core_refusal<E: std::error::Error + Send + Sync + 'static>(
-    call: &'static str,
-    e: &vmsa_core::Error<E>,
-) -> Option<Refusal> {
-    use vmsa_core::{Error as E2, LaunchState as L};
-    let r = |errno, rule| Some(Refusal::new(call, errno, rule));
-    match e {
-        // snp_launch_update / snp_launch_finish: no snp_context before SNP_LAUNCH_START.
-        E2::Launch {
-            state: L::NotStarted, ..
-        } => r(
-            Errno::EINVAL,
-            "the launch has not started: no SNP context before SNP_LAUNCH_START (snp_launch_update, snp_launch_finish)",
-        ),
-        // snp_launch_start: the SNP context exists already.
-        E2::Launch { .. } if call == "KVM_SEV_SNP_LAUNCH_START" => r(
-            Errno::EINVAL,
-            "the launch was already started: the SNP context exists (snp_launch_start)",
-        ),
-        E2::Launch {
-            state: L::Finished, ..
-        } => r(
-            Errno::EINVAL,
-            "the launch is finished: every VMSA is protected (sev_es_sync_vmsa, snp_launch_update)",
-        ),
-        E2::Launch { .. } => r(Errno::EINVAL, "an earlier launch step failed"),
-        E2::BadPolicy { rule, .. } => r(Errno::EINVAL, rule),
-        E2::BadLaunchUpdate { rule, .. } => r(Errno::EINVAL, rule),
-        E2::NoGuestMemory { .. } => r(
-            Errno::EINVAL,
-            "the GFN is not in a memslot with guest_memfd (snp_launch_update)",
-        ),
-        // sev_mem_enc_ioctl: an SNP VM refuses every id below KVM_SEV_SNP_LAUNCH_START.
-        E2::WrongKind {
-            needed: VmKind::SevEs,
-            kind: VmKind::Snp,
-            ..
-        } => r(
-            Errno::EPERM,
-            "an SNP VM refuses SEV commands below KVM_SEV_SNP_LAUNCH_START (sev_mem_enc_ioctl)",
-        ),
-        E2::WrongKind { .. } => r(Errno::ENOTTY, "the command is not for this kind of VM"),
-        // kvm_arch_vcpu_ioctl_set_regs: protected guest state cannot be written.
-        E2::AlreadyProtected { .. } => r(
-            Errno::EINVAL,
-            "the vCPU's guest state is protected (kvm_arch_vcpu_ioctl_set_regs)",
-        ),
-        E2::GuestDebug { .. } | E2::Dr7 { .. } => r(
-            Errno::EINVAL,
-            "a VMSA cannot be launched with guest debugging or DR7 breakpoints (sev_es_sync_vmsa)",
-        ),
-        // kvm_vm_ioctl_create_vcpu: the id is taken.
-        E2::VcpuExists(_) => r(
-            Errno::EEXIST,
-            "a vCPU with this id exists (kvm_vm_ioctl_create_vcpu)",
-        ),
-        E2::VmBugged { .. } | E2::VmDead => r(Errno::EIO, "the VM is bugged or dead (KVM_BUG_ON)"),
-        _ => None,
-    }
 }
 
 /// The kvm host of this machine: SEV-SNP where the host has it, else VMSA-image mode.

@@ -2,7 +2,7 @@
 //! kernel function that refuses it.
 
 use vmsa_core::layout::{SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE};
-use vmsa_core::{LaunchState, PAGE_SIZE, VmKind};
+use vmsa_core::{PAGE_SIZE, VmKind};
 use vmsa_host::{Conversion, Errno, HypervisorError, MemoryRegion, Refusal, VmError, VmSpec};
 
 use crate::error::SimError;
@@ -91,59 +91,12 @@ pub fn check_conversion(range: &Conversion) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Map vmsa-core's refusal of `call` to the refusal KVM gives for the same rule; anything else
-/// is the host's own failure.
+/// vmsa-core's refusal of `call` as the refusal KVM gives for the same rule
+/// ([`Refusal::from_core`]); anything else is the host's own failure.
 pub fn from_core(call: &'static str, e: vmsa_core::Error<SimError>) -> VmError {
-    use vmsa_core::Error as E;
-    let refused = |errno, rule| VmError::Refused(Refusal::new(call, errno, rule));
-    match e {
-        E::Launch {
-            state: LaunchState::NotStarted,
-            ..
-        } => refused(
-            Errno::EINVAL,
-            "the launch has not started (snp_launch_update / snp_launch_finish: no snp_context)",
-        ),
-        E::Launch {
-            state: LaunchState::Finished,
-            ..
-        } => refused(
-            Errno::EINVAL,
-            "the launch has finished (snp_launch_start: snp_context exists; snp_launch_finish: vCPUs already protected)",
-        ),
-        E::Launch { .. } => refused(
-            Errno::EINVAL,
-            "a failed launch cannot be resumed (snp_launch_update_vmsa: a vCPU is already protected)",
-        ),
-        E::VcpuExists(_) => refused(
-            Errno::EEXIST,
-            "a vCPU with this id exists (kvm_vm_ioctl_create_vcpu)",
-        ),
-        E::AlreadyProtected { .. } => refused(
-            Errno::EINVAL,
-            "the vCPU's state is protected (kvm_arch_vcpu_ioctl_set_regs, __sev_launch_update_vmsa)",
-        ),
-        E::WrongKind { .. } => refused(
-            Errno::ENOTTY,
-            "the command does not exist for this kind of guest (sev_mem_enc_ioctl)",
-        ),
-        E::BadPolicy { .. } => refused(
-            Errno::EINVAL,
-            "the policy breaks a rule (snp_launch_start: bit 17 must be set)",
-        ),
-        E::BadLaunchUpdate { .. } => refused(
-            Errno::EINVAL,
-            "len must be a non-zero multiple of 4 KiB, the type one of NORMAL, ZERO, UNMEASURED, SECRETS, CPUID (snp_launch_update)",
-        ),
-        E::NoGuestMemory { .. } => refused(
-            Errno::EINVAL,
-            "the range has no memory slot with guest_memfd (snp_launch_update)",
-        ),
-        E::VmBugged { .. } | E::VmDead => refused(
-            Errno::EIO,
-            "the VM is bugged or dead; every ioctl but teardown fails (KVM_BUG / kvm_vm_dead)",
-        ),
-        other => VmError::host(call, CoreError(other)),
+    match Refusal::from_core(call, &e) {
+        Some(r) => r.into(),
+        None => VmError::host(call, CoreError(e)),
     }
 }
 
