@@ -29,6 +29,20 @@ pub fn for_vcpu(table: &CpuId, apic_id: u32) -> CpuId {
     t
 }
 
+/// The C-bit position (CPUID 0x8000_001F `EBX[5:0]`, AMD APM vol. 3), or the leaf's EBX when
+/// the table has none (a host without SEV).
+pub fn c_bit(table: &CpuId) -> Result<u32, u32> {
+    let ebx = table
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_001f)
+        .map_or(0, |e| e.ebx);
+    match ebx & 0x3f {
+        0 => Err(ebx),
+        b => Ok(b),
+    }
+}
+
 /// Give `vcpu` the table for `apic_id`.
 pub fn set(vcpu: &VcpuFd, table: &CpuId, apic_id: u32) -> Result<(), IoctlError> {
     vcpu.set_cpuid2(&for_vcpu(table, apic_id)).ioctl("KVM_SET_CPUID2")

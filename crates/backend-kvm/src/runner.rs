@@ -28,6 +28,7 @@ use crate::cpuid;
 use crate::error::{Errno, IoctlError};
 use crate::frames::FrameSpace;
 use crate::gmem::{GmemError, GuestRam};
+pub use crate::guest::builtin::{GuestProgram, GuestRequest};
 use crate::guest::layout::{
     self, MAILBOX_GPA, MAX_REQUESTS, MAX_VCPUS, PARAMS_GPA, REQUESTS_GPA, RESULTS_GPA, STACK_TOP, params,
 };
@@ -47,89 +48,6 @@ pub enum ModeChoice {
     Snp,
     /// VMSA-image mode.
     VmsaImage,
-}
-
-/// One AP-creation request the request-table guest issues.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct GuestRequest {
-    /// `sw_exit_info_1`: request type (31:0) and APIC ID (63:32).
-    pub exit_info_1: u64,
-    /// `sw_exit_info_2`: the VMSA GPA.
-    pub exit_info_2: u64,
-    /// RAX (SEV_FEATURES), if marked valid; `None` leaves it invalid.
-    pub rax: Option<u64>,
-    /// Write an AP VMSA at `exit_info_2` before asking (only for in-memory GPAs).
-    pub write_vmsa: bool,
-}
-
-impl GuestRequest {
-    /// A raw request.
-    pub fn new(request: u32, apic_id: u32, gpa: u64, rax: Option<u64>) -> Self {
-        Self {
-            exit_info_1: (u64::from(apic_id) << 32) | u64::from(request),
-            exit_info_2: gpa,
-            rax,
-            write_vmsa: false,
-        }
-    }
-
-    /// `AP_CREATE` of `apic_id` from a VMSA the guest writes at `gpa` first.
-    pub fn create_with_vmsa(apic_id: u32, gpa: u64, sev_features: u64) -> Self {
-        Self {
-            write_vmsa: true,
-            ..Self::new(vmsa_core::ghcb::AP_CREATE, apic_id, gpa, Some(sev_features))
-        }
-    }
-}
-
-/// The built-in guest programs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub enum GuestProgram {
-    /// The BSP creates every AP from a VMSA it writes, waits for their reports and, if
-    /// `recreate`, destroys AP 1 and creates it again.
-    ApCreation {
-        /// Destroy and re-create AP 1 after the first round.
-        recreate: bool,
-    },
-    /// The BSP issues the given requests and records the answers, then waits for
-    /// `expect_reports` AP reports.
-    Requests {
-        /// The requests, in order (at most 64).
-        requests: Vec<GuestRequest>,
-        /// AP reports to wait for.
-        expect_reports: u64,
-    },
-    /// The BSP loops forever without an exit (`jmp $`): the run ends only by the watchdog,
-    /// with `timed_out` set. For checking that a stuck vCPU cannot hang the VMM.
-    Spin,
-}
-
-impl GuestProgram {
-    /// The names `vmm run --guest builtin:NAME` accepts, with what each runs.
-    pub const BUILTIN: [(&'static str, &'static str); 3] = [
-        (
-            "ap-creation",
-            "the BSP creates every AP from a VMSA it writes, then destroys and re-creates AP 1",
-        ),
-        (
-            "ap-creation-once",
-            "the BSP creates every AP from a VMSA it writes, once",
-        ),
-        (
-            "spin",
-            "the BSP loops without exits until the watchdog ends the run",
-        ),
-    ];
-
-    /// The built-in program called `name` (see [`GuestProgram::BUILTIN`]).
-    pub fn builtin(name: &str) -> Option<Self> {
-        match name {
-            "ap-creation" => Some(Self::ApCreation { recreate: true }),
-            "ap-creation-once" => Some(Self::ApCreation { recreate: false }),
-            "spin" => Some(Self::Spin),
-            _ => None,
-        }
-    }
 }
 
 /// What to run.

@@ -31,6 +31,14 @@ impl<T> Observed<T> {
         }
     }
 
+    /// Why the host cannot see it, if hidden.
+    pub fn why_hidden(&self) -> Option<&'static str> {
+        match self {
+            Self::Seen(_) => None,
+            Self::Hidden { hidden } => Some(hidden),
+        }
+    }
+
     /// The value, if seen.
     pub fn into_seen(self) -> Option<T> {
         match self {

@@ -385,7 +385,18 @@ fn kvm_backend_runs_real_vcpus_where_dev_kvm_is_usable() {
     for ap in 1..4 {
         assert!(path(&s, ap).contains(&"GuestOwned".to_owned()), "vCPU {ap}");
     }
-    assert_eq!(s["kvm"]["completed"], true);
+    // The same flow as the simulator: vCPU 0 ended the run on the done port, every vCPU ran on
+    // its own thread, and what image mode cannot see is said, not left out.
+    assert_eq!(s["guest_run"]["end"]["end"], "done", "{s:#}");
+    assert_eq!(s["guest_run"]["ap_requests"], 3);
+    assert_eq!(s["guest_run"]["vcpus"].as_array().unwrap().len(), 4);
+    let hidden: Vec<&str> = s["hidden"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["what"].as_str().unwrap())
+        .collect();
+    assert!(hidden.contains(&"launch_digest"), "{hidden:?}");
     assert_eq!(s["teardown"]["frames_still_allocated"], 0);
 }
 

@@ -1,6 +1,7 @@
 //! The built-in guest: its memory map ([`layout`]) and its program ([`program`]), plus the
 //! loader that writes both into guest RAM.
 
+pub mod builtin;
 pub mod layout;
 pub mod program;
 

@@ -20,6 +20,7 @@ use vmsa_host::{
 pub use image::{KvmImageHost, KvmImageVcpu, KvmImageVm};
 pub use snp::{KvmSnpHost, KvmSnpVcpu, KvmSnpVm};
 
+use crate::guest::builtin::{GuestImage, GuestImageError, GuestProgram};
 use crate::kick::KvmKick;
 use crate::probe::{Missing, Mode, ProbeReport};
 
@@ -55,6 +56,23 @@ impl KvmHost {
     /// Probe this host and pick the mode.
     pub fn new() -> Result<Self, HypervisorError> {
         Self::from_probe(&crate::probe::probe())
+    }
+
+    /// The built-in guest `program` on `vcpus` vCPUs as this mode runs it: in VMSA-image mode
+    /// the program itself (it creates its APs through the GHCB doorbell); on SEV-SNP, where
+    /// AP creation is the kernel's and the program's doorbell does not exist, every vCPU
+    /// terminates through the GHCB MSR protocol, with the C-bit of this host's CPUID.
+    pub fn builtin_guest(&self, program: &GuestProgram, vcpus: u32) -> Result<GuestImage, GuestImageError> {
+        match self {
+            Self::Image(_) => program.image(vcpus),
+            Self::Snp(_) => {
+                let kvm = kvm_ioctls::Kvm::new()
+                    .map_err(|e| crate::error::IoctlError::new("open /dev/kvm", crate::error::errno_of(e)))?;
+                let table = crate::cpuid::supported(&kvm)?;
+                let c_bit = crate::cpuid::c_bit(&table).map_err(|ebx| GuestImageError::NoCBit { ebx })?;
+                crate::guest::builtin::snp_terminate(c_bit, vcpus)
+            }
+        }
     }
 
     /// Pick the mode a probe allows: SNP if supported, else VMSA-image mode, saying why.

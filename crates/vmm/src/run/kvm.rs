@@ -1,26 +1,27 @@
-//! `vmm run --backend kvm`: real vCPUs on `/dev/kvm` through backend-kvm, which picks SEV-SNP
-//! where the host has it and VMSA-image mode (vCPUs started from VMSA register images, guest
-//! VMSAs in guest_memfd) elsewhere, and says which and why.
-//!
-//! The vCPU threads belong to backend-kvm; the VMM's control loop waits for them on an eventfd
-//! (event-manager) with a ticking timerfd that keeps the progress display alive.
+//! `vmm run --backend kvm`: the same flow ([`super::flow`]) on `/dev/kvm`. backend-kvm picks
+//! SEV-SNP where the host has it (a thin ioctl layer; the kernel owns the VMSAs) and VMSA-image
+//! mode elsewhere (vmsa-core plays the SNP kernel over plain KVM), and says which and why. The
+//! built-in guests are real programs here: on VMSA-image mode the BSP creates its APs from
+//! VMSAs it writes; on SNP every vCPU terminates through the GHCB protocol.
 
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use backend_kvm::runner::GuestProgram;
-use backend_kvm::{ModeChoice, RunConfig};
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::timerfd::TimerFd;
-use vmsa_core::LaunchState;
+use backend_kvm::guest::builtin::GuestProgram;
+use backend_kvm::host::KvmHost;
+use vmsa_core::{LaunchState, SNP_POLICY_RSVD_MBO, SnpPageType, VmKind};
+use vmsa_host::{Hypervisor, LaunchUpdate, MemoryRegion, VmSpec};
 
-use super::flow::errno;
-use super::history::Ledger;
+use super::flow::{self, Launch};
+use super::phases::Phases;
 use super::progress::Progress;
-use super::report::{LaunchSummary, RunSummary, TeardownSummary};
+use super::report::{LaunchSummary, Observed, RunSummary};
 use super::scenario::GuestSpec;
 use super::{RunArgs, RunError};
+
+/// How long the guest may run before the watchdog kicks every vCPU out.
+const WATCHDOG: Duration = Duration::from_secs(60);
+/// The most guest memory this backend maps (the guest program's map is in the first 4 MiB).
+const MAX_MEMORY: u64 = 64 << 30;
 
 /// The KVM guest program a built-in name runs.
 fn program(spec: &GuestSpec) -> Result<(String, GuestProgram), RunError> {
@@ -33,50 +34,20 @@ fn program(spec: &GuestSpec) -> Result<(String, GuestProgram), RunError> {
             )));
         }
     };
-    let kvm_name = match name {
-        "boot" => "ap-creation-once",
-        "ap-churn" => "ap-creation",
+    let recreate = match name {
+        "boot" => false,
+        "ap-churn" => true,
         other => {
             return Err(RunError::Input(format!(
                 "--guest builtin:{other} needs the simulator (--backend sim); the kvm backend runs builtin:boot and builtin:ap-churn"
             )));
         }
     };
-    let p = GuestProgram::builtin(kvm_name)
-        .ok_or_else(|| RunError::Input(format!("backend-kvm has no guest program '{kvm_name}'")))?;
-    Ok((kvm_name.to_owned(), p))
+    Ok((name.to_owned(), GuestProgram::ApCreation { recreate }))
 }
 
-struct Waiter {
-    done: EventFd,
-    tick: TimerFd,
-    finished: std::rc::Rc<std::cell::Cell<bool>>,
-    progress: std::rc::Rc<Progress>,
-}
-
-impl MutEventSubscriber for Waiter {
-    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
-        if events.fd() == self.done.as_raw_fd() {
-            let _ = self.done.read();
-            self.finished.set(true);
-        } else {
-            let _ = self.tick.wait();
-            self.progress.inc(0);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps<'_>) {
-        let _ = ops.add(Events::new(&self.done, EventSet::IN));
-        let _ = ops.add(Events::new(&self.tick, EventSet::IN));
-    }
-}
-
-fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
-    move |e| RunError::Output(format!("event loop: {what}: {e}"))
-}
-
-/// Run the guest on KVM as `args` ask.
-pub(super) fn run(args: &RunArgs, progress: Progress) -> Result<RunSummary, RunError> {
+/// Refuse what the simulator alone has, and sizes the guest program cannot use.
+fn check(args: &RunArgs) -> Result<(), RunError> {
     if args.sev_es {
         return Err(RunError::Input(
             "--sev-es: the kvm backend runs SEV-SNP where the host has it, else VMSA-image mode; it has no SEV-ES path".into(),
@@ -94,97 +65,94 @@ pub(super) fn run(args: &RunArgs, progress: Progress) -> Result<RunSummary, RunE
             )));
         }
     }
+    let memory = args.memory.bytes();
+    let need = GuestProgram::min_memory(args.vcpus.get());
+    if memory < need || memory > MAX_MEMORY {
+        return Err(RunError::Input(format!(
+            "--memory {}: the kvm backend's guest program needs {} to {} for {} vCPUs",
+            args.memory,
+            crate::size::ByteSize::new(need),
+            crate::size::ByteSize::new(MAX_MEMORY),
+            args.vcpus.get()
+        )));
+    }
+    Ok(())
+}
+
+/// Run the guest on KVM as `args` ask.
+pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, RunError> {
+    check(args)?;
     let (name, guest) = program(&args.guest)?;
-    let cfg = RunConfig {
-        vcpus: args.vcpus.get(),
-        memory: args.memory.bytes(),
-        guest,
-        mode: ModeChoice::Auto,
-        timeout: Duration::from_secs(60),
+    let vcpus = args.vcpus.get();
+    let memory = args.memory.bytes();
+    let host = KvmHost::new()?;
+    let image = host.builtin_guest(&guest, vcpus)?;
+    let policy = match &host {
+        KvmHost::Snp(_) => backend_kvm::snp::default_policy(),
+        KvmHost::Image(_) => SNP_POLICY_RSVD_MBO,
     };
-
-    let done = EventFd::new(EFD_NONBLOCK).map_err(os("eventfd"))?;
-    let signal = done.try_clone().map_err(os("eventfd clone"))?;
-    let mut tick = TimerFd::new().map_err(|e| os("timerfd")(errno(e)))?;
-    tick.reset(Duration::from_millis(200), Some(Duration::from_millis(200)))
-        .map_err(|e| os("timerfd arm")(errno(e)))?;
-    let progress = std::rc::Rc::new(progress);
-    progress.phase("kvm", 0);
-    progress.message(format!("{} vCPUs running {name}", cfg.vcpus));
-    let finished = std::rc::Rc::new(std::cell::Cell::new(false));
-    let mut em: EventManager<Waiter> =
-        EventManager::new().map_err(|e| RunError::Output(format!("event loop: epoll: {e:?}")))?;
-    em.add_subscriber(Waiter {
-        done,
-        tick,
-        finished: finished.clone(),
-        progress: progress.clone(),
-    });
-    let worker = std::thread::Builder::new()
-        .name("vmm-kvm".into())
-        .spawn(move || {
-            let r = backend_kvm::run(&cfg);
-            let _ = signal.write(1);
-            r
-        })
-        .map_err(os("spawn"))?;
-    while !finished.get() {
-        em.run()
-            .map_err(|e| RunError::Output(format!("event loop: epoll_wait: {e:?}")))?;
-    }
-    progress.finish();
-    let report = worker
-        .join()
-        .map_err(|_| RunError::Output("the KVM worker thread panicked".into()))??;
-
-    let mut ownership = Ledger::with_histories(report.histories.clone());
-    ownership.ap_requests = report.accepted_requests.len();
-    let mut problems = Vec::new();
-    if !report.completed {
-        problems.push(if report.timed_out {
-            "the guest did not finish before the watchdog".to_owned()
-        } else {
-            "the guest did not complete (see the vCPU records)".to_owned()
-        });
-    }
+    let launch = Launch {
+        spec: VmSpec {
+            kind: VmKind::Snp,
+            vmsa_features: 0,
+        },
+        memory: vec![MemoryRegion {
+            slot: 0,
+            gpa: vmsa_core::Gpa(0),
+            size: memory,
+            guest_memfd: true,
+        }],
+        policy,
+        updates: vec![LaunchUpdate {
+            gpa: image.gpa,
+            len: image.bytes.len() as u64,
+            page_type: SnpPageType::Normal,
+            data: Some(&image.bytes),
+        }],
+        vmsas: &image.vmsas,
+    };
+    progress.message(format!("{vcpus} vCPUs running {name} on {}", host.name()));
+    let mut phases = Phases::wall();
+    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |p| phases.end(p))?;
+    let launch_error = done.launch_error.as_ref().map(|e| super::error_chain(e));
+    let seen = Observed::new(done.host, done.run);
     let mut summary = RunSummary {
         backend: "kvm",
-        mode: report.mode.to_string(),
-        mode_reason: Some(report.mode_reason.clone()),
-        vcpus: report.vcpus,
-        memory: report.memory,
+        mode: host.mode().to_string(),
+        mode_reason: Some(host.reason().to_owned()),
+        vcpus,
+        memory,
         memory_layout: "guest_memfd-backed RAM from GPA 0".into(),
         guest: args.guest.to_string(),
         scenario: name,
         ok: true,
-        problems,
+        problems: Vec::new(),
         warnings: Vec::new(),
         launch: LaunchSummary {
-            state: LaunchState::Finished,
-            error: None,
+            state: if launch_error.is_none() {
+                LaunchState::Finished
+            } else {
+                LaunchState::Failed
+            },
+            error: launch_error,
             expected_failure: false,
-            image: "backend-kvm guest program".into(),
-            data_pages: report.platform.data_pages,
-            vmsas: report.vcpus,
-            digest: None,
+            image: format!("backend-kvm guest program ({} KiB)", image.bytes.len() >> 10),
+            data_pages: image.bytes.len().div_ceil(vmsa_core::PAGE_SIZE as usize) as u64,
+            vmsas: vcpus,
+            digest: seen.digest,
             expected_digest: None,
             digest_matches: None,
-            policy: 0,
+            policy,
         },
-        ownership,
-        guest_run: None,
-        rmp_faults: 0,
+        ownership: seen.ledger,
+        guest_run: seen.guest_run,
+        rmp_faults: seen.rmp_faults,
         faults_injected: Vec::new(),
-        phases: Vec::new(),
+        phases: phases.into_phases(),
         costs: None,
-        teardown: TeardownSummary {
-            vcpus: report.teardown.vcpus,
-            vmsas_leaked: report.teardown.leaked,
-            frames_still_allocated: report.teardown.host_pages_live as u64,
-            ..TeardownSummary::default()
-        },
+        teardown: seen.teardown,
         trace: None,
-        kvm: Some(report),
+        hidden: seen.hidden,
     };
     summary.judge(false, true);
     Ok(summary)

@@ -5,7 +5,7 @@
 //! - [`memory`]: the VMM's guest memory (vm-memory) the image is loaded into;
 //! - [`flow`]: the one launch-and-run flow over the host interface, for every backend;
 //! - `sim` / `kvm`: the two backends;
-//! - [`history`] and [`report`]: the summary, for people or as JSON;
+//! - [`history`], [`phases`] and [`report`]: the summary, for people or as JSON;
 //! - [`progress`]: the progress bar of long runs.
 
 use std::path::PathBuf;
@@ -20,6 +20,7 @@ pub mod flow;
 pub mod history;
 mod kvm;
 pub mod memory;
+pub mod phases;
 pub mod progress;
 pub mod report;
 pub mod scenario;
@@ -96,9 +97,15 @@ pub enum RunError {
     /// The guest could not be prepared.
     #[error(transparent)]
     Scenario(#[from] scenario::ScenarioError),
-    /// The KVM backend failed.
-    #[error("kvm: {0}")]
-    Kvm(#[from] backend_kvm::RunError),
+    /// The host could not create the VM.
+    #[error("host: {0}")]
+    Host(#[from] vmsa_host::HypervisorError),
+    /// The KVM backend's guest program could not be built.
+    #[error("kvm guest: {0}")]
+    KvmGuest(#[from] backend_kvm::guest::builtin::GuestImageError),
+    /// The run's event loop failed.
+    #[error(transparent)]
+    Flow(#[from] flow::FlowError),
     /// An output could not be written, or the event loop failed.
     #[error("{0}")]
     Output(String),
@@ -109,7 +116,6 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Input(_) | Self::Measure(_) | Self::Memory(_) | Self::Scenario(_) => 2,
-            Self::Kvm(backend_kvm::RunError::Config { .. }) => 2,
             _ => 1,
         }
     }
@@ -140,6 +146,6 @@ pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
             let scenario = scenario::Scenario::new(&args.guest, args.vcpus.get(), kind)?;
             sim::run(args, kind, &scenario, &progress)
         }
-        BackendKind::Kvm => kvm::run(args, progress),
+        BackendKind::Kvm => kvm::run(args, &progress),
     }
 }

@@ -2,13 +2,14 @@
 
 use std::fmt::Write as _;
 
-use backend_sim::{CostReport, PhaseReport};
+use backend_sim::CostReport;
 use serde::Serialize;
 use vmsa_core::LaunchState;
 use vmsa_host::{GuestActivity, GuestStep};
 
 use super::flow::{RunEnd, RunOutcome, VcpuExits};
 use super::history::{Ledger, render};
+use super::phases::PhaseSummary;
 
 /// How the launch went.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -93,6 +94,78 @@ pub struct TeardownSummary {
     pub error: Option<String>,
 }
 
+/// What the host reported at teardown, in the summary's terms (hidden items listed, not
+/// guessed).
+#[derive(Debug)]
+pub struct Observed {
+    /// Ownership histories, leaks and warnings (empty where hidden).
+    pub ledger: Ledger,
+    /// The launch digest the firmware computed.
+    pub digest: Option<String>,
+    /// What the guest did, if it ran.
+    pub guest_run: Option<GuestRunSummary>,
+    /// RMP faults of host accesses.
+    pub rmp_faults: u64,
+    /// Teardown.
+    pub teardown: TeardownSummary,
+    /// What the host could not see.
+    pub hidden: Vec<Hidden>,
+}
+
+impl Observed {
+    /// From the host's report and the flow's run.
+    pub fn new(host: vmsa_host::HostReport, run: Option<RunOutcome>) -> Self {
+        let hidden = Hidden::of(&host);
+        let seen = |o: vmsa_host::Observed<u64>| o.into_seen().unwrap_or(0);
+        let t = host.teardown;
+        Self {
+            ledger: Ledger::from_events(&host.events.into_seen().unwrap_or_default()),
+            digest: host.launch_digest.into_seen().flatten(),
+            guest_run: run.map(|run| GuestRunSummary::new(run, host.guest.into_seen())),
+            rmp_faults: seen(host.rmp_faults),
+            teardown: TeardownSummary {
+                vcpus: t.vcpus,
+                vmsas_leaked: t.vmsas_leaked.into_seen().unwrap_or(0),
+                guest_frames_released: seen(t.guest_frames_released),
+                guest_frames_leaked: seen(t.guest_frames_leaked),
+                frames_still_allocated: seen(t.frames_still_allocated),
+                frames_leaked_on_purpose: seen(t.frames_leaked_on_purpose),
+                error: t.error,
+            },
+            hidden,
+        }
+    }
+}
+
+/// Something the host cannot observe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Hidden {
+    /// What (`"ownership"`, `"launch_digest"`, ...).
+    pub what: &'static str,
+    /// Why the host cannot see it.
+    pub why: &'static str,
+}
+
+impl Hidden {
+    /// The items of `report` the host marked hidden.
+    pub fn of(report: &vmsa_host::HostReport) -> Vec<Self> {
+        let mut out = Vec::new();
+        let mut note = |what, why: Option<&'static str>| {
+            if let Some(why) = why {
+                out.push(Self { what, why });
+            }
+        };
+        note("ownership", report.events.why_hidden());
+        note("launch_digest", report.launch_digest.why_hidden());
+        note("rmp_faults", report.rmp_faults.why_hidden());
+        note("guest", report.guest.why_hidden());
+        let t = &report.teardown;
+        note("vmsas_leaked", t.vmsas_leaked.why_hidden());
+        note("frames", t.frames_still_allocated.why_hidden());
+        out
+    }
+}
+
 /// The summary of one `vmm run`.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSummary {
@@ -128,16 +201,18 @@ pub struct RunSummary {
     pub rmp_faults: u64,
     /// Failures injected (rules that fired).
     pub faults_injected: Vec<String>,
-    /// Simulated cycles per phase (create, launch, run, teardown).
-    pub phases: Vec<PhaseReport>,
+    /// The phases (create, launch, run, teardown): wall clock, and simulated cycles on the
+    /// simulator.
+    pub phases: Vec<PhaseSummary>,
     /// Per-operation counts and cycles.
     pub costs: Option<CostReport>,
     /// Teardown.
     pub teardown: TeardownSummary,
     /// The Perfetto timeline written, if any.
     pub trace: Option<String>,
-    /// The KVM backend's own report.
-    pub kvm: Option<backend_kvm::RunReport>,
+    /// What this host cannot observe, and why (e.g. a real SNP kernel keeps the VMSA ownership
+    /// to itself): reported instead of left out.
+    pub hidden: Vec<Hidden>,
 }
 
 impl RunSummary {
@@ -282,11 +357,7 @@ impl RunSummary {
             writeln!(s, "faults injected: {}", self.faults_injected.join(", "))?;
         }
         if !self.phases.is_empty() {
-            let phases: Vec<String> = self
-                .phases
-                .iter()
-                .map(|p| format!("{} {} cycles ({:.1} µs)", p.name, p.cycles, p.us))
-                .collect();
+            let phases: Vec<String> = self.phases.iter().map(ToString::to_string).collect();
             writeln!(s, "phases: {}", phases.join(", "))?;
         }
         if let Some(c) = &self.costs {
@@ -308,20 +379,8 @@ impl RunSummary {
             t.frames_still_allocated,
             t.frames_leaked_on_purpose
         )?;
-        if let Some(k) = &self.kvm {
-            let e = &k.exits;
-            writeln!(
-                s,
-                "kvm: {} exits ({} I/O, {} GHCB doorbells), {} VMSA loads; setup {} µs, launch {} µs, run {} µs, teardown {} µs",
-                e.total,
-                e.io,
-                e.doorbells,
-                k.vcpu_records.iter().map(|r| r.vmsa_loads).sum::<u32>(),
-                k.timings.setup_us,
-                k.timings.launch_us,
-                k.timings.run_us,
-                k.timings.teardown_us
-            )?;
+        for h in &self.hidden {
+            writeln!(s, "not observable on this host: {} ({})", h.what, h.why)?;
         }
         if let Some(t) = &self.trace {
             writeln!(s, "trace: {t} (open in ui.perfetto.dev)")?;

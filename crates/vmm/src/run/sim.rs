@@ -12,10 +12,10 @@ use vmsa_core::{Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageTyp
 use vmsa_host::{LaunchUpdate, MemoryRegion, VmSpec};
 
 use super::flow::{self, Launch};
-use super::history::Ledger;
 use super::memory::GuestRam;
+use super::phases::Phases;
 use super::progress::Progress;
-use super::report::{GuestRunSummary, LaunchSummary, RunSummary, TeardownSummary};
+use super::report::{LaunchSummary, Observed, RunSummary};
 use super::scenario::Scenario;
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
@@ -234,9 +234,8 @@ pub(super) fn run(
         ..MachineConfig::default()
     });
     let host = SimHost::new(machine.clone(), scenario.script.clone());
-    let mut clock = PhaseClock::new(&machine);
-    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| clock.end(name))
-        .map_err(|e| RunError::Output(super::error_chain(&e)))?;
+    let mut phases = Phases::simulated(PhaseClock::new(&machine));
+    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| phases.end(name))?;
 
     if let Some(path) = &args.trace {
         machine
@@ -244,16 +243,8 @@ pub(super) fn run(
             .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
     }
 
-    let host_report = done.host;
-    let events = host_report.events.into_seen().unwrap_or_default();
-    let digest = host_report.launch_digest.into_seen().flatten();
     let launch_error = done.launch_error.as_ref().map(|e| super::error_chain(e));
-    let guest_run = done
-        .run
-        .map(|run| GuestRunSummary::new(run, host_report.guest.into_seen()));
-    let t = host_report.teardown;
-    let seen = |o: vmsa_host::Observed<u64>| o.into_seen().unwrap_or(0);
-    let ledger = Ledger::from_events(&events);
+    let seen = Observed::new(done.host, done.run);
     let launch = LaunchSummary {
         state: if launch_error.is_none() {
             LaunchState::Finished
@@ -265,22 +256,13 @@ pub(super) fn run(
         image: image.source.clone(),
         data_pages: image.pages(),
         vmsas: vcpus,
-        digest_matches: image.expected.as_ref().map(|e| digest.as_ref() == Some(e)),
-        digest,
+        digest_matches: image.expected.as_ref().map(|e| seen.digest.as_ref() == Some(e)),
+        digest: seen.digest,
         expected_digest: image.expected.clone(),
         policy: match kind {
             VmKind::Snp => SNP_POLICY,
             VmKind::SevEs => SEV_ES_POLICY,
         },
-    };
-    let teardown = TeardownSummary {
-        vcpus: t.vcpus,
-        vmsas_leaked: t.vmsas_leaked.into_seen().unwrap_or(0),
-        guest_frames_released: seen(t.guest_frames_released),
-        guest_frames_leaked: seen(t.guest_frames_leaked),
-        frames_still_allocated: seen(t.frames_still_allocated),
-        frames_leaked_on_purpose: seen(t.frames_leaked_on_purpose),
-        error: t.error,
     };
     let mut summary = RunSummary {
         backend: "sim",
@@ -295,20 +277,20 @@ pub(super) fn run(
         problems: Vec::new(),
         warnings: image.warnings.clone(),
         launch,
-        ownership: ledger,
-        guest_run,
-        rmp_faults: host_report.rmp_faults.into_seen().unwrap_or(0),
+        ownership: seen.ledger,
+        guest_run: seen.guest_run,
+        rmp_faults: seen.rmp_faults,
         faults_injected: machine
             .fault_plan()
             .fired()
             .iter()
             .map(|r| r.to_string())
             .collect(),
-        phases: clock.into_phases(),
+        phases: phases.into_phases(),
         costs: Some(machine.cost_report()),
-        teardown,
+        teardown: seen.teardown,
         trace: args.trace.as_ref().map(|p| p.display().to_string()),
-        kvm: None,
+        hidden: seen.hidden,
     };
     summary.judge(injecting, matches!(args.guest, super::GuestSpec::Builtin(_)));
     Ok(summary)
