@@ -1,7 +1,7 @@
 //! A scripted guest: the program the simulated host's vCPUs run instead of x86 code.
 //!
 //! The guest is a list of [`GuestAction`]s, each executed by one vCPU in script order (see
-//! [`crate::host`], which executes them: guest instructions on the machine, GHCB requests
+//! the simulated host, which executes them: guest instructions on the machine, GHCB requests
 //! through the host kernel, page state changes as exits to the VMM). Scripts are JSON
 //! (`serde`), so a VMM can load `--guest FILE`.
 

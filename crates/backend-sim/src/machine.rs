@@ -4,7 +4,7 @@
 //!
 //! Host-side effects are reached through [`crate::SimPlatform`] (vmsa-core's `Platform`) and
 //! guest-side ones (guest memory accesses, PVALIDATE, RMPADJUST, page state changes, VMRUN)
-//! through the same handle, which the scripted guest of [`crate::guest`] drives.
+//! through the same handle, which the scripted guest drives.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -4,18 +4,7 @@ use serde::Serialize;
 use vmsa_core::VmKind;
 
 use crate::refusal::Refusal;
-use crate::vm::Vm;
-
-/// The confidential VM to create: the `KVM_CREATE_VM` type and `KVM_SEV_INIT2`'s
-/// `vmsa_features` (without `SNP_ACTIVE`, which the host adds for SNP, as
-/// `__sev_guest_init` does).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct VmSpec {
-    /// SEV-ES or SEV-SNP.
-    pub kind: VmKind,
-    /// The extra SEV features every VMSA of the guest runs with.
-    pub vmsa_features: u64,
-}
+use crate::vm::{Vm, VmSpec};
 
 /// What a host can do and show, answered before anything is created.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -1,13 +1,23 @@
 //! A confidential VM: guest memory, conversions, the launch, vCPU creation, teardown.
 
 use serde::Serialize;
-use vmsa_core::{Gpa, SnpPageType};
+use vmsa_core::{Gpa, SnpPageType, VmKind};
 
 use crate::exit::Conversion;
-use crate::hypervisor::VmSpec;
 use crate::refusal::Refusal;
 use crate::report::{HostReport, Observed};
 use crate::vcpu::Vcpu;
+
+/// The confidential VM to create: the `KVM_CREATE_VM` type and `KVM_SEV_INIT2`'s
+/// `vmsa_features` (without `SNP_ACTIVE`, which the host adds for SNP, as
+/// `__sev_guest_init` does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct VmSpec {
+    /// SEV-ES or SEV-SNP.
+    pub kind: VmKind,
+    /// The extra SEV features every VMSA of the guest runs with.
+    pub vmsa_features: u64,
+}
 
 /// A guest memory slot (`KVM_SET_USER_MEMORY_REGION2`). With `guest_memfd` the host backs its
 /// private side with a guest_memfd (`KVM_CREATE_GUEST_MEMFD`), which SNP private memory needs.
