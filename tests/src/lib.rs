@@ -7,8 +7,8 @@ use backend_sim::host::SimHost;
 use backend_sim::{GuestScript, Machine, MachineConfig, PhaseClock, PhaseReport};
 use vmm::run::flow::{self, FlowReport, Launch};
 use vmm::run::progress::Progress;
-use vmsa_core::{Event, Gpa, SNP_POLICY_RSVD_MBO, SnpPageType, VmKind, layout::SEV_FEAT_SNP_ACTIVE};
-use vmsa_host::{GuestActivity, LaunchUpdate, MemoryRegion, VmSpec};
+use vmsa_core::{Event, Gpa, SNP_POLICY_RSVD_MBO, layout::SEV_FEAT_SNP_ACTIVE};
+use vmsa_host::GuestActivity;
 
 /// Where the stand-in firmware of [`sim_boot`] sits, and its size in pages (HLT bytes).
 pub const FIRMWARE_GPA: u64 = 0x10_0000;
@@ -65,26 +65,7 @@ pub fn sim_boot(config: MachineConfig, vcpus: u32, memory: u64, script: GuestScr
             )
         })
         .collect();
-    let launch = Launch {
-        spec: VmSpec {
-            kind: VmKind::Snp,
-            vmsa_features: 0,
-        },
-        memory: vec![MemoryRegion {
-            slot: 0,
-            gpa: Gpa(0),
-            size: memory,
-            guest_memfd: true,
-        }],
-        policy: SNP_POLICY_RSVD_MBO,
-        updates: vec![LaunchUpdate {
-            gpa: Gpa(FIRMWARE_GPA),
-            len: firmware.len() as u64,
-            page_type: SnpPageType::Normal,
-            data: Some(&firmware),
-        }],
-        vmsas: &vmsas,
-    };
+    let launch = Launch::snp_image(memory, SNP_POLICY_RSVD_MBO, Gpa(FIRMWARE_GPA), &firmware, &vmsas);
     let mut clock = PhaseClock::new(&machine);
     let report = flow::run(
         &host,

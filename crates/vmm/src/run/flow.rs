@@ -20,7 +20,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
-use vmsa_core::{SevEsSaveArea, VmKind};
+use vmsa_core::{Gpa, SevEsSaveArea, SnpPageType, VmKind};
 use vmsa_host::{
     Errno, HostReport, Hypervisor, HypervisorError, Kick, LaunchUpdate, MemoryRegion, Vcpu, VcpuError,
     VcpuExit, Vm, VmError, VmSpec, ports,
@@ -41,6 +41,39 @@ pub struct Launch<'a> {
     pub updates: Vec<LaunchUpdate<'a>>,
     /// Each vCPU's initial state, by APIC ID (0 is the BSP).
     pub vmsas: &'a [Box<SevEsSaveArea>],
+}
+
+impl<'a> Launch<'a> {
+    /// An SEV-SNP guest without extra SEV features: `memory` bytes of guest_memfd-backed RAM
+    /// from GPA 0 (slot 0), one NORMAL image at `gpa`, launched with `policy`.
+    pub fn snp_image(
+        memory: u64,
+        policy: u64,
+        gpa: Gpa,
+        image: &'a [u8],
+        vmsas: &'a [Box<SevEsSaveArea>],
+    ) -> Self {
+        Self {
+            spec: VmSpec {
+                kind: VmKind::Snp,
+                vmsa_features: 0,
+            },
+            memory: vec![MemoryRegion {
+                slot: 0,
+                gpa: Gpa(0),
+                size: memory,
+                guest_memfd: true,
+            }],
+            policy,
+            updates: vec![LaunchUpdate {
+                gpa,
+                len: image.len() as u64,
+                page_type: SnpPageType::Normal,
+                data: Some(image),
+            }],
+            vmsas,
+        }
+    }
 }
 
 /// Why the flow could not even create the VM (after that, everything ends in a report).

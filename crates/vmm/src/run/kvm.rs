@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use backend_kvm::guest::builtin::GuestProgram;
 use backend_kvm::host::KvmHost;
-use vmsa_core::{LaunchState, SNP_POLICY_RSVD_MBO, SnpPageType, VmKind};
-use vmsa_host::{Hypervisor, LaunchUpdate, MemoryRegion, VmSpec};
+use vmsa_core::{LaunchState, SNP_POLICY_RSVD_MBO};
+use vmsa_host::Hypervisor;
 
 use super::flow::{self, Launch};
 use super::phases::Phases;
@@ -91,26 +91,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
         KvmHost::Snp(_) => backend_kvm::snp::default_policy(),
         KvmHost::Image(_) => SNP_POLICY_RSVD_MBO,
     };
-    let launch = Launch {
-        spec: VmSpec {
-            kind: VmKind::Snp,
-            vmsa_features: 0,
-        },
-        memory: vec![MemoryRegion {
-            slot: 0,
-            gpa: vmsa_core::Gpa(0),
-            size: memory,
-            guest_memfd: true,
-        }],
-        policy,
-        updates: vec![LaunchUpdate {
-            gpa: image.gpa,
-            len: image.bytes.len() as u64,
-            page_type: SnpPageType::Normal,
-            data: Some(&image.bytes),
-        }],
-        vmsas: &image.vmsas,
-    };
+    let launch = Launch::snp_image(memory, policy, image.gpa, &image.bytes, &image.vmsas);
     progress.message(format!("{vcpus} vCPUs running {name} on {}", host.name()));
     let mut phases = Phases::wall();
     let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |p| phases.end(p))?;
