@@ -15,6 +15,12 @@
 //! [`SevEsSaveArea`] is the bit-exact page layout (AMD APM vol. 2 table B-4), with byte views
 //! through `zerocopy`.
 //!
+//! Who uses what: whatever plays the SNP kernel (a simulator, an SVSM, a type-1 hypervisor,
+//! backend-kvm's VMSA-image mode) implements [`Platform`] and drives [`Vm`]. A userspace VMM on
+//! KVM never sees the VMSA lifecycle; it drives a host through the `vmsa-host` crate, and needs
+//! from this crate at most [`ghcb`] (AP-creation validation and the GHCB codec, when its
+//! hypervisor forwards AP creation to user space) and [`layout`] (the VMSA page).
+//!
 //! The crate does no I/O, holds no global state and contains no `unsafe` code. It is
 //! `no_std` with `alloc` when built without its default `std` feature (the locks become spin
 //! locks), so a firmware or SVSM can embed it.
