@@ -36,6 +36,7 @@ use kvm_ioctls::VcpuFd;
 use serde::Serialize;
 use vmsa_core::layout::EFER_SVME;
 use vmsa_core::{SevEsSaveArea, VmcbSeg};
+use zerocopy::IntoBytes;
 
 use crate::error::{IoctlContext, IoctlError};
 
@@ -534,12 +535,10 @@ fn read_legacy(b: &[u8]) -> kvm_fpu {
     fpu
 }
 
-/// A `kvm_xsave` region viewed as its 4096 bytes.
+/// A `kvm_xsave` region viewed as its 4096 bytes (zerocopy: `[u32; 1024]` has no padding and
+/// every byte pattern is valid).
 fn xsave_bytes_mut(region: &mut [u32; 1024]) -> &mut [u8] {
-    let len = std::mem::size_of_val(region);
-    // SAFETY: u8 has no alignment or validity requirements, the slice covers exactly the
-    // array's bytes, and it borrows `region` mutably for its whole lifetime.
-    unsafe { std::slice::from_raw_parts_mut(region.as_mut_ptr().cast::<u8>(), len) }
+    region.as_mut_bytes()
 }
 
 /// The register state of `vcpu` as a KVM state.
