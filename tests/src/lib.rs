@@ -7,7 +7,9 @@ use backend_sim::host::SimHost;
 use backend_sim::{GuestScript, Machine, MachineConfig, PhaseClock, PhaseReport};
 use vmm::run::flow::{self, FlowReport, Launch};
 use vmm::run::progress::Progress;
-use vmsa_core::{Event, Gpa, SNP_POLICY_RSVD_MBO, SnpPageType, VmKind, layout::SEV_FEAT_SNP_ACTIVE};
+use vmsa_core::{
+    Event, Gpa, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VmKind, layout::SEV_FEAT_SNP_ACTIVE,
+};
 use vmsa_host::{GuestActivity, LaunchUpdate, MemoryRegion, VmSpec};
 
 /// Where the stand-in firmware of [`sim_boot`] sits, and its size in pages (HLT bytes).
@@ -46,6 +48,31 @@ impl SimRun {
     }
 }
 
+/// The launch of an SNP guest with no extra SEV features and the minimal policy: `memory` bytes
+/// of guest_memfd-backed memory in slot 0 from GPA 0, `updates` measured in order, and one vCPU
+/// per VMSA (APIC ID = index). The same `Launch` runs on every host.
+pub fn snp_launch<'a>(
+    memory: u64,
+    updates: &[LaunchUpdate<'a>],
+    vmsas: &'a [Box<SevEsSaveArea>],
+) -> Launch<'a> {
+    Launch {
+        spec: VmSpec {
+            kind: VmKind::Snp,
+            vmsa_features: 0,
+        },
+        memory: vec![MemoryRegion {
+            slot: 0,
+            gpa: Gpa(0),
+            size: memory,
+            guest_memfd: true,
+        }],
+        policy: SNP_POLICY_RSVD_MBO,
+        updates: updates.to_vec(),
+        vmsas,
+    }
+}
+
 /// Run `script` on an SNP guest of `vcpus` vCPUs and `memory` bytes from GPA 0 on a machine built
 /// from `config`: a 16-page HLT firmware at 1 MiB is measured, every vCPU starts from the x86
 /// reset state, and the flow creates, launches, runs and tears it down.
@@ -65,26 +92,13 @@ pub fn sim_boot(config: MachineConfig, vcpus: u32, memory: u64, script: GuestScr
             )
         })
         .collect();
-    let launch = Launch {
-        spec: VmSpec {
-            kind: VmKind::Snp,
-            vmsa_features: 0,
-        },
-        memory: vec![MemoryRegion {
-            slot: 0,
-            gpa: Gpa(0),
-            size: memory,
-            guest_memfd: true,
-        }],
-        policy: SNP_POLICY_RSVD_MBO,
-        updates: vec![LaunchUpdate {
-            gpa: Gpa(FIRMWARE_GPA),
-            len: firmware.len() as u64,
-            page_type: SnpPageType::Normal,
-            data: Some(&firmware),
-        }],
-        vmsas: &vmsas,
-    };
+    let updates = [LaunchUpdate {
+        gpa: Gpa(FIRMWARE_GPA),
+        len: firmware.len() as u64,
+        page_type: SnpPageType::Normal,
+        data: Some(&firmware),
+    }];
+    let launch = snp_launch(memory, &updates, &vmsas);
     let mut clock = PhaseClock::new(&machine);
     let report = flow::run(
         &host,
@@ -100,4 +114,24 @@ pub fn sim_boot(config: MachineConfig, vcpus: u32, memory: u64, script: GuestScr
         report,
         phases,
     }
+}
+
+/// One ownership transition without the frames and GPAs it names (which differ between hosts):
+/// the operation, the state kind before and the state kind after.
+pub type OwnershipStep = (vmsa_core::Op, vmsa_core::StateKind, vmsa_core::StateKind);
+
+/// Every vCPU's ownership history in `events` as `(vCPU, steps)`, ordered by vCPU, in a form two
+/// hosts can be compared by ([`vmsa_core::histories`] without frame numbers and GPAs).
+pub fn ownership_histories(events: &[Event]) -> Vec<(u32, Vec<OwnershipStep>)> {
+    vmsa_core::histories(events)
+        .into_iter()
+        .map(|h| {
+            let steps = h
+                .transitions
+                .iter()
+                .map(|t| (t.op, t.from.kind(), t.to.kind()))
+                .collect();
+            (h.vcpu.0, steps)
+        })
+        .collect()
 }
