@@ -312,11 +312,15 @@ impl Vm for KvmImageVm {
             unreachable!("core_mut creates the VM");
         };
         let call = "KVM_CREATE_VCPU";
-        let mut fd = self
-            .shared
-            .vm_fd
-            .create_vcpu(u64::from(id))
-            .map_err(|e| VmError::host(call, IoctlError::new(call, e)))?;
+        let mut fd = self.shared.vm_fd.create_vcpu(u64::from(id)).map_err(|e| {
+            if e.errno() == libc::EEXIST {
+                // kvm_vm_ioctl_create_vcpu refused a taken id: one of KVM's rules, answered as
+                // vmsa-core's same rule is (a refusal, not a host failure).
+                core_error(call, vmsa_core::Error::VcpuExists(VcpuId(id)))
+            } else {
+                VmError::host(call, IoctlError::new(call, e))
+            }
+        })?;
         cpuid::set(&fd, &self.shared.cpuid, id).map_err(|e| VmError::host("KVM_SET_CPUID2", e))?;
         core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
         let sev_status = (core.config().vmsa_features() << 2) | 0b11;
