@@ -575,6 +575,14 @@ fn refusals() -> Vec<Row> {
             "KVM_CREATE_VCPU",
             Errno::EEXIST,
         ),
+        // Beyond every host's maximum (KVM_MAX_VCPU_IDS, the simulator's 512).
+        row(
+            "create_vcpu with an id beyond the host's maximum (kvm_vm_ioctl_create_vcpu)",
+            &READY,
+            &[CreateVcpu(u32::MAX)],
+            "KVM_CREATE_VCPU",
+            Errno::EINVAL,
+        ),
         row(
             "D6 SNP_ACTIVE in vmsa_features at create_vm",
             &[],
