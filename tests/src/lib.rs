@@ -82,3 +82,23 @@ pub fn sim_boot(config: MachineConfig, vcpus: u32, memory: u64, script: GuestScr
         phases,
     }
 }
+
+/// One ownership transition without the frames and GPAs it names (which differ between hosts):
+/// the operation, the state kind before and the state kind after.
+pub type OwnershipStep = (vmsa_core::Op, vmsa_core::StateKind, vmsa_core::StateKind);
+
+/// Every vCPU's ownership history in `events` as `(vCPU, steps)`, ordered by vCPU, in a form two
+/// hosts can be compared by ([`vmsa_core::histories`] without frame numbers and GPAs).
+pub fn ownership_histories(events: &[Event]) -> Vec<(u32, Vec<OwnershipStep>)> {
+    vmsa_core::histories(events)
+        .into_iter()
+        .map(|h| {
+            let steps = h
+                .transitions
+                .iter()
+                .map(|t| (t.op, t.from.kind(), t.to.kind()))
+                .collect();
+            (h.vcpu.0, steps)
+        })
+        .collect()
+}

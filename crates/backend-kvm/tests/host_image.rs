@@ -325,8 +325,13 @@ fn kvms_rules_are_refused_through_the_interface() {
         .unwrap_err(),
     );
     assert_eq!(r.errno, Errno::ENOTTY);
-    // kvm_vm_ioctl_create_vcpu: a taken id.
-    assert!(vm.create_vcpu(0).is_err());
+    // kvm_vm_ioctl_create_vcpu: a taken id is KVM's refusal (EEXIST), not a host failure.
+    let r = refusal(vm.create_vcpu(0).unwrap_err());
+    assert_eq!((r.call, r.errno), ("KVM_CREATE_VCPU", Errno::EEXIST));
+    assert!(r.rule.contains("kvm_vm_ioctl_create_vcpu"), "{r}");
+    // ... and so is an id beyond KVM_MAX_VCPU_IDS (EINVAL).
+    let r = refusal(vm.create_vcpu(u32::MAX).unwrap_err());
+    assert_eq!((r.call, r.errno), ("KVM_CREATE_VCPU", Errno::EINVAL));
 
     v.set_state(&layout::long_mode_image(0x8000)).unwrap();
     vm.launch_start(SNP_POLICY_RSVD_MBO).unwrap();

@@ -312,11 +312,20 @@ impl Vm for KvmImageVm {
             unreachable!("core_mut creates the VM");
         };
         let call = "KVM_CREATE_VCPU";
-        let mut fd = self
-            .shared
-            .vm_fd
-            .create_vcpu(u64::from(id))
-            .map_err(|e| VmError::host(call, IoctlError::new(call, e)))?;
+        let mut fd = self.shared.vm_fd.create_vcpu(u64::from(id)).map_err(|e| {
+            // kvm_vm_ioctl_create_vcpu's rules are refusals, not host failures: a taken id
+            // (answered as vmsa-core's same rule is) and an id or count beyond KVM's limits.
+            match e.errno() {
+                libc::EEXIST => core_error(call, vmsa_core::Error::VcpuExists(VcpuId(id))),
+                libc::EINVAL => Refusal::new(
+                    call,
+                    Errno::EINVAL,
+                    "the vCPU id is beyond KVM_MAX_VCPU_IDS or the VM has KVM_MAX_VCPUS vCPUs (kvm_vm_ioctl_create_vcpu)",
+                )
+                .into(),
+                _ => VmError::host(call, IoctlError::new(call, e)),
+            }
+        })?;
         cpuid::set(&fd, &self.shared.cpuid, id).map_err(|e| VmError::host("KVM_SET_CPUID2", e))?;
         core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
         let sev_status = (core.config().vmsa_features() << 2) | 0b11;
