@@ -62,7 +62,7 @@ impl Backend for Simulator {
         let p = machine
             .create_guest(vmsa_core::VmKind::Snp)
             .map_err(|e| e.to_string())?;
-        p.add_memslot(Gpa(0), MEMORY).map_err(|e| e.to_string())?;
+        p.add_private_memslot(Gpa(0), MEMORY).map_err(|e| e.to_string())?;
         Ok(p)
     }
 

@@ -403,12 +403,15 @@ fn ap_destroy_and_re_create_on_4_vcpus() {
 // ---- Refused orderings.
 
 /// One call of the VMM through the interface.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Call {
     /// `create_vm` of this kind with these `vmsa_features`.
     CreateVm(VmKind, u64),
-    /// 4 MiB of guest_memfd memory from GPA 0, slot 0.
+    /// 4 MiB of guest_memfd memory from GPA 0, slot 0, made private where the host has private
+    /// memory (what the VMM's flow does for an SNP guest's RAM).
     AddMemory,
+    /// The same memory, left with KVM's default attribute (shared).
+    AddSharedMemory,
     CreateVcpu(u32),
     /// A long-mode state for this vCPU.
     SetState(u32),
@@ -586,6 +589,22 @@ fn refusals() -> Vec<Row> {
             except: vec![("kvm-image", Answer::Unsupported(VmKind::SevEs))],
         },
         Row {
+            name: "D14 a launch_update of memory not made private (kvm_gmem_populate)",
+            calls: [
+                CreateVm(VmKind::Snp, 0),
+                AddSharedMemory,
+                CreateVcpu(0),
+                SetState(0),
+            ]
+            .into_iter()
+            .chain([LaunchStart, normal])
+            .collect(),
+            want: Answer::Refused(UPDATE, Errno::EINVAL),
+            // VMSA-image mode has no private memory (its capabilities say so): there is no
+            // attribute to check, and its launch update only copies the page.
+            except: vec![("kvm-image", Answer::Ok)],
+        },
+        Row {
             name: "a conversion to shared (KVM_SET_MEMORY_ATTRIBUTES)",
             calls: vec![CreateVm(VmKind::Snp, 0), AddMemory, SetMemoryAttributes(false)],
             want: Answer::Ok,
@@ -627,12 +646,26 @@ fn calls<H: Hypervisor>(host: &H, calls: &[Call]) -> Vec<Answer> {
                 Err(e) => Answer::from(&e),
             },
             (_, None) => panic!("{c:?} before create_vm"),
-            (AddMemory, Some(vm)) => answer(vm.add_memory(MemoryRegion {
-                slot: 0,
-                gpa: Gpa(0),
-                size: 4 << 20,
-                guest_memfd: true,
-            })),
+            (AddMemory | AddSharedMemory, Some(vm)) => {
+                let region = MemoryRegion {
+                    slot: 0,
+                    gpa: Gpa(0),
+                    size: 4 << 20,
+                    guest_memfd: true,
+                };
+                let private = c == AddMemory && host.capabilities().private_memory;
+                answer(vm.add_memory(region).and_then(|()| {
+                    if private {
+                        vm.set_memory_attributes(Conversion {
+                            gpa: region.gpa,
+                            size: region.size,
+                            private: true,
+                        })
+                    } else {
+                        Ok(())
+                    }
+                }))
+            }
             (CreateVcpu(id), Some(vm)) => match vm.create_vcpu(id) {
                 Ok(v) => {
                     vcpus.push(v);

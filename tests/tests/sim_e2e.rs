@@ -120,7 +120,7 @@ fn private_memory_is_ciphertext_to_the_host_and_to_other_guests() {
     let mut guests = Vec::new();
     for _ in 0..2 {
         let p = m.create_guest(VmKind::Snp).unwrap();
-        p.add_memslot(Gpa(0), 16 << 20).unwrap();
+        p.add_private_memslot(Gpa(0), 16 << 20).unwrap();
         let mut vm = Vm::without_events(p.clone(), VmConfig::snp(0));
         vm.create_vcpu(VcpuId(0)).unwrap();
         vm.launch_start(SNP_POLICY_RSVD_MBO).unwrap();

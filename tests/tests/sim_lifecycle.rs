@@ -32,7 +32,7 @@ fn machine(faults: &str) -> Arc<Machine> {
 fn guest(faults: &str, kind: VmKind, vcpus: u32) -> G {
     let m = machine(faults);
     let p = m.create_guest(kind).unwrap();
-    p.add_memslot(Gpa(0), 64 << 20).unwrap();
+    p.add_private_memslot(Gpa(0), 64 << 20).unwrap();
     let log = Arc::new(EventLog::new());
     let cfg = match kind {
         VmKind::Snp => VmConfig::snp(0),

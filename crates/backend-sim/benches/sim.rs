@@ -99,7 +99,7 @@ fn launch_vm<P: Platform>(vm: &mut Vm<P>) {
 
 fn sim_launch(m: &std::sync::Arc<Machine>) -> SimPlatform {
     let p = m.create_guest(VmKind::Snp).unwrap();
-    p.add_memslot(Gpa(0), MEMORY).unwrap();
+    p.add_private_memslot(Gpa(0), MEMORY).unwrap();
     let mut vm = Vm::without_events(p.clone(), VmConfig::snp(0));
     launch_vm(&mut vm);
     black_box(p.launch_digest());
@@ -112,7 +112,7 @@ fn launch64(c: &mut Criterion) {
     {
         let m = Machine::new(quiet());
         let p = m.create_guest(VmKind::Snp).unwrap();
-        p.add_memslot(Gpa(0), MEMORY).unwrap();
+        p.add_private_memslot(Gpa(0), MEMORY).unwrap();
         let mut vm = Vm::without_events(p.clone(), VmConfig::snp(0));
         launch_vm(&mut vm);
         let f = m.footprint();

@@ -8,7 +8,6 @@ use crate::cost::CostOp;
 use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp};
 use crate::machine::Hw;
-use crate::memory::GuestMemfd;
 use crate::rmp::{GuestFault, GuestInstrError, PageSize, RmpState};
 
 impl Hw {
@@ -265,40 +264,50 @@ impl Hw {
     }
 
     /// The guest's guest_memfd, for a page state change of `gfn` (which must be in its memslot).
-    fn gmem_with(&mut self, asid: u32, gfn: Gfn) -> Result<&mut GuestMemfd, SimError> {
+    /// `KVM_SET_MEMORY_ATTRIBUTES` over guest frames `[start, end)`, and what QEMU does next.
+    /// To shared: the attribute flips and every private frame there is punched out of
+    /// guest_memfd (`sev_gmem_invalidate`: RMPUPDATE shared, CLFLUSH, free); returns the guest
+    /// frames released (the VMM must then call `Vm::gmem_invalidate`). To private: the
+    /// attribute flips and the shared copies are discarded; the next private access prepares a
+    /// guest_memfd frame. The whole range must lie in memslots; one interval of any size costs
+    /// the same.
+    pub fn convert(
+        &mut self,
+        asid: u32,
+        start: Gfn,
+        end: Gfn,
+        to_shared: bool,
+    ) -> Result<Vec<Gfn>, SimError> {
         let gmem = &mut self.slot_mut(asid)?.gmem;
-        if !gmem.in_slot(gfn) {
+        if !gmem.covers(start, end) {
+            let outside = (start.0..end.0)
+                .map(Gfn)
+                .find(|&g| !gmem.in_slot(g))
+                .unwrap_or(start);
             return Err(SimError::NotInSlot {
-                gpa: Gpa(gfn.0 << 12),
+                gpa: Gpa(outside.0 << 12),
                 asid,
             });
         }
-        Ok(gmem)
-    }
-
-    /// The host side of a page state change to shared (GHCB PSC → `KVM_SET_MEMORY_ATTRIBUTES`
-    /// → guest_memfd hole punch → `sev_gmem_invalidate`: RMPUPDATE shared, CLFLUSH, free).
-    /// Returns whether a private frame was released (the VMM must then call
-    /// `Vm::gmem_invalidate`).
-    pub fn convert_to_shared(&mut self, asid: u32, gfn: Gfn) -> Result<bool, SimError> {
-        let gmem = self.gmem_with(asid, gfn)?;
-        gmem.set_attr_shared(gfn, true);
-        let Some(pfn) = gmem.punch(gfn) else {
-            return Ok(false);
-        };
-        self.release_gmem_frame(asid, pfn);
-        Ok(true)
-    }
-
-    /// The host side of a page state change to private: the attribute flips and the shared
-    /// copy is discarded; the next private access prepares a guest_memfd frame.
-    pub fn convert_to_private(&mut self, asid: u32, gfn: Gfn) -> Result<(), SimError> {
-        let gmem = self.gmem_with(asid, gfn)?;
-        gmem.set_attr_shared(gfn, false);
-        if let Some(p) = gmem.remove_shared(gfn) {
-            self.free_page(p);
+        gmem.set_attr(start, end, !to_shared);
+        if to_shared {
+            let backed = gmem.private_in(start, end);
+            let mut released = Vec::new();
+            for gfn in backed {
+                if let Some(pfn) = self.slot_mut(asid)?.gmem.punch(gfn) {
+                    self.release_gmem_frame(asid, pfn);
+                    released.push(gfn);
+                }
+            }
+            Ok(released)
+        } else {
+            for gfn in gmem.shared_in(start, end) {
+                if let Some(p) = self.slot_mut(asid)?.gmem.remove_shared(gfn) {
+                    self.free_page(p);
+                }
+            }
+            Ok(Vec::new())
         }
-        Ok(())
     }
 
     /// `sev_gmem_invalidate` for one frame: PSMASH if inside a 2 MiB entry, RMPUPDATE shared
@@ -384,7 +393,7 @@ mod tests {
     fn a_4k_access_to_a_2m_entry_is_psmashed_by_the_host() {
         let m = Machine::new(MachineConfig::default());
         let p = m.create_guest(VmKind::Snp).unwrap();
-        p.add_memslot(Gpa(0), 8 << 20).unwrap();
+        p.add_private_memslot(Gpa(0), 8 << 20).unwrap();
         let asid = vmsa_core::Platform::asid(&p).0;
         let gpa = Gpa(0x40_0000);
         {
@@ -438,6 +447,13 @@ mod tests {
         let p = m.create_guest(VmKind::Snp).unwrap();
         p.add_memslot(Gpa(0), 1 << 20).unwrap();
         let gfn = Gfn(3);
+        let one = |gfn: Gfn| (gfn, Gfn(gfn.0 + 1));
+        // KVM's default attribute is shared: a private access needs the range made private.
+        assert!(matches!(
+            p.guest_write(Gpa(0x3000), &[1; 4096], true),
+            Err(SimError::SharedMemory { .. })
+        ));
+        assert_eq!(p.convert(Gfn(0), Gfn(256), false).unwrap(), vec![]);
         // Shared accesses need the shared attribute; private ones the private attribute.
         assert!(matches!(
             p.guest_write(Gpa(0x3000), &[1; 4096], false),
@@ -445,8 +461,9 @@ mod tests {
         ));
         p.pvalidate(Gpa(0x3000), PageSize::Size4K, true).unwrap();
         let before = m.allocated_frames();
-        assert!(
-            p.page_state_change(gfn, true).unwrap(),
+        assert_eq!(
+            p.convert(one(gfn).0, one(gfn).1, true).unwrap(),
+            vec![gfn],
             "the private frame is released"
         );
         assert_eq!(m.allocated_frames(), before - 1);
@@ -456,11 +473,14 @@ mod tests {
             p.guest_read(Gpa(0x3000), true),
             Err(SimError::SharedMemory { .. })
         ));
-        assert!(!p.page_state_change(gfn, false).unwrap());
+        assert_eq!(p.convert(one(gfn).0, one(gfn).1, false).unwrap(), vec![]);
         assert_eq!(m.allocated_frames(), before - 1, "the shared copy was discarded");
         assert!(matches!(
-            p.page_state_change(Gfn(0x1000), true),
-            Err(SimError::NotInSlot { .. })
+            p.convert(Gfn(0xff), Gfn(0x101), true),
+            Err(SimError::NotInSlot {
+                gpa: Gpa(0x10_0000),
+                ..
+            })
         ));
     }
 }

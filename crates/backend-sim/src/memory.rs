@@ -224,19 +224,109 @@ impl HostMemory {
     }
 }
 
-/// One guest's memory: guest_memfd-backed private frames and the VMM's shared frames.
+/// A set of `u64`s kept as disjoint, non-adjacent half-open intervals, so a range of any size
+/// costs one entry (a 1 TiB guest marked private is one interval, not 2^28 entries).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    /// start -> end.
+    map: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// Whether `x` is in the set.
+    pub fn contains(&self, x: u64) -> bool {
+        self.map.range(..=x).next_back().is_some_and(|(_, &e)| x < e)
+    }
+
+    /// Whether every value of `[start, end)` is in the set.
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        start >= end
+            || self
+                .map
+                .range(..=start)
+                .next_back()
+                .is_some_and(|(_, &e)| end <= e)
+    }
+
+    /// Add `[start, end)`.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        let touching: Vec<(u64, u64)> = self
+            .map
+            .range(..=end)
+            .rev()
+            .take_while(|&(_, &ie)| ie >= start)
+            .map(|(&is, &ie)| (is, ie))
+            .collect();
+        for (is, ie) in touching {
+            self.map.remove(&is);
+            s = s.min(is);
+            e = e.max(ie);
+        }
+        self.map.insert(s, e);
+    }
+
+    /// Remove `[start, end)`.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let overlapping: Vec<(u64, u64)> = self
+            .map
+            .range(..end)
+            .rev()
+            .take_while(|&(_, &ie)| ie > start)
+            .map(|(&is, &ie)| (is, ie))
+            .collect();
+        for (is, ie) in overlapping {
+            self.map.remove(&is);
+            if is < start {
+                self.map.insert(is, start);
+            }
+            if end < ie {
+                self.map.insert(end, ie);
+            }
+        }
+    }
+
+    /// The number of intervals.
+    pub fn intervals(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// One guest's memory: guest_memfd-backed private frames, the VMM's shared frames, and the
+/// memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) that say which side a guest frame is on.
 #[derive(Debug, Default)]
 pub struct GuestMemfd {
     slots: Vec<(u64, u64)>,
     private: BTreeMap<u64, Pfn>,
     shared: BTreeMap<u64, Pfn>,
-    shared_attr: BTreeSet<u64>,
+    private_attr: RangeSet,
 }
 
 impl GuestMemfd {
-    /// Add a memslot of guest frames `[start, start + frames)` backed by guest_memfd.
-    pub fn add_slot(&mut self, start: Gfn, frames: u64) {
-        self.slots.push((start.0, start.0.saturating_add(frames)));
+    /// Add a memslot of guest frames `[start, start + frames)` backed by guest_memfd; its
+    /// attribute starts private if `private`, else shared (KVM's default).
+    pub fn add_slot(&mut self, start: Gfn, frames: u64, private: bool) {
+        let end = start.0.saturating_add(frames);
+        self.slots.push((start.0, end));
+        if private {
+            self.private_attr.insert(start.0, end);
+        }
+    }
+
+    /// Whether the memslots cover every frame of `[start, end)`.
+    pub fn covers(&self, start: Gfn, end: Gfn) -> bool {
+        let covered: u64 = self
+            .slots
+            .iter()
+            .map(|&(s, e)| e.min(end.0).saturating_sub(s.max(start.0)))
+            .sum();
+        covered == end.0.saturating_sub(start.0)
     }
 
     /// Whether a memslot covers `gfn`.
@@ -289,24 +379,38 @@ impl GuestMemfd {
         std::mem::take(&mut self.shared).into_values().collect()
     }
 
-    /// Whether `gfn` is currently shared (KVM memory attributes; private is the default of an
-    /// SNP guest's memory).
+    /// Whether `gfn`'s attribute is shared (not `KVM_MEMORY_ATTRIBUTE_PRIVATE`).
     pub fn is_shared(&self, gfn: Gfn) -> bool {
-        self.shared_attr.contains(&gfn.0)
+        !self.private_attr.contains(gfn.0)
     }
 
-    /// Set the memory attribute of `gfn` (`KVM_SET_MEMORY_ATTRIBUTES`).
-    pub fn set_attr_shared(&mut self, gfn: Gfn, shared: bool) {
-        if shared {
-            self.shared_attr.insert(gfn.0);
+    /// Whether every frame of `[start, end)` is private.
+    pub fn is_private_range(&self, start: Gfn, end: Gfn) -> bool {
+        self.private_attr.covers(start.0, end.0)
+    }
+
+    /// Set the attribute of `[start, end)` (`KVM_SET_MEMORY_ATTRIBUTES`).
+    pub fn set_attr(&mut self, start: Gfn, end: Gfn, private: bool) {
+        if private {
+            self.private_attr.insert(start.0, end.0);
         } else {
-            self.shared_attr.remove(&gfn.0);
+            self.private_attr.remove(start.0, end.0);
         }
+    }
+
+    /// The guest frames of `[start, end)` with a private frame allocated.
+    pub fn private_in(&self, start: Gfn, end: Gfn) -> Vec<Gfn> {
+        self.private.range(start.0..end.0).map(|(&g, _)| Gfn(g)).collect()
+    }
+
+    /// The guest frames of `[start, end)` with a shared frame allocated.
+    pub fn shared_in(&self, start: Gfn, end: Gfn) -> Vec<Gfn> {
+        self.shared.range(start.0..end.0).map(|(&g, _)| Gfn(g)).collect()
     }
 
     /// Approximate bytes of the maps.
     pub fn footprint_bytes(&self) -> usize {
-        (self.private.len() + self.shared.len() + self.shared_attr.len()) * 32 + self.slots.len() * 16
+        (self.private.len() + self.shared.len() + self.private_attr.intervals()) * 32 + self.slots.len() * 16
     }
 }
 
@@ -366,15 +470,42 @@ mod tests {
     #[test]
     fn gmem_slots_and_holes() {
         let mut g = GuestMemfd::default();
-        g.add_slot(Gfn(0x100), 16);
+        g.add_slot(Gfn(0x100), 16, true);
         assert!(g.in_slot(Gfn(0x10f)) && !g.in_slot(Gfn(0x110)));
+        assert!(g.covers(Gfn(0x100), Gfn(0x110)) && !g.covers(Gfn(0x100), Gfn(0x111)));
         g.set_private(Gfn(0x101), Pfn(9));
         assert_eq!(g.private_pfn(Gfn(0x101)), Some(Pfn(9)));
+        assert_eq!(g.private_in(Gfn(0x100), Gfn(0x110)), vec![Gfn(0x101)]);
         assert_eq!(g.punch(Gfn(0x101)), Some(Pfn(9)));
         assert_eq!(g.private_pfn(Gfn(0x101)), None);
-        g.set_attr_shared(Gfn(0x102), true);
+        assert!(!g.is_shared(Gfn(0x102)), "the slot was added private");
+        g.set_attr(Gfn(0x102), Gfn(0x103), false);
         assert!(g.is_shared(Gfn(0x102)));
-        g.set_attr_shared(Gfn(0x102), false);
-        assert!(!g.is_shared(Gfn(0x102)));
+        assert!(!g.is_private_range(Gfn(0x100), Gfn(0x110)));
+        g.set_attr(Gfn(0x102), Gfn(0x103), true);
+        assert!(g.is_private_range(Gfn(0x100), Gfn(0x110)));
+        let mut kvm_default = GuestMemfd::default();
+        kvm_default.add_slot(Gfn(0), 8, false);
+        assert!(kvm_default.is_shared(Gfn(3)), "KVM's default attribute is shared");
+    }
+
+    #[test]
+    fn range_sets_merge_split_and_answer_coverage() {
+        let mut r = RangeSet::default();
+        r.insert(10, 20);
+        r.insert(20, 30);
+        r.insert(40, 50);
+        assert_eq!(r.intervals(), 2, "adjacent ranges merge");
+        assert!(r.covers(10, 30) && !r.covers(10, 41) && r.covers(5, 5));
+        r.insert(25, 45);
+        assert_eq!(r.intervals(), 1);
+        r.remove(15, 16);
+        assert_eq!(r.intervals(), 2);
+        assert!(r.contains(14) && !r.contains(15) && r.contains(16) && !r.contains(50));
+        r.remove(0, 100);
+        assert_eq!(r.intervals(), 0);
+        // A tebibyte of 4 KiB frames is one interval.
+        r.insert(0, 1 << 28);
+        assert!(r.covers(0, 1 << 28) && r.intervals() == 1);
     }
 }

@@ -51,13 +51,34 @@ impl SimPlatform {
     }
 
     /// Give the guest `len` bytes of guest_memfd-backed memory at `gpa` (a memslot; frames are
-    /// allocated on first use, so 16 GiB costs nothing until touched).
+    /// allocated on first use, so 16 GiB costs nothing until touched). An SNP guest's memory
+    /// starts shared, as KVM's memory attributes do, until [`SimPlatform::convert`] makes it
+    /// private; an SEV-ES guest has no memory attributes (its C-bit alone decides).
     pub fn add_memslot(&self, gpa: Gpa, len: u64) -> Result<(), SimError> {
         let mut hw = self.machine.hw();
-        hw.slot_mut(self.asid)?
-            .gmem
-            .add_slot(gpa.gfn(), len.div_ceil(PAGE_SIZE));
+        let slot = hw.slot_mut(self.asid)?;
+        let private = slot.kind == VmKind::SevEs;
+        slot.gmem.add_slot(gpa.gfn(), len.div_ceil(PAGE_SIZE), private);
         Ok(())
+    }
+
+    /// Give the guest `len` bytes of private memory at `gpa`: a memslot made private at once
+    /// (what a VMM does for a confidential guest's RAM before the launch).
+    pub fn add_private_memslot(&self, gpa: Gpa, len: u64) -> Result<(), SimError> {
+        self.add_memslot(gpa, len)?;
+        let start = gpa.gfn();
+        self.convert(start, Gfn(start.0 + len.div_ceil(PAGE_SIZE)), false)
+            .map(drop)
+    }
+
+    /// Whether every frame of `[gpa, gpa + len)` has the private attribute.
+    pub fn is_private(&self, gpa: Gpa, len: u64) -> Result<bool, SimError> {
+        let hw = self.machine.hw();
+        let start = gpa.gfn();
+        Ok(hw
+            .slot(self.asid)?
+            .gmem
+            .is_private_range(start, Gfn(start.0 + len.div_ceil(PAGE_SIZE))))
     }
 
     /// Punch a hole in guest_memfd over `[gpa, gpa + len)` (or replace its backing): every
@@ -109,15 +130,11 @@ impl SimPlatform {
             .rmpadjust(self.asid, gpa, target_vmpl, perms, vmsa)
     }
 
-    /// Host side of a page state change of one guest frame; `true` when a private frame was
-    /// released (so `Vm::gmem_invalidate` must be called for it).
-    pub fn page_state_change(&self, gfn: Gfn, to_shared: bool) -> Result<bool, SimError> {
-        let mut hw = self.machine.hw();
-        if to_shared {
-            hw.convert_to_shared(self.asid, gfn)
-        } else {
-            hw.convert_to_private(self.asid, gfn).map(|()| false)
-        }
+    /// Convert guest frames `[start, end)` to shared or private (`KVM_SET_MEMORY_ATTRIBUTES`
+    /// plus the guest_memfd hole punch of a conversion to shared); returns the guest frames
+    /// whose private frame was released (so `Vm::gmem_invalidate` must be called for them).
+    pub fn convert(&self, start: Gfn, end: Gfn, to_shared: bool) -> Result<Vec<Gfn>, SimError> {
+        self.machine.hw().convert(self.asid, start, end, to_shared)
     }
 
     /// VMRUN with the VMSA at `hpa`, which the RMP must record at `expected_gpa` (the

@@ -52,7 +52,7 @@ fn unhex(s: &str) -> Vec<u8> {
 fn launch(case: &Value) -> String {
     let machine = Machine::new(MachineConfig::default());
     let platform = machine.create_guest(VmKind::Snp).unwrap();
-    platform.add_memslot(Gpa(0), 4 << 30).unwrap();
+    platform.add_private_memslot(Gpa(0), 4 << 30).unwrap();
     let events = Arc::new(EventLog::new());
     let mut vm = Vm::new(platform.clone(), VmConfig::snp(0), events.clone());
     let vmsas = case["vmsas"].as_array().unwrap();

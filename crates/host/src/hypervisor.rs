@@ -20,6 +20,11 @@ pub struct Capabilities {
     pub ownership_visible: bool,
     /// Whether the host reports the launch digest the firmware computed.
     pub launch_digest_visible: bool,
+    /// Whether its SNP VMs have private memory (`KVM_MEMORY_ATTRIBUTE_PRIVATE` over
+    /// guest_memfd). Where they do, a range must be made private
+    /// ([`crate::Vm::set_memory_attributes`]) before a launch update measures it, as KVM's
+    /// `kvm_gmem_populate` requires.
+    pub private_memory: bool,
 }
 
 /// Why a host could not create a VM.

@@ -88,6 +88,7 @@ impl KvmImageHost {
                 max_vcpus: u32::try_from(probe.caps.max_vcpus).unwrap_or(0),
                 ownership_visible: true,
                 launch_digest_visible: false,
+                private_memory: false,
             },
             reason: reason.into(),
             kick_timeout: Duration::from_secs(10),

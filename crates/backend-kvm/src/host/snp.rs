@@ -69,6 +69,7 @@ impl KvmSnpHost {
                 max_vcpus: u32::try_from(probe.caps.max_vcpus).unwrap_or(0),
                 ownership_visible: false,
                 launch_digest_visible: false,
+                private_memory: true,
             },
         })
     }

@@ -78,18 +78,26 @@ pub(crate) fn each_page(
 }
 
 /// Convert `range` as KVM_SET_MEMORY_ATTRIBUTES and the guest_memfd hole punch QEMU does for a
-/// conversion to shared would (`sev_gmem_invalidate`): page by page, saying what each did.
+/// conversion to shared would (`sev_gmem_invalidate`), and tell the kernel which guest frames
+/// were replaced (`sev_gmem_invalidate_range`): a guest VMSA there is re-resolved at its
+/// vCPU's next entry. Says what it did.
 pub(crate) fn convert(vm: &Vm<SimPlatform>, range: Conversion) -> Result<String, SimError> {
-    let p = vm.platform();
-    each_page(range.gpa.0, range.size / PAGE_SIZE, PAGE_SIZE, |g| {
-        let gfn = g.gfn();
-        if p.page_state_change(gfn, !range.private)? {
-            let hit = vm.gmem_invalidate(gfn, Gfn(gfn.0 + 1));
-            Ok(format!("released, vCPUs reloading: {hit:?}"))
-        } else {
-            Ok("ok".into())
-        }
-    })
+    let start = range.gpa.gfn();
+    let end = Gfn(start.0 + range.size / PAGE_SIZE);
+    let released = vm.platform().convert(start, end, !range.private)?;
+    let pages = end.0 - start.0;
+    let to = if range.private { "private" } else { "shared" };
+    if released.is_empty() {
+        return Ok(format!("{pages} pages to {to}"));
+    }
+    let hit: Vec<VcpuId> = released
+        .iter()
+        .flat_map(|g| vm.gmem_invalidate(*g, Gfn(g.0 + 1)))
+        .collect();
+    Ok(format!(
+        "{pages} pages to {to}; {} private frames released, vCPUs reloading: {hit:?}",
+        released.len()
+    ))
 }
 
 /// Run `script` on `vm` (launched) on the caller's thread, every action in order, answering the

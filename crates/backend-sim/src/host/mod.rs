@@ -67,6 +67,7 @@ impl SimHost {
                 max_vcpus: MAX_VCPUS,
                 ownership_visible: true,
                 launch_digest_visible: true,
+                private_memory: true,
             },
         }
     }

@@ -3,7 +3,9 @@
 
 use vmsa_core::layout::{SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE};
 use vmsa_core::{PAGE_SIZE, VmKind};
-use vmsa_host::{Conversion, Errno, HypervisorError, MemoryRegion, Refusal, VmError, VmSpec};
+use vmsa_host::{Conversion, Errno, HypervisorError, LaunchUpdate, MemoryRegion, Refusal, VmError, VmSpec};
+
+use crate::platform::SimPlatform;
 
 use crate::error::SimError;
 
@@ -77,8 +79,18 @@ pub fn check_region(region: &MemoryRegion, existing: &[MemoryRegion]) -> Result<
     Ok(())
 }
 
-/// `kvm_vm_ioctl_set_mem_attributes`: the range must be page aligned, non-empty, not wrap.
-pub fn check_conversion(range: &Conversion) -> Result<(), VmError> {
+/// `kvm_vm_ioctl_set_mem_attributes`: only a VM with private memory (SNP) takes the private
+/// attribute (`kvm_supported_mem_attributes`), and the range must be page aligned, non-empty,
+/// not wrap.
+pub fn check_conversion(range: &Conversion, kind: VmKind) -> Result<(), VmError> {
+    if kind != VmKind::Snp {
+        return Err(Refusal::new(
+            "KVM_SET_MEMORY_ATTRIBUTES",
+            Errno::EINVAL,
+            "an SEV-ES VM has no private memory attribute (kvm_supported_mem_attributes)",
+        )
+        .into());
+    }
     let wraps = range.gpa.0.checked_add(range.size).is_none();
     if range.size == 0 || wraps || !range.gpa.is_page_aligned() || !range.size.is_multiple_of(PAGE_SIZE) {
         return Err(Refusal::new(
@@ -89,6 +101,21 @@ pub fn check_conversion(range: &Conversion) -> Result<(), VmError> {
         .into());
     }
     Ok(())
+}
+
+/// `kvm_gmem_populate`: an SNP launch update measures only memory whose attribute is private
+/// (`kvm_range_has_memory_attributes(.., KVM_MEMORY_ATTRIBUTE_PRIVATE)`, else `-EINVAL`).
+pub fn check_populate(platform: &SimPlatform, u: &LaunchUpdate<'_>) -> Result<(), VmError> {
+    // A range outside guest memory is vmsa-core's to refuse (no guest_memfd slot).
+    if u.len == 0 || !u.gpa.is_page_aligned() || !matches!(platform.is_private(u.gpa, u.len), Ok(false)) {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        "KVM_SEV_SNP_LAUNCH_UPDATE",
+        Errno::EINVAL,
+        "the range is not private: set KVM_MEMORY_ATTRIBUTE_PRIVATE on it first (kvm_gmem_populate)",
+    )
+    .into())
 }
 
 /// vmsa-core's refusal of `call` as the refusal KVM gives for the same rule
@@ -155,7 +182,12 @@ mod tests {
             size,
             private: false,
         };
-        assert!(check_conversion(&c(0x1000, 0x1000)).is_ok());
+        assert!(check_conversion(&c(0x1000, 0x1000), VmKind::Snp).is_ok());
+        assert_eq!(
+            errno(check_conversion(&c(0x1000, 0x1000), VmKind::SevEs).unwrap_err()),
+            Some(Errno::EINVAL),
+            "an SEV-ES VM has no private attribute"
+        );
         for bad in [
             c(0x1000, 0),
             c(0x1001, 0x1000),
@@ -163,7 +195,7 @@ mod tests {
             c(u64::MAX - 0xfff, 0x2000),
         ] {
             assert_eq!(
-                errno(check_conversion(&bad).unwrap_err()),
+                errno(check_conversion(&bad, VmKind::Snp).unwrap_err()),
                 Some(Errno::EINVAL),
                 "{bad:?}"
             );

@@ -149,7 +149,7 @@ impl vmsa_host::Vm for SimVm {
     /// the private page out of guest_memfd, which makes it shared in the RMP and frees it
     /// (`sev_gmem_invalidate`); any guest VMSA there is re-resolved at its vCPU's next entry.
     fn set_memory_attributes(&self, range: Conversion) -> Result<(), VmError> {
-        rules::check_conversion(&range)?;
+        rules::check_conversion(&range, self.spec.kind)?;
         let kernel = self.shared.kernel();
         let result = convert(&kernel, range);
         drop(kernel);
@@ -171,6 +171,9 @@ impl vmsa_host::Vm for SimVm {
     }
 
     fn launch_update(&mut self, u: LaunchUpdate<'_>) -> Result<(), VmError> {
+        if self.spec.kind == VmKind::Snp {
+            rules::check_populate(&self.shared.platform, &u)?;
+        }
         self.shared
             .kernel_mut()
             .launch_update_data(u.gpa, u.len, u.page_type, u.data)

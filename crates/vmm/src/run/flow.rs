@@ -22,8 +22,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 use vmsa_core::{Gpa, SevEsSaveArea, SnpPageType, VmKind};
 use vmsa_host::{
-    Errno, HostReport, Hypervisor, HypervisorError, Kick, LaunchUpdate, MemoryRegion, Vcpu, VcpuError,
-    VcpuExit, Vm, VmError, VmSpec, ports,
+    Conversion, Errno, HostReport, Hypervisor, HypervisorError, Kick, LaunchUpdate, MemoryRegion, Vcpu,
+    VcpuError, VcpuExit, Vm, VmError, VmSpec, ports,
 };
 
 use super::progress::Progress;
@@ -218,7 +218,8 @@ pub fn run<H: Hypervisor>(
 ) -> Result<FlowReport, FlowError> {
     let mut vm = host.create_vm(launch.spec)?;
     let mut vcpus = Vec::with_capacity(launch.vmsas.len());
-    let created = create(&mut vm, launch, &mut vcpus);
+    let private = launch.spec.kind == VmKind::Snp && host.capabilities().private_memory;
+    let created = create(&mut vm, launch, private, &mut vcpus);
     phase("create");
     progress.phase("launch", launch.updates.len() as u64 + 1);
     let launched = created.and_then(|()| self::launch(&mut vm, launch, progress));
@@ -245,10 +246,23 @@ pub fn run<H: Hypervisor>(
     })
 }
 
-/// Memory, then every vCPU with its initial state.
-fn create<V: Vm>(vm: &mut V, launch: &Launch<'_>, vcpus: &mut Vec<V::Vcpu>) -> Result<(), LaunchError> {
+/// Memory (made private where the host has private memory: an SNP guest's RAM is private
+/// from the start, and launch updates need it so), then every vCPU with its initial state.
+fn create<V: Vm>(
+    vm: &mut V,
+    launch: &Launch<'_>,
+    private: bool,
+    vcpus: &mut Vec<V::Vcpu>,
+) -> Result<(), LaunchError> {
     for r in &launch.memory {
         vm.add_memory(*r)?;
+        if private && r.guest_memfd {
+            vm.set_memory_attributes(Conversion {
+                gpa: r.gpa,
+                size: r.size,
+                private: true,
+            })?;
+        }
     }
     for (id, state) in (0u32..).zip(launch.vmsas) {
         let mut vcpu = vm.create_vcpu(id)?;
