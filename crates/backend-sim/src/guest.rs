@@ -48,7 +48,9 @@ pub enum GuestAction {
         #[serde(default = "yes")]
         validate: bool,
     },
-    /// Fill `pages` pages from `gpa` with `byte` (C=1 private unless `private` is false).
+    /// Fill `pages` pages from `gpa` with `byte` (C=1 private unless `private` is false). An
+    /// access whose C-bit differs from the page's memory attribute exits to the VMM as a memory
+    /// fault (KVM's implicit conversion) and is retried once it converted the page.
     Write {
         /// The executing vCPU.
         vcpu: u32,
@@ -142,6 +144,18 @@ pub enum GuestAction {
         /// The vCPU.
         vcpu: u32,
     },
+    /// The GHCB termination request (MSR protocol `GHCB_MSR_TERM_REQ`): the guest asks the host
+    /// to end it, giving a reason (GHCB spec pub. 56421 §2.3.6).
+    Terminate {
+        /// The vCPU.
+        vcpu: u32,
+        /// The reason code set (0: general, 1: GHCB protocol).
+        #[serde(default)]
+        reason_set: u8,
+        /// The reason code.
+        #[serde(default)]
+        reason_code: u8,
+    },
 }
 
 impl GuestAction {
@@ -157,7 +171,8 @@ impl GuestAction {
             | Self::SendInit { vcpu, .. }
             | Self::PageState { vcpu, .. }
             | Self::Run { vcpu }
-            | Self::Hlt { vcpu } => vcpu,
+            | Self::Hlt { vcpu }
+            | Self::Terminate { vcpu, .. } => vcpu,
         }
     }
 
@@ -206,6 +221,7 @@ impl GuestAction {
             Self::PageState { .. } => "page_state",
             Self::Run { .. } => "run",
             Self::Hlt { .. } => "hlt",
+            Self::Terminate { .. } => "terminate",
         }
     }
 }

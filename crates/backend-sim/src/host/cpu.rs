@@ -32,6 +32,16 @@ pub(crate) enum Acted {
     /// It asks the VMM to convert a range (a GHCB page state change); it ends when the VMM
     /// answers.
     Convert(Conversion),
+    /// A guest access hit a page whose attribute differs from its C-bit: `KVM_EXIT_MEMORY_FAULT`
+    /// (`kvm_mmu_prepare_memory_fault_exit`). The action runs again after the VMM converts it.
+    Fault(Conversion),
+    /// The guest asked to be terminated (a GHCB termination request).
+    Terminate {
+        /// The reason code set.
+        reason_set: u8,
+        /// The reason code.
+        reason_code: u8,
+    },
 }
 
 /// The processors of one scripted guest.
@@ -106,9 +116,19 @@ pub(crate) fn convert(vm: &Vm<SimPlatform>, range: Conversion) -> Result<String,
 pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> GuestActivity {
     let mut cpus = Cpus::new();
     for (index, a) in script.actions.iter().enumerate() {
-        if let Acted::Convert(range) = cpus.step(vm, index, a) {
-            let done = convert(vm, range).map_err(|e| e.to_string());
-            cpus.record(index, a, done);
+        match cpus.step(vm, index, a, false) {
+            Acted::Convert(range) => {
+                let done = convert(vm, range).map_err(|e| e.to_string());
+                cpus.record(index, a, done);
+            }
+            Acted::Fault(range) => {
+                if let Err(e) = convert(vm, range) {
+                    cpus.record(index, a, Err(e.to_string()));
+                } else {
+                    cpus.step(vm, index, a, true);
+                }
+            }
+            Acted::Done | Acted::Terminate { .. } => {}
         }
     }
     cpus.finish(vm)
@@ -223,12 +243,21 @@ impl Cpus {
                 byte,
                 private,
                 ..
-            } => each_page(gpa, pages, PAGE_SIZE, |g| {
+            } => match each_page(gpa, pages, PAGE_SIZE, |g| {
                 p.guest_write(g, &[byte; PAGE_SIZE as usize], private)
                     .map(|()| "ok".into())
-            })
-            .map(done)
-            .map_err(|e| e.to_string()),
+            }) {
+                Ok(d) => Ok(done(d)),
+                Err(SimError::SharedMemory { gpa, .. } | SimError::PrivateMemory { gpa, .. }) => Ok((
+                    Acted::Fault(Conversion {
+                        gpa: Gpa(gpa.0 & !(PAGE_SIZE - 1)),
+                        size: PAGE_SIZE,
+                        private,
+                    }),
+                    String::new(),
+                )),
+                Err(e) => Err(e.to_string()),
+            },
             GuestAction::WriteVmsa {
                 gpa,
                 rip,
@@ -288,6 +317,20 @@ impl Cpus {
                 ))
             }
             GuestAction::Run { .. } => Ok(done("running".into())),
+            GuestAction::Terminate {
+                reason_set,
+                reason_code,
+                ..
+            } => {
+                p.charge(Self::exit_cost(vm), "termination request");
+                Ok((
+                    Acted::Terminate {
+                        reason_set,
+                        reason_code,
+                    },
+                    format!("terminated (reason set {reason_set}, code {reason_code})"),
+                ))
+            }
             GuestAction::Hlt { .. } => {
                 self.exit(vm, vcpu);
                 vm.set_mp_state(VcpuId(vcpu), MpState::Halted)
@@ -299,14 +342,32 @@ impl Cpus {
 
     /// Execute action `index` of the script as the guest would. A failure is recorded (the
     /// guest sees it) rather than returned; a conversion request is recorded when the VMM
-    /// answers it ([`Cpus::record`]).
-    pub fn step(&mut self, vm: &Vm<SimPlatform>, index: usize, a: &GuestAction) -> Acted {
+    /// answers it ([`Cpus::record`]); a memory fault records nothing (the action runs again).
+    /// `retry` is set when the action already faulted once: a second fault is the guest's
+    /// error, as the VMM did not convert what the fault asked for.
+    pub fn step(&mut self, vm: &Vm<SimPlatform>, index: usize, a: &GuestAction, retry: bool) -> Acted {
         match self.act(vm, a) {
             Ok((Acted::Done, detail)) => {
                 self.record(index, a, Ok(detail));
                 Acted::Done
             }
-            Ok((convert, _)) => convert,
+            Ok((Acted::Fault(range), _)) if retry => {
+                let to = if range.private { "private" } else { "shared" };
+                self.record(
+                    index,
+                    a,
+                    Err(format!(
+                        "memory fault at {} again: the VMM did not make it {to}",
+                        range.gpa
+                    )),
+                );
+                Acted::Done
+            }
+            Ok((t @ Acted::Terminate { .. }, detail)) => {
+                self.record(index, a, Ok(detail));
+                t
+            }
+            Ok((exit, _)) => exit,
             Err(e) => {
                 self.record(index, a, Err(e));
                 Acted::Done

@@ -95,11 +95,18 @@ impl vmsa_host::Vcpu for SimVcpu {
             };
             match action {
                 Some((index, a)) if a.vcpu() == self.id || !g.vcpus.contains(&a.vcpu()) => {
-                    g.next += 1;
+                    let retry = g.faulted == Some(index);
                     let acted = {
                         let kernel = shared.kernel();
-                        g.cpus.step(&kernel, index, &a)
+                        g.cpus.step(&kernel, index, &a, retry)
                     };
+                    if let Acted::Fault(range) = acted {
+                        // The action runs again once the VMM has converted the page.
+                        g.faulted = Some(index);
+                        return Ok(VcpuExit::MemoryFault(range));
+                    }
+                    g.next += 1;
+                    g.faulted = None;
                     shared.wake.notify_all();
                     match acted {
                         Acted::Convert(range) => {
@@ -112,10 +119,19 @@ impl vmsa_host::Vcpu for SimVcpu {
                             });
                             return Ok(VcpuExit::MapGpaRange(range));
                         }
+                        Acted::Terminate {
+                            reason_set,
+                            reason_code,
+                        } => {
+                            return Ok(VcpuExit::Terminate {
+                                reason_set,
+                                reason_code,
+                            });
+                        }
                         Acted::Done if matches!(a, GuestAction::Hlt { vcpu } if vcpu == self.id) => {
                             return Ok(VcpuExit::Halt);
                         }
-                        Acted::Done => {}
+                        Acted::Done | Acted::Fault(_) => {}
                     }
                 }
                 // The script is exhausted: the BSP says so on the done port.

@@ -39,6 +39,8 @@ pub(super) struct Guest {
     pub next: usize,
     pub cpus: Cpus,
     pub pending: Option<Pending>,
+    /// The action that took a memory fault and runs again after the VMM's conversion.
+    pub faulted: Option<usize>,
     pub kicked: BTreeSet<u32>,
     pub vcpus: BTreeSet<u32>,
     pub done_reported: bool,
@@ -107,6 +109,7 @@ impl SimVm {
                     next: 0,
                     cpus,
                     pending: None,
+                    faulted: None,
                     kicked: BTreeSet::new(),
                     vcpus: BTreeSet::new(),
                     done_reported: false,
