@@ -89,7 +89,8 @@ impl Mapping {
         Self::map(len, libc::MAP_SHARED, fd)
     }
 
-    /// Map `len` bytes of zeroed anonymous private memory.
+    /// Map `len` bytes of zeroed anonymous private memory (the unit tests' scratch memory).
+    #[cfg(test)]
     pub fn anonymous(len: u64) -> Result<Self, GmemError> {
         Self::map(
             len,
