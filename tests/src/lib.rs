@@ -1,5 +1,7 @@
 //! Shared helpers for the scenario tests.
 
+pub mod kvm;
+
 use std::sync::Arc;
 use std::time::Duration;
 

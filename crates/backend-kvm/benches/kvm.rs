@@ -33,7 +33,7 @@ use vmsa_core::{VcpuId, Vm, VmConfig};
 fn create_to_first_exit(kvm: &Kvm, prog: &program::Program, table: &kvm_bindings::CpuId) {
     let vm = Arc::new(kvm.create_vm().unwrap());
     let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
-    guest::load(&ram, prog, 1, 0).unwrap();
+    ram.write(0, &guest::image(prog, 1, 0)).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     cpuid::set(&vcpu, table, 0).unwrap();
     let mut img = layout::long_mode_image(prog.entries.ap);
@@ -73,7 +73,8 @@ fn looper(kvm: &Kvm, body: impl FnOnce(&mut CodeAssembler)) -> Looper {
     cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL);
     vm.enable_cap(&cap).unwrap();
     let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
-    guest::load(&ram, &program::assemble().unwrap(), 1, 0).unwrap();
+    ram.write(0, &guest::image(&program::assemble().unwrap(), 1, 0))
+        .unwrap();
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();
     a.mov(ecx, ghcb::GHCB_MSR).unwrap();

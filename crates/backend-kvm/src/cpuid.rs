@@ -3,7 +3,8 @@
 //! The table is KVM's supported table with the vCPU's APIC ID patched into leaf 1 (EBX
 //! bits 31:24) and leaf 0xB (EDX). It advertises no SEV: leaf 0x8000001F stays as KVM
 //! reports it (all zero on hosts without SEV), because a VMSA-image VM has no encryption.
-//! Set it before KVM_SET_SREGS puts the vCPU in long mode (`kvm-host.md` §4).
+//! Set it before KVM_SET_SREGS puts the vCPU in long mode: KVM refuses an EFER with LME/LMA
+//! unless the guest's CPUID has long mode (`__kvm_valid_efer`).
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -43,6 +44,17 @@ pub fn c_bit(table: &CpuId) -> Result<u32, u32> {
     }
 }
 
+/// Guest MAXPHYADDR from CPUID 0x8000_0008 `EAX[7:0]` (AMD APM vol. 3), 48 if absent.
+pub fn max_phys_bits(table: &CpuId) -> u8 {
+    table
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| (e.eax & 0xff) as u8)
+        .filter(|b| *b > 0)
+        .unwrap_or(48)
+}
+
 /// Give `vcpu` the table for `apic_id`.
 pub fn set(vcpu: &VcpuFd, table: &CpuId, apic_id: u32) -> Result<(), IoctlError> {
     vcpu.set_cpuid2(&for_vcpu(table, apic_id)).ioctl("KVM_SET_CPUID2")
@@ -72,5 +84,27 @@ mod tests {
         let p = for_vcpu(&t, 0x42);
         assert_eq!(p.as_slice()[0].ebx, 0x420b_0c0d);
         assert_eq!(p.as_slice()[1].edx, 0x42);
+    }
+
+    #[test]
+    fn c_bit_and_max_phys_bits_from_their_leaves() {
+        let t = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 0x8000_001f,
+                ebx: 0x16f,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0008,
+                eax: 0x3034,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        assert_eq!(c_bit(&t), Ok(0x2f));
+        assert_eq!(max_phys_bits(&t), 0x34);
+        let empty = CpuId::from_entries(&[]).unwrap();
+        assert_eq!(c_bit(&empty), Err(0));
+        assert_eq!(max_phys_bits(&empty), 48);
     }
 }

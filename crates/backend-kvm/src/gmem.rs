@@ -4,8 +4,9 @@
 //! mapping. [`GuestRam`] is one memslot backed by a guest_memfd with `MMAP | INIT_SHARED`
 //! whose `userspace_addr` is the guest_memfd's own mapping: on the PVM hosts this project runs
 //! on, that is the only arrangement in which the guest really runs from guest_memfd memory
-//! (`../shared/reference/kvm-host.md` §3). The memslot is deleted before the mapping is
-//! unmapped and the fd closed, so KVM never holds a dangling `userspace_addr`.
+//! (`kvm_gmem_mmap` serves the faults of that mapping from the same folios the guest maps). The
+//! memslot is deleted before the mapping is unmapped and the fd closed, so KVM never holds a
+//! dangling `userspace_addr`.
 //!
 //! Host accesses race with running vCPUs by design (the GHCB and mailboxes are shared
 //! memory): bulk copies are volatile and 64-bit fields are accessed atomically, so a racing
@@ -88,7 +89,8 @@ impl Mapping {
         Self::map(len, libc::MAP_SHARED, fd)
     }
 
-    /// Map `len` bytes of zeroed anonymous private memory.
+    /// Map `len` bytes of zeroed anonymous private memory (the unit tests' scratch memory).
+    #[cfg(test)]
     pub fn anonymous(len: u64) -> Result<Self, GmemError> {
         Self::map(
             len,

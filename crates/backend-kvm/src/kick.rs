@@ -11,18 +11,84 @@
 //!   deterministic.
 //!
 //! Both set `immediate_exit` in the vCPU's `kvm_run` (so a `KVM_RUN` about to start returns
-//! `EINTR` at once), signal the vCPU thread with the no-op `SIGRTMIN` handler of
-//! [`crate::watchdog`] (so a `KVM_RUN` already running returns `EINTR`), and wake the condition
-//! variable a vCPU blocked inside its run (halted, or an AP not created yet) sleeps on.
+//! `EINTR` at once), signal the vCPU thread ([`SignalTarget`]) with [`kick_signal`], whose
+//! handler ([`install`]) does nothing and is installed without `SA_RESTART` (so a `KVM_RUN`
+//! already running returns `EINTR`), and wake the condition variable a vCPU blocked inside its
+//! run (halted, or an AP not created yet) sleeps on.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use vmsa_host::Kick;
 
-use crate::watchdog::SignalTarget;
+use crate::error::{Errno, IoctlError};
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that interrupts `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Install the no-op handler for [`kick_signal`] (once per process).
+pub fn install() -> Result<(), IoctlError> {
+    static INSTALLED: OnceLock<Result<(), IoctlError>> = OnceLock::new();
+    *INSTALLED.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+            .map_err(|e| IoctlError::new("sigaction(SIGRTMIN)", Errno::from(e)))
+    })
+}
+
+/// A thread that may be signalled; empty when no thread is attached.
+#[derive(Debug, Default)]
+pub struct SignalTarget {
+    thread: Mutex<Option<libc::pthread_t>>,
+}
+
+/// While alive, the attached thread can be signalled. Dropping it detaches the thread (under
+/// the same lock `signal` holds), so a signal never goes to a thread that has exited.
+#[derive(Debug)]
+pub struct Attached<'a>(&'a SignalTarget);
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = None;
+    }
+}
+
+impl SignalTarget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<libc::pthread_t>> {
+        self.thread.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attach the calling thread until the guard drops.
+    pub fn attach(&self) -> Attached<'_> {
+        // SAFETY: pthread_self has no preconditions.
+        *self.lock() = Some(unsafe { libc::pthread_self() });
+        Attached(self)
+    }
+
+    /// Whether a thread is attached.
+    pub fn attached(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Signal the attached thread, if any. Returns whether a signal was sent.
+    pub fn signal(&self) -> bool {
+        let guard = self.lock();
+        match *guard {
+            Some(t) => {
+                // SAFETY: `t` is the pthread_t of a thread that is still running: it detaches
+                // itself (through `Attached::drop`, under this lock) before it exits, and we
+                // hold the lock for the duration of the call.
+                unsafe { libc::pthread_kill(t, kick_signal()) == 0 }
+            }
+            None => false,
+        }
+    }
+}
 
 /// The `immediate_exit` byte of a live `kvm_run` mapping.
 #[derive(Debug, Clone, Copy)]
@@ -217,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_kick_wakes_a_waiting_thread_and_sets_immediate_exit() {
-        crate::watchdog::install().unwrap();
+        install().unwrap();
         let k = KvmKick::new();
         let mut run: kvm_bindings::kvm_run = Default::default();
         // SAFETY: `run` outlives the registration, which is removed below.
@@ -250,5 +316,50 @@ mod tests {
         assert!(st.wake_and_wait(Duration::from_secs(10), &|| false));
         h.join().unwrap();
         assert!(st.wake_and_wait(Duration::from_secs(10), &|| true), "aborted");
+    }
+
+    #[test]
+    fn a_signal_ends_a_blocked_syscall_with_eintr_and_detached_threads_are_not_signalled() {
+        install().unwrap();
+        let target = SignalTarget::default();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let interrupted = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let _a = target.attach();
+                let mut eintr = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    // A blocking read that only a signal ends.
+                    let mut fds = [0; 2];
+                    // SAFETY: `fds` is a valid array of two ints for pipe(2) to fill.
+                    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+                    let mut b = 0u8;
+                    // SAFETY: fds[0] is the read end just created; `b` is a valid 1-byte buffer.
+                    let r = unsafe { libc::read(fds[0], (&mut b as *mut u8).cast(), 1) };
+                    if r < 0 && Errno::last().code == libc::EINTR {
+                        eintr += 1;
+                    }
+                    // SAFETY: both fds were created above and are closed exactly once.
+                    unsafe {
+                        libc::close(fds[0]);
+                        libc::close(fds[1]);
+                    }
+                }
+                eintr
+            });
+            while !target.attached() {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            stop.store(true, Ordering::SeqCst);
+            // Signal until the thread has left its loop (and detached).
+            while target.attached() {
+                target.signal();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            h.join().unwrap()
+        });
+        assert!(interrupted >= 1);
+        assert!(!target.attached());
+        assert!(!target.signal(), "no thread, no signal");
     }
 }

@@ -3,9 +3,9 @@
 //! The `/dev/kvm` backend of vmsa: real vCPUs whose register state comes from AMD SEV-ES /
 //! SEV-SNP VMSA pages.
 //!
-//! Two modes, chosen at run time by [`probe()`] (see [`runner::run`]):
+//! Two modes, chosen at run time by [`probe()`] (see [`KvmHost`]):
 //!
-//! - **SEV-SNP** ([`snp`]) on hosts whose KVM has `KVM_X86_SNP_VM`: `KVM_SEV_INIT2`,
+//! - **SEV-SNP** ([`host::snp`]) on hosts whose KVM has `KVM_X86_SNP_VM`: `KVM_SEV_INIT2`,
 //!   guest_memfd private memory, `SNP_LAUNCH_START/UPDATE/FINISH` through typed commands
 //!   ([`sev`]), and a vCPU loop serving `KVM_EXIT_MEMORY_FAULT` and `KVM_HC_MAP_GPA_RANGE`.
 //!   **Untested on SNP hardware**: the development hosts have no SEV, and there this path
@@ -19,15 +19,36 @@
 //!   **Nothing is encrypted and there is no RMP in this mode**: the RMP is tracked in
 //!   software to keep the transitions honest, not to protect anything (see [`platform`]).
 //!
-//! [`host`] puts both modes behind vmsa-host's interface ([`KvmHost`] probes and picks), the
-//! way the VMM drives every backend; [`runner`] is the older orchestrator, still working.
+//! [`host`] puts both modes behind vmsa-host's interface: [`KvmHost`] probes and picks, and a
+//! VMM drives it as it drives every backend (the `vmm` crate's one launch-and-run flow does).
 //!
 //! ```no_run
-//! let report = backend_kvm::probe();
-//! println!("{report}");
-//! let run = backend_kvm::runner::run(&backend_kvm::runner::RunConfig::ap_creation(4))?;
-//! println!("{run}");
-//! # Ok::<(), backend_kvm::runner::RunError>(())
+//! use backend_kvm::KvmHost;
+//! use backend_kvm::guest::builtin::GuestProgram;
+//! use vmsa_core::{Gpa, SnpPageType, VmKind};
+//! use vmsa_host::{Hypervisor, LaunchUpdate, MemoryRegion, Vcpu, Vm, VmSpec};
+//!
+//! let host = KvmHost::new()?;
+//! println!("{}: {}", host.name(), host.reason());
+//! let guest = host.builtin_guest(&GuestProgram::ApCreation { recreate: true }, 1)?;
+//! let mut vm = host.create_vm(VmSpec { kind: VmKind::Snp, vmsa_features: 0 })?;
+//! vm.add_memory(MemoryRegion { slot: 0, gpa: Gpa(0), size: 16 << 20, guest_memfd: true })?;
+//! let mut bsp = vm.create_vcpu(0)?;
+//! bsp.set_state(&guest.vmsas[0])?;
+//! vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO)?;
+//! vm.launch_update(LaunchUpdate {
+//!     gpa: guest.gpa,
+//!     len: guest.bytes.len() as u64,
+//!     page_type: SnpPageType::Normal,
+//!     data: Some(&guest.bytes),
+//! })?;
+//! vm.launch_finish()?;
+//! // The BSP's `OUT` to the done port (on SEV-SNP: its termination request) ends the guest.
+//! println!("{:?}", bsp.run()?);
+//! drop(bsp);
+//! let report = vm.teardown();
+//! println!("{:?}", report.guest);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 #![deny(missing_docs)]
@@ -43,15 +64,11 @@ pub mod host;
 pub mod kick;
 pub mod platform;
 pub mod probe;
-pub mod runner;
 pub mod sev;
-pub mod snp;
 pub mod uapi;
 pub mod vcpu;
 pub mod vmsa_regs;
-pub mod watchdog;
 
 pub use error::{Errno, IoctlError};
 pub use host::{KvmHost, KvmImageHost, KvmSnpHost, KvmVcpu, KvmVm};
 pub use probe::{Missing, Mode, ModeSupport, ProbeReport, probe};
-pub use runner::{ModeChoice, RunConfig, RunError, RunReport, run};

@@ -399,7 +399,7 @@ mod tests {
 
     #[test]
     fn struct_layouts_match_the_uapi() {
-        // kernel.md §3.4.
+        // include/uapi/linux/kvm.h: struct kvm_sev_cmd.
         assert_eq!(size_of::<kvm_sev_cmd>(), 24);
         assert_eq!(offset_of!(kvm_sev_cmd, data), 8);
         assert_eq!(offset_of!(kvm_sev_cmd, error), 16);

@@ -1,41 +1,31 @@
-//! The vCPU threads of a VMSA-image VM: entry through vmsa-core, loading the VMSA the VMCB
-//! points at, the exit loop, and the GHCB doorbell.
+//! One step of a VMSA-image vCPU: loading the VMSA the VMCB points at,
+//! one `KVM_RUN` with the exits this backend serves itself, and the GHCB doorbell.
 //!
-//! Each vCPU has its own thread and [`VcpuControl`]. Before every entry the thread asks
-//! vmsa-core ([`vmsa_core::Vm::prepare_entry`]), which applies a pending AP-creation update
-//! and answers `Run(hpa)` or `Blocked`. On `Run`, after a reset (first entry or an
-//! AP-creation kick), the thread reads the VMSA page at `hpa` in the frame space — a host
-//! VMSA vmsa-core launched, or a guest-owned page resolved through guest_memfd — loads it into
-//! the KVM vCPU ([`crate::vmsa_regs::load`]) and makes it runnable (`KVM_SET_MP_STATE`), as
-//! the hardware would VMRUN from that page. `Blocked` threads sleep until kicked.
+//! Before every entry the vCPU asks vmsa-core ([`vmsa_core::Vm::prepare_entry`]), which applies a
+//! pending AP-creation update and answers `Run(hpa)` or `Blocked`. On `Run`, after a reset (first
+//! entry or an AP-creation wake), `load` reads the VMSA page at `hpa` in the frame space (a
+//! host VMSA vmsa-core launched, or a guest-owned page resolved through guest_memfd), loads it
+//! into the KVM vCPU ([`crate::vmsa_regs::load`]) and makes it runnable (`KVM_SET_MP_STATE`), as
+//! VMRUN would from that page.
 //!
-//! A doorbell (guest WRMSR of the GHCB MSR) is handled on the requester's thread: the GHCB is
-//! read from guest memory, pre-checked, handed to [`vmsa_core::Vm::ap_creation`], answered in
-//! `sw_exit_info_1/2`, and the target is kicked; the requester waits until the target has
-//! applied the request, so ownership histories are deterministic (KVM itself does not wait;
-//! the guest cannot tell the difference). Two vCPUs that target each other at the same
-//! moment would each wait for the other until the kick timeout, which is then reported as
-//! [`VcpuError::KickTimeout`]; the built-in guest only creates APs from the BSP.
-
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+//! A doorbell (guest WRMSR of the GHCB MSR) is served on the requester's thread by `doorbell`:
+//! the GHCB is read from guest memory, pre-checked as `sev_es_validate_vmgexit` does, handed to
+//! [`vmsa_core::Vm::ap_creation`] and answered in `sw_exit_info_1/2`; the caller wakes the target.
 
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, kvm_mp_state};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
-use vmsa_core::{ApCreationRequest, Entry, MpState, VcpuId, Vm};
+use vmsa_core::ghcb::{AP_CREATE, AP_CREATE_ON_INIT, AP_DESTROY};
+use vmsa_core::{ApCreationRequest, Vm};
 
 use crate::error::{IoctlError, errno_of};
 use crate::frames::FrameError;
 use crate::ghcb::{self, GHCB_MSR, GhcbRequest, ReadGhcb};
 use crate::gmem::{GmemError, GuestRam};
-use crate::guest::layout::{PARAMS_GPA, params, ports};
+use crate::guest::layout::ports;
 use crate::guest::program::MSR_SEV_STATUS;
-use crate::kick::KickState;
 use crate::platform::KvmPlatform;
 use crate::vmsa_regs::{self, RegsError};
-use crate::watchdog::SignalTarget;
 
 /// Why a vCPU stopped or an entry failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -53,19 +43,6 @@ pub enum VcpuError {
     /// Guest memory could not be accessed.
     #[error("guest memory: {0}")]
     Gmem(#[from] GmemError),
-    /// vmsa-core refused the entry (e.g. a runnable vCPU with no valid VMSA, which makes
-    /// KVM_RUN fail with EINVAL on SNP).
-    #[error("vmsa-core refused entry: {message}")]
-    Entry {
-        /// vmsa-core's error message.
-        message: String,
-    },
-    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
-    #[error("guest shutdown (triple fault) at rip {rip:#x}")]
-    Shutdown {
-        /// RIP after the exit.
-        rip: u64,
-    },
     /// `KVM_EXIT_INTERNAL_ERROR`, usually an instruction the host's emulator does not know.
     #[error("KVM internal error, suberror {suberror}, data {data:x?}")]
     InternalError {
@@ -87,16 +64,6 @@ pub enum VcpuError {
     UnexpectedExit {
         /// The exit, as kvm-ioctls names it.
         exit: String,
-    },
-    /// The guest reported a failed step through the FAIL port.
-    #[error("the guest reported failure {code} (GHCB answer {resp1:#x}/{resp2:#x})")]
-    GuestFailed {
-        /// The step code.
-        code: u32,
-        /// sw_exit_info_1 the guest saw.
-        resp1: u64,
-        /// sw_exit_info_2 the guest saw.
-        resp2: u64,
     },
     /// The GHCB MSR was written with a GPA that is not in guest memory.
     #[error("GHCB doorbell with GPA {gpa:#x}, which is not page-aligned guest memory")]
@@ -120,9 +87,12 @@ pub enum VcpuError {
         /// The wait.
         ms: u64,
     },
-    /// The watchdog stopped the run.
-    #[error("stopped by the watchdog")]
-    TimedOut,
+    /// vmsa-core accepted an AP-creation request for a vCPU this VMM does not run.
+    #[error("vmsa-core accepted an AP-creation request for vCPU {target}, which has no KVM vCPU")]
+    UnknownTarget {
+        /// The target APIC ID.
+        target: u32,
+    },
 }
 
 /// Exit counts of one vCPU.
@@ -140,189 +110,8 @@ pub struct ExitCounts {
     pub doorbells: u64,
     /// HLT exits.
     pub hlt: u64,
-    /// KVM_RUN returns with EINTR/EAGAIN (kicks and the watchdog).
+    /// KVM_RUN returns with EINTR/EAGAIN (kicks).
     pub interrupted: u64,
-}
-
-/// What one vCPU thread did.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct VcpuRecord {
-    /// The vCPU (and APIC ID).
-    pub id: u32,
-    /// Exit counts.
-    pub exits: ExitCounts,
-    /// How many times a VMSA was loaded into the vCPU (starts and AP re-creations).
-    pub vmsa_loads: u32,
-    /// Values the vCPU wrote to the DONE port, in order.
-    pub done: Vec<u32>,
-    /// VMSA fields that were non-zero but have no KVM register (see `vmsa_regs`).
-    pub not_loaded: Vec<&'static str>,
-    /// Errors, in order; the last one may have ended the vCPU.
-    pub errors: Vec<VcpuError>,
-    /// RIP when the thread ended.
-    pub final_rip: Option<u64>,
-    /// Time spent in KVM_RUN, in microseconds.
-    pub run_us: u64,
-}
-
-/// Wakes, acknowledgements and stop for one vCPU thread of [`run`] (a [`KickState`] plus a
-/// sticky stop flag).
-#[derive(Debug, Default)]
-pub struct VcpuControl {
-    kick: KickState,
-    stop: AtomicBool,
-}
-
-impl VcpuControl {
-    /// The thread, for signals.
-    pub fn signal(&self) -> &SignalTarget {
-        self.kick.signal()
-    }
-
-    /// Ask the thread to apply a pending request, and wait until it has (or `timeout`).
-    pub fn kick_and_wait(&self, timeout: Duration) -> bool {
-        self.kick.wake_and_wait(timeout, &|| self.stopped())
-    }
-
-    /// Make the thread leave its loop.
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.kick.kick();
-    }
-
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    fn kicks(&self) -> u64 {
-        self.kick.wakes()
-    }
-
-    fn ack(&self, seq: u64) {
-        self.kick.ack(seq);
-    }
-
-    /// Sleep until a wake newer than `seen` or a stop.
-    fn wait(&self, seen: u64) {
-        // Read the kick count first: a stop after this read makes the wait return at once.
-        let kicks = self.kick.kicks();
-        if !self.stopped() {
-            self.kick.wait(kicks, seen);
-        }
-    }
-}
-
-/// Everything the vCPU threads share.
-pub struct Shared<'a> {
-    /// vmsa-core's VM.
-    pub vm: &'a Vm<KvmPlatform>,
-    /// Guest RAM.
-    pub ram: &'a GuestRam,
-    /// One control per vCPU, indexed by APIC ID.
-    pub controls: &'a [VcpuControl],
-    /// SEV_STATUS as the guest reads it.
-    pub sev_status: u64,
-    /// How long a doorbell waits for its target.
-    pub kick_timeout: Duration,
-    /// Set by the watchdog.
-    pub timed_out: &'a AtomicBool,
-}
-
-impl std::fmt::Debug for Shared<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("vcpus", &self.controls.len())
-            .field("sev_status", &self.sev_status)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why the exit loop returned.
-enum Stop {
-    /// The vCPU is done (DONE port or HLT): it halts.
-    Halted,
-    /// A kick (or its own AP request targeting itself): go back to vmsa-core.
-    Kicked,
-    /// The vCPU cannot continue.
-    Fatal(VcpuError),
-    /// Stop requested.
-    Stopped,
-}
-
-/// Run vCPU `id` until it is stopped, fails, or (for the BSP, `id` 0) reports DONE.
-pub fn run(shared: &Shared<'_>, id: u32, mut fd: VcpuFd) -> VcpuRecord {
-    let ctl = &shared.controls[id as usize];
-    let _attached = ctl.signal().attach();
-    let mut rec = VcpuRecord {
-        id,
-        ..Default::default()
-    };
-    let mut seen = 0u64;
-    let mut need_load = true;
-    let mut ghcb_msr = 0u64;
-    loop {
-        if ctl.stopped() {
-            if shared.timed_out.load(Ordering::SeqCst) {
-                rec.errors.push(VcpuError::TimedOut);
-            }
-            break;
-        }
-        let now = ctl.kicks();
-        if now != seen {
-            seen = now;
-            need_load = true;
-        }
-        let entry = shared.vm.prepare_entry(VcpuId(id));
-        ctl.ack(seen);
-        let hpa = match entry {
-            Err(e) => {
-                rec.errors.push(VcpuError::Entry {
-                    message: e.to_string(),
-                });
-                ctl.wait(seen);
-                continue;
-            }
-            Ok(Entry::Blocked(_)) => {
-                ctl.wait(seen);
-                continue;
-            }
-            Ok(Entry::Run(hpa)) => hpa,
-        };
-        if need_load {
-            match load(shared.vm, &fd, hpa) {
-                Ok(not_loaded) => {
-                    rec.vmsa_loads += 1;
-                    rec.not_loaded = not_loaded;
-                    need_load = false;
-                }
-                Err(e) => {
-                    rec.errors.push(e);
-                    // Like a failed VMRUN: the vCPU stays as it is until the next request.
-                    let _ = shared.vm.set_mp_state(VcpuId(id), MpState::Halted);
-                    continue;
-                }
-            }
-        }
-        let t0 = Instant::now();
-        let stop = exit_loop(shared, id, &mut fd, &mut rec, &mut ghcb_msr, seen);
-        rec.run_us += t0.elapsed().as_micros() as u64;
-        match stop {
-            Stop::Halted => {
-                let _ = shared.vm.set_mp_state(VcpuId(id), MpState::Halted);
-                if id == 0 {
-                    break;
-                }
-            }
-            Stop::Kicked => {}
-            Stop::Stopped => {}
-            Stop::Fatal(e) => {
-                rec.errors.push(e);
-                break;
-            }
-        }
-    }
-    rec.final_rip = fd.get_regs().ok().map(|r| r.rip);
-    rec
 }
 
 /// Read the VMSA at `hpa` (the page the VMCB points at) and start the vCPU from it, as VMRUN
@@ -362,11 +151,8 @@ pub(crate) enum Step {
     },
     /// `HLT`.
     Hlt,
-    /// A triple fault (`KVM_EXIT_SHUTDOWN`), with RIP after it.
-    Shutdown {
-        /// RIP.
-        rip: u64,
-    },
+    /// A triple fault (`KVM_EXIT_SHUTDOWN`).
+    Shutdown,
     /// The vCPU cannot continue.
     Fatal(VcpuError),
 }
@@ -419,7 +205,7 @@ pub(crate) fn run_once(fd: &mut VcpuFd, sev_status: u64, ghcb_msr: &mut u64, exi
             exits.hlt += 1;
             Step::Hlt
         }
-        Ok(VcpuExit::Shutdown) => Step::Shutdown { rip: 0 },
+        Ok(VcpuExit::Shutdown) => Step::Shutdown,
         Ok(VcpuExit::InternalError) => Step::Fatal(VcpuError::InternalError {
             suberror: 0,
             data: Vec::new(),
@@ -436,91 +222,7 @@ pub(crate) fn run_once(fd: &mut VcpuFd, sev_status: u64, ghcb_msr: &mut u64, exi
     };
     match step {
         Step::Fatal(VcpuError::InternalError { .. }) => Step::Fatal(internal_error(fd)),
-        Step::Shutdown { .. } => Step::Shutdown {
-            rip: fd.get_regs().map(|r| r.rip).unwrap_or(0),
-        },
         other => other,
-    }
-}
-
-/// `KVM_RUN` until something needs the loop above.
-fn exit_loop(
-    shared: &Shared<'_>,
-    id: u32,
-    fd: &mut VcpuFd,
-    rec: &mut VcpuRecord,
-    ghcb_msr: &mut u64,
-    seen: u64,
-) -> Stop {
-    let ctl = &shared.controls[id as usize];
-    loop {
-        if ctl.stopped() {
-            return Stop::Stopped;
-        }
-        if ctl.kicks() != seen {
-            return Stop::Kicked;
-        }
-        match run_once(fd, shared.sev_status, ghcb_msr, &mut rec.exits) {
-            Step::Again | Step::Interrupted => {}
-            Step::Out {
-                port: ports::DONE,
-                value,
-                ..
-            } => {
-                rec.done.push(value);
-                return Stop::Halted;
-            }
-            Step::Out {
-                port: ports::FAIL,
-                value,
-                ..
-            } => return Stop::Fatal(guest_failed(shared.ram, value)),
-            Step::Out { port, value, .. } => {
-                return Stop::Fatal(VcpuError::UnexpectedExit {
-                    exit: format!("OUT to port {port:#x} ({value:#x})"),
-                });
-            }
-            Step::Hlt => return Stop::Halted,
-            Step::Shutdown { rip } => return Stop::Fatal(VcpuError::Shutdown { rip }),
-            Step::Fatal(e) => return Stop::Fatal(e),
-            Step::Doorbell(value) => match doorbell(shared.vm, shared.ram, id, value) {
-                Ok(Doorbell::Answered | Doorbell::Refused) => {}
-                Ok(Doorbell::Wake(target)) if target == id => {
-                    // A request for itself: apply it (and reload) at the next entry.
-                    ctl.kick.wake();
-                    return Stop::Kicked;
-                }
-                Ok(Doorbell::Wake(target)) => {
-                    let Some(t) = shared.controls.get(target as usize) else {
-                        return Stop::Fatal(unknown_target(target));
-                    };
-                    if !t.kick_and_wait(shared.kick_timeout) {
-                        return Stop::Fatal(VcpuError::KickTimeout {
-                            target,
-                            ms: shared.kick_timeout.as_millis() as u64,
-                        });
-                    }
-                }
-                Err(e) => return Stop::Fatal(e),
-            },
-        }
-    }
-}
-
-/// The guest's FAIL report, with the GHCB answer it saw (from the parameter page).
-pub(crate) fn guest_failed(ram: &GuestRam, code: u32) -> VcpuError {
-    let read = |off| ram.read_u64(PARAMS_GPA + off).unwrap_or(0);
-    VcpuError::GuestFailed {
-        code,
-        resp1: read(params::RESP1),
-        resp2: read(params::RESP2),
-    }
-}
-
-/// vmsa-core accepted a request for a vCPU this VMM does not run.
-pub(crate) fn unknown_target(target: u32) -> VcpuError {
-    VcpuError::Entry {
-        message: format!("vmsa-core accepted unknown target {target}"),
     }
 }
 
@@ -536,16 +238,53 @@ fn internal_error(fd: &mut VcpuFd) -> VcpuError {
     }
 }
 
-/// What a served doorbell asks of the requester.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Doorbell {
-    /// The guest has its answer; nothing else to do.
-    Answered,
-    /// vmsa-core refused the request; the guest has the GHCB error.
-    Refused,
-    /// vmsa-core accepted an AP-creation request for this vCPU: wake it (it applies the
-    /// request at its next entry) and wait until it has.
-    Wake(u32),
+/// What a served doorbell did, for the requester to act on and record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Answer {
+    /// The request as a guest step: `"ap_create"`, `"ap_create_on_init"`, `"ap_destroy"`,
+    /// `"ap_creation"` (an unknown request type), or `"ghcb"` for a GHCB refused before its
+    /// request was decoded.
+    pub action: &'static str,
+    /// The request, once decoded.
+    pub request: Option<ApCreationRequest>,
+    /// What vmsa-core decided.
+    pub outcome: Outcome,
+}
+
+/// vmsa-core's decision on a doorbell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Refused: the guest has the GHCB error; `why` is the rule with the answer's codes,
+    /// `"... (sw_exit_info 2/5)"`.
+    Refused {
+        /// The rule and the codes.
+        why: String,
+    },
+    /// Accepted for `target`; `wake`: the target applies it at its next entry and must be woken
+    /// (false for CREATE_ON_INIT, which waits for the target's INIT).
+    Accepted {
+        /// The target APIC ID.
+        target: u32,
+        /// Whether to wake it.
+        wake: bool,
+    },
+}
+
+/// The step name of AP-creation request type `request` (`sw_exit_info_1[31:0]`).
+fn action(request: u32) -> &'static str {
+    match request {
+        AP_CREATE_ON_INIT => "ap_create_on_init",
+        AP_CREATE => "ap_create",
+        AP_DESTROY => "ap_destroy",
+        _ => "ap_creation",
+    }
+}
+
+/// A refusal as the guest sees it: the rule, then `(sw_exit_info 1/2)`.
+fn refused(e: &dyn std::error::Error, (i1, i2): (u64, u64)) -> Outcome {
+    Outcome::Refused {
+        why: format!("{e} (sw_exit_info {i1}/{i2})"),
+    }
 }
 
 /// Serve a GHCB MSR write of vCPU `id` (`ram` holds guest memory): read the GHCB, pre-check it
@@ -556,7 +295,7 @@ pub(crate) fn doorbell(
     ram: &GuestRam,
     id: u32,
     value: u64,
-) -> Result<Doorbell, VcpuError> {
+) -> Result<Answer, VcpuError> {
     let info = value & 0xfff;
     if info != 0 {
         return Err(VcpuError::GhcbMsrProtocol { value, info });
@@ -565,77 +304,34 @@ pub(crate) fn doorbell(
     if ram.offset_of(gpa, 4096).is_none() {
         return Err(VcpuError::GhcbOutsideMemory { gpa });
     }
-    let req = GhcbRequest::read(ram, gpa)?;
-    if let Some((i1, i2)) = req.precheck() {
-        ghcb::respond(ram, gpa, i1, i2)?;
-        return Ok(Doorbell::Answered);
+    let ghcb = GhcbRequest::read(ram, gpa)?;
+    if let Err(e) = ghcb.check() {
+        let codes = e.sw_exit_info();
+        ghcb::respond(ram, gpa, codes.0, codes.1)?;
+        return Ok(Answer {
+            action: "ghcb",
+            request: None,
+            outcome: refused(&e, codes),
+        });
     }
-    let ap = ApCreationRequest {
-        requester: VcpuId(id),
-        exit_info_1: req.exit_info_1,
-        exit_info_2: req.exit_info_2,
-        rax: req.rax,
-    };
-    match vm.ap_creation(&ap) {
+    let req = ghcb.ap_creation_request(vmsa_core::VcpuId(id));
+    let outcome = match vm.ap_creation(&req) {
         Err(e) => {
-            let (i1, i2) = e.sw_exit_info();
-            ghcb::respond(ram, gpa, i1, i2)?;
-            Ok(Doorbell::Refused)
+            let codes = e.sw_exit_info();
+            ghcb::respond(ram, gpa, codes.0, codes.1)?;
+            refused(&e, codes)
         }
         Ok(created) => {
             ghcb::respond(ram, gpa, 0, 0)?;
-            Ok(if created.kick {
-                Doorbell::Wake(created.target.0)
-            } else {
-                Doorbell::Answered
-            })
+            Outcome::Accepted {
+                target: created.target.0,
+                wake: created.kick,
+            }
         }
-    }
-}
-
-/// Exit counts summed over vCPUs.
-pub fn total_exits(records: &[VcpuRecord]) -> ExitCounts {
-    records.iter().fold(ExitCounts::default(), |mut t, r| {
-        let e = &r.exits;
-        t.total += e.total;
-        t.io += e.io;
-        t.rdmsr += e.rdmsr;
-        t.wrmsr += e.wrmsr;
-        t.doorbells += e.doorbells;
-        t.hlt += e.hlt;
-        t.interrupted += e.interrupted;
-        t
+    };
+    Ok(Answer {
+        action: action(req.request()),
+        request: Some(req),
+        outcome,
     })
-}
-
-/// Errors by kind name, for summaries.
-pub fn error_kinds(records: &[VcpuRecord]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for r in records {
-        for e in &r.errors {
-            let name = serde_json_kind(e);
-            *m.entry(name).or_default() += 1;
-        }
-    }
-    m
-}
-
-fn serde_json_kind(e: &VcpuError) -> String {
-    match e {
-        VcpuError::Ioctl(_) => "ioctl",
-        VcpuError::Regs(_) => "regs",
-        VcpuError::Frame(_) => "frame",
-        VcpuError::Gmem(_) => "gmem",
-        VcpuError::Entry { .. } => "entry",
-        VcpuError::Shutdown { .. } => "shutdown",
-        VcpuError::InternalError { .. } => "internal_error",
-        VcpuError::FailEntry { .. } => "fail_entry",
-        VcpuError::UnexpectedExit { .. } => "unexpected_exit",
-        VcpuError::GuestFailed { .. } => "guest_failed",
-        VcpuError::GhcbOutsideMemory { .. } => "ghcb_outside_memory",
-        VcpuError::GhcbMsrProtocol { .. } => "ghcb_msr_protocol",
-        VcpuError::KickTimeout { .. } => "kick_timeout",
-        VcpuError::TimedOut => "timed_out",
-    }
-    .to_string()
 }

@@ -2,9 +2,10 @@
 
 mod common;
 
+use backend_kvm::host::{HostError, KvmSnpHost};
 use backend_kvm::probe::{Missing, Probed};
-use backend_kvm::runner::{self, ModeChoice, RunConfig, RunError};
 use backend_kvm::{Mode, probe};
+use vmsa_host::HypervisorError;
 
 /// Whether the host CPU advertises SVM (no SVM, no SEV of any kind).
 fn host_has_svm() -> bool {
@@ -49,7 +50,7 @@ fn the_probe_reports_what_this_host_has() {
     );
 
     if !host_has_svm() {
-        // This project's machines: no SVM, so the exact answer is known (kvm-host.md §1).
+        // A host without SVM: no SEV of any kind, so the exact answer is known.
         assert_eq!(r.caps.vm_types, 1, "only KVM_X86_DEFAULT_VM");
         assert!(!r.supports(Mode::Snp) && !r.supports(Mode::SevEs));
         let snp = r.missing(Mode::Snp);
@@ -98,29 +99,26 @@ fn snp_mode_stops_at_the_probe_with_its_reasons() {
         eprintln!("skipped: this host has SNP; the refusal path does not apply");
         return;
     }
-    let cfg = RunConfig {
-        mode: ModeChoice::Snp,
-        ..RunConfig::ap_creation(2)
+    // The SNP host refuses to exist before any SEV ioctl, with the probe's reasons.
+    let err = KvmSnpHost::new(&host).unwrap_err();
+    let HypervisorError::Unsupported { reason, .. } = &err else {
+        panic!("expected the probe's refusal, got {err}");
     };
-    let err = runner::run_with_probe(&cfg, &host).unwrap_err();
-    match &err {
-        RunError::Unsupported { mode, missing } => {
+    match reason.downcast_ref::<HostError>() {
+        Some(HostError::Missing { mode, missing }) => {
             assert_eq!(*mode, Mode::Snp);
             assert_eq!(missing.as_slice(), host.missing(Mode::Snp));
             assert!(!missing.is_empty());
         }
-        other => panic!("expected the probe's refusal, got {other}"),
+        other => panic!("expected the probe's reasons, got {other:?}"),
     }
     let text = err.to_string();
     assert!(
-        text.starts_with("SEV-SNP mode is not available on this host: "),
+        text.contains("SEV-SNP mode is not available on this host: "),
         "{text}"
     );
     // The reason is the probe's, with the value seen, never a bare errno from an SEV ioctl.
     for m in host.missing(Mode::Snp) {
         assert!(text.contains(&m.to_string()), "{text}");
     }
-    // The SNP entry point refuses the same way when called directly.
-    let direct = backend_kvm::snp::run(&cfg, &host).unwrap_err();
-    assert_eq!(direct, err);
 }

@@ -122,7 +122,7 @@ fn a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu() {
     let vm = Arc::new(kvm.create_vm().unwrap());
     let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
     let prog = program::assemble().unwrap();
-    guest::load(&ram, &prog, 2, 0).unwrap();
+    ram.write(0, &guest::image(&prog, 2, 0)).unwrap();
     let table = cpuid::supported(&kvm).unwrap();
 
     // vCPU 0 runs the AP program as APIC ID 5, generation 7: it reports and stops at DONE.

@@ -65,34 +65,6 @@ pub enum GuestProgram {
     Spin,
 }
 
-impl GuestProgram {
-    /// The names `vmm run --guest builtin:NAME` accepts, with what each runs.
-    pub const BUILTIN: [(&'static str, &'static str); 3] = [
-        (
-            "ap-creation",
-            "the BSP creates every AP from a VMSA it writes, then destroys and re-creates AP 1",
-        ),
-        (
-            "ap-creation-once",
-            "the BSP creates every AP from a VMSA it writes, once",
-        ),
-        (
-            "spin",
-            "the BSP loops without exits until the watchdog ends the run",
-        ),
-    ];
-
-    /// The built-in program called `name` (see [`GuestProgram::BUILTIN`]).
-    pub fn builtin(name: &str) -> Option<Self> {
-        match name {
-            "ap-creation" => Some(Self::ApCreation { recreate: true }),
-            "ap-creation-once" => Some(Self::ApCreation { recreate: false }),
-            "spin" => Some(Self::Spin),
-            _ => None,
-        }
-    }
-}
-
 /// A built-in guest ready to launch: its image (guest-physical bytes `gpa..gpa + bytes.len()`)
 /// and the initial state of every vCPU, by APIC ID.
 #[derive(Clone, Debug)]

@@ -1,5 +1,5 @@
-//! The built-in guest: its memory map ([`layout`]) and its program ([`program`]), plus the
-//! loader that writes both into guest RAM.
+//! The built-in guest: its memory map ([`layout`]), its program ([`program`]), the image of
+//! both, and the guests ready to launch ([`builtin`]).
 
 pub mod builtin;
 pub mod layout;
@@ -8,7 +8,6 @@ pub mod program;
 use vmsa_core::SevEsSaveArea;
 use zerocopy::IntoBytes;
 
-use crate::gmem::{GmemError, GuestRam};
 use layout::{CODE_GPA, GDT, GDT_GPA, PARAMS_GPA, TEMPLATE_GPA, page_tables};
 use program::Program;
 
@@ -42,11 +41,4 @@ pub fn image(program: &Program, vcpus: u32, flags: u64) -> Vec<u8> {
         img[gpa as usize..gpa as usize + bytes.len()].copy_from_slice(&bytes);
     }
     img
-}
-
-/// Write the guest image's pieces into guest RAM (leaving the rest of it as it is).
-pub fn load(ram: &GuestRam, program: &Program, vcpus: u32, flags: u64) -> Result<(), GmemError> {
-    pieces(program, vcpus, flags)
-        .into_iter()
-        .try_for_each(|(gpa, bytes)| ram.write(gpa, &bytes))
 }

@@ -20,7 +20,7 @@
 //! `exit_info_1`, `exit_info_2`, RAX, the valid bitmap, usage 0) and writes the GHCB's GPA
 //! to the GHCB MSR (0xC001_0130), which exits to the VMM as a userspace MSR write; the VMM
 //! answers in `sw_exit_info_1/2`. The code is CPL0, integer-only and within the instruction
-//! set PVM's emulator handles (`kvm-host.md` §2): mov, add/shl/shr/or, cmp/test/jcc, call/ret,
+//! set KVM's instruction emulator handles on PVM hosts (`x86_emulate_insn`): mov, add/shl/shr/or, cmp/test/jcc, call/ret,
 //! push-free subroutines, `rep movsq`, `lock inc`, rdmsr/wrmsr, out, hlt.
 
 use iced_x86::code_asm::*;

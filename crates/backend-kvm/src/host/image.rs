@@ -10,14 +10,20 @@
 //!   the "kernel", which owns every host VMSA page and the tracked RMP. vmsa-core's VM is created
 //!   when the first vCPU is (memory must be in place by then: its frame space is fixed).
 //! - [`KvmImageVcpu`] owns the KVM vCPU fd, its GHCB MSR and its [`KvmKick`]. Its
-//!   [`Vcpu::run`] is the body of the old thread loop ([`crate::vcpu`]): `prepare_entry`, load
-//!   the VMSA the VMCB points at when it changed, `KVM_RUN`, the GHCB doorbell (AP creation
-//!   through vmsa-core, the target woken and waited for) served inside; only vmsa-host's exits
-//!   come out.
+//!   [`Vcpu::run`] loops over [`crate::vcpu`]'s steps: `prepare_entry`, load the VMSA the VMCB
+//!   points at when it changed, `KVM_RUN`, the GHCB doorbell (AP creation through vmsa-core,
+//!   the target woken and waited for) served inside; only vmsa-host's exits come out.
+//!
+//! Every GHCB request the guest makes is recorded as a [`GuestStep`] of the report's
+//! [`GuestActivity`], in order: its action (`ap_create`, `ap_create_on_init`, `ap_destroy`, or
+//! `ghcb` for a GHCB refused before its request was decoded), the requesting vCPU, the refusal
+//! with the `sw_exit_info` codes the guest got, and what happened to the target. The requester
+//! waits until the target has applied an accepted request (KVM itself does not wait; the guest
+//! cannot tell the difference), which keeps ownership histories and steps deterministic.
 //!
 //! Exits of the built-in guest program: the BSP's (vCPU 0) `OUT` to the DONE port is
 //! [`VcpuExit::IoOut`]; an AP's DONE (`out DONE; hlt`) parks it, reported as the
-//! [`VcpuExit::Halt`] it leads to, as the old runner treats it; YIELD is served inside; any
+//! [`VcpuExit::Halt`] it leads to; YIELD is served inside; any
 //! other port (FAIL included) is `IoOut`. A triple fault is `Shutdown`; `EINTR` after a kick is
 //! `Interrupted`. A vCPU vmsa-core reports Blocked (halted, or an AP nobody created yet) waits
 //! inside `run()` until kicked or woken by an AP-creation request.
@@ -28,14 +34,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmsa_core::{Entry, Event, EventLog, MpState, SevEsSaveArea, VcpuId, VmConfig, VmKind};
 use vmsa_host::{
-    Capabilities, Conversion, Errno, GuestActivity, HostReport, Hypervisor, HypervisorError, Kick,
+    Capabilities, Conversion, Errno, GuestActivity, GuestStep, HostReport, Hypervisor, HypervisorError, Kick,
     LaunchUpdate, MemoryRegion, Observed, Refusal, TeardownCounts, Vcpu, VcpuError, VcpuExit, Vm, VmError,
     VmSpec,
 };
@@ -45,13 +51,13 @@ use crate::error::IoctlError;
 use crate::frames::FrameSpace;
 use crate::gmem::GuestRam;
 use crate::guest::layout::ports;
-use crate::kick::{Consumed, KickState, KvmKick};
+use crate::kick::{self, Consumed, KickState, KvmKick};
 use crate::platform::KvmPlatform;
 use kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR;
 
+use crate::cpuid;
 use crate::probe::{Mode, ProbeReport};
-use crate::vcpu::{self, Doorbell, ExitCounts, Step};
-use crate::{cpuid, watchdog};
+use crate::vcpu::{self, ExitCounts, Outcome, Step};
 
 type CoreVm = vmsa_core::Vm<KvmPlatform>;
 
@@ -138,7 +144,7 @@ impl Hypervisor for KvmImageHost {
             call,
             source: Box::new(e),
         };
-        watchdog::install().map_err(|e| host("sigaction(SIGRTMIN)", e))?;
+        kick::install().map_err(|e| host("sigaction(SIGRTMIN)", e))?;
         let kvm = Kvm::new().map_err(|e| host("open /dev/kvm", IoctlError::new("open /dev/kvm", e)))?;
         let vm_fd = kvm
             .create_vm()
@@ -152,7 +158,7 @@ impl Hypervisor for KvmImageHost {
             spec,
             shared: Arc::new(Shared {
                 vm_fd: Arc::new(vm_fd),
-                max_phys_bits: crate::runner::max_phys_bits(&cpuid),
+                max_phys_bits: cpuid::max_phys_bits(&cpuid),
                 cpuid,
                 rams: RwLock::new(Vec::new()),
                 core: RwLock::new(None),
@@ -161,6 +167,8 @@ impl Hypervisor for KvmImageHost {
                 kick_timeout: self.kick_timeout,
                 vmruns: AtomicU64::new(0),
                 ap_refused: AtomicU64::new(0),
+                steps: Mutex::new(Vec::new()),
+                applied: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -192,10 +200,43 @@ struct Shared {
     kick_timeout: Duration,
     vmruns: AtomicU64,
     ap_refused: AtomicU64,
+    /// Every GHCB request so far, in order.
+    steps: Mutex<Vec<GuestStep>>,
+    /// By APIC ID: what a woken vCPU's entry made of the request it applied, written before it
+    /// acknowledges the wake, for the requester's step.
+    applied: Mutex<BTreeMap<u32, String>>,
+}
+
+impl Shared {
+    /// Record a GHCB request of `vcpu` as the next guest step.
+    fn record(&self, action: &str, vcpu: u32, error: Option<String>, detail: String) {
+        let mut steps = self.steps.lock().unwrap_or_else(|p| p.into_inner());
+        let index = steps.len();
+        steps.push(GuestStep {
+            index,
+            action: action.to_owned(),
+            vcpu,
+            error,
+            detail,
+        });
+    }
+
+    /// What vCPU `target`'s entry made of the request it was woken for, once it has applied
+    /// it (the simulator's words: entered, halted, cannot run).
+    fn take_applied(&self, target: u32) -> Option<String> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&target)
+    }
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_map(l: &Mutex<BTreeMap<u32, String>>) -> std::sync::MutexGuard<'_, BTreeMap<u32, String>> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
@@ -380,7 +421,7 @@ impl Vm for KvmImageVm {
                 vmruns: self.shared.vmruns.load(Ordering::SeqCst),
                 ap_requests,
                 ap_refused: self.shared.ap_refused.load(Ordering::SeqCst),
-                ..Default::default()
+                steps: std::mem::take(&mut *self.shared.steps.lock().unwrap_or_else(|p| p.into_inner())),
             }),
             teardown: TeardownCounts {
                 vcpus: down.vcpus,
@@ -446,7 +487,8 @@ impl KvmImageVcpu {
     fn enter(&mut self) -> Result<bool, VcpuError> {
         let st = self.kick.state().clone();
         let wakes = st.wakes();
-        if wakes != self.wakes_seen {
+        let woken = wakes != self.wakes_seen;
+        if woken {
             self.wakes_seen = wakes;
             self.need_load = true;
         }
@@ -455,6 +497,16 @@ impl KvmImageVcpu {
             return Err(self.host("prepare_entry", HostError::NoVm));
         };
         let entry = core.prepare_entry(VcpuId(self.id));
+        if woken {
+            // Tell the requester waiting for this wake what its request led to.
+            let id = self.id;
+            let what = match &entry {
+                Ok(Entry::Run(_)) => format!("vCPU {id} entered"),
+                Ok(Entry::Blocked(_)) => format!("vCPU {id} halted"),
+                Err(e) => format!("vCPU {id} cannot run: {e}"),
+            };
+            write_map(&self.shared.applied).insert(id, what);
+        }
         st.ack(self.wakes_seen);
         match entry {
             Err(vmsa_core::Error::InvalidVmsa { .. }) => Err(VcpuError::Refused {
@@ -492,7 +544,8 @@ impl KvmImageVcpu {
         VcpuExit::Halt
     }
 
-    /// Serve a doorbell; wakes and waits for the target of an accepted request.
+    /// Serve a doorbell and record it as a guest step; wakes and waits for the target of an
+    /// accepted request.
     fn doorbell(&mut self, value: u64) -> Result<(), VcpuError> {
         let answer = {
             let rams = read(&self.shared.rams);
@@ -509,36 +562,67 @@ impl KvmImageVcpu {
                 .ok_or_else(|| self.host("GHCB doorbell", HostError::NoVm))?;
             vcpu::doorbell(core, ram, self.id, value).map_err(|e| self.host("GHCB doorbell", e))?
         };
-        match answer {
-            Doorbell::Answered => Ok(()),
-            Doorbell::Refused => {
+        let (target, wake) = match answer.outcome {
+            Outcome::Refused { why } => {
                 self.shared.ap_refused.fetch_add(1, Ordering::SeqCst);
-                Ok(())
+                self.shared
+                    .record(answer.action, self.id, Some(why), String::new());
+                return Ok(());
             }
-            Doorbell::Wake(target) if target == self.id => {
-                // A request for itself: applied at the next entry.
-                self.kick.state().wake();
-                Ok(())
-            }
-            Doorbell::Wake(target) => {
-                let Some(t) = read(&self.shared.kicks).get(&target).cloned() else {
-                    return Err(self.host("GHCB doorbell", vcpu::unknown_target(target)));
-                };
-                let own = self.kick.state().clone();
-                let seen = self.consumed.seen();
-                // Stop waiting if this vCPU is kicked itself (the VMM is stopping the VM).
-                if t.wake_and_wait(self.shared.kick_timeout, &|| own.kicks() != seen) {
-                    Ok(())
-                } else {
-                    Err(self.host(
-                        "GHCB doorbell",
-                        vcpu::VcpuError::KickTimeout {
-                            target,
-                            ms: self.shared.kick_timeout.as_millis() as u64,
-                        },
-                    ))
-                }
-            }
+            Outcome::Accepted { target, wake } => (target, wake),
+        };
+        let applied = if !wake {
+            Ok(format!("vCPU {target} waits for INIT"))
+        } else if target == self.id {
+            // A request for itself: applied at the next entry.
+            self.kick.state().wake();
+            Ok(format!("vCPU {target} applies it at its next entry"))
+        } else {
+            self.shared.take_applied(target);
+            self.wake(target).map(|()| {
+                self.shared
+                    .take_applied(target)
+                    .unwrap_or_else(|| format!("vCPU {target} has not applied it yet"))
+            })
+        };
+        let from = answer
+            .request
+            .filter(|r| r.request() != vmsa_core::ghcb::AP_DESTROY)
+            .map(|r| {
+                format!(
+                    " (VMSA at {:#x}, SEV_FEATURES {:#x})",
+                    r.exit_info_2,
+                    r.rax.unwrap_or(0)
+                )
+            })
+            .unwrap_or_default();
+        let detail = match &applied {
+            Ok(state) => format!("{state}{from}"),
+            Err(e) => format!("{e}{from}"),
+        };
+        self.shared.record(answer.action, self.id, None, detail);
+        applied.map(drop)
+    }
+
+    /// Wake `target` (another vCPU) for the request just accepted and wait until it has applied
+    /// it.
+    fn wake(&mut self, target: u32) -> Result<(), VcpuError> {
+        let Some(t) = read(&self.shared.kicks).get(&target).cloned() else {
+            return Err(self.host("GHCB doorbell", vcpu::VcpuError::UnknownTarget { target }));
+        };
+        let own = self.kick.state().clone();
+        let seen = self.consumed.seen();
+        // Stop waiting if this vCPU is kicked itself (the VMM is stopping the VM).
+        if t.wake_and_wait(self.shared.kick_timeout, &|| own.kicks() != seen) {
+            Ok(())
+        } else {
+            Err(self.host(
+                "GHCB doorbell",
+                vcpu::VcpuError::KickTimeout {
+                    target,
+                    ms: self.shared.kick_timeout.as_millis() as u64,
+                },
+            ))
         }
     }
 }
@@ -594,7 +678,7 @@ impl Vcpu for KvmImageVcpu {
                     });
                 }
                 Step::Hlt => return Ok(self.halt()),
-                Step::Shutdown { .. } => return Ok(VcpuExit::Shutdown),
+                Step::Shutdown => return Ok(VcpuExit::Shutdown),
                 Step::Fatal(e) => return Err(self.host("KVM_RUN", e)),
             }
         }

@@ -7,7 +7,7 @@
 //!   keeping the probe's reason for the report.
 //!
 //! Both modes kick vCPUs the same way ([`crate::kick`]). The VMM drives them only through the
-//! traits; the old orchestrator ([`crate::runner`]) still works alongside.
+//! traits.
 
 pub mod image;
 pub mod snp;

@@ -6,7 +6,10 @@
 //! guest_memfd plus its anonymous shared mapping (vm-memory's [`MmapRegion`]);
 //! [`KvmSnpVcpu`] owns its vCPU fd and [`KvmKick`].
 //!
-//! **Untested on SNP hardware** (the development hosts have none; see [`crate::snp`]). Every
+//! **Untested on SNP hardware**: the hosts this project develops on have no SEV, and there the
+//! probe stops this mode before any SEV ioctl, with its reasons (`KVM_CAP_VM_TYPES` lacks
+//! `KVM_X86_SNP_VM`, `/dev/sev` is missing, the `KVM_X86_SEV_VMSA_FEATURES` attribute answers
+//! `ENXIO`). The flow follows the uapi and KVM's SEV selftests (`vm_sev_launch` for SNP). Every
 //! ioctl argument is built by a small pure function whose struct the unit tests check against
 //! kvm-bindings, as [`crate::sev`]'s tests do.
 
@@ -28,14 +31,13 @@ use super::HostError;
 use crate::error::IoctlError;
 use crate::gmem::GuestMemfd;
 use crate::kick::{Consumed, KvmKick};
-use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, KVM_X86_SNP_VM as VM_TYPE_SNP};
+use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, KVM_MEMORY_EXIT_FLAG_PRIVATE, KVM_X86_SNP_VM as VM_TYPE_SNP};
 
 use crate::probe::{Mode, ProbeReport, Probed};
 use crate::sev::{MapGpaRange, SevFirmware, SevVm, SnpLaunchPage};
-use crate::snp::fault_wants_private;
 use crate::uapi::KVM_HC_MAP_GPA_RANGE;
 use crate::vmsa_regs::KvmState;
-use crate::{cpuid, watchdog};
+use crate::{cpuid, kick};
 
 /// Why the host hides the VMSA ownership history.
 pub const OWNERSHIP_HIDDEN: &str = "the SNP kernel owns the VMSAs";
@@ -105,7 +107,7 @@ impl Hypervisor for KvmSnpHost {
                 reason: "backend-kvm's SNP mode creates KVM_X86_SNP_VM guests only".into(),
             });
         }
-        watchdog::install().map_err(|e| hv_host("sigaction(SIGRTMIN)", e))?;
+        kick::install().map_err(|e| hv_host("sigaction(SIGRTMIN)", e))?;
         let kvm = Kvm::new().map_err(|e| hv_host("open /dev/kvm", IoctlError::new("open /dev/kvm", e)))?;
         let call = "KVM_CREATE_VM(KVM_X86_SNP_VM)";
         let vm = kvm
@@ -551,6 +553,27 @@ fn vmsa_exit(exit: String) -> crate::vcpu::VcpuError {
     crate::vcpu::VcpuError::UnexpectedExit { exit }
 }
 
+/// `SNP_POLICY_SMT`: SMT may be enabled on the host (SNP ABI, guest policy bit 16).
+pub const SNP_POLICY_SMT: u64 = 1 << 16;
+
+/// The policy the KVM selftests use (`snp_default_policy`): bit 17, plus SMT when the host
+/// has SMT active (the firmware refuses a launch whose policy forbids SMT on such a host).
+pub fn default_policy() -> u64 {
+    let smt = std::fs::read_to_string("/sys/devices/system/cpu/smt/active")
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    policy_for(smt)
+}
+
+fn policy_for(smt_active: bool) -> u64 {
+    vmsa_core::SNP_POLICY_RSVD_MBO | if smt_active { SNP_POLICY_SMT } else { 0 }
+}
+
+/// Whether a `KVM_EXIT_MEMORY_FAULT` asks for private memory.
+pub fn fault_wants_private(flags: u64) -> bool {
+    flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0
+}
+
 #[cfg(test)]
 mod tests {
     use std::mem::{offset_of, size_of};
@@ -682,5 +705,18 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn policy_follows_the_selftests() {
+        assert_eq!(policy_for(false), 1 << 17);
+        assert_eq!(policy_for(true), (1 << 17) | (1 << 16));
+        assert_ne!(default_policy() & vmsa_core::SNP_POLICY_RSVD_MBO, 0);
+    }
+
+    #[test]
+    fn memory_fault_flags() {
+        assert!(fault_wants_private(8));
+        assert!(!fault_wants_private(0));
     }
 }

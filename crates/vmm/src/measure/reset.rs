@@ -137,7 +137,9 @@ mod tests {
                 0x00, 0xf0, 0x9b, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0
             ]
         );
-        // Anchor points from kernel.md §4.1 / the reference README.
+        // The reset state QEMU gives an SEV-ES/SNP vCPU (EFER.SVME set, as VMRUN requires) at its
+        // save-area offsets (AMD APM vol. 2, appendix B): EFER, CR4, CR0, DR7, DR6, RFLAGS, RIP,
+        // G_PAT.
         assert_eq!(le64(p, 0x0d0), EFER_SVME);
         assert_eq!(le64(p, 0x148), 0x40);
         assert_eq!(le64(p, 0x158), 0x10);

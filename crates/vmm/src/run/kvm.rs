@@ -88,7 +88,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
     let host = KvmHost::new()?;
     let image = host.builtin_guest(&guest, vcpus)?;
     let policy = match &host {
-        KvmHost::Snp(_) => backend_kvm::snp::default_policy(),
+        KvmHost::Snp(_) => backend_kvm::host::snp::default_policy(),
         KvmHost::Image(_) => SNP_POLICY_RSVD_MBO,
     };
     let launch = Launch::snp_image(memory, policy, image.gpa, &image.bytes, &image.vmsas);

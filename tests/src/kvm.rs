@@ -1,0 +1,171 @@
+//! Shared helpers for the scenario tests on real `/dev/kvm` (tests/tests/kvm_*.rs): backend-kvm's
+//! VMSA-image host driven through the VMM's one flow, and what its report shows.
+#![cfg(target_arch = "x86_64")]
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use backend_kvm::guest::builtin::GuestProgram;
+use backend_kvm::host::KvmImageHost;
+use vmm::run::flow::{self, FlowReport, Launch, RunEnd, VcpuExits};
+use vmm::run::progress::Progress;
+use vmsa_core::{Event, History, Op, SNP_POLICY_RSVD_MBO, SnpPageType, StateKind, VmKind};
+use vmsa_host::{GuestActivity, GuestStep, LaunchUpdate, MemoryRegion, VmSpec};
+
+/// Whether /dev/kvm can be used; prints why not when it cannot (the only reason to skip).
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped {test}: /dev/kvm is not usable here ({e})");
+            false
+        }
+    }
+}
+
+/// backend-kvm's VMSA-image host (forced, whatever the probe would pick), or `None` with the
+/// reason printed when this machine cannot run it.
+pub fn image_host(test: &str) -> Option<KvmImageHost> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    match KvmImageHost::new(&backend_kvm::probe(), "asked for by the test") {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("skipped {test}: {e}");
+            None
+        }
+    }
+}
+
+/// Tests that count the process's KVM fds or mappings take turns.
+pub fn turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// KVM objects (`anon_inode:kvm-vm`, `kvm-vcpu:N`, `[kvm-gmem]`) among the process's open fds.
+pub fn kvm_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|p| p.to_string_lossy().contains("kvm"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The guest memory a run of `vcpus` vCPUs gets: 16 MiB, or what the program needs.
+pub fn memory_for(vcpus: u32) -> u64 {
+    GuestProgram::min_memory(vcpus).max(16 << 20)
+}
+
+/// A guest's whole life on KVM through the VMM's flow.
+#[derive(Debug)]
+pub struct KvmRun {
+    /// What the flow reported.
+    pub report: FlowReport,
+    /// From creating the VM to the end of teardown.
+    pub elapsed: Duration,
+}
+
+impl KvmRun {
+    /// How the run ended.
+    pub fn end(&self) -> &RunEnd {
+        &self.report.run.as_ref().expect("the launch finished").end
+    }
+
+    /// Each vCPU thread's exits, by APIC ID.
+    pub fn exits(&self) -> &[VcpuExits] {
+        &self.report.run.as_ref().expect("the launch finished").vcpus
+    }
+
+    /// What the guest did (every GHCB request, in order).
+    pub fn guest(&self) -> &GuestActivity {
+        self.report
+            .host
+            .guest
+            .seen()
+            .expect("VMSA-image mode sees the guest's requests")
+    }
+
+    /// vmsa-core's events.
+    pub fn events(&self) -> &[Event] {
+        self.report
+            .host
+            .events
+            .seen()
+            .expect("VMSA-image mode sees the ownership events")
+    }
+
+    /// Every vCPU's VMSA ownership history, by vCPU.
+    pub fn histories(&self) -> Vec<History> {
+        vmsa_core::histories(self.events())
+    }
+
+    /// vCPU `vcpu`'s ownership transitions as (operation, state reached).
+    pub fn ops(&self, vcpu: usize) -> Vec<(Op, StateKind)> {
+        self.histories()[vcpu]
+            .transitions
+            .iter()
+            .map(|t| (t.op, t.to.kind()))
+            .collect()
+    }
+}
+
+/// The `(sw_exit_info_1, sw_exit_info_2)` a guest step's request got: `(0, 0)` when it was
+/// accepted, else the codes its refusal names (`"... (sw_exit_info 2/5)"`).
+pub fn sw_exit_info(step: &GuestStep) -> (u64, u64) {
+    let Some(error) = &step.error else {
+        return (0, 0);
+    };
+    let codes = error
+        .rsplit_once("(sw_exit_info ")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .and_then(|c| c.split_once('/'))
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+    codes.unwrap_or_else(|| panic!("step {} names no sw_exit_info codes: {error}", step.index))
+}
+
+/// Run `program` on `vcpus` vCPUs and `memory` bytes of guest_memfd memory from GPA 0 on `host`
+/// through the VMM's flow (create, launch, one thread per vCPU under `watchdog`, teardown).
+pub fn run(
+    host: &KvmImageHost,
+    program: &GuestProgram,
+    vcpus: u32,
+    memory: u64,
+    watchdog: Duration,
+) -> KvmRun {
+    let image = program.image(vcpus).expect("the built-in guest assembles");
+    let launch = Launch {
+        spec: VmSpec {
+            kind: VmKind::Snp,
+            vmsa_features: 0,
+        },
+        memory: vec![MemoryRegion {
+            slot: 0,
+            gpa: vmsa_core::Gpa(0),
+            size: memory,
+            guest_memfd: true,
+        }],
+        policy: SNP_POLICY_RSVD_MBO,
+        updates: vec![LaunchUpdate {
+            gpa: image.gpa,
+            len: image.bytes.len() as u64,
+            page_type: SnpPageType::Normal,
+            data: Some(&image.bytes),
+        }],
+        vmsas: &image.vmsas,
+    };
+    let t0 = Instant::now();
+    let report =
+        flow::run(host, &launch, watchdog, &Progress::hidden(), &mut |_| {}).expect("KVM creates the VM");
+    KvmRun {
+        report,
+        elapsed: t0.elapsed(),
+    }
+}
