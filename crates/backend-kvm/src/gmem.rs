@@ -9,17 +9,20 @@
 //! dangling `userspace_addr`.
 //!
 //! Host accesses race with running vCPUs by design (the GHCB and mailboxes are shared
-//! memory): bulk copies are volatile and 64-bit fields are accessed atomically, so a racing
-//! guest store is seen whole or not at all, never as undefined behaviour of this process.
+//! memory): the mapping is vm-memory's [`MmapRegion`], whose volatile slices and atomic
+//! references make a racing guest store visible whole or not at all, never undefined behaviour
+//! of this process.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::{KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_userspace_memory_region2};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
+use vm_memory::mmap::MmapRegionError;
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 use vmsa_core::PAGE_SIZE;
 
 use crate::error::{Errno, IoctlError};
@@ -31,7 +34,7 @@ pub enum GmemError {
     /// An ioctl failed.
     #[error(transparent)]
     Ioctl(#[from] IoctlError),
-    /// `mmap` of the guest_memfd (or of anonymous memory) failed.
+    /// `mmap` of the guest_memfd failed.
     #[error("mmap of {len:#x} bytes failed with {errno}")]
     Mmap {
         /// The length asked for.
@@ -69,150 +72,12 @@ pub enum GmemError {
     },
 }
 
-/// A shared memory mapping, unmapped on drop.
-#[derive(Debug)]
-pub struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: `Mapping` is a plain address range of a MAP_SHARED / anonymous mapping that lives as
-// long as the value; every access through it is bounds-checked and volatile or atomic, so
-// sharing it across threads introduces no unsynchronized Rust references.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; `&Mapping` only permits volatile/atomic accesses.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// Map `len` bytes of `fd` shared, read-write.
-    fn shared(fd: RawFd, len: u64) -> Result<Self, GmemError> {
-        Self::map(len, libc::MAP_SHARED, fd)
-    }
-
-    /// Map `len` bytes of zeroed anonymous private memory (the unit tests' scratch memory).
-    #[cfg(test)]
-    pub fn anonymous(len: u64) -> Result<Self, GmemError> {
-        Self::map(
-            len,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-        )
-    }
-
-    fn map(len: u64, flags: libc::c_int, fd: RawFd) -> Result<Self, GmemError> {
-        let size = usize::try_from(len).map_err(|_| GmemError::BadSize { size: len })?;
-        if size == 0 || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(GmemError::BadSize { size: len });
-        }
-        // SAFETY: a fresh mapping at an address the kernel chooses (NULL hint), so no existing
-        // Rust object is affected; `fd` is either -1 (anonymous) or an fd the caller owns for
-        // the duration of the call. The result is checked against MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(GmemError::Mmap {
-                len,
-                errno: Errno::last(),
-            });
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(GmemError::Mmap {
-            len,
-            errno: Errno::new(libc::EFAULT),
-        })?;
-        Ok(Self { ptr, len: size })
-    }
-
-    /// The host virtual address of the first byte.
-    pub fn host_addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
-    /// The length in bytes.
-    pub fn len(&self) -> u64 {
-        self.len as u64
-    }
-
-    /// Whether the mapping is empty (never: mappings are at least a page).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn check(&self, offset: u64, len: u64) -> Result<usize, GmemError> {
-        let size = self.len as u64;
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(offset as usize),
-            _ => Err(GmemError::OutOfRange { offset, len, size }),
-        }
-    }
-
-    /// Copy `buf.len()` bytes from `offset`.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), GmemError> {
-        let start = self.check(offset, buf.len() as u64)?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `start + i < self.len` (checked above) and the mapping is live while
-            // `self` is; a volatile read of a byte of shared memory cannot observe a torn value.
-            *b = unsafe { self.ptr.as_ptr().add(start + i).read_volatile() };
-        }
-        Ok(())
-    }
-
-    /// Copy `data` to `offset`.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), GmemError> {
-        let start = self.check(offset, data.len() as u64)?;
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: `start + i < self.len` (checked above), the mapping is live and writable
-            // while `self` is, and no Rust reference into it exists.
-            unsafe { self.ptr.as_ptr().add(start + i).write_volatile(*b) };
-        }
-        Ok(())
-    }
-
-    fn atomic(&self, offset: u64) -> Result<&AtomicU64, GmemError> {
-        let start = self.check(offset, 8)?;
-        if !offset.is_multiple_of(8) {
-            return Err(GmemError::Unaligned { offset });
-        }
-        // SAFETY: the 8 bytes at `start` are inside the live mapping (checked), 8-byte aligned
-        // (the mapping is page aligned and the offset is a multiple of 8), and only ever
-        // accessed atomically or volatilely by this process; the returned reference borrows
-        // `self`, so it cannot outlive the mapping.
-        Ok(unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(start).cast::<u64>()) })
-    }
-
-    /// Atomically read the little-endian u64 at `offset` (8-byte aligned).
-    pub fn read_u64(&self, offset: u64) -> Result<u64, GmemError> {
-        Ok(self.atomic(offset)?.load(Ordering::SeqCst))
-    }
-
-    /// Atomically write the little-endian u64 at `offset` (8-byte aligned).
-    pub fn write_u64(&self, offset: u64, value: u64) -> Result<(), GmemError> {
-        self.atomic(offset)?.store(value, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` describe exactly the mapping created in `map`, which nothing else
-        // unmaps; after this no access through `self` is possible.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-/// A guest_memfd and, if it is mappable, its host mapping.
+/// A guest_memfd and, if it is mappable, its host mapping (shared, read-write).
 #[derive(Debug)]
 pub struct GuestMemfd {
     // Field order is drop order: unmap before closing the fd.
-    map: Option<Mapping>,
-    fd: OwnedFd,
+    map: Option<MmapRegion>,
+    file: Arc<File>,
     size: u64,
     flags: u64,
 }
@@ -221,7 +86,8 @@ impl GuestMemfd {
     /// `KVM_CREATE_GUEST_MEMFD` of `size` bytes with `flags`; mapped shared when `flags` has
     /// `GUEST_MEMFD_FLAG_MMAP`.
     pub fn create(vm: &VmFd, size: u64, flags: u64) -> Result<Self, GmemError> {
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || usize::try_from(size).is_err() {
+        let len = usize::try_from(size).map_err(|_| GmemError::BadSize { size })?;
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(GmemError::BadSize { size });
         }
         let raw = vm
@@ -232,13 +98,27 @@ impl GuestMemfd {
             })
             .map_err(|e| IoctlError::new("KVM_CREATE_GUEST_MEMFD", e))?;
         // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let file = Arc::new(unsafe { File::from_raw_fd(raw) });
         let map = if flags & GUEST_MEMFD_FLAG_MMAP != 0 {
-            Some(Mapping::shared(fd.as_raw_fd(), size)?)
+            let region = MmapRegion::from_file(FileOffset::from_arc(file.clone(), 0), len).map_err(|e| {
+                GmemError::Mmap {
+                    len: size,
+                    errno: match &e {
+                        MmapRegionError::Mmap(io) => Errno::from(io),
+                        _ => Errno::new(libc::EINVAL),
+                    },
+                }
+            })?;
+            Some(region)
         } else {
             None
         };
-        Ok(Self { map, fd, size, flags })
+        Ok(Self {
+            map,
+            file,
+            size,
+            flags,
+        })
     }
 
     /// The size in bytes.
@@ -253,14 +133,19 @@ impl GuestMemfd {
 
     /// The raw fd (for memslots).
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.file.as_raw_fd()
     }
 
     /// The host mapping.
-    pub fn mapping(&self) -> Result<&Mapping, GmemError> {
+    fn mapping(&self) -> Result<&MmapRegion, GmemError> {
         self.map
             .as_ref()
             .ok_or(GmemError::NotMapped { flags: self.flags })
+    }
+
+    /// The host address of the mapping.
+    pub fn host_addr(&self) -> Result<u64, GmemError> {
+        Ok(self.mapping()?.as_ptr() as u64)
     }
 }
 
@@ -282,7 +167,7 @@ impl GuestRam {
             return Err(GmemError::BadSize { size });
         }
         let gmem = GuestMemfd::create(&vm, size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)?;
-        let userspace_addr = gmem.mapping()?.host_addr();
+        let userspace_addr = gmem.host_addr()?;
         let region = kvm_userspace_memory_region2 {
             slot,
             flags: KVM_MEM_GUEST_MEMFD,
@@ -327,38 +212,57 @@ impl GuestRam {
         (off.checked_add(len)? <= self.size()).then_some(off)
     }
 
-    fn at(&self, gpa: u64, len: u64) -> Result<(&Mapping, u64), GmemError> {
-        let map = self.gmem.mapping()?;
-        let off = self.offset_of(gpa, len).ok_or(GmemError::OutOfRange {
+    /// The `len` bytes at `gpa` as a volatile slice of the mapping.
+    fn slice(&self, gpa: u64, len: u64) -> Result<VolatileSlice<'_>, GmemError> {
+        let out = GmemError::OutOfRange {
             offset: gpa,
             len,
             size: self.size(),
+        };
+        let off = self.offset_of(gpa, len).ok_or(out.clone())?;
+        self.gmem
+            .mapping()?
+            .get_slice(off as usize, len as usize)
+            .map_err(|_| out)
+    }
+
+    /// The u64 at `gpa` as an atomic.
+    fn atomic(&self, gpa: u64) -> Result<&AtomicU64, GmemError> {
+        if !gpa.is_multiple_of(8) {
+            return Err(GmemError::Unaligned { offset: gpa });
+        }
+        let off = self.offset_of(gpa, 8).ok_or(GmemError::OutOfRange {
+            offset: gpa,
+            len: 8,
+            size: self.size(),
         })?;
-        Ok((map, off))
+        self.gmem
+            .mapping()?
+            .get_atomic_ref::<AtomicU64>(off as usize)
+            .map_err(|_| GmemError::Unaligned { offset: gpa })
     }
 
     /// Read guest memory at `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GmemError> {
-        let (map, off) = self.at(gpa, buf.len() as u64)?;
-        map.read(off, buf)
+        self.slice(gpa, buf.len() as u64)?.copy_to(buf);
+        Ok(())
     }
 
     /// Write guest memory at `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), GmemError> {
-        let (map, off) = self.at(gpa, data.len() as u64)?;
-        map.write(off, data)
+        self.slice(gpa, data.len() as u64)?.copy_from(data);
+        Ok(())
     }
 
     /// Atomically read the u64 at `gpa`.
     pub fn read_u64(&self, gpa: u64) -> Result<u64, GmemError> {
-        let (map, off) = self.at(gpa, 8)?;
-        map.read_u64(off)
+        Ok(self.atomic(gpa)?.load(Ordering::SeqCst))
     }
 
     /// Atomically write the u64 at `gpa`.
     pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), GmemError> {
-        let (map, off) = self.at(gpa, 8)?;
-        map.write_u64(off, value)
+        self.atomic(gpa)?.store(value, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -378,39 +282,5 @@ impl Drop for GuestRam {
         // (only if the VM is already being destroyed) leaves nothing that can use the mapping
         // once the VM fd closes.
         let _ = unsafe { self.vm.set_user_memory_region2(region) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn anonymous_mapping_bounds_and_atomics() {
-        let m = Mapping::anonymous(8192).unwrap();
-        assert_eq!(m.len(), 8192);
-        m.write(4090, &[1, 2, 3, 4, 5, 6]).unwrap();
-        let mut b = [0u8; 6];
-        m.read(4090, &mut b).unwrap();
-        assert_eq!(b, [1, 2, 3, 4, 5, 6]);
-        assert_eq!(
-            m.read(8190, &mut [0u8; 4]),
-            Err(GmemError::OutOfRange {
-                offset: 8190,
-                len: 4,
-                size: 8192
-            })
-        );
-        assert!(m.write(u64::MAX, &[0]).is_err());
-        m.write_u64(16, 0x1122_3344_5566_7788).unwrap();
-        assert_eq!(m.read_u64(16).unwrap(), 0x1122_3344_5566_7788);
-        let mut b = [0u8; 8];
-        m.read(16, &mut b).unwrap();
-        assert_eq!(u64::from_le_bytes(b), 0x1122_3344_5566_7788);
-        assert_eq!(m.read_u64(17), Err(GmemError::Unaligned { offset: 17 }));
-        assert_eq!(
-            Mapping::anonymous(100).unwrap_err(),
-            GmemError::BadSize { size: 100 }
-        );
     }
 }
