@@ -70,14 +70,19 @@ pub struct Program {
 }
 
 /// The program could not be assembled.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize)]
-#[error("assembling the guest program failed: {0}")]
-pub struct AssembleError(pub String);
-
-impl From<IcedError> for AssembleError {
-    fn from(e: IcedError) -> Self {
-        Self(e.to_string())
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// iced-x86 refused an instruction or the encoding.
+    #[error("assembling the guest program failed: {0}")]
+    Iced(#[from] IcedError),
+    /// The code does not fit below the parameter page.
+    #[error("the guest program is {len} bytes; {max} fit at the code address")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// What fits.
+        max: u64,
+    },
 }
 
 /// Assemble the program for [`CODE_GPA`].
@@ -318,10 +323,10 @@ pub fn assemble() -> Result<Program, AssembleError> {
     };
     let code = result.inner.code_buffer;
     if code.len() as u64 > CODE_MAX {
-        return Err(AssembleError(format!(
-            "the program is {} bytes; {CODE_MAX} fit",
-            code.len()
-        )));
+        return Err(AssembleError::TooLarge {
+            len: code.len(),
+            max: CODE_MAX,
+        });
     }
     Ok(Program { code, entries })
 }
