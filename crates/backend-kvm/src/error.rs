@@ -5,11 +5,6 @@ use serde::Serialize;
 
 pub use vmsa_host::Errno;
 
-/// The errno of a failed vmm-sys-util / kvm-ioctls call.
-pub fn errno_of(e: vmm_sys_util::errno::Error) -> Errno {
-    Errno::new(e.errno())
-}
-
 /// An ioctl (or other system call) that failed, with its name and errno.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error, Serialize)]
 #[error("{ioctl} failed with {errno}")]
@@ -48,7 +43,7 @@ mod tests {
 
     #[test]
     fn errno_names_and_text() {
-        let e = errno_of(vmm_sys_util::errno::Error::new(libc::ENXIO));
+        let e = Errno::from(vmm_sys_util::errno::Error::new(libc::ENXIO));
         assert_eq!(e.name, "ENXIO");
         assert_eq!(e.code, 6);
         assert!(e.to_string().starts_with("ENXIO (6): "), "{e}");

@@ -18,7 +18,7 @@ use serde::Serialize;
 use vmsa_core::ghcb::{AP_CREATE, AP_CREATE_ON_INIT, AP_DESTROY};
 use vmsa_core::{ApCreationRequest, Vm};
 
-use crate::error::{IoctlError, errno_of};
+use crate::error::IoctlError;
 use crate::frames::FrameError;
 use crate::ghcb::{self, GHCB_MSR, GhcbRequest, ReadGhcb};
 use crate::gmem::{GmemError, GuestRam};
@@ -218,7 +218,7 @@ pub(crate) fn run_once(fd: &mut VcpuFd, sev_status: u64, ghcb_msr: &mut u64, exi
             exits.interrupted += 1;
             Step::Interrupted
         }
-        Err(e) => Step::Fatal(IoctlError::new("KVM_RUN", errno_of(e)).into()),
+        Err(e) => Step::Fatal(IoctlError::new("KVM_RUN", e).into()),
     };
     match step {
         Step::Fatal(VcpuError::InternalError { .. }) => Step::Fatal(internal_error(fd)),

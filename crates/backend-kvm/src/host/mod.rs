@@ -66,8 +66,8 @@ impl KvmHost {
         match self {
             Self::Image(_) => program.image(vcpus),
             Self::Snp(_) => {
-                let kvm = kvm_ioctls::Kvm::new()
-                    .map_err(|e| crate::error::IoctlError::new("open /dev/kvm", crate::error::errno_of(e)))?;
+                let kvm =
+                    kvm_ioctls::Kvm::new().map_err(|e| crate::error::IoctlError::new("open /dev/kvm", e))?;
                 let table = crate::cpuid::supported(&kvm)?;
                 let c_bit = crate::cpuid::c_bit(&table).map_err(|ebx| GuestImageError::NoCBit { ebx })?;
                 crate::guest::builtin::snp_terminate(c_bit, vcpus)
