@@ -9,8 +9,8 @@ use backend_kvm::guest::builtin::GuestProgram;
 use backend_kvm::host::KvmImageHost;
 use vmm::run::flow::{self, FlowReport, Launch, RunEnd, VcpuExits};
 use vmm::run::progress::Progress;
-use vmsa_core::{Event, History, Op, SNP_POLICY_RSVD_MBO, SnpPageType, StateKind, VmKind};
-use vmsa_host::{GuestActivity, GuestStep, LaunchUpdate, MemoryRegion, VmSpec};
+use vmsa_core::{Event, History, Op, SNP_POLICY_RSVD_MBO, StateKind};
+use vmsa_host::{GuestActivity, GuestStep};
 
 /// Whether /dev/kvm can be used; prints why not when it cannot (the only reason to skip).
 pub fn kvm_or_skip(test: &str) -> bool {
@@ -141,26 +141,7 @@ pub fn run(
     watchdog: Duration,
 ) -> KvmRun {
     let image = program.image(vcpus).expect("the built-in guest assembles");
-    let launch = Launch {
-        spec: VmSpec {
-            kind: VmKind::Snp,
-            vmsa_features: 0,
-        },
-        memory: vec![MemoryRegion {
-            slot: 0,
-            gpa: vmsa_core::Gpa(0),
-            size: memory,
-            guest_memfd: true,
-        }],
-        policy: SNP_POLICY_RSVD_MBO,
-        updates: vec![LaunchUpdate {
-            gpa: image.gpa,
-            len: image.bytes.len() as u64,
-            page_type: SnpPageType::Normal,
-            data: Some(&image.bytes),
-        }],
-        vmsas: &image.vmsas,
-    };
+    let launch = Launch::snp_image(memory, SNP_POLICY_RSVD_MBO, image.gpa, &image.bytes, &image.vmsas);
     let t0 = Instant::now();
     let report =
         flow::run(host, &launch, watchdog, &Progress::hidden(), &mut |_| {}).expect("KVM creates the VM");

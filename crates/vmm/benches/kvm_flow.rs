@@ -18,30 +18,11 @@ mod kvm {
     use criterion::{Criterion, black_box};
     use vmm::run::flow::{self, Launch, RunEnd};
     use vmm::run::progress::Progress;
-    use vmsa_core::{Gpa, SNP_POLICY_RSVD_MBO, SnpPageType, VmKind};
-    use vmsa_host::{LaunchUpdate, MemoryRegion, VmSpec};
+    use vmsa_core::SNP_POLICY_RSVD_MBO;
 
     fn launch(image: &GuestImage, vcpus: u32) -> Launch<'_> {
-        Launch {
-            spec: VmSpec {
-                kind: VmKind::Snp,
-                vmsa_features: 0,
-            },
-            memory: vec![MemoryRegion {
-                slot: 0,
-                gpa: Gpa(0),
-                size: GuestProgram::min_memory(vcpus).max(16 << 20),
-                guest_memfd: true,
-            }],
-            policy: SNP_POLICY_RSVD_MBO,
-            updates: vec![LaunchUpdate {
-                gpa: image.gpa,
-                len: image.bytes.len() as u64,
-                page_type: SnpPageType::Normal,
-                data: Some(&image.bytes),
-            }],
-            vmsas: &image.vmsas,
-        }
+        let memory = GuestProgram::min_memory(vcpus).max(16 << 20);
+        Launch::snp_image(memory, SNP_POLICY_RSVD_MBO, image.gpa, &image.bytes, &image.vmsas)
     }
 
     pub fn bench(c: &mut Criterion, host: &KvmImageHost) {
