@@ -111,7 +111,7 @@ pub(crate) fn convert(vm: &Vm<SimPlatform>, range: Conversion) -> Result<String,
 }
 
 /// Run `script` on `vm` (launched) on the caller's thread, every action in order, answering the
-/// guest's page state changes at once as the VMM would ([`convert`]). For tests of the host
+/// guest's page state changes and memory faults at once, as the VMM would. For tests of the host
 /// kernel that inspect `vm` between scripts; a VMM runs guests through [`super::SimHost`].
 pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> GuestActivity {
     let mut cpus = Cpus::new();
