@@ -1,7 +1,7 @@
 //! The one launch-and-run flow, generic over the host interface: the same code drives the
 //! simulator, KVM's VMSA-image mode and a real SEV-SNP KVM.
 //!
-//! In KVM's order ([`launch`]): create the VM, add its memory (guest_memfd-backed), create
+//! In KVM's order: create the VM, add its memory (guest_memfd-backed), create
 //! every vCPU and set its initial state, start the launch, measure every image range, (SEV-ES)
 //! encrypt the VMSAs, finish. Then ([`run_vcpus`]) one thread per vCPU loops on
 //! [`Vcpu::run`] and handles the exits a VMM must handle: conversions between private and
