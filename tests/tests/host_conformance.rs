@@ -498,7 +498,7 @@ fn row(name: &'static str, after: &[Call], last: &[Call], call: &'static str, er
     }
 }
 
-/// KVM's refused orderings (kernel.md §5.6, rule numbers in the names).
+/// KVM's refused orderings, each named with the kernel function that refuses it.
 fn refusals() -> Vec<Row> {
     const UPDATE: &str = "KVM_SEV_SNP_LAUNCH_UPDATE";
     const START: &str = "KVM_SEV_SNP_LAUNCH_START";
@@ -508,42 +508,42 @@ fn refusals() -> Vec<Row> {
     let launched: Vec<Call> = READY.iter().chain(&launched).copied().collect();
     vec![
         row(
-            "D14 launch_update before launch_start",
+            "launch_update before launch_start (snp_launch_update)",
             &READY,
             &[normal],
             UPDATE,
             Errno::EINVAL,
         ),
         row(
-            "D15 launch_finish before launch_start",
+            "launch_finish before launch_start (snp_launch_finish)",
             &READY,
             &[LaunchFinish],
             FINISH,
             Errno::EINVAL,
         ),
         row(
-            "D13 a second launch_start",
+            "a second launch_start (snp_launch_start)",
             &READY,
             &[LaunchStart, LaunchStart],
             START,
             Errno::EINVAL,
         ),
         row(
-            "D17 a second launch_finish",
+            "a second launch_finish (snp_launch_finish)",
             &launched,
             &[LaunchFinish],
             FINISH,
             Errno::EINVAL,
         ),
         row(
-            "D3 launch_update_vmsas on an SNP VM",
+            "launch_update_vmsas on an SNP VM (sev_mem_enc_ioctl)",
             &READY,
             &[LaunchUpdateVmsas],
             "KVM_SEV_LAUNCH_UPDATE_VMSA",
             Errno::EPERM,
         ),
         row(
-            "D14 a launch_update of page type VMSA",
+            "a launch_update of page type VMSA (snp_launch_update)",
             &READY,
             &[LaunchStart, LaunchUpdate(SnpPageType::Vmsa)],
             UPDATE,
@@ -572,7 +572,7 @@ fn refusals() -> Vec<Row> {
             Errno::EINVAL,
         ),
         row(
-            "D6 SNP_ACTIVE in vmsa_features at create_vm",
+            "SNP_ACTIVE in vmsa_features at create_vm (__sev_guest_init)",
             &[],
             &[CreateVm(VmKind::Snp, SEV_FEAT_SNP_ACTIVE)],
             "KVM_SEV_INIT2",
@@ -589,7 +589,7 @@ fn refusals() -> Vec<Row> {
             except: vec![("kvm-image", Answer::Unsupported(VmKind::SevEs))],
         },
         Row {
-            name: "D14 a launch_update of memory not made private (kvm_gmem_populate)",
+            name: "a launch_update of memory not made private (kvm_gmem_populate)",
             calls: [
                 CreateVm(VmKind::Snp, 0),
                 AddSharedMemory,
