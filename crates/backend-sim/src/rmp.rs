@@ -418,19 +418,14 @@ impl Rmp {
         Ok(())
     }
 
-    /// The checks of an SNP guest's C=1 access to `gpa` through frame `pfn` with a 4 KiB
-    /// nested mapping (APM table 15-39): Covered, Guest-Owned, Reverse-Map, Mutable and
-    /// Page-Size give a #NPF, then Validated a #VC. VMPL0 (the only level modelled for data
-    /// accesses) has every permission on a validated page.
+    /// The checks of an SNP guest's C=1 access to `gpa` through frame `pfn` (APM table
+    /// 15-39): Covered, Guest-Owned, Reverse-Map and Mutable give a #NPF, then Validated a
+    /// #VC. VMPL0 (the only level modelled for data accesses) has every permission on a
+    /// validated page. Data accesses are not size-checked against the RMP: KVM keeps its NPT
+    /// mappings at or below the RMP level, and "Only RMPADJUST/PVALIDATE should cause
+    /// PFERR_GUEST_SIZEM" (Linux arch/x86/kvm/svm/sev.c `sev_handle_rmp_fault`).
     pub fn check_guest_private(&self, asid: u32, gpa: Gpa, pfn: Pfn) -> Result<(), GuestFault> {
         self.owned_by(asid, gpa, pfn)?;
-        if self.large_head(pfn.0).is_some() {
-            return Err(GuestFault::Npf {
-                gpa: gpa.0,
-                sizem: true,
-                check: "Page-Size: 4 KiB nested mapping of a 2 MiB RMP entry",
-            });
-        }
         if !self.entry(pfn).validated {
             return Err(GuestFault::NotValidated { gpa: gpa.0 });
         }
