@@ -280,8 +280,10 @@ impl Firmware {
     }
 
     /// `SNP_LAUNCH_UPDATE` of one 4 KiB page (SNP ABI §8.17): the page must be Pre-Guest of the
-    /// guest's ASID at `gpa`; it is measured (through [`SnpLaunchDigest`]), encrypted in place
-    /// and becomes Guest-Valid (with the VMSA bit for a VMSA page). A CPUID page with more
+    /// guest's ASID; it is measured at the GPA its RMP entry holds (the command has no GPA
+    /// field: ASPFW sev_mcmd.c `snp_mcmd_launch_update` measures
+    /// `RMP_GPA_TO_PADDR(page_rmp_entry.q1.f.gpa)`), encrypted in place and becomes
+    /// Guest-Valid (with the VMSA bit for a VMSA page). A CPUID page with more
     /// than 64 entries is refused with INVALID_PARAM and written back corrected, in plaintext.
     pub fn snp_launch_update(
         &mut self,
@@ -289,7 +291,6 @@ impl Firmware {
         mem: &mut HostMemory,
         gctx: Pfn,
         pfn: Pfn,
-        gpa: Gpa,
         page_type: SnpPageType,
     ) -> Fw<()> {
         let secrets = self.keys.bytes(b"backend-sim secrets page");
@@ -298,7 +299,7 @@ impl Firmware {
             return Err(SevStatus::InvalidGuestState);
         }
         let asid = g.asid.ok_or(SevStatus::Inactive)?;
-        if !mem.contains(pfn) || !rmp.covered(pfn) || !gpa.is_page_aligned() {
+        if !mem.contains(pfn) || !rmp.covered(pfn) {
             return Err(SevStatus::InvalidAddress);
         }
         let e = rmp.entry(pfn);
@@ -310,9 +311,6 @@ impl Firmware {
         }
         if e.page_size != PageSize::Size4K {
             return Err(SevStatus::InvalidPageSize);
-        }
-        if e.gpa != gpa.0 {
-            return Err(SevStatus::InvalidParam);
         }
         let mut page = [0u8; PAGE_SIZE as usize];
         mem.read(pfn, &mut page).map_err(|_| SevStatus::InvalidAddress)?;
@@ -340,7 +338,7 @@ impl Firmware {
         let Digest::Snp(d) = &mut g.digest else {
             return Err(SevStatus::InvalidGuest);
         };
-        d.update(gpa, page_type, &page);
+        d.update(Gpa(e.gpa), page_type, &page);
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
         key.encrypt(pfn, &mut page);
         mem.write(pfn, &page).map_err(|_| SevStatus::InvalidAddress)?;
@@ -656,7 +654,7 @@ mod tests {
         };
         rmp.rmpupdate(page, pre).unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, Gpa(0x3000), SnpPageType::Normal),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, SnpPageType::Normal),
             Err(SevStatus::Inactive)
         );
         assert_eq!(fw.snp_activate(&rmp, gctx, 0), Err(SevStatus::InvalidAsid));
@@ -667,21 +665,17 @@ mod tests {
         );
         fw.snp_activate(&rmp, gctx, 6).unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, Gpa(0x3000), SnpPageType::Normal),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, SnpPageType::Normal),
             Err(SevStatus::InvalidPageOwner)
         );
         let mine = mem.alloc().unwrap();
         rmp.rmpupdate(mine, RmpState { asid: 6, ..pre }).unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, Gpa(0x4000), SnpPageType::Normal),
-            Err(SevStatus::InvalidParam)
-        );
-        assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, Gpa(0x3000), SnpPageType::Normal),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
             Err(SevStatus::InvalidPageState)
         );
         mem.write(mine, &[9; 4096]).unwrap();
-        fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, Gpa(0x3000), SnpPageType::Vmsa)
+        fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, SnpPageType::Vmsa)
             .unwrap();
         let e = rmp.entry(mine);
         assert!(e.vmsa && e.validated && !e.immutable);
@@ -689,7 +683,7 @@ mod tests {
         mem.read(mine, &mut raw).unwrap();
         assert_ne!(raw, [9; 4096], "encrypted in place");
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, Gpa(0x3000), SnpPageType::Vmsa),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, SnpPageType::Vmsa),
             Err(SevStatus::InvalidPageState),
             "already launched"
         );
@@ -761,10 +755,10 @@ mod tests {
         let mut bad = [0u8; 4096];
         bad[0..4].copy_from_slice(&65u32.to_le_bytes());
         mem.write(cpuid, &bad).unwrap();
-        fw.snp_launch_update(&mut rmp, &mut mem, gctx, data, Gpa(0x1000), SnpPageType::Normal)
+        fw.snp_launch_update(&mut rmp, &mut mem, gctx, data, SnpPageType::Normal)
             .unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, cpuid, Gpa(0x2000), SnpPageType::Cpuid),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, cpuid, SnpPageType::Cpuid),
             Err(SevStatus::InvalidParam)
         );
         let mut back = [0u8; 4096];

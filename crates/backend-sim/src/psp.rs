@@ -102,7 +102,8 @@ impl Hw {
         };
         self.charge(cost, asid, || format!("{ty:?} pfn {pfn} gpa {gpa}"));
         let Hw { fw, rmp, mem, .. } = self;
-        let r = fw.snp_launch_update(rmp, mem, Pfn(h.0), pfn, gpa, ty);
+        // The GPA is only for the trace: the command measures the RMP entry's GPA.
+        let r = fw.snp_launch_update(rmp, mem, Pfn(h.0), pfn, ty);
         self.fw_result("SNP_LAUNCH_UPDATE", r)?;
         self.dirty.insert(pfn.0, asid);
         Ok(())
@@ -218,5 +219,50 @@ mod tests {
         p.destroy().unwrap();
         assert_eq!(m.allocated_frames(), 0);
         assert_eq!(m.page_state(gctx), PageState::Hypervisor);
+    }
+    /// An SNP guest after SNP_LAUNCH_START with `policy`, and a Pre-Guest page of it at `gpa`.
+    fn snp_guest_with_pre_guest_page(
+        m: &std::sync::Arc<Machine>,
+        policy: u64,
+        gpa: u64,
+    ) -> (crate::SimPlatform, vmsa_core::Pfn) {
+        let p = m.create_guest(vmsa_core::VmKind::Snp).unwrap();
+        p.launch_start(&LaunchStart::Snp {
+            policy,
+            gosvw: [0; 16],
+        })
+        .unwrap();
+        let pfn = m.hw().alloc_page().unwrap();
+        m.rmpupdate(
+            pfn,
+            crate::rmp::RmpState {
+                gpa: vmsa_core::Gpa(gpa),
+                assigned: true,
+                immutable: true,
+                asid: p.asid().0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (p, pfn)
+    }
+
+    #[test]
+    fn snp_launch_update_measures_the_gpa_in_the_rmp_entry_it_has_no_gpa_field() {
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update: sha_gpa = RMP_GPA_TO_PADDR(page_rmp_entry.gpa);
+        // the command (Linux struct sev_data_snp_launch_update) carries no GPA.
+        let m = Machine::new(MachineConfig::default());
+        let (p, pfn) = snp_guest_with_pre_guest_page(&m, 1 << 17, 0x3000);
+        m.hw().mem.write(pfn, &[9; 4096]).unwrap();
+        p.snp_launch_update(pfn, vmsa_core::Gpa(0x5000), vmsa_core::SnpPageType::Normal)
+            .unwrap();
+        p.launch_finish(&LaunchFinish::Snp { host_data: [0; 32] })
+            .unwrap();
+        let mut want = crate::measure::SnpLaunchDigest::new();
+        want.update(vmsa_core::Gpa(0x3000), vmsa_core::SnpPageType::Normal, &[9; 4096]);
+        assert_eq!(
+            m.launch_digest(p.asid().0),
+            Some(crate::measure::LaunchDigest::Snp(want.digest()))
+        );
     }
 }
