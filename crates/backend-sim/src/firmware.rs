@@ -2,10 +2,12 @@
 //! the SEV-SNP and SEV-ES commands the VMSA lifecycle uses.
 //!
 //! Sources: SEV-SNP Firmware ABI (pub. 56860) chapter 5 (page states) and chapter 8 (commands),
-//! as summarised in rmp-and-costs.md §1.3 (page states), §1.6 (command preconditions and
-//! transitions) and §1.7 (status codes); SEV API (pub. 55766) §6 for the SEV-ES launch. Every
-//! command checks its preconditions in the order the table gives and returns the ABI status
-//! code of the first one that fails; it changes nothing when it fails.
+//! SEV API (pub. 55766) §6 for the SEV-ES launch, and AMD's published PSP firmware source
+//! (github.com/amd/AMD-ASPFW, `fw/psp_bl_uapps/sev_uapp/src/sev_mcmd.c` and `sev_rmp.c`),
+//! whose functions are cited where a rule follows them. SNP_LAUNCH_UPDATE, SNP_DBG_DECRYPT,
+//! SNP_ACTIVATE and SNP_PAGE_RECLAIM check their preconditions in the order of the ASPFW
+//! handler and return the status of the first one that fails; a command changes nothing when
+//! it fails (except the CPUID page write-back ASPFW does on a failed entry check).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -294,11 +296,9 @@ impl Firmware {
         page_type: SnpPageType,
     ) -> Fw<()> {
         let secrets = self.keys.bytes(b"backend-sim secrets page");
-        let g = self.snp_guest(rmp, gctx)?;
-        if g.state != GuestState::Launch {
-            return Err(SevStatus::InvalidGuestState);
-        }
-        let asid = g.asid.ok_or(SevStatus::Inactive)?;
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update, in its order: context page, page state
+        // (PRE_GUEST), page size, then guest state, INACTIVE and the page's owner.
+        self.snp_guest(rmp, gctx)?;
         if !mem.contains(pfn) || !rmp.covered(pfn) {
             return Err(SevStatus::InvalidAddress);
         }
@@ -306,11 +306,16 @@ impl Firmware {
         if page_state(true, &e) != PageState::PreGuest {
             return Err(SevStatus::InvalidPageState);
         }
-        if e.asid != asid {
-            return Err(SevStatus::InvalidPageOwner);
-        }
         if e.page_size != PageSize::Size4K {
             return Err(SevStatus::InvalidPageSize);
+        }
+        let g = self.snp_guest(rmp, gctx)?;
+        if g.state != GuestState::Launch {
+            return Err(SevStatus::InvalidGuestState);
+        }
+        let asid = g.asid.ok_or(SevStatus::Inactive)?;
+        if e.asid != asid {
+            return Err(SevStatus::InvalidPageOwner);
         }
         let mut page = [0u8; PAGE_SIZE as usize];
         mem.read(pfn, &mut page).map_err(|_| SevStatus::InvalidAddress)?;
@@ -406,10 +411,11 @@ impl Firmware {
         }
     }
 
-    /// `SNP_DBG_DECRYPT` (SNP ABI §8.21): decrypt one guest page into a Firmware page. Needs
-    /// the DEBUG policy bit (POLICY_FAILURE); the source must be a page of the guest
-    /// (Pre-Guest, Pre-Swap, Guest-Invalid/Valid of its ASID) and the destination a Firmware
-    /// page (INVALID_PAGE_STATE).
+    /// `SNP_DBG_DECRYPT` (SNP ABI §8.21): decrypt one guest page into a Firmware page. In
+    /// ASPFW sev_mcmd.c `snp_mcmd_dbg_decrypt`'s order: the source must be a guest page
+    /// (Pre-Guest, Pre-Swap, Guest-Invalid/Valid) and the destination a Firmware page
+    /// (INVALID_PAGE_STATE), the source must belong to the guest's ASID (INVALID_PAGE_OWNER),
+    /// the policy must allow debugging (POLICY_FAILURE) and the guest be active (INACTIVE).
     pub fn snp_dbg_decrypt(
         &mut self,
         rmp: &Rmp,
@@ -418,11 +424,7 @@ impl Firmware {
         src: Pfn,
         dst: Pfn,
     ) -> Fw<()> {
-        let g = self.snp_guest(rmp, gctx)?;
-        if g.policy & SNP_POLICY_DEBUG == 0 {
-            return Err(SevStatus::PolicyFailure);
-        }
-        let asid = g.asid.ok_or(SevStatus::Inactive)?;
+        self.snp_guest(rmp, gctx)?;
         for p in [src, dst] {
             if !mem.contains(p) || !rmp.covered(p) {
                 return Err(SevStatus::InvalidAddress);
@@ -433,11 +435,16 @@ impl Firmware {
             page_state(true, &se),
             PageState::PreGuest | PageState::PreSwap | PageState::GuestInvalid | PageState::GuestValid
         );
-        if !guest_page || se.asid != asid {
+        if !guest_page || page_state(true, &rmp.entry(dst)) != PageState::Firmware {
             return Err(SevStatus::InvalidPageState);
         }
-        if page_state(true, &rmp.entry(dst)) != PageState::Firmware {
-            return Err(SevStatus::InvalidPageState);
+        let g = self.snp_guest(rmp, gctx)?;
+        // An inactive guest has ASID 0 in ASPFW, which no guest page carries.
+        if Some(se.asid) != g.asid {
+            return Err(SevStatus::InvalidPageOwner);
+        }
+        if g.policy & SNP_POLICY_DEBUG == 0 {
+            return Err(SevStatus::PolicyFailure);
         }
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
         let mut page = [0u8; PAGE_SIZE as usize];
@@ -803,5 +810,50 @@ mod tests {
         fw.sev_decommission(h).unwrap();
         assert!(fw.key_for_asid(3).is_none());
         assert_eq!(fw.sev_launch_finish(h), Err(SevStatus::InvalidGuest));
+    }
+    #[test]
+    fn launch_update_and_dbg_decrypt_check_page_states_then_owner_then_guest_as_aspfw() {
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update: page state, page size, then guest state,
+        // INACTIVE, owner; snp_mcmd_dbg_decrypt: page states, owner, policy, INACTIVE.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let gctx = fw_page(&mut rmp, &mut mem);
+        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
+        let hv = mem.alloc().unwrap();
+        assert_eq!(
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
+            Err(SevStatus::InvalidPageState),
+            "before ACTIVATE: the page state is checked before INACTIVE"
+        );
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        fw.snp_launch_finish(&rmp, gctx, [0; 32]).unwrap();
+        assert_eq!(
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
+            Err(SevStatus::InvalidPageState),
+            "after LAUNCH_FINISH: the page state is checked before the guest state"
+        );
+        // Another ASID's guest page: INVALID_PAGE_OWNER, before the policy (no DEBUG bit).
+        let other = mem.alloc().unwrap();
+        rmp.rmpupdate(
+            other,
+            RmpState {
+                gpa: Gpa(0x1000),
+                assigned: true,
+                asid: 3,
+                ..RmpState::default()
+            },
+        )
+        .unwrap();
+        let dst = fw_page(&mut rmp, &mut mem);
+        assert_eq!(
+            fw.snp_dbg_decrypt(&rmp, &mut mem, gctx, other, dst),
+            Err(SevStatus::InvalidPageOwner)
+        );
+        assert_eq!(
+            fw.snp_dbg_decrypt(&rmp, &mut mem, gctx, hv, dst),
+            Err(SevStatus::InvalidPageState),
+            "the page states come before the policy"
+        );
     }
 }
