@@ -250,35 +250,43 @@ impl Firmware {
         Ok(())
     }
 
-    fn bind_asid(&mut self, h: Handle, asid: u32, rmp: &Rmp) -> Fw<()> {
+    /// ASPFW sev_mcmd.c `mcmd_activate_common` + `activate_common`: INVALID_ASID out of range,
+    /// ASID_OWNED if any guest (this one included) holds the ASID, ACTIVE if the guest already
+    /// has an ASID, DFFLUSH_REQUIRED if the ASID is dirty.
+    fn bind_asid(&mut self, h: Handle, asid: u32) -> Fw<()> {
         if asid == 0 || asid > self.max_asid {
             return Err(SevStatus::InvalidAsid);
         }
-        match self.asid_owner.get(&asid) {
-            Some(o) if *o != h => return Err(SevStatus::AsidOwned),
-            _ => {}
+        if self.asid_owner.contains_key(&asid) {
+            return Err(SevStatus::AsidOwned);
+        }
+        let g = self.guests.get(&h).ok_or(SevStatus::InvalidGuest)?;
+        if g.asid.is_some() {
+            return Err(SevStatus::Active);
         }
         if self.dirty_asids.contains(&asid) {
             return Err(SevStatus::DfflushRequired);
         }
-        let g = self.guests.get_mut(&h).ok_or(SevStatus::InvalidGuest)?;
-        if g.asid.is_none() && g.kind == VmKind::Snp && rmp.asid_pages(asid) > 0 {
-            return Err(SevStatus::InvalidConfig);
+        if let Some(g) = self.guests.get_mut(&h) {
+            g.asid = Some(asid);
         }
-        g.asid = Some(asid);
         self.asid_owner.insert(asid, h);
         Ok(())
     }
 
-    /// `SNP_ACTIVATE` (SNP ABI §8.9): bind an ASID. INVALID_ASID out of range, ASID_OWNED if
-    /// another guest has it, DFFLUSH_REQUIRED if it is dirty, INVALID_CONFIG if RMP entries
-    /// still carry it.
+    /// `SNP_ACTIVATE` (SNP ABI §8.9), in ASPFW sev_mcmd.c `snp_mcmd_activate`'s order: the
+    /// guest in LAUNCH or RUNNING (INVALID_GUEST_STATE), no RMP entry carrying the ASID
+    /// (INVALID_CONFIG, `check_rmp_for_asid`), then [`Firmware::bind_asid`]'s rules (an
+    /// already active guest gets ACTIVE, whatever the ASID).
     pub fn snp_activate(&mut self, rmp: &Rmp, gctx: Pfn, asid: u32) -> Fw<()> {
         let g = self.snp_guest(rmp, gctx)?;
         if !matches!(g.state, GuestState::Launch | GuestState::Running) {
             return Err(SevStatus::InvalidGuestState);
         }
-        self.bind_asid(Handle(gctx.0), asid, rmp)
+        if rmp.asid_pages(asid) > 0 {
+            return Err(SevStatus::InvalidConfig);
+        }
+        self.bind_asid(Handle(gctx.0), asid)
     }
 
     /// `SNP_LAUNCH_UPDATE` of one 4 KiB page (SNP ABI §8.17): the page must be Pre-Guest of the
@@ -503,10 +511,11 @@ impl Firmware {
         Ok(h)
     }
 
-    /// SEV `ACTIVATE` (SEV API §6.10): bind an ASID (same rules as SNP_ACTIVATE).
-    pub fn sev_activate(&mut self, rmp: &Rmp, h: Handle, asid: u32) -> Fw<()> {
+    /// SEV `ACTIVATE` (SEV API §6.10; ASPFW sev_mcmd.c `sev_mcmd_activate`): bind an ASID
+    /// ([`Firmware::bind_asid`]'s rules; no RMP scan).
+    pub fn sev_activate(&mut self, h: Handle, asid: u32) -> Fw<()> {
         self.es_guest(h)?;
-        self.bind_asid(h, asid, rmp)
+        self.bind_asid(h, asid)
     }
 
     /// SEV `LAUNCH_UPDATE_DATA` / `LAUNCH_UPDATE_VMSA` of one page (SEV API §6.3, §6.4):
@@ -785,15 +794,15 @@ mod tests {
 
     #[test]
     fn sev_es_launch() {
-        let (mut fw, rmp, mut mem) = setup();
+        let (mut fw, _rmp, mut mem) = setup();
         fw.snp_init().unwrap();
         let h = fw.sev_launch_start(0).unwrap();
         let p = mem.alloc().unwrap();
         mem.write(p, &[1; 4096]).unwrap();
         assert_eq!(fw.sev_launch_update(&mut mem, h, p), Err(SevStatus::Inactive));
-        fw.sev_activate(&rmp, h, 3).unwrap();
+        fw.sev_activate(h, 3).unwrap();
         let other = fw.sev_launch_start(1).unwrap();
-        assert_eq!(fw.sev_activate(&rmp, other, 3), Err(SevStatus::AsidOwned));
+        assert_eq!(fw.sev_activate(other, 3), Err(SevStatus::AsidOwned));
         fw.sev_launch_update(&mut mem, h, p).unwrap();
         fw.sev_launch_finish(h).unwrap();
         assert_eq!(
@@ -854,6 +863,35 @@ mod tests {
             fw.snp_dbg_decrypt(&rmp, &mut mem, gctx, hv, dst),
             Err(SevStatus::InvalidPageState),
             "the page states come before the policy"
+        );
+    }
+    #[test]
+    fn snp_activate_of_an_active_guest_is_active_after_the_invalid_config_scan() {
+        // ASPFW sev_mcmd.c snp_mcmd_activate: the RMP scan (INVALID_CONFIG) runs first, then
+        // mcmd_activate_common: INVALID_ASID, ASID_OWNED, ACTIVE.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let gctx = fw_page(&mut rmp, &mut mem);
+        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        assert_eq!(fw.snp_activate(&rmp, gctx, 4), Err(SevStatus::Active));
+        assert!(fw.key_for_asid(4).is_none(), "the new ASID is not bound");
+        assert_eq!(fw.snp_activate(&rmp, gctx, 2), Err(SevStatus::AsidOwned));
+        let p = mem.alloc().unwrap();
+        rmp.rmpupdate(
+            p,
+            RmpState {
+                assigned: true,
+                asid: 4,
+                ..RmpState::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fw.snp_activate(&rmp, gctx, 4),
+            Err(SevStatus::InvalidConfig),
+            "the scan comes first"
         );
     }
 }

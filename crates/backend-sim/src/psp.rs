@@ -53,7 +53,7 @@ impl Hw {
         let done = (|| {
             self.fw_inject(FaultOp::Activate, None, "ACTIVATE")?;
             self.charge(CostOp::SevActivate, asid, || format!("asid {asid}"));
-            let r = self.fw.sev_activate(&self.rmp, h, asid);
+            let r = self.fw.sev_activate(h, asid);
             self.fw_result("ACTIVATE", r)
         })();
         if let Err(e) = done {
