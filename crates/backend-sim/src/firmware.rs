@@ -33,6 +33,8 @@ pub enum PageState {
     HvFixed,
     /// Owned by the firmware.
     Firmware,
+    /// IOMMU buffers locked by SNP_INIT.
+    FirmwareIommu,
     /// Returned by SNP_PAGE_RECLAIM; the host must RMPUPDATE it to reuse it.
     Reclaim,
     /// A guest context page.
@@ -49,26 +51,42 @@ pub enum PageState {
     GuestValid,
 }
 
-/// The state of an entry (`covered` false gives `Default`).
+/// ASPFW keeps a firmware page's kind in bits 38:36 of the RMP GPA field (`RMP_GPA_STATE_*`,
+/// sev_rmp.h), i.e. bits 50:48 of the GPA: Metadata is 1, Firmware-IOMMU 2.
+pub const GPA_STATE_SHIFT: u32 = 48;
+/// The GPA-state bits of a Metadata page.
+pub const GPA_STATE_METADATA: u64 = 1 << GPA_STATE_SHIFT;
+/// The GPA-state bits of a Firmware-IOMMU page.
+pub const GPA_STATE_FW_IOMMU: u64 = 2 << GPA_STATE_SHIFT;
+const GPA_STATE_MASK: u64 = 7 << GPA_STATE_SHIFT;
+
+/// The state of an entry (`covered` false gives `Default`), exactly as ASPFW sev_rmp.c
+/// `rmp_entry_get_state` decodes it, first match wins (the simulator has no Lock bit: it
+/// reads as 0). VMSA and GPA matter only where the table says so.
 pub fn page_state(covered: bool, e: &RmpEntry) -> PageState {
     use PageState::*;
     if !covered {
         return Default;
     }
-    match (e.assigned, e.asid, e.immutable) {
-        (false, 0, false) if !e.validated && !e.vmsa => Hypervisor,
-        (false, 0, true) => HvFixed,
-        (false, _, _) => Invalid,
-        (true, 0, true) if e.gpa == 0 && e.vmsa => Context,
-        (true, 0, true) if e.gpa == 0 && !e.validated => Firmware,
-        (true, 0, true) if e.gpa != 0 => Metadata,
-        (true, 0, false) if !e.validated && !e.vmsa => Reclaim,
-        (true, 0, _) => Invalid,
-        (true, _, true) if e.validated => PreSwap,
-        (true, _, true) => PreGuest,
-        (true, _, false) if e.validated => GuestValid,
-        (true, _, false) if !e.vmsa => GuestInvalid,
-        (true, _, false) => Invalid,
+    let (a, v, asid, imm) = (e.assigned, e.validated, e.asid, e.immutable);
+    let gpa = e.gpa & !GPA_STATE_MASK;
+    let gpa_state = e.gpa & GPA_STATE_MASK;
+    match (a, v, asid > 0, imm) {
+        (false, false, false, false) => Hypervisor,
+        (false, false, false, true) => HvFixed,
+        (true, false, false, true) if e.gpa == 0 && !e.vmsa => Firmware,
+        (true, false, false, false) => Reclaim,
+        (true, false, false, true) if e.gpa == 0 && e.vmsa => Context,
+        (true, false, false, true) if gpa > 0 && gpa_state == GPA_STATE_METADATA => Metadata,
+        (true, false, true, true) => PreGuest,
+        (true, true, true, true) => PreSwap,
+        (true, false, true, false) => GuestInvalid,
+        (true, true, true, false) => GuestValid,
+        // RMP_GET_GPA(gpa) == 1: GPA field 1, i.e. GPA 0x1000.
+        (true, false, false, true) if gpa == PAGE_SIZE && gpa_state == GPA_STATE_FW_IOMMU && !e.vmsa => {
+            FirmwareIommu
+        }
+        _ => Invalid,
     }
 }
 
@@ -374,10 +392,12 @@ impl Firmware {
         Ok(())
     }
 
-    /// `SNP_PAGE_RECLAIM` (SNP ABI §8.24): Firmware/Metadata → Reclaim, Pre-Guest →
-    /// Guest-Invalid, Pre-Swap → Guest-Valid; pages that are already mutable succeed without
-    /// change; a Context or HV-Fixed page is INVALID_PAGE_STATE; an address outside the RMP or
-    /// DRAM is INVALID_ADDRESS.
+    /// `SNP_PAGE_RECLAIM` (SNP ABI §8.24; ASPFW sev_mcmd.c `snp_mcmd_page_reclaim`): an
+    /// address outside the RMP or DRAM is INVALID_ADDRESS, a page size other than 4 KiB
+    /// INVALID_PAGE_SIZE; any entry with Immutable = 0 succeeds unchanged; Firmware →
+    /// Reclaim, Metadata → Reclaim (GPA-state bits cleared), Pre-Guest → Guest-Invalid,
+    /// Pre-Swap → Guest-Valid; any other immutable page (Context, HV-Fixed, ...) is
+    /// INVALID_PAGE_STATE.
     pub fn snp_page_reclaim(&mut self, rmp: &mut Rmp, mem: &HostMemory, pfn: Pfn) -> Fw<()> {
         self.platform()?;
         if !mem.contains(pfn) || !rmp.covered(pfn) {
@@ -387,14 +407,17 @@ impl Firmware {
         if e.page_size != PageSize::Size4K {
             return Err(SevStatus::InvalidPageSize);
         }
+        if !e.immutable {
+            return Ok(());
+        }
         match page_state(true, &e) {
-            PageState::Firmware | PageState::Metadata => rmp.firmware_set(pfn, |e| {
+            PageState::Metadata => rmp.firmware_set(pfn, |e| {
                 e.immutable = false;
-                e.gpa = 0;
-                e.vmsa = false;
+                e.gpa &= !GPA_STATE_MASK;
             }),
-            PageState::PreGuest | PageState::PreSwap => rmp.firmware_set(pfn, |e| e.immutable = false),
-            PageState::Hypervisor | PageState::Reclaim | PageState::GuestInvalid | PageState::GuestValid => {}
+            PageState::Firmware | PageState::PreGuest | PageState::PreSwap => {
+                rmp.firmware_set(pfn, |e| e.immutable = false)
+            }
             _ => return Err(SevStatus::InvalidPageState),
         }
         Ok(())
@@ -616,7 +639,7 @@ mod tests {
         assert_eq!(page_state(true, &e(true, 0, true, false, false, 0)), Firmware);
         assert_eq!(page_state(true, &e(true, 0, true, false, true, 0)), Context);
         assert_eq!(
-            page_state(true, &e(true, 0, true, false, false, 0x1000)),
+            page_state(true, &e(true, 0, true, false, false, 0x1000 | GPA_STATE_METADATA)),
             Metadata
         );
         assert_eq!(page_state(true, &e(true, 0, false, false, false, 0)), Reclaim);
@@ -893,5 +916,76 @@ mod tests {
             Err(SevStatus::InvalidConfig),
             "the scan comes first"
         );
+    }
+    #[test]
+    fn page_states_follow_aspfw_rmp_entry_get_state_and_reclaim_succeeds_when_mutable() {
+        // ASPFW sev_rmp.c rmp_entry_get_state; sev_mcmd.c snp_mcmd_page_reclaim returns
+        // SUCCESS for any entry with Immutable = 0 before looking at the state.
+        let e = |assigned, asid, immutable, validated, vmsa, gpa| RmpEntry {
+            assigned,
+            asid,
+            immutable,
+            validated,
+            vmsa,
+            gpa,
+            ..RmpEntry::default()
+        };
+        use PageState::*;
+        let st = |e: RmpEntry| page_state(true, &e);
+        assert_eq!(
+            st(e(false, 0, false, false, true, 0x5000)),
+            Hypervisor,
+            "VMSA/GPA: don't care"
+        );
+        assert_eq!(
+            st(e(true, 3, false, false, true, 0x1000)),
+            GuestInvalid,
+            "VMSA: don't care"
+        );
+        assert_eq!(st(e(true, 0, false, false, true, 0x1000)), Reclaim);
+        assert_eq!(
+            st(e(false, 0, true, true, false, 0)),
+            Invalid,
+            "HV-Fixed needs Validated 0"
+        );
+        assert_eq!(
+            st(e(true, 0, true, true, true, 0)),
+            Invalid,
+            "Context needs Validated 0"
+        );
+        assert_eq!(
+            st(e(true, 0, true, false, false, 0x1000)),
+            Invalid,
+            "no GPA-state bits"
+        );
+        assert_eq!(
+            st(e(true, 0, true, false, false, 0x1000 | GPA_STATE_METADATA)),
+            Metadata
+        );
+        assert_eq!(
+            st(e(true, 0, true, false, false, 0x1000 | GPA_STATE_FW_IOMMU)),
+            FirmwareIommu
+        );
+        // make_vmsa + PVALIDATE rescind: Guest-Invalid with the VMSA bit; reclaim succeeds.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let p = mem.alloc().unwrap();
+        rmp.rmpupdate(
+            p,
+            RmpState {
+                gpa: Gpa(0x2000),
+                assigned: true,
+                asid: 1,
+                ..RmpState::default()
+            },
+        )
+        .unwrap();
+        rmp.firmware_set(p, |e| e.vmsa = true);
+        assert_eq!(fw.snp_page_reclaim(&mut rmp, &mem, p), Ok(()));
+        // A Metadata page reclaims to Reclaim, keeping its GPA without the state bits.
+        let md = fw_page(&mut rmp, &mut mem);
+        rmp.firmware_set(md, |e| e.gpa = 0x7000 | GPA_STATE_METADATA);
+        fw.snp_page_reclaim(&mut rmp, &mem, md).unwrap();
+        assert_eq!((st(rmp.entry(md)), rmp.entry(md).gpa), (Reclaim, 0x7000));
     }
 }
