@@ -90,6 +90,22 @@ pub fn page_state(covered: bool, e: &RmpEntry) -> PageState {
     }
 }
 
+/// The per-entry check of a CPUID page's `count` entries (ASPFW cpuid_lookup.c
+/// `sanitize_cpuid_list`): an entry of the standard (0-0xFFFF) or extended
+/// (0x8000_0000-0x8000_FFFF) range fails when its reserved field is not zero. Entries are 48
+/// bytes from offset 16: `eax_in, ecx_in: u32; xcr0_in, xss_in: u64; eax, ebx, ecx, edx: u32;
+/// reserved: u64`. The leaf values themselves (`sanitize_cpuid_entry` against the platform's
+/// CPUID policy, which corrects them) are not modelled: the simulator has no CPUID table.
+fn sanitize_cpuid_list(page: &PageBuf, count: u32) -> bool {
+    (0..count as usize).all(|i| {
+        let e = 16 + i * 48;
+        let eax_in = u32::from_le_bytes(page[e..e + 4].try_into().unwrap_or_default());
+        let reserved = u64::from_le_bytes(page[e + 40..e + 48].try_into().unwrap_or_default());
+        let checked = eax_in <= 0xffff || (0x8000_0000..=0x8000_ffff).contains(&eax_in);
+        !checked || reserved == 0
+    })
+}
+
 /// A guest's lifecycle state in the firmware.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum GuestState {
@@ -311,8 +327,10 @@ impl Firmware {
     /// guest's ASID; it is measured at the GPA its RMP entry holds (the command has no GPA
     /// field: ASPFW sev_mcmd.c `snp_mcmd_launch_update` measures
     /// `RMP_GPA_TO_PADDR(page_rmp_entry.q1.f.gpa)`), encrypted in place and becomes
-    /// Guest-Valid (with the VMSA bit for a VMSA page). A CPUID page with more
-    /// than 64 entries is refused with INVALID_PARAM and written back corrected, in plaintext.
+    /// Guest-Valid (with the VMSA bit for a VMSA page). A CPUID page with non-zero reserved
+    /// header fields or more than 64 entries is refused with INVALID_PARAM and not written; one
+    /// that fails the per-entry check is written back (plaintext) and refused with
+    /// INVALID_PARAM.
     pub fn snp_launch_update(
         &mut self,
         rmp: &mut Rmp,
@@ -357,9 +375,17 @@ impl Firmware {
                 }
             }
             SnpPageType::Cpuid => {
-                let count = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
-                if count > CPUID_COUNT_MAX {
-                    page[0..4].copy_from_slice(&CPUID_COUNT_MAX.to_le_bytes());
+                // ASPFW sev_mcmd.c snp_mcmd_launch_update: reserved header fields or
+                // count > SNP_CPUID_COUNT_MAX are INVALID_PARAM with nothing written;
+                // sanitize_cpuid_list failing writes the (corrected) table back in plaintext
+                // and fails with INVALID_PARAM.
+                let u32_at = |o: usize| u32::from_le_bytes(page[o..o + 4].try_into().unwrap_or_default());
+                let u64_at = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().unwrap_or_default());
+                let count = u32_at(0);
+                if u32_at(4) != 0 || u64_at(8) != 0 || count > CPUID_COUNT_MAX {
+                    return Err(SevStatus::InvalidParam);
+                }
+                if !sanitize_cpuid_list(&page, count) {
                     mem.write(pfn, &page).map_err(|_| SevStatus::InvalidAddress)?;
                     return Err(SevStatus::InvalidParam);
                 }
@@ -802,7 +828,7 @@ mod tests {
         );
         let mut back = [0u8; 4096];
         mem.read(cpuid, &mut back).unwrap();
-        assert_eq!(&back[0..4], &64u32.to_le_bytes(), "corrected in plaintext");
+        assert_eq!(&back[0..4], &65u32.to_le_bytes(), "refused without a write-back");
         assert_eq!(page_state(true, &rmp.entry(cpuid)), PageState::PreGuest);
         let dst = fw_page(&mut rmp, &mut mem);
         assert_eq!(
@@ -987,5 +1013,58 @@ mod tests {
         rmp.firmware_set(md, |e| e.gpa = 0x7000 | GPA_STATE_METADATA);
         fw.snp_page_reclaim(&mut rmp, &mem, md).unwrap();
         assert_eq!((st(rmp.entry(md)), rmp.entry(md).gpa), (Reclaim, 0x7000));
+    }
+    #[test]
+    fn cpuid_page_over_64_entries_is_refused_unwritten_and_entry_checks_run() {
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update: header reserved fields and count > 64 are
+        // INVALID_PARAM without a write; sanitize_cpuid_list fails an entry with a non-zero
+        // reserved field in the standard or extended range.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let gctx = fw_page(&mut rmp, &mut mem);
+        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        let mut pre = |gpa: u64| {
+            let p = mem.alloc().unwrap();
+            rmp.rmpupdate(
+                p,
+                RmpState {
+                    gpa: Gpa(gpa),
+                    assigned: true,
+                    immutable: true,
+                    asid: 2,
+                    ..RmpState::default()
+                },
+            )
+            .unwrap();
+            p
+        };
+        let pages: Vec<Pfn> = (1..=4).map(|i| pre(i << 12)).collect();
+        let cpuid = |count: u32, hdr_rsvd: u32, leaf: u32, entry_rsvd: u64| {
+            let mut b = [0u8; 4096];
+            b[0..4].copy_from_slice(&count.to_le_bytes());
+            b[4..8].copy_from_slice(&hdr_rsvd.to_le_bytes());
+            b[16..20].copy_from_slice(&leaf.to_le_bytes());
+            b[56..64].copy_from_slice(&entry_rsvd.to_le_bytes());
+            b
+        };
+        let cases = [
+            (cpuid(65, 0, 0, 0), Err(SevStatus::InvalidParam)),
+            (cpuid(1, 1, 0, 0), Err(SevStatus::InvalidParam)),
+            (cpuid(1, 0, 0x8000_0001, 5), Err(SevStatus::InvalidParam)),
+            (cpuid(1, 0, 0x4000_0000, 5), Ok(())),
+        ];
+        for (&p, (page, want)) in pages.iter().zip(cases) {
+            mem.write(p, &page).unwrap();
+            let got = fw.snp_launch_update(&mut rmp, &mut mem, gctx, p, SnpPageType::Cpuid);
+            assert_eq!(got, want);
+            if want.is_err() {
+                let mut back = [0u8; 4096];
+                mem.read(p, &mut back).unwrap();
+                assert!(back == page, "not corrected, plaintext");
+                assert_eq!(page_state(true, &rmp.entry(p)), PageState::PreGuest);
+            }
+        }
     }
 }
