@@ -330,7 +330,9 @@ impl Rmp {
     pub fn rmpupdate(&mut self, pfn: Pfn, new: RmpState) -> Result<(), RmpRet> {
         let large = new.page_size == PageSize::Size2M;
         let span = new.page_size.frames();
-        if !self.covered(Pfn(pfn.0 + span - 1))
+        // Checked: a region running past the top of the address space is not covered.
+        let last = pfn.0.checked_add(span - 1);
+        if !last.is_some_and(|l| self.covered(Pfn(l)))
             || (large && !pfn.is_2m_aligned())
             || !new.gpa.0.is_multiple_of(new.page_size.bytes())
             || new.asid > self.max_asid
@@ -393,7 +395,8 @@ impl Rmp {
     /// attributes and consecutive GPAs. FAIL_INPUT unless 2 MiB aligned and covered,
     /// FAIL_BADADDR unless a 2 MiB entry, FAIL_PERMISSION if immutable, FAIL_INUSE if in use.
     pub fn psmash(&mut self, pfn: Pfn) -> Result<(), RmpRet> {
-        if !pfn.is_2m_aligned() || !self.covered(Pfn(pfn.0 + PTRS_PER_PMD - 1)) {
+        let last = pfn.0.checked_add(PTRS_PER_PMD - 1);
+        if !pfn.is_2m_aligned() || !last.is_some_and(|l| self.covered(Pfn(l))) {
             return Err(RmpRet::FailInput);
         }
         let Some((h, e)) = self.large_head(pfn.0).map(|(h, e)| (h, *e)) else {
@@ -800,5 +803,16 @@ mod tests {
             .unwrap();
         assert!(r.check_hypervisor_owned(p).is_err());
         r.check_hypervisor_owned(END).unwrap();
+    }
+    #[test]
+    fn rmpupdate_and_psmash_of_a_frame_at_the_top_of_the_address_space_are_fail_input() {
+        // The covered check must not overflow `pfn + span - 1`: FAIL_INPUT, not a panic.
+        let mut r = Rmp::new(END, 16);
+        let top = Pfn(u64::MAX);
+        assert_eq!(
+            r.rmpupdate(top, private(0, 1, false, PageSize::Size2M)),
+            Err(RmpRet::FailInput)
+        );
+        assert_eq!(r.psmash(Pfn(!511)), Err(RmpRet::FailInput));
     }
 }
