@@ -350,10 +350,12 @@ impl Hw {
     }
 
     /// VMRUN checks of the VMSA page (APM table 15-41): for SNP the page must be covered,
-    /// assigned to the ASID at the expected GPA, mutable, with the VMSA bit; and not 2 MiB
-    /// aligned (AMD erratum 1467: a 2 MiB-aligned VMSA faults spuriously). On success the page
-    /// is marked in use until [`Hw::vmexit`].
-    pub fn vmrun(&mut self, asid: u32, hpa: Hpa, expected_gpa: Gpa) -> Result<(), SimError> {
+    /// assigned to the ASID, mutable, with the VMSA bit; and not 2 MiB aligned (AMD erratum
+    /// 1467: on an SNP-enabled host a 2 MiB-aligned VMSA faults spuriously). VMRUN is given
+    /// only the VMSA's system-physical address (the VMCB's VMSA pointer), so the RMP entry's
+    /// GPA is not compared with anything. On success the page is marked in use until
+    /// [`Hw::vmexit`].
+    pub fn vmrun(&mut self, asid: u32, hpa: Hpa) -> Result<(), SimError> {
         let kind = self.slot(asid)?.kind;
         let pfn = hpa.pfn();
         let fail = |check| SimError::VmrunInvalid { asid, hpa, check };
@@ -372,8 +374,6 @@ impl Hw {
                 Some("Covered: the VMSA is beyond the RMP")
             } else if !e.assigned || e.asid != asid {
                 Some("Guest-Owned: the VMSA is not assigned to the guest's ASID")
-            } else if e.gpa != expected_gpa.0 {
-                Some("Reverse-Map: the VMSA's RMP GPA differs from the vCPU's")
             } else if e.immutable {
                 Some("Mutable: the VMSA is immutable")
             } else if !e.vmsa {

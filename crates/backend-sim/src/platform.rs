@@ -137,10 +137,11 @@ impl SimPlatform {
         self.machine.hw().convert(self.asid, start, end, to_shared)
     }
 
-    /// VMRUN with the VMSA at `hpa`, which the RMP must record at `expected_gpa` (the
-    /// vCPU's guest VMSA GPA, or `INITIAL_VMSA_GPA` for a launch VMSA).
-    pub fn vmrun(&self, hpa: Hpa, expected_gpa: Gpa) -> Result<(), SimError> {
-        self.machine.hw().vmrun(self.asid, hpa, expected_gpa)
+    /// VMRUN with the VMSA at `hpa`. `vcpu_gpa` (the vCPU's guest VMSA GPA) is not used:
+    /// hardware is given only the VMSA's physical address, so there is no GPA to check.
+    pub fn vmrun(&self, hpa: Hpa, vcpu_gpa: Gpa) -> Result<(), SimError> {
+        let _ = vcpu_gpa;
+        self.machine.hw().vmrun(self.asid, hpa)
     }
 
     /// #VMEXIT of a vCPU running on the VMSA at `hpa`.

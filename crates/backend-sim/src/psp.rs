@@ -265,4 +265,16 @@ mod tests {
             Some(crate::measure::LaunchDigest::Snp(want.digest()))
         );
     }
+    #[test]
+    fn vmrun_is_given_only_the_vmsa_address_and_checks_no_gpa() {
+        // APM vol. 2 §15.36.12 / table 15-41: VMRUN gets the VMSA's system-physical address
+        // (VMCB VMSA pointer); no GPA is passed in, so none is compared.
+        let m = Machine::new(MachineConfig::default());
+        let (p, pfn) = snp_guest_with_pre_guest_page(&m, 1 << 17, 0x3000);
+        assert!(!pfn.is_2m_aligned());
+        p.snp_launch_update(pfn, vmsa_core::Gpa(0x3000), vmsa_core::SnpPageType::Vmsa)
+            .unwrap();
+        p.vmrun(pfn.hpa(), vmsa_core::Gpa(0x9000)).unwrap();
+        p.vmexit(pfn.hpa());
+    }
 }
