@@ -123,6 +123,10 @@ cost_ops! {
     SevLaunchUpdate = "sev_launch_update", 8_100_000, Estimate, "backend-sim: SNP_LAUNCH_UPDATE NORMAL row of 2.3 reused";
     /// SEV-ES LAUNCH_FINISH (with LAUNCH_MEASURE): taken as SNP_LAUNCH_FINISH (540,000), est.
     SevLaunchFinish = "sev_launch_finish", 540_000, Estimate, "backend-sim: SNP_LAUNCH_FINISH row of 2.3 reused";
+    /// SEV-ES DEACTIVATE: taken as SNP_DECOMMISSION (540,000), est.
+    SevDeactivate = "sev_deactivate", 540_000, Estimate, "backend-sim: SNP_DECOMMISSION row of 2.3 reused";
+    /// SEV-ES DECOMMISSION: taken as SNP_DECOMMISSION (540,000), est.
+    SevDecommission = "sev_decommission", 540_000, Estimate, "backend-sim: SNP_DECOMMISSION row of 2.3 reused";
     /// SEV-ES DBG_DECRYPT 4 KiB: taken as SNP_DBG_DECRYPT (2,700,000), est.
     SevDbgDecrypt = "sev_dbg_decrypt", 2_700_000, Estimate, "backend-sim: SNP_DBG_DECRYPT row of 2.3 reused";
     /// Host page allocation (zeroing 4 KiB): 1,000, est (not in 2.3; a 4 KiB clear at ~16 B/cycle plus allocator).

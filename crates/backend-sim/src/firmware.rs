@@ -450,7 +450,8 @@ impl Firmware {
     }
 
     /// `SNP_DECOMMISSION` (SNP ABI §8.8): the guest is gone, its ASID becomes dirty (WBINVD and
-    /// DF_FLUSH before reuse) and the context page returns to the Firmware state.
+    /// DF_FLUSH before reuse) if the guest ran, and the context page returns to the Firmware
+    /// state.
     pub fn snp_decommission(&mut self, rmp: &mut Rmp, gctx: Pfn) -> Fw<()> {
         self.snp_guest(rmp, gctx)?;
         self.remove_guest(Handle(gctx.0));
@@ -458,14 +459,11 @@ impl Firmware {
         Ok(())
     }
 
+    /// Deactivate (ASPFW `snp_decommission_common` deactivates first: in-use CCXs of a guest
+    /// that ran become dirty, allocated ones clean) and forget the guest.
     fn remove_guest(&mut self, h: Handle) {
-        if let Some(g) = self.guests.remove(&h)
-            && let Some(asid) = g.asid
-        {
-            self.asid_owner.remove(&asid);
-            self.dirty_asids.insert(asid);
-            self.wbinvd_since_deactivate = false;
-        }
+        self.deactivate(h);
+        self.guests.remove(&h);
     }
 
     /// `SNP_DBG_DECRYPT` (SNP ABI §8.21): decrypt one guest page into a Firmware page. In
@@ -614,9 +612,35 @@ impl Firmware {
         Ok(())
     }
 
-    /// SEV `DECOMMISSION` (after `DEACTIVATE`): the guest is gone and its ASID dirty.
-    pub fn sev_decommission(&mut self, h: Handle) -> Fw<()> {
+    /// SEV `DEACTIVATE` (SEV API §6.11; ASPFW sev_mcmd.c `sev_mcmd_deactivate`): unbind the
+    /// ASID; INACTIVE if the guest has none. The ASID becomes dirty (WBINVD + DF_FLUSH before
+    /// reuse) only if the guest ran (its activation reached RUNNING); otherwise it is clean.
+    pub fn sev_deactivate(&mut self, h: Handle) -> Fw<()> {
         self.es_guest(h)?;
+        self.deactivate(h).ok_or(SevStatus::Inactive)
+    }
+
+    /// Unbind a guest's ASID, dirtying it if the guest ran; `None` if it had none.
+    fn deactivate(&mut self, h: Handle) -> Option<()> {
+        let g = self.guests.get_mut(&h)?;
+        let asid = g.asid.take()?;
+        let ran = g.state == GuestState::Running;
+        self.asid_owner.remove(&asid);
+        if ran {
+            self.dirty_asids.insert(asid);
+            self.wbinvd_since_deactivate = false;
+        }
+        Some(())
+    }
+
+    /// SEV `DECOMMISSION` (ASPFW sev_mcmd.c `mcmd_decommission_common`): ACTIVE while the
+    /// guest's ASID is active (a guest that reached RUNNING, until `DEACTIVATE`); the guest
+    /// is gone.
+    pub fn sev_decommission(&mut self, h: Handle) -> Fw<()> {
+        let g = self.es_guest(h)?;
+        if g.asid.is_some() && g.state == GuestState::Running {
+            return Err(SevStatus::Active);
+        }
         self.remove_guest(h);
         Ok(())
     }
@@ -865,6 +889,7 @@ mod tests {
         fw.sev_dbg_decrypt(&mem, h, p, &mut out).unwrap();
         assert_eq!(out, [1; 4096]);
         assert!(fw.key_for_asid(3).is_some());
+        fw.sev_deactivate(h).unwrap();
         fw.sev_decommission(h).unwrap();
         assert!(fw.key_for_asid(3).is_none());
         assert_eq!(fw.sev_launch_finish(h), Err(SevStatus::InvalidGuest));
@@ -1066,5 +1091,25 @@ mod tests {
                 assert_eq!(page_state(true, &rmp.entry(p)), PageState::PreGuest);
             }
         }
+    }
+    #[test]
+    fn sev_es_decommission_of_an_active_guest_is_active_until_deactivate_and_dirties_only_a_guest_that_ran() {
+        // ASPFW sev_mcmd.c mcmd_decommission_common: ACTIVE while the ASID is active;
+        // sev_mcmd_deactivate: in-use (Running) CCXs become dirty, allocated ones clean.
+        let (mut fw, _rmp, _mem) = setup();
+        fw.snp_init().unwrap();
+        let h = fw.sev_launch_start(0).unwrap();
+        fw.sev_activate(h, 3).unwrap();
+        fw.sev_launch_finish(h).unwrap();
+        assert_eq!(fw.sev_decommission(h), Err(SevStatus::Active));
+        fw.sev_deactivate(h).unwrap();
+        assert_eq!(fw.sev_deactivate(h), Err(SevStatus::Inactive));
+        fw.sev_decommission(h).unwrap();
+        assert_eq!(fw.dirty_asids(), vec![3]);
+        // Activated but never running: decommission works and the ASID stays clean.
+        let h = fw.sev_launch_start(0).unwrap();
+        fw.sev_activate(h, 4).unwrap();
+        fw.sev_decommission(h).unwrap();
+        assert_eq!(fw.dirty_asids(), vec![3]);
     }
 }

@@ -692,7 +692,12 @@ impl Machine {
                         fw.snp_decommission(rmp, Pfn(h.0))
                     }
                     VmKind::SevEs => {
-                        hw.charge(CostOp::SnpDecommission, asid, || format!("handle {:#x}", h.0));
+                        // sev_unbind_asid: DEACTIVATE, then DECOMMISSION (which ASPFW refuses
+                        // with ACTIVE while the ASID is active).
+                        hw.charge(CostOp::SevDeactivate, asid, || format!("handle {:#x}", h.0));
+                        let r = hw.fw.sev_deactivate(h);
+                        hw.fw_result("DEACTIVATE", r)?;
+                        hw.charge(CostOp::SevDecommission, asid, || format!("handle {:#x}", h.0));
                         hw.fw.sev_decommission(h)
                     }
                 };
