@@ -393,7 +393,8 @@ impl Rmp {
 
     /// `PSMASH` (host): split the 2 MiB entry at `pfn` into 512 4 KiB entries with the same
     /// attributes and consecutive GPAs. FAIL_INPUT unless 2 MiB aligned and covered,
-    /// FAIL_BADADDR unless a 2 MiB entry, FAIL_PERMISSION if immutable, FAIL_INUSE if in use.
+    /// FAIL_BADADDR unless a 2 MiB entry, FAIL_PERMISSION if immutable (an estimate: see
+    /// below), FAIL_INUSE if in use.
     pub fn psmash(&mut self, pfn: Pfn) -> Result<(), RmpRet> {
         let last = pfn.0.checked_add(PTRS_PER_PMD - 1);
         if !pfn.is_2m_aligned() || !last.is_some_and(|l| self.covered(Pfn(l))) {
@@ -402,6 +403,9 @@ impl Rmp {
         let Some((h, e)) = self.large_head(pfn.0).map(|(h, e)| (h, *e)) else {
             return Err(RmpRet::FailBadAddr);
         };
+        // ESTIMATE, no source: PSMASH's documented FAIL_PERMISSION (2) means the current
+        // ASID is not zero (a guest executed it); nothing says what PSMASH does with an
+        // immutable (firmware-held) 2 MiB entry. The simulator refuses it with code 2.
         if e.immutable {
             return Err(RmpRet::FailPermission);
         }
@@ -482,7 +486,7 @@ impl Rmp {
 
     /// `PVALIDATE` (guest at `vmpl`, APM §15.36.6): set or clear Validated. Returns whether the
     /// bit changed (CF=0); an unchanged bit is Linux's `PVALIDATE_FAIL_NOUPDATE`. Rules: VMPL0
-    /// only (FAIL_PERMISSION), 2 MiB requests aligned (FAIL_INPUT), ownership/GPA/mutable
+    /// only (FAIL_PERMISSION, an estimate: see below), 2 MiB requests aligned (FAIL_INPUT), ownership/GPA/mutable
     /// (#NPF), 2 MiB on a 4 KiB entry FAIL_SIZEMISMATCH, 4 KiB on a 2 MiB entry #NPF(SIZEM).
     pub fn pvalidate(
         &mut self,
@@ -493,6 +497,10 @@ impl Rmp {
         size: PageSize,
         validate: bool,
     ) -> Result<bool, GuestInstrError> {
+        // ESTIMATE, no source: PVALIDATE's documented return codes are 0, FAIL_INPUT (1) and
+        // FAIL_SIZEMISMATCH (6); what it does below VMPL0 is not stated. The simulator
+        // returns FAIL_PERMISSION (its scripted guests run at VMPL0 only, so this path is
+        // reached only by direct calls).
         if vmpl != 0 {
             return Err(RmpRet::FailPermission.into());
         }
