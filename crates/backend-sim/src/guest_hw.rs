@@ -114,10 +114,12 @@ impl Hw {
         let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
         let pfn = if private {
             let pfn = self.private_frame(asid, gpa)?;
-            if self.slot(asid)?.kind == VmKind::Snp
-                && let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn)
-            {
-                return Err(self.guest_fault(asid, f));
+            if self.slot(asid)?.kind == VmKind::Snp {
+                // One RMP check per page access (the simulator models one TLB fill each).
+                self.charge(CostOp::RmpCheck, asid, || format!("gpa {gpa} pfn {pfn}"));
+                if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
+                    return Err(self.guest_fault(asid, f));
+                }
             }
             pfn
         } else {
@@ -361,7 +363,6 @@ impl Hw {
         let fail = |check| SimError::VmrunInvalid { asid, hpa, check };
         let injected = self.inject(FaultOp::Vmrun, None).is_some();
         self.charge(CostOp::Vmrun, asid, || format!("vmsa {hpa}"));
-        self.charge(CostOp::EsWorldSwitchExtra, asid, || format!("vmsa {hpa}"));
         let check = if injected {
             Some("injected")
         } else if !self.mem.contains(pfn) {

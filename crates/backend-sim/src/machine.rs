@@ -210,7 +210,7 @@ fn cat(op: CostOp) -> &'static str {
     match op {
         Rmpupdate4K | Rmpupdate2M | Psmash | RmpCheck => "rmp",
         Pvalidate4K | Pvalidate2M | Rmpadjust | GuestCopy | VmgexitSnp | VmgexitEs => "guest",
-        Vmrun | EsWorldSwitchExtra | ExitToUserspace | GmemFault => "vcpu",
+        Vmrun | ExitToUserspace | GmemFault => "vcpu",
         Clflush | VmPageFlush | WbinvdAll | PageAlloc | HostCopy => "host",
         _ => "firmware",
     }
