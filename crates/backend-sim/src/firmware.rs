@@ -140,6 +140,8 @@ pub struct GuestContext {
     pub asid: Option<u32>,
     /// `HOST_DATA` of SNP_LAUNCH_FINISH.
     pub host_data: [u8; 32],
+    /// Guest OS visible workarounds of SNP_LAUNCH_START (copied into the secrets page).
+    pub gosvw: [u8; 16],
     key: Option<GuestKey>,
     digest: Digest,
 }
@@ -150,6 +152,8 @@ const SNP_POLICY_MBO: u64 = 1 << 17;
 const SNP_POLICY_DEBUG: u64 = 1 << 19;
 /// Bit 0 of an SEV policy: debugging forbidden.
 const SEV_POLICY_NODBG: u64 = 1 << 0;
+/// The secrets page version ASPFW writes (`SNP_LAUNCH_UPDATE_SECRETS_PAGE_VERSION`).
+const SECRETS_PAGE_VERSION: u32 = 3;
 /// The most entries an SNP CPUID page holds (`SNP_CPUID_COUNT_MAX`).
 pub const CPUID_COUNT_MAX: u32 = 64;
 
@@ -261,6 +265,7 @@ impl Firmware {
                 policy: 0,
                 asid: None,
                 host_data: [0; 32],
+                gosvw: [0; 16],
                 key: None,
                 digest: Digest::Snp(SnpLaunchDigest::new()),
             },
@@ -269,7 +274,7 @@ impl Firmware {
     }
 
     /// `SNP_LAUNCH_START` (SNP ABI §8.16): INIT → LAUNCH with a fresh key and an empty digest.
-    pub fn snp_launch_start(&mut self, rmp: &Rmp, gctx: Pfn, policy: u64) -> Fw<()> {
+    pub fn snp_launch_start(&mut self, rmp: &Rmp, gctx: Pfn, policy: u64, gosvw: [u8; 16]) -> Fw<()> {
         let key = self.keys.generate();
         let g = self.snp_guest(rmp, gctx)?;
         if g.state != GuestState::Init {
@@ -279,6 +284,7 @@ impl Firmware {
             return Err(SevStatus::PolicyFailure);
         }
         g.policy = policy;
+        g.gosvw = gosvw;
         g.key = Some(key);
         g.state = GuestState::Launch;
         Ok(())
@@ -366,9 +372,12 @@ impl Firmware {
         match page_type {
             SnpPageType::Zero => page.fill(0),
             SnpPageType::Secrets => {
-                // SNP ABI §8.17.2.5: the firmware fills the secrets page (version, VMPCKs, ...).
+                // ASPFW sev_mcmd.c snp_mcmd_launch_update / sev_mcmd.h
+                // snp_launch_update_secrets_page_t: version 3 (SNP_LAUNCH_UPDATE_SECRETS_PAGE_
+                // VERSION), GOSVW from SNP_LAUNCH_START at 0x10, VMPCK0-3 at 0x20..0xa0.
                 page.fill(0);
-                page[0..4].copy_from_slice(&2u32.to_le_bytes());
+                page[0..4].copy_from_slice(&SECRETS_PAGE_VERSION.to_le_bytes());
+                page[0x10..0x20].copy_from_slice(&g.gosvw);
                 for (i, chunk) in page[0x20..0xa0].chunks_exact_mut(32).enumerate() {
                     chunk.copy_from_slice(&secrets);
                     chunk[0] ^= i as u8;
@@ -551,6 +560,7 @@ impl Firmware {
                 policy: u64::from(policy),
                 asid: None,
                 host_data: [0; 32],
+                gosvw: [0; 16],
                 key: Some(key),
                 digest: Digest::SevEs(SevEsLaunchDigest::new()),
             },
@@ -724,13 +734,16 @@ mod tests {
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
         assert_eq!(page_state(true, &rmp.entry(gctx)), PageState::Context);
         assert_eq!(
-            fw.snp_launch_start(&rmp, hv, 1 << 17),
+            fw.snp_launch_start(&rmp, hv, 1 << 17, [0; 16]),
             Err(SevStatus::InvalidGuest)
         );
-        assert_eq!(fw.snp_launch_start(&rmp, gctx, 0), Err(SevStatus::PolicyFailure));
-        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
         assert_eq!(
-            fw.snp_launch_start(&rmp, gctx, 1 << 17),
+            fw.snp_launch_start(&rmp, gctx, 0, [0; 16]),
+            Err(SevStatus::PolicyFailure)
+        );
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
+        assert_eq!(
+            fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]),
             Err(SevStatus::InvalidGuestState)
         );
         let page = mem.alloc().unwrap();
@@ -821,7 +834,8 @@ mod tests {
         fw.snp_init().unwrap();
         let gctx = fw_page(&mut rmp, &mut mem);
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, (1 << 17) | (1 << 19)).unwrap();
+        fw.snp_launch_start(&rmp, gctx, (1 << 17) | (1 << 19), [0; 16])
+            .unwrap();
         fw.snp_activate(&rmp, gctx, 2).unwrap();
         let mut pre = |gpa: u64| {
             let p = mem.alloc().unwrap();
@@ -902,7 +916,7 @@ mod tests {
         fw.snp_init().unwrap();
         let gctx = fw_page(&mut rmp, &mut mem);
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
         let hv = mem.alloc().unwrap();
         assert_eq!(
             fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
@@ -947,7 +961,7 @@ mod tests {
         fw.snp_init().unwrap();
         let gctx = fw_page(&mut rmp, &mut mem);
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
         fw.snp_activate(&rmp, gctx, 2).unwrap();
         assert_eq!(fw.snp_activate(&rmp, gctx, 4), Err(SevStatus::Active));
         assert!(fw.key_for_asid(4).is_none(), "the new ASID is not bound");
@@ -1048,7 +1062,7 @@ mod tests {
         fw.snp_init().unwrap();
         let gctx = fw_page(&mut rmp, &mut mem);
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
         fw.snp_activate(&rmp, gctx, 2).unwrap();
         let mut pre = |gpa: u64| {
             let p = mem.alloc().unwrap();

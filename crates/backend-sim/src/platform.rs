@@ -240,9 +240,9 @@ impl Platform for SimPlatform {
     fn launch_start(&self, start: &LaunchStart) -> Result<(), SimError> {
         let mut hw = self.machine.hw();
         match *start {
-            LaunchStart::Snp { policy, .. } => {
+            LaunchStart::Snp { policy, gosvw } => {
                 self.need("SNP_LAUNCH_START", VmKind::Snp)?;
-                hw.snp_launch_start(self.asid, policy)
+                hw.snp_launch_start(self.asid, policy, gosvw)
             }
             LaunchStart::SevEs { policy } => {
                 self.need("LAUNCH_START", VmKind::SevEs)?;

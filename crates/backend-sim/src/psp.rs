@@ -12,7 +12,7 @@ use crate::machine::Hw;
 
 impl Hw {
     /// Firmware command helpers used by the platform.
-    pub fn snp_launch_start(&mut self, asid: u32, policy: u64) -> Result<(), SimError> {
+    pub fn snp_launch_start(&mut self, asid: u32, policy: u64, gosvw: [u8; 16]) -> Result<(), SimError> {
         self.fw_inject(FaultOp::LaunchStart, None, "SNP_LAUNCH_START")?;
         let gctx = self.make_firmware_page()?;
         self.charge(CostOp::SnpGctxCreate, asid, || format!("gctx {gctx}"));
@@ -23,7 +23,7 @@ impl Hw {
         }
         let done = (|| {
             self.charge(CostOp::SnpLaunchStart, asid, || format!("policy {policy:#x}"));
-            let r = self.fw.snp_launch_start(&self.rmp, gctx, policy);
+            let r = self.fw.snp_launch_start(&self.rmp, gctx, policy, gosvw);
             self.fw_result("SNP_LAUNCH_START", r)?;
             self.fw_inject(FaultOp::Activate, None, "SNP_ACTIVATE")?;
             self.charge(CostOp::SnpActivate, asid, || format!("asid {asid}"));
@@ -276,5 +276,49 @@ mod tests {
             .unwrap();
         p.vmrun(pfn.hpa(), vmsa_core::Gpa(0x9000)).unwrap();
         p.vmexit(pfn.hpa());
+    }
+    #[test]
+    fn secrets_page_is_version_3_with_the_launch_gosvw_and_the_rmp_gpa_field_is_39_bits() {
+        // ASPFW sev_mcmd.h SNP_LAUNCH_UPDATE_SECRETS_PAGE_VERSION 3; snp_mcmd_launch_update
+        // copies gctx->gosvw (from SNP_LAUNCH_START) to offset 0x10. Linux struct
+        // rmpentry_raw: gpa is 39 bits (bits 12-50).
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(vmsa_core::VmKind::Snp).unwrap();
+        p.launch_start(&LaunchStart::Snp {
+            policy: (1 << 17) | (1 << 19),
+            gosvw: [0xab; 16],
+        })
+        .unwrap();
+        let pfn = m.hw().alloc_page().unwrap();
+        let st = crate::rmp::RmpState {
+            gpa: vmsa_core::Gpa(0x5000),
+            assigned: true,
+            immutable: true,
+            asid: p.asid().0,
+            ..Default::default()
+        };
+        m.rmpupdate(pfn, st).unwrap();
+        p.snp_launch_update(pfn, vmsa_core::Gpa(0x5000), vmsa_core::SnpPageType::Secrets)
+            .unwrap();
+        let mut out = [0u8; 4096];
+        p.dbg_decrypt_vmsa(pfn.hpa(), &mut out).unwrap();
+        assert_eq!(&out[0..4], &3u32.to_le_bytes(), "version");
+        assert_eq!(&out[0x10..0x20], &[0xab; 16], "GOSVW");
+        let other = m.hw().alloc_page().unwrap();
+        let wide = crate::rmp::RmpState {
+            gpa: vmsa_core::Gpa(1 << 51),
+            ..st
+        };
+        let e = m.rmpupdate(other, wide).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SimError::Rmp {
+                    code: crate::RmpRet::FailInput,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

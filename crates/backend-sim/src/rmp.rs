@@ -191,6 +191,12 @@ impl From<GuestFault> for GuestInstrError {
     }
 }
 
+/// The RMP entry's GPA field is 39 bits, bits 12-50 (Linux arch/x86/virt/svm/sev.c
+/// `struct rmpentry_raw`; ASPFW sev_rmp.h `rmp_fields_t`): a GPA at or above 2^51 does not
+/// fit. RMPUPDATE refuses it with FAIL_INPUT (an estimate: the code for a GPA that does not
+/// fit is not documented; FAIL_INPUT is the one for bad input fields).
+pub const GPA_LIMIT: u64 = 1 << 51;
+
 /// The RMP of one machine.
 #[derive(Debug)]
 pub struct Rmp {
@@ -335,6 +341,7 @@ impl Rmp {
         if !last.is_some_and(|l| self.covered(Pfn(l)))
             || (large && !pfn.is_2m_aligned())
             || !new.gpa.0.is_multiple_of(new.page_size.bytes())
+            || new.gpa.0 >= GPA_LIMIT
             || new.asid > self.max_asid
             || (!new.assigned && new.asid != 0)
         {
