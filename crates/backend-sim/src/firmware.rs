@@ -20,7 +20,7 @@ use crate::memory::HostMemory;
 use crate::rmp::{PageSize, Rmp, RmpEntry};
 
 /// A frame's state as the firmware sees it (SNP ABI chapter 5; ASPFW `rmp_entry_get_state`,
-/// rmp-and-costs.md §1.3).
+/// github.com/amd/AMD-ASPFW sev_rmp.h `snp_page_state_t`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum PageState {
     /// Any combination of fields not listed below.

@@ -1,5 +1,6 @@
 //! The Reverse Map Table and the instructions that change it (AMD APM vol. 2, pub. 24593,
-//! §15.36; entry fields per Linux `struct rmpentry_raw`, see rmp-and-costs.md §1.2).
+//! §15.36; entry fields per Linux arch/x86/virt/svm/sev.c `struct rmpentry_raw` and AMD-ASPFW
+//! sev_rmp.h `rmp_fields_t`).
 //!
 //! One entry per 4 KiB system-physical frame, stored sparsely: a frame without a stored entry
 //! is hypervisor-owned (all fields zero). A 2 MiB entry is stored once, at its 2 MiB-aligned
