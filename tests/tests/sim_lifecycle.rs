@@ -372,14 +372,14 @@ fn data_launch_update_failures() {
             .unwrap_err();
     assert!(matches!(e, Error::NoGuestMemory { gpa: Gpa(0x4000) }), "{e}");
     finish(g, &[]);
-    // The data page cannot be made pre-guest.
-    let mut g = guest("rmp_make_private:1=FAIL_OVERLAP", VmKind::Snp, 1);
+    // The data page cannot be made pre-guest (FAIL_INUSE: Linux retries only FAIL_OVERLAP).
+    let mut g = guest("rmp_make_private:1=FAIL_INUSE", VmKind::Snp, 1);
     g.vm.launch_start(POLICY).unwrap();
     let e =
         g.vm.launch_update_data(Gpa(0x4000), 0x1000, SnpPageType::Normal, Some(&[1; 0x1000]))
             .unwrap_err();
     assert!(
-        matches!(&e, Error::Platform { op: PlatformOp::RmpMakePrivate, source, .. } if source.rmp_code() == Some(RmpRet::FailOverlap)),
+        matches!(&e, Error::Platform { op: PlatformOp::RmpMakePrivate, source, .. } if source.rmp_code() == Some(RmpRet::FailInuse)),
         "{e}"
     );
     finish(g, &[]);

@@ -6,6 +6,7 @@
 //! - `bench`: the criterion benchmarks (`-- <filter>` narrows them).
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
+//! - `costs`: print the simulator's cost table, with the basis and public source of each row.
 
 #![forbid(unsafe_code)]
 
@@ -27,12 +28,13 @@ fn main() -> ExitCode {
         "bench" => bench(rest),
         "lint" => lint(),
         "fixtures" => fixtures(),
+        "costs" => costs(),
         "help" | "-h" | "--help" => {
-            println!("usage: cargo xtask <test | bench [-- FILTER] | lint | fixtures>");
+            println!("usage: cargo xtask <test | bench [-- FILTER] | lint | fixtures | costs>");
             Ok(())
         }
         other => Err(format!(
-            "unknown task `{other}` (expected test, bench, lint or fixtures)"
+            "unknown task `{other}` (expected test, bench, lint, fixtures or costs)"
         )),
     };
     match result {
@@ -69,6 +71,18 @@ fn run(step: &str, mut cmd: Command) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{step} failed ({status})"))
+    }
+}
+
+/// The simulator's cost table (backend-sim's `costs` example prints `cost::table()`).
+fn costs() -> Result<(), String> {
+    let mut c = cargo();
+    c.args(["run", "--quiet", "-p", "backend-sim", "--example", "costs"]);
+    let status = c.status().map_err(|e| format!("cannot start {c:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("printing the cost table failed ({status})"))
     }
 }
 

@@ -5,7 +5,8 @@
 //! i.e. the VMSA of vCPU 3) or `rmp_make_shared:1=FAIL_INUSE`. `N` counts from 1 over the
 //! machine's lifetime, per operation (or per operation and page type when one is given). The
 //! code must be one the operation can return: a firmware status (`SEV_RET_*` name) for
-//! firmware commands, an RMP return code (`FAIL_*`) for RMP instructions, `ENOMEM` (or `ALIGNED_2M`:
+//! firmware commands, an RMP return code (`FAIL_*`) for RMP instructions (not FAIL_OVERLAP
+//! for RMPUPDATE nor FAIL_INUSE for PSMASH, which Linux retries internally), `ENOMEM` (or `ALIGNED_2M`:
 //! hand out a 2 MiB-aligned frame) for page allocation, `GP` (the #GP of the VM_PAGE_FLUSH MSR write) for page flushes, `RMP_FAULT` for
 //! host writes and host reads (a read faults only when injected), `UNBACKED` for
 //! guest_memfd lookups and `VMEXIT_INVALID` for VMRUN. An injected failure has no effect on
@@ -286,6 +287,21 @@ impl FromStr for FaultRule {
                 class.expected()
             ))
         })?;
+        // Codes the kernel retries internally never reach vmsa-core: Linux
+        // arch/x86/virt/svm/sev.c rmpupdate() loops `while (ret == RMPUPDATE_FAIL_OVERLAP)`,
+        // KVM snp_rmptable_psmash() loops `while (ret == PSMASH_FAIL_INUSE)`.
+        let retried = matches!(
+            (op, code),
+            (
+                FaultOp::RmpMakePrivate | FaultOp::RmpMakeShared,
+                FaultCode::Rmp(RmpRet::FailOverlap)
+            ) | (FaultOp::Psmash, FaultCode::Rmp(RmpRet::FailInuse))
+        );
+        if retried {
+            return Err(err(format!(
+                "{op_s} cannot fail with `{code_s}`: Linux retries it internally until it clears"
+            )));
+        }
         Ok(Self {
             op,
             page_type,
@@ -468,5 +484,21 @@ mod tests {
             let rule: FaultRule = spec.parse().unwrap();
             assert_eq!(rule.to_string(), spec);
         }
+    }
+    #[test]
+    fn codes_linux_retries_internally_cannot_be_injected() {
+        // Linux arch/x86/virt/svm/sev.c rmpupdate() loops while FAIL_OVERLAP; KVM
+        // snp_rmptable_psmash() loops while PSMASH_FAIL_INUSE: callers never see them.
+        for spec in [
+            "rmp_make_private:1=FAIL_OVERLAP",
+            "rmp_make_shared:1=FAIL_OVERLAP",
+            "psmash:1=FAIL_INUSE",
+        ] {
+            let e = spec.parse::<FaultPlan>().unwrap_err();
+            assert!(e.rule.contains("retries"), "{spec}: {e}");
+        }
+        "rmp_make_shared:1=FAIL_INUSE, psmash:1=FAIL_PERMISSION"
+            .parse::<FaultPlan>()
+            .unwrap();
     }
 }

@@ -2,10 +2,12 @@
 //! the SEV-SNP and SEV-ES commands the VMSA lifecycle uses.
 //!
 //! Sources: SEV-SNP Firmware ABI (pub. 56860) chapter 5 (page states) and chapter 8 (commands),
-//! as summarised in rmp-and-costs.md §1.3 (page states), §1.6 (command preconditions and
-//! transitions) and §1.7 (status codes); SEV API (pub. 55766) §6 for the SEV-ES launch. Every
-//! command checks its preconditions in the order the table gives and returns the ABI status
-//! code of the first one that fails; it changes nothing when it fails.
+//! SEV API (pub. 55766) §6 for the SEV-ES launch, and AMD's published PSP firmware source
+//! (github.com/amd/AMD-ASPFW, `fw/psp_bl_uapps/sev_uapp/src/sev_mcmd.c` and `sev_rmp.c`),
+//! whose functions are cited where a rule follows them. SNP_LAUNCH_UPDATE, SNP_DBG_DECRYPT,
+//! SNP_ACTIVATE and SNP_PAGE_RECLAIM check their preconditions in the order of the ASPFW
+//! handler and return the status of the first one that fails; a command changes nothing when
+//! it fails (except the CPUID page write-back ASPFW does on a failed entry check).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -18,7 +20,7 @@ use crate::memory::HostMemory;
 use crate::rmp::{PageSize, Rmp, RmpEntry};
 
 /// A frame's state as the firmware sees it (SNP ABI chapter 5; ASPFW `rmp_entry_get_state`,
-/// rmp-and-costs.md §1.3).
+/// github.com/amd/AMD-ASPFW sev_rmp.h `snp_page_state_t`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum PageState {
     /// Any combination of fields not listed below.
@@ -31,6 +33,8 @@ pub enum PageState {
     HvFixed,
     /// Owned by the firmware.
     Firmware,
+    /// IOMMU buffers locked by SNP_INIT.
+    FirmwareIommu,
     /// Returned by SNP_PAGE_RECLAIM; the host must RMPUPDATE it to reuse it.
     Reclaim,
     /// A guest context page.
@@ -47,27 +51,59 @@ pub enum PageState {
     GuestValid,
 }
 
-/// The state of an entry (`covered` false gives `Default`).
+/// ASPFW keeps a firmware page's kind in bits 38:36 of the RMP GPA field (`RMP_GPA_STATE_*`,
+/// sev_rmp.h), i.e. bits 50:48 of the GPA: Metadata is 1, Firmware-IOMMU 2.
+pub const GPA_STATE_SHIFT: u32 = 48;
+/// The GPA-state bits of a Metadata page.
+pub const GPA_STATE_METADATA: u64 = 1 << GPA_STATE_SHIFT;
+/// The GPA-state bits of a Firmware-IOMMU page.
+pub const GPA_STATE_FW_IOMMU: u64 = 2 << GPA_STATE_SHIFT;
+const GPA_STATE_MASK: u64 = 7 << GPA_STATE_SHIFT;
+
+/// The state of an entry (`covered` false gives `Default`), exactly as ASPFW sev_rmp.c
+/// `rmp_entry_get_state` decodes it, first match wins (the simulator has no Lock bit: it
+/// reads as 0). VMSA and GPA matter only where the table says so.
 pub fn page_state(covered: bool, e: &RmpEntry) -> PageState {
     use PageState::*;
     if !covered {
         return Default;
     }
-    match (e.assigned, e.asid, e.immutable) {
-        (false, 0, false) if !e.validated && !e.vmsa => Hypervisor,
-        (false, 0, true) => HvFixed,
-        (false, _, _) => Invalid,
-        (true, 0, true) if e.gpa == 0 && e.vmsa => Context,
-        (true, 0, true) if e.gpa == 0 && !e.validated => Firmware,
-        (true, 0, true) if e.gpa != 0 => Metadata,
-        (true, 0, false) if !e.validated && !e.vmsa => Reclaim,
-        (true, 0, _) => Invalid,
-        (true, _, true) if e.validated => PreSwap,
-        (true, _, true) => PreGuest,
-        (true, _, false) if e.validated => GuestValid,
-        (true, _, false) if !e.vmsa => GuestInvalid,
-        (true, _, false) => Invalid,
+    let (a, v, asid, imm) = (e.assigned, e.validated, e.asid, e.immutable);
+    let gpa = e.gpa & !GPA_STATE_MASK;
+    let gpa_state = e.gpa & GPA_STATE_MASK;
+    match (a, v, asid > 0, imm) {
+        (false, false, false, false) => Hypervisor,
+        (false, false, false, true) => HvFixed,
+        (true, false, false, true) if e.gpa == 0 && !e.vmsa => Firmware,
+        (true, false, false, false) => Reclaim,
+        (true, false, false, true) if e.gpa == 0 && e.vmsa => Context,
+        (true, false, false, true) if gpa > 0 && gpa_state == GPA_STATE_METADATA => Metadata,
+        (true, false, true, true) => PreGuest,
+        (true, true, true, true) => PreSwap,
+        (true, false, true, false) => GuestInvalid,
+        (true, true, true, false) => GuestValid,
+        // RMP_GET_GPA(gpa) == 1: GPA field 1, i.e. GPA 0x1000.
+        (true, false, false, true) if gpa == PAGE_SIZE && gpa_state == GPA_STATE_FW_IOMMU && !e.vmsa => {
+            FirmwareIommu
+        }
+        _ => Invalid,
     }
+}
+
+/// The per-entry check of a CPUID page's `count` entries (ASPFW cpuid_lookup.c
+/// `sanitize_cpuid_list`): an entry of the standard (0-0xFFFF) or extended
+/// (0x8000_0000-0x8000_FFFF) range fails when its reserved field is not zero. Entries are 48
+/// bytes from offset 16: `eax_in, ecx_in: u32; xcr0_in, xss_in: u64; eax, ebx, ecx, edx: u32;
+/// reserved: u64`. The leaf values themselves (`sanitize_cpuid_entry` against the platform's
+/// CPUID policy, which corrects them) are not modelled: the simulator has no CPUID table.
+fn sanitize_cpuid_list(page: &PageBuf, count: u32) -> bool {
+    (0..count as usize).all(|i| {
+        let e = 16 + i * 48;
+        let eax_in = u32::from_le_bytes(page[e..e + 4].try_into().unwrap_or_default());
+        let reserved = u64::from_le_bytes(page[e + 40..e + 48].try_into().unwrap_or_default());
+        let checked = eax_in <= 0xffff || (0x8000_0000..=0x8000_ffff).contains(&eax_in);
+        !checked || reserved == 0
+    })
 }
 
 /// A guest's lifecycle state in the firmware.
@@ -104,6 +140,8 @@ pub struct GuestContext {
     pub asid: Option<u32>,
     /// `HOST_DATA` of SNP_LAUNCH_FINISH.
     pub host_data: [u8; 32],
+    /// Guest OS visible workarounds of SNP_LAUNCH_START (copied into the secrets page).
+    pub gosvw: [u8; 16],
     key: Option<GuestKey>,
     digest: Digest,
 }
@@ -114,6 +152,8 @@ const SNP_POLICY_MBO: u64 = 1 << 17;
 const SNP_POLICY_DEBUG: u64 = 1 << 19;
 /// Bit 0 of an SEV policy: debugging forbidden.
 const SEV_POLICY_NODBG: u64 = 1 << 0;
+/// The secrets page version ASPFW writes (`SNP_LAUNCH_UPDATE_SECRETS_PAGE_VERSION`).
+const SECRETS_PAGE_VERSION: u32 = 3;
 /// The most entries an SNP CPUID page holds (`SNP_CPUID_COUNT_MAX`).
 pub const CPUID_COUNT_MAX: u32 = 64;
 
@@ -225,6 +265,7 @@ impl Firmware {
                 policy: 0,
                 asid: None,
                 host_data: [0; 32],
+                gosvw: [0; 16],
                 key: None,
                 digest: Digest::Snp(SnpLaunchDigest::new()),
             },
@@ -233,7 +274,7 @@ impl Firmware {
     }
 
     /// `SNP_LAUNCH_START` (SNP ABI §8.16): INIT → LAUNCH with a fresh key and an empty digest.
-    pub fn snp_launch_start(&mut self, rmp: &Rmp, gctx: Pfn, policy: u64) -> Fw<()> {
+    pub fn snp_launch_start(&mut self, rmp: &Rmp, gctx: Pfn, policy: u64, gosvw: [u8; 16]) -> Fw<()> {
         let key = self.keys.generate();
         let g = self.snp_guest(rmp, gctx)?;
         if g.state != GuestState::Init {
@@ -243,94 +284,117 @@ impl Firmware {
             return Err(SevStatus::PolicyFailure);
         }
         g.policy = policy;
+        g.gosvw = gosvw;
         g.key = Some(key);
         g.state = GuestState::Launch;
         Ok(())
     }
 
-    fn bind_asid(&mut self, h: Handle, asid: u32, rmp: &Rmp) -> Fw<()> {
+    /// ASPFW sev_mcmd.c `mcmd_activate_common` + `activate_common`: INVALID_ASID out of range,
+    /// ASID_OWNED if any guest (this one included) holds the ASID, ACTIVE if the guest already
+    /// has an ASID, DFFLUSH_REQUIRED if the ASID is dirty.
+    fn bind_asid(&mut self, h: Handle, asid: u32) -> Fw<()> {
         if asid == 0 || asid > self.max_asid {
             return Err(SevStatus::InvalidAsid);
         }
-        match self.asid_owner.get(&asid) {
-            Some(o) if *o != h => return Err(SevStatus::AsidOwned),
-            _ => {}
+        if self.asid_owner.contains_key(&asid) {
+            return Err(SevStatus::AsidOwned);
+        }
+        let g = self.guests.get(&h).ok_or(SevStatus::InvalidGuest)?;
+        if g.asid.is_some() {
+            return Err(SevStatus::Active);
         }
         if self.dirty_asids.contains(&asid) {
             return Err(SevStatus::DfflushRequired);
         }
-        let g = self.guests.get_mut(&h).ok_or(SevStatus::InvalidGuest)?;
-        if g.asid.is_none() && g.kind == VmKind::Snp && rmp.asid_pages(asid) > 0 {
-            return Err(SevStatus::InvalidConfig);
+        if let Some(g) = self.guests.get_mut(&h) {
+            g.asid = Some(asid);
         }
-        g.asid = Some(asid);
         self.asid_owner.insert(asid, h);
         Ok(())
     }
 
-    /// `SNP_ACTIVATE` (SNP ABI §8.9): bind an ASID. INVALID_ASID out of range, ASID_OWNED if
-    /// another guest has it, DFFLUSH_REQUIRED if it is dirty, INVALID_CONFIG if RMP entries
-    /// still carry it.
+    /// `SNP_ACTIVATE` (SNP ABI §8.9), in ASPFW sev_mcmd.c `snp_mcmd_activate`'s order: the
+    /// guest in LAUNCH or RUNNING (INVALID_GUEST_STATE), no RMP entry carrying the ASID
+    /// (INVALID_CONFIG, `check_rmp_for_asid`), then [`Firmware::bind_asid`]'s rules (an
+    /// already active guest gets ACTIVE, whatever the ASID).
     pub fn snp_activate(&mut self, rmp: &Rmp, gctx: Pfn, asid: u32) -> Fw<()> {
         let g = self.snp_guest(rmp, gctx)?;
         if !matches!(g.state, GuestState::Launch | GuestState::Running) {
             return Err(SevStatus::InvalidGuestState);
         }
-        self.bind_asid(Handle(gctx.0), asid, rmp)
+        if rmp.asid_pages(asid) > 0 {
+            return Err(SevStatus::InvalidConfig);
+        }
+        self.bind_asid(Handle(gctx.0), asid)
     }
 
     /// `SNP_LAUNCH_UPDATE` of one 4 KiB page (SNP ABI §8.17): the page must be Pre-Guest of the
-    /// guest's ASID at `gpa`; it is measured (through [`SnpLaunchDigest`]), encrypted in place
-    /// and becomes Guest-Valid (with the VMSA bit for a VMSA page). A CPUID page with more
-    /// than 64 entries is refused with INVALID_PARAM and written back corrected, in plaintext.
+    /// guest's ASID; it is measured at the GPA its RMP entry holds (the command has no GPA
+    /// field: ASPFW sev_mcmd.c `snp_mcmd_launch_update` measures
+    /// `RMP_GPA_TO_PADDR(page_rmp_entry.q1.f.gpa)`), encrypted in place and becomes
+    /// Guest-Valid (with the VMSA bit for a VMSA page). A CPUID page with non-zero reserved
+    /// header fields or more than 64 entries is refused with INVALID_PARAM and not written; one
+    /// that fails the per-entry check is written back (plaintext) and refused with
+    /// INVALID_PARAM.
     pub fn snp_launch_update(
         &mut self,
         rmp: &mut Rmp,
         mem: &mut HostMemory,
         gctx: Pfn,
         pfn: Pfn,
-        gpa: Gpa,
         page_type: SnpPageType,
     ) -> Fw<()> {
         let secrets = self.keys.bytes(b"backend-sim secrets page");
-        let g = self.snp_guest(rmp, gctx)?;
-        if g.state != GuestState::Launch {
-            return Err(SevStatus::InvalidGuestState);
-        }
-        let asid = g.asid.ok_or(SevStatus::Inactive)?;
-        if !mem.contains(pfn) || !rmp.covered(pfn) || !gpa.is_page_aligned() {
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update, in its order: context page, page state
+        // (PRE_GUEST), page size, then guest state, INACTIVE and the page's owner.
+        self.snp_guest(rmp, gctx)?;
+        if !mem.contains(pfn) || !rmp.covered(pfn) {
             return Err(SevStatus::InvalidAddress);
         }
         let e = rmp.entry(pfn);
         if page_state(true, &e) != PageState::PreGuest {
             return Err(SevStatus::InvalidPageState);
         }
-        if e.asid != asid {
-            return Err(SevStatus::InvalidPageOwner);
-        }
         if e.page_size != PageSize::Size4K {
             return Err(SevStatus::InvalidPageSize);
         }
-        if e.gpa != gpa.0 {
-            return Err(SevStatus::InvalidParam);
+        let g = self.snp_guest(rmp, gctx)?;
+        if g.state != GuestState::Launch {
+            return Err(SevStatus::InvalidGuestState);
+        }
+        let asid = g.asid.ok_or(SevStatus::Inactive)?;
+        if e.asid != asid {
+            return Err(SevStatus::InvalidPageOwner);
         }
         let mut page = [0u8; PAGE_SIZE as usize];
         mem.read(pfn, &mut page).map_err(|_| SevStatus::InvalidAddress)?;
         match page_type {
             SnpPageType::Zero => page.fill(0),
             SnpPageType::Secrets => {
-                // SNP ABI §8.17.2.5: the firmware fills the secrets page (version, VMPCKs, ...).
+                // ASPFW sev_mcmd.c snp_mcmd_launch_update / sev_mcmd.h
+                // snp_launch_update_secrets_page_t: version 3 (SNP_LAUNCH_UPDATE_SECRETS_PAGE_
+                // VERSION), GOSVW from SNP_LAUNCH_START at 0x10, VMPCK0-3 at 0x20..0xa0.
                 page.fill(0);
-                page[0..4].copy_from_slice(&2u32.to_le_bytes());
+                page[0..4].copy_from_slice(&SECRETS_PAGE_VERSION.to_le_bytes());
+                page[0x10..0x20].copy_from_slice(&g.gosvw);
                 for (i, chunk) in page[0x20..0xa0].chunks_exact_mut(32).enumerate() {
                     chunk.copy_from_slice(&secrets);
                     chunk[0] ^= i as u8;
                 }
             }
             SnpPageType::Cpuid => {
-                let count = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
-                if count > CPUID_COUNT_MAX {
-                    page[0..4].copy_from_slice(&CPUID_COUNT_MAX.to_le_bytes());
+                // ASPFW sev_mcmd.c snp_mcmd_launch_update: reserved header fields or
+                // count > SNP_CPUID_COUNT_MAX are INVALID_PARAM with nothing written;
+                // sanitize_cpuid_list failing writes the (corrected) table back in plaintext
+                // and fails with INVALID_PARAM.
+                let u32_at = |o: usize| u32::from_le_bytes(page[o..o + 4].try_into().unwrap_or_default());
+                let u64_at = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().unwrap_or_default());
+                let count = u32_at(0);
+                if u32_at(4) != 0 || u64_at(8) != 0 || count > CPUID_COUNT_MAX {
+                    return Err(SevStatus::InvalidParam);
+                }
+                if !sanitize_cpuid_list(&page, count) {
                     mem.write(pfn, &page).map_err(|_| SevStatus::InvalidAddress)?;
                     return Err(SevStatus::InvalidParam);
                 }
@@ -340,7 +404,7 @@ impl Firmware {
         let Digest::Snp(d) = &mut g.digest else {
             return Err(SevStatus::InvalidGuest);
         };
-        d.update(gpa, page_type, &page);
+        d.update(Gpa(e.gpa), page_type, &page);
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
         key.encrypt(pfn, &mut page);
         mem.write(pfn, &page).map_err(|_| SevStatus::InvalidAddress)?;
@@ -363,10 +427,12 @@ impl Firmware {
         Ok(())
     }
 
-    /// `SNP_PAGE_RECLAIM` (SNP ABI §8.24): Firmware/Metadata → Reclaim, Pre-Guest →
-    /// Guest-Invalid, Pre-Swap → Guest-Valid; pages that are already mutable succeed without
-    /// change; a Context or HV-Fixed page is INVALID_PAGE_STATE; an address outside the RMP or
-    /// DRAM is INVALID_ADDRESS.
+    /// `SNP_PAGE_RECLAIM` (SNP ABI §8.24; ASPFW sev_mcmd.c `snp_mcmd_page_reclaim`): an
+    /// address outside the RMP or DRAM is INVALID_ADDRESS, a page size other than 4 KiB
+    /// INVALID_PAGE_SIZE; any entry with Immutable = 0 succeeds unchanged; Firmware →
+    /// Reclaim, Metadata → Reclaim (GPA-state bits cleared), Pre-Guest → Guest-Invalid,
+    /// Pre-Swap → Guest-Valid; any other immutable page (Context, HV-Fixed, ...) is
+    /// INVALID_PAGE_STATE.
     pub fn snp_page_reclaim(&mut self, rmp: &mut Rmp, mem: &HostMemory, pfn: Pfn) -> Fw<()> {
         self.platform()?;
         if !mem.contains(pfn) || !rmp.covered(pfn) {
@@ -376,21 +442,25 @@ impl Firmware {
         if e.page_size != PageSize::Size4K {
             return Err(SevStatus::InvalidPageSize);
         }
+        if !e.immutable {
+            return Ok(());
+        }
         match page_state(true, &e) {
-            PageState::Firmware | PageState::Metadata => rmp.firmware_set(pfn, |e| {
+            PageState::Metadata => rmp.firmware_set(pfn, |e| {
                 e.immutable = false;
-                e.gpa = 0;
-                e.vmsa = false;
+                e.gpa &= !GPA_STATE_MASK;
             }),
-            PageState::PreGuest | PageState::PreSwap => rmp.firmware_set(pfn, |e| e.immutable = false),
-            PageState::Hypervisor | PageState::Reclaim | PageState::GuestInvalid | PageState::GuestValid => {}
+            PageState::Firmware | PageState::PreGuest | PageState::PreSwap => {
+                rmp.firmware_set(pfn, |e| e.immutable = false)
+            }
             _ => return Err(SevStatus::InvalidPageState),
         }
         Ok(())
     }
 
     /// `SNP_DECOMMISSION` (SNP ABI §8.8): the guest is gone, its ASID becomes dirty (WBINVD and
-    /// DF_FLUSH before reuse) and the context page returns to the Firmware state.
+    /// DF_FLUSH before reuse) if the guest ran, and the context page returns to the Firmware
+    /// state.
     pub fn snp_decommission(&mut self, rmp: &mut Rmp, gctx: Pfn) -> Fw<()> {
         self.snp_guest(rmp, gctx)?;
         self.remove_guest(Handle(gctx.0));
@@ -398,20 +468,18 @@ impl Firmware {
         Ok(())
     }
 
+    /// Deactivate (ASPFW `snp_decommission_common` deactivates first: in-use CCXs of a guest
+    /// that ran become dirty, allocated ones clean) and forget the guest.
     fn remove_guest(&mut self, h: Handle) {
-        if let Some(g) = self.guests.remove(&h)
-            && let Some(asid) = g.asid
-        {
-            self.asid_owner.remove(&asid);
-            self.dirty_asids.insert(asid);
-            self.wbinvd_since_deactivate = false;
-        }
+        self.deactivate(h);
+        self.guests.remove(&h);
     }
 
-    /// `SNP_DBG_DECRYPT` (SNP ABI §8.21): decrypt one guest page into a Firmware page. Needs
-    /// the DEBUG policy bit (POLICY_FAILURE); the source must be a page of the guest
-    /// (Pre-Guest, Pre-Swap, Guest-Invalid/Valid of its ASID) and the destination a Firmware
-    /// page (INVALID_PAGE_STATE).
+    /// `SNP_DBG_DECRYPT` (SNP ABI §8.21): decrypt one guest page into a Firmware page. In
+    /// ASPFW sev_mcmd.c `snp_mcmd_dbg_decrypt`'s order: the source must be a guest page
+    /// (Pre-Guest, Pre-Swap, Guest-Invalid/Valid) and the destination a Firmware page
+    /// (INVALID_PAGE_STATE), the source must belong to the guest's ASID (INVALID_PAGE_OWNER),
+    /// the policy must allow debugging (POLICY_FAILURE) and the guest be active (INACTIVE).
     pub fn snp_dbg_decrypt(
         &mut self,
         rmp: &Rmp,
@@ -420,11 +488,7 @@ impl Firmware {
         src: Pfn,
         dst: Pfn,
     ) -> Fw<()> {
-        let g = self.snp_guest(rmp, gctx)?;
-        if g.policy & SNP_POLICY_DEBUG == 0 {
-            return Err(SevStatus::PolicyFailure);
-        }
-        let asid = g.asid.ok_or(SevStatus::Inactive)?;
+        self.snp_guest(rmp, gctx)?;
         for p in [src, dst] {
             if !mem.contains(p) || !rmp.covered(p) {
                 return Err(SevStatus::InvalidAddress);
@@ -435,11 +499,16 @@ impl Firmware {
             page_state(true, &se),
             PageState::PreGuest | PageState::PreSwap | PageState::GuestInvalid | PageState::GuestValid
         );
-        if !guest_page || se.asid != asid {
+        if !guest_page || page_state(true, &rmp.entry(dst)) != PageState::Firmware {
             return Err(SevStatus::InvalidPageState);
         }
-        if page_state(true, &rmp.entry(dst)) != PageState::Firmware {
-            return Err(SevStatus::InvalidPageState);
+        let g = self.snp_guest(rmp, gctx)?;
+        // An inactive guest has ASID 0 in ASPFW, which no guest page carries.
+        if Some(se.asid) != g.asid {
+            return Err(SevStatus::InvalidPageOwner);
+        }
+        if g.policy & SNP_POLICY_DEBUG == 0 {
+            return Err(SevStatus::PolicyFailure);
         }
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
         let mut page = [0u8; PAGE_SIZE as usize];
@@ -491,6 +560,7 @@ impl Firmware {
                 policy: u64::from(policy),
                 asid: None,
                 host_data: [0; 32],
+                gosvw: [0; 16],
                 key: Some(key),
                 digest: Digest::SevEs(SevEsLaunchDigest::new()),
             },
@@ -498,10 +568,11 @@ impl Firmware {
         Ok(h)
     }
 
-    /// SEV `ACTIVATE` (SEV API §6.10): bind an ASID (same rules as SNP_ACTIVATE).
-    pub fn sev_activate(&mut self, rmp: &Rmp, h: Handle, asid: u32) -> Fw<()> {
+    /// SEV `ACTIVATE` (SEV API §6.10; ASPFW sev_mcmd.c `sev_mcmd_activate`): bind an ASID
+    /// ([`Firmware::bind_asid`]'s rules; no RMP scan).
+    pub fn sev_activate(&mut self, h: Handle, asid: u32) -> Fw<()> {
         self.es_guest(h)?;
-        self.bind_asid(h, asid, rmp)
+        self.bind_asid(h, asid)
     }
 
     /// SEV `LAUNCH_UPDATE_DATA` / `LAUNCH_UPDATE_VMSA` of one page (SEV API §6.3, §6.4):
@@ -551,9 +622,35 @@ impl Firmware {
         Ok(())
     }
 
-    /// SEV `DECOMMISSION` (after `DEACTIVATE`): the guest is gone and its ASID dirty.
-    pub fn sev_decommission(&mut self, h: Handle) -> Fw<()> {
+    /// SEV `DEACTIVATE` (SEV API §6.11; ASPFW sev_mcmd.c `sev_mcmd_deactivate`): unbind the
+    /// ASID; INACTIVE if the guest has none. The ASID becomes dirty (WBINVD + DF_FLUSH before
+    /// reuse) only if the guest ran (its activation reached RUNNING); otherwise it is clean.
+    pub fn sev_deactivate(&mut self, h: Handle) -> Fw<()> {
         self.es_guest(h)?;
+        self.deactivate(h).ok_or(SevStatus::Inactive)
+    }
+
+    /// Unbind a guest's ASID, dirtying it if the guest ran; `None` if it had none.
+    fn deactivate(&mut self, h: Handle) -> Option<()> {
+        let g = self.guests.get_mut(&h)?;
+        let asid = g.asid.take()?;
+        let ran = g.state == GuestState::Running;
+        self.asid_owner.remove(&asid);
+        if ran {
+            self.dirty_asids.insert(asid);
+            self.wbinvd_since_deactivate = false;
+        }
+        Some(())
+    }
+
+    /// SEV `DECOMMISSION` (ASPFW sev_mcmd.c `mcmd_decommission_common`): ACTIVE while the
+    /// guest's ASID is active (a guest that reached RUNNING, until `DEACTIVATE`); the guest
+    /// is gone.
+    pub fn sev_decommission(&mut self, h: Handle) -> Fw<()> {
+        let g = self.es_guest(h)?;
+        if g.asid.is_some() && g.state == GuestState::Running {
+            return Err(SevStatus::Active);
+        }
         self.remove_guest(h);
         Ok(())
     }
@@ -602,7 +699,7 @@ mod tests {
         assert_eq!(page_state(true, &e(true, 0, true, false, false, 0)), Firmware);
         assert_eq!(page_state(true, &e(true, 0, true, false, true, 0)), Context);
         assert_eq!(
-            page_state(true, &e(true, 0, true, false, false, 0x1000)),
+            page_state(true, &e(true, 0, true, false, false, 0x1000 | GPA_STATE_METADATA)),
             Metadata
         );
         assert_eq!(page_state(true, &e(true, 0, false, false, false, 0)), Reclaim);
@@ -637,13 +734,16 @@ mod tests {
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
         assert_eq!(page_state(true, &rmp.entry(gctx)), PageState::Context);
         assert_eq!(
-            fw.snp_launch_start(&rmp, hv, 1 << 17),
+            fw.snp_launch_start(&rmp, hv, 1 << 17, [0; 16]),
             Err(SevStatus::InvalidGuest)
         );
-        assert_eq!(fw.snp_launch_start(&rmp, gctx, 0), Err(SevStatus::PolicyFailure));
-        fw.snp_launch_start(&rmp, gctx, 1 << 17).unwrap();
         assert_eq!(
-            fw.snp_launch_start(&rmp, gctx, 1 << 17),
+            fw.snp_launch_start(&rmp, gctx, 0, [0; 16]),
+            Err(SevStatus::PolicyFailure)
+        );
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
+        assert_eq!(
+            fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]),
             Err(SevStatus::InvalidGuestState)
         );
         let page = mem.alloc().unwrap();
@@ -656,7 +756,7 @@ mod tests {
         };
         rmp.rmpupdate(page, pre).unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, Gpa(0x3000), SnpPageType::Normal),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, SnpPageType::Normal),
             Err(SevStatus::Inactive)
         );
         assert_eq!(fw.snp_activate(&rmp, gctx, 0), Err(SevStatus::InvalidAsid));
@@ -667,21 +767,17 @@ mod tests {
         );
         fw.snp_activate(&rmp, gctx, 6).unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, Gpa(0x3000), SnpPageType::Normal),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, page, SnpPageType::Normal),
             Err(SevStatus::InvalidPageOwner)
         );
         let mine = mem.alloc().unwrap();
         rmp.rmpupdate(mine, RmpState { asid: 6, ..pre }).unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, Gpa(0x4000), SnpPageType::Normal),
-            Err(SevStatus::InvalidParam)
-        );
-        assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, Gpa(0x3000), SnpPageType::Normal),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
             Err(SevStatus::InvalidPageState)
         );
         mem.write(mine, &[9; 4096]).unwrap();
-        fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, Gpa(0x3000), SnpPageType::Vmsa)
+        fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, SnpPageType::Vmsa)
             .unwrap();
         let e = rmp.entry(mine);
         assert!(e.vmsa && e.validated && !e.immutable);
@@ -689,7 +785,7 @@ mod tests {
         mem.read(mine, &mut raw).unwrap();
         assert_ne!(raw, [9; 4096], "encrypted in place");
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, Gpa(0x3000), SnpPageType::Vmsa),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, mine, SnpPageType::Vmsa),
             Err(SevStatus::InvalidPageState),
             "already launched"
         );
@@ -738,7 +834,8 @@ mod tests {
         fw.snp_init().unwrap();
         let gctx = fw_page(&mut rmp, &mut mem);
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, (1 << 17) | (1 << 19)).unwrap();
+        fw.snp_launch_start(&rmp, gctx, (1 << 17) | (1 << 19), [0; 16])
+            .unwrap();
         fw.snp_activate(&rmp, gctx, 2).unwrap();
         let mut pre = |gpa: u64| {
             let p = mem.alloc().unwrap();
@@ -761,15 +858,15 @@ mod tests {
         let mut bad = [0u8; 4096];
         bad[0..4].copy_from_slice(&65u32.to_le_bytes());
         mem.write(cpuid, &bad).unwrap();
-        fw.snp_launch_update(&mut rmp, &mut mem, gctx, data, Gpa(0x1000), SnpPageType::Normal)
+        fw.snp_launch_update(&mut rmp, &mut mem, gctx, data, SnpPageType::Normal)
             .unwrap();
         assert_eq!(
-            fw.snp_launch_update(&mut rmp, &mut mem, gctx, cpuid, Gpa(0x2000), SnpPageType::Cpuid),
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, cpuid, SnpPageType::Cpuid),
             Err(SevStatus::InvalidParam)
         );
         let mut back = [0u8; 4096];
         mem.read(cpuid, &mut back).unwrap();
-        assert_eq!(&back[0..4], &64u32.to_le_bytes(), "corrected in plaintext");
+        assert_eq!(&back[0..4], &65u32.to_le_bytes(), "refused without a write-back");
         assert_eq!(page_state(true, &rmp.entry(cpuid)), PageState::PreGuest);
         let dst = fw_page(&mut rmp, &mut mem);
         assert_eq!(
@@ -784,15 +881,15 @@ mod tests {
 
     #[test]
     fn sev_es_launch() {
-        let (mut fw, rmp, mut mem) = setup();
+        let (mut fw, _rmp, mut mem) = setup();
         fw.snp_init().unwrap();
         let h = fw.sev_launch_start(0).unwrap();
         let p = mem.alloc().unwrap();
         mem.write(p, &[1; 4096]).unwrap();
         assert_eq!(fw.sev_launch_update(&mut mem, h, p), Err(SevStatus::Inactive));
-        fw.sev_activate(&rmp, h, 3).unwrap();
+        fw.sev_activate(h, 3).unwrap();
         let other = fw.sev_launch_start(1).unwrap();
-        assert_eq!(fw.sev_activate(&rmp, other, 3), Err(SevStatus::AsidOwned));
+        assert_eq!(fw.sev_activate(other, 3), Err(SevStatus::AsidOwned));
         fw.sev_launch_update(&mut mem, h, p).unwrap();
         fw.sev_launch_finish(h).unwrap();
         assert_eq!(
@@ -806,8 +903,227 @@ mod tests {
         fw.sev_dbg_decrypt(&mem, h, p, &mut out).unwrap();
         assert_eq!(out, [1; 4096]);
         assert!(fw.key_for_asid(3).is_some());
+        fw.sev_deactivate(h).unwrap();
         fw.sev_decommission(h).unwrap();
         assert!(fw.key_for_asid(3).is_none());
         assert_eq!(fw.sev_launch_finish(h), Err(SevStatus::InvalidGuest));
+    }
+    #[test]
+    fn launch_update_and_dbg_decrypt_check_page_states_then_owner_then_guest_as_aspfw() {
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update: page state, page size, then guest state,
+        // INACTIVE, owner; snp_mcmd_dbg_decrypt: page states, owner, policy, INACTIVE.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let gctx = fw_page(&mut rmp, &mut mem);
+        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
+        let hv = mem.alloc().unwrap();
+        assert_eq!(
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
+            Err(SevStatus::InvalidPageState),
+            "before ACTIVATE: the page state is checked before INACTIVE"
+        );
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        fw.snp_launch_finish(&rmp, gctx, [0; 32]).unwrap();
+        assert_eq!(
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
+            Err(SevStatus::InvalidPageState),
+            "after LAUNCH_FINISH: the page state is checked before the guest state"
+        );
+        // Another ASID's guest page: INVALID_PAGE_OWNER, before the policy (no DEBUG bit).
+        let other = mem.alloc().unwrap();
+        rmp.rmpupdate(
+            other,
+            RmpState {
+                gpa: Gpa(0x1000),
+                assigned: true,
+                asid: 3,
+                ..RmpState::default()
+            },
+        )
+        .unwrap();
+        let dst = fw_page(&mut rmp, &mut mem);
+        assert_eq!(
+            fw.snp_dbg_decrypt(&rmp, &mut mem, gctx, other, dst),
+            Err(SevStatus::InvalidPageOwner)
+        );
+        assert_eq!(
+            fw.snp_dbg_decrypt(&rmp, &mut mem, gctx, hv, dst),
+            Err(SevStatus::InvalidPageState),
+            "the page states come before the policy"
+        );
+    }
+    #[test]
+    fn snp_activate_of_an_active_guest_is_active_after_the_invalid_config_scan() {
+        // ASPFW sev_mcmd.c snp_mcmd_activate: the RMP scan (INVALID_CONFIG) runs first, then
+        // mcmd_activate_common: INVALID_ASID, ASID_OWNED, ACTIVE.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let gctx = fw_page(&mut rmp, &mut mem);
+        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        assert_eq!(fw.snp_activate(&rmp, gctx, 4), Err(SevStatus::Active));
+        assert!(fw.key_for_asid(4).is_none(), "the new ASID is not bound");
+        assert_eq!(fw.snp_activate(&rmp, gctx, 2), Err(SevStatus::AsidOwned));
+        let p = mem.alloc().unwrap();
+        rmp.rmpupdate(
+            p,
+            RmpState {
+                assigned: true,
+                asid: 4,
+                ..RmpState::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fw.snp_activate(&rmp, gctx, 4),
+            Err(SevStatus::InvalidConfig),
+            "the scan comes first"
+        );
+    }
+    #[test]
+    fn page_states_follow_aspfw_rmp_entry_get_state_and_reclaim_succeeds_when_mutable() {
+        // ASPFW sev_rmp.c rmp_entry_get_state; sev_mcmd.c snp_mcmd_page_reclaim returns
+        // SUCCESS for any entry with Immutable = 0 before looking at the state.
+        let e = |assigned, asid, immutable, validated, vmsa, gpa| RmpEntry {
+            assigned,
+            asid,
+            immutable,
+            validated,
+            vmsa,
+            gpa,
+            ..RmpEntry::default()
+        };
+        use PageState::*;
+        let st = |e: RmpEntry| page_state(true, &e);
+        assert_eq!(
+            st(e(false, 0, false, false, true, 0x5000)),
+            Hypervisor,
+            "VMSA/GPA: don't care"
+        );
+        assert_eq!(
+            st(e(true, 3, false, false, true, 0x1000)),
+            GuestInvalid,
+            "VMSA: don't care"
+        );
+        assert_eq!(st(e(true, 0, false, false, true, 0x1000)), Reclaim);
+        assert_eq!(
+            st(e(false, 0, true, true, false, 0)),
+            Invalid,
+            "HV-Fixed needs Validated 0"
+        );
+        assert_eq!(
+            st(e(true, 0, true, true, true, 0)),
+            Invalid,
+            "Context needs Validated 0"
+        );
+        assert_eq!(
+            st(e(true, 0, true, false, false, 0x1000)),
+            Invalid,
+            "no GPA-state bits"
+        );
+        assert_eq!(
+            st(e(true, 0, true, false, false, 0x1000 | GPA_STATE_METADATA)),
+            Metadata
+        );
+        assert_eq!(
+            st(e(true, 0, true, false, false, 0x1000 | GPA_STATE_FW_IOMMU)),
+            FirmwareIommu
+        );
+        // make_vmsa + PVALIDATE rescind: Guest-Invalid with the VMSA bit; reclaim succeeds.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let p = mem.alloc().unwrap();
+        rmp.rmpupdate(
+            p,
+            RmpState {
+                gpa: Gpa(0x2000),
+                assigned: true,
+                asid: 1,
+                ..RmpState::default()
+            },
+        )
+        .unwrap();
+        rmp.firmware_set(p, |e| e.vmsa = true);
+        assert_eq!(fw.snp_page_reclaim(&mut rmp, &mem, p), Ok(()));
+        // A Metadata page reclaims to Reclaim, keeping its GPA without the state bits.
+        let md = fw_page(&mut rmp, &mut mem);
+        rmp.firmware_set(md, |e| e.gpa = 0x7000 | GPA_STATE_METADATA);
+        fw.snp_page_reclaim(&mut rmp, &mem, md).unwrap();
+        assert_eq!((st(rmp.entry(md)), rmp.entry(md).gpa), (Reclaim, 0x7000));
+    }
+    #[test]
+    fn cpuid_page_over_64_entries_is_refused_unwritten_and_entry_checks_run() {
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update: header reserved fields and count > 64 are
+        // INVALID_PARAM without a write; sanitize_cpuid_list fails an entry with a non-zero
+        // reserved field in the standard or extended range.
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let gctx = fw_page(&mut rmp, &mut mem);
+        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
+        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        let mut pre = |gpa: u64| {
+            let p = mem.alloc().unwrap();
+            rmp.rmpupdate(
+                p,
+                RmpState {
+                    gpa: Gpa(gpa),
+                    assigned: true,
+                    immutable: true,
+                    asid: 2,
+                    ..RmpState::default()
+                },
+            )
+            .unwrap();
+            p
+        };
+        let pages: Vec<Pfn> = (1..=4).map(|i| pre(i << 12)).collect();
+        let cpuid = |count: u32, hdr_rsvd: u32, leaf: u32, entry_rsvd: u64| {
+            let mut b = [0u8; 4096];
+            b[0..4].copy_from_slice(&count.to_le_bytes());
+            b[4..8].copy_from_slice(&hdr_rsvd.to_le_bytes());
+            b[16..20].copy_from_slice(&leaf.to_le_bytes());
+            b[56..64].copy_from_slice(&entry_rsvd.to_le_bytes());
+            b
+        };
+        let cases = [
+            (cpuid(65, 0, 0, 0), Err(SevStatus::InvalidParam)),
+            (cpuid(1, 1, 0, 0), Err(SevStatus::InvalidParam)),
+            (cpuid(1, 0, 0x8000_0001, 5), Err(SevStatus::InvalidParam)),
+            (cpuid(1, 0, 0x4000_0000, 5), Ok(())),
+        ];
+        for (&p, (page, want)) in pages.iter().zip(cases) {
+            mem.write(p, &page).unwrap();
+            let got = fw.snp_launch_update(&mut rmp, &mut mem, gctx, p, SnpPageType::Cpuid);
+            assert_eq!(got, want);
+            if want.is_err() {
+                let mut back = [0u8; 4096];
+                mem.read(p, &mut back).unwrap();
+                assert!(back == page, "not corrected, plaintext");
+                assert_eq!(page_state(true, &rmp.entry(p)), PageState::PreGuest);
+            }
+        }
+    }
+    #[test]
+    fn sev_es_decommission_of_an_active_guest_is_active_until_deactivate_and_dirties_only_a_guest_that_ran() {
+        // ASPFW sev_mcmd.c mcmd_decommission_common: ACTIVE while the ASID is active;
+        // sev_mcmd_deactivate: in-use (Running) CCXs become dirty, allocated ones clean.
+        let (mut fw, _rmp, _mem) = setup();
+        fw.snp_init().unwrap();
+        let h = fw.sev_launch_start(0).unwrap();
+        fw.sev_activate(h, 3).unwrap();
+        fw.sev_launch_finish(h).unwrap();
+        assert_eq!(fw.sev_decommission(h), Err(SevStatus::Active));
+        fw.sev_deactivate(h).unwrap();
+        assert_eq!(fw.sev_deactivate(h), Err(SevStatus::Inactive));
+        fw.sev_decommission(h).unwrap();
+        assert_eq!(fw.dirty_asids(), vec![3]);
+        // Activated but never running: decommission works and the ASID stays clean.
+        let h = fw.sev_launch_start(0).unwrap();
+        fw.sev_activate(h, 4).unwrap();
+        fw.sev_decommission(h).unwrap();
+        assert_eq!(fw.dirty_asids(), vec![3]);
     }
 }

@@ -67,13 +67,29 @@ impl Hw {
                 injected: false,
             })?;
         }
-        if self.rmp.entry(pfn).page_size == PageSize::Size2M {
-            // sev_handle_rmp_fault: a 4 KiB mapping of a 2 MiB entry faults with SIZEM.
-            self.stats.npf += 1;
-            self.stats.psmash_on_fault += 1;
-            self.psmash(Pfn(pfn.0 & !511))?;
-        }
         Ok(pfn)
+    }
+
+    /// Run a guest RMP instruction; on #NPF(SIZEM) (a 4 KiB PVALIDATE/RMPADJUST on a 2 MiB
+    /// RMP entry, the only instructions that raise it) do what KVM does and retry once:
+    /// Linux arch/x86/kvm/svm/sev.c `sev_handle_rmp_fault` PSMASHes the 2 MiB entry and
+    /// resumes the guest, which re-executes the instruction.
+    fn with_sizem_retry<T>(
+        &mut self,
+        pfn: Pfn,
+        mut f: impl FnMut(&mut Self) -> Result<T, GuestInstrError>,
+    ) -> Result<T, GuestInstrError> {
+        match f(self) {
+            Err(GuestInstrError::Fault(GuestFault::Npf { sizem: true, .. })) => {
+                self.stats.npf += 1;
+                self.stats.psmash_on_fault += 1;
+                // A failed PSMASH leaves the entry 2 MiB: the retry faults again and the
+                // fault reaches the caller.
+                let _ = self.psmash(Pfn(pfn.0 & !511));
+                f(self)
+            }
+            r => r,
+        }
     }
 
     pub(crate) fn guest_fault(&mut self, asid: u32, fault: GuestFault) -> SimError {
@@ -98,10 +114,12 @@ impl Hw {
         let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
         let pfn = if private {
             let pfn = self.private_frame(asid, gpa)?;
-            if self.slot(asid)?.kind == VmKind::Snp
-                && let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn)
-            {
-                return Err(self.guest_fault(asid, f));
+            if self.slot(asid)?.kind == VmKind::Snp {
+                // One RMP check per page access (the simulator models one TLB fill each).
+                self.charge(CostOp::RmpCheck, asid, || format!("gpa {gpa} pfn {pfn}"));
+                if let Err(f) = self.rmp.check_guest_private(asid, gpa, pfn) {
+                    return Err(self.guest_fault(asid, f));
+                }
             }
             pfn
         } else {
@@ -242,8 +260,7 @@ impl Hw {
             PageSize::Size2M => CostOp::Pvalidate2M,
         };
         self.charge(cost, asid, || format!("gpa {gpa} validate={validate}"));
-        self.rmp
-            .pvalidate(asid, 0, gpa, pfn, size, validate)
+        self.with_sizem_retry(pfn, |hw| hw.rmp.pvalidate(asid, 0, gpa, pfn, size, validate))
             .map_err(|e| self.guest_instr_err(asid, "PVALIDATE", gpa, e))
     }
 
@@ -258,9 +275,11 @@ impl Hw {
     ) -> Result<(), SimError> {
         let pfn = self.guest_instr_frame(asid, "RMPADJUST", FaultOp::Rmpadjust, gpa)?;
         self.charge(CostOp::Rmpadjust, asid, || format!("gpa {gpa} vmsa={vmsa}"));
-        self.rmp
-            .rmpadjust(asid, 0, gpa, pfn, PageSize::Size4K, target_vmpl, perms, vmsa)
-            .map_err(|e| self.guest_instr_err(asid, "RMPADJUST", gpa, e))
+        self.with_sizem_retry(pfn, |hw| {
+            hw.rmp
+                .rmpadjust(asid, 0, gpa, pfn, PageSize::Size4K, target_vmpl, perms, vmsa)
+        })
+        .map_err(|e| self.guest_instr_err(asid, "RMPADJUST", gpa, e))
     }
 
     /// The guest's guest_memfd, for a page state change of `gfn` (which must be in its memslot).
@@ -333,16 +352,17 @@ impl Hw {
     }
 
     /// VMRUN checks of the VMSA page (APM table 15-41): for SNP the page must be covered,
-    /// assigned to the ASID at the expected GPA, mutable, with the VMSA bit; and not 2 MiB
-    /// aligned (AMD erratum 1467: a 2 MiB-aligned VMSA faults spuriously). On success the page
-    /// is marked in use until [`Hw::vmexit`].
-    pub fn vmrun(&mut self, asid: u32, hpa: Hpa, expected_gpa: Gpa) -> Result<(), SimError> {
+    /// assigned to the ASID, mutable, with the VMSA bit; and not 2 MiB aligned (AMD erratum
+    /// 1467: on an SNP-enabled host a 2 MiB-aligned VMSA faults spuriously). VMRUN is given
+    /// only the VMSA's system-physical address (the VMCB's VMSA pointer), so the RMP entry's
+    /// GPA is not compared with anything. On success the page is marked in use until
+    /// [`Hw::vmexit`].
+    pub fn vmrun(&mut self, asid: u32, hpa: Hpa) -> Result<(), SimError> {
         let kind = self.slot(asid)?.kind;
         let pfn = hpa.pfn();
         let fail = |check| SimError::VmrunInvalid { asid, hpa, check };
         let injected = self.inject(FaultOp::Vmrun, None).is_some();
         self.charge(CostOp::Vmrun, asid, || format!("vmsa {hpa}"));
-        self.charge(CostOp::EsWorldSwitchExtra, asid, || format!("vmsa {hpa}"));
         let check = if injected {
             Some("injected")
         } else if !self.mem.contains(pfn) {
@@ -355,8 +375,6 @@ impl Hw {
                 Some("Covered: the VMSA is beyond the RMP")
             } else if !e.assigned || e.asid != asid {
                 Some("Guest-Owned: the VMSA is not assigned to the guest's ASID")
-            } else if e.gpa != expected_gpa.0 {
-                Some("Reverse-Map: the VMSA's RMP GPA differs from the vCPU's")
             } else if e.immutable {
                 Some("Mutable: the VMSA is immutable")
             } else if !e.vmsa {
@@ -420,6 +438,52 @@ mod tests {
             (next.asid, next.gpa, next.validated),
             (asid, gpa.0 + 0x1000, false)
         );
+    }
+
+    /// A guest_memfd frame inside a 2 MiB private RMP entry assigned to `asid` at `gpa`.
+    fn map_2m(m: &Machine, asid: u32, gpa: Gpa) -> Pfn {
+        let mut hw = m.hw();
+        let head = hw.mem.alloc_2m_aligned().unwrap();
+        for i in 0..512 {
+            let gfn = Gfn(gpa.gfn().0 + i);
+            hw.slot_mut(asid).unwrap().gmem.set_private(gfn, Pfn(head.0 + i));
+        }
+        let st = RmpState {
+            gpa,
+            assigned: true,
+            page_size: PageSize::Size2M,
+            asid,
+            ..RmpState::default()
+        };
+        hw.rmp.rmpupdate(head, st).unwrap();
+        head
+    }
+
+    #[test]
+    fn only_pvalidate_and_rmpadjust_raise_sizem_a_2m_pvalidate_on_a_2m_entry_succeeds() {
+        // KVM sev_handle_rmp_fault: "Only RMPADJUST/PVALIDATE should cause PFERR_GUEST_SIZEM".
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(VmKind::Snp).unwrap();
+        p.add_private_memslot(Gpa(0), 8 << 20).unwrap();
+        vmsa_core::Platform::launch_start(
+            &p,
+            &vmsa_core::LaunchStart::Snp {
+                policy: 1 << 17,
+                gosvw: [0; 16],
+            },
+        )
+        .unwrap();
+        let asid = vmsa_core::Platform::asid(&p).0;
+        let gpa = Gpa(0x40_0000);
+        let head = map_2m(&m, asid, gpa);
+        assert_eq!(p.pvalidate(gpa, PageSize::Size2M, true), Ok(true));
+        assert_eq!(m.rmp_entry(head).page_size, PageSize::Size2M, "not smashed");
+        // Ordinary C=1 accesses through the 2 MiB entry are not size-checked.
+        p.guest_write(Gpa(0x40_3000), &[7; 4096], true).unwrap();
+        assert_eq!(*p.guest_read(Gpa(0x40_3000), true).unwrap(), [7; 4096]);
+        assert_eq!(m.rmp_entry(head).page_size, PageSize::Size2M, "still not smashed");
+        let s = m.stats();
+        assert_eq!((s.psmash_on_fault, s.npf), (0, 0));
     }
 
     #[test]

@@ -210,7 +210,7 @@ fn cat(op: CostOp) -> &'static str {
     match op {
         Rmpupdate4K | Rmpupdate2M | Psmash | RmpCheck => "rmp",
         Pvalidate4K | Pvalidate2M | Rmpadjust | GuestCopy | VmgexitSnp | VmgexitEs => "guest",
-        Vmrun | EsWorldSwitchExtra | ExitToUserspace | GmemFault => "vcpu",
+        Vmrun | ExitToUserspace | GmemFault => "vcpu",
         Clflush | VmPageFlush | WbinvdAll | PageAlloc | HostCopy => "host",
         _ => "firmware",
     }
@@ -692,7 +692,12 @@ impl Machine {
                         fw.snp_decommission(rmp, Pfn(h.0))
                     }
                     VmKind::SevEs => {
-                        hw.charge(CostOp::SnpDecommission, asid, || format!("handle {:#x}", h.0));
+                        // sev_unbind_asid: DEACTIVATE, then DECOMMISSION (which ASPFW refuses
+                        // with ACTIVE while the ASID is active).
+                        hw.charge(CostOp::SevDeactivate, asid, || format!("handle {:#x}", h.0));
+                        let r = hw.fw.sev_deactivate(h);
+                        hw.fw_result("DEACTIVATE", r)?;
+                        hw.charge(CostOp::SevDecommission, asid, || format!("handle {:#x}", h.0));
                         hw.fw.sev_decommission(h)
                     }
                 };

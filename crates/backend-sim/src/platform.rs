@@ -137,10 +137,11 @@ impl SimPlatform {
         self.machine.hw().convert(self.asid, start, end, to_shared)
     }
 
-    /// VMRUN with the VMSA at `hpa`, which the RMP must record at `expected_gpa` (the
-    /// vCPU's guest VMSA GPA, or `INITIAL_VMSA_GPA` for a launch VMSA).
-    pub fn vmrun(&self, hpa: Hpa, expected_gpa: Gpa) -> Result<(), SimError> {
-        self.machine.hw().vmrun(self.asid, hpa, expected_gpa)
+    /// VMRUN with the VMSA at `hpa`. `vcpu_gpa` (the vCPU's guest VMSA GPA) is not used:
+    /// hardware is given only the VMSA's physical address, so there is no GPA to check.
+    pub fn vmrun(&self, hpa: Hpa, vcpu_gpa: Gpa) -> Result<(), SimError> {
+        let _ = vcpu_gpa;
+        self.machine.hw().vmrun(self.asid, hpa)
     }
 
     /// #VMEXIT of a vCPU running on the VMSA at `hpa`.
@@ -239,9 +240,9 @@ impl Platform for SimPlatform {
     fn launch_start(&self, start: &LaunchStart) -> Result<(), SimError> {
         let mut hw = self.machine.hw();
         match *start {
-            LaunchStart::Snp { policy, .. } => {
+            LaunchStart::Snp { policy, gosvw } => {
                 self.need("SNP_LAUNCH_START", VmKind::Snp)?;
-                hw.snp_launch_start(self.asid, policy)
+                hw.snp_launch_start(self.asid, policy, gosvw)
             }
             LaunchStart::SevEs { policy } => {
                 self.need("LAUNCH_START", VmKind::SevEs)?;

@@ -12,7 +12,7 @@ use crate::machine::Hw;
 
 impl Hw {
     /// Firmware command helpers used by the platform.
-    pub fn snp_launch_start(&mut self, asid: u32, policy: u64) -> Result<(), SimError> {
+    pub fn snp_launch_start(&mut self, asid: u32, policy: u64, gosvw: [u8; 16]) -> Result<(), SimError> {
         self.fw_inject(FaultOp::LaunchStart, None, "SNP_LAUNCH_START")?;
         let gctx = self.make_firmware_page()?;
         self.charge(CostOp::SnpGctxCreate, asid, || format!("gctx {gctx}"));
@@ -23,7 +23,7 @@ impl Hw {
         }
         let done = (|| {
             self.charge(CostOp::SnpLaunchStart, asid, || format!("policy {policy:#x}"));
-            let r = self.fw.snp_launch_start(&self.rmp, gctx, policy);
+            let r = self.fw.snp_launch_start(&self.rmp, gctx, policy, gosvw);
             self.fw_result("SNP_LAUNCH_START", r)?;
             self.fw_inject(FaultOp::Activate, None, "SNP_ACTIVATE")?;
             self.charge(CostOp::SnpActivate, asid, || format!("asid {asid}"));
@@ -53,7 +53,7 @@ impl Hw {
         let done = (|| {
             self.fw_inject(FaultOp::Activate, None, "ACTIVATE")?;
             self.charge(CostOp::SevActivate, asid, || format!("asid {asid}"));
-            let r = self.fw.sev_activate(&self.rmp, h, asid);
+            let r = self.fw.sev_activate(h, asid);
             self.fw_result("ACTIVATE", r)
         })();
         if let Err(e) = done {
@@ -102,7 +102,8 @@ impl Hw {
         };
         self.charge(cost, asid, || format!("{ty:?} pfn {pfn} gpa {gpa}"));
         let Hw { fw, rmp, mem, .. } = self;
-        let r = fw.snp_launch_update(rmp, mem, Pfn(h.0), pfn, gpa, ty);
+        // The GPA is only for the trace: the command measures the RMP entry's GPA.
+        let r = fw.snp_launch_update(rmp, mem, Pfn(h.0), pfn, ty);
         self.fw_result("SNP_LAUNCH_UPDATE", r)?;
         self.dirty.insert(pfn.0, asid);
         Ok(())
@@ -218,5 +219,106 @@ mod tests {
         p.destroy().unwrap();
         assert_eq!(m.allocated_frames(), 0);
         assert_eq!(m.page_state(gctx), PageState::Hypervisor);
+    }
+    /// An SNP guest after SNP_LAUNCH_START with `policy`, and a Pre-Guest page of it at `gpa`.
+    fn snp_guest_with_pre_guest_page(
+        m: &std::sync::Arc<Machine>,
+        policy: u64,
+        gpa: u64,
+    ) -> (crate::SimPlatform, vmsa_core::Pfn) {
+        let p = m.create_guest(vmsa_core::VmKind::Snp).unwrap();
+        p.launch_start(&LaunchStart::Snp {
+            policy,
+            gosvw: [0; 16],
+        })
+        .unwrap();
+        let pfn = m.hw().alloc_page().unwrap();
+        m.rmpupdate(
+            pfn,
+            crate::rmp::RmpState {
+                gpa: vmsa_core::Gpa(gpa),
+                assigned: true,
+                immutable: true,
+                asid: p.asid().0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (p, pfn)
+    }
+
+    #[test]
+    fn snp_launch_update_measures_the_gpa_in_the_rmp_entry_it_has_no_gpa_field() {
+        // ASPFW sev_mcmd.c snp_mcmd_launch_update: sha_gpa = RMP_GPA_TO_PADDR(page_rmp_entry.gpa);
+        // the command (Linux struct sev_data_snp_launch_update) carries no GPA.
+        let m = Machine::new(MachineConfig::default());
+        let (p, pfn) = snp_guest_with_pre_guest_page(&m, 1 << 17, 0x3000);
+        m.hw().mem.write(pfn, &[9; 4096]).unwrap();
+        p.snp_launch_update(pfn, vmsa_core::Gpa(0x5000), vmsa_core::SnpPageType::Normal)
+            .unwrap();
+        p.launch_finish(&LaunchFinish::Snp { host_data: [0; 32] })
+            .unwrap();
+        let mut want = crate::measure::SnpLaunchDigest::new();
+        want.update(vmsa_core::Gpa(0x3000), vmsa_core::SnpPageType::Normal, &[9; 4096]);
+        assert_eq!(
+            m.launch_digest(p.asid().0),
+            Some(crate::measure::LaunchDigest::Snp(want.digest()))
+        );
+    }
+    #[test]
+    fn vmrun_is_given_only_the_vmsa_address_and_checks_no_gpa() {
+        // APM vol. 2 §15.36.12 / table 15-41: VMRUN gets the VMSA's system-physical address
+        // (VMCB VMSA pointer); no GPA is passed in, so none is compared.
+        let m = Machine::new(MachineConfig::default());
+        let (p, pfn) = snp_guest_with_pre_guest_page(&m, 1 << 17, 0x3000);
+        assert!(!pfn.is_2m_aligned());
+        p.snp_launch_update(pfn, vmsa_core::Gpa(0x3000), vmsa_core::SnpPageType::Vmsa)
+            .unwrap();
+        p.vmrun(pfn.hpa(), vmsa_core::Gpa(0x9000)).unwrap();
+        p.vmexit(pfn.hpa());
+    }
+    #[test]
+    fn secrets_page_is_version_3_with_the_launch_gosvw_and_the_rmp_gpa_field_is_39_bits() {
+        // ASPFW sev_mcmd.h SNP_LAUNCH_UPDATE_SECRETS_PAGE_VERSION 3; snp_mcmd_launch_update
+        // copies gctx->gosvw (from SNP_LAUNCH_START) to offset 0x10. Linux struct
+        // rmpentry_raw: gpa is 39 bits (bits 12-50).
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(vmsa_core::VmKind::Snp).unwrap();
+        p.launch_start(&LaunchStart::Snp {
+            policy: (1 << 17) | (1 << 19),
+            gosvw: [0xab; 16],
+        })
+        .unwrap();
+        let pfn = m.hw().alloc_page().unwrap();
+        let st = crate::rmp::RmpState {
+            gpa: vmsa_core::Gpa(0x5000),
+            assigned: true,
+            immutable: true,
+            asid: p.asid().0,
+            ..Default::default()
+        };
+        m.rmpupdate(pfn, st).unwrap();
+        p.snp_launch_update(pfn, vmsa_core::Gpa(0x5000), vmsa_core::SnpPageType::Secrets)
+            .unwrap();
+        let mut out = [0u8; 4096];
+        p.dbg_decrypt_vmsa(pfn.hpa(), &mut out).unwrap();
+        assert_eq!(&out[0..4], &3u32.to_le_bytes(), "version");
+        assert_eq!(&out[0x10..0x20], &[0xab; 16], "GOSVW");
+        let other = m.hw().alloc_page().unwrap();
+        let wide = crate::rmp::RmpState {
+            gpa: vmsa_core::Gpa(1 << 51),
+            ..st
+        };
+        let e = m.rmpupdate(other, wide).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SimError::Rmp {
+                    code: crate::RmpRet::FailInput,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The Reverse Map Table and the instructions that change it (AMD APM vol. 2, pub. 24593,
-//! §15.36; entry fields per Linux `struct rmpentry_raw`, see rmp-and-costs.md §1.2).
+//! §15.36; entry fields per Linux arch/x86/virt/svm/sev.c `struct rmpentry_raw` and AMD-ASPFW
+//! sev_rmp.h `rmp_fields_t`).
 //!
 //! One entry per 4 KiB system-physical frame, stored sparsely: a frame without a stored entry
 //! is hypervisor-owned (all fields zero). A 2 MiB entry is stored once, at its 2 MiB-aligned
@@ -191,6 +192,12 @@ impl From<GuestFault> for GuestInstrError {
     }
 }
 
+/// The RMP entry's GPA field is 39 bits, bits 12-50 (Linux arch/x86/virt/svm/sev.c
+/// `struct rmpentry_raw`; ASPFW sev_rmp.h `rmp_fields_t`): a GPA at or above 2^51 does not
+/// fit. RMPUPDATE refuses it with FAIL_INPUT (an estimate: the code for a GPA that does not
+/// fit is not documented; FAIL_INPUT is the one for bad input fields).
+pub const GPA_LIMIT: u64 = 1 << 51;
+
 /// The RMP of one machine.
 #[derive(Debug)]
 pub struct Rmp {
@@ -330,9 +337,12 @@ impl Rmp {
     pub fn rmpupdate(&mut self, pfn: Pfn, new: RmpState) -> Result<(), RmpRet> {
         let large = new.page_size == PageSize::Size2M;
         let span = new.page_size.frames();
-        if !self.covered(Pfn(pfn.0 + span - 1))
+        // Checked: a region running past the top of the address space is not covered.
+        let last = pfn.0.checked_add(span - 1);
+        if !last.is_some_and(|l| self.covered(Pfn(l)))
             || (large && !pfn.is_2m_aligned())
             || !new.gpa.0.is_multiple_of(new.page_size.bytes())
+            || new.gpa.0 >= GPA_LIMIT
             || new.asid > self.max_asid
             || (!new.assigned && new.asid != 0)
         {
@@ -391,14 +401,19 @@ impl Rmp {
 
     /// `PSMASH` (host): split the 2 MiB entry at `pfn` into 512 4 KiB entries with the same
     /// attributes and consecutive GPAs. FAIL_INPUT unless 2 MiB aligned and covered,
-    /// FAIL_BADADDR unless a 2 MiB entry, FAIL_PERMISSION if immutable, FAIL_INUSE if in use.
+    /// FAIL_BADADDR unless a 2 MiB entry, FAIL_PERMISSION if immutable (an estimate: see
+    /// below), FAIL_INUSE if in use.
     pub fn psmash(&mut self, pfn: Pfn) -> Result<(), RmpRet> {
-        if !pfn.is_2m_aligned() || !self.covered(Pfn(pfn.0 + PTRS_PER_PMD - 1)) {
+        let last = pfn.0.checked_add(PTRS_PER_PMD - 1);
+        if !pfn.is_2m_aligned() || !last.is_some_and(|l| self.covered(Pfn(l))) {
             return Err(RmpRet::FailInput);
         }
         let Some((h, e)) = self.large_head(pfn.0).map(|(h, e)| (h, *e)) else {
             return Err(RmpRet::FailBadAddr);
         };
+        // ESTIMATE, no source: PSMASH's documented FAIL_PERMISSION (2) means the current
+        // ASID is not zero (a guest executed it); nothing says what PSMASH does with an
+        // immutable (firmware-held) 2 MiB entry. The simulator refuses it with code 2.
         if e.immutable {
             return Err(RmpRet::FailPermission);
         }
@@ -418,19 +433,14 @@ impl Rmp {
         Ok(())
     }
 
-    /// The checks of an SNP guest's C=1 access to `gpa` through frame `pfn` with a 4 KiB
-    /// nested mapping (APM table 15-39): Covered, Guest-Owned, Reverse-Map, Mutable and
-    /// Page-Size give a #NPF, then Validated a #VC. VMPL0 (the only level modelled for data
-    /// accesses) has every permission on a validated page.
+    /// The checks of an SNP guest's C=1 access to `gpa` through frame `pfn` (APM table
+    /// 15-39): Covered, Guest-Owned, Reverse-Map and Mutable give a #NPF, then Validated a
+    /// #VC. VMPL0 (the only level modelled for data accesses) has every permission on a
+    /// validated page. Data accesses are not size-checked against the RMP: KVM keeps its NPT
+    /// mappings at or below the RMP level, and "Only RMPADJUST/PVALIDATE should cause
+    /// PFERR_GUEST_SIZEM" (Linux arch/x86/kvm/svm/sev.c `sev_handle_rmp_fault`).
     pub fn check_guest_private(&self, asid: u32, gpa: Gpa, pfn: Pfn) -> Result<(), GuestFault> {
         self.owned_by(asid, gpa, pfn)?;
-        if self.large_head(pfn.0).is_some() {
-            return Err(GuestFault::Npf {
-                gpa: gpa.0,
-                sizem: true,
-                check: "Page-Size: 4 KiB nested mapping of a 2 MiB RMP entry",
-            });
-        }
         if !self.entry(pfn).validated {
             return Err(GuestFault::NotValidated { gpa: gpa.0 });
         }
@@ -484,7 +494,7 @@ impl Rmp {
 
     /// `PVALIDATE` (guest at `vmpl`, APM §15.36.6): set or clear Validated. Returns whether the
     /// bit changed (CF=0); an unchanged bit is Linux's `PVALIDATE_FAIL_NOUPDATE`. Rules: VMPL0
-    /// only (FAIL_PERMISSION), 2 MiB requests aligned (FAIL_INPUT), ownership/GPA/mutable
+    /// only (FAIL_PERMISSION, an estimate: see below), 2 MiB requests aligned (FAIL_INPUT), ownership/GPA/mutable
     /// (#NPF), 2 MiB on a 4 KiB entry FAIL_SIZEMISMATCH, 4 KiB on a 2 MiB entry #NPF(SIZEM).
     pub fn pvalidate(
         &mut self,
@@ -495,6 +505,10 @@ impl Rmp {
         size: PageSize,
         validate: bool,
     ) -> Result<bool, GuestInstrError> {
+        // ESTIMATE, no source: PVALIDATE's documented return codes are 0, FAIL_INPUT (1) and
+        // FAIL_SIZEMISMATCH (6); what it does below VMPL0 is not stated. The simulator
+        // returns FAIL_PERMISSION (its scripted guests run at VMPL0 only, so this path is
+        // reached only by direct calls).
         if vmpl != 0 {
             return Err(RmpRet::FailPermission.into());
         }
@@ -805,5 +819,16 @@ mod tests {
             .unwrap();
         assert!(r.check_hypervisor_owned(p).is_err());
         r.check_hypervisor_owned(END).unwrap();
+    }
+    #[test]
+    fn rmpupdate_and_psmash_of_a_frame_at_the_top_of_the_address_space_are_fail_input() {
+        // The covered check must not overflow `pfn + span - 1`: FAIL_INPUT, not a panic.
+        let mut r = Rmp::new(END, 16);
+        let top = Pfn(u64::MAX);
+        assert_eq!(
+            r.rmpupdate(top, private(0, 1, false, PageSize::Size2M)),
+            Err(RmpRet::FailInput)
+        );
+        assert_eq!(r.psmash(Pfn(!511)), Err(RmpRet::FailInput));
     }
 }

@@ -106,6 +106,11 @@ impl Trace {
             if let Some(d) = &e.detail {
                 args.insert("detail".into(), json!(d));
             }
+            // A charged operation carries where its cost comes from.
+            if let Some(op) = crate::cost::CostOp::from_name(&e.name) {
+                args.insert("basis".into(), json!(op.basis()));
+                args.insert("source".into(), json!(op.source()));
+            }
             events.push(json!({
                 "name": e.name, "cat": e.cat, "ph": "X",
                 "ts": us(e.start), "dur": us(e.dur),
