@@ -1072,6 +1072,25 @@ fn migration_refusals_move_nothing() {
     assert!(es.vcpus().iter().all(|v| v.protected), "nothing moved");
 }
 
+/// space is refused before any page is touched, instead of wrapping to GPA 0.
+#[test]
+fn launch_update_range_past_the_top_of_the_address_space_is_refused() {
+    let (mut vm, _) = snp_vm(1);
+    let top = Gpa(!(PAGE_SIZE - 1));
+    vm.platform().map_gmem(top.gfn());
+    vm.platform().map_gmem(Gfn(0));
+    vm.launch_start(SNP_POLICY).unwrap();
+    let data = vec![0u8; 0x2000];
+    let err = vm
+        .launch_update_data(top, 0x2000, SnpPageType::Normal, Some(&data))
+        .unwrap_err();
+    assert!(err.to_string().contains("address space"), "{err}");
+    assert!(vm.platform().measured().is_empty(), "no page measured");
+    // The last page itself is a valid range.
+    vm.launch_update_data(top, 0x1000, SnpPageType::Normal, Some(&data[..0x1000]))
+        .unwrap();
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

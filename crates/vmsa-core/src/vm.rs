@@ -411,6 +411,11 @@ impl<P: Platform> Vm<P> {
         if !gpa.is_page_aligned() {
             return bad("the GPA must be 4 KiB aligned");
         }
+        // sev_gmem_post_populate walks GFNs that exist (kvm_gmem_populate finds each in a
+        // memslot): a range past the top of the guest physical address space has no last page.
+        if gpa.0.checked_add(len - 1).is_none() {
+            return bad("the range runs past the top of the guest physical address space");
+        }
         if page_type == SnpPageType::Vmsa {
             return bad("VMSA pages come from vCPUs (launch finish), not from data updates");
         }
@@ -431,7 +436,16 @@ impl<P: Platform> Vm<P> {
         };
         self.launch_step(|vm| {
             for (i, page) in (0u64..).zip(contents) {
-                vm.launch_update_page(Gpa(gpa.0 + i * PAGE_SIZE), page_type, page)?;
+                // Checked above: every page of the range lies below 2^64.
+                let at = i
+                    .checked_mul(PAGE_SIZE)
+                    .and_then(|off| gpa.0.checked_add(off))
+                    .ok_or(Error::BadLaunchUpdate {
+                        gpa,
+                        len,
+                        rule: "the range runs past the top of the guest physical address space",
+                    })?;
+                vm.launch_update_page(Gpa(at), page_type, page)?;
             }
             Ok(())
         })
