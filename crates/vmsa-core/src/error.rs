@@ -79,6 +79,9 @@ pub enum MigrationError {
         /// The destination's kind.
         kind: VmKind,
     },
+    /// The source has no encryption context to give (KVM: `!sev_guest(source_kvm)`).
+    #[error("the source is not a confidential VM; it has no encryption context to move")]
+    SourceNotConfidential,
     /// SNP guests cannot migrate (KVM: "until additional state transfer is implemented").
     #[error("the source is an SEV-SNP VM; only SEV-ES guests can migrate within a host")]
     SourceIsSnp,

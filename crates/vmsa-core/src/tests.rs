@@ -1091,6 +1091,20 @@ fn launch_update_range_past_the_top_of_the_address_space_is_refused() {
         .unwrap();
 }
 
+/// `sev_vm_move_enc_context_from`: -EINVAL when the source is not an SEV guest.
+#[test]
+fn migration_refuses_a_source_that_is_not_confidential() {
+    let log = Arc::new(EventLog::new());
+    let mut src = target(0, &log);
+    let mut dst = target(0, &log);
+    let err = dst.migrate_from(&mut src).unwrap_err();
+    assert!(err.to_string().contains("not a confidential"), "{err}");
+    // Nothing moved: the destination can still receive a real context.
+    let (mut es, _) = launched_es(1);
+    let mut dst = target(1, &log);
+    dst.migrate_from(&mut es).unwrap();
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

@@ -739,6 +739,10 @@ impl<P: Platform> Vm<P> {
             }
             .into());
         }
+        // sev_vm_move_enc_context_from: -EINVAL when the source is not an SEV guest.
+        if src.role != Role::Confidential {
+            return Err(MigrationError::SourceNotConfidential.into());
+        }
         if src.config.kind == VmKind::Snp {
             return Err(MigrationError::SourceIsSnp.into());
         }
