@@ -896,7 +896,7 @@ fn refused_requests_leave_the_target_unchanged() {
 
 #[test]
 fn sev_es_guests_cannot_create_aps() {
-    let (vm, _) = vm_with(VmConfig::sev_es(0), 2, TestPlatform::default());
+    let (vm, _) = launched_es(2);
     let e = vm
         .ap_creation(&ApCreationRequest::new(BSP, ghcb::AP_CREATE, 1, 0x3000, Some(0)))
         .unwrap_err();
@@ -1103,6 +1103,28 @@ fn migration_refuses_a_source_that_is_not_confidential() {
     let (mut es, _) = launched_es(1);
     let mut dst = target(1, &log);
     dst.migrate_from(&mut es).unwrap();
+}
+
+/// `sev_handle_vmgexit`); a bugged or dead VM runs nothing.
+#[test]
+fn ap_creation_needs_a_launched_usable_vm() {
+    let (mut vm, _) = snp_vm(2);
+    vm.platform().map_gmem(Gfn(0x61));
+    assert!(vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).is_err());
+    let v1 = vm.vcpu(VcpuId(1)).unwrap();
+    assert_eq!(v1.pending_gpa, None, "the target is unchanged");
+    vm.launch_start(SNP_POLICY).unwrap();
+    assert!(vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).is_err());
+    vm.launch_finish([0; 32]).unwrap();
+    assert_eq!(vm.vcpu(VcpuId(1)).unwrap().pending_gpa, None);
+    vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).unwrap();
+
+    let (vm, _) = launched_snp(2, SNP_POLICY);
+    vm.platform().fail_next(Call::RmpMakeShared);
+    vm.free_vcpu_vmsa(BSP).unwrap();
+    assert!(vm.is_bugged());
+    assert!(vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).is_err());
+    assert_eq!(vm.vcpu(VcpuId(1)).unwrap().pending_gpa, None);
 }
 
 // ---- concurrency ---------------------------------------------------------------------------

@@ -593,6 +593,20 @@ impl<P: Platform> Vm<P> {
     /// whose next [`Vm::prepare_entry`] applies it. On error nothing changed; answer the guest
     /// with [`ApCreationError::sw_exit_info`].
     pub fn ap_creation(&self, req: &ApCreationRequest) -> Result<ApCreated, ApCreationError> {
+        // sev_snp_ap_creation runs from sev_handle_vmgexit, i.e. from a guest that KVM_RUN
+        // entered: never before the launch finished, nor in a bugged (KVM_BUG) or dead VM.
+        let why = if self.role == Role::Dead {
+            Some("the VM is dead")
+        } else if self.is_bugged() {
+            Some("the VM is bugged")
+        } else if self.launch != LaunchState::Finished {
+            Some("the launch has not finished")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(ApCreationError::NotRunning { why });
+        }
         let rules = ApCreationRules {
             kind: self.config.kind,
             vmsa_features: self.config.vmsa_features(),
