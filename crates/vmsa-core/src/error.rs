@@ -59,8 +59,9 @@ pub enum LaunchState {
     Started,
     /// Launch finished; the guest may run.
     Finished,
-    /// A launch step failed. The launch can never be finished (the kernel patch would retry
-    /// into a freed VMSA); tear the VM down.
+    /// A launch step failed after a vCPU was protected or a VMSA was freed or leaked. The
+    /// launch can never be finished (the kernel patch would retry into a freed VMSA); tear the
+    /// VM down. A failure that changed nothing leaves the launch where it was.
     Failed,
 }
 

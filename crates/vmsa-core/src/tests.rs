@@ -343,7 +343,7 @@ fn launch_commands_are_ordered() {
 }
 
 #[test]
-fn launch_start_failure_fails_the_launch() {
+fn launch_start_failure_leaves_the_launch_startable() {
     let (mut vm, _) = snp_vm(1);
     vm.platform().fail_next(Call::LaunchStart);
     assert!(matches!(
@@ -353,14 +353,9 @@ fn launch_start_failure_fails_the_launch() {
             ..
         })
     ));
-    assert_eq!(vm.launch_state(), LaunchState::Failed);
-    assert!(matches!(
-        vm.launch_start(SNP_POLICY),
-        Err(Error::Launch {
-            state: LaunchState::Failed,
-            ..
-        })
-    ));
+    // snp_launch_start decommissions the context it created: a new start may follow.
+    assert_eq!(vm.launch_state(), LaunchState::NotStarted);
+    vm.launch_start(SNP_POLICY).unwrap();
 }
 
 #[test]
@@ -591,7 +586,8 @@ fn bad_data_updates_name_the_rule() {
         .launch_update_data(Gpa(0x1000), 4096, SnpPageType::Normal, Some(&page))
         .unwrap_err();
     assert!(matches!(err, Error::NoGuestMemory { gpa: Gpa(0x1000) }));
-    assert_eq!(vm.launch_state(), LaunchState::Failed);
+    // Nothing changed (no vCPU protected, no VMSA freed): the launch can go on.
+    assert_eq!(vm.launch_state(), LaunchState::Started);
 }
 
 #[test]
@@ -1125,6 +1121,37 @@ fn ap_creation_needs_a_launched_usable_vm() {
     assert!(vm.is_bugged());
     assert!(vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).is_err());
     assert_eq!(vm.vcpu(VcpuId(1)).unwrap().pending_gpa, None);
+}
+
+/// changed nothing leaves the launch where it was, and a retry succeeds.
+#[test]
+fn a_launch_error_without_side_effects_leaves_the_launch_retryable() {
+    let (mut vm, _) = snp_vm(2);
+    vm.platform().fail_next(Call::LaunchStart);
+    vm.launch_start(SNP_POLICY).unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::NotStarted);
+    vm.launch_start(SNP_POLICY).unwrap();
+    // A debug refusal (sev_es_sync_vmsa) of the first vCPU.
+    vm.set_guest_debug(BSP, true).unwrap();
+    assert!(matches!(vm.launch_finish([0; 32]), Err(Error::GuestDebug { .. })));
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    vm.set_guest_debug(BSP, false).unwrap();
+    // An RMPUPDATE failure that left the first VMSA shared.
+    vm.platform().fail_next(Call::RmpMakePrivate);
+    vm.launch_finish([0; 32]).unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    // A data page without guest memory.
+    vm.launch_update_data(Gpa(0x1000), 4096, SnpPageType::Normal, Some(&[0; 4096]))
+        .unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    vm.launch_finish([0; 32]).unwrap();
+    assert!(vm.vcpus().iter().all(|v| v.protected));
+    // Once a vCPU is protected, a failure is for good.
+    let (mut vm, _) = snp_vm(2);
+    vm.launch_start(SNP_POLICY).unwrap();
+    vm.set_guest_debug(VcpuId(1), true).unwrap();
+    vm.launch_finish([0; 32]).unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::Failed);
 }
 
 // ---- concurrency ---------------------------------------------------------------------------

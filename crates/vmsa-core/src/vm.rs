@@ -343,13 +343,27 @@ impl<P: Platform> Vm<P> {
         Ok(())
     }
 
-    /// Run one launch step; a failure makes the launch fail for good.
+    /// Run one launch step. A failure makes the launch fail for good only once it cannot be
+    /// retried: a vCPU is protected (`sev_es_sync_vmsa` refuses it again) or a VMSA was freed
+    /// or leaked. Otherwise the launch stays where it was, as in KVM, where `snp_launch_start`,
+    /// `sev_gmem_post_populate` and `snp_launch_update_vmsa` return an error that changed
+    /// nothing (a DR7/debug refusal, an RMPUPDATE that left the page shared, a reclaimed page)
+    /// and the same command can be issued again.
     fn launch_step<T>(&mut self, step: impl FnOnce(&mut Self) -> Res<T, P>) -> Res<T, P> {
         let r = step(self);
-        if r.is_err() {
+        if r.is_err() && !self.launch_retryable() {
             self.launch = LaunchState::Failed;
         }
         r
+    }
+
+    /// Whether no launch step has left a mark that makes a retry impossible.
+    fn launch_retryable(&self) -> bool {
+        !self.is_bugged()
+            && (0..self.vcpus.len()).all(|i| {
+                let v = self.lock(i);
+                !v.protected && !matches!(v.state, VmsaState::None)
+            })
     }
 
     /// Start the launch: `LAUNCH_START` (SEV-ES) or `SNP_GCTX_CREATE` + `SNP_LAUNCH_START` +
