@@ -933,13 +933,8 @@ fn replaced_guest_memory_is_re_resolved_at_the_next_entry() {
     vm.platform().unmap_gmem(Gfn(0x61));
     assert_eq!(vm.gmem_invalidate(Gfn(0x60), Gfn(0x62)), vec![VcpuId(1)]);
     assert_eq!(vm.vcpu(VcpuId(1)).unwrap().vmcb_vmsa_pa, None);
-    assert!(matches!(
-        vm.prepare_entry(VcpuId(1)),
-        Err(Error::InvalidVmsa { .. })
-    ));
-    // New memory at the same GPA: the next entry finds it.
+    // New memory at the same GPA before the next entry: the entry finds it.
     let fresh = vm.platform().map_gmem(Gfn(0x61));
-    vm.gmem_invalidate(Gfn(0x61), Gfn(0x62));
     assert_eq!(vm.prepare_entry(VcpuId(1)).unwrap(), Entry::Run(fresh.hpa()));
     assert!(transitions(&log, VcpuId(1)).contains(&(
         Op::Reload,
@@ -1152,6 +1147,29 @@ fn a_launch_error_without_side_effects_leaves_the_launch_retryable() {
     vm.set_guest_debug(VcpuId(1), true).unwrap();
     vm.launch_finish([0; 32]).unwrap_err();
     assert_eq!(vm.launch_state(), LaunchState::Failed);
+}
+
+/// succeeds, so a later invalidation does not revive a VMSA whose re-resolve failed.
+#[test]
+fn a_failed_reload_drops_the_guest_vmsa_gpa() {
+    let (vm, log) = launched_snp(2, SNP_POLICY);
+    vm.platform().map_gmem(Gfn(0x61));
+    vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).unwrap();
+    vm.prepare_entry(VcpuId(1)).unwrap();
+    vm.platform().unmap_gmem(Gfn(0x61));
+    vm.gmem_invalidate(Gfn(0x61), Gfn(0x62));
+    assert!(matches!(
+        vm.prepare_entry(VcpuId(1)),
+        Err(Error::InvalidVmsa { .. })
+    ));
+    assert_eq!(vm.vcpu(VcpuId(1)).unwrap().state, VmsaState::None);
+    assert!(transitions(&log, VcpuId(1)).contains(&(Op::Reload, StateKind::GuestOwned, StateKind::None)));
+    vm.platform().map_gmem(Gfn(0x61));
+    assert!(vm.gmem_invalidate(Gfn(0x61), Gfn(0x62)).is_empty());
+    assert!(matches!(
+        vm.prepare_entry(VcpuId(1)),
+        Err(Error::InvalidVmsa { .. })
+    ));
 }
 
 // ---- concurrency ---------------------------------------------------------------------------

@@ -356,12 +356,17 @@ impl<P: Platform> Cx<'_, P> {
     }
 
     /// `sev_snp_reload_vmsa`: re-resolve an installed guest VMSA after its guest_memfd backing
-    /// changed.
+    /// changed. As `__sev_snp_reload_vmsa`, the guest VMSA GPA is dropped (INVALID_PAGE) and
+    /// only restored once `kvm_gmem_get_pfn` finds a page: if none backs it, the vCPU is left
+    /// with no VMSA, so a later invalidation of that range does not revive it.
     pub fn reload(&self, v: &mut Vcpu<P::Page>) {
         v.reload_requested = false;
         if let VmsaState::GuestOwned(gpa) = v.state {
             let pa = self.resolve_pa(v);
             self.set_vmcb_pa(v, pa);
+            if pa.is_none() {
+                v.state = VmsaState::None;
+            }
             self.transition(v, Op::Reload, VmsaState::GuestOwned(gpa));
         }
     }
