@@ -81,8 +81,8 @@ pub use platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPa
 pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
 pub use status::SevStatus;
 pub use vm::{
-    ApCreated, Entry, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, Teardown, VcpuInfo, Vm,
-    VmConfig,
+    ApCreated, Entry, KVM_SNP_POLICY_MASK_VALID, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO,
+    Teardown, VcpuInfo, Vm, VmConfig,
 };
 
 /// The README's embedding example is compiled as a doctest so it cannot drift from the API.

@@ -135,6 +135,14 @@ pub trait Platform {
     /// when no memslot or no guest_memfd backs it.
     fn gmem_pfn(&self, gfn: Gfn) -> Option<Pfn>;
 
+    /// The SNP guest policy bits the firmware supports (`sev_get_snp_policy_bits`, from
+    /// SNP_PLATFORM_STATUS). vmsa-core accepts a policy bit only if both KVM
+    /// ([`KVM_SNP_POLICY_MASK_VALID`](crate::KVM_SNP_POLICY_MASK_VALID)) and this allow it.
+    /// The default claims every bit, leaving KVM's mask alone.
+    fn snp_policy_bits(&self) -> u64 {
+        u64::MAX
+    }
+
     /// Start the guest's launch.
     fn launch_start(&self, start: &LaunchStart) -> Result<(), Self::Error>;
     /// SEV-ES `LAUNCH_UPDATE_DATA` of one 4 KiB guest page: measure and encrypt it in place.

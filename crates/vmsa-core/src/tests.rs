@@ -1172,6 +1172,21 @@ fn a_failed_reload_drops_the_guest_vmsa_gpa() {
     ));
 }
 
+/// bits 26 and up; the supported bits are also limited to what the firmware reports).
+#[test]
+fn snp_policy_bits_outside_the_supported_mask_are_refused() {
+    for bad in [1u64 << 18, 1 << 26, 1 << 63] {
+        let (mut vm, _) = snp_vm(1);
+        let err = vm.launch_start(SNP_POLICY | bad).unwrap_err();
+        assert!(matches!(err, Error::BadPolicy { .. }), "{bad:#x}: {err}");
+        assert_eq!(vm.platform().calls(Call::LaunchStart), 0);
+        assert_eq!(vm.launch_state(), LaunchState::NotStarted);
+    }
+    let (mut vm, _) = snp_vm(1);
+    vm.launch_start(SNP_POLICY | SNP_POLICY_DEBUG | (1 << 16) | (1 << 25) | 0xffff)
+        .unwrap();
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

@@ -30,6 +30,12 @@ pub const SEV_POLICY_NODBG: u64 = 1 << 0;
 pub const SNP_POLICY_DEBUG: u64 = 1 << 19;
 /// SNP policy bit 17: reserved, must be one.
 pub const SNP_POLICY_RSVD_MBO: u64 = 1 << 17;
+/// The SNP policy bits KVM accepts (`KVM_SNP_POLICY_MASK_VALID`): ABI minor and major (bits
+/// 0-15), SMT (16), reserved-MBO (17), DEBUG (19), SINGLE_SOCKET (20), CXL_ALLOW (21),
+/// MEM_AES_256_XTS (22), RAPL_DIS (23), CIPHERTEXT_HIDING_DRAM (24), PAGE_SWAP_DISABLE (25).
+/// Bit 18 (MIGRATE_MA) and bits 26 and up are refused; `sev_hardware_setup` further limits
+/// them to what the firmware reports ([`Platform::snp_policy_bits`]).
+pub const KVM_SNP_POLICY_MASK_VALID: u64 = 0xffff | (1 << 16) | (1 << 17) | (0x7f << 19);
 
 /// How a VM is configured, fixed at creation (KVM's `KVM_SEV_INIT2` parameters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -372,6 +378,16 @@ impl<P: Platform> Vm<P> {
         self.require_launch("launch start", LaunchState::NotStarted)?;
         let start = match self.config.kind {
             VmKind::Snp => {
+                // snp_launch_start: -EINVAL for `policy & ~snp_supported_policy_bits`, where
+                // sev_hardware_setup sets snp_supported_policy_bits =
+                // sev_get_snp_policy_bits() & KVM_SNP_POLICY_MASK_VALID.
+                let supported = KVM_SNP_POLICY_MASK_VALID & self.platform.snp_policy_bits();
+                if policy & !supported != 0 {
+                    return Err(Error::BadPolicy {
+                        policy,
+                        rule: "an SNP policy bit is outside the supported mask (KVM_SNP_POLICY_MASK_VALID and the firmware's)",
+                    });
+                }
                 if policy & SNP_POLICY_RSVD_MBO == 0 {
                     return Err(Error::BadPolicy {
                         policy,
