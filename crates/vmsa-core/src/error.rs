@@ -71,6 +71,20 @@ impl core::fmt::Display for LaunchState {
     }
 }
 
+/// A [`VmConfig`](crate::VmConfig) that KVM's `__sev_guest_init` would refuse (-EINVAL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} VM with SEV features {sev_features:#x} (FPU sync {sync_fpu}): {rule}")]
+pub struct ConfigError {
+    /// The VM's kind.
+    pub kind: VmKind,
+    /// The SEV features asked for.
+    pub sev_features: u64,
+    /// Whether launch VMSAs carry the FPU state (`KVM_SEV_INIT2`) or not (`KVM_SEV_ES_INIT`).
+    pub sync_fpu: bool,
+    /// The rule broken.
+    pub rule: &'static str,
+}
+
 /// Why an intra-host migration was refused (KVM's `sev_vm_move_enc_context_from` rules).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MigrationError {
@@ -228,6 +242,9 @@ pub enum Error<E: core::error::Error + Send + Sync + 'static> {
         /// The rule.
         rule: &'static str,
     },
+    /// The VM's configuration is one KVM refuses at init.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// Intra-host migration refused.
     #[error("intra-host migration refused: {0}")]
     Migration(#[from] MigrationError),

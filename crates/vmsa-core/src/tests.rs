@@ -1187,6 +1187,45 @@ fn snp_policy_bits_outside_the_supported_mask_are_refused() {
         .unwrap();
 }
 
+/// come only from `KVM_SEV_INIT2`, which syncs the FPU.
+#[test]
+fn vm_config_is_validated_as_sev_guest_init_does() {
+    use layout::{SEV_FEAT_DEBUG_SWAP, SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE};
+    let bad = [
+        VmConfig::sev_es(SEV_FEAT_SNP_ACTIVE | SEV_FEAT_SECURE_TSC),
+        VmConfig::sev_es(SEV_FEAT_SECURE_TSC),
+        VmConfig::sev_es(1 << 40),
+        VmConfig::snp(layout::SEV_FEAT_RESTRICTED_INJECTION),
+        VmConfig {
+            sync_fpu: false,
+            ..VmConfig::sev_es(SEV_FEAT_DEBUG_SWAP)
+        },
+        VmConfig {
+            sync_fpu: false,
+            ..VmConfig::snp(0)
+        },
+    ];
+    for config in bad {
+        let mut vm = Vm::without_events(TestPlatform::default(), config);
+        assert!(vm.create_vcpu(BSP).is_err(), "{config:?}");
+        assert!(vm.launch_start(SNP_POLICY | (1 << 2)).is_err(), "{config:?}");
+        assert_eq!(vm.platform().calls(Call::AllocPage), 0);
+        assert_eq!(vm.platform().calls(Call::LaunchStart), 0);
+    }
+    let good = [
+        VmConfig::sev_es(SEV_FEAT_DEBUG_SWAP),
+        VmConfig::snp(SEV_FEAT_DEBUG_SWAP | SEV_FEAT_SECURE_TSC),
+        VmConfig {
+            sync_fpu: false,
+            ..VmConfig::sev_es(0)
+        },
+    ];
+    for config in good {
+        let mut vm = Vm::without_events(TestPlatform::default(), config);
+        vm.create_vcpu(BSP).unwrap();
+    }
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

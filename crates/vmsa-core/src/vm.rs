@@ -16,10 +16,10 @@ use alloc::vec::Vec;
 use crate::sync::{Guard, Lock, get_mut, into_inner, lock};
 
 use crate::addr::{Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
-use crate::error::{Error, LaunchState, MigrationError, PlatformOp};
+use crate::error::{ConfigError, Error, LaunchState, MigrationError, PlatformOp};
 use crate::event::{Event, EventSink, LeakReason, NullSink};
 use crate::ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest};
-use crate::layout::{SEV_FEAT_SNP_ACTIVE, SevEsSaveArea};
+use crate::layout::{SEV_FEAT_DEBUG_SWAP, SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE, SevEsSaveArea};
 use crate::platform::{LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 use crate::state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
 use crate::vcpu::{Cx, Leak, Vcpu};
@@ -37,7 +37,19 @@ pub const SNP_POLICY_RSVD_MBO: u64 = 1 << 17;
 /// them to what the firmware reports ([`Platform::snp_policy_bits`]).
 pub const KVM_SNP_POLICY_MASK_VALID: u64 = 0xffff | (1 << 16) | (1 << 17) | (0x7f << 19);
 
+/// The SEV features KVM can support (`sev_supported_vmsa_features`, filled by
+/// `sev_hardware_setup`): DebugSwap, and Secure TSC for SNP guests. `SNP_ACTIVE` is accepted
+/// for SNP guests (KVM adds it itself).
+pub const SUPPORTED_VMSA_FEATURES: u64 = SEV_FEAT_DEBUG_SWAP | SEV_FEAT_SECURE_TSC;
+
+/// The SEV features only an SNP guest may have (`SVM_SEV_FEAT_SNP_ONLY_MASK`).
+pub const SNP_ONLY_VMSA_FEATURES: u64 = SEV_FEAT_SNP_ACTIVE | SEV_FEAT_SECURE_TSC;
+
 /// How a VM is configured, fixed at creation (KVM's `KVM_SEV_INIT2` parameters).
+///
+/// [`VmConfig::new`] validates a configuration as `__sev_guest_init` does; a configuration
+/// built otherwise is validated when the VM first uses it ([`Vm::create_vcpu`],
+/// [`Vm::launch_start`]), which then fail with [`Error::Config`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     /// SEV-ES or SEV-SNP.
@@ -53,6 +65,51 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// A validated configuration (`__sev_guest_init`); see [`VmConfig::validate`].
+    pub fn new(
+        kind: VmKind,
+        sev_features: u64,
+        sync_fpu: bool,
+        max_phys_bits: u8,
+    ) -> Result<Self, ConfigError> {
+        let config = Self {
+            kind,
+            sev_features,
+            sync_fpu,
+            max_phys_bits,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks of `__sev_guest_init` (and `sev_guest_init` for legacy VMs), each -EINVAL in
+    /// KVM: features outside the supported set; `SNP_ACTIVE` or `SECURE_TSC` on an SEV-ES VM
+    /// (SNP-only); a legacy `KVM_SEV_ES_INIT` VM (no FPU sync) with any feature, since
+    /// `sev_guest_init` passes `vmsa_features = 0`; an SNP VM without FPU sync, since SNP VMs
+    /// exist only through `KVM_SEV_INIT2`, whose VMSAs carry the FPU state.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let rule = if self.sev_features & !(SUPPORTED_VMSA_FEATURES | SEV_FEAT_SNP_ACTIVE) != 0 {
+            Some("a feature is outside the supported set (DebugSwap, Secure TSC)")
+        } else if self.kind == VmKind::SevEs && self.sev_features & SNP_ONLY_VMSA_FEATURES != 0 {
+            Some("SNP_ACTIVE and SECURE_TSC are SEV-SNP features")
+        } else if !self.sync_fpu && self.kind == VmKind::Snp {
+            Some("SNP VMs are created with KVM_SEV_INIT2, whose VMSAs carry the FPU state")
+        } else if !self.sync_fpu && self.sev_features != 0 {
+            Some("a legacy KVM_SEV_ES_INIT VM (no FPU sync) has no SEV features")
+        } else {
+            None
+        };
+        match rule {
+            Some(rule) => Err(ConfigError {
+                kind: self.kind,
+                sev_features: self.sev_features,
+                sync_fpu: self.sync_fpu,
+                rule,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// An SEV-SNP VM with the given extra SEV features and a 48-bit guest physical space.
     pub fn snp(sev_features: u64) -> Self {
         Self {
@@ -250,6 +307,8 @@ impl<P: Platform> Vm<P> {
     /// is runnable, the others start uninitialized (they are APs).
     pub fn create_vcpu(&mut self, id: VcpuId) -> Res<VcpuInfo, P> {
         self.check_usable()?;
+        // __sev_guest_init runs before any vCPU exists.
+        self.config.validate()?;
         if self.index.contains_key(&id) {
             return Err(Error::VcpuExists(id));
         }
@@ -376,6 +435,7 @@ impl<P: Platform> Vm<P> {
     /// `SNP_ACTIVATE` (SEV-SNP). An SNP policy must have bit 17 set (SNP ABI §4.3).
     pub fn launch_start(&mut self, policy: u64) -> Res<(), P> {
         self.require_launch("launch start", LaunchState::NotStarted)?;
+        self.config.validate()?;
         let start = match self.config.kind {
             VmKind::Snp => {
                 // snp_launch_start: -EINVAL for `policy & ~snp_supported_policy_bits`, where
