@@ -127,6 +127,13 @@ pub trait Platform {
     /// Flush the cache lines of a page cached under `asid`'s key (`VM_PAGE_FLUSH`, or CLFLUSH on
     /// SME-coherent parts) before the page changes hands.
     fn flush_encrypted_page(&self, pfn: Pfn, asid: Asid) -> Result<(), Self::Error>;
+    /// Flush a host page's cache lines (`clflush_cache_range`) before the firmware encrypts it
+    /// in place (SEV-ES `LAUNCH_UPDATE_VMSA`): lines written through the host mapping must not
+    /// be written back over the ciphertext. The default does nothing, which is right only on a
+    /// host whose caches are coherent across keys.
+    fn clflush_page(&self, pfn: Pfn) {
+        let _ = pfn;
+    }
     /// Write back and invalidate all caches (`WBNOINVD`/`WBINVD`): the fallback when a page flush
     /// fails.
     fn writeback_caches(&self);

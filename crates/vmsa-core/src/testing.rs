@@ -44,6 +44,8 @@ pub enum Call {
     RmpMakeShared,
     /// `flush_encrypted_page`.
     FlushEncryptedPage,
+    /// `clflush_page`.
+    ClflushPage,
     /// `launch_start`.
     LaunchStart,
     /// `launch_update_data`.
@@ -92,6 +94,9 @@ pub enum Violation {
     ReleasedTwice(Pfn),
     /// The host wrote a frame that is assigned in the RMP (an RMP #PF on real hardware).
     HostWriteToAssigned(Pfn),
+    /// The firmware encrypted a page in place while the host's writes to it may still sit in
+    /// the cache (no `clflush_page` since the last host write).
+    UnflushedInPlaceEncryption(Pfn),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,6 +123,7 @@ struct Inner {
     violations: Vec<Violation>,
     measured: Vec<(Pfn, u8)>,
     encrypted: BTreeSet<Pfn>,
+    clflushed: BTreeSet<Pfn>,
     flushes: u64,
     writebacks: u64,
     started: bool,
@@ -312,6 +318,7 @@ impl Platform for TestPlatform {
             });
         }
         g.frames.insert(pfn, Box::new(*data));
+        g.clflushed.remove(&pfn);
         Ok(())
     }
 
@@ -377,6 +384,12 @@ impl Platform for TestPlatform {
         Ok(())
     }
 
+    fn clflush_page(&self, pfn: Pfn) {
+        let mut g = self.lock();
+        *g.calls.entry(Call::ClflushPage).or_insert(0) += 1;
+        g.clflushed.insert(pfn);
+    }
+
     fn writeback_caches(&self) {
         self.lock().writebacks += 1;
     }
@@ -400,6 +413,9 @@ impl Platform for TestPlatform {
 
     fn launch_update_vmsa(&self, pfn: Pfn) -> Result<(), TestError> {
         let mut g = self.enter(Call::LaunchUpdateVmsa)?;
+        if !g.clflushed.contains(&pfn) {
+            g.violations.push(Violation::UnflushedInPlaceEncryption(pfn));
+        }
         g.measured.push((pfn, SnpPageType::Vmsa as u8));
         g.encrypted.insert(pfn);
         Ok(())

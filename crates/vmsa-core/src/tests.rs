@@ -1226,6 +1226,24 @@ fn vm_config_is_validated_as_sev_guest_init_does() {
     }
 }
 
+/// `__sev_launch_update_vmsa`: LAUNCH_UPDATE_VMSA encrypts the page in place, so KVM flushes
+/// it (`clflush_cache_range`) after syncing the registers into it. SNP's
+/// `snp_launch_update_vmsa` does not.
+#[test]
+fn sev_es_launch_flushes_the_vmsa_before_the_firmware_encrypts_it() {
+    let (mut vm, _) = vm_with(VmConfig::sev_es(0), 2, TestPlatform::default());
+    vm.launch_start(1 << 2).unwrap();
+    vm.launch_update_vmsas().unwrap();
+    assert_eq!(vm.platform().calls(Call::ClflushPage), 2);
+    assert!(
+        vm.platform().violations().is_empty(),
+        "{:?}",
+        vm.platform().violations()
+    );
+    let (vm, _) = launched_snp(2, SNP_POLICY);
+    assert_eq!(vm.platform().calls(Call::ClflushPage), 0);
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

@@ -618,10 +618,15 @@ impl<P: Platform> Vm<P> {
         cx.sync(&mut v, self.config.vmsa_features(), self.config.sync_fpu)?;
         let pfn = cx.make_private(&mut v)?;
         let (fw, op) = match self.config.kind {
-            VmKind::SevEs => (
-                self.platform.launch_update_vmsa(pfn),
-                PlatformOp::LaunchUpdateVmsa,
-            ),
+            VmKind::SevEs => {
+                // __sev_launch_update_vmsa: LAUNCH_UPDATE_VMSA encrypts the page in place, so
+                // the synced plaintext is flushed from the cache first (clflush_cache_range).
+                self.platform.clflush_page(pfn);
+                (
+                    self.platform.launch_update_vmsa(pfn),
+                    PlatformOp::LaunchUpdateVmsa,
+                )
+            }
             VmKind::Snp => (
                 self.platform
                     .snp_launch_update(pfn, crate::addr::INITIAL_VMSA_GPA, SnpPageType::Vmsa),
