@@ -28,8 +28,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
 use vmsa_core::{
-    Asid, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PageBuf, PageLevel, Pfn, Platform,
-    SevEsSaveArea, SnpPageType,
+    Asid, DbgDecryptFailure, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PageBuf, PageLevel, Pfn,
+    Platform, SevEsSaveArea, SnpPageType,
 };
 
 use crate::frames::{FrameError, FrameSpace};
@@ -375,8 +375,8 @@ impl Platform for KvmPlatform {
         Ok(())
     }
 
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), PlatformError> {
-        Ok(self.frames.read_hpa(pa, out)?)
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<PlatformError>> {
+        Ok(self.frames.read_hpa(pa, out).map_err(PlatformError::from)?)
     }
 }
 

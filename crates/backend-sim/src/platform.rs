@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use vmsa_core::{
-    Asid, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PAGE_SIZE, PageBuf, PageLevel, Pfn, Platform,
-    SnpPageType, VmKind,
+    Asid, DbgDecryptFailure, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PAGE_SIZE, PageBuf,
+    PageLevel, Pfn, Platform, SnpPageType, VmKind,
 };
 
 use crate::fault::FaultOp;
@@ -285,7 +285,7 @@ impl Platform for SimPlatform {
         self.machine.hw().page_reclaim(pfn)
     }
 
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), SimError> {
-        self.machine.hw().dbg_decrypt(self.asid, self.kind, pa, out)
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<SimError>> {
+        Ok(self.machine.hw().dbg_decrypt(self.asid, self.kind, pa, out)?)
     }
 }

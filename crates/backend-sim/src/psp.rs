@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(m.allocated_frames(), 1);
         // Decrypting through a temporary firmware page leaves no frame behind.
         let mut out = [0u8; 4096];
-        let e = p.dbg_decrypt_vmsa(gctx.hpa(), &mut out).unwrap_err();
+        let e = p.dbg_decrypt_vmsa(gctx.hpa(), &mut out).unwrap_err().source;
         assert_eq!(
             e.firmware_status(),
             Some(SevStatus::InvalidPageState),

@@ -84,6 +84,25 @@ pub enum LaunchFinish {
     },
 }
 
+/// A failed debug decrypt ([`Platform::dbg_decrypt_vmsa`]).
+///
+/// SNP's `sev_decrypt_vmsa` has the firmware write into a firmware-owned destination page and
+/// reclaims that page whatever the outcome; if the reclaim fails (`snp_page_reclaim`), the page
+/// is leaked and the VM is bugged (`KVM_BUG`). `leaked` names that page.
+#[derive(Debug)]
+pub struct DbgDecryptFailure<E> {
+    /// The error.
+    pub source: E,
+    /// The destination page the backend had to leak, if any.
+    pub leaked: Option<Pfn>,
+}
+
+impl<E> From<E> for DbgDecryptFailure<E> {
+    fn from(source: E) -> Self {
+        Self { source, leaked: None }
+    }
+}
+
 /// What a backend supplies to vmsa-core: page allocation, host access to frames, RMP updates,
 /// SEV firmware commands, cache flushes and the guest_memfd lookup.
 ///
@@ -163,8 +182,10 @@ pub trait Platform {
     /// `SNP_PAGE_RECLAIM`: return a firmware-held (immutable) page to a state the hypervisor can
     /// `RMPUPDATE` again.
     fn page_reclaim(&self, pfn: Pfn) -> Result<(), Self::Error>;
-    /// Decrypt a protected VMSA for debugging (`SNP_DBG_DECRYPT` / `DBG_DECRYPT`).
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), Self::Error>;
+    /// Decrypt a protected VMSA for debugging (`SNP_DBG_DECRYPT` / `DBG_DECRYPT`). For SNP the
+    /// firmware's destination page is reclaimed afterwards; a backend that cannot reclaim it
+    /// leaks it and reports it in [`DbgDecryptFailure::leaked`] (vmsa-core then bugs the VM).
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<Self::Error>>;
 }
 
 #[cfg(test)]

@@ -17,7 +17,9 @@ use alloc::vec::Vec;
 use crate::sync::{Guard, Lock, lock};
 
 use crate::addr::{Asid, Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
-use crate::platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
+use crate::platform::{
+    DbgDecryptFailure, HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType,
+};
 
 /// A page handed out by [`TestPlatform`].
 #[derive(Debug, PartialEq, Eq)]
@@ -60,6 +62,9 @@ pub enum Call {
     PageReclaim,
     /// `dbg_decrypt_vmsa`.
     DbgDecrypt,
+    /// The reclaim of the firmware destination page after `dbg_decrypt_vmsa` (SNP's
+    /// `snp_page_reclaim` in `sev_decrypt_vmsa`); a failure leaks that page.
+    DbgDecryptReclaim,
 }
 
 /// An error of [`TestPlatform`].
@@ -459,11 +464,24 @@ impl Platform for TestPlatform {
         Ok(())
     }
 
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), TestError> {
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<TestError>> {
         let g = self.enter(Call::DbgDecrypt)?;
         match g.frames.get(&pa.pfn()) {
             Some(f) => out.copy_from_slice(&f[..]),
             None => out.fill(0),
+        }
+        drop(g);
+        if let Err(source) = self.enter(Call::DbgDecryptReclaim) {
+            // The destination page stays firmware-owned: out of circulation for good.
+            let mut g = self.lock();
+            g.next_pfn += 1;
+            let pfn = Pfn(g.next_pfn - 1);
+            g.leaked.push(pfn);
+            out.fill(0);
+            return Err(DbgDecryptFailure {
+                source,
+                leaked: Some(pfn),
+            });
         }
         Ok(())
     }

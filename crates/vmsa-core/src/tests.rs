@@ -1244,6 +1244,33 @@ fn sev_es_launch_flushes_the_vmsa_before_the_firmware_encrypts_it() {
     assert_eq!(vm.platform().calls(Call::ClflushPage), 0);
 }
 
+/// `sev_decrypt_vmsa`: SNP reclaims the firmware destination page whatever the outcome; if
+/// `snp_page_reclaim` fails the page is leaked and the VM bugged (`KVM_BUG`).
+#[test]
+fn snp_debug_decrypt_leaks_an_unreclaimable_destination_page_and_bugs_the_vm() {
+    let (vm, log) = launched_snp(1, SNP_POLICY | SNP_POLICY_DEBUG);
+    vm.platform().fail_next(Call::DbgDecryptReclaim);
+    let err = vm.decrypt_vmsa(BSP).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Platform {
+                op: PlatformOp::DbgDecrypt,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let leaked = vm.platform().leaked_pages();
+    assert_eq!(leaked.len(), 1);
+    assert!(matches!(
+        &log.leaks()[..],
+        [Event::Leaked { vcpu: Some(BSP), pfn, reason: LeakReason::ReclaimFailed, .. }] if *pfn == leaked[0]
+    ));
+    assert!(vm.is_bugged());
+    assert!(matches!(vm.prepare_entry(BSP), Err(Error::VmBugged { .. })));
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

@@ -827,9 +827,20 @@ impl<P: Platform> Vm<P> {
                     });
                 }
                 let pa = v.vmcb_vmsa_pa.ok_or(Error::InvalidVmsa { vcpu: id })?;
-                self.platform
-                    .dbg_decrypt_vmsa(pa, &mut page)
-                    .map_err(|e| plat(PlatformOp::DbgDecrypt, e))?;
+                if let Err(f) = self.platform.dbg_decrypt_vmsa(pa, &mut page) {
+                    // sev_decrypt_vmsa: a destination page snp_page_reclaim could not return
+                    // is leaked, and KVM_BUG marks the VM bugged.
+                    if let Some(pfn) = f.leaked {
+                        self.events.emit(Event::Leaked {
+                            vcpu: Some(id),
+                            pfn,
+                            reason: LeakReason::ReclaimFailed,
+                            detail: f.source.to_string(),
+                        });
+                        self.note_leak(Some(Leak { vcpu: Some(id), pfn }));
+                    }
+                    return Err(plat(PlatformOp::DbgDecrypt, f.source));
+                }
             }
         }
         Ok(SevEsSaveArea::from_page(&page))
