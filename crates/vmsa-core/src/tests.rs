@@ -1271,6 +1271,33 @@ fn snp_debug_decrypt_leaks_an_unreclaimable_destination_page_and_bugs_the_vm() {
     assert!(matches!(vm.prepare_entry(BSP), Err(Error::VmBugged { .. })));
 }
 
+/// INVALID_PAGE: both are reported as VMCB-address events.
+#[test]
+fn migration_reports_the_moved_vmcb_vmsa_addresses() {
+    let (mut src, log) = launched_es(1);
+    let pa = src.vcpu(BSP).unwrap().vmcb_vmsa_pa;
+    assert!(pa.is_some());
+    let mut dst = target(1, &log);
+    let before = log.snapshot().len();
+    dst.migrate_from(&mut src).unwrap();
+    let after = log.snapshot().split_off(before);
+    let vmcb: Vec<_> = after
+        .iter()
+        .filter(|e| matches!(e, Event::VmcbVmsaPa { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(
+        vmcb,
+        vec![
+            Event::VmcbVmsaPa { vcpu: BSP, pa: None },
+            Event::VmcbVmsaPa { vcpu: BSP, pa },
+        ]
+    );
+    // The policy moves with the context (KVM leaves the destination's `sev->policy` at 0; see
+    // `Vm::migrate_from`).
+    assert_eq!(dst.policy(), 1 << 2);
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

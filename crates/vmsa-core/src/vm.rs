@@ -849,7 +849,9 @@ impl<P: Platform> Vm<P> {
     /// Intra-host migration (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`): move the encryption context
     /// (the platform, with its ASID and pages) and every vCPU's VMSA from `src` into `self`,
     /// which must come from [`Vm::migration_target`] and have as many vCPUs. Only launched
-    /// SEV-ES VMs move. Afterwards `src` is dead; nothing moves if a check fails.
+    /// SEV-ES VMs move. Afterwards `src` is dead; nothing moves if a check fails. Unlike KVM,
+    /// which leaves the destination's `sev->policy` at 0, the guest policy moves too (see
+    /// [`Vm::policy`]); the VMCB addresses that change are reported as `VmcbVmsaPa` events.
     pub fn migrate_from(&mut self, src: &mut Vm<P>) -> Res<(), P> {
         self.check_usable()?;
         src.check_usable()?;
@@ -878,6 +880,10 @@ impl<P: Platform> Vm<P> {
         }
         core::mem::swap(&mut self.platform, &mut src.platform);
         self.config = src.config;
+        // A deliberate difference: sev_migrate_from does not copy `sev->policy`, so KVM's
+        // destination keeps policy 0 (and its sev_decrypt_vmsa checks 0, e.g. no NODBG). The
+        // firmware context, and the policy it enforces, moves with the handle, so the
+        // destination reports the source's policy here.
         self.policy = src.policy;
         self.launch = src.launch;
         self.role = Role::Confidential;
@@ -889,7 +895,15 @@ impl<P: Platform> Vm<P> {
             let moved = s.state.snapshot();
             d.state = core::mem::take(&mut s.state);
             d.protected = true;
-            d.vmcb_vmsa_pa = s.vmcb_vmsa_pa.take();
+            // sev_migrate_from copies the VMCB's vmsa_pa and sets the source's to INVALID_PAGE.
+            let pa = s.vmcb_vmsa_pa.take();
+            if pa.is_some() {
+                self.events.emit(Event::VmcbVmsaPa { vcpu: s.id, pa: None });
+            }
+            if d.vmcb_vmsa_pa != pa {
+                d.vmcb_vmsa_pa = pa;
+                self.events.emit(Event::VmcbVmsaPa { vcpu: d.id, pa });
+            }
             d.pending_gpa = s.pending_gpa.take();
             d.waiting_for_reset = core::mem::take(&mut s.waiting_for_reset);
             s.protected = false;
