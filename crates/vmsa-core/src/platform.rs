@@ -171,8 +171,13 @@ pub trait Platform {
 
     /// Start the guest's launch.
     fn launch_start(&self, start: &LaunchStart) -> Result<(), Self::Error>;
-    /// SEV-ES `LAUNCH_UPDATE_DATA` of one 4 KiB guest page: measure and encrypt it in place.
-    fn launch_update_data(&self, pfn: Pfn) -> Result<(), Self::Error>;
+    /// SEV-ES `LAUNCH_UPDATE_DATA` of the guest memory `[gpa, gpa + len)` (KVM's
+    /// `sev_launch_update_data`). SEV-ES VMs have no guest_memfd: the backend finds the memory
+    /// that backs the range (KVM pins the VMM's memory, of any alignment and length), writes
+    /// `data` there if given, flushes it and has the firmware measure and encrypt it in place.
+    /// vmsa-core has checked that `len` is not zero, that the range stays below 2^64 and that
+    /// `data`, if given, holds `len` bytes.
+    fn launch_update_data(&self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Result<(), Self::Error>;
     /// SEV-ES `LAUNCH_UPDATE_VMSA` of one page: measure and encrypt it in place.
     fn launch_update_vmsa(&self, pfn: Pfn) -> Result<(), Self::Error>;
     /// `SNP_LAUNCH_UPDATE` of one 4 KiB page that is already in the pre-guest RMP state.

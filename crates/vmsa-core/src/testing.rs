@@ -409,10 +409,34 @@ impl Platform for TestPlatform {
         Ok(())
     }
 
-    fn launch_update_data(&self, pfn: Pfn) -> Result<(), TestError> {
+    /// Guest memory is what [`TestPlatform::map_gmem`] backs (for SEV-ES it stands for the
+    /// VMM's memory); each page the range touches is written and measured.
+    fn launch_update_data(&self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Result<(), TestError> {
         let mut g = self.enter(Call::LaunchUpdateData)?;
-        g.measured.push((pfn, SnpPageType::Normal as u8));
-        g.encrypted.insert(pfn);
+        let mut done = 0;
+        while done < len {
+            let at = Gpa(gpa.0 + done);
+            let off = at.0 % PAGE_SIZE;
+            let n = (PAGE_SIZE - off).min(len - done);
+            let Some(pfn) = g.gmem.get(&at.gfn()).copied() else {
+                return Err(TestError::Rule {
+                    call: Call::LaunchUpdateData,
+                    pfn: Pfn(at.gfn().0),
+                    rule: "no guest memory backs the range",
+                });
+            };
+            if let Some(d) = data {
+                let frame = g
+                    .frames
+                    .entry(pfn)
+                    .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]));
+                frame[off as usize..(off + n) as usize]
+                    .copy_from_slice(&d[done as usize..(done + n) as usize]);
+            }
+            g.measured.push((pfn, SnpPageType::Normal as u8));
+            g.encrypted.insert(pfn);
+            done += n;
+        }
         Ok(())
     }
 

@@ -1298,6 +1298,36 @@ fn migration_reports_the_moved_vmcb_vmsa_addresses() {
     assert_eq!(dst.policy(), 1 << 2);
 }
 
+/// `sev_launch_update_data`: SEV-ES guests have no guest_memfd; KVM pins the VMM's memory of
+/// any alignment and length (`sev_pin_memory` refuses only a zero or wrapping length) and the
+/// firmware encrypts it in place, so a 176-byte table at an unaligned address is measured.
+#[test]
+fn sev_es_launch_update_data_takes_any_alignment_and_length() {
+    let (mut vm, _) = vm_with(VmConfig::sev_es(0), 1, TestPlatform::default());
+    let p1 = vm.platform().map_gmem(Gfn(1));
+    let p2 = vm.platform().map_gmem(Gfn(2));
+    vm.launch_start(1 << 2).unwrap();
+    let table: Vec<u8> = (0..176u8).collect();
+    vm.launch_update_data(Gpa(0x1c10), 176, SnpPageType::Normal, Some(&table))
+        .unwrap();
+    assert_eq!(&vm.platform().frame(p1)[0xc10..0xc10 + 176], &table[..]);
+    // A range crossing a page boundary, at no alignment.
+    vm.launch_update_data(Gpa(0x1ff8), 0x10, SnpPageType::Normal, Some(&[9; 0x10]))
+        .unwrap();
+    assert_eq!(vm.platform().frame(p2)[..8], [9; 8]);
+    assert_eq!(vm.platform().measured(), vec![(p1, 1), (p1, 1), (p2, 1)]);
+    assert_eq!(vm.platform().calls(Call::LaunchUpdateData), 2);
+    // Only an empty or wrapping range is refused, before the firmware is asked.
+    for (gpa, len) in [(Gpa(0x1000), 0), (Gpa(u64::MAX - 7), 16)] {
+        let err = vm
+            .launch_update_data(gpa, len, SnpPageType::Normal, Some(&vec![0; len as usize]))
+            .unwrap_err();
+        assert!(matches!(err, Error::BadLaunchUpdate { .. }), "{err}");
+    }
+    assert_eq!(vm.platform().calls(Call::LaunchUpdateData), 2);
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+}
+
 // ---- concurrency ---------------------------------------------------------------------------
 
 #[test]

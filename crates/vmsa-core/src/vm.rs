@@ -480,12 +480,15 @@ impl<P: Platform> Vm<P> {
         Ok(())
     }
 
-    /// Add guest pages to the launch: `LAUNCH_UPDATE_DATA` (SEV-ES, `Normal` only) or
-    /// `SNP_LAUNCH_UPDATE` of the given type (SEV-SNP; KVM's `sev_gmem_post_populate`: each
-    /// guest_memfd page is filled, made pre-guest with `RMPUPDATE`, then measured; a page the
-    /// firmware refuses is reclaimed, or leaked if that fails).
+    /// Add guest memory to the launch: `LAUNCH_UPDATE_DATA` (SEV-ES, `Normal` only; KVM's
+    /// `sev_launch_update_data`: any alignment and length, handed to the platform whole, since
+    /// SEV-ES VMs have no guest_memfd) or `SNP_LAUNCH_UPDATE` of the given type (SEV-SNP,
+    /// 4 KiB pages; KVM's `sev_gmem_post_populate`: each guest_memfd page is filled, made
+    /// pre-guest with `RMPUPDATE`, then measured; a page the firmware refuses is reclaimed, or
+    /// leaked if that fails).
     ///
-    /// `data` holds the contents (`len` bytes), except for `Zero` pages, which take none.
+    /// `data` holds the contents (`len` bytes), except for `Zero` pages, which take none. An
+    /// SEV-ES update may also omit it, to measure the guest memory as it is.
     pub fn launch_update_data(
         &mut self,
         gpa: Gpa,
@@ -494,6 +497,9 @@ impl<P: Platform> Vm<P> {
         data: Option<&[u8]>,
     ) -> Res<(), P> {
         self.require_launch("launch update", LaunchState::Started)?;
+        if self.config.kind == VmKind::SevEs {
+            return self.launch_update_es_data(gpa, len, page_type, data);
+        }
         let bad = |rule| Err(Error::BadLaunchUpdate { gpa, len, rule });
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return bad("the length must be a non-zero multiple of 4096");
@@ -508,9 +514,6 @@ impl<P: Platform> Vm<P> {
         }
         if page_type == SnpPageType::Vmsa {
             return bad("VMSA pages come from vCPUs (launch finish), not from data updates");
-        }
-        if self.config.kind == VmKind::SevEs && page_type != SnpPageType::Normal {
-            return bad("SEV-ES launches only measure normal pages");
         }
         match (page_type, data) {
             (SnpPageType::Zero, Some(_)) => return bad("ZERO pages take no contents"),
@@ -541,6 +544,41 @@ impl<P: Platform> Vm<P> {
         })
     }
 
+    /// SEV-ES `LAUNCH_UPDATE_DATA` (KVM's `sev_launch_update_data`): KVM pins the VMM's memory
+    /// (`sev_pin_memory`, which refuses only `ulen == 0 || uaddr + ulen < uaddr`), of any
+    /// alignment and length, flushes it and has the firmware encrypt it in place. There is no
+    /// guest_memfd to look the range up in: the platform finds the memory that backs it.
+    fn launch_update_es_data(
+        &mut self,
+        gpa: Gpa,
+        len: u64,
+        page_type: SnpPageType,
+        data: Option<&[u8]>,
+    ) -> Res<(), P> {
+        let bad = |rule| Err(Error::BadLaunchUpdate { gpa, len, rule });
+        if len == 0 {
+            return bad("the length must not be zero");
+        }
+        if gpa.0.checked_add(len - 1).is_none() {
+            return bad("the range runs past the top of the guest physical address space");
+        }
+        if page_type != SnpPageType::Normal {
+            return bad("SEV-ES launches only measure normal pages");
+        }
+        if data.is_some_and(|d| d.len() as u64 != len) {
+            return bad("the contents must be exactly len bytes");
+        }
+        self.launch_step(|vm| {
+            vm.platform
+                .launch_update_data(gpa, len, data)
+                .map_err(|source| Error::Platform {
+                    vcpu: None,
+                    op: PlatformOp::LaunchUpdateData,
+                    source,
+                })
+        })
+    }
+
     fn launch_update_page(&self, gpa: Gpa, page_type: SnpPageType, data: Option<&PageBuf>) -> Res<(), P> {
         let pfn = self
             .platform
@@ -556,21 +594,13 @@ impl<P: Platform> Vm<P> {
                 .write_frame(pfn, page)
                 .map_err(|e| plat(PlatformOp::WriteFrame, e))?;
         }
-        match self.config.kind {
-            VmKind::SevEs => self
-                .platform
-                .launch_update_data(pfn)
-                .map_err(|e| plat(PlatformOp::LaunchUpdateData, e)),
-            VmKind::Snp => {
-                self.platform
-                    .rmp_make_private(pfn, gpa, PageLevel::Size4K, self.platform.asid(), true)
-                    .map_err(|e| plat(PlatformOp::RmpMakePrivate, e))?;
-                self.platform.snp_launch_update(pfn, gpa, page_type).map_err(|e| {
-                    self.reclaim_guest_frame(pfn);
-                    plat(PlatformOp::SnpLaunchUpdate, e)
-                })
-            }
-        }
+        self.platform
+            .rmp_make_private(pfn, gpa, PageLevel::Size4K, self.platform.asid(), true)
+            .map_err(|e| plat(PlatformOp::RmpMakePrivate, e))?;
+        self.platform.snp_launch_update(pfn, gpa, page_type).map_err(|e| {
+            self.reclaim_guest_frame(pfn);
+            plat(PlatformOp::SnpLaunchUpdate, e)
+        })
     }
 
     /// `snp_page_reclaim` for a guest_memfd frame the firmware refused: reclaim and make shared,
