@@ -445,7 +445,9 @@ fn sev_es_failures() {
         fw_status(r),
         (PlatformOp::LaunchUpdateVmsa, SevStatus::InvalidGuestState)
     );
-    assert_eq!(g.vm.vcpu(VcpuId(1)).unwrap().state, VmsaState::None, "freed");
+    // __sev_launch_update_vmsa keeps the refused VMSA, shared and unprotected.
+    assert_eq!(g.vm.vcpu(VcpuId(1)).unwrap().state.kind(), StateKind::KvmShared);
+    assert!(!g.vm.vcpu(VcpuId(1)).unwrap().protected);
     assert_eq!(g.vm.vcpu(VcpuId(0)).unwrap().state.kind(), StateKind::KvmPrivate);
     assert!(leaks(&g.log).is_empty());
     finish(g, &[]);

@@ -475,7 +475,7 @@ fn sev_es_launch_encrypts_without_touching_the_rmp() {
 }
 
 #[test]
-fn sev_es_launch_failure_frees_the_vmsa_and_clears_the_vmcb() {
+fn sev_es_launch_failure_after_a_protected_vcpu_keeps_the_vmsa_and_fails_the_launch() {
     let (mut vm, log) = vm_with(VmConfig::sev_es(0), 3, TestPlatform::default());
     vm.platform().fail_nth(Call::LaunchUpdateVmsa, 2);
     vm.launch_start(1 << 2).unwrap();
@@ -491,16 +491,19 @@ fn sev_es_launch_failure_frees_the_vmsa_and_clears_the_vmcb() {
     ));
     let infos = vm.vcpus();
     assert!(infos[0].protected);
+    // __sev_launch_update_vmsa keeps the refused VMSA: shared, unprotected, still in the VMCB.
     assert_eq!(
-        (infos[1].state.clone(), infos[1].vmcb_vmsa_pa),
-        (VmsaState::None, None)
+        (infos[1].state.clone(), infos[1].vmcb_vmsa_pa, infos[1].protected),
+        (VmsaState::KvmShared(victim), Some(victim.hpa()), false)
     );
     assert!(matches!(infos[2].state, VmsaState::KvmShared(_)));
-    assert!(vm.platform().freed_pages().contains(&victim));
-    assert!(log.snapshot().contains(&Event::VmcbVmsaPa {
-        vcpu: VcpuId(1),
-        pa: None
-    }));
+    assert!(vm.platform().freed_pages().is_empty());
+    assert!(transitions(&log, VcpuId(1)).contains(&(
+        Op::LaunchUpdate,
+        StateKind::KvmPrivate,
+        StateKind::KvmShared
+    )));
+    // vCPU 0 is protected: the launch cannot be retried.
     assert!(matches!(
         vm.launch_update_vmsas(),
         Err(Error::Launch {
@@ -1326,6 +1329,28 @@ fn sev_es_launch_update_data_takes_any_alignment_and_length() {
     }
     assert_eq!(vm.platform().calls(Call::LaunchUpdateData), 2);
     assert_eq!(vm.launch_state(), LaunchState::Started);
+}
+
+/// `__sev_launch_update_vmsa`: when the firmware refuses LAUNCH_UPDATE_VMSA, KVM returns the
+/// error with the VMSA still allocated and the vCPU unprotected, so the same command works
+/// again while no vCPU is protected.
+#[test]
+fn sev_es_launch_update_vmsa_refusal_keeps_the_vmsa_and_the_launch_retryable() {
+    let (mut vm, _) = vm_with(VmConfig::sev_es(0), 2, TestPlatform::default());
+    vm.platform().fail_nth(Call::LaunchUpdateVmsa, 1);
+    vm.launch_start(1 << 2).unwrap();
+    let page = host_pfn(&vm, BSP);
+    vm.launch_update_vmsas().unwrap_err();
+    let v0 = vm.vcpu(BSP).unwrap();
+    assert_eq!(
+        (v0.state, v0.protected, v0.vmcb_vmsa_pa),
+        (VmsaState::KvmShared(page), false, Some(page.hpa()))
+    );
+    assert!(vm.platform().freed_pages().is_empty());
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    vm.launch_update_vmsas().unwrap();
+    assert!(vm.vcpus().iter().all(|v| v.protected));
+    assert_eq!(host_pfn(&vm, BSP), page);
 }
 
 // ---- concurrency ---------------------------------------------------------------------------

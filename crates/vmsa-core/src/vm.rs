@@ -627,8 +627,10 @@ impl<P: Platform> Vm<P> {
 
     /// SEV-ES `LAUNCH_UPDATE_VMSA` for every vCPU in index order (KVM's
     /// `sev_launch_update_vmsa`): sync, make private, then encrypt (make-private before the
-    /// firmware call, as the review asks). Stops at the first failure; the failed vCPU's VMSA
-    /// is freed and the launch fails for good.
+    /// firmware call, as the review asks). Stops at the first failure, which leaves the
+    /// refused vCPU's VMSA shared and unprotected (`__sev_launch_update_vmsa` returns the
+    /// firmware error with the page kept), so the command can be retried while no vCPU is
+    /// protected.
     pub fn launch_update_vmsas(&mut self) -> Res<(), P> {
         self.require("LAUNCH_UPDATE_VMSA", VmKind::SevEs)?;
         self.require_launch("LAUNCH_UPDATE_VMSA", LaunchState::Started)?;
@@ -670,7 +672,12 @@ impl<P: Platform> Vm<P> {
             }
             Err(source) => {
                 let leak = match self.config.kind {
-                    VmKind::SevEs => cx.free(&mut v, Op::Free),
+                    // __sev_launch_update_vmsa: a firmware error is returned as is; the VMSA
+                    // stays allocated and the vCPU unprotected (SEV-ES has no RMP to undo).
+                    VmKind::SevEs => {
+                        cx.refused(&mut v);
+                        None
+                    }
                     VmKind::Snp => cx.reclaim(&mut v)?,
                 };
                 self.note_leak(leak);
