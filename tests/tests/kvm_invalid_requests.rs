@@ -115,6 +115,9 @@ fn invalid_requests_get_the_same_ghcb_errors_as_vmsa_core() {
     for id in 0..4 {
         core.create_vcpu(VcpuId(id)).unwrap();
     }
+    // Requests come from a launched guest: vmsa-core refuses them before the launch finished.
+    core.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
+    core.launch_finish([0; 32]).unwrap();
     for ((req, want, action, why), step) in cases.iter().zip(&g.steps) {
         assert_eq!(step.vcpu, 0, "{why}");
         assert_eq!(step.action, *action, "{why}");

@@ -117,6 +117,9 @@ fn bench_exits(c: &mut Criterion) {
     let platform = KvmPlatform::new(FrameSpace::new(Vec::new()));
     let mut core = Vm::without_events(platform, VmConfig::snp(0));
     core.create_vcpu(VcpuId(0)).unwrap();
+    // Requests come from a launched guest: vmsa-core refuses them before the launch finished.
+    core.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
+    core.launch_finish([0; 32]).unwrap();
     let r = &bell.ram;
     r.write_u64(GHCB_GPA + SW_EXIT_CODE, SVM_VMGEXIT_AP_CREATION)
         .unwrap();

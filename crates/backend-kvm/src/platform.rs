@@ -28,8 +28,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
 use vmsa_core::{
-    Asid, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PageBuf, PageLevel, Pfn, Platform,
-    SevEsSaveArea, SnpPageType,
+    Asid, DbgDecryptFailure, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PAGE_SIZE, PageBuf,
+    PageLevel, Pfn, Platform, SevEsSaveArea, SnpPageType,
 };
 
 use crate::frames::{FrameError, FrameSpace};
@@ -320,12 +320,24 @@ impl Platform for KvmPlatform {
         Ok(())
     }
 
-    fn launch_update_data(&self, pfn: Pfn) -> Result<(), PlatformError> {
-        let mut s = self.launching("LAUNCH_UPDATE_DATA")?;
-        if self.frames.classify(pfn).is_none() {
-            return Err(FrameError::Unbacked { pfn }.into());
+    /// KVM's `sev_launch_update_data` pins the VMM's memory of any alignment and length:
+    /// the range must lie in one guest memory region, which gets `data` if given.
+    fn launch_update_data(&self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Result<(), PlatformError> {
+        let op = "LAUNCH_UPDATE_DATA";
+        let mut s = self.launching(op)?;
+        let ram = self
+            .frames
+            .ram()
+            .iter()
+            .find(|r| r.offset_of(gpa.0, len).is_some())
+            .ok_or(PlatformError::Launch {
+                op,
+                rule: "no guest memory region holds the whole range",
+            })?;
+        if let Some(d) = data {
+            ram.write(gpa.0, d).map_err(FrameError::from)?;
         }
-        s.stats.data_pages += 1;
+        s.stats.data_pages += (gpa.0 + (len - 1)) / PAGE_SIZE - gpa.0 / PAGE_SIZE + 1;
         Ok(())
     }
 
@@ -375,8 +387,8 @@ impl Platform for KvmPlatform {
         Ok(())
     }
 
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), PlatformError> {
-        Ok(self.frames.read_hpa(pa, out)?)
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<PlatformError>> {
+        Ok(self.frames.read_hpa(pa, out).map_err(PlatformError::from)?)
     }
 }
 

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use vmsa_core::{
-    Asid, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PAGE_SIZE, PageBuf, PageLevel, Pfn, Platform,
-    SnpPageType, VmKind,
+    Asid, DbgDecryptFailure, Gfn, Gpa, HostPage, Hpa, LaunchFinish, LaunchStart, PAGE_SIZE, PageBuf,
+    PageLevel, Pfn, Platform, SnpPageType, VmKind,
 };
 
 use crate::fault::FaultOp;
@@ -251,9 +251,33 @@ impl Platform for SimPlatform {
         }
     }
 
-    fn launch_update_data(&self, pfn: Pfn) -> Result<(), SimError> {
+    /// KVM's `sev_launch_update_data`: the range, of any alignment and length, is written
+    /// (if `data` is given) and measured piece by piece, one command per page it touches. The
+    /// simulator keeps an SEV-ES guest's memory in the same per-guest map as SNP guest
+    /// memory; KVM would pin the VMM's memory instead.
+    fn launch_update_data(&self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Result<(), SimError> {
         self.need("LAUNCH_UPDATE_DATA", VmKind::SevEs)?;
-        self.machine.hw().sev_launch_update(self.asid, pfn, false)
+        let mut hw = self.machine.hw();
+        let mut done = 0;
+        while done < len {
+            let at = Gpa(gpa.0 + done);
+            let off = at.0 % PAGE_SIZE;
+            let n = (PAGE_SIZE - off).min(len - done);
+            let pfn = hw.gmem_pfn(self.asid, at.gfn()).ok_or(SimError::NotInSlot {
+                gpa: at,
+                asid: self.asid,
+            })?;
+            let (o, n_, d) = (off as usize, n as usize, done as usize);
+            if let Some(data) = data {
+                let mut page = [0u8; PAGE_SIZE as usize];
+                hw.host_read(pfn, &mut page)?;
+                page[o..o + n_].copy_from_slice(&data[d..d + n_]);
+                hw.host_write(pfn, &page)?;
+            }
+            hw.sev_launch_update_range(self.asid, pfn, o, n_, false)?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn launch_update_vmsa(&self, pfn: Pfn) -> Result<(), SimError> {
@@ -286,7 +310,7 @@ impl Platform for SimPlatform {
         self.machine.hw().page_reclaim(pfn)
     }
 
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), SimError> {
-        self.machine.hw().dbg_decrypt(self.asid, self.kind, pa, out)
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<SimError>> {
+        Ok(self.machine.hw().dbg_decrypt(self.asid, self.kind, pa, out)?)
     }
 }

@@ -2,7 +2,7 @@
 //! cleanup the kernel does when one fails (`snp_decommission_context`, reclaim of temporary
 //! firmware pages).
 
-use vmsa_core::{Gpa, Hpa, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
+use vmsa_core::{Gpa, Hpa, PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::cost::CostOp;
 use crate::error::SimError;
@@ -73,6 +73,18 @@ impl Hw {
     }
 
     pub fn sev_launch_update(&mut self, asid: u32, pfn: Pfn, vmsa: bool) -> Result<(), SimError> {
+        self.sev_launch_update_range(asid, pfn, 0, PAGE_SIZE as usize, vmsa)
+    }
+
+    /// `LAUNCH_UPDATE_DATA` / `LAUNCH_UPDATE_VMSA` of `len` bytes at offset `off` of `pfn`.
+    pub fn sev_launch_update_range(
+        &mut self,
+        asid: u32,
+        pfn: Pfn,
+        off: usize,
+        len: usize,
+        vmsa: bool,
+    ) -> Result<(), SimError> {
         let (op, cmd) = if vmsa {
             (FaultOp::LaunchUpdateVmsa, "LAUNCH_UPDATE_VMSA")
         } else {
@@ -81,7 +93,7 @@ impl Hw {
         self.fw_inject(op, None, cmd)?;
         let h = self.handle(asid, cmd)?;
         self.charge(CostOp::SevLaunchUpdate, asid, || format!("{cmd} pfn {pfn}"));
-        let r = self.fw.sev_launch_update(&mut self.mem, h, pfn);
+        let r = self.fw.sev_launch_update_range(&mut self.mem, h, pfn, off, len);
         self.fw_result(cmd, r)?;
         self.dirty.insert(pfn.0, asid);
         Ok(())
@@ -203,7 +215,7 @@ mod tests {
         assert_eq!(m.allocated_frames(), 1);
         // Decrypting through a temporary firmware page leaves no frame behind.
         let mut out = [0u8; 4096];
-        let e = p.dbg_decrypt_vmsa(gctx.hpa(), &mut out).unwrap_err();
+        let e = p.dbg_decrypt_vmsa(gctx.hpa(), &mut out).unwrap_err().source;
         assert_eq!(
             e.firmware_status(),
             Some(SevStatus::InvalidPageState),

@@ -59,8 +59,9 @@ pub enum LaunchState {
     Started,
     /// Launch finished; the guest may run.
     Finished,
-    /// A launch step failed. The launch can never be finished (the kernel patch would retry
-    /// into a freed VMSA); tear the VM down.
+    /// A launch step failed after a vCPU was protected or a VMSA was freed or leaked. The
+    /// launch can never be finished (the kernel patch would retry into a freed VMSA); tear the
+    /// VM down. A failure that changed nothing leaves the launch where it was.
     Failed,
 }
 
@@ -68,6 +69,20 @@ impl core::fmt::Display for LaunchState {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         core::fmt::Debug::fmt(self, f)
     }
+}
+
+/// A [`VmConfig`](crate::VmConfig) that KVM's `__sev_guest_init` would refuse (-EINVAL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} VM with SEV features {sev_features:#x} (FPU sync {sync_fpu}): {rule}")]
+pub struct ConfigError {
+    /// The VM's kind.
+    pub kind: VmKind,
+    /// The SEV features asked for.
+    pub sev_features: u64,
+    /// Whether launch VMSAs carry the FPU state (`KVM_SEV_INIT2`) or not (`KVM_SEV_ES_INIT`).
+    pub sync_fpu: bool,
+    /// The rule broken.
+    pub rule: &'static str,
 }
 
 /// Why an intra-host migration was refused (KVM's `sev_vm_move_enc_context_from` rules).
@@ -79,6 +94,9 @@ pub enum MigrationError {
         /// The destination's kind.
         kind: VmKind,
     },
+    /// The source has no encryption context to give (KVM: `!sev_guest(source_kvm)`).
+    #[error("the source is not a confidential VM; it has no encryption context to move")]
+    SourceNotConfidential,
     /// SNP guests cannot migrate (KVM: "until additional state transfer is implemented").
     #[error("the source is an SEV-SNP VM; only SEV-ES guests can migrate within a host")]
     SourceIsSnp,
@@ -224,6 +242,9 @@ pub enum Error<E: core::error::Error + Send + Sync + 'static> {
         /// The rule.
         rule: &'static str,
     },
+    /// The VM's configuration is one KVM refuses at init.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// Intra-host migration refused.
     #[error("intra-host migration refused: {0}")]
     Migration(#[from] MigrationError),

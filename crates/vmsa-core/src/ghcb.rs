@@ -148,6 +148,14 @@ impl ApCreationRequest {
 /// `sw_exit_info_2 =` [`ApCreationError::ghcb_error`]; the target vCPU is left unchanged.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ApCreationError {
+    /// The VM runs no guest: its launch has not finished, or it is bugged or dead. A VMGEXIT
+    /// only comes from a launched, running guest (KVM reaches `sev_snp_ap_creation` from
+    /// `sev_handle_vmgexit` inside KVM_RUN, which a bugged or dead VM refuses).
+    #[error("no guest runs in this VM ({why}), so no vCPU can ask for AP creation")]
+    NotRunning {
+        /// Why nothing runs.
+        why: &'static str,
+    },
     /// AP creation exists only for SEV-SNP guests.
     #[error("AP creation is an SEV-SNP event; this is an {kind} guest")]
     NotSnp {

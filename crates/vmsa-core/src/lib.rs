@@ -73,16 +73,16 @@ mod tests;
 pub use addr::{
     Asid, Gfn, Gpa, Hpa, INITIAL_VMSA_GPA, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PTRS_PER_PMD, PageLevel, Pfn,
 };
-pub use error::{Error, LaunchState, MigrationError, PlatformOp};
+pub use error::{ConfigError, Error, LaunchState, MigrationError, PlatformOp};
 pub use event::{Event, EventLog, EventSink, History, LeakReason, NullSink, Transition, histories};
 pub use ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest, ValidApRequest};
 pub use layout::{SevEsSaveArea, VmcbSeg};
-pub use platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
+pub use platform::{DbgDecryptFailure, HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
 pub use status::SevStatus;
 pub use vm::{
-    ApCreated, Entry, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, Teardown, VcpuInfo, Vm,
-    VmConfig,
+    ApCreated, Entry, KVM_SNP_POLICY_MASK_VALID, SEV_POLICY_NODBG, SNP_ONLY_VMSA_FEATURES, SNP_POLICY_DEBUG,
+    SNP_POLICY_RSVD_MBO, SUPPORTED_VMSA_FEATURES, Teardown, VcpuInfo, Vm, VmConfig,
 };
 
 /// The README's embedding example is compiled as a doctest so it cannot drift from the API.

@@ -84,6 +84,25 @@ pub enum LaunchFinish {
     },
 }
 
+/// A failed debug decrypt ([`Platform::dbg_decrypt_vmsa`]).
+///
+/// SNP's `sev_decrypt_vmsa` has the firmware write into a firmware-owned destination page and
+/// reclaims that page whatever the outcome; if the reclaim fails (`snp_page_reclaim`), the page
+/// is leaked and the VM is bugged (`KVM_BUG`). `leaked` names that page.
+#[derive(Debug)]
+pub struct DbgDecryptFailure<E> {
+    /// The error.
+    pub source: E,
+    /// The destination page the backend had to leak, if any.
+    pub leaked: Option<Pfn>,
+}
+
+impl<E> From<E> for DbgDecryptFailure<E> {
+    fn from(source: E) -> Self {
+        Self { source, leaked: None }
+    }
+}
+
 /// What a backend supplies to vmsa-core: page allocation, host access to frames, RMP updates,
 /// SEV firmware commands, cache flushes and the guest_memfd lookup.
 ///
@@ -127,6 +146,13 @@ pub trait Platform {
     /// Flush the cache lines of a page cached under `asid`'s key (`VM_PAGE_FLUSH`, or CLFLUSH on
     /// SME-coherent parts) before the page changes hands.
     fn flush_encrypted_page(&self, pfn: Pfn, asid: Asid) -> Result<(), Self::Error>;
+    /// Flush a host page's cache lines (`clflush_cache_range`) before the firmware encrypts it
+    /// in place (SEV-ES `LAUNCH_UPDATE_VMSA`): lines written through the host mapping must not
+    /// be written back over the ciphertext. The default does nothing, which is right only on a
+    /// host whose caches are coherent across keys.
+    fn clflush_page(&self, pfn: Pfn) {
+        let _ = pfn;
+    }
     /// Write back and invalidate all caches (`WBNOINVD`/`WBINVD`): the fallback when a page flush
     /// fails.
     fn writeback_caches(&self);
@@ -135,10 +161,23 @@ pub trait Platform {
     /// when no memslot or no guest_memfd backs it.
     fn gmem_pfn(&self, gfn: Gfn) -> Option<Pfn>;
 
+    /// The SNP guest policy bits the firmware supports (`sev_get_snp_policy_bits`, from
+    /// SNP_PLATFORM_STATUS). vmsa-core accepts a policy bit only if both KVM
+    /// ([`KVM_SNP_POLICY_MASK_VALID`](crate::KVM_SNP_POLICY_MASK_VALID)) and this allow it.
+    /// The default claims every bit, leaving KVM's mask alone.
+    fn snp_policy_bits(&self) -> u64 {
+        u64::MAX
+    }
+
     /// Start the guest's launch.
     fn launch_start(&self, start: &LaunchStart) -> Result<(), Self::Error>;
-    /// SEV-ES `LAUNCH_UPDATE_DATA` of one 4 KiB guest page: measure and encrypt it in place.
-    fn launch_update_data(&self, pfn: Pfn) -> Result<(), Self::Error>;
+    /// SEV-ES `LAUNCH_UPDATE_DATA` of the guest memory `[gpa, gpa + len)` (KVM's
+    /// `sev_launch_update_data`). SEV-ES VMs have no guest_memfd: the backend finds the memory
+    /// that backs the range (KVM pins the VMM's memory, of any alignment and length), writes
+    /// `data` there if given, flushes it and has the firmware measure and encrypt it in place.
+    /// vmsa-core has checked that `len` is not zero, that the range stays below 2^64 and that
+    /// `data`, if given, holds `len` bytes.
+    fn launch_update_data(&self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Result<(), Self::Error>;
     /// SEV-ES `LAUNCH_UPDATE_VMSA` of one page: measure and encrypt it in place.
     fn launch_update_vmsa(&self, pfn: Pfn) -> Result<(), Self::Error>;
     /// `SNP_LAUNCH_UPDATE` of one 4 KiB page that is already in the pre-guest RMP state.
@@ -148,8 +187,10 @@ pub trait Platform {
     /// `SNP_PAGE_RECLAIM`: return a firmware-held (immutable) page to a state the hypervisor can
     /// `RMPUPDATE` again.
     fn page_reclaim(&self, pfn: Pfn) -> Result<(), Self::Error>;
-    /// Decrypt a protected VMSA for debugging (`SNP_DBG_DECRYPT` / `DBG_DECRYPT`).
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), Self::Error>;
+    /// Decrypt a protected VMSA for debugging (`SNP_DBG_DECRYPT` / `DBG_DECRYPT`). For SNP the
+    /// firmware's destination page is reclaimed afterwards; a backend that cannot reclaim it
+    /// leaks it and reports it in [`DbgDecryptFailure::leaked`] (vmsa-core then bugs the VM).
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<Self::Error>>;
 }
 
 #[cfg(test)]

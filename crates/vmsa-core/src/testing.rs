@@ -17,7 +17,9 @@ use alloc::vec::Vec;
 use crate::sync::{Guard, Lock, lock};
 
 use crate::addr::{Asid, Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
-use crate::platform::{HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
+use crate::platform::{
+    DbgDecryptFailure, HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType,
+};
 
 /// A page handed out by [`TestPlatform`].
 #[derive(Debug, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub enum Call {
     RmpMakeShared,
     /// `flush_encrypted_page`.
     FlushEncryptedPage,
+    /// `clflush_page`.
+    ClflushPage,
     /// `launch_start`.
     LaunchStart,
     /// `launch_update_data`.
@@ -58,6 +62,9 @@ pub enum Call {
     PageReclaim,
     /// `dbg_decrypt_vmsa`.
     DbgDecrypt,
+    /// The reclaim of the firmware destination page after `dbg_decrypt_vmsa` (SNP's
+    /// `snp_page_reclaim` in `sev_decrypt_vmsa`); a failure leaks that page.
+    DbgDecryptReclaim,
 }
 
 /// An error of [`TestPlatform`].
@@ -92,6 +99,9 @@ pub enum Violation {
     ReleasedTwice(Pfn),
     /// The host wrote a frame that is assigned in the RMP (an RMP #PF on real hardware).
     HostWriteToAssigned(Pfn),
+    /// The firmware encrypted a page in place while the host's writes to it may still sit in
+    /// the cache (no `clflush_page` since the last host write).
+    UnflushedInPlaceEncryption(Pfn),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,6 +128,7 @@ struct Inner {
     violations: Vec<Violation>,
     measured: Vec<(Pfn, u8)>,
     encrypted: BTreeSet<Pfn>,
+    clflushed: BTreeSet<Pfn>,
     flushes: u64,
     writebacks: u64,
     started: bool,
@@ -312,6 +323,7 @@ impl Platform for TestPlatform {
             });
         }
         g.frames.insert(pfn, Box::new(*data));
+        g.clflushed.remove(&pfn);
         Ok(())
     }
 
@@ -377,6 +389,12 @@ impl Platform for TestPlatform {
         Ok(())
     }
 
+    fn clflush_page(&self, pfn: Pfn) {
+        let mut g = self.lock();
+        *g.calls.entry(Call::ClflushPage).or_insert(0) += 1;
+        g.clflushed.insert(pfn);
+    }
+
     fn writeback_caches(&self) {
         self.lock().writebacks += 1;
     }
@@ -391,15 +409,42 @@ impl Platform for TestPlatform {
         Ok(())
     }
 
-    fn launch_update_data(&self, pfn: Pfn) -> Result<(), TestError> {
+    /// Guest memory is what [`TestPlatform::map_gmem`] backs (for SEV-ES it stands for the
+    /// VMM's memory); each page the range touches is written and measured.
+    fn launch_update_data(&self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Result<(), TestError> {
         let mut g = self.enter(Call::LaunchUpdateData)?;
-        g.measured.push((pfn, SnpPageType::Normal as u8));
-        g.encrypted.insert(pfn);
+        let mut done = 0;
+        while done < len {
+            let at = Gpa(gpa.0 + done);
+            let off = at.0 % PAGE_SIZE;
+            let n = (PAGE_SIZE - off).min(len - done);
+            let Some(pfn) = g.gmem.get(&at.gfn()).copied() else {
+                return Err(TestError::Rule {
+                    call: Call::LaunchUpdateData,
+                    pfn: Pfn(at.gfn().0),
+                    rule: "no guest memory backs the range",
+                });
+            };
+            if let Some(d) = data {
+                let frame = g
+                    .frames
+                    .entry(pfn)
+                    .or_insert_with(|| Box::new([0; PAGE_SIZE as usize]));
+                frame[off as usize..(off + n) as usize]
+                    .copy_from_slice(&d[done as usize..(done + n) as usize]);
+            }
+            g.measured.push((pfn, SnpPageType::Normal as u8));
+            g.encrypted.insert(pfn);
+            done += n;
+        }
         Ok(())
     }
 
     fn launch_update_vmsa(&self, pfn: Pfn) -> Result<(), TestError> {
         let mut g = self.enter(Call::LaunchUpdateVmsa)?;
+        if !g.clflushed.contains(&pfn) {
+            g.violations.push(Violation::UnflushedInPlaceEncryption(pfn));
+        }
         g.measured.push((pfn, SnpPageType::Vmsa as u8));
         g.encrypted.insert(pfn);
         Ok(())
@@ -443,11 +488,24 @@ impl Platform for TestPlatform {
         Ok(())
     }
 
-    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), TestError> {
+    fn dbg_decrypt_vmsa(&self, pa: Hpa, out: &mut PageBuf) -> Result<(), DbgDecryptFailure<TestError>> {
         let g = self.enter(Call::DbgDecrypt)?;
         match g.frames.get(&pa.pfn()) {
             Some(f) => out.copy_from_slice(&f[..]),
             None => out.fill(0),
+        }
+        drop(g);
+        if let Err(source) = self.enter(Call::DbgDecryptReclaim) {
+            // The destination page stays firmware-owned: out of circulation for good.
+            let mut g = self.lock();
+            g.next_pfn += 1;
+            let pfn = Pfn(g.next_pfn - 1);
+            g.leaked.push(pfn);
+            out.fill(0);
+            return Err(DbgDecryptFailure {
+                source,
+                leaked: Some(pfn),
+            });
         }
         Ok(())
     }

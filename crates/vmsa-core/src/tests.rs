@@ -343,7 +343,7 @@ fn launch_commands_are_ordered() {
 }
 
 #[test]
-fn launch_start_failure_fails_the_launch() {
+fn launch_start_failure_leaves_the_launch_startable() {
     let (mut vm, _) = snp_vm(1);
     vm.platform().fail_next(Call::LaunchStart);
     assert!(matches!(
@@ -353,14 +353,9 @@ fn launch_start_failure_fails_the_launch() {
             ..
         })
     ));
-    assert_eq!(vm.launch_state(), LaunchState::Failed);
-    assert!(matches!(
-        vm.launch_start(SNP_POLICY),
-        Err(Error::Launch {
-            state: LaunchState::Failed,
-            ..
-        })
-    ));
+    // snp_launch_start decommissions the context it created: a new start may follow.
+    assert_eq!(vm.launch_state(), LaunchState::NotStarted);
+    vm.launch_start(SNP_POLICY).unwrap();
 }
 
 #[test]
@@ -480,7 +475,7 @@ fn sev_es_launch_encrypts_without_touching_the_rmp() {
 }
 
 #[test]
-fn sev_es_launch_failure_frees_the_vmsa_and_clears_the_vmcb() {
+fn sev_es_launch_failure_after_a_protected_vcpu_keeps_the_vmsa_and_fails_the_launch() {
     let (mut vm, log) = vm_with(VmConfig::sev_es(0), 3, TestPlatform::default());
     vm.platform().fail_nth(Call::LaunchUpdateVmsa, 2);
     vm.launch_start(1 << 2).unwrap();
@@ -496,16 +491,19 @@ fn sev_es_launch_failure_frees_the_vmsa_and_clears_the_vmcb() {
     ));
     let infos = vm.vcpus();
     assert!(infos[0].protected);
+    // __sev_launch_update_vmsa keeps the refused VMSA: shared, unprotected, still in the VMCB.
     assert_eq!(
-        (infos[1].state.clone(), infos[1].vmcb_vmsa_pa),
-        (VmsaState::None, None)
+        (infos[1].state.clone(), infos[1].vmcb_vmsa_pa, infos[1].protected),
+        (VmsaState::KvmShared(victim), Some(victim.hpa()), false)
     );
     assert!(matches!(infos[2].state, VmsaState::KvmShared(_)));
-    assert!(vm.platform().freed_pages().contains(&victim));
-    assert!(log.snapshot().contains(&Event::VmcbVmsaPa {
-        vcpu: VcpuId(1),
-        pa: None
-    }));
+    assert!(vm.platform().freed_pages().is_empty());
+    assert!(transitions(&log, VcpuId(1)).contains(&(
+        Op::LaunchUpdate,
+        StateKind::KvmPrivate,
+        StateKind::KvmShared
+    )));
+    // vCPU 0 is protected: the launch cannot be retried.
     assert!(matches!(
         vm.launch_update_vmsas(),
         Err(Error::Launch {
@@ -591,7 +589,8 @@ fn bad_data_updates_name_the_rule() {
         .launch_update_data(Gpa(0x1000), 4096, SnpPageType::Normal, Some(&page))
         .unwrap_err();
     assert!(matches!(err, Error::NoGuestMemory { gpa: Gpa(0x1000) }));
-    assert_eq!(vm.launch_state(), LaunchState::Failed);
+    // Nothing changed (no vCPU protected, no VMSA freed): the launch can go on.
+    assert_eq!(vm.launch_state(), LaunchState::Started);
 }
 
 #[test]
@@ -896,7 +895,7 @@ fn refused_requests_leave_the_target_unchanged() {
 
 #[test]
 fn sev_es_guests_cannot_create_aps() {
-    let (vm, _) = vm_with(VmConfig::sev_es(0), 2, TestPlatform::default());
+    let (vm, _) = launched_es(2);
     let e = vm
         .ap_creation(&ApCreationRequest::new(BSP, ghcb::AP_CREATE, 1, 0x3000, Some(0)))
         .unwrap_err();
@@ -937,13 +936,8 @@ fn replaced_guest_memory_is_re_resolved_at_the_next_entry() {
     vm.platform().unmap_gmem(Gfn(0x61));
     assert_eq!(vm.gmem_invalidate(Gfn(0x60), Gfn(0x62)), vec![VcpuId(1)]);
     assert_eq!(vm.vcpu(VcpuId(1)).unwrap().vmcb_vmsa_pa, None);
-    assert!(matches!(
-        vm.prepare_entry(VcpuId(1)),
-        Err(Error::InvalidVmsa { .. })
-    ));
-    // New memory at the same GPA: the next entry finds it.
+    // New memory at the same GPA before the next entry: the entry finds it.
     let fresh = vm.platform().map_gmem(Gfn(0x61));
-    vm.gmem_invalidate(Gfn(0x61), Gfn(0x62));
     assert_eq!(vm.prepare_entry(VcpuId(1)).unwrap(), Entry::Run(fresh.hpa()));
     assert!(transitions(&log, VcpuId(1)).contains(&(
         Op::Reload,
@@ -1070,6 +1064,293 @@ fn migration_refusals_move_nothing() {
         }))
     ));
     assert!(es.vcpus().iter().all(|v| v.protected), "nothing moved");
+}
+
+/// space is refused before any page is touched, instead of wrapping to GPA 0.
+#[test]
+fn launch_update_range_past_the_top_of_the_address_space_is_refused() {
+    let (mut vm, _) = snp_vm(1);
+    let top = Gpa(!(PAGE_SIZE - 1));
+    vm.platform().map_gmem(top.gfn());
+    vm.platform().map_gmem(Gfn(0));
+    vm.launch_start(SNP_POLICY).unwrap();
+    let data = vec![0u8; 0x2000];
+    let err = vm
+        .launch_update_data(top, 0x2000, SnpPageType::Normal, Some(&data))
+        .unwrap_err();
+    assert!(err.to_string().contains("address space"), "{err}");
+    assert!(vm.platform().measured().is_empty(), "no page measured");
+    // The last page itself is a valid range.
+    vm.launch_update_data(top, 0x1000, SnpPageType::Normal, Some(&data[..0x1000]))
+        .unwrap();
+}
+
+/// `sev_vm_move_enc_context_from`: -EINVAL when the source is not an SEV guest.
+#[test]
+fn migration_refuses_a_source_that_is_not_confidential() {
+    let log = Arc::new(EventLog::new());
+    let mut src = target(0, &log);
+    let mut dst = target(0, &log);
+    let err = dst.migrate_from(&mut src).unwrap_err();
+    assert!(err.to_string().contains("not a confidential"), "{err}");
+    // Nothing moved: the destination can still receive a real context.
+    let (mut es, _) = launched_es(1);
+    let mut dst = target(1, &log);
+    dst.migrate_from(&mut es).unwrap();
+}
+
+/// `sev_handle_vmgexit`); a bugged or dead VM runs nothing.
+#[test]
+fn ap_creation_needs_a_launched_usable_vm() {
+    let (mut vm, _) = snp_vm(2);
+    vm.platform().map_gmem(Gfn(0x61));
+    assert!(vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).is_err());
+    let v1 = vm.vcpu(VcpuId(1)).unwrap();
+    assert_eq!(v1.pending_gpa, None, "the target is unchanged");
+    vm.launch_start(SNP_POLICY).unwrap();
+    assert!(vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).is_err());
+    vm.launch_finish([0; 32]).unwrap();
+    assert_eq!(vm.vcpu(VcpuId(1)).unwrap().pending_gpa, None);
+    vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).unwrap();
+
+    let (vm, _) = launched_snp(2, SNP_POLICY);
+    vm.platform().fail_next(Call::RmpMakeShared);
+    vm.free_vcpu_vmsa(BSP).unwrap();
+    assert!(vm.is_bugged());
+    assert!(vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).is_err());
+    assert_eq!(vm.vcpu(VcpuId(1)).unwrap().pending_gpa, None);
+}
+
+/// changed nothing leaves the launch where it was, and a retry succeeds.
+#[test]
+fn a_launch_error_without_side_effects_leaves_the_launch_retryable() {
+    let (mut vm, _) = snp_vm(2);
+    vm.platform().fail_next(Call::LaunchStart);
+    vm.launch_start(SNP_POLICY).unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::NotStarted);
+    vm.launch_start(SNP_POLICY).unwrap();
+    // A debug refusal (sev_es_sync_vmsa) of the first vCPU.
+    vm.set_guest_debug(BSP, true).unwrap();
+    assert!(matches!(vm.launch_finish([0; 32]), Err(Error::GuestDebug { .. })));
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    vm.set_guest_debug(BSP, false).unwrap();
+    // An RMPUPDATE failure that left the first VMSA shared.
+    vm.platform().fail_next(Call::RmpMakePrivate);
+    vm.launch_finish([0; 32]).unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    // A data page without guest memory.
+    vm.launch_update_data(Gpa(0x1000), 4096, SnpPageType::Normal, Some(&[0; 4096]))
+        .unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    vm.launch_finish([0; 32]).unwrap();
+    assert!(vm.vcpus().iter().all(|v| v.protected));
+    // Once a vCPU is protected, a failure is for good.
+    let (mut vm, _) = snp_vm(2);
+    vm.launch_start(SNP_POLICY).unwrap();
+    vm.set_guest_debug(VcpuId(1), true).unwrap();
+    vm.launch_finish([0; 32]).unwrap_err();
+    assert_eq!(vm.launch_state(), LaunchState::Failed);
+}
+
+/// succeeds, so a later invalidation does not revive a VMSA whose re-resolve failed.
+#[test]
+fn a_failed_reload_drops_the_guest_vmsa_gpa() {
+    let (vm, log) = launched_snp(2, SNP_POLICY);
+    vm.platform().map_gmem(Gfn(0x61));
+    vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x61_000)).unwrap();
+    vm.prepare_entry(VcpuId(1)).unwrap();
+    vm.platform().unmap_gmem(Gfn(0x61));
+    vm.gmem_invalidate(Gfn(0x61), Gfn(0x62));
+    assert!(matches!(
+        vm.prepare_entry(VcpuId(1)),
+        Err(Error::InvalidVmsa { .. })
+    ));
+    assert_eq!(vm.vcpu(VcpuId(1)).unwrap().state, VmsaState::None);
+    assert!(transitions(&log, VcpuId(1)).contains(&(Op::Reload, StateKind::GuestOwned, StateKind::None)));
+    vm.platform().map_gmem(Gfn(0x61));
+    assert!(vm.gmem_invalidate(Gfn(0x61), Gfn(0x62)).is_empty());
+    assert!(matches!(
+        vm.prepare_entry(VcpuId(1)),
+        Err(Error::InvalidVmsa { .. })
+    ));
+}
+
+/// bits 26 and up; the supported bits are also limited to what the firmware reports).
+#[test]
+fn snp_policy_bits_outside_the_supported_mask_are_refused() {
+    for bad in [1u64 << 18, 1 << 26, 1 << 63] {
+        let (mut vm, _) = snp_vm(1);
+        let err = vm.launch_start(SNP_POLICY | bad).unwrap_err();
+        assert!(matches!(err, Error::BadPolicy { .. }), "{bad:#x}: {err}");
+        assert_eq!(vm.platform().calls(Call::LaunchStart), 0);
+        assert_eq!(vm.launch_state(), LaunchState::NotStarted);
+    }
+    let (mut vm, _) = snp_vm(1);
+    vm.launch_start(SNP_POLICY | SNP_POLICY_DEBUG | (1 << 16) | (1 << 25) | 0xffff)
+        .unwrap();
+}
+
+/// come only from `KVM_SEV_INIT2`, which syncs the FPU.
+#[test]
+fn vm_config_is_validated_as_sev_guest_init_does() {
+    use layout::{SEV_FEAT_DEBUG_SWAP, SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE};
+    let bad = [
+        VmConfig::sev_es(SEV_FEAT_SNP_ACTIVE | SEV_FEAT_SECURE_TSC),
+        VmConfig::sev_es(SEV_FEAT_SECURE_TSC),
+        VmConfig::sev_es(1 << 40),
+        VmConfig::snp(layout::SEV_FEAT_RESTRICTED_INJECTION),
+        VmConfig {
+            sync_fpu: false,
+            ..VmConfig::sev_es(SEV_FEAT_DEBUG_SWAP)
+        },
+        VmConfig {
+            sync_fpu: false,
+            ..VmConfig::snp(0)
+        },
+    ];
+    for config in bad {
+        let mut vm = Vm::without_events(TestPlatform::default(), config);
+        assert!(vm.create_vcpu(BSP).is_err(), "{config:?}");
+        assert!(vm.launch_start(SNP_POLICY | (1 << 2)).is_err(), "{config:?}");
+        assert_eq!(vm.platform().calls(Call::AllocPage), 0);
+        assert_eq!(vm.platform().calls(Call::LaunchStart), 0);
+    }
+    let good = [
+        VmConfig::sev_es(SEV_FEAT_DEBUG_SWAP),
+        VmConfig::snp(SEV_FEAT_DEBUG_SWAP | SEV_FEAT_SECURE_TSC),
+        VmConfig {
+            sync_fpu: false,
+            ..VmConfig::sev_es(0)
+        },
+    ];
+    for config in good {
+        let mut vm = Vm::without_events(TestPlatform::default(), config);
+        vm.create_vcpu(BSP).unwrap();
+    }
+}
+
+/// `__sev_launch_update_vmsa`: LAUNCH_UPDATE_VMSA encrypts the page in place, so KVM flushes
+/// it (`clflush_cache_range`) after syncing the registers into it. SNP's
+/// `snp_launch_update_vmsa` does not.
+#[test]
+fn sev_es_launch_flushes_the_vmsa_before_the_firmware_encrypts_it() {
+    let (mut vm, _) = vm_with(VmConfig::sev_es(0), 2, TestPlatform::default());
+    vm.launch_start(1 << 2).unwrap();
+    vm.launch_update_vmsas().unwrap();
+    assert_eq!(vm.platform().calls(Call::ClflushPage), 2);
+    assert!(
+        vm.platform().violations().is_empty(),
+        "{:?}",
+        vm.platform().violations()
+    );
+    let (vm, _) = launched_snp(2, SNP_POLICY);
+    assert_eq!(vm.platform().calls(Call::ClflushPage), 0);
+}
+
+/// `sev_decrypt_vmsa`: SNP reclaims the firmware destination page whatever the outcome; if
+/// `snp_page_reclaim` fails the page is leaked and the VM bugged (`KVM_BUG`).
+#[test]
+fn snp_debug_decrypt_leaks_an_unreclaimable_destination_page_and_bugs_the_vm() {
+    let (vm, log) = launched_snp(1, SNP_POLICY | SNP_POLICY_DEBUG);
+    vm.platform().fail_next(Call::DbgDecryptReclaim);
+    let err = vm.decrypt_vmsa(BSP).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Platform {
+                op: PlatformOp::DbgDecrypt,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let leaked = vm.platform().leaked_pages();
+    assert_eq!(leaked.len(), 1);
+    assert!(matches!(
+        &log.leaks()[..],
+        [Event::Leaked { vcpu: Some(BSP), pfn, reason: LeakReason::ReclaimFailed, .. }] if *pfn == leaked[0]
+    ));
+    assert!(vm.is_bugged());
+    assert!(matches!(vm.prepare_entry(BSP), Err(Error::VmBugged { .. })));
+}
+
+/// INVALID_PAGE: both are reported as VMCB-address events.
+#[test]
+fn migration_reports_the_moved_vmcb_vmsa_addresses() {
+    let (mut src, log) = launched_es(1);
+    let pa = src.vcpu(BSP).unwrap().vmcb_vmsa_pa;
+    assert!(pa.is_some());
+    let mut dst = target(1, &log);
+    let before = log.snapshot().len();
+    dst.migrate_from(&mut src).unwrap();
+    let after = log.snapshot().split_off(before);
+    let vmcb: Vec<_> = after
+        .iter()
+        .filter(|e| matches!(e, Event::VmcbVmsaPa { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(
+        vmcb,
+        vec![
+            Event::VmcbVmsaPa { vcpu: BSP, pa: None },
+            Event::VmcbVmsaPa { vcpu: BSP, pa },
+        ]
+    );
+    // The policy moves with the context (KVM leaves the destination's `sev->policy` at 0; see
+    // `Vm::migrate_from`).
+    assert_eq!(dst.policy(), 1 << 2);
+}
+
+/// `sev_launch_update_data`: SEV-ES guests have no guest_memfd; KVM pins the VMM's memory of
+/// any alignment and length (`sev_pin_memory` refuses only a zero or wrapping length) and the
+/// firmware encrypts it in place, so a 176-byte table at an unaligned address is measured.
+#[test]
+fn sev_es_launch_update_data_takes_any_alignment_and_length() {
+    let (mut vm, _) = vm_with(VmConfig::sev_es(0), 1, TestPlatform::default());
+    let p1 = vm.platform().map_gmem(Gfn(1));
+    let p2 = vm.platform().map_gmem(Gfn(2));
+    vm.launch_start(1 << 2).unwrap();
+    let table: Vec<u8> = (0..176u8).collect();
+    vm.launch_update_data(Gpa(0x1c10), 176, SnpPageType::Normal, Some(&table))
+        .unwrap();
+    assert_eq!(&vm.platform().frame(p1)[0xc10..0xc10 + 176], &table[..]);
+    // A range crossing a page boundary, at no alignment.
+    vm.launch_update_data(Gpa(0x1ff8), 0x10, SnpPageType::Normal, Some(&[9; 0x10]))
+        .unwrap();
+    assert_eq!(vm.platform().frame(p2)[..8], [9; 8]);
+    assert_eq!(vm.platform().measured(), vec![(p1, 1), (p1, 1), (p2, 1)]);
+    assert_eq!(vm.platform().calls(Call::LaunchUpdateData), 2);
+    // Only an empty or wrapping range is refused, before the firmware is asked.
+    for (gpa, len) in [(Gpa(0x1000), 0), (Gpa(u64::MAX - 7), 16)] {
+        let err = vm
+            .launch_update_data(gpa, len, SnpPageType::Normal, Some(&vec![0; len as usize]))
+            .unwrap_err();
+        assert!(matches!(err, Error::BadLaunchUpdate { .. }), "{err}");
+    }
+    assert_eq!(vm.platform().calls(Call::LaunchUpdateData), 2);
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+}
+
+/// `__sev_launch_update_vmsa`: when the firmware refuses LAUNCH_UPDATE_VMSA, KVM returns the
+/// error with the VMSA still allocated and the vCPU unprotected, so the same command works
+/// again while no vCPU is protected.
+#[test]
+fn sev_es_launch_update_vmsa_refusal_keeps_the_vmsa_and_the_launch_retryable() {
+    let (mut vm, _) = vm_with(VmConfig::sev_es(0), 2, TestPlatform::default());
+    vm.platform().fail_nth(Call::LaunchUpdateVmsa, 1);
+    vm.launch_start(1 << 2).unwrap();
+    let page = host_pfn(&vm, BSP);
+    vm.launch_update_vmsas().unwrap_err();
+    let v0 = vm.vcpu(BSP).unwrap();
+    assert_eq!(
+        (v0.state, v0.protected, v0.vmcb_vmsa_pa),
+        (VmsaState::KvmShared(page), false, Some(page.hpa()))
+    );
+    assert!(vm.platform().freed_pages().is_empty());
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    vm.launch_update_vmsas().unwrap();
+    assert!(vm.vcpus().iter().all(|v| v.protected));
+    assert_eq!(host_pfn(&vm, BSP), page);
 }
 
 // ---- concurrency ---------------------------------------------------------------------------

@@ -234,6 +234,21 @@ impl<P: Platform> Cx<'_, P> {
         Ok(pfn)
     }
 
+    /// The firmware refused an SEV-ES `LAUNCH_UPDATE_VMSA`: `KvmPrivate` → `KvmShared`, a
+    /// state change only (SEV-ES has no RMP). As in `__sev_launch_update_vmsa`, the page stays
+    /// the vCPU's VMSA and a retried launch syncs it again.
+    pub fn refused(&self, v: &mut Vcpu<P::Page>) {
+        if self.kind != VmKind::SevEs {
+            return;
+        }
+        let from = v.state.snapshot();
+        v.state = match core::mem::take(&mut v.state) {
+            VmsaState::KvmPrivate(page) => VmsaState::KvmShared(page),
+            other => other,
+        };
+        self.transition(v, Op::LaunchUpdate, from);
+    }
+
     /// `sev_es_free_kvm_vmsa`: release the host VMSA, whatever the state, ending in `None` with
     /// the VMCB cleared. A private page is made shared (SNP), flushed if the guest state was
     /// protected, then freed; if making it shared fails it is leaked on purpose and reported.
@@ -356,12 +371,17 @@ impl<P: Platform> Cx<'_, P> {
     }
 
     /// `sev_snp_reload_vmsa`: re-resolve an installed guest VMSA after its guest_memfd backing
-    /// changed.
+    /// changed. As `__sev_snp_reload_vmsa`, the guest VMSA GPA is dropped (INVALID_PAGE) and
+    /// only restored once `kvm_gmem_get_pfn` finds a page: if none backs it, the vCPU is left
+    /// with no VMSA, so a later invalidation of that range does not revive it.
     pub fn reload(&self, v: &mut Vcpu<P::Page>) {
         v.reload_requested = false;
         if let VmsaState::GuestOwned(gpa) = v.state {
             let pa = self.resolve_pa(v);
             self.set_vmcb_pa(v, pa);
+            if pa.is_none() {
+                v.state = VmsaState::None;
+            }
             self.transition(v, Op::Reload, VmsaState::GuestOwned(gpa));
         }
     }

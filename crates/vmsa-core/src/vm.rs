@@ -16,10 +16,10 @@ use alloc::vec::Vec;
 use crate::sync::{Guard, Lock, get_mut, into_inner, lock};
 
 use crate::addr::{Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
-use crate::error::{Error, LaunchState, MigrationError, PlatformOp};
+use crate::error::{ConfigError, Error, LaunchState, MigrationError, PlatformOp};
 use crate::event::{Event, EventSink, LeakReason, NullSink};
 use crate::ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest};
-use crate::layout::{SEV_FEAT_SNP_ACTIVE, SevEsSaveArea};
+use crate::layout::{SEV_FEAT_DEBUG_SWAP, SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE, SevEsSaveArea};
 use crate::platform::{LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 use crate::state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
 use crate::vcpu::{Cx, Leak, Vcpu};
@@ -30,8 +30,26 @@ pub const SEV_POLICY_NODBG: u64 = 1 << 0;
 pub const SNP_POLICY_DEBUG: u64 = 1 << 19;
 /// SNP policy bit 17: reserved, must be one.
 pub const SNP_POLICY_RSVD_MBO: u64 = 1 << 17;
+/// The SNP policy bits KVM accepts (`KVM_SNP_POLICY_MASK_VALID`): ABI minor and major (bits
+/// 0-15), SMT (16), reserved-MBO (17), DEBUG (19), SINGLE_SOCKET (20), CXL_ALLOW (21),
+/// MEM_AES_256_XTS (22), RAPL_DIS (23), CIPHERTEXT_HIDING_DRAM (24), PAGE_SWAP_DISABLE (25).
+/// Bit 18 (MIGRATE_MA) and bits 26 and up are refused; `sev_hardware_setup` further limits
+/// them to what the firmware reports ([`Platform::snp_policy_bits`]).
+pub const KVM_SNP_POLICY_MASK_VALID: u64 = 0xffff | (1 << 16) | (1 << 17) | (0x7f << 19);
+
+/// The SEV features KVM can support (`sev_supported_vmsa_features`, filled by
+/// `sev_hardware_setup`): DebugSwap, and Secure TSC for SNP guests. `SNP_ACTIVE` is accepted
+/// for SNP guests (KVM adds it itself).
+pub const SUPPORTED_VMSA_FEATURES: u64 = SEV_FEAT_DEBUG_SWAP | SEV_FEAT_SECURE_TSC;
+
+/// The SEV features only an SNP guest may have (`SVM_SEV_FEAT_SNP_ONLY_MASK`).
+pub const SNP_ONLY_VMSA_FEATURES: u64 = SEV_FEAT_SNP_ACTIVE | SEV_FEAT_SECURE_TSC;
 
 /// How a VM is configured, fixed at creation (KVM's `KVM_SEV_INIT2` parameters).
+///
+/// [`VmConfig::new`] validates a configuration as `__sev_guest_init` does; a configuration
+/// built otherwise is validated when the VM first uses it ([`Vm::create_vcpu`],
+/// [`Vm::launch_start`]), which then fail with [`Error::Config`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     /// SEV-ES or SEV-SNP.
@@ -47,6 +65,51 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// A validated configuration (`__sev_guest_init`); see [`VmConfig::validate`].
+    pub fn new(
+        kind: VmKind,
+        sev_features: u64,
+        sync_fpu: bool,
+        max_phys_bits: u8,
+    ) -> Result<Self, ConfigError> {
+        let config = Self {
+            kind,
+            sev_features,
+            sync_fpu,
+            max_phys_bits,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks of `__sev_guest_init` (and `sev_guest_init` for legacy VMs), each -EINVAL in
+    /// KVM: features outside the supported set; `SNP_ACTIVE` or `SECURE_TSC` on an SEV-ES VM
+    /// (SNP-only); a legacy `KVM_SEV_ES_INIT` VM (no FPU sync) with any feature, since
+    /// `sev_guest_init` passes `vmsa_features = 0`; an SNP VM without FPU sync, since SNP VMs
+    /// exist only through `KVM_SEV_INIT2`, whose VMSAs carry the FPU state.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let rule = if self.sev_features & !(SUPPORTED_VMSA_FEATURES | SEV_FEAT_SNP_ACTIVE) != 0 {
+            Some("a feature is outside the supported set (DebugSwap, Secure TSC)")
+        } else if self.kind == VmKind::SevEs && self.sev_features & SNP_ONLY_VMSA_FEATURES != 0 {
+            Some("SNP_ACTIVE and SECURE_TSC are SEV-SNP features")
+        } else if !self.sync_fpu && self.kind == VmKind::Snp {
+            Some("SNP VMs are created with KVM_SEV_INIT2, whose VMSAs carry the FPU state")
+        } else if !self.sync_fpu && self.sev_features != 0 {
+            Some("a legacy KVM_SEV_ES_INIT VM (no FPU sync) has no SEV features")
+        } else {
+            None
+        };
+        match rule {
+            Some(rule) => Err(ConfigError {
+                kind: self.kind,
+                sev_features: self.sev_features,
+                sync_fpu: self.sync_fpu,
+                rule,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// An SEV-SNP VM with the given extra SEV features and a 48-bit guest physical space.
     pub fn snp(sev_features: u64) -> Self {
         Self {
@@ -244,6 +307,8 @@ impl<P: Platform> Vm<P> {
     /// is runnable, the others start uninitialized (they are APs).
     pub fn create_vcpu(&mut self, id: VcpuId) -> Res<VcpuInfo, P> {
         self.check_usable()?;
+        // __sev_guest_init runs before any vCPU exists.
+        self.config.validate()?;
         if self.index.contains_key(&id) {
             return Err(Error::VcpuExists(id));
         }
@@ -343,21 +408,46 @@ impl<P: Platform> Vm<P> {
         Ok(())
     }
 
-    /// Run one launch step; a failure makes the launch fail for good.
+    /// Run one launch step. A failure makes the launch fail for good only once it cannot be
+    /// retried: a vCPU is protected (`sev_es_sync_vmsa` refuses it again) or a VMSA was freed
+    /// or leaked. Otherwise the launch stays where it was, as in KVM, where `snp_launch_start`,
+    /// `sev_gmem_post_populate` and `snp_launch_update_vmsa` return an error that changed
+    /// nothing (a DR7/debug refusal, an RMPUPDATE that left the page shared, a reclaimed page)
+    /// and the same command can be issued again.
     fn launch_step<T>(&mut self, step: impl FnOnce(&mut Self) -> Res<T, P>) -> Res<T, P> {
         let r = step(self);
-        if r.is_err() {
+        if r.is_err() && !self.launch_retryable() {
             self.launch = LaunchState::Failed;
         }
         r
+    }
+
+    /// Whether no launch step has left a mark that makes a retry impossible.
+    fn launch_retryable(&self) -> bool {
+        !self.is_bugged()
+            && (0..self.vcpus.len()).all(|i| {
+                let v = self.lock(i);
+                !v.protected && !matches!(v.state, VmsaState::None)
+            })
     }
 
     /// Start the launch: `LAUNCH_START` (SEV-ES) or `SNP_GCTX_CREATE` + `SNP_LAUNCH_START` +
     /// `SNP_ACTIVATE` (SEV-SNP). An SNP policy must have bit 17 set (SNP ABI §4.3).
     pub fn launch_start(&mut self, policy: u64) -> Res<(), P> {
         self.require_launch("launch start", LaunchState::NotStarted)?;
+        self.config.validate()?;
         let start = match self.config.kind {
             VmKind::Snp => {
+                // snp_launch_start: -EINVAL for `policy & ~snp_supported_policy_bits`, where
+                // sev_hardware_setup sets snp_supported_policy_bits =
+                // sev_get_snp_policy_bits() & KVM_SNP_POLICY_MASK_VALID.
+                let supported = KVM_SNP_POLICY_MASK_VALID & self.platform.snp_policy_bits();
+                if policy & !supported != 0 {
+                    return Err(Error::BadPolicy {
+                        policy,
+                        rule: "an SNP policy bit is outside the supported mask (KVM_SNP_POLICY_MASK_VALID and the firmware's)",
+                    });
+                }
                 if policy & SNP_POLICY_RSVD_MBO == 0 {
                     return Err(Error::BadPolicy {
                         policy,
@@ -390,12 +480,15 @@ impl<P: Platform> Vm<P> {
         Ok(())
     }
 
-    /// Add guest pages to the launch: `LAUNCH_UPDATE_DATA` (SEV-ES, `Normal` only) or
-    /// `SNP_LAUNCH_UPDATE` of the given type (SEV-SNP; KVM's `sev_gmem_post_populate`: each
-    /// guest_memfd page is filled, made pre-guest with `RMPUPDATE`, then measured; a page the
-    /// firmware refuses is reclaimed, or leaked if that fails).
+    /// Add guest memory to the launch: `LAUNCH_UPDATE_DATA` (SEV-ES, `Normal` only; KVM's
+    /// `sev_launch_update_data`: any alignment and length, handed to the platform whole, since
+    /// SEV-ES VMs have no guest_memfd) or `SNP_LAUNCH_UPDATE` of the given type (SEV-SNP,
+    /// 4 KiB pages; KVM's `sev_gmem_post_populate`: each guest_memfd page is filled, made
+    /// pre-guest with `RMPUPDATE`, then measured; a page the firmware refuses is reclaimed, or
+    /// leaked if that fails).
     ///
-    /// `data` holds the contents (`len` bytes), except for `Zero` pages, which take none.
+    /// `data` holds the contents (`len` bytes), except for `Zero` pages, which take none. An
+    /// SEV-ES update may also omit it, to measure the guest memory as it is.
     pub fn launch_update_data(
         &mut self,
         gpa: Gpa,
@@ -404,6 +497,9 @@ impl<P: Platform> Vm<P> {
         data: Option<&[u8]>,
     ) -> Res<(), P> {
         self.require_launch("launch update", LaunchState::Started)?;
+        if self.config.kind == VmKind::SevEs {
+            return self.launch_update_es_data(gpa, len, page_type, data);
+        }
         let bad = |rule| Err(Error::BadLaunchUpdate { gpa, len, rule });
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return bad("the length must be a non-zero multiple of 4096");
@@ -411,11 +507,13 @@ impl<P: Platform> Vm<P> {
         if !gpa.is_page_aligned() {
             return bad("the GPA must be 4 KiB aligned");
         }
+        // sev_gmem_post_populate walks GFNs that exist (kvm_gmem_populate finds each in a
+        // memslot): a range past the top of the guest physical address space has no last page.
+        if gpa.0.checked_add(len - 1).is_none() {
+            return bad("the range runs past the top of the guest physical address space");
+        }
         if page_type == SnpPageType::Vmsa {
             return bad("VMSA pages come from vCPUs (launch finish), not from data updates");
-        }
-        if self.config.kind == VmKind::SevEs && page_type != SnpPageType::Normal {
-            return bad("SEV-ES launches only measure normal pages");
         }
         match (page_type, data) {
             (SnpPageType::Zero, Some(_)) => return bad("ZERO pages take no contents"),
@@ -431,9 +529,53 @@ impl<P: Platform> Vm<P> {
         };
         self.launch_step(|vm| {
             for (i, page) in (0u64..).zip(contents) {
-                vm.launch_update_page(Gpa(gpa.0 + i * PAGE_SIZE), page_type, page)?;
+                // Checked above: every page of the range lies below 2^64.
+                let at = i
+                    .checked_mul(PAGE_SIZE)
+                    .and_then(|off| gpa.0.checked_add(off))
+                    .ok_or(Error::BadLaunchUpdate {
+                        gpa,
+                        len,
+                        rule: "the range runs past the top of the guest physical address space",
+                    })?;
+                vm.launch_update_page(Gpa(at), page_type, page)?;
             }
             Ok(())
+        })
+    }
+
+    /// SEV-ES `LAUNCH_UPDATE_DATA` (KVM's `sev_launch_update_data`): KVM pins the VMM's memory
+    /// (`sev_pin_memory`, which refuses only `ulen == 0 || uaddr + ulen < uaddr`), of any
+    /// alignment and length, flushes it and has the firmware encrypt it in place. There is no
+    /// guest_memfd to look the range up in: the platform finds the memory that backs it.
+    fn launch_update_es_data(
+        &mut self,
+        gpa: Gpa,
+        len: u64,
+        page_type: SnpPageType,
+        data: Option<&[u8]>,
+    ) -> Res<(), P> {
+        let bad = |rule| Err(Error::BadLaunchUpdate { gpa, len, rule });
+        if len == 0 {
+            return bad("the length must not be zero");
+        }
+        if gpa.0.checked_add(len - 1).is_none() {
+            return bad("the range runs past the top of the guest physical address space");
+        }
+        if page_type != SnpPageType::Normal {
+            return bad("SEV-ES launches only measure normal pages");
+        }
+        if data.is_some_and(|d| d.len() as u64 != len) {
+            return bad("the contents must be exactly len bytes");
+        }
+        self.launch_step(|vm| {
+            vm.platform
+                .launch_update_data(gpa, len, data)
+                .map_err(|source| Error::Platform {
+                    vcpu: None,
+                    op: PlatformOp::LaunchUpdateData,
+                    source,
+                })
         })
     }
 
@@ -452,21 +594,13 @@ impl<P: Platform> Vm<P> {
                 .write_frame(pfn, page)
                 .map_err(|e| plat(PlatformOp::WriteFrame, e))?;
         }
-        match self.config.kind {
-            VmKind::SevEs => self
-                .platform
-                .launch_update_data(pfn)
-                .map_err(|e| plat(PlatformOp::LaunchUpdateData, e)),
-            VmKind::Snp => {
-                self.platform
-                    .rmp_make_private(pfn, gpa, PageLevel::Size4K, self.platform.asid(), true)
-                    .map_err(|e| plat(PlatformOp::RmpMakePrivate, e))?;
-                self.platform.snp_launch_update(pfn, gpa, page_type).map_err(|e| {
-                    self.reclaim_guest_frame(pfn);
-                    plat(PlatformOp::SnpLaunchUpdate, e)
-                })
-            }
-        }
+        self.platform
+            .rmp_make_private(pfn, gpa, PageLevel::Size4K, self.platform.asid(), true)
+            .map_err(|e| plat(PlatformOp::RmpMakePrivate, e))?;
+        self.platform.snp_launch_update(pfn, gpa, page_type).map_err(|e| {
+            self.reclaim_guest_frame(pfn);
+            plat(PlatformOp::SnpLaunchUpdate, e)
+        })
     }
 
     /// `snp_page_reclaim` for a guest_memfd frame the firmware refused: reclaim and make shared,
@@ -493,8 +627,10 @@ impl<P: Platform> Vm<P> {
 
     /// SEV-ES `LAUNCH_UPDATE_VMSA` for every vCPU in index order (KVM's
     /// `sev_launch_update_vmsa`): sync, make private, then encrypt (make-private before the
-    /// firmware call, as the review asks). Stops at the first failure; the failed vCPU's VMSA
-    /// is freed and the launch fails for good.
+    /// firmware call, as the review asks). Stops at the first failure, which leaves the
+    /// refused vCPU's VMSA shared and unprotected (`__sev_launch_update_vmsa` returns the
+    /// firmware error with the page kept), so the command can be retried while no vCPU is
+    /// protected.
     pub fn launch_update_vmsas(&mut self) -> Res<(), P> {
         self.require("LAUNCH_UPDATE_VMSA", VmKind::SevEs)?;
         self.require_launch("LAUNCH_UPDATE_VMSA", LaunchState::Started)?;
@@ -514,10 +650,15 @@ impl<P: Platform> Vm<P> {
         cx.sync(&mut v, self.config.vmsa_features(), self.config.sync_fpu)?;
         let pfn = cx.make_private(&mut v)?;
         let (fw, op) = match self.config.kind {
-            VmKind::SevEs => (
-                self.platform.launch_update_vmsa(pfn),
-                PlatformOp::LaunchUpdateVmsa,
-            ),
+            VmKind::SevEs => {
+                // __sev_launch_update_vmsa: LAUNCH_UPDATE_VMSA encrypts the page in place, so
+                // the synced plaintext is flushed from the cache first (clflush_cache_range).
+                self.platform.clflush_page(pfn);
+                (
+                    self.platform.launch_update_vmsa(pfn),
+                    PlatformOp::LaunchUpdateVmsa,
+                )
+            }
             VmKind::Snp => (
                 self.platform
                     .snp_launch_update(pfn, crate::addr::INITIAL_VMSA_GPA, SnpPageType::Vmsa),
@@ -531,7 +672,12 @@ impl<P: Platform> Vm<P> {
             }
             Err(source) => {
                 let leak = match self.config.kind {
-                    VmKind::SevEs => cx.free(&mut v, Op::Free),
+                    // __sev_launch_update_vmsa: a firmware error is returned as is; the VMSA
+                    // stays allocated and the vCPU unprotected (SEV-ES has no RMP to undo).
+                    VmKind::SevEs => {
+                        cx.refused(&mut v);
+                        None
+                    }
                     VmKind::Snp => cx.reclaim(&mut v)?,
                 };
                 self.note_leak(leak);
@@ -579,6 +725,20 @@ impl<P: Platform> Vm<P> {
     /// whose next [`Vm::prepare_entry`] applies it. On error nothing changed; answer the guest
     /// with [`ApCreationError::sw_exit_info`].
     pub fn ap_creation(&self, req: &ApCreationRequest) -> Result<ApCreated, ApCreationError> {
+        // sev_snp_ap_creation runs from sev_handle_vmgexit, i.e. from a guest that KVM_RUN
+        // entered: never before the launch finished, nor in a bugged (KVM_BUG) or dead VM.
+        let why = if self.role == Role::Dead {
+            Some("the VM is dead")
+        } else if self.is_bugged() {
+            Some("the VM is bugged")
+        } else if self.launch != LaunchState::Finished {
+            Some("the launch has not finished")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(ApCreationError::NotRunning { why });
+        }
         let rules = ApCreationRules {
             kind: self.config.kind,
             vmsa_features: self.config.vmsa_features(),
@@ -704,9 +864,20 @@ impl<P: Platform> Vm<P> {
                     });
                 }
                 let pa = v.vmcb_vmsa_pa.ok_or(Error::InvalidVmsa { vcpu: id })?;
-                self.platform
-                    .dbg_decrypt_vmsa(pa, &mut page)
-                    .map_err(|e| plat(PlatformOp::DbgDecrypt, e))?;
+                if let Err(f) = self.platform.dbg_decrypt_vmsa(pa, &mut page) {
+                    // sev_decrypt_vmsa: a destination page snp_page_reclaim could not return
+                    // is leaked, and KVM_BUG marks the VM bugged.
+                    if let Some(pfn) = f.leaked {
+                        self.events.emit(Event::Leaked {
+                            vcpu: Some(id),
+                            pfn,
+                            reason: LeakReason::ReclaimFailed,
+                            detail: f.source.to_string(),
+                        });
+                        self.note_leak(Some(Leak { vcpu: Some(id), pfn }));
+                    }
+                    return Err(plat(PlatformOp::DbgDecrypt, f.source));
+                }
             }
         }
         Ok(SevEsSaveArea::from_page(&page))
@@ -715,7 +886,9 @@ impl<P: Platform> Vm<P> {
     /// Intra-host migration (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`): move the encryption context
     /// (the platform, with its ASID and pages) and every vCPU's VMSA from `src` into `self`,
     /// which must come from [`Vm::migration_target`] and have as many vCPUs. Only launched
-    /// SEV-ES VMs move. Afterwards `src` is dead; nothing moves if a check fails.
+    /// SEV-ES VMs move. Afterwards `src` is dead; nothing moves if a check fails. Unlike KVM,
+    /// which leaves the destination's `sev->policy` at 0, the guest policy moves too (see
+    /// [`Vm::policy`]); the VMCB addresses that change are reported as `VmcbVmsaPa` events.
     pub fn migrate_from(&mut self, src: &mut Vm<P>) -> Res<(), P> {
         self.check_usable()?;
         src.check_usable()?;
@@ -724,6 +897,10 @@ impl<P: Platform> Vm<P> {
                 kind: self.config.kind,
             }
             .into());
+        }
+        // sev_vm_move_enc_context_from: -EINVAL when the source is not an SEV guest.
+        if src.role != Role::Confidential {
+            return Err(MigrationError::SourceNotConfidential.into());
         }
         if src.config.kind == VmKind::Snp {
             return Err(MigrationError::SourceIsSnp.into());
@@ -740,6 +917,10 @@ impl<P: Platform> Vm<P> {
         }
         core::mem::swap(&mut self.platform, &mut src.platform);
         self.config = src.config;
+        // A deliberate difference: sev_migrate_from does not copy `sev->policy`, so KVM's
+        // destination keeps policy 0 (and its sev_decrypt_vmsa checks 0, e.g. no NODBG). The
+        // firmware context, and the policy it enforces, moves with the handle, so the
+        // destination reports the source's policy here.
         self.policy = src.policy;
         self.launch = src.launch;
         self.role = Role::Confidential;
@@ -751,7 +932,15 @@ impl<P: Platform> Vm<P> {
             let moved = s.state.snapshot();
             d.state = core::mem::take(&mut s.state);
             d.protected = true;
-            d.vmcb_vmsa_pa = s.vmcb_vmsa_pa.take();
+            // sev_migrate_from copies the VMCB's vmsa_pa and sets the source's to INVALID_PAGE.
+            let pa = s.vmcb_vmsa_pa.take();
+            if pa.is_some() {
+                self.events.emit(Event::VmcbVmsaPa { vcpu: s.id, pa: None });
+            }
+            if d.vmcb_vmsa_pa != pa {
+                d.vmcb_vmsa_pa = pa;
+                self.events.emit(Event::VmcbVmsaPa { vcpu: d.id, pa });
+            }
             d.pending_gpa = s.pending_gpa.take();
             d.waiting_for_reset = core::mem::take(&mut s.waiting_for_reset);
             s.protected = false;

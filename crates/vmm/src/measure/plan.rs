@@ -27,8 +27,9 @@
 //! 4. SEV-ES only: `launch_update_vmsas()`;
 //! 5. `launch_finish(host_data)` (SNP measures the VMSAs here, in vCPU order).
 //!
-//! One SEV-ES step is not page-sized: the kernel hash table (176 bytes, [`DataUpdate::len`]);
-//! the firmware accepts it, vmsa-core's page-granular `launch_update_data` does not.
+//! One SEV-ES step is not page-sized: the kernel hash table (176 bytes, [`DataUpdate::len`]).
+//! Like KVM's `sev_launch_update_data`, vmsa-core's SEV-ES `launch_update_data` takes it as it
+//! is (any alignment and length).
 
 use core::fmt;
 
