@@ -5,7 +5,7 @@
 
 mod measure_support;
 
-use measure_support::{DEBIAN_OVMF, fixtures, scratch, stderr, stdout, vmm};
+use measure_support::{DEBIAN_OVMF, fixtures, mkfifo, scratch, stderr, stdout, vmm, vmm_within};
 use serde_json::Value;
 
 fn run_json(args: &[&str]) -> (Value, i32) {
@@ -473,4 +473,57 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
         1,
         "nothing but the bad script was created"
     );
+}
+
+/// A FIFO blocked `open(2)` forever and `/dev/zero` was read without end: every input file is
+/// now opened without blocking and must be a regular file (`vmsa_host::input`).
+#[test]
+fn fifos_and_devices_as_input_files_are_refused_at_once() {
+    let dir = scratch("run-fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.display().to_string();
+    let cases = [
+        (
+            "--firmware",
+            fifo.as_str(),
+            "is a FIFO, not a regular file: an OVMF image must be",
+        ),
+        (
+            "--guest",
+            fifo.as_str(),
+            "is a FIFO, not a regular file: a guest script must be",
+        ),
+        (
+            "--costs",
+            fifo.as_str(),
+            "is a FIFO, not a regular file: a cost file must be",
+        ),
+        (
+            "--guest",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+        (
+            "--costs",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+        (
+            "--firmware",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+    ];
+    for (option, path, rule) in cases {
+        let o = vmm_within(std::time::Duration::from_secs(30), ["run", option, path]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{option} {path}: {err}");
+        assert_eq!(err.lines().count(), 1, "{option} {path}: {err}");
+        assert!(
+            err.contains(&format!("{option} {path}: {rule}")),
+            "{option} {path}: {err}"
+        );
+        assert!(stdout(&o).is_empty());
+    }
 }

@@ -94,6 +94,9 @@ pub enum RunError {
     /// Guest memory could not be set up or does not hold the image.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The cost file was refused.
+    #[error(transparent)]
+    Costs(#[from] backend_sim::CostError),
     /// The guest could not be prepared.
     #[error(transparent)]
     Scenario(#[from] scenario::ScenarioError),
@@ -115,7 +118,7 @@ impl RunError {
     /// 2 for bad arguments or inputs, 1 for failures of the run itself.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Input(_) | Self::Measure(_) | Self::Memory(_) | Self::Scenario(_) => 2,
+            Self::Input(_) | Self::Measure(_) | Self::Memory(_) | Self::Costs(_) | Self::Scenario(_) => 2,
             _ => 1,
         }
     }

@@ -133,9 +133,7 @@ pub(super) fn run(
     let vcpus = args.vcpus.get();
     // Every input is checked before anything is created.
     let costs = match &args.costs {
-        Some(p) => {
-            CostModel::from_file(p).map_err(|e| RunError::Input(format!("--costs {}: {e}", p.display())))?
-        }
+        Some(p) => CostModel::from_file("--costs", p)?,
         None => CostModel::default(),
     };
     let mut faults = scenario.faults.clone();
