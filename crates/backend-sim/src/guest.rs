@@ -208,6 +208,20 @@ impl GuestAction {
         ]
     }
 
+    /// The pages a multi-page action covers: its first GPA and its length in bytes (a `u128`,
+    /// which no page count overflows). `None` for actions on one page or none.
+    pub fn span(&self) -> Option<(u64, u128)> {
+        match *self {
+            Self::Pvalidate { gpa, pages, size, .. } => {
+                Some((gpa, u128::from(pages) * u128::from(size.bytes())))
+            }
+            Self::Write { gpa, pages, .. } | Self::PageState { gpa, pages, .. } => {
+                Some((gpa, u128::from(pages) * u128::from(PAGE_SIZE)))
+            }
+            _ => None,
+        }
+    }
+
     /// The action's name (its JSON tag).
     pub fn name(&self) -> &'static str {
         match self {

@@ -527,3 +527,37 @@ fn fifos_and_devices_as_input_files_are_refused_at_once() {
         assert!(stdout(&o).is_empty());
     }
 }
+
+/// One page-state action of 2^34 pages ran past the watchdog, which only looks between
+/// actions: an action that covers pages past the end of guest memory is refused when the
+/// script meets the memory size, before anything runs.
+#[test]
+fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
+    let dir = scratch("run-huge-action");
+    let script = dir.join("huge.json");
+    std::fs::write(
+        &script,
+        r#"{"actions": [
+            {"action":"page_state","vcpu":0,"gpa":4294967296,"pages":17179869184,"to":"shared"},
+            {"action":"hlt","vcpu":0}
+        ]}"#,
+    )
+    .unwrap();
+    let script = script.display().to_string();
+    for (memory, shown) in [("64M", "64MiB"), ("64T", "64TiB")] {
+        let o = vmm_within(
+            std::time::Duration::from_secs(30),
+            ["run", "--memory", memory, "--guest", &script],
+        );
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "--memory {memory}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "--guest {script}: action 0 (page_state) covers 17179869184 pages from GPA 0x100000000"
+            )),
+            "{err}"
+        );
+        assert!(err.contains(&format!("(--memory {shown})")), "{err}");
+    }
+}

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use backend_sim::guest::GuestAction;
 use backend_sim::host::SimHost;
 use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, PhaseClock};
 use vmsa_core::{Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VmConfig, VmKind};
@@ -33,6 +34,34 @@ const HLT: u8 = 0xf4;
 /// SEV-ES: NODBG + ES).
 const SNP_POLICY: u64 = SNP_POLICY_RSVD_MBO | (1 << 16);
 const SEV_ES_POLICY: u64 = 0x5;
+/// Refuse a script action that covers pages past the end of guest memory: the script knows
+/// nothing of memory, so the check is here, where both are known. (The page count of one
+/// action is otherwise unbounded, and the watchdog only looks between actions.)
+fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<(), RunError> {
+    let top = ram.regions().iter().map(|r| r.gpa.0 + r.len).max().unwrap_or(0);
+    for (index, a) in scenario.script.actions.iter().enumerate() {
+        let Some((gpa, len)) = a.span() else { continue };
+        if u128::from(gpa) + len > u128::from(top) {
+            let pages = match *a {
+                GuestAction::Pvalidate { pages, .. }
+                | GuestAction::Write { pages, .. }
+                | GuestAction::PageState { pages, .. } => pages,
+                _ => 1,
+            };
+            return Err(RunError::ActionBeyondMemory {
+                guest: args.guest.clone(),
+                index,
+                action: a.name(),
+                gpa,
+                pages,
+                top,
+                memory: args.memory,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// How long a scripted guest may run (wall clock) before the watchdog stops it.
 const WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -181,6 +210,7 @@ pub(super) fn run(
             crate::size::ByteSize::new(scenario.min_memory)
         )));
     }
+    check_actions(args, scenario, &ram)?;
     load(&ram, &image)?;
 
     // The launch reads the image back from guest memory, as KVM reads `SNP_LAUNCH_UPDATE`'s
