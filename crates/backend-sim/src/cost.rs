@@ -267,7 +267,7 @@ impl CostModel {
         let parsed: CostFile = if json {
             serde_json::from_str(text).map_err(|e| e.to_string())
         } else {
-            toml::from_str(text).map_err(|e| e.to_string())
+            toml::from_str(text).map_err(|e| toml_one_line(&e, text))
         }
         .map_err(|detail| CostError::Parse {
             path: path.into(),
@@ -305,6 +305,21 @@ impl CostModel {
         let text = vmsa_host::input::read_text(option, path, COST_FILE_KIND)?;
         let name = format!("{option} {}", path.display());
         Self::parse(&name, path.extension().is_some_and(|e| e == "json"), &text)
+    }
+}
+
+/// A TOML error as one line, `line L, column C: MESSAGE` (its `Display` spans 5-6 lines with
+/// a source excerpt).
+fn toml_one_line(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
     }
 }
 
@@ -464,6 +479,21 @@ mod tests {
         assert!(matches!(e, CostError::BadClock { .. }), "{e}");
         let e = CostModel::from_text("c.toml", "speed = 1").unwrap_err();
         assert!(matches!(e, CostError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn toml_errors_are_one_line_with_line_and_column() {
+        let e = CostModel::from_text("c.toml", "\nclock_hz = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.starts_with("c.toml: line 2, column 12: "), "{e}");
+        assert!(e.contains("invalid type: string \"x\", expected f64"), "{e}");
+        let e = CostModel::from_text("c.toml", "[cycles]\npsmash = = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.starts_with("c.toml: line 2, column "), "{e}");
     }
 
     #[test]
