@@ -419,6 +419,15 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
     let missing_dir_trace = dir.join("no/such/dir/t.json");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--memory".into(), "12X".into()], "'12X' is not a size"),
+        (
+            vec!["--memory".into(), "-1G".into()],
+            "'-1G' is not a size: it must start with a whole number",
+        ),
+        (
+            // 2^60 bytes: more than any x86-64 address space (57 bits with 5-level paging).
+            vec!["--memory".into(), "1048576T".into()],
+            "--memory 1152921504606846976 bytes: this host cannot reserve that much guest memory",
+        ),
         (vec!["--vcpus".into(), "513".into()], "from 1 to 512"),
         (
             vec!["--guest".into(), "builtin:nope".into()],

@@ -48,7 +48,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value = "4", allow_negative_numbers = true)]
     pub vcpus: VcpuCount,
     /// Guest memory, e.g. 512M, 16G (powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    #[arg(long, value_name = "SIZE", default_value = "1G", allow_hyphen_values = true)]
     pub memory: ByteSize,
     /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail, or a JSON
     /// guest script (simulator).
