@@ -465,6 +465,11 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
             vec!["--trace".into(), missing_dir_trace.display().to_string()],
             "--trace",
         ),
+        // Even root cannot create files in /proc: found before the run, not after it.
+        (
+            vec!["--trace".into(), "/proc/t.json".into()],
+            "--trace /proc/t.json: cannot create a file in /proc",
+        ),
     ];
     for (extra, needle) in cases {
         let mut a = vec!["run".to_owned()];
