@@ -170,21 +170,21 @@ pub fn table() -> String {
     out
 }
 
-/// Why a cost file was refused.
+/// Why a cost file was refused. Every message is one line that starts with the file's name.
 #[derive(Debug, thiserror::Error)]
 pub enum CostError {
     /// The file is not valid TOML/JSON of the expected shape.
-    #[error("cost file {path}: {detail}")]
+    #[error("{path}: {detail}")]
     Parse {
-        /// The file (or `<string>`).
+        /// How the file is named (`--costs FILE`, a path, or `<string>`).
         path: String,
         /// The parser's message.
         detail: String,
     },
     /// An operation name is unknown.
-    #[error("cost file {path}: unknown operation `{name}` (known: {known})")]
+    #[error("{path}: unknown operation `{name}` (known: {known})")]
     UnknownOp {
-        /// The file.
+        /// How the file is named.
         path: String,
         /// The name.
         name: String,
@@ -192,22 +192,24 @@ pub enum CostError {
         known: String,
     },
     /// The clock is not a positive finite frequency.
-    #[error("cost file {path}: clock_hz {clock_hz} must be a positive number of cycles per second")]
+    #[error("{path}: clock_hz {clock_hz} must be a positive number of cycles per second")]
     BadClock {
-        /// The file.
+        /// How the file is named.
         path: String,
         /// The value.
         clock_hz: f64,
     },
-    /// The file could not be read.
-    #[error("cannot read cost file {path}: {detail}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The OS error.
-        detail: String,
-    },
+    /// The file could not be opened or read, or is not a regular file within
+    /// [`COST_FILE_KIND`]'s limit.
+    #[error(transparent)]
+    Input(#[from] vmsa_host::input::InputError),
 }
+
+/// Cost files: at most 1 MiB (a file naming every operation is about 2 KiB).
+pub const COST_FILE_KIND: vmsa_host::input::InputKind = vmsa_host::input::InputKind {
+    what: "a cost file",
+    limit: 1 << 20,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,10 +260,14 @@ impl CostModel {
     /// or JSON (`{"clock_hz": ..., "cycles": {...}}`) text; `path` names it in errors and
     /// decides the format (`.json` is JSON, anything else TOML).
     pub fn from_text(path: &str, text: &str) -> Result<Self, CostError> {
-        let parsed: CostFile = if path.ends_with(".json") {
+        Self::parse(path, path.ends_with(".json"), text)
+    }
+
+    fn parse(path: &str, json: bool, text: &str) -> Result<Self, CostError> {
+        let parsed: CostFile = if json {
             serde_json::from_str(text).map_err(|e| e.to_string())
         } else {
-            toml::from_str(text).map_err(|e| e.to_string())
+            toml::from_str(text).map_err(|e| toml_one_line(&e, text))
         }
         .map_err(|detail| CostError::Parse {
             path: path.into(),
@@ -292,14 +298,28 @@ impl CostModel {
         Ok(m)
     }
 
-    /// [`CostModel::from_text`] of a file.
-    pub fn from_file(path: &std::path::Path) -> Result<Self, CostError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| CostError::Io {
-            path: name.clone(),
-            detail: e.to_string(),
-        })?;
-        Self::from_text(&name, &text)
+    /// [`CostModel::from_text`] of a file, given with `option` (e.g. `--costs`), which errors
+    /// name together with the path. The file is read as [`vmsa_host::input`] reads every input
+    /// (a regular file, opened without blocking, at most [`COST_FILE_KIND`]'s limit).
+    pub fn from_file(option: &str, path: &std::path::Path) -> Result<Self, CostError> {
+        let text = vmsa_host::input::read_text(option, path, COST_FILE_KIND)?;
+        let name = format!("{option} {}", path.display());
+        Self::parse(&name, path.extension().is_some_and(|e| e == "json"), &text)
+    }
+}
+
+/// A TOML error as one line, `line L, column C: MESSAGE` (its `Display` spans 5-6 lines with
+/// a source excerpt).
+fn toml_one_line(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
     }
 }
 
@@ -459,6 +479,21 @@ mod tests {
         assert!(matches!(e, CostError::BadClock { .. }), "{e}");
         let e = CostModel::from_text("c.toml", "speed = 1").unwrap_err();
         assert!(matches!(e, CostError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn toml_errors_are_one_line_with_line_and_column() {
+        let e = CostModel::from_text("c.toml", "\nclock_hz = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.starts_with("c.toml: line 2, column 12: "), "{e}");
+        assert!(e.contains("invalid type: string \"x\", expected f64"), "{e}");
+        let e = CostModel::from_text("c.toml", "[cycles]\npsmash = = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.starts_with("c.toml: line 2, column "), "{e}");
     }
 
     #[test]

@@ -261,11 +261,16 @@ impl FromStr for FaultRule {
                 ))
             })?),
         };
-        let nth: u64 = n_s
-            .parse()
-            .ok()
-            .filter(|&n| n >= 1)
-            .ok_or_else(|| err(format!("the call number `{n_s}` must be an integer >= 1")))?;
+        let nth: u64 = match n_s.parse::<u64>() {
+            Ok(n) if n >= 1 => n,
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+                return Err(err(format!(
+                    "the call number `{n_s}` is too large: it must be at most {}",
+                    u64::MAX
+                )));
+            }
+            _ => return Err(err(format!("the call number `{n_s}` must be an integer >= 1"))),
+        };
         let code_s = code.trim();
         let class = op.class();
         let code = match class {
@@ -426,6 +431,10 @@ mod tests {
                 "must be an integer >= 1",
             ),
             ("snp_launch_update:vmsa:x=INVALID_PAGE_STATE", "`x`"),
+            (
+                "alloc_page:99999999999999999999=ENOMEM",
+                "the call number `99999999999999999999` is too large: it must be at most 18446744073709551615",
+            ),
             (
                 "snp_launch_update:kernel:1=INVALID_PAGE_STATE",
                 "unknown page type `kernel`",

@@ -208,6 +208,20 @@ impl GuestAction {
         ]
     }
 
+    /// The pages a multi-page action covers: its first GPA and its length in bytes (a `u128`,
+    /// which no page count overflows). `None` for actions on one page or none.
+    pub fn span(&self) -> Option<(u64, u128)> {
+        match *self {
+            Self::Pvalidate { gpa, pages, size, .. } => {
+                Some((gpa, u128::from(pages) * u128::from(size.bytes())))
+            }
+            Self::Write { gpa, pages, .. } | Self::PageState { gpa, pages, .. } => {
+                Some((gpa, u128::from(pages) * u128::from(PAGE_SIZE)))
+            }
+            _ => None,
+        }
+    }
+
     /// The action's name (its JSON tag).
     pub fn name(&self) -> &'static str {
         match self {
@@ -241,22 +255,25 @@ pub struct GuestScript {
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
     /// The JSON did not parse.
-    #[error("guest script {source_name}: {detail}")]
+    #[error("{source_name}: not a guest script: {detail}")]
     Parse {
         /// The file name (or `<string>`).
         source_name: String,
         /// The parser's message (with line and column).
         detail: String,
     },
-    /// The file could not be read.
-    #[error("cannot read guest script {path}: {detail}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The OS error.
-        detail: String,
-    },
+    /// The file could not be opened or read, or is not a regular file within
+    /// [`SCRIPT_FILE_KIND`]'s limit.
+    #[error(transparent)]
+    Input(#[from] vmsa_host::input::InputError),
 }
+
+/// Guest script files: at most 16 MiB (the built-in SMP boot of 512 vCPUs is about 1 MiB of
+/// JSON).
+pub const SCRIPT_FILE_KIND: vmsa_host::input::InputKind = vmsa_host::input::InputKind {
+    what: "a guest script",
+    limit: 16 << 20,
+};
 
 /// The VMSA GPA of AP `i` in [`GuestScript::smp_boot`]: one page above a 2 MiB boundary,
 /// in its own 2 MiB region (never 2 MiB aligned, erratum 1467).
@@ -273,14 +290,12 @@ impl GuestScript {
         })
     }
 
-    /// Load a script from a JSON file.
-    pub fn from_file(path: &std::path::Path) -> Result<Self, ScriptError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ScriptError::Io {
-            path: name.clone(),
-            detail: e.to_string(),
-        })?;
-        Self::from_json(&name, &text)
+    /// Load a script from a JSON file given with `option` (e.g. `--guest`), which errors name
+    /// together with the path. The file is read as [`vmsa_host::input`] reads every input (a
+    /// regular file, opened without blocking, at most [`SCRIPT_FILE_KIND`]'s limit).
+    pub fn from_file(option: &str, path: &std::path::Path) -> Result<Self, ScriptError> {
+        let text = vmsa_host::input::read_text(option, path, SCRIPT_FILE_KIND)?;
+        Self::from_json(&format!("{option} {}", path.display()), &text)
     }
 
     /// The script as pretty JSON.
@@ -384,7 +399,7 @@ mod tests {
             }
         );
         let e = GuestScript::from_json("t.json", r#"{"actions":[{"action":"fly","vcpu":0}]}"#).unwrap_err();
-        assert!(e.to_string().starts_with("guest script t.json:"), "{e}");
+        assert!(e.to_string().starts_with("t.json: not a guest script:"), "{e}");
         let e =
             GuestScript::from_json("t.json", r#"{"actions":[{"action":"hlt","vcpu":0,"x":1}]}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");

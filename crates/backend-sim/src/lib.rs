@@ -67,7 +67,7 @@ mod psp;
 pub mod rmp;
 pub mod trace;
 
-pub use cost::{CostModel, CostOp, CostReport};
+pub use cost::{CostError, CostModel, CostOp, CostReport};
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
 pub use firmware::PageState;
 pub use guest::{GuestAction, GuestScript, ScriptError};

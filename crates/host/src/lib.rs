@@ -27,6 +27,7 @@
 mod errno;
 mod exit;
 mod hypervisor;
+pub mod input;
 pub mod ports;
 mod refusal;
 mod report;

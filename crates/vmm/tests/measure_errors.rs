@@ -310,3 +310,49 @@ fn usage_errors_are_one_line_too() {
     assert_eq!(help.status.code(), Some(0));
     assert!(stdout(&help).contains("--dump-vmsa"));
 }
+
+/// A FIFO as `--firmware` blocked `open(2)` forever; `--sev-es --kernel /dev/zero` hashed
+/// without end before the check that this firmware cannot take kernel hashes.
+#[test]
+fn fifos_devices_and_unmeasurable_kernels_are_refused_at_once() {
+    let dir = scratch("measure-fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let limit = std::time::Duration::from_secs(30);
+    let check = |args: Vec<&str>, needle: &str| {
+        let mut full = vec!["measure"];
+        full.extend(args.iter().copied());
+        let o = vmm_within(limit, &full);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{full:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{full:?}: {err}");
+        assert!(err.contains(needle), "{full:?}: {err:?} lacks {needle:?}");
+    };
+    let f = s(&fifo);
+    check(
+        cli(&f, "1", "EPYC-v4", &[]),
+        &format!("--firmware {f}: is a FIFO, not a regular file"),
+    );
+    let synthetic = s(&fixture_dir().join("synthetic-hashes.fd"));
+    check(
+        cli(&synthetic, "1", "EPYC", &["--kernel", &f]),
+        &format!("--kernel {f}: is a FIFO, not a regular file: a kernel must be"),
+    );
+    check(
+        cli(
+            &synthetic,
+            "1",
+            "EPYC",
+            &["--kernel", "/etc/hostname", "--initrd", "/dev/zero"],
+        ),
+        "--initrd /dev/zero: is a character device, not a regular file: an initrd must be",
+    );
+    check(
+        with(&["--sev-es", "--kernel", "/dev/zero"]),
+        "does not support SEV-ES kernel hashes",
+    );
+    check(
+        with(&["--kernel", "/dev/zero"]),
+        "has no SNP_KERNEL_HASHES metadata section",
+    );
+}

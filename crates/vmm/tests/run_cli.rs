@@ -5,7 +5,7 @@
 
 mod measure_support;
 
-use measure_support::{DEBIAN_OVMF, fixtures, scratch, stderr, stdout, vmm};
+use measure_support::{DEBIAN_OVMF, fixtures, mkfifo, scratch, stderr, stdout, vmm, vmm_within};
 use serde_json::Value;
 
 fn run_json(args: &[&str]) -> (Value, i32) {
@@ -419,6 +419,15 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
     let missing_dir_trace = dir.join("no/such/dir/t.json");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--memory".into(), "12X".into()], "'12X' is not a size"),
+        (
+            vec!["--memory".into(), "-1G".into()],
+            "'-1G' is not a size: it must start with a whole number",
+        ),
+        (
+            // 2^60 bytes: more than any x86-64 address space (57 bits with 5-level paging).
+            vec!["--memory".into(), "1048576T".into()],
+            "--memory 1152921504606846976 bytes: this host cannot reserve that much guest memory",
+        ),
         (vec!["--vcpus".into(), "513".into()], "from 1 to 512"),
         (
             vec!["--guest".into(), "builtin:nope".into()],
@@ -456,6 +465,11 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
             vec!["--trace".into(), missing_dir_trace.display().to_string()],
             "--trace",
         ),
+        // Even root cannot create files in /proc: found before the run, not after it.
+        (
+            vec!["--trace".into(), "/proc/t.json".into()],
+            "--trace /proc/t.json: cannot create a file in /proc",
+        ),
     ];
     for (extra, needle) in cases {
         let mut a = vec!["run".to_owned()];
@@ -473,4 +487,91 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
         1,
         "nothing but the bad script was created"
     );
+}
+
+/// A FIFO blocked `open(2)` forever and `/dev/zero` was read without end: every input file is
+/// now opened without blocking and must be a regular file (`vmsa_host::input`).
+#[test]
+fn fifos_and_devices_as_input_files_are_refused_at_once() {
+    let dir = scratch("run-fifo");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.display().to_string();
+    let cases = [
+        (
+            "--firmware",
+            fifo.as_str(),
+            "is a FIFO, not a regular file: an OVMF image must be",
+        ),
+        (
+            "--guest",
+            fifo.as_str(),
+            "is a FIFO, not a regular file: a guest script must be",
+        ),
+        (
+            "--costs",
+            fifo.as_str(),
+            "is a FIFO, not a regular file: a cost file must be",
+        ),
+        (
+            "--guest",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+        (
+            "--costs",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+        (
+            "--firmware",
+            "/dev/zero",
+            "is a character device, not a regular file",
+        ),
+    ];
+    for (option, path, rule) in cases {
+        let o = vmm_within(std::time::Duration::from_secs(30), ["run", option, path]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{option} {path}: {err}");
+        assert_eq!(err.lines().count(), 1, "{option} {path}: {err}");
+        assert!(
+            err.contains(&format!("{option} {path}: {rule}")),
+            "{option} {path}: {err}"
+        );
+        assert!(stdout(&o).is_empty());
+    }
+}
+
+/// One page-state action of 2^34 pages ran past the watchdog, which only looks between
+/// actions: an action that covers pages past the end of guest memory is refused when the
+/// script meets the memory size, before anything runs.
+#[test]
+fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
+    let dir = scratch("run-huge-action");
+    let script = dir.join("huge.json");
+    std::fs::write(
+        &script,
+        r#"{"actions": [
+            {"action":"page_state","vcpu":0,"gpa":4294967296,"pages":17179869184,"to":"shared"},
+            {"action":"hlt","vcpu":0}
+        ]}"#,
+    )
+    .unwrap();
+    let script = script.display().to_string();
+    for (memory, shown) in [("64M", "64MiB"), ("64T", "64TiB")] {
+        let o = vmm_within(
+            std::time::Duration::from_secs(30),
+            ["run", "--memory", memory, "--guest", &script],
+        );
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "--memory {memory}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "--guest {script}: action 0 (page_state) covers 17179869184 pages from GPA 0x100000000"
+            )),
+            "{err}"
+        );
+        assert!(err.contains(&format!("(--memory {shown})")), "{err}");
+    }
 }

@@ -4,15 +4,14 @@
 //! directory, then the firmware, kernel and initrd files, then the launch plan. Only then is
 //! the digest computed and the dump written (atomically).
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use vmsa_core::{SnpPageType, VmKind};
+use vmsa_host::input::{InputFile, InputKind};
 
 use super::error::MeasureError;
-use super::hashes::{KernelInput, SevHashes};
+use super::hashes::SevHashes;
 use super::ovmf::{MAX_IMAGE_SIZE, Ovmf, check_image_size};
 use super::plan::{LaunchDigest, LaunchPlan, PlanConfig, PlanError};
 use super::vcpu_types::VcpuType;
@@ -73,26 +72,22 @@ pub struct MeasureOutput {
     pub digest: LaunchDigest,
 }
 
+/// Firmware images: at most [`MAX_IMAGE_SIZE`] bytes.
+pub const FIRMWARE_FILE_KIND: InputKind = InputKind {
+    what: "an OVMF image",
+    limit: MAX_IMAGE_SIZE,
+};
+
+/// Read and parse the OVMF image at `path`, given with `--firmware`: a regular file (opened
+/// without blocking) of at most [`MAX_IMAGE_SIZE`] bytes.
 pub(crate) fn read_firmware(path: &Path) -> Result<Ovmf, MeasureError> {
-    let read_err = |source| MeasureError::ReadFirmware {
-        path: path.to_path_buf(),
-        source,
-    };
     let fw_err = |source| MeasureError::Firmware {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(read_err(std::io::Error::other("not a regular file")));
-    }
-    check_image_size(meta.len()).map_err(fw_err)?;
-    let mut data = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_IMAGE_SIZE + 1)
-        .read_to_end(&mut data)
-        .map_err(read_err)?;
-    Ovmf::parse(data).map_err(fw_err)
+    let file = InputFile::open("--firmware", path, FIRMWARE_FILE_KIND)?;
+    check_image_size(file.len()).map_err(fw_err)?;
+    Ovmf::parse(file.read_all()?).map_err(fw_err)
 }
 
 pub(crate) fn plan_input(e: &PlanError, firmware: &Path) -> String {
@@ -132,19 +127,19 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         dump::check_dir(dir)?;
     }
     let ovmf = read_firmware(&args.firmware)?;
+    if args.kernel.is_some() {
+        LaunchPlan::check_kernel_hashes(&ovmf, kind).map_err(|source| MeasureError::Plan {
+            input: plan_input(&source, &args.firmware),
+            source,
+        })?;
+    }
     let hashes = match &args.kernel {
         None => None,
-        Some(k) => Some(
-            SevHashes::from_files(k, args.initrd.as_deref(), args.append.as_deref()).map_err(
-                |(which, source)| {
-                    let (option, path) = match which {
-                        KernelInput::Kernel => ("kernel", k.clone()),
-                        KernelInput::Initrd => ("initrd", args.initrd.clone().unwrap_or_default()),
-                    };
-                    MeasureError::ReadKernelInput { option, path, source }
-                },
-            )?,
-        ),
+        Some(k) => Some(SevHashes::from_files(
+            k,
+            args.initrd.as_deref(),
+            args.append.as_deref(),
+        )?),
     };
     let config = PlanConfig {
         kind,

@@ -12,14 +12,10 @@ use super::plan::PlanError;
 /// A refused `vmm measure` invocation.
 #[derive(Debug, Error)]
 pub enum MeasureError {
-    /// The firmware file cannot be read.
-    #[error("--firmware {}: cannot read the firmware image: {source}", path.display())]
-    ReadFirmware {
-        /// The path given.
-        path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
-    },
+    /// An input file (firmware, kernel, initrd) cannot be opened or read, is not a regular
+    /// file, or is larger than its kind's limit.
+    #[error(transparent)]
+    Input(#[from] vmsa_host::input::InputError),
     /// The firmware image is not an SEV-capable OVMF build.
     #[error("--firmware {}: {source}", path.display())]
     Firmware {
@@ -35,16 +31,6 @@ pub enum MeasureError {
         input: String,
         /// The rule broken.
         source: PlanError,
-    },
-    /// The kernel or initrd file cannot be read.
-    #[error("--{option} {}: cannot read it: {source}", path.display())]
-    ReadKernelInput {
-        /// `kernel` or `initrd`.
-        option: &'static str,
-        /// The path given.
-        path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
     },
     /// `--initrd` or `--append` without `--kernel`.
     #[error(

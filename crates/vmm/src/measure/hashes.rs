@@ -7,12 +7,11 @@
 //! in the order cmdline, initrd, kernel; the whole padded with zeros to a multiple of 16. The
 //! command line is hashed with its terminating NUL; a missing initrd hashes as empty data.
 
-use std::fs::File;
-use std::io;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use vmsa_core::PageBuf;
+use vmsa_host::input::{InputError, InputFile, InputKind};
 
 use super::ovmf::Guid;
 
@@ -43,20 +42,24 @@ pub struct SevHashes {
     pub cmdline: [u8; 32],
 }
 
-fn sha256_file(path: &Path) -> io::Result<[u8; 32]> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    io::copy(&mut f, &mut h)?;
-    Ok(h.finalize().into())
-}
+/// Kernels: at most 1 GiB (a bzImage is tens of MiB); hashed as they are read, never loaded
+/// whole.
+pub const KERNEL_FILE_KIND: InputKind = InputKind {
+    what: "a kernel",
+    limit: 1 << 30,
+};
 
-/// Which input of a direct kernel boot failed to read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KernelInput {
-    /// `--kernel`.
-    Kernel,
-    /// `--initrd`.
-    Initrd,
+/// Initrds: at most 4 GiB (QEMU loads the initrd below 4 GiB of guest memory); hashed as they
+/// are read, never loaded whole.
+pub const INITRD_FILE_KIND: InputKind = InputKind {
+    what: "an initrd",
+    limit: 4 << 30,
+};
+
+fn sha256_file(option: &str, path: &Path, kind: InputKind) -> Result<[u8; 32], InputError> {
+    let mut h = Sha256::new();
+    InputFile::open(option, path, kind)?.copy_to(&mut h)?;
+    Ok(h.finalize().into())
 }
 
 impl SevHashes {
@@ -69,15 +72,17 @@ impl SevHashes {
         }
     }
 
-    /// The hashes of a kernel and optional initrd read from files (streamed, not loaded whole).
+    /// The hashes of a kernel and optional initrd read from files given as `--kernel` and
+    /// `--initrd` (regular files within [`KERNEL_FILE_KIND`]'s and [`INITRD_FILE_KIND`]'s
+    /// limits, streamed, not loaded whole).
     pub fn from_files(
         kernel: &Path,
         initrd: Option<&Path>,
         cmdline: Option<&str>,
-    ) -> Result<Self, (KernelInput, io::Error)> {
-        let kernel = sha256_file(kernel).map_err(|e| (KernelInput::Kernel, e))?;
+    ) -> Result<Self, InputError> {
+        let kernel = sha256_file("--kernel", kernel, KERNEL_FILE_KIND)?;
         let initrd = match initrd {
-            Some(p) => sha256_file(p).map_err(|e| (KernelInput::Initrd, e))?,
+            Some(p) => sha256_file("--initrd", p, INITRD_FILE_KIND)?,
             None => Sha256::digest(b"").into(),
         };
         Ok(Self {

@@ -248,6 +248,23 @@ fn section_len(index: usize, section: SectionType, gpa: u32, size: u32) -> Resul
 }
 
 impl LaunchPlan {
+    /// Whether a `kind` launch of `ovmf` can measure a direct kernel boot's hashes. Checked
+    /// before the kernel and initrd are read (hashing a large kernel only to refuse it wastes
+    /// minutes), and again by [`LaunchPlan::build`].
+    pub fn check_kernel_hashes(ovmf: &Ovmf, kind: VmKind) -> Result<(), PlanError> {
+        match kind {
+            VmKind::Snp if !ovmf.has_section(SectionType::SnpKernelHashes) => {
+                Err(PlanError::NoKernelHashesSection)
+            }
+            VmKind::Snp => Ok(()),
+            VmKind::SevEs => match ovmf.sev_hashes_table_gpa() {
+                None => Err(PlanError::NoHashTableBlock),
+                Some(0) => Err(PlanError::HashTableUnsupported),
+                Some(_) => Ok(()),
+            },
+        }
+    }
+
     /// Plan the launch of `ovmf` with `config`; `hashes` asks for a direct kernel boot's hash
     /// table. Every rule is checked here, before anything is measured or written.
     pub fn build(ovmf: &Ovmf, config: &PlanConfig, hashes: Option<&SevHashes>) -> Result<Self, PlanError> {
@@ -288,11 +305,8 @@ impl LaunchPlan {
                     });
                 }
                 if let Some(h) = hashes {
-                    let gpa = match ovmf.sev_hashes_table_gpa() {
-                        None => return Err(PlanError::NoHashTableBlock),
-                        Some(0) => return Err(PlanError::HashTableUnsupported),
-                        Some(gpa) => gpa,
-                    };
+                    Self::check_kernel_hashes(ovmf, VmKind::SevEs)?;
+                    let gpa = ovmf.sev_hashes_table_gpa().ok_or(PlanError::NoHashTableBlock)?;
                     steps.push(LaunchStep::Data(DataUpdate {
                         gpa: Gpa(u64::from(gpa)),
                         len: PADDED_TABLE_SIZE as u64,
@@ -409,8 +423,8 @@ fn snp_metadata_steps(
     hashes: Option<&SevHashes>,
     steps: &mut Vec<LaunchStep>,
 ) -> Result<(), PlanError> {
-    if hashes.is_some() && !ovmf.has_section(SectionType::SnpKernelHashes) {
-        return Err(PlanError::NoKernelHashesSection);
+    if hashes.is_some() {
+        LaunchPlan::check_kernel_hashes(ovmf, VmKind::Snp)?;
     }
     let mut cpuid_last = Vec::new();
     // Guest ranges already added (the firmware first): KVM adds each guest page to an SNP

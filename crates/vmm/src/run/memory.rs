@@ -63,6 +63,14 @@ pub enum MemoryError {
         /// The layout, for the message.
         layout: String,
     },
+    /// The host could not reserve the guest memory asked for.
+    #[error("--memory {size} bytes: this host cannot reserve that much guest memory: {source}")]
+    Reserve {
+        /// The size asked for.
+        size: u64,
+        /// vm-memory's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// vm-memory refused.
     #[error("guest memory: {0}")]
     Mmap(String),
@@ -120,7 +128,10 @@ impl GuestRam {
                     })
             })
             .collect::<Result<_, _>>()?;
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Reserve {
+            size: memory,
+            source: Box::new(e),
+        })?;
         Ok(Self { mem, regions })
     }
 

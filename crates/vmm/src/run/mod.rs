@@ -48,7 +48,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value = "4", allow_negative_numbers = true)]
     pub vcpus: VcpuCount,
     /// Guest memory, e.g. 512M, 16G (powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    #[arg(long, value_name = "SIZE", default_value = "1G", allow_hyphen_values = true)]
     pub memory: ByteSize,
     /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail, or a JSON
     /// guest script (simulator).
@@ -94,6 +94,31 @@ pub enum RunError {
     /// Guest memory could not be set up or does not hold the image.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// A guest script action covers pages past the end of guest memory (its page count would
+    /// keep the run busy far beyond the watchdog, which only looks between actions).
+    #[error(
+        "--guest {guest}: action {index} ({action}) covers {pages} pages from GPA {gpa:#x}, past the end of guest \
+         memory at {top:#x} (--memory {memory}): an action may only cover guest memory"
+    )]
+    ActionBeyondMemory {
+        /// The script.
+        guest: GuestSpec,
+        /// The action's index in the script (from 0).
+        index: usize,
+        /// The action's name.
+        action: &'static str,
+        /// Its first GPA.
+        gpa: u64,
+        /// Its page count.
+        pages: u64,
+        /// The end of the highest guest memory region.
+        top: u64,
+        /// `--memory`.
+        memory: ByteSize,
+    },
+    /// The cost file was refused.
+    #[error(transparent)]
+    Costs(#[from] backend_sim::CostError),
     /// The guest could not be prepared.
     #[error(transparent)]
     Scenario(#[from] scenario::ScenarioError),
@@ -115,7 +140,12 @@ impl RunError {
     /// 2 for bad arguments or inputs, 1 for failures of the run itself.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Input(_) | Self::Measure(_) | Self::Memory(_) | Self::Scenario(_) => 2,
+            Self::Input(_)
+            | Self::Measure(_)
+            | Self::Memory(_)
+            | Self::Costs(_)
+            | Self::ActionBeyondMemory { .. }
+            | Self::Scenario(_) => 2,
             _ => 1,
         }
     }

@@ -122,10 +122,11 @@ impl Scenario {
     }
 
     fn from_file(path: &Path) -> Result<Self, ScenarioError> {
-        let script = GuestScript::from_file(path).map_err(|e| ScenarioError::Script(e.to_string()))?;
+        let script =
+            GuestScript::from_file("--guest", path).map_err(|e| ScenarioError::Script(e.to_string()))?;
         if script.actions.is_empty() {
             return Err(ScenarioError::Script(format!(
-                "guest script {}: it has no actions",
+                "--guest {}: the guest script has no actions; it needs at least one",
                 path.display()
             )));
         }

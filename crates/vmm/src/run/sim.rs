@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use backend_sim::guest::GuestAction;
 use backend_sim::host::SimHost;
 use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, PhaseClock};
 use vmsa_core::{Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VmConfig, VmKind};
@@ -33,6 +34,64 @@ const HLT: u8 = 0xf4;
 /// SEV-ES: NODBG + ES).
 const SNP_POLICY: u64 = SNP_POLICY_RSVD_MBO | (1 << 16);
 const SEV_ES_POLICY: u64 = 0x5;
+/// Refuse a script action that covers pages past the end of guest memory: the script knows
+/// nothing of memory, so the check is here, where both are known. (The page count of one
+/// action is otherwise unbounded, and the watchdog only looks between actions.)
+fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<(), RunError> {
+    let top = ram.regions().iter().map(|r| r.gpa.0 + r.len).max().unwrap_or(0);
+    for (index, a) in scenario.script.actions.iter().enumerate() {
+        let Some((gpa, len)) = a.span() else { continue };
+        if u128::from(gpa) + len > u128::from(top) {
+            let pages = match *a {
+                GuestAction::Pvalidate { pages, .. }
+                | GuestAction::Write { pages, .. }
+                | GuestAction::PageState { pages, .. } => pages,
+                _ => 1,
+            };
+            return Err(RunError::ActionBeyondMemory {
+                guest: args.guest.clone(),
+                index,
+                action: a.name(),
+                gpa,
+                pages,
+                top,
+                memory: args.memory,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The temporary file an output is written to before it is renamed to `path` (same
+/// directory, so the rename is atomic).
+fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Write `bytes` to `path` through a temporary file in the same directory, synced and then
+/// renamed: a full disk or a crash leaves the old file or none, never a truncated one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = temp_path(path);
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// How long a scripted guest may run (wall clock) before the watchdog stops it.
 const WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -133,9 +192,7 @@ pub(super) fn run(
     let vcpus = args.vcpus.get();
     // Every input is checked before anything is created.
     let costs = match &args.costs {
-        Some(p) => {
-            CostModel::from_file(p).map_err(|e| RunError::Input(format!("--costs {}: {e}", p.display())))?
-        }
+        Some(p) => CostModel::from_file("--costs", p)?,
         None => CostModel::default(),
     };
     let mut faults = scenario.faults.clone();
@@ -160,6 +217,21 @@ pub(super) fn run(
                 dir.display()
             )));
         }
+        // Discover an unwritable directory now, not after the run: create (and remove) the
+        // temporary file the trace will be written to.
+        let tmp = temp_path(trace);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|_| std::fs::remove_file(&tmp))
+            .map_err(|e| {
+                RunError::Input(format!(
+                    "--trace {}: cannot create a file in {}: {e}",
+                    trace.display(),
+                    dir.display()
+                ))
+            })?;
     }
     let image = match &args.firmware {
         Some(path) => Image::firmware(path, kind, args.vcpus, args)?,
@@ -183,6 +255,7 @@ pub(super) fn run(
             crate::size::ByteSize::new(scenario.min_memory)
         )));
     }
+    check_actions(args, scenario, &ram)?;
     load(&ram, &image)?;
 
     // The launch reads the image back from guest memory, as KVM reads `SNP_LAUNCH_UPDATE`'s
@@ -238,8 +311,9 @@ pub(super) fn run(
     let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| phases.end(name))?;
 
     if let Some(path) = &args.trace {
-        machine
-            .write_trace(path)
+        serde_json::to_vec(&machine.trace_json())
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomically(path, &bytes))
             .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
     }
 

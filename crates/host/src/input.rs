@@ -1,0 +1,316 @@
+//! Input files a VMM reads (firmware, guest scripts, cost files, kernels): opened without
+//! blocking, regular files only, read with a size limit per kind of input.
+//!
+//! One rule for every file a user names, so that no input can hang the VMM or exhaust its
+//! memory:
+//!
+//! - the file is opened with `O_NONBLOCK`, so a FIFO nobody writes to cannot block `open(2)`;
+//! - anything but a regular file (a FIFO, a character device such as `/dev/zero`, a directory, a
+//!   socket) is refused before a byte is read: its size is unknown and its read may never end;
+//! - a regular file larger than its kind's [`InputKind::limit`] is refused from its size, and
+//!   reads stop at the limit even if the file grows meanwhile.
+//!
+//! Every refusal is one line naming the input (the option and the path) and the rule it broke.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// A kind of input file: what it is, for messages, and the most bytes it may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputKind {
+    /// What the file holds ("a cost file"), for messages.
+    pub what: &'static str,
+    /// The largest size accepted, in bytes.
+    pub limit: u64,
+}
+
+/// Why an input file was refused. Displays as one line: `OPTION PATH: RULE`.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// `open(2)` or `fstat(2)` failed.
+    #[error("{option} {}: cannot read it: {source}", path.display())]
+    Open {
+        /// The option (or other name) the path was given with.
+        option: String,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Not a regular file.
+    #[error(
+        "{option} {}: is {file_type}, not a regular file: {what} must be a regular file (its size must be known \
+         and its read must end)",
+        path.display()
+    )]
+    NotRegular {
+        /// The option the path was given with.
+        option: String,
+        /// The path.
+        path: PathBuf,
+        /// What it is instead ("a FIFO", "a character device", ...).
+        file_type: &'static str,
+        /// What the file should hold.
+        what: &'static str,
+    },
+    /// Larger than the limit of its kind.
+    #[error(
+        "{option} {}: is {size} bytes: {what} may be at most {} ({limit} bytes)",
+        path.display(),
+        human(*limit)
+    )]
+    TooLarge {
+        /// The option the path was given with.
+        option: String,
+        /// The path.
+        path: PathBuf,
+        /// Its size (at least this; a growing file is cut off at `limit + 1`).
+        size: u64,
+        /// The limit.
+        limit: u64,
+        /// What the file should hold.
+        what: &'static str,
+    },
+    /// Reading failed.
+    #[error("{option} {}: cannot read it: {source}", path.display())]
+    Read {
+        /// The option the path was given with.
+        option: String,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A text input that is not UTF-8.
+    #[error("{option} {}: is not UTF-8 text: {what} must be UTF-8", path.display())]
+    NotUtf8 {
+        /// The option the path was given with.
+        option: String,
+        /// The path.
+        path: PathBuf,
+        /// What the file should hold.
+        what: &'static str,
+    },
+}
+
+/// `limit` in the largest binary unit that divides it ("16 MiB").
+fn human(limit: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if limit >= 1 << shift && limit.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", limit >> shift);
+        }
+    }
+    format!("{limit} bytes")
+}
+
+fn file_type_name(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// An opened input file: a regular file no larger than its kind's limit.
+#[derive(Debug)]
+pub struct InputFile {
+    file: File,
+    len: u64,
+    option: String,
+    path: PathBuf,
+    kind: InputKind,
+}
+
+impl InputFile {
+    /// Open `path`, given with `option` (e.g. `"--costs"`), as an input of `kind`: without
+    /// blocking, refusing anything but a regular file of at most `kind.limit` bytes.
+    pub fn open(option: &str, path: &Path, kind: InputKind) -> Result<Self, InputError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| InputError::Open {
+                option: option.to_owned(),
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| InputError::Open {
+            option: option.to_owned(),
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(InputError::NotRegular {
+                option: option.to_owned(),
+                path: path.to_path_buf(),
+                file_type: file_type_name(meta.file_type()),
+                what: kind.what,
+            });
+        }
+        let this = Self {
+            file,
+            len: meta.len(),
+            option: option.to_owned(),
+            path: path.to_path_buf(),
+            kind,
+        };
+        this.check_size(meta.len())?;
+        Ok(this)
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), InputError> {
+        if size > self.kind.limit {
+            return Err(InputError::TooLarge {
+                option: self.option.clone(),
+                path: self.path.clone(),
+                size,
+                limit: self.kind.limit,
+                what: self.kind.what,
+            });
+        }
+        Ok(())
+    }
+
+    /// The file's size when it was opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file was empty when it was opened.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Feed the whole file to `sink` (at most the limit: a file that grew past it is refused).
+    pub fn copy_to(self, sink: &mut impl io::Write) -> Result<u64, InputError> {
+        let limit = self.kind.limit;
+        let n = io::copy(&mut (&self.file).take(limit.saturating_add(1)), sink).map_err(|source| {
+            InputError::Read {
+                option: self.option.clone(),
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        self.check_size(n)?;
+        Ok(n)
+    }
+
+    /// The whole file (at most the limit: a file that grew past it is refused).
+    pub fn read_all(self) -> Result<Vec<u8>, InputError> {
+        let mut data = Vec::with_capacity(usize::try_from(self.len).unwrap_or(0));
+        self.copy_to(&mut data)?;
+        Ok(data)
+    }
+
+    /// The whole file as UTF-8 text.
+    pub fn read_text(self) -> Result<String, InputError> {
+        let option = self.option.clone();
+        let path = self.path.clone();
+        let what = self.kind.what;
+        String::from_utf8(self.read_all()?).map_err(|_| InputError::NotUtf8 { option, path, what })
+    }
+}
+
+/// [`InputFile::open`] then [`InputFile::read_all`].
+pub fn read(option: &str, path: &Path, kind: InputKind) -> Result<Vec<u8>, InputError> {
+    InputFile::open(option, path, kind)?.read_all()
+}
+
+/// [`InputFile::open`] then [`InputFile::read_text`].
+pub fn read_text(option: &str, path: &Path, kind: InputKind) -> Result<String, InputError> {
+    InputFile::open(option, path, kind)?.read_text()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIND: InputKind = InputKind {
+        what: "a test file",
+        limit: 8,
+    };
+
+    fn scratch(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("vmsa-host-input-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = scratch("fifo");
+        let fifo = dir.join("fifo");
+        let st = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(st.success());
+        // Without O_NONBLOCK this open never returns; run it on a thread and give up after 10 s.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || tx.send(read("--x", &f, KIND).map(|_| ())));
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("open of a FIFO blocked");
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("--x {}: is a FIFO", fifo.display())),
+            "{e}"
+        );
+        assert!(e.contains("a test file must be a regular file"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn devices_and_directories_are_refused() {
+        let e = read("--x", Path::new("/dev/zero"), KIND).unwrap_err().to_string();
+        assert!(e.starts_with("--x /dev/zero: is a character device"), "{e}");
+        let e = read("--x", Path::new("/"), KIND).unwrap_err().to_string();
+        assert!(e.starts_with("--x /: is a directory"), "{e}");
+        let e = read("--x", Path::new("/no/such/file"), KIND)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--x /no/such/file: cannot read it"), "{e}");
+    }
+
+    #[test]
+    fn limits_read_in_binary_units() {
+        assert_eq!(human(16 << 20), "16 MiB");
+        assert_eq!(human(4 << 30), "4 GiB");
+        assert_eq!(human(1536), "1536 bytes");
+        assert_eq!(human(2048), "2 KiB");
+    }
+
+    #[test]
+    fn sizes_up_to_the_limit_are_read_and_larger_refused() {
+        let dir = scratch("size");
+        let ok = dir.join("ok");
+        std::fs::write(&ok, b"12345678").unwrap();
+        assert_eq!(read("--x", &ok, KIND).unwrap(), b"12345678");
+        assert_eq!(read_text("--x", &ok, KIND).unwrap(), "12345678");
+        let big = dir.join("big");
+        std::fs::write(&big, b"123456789").unwrap();
+        let e = read("--x", &big, KIND).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "--x {}: is 9 bytes: a test file may be at most 8 bytes (8 bytes)",
+                big.display()
+            )
+        );
+        let bin = dir.join("bin");
+        std::fs::write(&bin, b"\xff").unwrap();
+        let e = read_text("--x", &bin, KIND).unwrap_err().to_string();
+        assert!(e.ends_with("is not UTF-8 text: a test file must be UTF-8"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
