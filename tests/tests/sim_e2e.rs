@@ -232,6 +232,31 @@ fn page_state_changes_move_memory_between_gmem_and_shared() {
 }
 
 #[test]
+fn an_action_for_a_vcpu_that_does_not_exist_is_refused_at_once_not_waited_for() {
+    // No thread runs vCPU 9, so whichever vCPU reaches the action executes (and refuses) it:
+    // the run ends at once instead of idling until the watchdog.
+    let script = GuestScript {
+        name: "ghost".into(),
+        actions: vec![
+            GuestAction::Run { vcpu: 0 },
+            GuestAction::Hlt { vcpu: 9 },
+            GuestAction::Hlt { vcpu: 0 },
+        ],
+    };
+    let t0 = std::time::Instant::now();
+    let r = sim_boot(MachineConfig::default(), 2, 16 << 20, script);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(r.report.run.as_ref().unwrap().end, RunEnd::Done);
+    let steps = &r.guest().steps;
+    assert_eq!(steps.len(), 3);
+    assert_eq!(steps[1].error.as_deref(), Some("no vCPU 9"));
+}
+
+#[test]
 fn a_guest_termination_request_ends_the_run_with_its_reason() {
     let script = GuestScript {
         name: "term".into(),
