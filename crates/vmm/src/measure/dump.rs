@@ -1,6 +1,8 @@
 //! `--dump-vmsa DIR`: the launch VMSAs as `vmsa<N>.bin` files (the names and bytes
-//! sev-snp-measure's `--dump-vmsa` writes into its working directory), written all or nothing:
-//! into a fresh sibling directory first, renamed onto DIR at the end.
+//! sev-snp-measure's `--dump-vmsa` writes into its working directory), written all or nothing.
+//! A new DIR is built as a fresh sibling directory and renamed into place; an existing empty DIR
+//! is kept as it is (its owner, mode and mount stay) and filled with files written under
+//! temporary names first, renamed at the end.
 
 use std::fs;
 use std::io;
@@ -65,11 +67,14 @@ pub(crate) fn write<'a>(
     vmsas: impl Iterator<Item = &'a VmsaUpdate>,
 ) -> Result<usize, MeasureError> {
     let (parent, name) = check_dir(dir)?;
-    let tmp = parent.join(format!(".{name}.vmm-measure-{}", std::process::id()));
     let werr = |source| MeasureError::DumpWrite {
         path: dir.to_path_buf(),
         source,
     };
+    if dir.is_dir() {
+        return fill(dir, vmsas).map_err(werr);
+    }
+    let tmp = parent.join(format!(".{name}.vmm-measure-{}", std::process::id()));
     fs::create_dir(&tmp).map_err(werr)?;
     let result = (|| {
         let mut n = 0;
@@ -85,6 +90,31 @@ pub(crate) fn write<'a>(
         let _ = fs::remove_dir_all(&tmp);
     }
     result.map_err(werr)
+}
+
+/// Fill the existing empty directory `dir`: every file under a temporary name first, then each
+/// renamed to its name; on any failure every file written is removed again.
+fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> io::Result<usize> {
+    let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let result = (|| {
+        for v in vmsas {
+            let name = format!("vmsa{}.bin", v.vcpu.0);
+            let tmp = dir.join(format!(".{name}.vmm-measure-{}", std::process::id()));
+            written.push((tmp.clone(), dir.join(&name)));
+            fs::write(&tmp, v.save_area.as_page())?;
+        }
+        for (tmp, done) in &written {
+            fs::rename(tmp, done)?;
+        }
+        Ok(written.len())
+    })();
+    if result.is_err() {
+        for (tmp, done) in &written {
+            let _ = fs::remove_file(tmp);
+            let _ = fs::remove_file(done);
+        }
+    }
+    result
 }
 
 #[cfg(test)]
@@ -130,6 +160,27 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["empty", "out"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn an_existing_empty_directory_is_filled_not_replaced() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let root = scratch("keep");
+        let d = root.join("mine");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o710)).unwrap();
+        let before = fs::metadata(&d).unwrap();
+        assert_eq!(write(&d, vmsas(2).iter()).unwrap(), 2);
+        let after = fs::metadata(&d).unwrap();
+        assert_eq!(after.ino(), before.ino(), "the same directory, not a replacement");
+        assert_eq!(after.mode() & 0o7777, 0o710);
+        let mut names: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["vmsa0.bin", "vmsa1.bin"], "no temporary file left");
         fs::remove_dir_all(root).unwrap();
     }
 
