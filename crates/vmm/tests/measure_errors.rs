@@ -356,3 +356,25 @@ fn fifos_devices_and_unmeasurable_kernels_are_refused_at_once() {
         "has no SNP_KERNEL_HASHES metadata section",
     );
 }
+
+#[test]
+fn a_vcpu_type_that_ec2_and_gce_ignore_is_said_to_be_ignored() {
+    for vmm_type in ["ec2", "gce"] {
+        let out = vmm(["measure"].into_iter().chain(cli(
+            DEBIAN_OVMF,
+            "2",
+            "EPYC-Turin",
+            &["--vmm-type", vmm_type],
+        )));
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("--vcpu-type EPYC-Turin: ignored with --vmm-type"),
+            "{vmm_type}: {err}"
+        );
+        assert!(stdout(&out).contains("EPYC-Turin ignored"), "{}", stdout(&out));
+    }
+    // QEMU uses the model: no warning.
+    let out = vmm(["measure"].into_iter().chain(with(&[])));
+    assert!(!stderr(&out).contains("ignored"), "{}", stderr(&out));
+}

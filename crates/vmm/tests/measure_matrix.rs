@@ -213,7 +213,16 @@ fn json_is_one_document_with_digest_mode_and_inputs() {
         }
         assert_eq!(inputs["append"], c.get("append").cloned().unwrap_or(Value::Null));
         assert_eq!(doc["pages"]["vmsa"], c["vcpus"]);
-        assert!(doc["warnings"].as_array().unwrap().is_empty());
+        // EC2 ignores a vCPU model, and the document says so when one was given.
+        let warnings = doc["warnings"].as_array().unwrap();
+        match c["vcpu_type"].as_str() {
+            Some(t) => {
+                assert_eq!(warnings.len(), 1, "{warnings:?}");
+                let w = warnings[0].as_str().unwrap();
+                assert!(w.contains(t) && w.contains("ignored"), "{w}");
+            }
+            None => assert!(warnings.is_empty(), "{warnings:?}"),
+        }
     }
 }
 

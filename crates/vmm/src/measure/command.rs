@@ -157,14 +157,23 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         Some(dir) => Some(dump::write(dir, plan.vmsas())?),
         None => None,
     };
+    let mut warnings = plan.warnings().to_vec();
+    if let Some(t) = args.vcpu_type.filter(|_| !args.vmm_type.uses_vcpu_signature()) {
+        // sev-snp-measure accepts the option here and ignores it (RDX = 0x600, EC2's and GCE's
+        // reset value); say so rather than ignore it silently.
+        warnings.push(format!(
+            "--vcpu-type {}: ignored with --vmm-type {}, whose VMSAs carry no vCPU model signature (RDX = 0x600)",
+            t.name, args.vmm_type
+        ));
+    }
     let stdout = if args.json {
-        render_json(args, &ovmf, &plan, &config, digest, dumped)
+        render_json(args, &ovmf, &plan, &config, digest, dumped, &warnings)
     } else {
         render_text(args, &ovmf, &plan, &config, digest, dumped)
     };
     Ok(MeasureOutput {
         stdout,
-        warnings: plan.warnings().to_vec(),
+        warnings,
         digest,
     })
 }
@@ -225,7 +234,13 @@ fn render_text(
         ovmf.metadata_sections().len()
     );
     let cpu = match args.vcpu_type {
-        Some(t) => format!(" {t} (signature {:#010x})", t.signature()),
+        Some(t) if config.vmm_type.uses_vcpu_signature() => {
+            format!(" {t} (signature {:#010x})", t.signature())
+        }
+        Some(t) => format!(
+            " ({t} ignored: {} VMSAs carry no model signature)",
+            config.vmm_type
+        ),
         None => String::new(),
     };
     out += &format!(
@@ -265,6 +280,7 @@ fn render_json(
     config: &PlanConfig,
     digest: LaunchDigest,
     dumped: Option<usize>,
+    warnings: &[String],
 ) -> String {
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let pages: serde_json::Map<String, serde_json::Value> = page_counts(plan)
@@ -290,7 +306,7 @@ fn render_json(
         },
         "pages": pages,
         "vmsa_dump": path(&args.dump_vmsa).map(|d| json!({"dir": d, "files": dumped})),
-        "warnings": plan.warnings(),
+        "warnings": warnings,
     });
     format!("{doc}\n")
 }
