@@ -191,19 +191,39 @@ pub enum CostError {
         /// The known names.
         known: String,
     },
-    /// The clock is not a positive finite frequency.
-    #[error("{path}: clock_hz {clock_hz} must be a positive number of cycles per second")]
+    /// The clock is outside [`CLOCK_HZ_RANGE`].
+    #[error("{path}: clock_hz {clock_hz} must be a clock frequency from 1e6 to 1e11 cycles per second")]
     BadClock {
         /// How the file is named.
         path: String,
         /// The value.
         clock_hz: f64,
     },
+    /// An operation's cost is above [`MAX_OP_CYCLES`].
+    #[error(
+        "{path}: {op} = {cycles} cycles is above the most one operation may cost ({MAX_OP_CYCLES} cycles)"
+    )]
+    BadCycles {
+        /// How the file is named.
+        path: String,
+        /// The operation.
+        op: &'static str,
+        /// The value.
+        cycles: u64,
+    },
     /// The file could not be opened or read, or is not a regular file within
     /// [`COST_FILE_KIND`]'s limit.
     #[error(transparent)]
     Input(#[from] vmsa_host::input::InputError),
 }
+
+/// The clock frequencies a cost file may set: 1 MHz to 100 GHz, so that times in microseconds
+/// stay finite and meaningful.
+pub const CLOCK_HZ_RANGE: std::ops::RangeInclusive<f64> = 1e6..=1e11;
+
+/// The most cycles one operation may cost: 2^40 (about 400 s at 2.7 GHz), so that 2^23
+/// operations of the dearest kind still fit the machine's 64-bit clock without saturating it.
+pub const MAX_OP_CYCLES: u64 = 1 << 40;
 
 /// Cost files: at most 1 MiB (a file naming every operation is about 2 KiB).
 pub const COST_FILE_KIND: vmsa_host::input::InputKind = vmsa_host::input::InputKind {
@@ -275,7 +295,7 @@ impl CostModel {
         })?;
         let mut m = Self::default();
         if let Some(hz) = parsed.clock_hz {
-            if !(hz.is_finite() && hz > 0.0) {
+            if !CLOCK_HZ_RANGE.contains(&hz) {
                 return Err(CostError::BadClock {
                     path: path.into(),
                     clock_hz: hz,
@@ -293,6 +313,13 @@ impl CostModel {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+            if cycles > MAX_OP_CYCLES {
+                return Err(CostError::BadCycles {
+                    path: path.into(),
+                    op: op.name(),
+                    cycles,
+                });
+            }
             m.set(op, cycles);
         }
         Ok(m)
@@ -477,6 +504,17 @@ mod tests {
         assert!(e.to_string().contains("unknown operation `rmpupdate`"), "{e}");
         let e = CostModel::from_text("c.json", r#"{"clock_hz": 0}"#).unwrap_err();
         assert!(matches!(e, CostError::BadClock { .. }), "{e}");
+        // A clock that would give infinite or meaningless times, and a cost that would
+        // saturate the machine's clock, are refused with the bound.
+        for text in ["clock_hz = 1e-300\n", "clock_hz = 1e300\n", "clock_hz = nan\n"] {
+            let e = CostModel::from_text("c.toml", text).unwrap_err();
+            assert!(matches!(e, CostError::BadClock { .. }), "{text}: {e}");
+            assert!(e.to_string().contains("from 1e6 to 1e11"), "{e}");
+        }
+        let e = CostModel::from_text("c.toml", "[cycles]\nvmrun = 9223372036854775807\n").unwrap_err();
+        assert!(matches!(e, CostError::BadCycles { op: "vmrun", .. }), "{e}");
+        assert_eq!(e.to_string().lines().count(), 1, "{e}");
+        assert!(CostModel::from_text("c.toml", "[cycles]\nvmrun = 1099511627776\n").is_ok());
         let e = CostModel::from_text("c.toml", "speed = 1").unwrap_err();
         assert!(matches!(e, CostError::Parse { .. }), "{e}");
     }
