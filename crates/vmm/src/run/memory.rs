@@ -52,7 +52,7 @@ pub enum MemoryError {
         size: u64,
     },
     /// A range the launch needs is not guest memory.
-    #[error("{what} at GPA {gpa} ({len:#x} bytes) is outside guest memory ({layout}); raise --memory")]
+    #[error("{what} at GPA {gpa} ({len:#x} bytes) is outside guest memory ({layout}); {}", if *beyond { "raise --memory" } else { "it lies in a hole of the layout (the PCI hole below 4 GiB), where no --memory puts RAM" })]
     OutOfRange {
         /// What needed it.
         what: String,
@@ -62,6 +62,9 @@ pub enum MemoryError {
         len: u64,
         /// The layout, for the message.
         layout: String,
+        /// Whether the range ends above all guest memory (more memory would cover it), rather
+        /// than in a hole between regions.
+        beyond: bool,
     },
     /// The host could not reserve the guest memory asked for.
     #[error("--memory {size} bytes: this host cannot reserve that much guest memory: {source}")]
@@ -71,9 +74,15 @@ pub enum MemoryError {
         /// vm-memory's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// vm-memory refused.
-    #[error("guest memory: {0}")]
-    Mmap(String),
+    /// vm-memory refused an access it had no reason to refuse (the range was checked).
+    #[error("guest memory access at GPA {gpa}: {source}")]
+    Access {
+        /// Where.
+        gpa: Gpa,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
 }
 
 /// The VMM's copy of guest memory.
@@ -160,11 +169,13 @@ impl GuestRam {
         if self.regions.iter().any(|r| r.contains(gpa, len)) {
             Ok(())
         } else {
+            let top = self.regions.iter().map(|r| r.gpa.0 + r.len).max().unwrap_or(0);
             Err(MemoryError::OutOfRange {
                 what: what.into(),
                 gpa,
                 len,
                 layout: self.describe(),
+                beyond: gpa.0.saturating_add(len) > top,
             })
         }
     }
@@ -174,7 +185,7 @@ impl GuestRam {
         self.check(what, gpa, bytes.len() as u64)?;
         self.mem
             .write_slice(bytes, GuestAddress(gpa.0))
-            .map_err(|e| MemoryError::Mmap(e.to_string()))
+            .map_err(|source| MemoryError::Access { gpa, source })
     }
 
     /// Read `len` bytes at `gpa`.
@@ -183,7 +194,7 @@ impl GuestRam {
         let mut buf = vec![0u8; len as usize];
         self.mem
             .read_slice(&mut buf, GuestAddress(gpa.0))
-            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+            .map_err(|source| MemoryError::Access { gpa, source })?;
         Ok(buf)
     }
 
@@ -232,6 +243,12 @@ mod tests {
             e.to_string().contains("outside guest memory (0x0..0x1000000)"),
             "{e}"
         );
+        assert!(e.to_string().ends_with("raise --memory"), "{e}");
+        // A range in the PCI hole: more memory would not cover it, so the message says why.
+        let big = GuestRam::new(4 << 30, Some(2 << 20)).unwrap();
+        let e = big.require("metadata", Gpa(LOW_RAM_END + 0x1000), 0x1000).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("PCI hole") && !text.contains("raise --memory"), "{text}");
     }
 
     #[test]
