@@ -575,3 +575,20 @@ fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
         assert!(err.contains(&format!("(--memory {shown})")), "{err}");
     }
 }
+
+#[test]
+fn a_non_utf8_guest_path_is_a_path_and_errors_name_the_option() {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::OsStr::from_bytes(b"/nonexistent-dir/\xff.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("run")
+        .arg("--guest")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--guest /nonexistent-dir/"), "{err}");
+    assert!(!err.contains("invalid UTF-8"), "{err}");
+}

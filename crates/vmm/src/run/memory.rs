@@ -246,9 +246,14 @@ mod tests {
         assert!(e.to_string().ends_with("raise --memory"), "{e}");
         // A range in the PCI hole: more memory would not cover it, so the message says why.
         let big = GuestRam::new(4 << 30, Some(2 << 20)).unwrap();
-        let e = big.require("metadata", Gpa(LOW_RAM_END + 0x1000), 0x1000).unwrap_err();
+        let e = big
+            .require("metadata", Gpa(LOW_RAM_END + 0x1000), 0x1000)
+            .unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("PCI hole") && !text.contains("raise --memory"), "{text}");
+        assert!(
+            text.contains("PCI hole") && !text.contains("raise --memory"),
+            "{text}"
+        );
     }
 
     #[test]

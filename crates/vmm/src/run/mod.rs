@@ -52,7 +52,12 @@ pub struct RunArgs {
     pub memory: ByteSize,
     /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail, or a JSON
     /// guest script (simulator).
-    #[arg(long, value_name = "builtin:NAME|FILE", default_value = "builtin:boot")]
+    #[arg(
+        long,
+        value_name = "builtin:NAME|FILE",
+        default_value = "builtin:boot",
+        value_parser = clap::builder::TypedValueParser::try_map(clap::builder::OsStringValueParser::new(), GuestSpec::from_os)
+    )]
     pub guest: GuestSpec,
     /// Launch this OVMF image (its pages and SEV metadata are measured; the digest must equal
     /// `vmm measure`'s). Simulator only.

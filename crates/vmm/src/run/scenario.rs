@@ -58,6 +58,17 @@ impl std::str::FromStr for GuestSpec {
     }
 }
 
+impl GuestSpec {
+    /// Parse `--guest` from the command line as the OS gave it: a file name need not be UTF-8
+    /// (only `builtin:NAME` must be).
+    pub fn from_os(s: std::ffi::OsString) -> Result<Self, String> {
+        match s.into_string() {
+            Ok(text) => text.parse(),
+            Err(raw) => Ok(Self::File(PathBuf::from(raw))),
+        }
+    }
+}
+
 impl std::fmt::Display for GuestSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
