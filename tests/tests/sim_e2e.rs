@@ -232,6 +232,50 @@ fn page_state_changes_move_memory_between_gmem_and_shared() {
 }
 
 #[test]
+fn converting_a_running_aps_vmsa_to_shared_kicks_it_out_before_the_page_is_freed() {
+    // The BSP creates AP 1 from a VMSA at GPA, AP 1 runs on it, and then the BSP converts that
+    // page to shared. KVM drops the VMSA and kicks AP 1 out of the guest before it frees the
+    // page, so RMPUPDATE never meets a VMSA in use (FAIL_INUSE) and nothing leaks.
+    let gpa = smp_boot_vmsa_gpa(0x20_0000, 1);
+    let mut actions = GuestAction::vmsa_setup(0, gpa, 0x10_0000, 0x8_0000).to_vec();
+    actions.extend([
+        GuestAction::ApCreate {
+            vcpu: 0,
+            apic_id: 1,
+            gpa,
+            on_init: false,
+            sev_features: None,
+        },
+        GuestAction::Run { vcpu: 1 },
+        GuestAction::PageState {
+            vcpu: 0,
+            gpa,
+            pages: 1,
+            to: PscTarget::Shared,
+        },
+        GuestAction::Hlt { vcpu: 0 },
+    ]);
+    let r = sim_boot(
+        MachineConfig::default(),
+        2,
+        16 << 20,
+        GuestScript {
+            name: "psc-vmsa".into(),
+            actions,
+        },
+    );
+    let steps = &r.guest().steps;
+    let psc = &steps[5];
+    assert_eq!(psc.error, None, "{psc:?}");
+    assert!(psc.detail.contains("1 private frames released"), "{psc:?}");
+    assert!(psc.detail.contains("vCPUs reloading: [VcpuId(1)]"), "{psc:?}");
+    assert!(!psc.detail.contains("LEAKED"), "{psc:?}");
+    assert!(r.machine.leaked_frames().is_empty());
+    assert_eq!(r.machine.stats().rmp_faults, 0);
+    assert_eq!(r.machine.allocated_frames(), 0);
+}
+
+#[test]
 fn an_action_for_a_vcpu_that_does_not_exist_is_refused_at_once_not_waited_for() {
     // No thread runs vCPU 9, so whichever vCPU reaches the action executes (and refuses) it:
     // the run ends at once instead of idling until the watchdog.

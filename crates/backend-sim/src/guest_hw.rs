@@ -10,6 +10,16 @@ use crate::fault::{FaultCode, FaultOp};
 use crate::machine::Hw;
 use crate::rmp::{GuestFault, GuestInstrError, PageSize, RmpState};
 
+/// What a conversion to shared did to the private frames of the range.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Converted {
+    /// Guest frames whose private frame was made shared, flushed and freed.
+    pub released: Vec<Gfn>,
+    /// Guest frames whose private frame could not be made shared (RMPUPDATE refused it, e.g.
+    /// FAIL_INUSE for a VMSA a vCPU still runs on): leaked on purpose, never reused.
+    pub leaked: Vec<(Gfn, Pfn)>,
+}
+
 impl Hw {
     // ---- guest memory ----
 
@@ -296,7 +306,7 @@ impl Hw {
         start: Gfn,
         end: Gfn,
         to_shared: bool,
-    ) -> Result<Vec<Gfn>, SimError> {
+    ) -> Result<Converted, SimError> {
         let gmem = &mut self.slot_mut(asid)?.gmem;
         if !gmem.covers(start, end) {
             let outside = (start.0..end.0)
@@ -309,24 +319,26 @@ impl Hw {
             });
         }
         gmem.set_attr(start, end, !to_shared);
+        let mut out = Converted::default();
         if to_shared {
             let backed = gmem.private_in(start, end);
-            let mut released = Vec::new();
             for gfn in backed {
                 if let Some(pfn) = self.slot_mut(asid)?.gmem.punch(gfn) {
-                    self.release_gmem_frame(asid, pfn);
-                    released.push(gfn);
+                    if self.release_gmem_frame(asid, pfn) {
+                        out.released.push(gfn);
+                    } else {
+                        out.leaked.push((gfn, pfn));
+                    }
                 }
             }
-            Ok(released)
         } else {
             for gfn in gmem.shared_in(start, end) {
                 if let Some(p) = self.slot_mut(asid)?.gmem.remove_shared(gfn) {
                     self.free_page(p);
                 }
             }
-            Ok(Vec::new())
         }
+        Ok(out)
     }
 
     /// `sev_gmem_invalidate` for one frame: PSMASH if inside a 2 MiB entry, RMPUPDATE shared
@@ -517,7 +529,7 @@ mod tests {
             p.guest_write(Gpa(0x3000), &[1; 4096], true),
             Err(SimError::SharedMemory { .. })
         ));
-        assert_eq!(p.convert(Gfn(0), Gfn(256), false).unwrap(), vec![]);
+        assert_eq!(p.convert(Gfn(0), Gfn(256), false).unwrap(), Converted::default());
         // Shared accesses need the shared attribute; private ones the private attribute.
         assert!(matches!(
             p.guest_write(Gpa(0x3000), &[1; 4096], false),
@@ -527,7 +539,10 @@ mod tests {
         let before = m.allocated_frames();
         assert_eq!(
             p.convert(one(gfn).0, one(gfn).1, true).unwrap(),
-            vec![gfn],
+            Converted {
+                released: vec![gfn],
+                leaked: vec![]
+            },
             "the private frame is released"
         );
         assert_eq!(m.allocated_frames(), before - 1);
@@ -537,7 +552,10 @@ mod tests {
             p.guest_read(Gpa(0x3000), true),
             Err(SimError::SharedMemory { .. })
         ));
-        assert_eq!(p.convert(one(gfn).0, one(gfn).1, false).unwrap(), vec![]);
+        assert_eq!(
+            p.convert(one(gfn).0, one(gfn).1, false).unwrap(),
+            Converted::default()
+        );
         assert_eq!(m.allocated_frames(), before - 1, "the shared copy was discarded");
         assert!(matches!(
             p.convert(Gfn(0xff), Gfn(0x101), true),

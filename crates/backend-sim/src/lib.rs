@@ -71,6 +71,7 @@ pub use cost::{CostError, CostModel, CostOp, CostReport};
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
 pub use firmware::PageState;
 pub use guest::{GuestAction, GuestScript, ScriptError};
+pub use guest_hw::Converted;
 pub use measure::LaunchDigest;
 
 pub use machine::{

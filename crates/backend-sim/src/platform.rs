@@ -131,9 +131,15 @@ impl SimPlatform {
     }
 
     /// Convert guest frames `[start, end)` to shared or private (`KVM_SET_MEMORY_ATTRIBUTES`
-    /// plus the guest_memfd hole punch of a conversion to shared); returns the guest frames
-    /// whose private frame was released (so `Vm::gmem_invalidate` must be called for them).
-    pub fn convert(&self, start: Gfn, end: Gfn, to_shared: bool) -> Result<Vec<Gfn>, SimError> {
+    /// plus the guest_memfd hole punch of a conversion to shared); says which private frames
+    /// were released and which leaked. Call `Vm::gmem_invalidate` for the range first, and take
+    /// any vCPU running on a guest VMSA there out of the guest, as KVM does before it frees.
+    pub fn convert(
+        &self,
+        start: Gfn,
+        end: Gfn,
+        to_shared: bool,
+    ) -> Result<crate::guest_hw::Converted, SimError> {
         self.machine.hw().convert(self.asid, start, end, to_shared)
     }
 

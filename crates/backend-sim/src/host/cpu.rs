@@ -88,26 +88,35 @@ pub(crate) fn each_page(
 }
 
 /// Convert `range` as KVM_SET_MEMORY_ATTRIBUTES and the guest_memfd hole punch QEMU does for a
-/// conversion to shared would (`sev_gmem_invalidate`), and tell the kernel which guest frames
-/// were replaced (`sev_gmem_invalidate_range`): a guest VMSA there is re-resolved at its
-/// vCPU's next entry. Says what it did.
-pub(crate) fn convert(vm: &Vm<SimPlatform>, range: Conversion) -> Result<String, SimError> {
+/// conversion to shared would, in KVM's order: first the kernel drops every guest VMSA in the
+/// range (`sev_gmem_invalidate_range`: those vCPUs re-resolve it at their next entry) and the
+/// vCPUs running on one leave the guest (the invalidation kicks them), then the private frames
+/// are made shared, flushed and freed (`sev_gmem_invalidate`); a frame RMPUPDATE still refuses
+/// is leaked on purpose and said so. Says what it did.
+pub(crate) fn convert(vm: &Vm<SimPlatform>, cpus: &mut Cpus, range: Conversion) -> Result<String, SimError> {
     let start = range.gpa.gfn();
     let end = Gfn(start.0 + range.size / PAGE_SIZE);
-    let released = vm.platform().convert(start, end, !range.private)?;
-    let pages = end.0 - start.0;
     let to = if range.private { "private" } else { "shared" };
-    if released.is_empty() {
-        return Ok(format!("{pages} pages to {to}"));
+    let mut hit = Vec::new();
+    if !range.private {
+        hit = vm.gmem_invalidate(start, end);
+        for v in &hit {
+            cpus.exit(vm, v.0);
+        }
     }
-    let hit: Vec<VcpuId> = released
-        .iter()
-        .flat_map(|g| vm.gmem_invalidate(*g, Gfn(g.0 + 1)))
-        .collect();
-    Ok(format!(
-        "{pages} pages to {to}; {} private frames released, vCPUs reloading: {hit:?}",
-        released.len()
-    ))
+    let done = vm.platform().convert(start, end, !range.private)?;
+    let mut out = format!("{} pages to {to}", end.0 - start.0);
+    if !done.released.is_empty() {
+        out += &format!("; {} private frames released", done.released.len());
+    }
+    if !hit.is_empty() {
+        out += &format!(", vCPUs reloading: {hit:?}");
+    }
+    if !done.leaked.is_empty() {
+        let pfns: Vec<String> = done.leaked.iter().map(|(_, p)| p.to_string()).collect();
+        out += &format!("; LEAKED (RMPUPDATE refused): pfn {}", pfns.join(", "));
+    }
+    Ok(out)
 }
 
 /// Run `script` on `vm` (launched) on the caller's thread, every action in order, answering the
@@ -118,11 +127,11 @@ pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> G
     for (index, a) in script.actions.iter().enumerate() {
         match cpus.step(vm, index, a, false) {
             Acted::Convert(range) => {
-                let done = convert(vm, range).map_err(|e| e.to_string());
+                let done = convert(vm, &mut cpus, range).map_err(|e| e.to_string());
                 cpus.record(index, a, done);
             }
             Acted::Fault(range) => {
-                if let Err(e) = convert(vm, range) {
+                if let Err(e) = convert(vm, &mut cpus, range) {
                     cpus.record(index, a, Err(e.to_string()));
                 } else {
                     cpus.step(vm, index, a, true);
@@ -170,7 +179,7 @@ impl Cpus {
         }
     }
 
-    fn exit(&mut self, vm: &Vm<SimPlatform>, vcpu: u32) {
+    pub(super) fn exit(&mut self, vm: &Vm<SimPlatform>, vcpu: u32) {
         if let Some(hpa) = self.running.remove(&vcpu) {
             vm.platform().vmexit(hpa);
         }

@@ -153,10 +153,10 @@ impl vmsa_host::Vm for SimVm {
     /// (`sev_gmem_invalidate`); any guest VMSA there is re-resolved at its vCPU's next entry.
     fn set_memory_attributes(&self, range: Conversion) -> Result<(), VmError> {
         rules::check_conversion(&range, self.spec.kind)?;
-        let kernel = self.shared.kernel();
-        let result = convert(&kernel, range);
-        drop(kernel);
         let mut g = self.shared.guest();
+        let kernel = self.shared.kernel();
+        let result = convert(&kernel, &mut g.cpus, range);
+        drop(kernel);
         if let Some(pending) = g.pending.as_mut().filter(|p| p.range == range) {
             pending.result = Some(result.clone().map_err(|e| e.to_string()));
         }
