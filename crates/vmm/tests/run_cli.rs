@@ -592,3 +592,22 @@ fn a_non_utf8_guest_path_is_a_path_and_errors_name_the_option() {
     assert!(err.contains("--guest /nonexistent-dir/"), "{err}");
     assert!(!err.contains("invalid UTF-8"), "{err}");
 }
+
+#[test]
+fn a_firmware_launch_meant_to_fail_is_not_judged_by_its_digest() {
+    let (s, code) = run_json(&[
+        "--firmware",
+        DEBIAN_OVMF,
+        "--vcpus",
+        "2",
+        "--memory",
+        "1G",
+        "--guest",
+        "builtin:launch-fail",
+    ]);
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(s["launch"]["state"], "Failed");
+    assert_eq!(s["launch"]["expected_failure"], true);
+    assert!(s["launch"]["digest_matches"].is_null(), "{s:#}");
+    assert_eq!(s["ok"], true, "{:?}", s["problems"]);
+}
