@@ -199,6 +199,7 @@ pub(super) fn run(
         spec: VmSpec {
             kind,
             vmsa_features: image.config.sev_features,
+            supplied_vmsa: false,
         },
         memory: (0u32..)
             .zip(ram.regions())
@@ -225,6 +226,7 @@ pub(super) fn run(
             })
             .collect(),
         vmsas: &image.vmsas,
+        supplied_vmsa: None,
     };
 
     let machine = Machine::new(MachineConfig {
