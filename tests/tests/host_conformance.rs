@@ -48,6 +48,9 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
 struct Guest {
     vcpus: u32,
     recreate: bool,
+    /// Launched in the supplied-VMSA mode: the BSP's VMSA at [`SUPPLIED_GPA`], no VMSA for the
+    /// APs until the guest creates them.
+    supplied: bool,
 }
 
 impl Guest {
@@ -55,8 +58,13 @@ impl Guest {
     const NONE: Self = Self {
         vcpus: 1,
         recreate: false,
+        supplied: false,
     };
 }
+
+/// Where a supplied BSP VMSA goes: a free page of the guest program's layout (below the AP
+/// VMSAs at 2 MiB, above the program's pages), 4 KiB but not 2 MiB aligned.
+const SUPPLIED_GPA: Gpa = Gpa(0x1f_f000);
 
 /// Something to do on one host, whatever its type.
 trait OnHost {
@@ -227,10 +235,13 @@ struct Seen {
 }
 
 impl OnHost for Boot {
-    type Out = Seen;
+    type Out = Option<Seen>;
 
-    fn on<H: Hypervisor>(&self, host: &H) -> Seen {
+    fn on<H: Hypervisor>(&self, host: &H) -> Option<Seen> {
         let g = self.0;
+        if g.supplied && !host.capabilities().supplied_vmsa {
+            return None;
+        }
         let image = GuestProgram::ApCreation { recreate: g.recreate }
             .image(g.vcpus)
             .expect("the guest program assembles");
@@ -241,6 +252,11 @@ impl OnHost for Boot {
             &image.bytes,
             &image.vmsas,
         );
+        let launch = if g.supplied {
+            launch.with_supplied_vmsa(SUPPLIED_GPA)
+        } else {
+            launch
+        };
         let t0 = Instant::now();
         let FlowReport {
             launch_error,
@@ -255,13 +271,13 @@ impl OnHost for Boot {
         )
         .unwrap_or_else(|e| panic!("{}: the flow could not create the VM: {e}", host.name()));
         let took = t0.elapsed();
-        Seen {
+        Some(Seen {
             end: run.map(|r| r.end),
             launch_error: launch_error.map(|e| e.to_string()),
             histories: report.events.seen().map(|e| ownership_histories(e)),
             report,
             took,
-        }
+        })
     }
 }
 
@@ -298,6 +314,24 @@ fn comparable(a: &TeardownCounts, b: &TeardownCounts) -> Vec<(&'static str, u64,
 fn boots_alike(g: Guest) {
     let _turn = turn();
     let runs = on_every_host(g, &Boot(g));
+    let runs: Vec<_> = runs
+        .into_iter()
+        .map(|r| match r.out {
+            // A host without supplied VMSAs (a mainline SNP kernel) is skipped, with why.
+            Ok(None) => HostRun {
+                label: r.label,
+                out: Err("it takes no supplied VMSAs (its capabilities say so)".into()),
+            },
+            Ok(Some(s)) => HostRun {
+                label: r.label,
+                out: Ok(s),
+            },
+            Err(why) => HostRun {
+                label: r.label,
+                out: Err(why),
+            },
+        })
+        .collect();
     let n = g.vcpus as usize;
     let mut reference: Option<(&str, &Seen)> = None;
     for r in &runs {
@@ -368,11 +402,32 @@ fn boots_alike(g: Guest) {
     }
 }
 
+/// The supplied-VMSA mode through the VMM's one flow: the BSP runs from the VMSA page supplied
+/// in guest memory (GuestOwned from the launch), the guest creates every AP from None.
+#[test]
+fn supplied_vmsa_boots_alike_on_4_vcpus() {
+    boots_alike(Guest {
+        vcpus: 4,
+        recreate: false,
+        supplied: true,
+    });
+}
+
+#[test]
+fn supplied_vmsa_with_ap_re_creation_boots_alike() {
+    boots_alike(Guest {
+        vcpus: 4,
+        recreate: true,
+        supplied: true,
+    });
+}
+
 #[test]
 fn ap_creation_on_1_vcpu() {
     boots_alike(Guest {
         vcpus: 1,
         recreate: false,
+        supplied: false,
     });
 }
 
@@ -381,6 +436,7 @@ fn ap_creation_on_4_vcpus() {
     boots_alike(Guest {
         vcpus: 4,
         recreate: false,
+        supplied: false,
     });
 }
 
@@ -389,6 +445,7 @@ fn ap_creation_on_64_vcpus() {
     boots_alike(Guest {
         vcpus: 64,
         recreate: false,
+        supplied: false,
     });
 }
 
@@ -397,6 +454,7 @@ fn ap_destroy_and_re_create_on_4_vcpus() {
     boots_alike(Guest {
         vcpus: 4,
         recreate: true,
+        supplied: false,
     });
 }
 
@@ -407,6 +465,10 @@ fn ap_destroy_and_re_create_on_4_vcpus() {
 enum Call {
     /// `create_vm` of this kind with these `vmsa_features`.
     CreateVm(VmKind, u64),
+    /// `create_vm` of this kind in the supplied-VMSA mode.
+    CreateSuppliedVm(VmKind),
+    /// A launch update of page type VMSA: the BSP's VMSA at this GPA with these SEV_FEATURES.
+    SupplyVmsa(u64, u64),
     /// 4 MiB of guest_memfd memory from GPA 0, slot 0, made private where the host has private
     /// memory (what the VMM's flow does for an SNP guest's RAM).
     AddMemory,
@@ -480,6 +542,13 @@ struct Row {
 }
 
 impl Row {
+    /// Whether the row needs a host that takes supplied VMSAs (it starts with a supplied VM).
+    fn supplied(&self) -> bool {
+        matches!(self.calls.first(), Some(CreateSuppliedVm(VmKind::Snp)))
+    }
+}
+
+impl Row {
     /// What `host` must answer to the last call.
     fn want(&self, host: &str) -> &Answer {
         self.except
@@ -506,7 +575,62 @@ fn refusals() -> Vec<Row> {
     let normal = LaunchUpdate(SnpPageType::Normal);
     let launched = [LaunchStart, normal, LaunchFinish];
     let launched: Vec<Call> = READY.iter().chain(&launched).copied().collect();
+    // A supplied-VMSA VM (the series' 4/4) with memory, the BSP and the launch started.
+    const SUPPLIED: [Call; 4] = [
+        CreateSuppliedVm(VmKind::Snp),
+        AddMemory,
+        CreateVcpu(0),
+        LaunchStart,
+    ];
+    const ACTIVE: u64 = SEV_FEAT_SNP_ACTIVE;
+    let supplied_finished: Vec<Call> = SUPPLIED
+        .iter()
+        .chain(&[SupplyVmsa(0x9000, ACTIVE), LaunchFinish])
+        .copied()
+        .collect();
     vec![
+        row(
+            "a second VMSA page for the BSP (snp_launch_update, series 4/4)",
+            &SUPPLIED,
+            &[SupplyVmsa(0x9000, ACTIVE), SupplyVmsa(0xa000, ACTIVE)],
+            UPDATE,
+            Errno::EINVAL,
+        ),
+        row(
+            "a VMSA page whose SEV_FEATURES differ from the VM's (sev_snp_ap_creation's rule)",
+            &SUPPLIED,
+            &[SupplyVmsa(0x9000, 0)],
+            UPDATE,
+            Errno::EINVAL,
+        ),
+        row(
+            "a VMSA page at a 2 MiB-aligned GPA (erratum 1467)",
+            &SUPPLIED,
+            &[SupplyVmsa(0x20_0000, ACTIVE)],
+            UPDATE,
+            Errno::EINVAL,
+        ),
+        row(
+            "a VMSA page after launch_finish (snp_launch_update)",
+            &supplied_finished,
+            &[SupplyVmsa(0xa000, ACTIVE)],
+            UPDATE,
+            Errno::EINVAL,
+        ),
+        row(
+            "launch_finish without the BSP's supplied VMSA (snp_launch_finish)",
+            &SUPPLIED,
+            &[LaunchFinish],
+            FINISH,
+            Errno::EINVAL,
+        ),
+        Row {
+            name: "an SEV-ES VM with supplied VMSAs (__sev_guest_init)",
+            calls: vec![CreateSuppliedVm(VmKind::SevEs)],
+            want: Answer::Refused("KVM_SEV_INIT2", Errno::EINVAL),
+            // VMSA-image mode runs SNP guests only (its capabilities say so).
+            except: vec![("kvm-image", Answer::Unsupported(VmKind::SevEs))],
+        },
         row(
             "launch_update before launch_start (snp_launch_update)",
             &READY,
@@ -625,7 +749,18 @@ impl OnHost for Refusals<'_> {
     type Out = Vec<Vec<Answer>>;
 
     fn on<H: Hypervisor>(&self, host: &H) -> Vec<Vec<Answer>> {
-        self.0.iter().map(|r| calls(host, &r.calls)).collect()
+        self.0
+            .iter()
+            .map(|r| {
+                if r.supplied() && !host.capabilities().supplied_vmsa {
+                    // A host without supplied VMSAs refuses the VM up front (SNP mode on a
+                    // mainline kernel: before any ioctl, with the probe's reason).
+                    let e = host.create_vm(VmSpec::snp(0).with_supplied_vmsa()).err();
+                    return vec![e.map_or(Answer::Ok, |e| Answer::from(&e))];
+                }
+                calls(host, &r.calls)
+            })
+            .collect()
     }
 }
 
@@ -638,7 +773,22 @@ fn calls<H: Hypervisor>(host: &H, calls: &[Call]) -> Vec<Answer> {
     let mut answers = Vec::new();
     for &c in calls {
         let answer = match (c, vm.as_mut()) {
-            (CreateVm(kind, vmsa_features), _) => match host.create_vm(VmSpec { kind, vmsa_features }) {
+            (CreateVm(kind, vmsa_features), _) => match host.create_vm(VmSpec {
+                kind,
+                vmsa_features,
+                supplied_vmsa: false,
+            }) {
+                Ok(v) => {
+                    vm = Some(v);
+                    Answer::Ok
+                }
+                Err(e) => Answer::from(&e),
+            },
+            (CreateSuppliedVm(kind), _) => match host.create_vm(VmSpec {
+                kind,
+                vmsa_features: 0,
+                supplied_vmsa: true,
+            }) {
                 Ok(v) => {
                     vm = Some(v);
                     Answer::Ok
@@ -687,6 +837,16 @@ fn calls<H: Hypervisor>(host: &H, calls: &[Call]) -> Vec<Answer> {
                 page_type,
                 data: Some(&page),
             })),
+            (SupplyVmsa(gpa, sev_features), Some(vm)) => {
+                let mut vmsa = layout::long_mode_image(0x8000);
+                vmsa.sev_features = sev_features;
+                answer(vm.launch_update(vmsa_host::LaunchUpdate {
+                    gpa: Gpa(gpa),
+                    len: 4096,
+                    page_type: SnpPageType::Vmsa,
+                    data: Some(vmsa.as_page()),
+                }))
+            }
             (LaunchUpdateVmsas, Some(vm)) => answer(vm.launch_update_vmsas()),
             (LaunchFinish, Some(vm)) => answer(vm.launch_finish()),
             (SetMemoryAttributes(private), Some(vm)) => answer(vm.set_memory_attributes(Conversion {
@@ -743,6 +903,10 @@ fn kvms_refused_orderings_on_every_host() {
     for r in &runs {
         let Ok(answers) = &r.out else { continue };
         for (row, got) in table.iter().zip(answers) {
+            if row.supplied() && got.len() == 1 && matches!(got[0], Answer::Unsupported(VmKind::Snp)) {
+                println!("conformance: {}: {}: no supplied VMSAs here", r.label, row.name);
+                continue;
+            }
             let mut want = vec![Answer::Ok; row.calls.len() - 1];
             want.push(row.want(r.label).clone());
             assert_eq!(got, &want, "{}: {}: {:?}", r.label, row.name, row.calls);

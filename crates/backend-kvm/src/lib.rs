@@ -31,7 +31,7 @@
 //! let host = KvmHost::new()?;
 //! println!("{}: {}", host.name(), host.reason());
 //! let guest = host.builtin_guest(&GuestProgram::ApCreation { recreate: true }, 1)?;
-//! let mut vm = host.create_vm(VmSpec { kind: VmKind::Snp, vmsa_features: 0 })?;
+//! let mut vm = host.create_vm(VmSpec::snp(0))?;
 //! vm.add_memory(MemoryRegion { slot: 0, gpa: Gpa(0), size: 16 << 20, guest_memfd: true })?;
 //! let mut bsp = vm.create_vcpu(0)?;
 //! bsp.set_state(&guest.vmsas[0])?;

@@ -256,6 +256,41 @@ pub struct ProbeReport {
     pub snp_vm_create: Probed<&'static str>,
     /// The verdict per mode: SNP, SEV-ES, VMSA-image.
     pub modes: Vec<ModeSupport>,
+    /// Whether this kernel takes supplied VMSAs (see [`SuppliedVmsaProbe`]).
+    pub supplied_vmsa: SuppliedVmsaProbe,
+}
+
+/// Whether this kernel takes a VMSA supplied by user space at launch (`SNP_LAUNCH_UPDATE` of
+/// page type 2, `KVM_SEV_SNP_PAGE_TYPE_VMSA`, the "Streamline VMSA setting" series' 4/4 "kvm:
+/// svm: Support KVM_SEV_SNP_PAGE_TYPE_VMSA at SNP_LAUNCH_UPDATE").
+///
+/// How the probe decides: the kernel must say so, and no kernel does. Mainline's uapi has no
+/// `KVM_SEV_SNP_PAGE_TYPE_VMSA` and no capability for it, and `snp_launch_update` refuses type
+/// 2 with `EINVAL`; the series is not merged and names no capability the probe could read. The
+/// probe does not try an `SNP_LAUNCH_UPDATE` of type 2 to find out: that needs a started SNP
+/// launch (an ASID and a firmware context) only to read an `EINVAL`. So the answer is no,
+/// with the reason (no SEV-SNP at all here, or a kernel without the series).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SuppliedVmsaProbe {
+    /// Whether SNP mode may send page type VMSA.
+    pub supported: bool,
+    /// Why (or why not).
+    pub reason: &'static str,
+}
+
+impl SuppliedVmsaProbe {
+    /// The verdict, from whether SEV-SNP runs here at all.
+    pub fn decide(snp_supported: bool) -> Self {
+        let reason = if snp_supported {
+            "no: this kernel advertises no KVM_SEV_SNP_PAGE_TYPE_VMSA (mainline has none: snp_launch_update refuses page type 2 with EINVAL; the series' 4/4 is not merged)"
+        } else {
+            "no: SEV-SNP is not available here (see the SNP mode's reasons), so no SNP_LAUNCH_UPDATE at all"
+        };
+        Self {
+            supported: false,
+            reason,
+        }
+    }
 }
 
 impl ProbeReport {
@@ -314,6 +349,11 @@ impl fmt::Display for ProbeReport {
             other => writeln!(f, "  KVM_X86_XCOMP_GUEST_SUPP (control): {other}")?,
         }
         writeln!(f, "  KVM_CREATE_VM(KVM_X86_SNP_VM): {}", self.snp_vm_create)?;
+        writeln!(
+            f,
+            "  supplied VMSAs (SNP_LAUNCH_UPDATE page type VMSA): {}",
+            self.supplied_vmsa.reason
+        )?;
         writeln!(f, "Modes")?;
         for m in &self.modes {
             if m.supported {
@@ -358,6 +398,7 @@ pub fn probe() -> ProbeReport {
                         missing: missing.clone(),
                     })
                     .collect(),
+                supplied_vmsa: SuppliedVmsaProbe::decide(false),
             }
         }
     }
@@ -436,6 +477,8 @@ pub fn probe_with(kvm: &Kvm) -> ProbeReport {
         sev_vmsa_features,
         snp_vm_create,
     };
+    let modes = facts.verdicts();
+    let snp = modes.iter().any(|m| m.mode == Mode::Snp && m.supported);
     ProbeReport {
         api_version: Probed::Ok { value: api },
         caps,
@@ -443,7 +486,8 @@ pub fn probe_with(kvm: &Kvm) -> ProbeReport {
         sev_vmsa_features,
         xcomp_guest_supp,
         snp_vm_create,
-        modes: facts.verdicts(),
+        modes,
+        supplied_vmsa: SuppliedVmsaProbe::decide(snp),
     }
 }
 
@@ -623,6 +667,20 @@ mod tests {
                 errno: Errno::new(libc::EINVAL),
             },
         }
+    }
+
+    #[test]
+    fn no_kernel_is_probed_as_taking_supplied_vmsas() {
+        for snp in [false, true] {
+            let v = SuppliedVmsaProbe::decide(snp);
+            assert!(!v.supported);
+            assert!(v.reason.starts_with("no: "), "{}", v.reason);
+        }
+        assert!(
+            SuppliedVmsaProbe::decide(true)
+                .reason
+                .contains("snp_launch_update")
+        );
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub enum SnpLaunchPage {
     Secrets,
     /// The CPUID page.
     Cpuid,
+    /// The BSP's VMSA, supplied by user space ([`crate::uapi::KVM_SEV_SNP_PAGE_TYPE_VMSA`]); only
+    /// a kernel with the series' 4/4 takes it.
+    Vmsa,
 }
 
 impl SnpLaunchPage {
@@ -117,16 +120,17 @@ impl SnpLaunchPage {
             SnpLaunchPage::Unmeasured => KVM_SEV_SNP_PAGE_TYPE_UNMEASURED,
             SnpLaunchPage::Secrets => KVM_SEV_SNP_PAGE_TYPE_SECRETS,
             SnpLaunchPage::Cpuid => KVM_SEV_SNP_PAGE_TYPE_CPUID,
+            SnpLaunchPage::Vmsa => crate::uapi::KVM_SEV_SNP_PAGE_TYPE_VMSA,
         }) as u8
     }
 
-    /// The KVM page type for a vmsa-core page type; `None` for VMSA pages, which userspace
-    /// cannot add through `SNP_LAUNCH_UPDATE`.
+    /// The KVM page type for a vmsa-core page type (the same numbers). Whether the kernel
+    /// takes [`SnpLaunchPage::Vmsa`] is [`crate::host::snp::launch_update_args`]' question.
     pub fn from_core(t: vmsa_core::SnpPageType) -> Option<Self> {
         use vmsa_core::SnpPageType as T;
         Some(match t {
             T::Normal => SnpLaunchPage::Normal,
-            T::Vmsa => return None,
+            T::Vmsa => SnpLaunchPage::Vmsa,
             T::Zero => SnpLaunchPage::Zero,
             T::Unmeasured => SnpLaunchPage::Unmeasured,
             T::Secrets => SnpLaunchPage::Secrets,
@@ -481,12 +485,12 @@ mod tests {
             (T::Unmeasured, 4),
             (T::Secrets, 5),
             (T::Cpuid, 6),
+            (T::Vmsa, 2),
         ] {
             let p = SnpLaunchPage::from_core(t).unwrap();
             assert_eq!(p.raw(), raw);
             assert_eq!(p.raw(), t as u8, "KVM and firmware numbers agree");
         }
-        assert_eq!(SnpLaunchPage::from_core(T::Vmsa), None);
     }
 
     #[test]

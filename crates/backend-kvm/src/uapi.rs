@@ -40,6 +40,12 @@ mod nr {
 }
 pub(crate) use nr::KVM_GET_DEVICE_ATTR;
 
+/// `KVM_SEV_SNP_PAGE_TYPE_VMSA`: the `SNP_LAUNCH_UPDATE` page type of a VMSA supplied by user
+/// space (the "Streamline VMSA setting" series' 4/4, "kvm: svm: Support
+/// KVM_SEV_SNP_PAGE_TYPE_VMSA at SNP_LAUNCH_UPDATE"). Not in mainline's uapi (which skips 2);
+/// the pre-merge SNP uapi reserved 2, the firmware's `SNP_PAGE_TYPE_VMSA`.
+pub const KVM_SEV_SNP_PAGE_TYPE_VMSA: u32 = 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;

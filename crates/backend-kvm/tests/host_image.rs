@@ -39,10 +39,7 @@ fn kvm_fds() -> usize {
         .unwrap_or(0)
 }
 
-const SPEC: VmSpec = VmSpec {
-    kind: VmKind::Snp,
-    vmsa_features: 0,
-};
+const SPEC: VmSpec = VmSpec::snp(0);
 
 fn refusal(e: VmError) -> vmsa_host::Refusal {
     *e.refusal().unwrap_or_else(|| panic!("not a refusal: {e}"))
@@ -57,12 +54,7 @@ fn kvms_rules_are_refused_through_the_interface() {
     assert!(h.capabilities().ownership_visible);
     assert!(!h.capabilities().launch_digest_visible);
     // SEV-ES: refused at creation, with the reason.
-    let e = h
-        .create_vm(VmSpec {
-            kind: VmKind::SevEs,
-            vmsa_features: 0,
-        })
-        .unwrap_err();
+    let e = h.create_vm(VmSpec::sev_es(0)).unwrap_err();
     assert!(
         matches!(
             e,

@@ -25,6 +25,9 @@ pub struct Capabilities {
     /// ([`crate::Vm::set_memory_attributes`]) before a launch update measures it, as KVM's
     /// `kvm_gmem_populate` requires.
     pub private_memory: bool,
+    /// Whether it creates VMs in the supplied-VMSA launch mode ([`crate::VmSpec::supplied_vmsa`]:
+    /// `SNP_LAUNCH_UPDATE` takes the BSP's VMSA, the series' 4/4). Mainline KVM does not.
+    pub supplied_vmsa: bool,
 }
 
 /// Why a host could not create a VM.

@@ -37,7 +37,7 @@ mod vm;
 pub use errno::Errno;
 pub use exit::{Conversion, VcpuExit};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
-pub use refusal::Refusal;
+pub use refusal::{Refusal, supplied_vmsa_rule};
 pub use report::{GuestActivity, GuestStep, HostReport, Observed, TeardownCounts};
 pub use vcpu::{Kick, Vcpu, VcpuError};
 pub use vm::{LaunchUpdate, MemoryRegion, Vm, VmError, VmSpec};

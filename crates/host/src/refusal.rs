@@ -18,6 +18,37 @@ pub struct Refusal {
     pub rule: &'static str,
 }
 
+/// The rule a refused supplied VMSA broke, with the function that enforces it (the series' 4/4
+/// "kvm: svm: Support KVM_SEV_SNP_PAGE_TYPE_VMSA at SNP_LAUNCH_UPDATE" extends
+/// `snp_launch_update`; the address and SEV_FEATURES rules are `sev_snp_ap_creation`'s).
+pub fn supplied_vmsa_rule(e: &vmsa_core::SuppliedVmsaError) -> &'static str {
+    use vmsa_core::SuppliedVmsaError as S;
+    match e {
+        S::NotEnabled { .. } => {
+            "type 2 (VMSA) is rejected: this VM was created without supplied VMSAs, KVM launches the VMSAs itself at launch finish (snp_launch_update)"
+        }
+        S::SevEs { .. } => "an SEV-ES VM has no SNP page types; its VMSAs are KVM's (sev_launch_update_data)",
+        S::NotOnePage { .. } => "a supplied VMSA is exactly one 4 KiB page (snp_launch_update)",
+        S::Erratum1467 { .. } => {
+            "a VMSA may not sit on a 2 MiB-aligned GPA (AMD erratum 1467; sev_snp_ap_creation's rule)"
+        }
+        S::BeyondMaxPhys { .. } => {
+            "the VMSA GPA lies beyond the guest's MAXPHYADDR (page_address_valid, as in sev_snp_ap_creation)"
+        }
+        S::FeatureMismatch { .. } => {
+            "the VMSA's SEV_FEATURES differ from the VM's vmsa_features (sev_snp_ap_creation's rule)"
+        }
+        S::NoBsp { .. } => "no vCPU exists yet: the BSP (first vCPU) owns the supplied VMSA",
+        S::Duplicate { .. } => "the BSP has its supplied VMSA already; one VMSA is supplied per launch",
+        S::AfterLaunchFinish { .. } => {
+            "the launch is finished: no VMSA page after SNP_LAUNCH_FINISH (snp_launch_update)"
+        }
+        S::MissingBspVmsa { .. } => {
+            "launch finish without the BSP's supplied VMSA: the BSP would have nothing to run (snp_launch_finish)"
+        }
+    }
+}
+
 impl Refusal {
     /// `call` refused with `errno` because it broke `rule`.
     pub const fn new(call: &'static str, errno: Errno, rule: &'static str) -> Self {
@@ -83,6 +114,7 @@ impl Refusal {
                 Errno::EEXIST,
                 "a vCPU with this id exists (kvm_vm_ioctl_create_vcpu)",
             ),
+            E2::SuppliedVmsa(s) => r(Errno::EINVAL, supplied_vmsa_rule(s)),
             E2::VmBugged { .. } | E2::VmDead => r(Errno::EIO, "the VM is bugged or dead (KVM_BUG_ON)"),
             _ => None,
         }

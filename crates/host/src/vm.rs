@@ -17,6 +17,41 @@ pub struct VmSpec {
     pub kind: VmKind,
     /// The extra SEV features every VMSA of the guest runs with.
     pub vmsa_features: u64,
+    /// The supplied-VMSA launch mode (SNP only; the "Streamline VMSA setting" series' 4/4,
+    /// which gates it with a flag at init): the host allocates no VMSA for any vCPU, the VMM
+    /// supplies the BSP's VMSA with a [`LaunchUpdate`] of page type
+    /// [`SnpPageType::Vmsa`], the APs get theirs from the guest's AP creation, and the launch
+    /// digest does not depend on the vCPU count. `false` is KVM's classic mode (one VMSA per
+    /// vCPU, measured at launch finish). Only where [`crate::Capabilities::supplied_vmsa`].
+    pub supplied_vmsa: bool,
+}
+
+impl VmSpec {
+    /// An SEV-SNP VM in the classic mode with these extra SEV features.
+    pub const fn snp(vmsa_features: u64) -> Self {
+        Self {
+            kind: VmKind::Snp,
+            vmsa_features,
+            supplied_vmsa: false,
+        }
+    }
+
+    /// An SEV-ES VM with these SEV features.
+    pub const fn sev_es(vmsa_features: u64) -> Self {
+        Self {
+            kind: VmKind::SevEs,
+            vmsa_features,
+            supplied_vmsa: false,
+        }
+    }
+
+    /// This VM in the supplied-VMSA launch mode.
+    pub const fn with_supplied_vmsa(self) -> Self {
+        Self {
+            supplied_vmsa: true,
+            ..self
+        }
+    }
 }
 
 /// A guest memory slot (`KVM_SET_USER_MEMORY_REGION2`). With `guest_memfd` the host backs its
@@ -34,7 +69,11 @@ pub struct MemoryRegion {
 }
 
 /// One launch update (`KVM_SEV_SNP_LAUNCH_UPDATE`, or SEV-ES `LAUNCH_UPDATE_DATA`): `len`
-/// bytes at `gpa` of one page type, from `data` (none for ZERO pages).
+/// bytes at `gpa` of one page type, from `data` (none for ZERO pages). Page type
+/// [`SnpPageType::Vmsa`] (2, `KVM_SEV_SNP_PAGE_TYPE_VMSA` as the pre-merge SNP uapi reserved
+/// it, the firmware's `SNP_PAGE_TYPE_VMSA`) is the BSP's VMSA, one page, and only in a VM
+/// created with [`VmSpec::supplied_vmsa`]; KVM's classic mode refuses it (`EINVAL`,
+/// `snp_launch_update`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchUpdate<'a> {
     /// First page.

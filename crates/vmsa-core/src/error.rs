@@ -116,6 +116,98 @@ pub enum MigrationError {
     },
 }
 
+/// Why a VMSA supplied in guest memory at launch (an `SNP_LAUNCH_UPDATE` of page type VMSA, the
+/// "Streamline VMSA setting" series' patch 4/4 "kvm: svm: Support KVM_SEV_SNP_PAGE_TYPE_VMSA at
+/// SNP_LAUNCH_UPDATE") was refused. Each is `-EINVAL` on a host that follows KVM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SuppliedVmsaError {
+    /// The VM was created in the classic mode, where KVM allocates and measures one VMSA per
+    /// vCPU at launch finish (`snp_launch_update` refuses type 2 there).
+    #[error(
+        "a VMSA page at GPA {gpa}: this VM was created without supplied VMSAs; its VMSAs come from the vCPUs at launch finish (snp_launch_update)"
+    )]
+    NotEnabled {
+        /// The page's address.
+        gpa: Gpa,
+    },
+    /// SEV-ES has no SNP launch page types: its VMSAs are KVM's, launched by
+    /// `LAUNCH_UPDATE_VMSA`.
+    #[error(
+        "a VMSA page at GPA {gpa} in an SEV-ES launch: SEV-ES has no page types; its VMSAs are KVM's (sev_launch_update_vmsa)"
+    )]
+    SevEs {
+        /// The page's address.
+        gpa: Gpa,
+    },
+    /// A VMSA update covers exactly one 4 KiB page.
+    #[error("a VMSA launch update of {len:#x} bytes at GPA {gpa}: a supplied VMSA is exactly one 4 KiB page")]
+    NotOnePage {
+        /// The range's start.
+        gpa: Gpa,
+        /// Its length.
+        len: u64,
+    },
+    /// AMD erratum 1467: a VMSA on a 2 MiB-aligned page can be hit by an RMP check of the large
+    /// page around it (the rule `sev_snp_ap_creation` applies to guest VMSAs).
+    #[error("a VMSA page at 2 MiB-aligned GPA {gpa} (AMD erratum 1467 forbids VMSAs on 2 MiB-aligned pages)")]
+    Erratum1467 {
+        /// The page's address.
+        gpa: Gpa,
+    },
+    /// The page lies beyond the guest's MAXPHYADDR (`page_address_valid`).
+    #[error("a VMSA page at GPA {gpa} lies beyond the guest's {max_phys_bits}-bit physical address space")]
+    BeyondMaxPhys {
+        /// The page's address.
+        gpa: Gpa,
+        /// The guest's MAXPHYADDR.
+        max_phys_bits: u8,
+    },
+    /// The page's SEV_FEATURES are not the VM's `vmsa_features` (the check
+    /// `sev_snp_ap_creation` makes on AP VMSAs: "mismatched AP sev_features").
+    #[error("the VMSA page at GPA {gpa} has SEV_FEATURES {found:#x}; the VM runs with {expected:#x}")]
+    FeatureMismatch {
+        /// The page's address.
+        gpa: Gpa,
+        /// SEV_FEATURES in the page.
+        found: u64,
+        /// The VM's `vmsa_features` (with SNP_ACTIVE).
+        expected: u64,
+    },
+    /// The VM has no vCPU yet, so there is no BSP to own the page.
+    #[error(
+        "a VMSA page at GPA {gpa} before any vCPU exists: the first vCPU created is the BSP that owns it"
+    )]
+    NoBsp {
+        /// The page's address.
+        gpa: Gpa,
+    },
+    /// The BSP already has its supplied VMSA; only one VMSA is supplied per launch.
+    #[error(
+        "vCPU {vcpu} already has the supplied VMSA at GPA {existing}; a second one at GPA {gpa} is refused"
+    )]
+    Duplicate {
+        /// The BSP.
+        vcpu: VcpuId,
+        /// The VMSA it has.
+        existing: Gpa,
+        /// The page refused.
+        gpa: Gpa,
+    },
+    /// The launch finished: the measurement is closed (and the guest runs; it creates VMSAs
+    /// through AP creation only).
+    #[error("a VMSA page at GPA {gpa} after launch finish: the launch measurement is closed")]
+    AfterLaunchFinish {
+        /// The page's address.
+        gpa: Gpa,
+    },
+    /// Launch finish in the supplied mode without the BSP's VMSA: the BSP could never run.
+    #[error("launch finish without a supplied VMSA for the BSP (vCPU {vcpu}): it would have nothing to run")]
+    MissingBspVmsa {
+        /// The BSP.
+        vcpu: VcpuId,
+    },
+}
+
 /// Errors of vmsa-core, generic over the platform's error `E`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error<E: core::error::Error + Send + Sync + 'static> {
@@ -245,6 +337,9 @@ pub enum Error<E: core::error::Error + Send + Sync + 'static> {
     /// The VM's configuration is one KVM refuses at init.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A supplied VMSA (launch update of page type VMSA) was refused.
+    #[error(transparent)]
+    SuppliedVmsa(#[from] SuppliedVmsaError),
     /// Intra-host migration refused.
     #[error("intra-host migration refused: {0}")]
     Migration(#[from] MigrationError),

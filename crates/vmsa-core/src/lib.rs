@@ -73,7 +73,7 @@ mod tests;
 pub use addr::{
     Asid, Gfn, Gpa, Hpa, INITIAL_VMSA_GPA, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PTRS_PER_PMD, PageLevel, Pfn,
 };
-pub use error::{ConfigError, Error, LaunchState, MigrationError, PlatformOp};
+pub use error::{ConfigError, Error, LaunchState, MigrationError, PlatformOp, SuppliedVmsaError};
 pub use event::{Event, EventLog, EventSink, History, LeakReason, NullSink, Transition, histories};
 pub use ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest, ValidApRequest};
 pub use layout::{SevEsSaveArea, VmcbSeg};

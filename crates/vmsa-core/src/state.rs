@@ -145,6 +145,9 @@ pub enum Op {
     SetGuestVmsa,
     /// Drop the VMSA after an AP destroy took effect.
     Destroy,
+    /// Take a VMSA the VMM supplied in guest memory at launch (`SNP_LAUNCH_UPDATE` of page
+    /// type VMSA, the series' patch 4/4): `None` → `GuestOwned(gpa)` for the BSP.
+    Supply,
     /// Re-resolve the installed guest VMSA after its memory changed (`sev_snp_reload_vmsa`).
     Reload,
     /// Move the VMSA out of this vCPU (intra-host migration source).

@@ -2,7 +2,7 @@
 //! failure path, plus property tests over random lifecycles of several vCPUs.
 
 use std::sync::Arc;
-use std::{string::ToString, vec::Vec};
+use std::{boxed::Box, string::ToString, vec::Vec};
 
 use crate::testing::{Call, TestPlatform};
 use crate::vcpu::{Cx, Vcpu};
@@ -563,7 +563,13 @@ fn bad_data_updates_name_the_rule() {
             Some(&page),
             "4 KiB aligned",
         ),
-        (Gpa(0x1000), 4096, SnpPageType::Vmsa, Some(&page), "VMSA pages"),
+        (
+            Gpa(0x1000),
+            4096,
+            SnpPageType::Vmsa,
+            Some(&page),
+            "without supplied VMSAs",
+        ),
         (
             Gpa(0x1000),
             4096,
@@ -631,6 +637,303 @@ fn sev_es_data_pages_use_launch_update_data() {
         err.to_string()
             .contains("SEV-ES launches only measure normal pages")
     );
+}
+
+// ---- supplied-VMSA launch mode (the series' 4/4) ------------------------------------------------
+
+/// Where the supplied BSP VMSA lives in the tests: 4 KiB but not 2 MiB aligned.
+const SUPPLIED_GPA: Gpa = Gpa(0x7_000);
+
+fn supplied_vm(vcpus: u32) -> (Vm<TestPlatform>, Arc<EventLog>) {
+    let (vm, log) = vm_with(
+        VmConfig::snp(0).with_supplied_vmsa(),
+        vcpus,
+        TestPlatform::default(),
+    );
+    vm.platform().map_gmem(SUPPLIED_GPA.gfn());
+    (vm, log)
+}
+
+/// A VMSA page carrying `sev_features`.
+fn vmsa_page(sev_features: u64) -> Box<PageBuf> {
+    let mut a = SevEsSaveArea::boxed();
+    a.sev_features = sev_features;
+    a.rip = 0xfff0;
+    Box::new(*a.as_page())
+}
+
+fn supply(vm: &mut Vm<TestPlatform>, gpa: Gpa) -> Result<(), Error<crate::testing::TestError>> {
+    let page = vmsa_page(layout::SEV_FEAT_SNP_ACTIVE);
+    vm.launch_update_data(gpa, PAGE_SIZE, SnpPageType::Vmsa, Some(&page[..]))
+}
+
+#[test]
+fn supplied_mode_allocates_no_vmsa_and_leaves_every_vcpu_without_a_vmcb_address() {
+    let (vm, log) = supplied_vm(3);
+    assert_eq!(vm.platform().calls(Call::AllocPage), 0);
+    for v in vm.vcpus() {
+        assert_eq!(
+            (v.state.clone(), v.vmcb_vmsa_pa, v.protected),
+            (VmsaState::None, None, false)
+        );
+        assert!(transitions(&log, v.id).is_empty());
+    }
+    assert_eq!(vm.vcpu(BSP).unwrap().mp_state, MpState::Runnable);
+    assert_eq!(vm.vcpu(VcpuId(1)).unwrap().mp_state, MpState::Uninitialized);
+    // Not runnable before anything names a VMSA for it.
+    assert!(matches!(
+        vm.prepare_entry(BSP),
+        Err(Error::InvalidVmsa { vcpu: BSP })
+    ));
+    assert_eq!(
+        vm.prepare_entry(VcpuId(1)).unwrap(),
+        Entry::Blocked(MpState::Uninitialized)
+    );
+}
+
+#[test]
+fn supplied_vmsa_makes_the_bsp_guest_owned_and_launch_finish_measures_no_vcpu_vmsa() {
+    let (mut vm, log) = supplied_vm(4);
+    let frame = vm.platform().gmem_pfn(SUPPLIED_GPA.gfn()).unwrap();
+    vm.launch_start(SNP_POLICY).unwrap();
+    supply(&mut vm, SUPPLIED_GPA).unwrap();
+    let bsp = vm.vcpu(BSP).unwrap();
+    assert_eq!(bsp.state, VmsaState::GuestOwned(SUPPLIED_GPA));
+    assert_eq!((bsp.vmcb_vmsa_pa, bsp.protected), (Some(frame.hpa()), true));
+    assert_eq!(
+        transitions(&log, BSP),
+        [(Op::Supply, StateKind::None, StateKind::GuestOwned)]
+    );
+    // Measured once, as a VMSA page in the guest's memory, made private there.
+    assert_eq!(vm.platform().measured(), vec![(frame, SnpPageType::Vmsa as u8)]);
+    assert!(vm.platform().is_assigned(frame));
+    vm.launch_finish([0; 32]).unwrap();
+    assert_eq!(
+        vm.platform().measured().len(),
+        1,
+        "no per-vCPU VMSA at launch finish"
+    );
+    assert_eq!(vm.platform().calls(Call::AllocPage), 0);
+    for ap_id in 1..4 {
+        let v = vm.vcpu(VcpuId(ap_id)).unwrap();
+        assert_eq!((v.state, v.vmcb_vmsa_pa), (VmsaState::None, None));
+    }
+    assert_eq!(vm.prepare_entry(BSP).unwrap(), Entry::Run(frame.hpa()));
+    // The register state lives in the encrypted page now.
+    assert!(matches!(
+        vm.set_registers(BSP, &SevEsSaveArea::boxed()),
+        Err(Error::AlreadyProtected { .. })
+    ));
+    // Teardown forgets the guest page (guest_memfd owns it) and frees nothing.
+    let down = vm.teardown();
+    assert_eq!(down.leaked, 0);
+    assert!(vm.platform().freed_pages().is_empty());
+    assert!(vm.platform().violations().is_empty());
+}
+
+#[test]
+fn supplied_mode_aps_start_from_none_through_ap_creation() {
+    let (mut vm, log) = supplied_vm(2);
+    vm.launch_start(SNP_POLICY).unwrap();
+    supply(&mut vm, SUPPLIED_GPA).unwrap();
+    vm.launch_finish([0; 32]).unwrap();
+    let gmem = vm.platform().map_gmem(Gfn(0x31));
+    let created = vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x31_000)).unwrap();
+    assert_eq!((created.target, created.kick), (VcpuId(1), true));
+    assert_eq!(vm.prepare_entry(VcpuId(1)).unwrap(), Entry::Run(gmem.hpa()));
+    assert_eq!(
+        vm.vcpu(VcpuId(1)).unwrap().state,
+        VmsaState::GuestOwned(Gpa(0x31_000))
+    );
+    // None → GuestOwned directly: there was no host page to release.
+    assert_eq!(
+        transitions(&log, VcpuId(1)),
+        [(Op::SetGuestVmsa, StateKind::None, StateKind::GuestOwned)]
+    );
+    assert!(vm.platform().freed_pages().is_empty());
+}
+
+fn supplied_refusal(vm: &mut Vm<TestPlatform>, gpa: Gpa, page: &PageBuf, len: u64) -> SuppliedVmsaError {
+    let data = &page[..len.min(PAGE_SIZE) as usize];
+    let data = if len > PAGE_SIZE {
+        let mut two = data.to_vec();
+        two.extend_from_slice(page);
+        vm.launch_update_data(gpa, len, SnpPageType::Vmsa, Some(&two))
+    } else {
+        vm.launch_update_data(gpa, len, SnpPageType::Vmsa, Some(data))
+    };
+    match data {
+        Err(Error::SuppliedVmsa(e)) => e,
+        other => panic!("expected a SuppliedVmsa refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn supplied_vmsa_second_page_for_the_bsp_is_refused() {
+    let (mut vm, _) = supplied_vm(2);
+    vm.platform().map_gmem(Gfn(0x9));
+    vm.launch_start(SNP_POLICY).unwrap();
+    supply(&mut vm, SUPPLIED_GPA).unwrap();
+    let page = vmsa_page(layout::SEV_FEAT_SNP_ACTIVE);
+    assert_eq!(
+        supplied_refusal(&mut vm, Gpa(0x9_000), &page, PAGE_SIZE),
+        SuppliedVmsaError::Duplicate {
+            vcpu: BSP,
+            existing: SUPPLIED_GPA,
+            gpa: Gpa(0x9_000)
+        }
+    );
+    assert_eq!(
+        vm.platform().measured().len(),
+        1,
+        "the refused page is not measured"
+    );
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    vm.launch_finish([0; 32]).unwrap();
+}
+
+#[test]
+fn supplied_vmsa_with_sev_features_other_than_the_vms_is_refused() {
+    let (mut vm, _) = supplied_vm(1);
+    vm.launch_start(SNP_POLICY).unwrap();
+    let expected = layout::SEV_FEAT_SNP_ACTIVE;
+    for found in [0, expected | layout::SEV_FEAT_DEBUG_SWAP] {
+        assert_eq!(
+            supplied_refusal(&mut vm, SUPPLIED_GPA, &vmsa_page(found), PAGE_SIZE),
+            SuppliedVmsaError::FeatureMismatch {
+                gpa: SUPPLIED_GPA,
+                found,
+                expected
+            }
+        );
+    }
+    assert!(vm.platform().measured().is_empty());
+    assert_eq!(vm.vcpu(BSP).unwrap().state, VmsaState::None);
+}
+
+#[test]
+fn supplied_vmsa_at_a_2m_aligned_gpa_is_refused_for_erratum_1467() {
+    let (mut vm, _) = supplied_vm(1);
+    vm.platform().map_gmem(Gfn(0x200));
+    vm.launch_start(SNP_POLICY).unwrap();
+    let page = vmsa_page(layout::SEV_FEAT_SNP_ACTIVE);
+    assert_eq!(
+        supplied_refusal(&mut vm, Gpa(0x20_0000), &page, PAGE_SIZE),
+        SuppliedVmsaError::Erratum1467 { gpa: Gpa(0x20_0000) }
+    );
+    assert!(vm.platform().measured().is_empty());
+}
+
+#[test]
+fn supplied_vmsa_in_sev_es_is_refused() {
+    let (mut vm, _) = vm_with(VmConfig::sev_es(0), 1, TestPlatform::default());
+    vm.launch_start(1 << 2).unwrap();
+    let page = vmsa_page(0);
+    assert_eq!(
+        supplied_refusal(&mut vm, SUPPLIED_GPA, &page, PAGE_SIZE),
+        SuppliedVmsaError::SevEs { gpa: SUPPLIED_GPA }
+    );
+    assert_eq!(vm.platform().calls(Call::LaunchUpdateData), 0);
+    // And the mode itself is SNP-only, refused at creation as __sev_guest_init would.
+    let mut es = Vm::without_events(TestPlatform::default(), VmConfig::sev_es(0).with_supplied_vmsa());
+    assert!(matches!(es.create_vcpu(BSP), Err(Error::Config(_))));
+}
+
+#[test]
+fn supplied_vmsa_after_launch_finish_is_refused() {
+    let (mut vm, _) = supplied_vm(1);
+    vm.launch_start(SNP_POLICY).unwrap();
+    supply(&mut vm, SUPPLIED_GPA).unwrap();
+    vm.launch_finish([0; 32]).unwrap();
+    let page = vmsa_page(layout::SEV_FEAT_SNP_ACTIVE);
+    assert_eq!(
+        supplied_refusal(&mut vm, SUPPLIED_GPA, &page, PAGE_SIZE),
+        SuppliedVmsaError::AfterLaunchFinish { gpa: SUPPLIED_GPA }
+    );
+    // Also in the classic mode: after launch finish no VMSA page is taken.
+    let (mut classic, _) = launched_snp(1, SNP_POLICY);
+    assert_eq!(
+        supplied_refusal(&mut classic, SUPPLIED_GPA, &page, PAGE_SIZE),
+        SuppliedVmsaError::AfterLaunchFinish { gpa: SUPPLIED_GPA }
+    );
+}
+
+#[test]
+fn supplied_vmsa_in_the_classic_mode_is_refused() {
+    let (mut vm, _) = snp_vm(1);
+    vm.platform().map_gmem(SUPPLIED_GPA.gfn());
+    vm.launch_start(SNP_POLICY).unwrap();
+    let page = vmsa_page(layout::SEV_FEAT_SNP_ACTIVE);
+    assert_eq!(
+        supplied_refusal(&mut vm, SUPPLIED_GPA, &page, PAGE_SIZE),
+        SuppliedVmsaError::NotEnabled { gpa: SUPPLIED_GPA }
+    );
+    assert!(matches!(vm.vcpu(BSP).unwrap().state, VmsaState::KvmShared(_)));
+}
+
+#[test]
+fn supplied_vmsa_of_more_than_one_page_beyond_maxphyaddr_or_without_a_bsp_is_refused() {
+    let page = vmsa_page(layout::SEV_FEAT_SNP_ACTIVE);
+    let (mut vm, _) = supplied_vm(1);
+    vm.launch_start(SNP_POLICY).unwrap();
+    assert_eq!(
+        supplied_refusal(&mut vm, SUPPLIED_GPA, &page, 2 * PAGE_SIZE),
+        SuppliedVmsaError::NotOnePage {
+            gpa: SUPPLIED_GPA,
+            len: 2 * PAGE_SIZE
+        }
+    );
+    let far = Gpa((1 << 48) + 0x1000);
+    assert_eq!(
+        supplied_refusal(&mut vm, far, &page, PAGE_SIZE),
+        SuppliedVmsaError::BeyondMaxPhys {
+            gpa: far,
+            max_phys_bits: 48
+        }
+    );
+    let (mut empty, _) = supplied_vm(0);
+    empty.launch_start(SNP_POLICY).unwrap();
+    assert_eq!(
+        supplied_refusal(&mut empty, SUPPLIED_GPA, &page, PAGE_SIZE),
+        SuppliedVmsaError::NoBsp { gpa: SUPPLIED_GPA }
+    );
+    assert!(vm.platform().measured().is_empty() && empty.platform().measured().is_empty());
+}
+
+#[test]
+fn supplied_mode_launch_finish_without_the_bsp_vmsa_is_refused() {
+    let (mut vm, _) = supplied_vm(2);
+    vm.launch_start(SNP_POLICY).unwrap();
+    assert!(matches!(
+        vm.launch_finish([0; 32]),
+        Err(Error::SuppliedVmsa(SuppliedVmsaError::MissingBspVmsa {
+            vcpu: BSP
+        }))
+    ));
+    assert_eq!(vm.platform().calls(Call::LaunchFinish), 0);
+    // Nothing changed: the VMM can still supply the VMSA and finish.
+    supply(&mut vm, SUPPLIED_GPA).unwrap();
+    vm.launch_finish([0; 32]).unwrap();
+}
+
+#[test]
+fn supplied_vmsa_refused_by_the_firmware_is_reclaimed_and_can_be_retried() {
+    let (mut vm, _) = supplied_vm(1);
+    let frame = vm.platform().gmem_pfn(SUPPLIED_GPA.gfn()).unwrap();
+    vm.launch_start(SNP_POLICY).unwrap();
+    vm.platform().fail_next(Call::SnpLaunchUpdate);
+    assert!(matches!(
+        supply(&mut vm, SUPPLIED_GPA),
+        Err(Error::Platform {
+            op: PlatformOp::SnpLaunchUpdate,
+            ..
+        })
+    ));
+    assert_eq!(vm.vcpu(BSP).unwrap().state, VmsaState::None);
+    assert!(!vm.platform().is_assigned(frame));
+    assert_eq!(vm.launch_state(), LaunchState::Started);
+    supply(&mut vm, SUPPLIED_GPA).unwrap();
+    vm.launch_finish([0; 32]).unwrap();
 }
 
 // ---- free ------------------------------------------------------------------------------------

@@ -336,6 +336,20 @@ impl<P: Platform> Cx<'_, P> {
         leak
     }
 
+    /// The VMM supplied this vCPU's VMSA in guest memory at launch (the series' 4/4): `None` →
+    /// `GuestOwned(gpa)`, the VMCB pointed at the guest_memfd frame, the register state
+    /// protected (it lives in the encrypted page now, not in anything KVM could sync).
+    pub fn supply(&self, v: &mut Vcpu<P::Page>, gpa: Gpa) -> Res<(), P> {
+        if !matches!(v.state, VmsaState::None) {
+            return Err(self.invalid(v, Op::Supply));
+        }
+        self.set_state(v, Op::Supply, VmsaState::GuestOwned(gpa));
+        let pa = self.resolve_pa(v);
+        self.set_vmcb_pa(v, pa);
+        v.protected = true;
+        Ok(())
+    }
+
     /// `sev_es_vmsa_pa`: the address the VMCB must point at for the current state; `None` is
     /// `INVALID_PAGE` (no VMSA, or a guest VMSA no guest_memfd page backs).
     pub fn resolve_pa(&self, v: &Vcpu<P::Page>) -> Option<Hpa> {

@@ -47,6 +47,22 @@ pub const SNP_ONLY_VMSA_FEATURES: u64 = SEV_FEAT_SNP_ACTIVE | SEV_FEAT_SECURE_TS
 
 /// How a VM is configured, fixed at creation (KVM's `KVM_SEV_INIT2` parameters).
 ///
+/// # Launch modes
+///
+/// `supplied_vmsa` selects between the two SNP launch modes, and is fixed when the VM is created
+/// because vCPU creation must already know whether to allocate a host VMSA:
+///
+/// * classic (`false`, what mainline KVM does): every vCPU gets a host VMSA at creation, and
+///   launch finish syncs, makes private and measures one VMSA per vCPU in index order, so the
+///   launch digest depends on the vCPU count.
+/// * supplied (`true`, the "Streamline VMSA setting" series' patch 4/4 "kvm: svm: Support
+///   KVM_SEV_SNP_PAGE_TYPE_VMSA at SNP_LAUNCH_UPDATE", gated by a flag at init): no vCPU gets a
+///   host VMSA. The VMM puts one VMSA, the BSP's, into guest memory with a launch update of page
+///   type [`SnpPageType::Vmsa`]; the BSP (the first vCPU created, which is the runnable one)
+///   becomes `GuestOwned(gpa)`, the APs stay `None` (no VMCB address, not runnable) until the
+///   guest's AP creation names them, and launch finish measures no per-vCPU VMSA, so the
+///   digest does not depend on the vCPU count. SNP only.
+///
 /// [`VmConfig::new`] validates a configuration as `__sev_guest_init` does; a configuration
 /// built otherwise is validated when the VM first uses it ([`Vm::create_vcpu`],
 /// [`Vm::launch_start`]), which then fail with [`Error::Config`].
@@ -62,6 +78,8 @@ pub struct VmConfig {
     pub sync_fpu: bool,
     /// The guest's MAXPHYADDR, which bounds AP-creation VMSA addresses.
     pub max_phys_bits: u8,
+    /// The supplied-VMSA launch mode (see "Launch modes" above); `false` is KVM's classic mode.
+    pub supplied_vmsa: bool,
 }
 
 impl VmConfig {
@@ -77,6 +95,7 @@ impl VmConfig {
             sev_features,
             sync_fpu,
             max_phys_bits,
+            supplied_vmsa: false,
         };
         config.validate()?;
         Ok(config)
@@ -96,6 +115,8 @@ impl VmConfig {
             Some("SNP VMs are created with KVM_SEV_INIT2, whose VMSAs carry the FPU state")
         } else if !self.sync_fpu && self.sev_features != 0 {
             Some("a legacy KVM_SEV_ES_INIT VM (no FPU sync) has no SEV features")
+        } else if self.supplied_vmsa && self.kind != VmKind::Snp {
+            Some("supplied VMSAs are an SEV-SNP launch mode (SNP_LAUNCH_UPDATE page type VMSA)")
         } else {
             None
         };
@@ -117,6 +138,15 @@ impl VmConfig {
             sev_features,
             sync_fpu: true,
             max_phys_bits: 48,
+            supplied_vmsa: false,
+        }
+    }
+
+    /// This configuration in the supplied-VMSA launch mode (see "Launch modes").
+    pub fn with_supplied_vmsa(self) -> Self {
+        Self {
+            supplied_vmsa: true,
+            ..self
         }
     }
 
@@ -304,7 +334,9 @@ impl<P: Platform> Vm<P> {
     }
 
     /// Create a vCPU and its host VMSA (`sev_vcpu_create` + `sev_es_init_vmcb`). The first vCPU
-    /// is runnable, the others start uninitialized (they are APs).
+    /// is runnable, the others start uninitialized (they are APs). In the supplied-VMSA mode no
+    /// host VMSA is allocated: the BSP gets the VMSA supplied at launch, the APs theirs from
+    /// AP creation, and until then the VMCB holds no VMSA address.
     pub fn create_vcpu(&mut self, id: VcpuId) -> Res<VcpuInfo, P> {
         self.check_usable()?;
         // __sev_guest_init runs before any vCPU exists.
@@ -318,7 +350,7 @@ impl<P: Platform> Vm<P> {
             MpState::Uninitialized
         };
         let mut v = Vcpu::new(id, mp);
-        if self.role == Role::Confidential {
+        if self.role == Role::Confidential && !self.config.supplied_vmsa {
             let cx = self.cx();
             cx.alloc(&mut v)?;
             let pa = cx.resolve_pa(&v);
@@ -424,11 +456,14 @@ impl<P: Platform> Vm<P> {
 
     /// Whether no launch step has left a mark that makes a retry impossible.
     fn launch_retryable(&self) -> bool {
+        // In the supplied-VMSA mode launch finish syncs no vCPU, so a protected BSP (its VMSA
+        // supplied) or VMSA-less APs do not stand in the way of a retry.
         !self.is_bugged()
-            && (0..self.vcpus.len()).all(|i| {
-                let v = self.lock(i);
-                !v.protected && !matches!(v.state, VmsaState::None)
-            })
+            && (self.config.supplied_vmsa
+                || (0..self.vcpus.len()).all(|i| {
+                    let v = self.lock(i);
+                    !v.protected && !matches!(v.state, VmsaState::None)
+                }))
     }
 
     /// Start the launch: `LAUNCH_START` (SEV-ES) or `SNP_GCTX_CREATE` + `SNP_LAUNCH_START` +
@@ -489,6 +524,9 @@ impl<P: Platform> Vm<P> {
     ///
     /// `data` holds the contents (`len` bytes), except for `Zero` pages, which take none. An
     /// SEV-ES update may also omit it, to measure the guest memory as it is.
+    ///
+    /// A page of type [`SnpPageType::Vmsa`] is the BSP's VMSA in the supplied-VMSA launch mode
+    /// ([`VmConfig::supplied_vmsa`]); see [`Vm::supply_vmsa`] for its rules.
     pub fn launch_update_data(
         &mut self,
         gpa: Gpa,
@@ -496,6 +534,9 @@ impl<P: Platform> Vm<P> {
         page_type: SnpPageType,
         data: Option<&[u8]>,
     ) -> Res<(), P> {
+        if page_type == SnpPageType::Vmsa {
+            return self.supply_vmsa(gpa, len, data);
+        }
         self.require_launch("launch update", LaunchState::Started)?;
         if self.config.kind == VmKind::SevEs {
             return self.launch_update_es_data(gpa, len, page_type, data);
@@ -511,9 +552,6 @@ impl<P: Platform> Vm<P> {
         // memslot): a range past the top of the guest physical address space has no last page.
         if gpa.0.checked_add(len - 1).is_none() {
             return bad("the range runs past the top of the guest physical address space");
-        }
-        if page_type == SnpPageType::Vmsa {
-            return bad("VMSA pages come from vCPUs (launch finish), not from data updates");
         }
         match (page_type, data) {
             (SnpPageType::Zero, Some(_)) => return bad("ZERO pages take no contents"),
@@ -542,6 +580,84 @@ impl<P: Platform> Vm<P> {
             }
             Ok(())
         })
+    }
+
+    /// The VMM supplies the BSP's VMSA in guest memory (`SNP_LAUNCH_UPDATE` of page type VMSA,
+    /// the series' patch 4/4 "kvm: svm: Support KVM_SEV_SNP_PAGE_TYPE_VMSA at
+    /// SNP_LAUNCH_UPDATE"). The page goes through `sev_gmem_post_populate` like a data page
+    /// (written into its guest_memfd frame, made private at `gpa`, measured as a VMSA page at
+    /// `gpa`), and the BSP, which has no host VMSA in this mode, becomes `GuestOwned(gpa)`,
+    /// protected, its VMCB pointing at the guest_memfd frame.
+    ///
+    /// The BSP is the first vCPU created (index 0): the page names no vCPU (a VMSA holds no
+    /// APIC ID), and the first vCPU is the one vmsa-core makes runnable, as KVM's reset BSP is
+    /// vCPU id 0 (`kvm_vcpu_is_reset_bsp`) by default.
+    ///
+    /// Refused, each with a [`SuppliedVmsaError`] and nothing measured: an SEV-ES VM, a VM in
+    /// the classic mode, after launch finish, not exactly one page, a GPA beyond MAXPHYADDR or
+    /// 2 MiB aligned (erratum 1467, the rules `sev_snp_ap_creation` applies to guest VMSAs), a
+    /// page whose SEV_FEATURES are not the VM's, no vCPU yet, or a BSP that has its VMSA already.
+    fn supply_vmsa(&mut self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Res<(), P> {
+        use crate::error::SuppliedVmsaError as S;
+        self.check_usable()?;
+        if self.config.kind == VmKind::SevEs {
+            return Err(S::SevEs { gpa }.into());
+        }
+        if self.launch == LaunchState::Finished {
+            return Err(S::AfterLaunchFinish { gpa }.into());
+        }
+        self.require_launch("launch update", LaunchState::Started)?;
+        if !self.config.supplied_vmsa {
+            return Err(S::NotEnabled { gpa }.into());
+        }
+        if len != PAGE_SIZE {
+            return Err(S::NotOnePage { gpa, len }.into());
+        }
+        let bad = |rule| Err(Error::BadLaunchUpdate { gpa, len, rule });
+        if !gpa.is_page_aligned() {
+            return bad("the GPA must be 4 KiB aligned");
+        }
+        if !gpa.fits_phys_bits(self.config.max_phys_bits) {
+            return Err(S::BeyondMaxPhys {
+                gpa,
+                max_phys_bits: self.config.max_phys_bits,
+            }
+            .into());
+        }
+        if gpa.is_2m_aligned() {
+            return Err(S::Erratum1467 { gpa }.into());
+        }
+        let page: &PageBuf = match data.map(<&PageBuf>::try_from) {
+            None => return bad("contents are required for all but ZERO pages"),
+            Some(Err(_)) => return bad("the contents must be exactly len bytes"),
+            Some(Ok(page)) => page,
+        };
+        let found = SevEsSaveArea::from_page(page).sev_features;
+        let expected = self.config.vmsa_features();
+        if found != expected {
+            return Err(S::FeatureMismatch { gpa, found, expected }.into());
+        }
+        if self.vcpus.is_empty() {
+            return Err(S::NoBsp { gpa }.into());
+        }
+        {
+            let v = self.lock(0);
+            match v.state {
+                VmsaState::None => {}
+                VmsaState::GuestOwned(existing) => {
+                    return Err(S::Duplicate {
+                        vcpu: v.id,
+                        existing,
+                        gpa,
+                    }
+                    .into());
+                }
+                _ => return Err(self.cx().invalid(&v, Op::Supply)),
+            }
+        }
+        self.launch_step(|vm| vm.launch_update_page(gpa, SnpPageType::Vmsa, Some(page)))?;
+        let mut v = self.lock(0);
+        self.cx().supply(&mut v, gpa)
     }
 
     /// SEV-ES `LAUNCH_UPDATE_DATA` (KVM's `sev_launch_update_data`): KVM pins the VMM's memory
@@ -693,15 +809,26 @@ impl<P: Platform> Vm<P> {
     /// Finish the launch. SEV-ES: `LAUNCH_FINISH` (after [`Vm::launch_update_vmsas`]). SEV-SNP
     /// (KVM's `snp_launch_finish`): first every vCPU's VMSA in index order (sync, `RMPUPDATE` to
     /// a firmware VMSA page at `INITIAL_VMSA_GPA`, `SNP_LAUNCH_UPDATE` type VMSA, reclaim on
-    /// failure), then `SNP_LAUNCH_FINISH`.
+    /// failure), then `SNP_LAUNCH_FINISH`. In the supplied-VMSA mode no vCPU VMSA is measured
+    /// here; the BSP must have its supplied VMSA ([`SuppliedVmsaError::MissingBspVmsa`]).
+    ///
+    /// [`SuppliedVmsaError::MissingBspVmsa`]: crate::SuppliedVmsaError::MissingBspVmsa
     pub fn launch_finish(&mut self, host_data: [u8; 32]) -> Res<(), P> {
         self.require_launch("launch finish", LaunchState::Started)?;
         let finish = match self.config.kind {
             VmKind::SevEs => LaunchFinish::SevEs,
             VmKind::Snp => LaunchFinish::Snp { host_data },
         };
+        if self.config.supplied_vmsa && !self.vcpus.is_empty() {
+            let bsp = self.lock(0);
+            if !matches!(bsp.state, VmsaState::GuestOwned(_)) {
+                return Err(crate::error::SuppliedVmsaError::MissingBspVmsa { vcpu: bsp.id }.into());
+            }
+        }
         self.launch_step(|vm| {
-            if vm.config.kind == VmKind::Snp {
+            // Supplied-VMSA mode: no vCPU has a host VMSA, so none is synced or measured here
+            // (the series' 4/4); the digest holds the one VMSA page the VMM supplied.
+            if vm.config.kind == VmKind::Snp && !vm.config.supplied_vmsa {
                 for i in 0..vm.vcpus.len() {
                     vm.launch_vmsa(i)?;
                 }

@@ -95,6 +95,9 @@ impl KvmImageHost {
                 ownership_visible: true,
                 launch_digest_visible: false,
                 private_memory: false,
+                // vmsa-core plays the kernel, with its supplied-VMSA mode: the BSP starts from
+                // the VMSA page the VMM put into guest memory.
+                supplied_vmsa: true,
             },
             reason: reason.into(),
             kick_timeout: Duration::from_secs(10),
@@ -264,8 +267,12 @@ impl KvmImageVm {
         let mut core = write(&self.shared.core);
         if core.is_none() {
             let frames = FrameSpace::new(read(&self.shared.rams).clone());
+            // In the supplied-VMSA mode vmsa-core allocates no VMSA at vCPU creation; the BSP's
+            // VMCB points at the supplied page's guest_memfd frame once the launch update took
+            // it, and `KvmImageVcpu::enter` loads the BSP's registers from there.
             let config = VmConfig {
                 max_phys_bits: self.shared.max_phys_bits,
+                supplied_vmsa: self.spec.supplied_vmsa,
                 ..VmConfig::snp(self.spec.vmsa_features)
             };
             *core = Some(vmsa_core::Vm::new(
@@ -334,7 +341,8 @@ impl Vm for KvmImageVm {
 
     fn launch_update(&mut self, u: LaunchUpdate<'_>) -> Result<(), VmError> {
         // The contents go into guest memory through vmsa-core (SNP_LAUNCH_UPDATE of the tracked
-        // RMP: written, made pre-guest, "measured"); no vCPU's VMSA changes owner.
+        // RMP: written, made pre-guest, "measured"); no vCPU's VMSA changes owner, except for a
+        // supplied VMSA page, which becomes the BSP's (GuestOwned) in the supplied mode.
         self.command("KVM_SEV_SNP_LAUNCH_UPDATE", |vm| {
             vm.launch_update_data(u.gpa, u.len, u.page_type, u.data)
         })

@@ -46,6 +46,7 @@ pub const OWNERSHIP_HIDDEN: &str = "the SNP kernel owns the VMSAs";
 #[derive(Debug)]
 pub struct KvmSnpHost {
     caps: Capabilities,
+    supplied_vmsa: crate::probe::SuppliedVmsaProbe,
 }
 
 impl KvmSnpHost {
@@ -72,7 +73,9 @@ impl KvmSnpHost {
                 ownership_visible: false,
                 launch_digest_visible: false,
                 private_memory: true,
+                supplied_vmsa: probe.supplied_vmsa.supported,
             },
+            supplied_vmsa: probe.supplied_vmsa.clone(),
         })
     }
 
@@ -107,6 +110,18 @@ impl Hypervisor for KvmSnpHost {
                 reason: "backend-kvm's SNP mode creates KVM_X86_SNP_VM guests only".into(),
             });
         }
+        if spec.supplied_vmsa && !self.supplied_vmsa.supported {
+            // Before any ioctl: the probe found no kernel support for the series' 4/4.
+            return Err(HypervisorError::Unsupported {
+                kind: spec.kind,
+                reason: format!("supplied VMSAs: {}", self.supplied_vmsa.reason).into(),
+            });
+        }
+        let vmsa_pages = match (self.supplied_vmsa.supported, spec.supplied_vmsa) {
+            (false, _) => VmsaPages::KernelLacks(self.supplied_vmsa.reason),
+            (true, false) => VmsaPages::ClassicVm,
+            (true, true) => VmsaPages::Taken,
+        };
         kick::install().map_err(|e| hv_host("sigaction(SIGRTMIN)", e))?;
         let kvm = Kvm::new().map_err(|e| hv_host("open /dev/kvm", IoctlError::new("open /dev/kvm", e)))?;
         let call = "KVM_CREATE_VM(KVM_X86_SNP_VM)";
@@ -128,6 +143,7 @@ impl Hypervisor for KvmSnpHost {
             cpuid,
             vcpus: 0,
             memory: Vec::new(),
+            vmsa_pages,
         })
     }
 }
@@ -190,8 +206,33 @@ pub fn hypercall_ret(result: Result<(), Errno>) -> u64 {
 
 /// `KVM_SEV_SNP_LAUNCH_UPDATE`'s `(gfn_start, pages, type)` for an update, or KVM's refusal
 /// (`snp_launch_update`: `len` zero or not page aligned, type VMSA (2) rejected).
-pub fn launch_update_args(u: &LaunchUpdate<'_>) -> Result<(u64, u64, SnpLaunchPage), Refusal> {
+pub fn launch_update_args(
+    u: &LaunchUpdate<'_>,
+    vmsa: VmsaPages,
+) -> Result<(u64, u64, SnpLaunchPage), Refusal> {
     let call = "KVM_SEV_SNP_LAUNCH_UPDATE";
+    if u.page_type == vmsa_core::SnpPageType::Vmsa {
+        match vmsa {
+            // The probe's reason, before any ioctl: mainline's snp_launch_update would answer
+            // EINVAL ("type not in {NORMAL, ZERO, UNMEASURED, SECRETS, CPUID}").
+            VmsaPages::KernelLacks(reason) => return Err(Refusal::new(call, Errno::EINVAL, reason)),
+            VmsaPages::ClassicVm => {
+                return Err(Refusal::new(
+                    call,
+                    Errno::EINVAL,
+                    "type 2 (VMSA) is rejected: KVM launches the VMSAs itself at launch finish (snp_launch_update)",
+                ));
+            }
+            VmsaPages::Taken if u.len != 4096 => {
+                return Err(Refusal::new(
+                    call,
+                    Errno::EINVAL,
+                    "a supplied VMSA is exactly one 4 KiB page (snp_launch_update)",
+                ));
+            }
+            VmsaPages::Taken => {}
+        }
+    }
     if u.len == 0 || !u.len.is_multiple_of(4096) {
         return Err(Refusal::new(
             call,
@@ -210,6 +251,17 @@ pub fn launch_update_args(u: &LaunchUpdate<'_>) -> Result<(u64, u64, SnpLaunchPa
         ));
     };
     Ok((u.gpa.0 >> 12, u.len / 4096, t))
+}
+
+/// What this SNP layer does with a launch update of page type VMSA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmsaPages {
+    /// The kernel takes supplied VMSAs and the VM was created for them: send type 2.
+    Taken,
+    /// The kernel takes them, but this VM is in the classic mode: KVM refuses type 2.
+    ClassicVm,
+    /// The kernel does not take them: refuse before any ioctl, with the probe's reason.
+    KernelLacks(&'static str),
 }
 
 /// The exit for a `KVM_EXIT_MEMORY_FAULT`.
@@ -252,6 +304,7 @@ pub struct KvmSnpVm {
     cpuid: kvm_bindings::CpuId,
     vcpus: usize,
     memory: Vec<Slot>,
+    vmsa_pages: VmsaPages,
 }
 
 impl std::fmt::Debug for KvmSnpVm {
@@ -319,7 +372,7 @@ impl Vm for KvmSnpVm {
     }
 
     fn launch_update(&mut self, u: LaunchUpdate<'_>) -> Result<(), VmError> {
-        let (gfn, pages, page_type) = launch_update_args(&u)?;
+        let (gfn, pages, page_type) = launch_update_args(&u, self.vmsa_pages)?;
         let call = "KVM_SEV_SNP_LAUNCH_UPDATE";
         // SNP_LAUNCH_UPDATE needs its source page aligned: stage it in an anonymous mapping.
         let staged = match u.data {
@@ -686,23 +739,42 @@ mod tests {
             page_type: SnpPageType::Normal,
             data: Some(&page),
         };
-        assert_eq!(launch_update_args(&u), Ok((8, 2, SnpLaunchPage::Normal)));
-        let vmsa = launch_update_args(&LaunchUpdate {
+        let lacks = VmsaPages::KernelLacks(crate::probe::SuppliedVmsaProbe::decide(true).reason);
+        assert_eq!(launch_update_args(&u, lacks), Ok((8, 2, SnpLaunchPage::Normal)));
+        let vmsa = LaunchUpdate {
             page_type: SnpPageType::Vmsa,
+            len: 4096,
             ..u
-        })
-        .unwrap_err();
+        };
+        // A mainline kernel: refused before any ioctl, with the probe's reason.
+        let refused = launch_update_args(&vmsa, lacks).unwrap_err();
         assert_eq!(
-            (vmsa.errno, vmsa.call),
+            (refused.errno, refused.call),
             (Errno::EINVAL, "KVM_SEV_SNP_LAUNCH_UPDATE")
         );
-        assert!(launch_update_args(&LaunchUpdate { len: 100, ..u }).is_err());
-        assert!(launch_update_args(&LaunchUpdate { len: 0, ..u }).is_err());
         assert!(
-            launch_update_args(&LaunchUpdate {
-                gpa: Gpa(0x8008),
-                ..u
-            })
+            refused.rule.contains("KVM_SEV_SNP_PAGE_TYPE_VMSA"),
+            "{}",
+            refused.rule
+        );
+        assert!(launch_update_args(&vmsa, VmsaPages::ClassicVm).is_err());
+        // A kernel with the series' 4/4 and a VM created for it: sent as type 2, one page.
+        assert_eq!(
+            launch_update_args(&vmsa, VmsaPages::Taken),
+            Ok((8, 1, SnpLaunchPage::Vmsa))
+        );
+        assert_eq!(SnpLaunchPage::Vmsa.raw(), 2);
+        assert!(launch_update_args(&LaunchUpdate { len: 8192, ..vmsa }, VmsaPages::Taken).is_err());
+        assert!(launch_update_args(&LaunchUpdate { len: 100, ..u }, lacks).is_err());
+        assert!(launch_update_args(&LaunchUpdate { len: 0, ..u }, lacks).is_err());
+        assert!(
+            launch_update_args(
+                &LaunchUpdate {
+                    gpa: Gpa(0x8008),
+                    ..u
+                },
+                lacks
+            )
             .is_err()
         );
     }

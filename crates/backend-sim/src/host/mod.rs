@@ -16,7 +16,7 @@
 //! use vmsa_core::{Gpa, SnpPageType, VmKind};
 //!
 //! let host = SimHost::new(Machine::new(MachineConfig::default()), GuestScript::default());
-//! let mut vm = host.create_vm(VmSpec { kind: VmKind::Snp, vmsa_features: 0 })?;
+//! let mut vm = host.create_vm(VmSpec::snp(0))?;
 //! // KVM refuses a launch update before the launch starts, and so does the simulator.
 //! let page = [0u8; 4096];
 //! let update = LaunchUpdate { gpa: Gpa(0x1000), len: 4096, page_type: SnpPageType::Normal, data: Some(&page) };
@@ -68,6 +68,9 @@ impl SimHost {
                 ownership_visible: true,
                 launch_digest_visible: true,
                 private_memory: true,
+                // vmsa-core's supplied-VMSA mode: SNP_LAUNCH_UPDATE takes page type 2 (VMSA) in
+                // a VM created with VmSpec::supplied_vmsa, as the series' 4/4 proposes.
+                supplied_vmsa: true,
             },
         }
     }

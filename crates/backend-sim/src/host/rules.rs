@@ -30,6 +30,14 @@ pub fn check_init(spec: &VmSpec, supported: u64) -> Result<(), HypervisorError> 
         )
         .into());
     }
+    if spec.kind == VmKind::SevEs && spec.supplied_vmsa {
+        return Err(Refusal::new(
+            CALL,
+            Errno::EINVAL,
+            "supplied VMSAs (SNP_LAUNCH_UPDATE page type VMSA, the series' 4/4) are an SEV-SNP launch mode",
+        )
+        .into());
+    }
     if spec.kind == VmKind::SevEs && f & SEV_FEAT_SECURE_TSC != 0 {
         return Err(Refusal::new(
             CALL,
@@ -139,13 +147,18 @@ mod tests {
 
     #[test]
     fn init_refuses_what_sev_guest_init_refuses() {
-        let spec = |kind, vmsa_features| VmSpec { kind, vmsa_features };
+        let spec = |kind, vmsa_features| VmSpec {
+            kind,
+            vmsa_features,
+            supplied_vmsa: false,
+        };
         let supported = vmsa_core::layout::SEV_FEAT_DEBUG_SWAP | SEV_FEAT_SECURE_TSC;
         assert!(check_init(&spec(VmKind::Snp, SEV_FEAT_SECURE_TSC), supported).is_ok());
         for bad in [
             spec(VmKind::Snp, SEV_FEAT_SNP_ACTIVE),
             spec(VmKind::Snp, 1 << 40),
             spec(VmKind::SevEs, SEV_FEAT_SECURE_TSC),
+            spec(VmKind::SevEs, 0).with_supplied_vmsa(),
         ] {
             match check_init(&bad, supported) {
                 Err(HypervisorError::Refused(r)) => assert_eq!(r.errno, Errno::EINVAL, "{bad:?}"),

@@ -96,6 +96,12 @@ impl SimVm {
             VmKind::Snp => VmConfig::snp(spec.vmsa_features),
             VmKind::SevEs => VmConfig::sev_es(spec.vmsa_features),
         };
+        // The supplied-VMSA mode is fixed here, before any vCPU: vmsa-core then allocates no
+        // VMSA at vCPU creation (rules::check_init refused it for SEV-ES).
+        let config = VmConfig {
+            supplied_vmsa: spec.supplied_vmsa,
+            ..config
+        };
         let events = Arc::new(EventLog::new());
         let kernel = vmsa_core::Vm::new(platform.clone(), config, events.clone());
         let cpus = Cpus::new();

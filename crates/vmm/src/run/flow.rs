@@ -41,6 +41,11 @@ pub struct Launch<'a> {
     pub updates: Vec<LaunchUpdate<'a>>,
     /// Each vCPU's initial state, by APIC ID (0 is the BSP).
     pub vmsas: &'a [Box<SevEsSaveArea>],
+    /// The supplied-VMSA launch mode (`spec.supplied_vmsa`): the GPA where the BSP's VMSA
+    /// (`vmsas[0]`) is put into guest memory by a launch update of page type VMSA, after the
+    /// image ranges. No vCPU gets its state through `set_state` then: the BSP's is the page,
+    /// the APs' come from the guest's AP creation. `None`: KVM's classic mode.
+    pub supplied_vmsa: Option<Gpa>,
 }
 
 impl<'a> Launch<'a> {
@@ -54,10 +59,7 @@ impl<'a> Launch<'a> {
         vmsas: &'a [Box<SevEsSaveArea>],
     ) -> Self {
         Self {
-            spec: VmSpec {
-                kind: VmKind::Snp,
-                vmsa_features: 0,
-            },
+            spec: VmSpec::snp(0),
             memory: vec![MemoryRegion {
                 slot: 0,
                 gpa: Gpa(0),
@@ -72,7 +74,27 @@ impl<'a> Launch<'a> {
                 data: Some(image),
             }],
             vmsas,
+            supplied_vmsa: None,
         }
+    }
+
+    /// This launch in the supplied-VMSA mode, the BSP's VMSA at `gpa` (4 KiB but not 2 MiB
+    /// aligned, inside guest memory, outside the image): the launch digest then holds that one
+    /// VMSA page and no other, whatever the vCPU count.
+    pub fn with_supplied_vmsa(self, gpa: Gpa) -> Self {
+        Self {
+            spec: self.spec.with_supplied_vmsa(),
+            supplied_vmsa: Some(gpa),
+            ..self
+        }
+    }
+
+    /// The page the VMM supplies for the BSP: `vmsas[0]` as KVM's `sev_es_sync_vmsa` would
+    /// write it (the VM's SEV_FEATURES with SNP_ACTIVE, the FPU state), so a supplied launch
+    /// measures the very page the classic mode measures for the BSP.
+    pub fn bsp_vmsa_page(&self) -> Option<Box<SevEsSaveArea>> {
+        let features = self.spec.vmsa_features | vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
+        self.vmsas.first().map(|v| v.synced(features, true))
     }
 }
 
@@ -266,7 +288,9 @@ fn create<V: Vm>(
     }
     for (id, state) in (0u32..).zip(launch.vmsas) {
         let mut vcpu = vm.create_vcpu(id)?;
-        vcpu.set_state(state)?;
+        if launch.supplied_vmsa.is_none() {
+            vcpu.set_state(state)?;
+        }
         vcpus.push(vcpu);
     }
     Ok(())
@@ -279,6 +303,15 @@ fn launch<V: Vm>(vm: &mut V, launch: &Launch<'_>, progress: &Progress) -> Result
         progress.message(format!("{:?} pages at {}", u.page_type, u.gpa));
         vm.launch_update(*u)?;
         progress.inc(1);
+    }
+    if let (Some(gpa), Some(page)) = (launch.supplied_vmsa, launch.bsp_vmsa_page()) {
+        progress.message(format!("the BSP's VMSA at {gpa}"));
+        vm.launch_update(LaunchUpdate {
+            gpa,
+            len: vmsa_core::PAGE_SIZE,
+            page_type: SnpPageType::Vmsa,
+            data: Some(page.as_page()),
+        })?;
     }
     progress.message("VMSAs");
     if launch.spec.kind == VmKind::SevEs {

@@ -272,6 +272,7 @@ pub(super) fn run(
         spec: VmSpec {
             kind,
             vmsa_features: image.config.sev_features,
+            supplied_vmsa: false,
         },
         memory: (0u32..)
             .zip(ram.regions())
@@ -298,6 +299,7 @@ pub(super) fn run(
             })
             .collect(),
         vmsas: &image.vmsas,
+        supplied_vmsa: None,
     };
 
     let machine = Machine::new(MachineConfig {
