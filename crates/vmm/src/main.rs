@@ -23,8 +23,9 @@ enum Command {
     /// Run a confidential guest (simulator by default, or /dev/kvm) and report every vCPU's
     /// VMSA ownership history, leaks, RMP faults, costs and the launch digest.
     Run(vmm::run::RunArgs),
-    /// Compute the launch digest of an OVMF guest without running it (as sev-snp-measure).
-    Measure(vmm::measure::MeasureArgs),
+    /// Compute the launch digest of an OVMF guest without running it (as sev-snp-measure), or
+    /// of an IGVM file (--igvm, as igvmmeasure).
+    Measure(vmm::measure::igvm::MeasureCommand),
     /// Show what this host supports (KVM, VM types, SEV-SNP) and why.
     Probe(vmm::probe::ProbeArgs),
 }
@@ -63,18 +64,38 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(&args),
-        Command::Measure(args) => match vmm::measure::measure(&args) {
-            Ok(out) => {
-                for w in &out.warnings {
-                    eprintln!("vmm measure: warning: {w}");
+        Command::Measure(vmm::measure::igvm::MeasureCommand::Igvm(args)) => {
+            match vmm::measure::igvm::measure(&args) {
+                Ok(out) => {
+                    let code = print(&out.stdout);
+                    match out.failure {
+                        Some(f) => {
+                            eprintln!("vmm measure: {f}");
+                            ExitCode::FAILURE
+                        }
+                        None => code,
+                    }
                 }
-                print(&out.stdout)
+                Err(e) => {
+                    eprintln!("vmm measure: {e}");
+                    ExitCode::from(e.exit_code())
+                }
             }
-            Err(e) => {
-                eprintln!("vmm measure: {e}");
-                ExitCode::from(e.exit_code())
+        }
+        Command::Measure(vmm::measure::igvm::MeasureCommand::Ovmf(args)) => {
+            match vmm::measure::measure(&args) {
+                Ok(out) => {
+                    for w in &out.warnings {
+                        eprintln!("vmm measure: warning: {w}");
+                    }
+                    print(&out.stdout)
+                }
+                Err(e) => {
+                    eprintln!("vmm measure: {e}");
+                    ExitCode::from(e.exit_code())
+                }
             }
-        },
+        }
         Command::Probe(args) => print(&vmm::probe::probe(&args)),
     }
 }

@@ -8,7 +8,9 @@
 //! - [`plan`] turns all of that into a [`LaunchPlan`], the ordered list of pages a launch
 //!   adds, which [`LaunchPlan::measure`] digests with backend-sim's firmware digest code and
 //!   which a real launch (`vmm run --firmware`) feeds through vmsa-core;
-//! - [`command`] is the CLI subcommand: arguments, validation, `--dump-vmsa`, output.
+//! - [`command`] is the CLI subcommand: arguments, validation, `--dump-vmsa`, output;
+//! - [`igvm`] measures IGVM files (`--igvm`) as coconut-svsm's igvmmeasure does, and wraps a
+//!   launch plan into one.
 
 use core::fmt;
 use core::str::FromStr;
@@ -19,6 +21,7 @@ pub mod command;
 mod dump;
 pub mod error;
 pub mod hashes;
+pub mod igvm;
 pub mod ovmf;
 pub mod plan;
 pub mod reset;

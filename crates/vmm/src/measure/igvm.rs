@@ -1,0 +1,730 @@
+//! `vmm measure --igvm FILE`: the SEV-SNP launch digest of an IGVM file, computed as
+//! coconut-svsm's `igvmmeasure` computes it, and [`plan_to_igvm`], which wraps an OVMF launch
+//! plan into an IGVM file whose digest (measured with `--native-zero`) is sev-snp-measure's.
+//!
+//! The file is parsed by the `igvm` crate; this module only walks its directives. The rules,
+//! taken from `tools/igvmmeasure/src/igvm_measure.rs` in coconut-svsm:
+//!
+//! - the platform is the `IGVM_VHT_SUPPORTED_PLATFORM` header whose type is SEV-SNP; its
+//!   compatibility mask selects the page-data, parameter-insert and ID-block directives that
+//!   count (a file without one is refused);
+//! - `PAGE_DATA` of type NORMAL with data: one NORMAL page per 4 KiB of data; without data: one
+//!   ZERO page with `--native-zero` (what QEMU's loader does), else a NORMAL page of zeros; with
+//!   the `unmeasured` flag: UNMEASURED; SECRETS: SECRETS; CPUID_DATA and CPUID_XF: CPUID;
+//! - a 2 MiB page (flag `is_2mb_page`) counts as 512 consecutive 4 KiB pages;
+//! - each `PARAMETER_INSERT` adds one UNMEASURED page at its GPA;
+//! - each SNP `VP_CONTEXT` adds one VMSA page (the VMSA, zero-padded to 4 KiB) at its GPA.
+//!   igvmmeasure measures every SNP VP context whatever its compatibility mask; so does this;
+//! - the last `SNP_ID_BLOCK` in the platform's mask carries the digest the file expects.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use backend_sim::measure::SnpLaunchDigest;
+use clap::{ArgMatches, Args, FromArgMatches};
+use igvm::snp_defs::SevVmsa;
+use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
+use igvm_defs::{
+    IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags, IgvmPageDataType, IgvmPlatformType, PAGE_SIZE_4K,
+};
+use serde_json::json;
+use thiserror::Error;
+use vmsa_core::{Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SevEsSaveArea, SnpPageType, VmKind};
+use zerocopy::FromBytes;
+
+use super::plan::{LaunchDigest, LaunchPlan, LaunchStep};
+use super::{MeasureArgs, MeasureError};
+
+/// The largest IGVM file `vmm measure --igvm` reads. Firmware-plus-SVSM files are tens of
+/// MiB; the `igvm` crate itself limits file data offsets to 32 bits.
+pub const MAX_IGVM_SIZE: u64 = 512 << 20;
+
+/// The only GPA at which QEMU/KVM can supply a VMSA (KVM's `INITIAL_VMSA_GPA`).
+pub const KVM_VMSA_GPA: u64 = INITIAL_VMSA_GPA.0;
+
+/// A 2 MiB IGVM page.
+const PAGE_SIZE_2M: u64 = 2 << 20;
+
+/// The compatibility mask [`plan_to_igvm`] gives its one platform.
+pub const WRAPPED_COMPATIBILITY_MASK: u32 = 1;
+
+/// The guest policy [`plan_to_igvm`] records (bit 17, which the SNP ABI requires set, and SMT
+/// allowed: QEMU's default `sev-snp-guest` policy).
+pub const WRAPPED_GUEST_POLICY: u64 = 0x30000;
+
+/// igvmmeasure's options, under its names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IgvmMeasureOptions {
+    /// Measure data-less NORMAL pages as ZERO pages (QEMU's loader does), not as pages of zeros.
+    pub native_zero: bool,
+    /// Refuse files QEMU/KVM cannot launch with the digest computed here ([`KvmCheckError`]).
+    pub check_kvm: bool,
+}
+
+/// A QEMU/KVM restriction (`--check-kvm`) the file breaks.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum KvmCheckError {
+    /// More than one SNP VP context.
+    #[error(
+        "VMSA #{index} (vp_index {vp_index}): at most one VMSA is allowed, since QEMU/KVM can supply only the \
+         first vCPU's VMSA"
+    )]
+    SecondVmsa {
+        /// Its position among the file's VMSAs (0-based).
+        index: usize,
+        /// Its VP index.
+        vp_index: u16,
+    },
+    /// A VMSA elsewhere than [`KVM_VMSA_GPA`].
+    #[error("VMSA of vp_index {vp_index} at GPA {gpa:#x}: KVM always puts the VMSA at GPA {KVM_VMSA_GPA:#x}")]
+    VmsaGpa {
+        /// Its VP index.
+        vp_index: u16,
+        /// Its GPA.
+        gpa: u64,
+    },
+    /// A VMSA whose CR0 KVM would change.
+    #[error(
+        "VMSA of vp_index {vp_index} has CR0 {cr0:#x}: KVM sets CR0 itself before measuring, so it must be 0x30 \
+         (real mode) or 0x31 (protected mode), both with NE"
+    )]
+    VmsaCr0 {
+        /// Its VP index.
+        vp_index: u16,
+        /// Its CR0.
+        cr0: u64,
+    },
+    /// A parameter insert after the VMSA.
+    #[error(
+        "parameter insert at GPA {gpa:#x} after the VMSA: QEMU/KVM measures the VMSA when the launch finishes, \
+         so no parameter insert may follow it"
+    )]
+    ParameterInsertAfterVmsa {
+        /// The insert's GPA.
+        gpa: u64,
+    },
+}
+
+/// Why an IGVM file cannot be measured.
+#[derive(Debug, Error)]
+pub enum IgvmError {
+    /// Not a valid IGVM file.
+    #[error("not a valid IGVM file: {0}")]
+    Parse(#[source] igvm::Error),
+    /// No SEV-SNP platform header.
+    #[error(
+        "no SEV-SNP platform header: the launch digest covers the directives in the SEV-SNP platform's \
+         compatibility mask"
+    )]
+    NoSnpPlatform,
+    /// A page-data directive whose data is neither empty nor one whole page.
+    #[error(
+        "page data at GPA {gpa:#x} has {len} bytes: it must have none or exactly one page ({page_len} bytes)"
+    )]
+    PageDataSize {
+        /// The page's GPA.
+        gpa: u64,
+        /// Its data length.
+        len: usize,
+        /// The page size its flags give.
+        page_len: u64,
+    },
+    /// A GPA range that wraps past 2^64.
+    #[error("page at GPA {gpa:#x} ends past the top of the address space")]
+    GpaOverflow {
+        /// The page's GPA.
+        gpa: u64,
+    },
+    /// `--check-kvm` refused the file.
+    #[error("--check-kvm: {0}")]
+    KvmCheck(#[from] KvmCheckError),
+}
+
+/// Pages measured, by SNP page type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    /// NORMAL pages.
+    pub normal: u64,
+    /// VMSA pages.
+    pub vmsa: u64,
+    /// ZERO pages.
+    pub zero: u64,
+    /// UNMEASURED pages.
+    pub unmeasured: u64,
+    /// SECRETS pages.
+    pub secrets: u64,
+    /// CPUID pages.
+    pub cpuid: u64,
+}
+
+impl PageCounts {
+    fn add(&mut self, ty: SnpPageType) {
+        let c = match ty {
+            SnpPageType::Normal => &mut self.normal,
+            SnpPageType::Vmsa => &mut self.vmsa,
+            SnpPageType::Zero => &mut self.zero,
+            SnpPageType::Unmeasured => &mut self.unmeasured,
+            SnpPageType::Secrets => &mut self.secrets,
+            SnpPageType::Cpuid => &mut self.cpuid,
+        };
+        *c += 1;
+    }
+
+    /// `(name, count)` for each type, in the order `vmm measure` prints them.
+    pub fn named(&self) -> [(&'static str, u64); 6] {
+        [
+            ("normal", self.normal),
+            ("vmsa", self.vmsa),
+            ("zero", self.zero),
+            ("unmeasured", self.unmeasured),
+            ("secrets", self.secrets),
+            ("cpuid", self.cpuid),
+        ]
+    }
+}
+
+/// A VMSA the file supplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IgvmVmsa {
+    /// Its VP index.
+    pub vp_index: u16,
+    /// Its GPA.
+    pub gpa: u64,
+}
+
+/// The measurement of an IGVM file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IgvmMeasurement {
+    /// The SEV-SNP platform's compatibility mask.
+    pub compatibility_mask: u32,
+    /// The launch digest.
+    pub digest: [u8; 48],
+    /// Pages measured, by type.
+    pub pages: PageCounts,
+    /// The VMSAs, in file order.
+    pub vmsas: Vec<IgvmVmsa>,
+    /// The launch digest the file's SNP ID block expects, if it has one.
+    pub id_block_digest: Option<[u8; 48]>,
+}
+
+impl IgvmMeasurement {
+    /// Whether the ID block (if any) expects this digest.
+    pub fn id_block_matches(&self) -> Option<bool> {
+        self.id_block_digest.map(|ld| ld == self.digest)
+    }
+}
+
+/// The SEV-SNP platform's compatibility mask (the first SEV-SNP platform header's).
+pub fn snp_compatibility_mask(file: &IgvmFile) -> Option<u32> {
+    file.platforms().iter().find_map(|p| {
+        let IgvmPlatformHeader::SupportedPlatform(sp) = p;
+        (sp.platform_type == IgvmPlatformType::SEV_SNP).then_some(sp.compatibility_mask)
+    })
+}
+
+/// Parse an IGVM file and measure it.
+pub fn measure_bytes(data: &[u8], opts: IgvmMeasureOptions) -> Result<IgvmMeasurement, IgvmError> {
+    let file = IgvmFile::new_from_binary(data, None).map_err(IgvmError::Parse)?;
+    measure_file(&file, opts)
+}
+
+/// Measure a parsed IGVM file for SEV-SNP.
+pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMeasurement, IgvmError> {
+    let mask = snp_compatibility_mask(file).ok_or(IgvmError::NoSnpPlatform)?;
+    let mut m = Measurer {
+        ld: SnpLaunchDigest::new(),
+        pages: PageCounts::default(),
+    };
+    let mut vmsas = Vec::new();
+    let mut id_block_digest = None;
+    let zero = [0u8; PAGE_SIZE as usize];
+    for d in file.directives() {
+        match d {
+            IgvmDirectiveHeader::PageData {
+                gpa,
+                compatibility_mask,
+                flags,
+                data_type,
+                data,
+            } if compatibility_mask & mask != 0 => {
+                let page_len = if flags.is_2mb_page() {
+                    PAGE_SIZE_2M
+                } else {
+                    PAGE_SIZE_4K
+                };
+                if !data.is_empty() && data.len() as u64 != page_len {
+                    return Err(IgvmError::PageDataSize {
+                        gpa: *gpa,
+                        len: data.len(),
+                        page_len,
+                    });
+                }
+                gpa.checked_add(page_len - 1)
+                    .ok_or(IgvmError::GpaOverflow { gpa: *gpa })?;
+                let ty = match *data_type {
+                    IgvmPageDataType::NORMAL if flags.unmeasured() => SnpPageType::Unmeasured,
+                    IgvmPageDataType::NORMAL if data.is_empty() && opts.native_zero => SnpPageType::Zero,
+                    IgvmPageDataType::NORMAL => SnpPageType::Normal,
+                    IgvmPageDataType::SECRETS => SnpPageType::Secrets,
+                    IgvmPageDataType::CPUID_DATA | IgvmPageDataType::CPUID_XF => SnpPageType::Cpuid,
+                    // igvmmeasure skips other types; the igvm crate refuses them when parsing.
+                    _ => continue,
+                };
+                for i in 0..page_len / PAGE_SIZE_4K {
+                    let off = (i * PAGE_SIZE_4K) as usize;
+                    let page = match data.get(off..off + PAGE_SIZE_4K as usize) {
+                        Some(p) => p.try_into().expect("a 4 KiB slice"),
+                        None => &zero,
+                    };
+                    m.page(gpa + i * PAGE_SIZE_4K, ty, page);
+                }
+            }
+            IgvmDirectiveHeader::ParameterInsert(p) if p.compatibility_mask & mask != 0 => {
+                if opts.check_kvm && !vmsas.is_empty() {
+                    return Err(KvmCheckError::ParameterInsertAfterVmsa { gpa: p.gpa }.into());
+                }
+                m.page(p.gpa, SnpPageType::Unmeasured, &zero);
+            }
+            IgvmDirectiveHeader::SnpVpContext {
+                gpa, vp_index, vmsa, ..
+            } => {
+                if opts.check_kvm {
+                    if !vmsas.is_empty() {
+                        return Err(KvmCheckError::SecondVmsa {
+                            index: vmsas.len(),
+                            vp_index: *vp_index,
+                        }
+                        .into());
+                    }
+                    if *gpa != KVM_VMSA_GPA {
+                        return Err(KvmCheckError::VmsaGpa {
+                            vp_index: *vp_index,
+                            gpa: *gpa,
+                        }
+                        .into());
+                    }
+                    if vmsa.cr0 != 0x30 && vmsa.cr0 != 0x31 {
+                        return Err(KvmCheckError::VmsaCr0 {
+                            vp_index: *vp_index,
+                            cr0: vmsa.cr0,
+                        }
+                        .into());
+                    }
+                }
+                m.page(*gpa, SnpPageType::Vmsa, save_area_from_sev_vmsa(vmsa).as_page());
+                vmsas.push(IgvmVmsa {
+                    vp_index: *vp_index,
+                    gpa: *gpa,
+                });
+            }
+            IgvmDirectiveHeader::SnpIdBlock {
+                compatibility_mask,
+                ld,
+                ..
+            } if compatibility_mask & mask != 0 => id_block_digest = Some(*ld),
+            _ => {}
+        }
+    }
+    Ok(IgvmMeasurement {
+        compatibility_mask: mask,
+        digest: m.ld.digest(),
+        pages: m.pages,
+        vmsas,
+        id_block_digest,
+    })
+}
+
+struct Measurer {
+    ld: SnpLaunchDigest,
+    pages: PageCounts,
+}
+
+impl Measurer {
+    fn page(&mut self, gpa: u64, ty: SnpPageType, contents: &[u8; PAGE_SIZE as usize]) {
+        self.ld.update(Gpa(gpa), ty, contents);
+        self.pages.add(ty);
+    }
+}
+
+// igvm_defs' VMSA is the whole 4 KiB page, as vmsa-core's is: both follow the APM's VMSA
+// layout byte for byte, so converting is copying.
+const _: () = assert!(size_of::<SevVmsa>() == PAGE_SIZE as usize);
+
+/// The IGVM form of a VMSA: the same bytes.
+pub fn sev_vmsa_from_save_area(area: &SevEsSaveArea) -> Box<SevVmsa> {
+    Box::new(SevVmsa::read_from_bytes(area.as_page()).expect("both are one page"))
+}
+
+/// The vmsa-core form of an IGVM VP context's VMSA: the same bytes.
+pub fn save_area_from_sev_vmsa(vmsa: &SevVmsa) -> Box<SevEsSaveArea> {
+    SevEsSaveArea::from_page(zerocopy::transmute_ref!(vmsa))
+}
+
+/// Why a launch plan cannot be wrapped into an IGVM file.
+#[derive(Debug, Error)]
+pub enum WrapError {
+    /// IGVM files carry SNP VP contexts; SEV-ES launches have no IGVM form here.
+    #[error("an SEV-ES launch cannot be wrapped: IGVM VP contexts are SEV-SNP VMSAs")]
+    NotSnp,
+    /// More vCPUs than IGVM VP indices.
+    #[error("vCPU {vcpu}: IGVM VP indices are 16-bit")]
+    VpIndex {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The `igvm` crate refused the result.
+    #[error("the igvm crate refused the file: {0}")]
+    Igvm(#[source] igvm::Error),
+}
+
+/// An IGVM file that launches `plan` (an SEV-SNP OVMF launch): one SEV-SNP platform, the
+/// guest policy [`WRAPPED_GUEST_POLICY`], and the plan's steps in order, one directive per
+/// 4 KiB page: firmware pages as NORMAL page data, ZERO pages as data-less NORMAL page data,
+/// SECRETS, CPUID and UNMEASURED pages with their types, then one SNP VP context per vCPU at
+/// KVM's VMSA GPA. Measured with `--native-zero` its digest is the plan's.
+pub fn plan_to_igvm(plan: &LaunchPlan) -> Result<IgvmFile, WrapError> {
+    if plan.kind() != VmKind::Snp {
+        return Err(WrapError::NotSnp);
+    }
+    let mask = WRAPPED_COMPATIBILITY_MASK;
+    let platform = IgvmPlatformHeader::SupportedPlatform(IGVM_VHS_SUPPORTED_PLATFORM {
+        compatibility_mask: mask,
+        highest_vtl: 0,
+        platform_type: IgvmPlatformType::SEV_SNP,
+        platform_version: 1,
+        shared_gpa_boundary: 0,
+    });
+    let init = IgvmInitializationHeader::GuestPolicy {
+        policy: WRAPPED_GUEST_POLICY,
+        compatibility_mask: mask,
+    };
+    let mut directives = Vec::new();
+    for step in plan.steps() {
+        match step {
+            LaunchStep::Data(d) => {
+                let (data_type, unmeasured) = match d.page_type {
+                    SnpPageType::Normal | SnpPageType::Zero | SnpPageType::Vmsa => {
+                        (IgvmPageDataType::NORMAL, false)
+                    }
+                    SnpPageType::Unmeasured => (IgvmPageDataType::NORMAL, true),
+                    SnpPageType::Secrets => (IgvmPageDataType::SECRETS, false),
+                    SnpPageType::Cpuid => (IgvmPageDataType::CPUID_DATA, false),
+                };
+                for i in 0..d.len.div_ceil(PAGE_SIZE) {
+                    let data = match (&d.contents, d.page_type) {
+                        (Some(c), SnpPageType::Normal) => {
+                            let start = (i * PAGE_SIZE) as usize;
+                            let mut page = c[start..c.len().min(start + PAGE_SIZE as usize)].to_vec();
+                            page.resize(PAGE_SIZE as usize, 0);
+                            page
+                        }
+                        _ => Vec::new(),
+                    };
+                    directives.push(IgvmDirectiveHeader::PageData {
+                        gpa: d.gpa.0 + i * PAGE_SIZE,
+                        compatibility_mask: mask,
+                        flags: IgvmPageDataFlags::new().with_unmeasured(unmeasured),
+                        data_type,
+                        data,
+                    });
+                }
+            }
+            LaunchStep::Vmsa(v) => {
+                let vcpu = v.vcpu.0;
+                let vmsa = sev_vmsa_from_save_area(&v.save_area);
+                directives.push(IgvmDirectiveHeader::SnpVpContext {
+                    gpa: KVM_VMSA_GPA,
+                    compatibility_mask: mask,
+                    vp_index: u16::try_from(vcpu).map_err(|_| WrapError::VpIndex { vcpu })?,
+                    vmsa,
+                });
+            }
+        }
+    }
+    IgvmFile::new(IgvmRevision::V1, vec![platform], vec![init], directives).map_err(WrapError::Igvm)
+}
+
+/// `vmm measure`'s arguments: the OVMF form ([`MeasureArgs`]) or the IGVM form
+/// (`--igvm FILE`). Parsed as one command line; `--firmware` and `--vcpus` are required
+/// unless `--igvm` is given, and the OVMF options conflict with it.
+#[derive(Clone, Debug)]
+pub enum MeasureCommand {
+    /// `vmm measure --firmware ...`.
+    Ovmf(MeasureArgs),
+    /// `vmm measure --igvm ...`.
+    Igvm(IgvmArgs),
+}
+
+/// The options only `--igvm` takes, under igvmmeasure's names.
+#[derive(Clone, Debug, clap::Args)]
+pub struct IgvmFlags {
+    /// IGVM file to measure (SEV-SNP platform), as coconut-svsm's igvmmeasure does.
+    #[arg(long, value_name = "FILE")]
+    pub igvm: Option<PathBuf>,
+    /// With --igvm: measure data-less pages as ZERO pages (as QEMU's loader does), not as
+    /// pages of zeros.
+    #[arg(long, requires = "igvm")]
+    pub native_zero: bool,
+    /// With --igvm: refuse a file QEMU/KVM cannot launch as measured (at most one VMSA, at
+    /// 0xfffffffff000, CR0 0x30 or 0x31, no parameter insert after it).
+    #[arg(long, requires = "igvm")]
+    pub check_kvm: bool,
+    /// With --igvm: do not fail (exit 1) when the file's SNP ID block expects another digest.
+    #[arg(long, requires = "igvm")]
+    pub ignore_idblock: bool,
+}
+
+/// `vmm measure --igvm FILE` and its options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IgvmArgs {
+    /// The IGVM file.
+    pub path: PathBuf,
+    /// igvmmeasure's measurement options.
+    pub options: IgvmMeasureOptions,
+    /// Accept a file whose ID block expects another digest.
+    pub ignore_idblock: bool,
+    /// Print one JSON document.
+    pub json: bool,
+}
+
+/// The OVMF options `--igvm` conflicts with (clap argument ids).
+const OVMF_ONLY: [&str; 10] = [
+    "firmware",
+    "vcpus",
+    "vcpu_type",
+    "vmm_type",
+    "guest_features",
+    "sev_es",
+    "kernel",
+    "initrd",
+    "append",
+    "dump_vmsa",
+];
+
+impl FromArgMatches for MeasureCommand {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let flags = IgvmFlags::from_arg_matches(m)?;
+        match flags.igvm {
+            Some(path) => Ok(Self::Igvm(IgvmArgs {
+                path,
+                options: IgvmMeasureOptions {
+                    native_zero: flags.native_zero,
+                    check_kvm: flags.check_kvm,
+                },
+                ignore_idblock: flags.ignore_idblock,
+                json: m.get_flag("json"),
+            })),
+            None => {
+                // clap's `requires` does not fire once the OVMF form's own arguments are all
+                // there, so the rule is checked here.
+                let igvm_only = [
+                    (flags.native_zero, "native-zero"),
+                    (flags.check_kvm, "check-kvm"),
+                    (flags.ignore_idblock, "ignore-idblock"),
+                ];
+                if let Some((_, name)) = igvm_only.iter().find(|(on, _)| *on) {
+                    return Err(clap::Error::raw(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        format!("--{name} needs --igvm: it is an option of the IGVM measurement\n"),
+                    ));
+                }
+                Ok(Self::Ovmf(MeasureArgs::from_arg_matches(m)?))
+            }
+        }
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for MeasureCommand {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let mut cmd = IgvmFlags::augment_args(MeasureArgs::augment_args(cmd))
+            .mut_arg("firmware", |a| a.required(false).required_unless_present("igvm"))
+            .mut_arg("vcpus", |a| a.required(false).required_unless_present("igvm"));
+        for id in OVMF_ONLY {
+            cmd = cmd.mut_arg(id, |a| a.conflicts_with("igvm"));
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// What `vmm measure --igvm` prints, and how it exits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IgvmOutput {
+    /// Standard output: text ending with the digest line, or one JSON document.
+    pub stdout: String,
+    /// A failure to report on stderr after the output (exit status 1): an ID block that
+    /// expects another digest.
+    pub failure: Option<String>,
+    /// The measurement.
+    pub measurement: IgvmMeasurement,
+}
+
+fn read_igvm(path: &Path) -> Result<Vec<u8>, MeasureError> {
+    let err = |source| MeasureError::ReadIgvm {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(io::Error::other("not a regular file")));
+    }
+    if meta.len() > MAX_IGVM_SIZE {
+        return Err(MeasureError::IgvmTooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_IGVM_SIZE + 1).read_to_end(&mut data).map_err(err)?;
+    if data.len() as u64 > MAX_IGVM_SIZE {
+        return Err(MeasureError::IgvmTooLarge {
+            path: path.to_path_buf(),
+            size: data.len() as u64,
+        });
+    }
+    Ok(data)
+}
+
+/// Run `vmm measure --igvm`: read, measure, and render.
+pub fn measure(args: &IgvmArgs) -> Result<IgvmOutput, MeasureError> {
+    let data = read_igvm(&args.path)?;
+    let m = measure_bytes(&data, args.options).map_err(|source| MeasureError::Igvm {
+        path: args.path.clone(),
+        source,
+    })?;
+    let digest = LaunchDigest::Snp(m.digest);
+    let failure = match (m.id_block_digest, m.id_block_matches()) {
+        (Some(ld), Some(false)) if !args.ignore_idblock => Some(format!(
+            "--igvm {}: the SNP ID block expects launch digest {} but the file measures {}; \
+             --ignore-idblock accepts it",
+            args.path.display(),
+            LaunchDigest::Snp(ld).hex(),
+            digest.hex()
+        )),
+        _ => None,
+    };
+    let id_block = match m.id_block_digest {
+        None => "none".to_owned(),
+        Some(ld) if ld == m.digest => "expects this digest".to_owned(),
+        Some(ld) => format!(
+            "expects {}{}",
+            LaunchDigest::Snp(ld).hex(),
+            if args.ignore_idblock { " (ignored)" } else { "" }
+        ),
+    };
+    let stdout = if args.json {
+        let pages: serde_json::Map<String, serde_json::Value> = m
+            .pages
+            .named()
+            .iter()
+            .map(|(t, n)| ((*t).to_owned(), json!(n)))
+            .collect();
+        let doc = json!({
+            "mode": "snp",
+            "algorithm": digest.algorithm(),
+            "digest": digest.hex(),
+            "inputs": {
+                "igvm": args.path.display().to_string(),
+                "native_zero": args.options.native_zero,
+                "check_kvm": args.options.check_kvm,
+                "ignore_idblock": args.ignore_idblock,
+            },
+            "compatibility_mask": format!("{:#x}", m.compatibility_mask),
+            "pages": pages,
+            "vmsas": m.vmsas.iter().map(|v| json!({"vp_index": v.vp_index, "gpa": format!("{:#x}", v.gpa)})).collect::<Vec<_>>(),
+            "id_block": m.id_block_digest.map(|ld| json!({
+                "digest": LaunchDigest::Snp(ld).hex(),
+                "matches": ld == m.digest,
+                "ignored": args.ignore_idblock,
+            })),
+        });
+        format!("{doc}\n")
+    } else {
+        let opts: Vec<&str> = [
+            (args.options.native_zero, "native-zero"),
+            (args.options.check_kvm, "check-kvm"),
+            (args.ignore_idblock, "ignore-idblock"),
+        ]
+        .iter()
+        .filter_map(|(on, n)| on.then_some(*n))
+        .collect();
+        let pages: Vec<String> = m
+            .pages
+            .named()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(t, n)| format!("{n} {t}"))
+            .collect();
+        format!(
+            "igvm: {} (SEV-SNP compatibility mask {:#x}; options: {})\npages measured: {}\nid block: {id_block}\n\
+             launch digest ({}):\n{}\n",
+            args.path.display(),
+            m.compatibility_mask,
+            if opts.is_empty() {
+                "none".to_owned()
+            } else {
+                opts.join(", ")
+            },
+            pages.join(", "),
+            digest.algorithm(),
+            digest.hex()
+        )
+    };
+    Ok(IgvmOutput {
+        stdout,
+        failure,
+        measurement: m,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use zerocopy::IntoBytes;
+
+    use super::*;
+
+    #[test]
+    fn sev_vmsa_is_the_head_of_the_vmsa_page() {
+        // Fields at their APM offsets in both layouts.
+        let mut area = SevEsSaveArea::boxed();
+        area.cr0 = 0x31;
+        area.rip = 0xfff0;
+        area.rdx = 0x00a0_0f11;
+        area.sev_features = 0x21;
+        area.xcr0 = 1;
+        area.cs.selector = 0xf000;
+        area.cs.base = 0xffff_0000;
+        let vmsa = sev_vmsa_from_save_area(&area);
+        assert_eq!(vmsa.cr0, 0x31);
+        assert_eq!(vmsa.rip, 0xfff0);
+        assert_eq!(vmsa.rdx, 0x00a0_0f11);
+        assert_eq!(vmsa.sev_features.into_bits(), 0x21);
+        assert_eq!(vmsa.xcr0, 1);
+        assert_eq!(vmsa.cs.selector, 0xf000);
+        assert_eq!(vmsa.cs.base, 0xffff_0000);
+        // And back, byte for byte.
+        assert_eq!(save_area_from_sev_vmsa(&vmsa).as_page(), area.as_page());
+    }
+
+    #[test]
+    fn every_byte_round_trips() {
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for (i, b) in page.iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        let area = SevEsSaveArea::from_page(&page);
+        let vmsa = sev_vmsa_from_save_area(&area);
+        assert_eq!(vmsa.as_bytes(), &page);
+        assert_eq!(save_area_from_sev_vmsa(&vmsa).as_page(), &page);
+    }
+}
