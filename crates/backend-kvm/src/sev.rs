@@ -125,7 +125,7 @@ impl SnpLaunchPage {
     }
 
     /// The KVM page type for a vmsa-core page type (the same numbers). Whether the kernel
-    /// takes [`SnpLaunchPage::Vmsa`] is [`crate::host::snp::launch_update_args`]' question.
+    /// takes [`SnpLaunchPage::Vmsa`] is the SNP host layer's question (it asks the probe).
     pub fn from_core(t: vmsa_core::SnpPageType) -> Option<Self> {
         use vmsa_core::SnpPageType as T;
         Some(match t {
