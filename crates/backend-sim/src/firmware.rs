@@ -316,7 +316,7 @@ impl Firmware {
 
     /// `SNP_ACTIVATE` (SNP ABI §8.9), in ASPFW sev_mcmd.c `snp_mcmd_activate`'s order: the
     /// guest in LAUNCH or RUNNING (INVALID_GUEST_STATE), no RMP entry carrying the ASID
-    /// (INVALID_CONFIG, `check_rmp_for_asid`), then [`Firmware::bind_asid`]'s rules (an
+    /// (INVALID_CONFIG, `check_rmp_for_asid`), then `bind_asid`'s rules (an
     /// already active guest gets ACTIVE, whatever the ASID).
     pub fn snp_activate(&mut self, rmp: &Rmp, gctx: Pfn, asid: u32) -> Fw<()> {
         let g = self.snp_guest(rmp, gctx)?;
@@ -569,7 +569,7 @@ impl Firmware {
     }
 
     /// SEV `ACTIVATE` (SEV API §6.10; ASPFW sev_mcmd.c `sev_mcmd_activate`): bind an ASID
-    /// ([`Firmware::bind_asid`]'s rules; no RMP scan).
+    /// (`bind_asid`'s rules; no RMP scan).
     pub fn sev_activate(&mut self, h: Handle, asid: u32) -> Fw<()> {
         self.es_guest(h)?;
         self.bind_asid(h, asid)

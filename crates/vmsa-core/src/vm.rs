@@ -526,7 +526,10 @@ impl<P: Platform> Vm<P> {
     /// SEV-ES update may also omit it, to measure the guest memory as it is.
     ///
     /// A page of type [`SnpPageType::Vmsa`] is the BSP's VMSA in the supplied-VMSA launch mode
-    /// ([`VmConfig::supplied_vmsa`]); see [`Vm::supply_vmsa`] for its rules.
+    /// ([`VmConfig::supplied_vmsa`]): exactly one page, once, before launch finish, at a GPA
+    /// inside MAXPHYADDR and not 2 MiB aligned, with the VM's SEV_FEATURES; the BSP (the first
+    /// vCPU created) then owns it as `GuestOwned(gpa)`. Anything else is a
+    /// [`SuppliedVmsaError`](crate::SuppliedVmsaError).
     pub fn launch_update_data(
         &mut self,
         gpa: Gpa,
