@@ -9,8 +9,8 @@ use backend_sim::host::SimHost;
 use backend_sim::{GuestScript, Machine, MachineConfig, PhaseClock, PhaseReport};
 use vmm::run::flow::{self, FlowReport, Launch};
 use vmm::run::progress::Progress;
-use vmsa_core::{Event, Gpa, SNP_POLICY_RSVD_MBO, layout::SEV_FEAT_SNP_ACTIVE};
-use vmsa_host::GuestActivity;
+use vmsa_core::{Event, Gpa, SNP_POLICY_RSVD_MBO, VmKind, layout::SEV_FEAT_SNP_ACTIVE};
+use vmsa_host::{GuestActivity, VmSpec};
 
 /// Where the stand-in firmware of [`sim_boot`] sits, and its size in pages (HLT bytes).
 pub const FIRMWARE_GPA: u64 = 0x10_0000;
@@ -52,14 +52,30 @@ impl SimRun {
 /// from `config`: a 16-page HLT firmware at 1 MiB is measured, every vCPU starts from the x86
 /// reset state, and the flow creates, launches, runs and tears it down.
 pub fn sim_boot(config: MachineConfig, vcpus: u32, memory: u64, script: GuestScript) -> SimRun {
+    sim_boot_spec(config, VmSpec::snp(0), SNP_POLICY_RSVD_MBO, vcpus, memory, script)
+}
+
+/// [`sim_boot`] of the VM `spec` (SEV-ES or SEV-SNP) launched with `policy`.
+pub fn sim_boot_spec(
+    config: MachineConfig,
+    spec: VmSpec,
+    policy: u64,
+    vcpus: u32,
+    memory: u64,
+    script: GuestScript,
+) -> SimRun {
     let machine = Machine::new(config);
     let host = SimHost::new(machine.clone(), script);
     let firmware = vec![0xf4u8; (FIRMWARE_PAGES * vmsa_core::PAGE_SIZE) as usize];
+    let features = match spec.kind {
+        VmKind::Snp => SEV_FEAT_SNP_ACTIVE,
+        VmKind::SevEs => 0,
+    } | spec.vmsa_features;
     let vmsas: Vec<_> = (0..vcpus)
         .map(|_| {
             vmm::measure::reset::reset_vmsa(
                 vmm::measure::reset::BSP_EIP,
-                SEV_FEAT_SNP_ACTIVE,
+                features,
                 vmm::measure::vcpu_types::VcpuType::lookup("EPYC-v4")
                     .expect("a known vCPU type")
                     .signature(),
@@ -67,7 +83,12 @@ pub fn sim_boot(config: MachineConfig, vcpus: u32, memory: u64, script: GuestScr
             )
         })
         .collect();
-    let launch = Launch::snp_image(memory, SNP_POLICY_RSVD_MBO, Gpa(FIRMWARE_GPA), &firmware, &vmsas);
+    // The memory slot is guest_memfd-backed for SEV-ES too: the simulator keeps a guest's
+    // memory only in such slots (KVM itself backs SEV-ES memory with ordinary memory).
+    let launch = Launch {
+        spec,
+        ..Launch::snp_image(memory, policy, Gpa(FIRMWARE_GPA), &firmware, &vmsas)
+    };
     let mut clock = PhaseClock::new(&machine);
     let report = flow::run(
         &host,
