@@ -128,14 +128,15 @@ fn sev_smoke_test_sev_es_policy_es_terminates() {
     test_sev(VmKind::SevEs, SEV_POLICY_ES);
 }
 
-/// Newer trees: `test_sev_smoke(guest_snp_code, KVM_X86_SNP_VM, snp_default_policy() |
-/// SNP_POLICY_DBG)`: SNP guests terminate as SEV-ES ones do.
+/// Newer trees: `test_sev_smoke(guest_snp_code, VM_SHAPE_SNP, snp_default_policy())`, whose
+/// first case is `test_sev` with `| SNP_POLICY_DBG`: SNP guests terminate as SEV-ES ones do.
 #[test]
 fn sev_smoke_test_snp_policy_dbg_terminates() {
     test_sev(VmKind::Snp, SNP_DEFAULT_POLICY | SNP_POLICY_DEBUG);
 }
 
-/// Newer trees: `test_sev_smoke(guest_snp_code, KVM_X86_SNP_VM, snp_default_policy())`.
+/// Newer trees: `test_sev_smoke(guest_snp_code, VM_SHAPE_SNP, snp_default_policy())`, its
+/// second case (the plain default policy).
 #[test]
 fn sev_smoke_test_snp_default_policy_terminates() {
     test_sev(VmKind::Snp, SNP_DEFAULT_POLICY);
