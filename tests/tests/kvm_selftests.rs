@@ -142,6 +142,52 @@ fn sev_smoke_test_snp_default_policy_terminates() {
     test_sev(VmKind::Snp, SNP_DEFAULT_POLICY);
 }
 
+/// `test_sev_es_shutdown` (newer trees: `test_sev_shutdown`, SEV-ES and SNP): the guest installs
+/// an all-zero IDT and executes `ud2`, a triple fault; `KVM_RUN` exits with `KVM_EXIT_SHUTDOWN`.
+fn test_sev_shutdown(kind: VmKind, policy: u64) {
+    let spec = match kind {
+        VmKind::SevEs => VmSpec::sev_es(0),
+        VmKind::Snp => VmSpec::snp(0),
+    };
+    let run = sim_boot_spec(
+        MachineConfig::default(),
+        spec,
+        policy,
+        1,
+        16 << 20,
+        script("guest_shutdown_code", vec![GuestAction::TripleFault { vcpu: 0 }]),
+    );
+    assert!(
+        run.report.launch_error.is_none(),
+        "{kind}: {:?}",
+        run.report.launch_error
+    );
+    let end = &run.report.run.as_ref().expect("the launch finished").end;
+    assert_eq!(
+        end,
+        &RunEnd::Shutdown { vcpu: 0 },
+        "{kind}: wanted KVM_EXIT_SHUTDOWN"
+    );
+    let t = &run.report.host.teardown;
+    assert_eq!(
+        t.frames_still_allocated,
+        Observed::Seen(0),
+        "{kind}: frames left allocated"
+    );
+}
+
+/// `test_sev_es_shutdown` on an SEV-ES guest.
+#[test]
+fn sev_smoke_test_sev_es_shutdown() {
+    test_sev_shutdown(VmKind::SevEs, SEV_POLICY_ES);
+}
+
+/// `test_sev_shutdown` on an SNP guest (newer trees).
+#[test]
+fn sev_smoke_test_snp_shutdown() {
+    test_sev_shutdown(VmKind::Snp, SNP_DEFAULT_POLICY);
+}
+
 // ---- sev_init2_tests.c
 
 /// A fresh simulated host: each `test_init2` case uses a fresh VM (`vm_create_barebones_type`).

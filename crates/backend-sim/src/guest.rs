@@ -144,6 +144,12 @@ pub enum GuestAction {
         /// The vCPU.
         vcpu: u32,
     },
+    /// A triple fault (e.g. `ud2` with an all-zero IDT): the vCPU shuts down, which KVM reports
+    /// as `KVM_EXIT_SHUTDOWN`; an SEV-ES/SNP guest's state cannot be reset by the host.
+    TripleFault {
+        /// The vCPU.
+        vcpu: u32,
+    },
     /// The GHCB termination request (MSR protocol `GHCB_MSR_TERM_REQ`): the guest asks the host
     /// to end it, giving a reason (GHCB spec pub. 56421 §2.3.6).
     Terminate {
@@ -172,6 +178,7 @@ impl GuestAction {
             | Self::PageState { vcpu, .. }
             | Self::Run { vcpu }
             | Self::Hlt { vcpu }
+            | Self::TripleFault { vcpu }
             | Self::Terminate { vcpu, .. } => vcpu,
         }
     }
@@ -235,6 +242,7 @@ impl GuestAction {
             Self::PageState { .. } => "page_state",
             Self::Run { .. } => "run",
             Self::Hlt { .. } => "hlt",
+            Self::TripleFault { .. } => "triple_fault",
             Self::Terminate { .. } => "terminate",
         }
     }

@@ -35,6 +35,8 @@ pub(crate) enum Acted {
     /// A guest access hit a page whose attribute differs from its C-bit: `KVM_EXIT_MEMORY_FAULT`
     /// (`kvm_mmu_prepare_memory_fault_exit`). The action runs again after the VMM converts it.
     Fault(Conversion),
+    /// The vCPU triple-faulted: it shuts down (`KVM_EXIT_SHUTDOWN`).
+    Shutdown,
     /// The guest asked to be terminated (a GHCB termination request).
     Terminate {
         /// The reason code set.
@@ -137,7 +139,7 @@ pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> G
                     cpus.step(vm, index, a, true);
                 }
             }
-            Acted::Done | Acted::Terminate { .. } => {}
+            Acted::Done | Acted::Terminate { .. } | Acted::Shutdown => {}
         }
     }
     cpus.finish(vm)
@@ -326,6 +328,10 @@ impl Cpus {
                 ))
             }
             GuestAction::Run { .. } => Ok(done("running".into())),
+            GuestAction::TripleFault { .. } => {
+                self.exit(vm, vcpu);
+                Ok((Acted::Shutdown, "shut down (triple fault)".into()))
+            }
             GuestAction::Terminate {
                 reason_set,
                 reason_code,
@@ -372,9 +378,9 @@ impl Cpus {
                 );
                 Acted::Done
             }
-            Ok((t @ Acted::Terminate { .. }, detail)) => {
+            Ok((end @ (Acted::Terminate { .. } | Acted::Shutdown), detail)) => {
                 self.record(index, a, Ok(detail));
-                t
+                end
             }
             Ok((exit, _)) => exit,
             Err(e) => {

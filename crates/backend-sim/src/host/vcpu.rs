@@ -128,6 +128,7 @@ impl vmsa_host::Vcpu for SimVcpu {
                                 reason_code,
                             });
                         }
+                        Acted::Shutdown => return Ok(VcpuExit::Shutdown),
                         Acted::Done if matches!(a, GuestAction::Hlt { vcpu } if vcpu == self.id) => {
                             return Ok(VcpuExit::Halt);
                         }
