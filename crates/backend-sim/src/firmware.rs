@@ -690,6 +690,36 @@ mod tests {
         (Firmware::new(16, 1), rmp, mem)
     }
 
+    /// A guest launched through SNP_LAUNCH_START with `policy` and activated on ASID 2: the
+    /// firmware, RMP, memory and the guest context page.
+    fn started_guest(policy: u64) -> (Firmware, Rmp, HostMemory, Pfn) {
+        let (mut fw, mut rmp, mut mem) = setup();
+        fw.snp_init().unwrap();
+        let gctx = fw_page(&mut rmp, &mut mem);
+        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
+        fw.snp_launch_start(&rmp, gctx, policy, [0; 16]).unwrap();
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        (fw, rmp, mem, gctx)
+    }
+
+    /// A fresh frame in the pre-guest state (assigned to ASID 2 at `gpa`, immutable), as a
+    /// launch update expects its page.
+    fn pre_guest(rmp: &mut Rmp, mem: &mut HostMemory, gpa: u64) -> Pfn {
+        let p = mem.alloc().unwrap();
+        rmp.rmpupdate(
+            p,
+            RmpState {
+                gpa: Gpa(gpa),
+                assigned: true,
+                immutable: true,
+                asid: 2,
+                ..RmpState::default()
+            },
+        )
+        .unwrap();
+        p
+    }
+
     fn fw_page(rmp: &mut Rmp, mem: &mut HostMemory) -> Pfn {
         let p = mem.alloc().unwrap();
         rmp.rmpupdate(
@@ -853,28 +883,8 @@ mod tests {
 
     #[test]
     fn debug_decrypt_returns_the_plaintext_and_cpuid_pages_are_checked() {
-        let (mut fw, mut rmp, mut mem) = setup();
-        fw.snp_init().unwrap();
-        let gctx = fw_page(&mut rmp, &mut mem);
-        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, (1 << 17) | (1 << 19), [0; 16])
-            .unwrap();
-        fw.snp_activate(&rmp, gctx, 2).unwrap();
-        let mut pre = |gpa: u64| {
-            let p = mem.alloc().unwrap();
-            rmp.rmpupdate(
-                p,
-                RmpState {
-                    gpa: Gpa(gpa),
-                    assigned: true,
-                    immutable: true,
-                    asid: 2,
-                    ..RmpState::default()
-                },
-            )
-            .unwrap();
-            p
-        };
+        let (mut fw, mut rmp, mut mem, gctx) = started_guest((1 << 17) | (1 << 19));
+        let mut pre = |gpa: u64| pre_guest(&mut rmp, &mut mem, gpa);
         let data = pre(0x1000);
         let cpuid = pre(0x2000);
         mem.write(data, &[0x42; 4096]).unwrap();
@@ -1107,27 +1117,8 @@ mod tests {
         // ASPFW sev_mcmd.c snp_mcmd_launch_update: header reserved fields and count > 64 are
         // INVALID_PARAM without a write; sanitize_cpuid_list fails an entry with a non-zero
         // reserved field in the standard or extended range.
-        let (mut fw, mut rmp, mut mem) = setup();
-        fw.snp_init().unwrap();
-        let gctx = fw_page(&mut rmp, &mut mem);
-        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
-        fw.snp_activate(&rmp, gctx, 2).unwrap();
-        let mut pre = |gpa: u64| {
-            let p = mem.alloc().unwrap();
-            rmp.rmpupdate(
-                p,
-                RmpState {
-                    gpa: Gpa(gpa),
-                    assigned: true,
-                    immutable: true,
-                    asid: 2,
-                    ..RmpState::default()
-                },
-            )
-            .unwrap();
-            p
-        };
+        let (mut fw, mut rmp, mut mem, gctx) = started_guest(1 << 17);
+        let mut pre = |gpa: u64| pre_guest(&mut rmp, &mut mem, gpa);
         let pages: Vec<Pfn> = (1..=4).map(|i| pre(i << 12)).collect();
         let cpuid = |count: u32, hdr_rsvd: u32, leaf: u32, entry_rsvd: u64| {
             let mut b = [0u8; 4096];
