@@ -97,6 +97,7 @@ fn supplied_vmsa_launch_of_wrapped_ovmf_has_measure_igvm_digest_for_any_vcpu_cou
                 "--vcpus {vcpus} {extra:?}"
             );
             assert_eq!(s["launch"]["digest_matches"], true);
+            assert_eq!(s["launch"]["vmsas"], 1, "one VMSA measured, the BSP's");
             // The BSP's VMSA is the supplied page; the APs have none until AP creation.
             let bsp = &s["ownership"]["vcpus"][0]["path"];
             assert_eq!(bsp[1], "GuestOwned", "{bsp}");

@@ -292,6 +292,19 @@ mod tests {
     }
 
     #[test]
+    fn image_pages_outside_ram_get_their_own_regions() {
+        let vmsa = Gpa(0xffff_ffff_f000);
+        let pages = [Gpa(0x1000), Gpa(FOUR_GIB - 0x2000), Gpa(FOUR_GIB - 0x1000), vmsa];
+        let ram = GuestRam::with_image_pages(16 << 20, &pages).unwrap();
+        assert_eq!(
+            ram.describe(),
+            "0x0..0x1000000, ROM 0xffffe000..0x100000000, ROM 0xfffffffff000..0x1000000000000"
+        );
+        ram.load("vmsa", vmsa, &[1; 4096]).unwrap();
+        assert_eq!(ram.read("vmsa", vmsa, 4096).unwrap(), vec![1; 4096]);
+    }
+
+    #[test]
     fn rejects_bad_sizes() {
         assert!(matches!(GuestRam::new(0, None), Err(MemoryError::BadSize { .. })));
         assert!(matches!(

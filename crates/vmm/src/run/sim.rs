@@ -317,9 +317,11 @@ impl Image {
         }
     }
 
+    /// Data pages (a supplied VMSA page is counted as a VMSA).
     fn pages(&self) -> u64 {
         self.updates
             .iter()
+            .filter(|d| d.page_type != SnpPageType::Vmsa)
             .map(|d| d.len.div_ceil(vmsa_core::PAGE_SIZE))
             .sum()
     }
@@ -491,7 +493,7 @@ pub(super) fn run(
         expected_failure: scenario.expect_launch_failure,
         image: image.source.clone(),
         data_pages: image.pages(),
-        vmsas: vcpus,
+        vmsas: if image.supplied { 1 } else { vcpus },
         // A launch that fails on purpose has no digest to compare.
         digest_matches: image
             .expected
