@@ -78,6 +78,28 @@ fn refused(args: &[&str], input: &str, rule: &str) {
     assert!(o.stdout.is_empty());
 }
 
+/// An IGVM file with one SEV-SNP platform (mask 1) and these directives.
+fn snp_file(directives: Vec<IgvmDirectiveHeader>) -> IgvmFile {
+    IgvmFile::new(
+        IgvmRevision::V1,
+        vec![IgvmPlatformHeader::SupportedPlatform(
+            IGVM_VHS_SUPPORTED_PLATFORM {
+                compatibility_mask: 1,
+                highest_vtl: 0,
+                platform_type: IgvmPlatformType::SEV_SNP,
+                platform_version: 1,
+                shared_gpa_boundary: 0,
+            },
+        )],
+        vec![IgvmInitializationHeader::GuestPolicy {
+            policy: 0x30000,
+            compatibility_mask: 1,
+        }],
+        directives,
+    )
+    .unwrap()
+}
+
 #[test]
 fn supplied_vmsa_launch_of_wrapped_ovmf_has_measure_igvm_digest_for_any_vcpu_count() {
     let dir = scratch("run-igvm-supplied");
@@ -129,38 +151,21 @@ fn classic_launch_compares_only_where_check_kvm_passes() {
         v
     };
     let kvm_file = |x87_ds| {
-        IgvmFile::new(
-            IgvmRevision::V1,
-            vec![IgvmPlatformHeader::SupportedPlatform(
-                IGVM_VHS_SUPPORTED_PLATFORM {
-                    compatibility_mask: 1,
-                    highest_vtl: 0,
-                    platform_type: IgvmPlatformType::SEV_SNP,
-                    platform_version: 1,
-                    shared_gpa_boundary: 0,
-                },
-            )],
-            vec![IgvmInitializationHeader::GuestPolicy {
-                policy: 0x30000,
+        snp_file(vec![
+            IgvmDirectiveHeader::PageData {
+                gpa: 0x10_0000,
                 compatibility_mask: 1,
-            }],
-            vec![
-                IgvmDirectiveHeader::PageData {
-                    gpa: 0x10_0000,
-                    compatibility_mask: 1,
-                    flags: IgvmPageDataFlags::new(),
-                    data_type: IgvmPageDataType::NORMAL,
-                    data: vec![0xf4; 4096],
-                },
-                IgvmDirectiveHeader::SnpVpContext {
-                    gpa: KVM_VMSA_GPA,
-                    compatibility_mask: 1,
-                    vp_index: 0,
-                    vmsa: vmsa(x87_ds),
-                },
-            ],
-        )
-        .unwrap()
+                flags: IgvmPageDataFlags::new(),
+                data_type: IgvmPageDataType::NORMAL,
+                data: vec![0xf4; 4096],
+            },
+            IgvmDirectiveHeader::SnpVpContext {
+                gpa: KVM_VMSA_GPA,
+                compatibility_mask: 1,
+                vp_index: 0,
+                vmsa: vmsa(x87_ds),
+            },
+        ])
     };
     let good = write(&dir, "kvm.igvm", &kvm_file(0));
     let expected = measured(&good, &["--check-kvm"]);

@@ -209,6 +209,15 @@ impl Image {
                 "its first SNP VP context has VP index {vp_index}: the BSP's (VP index 0) must come first"
             )));
         }
+        if let Some((_, gpa, _)) = vps.first()
+            && !classic
+            && Gpa(*gpa).is_2m_aligned()
+        {
+            return Err(input(format!(
+                "the BSP's SNP VP context is at GPA {gpa:#x}, which is 2 MiB aligned: a supplied VMSA must not be \
+                 (erratum 1467)"
+            )));
+        }
         if !classic && let Some((vp, gpa, _)) = vps.get(1) {
             return Err(input(format!(
                 "SNP VP context of VP index {vp} at GPA {gpa:#x}: the supplied-VMSA launch takes the BSP's VMSA \
