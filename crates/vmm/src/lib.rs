@@ -9,7 +9,8 @@
 //! - [`measure`]: `vmm measure`, the expected SEV-SNP / SEV-ES launch digest of an OVMF guest,
 //!   and the [`measure::LaunchPlan`] a real launch of that firmware follows;
 //! - [`probe`]: `vmm probe`, what the host supports and why;
-//! - [`size`]: byte sizes on the command line.
+//! - [`size`]: byte sizes on the command line;
+//! - [`wrap`]: `vmm igvm`, an OVMF image wrapped into an IGVM file.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -18,3 +19,4 @@ pub mod measure;
 pub mod probe;
 pub mod run;
 pub mod size;
+pub mod wrap;

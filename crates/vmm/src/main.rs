@@ -26,6 +26,8 @@ enum Command {
     /// Compute the launch digest of an OVMF guest without running it (as sev-snp-measure), or
     /// of an IGVM file (--igvm, as igvmmeasure).
     Measure(vmm::measure::igvm::MeasureCommand),
+    /// Write the IGVM file that launches an OVMF image (SEV-SNP), as `vmm measure` plans it.
+    Igvm(vmm::wrap::IgvmArgs),
     /// Show what this host supports (KVM, VM types, SEV-SNP) and why.
     Probe(vmm::probe::ProbeArgs),
 }
@@ -54,7 +56,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            eprintln!("vmm: a subcommand is required (run, measure or probe); see 'vmm --help'");
+            eprintln!("vmm: a subcommand is required (run, measure, igvm or probe); see 'vmm --help'");
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -97,6 +99,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Probe(args) => print(&vmm::probe::probe(&args)),
+        Command::Igvm(args) => match vmm::wrap::write_igvm(&args) {
+            Ok(line) => print(&line),
+            Err(e) => {
+                eprintln!("vmm igvm: {}", vmm::run::error_chain(&e));
+                ExitCode::from(e.exit_code())
+            }
+        },
     }
 }
 

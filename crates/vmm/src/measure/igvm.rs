@@ -229,16 +229,40 @@ pub fn measure_bytes(data: &[u8], opts: IgvmMeasureOptions) -> Result<IgvmMeasur
     measure_file(&file, opts)
 }
 
-/// Measure a parsed IGVM file for SEV-SNP.
-pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMeasurement, IgvmError> {
+/// One 4 KiB page of an IGVM file's SEV-SNP launch, as [`walk`] finds it.
+#[derive(Clone, Copy, Debug)]
+pub struct IgvmPage<'a> {
+    /// Its GPA.
+    pub gpa: u64,
+    /// The SNP page type it is measured as.
+    pub page_type: SnpPageType,
+    /// Its contents (zeros for a page without data; the VMSA for a VP context).
+    pub contents: &'a [u8; PAGE_SIZE as usize],
+    /// The VP context this page is, if it is one.
+    pub vp_index: Option<u16>,
+}
+
+/// Walk the SEV-SNP launch of `file` page by page, in directive order, calling `page` for each
+/// 4 KiB page the launch digest covers, with the rules in the module's documentation (and
+/// `--check-kvm`'s, if asked). Returns the platform's compatibility mask, the VMSAs and the ID
+/// block's digest ([`WalkSummary`]). Both `vmm measure --igvm` and `vmm run --igvm` launch through this walk.
+pub fn walk(
+    file: &IgvmFile,
+    opts: IgvmMeasureOptions,
+    page: &mut dyn FnMut(IgvmPage<'_>),
+) -> Result<WalkSummary, IgvmError> {
     let mask = snp_compatibility_mask(file).ok_or(IgvmError::NoSnpPlatform)?;
-    let mut m = Measurer {
-        ld: SnpLaunchDigest::new(),
-        pages: PageCounts::default(),
-    };
     let mut vmsas = Vec::new();
     let mut id_block_digest = None;
     let zero = [0u8; PAGE_SIZE as usize];
+    let mut emit = |gpa: u64, page_type: SnpPageType, contents: &[u8; PAGE_SIZE as usize], vp_index| {
+        page(IgvmPage {
+            gpa,
+            page_type,
+            contents,
+            vp_index,
+        })
+    };
     for d in file.directives() {
         match d {
             IgvmDirectiveHeader::PageData {
@@ -273,46 +297,31 @@ pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMea
                 };
                 for i in 0..page_len / PAGE_SIZE_4K {
                     let off = (i * PAGE_SIZE_4K) as usize;
-                    let page = match data.get(off..off + PAGE_SIZE_4K as usize) {
+                    let contents = match data.get(off..off + PAGE_SIZE_4K as usize) {
                         Some(p) => p.try_into().expect("a 4 KiB slice"),
                         None => &zero,
                     };
-                    m.page(gpa + i * PAGE_SIZE_4K, ty, page);
+                    emit(gpa + i * PAGE_SIZE_4K, ty, contents, None);
                 }
             }
             IgvmDirectiveHeader::ParameterInsert(p) if p.compatibility_mask & mask != 0 => {
                 if opts.check_kvm && !vmsas.is_empty() {
                     return Err(KvmCheckError::ParameterInsertAfterVmsa { gpa: p.gpa }.into());
                 }
-                m.page(p.gpa, SnpPageType::Unmeasured, &zero);
+                emit(p.gpa, SnpPageType::Unmeasured, &zero, None);
             }
             IgvmDirectiveHeader::SnpVpContext {
                 gpa, vp_index, vmsa, ..
             } => {
                 if opts.check_kvm {
-                    if !vmsas.is_empty() {
-                        return Err(KvmCheckError::SecondVmsa {
-                            index: vmsas.len(),
-                            vp_index: *vp_index,
-                        }
-                        .into());
-                    }
-                    if *gpa != KVM_VMSA_GPA {
-                        return Err(KvmCheckError::VmsaGpa {
-                            vp_index: *vp_index,
-                            gpa: *gpa,
-                        }
-                        .into());
-                    }
-                    if vmsa.cr0 != 0x30 && vmsa.cr0 != 0x31 {
-                        return Err(KvmCheckError::VmsaCr0 {
-                            vp_index: *vp_index,
-                            cr0: vmsa.cr0,
-                        }
-                        .into());
-                    }
+                    check_kvm_vmsa(vmsas.len(), *vp_index, *gpa, vmsa.cr0)?;
                 }
-                m.page(*gpa, SnpPageType::Vmsa, save_area_from_sev_vmsa(vmsa).as_page());
+                emit(
+                    *gpa,
+                    SnpPageType::Vmsa,
+                    save_area_from_sev_vmsa(vmsa).as_page(),
+                    Some(*vp_index),
+                );
                 vmsas.push(IgvmVmsa {
                     vp_index: *vp_index,
                     gpa: *gpa,
@@ -326,8 +335,51 @@ pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMea
             _ => {}
         }
     }
-    Ok(IgvmMeasurement {
+    Ok(WalkSummary {
         compatibility_mask: mask,
+        vmsas,
+        id_block_digest,
+    })
+}
+
+/// What [`walk`] found besides the pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalkSummary {
+    /// The SEV-SNP platform's compatibility mask.
+    pub compatibility_mask: u32,
+    /// The VMSAs, in file order.
+    pub vmsas: Vec<IgvmVmsa>,
+    /// The launch digest the file's SNP ID block expects, if it has one.
+    pub id_block_digest: Option<[u8; 48]>,
+}
+
+/// `--check-kvm`'s rules for the `index`-th VMSA of a file.
+fn check_kvm_vmsa(index: usize, vp_index: u16, gpa: u64, cr0: u64) -> Result<(), KvmCheckError> {
+    if index > 0 {
+        return Err(KvmCheckError::SecondVmsa { index, vp_index });
+    }
+    if gpa != KVM_VMSA_GPA {
+        return Err(KvmCheckError::VmsaGpa { vp_index, gpa });
+    }
+    if cr0 != 0x30 && cr0 != 0x31 {
+        return Err(KvmCheckError::VmsaCr0 { vp_index, cr0 });
+    }
+    Ok(())
+}
+
+/// Measure a parsed IGVM file for SEV-SNP.
+pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMeasurement, IgvmError> {
+    let mut m = Measurer {
+        ld: SnpLaunchDigest::new(),
+        pages: PageCounts::default(),
+    };
+    let WalkSummary {
+        compatibility_mask,
+        vmsas,
+        id_block_digest,
+    } = walk(file, opts, &mut |p| m.page(p.gpa, p.page_type, p.contents))?;
+    Ok(IgvmMeasurement {
+        compatibility_mask,
         digest: m.ld.digest(),
         pages: m.pages,
         vmsas,
@@ -568,7 +620,8 @@ pub struct IgvmOutput {
     pub measurement: IgvmMeasurement,
 }
 
-fn read_igvm(path: &Path) -> Result<Vec<u8>, MeasureError> {
+/// Read an IGVM file (at most [`MAX_IGVM_SIZE`] bytes).
+pub fn read_igvm(path: &Path) -> Result<Vec<u8>, MeasureError> {
     let err = |source| MeasureError::ReadIgvm {
         path: path.to_path_buf(),
         source,

@@ -74,6 +74,8 @@ pub enum UpdateSource {
     },
     /// The SEV-ES kernel hash table.
     KernelHashTable,
+    /// Pages of an IGVM file's directives.
+    Igvm,
 }
 
 impl fmt::Display for UpdateSource {
@@ -82,6 +84,7 @@ impl fmt::Display for UpdateSource {
             Self::Firmware => f.write_str("firmware"),
             Self::Section { index, section } => write!(f, "{section} (section #{index})"),
             Self::KernelHashTable => f.write_str("kernel hash table"),
+            Self::Igvm => f.write_str("IGVM page"),
         }
     }
 }

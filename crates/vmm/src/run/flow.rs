@@ -44,7 +44,9 @@ pub struct Launch<'a> {
     /// The supplied-VMSA launch mode (`spec.supplied_vmsa`): the GPA where the BSP's VMSA
     /// (`vmsas[0]`) is put into guest memory by a launch update of page type VMSA, after the
     /// image ranges. No vCPU gets its state through `set_state` then: the BSP's is the page,
-    /// the APs' come from the guest's AP creation. `None`: KVM's classic mode.
+    /// the APs' come from the guest's AP creation. `None`: KVM's classic mode, or (with
+    /// `spec.supplied_vmsa`) a launch whose `updates` carry the BSP's VMSA page themselves, in
+    /// the order its image gives (an IGVM file's VP context).
     pub supplied_vmsa: Option<Gpa>,
 }
 
@@ -288,7 +290,7 @@ fn create<V: Vm>(
     }
     for (id, state) in (0u32..).zip(launch.vmsas) {
         let mut vcpu = vm.create_vcpu(id)?;
-        if launch.supplied_vmsa.is_none() {
+        if !launch.spec.supplied_vmsa {
             vcpu.set_state(state)?;
         }
         vcpus.push(vcpu);

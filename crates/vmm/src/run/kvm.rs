@@ -53,6 +53,14 @@ fn check(args: &RunArgs) -> Result<(), RunError> {
             "--sev-es: the kvm backend runs SEV-SNP where the host has it, else VMSA-image mode; it has no SEV-ES path".into(),
         ));
     }
+    if let Some(path) = &args.igvm {
+        return Err(RunError::Input(format!(
+            "--igvm {}: the kvm backend cannot launch an IGVM file: in VMSA-image mode it runs only its own \
+             integer-only guest programs, and the firmware an IGVM file carries (OVMF) needs a real SEV-SNP host \
+             that takes supplied VMSAs; use --backend sim",
+            path.display()
+        )));
+    }
     for (flag, given) in [
         ("--firmware", args.firmware.is_some()),
         ("--trace", args.trace.is_some()),

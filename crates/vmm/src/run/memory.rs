@@ -126,6 +126,41 @@ impl GuestRam {
             });
         }
         regions.sort_by_key(|r| r.gpa);
+        Self::from_regions(memory, regions)
+    }
+
+    /// [`GuestRam::new`]'s layout (without a ROM) plus image-only regions, marked as ROM, for
+    /// the pages of `pages` (4 KiB each) that its RAM does not cover, contiguous pages merged:
+    /// an IGVM file places pages anywhere (OVMF below 4 GiB, its VMSA near the top of the
+    /// guest physical space).
+    pub fn with_image_pages(memory: u64, pages: &[Gpa]) -> Result<Self, MemoryError> {
+        let ram = Self::new(memory, None)?;
+        let mut missing: Vec<u64> = pages
+            .iter()
+            .filter(|g| !ram.regions.iter().any(|r| r.contains(**g, PAGE_SIZE)))
+            .map(|g| g.0)
+            .collect();
+        if missing.is_empty() {
+            return Ok(ram);
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let mut regions = ram.regions;
+        for gpa in missing {
+            match regions.last_mut() {
+                Some(last) if last.rom && last.gpa.0 + last.len == gpa => last.len += PAGE_SIZE,
+                _ => regions.push(Region {
+                    gpa: Gpa(gpa),
+                    len: PAGE_SIZE,
+                    rom: true,
+                }),
+            }
+        }
+        regions.sort_by_key(|r| r.gpa);
+        Self::from_regions(memory, regions)
+    }
+
+    fn from_regions(memory: u64, regions: Vec<Region>) -> Result<Self, MemoryError> {
         let ranges: Vec<(GuestAddress, usize)> = regions
             .iter()
             .map(|r| {
@@ -254,6 +289,19 @@ mod tests {
             text.contains("PCI hole") && !text.contains("raise --memory"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn image_pages_outside_ram_get_their_own_regions() {
+        let vmsa = Gpa(0xffff_ffff_f000);
+        let pages = [Gpa(0x1000), Gpa(FOUR_GIB - 0x2000), Gpa(FOUR_GIB - 0x1000), vmsa];
+        let ram = GuestRam::with_image_pages(16 << 20, &pages).unwrap();
+        assert_eq!(
+            ram.describe(),
+            "0x0..0x1000000, ROM 0xffffe000..0x100000000, ROM 0xfffffffff000..0x1000000000000"
+        );
+        ram.load("vmsa", vmsa, &[1; 4096]).unwrap();
+        assert_eq!(ram.read("vmsa", vmsa, 4096).unwrap(), vec![1; 4096]);
     }
 
     #[test]

@@ -63,6 +63,21 @@ pub struct RunArgs {
     /// `vmm measure`'s). Simulator only.
     #[arg(long, value_name = "OVMF.fd")]
     pub firmware: Option<PathBuf>,
+    /// Launch this IGVM file (SEV-SNP platform) on the simulator: its directives are loaded into
+    /// guest memory and launched in order, its SNP VP context supplied as the BSP's VMSA (a
+    /// launch page of type VMSA): the digest must equal `vmm measure --igvm`'s, whatever
+    /// --vcpus.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["firmware", "sev_es"])]
+    pub igvm: Option<PathBuf>,
+    /// With --igvm: launch the classic KVM way instead: the VP context's registers set on every
+    /// vCPU, KVM syncing each vCPU's VMSA at launch finish (the digest can equal `vmm measure
+    /// --igvm --check-kvm`'s only for a file that passes its rules, with one vCPU).
+    #[arg(long, requires = "igvm")]
+    pub igvm_classic: bool,
+    /// With --igvm: load data-less pages as ZERO pages (as QEMU's loader does), as `vmm measure
+    /// --igvm --native-zero` measures them.
+    #[arg(long, requires = "igvm")]
+    pub native_zero: bool,
     /// The vCPU model whose CPUID signature the reset VMSAs carry.
     #[arg(long, value_name = "NAME", default_value = "EPYC-v4")]
     pub vcpu_type: VcpuType,

@@ -24,7 +24,7 @@ pub struct LaunchSummary {
     pub image: String,
     /// Data pages measured.
     pub data_pages: u64,
-    /// VMSAs (one per vCPU).
+    /// VMSAs measured: one per vCPU in the classic mode, the BSP's alone when supplied.
     pub vmsas: u32,
     /// The launch digest the firmware computed (hex), if the launch got that far.
     pub digest: Option<String>,

@@ -1,0 +1,287 @@
+//! `vmm run --igvm` on the simulator and `vmm igvm`: Debian's OVMF wrapped into an IGVM file
+//! (`plan_to_igvm`) launches with its VP context as the supplied BSP VMSA and its digest is
+//! `vmm measure --igvm`'s, with 1 and 4 vCPUs alike; the classic launch (`--igvm-classic`)
+//! is compared with `--check-kvm` only where the file passes its rules, and names the VMSA fields
+//! KVM's sync cannot reproduce; the kvm backend refuses; `vmm igvm` writes the same file as
+//! `plan_to_igvm`, never overwriting; every bad input is one line, exit 2.
+
+mod measure_support;
+
+use std::path::{Path, PathBuf};
+
+use igvm::snp_defs::SevVmsa;
+use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
+use igvm_defs::{IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags, IgvmPageDataType, IgvmPlatformType};
+use measure_support::{DEBIAN_OVMF, scratch, stderr, stdout, vmm};
+use serde_json::Value;
+use vmm::measure::igvm::{KVM_VMSA_GPA, plan_to_igvm};
+use vmm::measure::ovmf::Ovmf;
+use vmm::measure::vcpu_types::VcpuType;
+use vmm::measure::{LaunchPlan, PlanConfig, VcpuCount};
+use vmsa_core::VmKind;
+use zerocopy::FromZeros;
+
+fn serialize(file: &IgvmFile) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    file.serialize(&mut bytes).expect("serializable");
+    bytes
+}
+
+fn write(dir: &Path, name: &str, file: &IgvmFile) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, serialize(file)).unwrap();
+    p
+}
+
+/// Debian's OVMF, SEV-SNP, EPYC-v4, QEMU, as `vmm measure --firmware` plans it.
+fn ovmf_igvm(vcpus: u32) -> IgvmFile {
+    let ovmf = Ovmf::parse(std::fs::read(DEBIAN_OVMF).unwrap()).unwrap();
+    let config = PlanConfig {
+        kind: VmKind::Snp,
+        vcpus: VcpuCount::new(vcpus).unwrap(),
+        vcpu_sig: "EPYC-v4".parse::<VcpuType>().unwrap().signature(),
+        vmm_type: "qemu".parse().unwrap(),
+        guest_features: 1,
+    };
+    plan_to_igvm(&LaunchPlan::build(&ovmf, &config, None).unwrap()).unwrap()
+}
+
+fn measured(path: &Path, extra: &[&str]) -> String {
+    let mut a = vec!["measure", "--json", "--igvm", path.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    let o = vmm(&a);
+    assert_eq!(o.status.code(), Some(0), "{a:?}: {}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    v["digest"].as_str().unwrap().to_owned()
+}
+
+fn run(path: &Path, extra: &[&str]) -> Value {
+    run_exit(path, extra, 0)
+}
+
+fn run_exit(path: &Path, extra: &[&str], code: i32) -> Value {
+    let mut a = vec!["run", "--json", "--igvm", path.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    let o = vmm(&a);
+    assert_eq!(o.status.code(), Some(code), "{a:?}: {}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
+}
+
+/// Exit 2 with one line naming the input and containing `rule`.
+fn refused(args: &[&str], input: &str, rule: &str) {
+    let o = vmm(args);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains(input), "{e} does not name {input}");
+    assert!(e.contains(rule), "{e} does not say {rule}");
+    assert!(o.stdout.is_empty());
+}
+
+/// An IGVM file with one SEV-SNP platform (mask 1) and these directives.
+fn snp_file(directives: Vec<IgvmDirectiveHeader>) -> IgvmFile {
+    IgvmFile::new(
+        IgvmRevision::V1,
+        vec![IgvmPlatformHeader::SupportedPlatform(
+            IGVM_VHS_SUPPORTED_PLATFORM {
+                compatibility_mask: 1,
+                highest_vtl: 0,
+                platform_type: IgvmPlatformType::SEV_SNP,
+                platform_version: 1,
+                shared_gpa_boundary: 0,
+            },
+        )],
+        vec![IgvmInitializationHeader::GuestPolicy {
+            policy: 0x30000,
+            compatibility_mask: 1,
+        }],
+        directives,
+    )
+    .unwrap()
+}
+
+#[test]
+fn supplied_vmsa_launch_of_wrapped_ovmf_has_measure_igvm_digest_for_any_vcpu_count() {
+    let dir = scratch("run-igvm-supplied");
+    let path = write(&dir, "ovmf.igvm", &ovmf_igvm(1));
+    for native_zero in [false, true] {
+        let extra: &[&str] = if native_zero { &["--native-zero"] } else { &[] };
+        let expected = measured(&path, extra);
+        let mut digests = Vec::new();
+        for vcpus in ["1", "4"] {
+            let mut args = vec!["--vcpus", vcpus];
+            args.extend_from_slice(extra);
+            let s = run(&path, &args);
+            assert_eq!(s["ok"], true, "{s}");
+            assert_eq!(
+                s["launch"]["digest"],
+                expected.as_str(),
+                "--vcpus {vcpus} {extra:?}"
+            );
+            assert_eq!(s["launch"]["digest_matches"], true);
+            assert_eq!(s["launch"]["vmsas"], 1, "one VMSA measured, the BSP's");
+            // The BSP's VMSA is the supplied page; the APs have none until AP creation.
+            let bsp = &s["ownership"]["vcpus"][0]["path"];
+            assert_eq!(bsp[1], "GuestOwned", "{bsp}");
+            digests.push(s["launch"]["digest"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(digests[0], digests[1], "the digest depends on the vCPU count");
+    }
+}
+
+#[test]
+fn classic_launch_compares_only_where_check_kvm_passes() {
+    let dir = scratch("run-igvm-classic");
+    // Wrapped OVMF: its reset VMSA has CR0 0x10, which --check-kvm refuses: no expected digest,
+    // and the report says why.
+    let path = write(&dir, "ovmf.igvm", &ovmf_igvm(1));
+    let s = run(&path, &["--igvm-classic", "--vcpus", "1"]);
+    assert_eq!(s["launch"]["expected_digest"], Value::Null, "{s}");
+    let warnings = s["warnings"].to_string();
+    assert!(warnings.contains("CR0 0x10"), "{warnings}");
+    assert!(warnings.contains("reproduces every field"), "{warnings}");
+
+    // A file that passes --check-kvm: one VMSA at KVM's GPA, CR0 0x31.
+    let vmsa = |x87_ds: u16| {
+        let mut v = SevVmsa::new_box_zeroed().unwrap();
+        v.cr0 = 0x31;
+        v.rip = 0x10_0000;
+        v.sev_features = igvm::snp_defs::SevFeatures::new().with_snp(true);
+        v.x87_ds = x87_ds;
+        v
+    };
+    let kvm_file = |x87_ds| {
+        snp_file(vec![
+            IgvmDirectiveHeader::PageData {
+                gpa: 0x10_0000,
+                compatibility_mask: 1,
+                flags: IgvmPageDataFlags::new(),
+                data_type: IgvmPageDataType::NORMAL,
+                data: vec![0xf4; 4096],
+            },
+            IgvmDirectiveHeader::SnpVpContext {
+                gpa: KVM_VMSA_GPA,
+                compatibility_mask: 1,
+                vp_index: 0,
+                vmsa: vmsa(x87_ds),
+            },
+        ])
+    };
+    let good = write(&dir, "kvm.igvm", &kvm_file(0));
+    let expected = measured(&good, &["--check-kvm"]);
+    let s = run(&good, &["--igvm-classic", "--vcpus", "1"]);
+    assert_eq!(s["launch"]["expected_digest"], expected.as_str(), "{s}");
+    assert_eq!(s["launch"]["digest_matches"], true, "{s}");
+    // The same file in the supplied-VMSA mode: the same digest.
+    assert_eq!(
+        run(&good, &["--vcpus", "4"])["launch"]["digest"],
+        expected.as_str()
+    );
+    // Classic with 4 vCPUs: KVM measures four VMSAs, so nothing to compare.
+    let s = run(&good, &["--igvm-classic", "--vcpus", "4"]);
+    assert_eq!(s["launch"]["expected_digest"], Value::Null, "{s}");
+    assert_ne!(s["launch"]["digest"], expected.as_str());
+    // A field KVM's sync zeroes: named, and the digest differs from the one the file passes
+    // --check-kvm with, so the run fails (exit 1).
+    let lossy = write(&dir, "lossy.igvm", &kvm_file(0x2b));
+    let s = run_exit(&lossy, &["--igvm-classic", "--vcpus", "1"], 1);
+    let warnings = s["warnings"].to_string();
+    assert!(
+        warnings.contains("does not reproduce") && warnings.contains("x87_ds"),
+        "{warnings}"
+    );
+    assert_eq!(s["launch"]["digest_matches"], false, "{s}");
+}
+
+#[test]
+fn vmm_igvm_writes_plan_to_igvm_and_never_overwrites() {
+    let dir = scratch("vmm-igvm");
+    let out = dir.join("ovmf.igvm");
+    let o = vmm([
+        "igvm",
+        "--firmware",
+        DEBIAN_OVMF,
+        "-o",
+        out.to_str().unwrap(),
+        "--vcpus",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), serialize(&ovmf_igvm(2)));
+    // Its digest (--native-zero) is the one it printed.
+    assert!(
+        stdout(&o).contains(&measured(&out, &["--native-zero"])),
+        "{}",
+        stdout(&o)
+    );
+    // No temporary file left behind.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    let o_str = out.to_str().unwrap();
+    refused(
+        &["igvm", "--firmware", DEBIAN_OVMF, "-o", o_str],
+        &format!("--output {o_str}"),
+        "never overwrites",
+    );
+    refused(
+        &["igvm", "--firmware", DEBIAN_OVMF, "-o", "/nonexistent-dir/x.igvm"],
+        "--output /nonexistent-dir/x.igvm",
+        "does not exist",
+    );
+    let new = dir.join("new.igvm");
+    let new = new.to_str().unwrap();
+    refused(
+        &["igvm", "--firmware", "/nonexistent.fd", "-o", new],
+        "/nonexistent.fd",
+        "",
+    );
+    refused(
+        &["igvm", "--firmware", DEBIAN_OVMF, "-o", new, "--vcpus", "0"],
+        "--vcpus",
+        "0",
+    );
+    refused(
+        &[
+            "igvm",
+            "--firmware",
+            DEBIAN_OVMF,
+            "-o",
+            new,
+            "--vcpu-type",
+            "nope",
+        ],
+        "--vcpu-type",
+        "nope",
+    );
+    // Not an OVMF image.
+    refused(&["igvm", "--firmware", o_str, "-o", new], "--firmware", "");
+    assert!(!Path::new(new).exists());
+}
+
+#[test]
+fn bad_run_igvm_inputs_are_refused_in_one_line() {
+    let dir = scratch("run-igvm-bad");
+    let four = write(&dir, "ovmf4.igvm", &ovmf_igvm(4));
+    let four = four.to_str().unwrap();
+    refused(&["run", "--igvm", four], &format!("--igvm {four}"), "VP index 1");
+    refused(&["run", "--igvm", "/nonexistent.igvm"], "/nonexistent.igvm", "");
+    let junk = dir.join("junk.igvm");
+    std::fs::write(&junk, b"not igvm").unwrap();
+    refused(
+        &["run", "--igvm", junk.to_str().unwrap()],
+        "junk.igvm",
+        "not a valid IGVM file",
+    );
+    refused(
+        &["run", "--igvm", four, "--firmware", DEBIAN_OVMF],
+        "--firmware",
+        "",
+    );
+    refused(&["run", "--igvm", four, "--sev-es"], "--sev-es", "");
+    refused(&["run", "--igvm-classic"], "--igvm", "");
+    refused(&["run", "--native-zero"], "--igvm", "");
+    refused(
+        &["run", "--backend", "kvm", "--igvm", four],
+        &format!("--igvm {four}"),
+        "kvm backend cannot launch an IGVM file",
+    );
+}
