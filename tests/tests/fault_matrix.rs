@@ -69,6 +69,16 @@ fn a_vmsa_leaked_before_teardown_counts_at_teardown() {
     point(&case("reset", VmKind::Snp, 3), &["rmp_make_shared:1=FAIL_INUSE"]);
 }
 
+/// Regression: a refused DECOMMISSION leaks the guest's memory; the teardown counts those
+/// frames as guest frames leaked, as the machine's ledger holds them (it counted 0: the
+/// destroy report was lost with the error).
+#[test]
+fn a_refused_decommission_counts_the_guest_frames_it_leaks() {
+    for c in [case("ap-churn", VmKind::Snp, 2), case("boot", VmKind::SevEs, 2)] {
+        point(&c, &["decommission:1=INVALID_GUEST_STATE"]);
+    }
+}
+
 /// How one point ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Outcome {
