@@ -10,8 +10,8 @@
 //!
 //! The normal suite runs a cheap slice (call numbers 1, 2 and the last of each operation, a
 //! second failure at the last recovery call). `VMSA_SOAK=1` (`cargo xtask soak`) runs every
-//! call number, and a second failure at each of the last four calls of each recovery
-//! operation.
+//! call number, a second failure at each of the last four calls of each recovery operation,
+//! and 4-vCPU runs of every scenario too.
 
 use std::collections::BTreeSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -53,14 +53,27 @@ fn case(name: &str, kind: VmKind, vcpus: u32) -> Case {
 
 /// The built-in guests, small vCPU counts (the call numbers grow with the vCPUs, the paths
 /// do not).
-fn cases() -> Vec<Case> {
-    vec![
+/// The soak adds 4-vCPU runs of each.
+fn cases(soak: bool) -> Vec<Case> {
+    let mut v = vec![
         case("boot", VmKind::Snp, 2),
         case("boot", VmKind::SevEs, 2),
         case("ap-churn", VmKind::Snp, 2),
         case("reset", VmKind::Snp, 3),
         case("launch-fail", VmKind::Snp, 2),
-    ]
+    ];
+    if soak {
+        for (name, kind) in [
+            ("boot", VmKind::Snp),
+            ("boot", VmKind::SevEs),
+            ("ap-churn", VmKind::Snp),
+            ("reset", VmKind::Snp),
+            ("launch-fail", VmKind::Snp),
+        ] {
+            v.push(case(name, kind, 4));
+        }
+    }
+    v
 }
 
 /// Run one matrix point given as fault rules, and require that it was reached and agreed.
@@ -396,7 +409,7 @@ fn every_fault_point_frees_or_reports_every_frame() {
             }
         }
     };
-    for case in cases() {
+    for case in cases(soak) {
         let Some(base) = record(&case, &[]) else { continue };
         let reached: Vec<_> = FaultOp::ALL
             .iter()
