@@ -357,8 +357,8 @@ fn spec(case: &Case, extra: &[FaultRule]) -> String {
 
 /// Disagreements found and not fixed yet (TESTING.md lists them): a guest page the firmware
 /// refused at launch is reclaimed, its make-shared then fails and vmsa-core reports it
-/// `Leaked`, but guest_memfd releases it at teardown (KVM's `kvm_rmp_make_shared` only
-/// `KVM_BUG_ON`s there, and `sev_gmem_invalidate` retries when the memory is freed).
+/// `Leaked` (as KVM's `kvm_rmp_make_shared` leaks it with `snp_leak_pages`), but the
+/// simulator's guest_memfd releases the frame at teardown.
 fn known(extra: &[FaultRule], why: &str) -> bool {
     extra.iter().any(|r| r.op == FaultOp::RmpMakeShared)
         && why
