@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use backend_sim::host::SimHost;
 use backend_sim::{GuestScript, Machine, MachineConfig, PhaseClock, PhaseReport};
-use vmm::run::flow::{self, FlowReport, Launch};
+use vmm::run::flow::{self, FlowError, FlowReport, Launch};
 use vmm::run::progress::Progress;
 use vmsa_core::{Event, Gpa, SNP_POLICY_RSVD_MBO, VmKind, layout::SEV_FEAT_SNP_ACTIVE};
 use vmsa_host::{GuestActivity, VmSpec};
@@ -64,6 +64,38 @@ pub fn sim_boot_spec(
     memory: u64,
     script: GuestScript,
 ) -> SimRun {
+    let (machine, result) = sim_try_boot(
+        config,
+        spec,
+        policy,
+        vcpus,
+        memory,
+        script,
+        Duration::from_secs(60),
+    );
+    let (report, phases) = result.expect("the simulator creates the VM");
+    SimRun {
+        machine,
+        report,
+        phases,
+    }
+}
+
+/// The flow's report and the machine's phases, or why the flow could not create the VM.
+pub type TryRun = Result<(FlowReport, Vec<PhaseReport>), FlowError>;
+
+/// [`sim_boot_spec`] under a `watchdog` of its own, for runs that may fail (e.g. under injected
+/// faults): the machine, and the flow's report and phases or why the flow could not create the
+/// VM.
+pub fn sim_try_boot(
+    config: MachineConfig,
+    spec: VmSpec,
+    policy: u64,
+    vcpus: u32,
+    memory: u64,
+    script: GuestScript,
+    watchdog: Duration,
+) -> (Arc<Machine>, TryRun) {
     let machine = Machine::new(config);
     let host = SimHost::new(machine.clone(), script);
     let firmware = vec![0xf4u8; (FIRMWARE_PAGES * vmsa_core::PAGE_SIZE) as usize];
@@ -90,20 +122,12 @@ pub fn sim_boot_spec(
         ..Launch::snp_image(memory, policy, Gpa(FIRMWARE_GPA), &firmware, &vmsas)
     };
     let mut clock = PhaseClock::new(&machine);
-    let report = flow::run(
-        &host,
-        &launch,
-        Duration::from_secs(60),
-        &Progress::hidden(),
-        &mut |p| clock.end(p),
-    )
-    .expect("the simulator creates the VM");
-    let phases = clock.into_phases();
-    SimRun {
-        machine,
-        report,
-        phases,
-    }
+    let result = flow::run(&host, &launch, watchdog, &Progress::hidden(), &mut |p| {
+        clock.end(p)
+    });
+    drop(host);
+    let result = result.map(|report| (report, clock.into_phases()));
+    (machine, result)
 }
 
 /// One ownership transition without the frames and GPAs it names (which differ between hosts):

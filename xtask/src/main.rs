@@ -3,6 +3,9 @@
 //! - `test`: formatting, clippy (warnings are errors), the independent test fixtures, then the
 //!   whole test suite (simulator always; real-KVM tests run where `/dev/kvm` is usable and
 //!   print why they skip elsewhere).
+//! - `soak`: the long runs: the whole fault matrix (`VMSA_SOAK=1`: every call number of every
+//!   operation the scenarios reach, and a second failure at each of the last four calls of
+//!   each recovery operation), its size and outcomes printed.
 //! - `bench`: the criterion benchmarks (`-- <filter>` narrows them).
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
@@ -25,16 +28,17 @@ fn main() -> ExitCode {
     };
     let result = match task {
         "test" => test(),
+        "soak" => soak(),
         "bench" => bench(rest),
         "lint" => lint(),
         "fixtures" => fixtures(),
         "costs" => costs(),
         "help" | "-h" | "--help" => {
-            println!("usage: cargo xtask <test | bench [-- FILTER] | lint | fixtures | costs>");
+            println!("usage: cargo xtask <test | soak | bench [-- FILTER] | lint | fixtures | costs>");
             Ok(())
         }
         other => Err(format!(
-            "unknown task `{other}` (expected test, bench, lint, fixtures or costs)"
+            "unknown task `{other}` (expected test, soak, bench, lint, fixtures or costs)"
         )),
     };
     match result {
@@ -151,6 +155,24 @@ fn test() -> Result<(), String> {
     docs.env("RUSTDOCFLAGS", "-D warnings")
         .args(["doc", "--workspace", "--no-deps", "--locked"]);
     run("rustdoc", docs)
+}
+
+/// The whole fault matrix (tests/tests/fault_matrix.rs widened by `VMSA_SOAK=1`), release
+/// build, its summary line shown.
+fn soak() -> Result<(), String> {
+    let mut t = cargo();
+    t.env("VMSA_SOAK", "1").args([
+        "test",
+        "--release",
+        "--locked",
+        "-p",
+        "scenario-tests",
+        "--test",
+        "fault_matrix",
+        "--",
+        "--nocapture",
+    ]);
+    run("fault matrix (soak)", t)
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {

@@ -212,7 +212,8 @@ pub enum Entry {
 pub struct Teardown {
     /// vCPUs torn down.
     pub vcpus: usize,
-    /// Host VMSA pages leaked on purpose (see the `Leaked` events).
+    /// Host pages of vCPUs leaked on purpose over the VM's life, at teardown or before (their
+    /// VMSAs, a debug-decrypt destination): one per `Leaked` event that names a vCPU.
     pub leaked: usize,
 }
 
@@ -237,6 +238,8 @@ pub struct Vm<P: Platform> {
     vcpus: Vec<Lock<Vcpu<P::Page>>>,
     index: BTreeMap<VcpuId, usize>,
     bugged: Lock<Option<Leak>>,
+    /// Host pages of vCPUs leaked so far (before teardown).
+    vcpu_leaks: Lock<usize>,
 }
 
 impl<P: Platform> core::fmt::Debug for Vm<P> {
@@ -265,6 +268,7 @@ impl<P: Platform> Vm<P> {
             vcpus: Vec::new(),
             index: BTreeMap::new(),
             bugged: Lock::new(None),
+            vcpu_leaks: Lock::new(0),
         }
     }
 
@@ -314,6 +318,9 @@ impl<P: Platform> Vm<P> {
 
     fn note_leak(&self, leak: Option<Leak>) {
         if let Some(leak) = leak {
+            if leak.vcpu.is_some() {
+                *lock(&self.vcpu_leaks) += 1;
+            }
             lock(&self.bugged).get_or_insert(leak);
         }
     }
@@ -1098,7 +1105,12 @@ impl<P: Platform> Vm<P> {
     /// Tear every vCPU down (in index order), freeing or leaking each host VMSA. Also done on
     /// drop; calling it twice is harmless.
     pub fn teardown(&mut self) -> Teardown {
-        let mut report = Teardown::default();
+        // The pages leaked before teardown (a failed launch, AP creation, decrypt) count too:
+        // the report and the `Leaked` events must agree.
+        let mut report = Teardown {
+            leaked: core::mem::take(&mut *lock(&self.vcpu_leaks)),
+            ..Teardown::default()
+        };
         let cx = Cx {
             p: &self.platform,
             kind: self.config.kind,

@@ -242,9 +242,14 @@ impl vmsa_host::Vm for SimVm {
         drop(kernel);
         drop(g);
         let machine = shared.platform.machine();
+        let leaked_before = machine.leaked_frames().len() as u64;
         let destroyed = shared.platform.destroy();
-        let frames =
-            |f: fn(&crate::machine::DestroyReport) -> u64| Observed::Seen(destroyed.as_ref().map_or(0, f));
+        // A failed destroy (DECOMMISSION refused) leaks the guest's memory: count what it
+        // leaked from the machine's ledger, since there is no destroy report then.
+        let leaked_by_destroy = machine.leaked_frames().len() as u64 - leaked_before;
+        let frames = |f: fn(&crate::machine::DestroyReport) -> u64, failed: u64| {
+            Observed::Seen(destroyed.as_ref().map_or(failed, f))
+        };
         HostReport {
             events: Observed::Seen(self.events.snapshot()),
             launch_digest: Observed::Seen(digest),
@@ -253,8 +258,8 @@ impl vmsa_host::Vm for SimVm {
             teardown: TeardownCounts {
                 vcpus: down.vcpus,
                 vmsas_leaked: Observed::Seen(down.leaked),
-                guest_frames_released: frames(|d| d.frames_released),
-                guest_frames_leaked: frames(|d| d.frames_leaked),
+                guest_frames_released: frames(|d| d.frames_released, 0),
+                guest_frames_leaked: frames(|d| d.frames_leaked, leaked_by_destroy),
                 frames_still_allocated: Observed::Seen(machine.allocated_frames() as u64),
                 frames_leaked_on_purpose: Observed::Seen(machine.leaked_frames().len() as u64),
                 error: destroyed.err().map(|e| e.to_string()),
