@@ -9,6 +9,7 @@
 //! - [`measure`]: `vmm measure`, the expected SEV-SNP / SEV-ES launch digest of an OVMF guest,
 //!   and the [`measure::LaunchPlan`] a real launch of that firmware follows;
 //! - [`probe`]: `vmm probe`, what the host supports and why;
+//! - [`output`]: output files written whole or not at all;
 //! - [`size`]: byte sizes on the command line;
 //! - [`wrap`]: `vmm igvm`, an OVMF image wrapped into an IGVM file.
 
@@ -16,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod measure;
+pub mod output;
 pub mod probe;
 pub mod run;
 pub mod size;

@@ -3,7 +3,6 @@
 //! a user has becomes the format Cloud Hypervisor, OpenVMM and coconut-svsm load. Measured with
 //! `vmm measure --igvm FILE --native-zero`, the file has the firmware's sev-snp-measure digest.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use vmsa_core::VmKind;
@@ -126,33 +125,11 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
             path: out.clone(),
             source,
         })?;
-    write_new(&args.output, &bytes).map_err(|e| output_err(e.to_string()))?;
+    crate::output::write_new(&args.output, &bytes).map_err(|e| output_err(e.to_string()))?;
     Ok(format!(
         "wrote {out}: {} vCPU(s), {} bytes; launch digest with --native-zero (SHA-384):\n{}\n",
         args.vcpus.get(),
         bytes.len(),
         plan.measure().hex()
     ))
-}
-
-/// Write `bytes` to a new file `path`: into a temporary file in the same directory, synced,
-/// then hard-linked to `path` (which fails if `path` appeared meanwhile: nothing is ever
-/// overwritten) and the temporary name removed. A crash leaves no partial `path`.
-fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::hard_link(&tmp, path));
-    let _ = std::fs::remove_file(&tmp);
-    result
 }

@@ -65,36 +65,6 @@ fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<
     Ok(())
 }
 
-/// The temporary file an output is written to before it is renamed to `path` (same
-/// directory, so the rename is atomic).
-fn temp_path(path: &Path) -> std::path::PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Write `bytes` to `path` through a temporary file in the same directory, synced and then
-/// renamed: a full disk or a crash leaves the old file or none, never a truncated one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = temp_path(path);
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// How long a scripted guest may run (wall clock) before the watchdog stops it.
 const WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -386,7 +356,7 @@ pub(super) fn run(
         }
         // Discover an unwritable directory now, not after the run: create (and remove) the
         // temporary file the trace will be written to.
-        let tmp = temp_path(trace);
+        let tmp = crate::output::temp_path(trace);
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -486,7 +456,7 @@ pub(super) fn run(
     if let Some(path) = &args.trace {
         serde_json::to_vec(&machine.trace_json())
             .map_err(std::io::Error::other)
-            .and_then(|bytes| write_atomically(path, &bytes))
+            .and_then(|bytes| crate::output::write_replacing(path, &bytes))
             .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
     }
 
