@@ -693,12 +693,18 @@ mod tests {
     /// A guest launched through SNP_LAUNCH_START with `policy` and activated on ASID 2: the
     /// firmware, RMP, memory and the guest context page.
     fn started_guest(policy: u64) -> (Firmware, Rmp, HostMemory, Pfn) {
+        let (mut fw, rmp, mem, gctx) = launch_started(policy);
+        fw.snp_activate(&rmp, gctx, 2).unwrap();
+        (fw, rmp, mem, gctx)
+    }
+
+    /// A guest context through SNP_LAUNCH_START with `policy`, not yet activated.
+    fn launch_started(policy: u64) -> (Firmware, Rmp, HostMemory, Pfn) {
         let (mut fw, mut rmp, mut mem) = setup();
         fw.snp_init().unwrap();
         let gctx = fw_page(&mut rmp, &mut mem);
         fw.snp_gctx_create(&mut rmp, gctx).unwrap();
         fw.snp_launch_start(&rmp, gctx, policy, [0; 16]).unwrap();
-        fw.snp_activate(&rmp, gctx, 2).unwrap();
         (fw, rmp, mem, gctx)
     }
 
@@ -971,11 +977,7 @@ mod tests {
     fn launch_update_and_dbg_decrypt_check_page_states_then_owner_then_guest_as_aspfw() {
         // ASPFW sev_mcmd.c snp_mcmd_launch_update: page state, page size, then guest state,
         // INACTIVE, owner; snp_mcmd_dbg_decrypt: page states, owner, policy, INACTIVE.
-        let (mut fw, mut rmp, mut mem) = setup();
-        fw.snp_init().unwrap();
-        let gctx = fw_page(&mut rmp, &mut mem);
-        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
+        let (mut fw, mut rmp, mut mem, gctx) = launch_started(1 << 17);
         let hv = mem.alloc().unwrap();
         assert_eq!(
             fw.snp_launch_update(&mut rmp, &mut mem, gctx, hv, SnpPageType::Normal),
@@ -1016,11 +1018,7 @@ mod tests {
     fn snp_activate_of_an_active_guest_is_active_after_the_invalid_config_scan() {
         // ASPFW sev_mcmd.c snp_mcmd_activate: the RMP scan (INVALID_CONFIG) runs first, then
         // mcmd_activate_common: INVALID_ASID, ASID_OWNED, ACTIVE.
-        let (mut fw, mut rmp, mut mem) = setup();
-        fw.snp_init().unwrap();
-        let gctx = fw_page(&mut rmp, &mut mem);
-        fw.snp_gctx_create(&mut rmp, gctx).unwrap();
-        fw.snp_launch_start(&rmp, gctx, 1 << 17, [0; 16]).unwrap();
+        let (mut fw, mut rmp, mut mem, gctx) = launch_started(1 << 17);
         fw.snp_activate(&rmp, gctx, 2).unwrap();
         assert_eq!(fw.snp_activate(&rmp, gctx, 4), Err(SevStatus::Active));
         assert!(fw.key_for_asid(4).is_none(), "the new ASID is not bound");

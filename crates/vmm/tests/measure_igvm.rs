@@ -63,17 +63,6 @@ fn json_out(args: &[&str]) -> Value {
     serde_json::from_str(&stdout(&o)).unwrap()
 }
 
-/// Exit 2 with one line naming the input and containing `rule`.
-fn refused(args: &[&str], input: &str, rule: &str) {
-    let o = vmm(args);
-    let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
-    assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(e.contains(input), "{e} does not name {input}");
-    assert!(e.contains(rule), "{e} does not say {rule}");
-    assert!(o.stdout.is_empty());
-}
-
 #[test]
 fn wrapped_ovmf_measures_as_sev_snp_measure_with_native_zero() {
     let dir = scratch("igvm-wrap");
@@ -323,7 +312,7 @@ fn check_kvm_refuses_each_rule() {
     for (name, d, rule) in cases {
         let path = write(&dir, &format!("{name}.igvm"), &file(d));
         let p = path.to_str().unwrap();
-        refused(
+        refused_with(
             &["measure", "--igvm", p, "--check-kvm"],
             &format!("--igvm {p}: --check-kvm: "),
             rule,
@@ -340,7 +329,7 @@ fn check_kvm_refuses_each_rule() {
         .unwrap();
     let path = write(&dir, "ovmf.igvm", &plan_to_igvm(&plan(case)).unwrap());
     let p = path.to_str().unwrap();
-    refused(&["measure", "--igvm", p, "--check-kvm"], p, "CR0 0x10");
+    refused_with(&["measure", "--igvm", p, "--check-kvm"], p, "CR0 0x10");
 }
 
 fn id_block(ld: [u8; 48], mask: u32) -> IgvmDirectiveHeader {
@@ -416,13 +405,13 @@ fn bad_inputs_are_refused_in_one_line() {
     let dir = scratch("igvm-bad");
     let missing = dir.join("missing.igvm");
     let m = missing.to_str().unwrap();
-    refused(
+    refused_with(
         &["measure", "--igvm", m],
         &format!("--igvm {m}"),
         "cannot read the IGVM file",
     );
     let d = dir.to_str().unwrap();
-    refused(
+    refused_with(
         &["measure", "--igvm", d],
         &format!("--igvm {d}"),
         "not a regular file",
@@ -430,7 +419,7 @@ fn bad_inputs_are_refused_in_one_line() {
     let junk = dir.join("junk.igvm");
     std::fs::write(&junk, b"not an IGVM file at all").unwrap();
     let j = junk.to_str().unwrap();
-    refused(
+    refused_with(
         &["measure", "--igvm", j],
         &format!("--igvm {j}"),
         "not a valid IGVM file",
@@ -459,29 +448,29 @@ fn bad_inputs_are_refused_in_one_line() {
     .unwrap();
     let t = write(&dir, "tdx.igvm", &tdx_only);
     let t = t.to_str().unwrap();
-    refused(
+    refused_with(
         &["measure", "--igvm", t],
         &format!("--igvm {t}"),
         "no SEV-SNP platform header",
     );
     // Options of the other form.
-    refused(
+    refused_with(
         &["measure", "--igvm", t, "--vcpus", "2"],
         "--vcpus",
         "cannot be used with",
     );
-    refused(
+    refused_with(
         &["measure", "--igvm", t, "--firmware", DEBIAN_OVMF],
         "--firmware",
         "cannot be used with",
     );
-    refused(
+    refused_with(
         &["measure", "--igvm", t, "--sev-es"],
         "--sev-es",
         "cannot be used with",
     );
     for opt in ["--native-zero", "--check-kvm", "--ignore-idblock"] {
-        refused(
+        refused_with(
             &[
                 "measure",
                 "--firmware",
@@ -496,5 +485,5 @@ fn bad_inputs_are_refused_in_one_line() {
             "needs --igvm",
         );
     }
-    refused(&["measure", "--vcpus", "1"], "--firmware", "required");
+    refused_with(&["measure", "--vcpus", "1"], "--firmware", "required");
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use igvm::snp_defs::SevVmsa;
 use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
 use igvm_defs::{IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags, IgvmPageDataType, IgvmPlatformType};
-use measure_support::{DEBIAN_OVMF, scratch, stderr, stdout, vmm};
+use measure_support::{DEBIAN_OVMF, refused_with, scratch, stderr, stdout, vmm};
 use serde_json::Value;
 use vmm::measure::igvm::{KVM_VMSA_GPA, plan_to_igvm};
 use vmm::measure::ovmf::Ovmf;
@@ -65,17 +65,6 @@ fn run_exit(path: &Path, extra: &[&str], code: i32) -> Value {
     let o = vmm(&a);
     assert_eq!(o.status.code(), Some(code), "{a:?}: {}", stderr(&o));
     serde_json::from_str(&stdout(&o)).unwrap()
-}
-
-/// Exit 2 with one line naming the input and containing `rule`.
-fn refused(args: &[&str], input: &str, rule: &str) {
-    let o = vmm(args);
-    let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
-    assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(e.contains(input), "{e} does not name {input}");
-    assert!(e.contains(rule), "{e} does not say {rule}");
-    assert!(o.stdout.is_empty());
 }
 
 /// An IGVM file with one SEV-SNP platform (mask 1) and these directives.
@@ -217,29 +206,29 @@ fn vmm_igvm_writes_plan_to_igvm_and_never_overwrites() {
     // No temporary file left behind.
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     let o_str = out.to_str().unwrap();
-    refused(
+    refused_with(
         &["igvm", "--firmware", DEBIAN_OVMF, "-o", o_str],
         &format!("--output {o_str}"),
         "never overwrites",
     );
-    refused(
+    refused_with(
         &["igvm", "--firmware", DEBIAN_OVMF, "-o", "/nonexistent-dir/x.igvm"],
         "--output /nonexistent-dir/x.igvm",
         "does not exist",
     );
     let new = dir.join("new.igvm");
     let new = new.to_str().unwrap();
-    refused(
+    refused_with(
         &["igvm", "--firmware", "/nonexistent.fd", "-o", new],
         "/nonexistent.fd",
         "",
     );
-    refused(
+    refused_with(
         &["igvm", "--firmware", DEBIAN_OVMF, "-o", new, "--vcpus", "0"],
         "--vcpus",
         "0",
     );
-    refused(
+    refused_with(
         &[
             "igvm",
             "--firmware",
@@ -253,7 +242,7 @@ fn vmm_igvm_writes_plan_to_igvm_and_never_overwrites() {
         "nope",
     );
     // Not an OVMF image.
-    refused(&["igvm", "--firmware", o_str, "-o", new], "--firmware", "");
+    refused_with(&["igvm", "--firmware", o_str, "-o", new], "--firmware", "");
     assert!(!Path::new(new).exists());
 }
 
@@ -262,24 +251,24 @@ fn bad_run_igvm_inputs_are_refused_in_one_line() {
     let dir = scratch("run-igvm-bad");
     let four = write(&dir, "ovmf4.igvm", &ovmf_igvm(4));
     let four = four.to_str().unwrap();
-    refused(&["run", "--igvm", four], &format!("--igvm {four}"), "VP index 1");
-    refused(&["run", "--igvm", "/nonexistent.igvm"], "/nonexistent.igvm", "");
+    refused_with(&["run", "--igvm", four], &format!("--igvm {four}"), "VP index 1");
+    refused_with(&["run", "--igvm", "/nonexistent.igvm"], "/nonexistent.igvm", "");
     let junk = dir.join("junk.igvm");
     std::fs::write(&junk, b"not igvm").unwrap();
-    refused(
+    refused_with(
         &["run", "--igvm", junk.to_str().unwrap()],
         "junk.igvm",
         "not a valid IGVM file",
     );
-    refused(
+    refused_with(
         &["run", "--igvm", four, "--firmware", DEBIAN_OVMF],
         "--firmware",
         "",
     );
-    refused(&["run", "--igvm", four, "--sev-es"], "--sev-es", "");
-    refused(&["run", "--igvm-classic"], "--igvm", "");
-    refused(&["run", "--native-zero"], "--igvm", "");
-    refused(
+    refused_with(&["run", "--igvm", four, "--sev-es"], "--sev-es", "");
+    refused_with(&["run", "--igvm-classic"], "--igvm", "");
+    refused_with(&["run", "--native-zero"], "--igvm", "");
+    refused_with(
         &["run", "--backend", "kvm", "--igvm", four],
         &format!("--igvm {four}"),
         "kvm backend cannot launch an IGVM file",

@@ -10,6 +10,19 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// Run `vmm ARGS` and check it is refused: exit 2, nothing on stdout, one line on stderr that
+/// names `input` and contains `rule`.
+#[track_caller]
+pub fn refused_with(args: &[&str], input: &str, rule: &str) {
+    let o = vmm(args);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains(input), "{e} does not name {input}");
+    assert!(e.contains(rule), "{e} does not say {rule}");
+    assert!(o.stdout.is_empty());
+}
+
 /// Debian's OVMF builds the fixtures were generated with (`apt-get install ovmf`).
 pub const DEBIAN_OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 /// Debian's 4 MiB code-only OVMF build.
