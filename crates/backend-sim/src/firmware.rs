@@ -740,9 +740,16 @@ mod tests {
         p
     }
 
-    #[test]
-    fn page_states_follow_the_table() {
-        let e = |assigned, asid, immutable, validated, vmsa, gpa| RmpEntry {
+    /// An RMP entry with these fields (the rest zero).
+    fn rmp_entry(
+        assigned: bool,
+        asid: u32,
+        immutable: bool,
+        validated: bool,
+        vmsa: bool,
+        gpa: u64,
+    ) -> RmpEntry {
+        RmpEntry {
             assigned,
             asid,
             immutable,
@@ -750,7 +757,12 @@ mod tests {
             vmsa,
             gpa,
             ..RmpEntry::default()
-        };
+        }
+    }
+
+    #[test]
+    fn page_states_follow_the_table() {
+        let e = rmp_entry;
         use PageState::*;
         assert_eq!(page_state(false, &RmpEntry::default()), Default);
         assert_eq!(page_state(true, &RmpEntry::default()), Hypervisor);
@@ -1043,15 +1055,7 @@ mod tests {
     fn page_states_follow_aspfw_rmp_entry_get_state_and_reclaim_succeeds_when_mutable() {
         // ASPFW sev_rmp.c rmp_entry_get_state; sev_mcmd.c snp_mcmd_page_reclaim returns
         // SUCCESS for any entry with Immutable = 0 before looking at the state.
-        let e = |assigned, asid, immutable, validated, vmsa, gpa| RmpEntry {
-            assigned,
-            asid,
-            immutable,
-            validated,
-            vmsa,
-            gpa,
-            ..RmpEntry::default()
-        };
+        let e = rmp_entry;
         use PageState::*;
         let st = |e: RmpEntry| page_state(true, &e);
         assert_eq!(
