@@ -16,6 +16,9 @@ use alloc::vec::Vec;
 
 use crate::sync::{Guard, Lock, lock};
 
+mod bare;
+pub use bare::{BareError, BarePage, BarePlatform};
+
 use crate::addr::{Asid, Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
 use crate::platform::{
     DbgDecryptFailure, HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType,

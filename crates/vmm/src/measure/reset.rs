@@ -198,7 +198,7 @@ mod tests {
         for vmm in [VmmType::Qemu, VmmType::Ec2, VmmType::Gce] {
             for eip in [BSP_EIP, 0x0080_b004] {
                 let v = reset_vmsa(eip, 0x21, 0x0080_0f12, vmm);
-                assert_eq!(*v.synced(0x21, true), *v, "{vmm} {eip:#x}");
+                assert_eq!(v.synced(0x21, true), *v, "{vmm} {eip:#x}");
             }
         }
     }

@@ -96,7 +96,7 @@ impl<'a> Launch<'a> {
     /// measures the very page the classic mode measures for the BSP.
     pub fn bsp_vmsa_page(&self) -> Option<Box<SevEsSaveArea>> {
         let features = self.spec.vmsa_features | vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
-        self.vmsas.first().map(|v| v.synced(features, true))
+        self.vmsas.first().map(|v| Box::new(v.synced(features, true)))
     }
 }
 
