@@ -106,6 +106,21 @@ fn a_refused_decommission_counts_the_guest_frames_it_leaks() {
     }
 }
 
+/// Regression: a guest page the firmware refused at launch is reclaimed, its make-shared fails
+/// and vmsa-core reports it `Leaked` (KVM's `kvm_rmp_make_shared` leaks it with
+/// `snp_leak_pages`, which keeps a reference so guest_memfd never frees it); the machine must
+/// hold it leaked too (its guest_memfd released the frame at teardown).
+#[test]
+fn a_guest_frame_leaked_at_launch_stays_leaked() {
+    point(
+        &case("boot", VmKind::Snp, 2),
+        &[
+            "snp_launch_update:1=INVALID_PAGE_STATE",
+            "rmp_make_shared:1=FAIL_INUSE",
+        ],
+    );
+}
+
 /// One failure code each operation can return (fault.rs's table).
 fn code(op: FaultOp) -> &'static str {
     match op {
@@ -355,17 +370,6 @@ fn spec(case: &Case, extra: &[FaultRule]) -> String {
     format!("{}: --fault {}", case.label, rules.join(","))
 }
 
-/// Disagreements found and not fixed yet (TESTING.md lists them): a guest page the firmware
-/// refused at launch is reclaimed, its make-shared then fails and vmsa-core reports it
-/// `Leaked` (as KVM's `kvm_rmp_make_shared` leaks it with `snp_leak_pages`), but the
-/// simulator's guest_memfd releases the frame at teardown.
-fn known(extra: &[FaultRule], why: &str) -> bool {
-    extra.iter().any(|r| r.op == FaultOp::RmpMakeShared)
-        && why
-            .split("; ")
-            .all(|w| w.ends_with("is reported leaked, the machine does not hold it leaked"))
-}
-
 /// The call numbers of an operation called `calls` times that the matrix fails.
 fn call_numbers(calls: u64, soak: bool) -> Vec<u64> {
     if soak {
@@ -387,7 +391,6 @@ fn every_fault_point_frees_or_reports_every_frame() {
     let mut points = 0u64;
     let mut outcomes = std::collections::BTreeMap::<Outcome, u64>::new();
     let mut failures = Vec::new();
-    let mut known_bugs = Vec::new();
     let mut record = |case: &Case, extra: &[FaultRule]| -> Option<FaultPlan> {
         points += 1;
         match run_point(case, extra) {
@@ -399,12 +402,7 @@ fn every_fault_point_frees_or_reports_every_frame() {
                 Some(plan)
             }
             Err(why) => {
-                let line = format!("{}\n    {why}", spec(case, extra));
-                if known(extra, &why) {
-                    known_bugs.push(line);
-                } else {
-                    failures.push(line);
-                }
+                failures.push(format!("{}\n    {why}", spec(case, extra)));
                 None
             }
         }
@@ -442,14 +440,10 @@ fn every_fault_point_frees_or_reports_every_frame() {
         }
     }
     println!(
-        "fault matrix ({}): {points} points, {} failures, {} known (not fixed yet); outcomes {outcomes:?}",
+        "fault matrix ({}): {points} points, {} failures; outcomes {outcomes:?}",
         if soak { "soak" } else { "slice" },
-        failures.len(),
-        known_bugs.len()
+        failures.len()
     );
-    for k in &known_bugs {
-        println!("known: {k}");
-    }
     assert!(
         failures.is_empty(),
         "{} of {points} fault points disagree:\n{}",

@@ -96,7 +96,7 @@ pub struct PlatformStats {
     pub pages_allocated: u64,
     /// Host pages freed.
     pub pages_freed: u64,
-    /// Host pages leaked.
+    /// Host pages and guest frames leaked.
     pub pages_leaked: u64,
     /// Tracked RMP updates to assigned.
     pub rmp_make_private: u64,
@@ -230,6 +230,12 @@ impl Platform for KvmPlatform {
         if self.frames.leak_host(page.0) {
             self.lock().stats.pages_leaked += 1;
         }
+    }
+
+    fn leak_guest_frame(&self, _pfn: Pfn) {
+        // Guest RAM is the VMM's mapping, unmapped whole with the VM; the frame's leak is
+        // only counted (its tracked RMP entry stays as the failure left it).
+        self.lock().stats.pages_leaked += 1;
     }
 
     fn write_frame(&self, pfn: Pfn, data: &PageBuf) -> Result<(), PlatformError> {

@@ -344,6 +344,10 @@ impl Hw {
     /// `sev_gmem_invalidate` for one frame: PSMASH if inside a 2 MiB entry, RMPUPDATE shared
     /// (leak on failure), CLFLUSH, free. Returns whether it was freed.
     pub(crate) fn release_gmem_frame(&mut self, asid: u32, pfn: Pfn) -> bool {
+        if self.mem.is_leaked(pfn) {
+            // Leaked while the guest ran (`snp_leak_pages` holds a reference): never freed.
+            return false;
+        }
         let e = self.rmp.entry(pfn);
         if e.assigned {
             if e.page_size == PageSize::Size2M && self.psmash(Pfn(pfn.0 & !511)).is_err() {

@@ -201,7 +201,8 @@ pub struct Machine {
 pub struct DestroyReport {
     /// Guest memory frames given back to the allocator.
     pub frames_released: u64,
-    /// Frames leaked because their RMP state could not be restored.
+    /// Guest frames leaked because their RMP state could not be restored: at destroy, or
+    /// earlier while the guest ran (a refused launch page whose reclaim failed).
     pub frames_leaked: u64,
 }
 
@@ -710,7 +711,9 @@ impl Machine {
                     hw.leak_page(g);
                 }
                 for (_, pfn) in slot.gmem.private_frames() {
-                    hw.leak_page(pfn);
+                    if !hw.mem.is_leaked(pfn) {
+                        hw.leak_page(pfn);
+                    }
                 }
                 for pfn in slot.gmem.take_shared() {
                     hw.free_page(pfn);
@@ -721,8 +724,13 @@ impl Machine {
         if let Some(g) = slot.gctx {
             hw.free_firmware_page(g);
         }
+        // Frames leaked while the guest ran (a launch page whose reclaim failed) are the
+        // guest's leaks too; release_gmem_frame leaves them leaked.
+        let mut leaked_earlier = 0;
         for (_, pfn) in slot.gmem.private_frames() {
-            if hw.release_gmem_frame(asid, pfn) {
+            if hw.mem.is_leaked(pfn) {
+                leaked_earlier += 1;
+            } else if hw.release_gmem_frame(asid, pfn) {
                 report.frames_released += 1;
             }
         }
@@ -730,7 +738,7 @@ impl Machine {
             hw.free_page(pfn);
             report.frames_released += 1;
         }
-        report.frames_leaked = hw.stats.leaked_pages - leaked_before;
+        report.frames_leaked = hw.stats.leaked_pages - leaked_before + leaked_earlier;
         Ok(report)
     }
 

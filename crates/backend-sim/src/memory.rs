@@ -166,6 +166,11 @@ impl HostMemory {
         self.allocated.contains(&pfn.0)
     }
 
+    /// Whether the frame was leaked.
+    pub fn is_leaked(&self, pfn: Pfn) -> bool {
+        self.leaked.contains(&pfn.0)
+    }
+
     /// Frames currently handed out.
     pub fn allocated(&self) -> usize {
         self.allocated.len()

@@ -197,6 +197,10 @@ impl Platform for SimPlatform {
         self.machine.hw().leak_page(page.pfn)
     }
 
+    fn leak_guest_frame(&self, pfn: Pfn) {
+        self.machine.hw().leak_page(pfn)
+    }
+
     fn write_frame(&self, pfn: Pfn, data: &PageBuf) -> Result<(), SimError> {
         self.machine.hw().host_write(pfn, data)
     }

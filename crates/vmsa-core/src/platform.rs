@@ -125,6 +125,11 @@ pub trait Platform {
     /// Take a page out of circulation for good (`snp_leak_pages`): its RMP state could not be
     /// restored, so reusing it would fault the host.
     fn leak_page(&self, page: Self::Page);
+    /// Take a guest_memfd frame out of circulation for good: `snp_leak_pages` on a guest page
+    /// the firmware refused at launch whose reclaim or make-shared failed (KVM's
+    /// `snp_page_reclaim` / `kvm_rmp_make_shared`). It keeps a reference, so releasing the
+    /// guest's memory must not free this frame.
+    fn leak_guest_frame(&self, pfn: Pfn);
 
     /// Host write of a whole frame (RMP-checked on SNP: a write to an assigned frame faults).
     fn write_frame(&self, pfn: Pfn, data: &PageBuf) -> Result<(), Self::Error>;

@@ -315,6 +315,15 @@ impl Platform for TestPlatform {
         }
     }
 
+    fn leak_guest_frame(&self, pfn: Pfn) {
+        let mut g = self.lock();
+        if g.leaked.contains(&pfn) {
+            g.violations.push(Violation::ReleasedTwice(pfn));
+        } else {
+            g.leaked.push(pfn);
+        }
+    }
+
     fn write_frame(&self, pfn: Pfn, data: &PageBuf) -> Result<(), TestError> {
         let mut g = self.enter(Call::WriteFrame)?;
         if g.rmp.get(&pfn).is_some_and(|r| r.assigned) {

@@ -620,6 +620,27 @@ fn refused_data_page_is_reclaimed_and_shared_again() {
     assert!(log.leaks().is_empty());
 }
 
+/// `snp_page_reclaim` → `kvm_rmp_make_shared` leaks a refused launch page with
+/// `snp_leak_pages` when RMPUPDATE fails: the platform is told, so releasing the guest's
+/// memory never frees that frame.
+#[test]
+fn refused_data_page_that_cannot_be_shared_is_leaked_on_the_platform() {
+    let (mut vm, log) = snp_vm(1);
+    let pfn = vm.platform().map_gmem(Gfn(0x10));
+    vm.platform().fail_next(Call::SnpLaunchUpdate);
+    vm.platform().fail_next(Call::RmpMakeShared);
+    vm.launch_start(SNP_POLICY).unwrap();
+    vm.launch_update_data(Gpa(0x10_000), 4096, SnpPageType::Normal, Some(&[0; 4096]))
+        .unwrap_err();
+    assert!(matches!(
+        &log.leaks()[..],
+        [Event::Leaked { vcpu: None, pfn: p, reason: LeakReason::ReclaimMakeSharedFailed, .. }] if *p == pfn
+    ));
+    assert_eq!(vm.platform().leaked_pages(), [pfn]);
+    assert!(vm.is_bugged());
+    assert!(vm.platform().violations().is_empty());
+}
+
 #[test]
 fn sev_es_data_pages_use_launch_update_data() {
     let (mut vm, _) = vm_with(VmConfig::sev_es(0), 1, TestPlatform::default());

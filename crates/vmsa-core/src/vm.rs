@@ -741,6 +741,7 @@ impl<P: Platform> Vm<P> {
                 .map(|e| (LeakReason::ReclaimMakeSharedFailed, e.to_string())),
         };
         if let Some((reason, detail)) = failed {
+            self.platform.leak_guest_frame(pfn);
             self.events.emit(Event::Leaked {
                 vcpu: None,
                 pfn,
