@@ -121,6 +121,17 @@ fn a_guest_frame_leaked_at_launch_stays_leaked() {
     );
 }
 
+/// Regression: an AP whose VMRUN fails when the BSP's AP_CREATE kicks it reports the failure
+/// from its own KVM_RUN (KVM's `KVM_EXIT_FAIL_ENTRY`), ending the run; it was only the detail
+/// text of the BSP's successful step, and the run ended done.
+#[test]
+fn a_kicked_ap_whose_vmrun_fails_ends_the_run() {
+    let rule: FaultRule = "vmrun:2=VMEXIT_INVALID".parse().unwrap();
+    let (plan, outcome) = run_point(&case("boot", VmKind::Snp, 2), &[rule]).unwrap();
+    assert!(plan.fired().contains(&rule));
+    assert_eq!(outcome, Outcome::RunEnded);
+}
+
 /// One failure code each operation can return (fault.rs's table).
 fn code(op: FaultOp) -> &'static str {
     match op {

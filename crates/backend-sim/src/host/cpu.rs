@@ -46,10 +46,25 @@ pub(crate) enum Acted {
     },
 }
 
+/// Why a vCPU could not enter the guest: KVM_RUN's `pre_sev_run` refused its VMSA, or VMRUN
+/// failed its checks (a `KVM_EXIT_FAIL_ENTRY` on KVM).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EntryError {
+    /// vmsa-core refused the entry (no valid VMSA, a bugged VM, ...).
+    #[error("entry refused: {0}")]
+    Prepare(#[from] vmsa_core::Error<SimError>),
+    /// VMRUN failed (`VMEXIT_INVALID`).
+    #[error("{0}")]
+    Vmrun(#[from] SimError),
+}
+
 /// The processors of one scripted guest.
 #[derive(Debug)]
 pub(super) struct Cpus {
     running: HashMap<u32, Hpa>,
+    /// vCPUs whose entry after a kick failed: their own next `KVM_RUN` reports it, as KVM's
+    /// does with `KVM_EXIT_FAIL_ENTRY` (the kicker's request itself succeeded).
+    entry_failed: HashMap<u32, EntryError>,
     report: GuestActivity,
 }
 
@@ -150,6 +165,7 @@ impl Cpus {
     pub(super) fn new() -> Self {
         Self {
             running: HashMap::new(),
+            entry_failed: HashMap::new(),
             report: GuestActivity::default(),
         }
     }
@@ -164,16 +180,16 @@ impl Cpus {
 
     /// Bring a vCPU into the guest: vmsa-core's entry checks, then VMRUN. Returns whether it
     /// now runs.
-    fn enter(&mut self, vm: &Vm<SimPlatform>, vcpu: u32) -> Result<bool, String> {
+    fn enter(&mut self, vm: &Vm<SimPlatform>, vcpu: u32) -> Result<bool, EntryError> {
         if self.running.contains_key(&vcpu) {
             return Ok(true);
         }
         let id = VcpuId(vcpu);
-        match vm.prepare_entry(id).map_err(|e| e.to_string())? {
+        match vm.prepare_entry(id)? {
             Entry::Blocked(_) => Ok(false),
             Entry::Run(hpa) => {
                 let gpa = Self::expected_gpa(vm, id);
-                vm.platform().vmrun(hpa, gpa).map_err(|e| e.to_string())?;
+                vm.platform().vmrun(hpa, gpa)?;
                 self.report.vmruns += 1;
                 self.running.insert(vcpu, hpa);
                 Ok(true)
@@ -194,8 +210,17 @@ impl Cpus {
         match self.enter(vm, target) {
             Ok(true) => format!("vCPU {target} entered"),
             Ok(false) => format!("vCPU {target} halted"),
-            Err(e) => format!("vCPU {target} cannot run: {e}"),
+            Err(e) => {
+                let text = format!("vCPU {target} cannot run: {e}");
+                self.entry_failed.insert(target, e);
+                text
+            }
         }
+    }
+
+    /// The failed entry of `vcpu` after a kick, if any, taken (its `KVM_RUN` reports it once).
+    pub(super) fn take_entry_failure(&mut self, vcpu: u32) -> Option<EntryError> {
+        self.entry_failed.remove(&vcpu)
     }
 
     fn exit_cost(vm: &Vm<SimPlatform>) -> CostOp {
@@ -229,7 +254,7 @@ impl Cpus {
         if !vm.vcpu_ids().contains(&VcpuId(vcpu)) {
             return Err(format!("no vCPU {vcpu}"));
         }
-        if !self.enter(vm, vcpu)? {
+        if !self.enter(vm, vcpu).map_err(|e| e.to_string())? {
             let mp = vm.vcpu(VcpuId(vcpu)).map(|v| v.mp_state).ok();
             return Err(format!("vCPU {vcpu} is not runnable ({mp:?})"));
         }
