@@ -132,6 +132,17 @@ fn a_kicked_ap_whose_vmrun_fails_ends_the_run() {
     assert_eq!(outcome, Outcome::RunEnded);
 }
 
+/// Regression: a VM bugged by a leak (here the AP's host VMSA, whose make-shared fails when
+/// AP creation frees it) refuses every vCPU's KVM_RUN with EIO (`kvm_vm_bugged`); the BSP,
+/// already in the guest, went on running its actions and the run ended done.
+#[test]
+fn a_bugged_vm_refuses_kvm_run() {
+    let rule: FaultRule = "rmp_make_shared:1=FAIL_INUSE".parse().unwrap();
+    let (plan, outcome) = run_point(&case("boot", VmKind::Snp, 2), &[rule]).unwrap();
+    assert!(plan.fired().contains(&rule));
+    assert_eq!(outcome, Outcome::RunEnded);
+}
+
 /// One failure code each operation can return (fault.rs's table).
 fn code(op: FaultOp) -> &'static str {
     match op {

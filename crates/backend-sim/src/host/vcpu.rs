@@ -82,6 +82,14 @@ impl vmsa_host::Vcpu for SimVcpu {
                 // KVM_RUN of a vCPU whose VMRUN failed: KVM_EXIT_FAIL_ENTRY.
                 return Err(VcpuError::host(self.id, "KVM_RUN", e));
             }
+            if shared.kernel().is_bugged() {
+                // kvm_vm_bugged: every vCPU gets KVM_REQ_VM_DEAD, and KVM_RUN fails with EIO.
+                return Err(self.refused(
+                    "KVM_RUN",
+                    Errno::EIO,
+                    "the VM is bugged (a page was leaked): only teardown is allowed",
+                ));
+            }
             if g.kicked.remove(&self.id) {
                 return Ok(VcpuExit::Interrupted);
             }
