@@ -555,12 +555,6 @@ impl Machine {
         hw.trace.to_chrome_json(hw.model.clock_hz())
     }
 
-    /// Write the timeline to a file.
-    pub fn write_trace(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let v = self.trace_json();
-        std::fs::write(path, serde_json::to_vec(&v).map_err(std::io::Error::other)?)
-    }
-
     /// Close a phase of the caller's run that began at cycle `start`: put it on the timeline
     /// and report how long it took.
     pub fn end_phase(&self, name: &'static str, start: u64) -> PhaseReport {
