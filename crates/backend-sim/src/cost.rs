@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The clock the defaults are expressed at (Genoa EPYC 9334 TSC, §2.3).
+/// The clock the defaults are expressed at: the TSC of TUM-DSE/CVM_eval's EPYC 9334 (Genoa) host
+/// (docs/amd-snp.md names the CPU; benchmarks/vmexit/README.md's 10,421 cycles in 3,859 ns is
+/// 2.70 GHz).
 pub const DEFAULT_CLOCK_HZ: f64 = 2.7e9;
 
 /// Where a default number comes from.
@@ -100,10 +102,11 @@ cost_ops! {
     SnpLaunchStart = "snp_launch_start", 540_000, Estimate, "estimate: no measurement found; key generation in the PSP (0.2 ms)";
     /// SNP_ACTIVATE: 540,000 (135 k–5.4 M), estimate.
     SnpActivate = "snp_activate", 540_000, Estimate, "estimate: no measurement found; programming the key into the memory controllers and an RMP ASID scan (0.2 ms)";
-    /// SNP_LAUNCH_UPDATE 4 KiB NORMAL or VMSA: 8,100,000 (270 k–16 M), estimate (upper bound).
-    SnpLaunchUpdateMeasured = "snp_launch_update_measured", 8_100_000, Estimate, "estimate, an upper bound: TUM-DSE/CVM_eval benchmarks/boottime/README.md times QEMU's sev_snp_launch_finish at 3.18 s on an EPYC 9334, which covers every queued SNP_LAUNCH_UPDATE (about 1,060 pages assumed) but also guest_memfd population, the VMSA updates and LAUNCH_FINISH; 3.18 s / 1,060 = 3 ms";
-    /// SNP_LAUNCH_UPDATE 4 KiB ZERO/UNMEASURED/SECRETS/CPUID: 4,000,000 (135 k–16 M), estimate.
-    SnpLaunchUpdateOther = "snp_launch_update_other", 4_000_000, Estimate, "estimate: half of the measured-page upper bound (no SHA-384 of the contents)";
+    /// SNP_LAUNCH_UPDATE 4 KiB NORMAL or VMSA, KVM's whole per-page work: 2,578,000
+    /// (2,337,000–2,578,000), derived.
+    SnpLaunchUpdateMeasured = "snp_launch_update_measured", 2_578_000, Derived, "derived from microsoft/openvmm PR #4321 (https://github.com/microsoft/openvmm/pull/4321, 'KVM SNP launch' table): one Linux kernel and initrd launched on KVM SNP as a dense IGVM image (every RAM page a measured page; 14,307,818 bytes, median 44.77 s) and as a sparse one (launch-critical pages only, the rest PVALIDATEd by a guest bootshim; 13,119,466 bytes, median 9.32 s) differ by 35.46 s; the sparse image leaves out at least 1,188,352 bytes / 32 bytes per data-less IGVM PAGE_DATA header (igvm_defs IGVM_VHS_PAGE_DATA + IGVM_VHS_VARIABLE_HEADER) = 37,136 pages, so one KVM_SEV_SNP_LAUNCH_UPDATE page (guest_memfd allocation, RMPUPDATE, the PSP command) costs at most 35.46 s / 37,136 = 0.955 ms (plus the microseconds the sparse guest may spend validating each left-out page inside the timed span), and at least 0.866 ms if the RAM is the 40,960 pages of openvmm's default snp-linux-direct profile (vm/loader/manifests/README.md); the host is not named, cycles are at 2.7 GHz. TUM-DSE/CVM_eval benchmarks/boottime/README.md's 3.18 s sev_snp_launch_finish on an EPYC 9334 would be about 3 ms per page for a 4 MiB OVMF, but its page count is not published";
+    /// SNP_LAUNCH_UPDATE 4 KiB ZERO/UNMEASURED/SECRETS/CPUID: 1,289,000 (135 k–2.6 M), estimate.
+    SnpLaunchUpdateOther = "snp_launch_update_other", 1_289_000, Estimate, "estimate: half of the snp_launch_update_measured figure (no SHA-384 of the contents)";
     /// SNP_LAUNCH_FINISH, no ID block: 540,000 (270 k–13.5 M), estimate.
     SnpLaunchFinish = "snp_launch_finish", 540_000, Estimate, "estimate: no measurement found; one digest and a state change (0.2 ms)";
     /// SNP_PAGE_RECLAIM 4 KiB: 270,000 (135 k–2.7 M), estimate.
@@ -118,8 +121,8 @@ cost_ops! {
     SevLaunchStart = "sev_launch_start", 540_000, Estimate, "estimate: no SEV-ES firmware measurement found; the snp_launch_start estimate reused";
     /// SEV-ES ACTIVATE: taken as SNP_ACTIVATE (540,000), estimate.
     SevActivate = "sev_activate", 540_000, Estimate, "estimate: no SEV-ES firmware measurement found; the snp_activate estimate reused";
-    /// SEV-ES LAUNCH_UPDATE_DATA / LAUNCH_UPDATE_VMSA 4 KiB: taken as SNP NORMAL (8,100,000), estimate.
-    SevLaunchUpdate = "sev_launch_update", 8_100_000, Estimate, "estimate: no SEV-ES firmware measurement found; the snp_launch_update_measured upper bound reused";
+    /// SEV-ES LAUNCH_UPDATE_DATA / LAUNCH_UPDATE_VMSA 4 KiB: taken as SNP NORMAL (2,578,000), estimate.
+    SevLaunchUpdate = "sev_launch_update", 2_578_000, Estimate, "estimate: no SEV-ES firmware measurement found; the snp_launch_update_measured figure reused";
     /// SEV-ES LAUNCH_FINISH (with LAUNCH_MEASURE): taken as SNP_LAUNCH_FINISH (540,000), estimate.
     SevLaunchFinish = "sev_launch_finish", 540_000, Estimate, "estimate: no SEV-ES firmware measurement found; the snp_launch_finish estimate reused";
     /// SEV-ES DEACTIVATE: taken as SNP_DECOMMISSION (540,000), estimate.
@@ -456,7 +459,7 @@ mod tests {
     fn defaults_carry_the_reference_numbers_and_names_round_trip() {
         let m = CostModel::default();
         assert_eq!(m.cycles(CostOp::Rmpupdate4K), 1_500);
-        assert_eq!(m.cycles(CostOp::SnpLaunchUpdateMeasured), 8_100_000);
+        assert_eq!(m.cycles(CostOp::SnpLaunchUpdateMeasured), 2_578_000);
         assert_eq!(CostOp::VmgexitSnp.basis(), Basis::Published);
         for &op in CostOp::ALL {
             assert_eq!(CostOp::from_name(op.name()), Some(op));
@@ -485,10 +488,42 @@ mod tests {
                     op.name()
                 ),
             }
+            if op.basis() == Basis::Derived {
+                assert!(
+                    src.starts_with("derived"),
+                    "{}: a derived figure must say so: {src}",
+                    op.name()
+                );
+            }
         }
         let t = table();
         assert_eq!(t.lines().count(), CostOp::ALL.len() + 1);
         assert!(t.contains("vmgexit_snp") && t.contains("published"));
+    }
+
+    #[test]
+    fn launch_update_is_the_openvmm_dense_minus_sparse_time_per_left_out_page() {
+        // microsoft/openvmm PR #4321: the dense image (14,307,818 bytes, median 44.77 s) and
+        // the sparse one (13,119,466 bytes, median 9.32 s) differ by 35.46 s and by one 32-byte
+        // data-less PAGE_DATA header per page the sparse image leaves out.
+        let left_out = (14_307_818u64 - 13_119_466) / 32;
+        assert_eq!(left_out, 37_136);
+        let per_page = 35.46 * DEFAULT_CLOCK_HZ / left_out as f64;
+        let op = CostOp::SnpLaunchUpdateMeasured;
+        assert!(
+            (per_page - op.default_cycles() as f64).abs() < 1_000.0,
+            "{per_page}"
+        );
+        assert_eq!(op.basis(), Basis::Derived);
+        for figure in ["44.77 s", "9.32 s", "35.46 s", "1,188,352 bytes", "37,136"] {
+            assert!(op.source().contains(figure), "the source must show {figure}");
+        }
+        // The rows that reuse it.
+        assert_eq!(
+            CostOp::SnpLaunchUpdateOther.default_cycles(),
+            op.default_cycles() / 2
+        );
+        assert_eq!(CostOp::SevLaunchUpdate.default_cycles(), op.default_cycles());
     }
 
     #[test]
