@@ -266,6 +266,60 @@ mod tests {
         assert_eq!(&info[0x68..], &0xFFFF_FFFF_F000u64.to_le_bytes());
     }
 
+    /// `update_pages` is `update` page by page, for runs of equal pages, pages without
+    /// contents, every page type, and enough distinct pages to use every core.
+    #[test]
+    fn update_pages_is_update_in_order() {
+        let distinct: Vec<Box<PageBuf>> = (0..300u32)
+            .map(|i| Box::new(core::array::from_fn(|j| (i as usize * 31 + j * 7) as u8)))
+            .collect();
+        let ff = [0xffu8; 4096];
+        let ff_copy = ff;
+        let mut kinds: Vec<(SnpPageType, Option<&PageBuf>)> = Vec::new();
+        for (i, p) in distinct.iter().enumerate() {
+            kinds.push((SnpPageType::Normal, Some(p)));
+            if i % 50 == 0 {
+                // A run of equal pages, by address and by value, split by pages measured as zeros.
+                kinds.extend([
+                    (SnpPageType::Normal, Some(&ff)),
+                    (SnpPageType::Zero, None),
+                    (SnpPageType::Normal, Some(&ff)),
+                    (SnpPageType::Normal, Some(&ff_copy)),
+                    (SnpPageType::Secrets, Some(p)),
+                    (SnpPageType::Normal, None),
+                    (SnpPageType::Cpuid, None),
+                    (SnpPageType::Unmeasured, None),
+                ]);
+            }
+        }
+        kinds.extend([(SnpPageType::Vmsa, Some(&*distinct[0])); 5]);
+        let pages: Vec<(Gpa, SnpPageType, Option<&PageBuf>)> = (0u64..)
+            .zip(kinds)
+            .map(|(i, (ty, contents))| (Gpa(i * 0x1000), ty, contents))
+            .collect();
+        let mut one_by_one = SnpLaunchDigest::new();
+        for &(gpa, ty, contents) in &pages {
+            one_by_one.update(gpa, ty, contents.unwrap_or(&[0; 4096]));
+        }
+        let batch: Vec<SnpPage<'_>> = pages
+            .iter()
+            .map(|&(gpa, page_type, contents)| SnpPage {
+                gpa,
+                page_type,
+                contents,
+            })
+            .collect();
+        let mut all = SnpLaunchDigest::new();
+        all.update_pages(&batch);
+        assert_eq!(all, one_by_one);
+        // In two calls, split anywhere, the same.
+        let mut split = SnpLaunchDigest::new();
+        split.update_pages(&batch[..123]);
+        split.update_pages(&batch[123..]);
+        assert_eq!(split, one_by_one);
+        assert_ne!(one_by_one, SnpLaunchDigest::new());
+    }
+
     #[test]
     fn zero_like_pages_ignore_their_contents() {
         let mut a = SnpLaunchDigest::new();
