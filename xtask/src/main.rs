@@ -6,7 +6,8 @@
 //! - `soak`: the long runs: the whole fault matrix (`VMSA_SOAK=1`: every call number of every
 //!   operation the scenarios reach, and a second failure at each of the last four calls of
 //!   each recovery operation), its size and outcomes printed.
-//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them).
+//! - `bench`: the benchmarks (`-- <filter>` narrows them; `--quick` is the short CI form;
+//!   `bench measure` runs only `vmm measure` against sev-snp-measure).
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
 //! - `costs`: print the simulator's cost table, with the basis and public source of each row.
@@ -34,7 +35,9 @@ fn main() -> ExitCode {
         "fixtures" => fixtures(),
         "costs" => costs(),
         "help" | "-h" | "--help" => {
-            println!("usage: cargo xtask <test | soak | bench [-- FILTER] | lint | fixtures | costs>");
+            println!(
+                "usage: cargo xtask <test | soak | bench [--quick] [measure] [-- FILTER] | lint | fixtures | costs>"
+            );
             Ok(())
         }
         other => Err(format!(
@@ -175,12 +178,39 @@ fn soak() -> Result<(), String> {
     run("fault matrix (soak)", t)
 }
 
+/// `bench [--quick] [measure] [-- FILTER...]`: every criterion bench, or with `measure` only
+/// `vmm measure` against sev-snp-measure (`crates/vmm/benches/measure_peer.rs`). `--quick` (CI
+/// smoke) is passed to the benches: criterion's short mode, and fewer runs in measure_peer.
 fn bench(rest: &[String]) -> Result<(), String> {
+    let (ours, passed) = match rest.iter().position(|a| a == "--") {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let mut quick = false;
+    let mut only_measure = false;
+    for a in ours {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "measure" => only_measure = true,
+            other => {
+                return Err(format!(
+                    "unknown bench argument `{other}` (expected --quick, measure, or -- FILTER)"
+                ));
+            }
+        }
+    }
     let mut b = cargo();
-    // Only the criterion targets: `--benches` would also run every library's test harness in
-    // bench mode, which rejects criterion's options.
-    b.args(["bench", "--workspace", "--bench", "*", "--locked"])
-        .args(rest);
+    if only_measure {
+        b.args(["bench", "-p", "vmm", "--bench", "measure_peer", "--locked"]);
+    } else {
+        // Only the bench targets: `--benches` would also run every library's test harness in
+        // bench mode, which rejects criterion's options.
+        b.args(["bench", "--workspace", "--bench", "*", "--locked"]);
+    }
+    b.arg("--").args(passed);
+    if quick {
+        b.arg("--quick");
+    }
     run("benchmarks", b)
 }
 

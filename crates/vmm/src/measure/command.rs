@@ -187,24 +187,15 @@ fn mode_name(kind: VmKind) -> &'static str {
 
 /// Pages of each type the plan adds (VMSAs included).
 fn page_counts(plan: &LaunchPlan) -> [(SnpPageType, u64); 6] {
-    let mut counts = [
-        (SnpPageType::Normal, 0),
-        (SnpPageType::Vmsa, 0),
-        (SnpPageType::Zero, 0),
-        (SnpPageType::Unmeasured, 0),
-        (SnpPageType::Secrets, 0),
-        (SnpPageType::Cpuid, 0),
-    ];
-    let mut add = |ty, n| {
-        if let Some(c) = counts.iter_mut().find(|(t, _)| *t == ty) {
-            c.1 += n;
-        }
-    };
-    for d in plan.data_updates() {
-        add(d.page_type, d.len.div_ceil(4096));
-    }
-    add(SnpPageType::Vmsa, plan.vmsas().count() as u64);
-    counts
+    [
+        SnpPageType::Normal,
+        SnpPageType::Vmsa,
+        SnpPageType::Zero,
+        SnpPageType::Unmeasured,
+        SnpPageType::Secrets,
+        SnpPageType::Cpuid,
+    ]
+    .map(|ty| (ty, plan.page_count(ty)))
 }
 
 fn type_name(ty: SnpPageType) -> &'static str {

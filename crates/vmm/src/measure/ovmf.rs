@@ -9,6 +9,7 @@
 //! past a structure, this module refuses the image with the rule it breaks.
 
 use core::fmt;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -300,7 +301,8 @@ pub enum OvmfError {
 /// A parsed OVMF image.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ovmf {
-    data: Vec<u8>,
+    /// Shared, not copied, with the launch plans built from the image.
+    data: Arc<Vec<u8>>,
     table: Vec<(Guid, Vec<u8>)>,
     reset_eip: u32,
     metadata: Option<Vec<MetadataSection>>,
@@ -444,7 +446,7 @@ impl Ovmf {
         // The hash table block is read on demand, but a short entry is a corrupt image.
         entry_u32(&table, SEV_HASH_TABLE_RV_GUID)?;
         Ok(Self {
-            data,
+            data: Arc::new(data),
             table,
             reset_eip,
             metadata,
@@ -454,6 +456,11 @@ impl Ovmf {
     /// The image bytes.
     pub fn data(&self) -> &[u8] {
         &self.data
+    }
+
+    /// The image bytes, shared: a launch plan keeps them without copying 2 MiB or more.
+    pub(crate) fn shared_data(&self) -> Arc<Vec<u8>> {
+        Arc::clone(&self.data)
     }
 
     /// The guest-physical address of the image's first byte: it is mapped to end at 4 GiB.

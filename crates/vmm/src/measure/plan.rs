@@ -32,9 +32,10 @@
 //! is (any alignment and length).
 
 use core::fmt;
+use std::sync::{Arc, OnceLock};
 
 pub use backend_sim::measure::LaunchDigest;
-use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest};
+use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest, SnpPage};
 use thiserror::Error;
 use vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
 use vmsa_core::{Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SevEsSaveArea, SnpPageType, VcpuId, VmConfig, VmKind};
@@ -211,12 +212,71 @@ pub enum PlanError {
 }
 
 /// The ordered pages of one launch.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Kept compact: the firmware image is shared with the [`Ovmf`] it comes from and the VMSAs
+/// are two images (the BSP's and the one every AP shares), so planning and measuring copy
+/// nothing. [`LaunchPlan::steps`] (and [`LaunchPlan::data_updates`], [`LaunchPlan::vmsas`])
+/// build the owned steps a launch feeds to vmsa-core the first time they are asked for.
+#[derive(Clone)]
 pub struct LaunchPlan {
     kind: VmKind,
     guest_features: u64,
-    steps: Vec<LaunchStep>,
+    firmware: Arc<Vec<u8>>,
+    data: Vec<PlannedData>,
+    bsp: Box<SevEsSaveArea>,
+    ap: Box<SevEsSaveArea>,
+    vcpus: u32,
     warnings: Vec<String>,
+    steps: OnceLock<Vec<LaunchStep>>,
+}
+
+impl PartialEq for LaunchPlan {
+    fn eq(&self, other: &Self) -> bool {
+        // `steps` is derived from the rest.
+        (self.kind, self.guest_features, self.vcpus) == (other.kind, other.guest_features, other.vcpus)
+            && self.firmware == other.firmware
+            && self.data == other.data
+            && (&self.bsp, &self.ap) == (&other.bsp, &other.ap)
+            && self.warnings == other.warnings
+    }
+}
+
+impl Eq for LaunchPlan {}
+
+impl fmt::Debug for LaunchPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LaunchPlan")
+            .field("kind", &self.kind)
+            .field("guest_features", &format_args!("{:#x}", self.guest_features))
+            .field("data", &self.data)
+            .field("vcpus", &self.vcpus)
+            .field("warnings", &self.warnings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A data update before its bytes are laid out in a buffer of their own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PlannedData {
+    gpa: Gpa,
+    len: u64,
+    page_type: SnpPageType,
+    contents: Contents,
+    source: UpdateSource,
+}
+
+/// Where a planned data update's bytes come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Contents {
+    /// None: a ZERO page range.
+    Absent,
+    /// `len` zero bytes: the sections the firmware does not measure (UNMEASURED, SECRETS,
+    /// CPUID), which the host still writes.
+    Zeros,
+    /// The firmware image.
+    Firmware,
+    /// Bytes built for this launch (the kernel hashes page or table).
+    Built(Vec<u8>),
 }
 
 /// Check a metadata section's GPA and size, returning its length in bytes.
@@ -276,15 +336,15 @@ impl LaunchPlan {
         if vcpus > 1 && ap_eip == 0 {
             return Err(PlanError::NoApResetAddress);
         }
-        let mut steps = Vec::new();
+        let mut data = Vec::new();
         let mut warnings = Vec::new();
-        steps.push(LaunchStep::Data(DataUpdate {
+        data.push(PlannedData {
             gpa: Gpa(ovmf.gpa()),
             len: ovmf.data().len() as u64,
             page_type: SnpPageType::Normal,
-            contents: Some(ovmf.data().to_vec()),
+            contents: Contents::Firmware,
             source: UpdateSource::Firmware,
-        }));
+        });
         let features = match config.kind {
             VmKind::Snp => {
                 if config.guest_features & SEV_FEAT_SNP_ACTIVE == 0 {
@@ -298,7 +358,7 @@ impl LaunchPlan {
                          SNP guests with it (no secrets or CPUID page); this is the digest sev-snp-measure computes"
                     ));
                 }
-                snp_metadata_steps(ovmf, config.vmm_type, hashes, &mut steps)?;
+                snp_metadata_steps(ovmf, config.vmm_type, hashes, &mut data)?;
                 config.guest_features
             }
             VmKind::SevEs => {
@@ -310,30 +370,27 @@ impl LaunchPlan {
                 if let Some(h) = hashes {
                     Self::check_kernel_hashes(ovmf, VmKind::SevEs)?;
                     let gpa = ovmf.sev_hashes_table_gpa().ok_or(PlanError::NoHashTableBlock)?;
-                    steps.push(LaunchStep::Data(DataUpdate {
+                    data.push(PlannedData {
                         gpa: Gpa(u64::from(gpa)),
                         len: PADDED_TABLE_SIZE as u64,
                         page_type: SnpPageType::Normal,
-                        contents: Some(h.table().to_vec()),
+                        contents: Contents::Built(h.table().to_vec()),
                         source: UpdateSource::KernelHashTable,
-                    }));
+                    });
                 }
                 0
             }
         };
-        let bsp = reset_vmsa(BSP_EIP, features, config.vcpu_sig, config.vmm_type);
-        let ap = reset_vmsa(ap_eip, features, config.vcpu_sig, config.vmm_type);
-        for i in 0..vcpus {
-            steps.push(LaunchStep::Vmsa(VmsaUpdate {
-                vcpu: VcpuId(i),
-                save_area: if i == 0 { bsp.clone() } else { ap.clone() },
-            }));
-        }
         Ok(Self {
             kind: config.kind,
             guest_features: features,
-            steps,
+            firmware: ovmf.shared_data(),
+            data,
+            bsp: reset_vmsa(BSP_EIP, features, config.vcpu_sig, config.vmm_type),
+            ap: reset_vmsa(ap_eip, features, config.vcpu_sig, config.vmm_type),
+            vcpus,
             warnings,
+            steps: OnceLock::new(),
         })
     }
 
@@ -351,14 +408,34 @@ impl LaunchPlan {
         }
     }
 
-    /// Every step, in launch order.
+    /// Every step, in launch order, with its bytes (built on the first call).
     pub fn steps(&self) -> &[LaunchStep] {
-        &self.steps
+        self.steps.get_or_init(|| {
+            let data = self.data.iter().map(|d| {
+                LaunchStep::Data(DataUpdate {
+                    gpa: d.gpa,
+                    len: d.len,
+                    page_type: d.page_type,
+                    contents: self
+                        .bytes(d)
+                        .map(<[u8]>::to_vec)
+                        .or_else(|| (d.contents == Contents::Zeros).then(|| vec![0; d.len as usize])),
+                    source: d.source,
+                })
+            });
+            let vmsas = self.vmsa_images().map(|(vcpu, save_area)| {
+                LaunchStep::Vmsa(VmsaUpdate {
+                    vcpu,
+                    save_area: Box::new(save_area.clone()),
+                })
+            });
+            data.chain(vmsas).collect()
+        })
     }
 
     /// The data updates, in order.
     pub fn data_updates(&self) -> impl Iterator<Item = &DataUpdate> {
-        self.steps.iter().filter_map(|s| match s {
+        self.steps().iter().filter_map(|s| match s {
             LaunchStep::Data(d) => Some(d),
             LaunchStep::Vmsa(_) => None,
         })
@@ -366,10 +443,25 @@ impl LaunchPlan {
 
     /// The VMSAs, in vCPU order.
     pub fn vmsas(&self) -> impl Iterator<Item = &VmsaUpdate> {
-        self.steps.iter().filter_map(|s| match s {
+        self.steps().iter().filter_map(|s| match s {
             LaunchStep::Vmsa(v) => Some(v),
             LaunchStep::Data(_) => None,
         })
+    }
+
+    /// How many pages of type `ty` the launch adds (VMSAs included); a partial page counts.
+    pub fn page_count(&self, ty: SnpPageType) -> u64 {
+        let data: u64 = self
+            .data
+            .iter()
+            .filter(|d| d.page_type == ty)
+            .map(|d| d.len.div_ceil(PAGE_SIZE))
+            .sum();
+        data + if ty == SnpPageType::Vmsa {
+            u64::from(self.vcpus)
+        } else {
+            0
+        }
     }
 
     /// Things that do not stop the measurement but that a user should know.
@@ -377,41 +469,71 @@ impl LaunchPlan {
         &self.warnings
     }
 
-    /// The launch digest of this plan, computed with backend-sim's firmware digest code.
+    /// Each vCPU's VMSA image, borrowed: the BSP's, then the one every AP shares.
+    fn vmsa_images(&self) -> impl Iterator<Item = (VcpuId, &SevEsSaveArea)> {
+        (0..self.vcpus).map(|i| (VcpuId(i), if i == 0 { &*self.bsp } else { &*self.ap }))
+    }
+
+    /// The bytes of a planned update the firmware may hash (`None` for zero-filled ranges).
+    fn bytes<'a>(&'a self, d: &'a PlannedData) -> Option<&'a [u8]> {
+        match &d.contents {
+            Contents::Firmware => Some(&self.firmware),
+            Contents::Built(b) => Some(b),
+            Contents::Absent | Contents::Zeros => None,
+        }
+    }
+
+    /// The launch digest of this plan, computed with backend-sim's firmware digest code,
+    /// from the plan's compact form (nothing is copied): SNP with each distinct page hashed
+    /// once, on every core ([`SnpLaunchDigest::update_pages`]); SEV-ES as its one SHA-256
+    /// stream.
     pub fn measure(&self) -> LaunchDigest {
         match self.kind {
             VmKind::Snp => {
-                let mut ld = SnpLaunchDigest::new();
-                let zero = [0u8; PAGE_SIZE as usize];
-                for step in &self.steps {
-                    match step {
-                        LaunchStep::Data(d) => match &d.contents {
-                            Some(c) if d.page_type == SnpPageType::Normal => {
-                                let (pages, _) = c.as_chunks::<{ PAGE_SIZE as usize }>();
-                                for (i, page) in pages.iter().enumerate() {
-                                    ld.update(Gpa(d.gpa.0 + i as u64 * PAGE_SIZE), d.page_type, page);
-                                }
-                            }
-                            _ => {
-                                for i in 0..d.len / PAGE_SIZE {
-                                    ld.update(Gpa(d.gpa.0 + i * PAGE_SIZE), d.page_type, &zero);
-                                }
-                            }
-                        },
-                        LaunchStep::Vmsa(v) => {
-                            ld.update(INITIAL_VMSA_GPA, SnpPageType::Vmsa, v.save_area.as_page())
+                let n = self.data.iter().map(|d| d.len / PAGE_SIZE).sum::<u64>() + u64::from(self.vcpus);
+                let mut pages = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+                for d in &self.data {
+                    let page = |i: u64, contents| SnpPage {
+                        gpa: Gpa(d.gpa.0 + i * PAGE_SIZE),
+                        page_type: d.page_type,
+                        contents,
+                    };
+                    match self.bytes(d).filter(|_| d.page_type == SnpPageType::Normal) {
+                        Some(b) => {
+                            let (whole, _) = b.as_chunks::<{ PAGE_SIZE as usize }>();
+                            pages.extend((0..).zip(whole).map(|(i, c)| page(i, Some(c))));
                         }
+                        None => pages.extend((0..d.len / PAGE_SIZE).map(|i| page(i, None))),
                     }
                 }
+                pages.extend(self.vmsa_images().map(|(_, v)| SnpPage {
+                    gpa: INITIAL_VMSA_GPA,
+                    page_type: SnpPageType::Vmsa,
+                    contents: Some(v.as_page()),
+                }));
+                let mut ld = SnpLaunchDigest::new();
+                ld.update_pages(&pages);
                 LaunchDigest::Snp(ld.digest())
             }
             VmKind::SevEs => {
                 let mut ld = SevEsLaunchDigest::new();
-                for step in &self.steps {
-                    match step {
-                        LaunchStep::Data(d) => ld.update(d.contents.as_deref().unwrap_or_default()),
-                        LaunchStep::Vmsa(v) => ld.update(v.save_area.as_page()),
+                for d in &self.data {
+                    match (self.bytes(d), &d.contents) {
+                        (Some(b), _) => ld.update(b),
+                        (None, Contents::Zeros) => {
+                            let zeros = [0; PAGE_SIZE as usize];
+                            let mut left = d.len;
+                            while left > 0 {
+                                let n = left.min(PAGE_SIZE);
+                                ld.update(&zeros[..n as usize]);
+                                left -= n;
+                            }
+                        }
+                        (None, _) => {}
                     }
+                }
+                for (_, v) in self.vmsa_images() {
+                    ld.update(v.as_page());
                 }
                 LaunchDigest::SevEs(ld.digest())
             }
@@ -424,7 +546,7 @@ fn snp_metadata_steps(
     ovmf: &Ovmf,
     vmm: VmmType,
     hashes: Option<&SevHashes>,
-    steps: &mut Vec<LaunchStep>,
+    data: &mut Vec<PlannedData>,
 ) -> Result<(), PlanError> {
     if hashes.is_some() {
         LaunchPlan::check_kernel_hashes(ovmf, VmKind::Snp)?;
@@ -450,17 +572,16 @@ fn snp_metadata_steps(
             });
         }
         taken.push(range);
-        let zeros = || Some(vec![0u8; len as usize]);
         let (page_type, contents) = match section {
             SectionType::SnpSecMem => match vmm.sec_mem_page_type() {
-                SnpPageType::Zero => (SnpPageType::Zero, None),
-                other => (other, zeros()),
+                SnpPageType::Zero => (SnpPageType::Zero, Contents::Absent),
+                other => (other, Contents::Zeros),
             },
-            SectionType::SnpSecrets => (SnpPageType::Secrets, zeros()),
-            SectionType::Cpuid => (SnpPageType::Cpuid, zeros()),
-            SectionType::SvsmCaa => (SnpPageType::Zero, None),
+            SectionType::SnpSecrets => (SnpPageType::Secrets, Contents::Zeros),
+            SectionType::Cpuid => (SnpPageType::Cpuid, Contents::Zeros),
+            SectionType::SvsmCaa => (SnpPageType::Zero, Contents::Absent),
             SectionType::SnpKernelHashes => match hashes {
-                None => (SnpPageType::Zero, None),
+                None => (SnpPageType::Zero, Contents::Absent),
                 Some(h) => {
                     if len != PAGE_SIZE {
                         return Err(PlanError::Section {
@@ -476,24 +597,24 @@ fn snp_metadata_steps(
                     let page = h
                         .page((gpa & 0xfff) as usize)
                         .ok_or(PlanError::HashTableOutOfPage { gpa })?;
-                    (SnpPageType::Normal, Some(page.to_vec()))
+                    (SnpPageType::Normal, Contents::Built(page.to_vec()))
                 }
             },
         };
-        let step = LaunchStep::Data(DataUpdate {
+        let step = PlannedData {
             gpa: Gpa(u64::from(s.gpa)),
             len,
             page_type,
             contents,
             source: UpdateSource::Section { index, section },
-        });
+        };
         if section == SectionType::Cpuid && vmm.cpuid_pages_last() {
             cpuid_last.push(step);
         } else {
-            steps.push(step);
+            data.push(step);
         }
     }
-    steps.extend(cpuid_last);
+    data.extend(cpuid_last);
     Ok(())
 }
 
@@ -544,6 +665,27 @@ mod tests {
         assert_eq!(vmsas[2].vcpu, VcpuId(2));
         assert!(matches!(qemu.steps().last(), Some(LaunchStep::Vmsa(_))));
         assert!(qemu.warnings().is_empty());
+    }
+
+    /// The owned steps are built on demand from the compact plan, with the bytes a host writes.
+    #[test]
+    fn steps_are_built_on_demand_with_their_bytes() {
+        let ovmf = Ovmf::parse(sev_image().build()).unwrap();
+        let plan = LaunchPlan::build(&ovmf, &cfg(VmKind::Snp, 3, VmmType::Gce), None).unwrap();
+        let untouched = plan.clone();
+        let data: Vec<_> = plan.data_updates().collect();
+        assert_eq!(plan, untouched, "building the steps does not change the plan");
+        assert_eq!(data[0].contents.as_deref(), Some(ovmf.data()));
+        let unmeasured = data[1];
+        assert_eq!(unmeasured.page_type, SnpPageType::Unmeasured);
+        assert_eq!(unmeasured.contents, Some(vec![0; 0x9000]));
+        assert_eq!(plan.page_count(SnpPageType::Normal), 4);
+        assert_eq!(plan.page_count(SnpPageType::Unmeasured), 9);
+        assert_eq!(plan.page_count(SnpPageType::Vmsa), 3);
+        assert_eq!(plan.page_count(SnpPageType::Zero), 0);
+        let vmsas: Vec<_> = plan.vmsas().collect();
+        assert_eq!(vmsas[1].save_area, vmsas[2].save_area, "the APs share one image");
+        assert_ne!(vmsas[0].save_area, vmsas[1].save_area);
     }
 
     #[test]
