@@ -192,10 +192,7 @@ pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
     let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
     let progress = progress::Progress::new(!args.json);
     match args.backend {
-        BackendKind::Sim => {
-            let scenario = scenario::Scenario::new(&args.guest, args.vcpus.get(), kind)?;
-            sim::run(args, kind, &scenario, &progress)
-        }
+        BackendKind::Sim => sim::run(args, kind, &progress),
         BackendKind::Kvm => kvm::run(args, &progress),
     }
 }

@@ -19,7 +19,7 @@ use super::memory::GuestRam;
 use super::phases::Phases;
 use super::progress::Progress;
 use super::report::{LaunchSummary, Observed, RunSummary};
-use super::scenario::Scenario;
+use super::scenario::{GuestMemory, Scenario};
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
 use crate::measure::plan::LaunchDigest;
@@ -319,29 +319,20 @@ fn load(ram: &GuestRam, image: &Image) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Run `scenario` on the simulator as `args` ask.
-pub(super) fn run(
-    args: &RunArgs,
-    kind: VmKind,
-    scenario: &Scenario,
-    progress: &Progress,
-) -> Result<RunSummary, RunError> {
+/// Run the guest `args` name on the simulator as `args` ask.
+pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<RunSummary, RunError> {
     let vcpus = args.vcpus.get();
     // Every input is checked before anything is created.
     let costs = match &args.costs {
         Some(p) => CostModel::from_file("--costs", p)?,
         None => CostModel::default(),
     };
-    let mut faults = scenario.faults.clone();
-    if let Some(spec) = &args.fault {
-        let extra: FaultPlan = spec
+    let extra: FaultPlan = match &args.fault {
+        Some(spec) => spec
             .parse()
-            .map_err(|e: backend_sim::FaultSpecError| RunError::Input(format!("--fault: {e}")))?;
-        for rule in extra.pending() {
-            faults.add(*rule);
-        }
-    }
-    let injecting = !faults.pending().is_empty();
+            .map_err(|e: backend_sim::FaultSpecError| RunError::Input(format!("--fault: {e}")))?,
+        None => FaultPlan::default(),
+    };
     if let Some(trace) = &args.trace {
         let dir = trace
             .parent()
@@ -388,6 +379,27 @@ pub(super) fn run(
         Some(pages) => GuestRam::with_image_pages(memory, pages)?,
         None => GuestRam::new(memory, rom)?,
     };
+    // The guest knows its RAM and what the launch validated, as a real guest learns them from
+    // the firmware's memory map.
+    let guest_memory = GuestMemory {
+        ram: ram
+            .regions()
+            .iter()
+            .filter(|r| !r.rom)
+            .map(|r| (r.gpa.0, r.gpa.0 + r.len))
+            .collect(),
+        launched: image
+            .updates
+            .iter()
+            .map(|d| (d.gpa.0 & !(PAGE_SIZE - 1), (d.gpa.0 + d.len).next_multiple_of(PAGE_SIZE)))
+            .collect(),
+    };
+    let scenario = &Scenario::new(&args.guest, vcpus, kind, &guest_memory)?;
+    let mut faults = scenario.faults.clone();
+    for rule in extra.pending() {
+        faults.add(*rule);
+    }
+    let injecting = !faults.pending().is_empty();
     if memory < scenario.min_memory {
         return Err(RunError::Input(format!(
             "--memory {}: {} needs at least {} of guest memory for its VMSA and data pages",
