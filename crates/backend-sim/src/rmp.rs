@@ -9,7 +9,7 @@
 //! count") makes the 2 MiB overlap check O(1), and a per-ASID count tells the firmware whether
 //! an ASID still owns pages (`SNP_ACTIVATE`'s INVALID_CONFIG rule).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 use vmsa_core::{Gpa, PAGE_SIZE, PTRS_PER_PMD, Pfn};
@@ -198,31 +198,151 @@ impl From<GuestFault> for GuestInstrError {
 /// fit is not documented; FAIL_INPUT is the one for bad input fields).
 pub const GPA_LIMIT: u64 = 1 << 51;
 
+/// The RMP entry's ASID field is 10 bits (bits 51-60 of qword 0, Linux `struct rmpentry_raw`):
+/// the highest ASID an entry can hold.
+pub const ASID_FIELD_MAX: u32 = (1 << 10) - 1;
+
+/// Qword 0 of an RMP entry, laid out as the hardware's (Linux arch/x86/virt/svm/sev.c
+/// `struct rmpentry_raw`: assigned bit 0, page size bit 1, immutable bit 2, GPA bits 12-50,
+/// ASID bits 51-60, VMSA bit 61, validated bit 62). The simulator keeps only this qword per
+/// entry; qword 1 (the VMPL1-3 permissions, almost always zero) lives in a side table, flagged
+/// by reserved bit 3.
+mod qw {
+    pub const ASSIGNED: u64 = 1 << 0;
+    pub const SIZE_2M: u64 = 1 << 1;
+    pub const IMMUTABLE: u64 = 1 << 2;
+    /// Simulator use of a reserved bit: the VMPL1-3 permissions are not all zero.
+    pub const PERMS: u64 = 1 << 3;
+    pub const GPA: u64 = ((1 << 51) - 1) & !0xfff;
+    pub const ASID_SHIFT: u32 = 51;
+    pub const ASID: u64 = 0x3ff << ASID_SHIFT;
+    pub const VMSA: u64 = 1 << 61;
+    pub const VALIDATED: u64 = 1 << 62;
+}
+
+fn pack(e: &RmpEntry) -> u64 {
+    let bit = |b: bool, v: u64| if b { v } else { 0 };
+    bit(e.assigned, qw::ASSIGNED)
+        | bit(e.page_size == PageSize::Size2M, qw::SIZE_2M)
+        | bit(e.immutable, qw::IMMUTABLE)
+        | (e.gpa & qw::GPA)
+        | ((u64::from(e.asid) << qw::ASID_SHIFT) & qw::ASID)
+        | bit(e.vmsa, qw::VMSA)
+        | bit(e.validated, qw::VALIDATED)
+}
+
+fn asid_of(q: u64) -> u32 {
+    ((q & qw::ASID) >> qw::ASID_SHIFT) as u32
+}
+
+/// The frames of one 2 MiB region.
+const REGION: usize = PTRS_PER_PMD as usize;
+/// Regions per directory block (1 GiB of frames).
+const BLOCK: usize = 512;
+
+/// The RMP entries of one 2 MiB region: one 2 MiB entry, or 4 KiB entries (a chunk of 512
+/// packed qwords, allocated at the first that is not all zero, freed when all are again).
+#[derive(Debug, Default)]
+struct Region {
+    /// Qword 0 of the region's 2 MiB entry (its page-size bit set), or 0.
+    large: u64,
+    small: Option<Box<[u64; REGION]>>,
+    /// Non-zero 4 KiB entries.
+    stored_4k: u16,
+    /// Assigned 4 KiB entries (the firmware's "subpage count").
+    assigned_4k: u16,
+}
+
 /// The RMP of one machine.
+///
+/// Storage: a directory of lazily allocated blocks of [`BLOCK`] regions (1 GiB each); a region
+/// holds its 2 MiB entry in one qword, or a chunk of 512 qwords for its 4 KiB entries. So a
+/// 2 MiB entry costs one entry, a 4 KiB entry 8 bytes (half the hardware's 16), and memory the
+/// RMP never describes costs nothing. A per-region count of assigned 4 KiB entries (the
+/// firmware's "subpage count") makes the 2 MiB overlap check O(1), and a per-ASID count tells
+/// the firmware whether an ASID still owns pages (`SNP_ACTIVATE`'s INVALID_CONFIG rule).
 #[derive(Debug)]
 pub struct Rmp {
     covered_end: u64,
     max_asid: u32,
-    entries: HashMap<u64, RmpEntry>,
-    subpages: HashMap<u64, u16>,
-    asid_pages: HashMap<u32, u64>,
-    in_use: HashSet<u64>,
+    dir: Vec<Option<Box<[Region]>>>,
+    /// VMPL1-3 permissions of the entries flagged [`qw::PERMS`], by the frame the entry is
+    /// stored at (a 2 MiB entry's first frame).
+    perms: HashMap<u64, [u8; 3]>,
+    asid_pages: Vec<u64>,
+    in_use: BTreeSet<u64>,
+    stored_4k: u64,
+    stored_2m: u64,
+    chunks: u64,
 }
 
 fn head(pfn: u64) -> u64 {
     pfn & !(PTRS_PER_PMD - 1)
 }
 
+/// The region of `pfn` in directory `dir`, its block allocated if need be.
+fn slot(dir: &mut Vec<Option<Box<[Region]>>>, pfn: u64) -> &mut Region {
+    let r = (pfn / PTRS_PER_PMD) as usize;
+    let b = r / BLOCK;
+    if dir.len() <= b {
+        dir.resize_with(b + 1, || None);
+    }
+    &mut dir[b].get_or_insert_with(|| (0..BLOCK).map(|_| Region::default()).collect())[r % BLOCK]
+}
+
+/// The ownership checks of a guest access or instruction at `gpa` on a covered frame with
+/// entry `e` (APM table 15-39): Guest-Owned, Reverse-Map, Mutable; the failed one's name.
+fn ownership(e: &RmpEntry, asid: u32, gpa: Gpa) -> Result<(), &'static str> {
+    if !e.assigned || e.asid != asid {
+        return Err("Guest-Owned: the page is not assigned to this ASID");
+    }
+    if e.gpa != gpa.0 & !(PAGE_SIZE - 1) {
+        return Err("Reverse-Map: the RMP GPA differs from the accessed GPA");
+    }
+    if e.immutable {
+        return Err("Mutable: the page is immutable (firmware-held)");
+    }
+    Ok(())
+}
+
+/// How a run of 4 KiB `PVALIDATE`s ([`Rmp::pvalidate_4k_run`]) ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PvalidateRun {
+    /// Pages done (validated or rescinded, or already so).
+    pub done: u64,
+    /// Of those, pages whose Validated bit changed (the rest were "no update").
+    pub changed: u64,
+    /// Frames the run first made guest-owned (guest_memfd's first-use RMPUPDATE).
+    pub prepared: u64,
+    /// Why the page after the last done one failed: its RMPUPDATE when it was prepared, or
+    /// the PVALIDATE itself.
+    pub error: Option<RunError>,
+}
+
+/// Why one page of a run failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunError {
+    /// guest_memfd's first-use RMPUPDATE refused the frame.
+    Prepare(RmpRet),
+    /// PVALIDATE failed.
+    Pvalidate(GuestInstrError),
+}
+
 impl Rmp {
-    /// An RMP covering frames `[0, covered_end)`, for ASIDs up to `max_asid`.
+    /// An RMP covering frames `[0, covered_end)`, for ASIDs up to `max_asid` (at most
+    /// [`ASID_FIELD_MAX`], what the entry's ASID field holds).
     pub fn new(covered_end: Pfn, max_asid: u32) -> Self {
+        let max_asid = max_asid.min(ASID_FIELD_MAX);
         Self {
             covered_end: covered_end.0,
             max_asid,
-            entries: HashMap::new(),
-            subpages: HashMap::new(),
-            asid_pages: HashMap::new(),
-            in_use: HashSet::new(),
+            dir: Vec::new(),
+            perms: HashMap::new(),
+            asid_pages: vec![0; max_asid as usize + 1],
+            in_use: BTreeSet::new(),
+            stored_4k: 0,
+            stored_2m: 0,
+            chunks: 0,
         }
     }
 
@@ -232,43 +352,91 @@ impl Rmp {
         pfn.0 < self.covered_end
     }
 
-    /// Entries stored (4 KiB entries plus 2 MiB heads).
+    /// Entries stored (4 KiB entries plus 2 MiB entries).
     pub fn stored_entries(&self) -> usize {
-        self.entries.len()
+        (self.stored_4k + self.stored_2m) as usize
     }
 
-    /// Approximate bytes of the sparse maps.
+    /// Frames the stored entries describe (a 2 MiB entry describes 512).
+    pub fn tracked_frames(&self) -> u64 {
+        self.stored_4k + self.stored_2m * PTRS_PER_PMD
+    }
+
+    /// Bytes of the table: the directory, its blocks of regions, the chunks of 4 KiB entries
+    /// and the side tables.
     pub fn footprint_bytes(&self) -> usize {
-        self.entries.capacity() * (8 + std::mem::size_of::<RmpEntry>() + 8)
-            + self.subpages.capacity() * 24
-            + self.asid_pages.capacity() * 24
-            + self.in_use.capacity() * 16
+        let blocks = self.dir.iter().filter(|b| b.is_some()).count();
+        self.dir.capacity() * std::mem::size_of::<Option<Box<[Region]>>>()
+            + blocks * BLOCK * std::mem::size_of::<Region>()
+            + self.chunks as usize * REGION * 8
+            + self.perms.capacity() * (8 + 3 + 8)
+            + self.asid_pages.capacity() * 8
+            + self.in_use.len() * 24
     }
 
-    fn large_head(&self, pfn: u64) -> Option<(u64, &RmpEntry)> {
+    fn region(&self, pfn: u64) -> Option<&Region> {
+        let r = (pfn / PTRS_PER_PMD) as usize;
+        self.dir.get(r / BLOCK)?.as_ref().map(|b| &b[r % BLOCK])
+    }
+
+    fn region_mut(&mut self, pfn: u64) -> &mut Region {
+        slot(&mut self.dir, pfn)
+    }
+
+    fn decode(&self, q: u64, at: u64) -> RmpEntry {
+        let assigned = q & qw::ASSIGNED != 0;
+        let [p1, p2, p3] = if q & qw::PERMS != 0 {
+            self.perms.get(&at).copied().unwrap_or_default()
+        } else {
+            [0; 3]
+        };
+        RmpEntry {
+            assigned,
+            page_size: if q & qw::SIZE_2M != 0 {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            },
+            immutable: q & qw::IMMUTABLE != 0,
+            validated: q & qw::VALIDATED != 0,
+            vmsa: q & qw::VMSA != 0,
+            asid: asid_of(q),
+            gpa: q & qw::GPA,
+            // VMPL0 has every permission on an assigned page: RMPUPDATE grants them and no
+            // instruction takes them away (RMPADJUST only targets a higher VMPL).
+            vmpl_perms: [if assigned { perm::ALL } else { 0 }, p1, p2, p3],
+        }
+    }
+
+    fn large_head(&self, pfn: u64) -> Option<(u64, RmpEntry)> {
         let h = head(pfn);
-        self.entries
-            .get(&h)
-            .filter(|e| e.page_size == PageSize::Size2M)
-            .map(|e| (h, e))
+        let r = self.region(pfn)?;
+        (r.large != 0).then(|| (h, self.decode(r.large, h)))
     }
 
     /// The entry that governs `pfn` (for a frame inside a 2 MiB entry: that entry, with the
     /// frame's GPA).
     pub fn entry(&self, pfn: Pfn) -> RmpEntry {
-        if let Some((h, e)) = self.large_head(pfn.0) {
-            let mut e = *e;
+        let Some(r) = self.region(pfn.0) else {
+            return RmpEntry::default();
+        };
+        if r.large != 0 {
+            let h = head(pfn.0);
+            let mut e = self.decode(r.large, h);
             if e.assigned {
                 e.gpa += (pfn.0 - h) * PAGE_SIZE;
             }
             return e;
         }
-        self.entries.get(&pfn.0).copied().unwrap_or_default()
+        match &r.small {
+            Some(s) => self.decode(s[(pfn.0 - head(pfn.0)) as usize], pfn.0),
+            None => RmpEntry::default(),
+        }
     }
 
     /// Pages (4 KiB units) assigned to `asid`.
     pub fn asid_pages(&self, asid: u32) -> u64 {
-        self.asid_pages.get(&asid).copied().unwrap_or(0)
+        self.asid_pages.get(asid as usize).copied().unwrap_or(0)
     }
 
     /// Mark a frame as in use by a running vCPU (VMRUN marks its VMSA, APM §15.36.12).
@@ -285,46 +453,118 @@ impl Rmp {
         self.in_use.contains(&pfn.0)
     }
 
-    fn account(&mut self, pfn: u64, e: &RmpEntry, add: bool) {
-        if !e.assigned {
+    /// Whether a running vCPU uses a frame of the 2 MiB region at `h`.
+    fn region_in_use(&self, h: u64) -> bool {
+        self.in_use.range(h..h + PTRS_PER_PMD).next().is_some()
+    }
+
+    /// Count the pages of qword `q` (stored at `pfn`) in or out of the per-ASID and per-region
+    /// counters.
+    fn account(&mut self, pfn: u64, q: u64, add: bool) {
+        if q & qw::ASSIGNED == 0 {
             return;
         }
-        let pages = e.page_size.frames();
-        if e.asid != 0 {
-            let n = self.asid_pages.entry(e.asid).or_insert(0);
+        let large = q & qw::SIZE_2M != 0;
+        let pages = if large { PTRS_PER_PMD } else { 1 };
+        let asid = asid_of(q) as usize;
+        if asid != 0
+            && let Some(n) = self.asid_pages.get_mut(asid)
+        {
             *n = if add { *n + pages } else { n.saturating_sub(pages) };
-            if *n == 0 {
-                self.asid_pages.remove(&e.asid);
-            }
         }
-        if e.page_size == PageSize::Size4K {
-            let n = self.subpages.entry(head(pfn)).or_insert(0);
-            *n = if add { *n + 1 } else { n.saturating_sub(1) };
-            if *n == 0 {
-                self.subpages.remove(&head(pfn));
-            }
+        if !large {
+            let r = self.region_mut(pfn);
+            r.assigned_4k = if add { r.assigned_4k + 1 } else { r.assigned_4k.saturating_sub(1) };
         }
+    }
+
+    /// Take the entry stored exactly at `pfn` out (a 2 MiB entry if `pfn` is the head of one,
+    /// else the 4 KiB entry), keeping the counters right.
+    fn take_at(&mut self, pfn: u64) -> u64 {
+        let is_head = pfn == head(pfn);
+        let idx = (pfn - head(pfn)) as usize;
+        let Some(r) = self.region(pfn) else {
+            return 0;
+        };
+        let q = if is_head && r.large != 0 {
+            r.large
+        } else {
+            r.small.as_ref().map_or(0, |s| s[idx])
+        };
+        if q == 0 {
+            return 0;
+        }
+        self.account(pfn, q, false);
+        if q & qw::PERMS != 0 {
+            self.perms.remove(&pfn);
+        }
+        let r = self.region_mut(pfn);
+        let mut freed_chunk = false;
+        if q & qw::SIZE_2M != 0 && is_head && r.large != 0 {
+            r.large = 0;
+            self.stored_2m -= 1;
+        } else {
+            if let Some(s) = r.small.as_mut() {
+                s[idx] = 0;
+            }
+            r.stored_4k -= 1;
+            if r.stored_4k == 0 {
+                r.small = None;
+                freed_chunk = true;
+            }
+            self.stored_4k -= 1;
+        }
+        if freed_chunk {
+            self.chunks -= 1;
+        }
+        q
     }
 
     /// Store an entry at exactly `pfn`, keeping the counters right.
     fn store(&mut self, pfn: u64, e: RmpEntry) {
-        if let Some(old) = self.entries.remove(&pfn) {
-            self.account(pfn, &old, false);
+        self.take_at(pfn);
+        if e.is_default() {
+            return;
         }
-        if !e.is_default() {
-            self.account(pfn, &e, true);
-            self.entries.insert(pfn, e);
+        let mut q = pack(&e);
+        let [_, p1, p2, p3] = e.vmpl_perms;
+        if [p1, p2, p3] != [0; 3] {
+            self.perms.insert(pfn, [p1, p2, p3]);
+            q |= qw::PERMS;
         }
+        self.put(pfn, q);
+    }
+
+    /// Put qword `q` at `pfn`, where nothing is stored, and count it.
+    fn put(&mut self, pfn: u64, q: u64) {
+        let r = self.region_mut(pfn);
+        let mut new_chunk = false;
+        if q & qw::SIZE_2M != 0 {
+            debug_assert!(r.small.is_none(), "a 2 MiB entry over stored 4 KiB entries");
+            r.large = q;
+            self.stored_2m += 1;
+        } else {
+            let s = r.small.get_or_insert_with(|| {
+                new_chunk = true;
+                Box::new([0; REGION])
+            });
+            s[(pfn - head(pfn)) as usize] = q;
+            r.stored_4k += 1;
+            self.stored_4k += 1;
+        }
+        if new_chunk {
+            self.chunks += 1;
+        }
+        self.account(pfn, q, true);
     }
 
     /// Change the stored entry governing `pfn` with `f` (for a frame inside a 2 MiB entry,
     /// the 2 MiB entry).
     fn modify(&mut self, pfn: Pfn, f: impl FnOnce(&mut RmpEntry)) {
-        let at = match self.large_head(pfn.0) {
-            Some((h, _)) => h,
-            None => pfn.0,
+        let (at, mut e) = match self.large_head(pfn.0) {
+            Some(large) => large,
+            None => (pfn.0, self.entry(pfn)),
         };
-        let mut e = self.entries.get(&at).copied().unwrap_or_default();
         f(&mut e);
         self.store(at, e);
     }
@@ -352,7 +592,7 @@ impl Rmp {
             if e.immutable {
                 return Err(RmpRet::FailPermission);
             }
-            if self.in_use.iter().any(|&p| head(p) == h) {
+            if self.region_in_use(h) {
                 return Err(RmpRet::FailInuse);
             }
             if !large {
@@ -364,17 +604,22 @@ impl Rmp {
             }
         } else if large {
             let h = pfn.0;
-            if (h..h + PTRS_PER_PMD).any(|p| self.entries.get(&p).is_some_and(|e| e.immutable)) {
+            let region = self.region(h);
+            let small = region.and_then(|r| r.small.as_deref());
+            if small.is_some_and(|s| s.iter().any(|&q| q & qw::IMMUTABLE != 0)) {
                 return Err(RmpRet::FailPermission);
             }
-            if self.in_use.iter().any(|&p| head(p) == h) {
+            if self.region_in_use(h) {
                 return Err(RmpRet::FailInuse);
             }
-            if self.subpages.get(&h).copied().unwrap_or(0) > 0 {
+            if region.is_some_and(|r| r.assigned_4k > 0) {
                 return Err(RmpRet::FailOverlap);
             }
-            for p in h..h + PTRS_PER_PMD {
-                self.store(p, RmpEntry::default());
+            // What is left are unassigned, mutable 4 KiB entries: all become the 2 MiB entry.
+            if small.is_some() {
+                for p in h..h + PTRS_PER_PMD {
+                    self.take_at(p);
+                }
             }
         } else {
             let e = self.entry(pfn);
@@ -408,7 +653,7 @@ impl Rmp {
         if !pfn.is_2m_aligned() || !last.is_some_and(|l| self.covered(Pfn(l))) {
             return Err(RmpRet::FailInput);
         }
-        let Some((h, e)) = self.large_head(pfn.0).map(|(h, e)| (h, *e)) else {
+        let Some((h, e)) = self.large_head(pfn.0) else {
             return Err(RmpRet::FailBadAddr);
         };
         // ESTIMATE, no source: PSMASH's documented FAIL_PERMISSION (2) means the current
@@ -417,7 +662,7 @@ impl Rmp {
         if e.immutable {
             return Err(RmpRet::FailPermission);
         }
-        if self.in_use.iter().any(|&p| head(p) == h) {
+        if self.region_in_use(h) {
             return Err(RmpRet::FailInuse);
         }
         self.store(h, RmpEntry::default());
@@ -466,15 +711,7 @@ impl Rmp {
             return Err(npf("Covered: the frame is beyond the RMP"));
         }
         let e = self.entry(pfn);
-        if !e.assigned || e.asid != asid {
-            return Err(npf("Guest-Owned: the page is not assigned to this ASID"));
-        }
-        if e.gpa != gpa.0 & !(PAGE_SIZE - 1) {
-            return Err(npf("Reverse-Map: the RMP GPA differs from the accessed GPA"));
-        }
-        if e.immutable {
-            return Err(npf("Mutable: the page is immutable (firmware-held)"));
-        }
+        ownership(&e, asid, gpa).map_err(npf)?;
         Ok(e)
     }
 
@@ -573,6 +810,184 @@ impl Rmp {
             }
         });
         Ok(())
+    }
+
+    /// Whether no frame of the 2 MiB region at `head` is assigned (KVM's `is_pfn_range_shared`
+    /// over it), from the region's counters.
+    pub fn region_unassigned(&self, head: Pfn) -> bool {
+        self.region(head.0)
+            .is_none_or(|r| r.large & qw::ASSIGNED == 0 && r.assigned_4k == 0)
+    }
+
+    /// How many frames of `[pfn, pfn + n)` are assigned.
+    pub fn assigned_frames(&self, pfn: Pfn, n: u64) -> u64 {
+        let (mut p, end) = (pfn.0, pfn.0.saturating_add(n));
+        let mut count = 0;
+        while p < end {
+            let h = head(p);
+            let to = end.min(h + PTRS_PER_PMD);
+            if let Some(r) = self.region(p) {
+                if r.large & qw::ASSIGNED != 0 {
+                    count += to - p;
+                } else if let Some(s) = r.small.as_ref().filter(|_| r.assigned_4k > 0) {
+                    let (a, b) = ((p - h) as usize, (to - h) as usize);
+                    count += s[a..b].iter().filter(|&&q| q & qw::ASSIGNED != 0).count() as u64;
+                }
+            }
+            p = to;
+        }
+        count
+    }
+
+    /// Whether [`Rmp::pvalidate_4k_run`] and [`Rmp::make_shared_4k_run`] take frames
+    /// `[pfn, pfn + n)`: covered, inside one 2 MiB region, and that region has no 2 MiB entry.
+    pub fn run_fits(&self, pfn: Pfn, n: u64) -> bool {
+        n > 0
+            && head(pfn.0) == head(pfn.0 + n - 1)
+            && self.covered(Pfn(pfn.0 + n - 1))
+            && self.region(pfn.0).is_none_or(|r| r.large == 0)
+    }
+
+    /// `PVALIDATE` at VMPL0 of `n` consecutive 4 KiB pages from `gpa`, backed by frames from
+    /// `pfn` (a run [`Rmp::run_fits`] takes), each frame first made guest-owned by `asid` if it
+    /// is not assigned (the 4 KiB RMPUPDATE of guest_memfd's first use, `sev_gmem_prepare`).
+    /// Page by page it does what [`Rmp::rmpupdate`] then [`Rmp::pvalidate`] do, with the same
+    /// rules, and stops at the first page that fails; but in one pass over the region's packed
+    /// entries.
+    pub fn pvalidate_4k_run(&mut self, asid: u32, gpa: Gpa, pfn: Pfn, n: u64, validate: bool) -> PvalidateRun {
+        debug_assert!(self.run_fits(pfn, n));
+        let h = head(pfn.0);
+        let busy: Vec<u64> = self.in_use.range(h..h + PTRS_PER_PMD).copied().collect();
+        let max_asid = self.max_asid;
+        let mut out = PvalidateRun::default();
+        let (mut new_stored, mut new_assigned) = (0u16, 0u16);
+        let mut fail = None;
+        let region = slot(&mut self.dir, h);
+        let had_chunk = region.small.is_some();
+        let chunk = region.small.get_or_insert_with(|| Box::new([0; REGION]));
+        for i in 0..n {
+            let idx = (pfn.0 - h + i) as usize;
+            let g = gpa.0 + i * PAGE_SIZE;
+            let mut q = chunk[idx];
+            if q & qw::ASSIGNED == 0 {
+                // RMPUPDATE's rules, in its order (see `rmpupdate`).
+                let refused = if g >= GPA_LIMIT || asid > max_asid {
+                    Some(RmpRet::FailInput)
+                } else if q & qw::IMMUTABLE != 0 {
+                    Some(RmpRet::FailPermission)
+                } else if busy.contains(&(pfn.0 + i)) {
+                    Some(RmpRet::FailInuse)
+                } else {
+                    None
+                };
+                if let Some(code) = refused {
+                    out.error = Some(RunError::Prepare(code));
+                    break;
+                }
+                if q == 0 {
+                    new_stored += 1;
+                } else if q & qw::PERMS != 0 {
+                    self.perms.remove(&(pfn.0 + i));
+                }
+                q = qw::ASSIGNED | (g & qw::GPA) | (u64::from(asid) << qw::ASID_SHIFT);
+                chunk[idx] = q;
+                new_assigned += 1;
+                out.prepared += 1;
+            }
+            if asid_of(q) != asid || q & qw::GPA != g & qw::GPA || q & qw::IMMUTABLE != 0 {
+                fail = Some((i, g));
+                break;
+            }
+            if (q & qw::VALIDATED != 0) != validate {
+                q ^= qw::VALIDATED;
+                out.changed += 1;
+            }
+            chunk[idx] = q;
+            out.done += 1;
+        }
+        region.stored_4k += new_stored;
+        region.assigned_4k += new_assigned;
+        if region.stored_4k == 0 {
+            region.small = None;
+        }
+        match (had_chunk, region.small.is_some()) {
+            (false, true) => self.chunks += 1,
+            (true, false) => self.chunks -= 1,
+            _ => {}
+        }
+        self.stored_4k += u64::from(new_stored);
+        if asid != 0
+            && let Some(c) = self.asid_pages.get_mut(asid as usize)
+        {
+            *c += u64::from(new_assigned);
+        }
+        if let Some((i, g)) = fail {
+            let e = self.entry(Pfn(pfn.0 + i));
+            let check = ownership(&e, asid, Gpa(g)).err().unwrap_or("Guest-Owned");
+            out.error = Some(RunError::Pvalidate(GuestInstrError::Fault(GuestFault::Npf {
+                gpa: g,
+                sizem: false,
+                check,
+            })));
+        }
+        out
+    }
+
+    /// `RMPUPDATE` to shared (hypervisor-owned, 4 KiB) of every assigned frame of
+    /// `[pfn, pfn + n)` (a run [`Rmp::run_fits`] takes), page by page as [`Rmp::rmpupdate`]
+    /// would, in one pass. Returns how many frames it updated and the ones it refused
+    /// (immutable: FAIL_PERMISSION; in use by a running vCPU: FAIL_INUSE).
+    pub fn make_shared_4k_run(&mut self, pfn: Pfn, n: u64) -> (u64, Vec<Pfn>) {
+        debug_assert!(self.run_fits(pfn, n));
+        let h = head(pfn.0);
+        let busy: Vec<u64> = self.in_use.range(h..h + PTRS_PER_PMD).copied().collect();
+        let Some(r) = self.region(h) else {
+            return (0, Vec::new());
+        };
+        if r.assigned_4k == 0 {
+            return (0, Vec::new());
+        }
+        let (mut updated, mut refused) = (0u64, Vec::new());
+        let mut per_asid: Vec<(u32, u64)> = Vec::new();
+        let region = slot(&mut self.dir, h);
+        let Some(chunk) = region.small.as_mut() else {
+            return (0, Vec::new());
+        };
+        for i in 0..n {
+            let idx = (pfn.0 - h + i) as usize;
+            let q = chunk[idx];
+            if q & qw::ASSIGNED == 0 {
+                continue;
+            }
+            if q & qw::IMMUTABLE != 0 || busy.contains(&(pfn.0 + i)) {
+                refused.push(Pfn(pfn.0 + i));
+                continue;
+            }
+            if q & qw::PERMS != 0 {
+                self.perms.remove(&(pfn.0 + i));
+            }
+            chunk[idx] = 0;
+            updated += 1;
+            match per_asid.iter_mut().find(|(a, _)| *a == asid_of(q)) {
+                Some((_, c)) => *c += 1,
+                None => per_asid.push((asid_of(q), 1)),
+            }
+        }
+        region.stored_4k -= updated as u16;
+        region.assigned_4k -= updated as u16;
+        if region.stored_4k == 0 {
+            region.small = None;
+            self.chunks -= 1;
+        }
+        self.stored_4k -= updated;
+        for (asid, c) in per_asid {
+            if asid != 0
+                && let Some(n) = self.asid_pages.get_mut(asid as usize)
+            {
+                *n = n.saturating_sub(c);
+            }
+        }
+        (updated, refused)
     }
 
     /// Firmware-only change of an entry (the PSP writes the RMP directly, bypassing the x86

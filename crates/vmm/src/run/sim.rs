@@ -65,6 +65,13 @@ fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<
     Ok(())
 }
 
+/// The simulated host's DRAM for a guest of `memory` bytes: the default 1 TiB, or twice the
+/// guest's memory if that is more (its memory, the VMSAs and firmware pages, and room for the
+/// allocator's alignment of 2 MiB folios). Untouched DRAM costs nothing.
+fn host_bytes(memory: u64) -> u64 {
+    memory.saturating_mul(2).max(backend_sim::memory::TIB)
+}
+
 /// How long a scripted guest may run (wall clock) before the watchdog stops it.
 const WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -459,6 +466,8 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
         costs,
         faults,
         trace: args.trace.is_some(),
+        gmem_2m_folios: scenario.gmem_2m_folios,
+        host_bytes: host_bytes(memory),
         ..MachineConfig::default()
     });
     let host = SimHost::new(machine.clone(), scenario.script.clone());
