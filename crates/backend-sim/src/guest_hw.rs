@@ -419,7 +419,8 @@ impl Hw {
     }
 
     /// Back the unbacked guest frames `[gfn, gfn + n)` (all in a memslot, within one 2 MiB
-    /// region): a 2 MiB folio where one fits, else runs of 4 KiB folios, placed at host frames
+    /// region): a 2 MiB folio where one fits, else (for more than one page) runs of 4 KiB
+    /// folios, placed at host frames
     /// with the guest frames' offset in their 2 MiB region (as memory from a huge-page pool
     /// is), so that a guest page which is not 2 MiB aligned is not backed by a 2 MiB-aligned
     /// frame either: the guest's workaround for AMD erratum 1467 (Linux
@@ -427,7 +428,8 @@ impl Hw {
     /// VMSA) then holds on the host too.
     fn gmem_back_run(&mut self, asid: u32, gfn: Gfn, n: u64) -> Result<(), SimError> {
         let region = Gfn(gfn.0 & !(PTRS_PER_PMD - 1));
-        if self.gmem_2m_folios && self.slot(asid)?.gmem.folio_fits(region) {
+        if n == 1 || (self.gmem_2m_folios && self.slot(asid)?.gmem.folio_fits(region)) {
+            // One page is backed as a first touch backs it (a folio, or the next frame free).
             self.gmem_back(asid, gfn)?;
             return Ok(());
         }

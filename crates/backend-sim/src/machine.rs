@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use vmsa_core::{PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
+use vmsa_core::{Gfn, Gpa, PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::cost::{CostModel, CostOp, CostReport, Ledger};
 pub use crate::error::SimError;
@@ -189,6 +189,19 @@ impl Footprint {
     pub fn bookkeeping_per_frame(&self) -> f64 {
         self.bookkeeping_bytes as f64 / self.allocated_frames.max(1) as f64
     }
+}
+
+/// What a range of a guest's frames is now ([`Machine::guest_census`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GuestCensus {
+    /// Frames in the range.
+    pub frames: u64,
+    /// Frames with the private memory attribute.
+    pub private: u64,
+    /// Frames backed by a private (guest_memfd) frame.
+    pub backed: u64,
+    /// Backed frames the guest can use: assigned to it at their GPA, mutable, validated.
+    pub validated: u64,
 }
 
 #[derive(Debug)]
@@ -685,6 +698,30 @@ impl Machine {
             bookkeeping_bytes: bookkeeping,
             bytes: bookkeeping + hw.mem.contents_bytes(),
         }
+    }
+
+    /// The ASIDs of the guests the machine holds now.
+    pub fn guests(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.hw().guests.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// What guest frames `[start, end)` of the guest with `asid` are now (for tests and
+    /// reports; it walks the guest's backing, so it costs time in the size of the range).
+    pub fn guest_census(&self, asid: u32, start: Gfn, end: Gfn) -> Result<GuestCensus, SimError> {
+        let hw = self.hw();
+        let g = &hw.slot(asid)?.gmem;
+        let mut census = GuestCensus {
+            frames: end.0.saturating_sub(start.0),
+            ..GuestCensus::default()
+        };
+        census.private = g.private_attr_frames(start, end);
+        for e in g.private_extents(start, end) {
+            census.backed += e.frames;
+            census.validated += hw.rmp.validated_frames(asid, Gpa(e.gfn.0 << 12), e.pfn, e.frames);
+        }
+        Ok(census)
     }
 
     /// The RMP entry governing a frame.

@@ -251,9 +251,11 @@ impl HostMemory {
         self.free_run(pfn, 1)
     }
 
-    /// Give `n` contiguous frames back to the allocator. All of them must be allocated.
+    /// Give `n` contiguous frames back to the allocator. All of them must be allocated. Their
+    /// contents go (a frame is handed out zeroed again), so freed memory costs no storage.
     pub fn free_run(&mut self, pfn: Pfn, n: u64) -> Result<(), MemError> {
         self.take_allocated(pfn, n)?;
+        self.drop_data(pfn.0, n);
         match self.free.last_mut() {
             // Extend the top run only at its end, so the last frame freed is the next handed out.
             Some(top) if top.0 + top.1 == pfn.0 => top.1 += n,
@@ -421,6 +423,15 @@ impl RangeSet {
                 break;
             }
         }
+    }
+
+    /// How many values of `[start, end)` are in the set.
+    pub fn count(&self, start: u64, end: u64) -> u64 {
+        let first = self.map.range(..=start).next_back().map_or(start, |(&s, _)| s);
+        self.map
+            .range(first..end)
+            .map(|(&s, &e)| e.min(end).saturating_sub(s.max(start)))
+            .sum()
     }
 
     /// The number of intervals.
@@ -727,6 +738,11 @@ impl GuestMemfd {
     /// Whether every frame of `[start, end)` is private.
     pub fn is_private_range(&self, start: Gfn, end: Gfn) -> bool {
         self.private_attr.covers(start.0, end.0)
+    }
+
+    /// How many frames of `[start, end)` have the private attribute.
+    pub fn private_attr_frames(&self, start: Gfn, end: Gfn) -> u64 {
+        self.private_attr.count(start.0, end.0)
     }
 
     /// Set the attribute of `[start, end)` (`KVM_SET_MEMORY_ATTRIBUTES`).

@@ -237,35 +237,106 @@ fn asid_of(q: u64) -> u32 {
 
 /// The frames of one 2 MiB region.
 const REGION: usize = PTRS_PER_PMD as usize;
-/// Regions per directory block (1 GiB of frames).
-const BLOCK: usize = 512;
+/// The most 4 KiB entries a region keeps as a sorted list before it takes a dense chunk.
+const SPARSE_MAX: usize = 32;
 
-/// The RMP entries of one 2 MiB region: one 2 MiB entry, or 4 KiB entries (a chunk of 512
-/// packed qwords, allocated at the first that is not all zero, freed when all are again).
+/// The 4 KiB entries of a region that are not all zero: a short sorted list while there are
+/// few (a VMSA page here and there costs 16 bytes, not a 4 KiB chunk), all 512 qwords once
+/// there are more.
+#[derive(Debug)]
+enum Small {
+    /// `(index in the region, qword)`, sorted, at most [`SPARSE_MAX`].
+    Sparse(Vec<(u16, u64)>),
+    /// Every entry of the region.
+    Dense(Box<[u64; REGION]>),
+}
+
+impl Small {
+    fn get(&self, i: usize) -> u64 {
+        match self {
+            Self::Sparse(v) => v
+                .binary_search_by_key(&(i as u16), |e| e.0)
+                .map_or(0, |k| v[k].1),
+            Self::Dense(d) => d[i],
+        }
+    }
+
+    /// Set entry `i` to `q` (0 clears it).
+    fn set(&mut self, i: usize, q: u64) {
+        match self {
+            Self::Dense(d) => d[i] = q,
+            Self::Sparse(v) => match v.binary_search_by_key(&(i as u16), |e| e.0) {
+                Ok(k) if q == 0 => {
+                    v.remove(k);
+                }
+                Ok(k) => v[k].1 = q,
+                Err(_) if q == 0 => {}
+                Err(k) if v.len() < SPARSE_MAX => v.insert(k, (i as u16, q)),
+                Err(_) => {
+                    let mut d = Box::new([0; REGION]);
+                    for &(j, x) in v.iter() {
+                        d[usize::from(j)] = x;
+                    }
+                    d[i] = q;
+                    *self = Self::Dense(d);
+                }
+            },
+        }
+    }
+
+    /// Whether any stored entry has all of `bits`.
+    fn any(&self, bits: u64) -> bool {
+        match self {
+            Self::Sparse(v) => v.iter().any(|e| e.1 & bits == bits),
+            Self::Dense(d) => d.iter().any(|&q| q & bits == bits),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Sparse(v) => v.capacity() * 16,
+            Self::Dense(_) => REGION * 8,
+        }
+    }
+}
+
+/// The RMP entries of one 2 MiB region: one 2 MiB entry, or 4 KiB entries.
 #[derive(Debug, Default)]
 struct Region {
     /// Qword 0 of the region's 2 MiB entry (its page-size bit set), or 0.
     large: u64,
-    small: Option<Box<[u64; REGION]>>,
+    /// Boxed, so that a region with a 2 MiB entry (or none) stays small in the map.
+    small: Option<Box<Small>>,
     /// Non-zero 4 KiB entries.
     stored_4k: u16,
     /// Assigned 4 KiB entries (the firmware's "subpage count").
     assigned_4k: u16,
 }
 
+impl Region {
+    fn is_empty(&self) -> bool {
+        self.large == 0 && self.small.is_none()
+    }
+
+    fn get(&self, i: usize) -> u64 {
+        self.small.as_ref().map_or(0, |s| s.get(i))
+    }
+}
+
 /// The RMP of one machine.
 ///
-/// Storage: a directory of lazily allocated blocks of [`BLOCK`] regions (1 GiB each); a region
-/// holds its 2 MiB entry in one qword, or a chunk of 512 qwords for its 4 KiB entries. So a
-/// 2 MiB entry costs one entry, a 4 KiB entry 8 bytes (half the hardware's 16), and memory the
-/// RMP never describes costs nothing. A per-region count of assigned 4 KiB entries (the
-/// firmware's "subpage count") makes the 2 MiB overlap check O(1), and a per-ASID count tells
-/// the firmware whether an ASID still owns pages (`SNP_ACTIVATE`'s INVALID_CONFIG rule).
+/// Storage: a map from 2 MiB region to its entries, holding only regions with an entry that is
+/// not all zero. A region holds its 2 MiB entry in one qword, or its 4 KiB entries as packed
+/// qwords (a short list, then a chunk of 512). So a 2 MiB entry costs one entry, a 4 KiB entry
+/// 8 bytes once its region is full (half the hardware's 16), and memory the RMP never describes
+/// costs nothing. A per-region count of assigned 4 KiB entries (the firmware's "subpage count")
+/// makes the 2 MiB overlap check O(1), and a per-ASID count tells the firmware whether an ASID
+/// still owns pages (`SNP_ACTIVATE`'s INVALID_CONFIG rule).
 #[derive(Debug)]
 pub struct Rmp {
     covered_end: u64,
     max_asid: u32,
-    dir: Vec<Option<Box<[Region]>>>,
+    regions: HashMap<u64, Region>,
     /// VMPL1-3 permissions of the entries flagged [`qw::PERMS`], by the frame the entry is
     /// stored at (a 2 MiB entry's first frame).
     perms: HashMap<u64, [u8; 3]>,
@@ -273,21 +344,10 @@ pub struct Rmp {
     in_use: BTreeSet<u64>,
     stored_4k: u64,
     stored_2m: u64,
-    chunks: u64,
 }
 
 fn head(pfn: u64) -> u64 {
     pfn & !(PTRS_PER_PMD - 1)
-}
-
-/// The region of `pfn` in directory `dir`, its block allocated if need be.
-fn slot(dir: &mut Vec<Option<Box<[Region]>>>, pfn: u64) -> &mut Region {
-    let r = (pfn / PTRS_PER_PMD) as usize;
-    let b = r / BLOCK;
-    if dir.len() <= b {
-        dir.resize_with(b + 1, || None);
-    }
-    &mut dir[b].get_or_insert_with(|| (0..BLOCK).map(|_| Region::default()).collect())[r % BLOCK]
 }
 
 /// The ownership checks of a guest access or instruction at `gpa` on a covered frame with
@@ -336,13 +396,12 @@ impl Rmp {
         Self {
             covered_end: covered_end.0,
             max_asid,
-            dir: Vec::new(),
+            regions: HashMap::new(),
             perms: HashMap::new(),
             asid_pages: vec![0; max_asid as usize + 1],
             in_use: BTreeSet::new(),
             stored_4k: 0,
             stored_2m: 0,
-            chunks: 0,
         }
     }
 
@@ -362,25 +421,35 @@ impl Rmp {
         self.stored_4k + self.stored_2m * PTRS_PER_PMD
     }
 
-    /// Bytes of the table: the directory, its blocks of regions, the chunks of 4 KiB entries
-    /// and the side tables.
+    /// Bytes of the table: the region map, the 4 KiB entries and the side tables.
     pub fn footprint_bytes(&self) -> usize {
-        let blocks = self.dir.iter().filter(|b| b.is_some()).count();
-        self.dir.capacity() * std::mem::size_of::<Option<Box<[Region]>>>()
-            + blocks * BLOCK * std::mem::size_of::<Region>()
-            + self.chunks as usize * REGION * 8
+        let slot = std::mem::size_of::<(u64, Region)>() + 1;
+        self.regions.capacity() * slot
+            + self
+                .regions
+                .values()
+                .filter_map(|r| r.small.as_deref())
+                .map(|s| s.bytes() + std::mem::size_of::<Small>())
+                .sum::<usize>()
             + self.perms.capacity() * (8 + 3 + 8)
             + self.asid_pages.capacity() * 8
             + self.in_use.len() * 24
     }
 
     fn region(&self, pfn: u64) -> Option<&Region> {
-        let r = (pfn / PTRS_PER_PMD) as usize;
-        self.dir.get(r / BLOCK)?.as_ref().map(|b| &b[r % BLOCK])
+        self.regions.get(&(pfn / PTRS_PER_PMD))
     }
 
     fn region_mut(&mut self, pfn: u64) -> &mut Region {
-        slot(&mut self.dir, pfn)
+        self.regions.entry(pfn / PTRS_PER_PMD).or_default()
+    }
+
+    /// Forget the region of `pfn` if nothing is stored there any more.
+    fn prune(&mut self, pfn: u64) {
+        let key = pfn / PTRS_PER_PMD;
+        if self.regions.get(&key).is_some_and(Region::is_empty) {
+            self.regions.remove(&key);
+        }
     }
 
     fn decode(&self, q: u64, at: u64) -> RmpEntry {
@@ -428,9 +497,9 @@ impl Rmp {
             }
             return e;
         }
-        match &r.small {
-            Some(s) => self.decode(s[(pfn.0 - head(pfn.0)) as usize], pfn.0),
-            None => RmpEntry::default(),
+        match r.get((pfn.0 - head(pfn.0)) as usize) {
+            0 => RmpEntry::default(),
+            q => self.decode(q, pfn.0),
         }
     }
 
@@ -486,11 +555,8 @@ impl Rmp {
         let Some(r) = self.region(pfn) else {
             return 0;
         };
-        let q = if is_head && r.large != 0 {
-            r.large
-        } else {
-            r.small.as_ref().map_or(0, |s| s[idx])
-        };
+        let large = is_head && r.large != 0;
+        let q = if large { r.large } else { r.get(idx) };
         if q == 0 {
             return 0;
         }
@@ -499,24 +565,20 @@ impl Rmp {
             self.perms.remove(&pfn);
         }
         let r = self.region_mut(pfn);
-        let mut freed_chunk = false;
-        if q & qw::SIZE_2M != 0 && is_head && r.large != 0 {
+        if large {
             r.large = 0;
             self.stored_2m -= 1;
         } else {
             if let Some(s) = r.small.as_mut() {
-                s[idx] = 0;
+                s.set(idx, 0);
             }
             r.stored_4k -= 1;
             if r.stored_4k == 0 {
                 r.small = None;
-                freed_chunk = true;
             }
             self.stored_4k -= 1;
         }
-        if freed_chunk {
-            self.chunks -= 1;
-        }
+        self.prune(pfn);
         q
     }
 
@@ -538,22 +600,16 @@ impl Rmp {
     /// Put qword `q` at `pfn`, where nothing is stored, and count it.
     fn put(&mut self, pfn: u64, q: u64) {
         let r = self.region_mut(pfn);
-        let mut new_chunk = false;
         if q & qw::SIZE_2M != 0 {
             debug_assert!(r.small.is_none(), "a 2 MiB entry over stored 4 KiB entries");
             r.large = q;
             self.stored_2m += 1;
         } else {
-            let s = r.small.get_or_insert_with(|| {
-                new_chunk = true;
-                Box::new([0; REGION])
-            });
-            s[(pfn - head(pfn)) as usize] = q;
+            r.small
+                .get_or_insert_with(|| Box::new(Small::Sparse(Vec::new())))
+                .set((pfn - head(pfn)) as usize, q);
             r.stored_4k += 1;
             self.stored_4k += 1;
-        }
-        if new_chunk {
-            self.chunks += 1;
         }
         self.account(pfn, q, true);
     }
@@ -606,7 +662,7 @@ impl Rmp {
             let h = pfn.0;
             let region = self.region(h);
             let small = region.and_then(|r| r.small.as_deref());
-            if small.is_some_and(|s| s.iter().any(|&q| q & qw::IMMUTABLE != 0)) {
+            if small.is_some_and(|s| s.any(qw::IMMUTABLE)) {
                 return Err(RmpRet::FailPermission);
             }
             if self.region_in_use(h) {
@@ -829,10 +885,33 @@ impl Rmp {
             if let Some(r) = self.region(p) {
                 if r.large & qw::ASSIGNED != 0 {
                     count += to - p;
-                } else if let Some(s) = r.small.as_ref().filter(|_| r.assigned_4k > 0) {
+                } else if r.assigned_4k > 0 {
                     let (a, b) = ((p - h) as usize, (to - h) as usize);
-                    count += s[a..b].iter().filter(|&&q| q & qw::ASSIGNED != 0).count() as u64;
+                    count += (a..b).filter(|&i| r.get(i) & qw::ASSIGNED != 0).count() as u64;
                 }
+            }
+            p = to;
+        }
+        count
+    }
+
+    /// How many frames of `[pfn, pfn + n)` a guest with `asid` can use privately at GPAs from
+    /// `gpa`: assigned to it at that GPA, mutable and validated (what a C=1 access checks).
+    pub fn validated_frames(&self, asid: u32, gpa: Gpa, pfn: Pfn, n: u64) -> u64 {
+        let (mut p, end) = (pfn.0, pfn.0.saturating_add(n));
+        let mut count = 0;
+        while p < end {
+            let h = head(p);
+            let to = end.min(h + PTRS_PER_PMD);
+            let at = |x: u64| Gpa(gpa.0 + (x - pfn.0) * PAGE_SIZE);
+            let usable = |e: &RmpEntry, g: Gpa| ownership(e, asid, g).is_ok() && e.validated;
+            if self.large_head(p).is_some() {
+                // One entry: usable for every frame or none (its GPAs are consecutive).
+                if usable(&self.entry(Pfn(p)), at(p)) {
+                    count += to - p;
+                }
+            } else {
+                count += (p..to).filter(|&x| usable(&self.entry(Pfn(x)), at(x))).count() as u64;
             }
             p = to;
         }
@@ -862,13 +941,12 @@ impl Rmp {
         let mut out = PvalidateRun::default();
         let (mut new_stored, mut new_assigned) = (0u16, 0u16);
         let mut fail = None;
-        let region = slot(&mut self.dir, h);
-        let had_chunk = region.small.is_some();
-        let chunk = region.small.get_or_insert_with(|| Box::new([0; REGION]));
+        let region = self.regions.entry(h / PTRS_PER_PMD).or_default();
+        let chunk = region.small.get_or_insert_with(|| Box::new(Small::Sparse(Vec::new())));
         for i in 0..n {
             let idx = (pfn.0 - h + i) as usize;
             let g = gpa.0 + i * PAGE_SIZE;
-            let mut q = chunk[idx];
+            let mut q = chunk.get(idx);
             if q & qw::ASSIGNED == 0 {
                 // RMPUPDATE's rules, in its order (see `rmpupdate`).
                 let refused = if g >= GPA_LIMIT || asid > max_asid {
@@ -890,7 +968,7 @@ impl Rmp {
                     self.perms.remove(&(pfn.0 + i));
                 }
                 q = qw::ASSIGNED | (g & qw::GPA) | (u64::from(asid) << qw::ASID_SHIFT);
-                chunk[idx] = q;
+                chunk.set(idx, q);
                 new_assigned += 1;
                 out.prepared += 1;
             }
@@ -901,8 +979,8 @@ impl Rmp {
             if (q & qw::VALIDATED != 0) != validate {
                 q ^= qw::VALIDATED;
                 out.changed += 1;
+                chunk.set(idx, q);
             }
-            chunk[idx] = q;
             out.done += 1;
         }
         region.stored_4k += new_stored;
@@ -910,11 +988,7 @@ impl Rmp {
         if region.stored_4k == 0 {
             region.small = None;
         }
-        match (had_chunk, region.small.is_some()) {
-            (false, true) => self.chunks += 1,
-            (true, false) => self.chunks -= 1,
-            _ => {}
-        }
+        self.prune(h);
         self.stored_4k += u64::from(new_stored);
         if asid != 0
             && let Some(c) = self.asid_pages.get_mut(asid as usize)
@@ -949,13 +1023,15 @@ impl Rmp {
         }
         let (mut updated, mut refused) = (0u64, Vec::new());
         let mut per_asid: Vec<(u32, u64)> = Vec::new();
-        let region = slot(&mut self.dir, h);
+        let Some(region) = self.regions.get_mut(&(h / PTRS_PER_PMD)) else {
+            return (0, Vec::new());
+        };
         let Some(chunk) = region.small.as_mut() else {
             return (0, Vec::new());
         };
         for i in 0..n {
             let idx = (pfn.0 - h + i) as usize;
-            let q = chunk[idx];
+            let q = chunk.get(idx);
             if q & qw::ASSIGNED == 0 {
                 continue;
             }
@@ -966,7 +1042,7 @@ impl Rmp {
             if q & qw::PERMS != 0 {
                 self.perms.remove(&(pfn.0 + i));
             }
-            chunk[idx] = 0;
+            chunk.set(idx, 0);
             updated += 1;
             match per_asid.iter_mut().find(|(a, _)| *a == asid_of(q)) {
                 Some((_, c)) => *c += 1,
@@ -977,8 +1053,8 @@ impl Rmp {
         region.assigned_4k -= updated as u16;
         if region.stored_4k == 0 {
             region.small = None;
-            self.chunks -= 1;
         }
+        self.prune(h);
         self.stored_4k -= updated;
         for (asid, c) in per_asid {
             if asid != 0
@@ -1000,6 +1076,7 @@ impl Rmp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmsa_core::PMD_SIZE;
 
     const END: Pfn = Pfn(0x20_0000);
 
@@ -1245,5 +1322,165 @@ mod tests {
             Err(RmpRet::FailInput)
         );
         assert_eq!(r.psmash(Pfn(!511)), Err(RmpRet::FailInput));
+    }
+
+    /// A small deterministic generator (64-bit LCG, Knuth's MMIX constants).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, below: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % below
+        }
+    }
+
+    /// Two RMPs with the same random region: each frame unassigned, hypervisor-fixed, a
+    /// firmware page, assigned to ASID 1 at its GPA (validated or not, a VMSA in use or not),
+    /// at another GPA, or to ASID 2. Frames `base..base + 512`, GPA of frame i `gpa + i * 4K`.
+    fn twin_region(rng: &mut Lcg, base: u64, gpa: u64) -> (Rmp, Rmp) {
+        let mut a = Rmp::new(END, 16);
+        let mut b = Rmp::new(END, 16);
+        // Some regions stay sparse, some become dense.
+        let density = rng.next(4);
+        for i in 0..PTRS_PER_PMD {
+            if density == 0 && rng.next(8) != 0 {
+                continue;
+            }
+            let p = Pfn(base + i);
+            let g = gpa + i * PAGE_SIZE;
+            let kind = rng.next(9);
+            for r in [&mut a, &mut b] {
+                match kind {
+                    0 => {}
+                    1 => r
+                        .rmpupdate(
+                            p,
+                            RmpState {
+                                immutable: true,
+                                ..SHARED
+                            },
+                        )
+                        .unwrap(),
+                    2 => r.rmpupdate(p, private(0, 0, true, PageSize::Size4K)).unwrap(),
+                    3 | 4 => r.rmpupdate(p, private(g, 1, false, PageSize::Size4K)).unwrap(),
+                    5 => {
+                        r.rmpupdate(p, private(g, 1, false, PageSize::Size4K)).unwrap();
+                        r.pvalidate(1, 0, Gpa(g), p, PageSize::Size4K, true).unwrap();
+                    }
+                    6 => {
+                        r.rmpupdate(p, private(g, 1, false, PageSize::Size4K)).unwrap();
+                        r.pvalidate(1, 0, Gpa(g), p, PageSize::Size4K, true).unwrap();
+                        r.rmpadjust(1, 0, Gpa(g), p, PageSize::Size4K, 1, perm::READ, true)
+                            .unwrap();
+                        r.set_in_use(p, true);
+                    }
+                    7 => r.rmpupdate(p, private(g + 0x1000, 1, false, PageSize::Size4K)).unwrap(),
+                    _ => r.rmpupdate(p, private(g, 2, false, PageSize::Size4K)).unwrap(),
+                }
+            }
+        }
+        (a, b)
+    }
+
+    fn region_entries(r: &Rmp, base: u64) -> Vec<RmpEntry> {
+        (base..base + PTRS_PER_PMD).map(|p| r.entry(Pfn(p))).collect()
+    }
+
+    #[test]
+    fn runs_do_what_the_instructions_do_page_by_page() {
+        let mut rng = Lcg(0x5eed);
+        let base = 0x10_0400;
+        let gpa = 0x40_0000;
+        for _ in 0..300 {
+            let (mut fast, mut slow) = twin_region(&mut rng, base, gpa);
+            let from = rng.next(PTRS_PER_PMD);
+            let n = 1 + rng.next(PTRS_PER_PMD - from);
+            let validate = rng.next(2) == 0;
+            let (p, g) = (Pfn(base + from), Gpa(gpa + from * PAGE_SIZE));
+            assert!(fast.run_fits(p, n));
+            let run = fast.pvalidate_4k_run(1, g, p, n, validate);
+            // The same, an instruction at a time: RMPUPDATE of an unassigned frame, PVALIDATE.
+            let mut want = PvalidateRun::default();
+            for i in 0..n {
+                let (pi, gi) = (Pfn(p.0 + i), Gpa(g.0 + i * PAGE_SIZE));
+                if !slow.entry(pi).assigned {
+                    if let Err(code) = slow.rmpupdate(pi, private(gi.0, 1, false, PageSize::Size4K)) {
+                        want.error = Some(RunError::Prepare(code));
+                        break;
+                    }
+                    want.prepared += 1;
+                }
+                match slow.pvalidate(1, 0, gi, pi, PageSize::Size4K, validate) {
+                    Ok(changed) => {
+                        want.done += 1;
+                        want.changed += u64::from(changed);
+                    }
+                    Err(e) => {
+                        want.error = Some(RunError::Pvalidate(e));
+                        break;
+                    }
+                }
+            }
+            assert_eq!(run, want);
+            assert_eq!(region_entries(&fast, base), region_entries(&slow, base));
+            assert_eq!(fast.asid_pages(1), slow.asid_pages(1));
+            assert_eq!(fast.stored_entries(), slow.stored_entries());
+
+            // Making the run's frames shared, in one pass and page by page.
+            let (updated, refused) = fast.make_shared_4k_run(p, n);
+            let (mut want_updated, mut want_refused) = (0, Vec::new());
+            for i in 0..n {
+                let pi = Pfn(p.0 + i);
+                if slow.entry(pi).assigned {
+                    match slow.rmpupdate(pi, SHARED) {
+                        Ok(()) => want_updated += 1,
+                        Err(_) => want_refused.push(pi),
+                    }
+                }
+            }
+            assert_eq!((updated, refused), (want_updated, want_refused));
+            assert_eq!(region_entries(&fast, base), region_entries(&slow, base));
+            assert_eq!(
+                (fast.asid_pages(1), fast.asid_pages(2)),
+                (slow.asid_pages(1), slow.asid_pages(2))
+            );
+            assert_eq!(fast.stored_entries(), slow.stored_entries());
+            assert_eq!(fast.tracked_frames(), slow.tracked_frames());
+        }
+    }
+
+    #[test]
+    fn a_2m_entry_is_one_entry_and_4k_entries_cost_at_most_8_bytes_each_once_dense() {
+        let mut r = Rmp::new(Pfn(1 << 30), 16);
+        let empty = r.footprint_bytes();
+        // 1,024 regions of 2 MiB entries: 512 Ki frames described.
+        for i in 0..1024u64 {
+            let h = Pfn(0x10_0000 + i * PTRS_PER_PMD);
+            r.rmpupdate(h, private(i * PMD_SIZE, 1, false, PageSize::Size2M)).unwrap();
+        }
+        assert_eq!((r.stored_entries(), r.tracked_frames()), (1024, 1024 * PTRS_PER_PMD));
+        let large = r.footprint_bytes() - empty;
+        // One map slot each (with the map's spare capacity), against the hardware's 512 × 16 bytes.
+        assert!(large <= 1024 * 80, "{large} bytes for 1,024 2 MiB entries");
+        // The same frames as 4 KiB entries, validated as a guest would.
+        let mut s = Rmp::new(Pfn(1 << 30), 16);
+        for i in 0..1024u64 {
+            let p = Pfn(0x10_0000 + i * PTRS_PER_PMD);
+            let run = s.pvalidate_4k_run(1, Gpa(i * PMD_SIZE), p, PTRS_PER_PMD, true);
+            assert_eq!((run.done, run.prepared, run.error), (PTRS_PER_PMD, PTRS_PER_PMD, None));
+        }
+        let per_frame = (s.footprint_bytes() - empty) as f64 / s.tracked_frames() as f64;
+        assert!(per_frame <= 8.2, "{per_frame} bytes per 4 KiB entry");
+        assert!(per_frame < 16.0, "the hardware's RMP takes 16");
+        // Giving them back frees the storage.
+        for i in 0..1024u64 {
+            let p = Pfn(0x10_0000 + i * PTRS_PER_PMD);
+            assert_eq!(s.make_shared_4k_run(p, PTRS_PER_PMD), (PTRS_PER_PMD, Vec::new()));
+        }
+        assert_eq!((s.stored_entries(), s.asid_pages(1)), (0, 0));
+        assert!(s.regions.is_empty());
     }
 }

@@ -472,7 +472,13 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
     });
     let host = SimHost::new(machine.clone(), scenario.script.clone());
     let mut phases = Phases::simulated(PhaseClock::new(&machine));
-    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| phases.end(name))?;
+    let mut footprint = None;
+    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| {
+        if name == "run" {
+            footprint = Some(machine.footprint());
+        }
+        phases.end(name)
+    })?;
 
     if let Some(path) = &args.trace {
         serde_json::to_vec(&machine.trace_json())
@@ -531,6 +537,7 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
             .collect(),
         phases: phases.into_phases(),
         costs: Some(machine.cost_report()),
+        footprint,
         teardown: seen.teardown,
         trace: args.trace.as_ref().map(|p| p.display().to_string()),
         hidden: seen.hidden,
