@@ -44,8 +44,13 @@ fn guest_memory(memory: u64) -> GuestMemory {
 /// `builtin:NAME` as a `kind` guest of `vcpus` vCPUs.
 fn case(name: &str, kind: VmKind, vcpus: u32) -> Case {
     // The layout matters to the linux-boot guests only, whose minimum is the harness's 8 MiB.
-    let mut scenario = Scenario::new(&GuestSpec::Builtin(name.into()), vcpus, kind, &guest_memory(8 << 20))
-        .unwrap_or_else(|e| panic!("builtin:{name}: {e}"));
+    let mut scenario = Scenario::new(
+        &GuestSpec::Builtin(name.into()),
+        vcpus,
+        kind,
+        &guest_memory(8 << 20),
+    )
+    .unwrap_or_else(|e| panic!("builtin:{name}: {e}"));
     if name == "ap-churn" {
         // Two rounds reach every path of the eight the CLI runs.
         let per_round = scenario.script.actions.len() / 8;

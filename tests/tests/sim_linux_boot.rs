@@ -57,7 +57,12 @@ fn check(vcpus: u32, memory: u64, large: bool) {
     let what = format!("{vcpus} vCPUs, {} MiB, large {large}", memory >> 20);
     let (r, layout, seen) = linux_boot(vcpus, memory, large);
     let g = r.guest();
-    assert_eq!(g.failures().count(), 0, "{what}: {:?}", g.failures().collect::<Vec<_>>());
+    assert_eq!(
+        g.failures().count(),
+        0,
+        "{what}: {:?}",
+        g.failures().collect::<Vec<_>>()
+    );
     let run = r.report.run.as_ref().expect("the guest ran");
     assert_eq!(run.end, RunEnd::Done, "{what}");
 
@@ -110,7 +115,10 @@ fn check(vcpus: u32, memory: u64, large: bool) {
         assert!(f.rmp_entries as u64 <= 2 * 512 + frames / 512, "{what}: {f:?}");
         assert!(f.bookkeeping_per_frame() <= 2.0, "{what}: {f:?}");
     } else {
-        assert!(f.rmp_entries as u64 >= kept, "{what}: every page its own entry: {f:?}");
+        assert!(
+            f.rmp_entries as u64 >= kept,
+            "{what}: every page its own entry: {f:?}"
+        );
     }
     // Pages never written cost no contents: only the launched pages, the BSP's VMSA and the
     // VMSAs the guest wrote for its APs hold any.
@@ -129,8 +137,15 @@ fn check(vcpus: u32, memory: u64, large: bool) {
     assert_eq!(t.guest_frames_leaked.seen(), Some(&0), "{what}");
     assert_eq!(t.guest_frames_released.seen(), Some(&kept), "{what}");
     assert_eq!(stats.rmp_faults, 0, "{what}");
-    assert_eq!((stats.freed_unflushed, stats.freed_while_assigned), (0, 0), "{what}");
-    assert!(!r.events().iter().any(|e| matches!(e, Event::Leaked { .. })), "{what}");
+    assert_eq!(
+        (stats.freed_unflushed, stats.freed_while_assigned),
+        (0, 0),
+        "{what}"
+    );
+    assert!(
+        !r.events().iter().any(|e| matches!(e, Event::Leaked { .. })),
+        "{what}"
+    );
 }
 
 #[test]
@@ -156,7 +171,10 @@ fn large_pages_are_smashed_only_where_a_vmsa_needs_a_4k_entry() {
     let costs = r.machine.cost_report();
     let count = |op| costs.op(op).map_or(0, |row| row.count);
     assert!(count(backend_sim::CostOp::Pvalidate2M) > 0);
-    assert!(count(backend_sim::CostOp::Rmpupdate2M) > 0, "the bounce buffer and teardown");
+    assert!(
+        count(backend_sim::CostOp::Rmpupdate2M) > 0,
+        "the bounce buffer and teardown"
+    );
     let (r, _, _) = linux_boot(4, 64 << 20, false);
     let s = r.machine.stats();
     let costs = r.machine.cost_report();

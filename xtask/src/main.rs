@@ -6,12 +6,17 @@
 //! - `soak`: the long runs: the whole fault matrix (`VMSA_SOAK=1`: every call number of every
 //!   operation the scenarios reach, and a second failure at each of the last four calls of
 //!   each recovery operation), its size and outcomes printed.
-//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them).
+//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them), then the quick linux-boot
+//!   scaling runs; `bench linux-boot [--quick]`: only the linux-boot scaling bench
+//!   ([`linux_boot`]: the release `vmm` as a child per row, the table and an SVG plot).
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
 //! - `costs`: print the simulator's cost table, with the basis and public source of each row.
 
-#![forbid(unsafe_code)]
+// One `unsafe` call, wait4(2) for a child's peak resident set, allowed where it is made.
+#![deny(unsafe_code)]
+
+mod linux_boot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -34,7 +39,9 @@ fn main() -> ExitCode {
         "fixtures" => fixtures(),
         "costs" => costs(),
         "help" | "-h" | "--help" => {
-            println!("usage: cargo xtask <test | soak | bench [-- FILTER] | lint | fixtures | costs>");
+            println!(
+                "usage: cargo xtask <test | soak | bench [-- FILTER] | bench linux-boot [--quick] | lint | fixtures | costs>"
+            );
             Ok(())
         }
         other => Err(format!(
@@ -176,12 +183,28 @@ fn soak() -> Result<(), String> {
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
+    if let Some(("linux-boot", args)) = rest.split_first().map(|(a, r)| (a.as_str(), r)) {
+        return linux_boot_bench(args);
+    }
     let mut b = cargo();
     // Only the criterion targets: `--benches` would also run every library's test harness in
     // bench mode, which rejects criterion's options.
     b.args(["bench", "--workspace", "--bench", "*", "--locked"])
         .args(rest);
-    run("benchmarks", b)
+    run("benchmarks", b)?;
+    if rest.is_empty() {
+        linux_boot_bench(&["--quick".to_owned()])?;
+    }
+    Ok(())
+}
+
+/// The linux-boot scaling bench on a fresh release build of `vmm`.
+fn linux_boot_bench(args: &[String]) -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--locked", "-p", "vmm"]);
+    run("release vmm", build)?;
+    let root = root();
+    linux_boot::run(&root, &linux_boot::target_dir(&root), args)
 }
 
 /// Generate the test vectors under `target/fixtures` with independent tools, installed into a

@@ -371,14 +371,22 @@ impl Hw {
             return Ok(None);
         };
         let end = Gfn(gfn.0 + n);
-        if n == 0 || slot.kind != VmKind::Snp || !slot.gmem.covers(gfn, end) || !slot.gmem.is_private_range(gfn, end) {
+        if n == 0
+            || slot.kind != VmKind::Snp
+            || !slot.gmem.covers(gfn, end)
+            || !slot.gmem.is_private_range(gfn, end)
+        {
             return Ok(None);
         }
         let (pfn, ext) = match slot.gmem.private_extent(gfn) {
             Some(x) => x,
             None => {
                 // Back the unbacked guest frames from `gfn` (up to the next backed one).
-                let backed = slot.gmem.private_extents(gfn, end).next().map_or(end.0, |e| e.gfn.0);
+                let backed = slot
+                    .gmem
+                    .private_extents(gfn, end)
+                    .next()
+                    .map_or(end.0, |e| e.gfn.0);
                 n = n.min(backed - gfn.0);
                 self.gmem_back_run(asid, gfn, n)?;
                 match self.slot(asid)?.gmem.private_extent(gfn) {
@@ -523,7 +531,9 @@ impl Hw {
             let large = self.rmp.entry(Pfn(head));
             if large.page_size == PageSize::Size2M && large.assigned {
                 if p == head && k == PTRS_PER_PMD {
-                    self.charge(CostOp::Rmpupdate2M, asid, || format!("gmem pfn {head} shared (2 MiB)"));
+                    self.charge(CostOp::Rmpupdate2M, asid, || {
+                        format!("gmem pfn {head} shared (2 MiB)")
+                    });
                     let st = RmpState {
                         page_size: PageSize::Size2M,
                         ..RmpState::default()

@@ -526,7 +526,10 @@ impl ExtentMap {
         if e.frames == 0 {
             return;
         }
-        debug_assert!(self.iter_range(e.gfn.0, e.end()).next().is_none(), "overlapping extent {e:?}");
+        debug_assert!(
+            self.iter_range(e.gfn.0, e.end()).next().is_none(),
+            "overlapping extent {e:?}"
+        );
         self.frames += e.frames;
         let mut e = e;
         if let Some(prev) = e.gfn.0.checked_sub(1).and_then(|g| self.at(g))
@@ -886,7 +889,11 @@ mod tests {
         assert_eq!(m.allocated(), 80);
         // The last frame freed is the first handed out again.
         assert_eq!(m.alloc().unwrap(), Pfn(a.0 + 29));
-        assert_eq!(m.alloc_run(100).unwrap(), (Pfn(a.0 + 10), 19), "the rest of that run");
+        assert_eq!(
+            m.alloc_run(100).unwrap(),
+            (Pfn(a.0 + 10), 19),
+            "the rest of that run"
+        );
         let folio = m.alloc_2m_run().unwrap();
         assert!(folio.is_2m_aligned() && folio.0 > a.0);
         m.leak_run(Pfn(a.0 + 50), 10).unwrap();
@@ -907,7 +914,11 @@ mod tests {
         x.insert(e(0, 1024, 512, true));
         x.insert(e(512, 1536, 512, true));
         x.insert(e(1024, 5000, 3, false));
-        assert_eq!(x.map.len(), 2, "contiguous folios merge; a 4 KiB run elsewhere does not");
+        assert_eq!(
+            x.map.len(),
+            2,
+            "contiguous folios merge; a 4 KiB run elsewhere does not"
+        );
         assert_eq!(x.get(Gfn(700)), Some((Pfn(1724), e(0, 1024, 1024, true))));
         assert_eq!(x.frames(), 1027);
         // Punching a page out of a folio leaves the rest as 4 KiB folios around it.

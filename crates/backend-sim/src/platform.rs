@@ -123,7 +123,13 @@ impl SimPlatform {
     /// Guest `PVALIDATE` (VMPL0) of `pages` pages of `size` from `gpa`, in order, stopping at
     /// the first failure, as that many [`SimPlatform::pvalidate`] calls would; returns how
     /// many pages changed and how many did not ("no update").
-    pub fn pvalidate_range(&self, gpa: Gpa, pages: u64, size: PageSize, validate: bool) -> Result<(u64, u64), SimError> {
+    pub fn pvalidate_range(
+        &self,
+        gpa: Gpa,
+        pages: u64,
+        size: PageSize,
+        validate: bool,
+    ) -> Result<(u64, u64), SimError> {
         self.machine
             .hw()
             .pvalidate_range(self.asid, gpa, pages, size, validate)

@@ -254,9 +254,7 @@ enum Small {
 impl Small {
     fn get(&self, i: usize) -> u64 {
         match self {
-            Self::Sparse(v) => v
-                .binary_search_by_key(&(i as u16), |e| e.0)
-                .map_or(0, |k| v[k].1),
+            Self::Sparse(v) => v.binary_search_by_key(&(i as u16), |e| e.0).map_or(0, |k| v[k].1),
             Self::Dense(d) => d[i],
         }
     }
@@ -543,7 +541,11 @@ impl Rmp {
         }
         if !large {
             let r = self.region_mut(pfn);
-            r.assigned_4k = if add { r.assigned_4k + 1 } else { r.assigned_4k.saturating_sub(1) };
+            r.assigned_4k = if add {
+                r.assigned_4k + 1
+            } else {
+                r.assigned_4k.saturating_sub(1)
+            };
         }
     }
 
@@ -933,7 +935,14 @@ impl Rmp {
     /// Page by page it does what [`Rmp::rmpupdate`] then [`Rmp::pvalidate`] do, with the same
     /// rules, and stops at the first page that fails; but in one pass over the region's packed
     /// entries.
-    pub fn pvalidate_4k_run(&mut self, asid: u32, gpa: Gpa, pfn: Pfn, n: u64, validate: bool) -> PvalidateRun {
+    pub fn pvalidate_4k_run(
+        &mut self,
+        asid: u32,
+        gpa: Gpa,
+        pfn: Pfn,
+        n: u64,
+        validate: bool,
+    ) -> PvalidateRun {
         debug_assert!(self.run_fits(pfn, n));
         let h = head(pfn.0);
         let busy: Vec<u64> = self.in_use.range(h..h + PTRS_PER_PMD).copied().collect();
@@ -942,7 +951,9 @@ impl Rmp {
         let (mut new_stored, mut new_assigned) = (0u16, 0u16);
         let mut fail = None;
         let region = self.regions.entry(h / PTRS_PER_PMD).or_default();
-        let chunk = region.small.get_or_insert_with(|| Box::new(Small::Sparse(Vec::new())));
+        let chunk = region
+            .small
+            .get_or_insert_with(|| Box::new(Small::Sparse(Vec::new())));
         for i in 0..n {
             let idx = (pfn.0 - h + i) as usize;
             let g = gpa.0 + i * PAGE_SIZE;
@@ -1377,7 +1388,9 @@ mod tests {
                             .unwrap();
                         r.set_in_use(p, true);
                     }
-                    7 => r.rmpupdate(p, private(g + 0x1000, 1, false, PageSize::Size4K)).unwrap(),
+                    7 => r
+                        .rmpupdate(p, private(g + 0x1000, 1, false, PageSize::Size4K))
+                        .unwrap(),
                     _ => r.rmpupdate(p, private(g, 2, false, PageSize::Size4K)).unwrap(),
                 }
             }
@@ -1459,9 +1472,13 @@ mod tests {
         // 1,024 regions of 2 MiB entries: 512 Ki frames described.
         for i in 0..1024u64 {
             let h = Pfn(0x10_0000 + i * PTRS_PER_PMD);
-            r.rmpupdate(h, private(i * PMD_SIZE, 1, false, PageSize::Size2M)).unwrap();
+            r.rmpupdate(h, private(i * PMD_SIZE, 1, false, PageSize::Size2M))
+                .unwrap();
         }
-        assert_eq!((r.stored_entries(), r.tracked_frames()), (1024, 1024 * PTRS_PER_PMD));
+        assert_eq!(
+            (r.stored_entries(), r.tracked_frames()),
+            (1024, 1024 * PTRS_PER_PMD)
+        );
         let large = r.footprint_bytes() - empty;
         // One map slot each (with the map's spare capacity), against the hardware's 512 × 16 bytes.
         assert!(large <= 1024 * 80, "{large} bytes for 1,024 2 MiB entries");
@@ -1470,7 +1487,10 @@ mod tests {
         for i in 0..1024u64 {
             let p = Pfn(0x10_0000 + i * PTRS_PER_PMD);
             let run = s.pvalidate_4k_run(1, Gpa(i * PMD_SIZE), p, PTRS_PER_PMD, true);
-            assert_eq!((run.done, run.prepared, run.error), (PTRS_PER_PMD, PTRS_PER_PMD, None));
+            assert_eq!(
+                (run.done, run.prepared, run.error),
+                (PTRS_PER_PMD, PTRS_PER_PMD, None)
+            );
         }
         let per_frame = (s.footprint_bytes() - empty) as f64 / s.tracked_frames() as f64;
         assert!(per_frame <= 8.2, "{per_frame} bytes per 4 KiB entry");

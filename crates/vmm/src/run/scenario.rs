@@ -139,7 +139,9 @@ pub enum ScenarioError {
         name: String,
     },
     /// The built-in needs more low RAM than `--memory` gives.
-    #[error("builtin:{name} needs at least {min} bytes of guest RAM from address 0 (got {got}); raise --memory")]
+    #[error(
+        "builtin:{name} needs at least {min} bytes of guest RAM from address 0 (got {got}); raise --memory"
+    )]
     TooLittleMemory {
         /// The built-in.
         name: String,
@@ -155,7 +157,12 @@ pub enum ScenarioError {
 
 impl Scenario {
     /// The guest `spec` names, for `vcpus` vCPUs of a `kind` guest in `memory`.
-    pub fn new(spec: &GuestSpec, vcpus: u32, kind: VmKind, memory: &GuestMemory) -> Result<Self, ScenarioError> {
+    pub fn new(
+        spec: &GuestSpec,
+        vcpus: u32,
+        kind: VmKind,
+        memory: &GuestMemory,
+    ) -> Result<Self, ScenarioError> {
         match spec {
             GuestSpec::File(path) => Self::from_file(path),
             GuestSpec::Builtin(name) => Self::builtin(name, vcpus, kind, memory),
@@ -209,59 +216,58 @@ impl Scenario {
         let mut min_memory = (u64::from(vcpus) + 1) * PMD_SIZE;
         let mut gmem_2m_folios = false;
         let mut faults = FaultPlan::default();
-        let (script, expect_launch_failure) = match name {
-            // SEV-ES guests have no AP creation: their APs run from launched host VMSAs, so
-            // the SEV-ES boot is the BSP's.
-            "boot" if kind == VmKind::SevEs => (
-                GuestScript {
-                    name: "boot".into(),
-                    actions: vec![GuestAction::Run { vcpu: 0 }, GuestAction::Hlt { vcpu: 0 }],
-                },
-                false,
-            ),
-            "boot" => (named("boot", GuestScript::smp_boot(vcpus, VMSA_BASE)), false),
-            "ap-churn" => {
-                need(2)?;
-                snp()?;
-                (ap_churn(vcpus, CHURN_ROUNDS), false)
-            }
-            "reset" => {
-                need(2)?;
-                snp()?;
-                (reset(vcpus), false)
-            }
-            "launch-fail" => {
-                snp()?;
-                let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
-                faults = spec
-                    .parse()
-                    .map_err(|e: backend_sim::FaultSpecError| ScenarioError::Script(e.to_string()))?;
-                (
-                    named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
-                    true,
-                )
-            }
-            "linux-boot" | "linux-boot-4k" => {
-                snp()?;
-                let layout =
-                    LinuxBootLayout::new(memory.ram.clone(), memory.launched.clone()).ok_or_else(|| {
-                        ScenarioError::TooLittleMemory {
+        let (script, expect_launch_failure) =
+            match name {
+                // SEV-ES guests have no AP creation: their APs run from launched host VMSAs, so
+                // the SEV-ES boot is the BSP's.
+                "boot" if kind == VmKind::SevEs => (
+                    GuestScript {
+                        name: "boot".into(),
+                        actions: vec![GuestAction::Run { vcpu: 0 }, GuestAction::Hlt { vcpu: 0 }],
+                    },
+                    false,
+                ),
+                "boot" => (named("boot", GuestScript::smp_boot(vcpus, VMSA_BASE)), false),
+                "ap-churn" => {
+                    need(2)?;
+                    snp()?;
+                    (ap_churn(vcpus, CHURN_ROUNDS), false)
+                }
+                "reset" => {
+                    need(2)?;
+                    snp()?;
+                    (reset(vcpus), false)
+                }
+                "launch-fail" => {
+                    snp()?;
+                    let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
+                    faults = spec
+                        .parse()
+                        .map_err(|e: backend_sim::FaultSpecError| ScenarioError::Script(e.to_string()))?;
+                    (
+                        named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
+                        true,
+                    )
+                }
+                "linux-boot" | "linux-boot-4k" => {
+                    snp()?;
+                    let layout = LinuxBootLayout::new(memory.ram.clone(), memory.launched.clone())
+                        .ok_or_else(|| ScenarioError::TooLittleMemory {
                             name: name.into(),
                             min: LINUX_BOOT_MIN_RAM,
                             got: memory.ram.first().filter(|r| r.0 == 0).map_or(0, |r| r.1),
-                        }
-                    })?;
-                gmem_2m_folios = name == "linux-boot";
-                min_memory = LINUX_BOOT_MIN_RAM;
-                (GuestScript::linux_boot(vcpus, &layout, gmem_2m_folios), false)
-            }
-            other => {
-                return Err(ScenarioError::Script(format!(
-                    "'builtin:{other}' is not a built-in guest (known: {})",
-                    names()
-                )));
-            }
-        };
+                        })?;
+                    gmem_2m_folios = name == "linux-boot";
+                    min_memory = LINUX_BOOT_MIN_RAM;
+                    (GuestScript::linux_boot(vcpus, &layout, gmem_2m_folios), false)
+                }
+                other => {
+                    return Err(ScenarioError::Script(format!(
+                        "'builtin:{other}' is not a built-in guest (known: {})",
+                        names()
+                    )));
+                }
+            };
         Ok(Self {
             name: name.into(),
             script,
@@ -394,7 +400,13 @@ mod tests {
             Scenario::new(&spec, 4, VmKind::SevEs, &GuestMemory::default()),
             Err(ScenarioError::NeedsSnp { .. })
         ));
-        let fail = Scenario::new(&GuestSpec::Builtin("launch-fail".into()), 4, VmKind::Snp, &GuestMemory::default()).unwrap();
+        let fail = Scenario::new(
+            &GuestSpec::Builtin("launch-fail".into()),
+            4,
+            VmKind::Snp,
+            &GuestMemory::default(),
+        )
+        .unwrap();
         assert!(fail.expect_launch_failure);
         assert_eq!(fail.faults.pending().len(), 1);
     }

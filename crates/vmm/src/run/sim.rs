@@ -398,7 +398,12 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
         launched: image
             .updates
             .iter()
-            .map(|d| (d.gpa.0 & !(PAGE_SIZE - 1), (d.gpa.0 + d.len).next_multiple_of(PAGE_SIZE)))
+            .map(|d| {
+                (
+                    d.gpa.0 & !(PAGE_SIZE - 1),
+                    (d.gpa.0 + d.len).next_multiple_of(PAGE_SIZE),
+                )
+            })
             .collect(),
     };
     let scenario = &Scenario::new(&args.guest, vcpus, kind, &guest_memory)?;
