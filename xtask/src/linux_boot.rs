@@ -95,7 +95,7 @@ pub fn run(root: &Path, target: &Path, args: &[String]) -> Result<(), String> {
     let (cases, reps, out_dir) = if quick {
         (quick_cases(), 1, target.join("bench"))
     } else {
-        (full_cases(), 3, root.join("docs"))
+        (full_cases(), 5, root.join("docs"))
     };
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let baseline = measure(
@@ -350,6 +350,7 @@ fn plot(rows: &[Row]) -> String {
         "guest memory (GiB)",
         "wall (s)",
         &by_memory(|r| r.wall.as_secs_f64()),
+        true,
     );
     panel(
         &mut s,
@@ -358,6 +359,7 @@ fn plot(rows: &[Row]) -> String {
         "guest memory (GiB)",
         "peak RSS (MiB)",
         &by_memory(|r| (r.peak_rss_kib as f64) / 1024.0),
+        true,
     );
     panel(
         &mut s,
@@ -366,22 +368,30 @@ fn plot(rows: &[Row]) -> String {
         "vCPUs",
         "wall (s)",
         &by_vcpus,
+        true,
     );
     s.push_str("</svg>\n");
     s
 }
 
-/// The decades (powers of 10) and doublings that label a log axis over `[lo, hi]`.
+/// The ticks of a log axis over `[lo, hi]`: powers of 10, with 2 and 5 between them when the
+/// axis spans less than two decades.
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
-    let span = (hi / lo).log10();
-    let step: f64 = if span > 1.5 { 10.0 } else { 2.0 };
-    let mut t = step.powf((lo.ln() / step.ln()).floor());
+    let steps: &[f64] = if (hi / lo).log10() < 2.0 {
+        &[1.0, 2.0, 5.0]
+    } else {
+        &[1.0]
+    };
     let mut out = Vec::new();
-    while t <= hi * 1.0001 {
-        if t >= lo * 0.9999 {
-            out.push(t);
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi {
+        for &m in steps {
+            let t = decade * m;
+            if (lo..=hi).contains(&t) {
+                out.push(t);
+            }
         }
-        t *= step;
+        decade *= 10.0;
     }
     out
 }
@@ -396,7 +406,15 @@ fn label(v: f64) -> String {
 
 /// One log-log panel at `origin` (400 × 370 px): axes, grid, a line and dots per series, and a
 /// legend.
-fn panel(s: &mut String, origin: (f64, f64), title: &str, xlabel: &str, ylabel: &str, series: &[Series]) {
+fn panel(
+    s: &mut String,
+    origin: (f64, f64),
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[Series],
+    linear_guide: bool,
+) {
     let (ox, oy) = origin;
     let (left, top, width, height) = (ox + 60.0, oy + 30.0, 320.0, 270.0);
     let all: Vec<(f64, f64)> = series
@@ -464,6 +482,22 @@ fn panel(s: &mut String, origin: (f64, f64), title: &str, xlabel: &str, ylabel: 
         ox + 14.0,
         top + height / 2.0
     );
+    // Linear growth (slope 1) through the largest point, for reading the slopes against.
+    if let Some(&(gx, gy)) = all
+        .iter()
+        .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)))
+        && linear_guide
+    {
+        let at = |x: f64| (px(x), py(gy * x / gx));
+        let ((ax, ay), (bx, by)) = (at(x0.max(gx * y0 / gy)), at(gx));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{ax:.1}\" y1=\"{ay:.1}\" x2=\"{bx:.1}\" y2=\"{by:.1}\" stroke=\"#888\" stroke-dasharray=\"5,4\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#666\">linear</text>",
+            bx - 40.0,
+            by + 16.0
+        );
+    }
     for (i, ser) in series.iter().enumerate() {
         let pts: Vec<String> = ser
             .points
@@ -509,9 +543,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_ticks_cover_decades_or_doublings() {
-        assert_eq!(ticks(1.0, 1000.0), vec![1.0, 10.0, 100.0, 1000.0]);
-        assert_eq!(ticks(1.0, 16.0), vec![1.0, 2.0, 4.0, 8.0, 16.0]);
+    fn log_ticks_are_decades_or_1_2_5_steps() {
+        assert_eq!(ticks(0.7, 1400.0), vec![1.0, 10.0, 100.0, 1000.0]);
+        assert_eq!(ticks(3.0, 40.0), vec![5.0, 10.0, 20.0]);
         assert_eq!(ticks(0.01, 100_000.0).len(), 8);
     }
 

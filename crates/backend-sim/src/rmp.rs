@@ -237,8 +237,9 @@ fn asid_of(q: u64) -> u32 {
 
 /// The frames of one 2 MiB region.
 const REGION: usize = PTRS_PER_PMD as usize;
-/// The most 4 KiB entries a region keeps as a sorted list before it takes a dense chunk.
-const SPARSE_MAX: usize = 32;
+/// The most 4 KiB entries a region keeps as a sorted list (16 bytes each) before it takes a
+/// dense chunk (4 KiB): half the break-even count, so that an insertion moves at most 2 KiB.
+const SPARSE_MAX: usize = 128;
 
 /// The 4 KiB entries of a region that are not all zero: a short sorted list while there are
 /// few (a VMSA page here and there costs 16 bytes, not a 4 KiB chunk), all 512 qwords once
@@ -271,14 +272,28 @@ impl Small {
                 Err(_) if q == 0 => {}
                 Err(k) if v.len() < SPARSE_MAX => v.insert(k, (i as u16, q)),
                 Err(_) => {
-                    let mut d = Box::new([0; REGION]);
-                    for &(j, x) in v.iter() {
-                        d[usize::from(j)] = x;
-                    }
-                    d[i] = q;
-                    *self = Self::Dense(d);
+                    self.densify();
+                    self.set(i, q);
                 }
             },
+        }
+    }
+
+    /// Take the dense form (before a run writes many entries).
+    fn densify(&mut self) {
+        if let Self::Sparse(v) = self {
+            let mut d = Box::new([0; REGION]);
+            for &(j, x) in v.iter() {
+                d[usize::from(j)] = x;
+            }
+            *self = Self::Dense(d);
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Sparse(v) => v.len(),
+            Self::Dense(_) => REGION,
         }
     }
 
@@ -338,7 +353,8 @@ pub struct Rmp {
     /// VMPL1-3 permissions of the entries flagged [`qw::PERMS`], by the frame the entry is
     /// stored at (a 2 MiB entry's first frame).
     perms: HashMap<u64, [u8; 3]>,
-    asid_pages: Vec<u64>,
+    /// Pages assigned per ASID, for the ASIDs that have any (a few guests at a time).
+    asid_pages: Vec<(u32, u64)>,
     in_use: BTreeSet<u64>,
     stored_4k: u64,
     stored_2m: u64,
@@ -396,7 +412,7 @@ impl Rmp {
             max_asid,
             regions: HashMap::new(),
             perms: HashMap::new(),
-            asid_pages: vec![0; max_asid as usize + 1],
+            asid_pages: Vec::new(),
             in_use: BTreeSet::new(),
             stored_4k: 0,
             stored_2m: 0,
@@ -430,7 +446,7 @@ impl Rmp {
                 .map(|s| s.bytes() + std::mem::size_of::<Small>())
                 .sum::<usize>()
             + self.perms.capacity() * (8 + 3 + 8)
-            + self.asid_pages.capacity() * 8
+            + self.asid_pages.capacity() * 16
             + self.in_use.len() * 24
     }
 
@@ -503,7 +519,26 @@ impl Rmp {
 
     /// Pages (4 KiB units) assigned to `asid`.
     pub fn asid_pages(&self, asid: u32) -> u64 {
-        self.asid_pages.get(asid as usize).copied().unwrap_or(0)
+        self.asid_pages.iter().find(|e| e.0 == asid).map_or(0, |e| e.1)
+    }
+
+    /// Add `add` pages to ASID `asid`'s count and take `sub` away (ASID 0 is not counted).
+    fn count_asid(&mut self, asid: u32, add: u64, sub: u64) {
+        if asid == 0 {
+            return;
+        }
+        let i = match self.asid_pages.iter().position(|e| e.0 == asid) {
+            Some(i) => i,
+            None => {
+                self.asid_pages.push((asid, 0));
+                self.asid_pages.len() - 1
+            }
+        };
+        let n = &mut self.asid_pages[i].1;
+        *n = (*n + add).saturating_sub(sub);
+        if *n == 0 {
+            self.asid_pages.swap_remove(i);
+        }
     }
 
     /// Mark a frame as in use by a running vCPU (VMRUN marks its VMSA, APM §15.36.12).
@@ -533,11 +568,10 @@ impl Rmp {
         }
         let large = q & qw::SIZE_2M != 0;
         let pages = if large { PTRS_PER_PMD } else { 1 };
-        let asid = asid_of(q) as usize;
-        if asid != 0
-            && let Some(n) = self.asid_pages.get_mut(asid)
-        {
-            *n = if add { *n + pages } else { n.saturating_sub(pages) };
+        if add {
+            self.count_asid(asid_of(q), pages, 0);
+        } else {
+            self.count_asid(asid_of(q), 0, pages);
         }
         if !large {
             let r = self.region_mut(pfn);
@@ -954,6 +988,9 @@ impl Rmp {
         let chunk = region
             .small
             .get_or_insert_with(|| Box::new(Small::Sparse(Vec::new())));
+        if chunk.len() + n as usize > SPARSE_MAX {
+            chunk.densify();
+        }
         for i in 0..n {
             let idx = (pfn.0 - h + i) as usize;
             let g = gpa.0 + i * PAGE_SIZE;
@@ -1001,11 +1038,7 @@ impl Rmp {
         }
         self.prune(h);
         self.stored_4k += u64::from(new_stored);
-        if asid != 0
-            && let Some(c) = self.asid_pages.get_mut(asid as usize)
-        {
-            *c += u64::from(new_assigned);
-        }
+        self.count_asid(asid, u64::from(new_assigned), 0);
         if let Some((i, g)) = fail {
             let e = self.entry(Pfn(pfn.0 + i));
             let check = ownership(&e, asid, Gpa(g)).err().unwrap_or("Guest-Owned");
@@ -1068,11 +1101,7 @@ impl Rmp {
         self.prune(h);
         self.stored_4k -= updated;
         for (asid, c) in per_asid {
-            if asid != 0
-                && let Some(n) = self.asid_pages.get_mut(asid as usize)
-            {
-                *n = n.saturating_sub(c);
-            }
+            self.count_asid(asid, 0, c);
         }
         (updated, refused)
     }
