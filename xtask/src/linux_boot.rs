@@ -336,7 +336,7 @@ fn plot(rows: &[Row]) -> String {
             }),
         })
         .collect();
-    let (w, h) = (1260.0, 430.0);
+    let (w, h) = (1260.0, 470.0);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
@@ -428,11 +428,9 @@ fn panel(
     let bounds = |f: fn(&(f64, f64)) -> f64| {
         let lo = all.iter().map(f).fold(f64::INFINITY, f64::min);
         let hi = all.iter().map(f).fold(0.0, f64::max);
-        // Round out to whole decades so the ticks frame the data.
-        (
-            10f64.powf(lo.log10().floor()),
-            10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)),
-        )
+        // A margin of a third of a doubling (and a factor 4 in all, at least) around the data.
+        let pad = 1.3f64.max((4.0 / (hi / lo)).sqrt());
+        (lo / pad, hi * pad)
     };
     let ((x0, x1), (y0, y1)) = (bounds(|p| p.0), bounds(|p| p.1));
     let px = |x: f64| left + (x.log10() - x0.log10()) / (x1.log10() - x0.log10()) * width;
@@ -482,22 +480,6 @@ fn panel(
         ox + 14.0,
         top + height / 2.0
     );
-    // Linear growth (slope 1) through the largest point, for reading the slopes against.
-    if let Some(&(gx, gy)) = all
-        .iter()
-        .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)))
-        && linear_guide
-    {
-        let at = |x: f64| (px(x), py(gy * x / gx));
-        let ((ax, ay), (bx, by)) = (at(x0.max(gx * y0 / gy)), at(gx));
-        let _ = writeln!(
-            s,
-            "<line x1=\"{ax:.1}\" y1=\"{ay:.1}\" x2=\"{bx:.1}\" y2=\"{by:.1}\" stroke=\"#888\" stroke-dasharray=\"5,4\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#666\">linear</text>",
-            bx - 40.0,
-            by + 16.0
-        );
-    }
     for (i, ser) in series.iter().enumerate() {
         let pts: Vec<String> = ser
             .points
@@ -519,16 +501,37 @@ fn panel(
                 ser.color
             );
         }
-        let ly = top + 14.0 + i as f64 * 16.0;
+        // Linear growth (slope 1) through the series' last point, to read its slope against.
+        if let Some(&(gx, gy)) = ser.points.last().filter(|_| linear_guide) {
+            let at = |x: f64| (px(x), py(gy * x / gx));
+            let ((ax, ay), (bx, by)) = (at(x0.max(gx * y0 / gy)), at(gx));
+            let _ = writeln!(
+                s,
+                "<line x1=\"{ax:.1}\" y1=\"{ay:.1}\" x2=\"{bx:.1}\" y2=\"{by:.1}\" stroke=\"{}\" stroke-opacity=\"0.5\" stroke-dasharray=\"5,4\"/>",
+                ser.color
+            );
+        }
+        // The legend, under the panel.
+        let ly = top + height + 52.0 + i as f64 * 16.0;
         let _ = writeln!(
             s,
             "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{}</text>",
-            left + 8.0,
-            left + 28.0,
+            left,
+            left + 20.0,
             ser.color,
-            left + 32.0,
+            left + 24.0,
             ly + 4.0,
             ser.name
+        );
+    }
+    if linear_guide {
+        let ly = top + height + 52.0 + series.len() as f64 * 16.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"#888\" stroke-dasharray=\"5,4\"/><text x=\"{}\" y=\"{}\">linear growth through the last point</text>",
+            left + 20.0,
+            left + 24.0,
+            ly + 4.0
         );
     }
 }
