@@ -1,13 +1,15 @@
 //! Host physical memory and guest memory.
 //!
 //! [`HostMemory`] is the machine's DRAM: 4 KiB frames at real-looking physical addresses
-//! (starting above the 4 GiB hole), allocated by a page allocator with a free list, and backed
-//! by storage only once a frame holds non-zero bytes. A 1 TiB host costs a few words until used.
+//! (starting above the 4 GiB hole), allocated by a page allocator that keeps runs of frames, and
+//! backed by storage only while a frame holds non-zero bytes. A 1 TiB host costs a few words
+//! until used, and a guest of any size a few entries per run of frames it holds.
 //!
 //! [`GuestMemfd`] is one guest's memory as KVM's guest_memfd gives it: memslots of guest frames,
-//! each backed by a host frame allocated on first use (`kvm_gmem_get_pfn`), which a hole punch
-//! (`fallocate(PUNCH_HOLE)`) removes again. Frames the guest converted to shared live in a
-//! separate map, as the VMM's ordinary (userspace) memory does.
+//! each backed by a host frame allocated on first use (`kvm_gmem_get_pfn`; 4 KiB folios, or
+//! 2 MiB folios where the machine hands them out), which a hole punch (`fallocate(PUNCH_HOLE)`)
+//! removes again. The backing is kept in extents ([`ExtentMap`]). Frames the guest converted to
+//! shared live in a separate map, as the VMM's ordinary (userspace) memory does.
 
 use std::collections::{BTreeMap, HashMap};
 

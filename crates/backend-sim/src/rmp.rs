@@ -2,12 +2,17 @@
 //! §15.36; entry fields per Linux arch/x86/virt/svm/sev.c `struct rmpentry_raw` and AMD-ASPFW
 //! sev_rmp.h `rmp_fields_t`).
 //!
-//! One entry per 4 KiB system-physical frame, stored sparsely: a frame without a stored entry
-//! is hypervisor-owned (all fields zero). A 2 MiB entry is stored once, at its 2 MiB-aligned
-//! frame, and describes the whole region (its 511 other frames read as that entry with
-//! consecutive GPAs). A per-region count of assigned 4 KiB entries (the firmware's "subpage
-//! count") makes the 2 MiB overlap check O(1), and a per-ASID count tells the firmware whether
-//! an ASID still owns pages (`SNP_ACTIVATE`'s INVALID_CONFIG rule).
+//! One entry per 4 KiB system-physical frame, stored sparsely and packed as the hardware's
+//! qword 0: a frame without a stored entry is hypervisor-owned (all fields zero). A 2 MiB entry
+//! is stored once, for its 2 MiB region, and describes the whole region (its 512 frames read as
+//! that entry with consecutive GPAs). A region's 4 KiB entries take 16 bytes each while few, 8
+//! once many ([`Rmp`]), so the table stays under the hardware's 16 bytes per frame it describes.
+//! A per-region count of assigned 4 KiB entries (the firmware's "subpage count") makes the
+//! 2 MiB overlap check O(1), and a per-ASID count tells the firmware whether an ASID still owns
+//! pages (`SNP_ACTIVATE`'s INVALID_CONFIG rule). Runs of 4 KiB PVALIDATEs and of RMPUPDATEs to
+//! shared over one region go in one pass ([`Rmp::pvalidate_4k_run`],
+//! [`Rmp::make_shared_4k_run`]) with the per-page rules, so a guest's memory of any size is
+//! validated and released in time linear in its pages.
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -50,8 +50,8 @@ pub struct RunArgs {
     /// Guest memory, e.g. 512M, 16G (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "1G", allow_hyphen_values = true)]
     pub memory: ByteSize,
-    /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail, or a JSON
-    /// guest script (simulator).
+    /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail,
+    /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator).
     #[arg(
         long,
         value_name = "builtin:NAME|FILE",
