@@ -705,11 +705,6 @@ impl GuestMemfd {
         self.private.take()
     }
 
-    /// Private frames allocated.
-    pub fn private_frames(&self) -> u64 {
-        self.private.frames()
-    }
-
     /// The shared (VMM memory) frame backing `gfn`, if one is allocated.
     pub fn shared_pfn(&self, gfn: Gfn) -> Option<Pfn> {
         self.shared.get(gfn).map(|(p, _)| p)
