@@ -96,6 +96,69 @@ pub fn sim_try_boot(
     script: GuestScript,
     watchdog: Duration,
 ) -> (Arc<Machine>, TryRun) {
+    let boot = Boot {
+        spec,
+        policy,
+        vcpus,
+        memory,
+        watchdog,
+    };
+    sim_try_boot_inspecting(config, &boot, script, &mut |_, _| {})
+}
+
+/// [`sim_boot`] that lets `inspect` look at the machine as the guest's run ends, before the
+/// teardown (when the guest's state is still there to see).
+pub fn sim_boot_inspecting(
+    config: MachineConfig,
+    vcpus: u32,
+    memory: u64,
+    script: GuestScript,
+    inspect: &mut dyn FnMut(&Machine),
+) -> SimRun {
+    let boot = Boot {
+        spec: VmSpec::snp(0),
+        policy: SNP_POLICY_RSVD_MBO,
+        vcpus,
+        memory,
+        watchdog: Duration::from_secs(60),
+    };
+    let (machine, result) = sim_try_boot_inspecting(config, &boot, script, &mut |phase, m| {
+        if phase == "run" {
+            inspect(m);
+        }
+    });
+    let (report, phases) = result.expect("the simulator creates the VM");
+    SimRun {
+        machine,
+        report,
+        phases,
+    }
+}
+
+/// What [`sim_try_boot_inspecting`] boots.
+struct Boot {
+    spec: VmSpec,
+    policy: u64,
+    vcpus: u32,
+    memory: u64,
+    watchdog: Duration,
+}
+
+/// The one harness behind the `sim_*boot*` helpers: `at_phase` is called with the machine as
+/// each phase of the flow ends.
+fn sim_try_boot_inspecting(
+    config: MachineConfig,
+    boot: &Boot,
+    script: GuestScript,
+    at_phase: &mut dyn FnMut(&'static str, &Machine),
+) -> (Arc<Machine>, TryRun) {
+    let &Boot {
+        spec,
+        policy,
+        vcpus,
+        memory,
+        watchdog,
+    } = boot;
     let machine = Machine::new(config);
     let host = SimHost::new(machine.clone(), script);
     let firmware = vec![0xf4u8; (FIRMWARE_PAGES * vmsa_core::PAGE_SIZE) as usize];
@@ -123,6 +186,7 @@ pub fn sim_try_boot(
     };
     let mut clock = PhaseClock::new(&machine);
     let result = flow::run(&host, &launch, watchdog, &Progress::hidden(), &mut |p| {
+        at_phase(p, &machine);
         clock.end(p)
     });
     drop(host);

@@ -18,10 +18,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
 use backend_sim::{FaultOp, FaultPlan, FaultRule, MachineConfig};
-use scenario_tests::sim_try_boot;
+use scenario_tests::{FIRMWARE_GPA, FIRMWARE_PAGES, sim_try_boot};
 use vmm::run::flow::RunEnd;
-use vmm::run::scenario::{GuestSpec, Scenario};
-use vmsa_core::{Event, SNP_POLICY_RSVD_MBO, VmKind};
+use vmm::run::scenario::{GuestMemory, GuestSpec, Scenario};
+use vmsa_core::{Event, PAGE_SIZE, SNP_POLICY_RSVD_MBO, VmKind};
 use vmsa_host::VmSpec;
 
 /// A scenario of the matrix.
@@ -32,10 +32,25 @@ struct Case {
     scenario: Scenario,
 }
 
+/// The guest memory [`run_point`] gives a guest of `memory` bytes: RAM from 0, the harness's
+/// firmware image launched.
+fn guest_memory(memory: u64) -> GuestMemory {
+    GuestMemory {
+        ram: vec![(0, memory)],
+        launched: vec![(FIRMWARE_GPA, FIRMWARE_GPA + FIRMWARE_PAGES * PAGE_SIZE)],
+    }
+}
+
 /// `builtin:NAME` as a `kind` guest of `vcpus` vCPUs.
 fn case(name: &str, kind: VmKind, vcpus: u32) -> Case {
-    let mut scenario = Scenario::new(&GuestSpec::Builtin(name.into()), vcpus, kind)
-        .unwrap_or_else(|e| panic!("builtin:{name}: {e}"));
+    // The layout matters to the linux-boot guests only, whose minimum is the harness's 8 MiB.
+    let mut scenario = Scenario::new(
+        &GuestSpec::Builtin(name.into()),
+        vcpus,
+        kind,
+        &guest_memory(8 << 20),
+    )
+    .unwrap_or_else(|e| panic!("builtin:{name}: {e}"));
     if name == "ap-churn" {
         // Two rounds reach every path of the eight the CLI runs.
         let per_round = scenario.script.actions.len() / 8;
@@ -61,6 +76,8 @@ fn cases(soak: bool) -> Vec<Case> {
         case("ap-churn", VmKind::Snp, 2),
         case("reset", VmKind::Snp, 3),
         case("launch-fail", VmKind::Snp, 2),
+        case("linux-boot-4k", VmKind::Snp, 2),
+        case("linux-boot", VmKind::Snp, 2),
     ];
     if soak {
         for (name, kind) in [
@@ -202,6 +219,7 @@ fn run_point(case: &Case, extra: &[FaultRule]) -> Result<(FaultPlan, Outcome), S
     }
     let config = MachineConfig {
         faults: plan,
+        gmem_2m_folios: case.scenario.gmem_2m_folios,
         ..MachineConfig::default()
     };
     let (spec, policy) = match case.kind {

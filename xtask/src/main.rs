@@ -6,13 +6,18 @@
 //! - `soak`: the long runs: the whole fault matrix (`VMSA_SOAK=1`: every call number of every
 //!   operation the scenarios reach, and a second failure at each of the last four calls of
 //!   each recovery operation), its size and outcomes printed.
-//! - `bench`: the benchmarks (`-- <filter>` narrows them; `--quick` is the short CI form;
-//!   `bench measure` runs only `vmm measure` against sev-snp-measure).
+//! - `bench`: the benchmarks (`-- <filter>` narrows the criterion ones; `--quick` is the short
+//!   CI form); `bench measure`: only `vmm measure` against sev-snp-measure; `bench linux-boot`:
+//!   only the simulator's linux-boot scaling runs ([`linux_boot`]: the release `vmm` as a child
+//!   per row, the table and an SVG plot).
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
 //! - `costs`: print the simulator's cost table, with the basis and public source of each row.
 
-#![forbid(unsafe_code)]
+// One `unsafe` call, wait4(2) for a child's peak resident set, allowed where it is made.
+#![deny(unsafe_code)]
+
+mod linux_boot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -36,7 +41,7 @@ fn main() -> ExitCode {
         "costs" => costs(),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <test | soak | bench [--quick] [measure] [-- FILTER] | lint | fixtures | costs>"
+                "usage: cargo xtask <test | soak | bench [--quick] [measure | linux-boot] [-- FILTER] | lint | fixtures | costs>"
             );
             Ok(())
         }
@@ -178,40 +183,56 @@ fn soak() -> Result<(), String> {
     run("fault matrix (soak)", t)
 }
 
-/// `bench [--quick] [measure] [-- FILTER...]`: every criterion bench, or with `measure` only
-/// `vmm measure` against sev-snp-measure (`crates/vmm/benches/measure_peer.rs`). `--quick` (CI
-/// smoke) is passed to the benches: criterion's short mode, and fewer runs in measure_peer.
+/// `bench [--quick] [measure | linux-boot] [-- FILTER...]`: every bench, or only one of the
+/// whole-process comparisons: `measure` (`vmm measure` against sev-snp-measure,
+/// `crates/vmm/benches/measure_peer.rs`) or `linux-boot` (the simulator's scaling runs,
+/// [`linux_boot`]). `--quick` (CI smoke) is passed on: criterion's short mode, fewer runs in
+/// measure_peer, the small linux-boot rows.
 fn bench(rest: &[String]) -> Result<(), String> {
     let (ours, passed) = match rest.iter().position(|a| a == "--") {
         Some(i) => (&rest[..i], &rest[i + 1..]),
         None => (rest, &[][..]),
     };
     let mut quick = false;
-    let mut only_measure = false;
+    let mut only = None;
     for a in ours {
         match a.as_str() {
             "--quick" => quick = true,
-            "measure" => only_measure = true,
+            "measure" | "linux-boot" if only.is_none() => only = Some(a.as_str()),
             other => {
                 return Err(format!(
-                    "unknown bench argument `{other}` (expected --quick, measure, or -- FILTER)"
+                    "unknown bench argument `{other}` (expected --quick, one of measure or linux-boot, or -- FILTER)"
                 ));
             }
         }
     }
+    let quick_arg = if quick { vec!["--quick".to_owned()] } else { Vec::new() };
+    if only == Some("linux-boot") {
+        return linux_boot_bench(&quick_arg);
+    }
     let mut b = cargo();
-    if only_measure {
+    if only == Some("measure") {
         b.args(["bench", "-p", "vmm", "--bench", "measure_peer", "--locked"]);
     } else {
         // Only the bench targets: `--benches` would also run every library's test harness in
         // bench mode, which rejects criterion's options.
         b.args(["bench", "--workspace", "--bench", "*", "--locked"]);
     }
-    b.arg("--").args(passed);
-    if quick {
-        b.arg("--quick");
+    b.arg("--").args(passed).args(&quick_arg);
+    run("benchmarks", b)?;
+    if only.is_none() && passed.is_empty() {
+        linux_boot_bench(&quick_arg)?;
     }
-    run("benchmarks", b)
+    Ok(())
+}
+
+/// The linux-boot scaling bench on a fresh release build of `vmm`.
+fn linux_boot_bench(args: &[String]) -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--release", "--locked", "-p", "vmm"]);
+    run("release vmm", build)?;
+    let root = root();
+    linux_boot::run(&root, &linux_boot::target_dir(&root), args)
 }
 
 /// Generate the test vectors under `target/fixtures` with independent tools, installed into a

@@ -117,15 +117,18 @@ fn launch64(c: &mut Criterion) {
         launch_vm(&mut vm);
         let f = m.footprint();
         println!(
-            "footprint: guest memory {} GiB = {} frames described; {} frames allocated (peak {}), {} backed, {} RMP entries, {} bytes in sparse structures, {:.0} bytes per tracked (allocated) frame, {:.4} bytes per guest frame",
+            "footprint: guest memory {} GiB = {} frames described; {} frames allocated (peak {}), {} backed, {} RMP entries ({} bytes for {} frames), {} bytes of bookkeeping ({:.1} per tracked (allocated) frame), {} bytes with contents, {:.4} bytes per guest frame",
             MEMORY >> 30,
             f.guest_slot_frames,
             f.allocated_frames,
             f.peak_allocated_frames,
             f.backed_frames,
             f.rmp_entries,
+            f.rmp_bytes,
+            f.rmp_frames,
+            f.bookkeeping_bytes,
+            f.bookkeeping_per_frame(),
             f.bytes,
-            f.bytes as f64 / f.allocated_frames.max(1) as f64,
             f.bytes as f64 / f.guest_slot_frames.max(1) as f64,
         );
         vm.teardown();

@@ -6,7 +6,7 @@
 //! (`serde`), so a VMM can load `--guest FILE`.
 
 use serde::{Deserialize, Serialize};
-use vmsa_core::PAGE_SIZE;
+use vmsa_core::{PAGE_SIZE, PMD_SIZE};
 
 use crate::rmp::PageSize;
 
@@ -289,7 +289,158 @@ pub fn smp_boot_vmsa_gpa(base: u64, i: u32) -> u64 {
     base + u64::from(i) * 0x20_0000 + PAGE_SIZE
 }
 
+/// The bounce buffer of [`GuestScript::linux_boot`]: Linux's default swiotlb size,
+/// `IO_TLB_DEFAULT_SIZE` (include/linux/swiotlb.h, 64 MiB), which a guest converts to shared
+/// memory for its devices' DMA.
+pub const LINUX_BOUNCE_SIZE: u64 = 64 << 20;
+
+/// The least low RAM [`LinuxBootLayout::new`] takes: 2 MiB below the AP VMSAs, their 2 MiB, and
+/// a bounce buffer of at least 2 MiB with as much again below it.
+pub const LINUX_BOOT_MIN_RAM: u64 = 8 << 20;
+
+/// Where the AP VMSAs of [`GuestScript::linux_boot`] start: 2 MiB up.
+const LINUX_VMSA_BASE: u64 = PMD_SIZE;
+
+/// Where [`GuestScript::linux_boot`] puts things in guest memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinuxBootLayout {
+    /// Guest RAM, `[start, end)` byte ranges, page aligned, in address order; the first one
+    /// starts at 0 (low memory).
+    pub ram: Vec<(u64, u64)>,
+    /// Ranges the launch already validated (the pages measured by `SNP_LAUNCH_UPDATE`): the
+    /// guest does not validate them again.
+    pub prevalidated: Vec<(u64, u64)>,
+    /// The bounce buffer (swiotlb) the guest makes shared, `[start, end)`: at the top of low
+    /// RAM, as Linux allocates it from low memory (`swiotlb_init_remap` uses
+    /// `memblock_alloc_low`), [`LINUX_BOUNCE_SIZE`] or half of low RAM, whichever is less.
+    pub bounce: (u64, u64),
+}
+
+impl LinuxBootLayout {
+    /// The layout over `ram` (see the fields), or `None` when the first range (low RAM) is not
+    /// at 0 or is smaller than [`LINUX_BOOT_MIN_RAM`].
+    pub fn new(ram: Vec<(u64, u64)>, prevalidated: Vec<(u64, u64)>) -> Option<Self> {
+        let &(start, low_end) = ram.first()?;
+        if start != 0 || low_end < LINUX_BOOT_MIN_RAM {
+            return None;
+        }
+        let size = LINUX_BOUNCE_SIZE.min((low_end / 2) & !(PMD_SIZE - 1));
+        let top = low_end & !(PMD_SIZE - 1);
+        Some(Self {
+            ram,
+            prevalidated,
+            bounce: (top - size, top),
+        })
+    }
+}
+
+/// The VMSA GPA of AP `i` in [`GuestScript::linux_boot`]: the second page of the `i`th 8 KiB
+/// block from 2 MiB, as Linux's `snp_alloc_vmsa_page` takes the second page of an 8 KiB-aligned
+/// pair so that it is never 2 MiB aligned (arch/x86/coco/sev/core.c).
+pub fn linux_boot_vmsa_gpa(i: u32) -> u64 {
+    LINUX_VMSA_BASE + u64::from(i) * 2 * PAGE_SIZE + PAGE_SIZE
+}
+
+/// PVALIDATE (or rescind) `[start, end)`: with `large`, 2 MiB pages over its 2 MiB-aligned part
+/// and 4 KiB pages at either end, as Linux's `__set_pages_state` builds its page state entries
+/// (2 MiB where `IS_ALIGNED(vaddr, PMD_SIZE)` and a whole 2 MiB remains); else all 4 KiB. One
+/// action per run of pages of one size.
+fn pvalidate_range(a: &mut Vec<GuestAction>, start: u64, end: u64, large: bool, validate: bool) {
+    let mut run = |from: u64, to: u64, size: PageSize| {
+        if from < to {
+            a.push(GuestAction::Pvalidate {
+                vcpu: 0,
+                gpa: from,
+                pages: (to - from) / size.bytes(),
+                size,
+                validate,
+            });
+        }
+    };
+    let (up, down) = (start.next_multiple_of(PMD_SIZE), end & !(PMD_SIZE - 1));
+    if large && up < down {
+        run(start, up, PageSize::Size4K);
+        run(up, down, PageSize::Size2M);
+        run(down, end, PageSize::Size4K);
+    } else {
+        run(start, end, PageSize::Size4K);
+    }
+}
+
 impl GuestScript {
+    /// What a Linux SEV-SNP guest does on its way up, with one action per range of pages:
+    ///
+    /// 1. The BSP (vCPU 0) validates all of its RAM but what the launch validated, 2 MiB pages
+    ///    where 2 MiB aligned and 4 KiB elsewhere (`large`), or everything at 4 KiB: Linux
+    ///    validates memory with `PVALIDATE` after the firmware has assigned it
+    ///    (arch/x86/coco/sev/core.c `snp_accept_memory` -> `set_pages_state` ->
+    ///    `pvalidate_pages`).
+    /// 2. It makes the bounce buffer shared as `set_memory_decrypted` does for SNP
+    ///    (`snp_set_memory_shared` -> `__set_pages_state`): first it rescinds the validation
+    ///    ("Page validation must be rescinded before changing to shared"), then it asks the
+    ///    host for the page state change through the GHCB (`vmgexit_psc`), which KVM forwards
+    ///    to the VMM as `KVM_HC_MAP_GPA_RANGE`.
+    /// 3. It starts every AP as `wakeup_cpu_via_vmgexit` does: a fresh VMSA page at
+    ///    [`linux_boot_vmsa_gpa`] (already validated RAM), its initial state written, made a
+    ///    VMSA with `RMPADJUST` (`snp_set_vmsa`), and `AP_CREATE` through the GHCB
+    ///    (`vmgexit_ap_control`). Each AP then runs.
+    ///
+    /// The script ends with every vCPU in the guest; the VMM tears the VM down.
+    pub fn linux_boot(vcpus: u32, layout: &LinuxBootLayout, large: bool) -> Self {
+        let mut a = Vec::new();
+        for &(start, end) in &layout.ram {
+            // RAM minus the prevalidated ranges, in address order.
+            let mut at = start;
+            let mut skip: Vec<(u64, u64)> = layout
+                .prevalidated
+                .iter()
+                .map(|&(s, e)| (s.max(start), e.min(end)))
+                .filter(|(s, e)| s < e)
+                .collect();
+            skip.sort_unstable();
+            for (s, e) in skip {
+                pvalidate_range(&mut a, at, s.max(at), large, true);
+                at = at.max(e);
+            }
+            pvalidate_range(&mut a, at, end, large, true);
+        }
+        let (b0, b1) = layout.bounce;
+        pvalidate_range(&mut a, b0, b1, large, false);
+        a.push(GuestAction::PageState {
+            vcpu: 0,
+            gpa: b0,
+            pages: (b1 - b0) / PAGE_SIZE,
+            to: PscTarget::Shared,
+        });
+        for i in 1..vcpus {
+            let gpa = linux_boot_vmsa_gpa(i);
+            a.push(GuestAction::WriteVmsa {
+                vcpu: 0,
+                gpa,
+                rip: 0x10_0000 + u64::from(i) * 0x100,
+                rsp: 0x8_0000 + u64::from(i) * 0x1000,
+                sev_features: None,
+            });
+            a.push(GuestAction::MakeVmsa {
+                vcpu: 0,
+                gpa,
+                vmsa: true,
+            });
+            a.push(GuestAction::ApCreate {
+                vcpu: 0,
+                apic_id: i,
+                gpa,
+                on_init: false,
+                sev_features: None,
+            });
+            a.push(GuestAction::Run { vcpu: i });
+        }
+        Self {
+            name: if large { "linux-boot" } else { "linux-boot-4k" }.into(),
+            actions: a,
+        }
+    }
+
     /// Parse a script from JSON; `source_name` names it in errors.
     pub fn from_json(source_name: &str, text: &str) -> Result<Self, ScriptError> {
         serde_json::from_str(text).map_err(|e| ScriptError::Parse {

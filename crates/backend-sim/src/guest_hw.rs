@@ -2,19 +2,20 @@
 //! the guest's key, RMP-checked per APM table 15-39), `PVALIDATE`, `RMPADJUST`, page state
 //! changes with their guest_memfd effects, and VMRUN's VMSA checks (APM table 15-41).
 
-use vmsa_core::{Gfn, Gpa, Hpa, PAGE_SIZE, PageBuf, Pfn, VmKind};
+use vmsa_core::{Gfn, Gpa, Hpa, PAGE_SIZE, PMD_SIZE, PTRS_PER_PMD, PageBuf, Pfn, VmKind};
 
 use crate::cost::CostOp;
 use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp};
 use crate::machine::Hw;
-use crate::rmp::{GuestFault, GuestInstrError, PageSize, RmpState};
+use crate::memory::Extent;
+use crate::rmp::{GuestFault, GuestInstrError, PageSize, RmpState, RunError};
 
 /// What a conversion to shared did to the private frames of the range.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Converted {
-    /// Guest frames whose private frame was made shared, flushed and freed.
-    pub released: Vec<Gfn>,
+    /// How many guest frames had their private frame made shared, flushed and freed.
+    pub released: u64,
     /// Guest frames whose private frame could not be made shared (RMPUPDATE refused it, e.g.
     /// FAIL_INUSE for a VMSA a vCPU still runs on): leaked on purpose, never reused.
     pub leaked: Vec<(Gfn, Pfn)>,
@@ -22,6 +23,28 @@ pub struct Converted {
 
 impl Hw {
     // ---- guest memory ----
+
+    /// guest_memfd's first use of `gfn` (in a memslot, unbacked): a 2 MiB folio when the machine
+    /// hands them out and one fits there (2 MiB-aligned guest region wholly in a memslot and
+    /// unbacked, and a 2 MiB host block free), else a 4 KiB one. Returns the frame for `gfn`.
+    fn gmem_back(&mut self, asid: u32, gfn: Gfn) -> Result<Pfn, SimError> {
+        let region = Gfn(gfn.0 & !(PTRS_PER_PMD - 1));
+        if self.gmem_2m_folios
+            && self.slot(asid)?.gmem.folio_fits(region)
+            && let Some(pfn) = self.mem.alloc_2m_run()
+        {
+            self.slot_mut(asid)?.gmem.add_private(Extent {
+                gfn: region,
+                pfn,
+                frames: PTRS_PER_PMD,
+                huge: true,
+            });
+            return Ok(Pfn(pfn.0 + (gfn.0 - region.0)));
+        }
+        let pfn = self.mem.alloc()?;
+        self.slot_mut(asid)?.gmem.set_private(gfn, pfn);
+        Ok(pfn)
+    }
 
     /// `kvm_gmem_get_pfn` without preparing: the frame backing `gfn`, allocated on first use.
     pub fn gmem_pfn(&mut self, asid: u32, gfn: Gfn) -> Option<Pfn> {
@@ -35,14 +58,15 @@ impl Hw {
         if !g.in_slot(gfn) || g.is_shared(gfn) {
             return None;
         }
-        let pfn = self.mem.alloc().ok()?;
+        let pfn = self.gmem_back(asid, gfn).ok()?;
         self.charge(CostOp::PageAlloc, asid, || format!("gmem gfn {gfn} -> pfn {pfn}"));
-        self.guests.get_mut(&asid)?.gmem.set_private(gfn, pfn);
         Some(pfn)
     }
 
-    /// Resolve a private guest access: the guest_memfd frame, prepared (`sev_gmem_prepare`:
-    /// RMPUPDATE to Guest-Invalid) on the first fault, with KVM's PSMASH on a SIZEM fault.
+    /// Resolve a private guest access: the guest_memfd frame, prepared on the first fault as
+    /// Linux arch/x86/kvm/svm/sev.c `sev_gmem_prepare` does: RMPUPDATE to Guest-Invalid, as one
+    /// 2 MiB entry when the folio is 2 MiB and its whole 2 MiB is still hypervisor-owned
+    /// (`is_large_rmp_possible`), else as a 4 KiB entry.
     pub(crate) fn private_frame(&mut self, asid: u32, gpa: Gpa) -> Result<Pfn, SimError> {
         let gfn = gpa.gfn();
         let g = &self.slot(asid)?.gmem;
@@ -54,25 +78,44 @@ impl Hw {
         }
         let pfn = match g.private_pfn(gfn) {
             Some(p) => p,
-            None => {
-                let pfn = self.mem.alloc()?;
-                self.slot_mut(asid)?.gmem.set_private(gfn, pfn);
-                pfn
-            }
+            None => self.gmem_back(asid, gfn)?,
         };
         // SEV-ES guests have no RMP: their memory is only encrypted.
         if self.slot(asid)?.kind == VmKind::Snp && !self.rmp.entry(pfn).assigned {
             self.stats.npf += 1;
             self.charge(CostOp::GmemFault, asid, || format!("gpa {gpa} -> pfn {pfn}"));
-            let st = RmpState {
-                gpa: Gpa(gpa.0 & !(PAGE_SIZE - 1)),
-                assigned: true,
-                asid,
-                ..RmpState::default()
+            let huge = self
+                .slot(asid)?
+                .gmem
+                .private_extent(gfn)
+                .is_some_and(|(_, e)| e.huge);
+            let head = Pfn(pfn.0 & !(PTRS_PER_PMD - 1));
+            let large = huge && self.rmp.region_unassigned(head);
+            let (at, st) = if large {
+                // The rest of the 2 MiB folio is cleared too (`kvm_gmem_prepare_folio`).
+                self.charge_n(CostOp::PageAlloc, PTRS_PER_PMD - 1, asid, || {
+                    format!("clear the 2 MiB folio at pfn {head}")
+                });
+                let st = RmpState {
+                    gpa: Gpa(gpa.0 & !(PMD_SIZE - 1)),
+                    assigned: true,
+                    page_size: PageSize::Size2M,
+                    asid,
+                    ..RmpState::default()
+                };
+                (head, st)
+            } else {
+                let st = RmpState {
+                    gpa: Gpa(gpa.0 & !(PAGE_SIZE - 1)),
+                    assigned: true,
+                    asid,
+                    ..RmpState::default()
+                };
+                (pfn, st)
             };
-            self.rmp.rmpupdate(pfn, st).map_err(|code| SimError::Rmp {
+            self.rmp.rmpupdate(at, st).map_err(|code| SimError::Rmp {
                 op: "RMPUPDATE (gmem prepare)",
-                pfn,
+                pfn: at,
                 code,
                 injected: false,
             })?;
@@ -274,6 +317,144 @@ impl Hw {
             .map_err(|e| self.guest_instr_err(asid, "PVALIDATE", gpa, e))
     }
 
+    /// Guest `PVALIDATE` at VMPL0 of `pages` pages of `size` from `gpa`, in order, stopping at
+    /// the first that fails: exactly what [`Hw::pvalidate`] page by page does (each page one
+    /// call for the fault plan, one charge, one first-use preparation of its guest_memfd frame),
+    /// but 4 KiB pages go a 2 MiB region at a time through one pass over the RMP when nothing
+    /// there needs the page-by-page path (a fault the plan injects, a 2 MiB entry, a 2 MiB
+    /// folio still to prepare). Returns how many pages changed and how many were "no update".
+    pub fn pvalidate_range(
+        &mut self,
+        asid: u32,
+        gpa: Gpa,
+        pages: u64,
+        size: PageSize,
+        validate: bool,
+    ) -> Result<(u64, u64), SimError> {
+        let (mut changed, mut same) = (0, 0);
+        let mut i = 0;
+        while i < pages {
+            let at = Gpa(gpa.0 + i * size.bytes());
+            if size == PageSize::Size4K
+                && let Some((done, ch)) = self.pvalidate_4k_fast(asid, at, pages - i, validate)?
+            {
+                changed += ch;
+                same += done - ch;
+                i += done;
+                continue;
+            }
+            if self.pvalidate(asid, at, size, validate)? {
+                changed += 1;
+            } else {
+                same += 1;
+            }
+            i += 1;
+        }
+        Ok((changed, same))
+    }
+
+    /// Up to `max` 4 KiB PVALIDATEs from `gpa` in one pass (see [`Hw::pvalidate_range`]):
+    /// `None` when the next page needs the page-by-page path, else how many pages were done
+    /// and how many of them changed (an error ends the range, as the page-by-page path would).
+    fn pvalidate_4k_fast(
+        &mut self,
+        asid: u32,
+        gpa: Gpa,
+        max: u64,
+        validate: bool,
+    ) -> Result<Option<(u64, u64)>, SimError> {
+        let quiet = self.faults.quiet(FaultOp::Pvalidate);
+        let gfn = gpa.gfn();
+        let to_region_end = PTRS_PER_PMD - (gfn.0 & (PTRS_PER_PMD - 1));
+        let mut n = max.min(quiet).min(to_region_end);
+        let Some(slot) = self.guests.get(&asid) else {
+            return Ok(None);
+        };
+        let end = Gfn(gfn.0 + n);
+        if n == 0
+            || slot.kind != VmKind::Snp
+            || !slot.gmem.covers(gfn, end)
+            || !slot.gmem.is_private_range(gfn, end)
+        {
+            return Ok(None);
+        }
+        let (pfn, ext) = match slot.gmem.private_extent(gfn) {
+            Some(x) => x,
+            None => {
+                // Back the unbacked guest frames from `gfn` (up to the next backed one).
+                let backed = slot
+                    .gmem
+                    .private_extents(gfn, end)
+                    .next()
+                    .map_or(end.0, |e| e.gfn.0);
+                n = n.min(backed - gfn.0);
+                self.gmem_back_run(asid, gfn, n)?;
+                match self.slot(asid)?.gmem.private_extent(gfn) {
+                    Some(x) => x,
+                    None => return Ok(None),
+                }
+            }
+        };
+        n = n
+            .min(ext.gfn.0 + ext.frames - gfn.0)
+            .min(PTRS_PER_PMD - (pfn.0 & (PTRS_PER_PMD - 1)));
+        let head = Pfn(pfn.0 & !(PTRS_PER_PMD - 1));
+        if !self.rmp.run_fits(pfn, n) || (ext.huge && self.rmp.region_unassigned(head)) {
+            return Ok(None);
+        }
+        let run = self.rmp.pvalidate_4k_run(asid, gpa, pfn, n, validate);
+        let failed = u64::from(run.error.is_some());
+        self.faults.skip(FaultOp::Pvalidate, run.done + failed);
+        self.stats.npf += run.prepared;
+        self.charge_n(CostOp::GmemFault, run.prepared, asid, || {
+            format!("{} pages from gpa {gpa}", run.prepared)
+        });
+        let charged = run.done + u64::from(matches!(run.error, Some(RunError::Pvalidate(_))));
+        self.charge_n(CostOp::Pvalidate4K, charged, asid, || {
+            format!("{charged} pages from gpa {gpa} validate={validate}")
+        });
+        let at = Gpa(gpa.0 + run.done * PAGE_SIZE);
+        match run.error {
+            None => Ok(Some((run.done, run.changed))),
+            Some(RunError::Prepare(code)) => Err(SimError::Rmp {
+                op: "RMPUPDATE (gmem prepare)",
+                pfn: Pfn(pfn.0 + run.done),
+                code,
+                injected: false,
+            }),
+            Some(RunError::Pvalidate(e)) => Err(self.guest_instr_err(asid, "PVALIDATE", at, e)),
+        }
+    }
+
+    /// Back the unbacked guest frames `[gfn, gfn + n)` (all in a memslot, within one 2 MiB
+    /// region): a 2 MiB folio where one fits, else (for more than one page) runs of 4 KiB
+    /// folios, placed at host frames
+    /// with the guest frames' offset in their 2 MiB region (as memory from a huge-page pool
+    /// is), so that a guest page which is not 2 MiB aligned is not backed by a 2 MiB-aligned
+    /// frame either: the guest's workaround for AMD erratum 1467 (Linux
+    /// arch/x86/coco/sev/core.c `snp_alloc_vmsa_page` never uses a 2 MiB-aligned page as a
+    /// VMSA) then holds on the host too.
+    fn gmem_back_run(&mut self, asid: u32, gfn: Gfn, n: u64) -> Result<(), SimError> {
+        let region = Gfn(gfn.0 & !(PTRS_PER_PMD - 1));
+        if n == 1 || (self.gmem_2m_folios && self.slot(asid)?.gmem.folio_fits(region)) {
+            // One page is backed as a first touch backs it (a folio, or the next frame free).
+            self.gmem_back(asid, gfn)?;
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < n {
+            let (pfn, got) = self.mem.alloc_run_at(n - done, gfn.0 + done)?;
+            self.slot_mut(asid)?.gmem.add_private(Extent {
+                gfn: Gfn(gfn.0 + done),
+                pfn,
+                frames: got,
+                huge: false,
+            });
+            done += got;
+        }
+        Ok(())
+    }
+
     /// Guest `RMPADJUST` at VMPL0 of the 4 KiB page at `gpa`.
     pub fn rmpadjust(
         &mut self,
@@ -321,50 +502,84 @@ impl Hw {
         gmem.set_attr(start, end, !to_shared);
         let mut out = Converted::default();
         if to_shared {
-            let backed = gmem.private_in(start, end);
-            for gfn in backed {
-                if let Some(pfn) = self.slot_mut(asid)?.gmem.punch(gfn) {
-                    if self.release_gmem_frame(asid, pfn) {
-                        out.released.push(gfn);
-                    } else {
-                        out.leaked.push((gfn, pfn));
-                    }
-                }
+            for e in self.slot_mut(asid)?.gmem.punch(start, end) {
+                let leaked = self.release_gmem_extent(asid, e);
+                out.released += e.frames - leaked.len() as u64;
+                out.leaked.extend(leaked);
             }
         } else {
-            for gfn in gmem.shared_in(start, end) {
-                if let Some(p) = self.slot_mut(asid)?.gmem.remove_shared(gfn) {
-                    self.free_page(p);
-                }
+            for e in self.slot_mut(asid)?.gmem.remove_shared(start, end) {
+                self.free_frames(e.pfn, e.frames);
             }
         }
         Ok(out)
     }
 
-    /// `sev_gmem_invalidate` for one frame: PSMASH if inside a 2 MiB entry, RMPUPDATE shared
-    /// (leak on failure), CLFLUSH, free. Returns whether it was freed.
-    pub(crate) fn release_gmem_frame(&mut self, asid: u32, pfn: Pfn) -> bool {
-        if self.mem.is_leaked(pfn) {
-            // Leaked while the guest ran (`snp_leak_pages` holds a reference): never freed.
-            return false;
-        }
-        let e = self.rmp.entry(pfn);
-        if e.assigned {
-            if e.page_size == PageSize::Size2M && self.psmash(Pfn(pfn.0 & !511)).is_err() {
-                self.leak_page(pfn);
-                return false;
+    /// `sev_gmem_invalidate` for the private frames of extent `e` (Linux
+    /// arch/x86/kvm/svm/sev.c): a whole 2 MiB entry is made shared with one 2 MiB RMPUPDATE,
+    /// part of one after a PSMASH; every assigned 4 KiB entry with a 4 KiB RMPUPDATE; then the
+    /// frames are flushed and freed. A frame whose PSMASH or RMPUPDATE fails is leaked (never
+    /// reused), and returned.
+    pub(crate) fn release_gmem_extent(&mut self, asid: u32, e: Extent) -> Vec<(Gfn, Pfn)> {
+        let mut leaked = Vec::new();
+        let end = e.pfn.0 + e.frames;
+        let mut p = e.pfn.0;
+        while p < end {
+            let head = p & !(PTRS_PER_PMD - 1);
+            let k = end.min(head + PTRS_PER_PMD) - p;
+            let mut refused: Vec<Pfn> = Vec::new();
+            let large = self.rmp.entry(Pfn(head));
+            if large.page_size == PageSize::Size2M && large.assigned {
+                if p == head && k == PTRS_PER_PMD {
+                    self.charge(CostOp::Rmpupdate2M, asid, || {
+                        format!("gmem pfn {head} shared (2 MiB)")
+                    });
+                    let st = RmpState {
+                        page_size: PageSize::Size2M,
+                        ..RmpState::default()
+                    };
+                    if self.rmp.rmpupdate(Pfn(head), st).is_err() {
+                        refused.extend((p..p + k).map(Pfn));
+                    }
+                } else if self.psmash(Pfn(head)).is_err() {
+                    refused.extend((p..p + k).map(Pfn));
+                }
             }
-            // Not a vmsa-core platform call, so the fault plan does not count it.
-            self.charge(CostOp::Rmpupdate4K, asid, || format!("gmem pfn {pfn} shared"));
-            if self.rmp.rmpupdate(pfn, RmpState::default()).is_err() {
-                self.leak_page(pfn);
-                return false;
+            if refused.is_empty() && self.rmp.run_fits(Pfn(p), k) {
+                // Not vmsa-core platform calls, so the fault plan does not count them.
+                let (updated, r) = self.rmp.make_shared_4k_run(Pfn(p), k);
+                self.charge_n(CostOp::Rmpupdate4K, updated, asid, || {
+                    format!("{updated} gmem frames from pfn {p} shared")
+                });
+                refused = r;
             }
+            self.charge_n(CostOp::Clflush, k - refused.len() as u64, asid, || {
+                format!("{k} frames from pfn {p}")
+            });
+            // Frames leaked while the guest ran (`snp_leak_pages` holds a reference) stay
+            // leaked: never freed, and not leaked twice.
+            let earlier = self.mem.leaked_in(Pfn(p), k);
+            if !earlier.is_empty() {
+                refused.extend(earlier);
+                refused.sort_unstable();
+                refused.dedup();
+            }
+            // Free the runs between refused frames; leak the refused ones.
+            let mut from = p;
+            for &r in &refused {
+                self.clean(from, r.0 - from);
+                self.free_frames(Pfn(from), r.0 - from);
+                if !self.mem.is_leaked(r) {
+                    self.leak_page(r);
+                }
+                leaked.push((Gfn(e.gfn.0 + (r.0 - e.pfn.0)), r));
+                from = r.0 + 1;
+            }
+            self.clean(from, p + k - from);
+            self.free_frames(Pfn(from), p + k - from);
+            p += k;
         }
-        self.charge(CostOp::Clflush, asid, || format!("pfn {pfn}"));
-        self.dirty.remove(&pfn.0);
-        self.free_page(pfn);
-        true
+        leaked
     }
 
     /// VMRUN checks of the VMSA page (APM table 15-41): for SNP the page must be covered,
@@ -544,7 +759,7 @@ mod tests {
         assert_eq!(
             p.convert(one(gfn).0, one(gfn).1, true).unwrap(),
             Converted {
-                released: vec![gfn],
+                released: 1,
                 leaked: vec![]
             },
             "the private frame is released"

@@ -76,7 +76,7 @@ pub use guest_hw::Converted;
 pub use measure::LaunchDigest;
 
 pub use machine::{
-    DestroyReport, Footprint, Machine, MachineConfig, PhaseClock, PhaseReport, SimError, Stats,
+    DestroyReport, Footprint, GuestCensus, Machine, MachineConfig, PhaseClock, PhaseReport, SimError, Stats,
 };
 pub use platform::{SimPage, SimPlatform};
 pub use rmp::{PageSize, RmpEntry, RmpRet, RmpState};

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
-use vmsa_core::{PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
+use vmsa_core::{Gfn, Gpa, PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::cost::{CostModel, CostOp, CostReport, Ledger};
 pub use crate::error::SimError;
@@ -86,6 +86,11 @@ pub struct MachineConfig {
     pub trace_cap: usize,
     /// Failures to inject.
     pub faults: FaultPlan,
+    /// guest_memfd hands out 2 MiB folios where a 2 MiB-aligned guest region lies wholly in a
+    /// memslot (as a huge-page-backed guest_memfd does), so KVM's first-use preparation can
+    /// make one 2 MiB RMP entry for it (`sev_gmem_prepare`'s `is_large_rmp_possible`); else
+    /// 4 KiB folios, what upstream guest_memfd allocates, and 4 KiB RMP entries.
+    pub gmem_2m_folios: bool,
 }
 
 impl Default for MachineConfig {
@@ -99,6 +104,7 @@ impl Default for MachineConfig {
             trace: true,
             trace_cap: 1 << 18,
             faults: FaultPlan::default(),
+            gmem_2m_folios: false,
         }
     }
 }
@@ -147,10 +153,10 @@ pub struct Stats {
     pub psmash_on_fault: u64,
 }
 
-/// Sizes of the sparse structures.
+/// Sizes of the machine's structures: what it tracks and what that costs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Footprint {
-    /// Frames allocated now.
+    /// Frames allocated now (tracked: each has allocator and RMP state).
     pub allocated_frames: usize,
     /// Most frames allocated at once.
     pub peak_allocated_frames: usize,
@@ -158,12 +164,44 @@ pub struct Footprint {
     pub backed_frames: usize,
     /// Most frames backed at once.
     pub peak_backed_frames: usize,
-    /// RMP entries stored.
+    /// RMP entries stored (a 2 MiB entry is one).
     pub rmp_entries: usize,
+    /// Frames the stored RMP entries describe (a 2 MiB entry describes 512).
+    pub rmp_frames: u64,
+    /// Bytes of the RMP.
+    pub rmp_bytes: usize,
     /// Guest frames the memslots describe (the guests' configured memory).
     pub guest_slot_frames: u64,
-    /// Approximate bytes of all sparse structures, frame contents included.
+    /// Bytes of every structure but frame contents: RMP, allocator, guest memory maps, dirty
+    /// lines.
+    pub bookkeeping_bytes: usize,
+    /// Bookkeeping plus 4 KiB per frame with contents.
     pub bytes: usize,
+}
+
+impl Footprint {
+    /// Bytes of RMP per frame it describes (the hardware's RMP takes 16 per 4 KiB frame).
+    pub fn rmp_bytes_per_frame(&self) -> f64 {
+        self.rmp_bytes as f64 / self.rmp_frames.max(1) as f64
+    }
+
+    /// Bytes of bookkeeping per tracked (allocated) frame.
+    pub fn bookkeeping_per_frame(&self) -> f64 {
+        self.bookkeeping_bytes as f64 / self.allocated_frames.max(1) as f64
+    }
+}
+
+/// What a range of a guest's frames is now ([`Machine::guest_census`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GuestCensus {
+    /// Frames in the range.
+    pub frames: u64,
+    /// Frames with the private memory attribute.
+    pub private: u64,
+    /// Frames backed by a private (guest_memfd) frame.
+    pub backed: u64,
+    /// Backed frames the guest can use: assigned to it at their GPA, mutable, validated.
+    pub validated: u64,
 }
 
 #[derive(Debug)]
@@ -187,6 +225,8 @@ pub(crate) struct Hw {
     pub guests: HashMap<u32, GuestSlot>,
     /// Frames with lines cached dirty under an ASID's key.
     pub dirty: HashMap<u64, u32>,
+    /// See [`MachineConfig::gmem_2m_folios`].
+    pub gmem_2m_folios: bool,
     max_asid: u32,
 }
 
@@ -220,7 +260,15 @@ fn cat(op: CostOp) -> &'static str {
 impl Hw {
     /// Charge `op` and record it on the timeline (track `tid`).
     pub fn charge(&mut self, op: CostOp, tid: u32, detail: impl FnOnce() -> String) {
-        let (start, dur) = self.ledger.charge(&self.model, op, 1);
+        self.charge_n(op, 1, tid, detail);
+    }
+
+    /// Charge `op` `n` times (nothing if `n` is 0), as one span on the timeline.
+    pub fn charge_n(&mut self, op: CostOp, n: u64, tid: u32, detail: impl FnOnce() -> String) {
+        if n == 0 {
+            return;
+        }
+        let (start, dur) = self.ledger.charge(&self.model, op, n);
         self.trace.record_with(|| TraceEvent {
             name: op.name().to_string(),
             cat: cat(op),
@@ -315,6 +363,53 @@ impl Hw {
         }
         if self.mem.free(pfn).is_err() {
             self.stats.bad_frees += 1;
+        }
+    }
+
+    /// Give `n` frames from `pfn` back, as [`Hw::free_page`] gives back each (with its
+    /// checks), in one step.
+    pub fn free_frames(&mut self, pfn: Pfn, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.stats.freed_while_assigned += self.rmp.assigned_frames(pfn, n);
+        let before = self.dirty.len();
+        self.clean(pfn.0, n);
+        self.stats.freed_unflushed += (before - self.dirty.len()) as u64;
+        if self.mem.free_run(pfn, n).is_err() {
+            for p in pfn.0..pfn.0 + n {
+                if self.mem.free(Pfn(p)).is_err() {
+                    self.stats.bad_frees += 1;
+                }
+            }
+        }
+    }
+
+    /// Forget the dirty cache lines of frames `[pfn, pfn + n)` (they were flushed).
+    pub(crate) fn clean(&mut self, pfn: u64, n: u64) {
+        if self.dirty.is_empty() || n == 0 {
+            return;
+        }
+        if (n as usize) < self.dirty.len() {
+            for p in pfn..pfn + n {
+                self.dirty.remove(&p);
+            }
+        } else {
+            self.dirty.retain(|&p, _| !(pfn..pfn + n).contains(&p));
+        }
+    }
+
+    /// Leak `n` frames from `pfn`, as [`Hw::leak_page`] leaks each.
+    pub fn leak_frames(&mut self, pfn: Pfn, n: u64) {
+        if self.mem.leak_run(pfn, n).is_ok() {
+            self.stats.leaked_pages += n;
+        } else {
+            // Some are leaked already (while the guest ran): leak the rest.
+            for p in (pfn.0..pfn.0 + n).map(Pfn) {
+                if !self.mem.is_leaked(p) {
+                    self.leak_page(p);
+                }
+            }
         }
     }
 
@@ -484,6 +579,7 @@ impl Machine {
             stats: Stats::default(),
             guests: HashMap::new(),
             dirty: HashMap::new(),
+            gmem_2m_folios: config.gmem_2m_folios,
             max_asid: config.max_asid,
         };
         // SNP_INIT cannot fail on a fresh firmware.
@@ -581,20 +677,49 @@ impl Machine {
         self.hw().stats.clone()
     }
 
-    /// Sizes of the sparse structures.
+    /// Sizes of the machine's structures now.
     pub fn footprint(&self) -> Footprint {
         let hw = self.hw();
         let (peak_alloc, peak_data) = hw.mem.peaks();
         let gmem: usize = hw.guests.values().map(|g| g.gmem.footprint_bytes()).sum();
+        let rmp_bytes = hw.rmp.footprint_bytes();
+        let bookkeeping = hw.mem.bookkeeping_bytes() + rmp_bytes + gmem + hw.dirty.capacity() * 24;
         Footprint {
             allocated_frames: hw.mem.allocated(),
             peak_allocated_frames: peak_alloc,
             backed_frames: hw.mem.backed_frames(),
             peak_backed_frames: peak_data,
             rmp_entries: hw.rmp.stored_entries(),
+            rmp_frames: hw.rmp.tracked_frames(),
+            rmp_bytes,
             guest_slot_frames: hw.guests.values().map(|g| g.gmem.slot_frames()).sum(),
-            bytes: hw.mem.footprint_bytes() + hw.rmp.footprint_bytes() + gmem + hw.dirty.capacity() * 24,
+            bookkeeping_bytes: bookkeeping,
+            bytes: bookkeeping + hw.mem.contents_bytes(),
         }
+    }
+
+    /// The ASIDs of the guests the machine holds now.
+    pub fn guests(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.hw().guests.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// What guest frames `[start, end)` of the guest with `asid` are now (for tests and
+    /// reports; it walks the guest's backing, so it costs time in the size of the range).
+    pub fn guest_census(&self, asid: u32, start: Gfn, end: Gfn) -> Result<GuestCensus, SimError> {
+        let hw = self.hw();
+        let g = &hw.slot(asid)?.gmem;
+        let mut census = GuestCensus {
+            frames: end.0.saturating_sub(start.0),
+            ..GuestCensus::default()
+        };
+        census.private = g.private_attr_frames(start, end);
+        for e in g.private_extents(start, end) {
+            census.backed += e.frames;
+            census.validated += hw.rmp.validated_frames(asid, Gpa(e.gfn.0 << 12), e.pfn, e.frames);
+        }
+        Ok(census)
     }
 
     /// The RMP entry governing a frame.
@@ -655,6 +780,11 @@ impl Machine {
         self.hw().mem.leaked()
     }
 
+    /// How many frames were leaked so far.
+    pub fn leaked_frame_count(&self) -> u64 {
+        self.hw().mem.leaked_count()
+    }
+
     /// Frames whose cache lines are dirty under a guest key.
     pub fn dirty_frames(&self) -> usize {
         self.hw().dirty.len()
@@ -704,13 +834,11 @@ impl Machine {
                 if let Some(g) = slot.gctx {
                     hw.leak_page(g);
                 }
-                for (_, pfn) in slot.gmem.private_frames() {
-                    if !hw.mem.is_leaked(pfn) {
-                        hw.leak_page(pfn);
-                    }
+                for x in slot.gmem.take_private() {
+                    hw.leak_frames(x.pfn, x.frames);
                 }
-                for pfn in slot.gmem.take_shared() {
-                    hw.free_page(pfn);
+                for x in slot.gmem.take_shared() {
+                    hw.free_frames(x.pfn, x.frames);
                 }
                 return Err(e);
             }
@@ -719,18 +847,16 @@ impl Machine {
             hw.free_firmware_page(g);
         }
         // Frames leaked while the guest ran (a launch page whose reclaim failed) are the
-        // guest's leaks too; release_gmem_frame leaves them leaked.
+        // guest's leaks too; release_gmem_extent leaves them leaked.
         let mut leaked_earlier = 0;
-        for (_, pfn) in slot.gmem.private_frames() {
-            if hw.mem.is_leaked(pfn) {
-                leaked_earlier += 1;
-            } else if hw.release_gmem_frame(asid, pfn) {
-                report.frames_released += 1;
-            }
+        for x in slot.gmem.take_private() {
+            leaked_earlier += hw.mem.leaked_in(x.pfn, x.frames).len() as u64;
+            let leaked = hw.release_gmem_extent(asid, x);
+            report.frames_released += x.frames - leaked.len() as u64;
         }
-        for pfn in slot.gmem.take_shared() {
-            hw.free_page(pfn);
-            report.frames_released += 1;
+        for x in slot.gmem.take_shared() {
+            hw.free_frames(x.pfn, x.frames);
+            report.frames_released += x.frames;
         }
         report.frames_leaked = hw.stats.leaked_pages - leaked_before + leaked_earlier;
         Ok(report)

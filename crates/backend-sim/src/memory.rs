@@ -1,17 +1,19 @@
 //! Host physical memory and guest memory.
 //!
 //! [`HostMemory`] is the machine's DRAM: 4 KiB frames at real-looking physical addresses
-//! (starting above the 4 GiB hole), allocated by a page allocator with a free list, and backed
-//! by storage only once a frame holds non-zero bytes. A 1 TiB host costs a few words until used.
+//! (starting above the 4 GiB hole), allocated by a page allocator that keeps runs of frames, and
+//! backed by storage only while a frame holds non-zero bytes. A 1 TiB host costs a few words
+//! until used, and a guest of any size a few entries per run of frames it holds.
 //!
 //! [`GuestMemfd`] is one guest's memory as KVM's guest_memfd gives it: memslots of guest frames,
-//! each backed by a host frame allocated on first use (`kvm_gmem_get_pfn`), which a hole punch
-//! (`fallocate(PUNCH_HOLE)`) removes again. Frames the guest converted to shared live in a
-//! separate map, as the VMM's ordinary (userspace) memory does.
+//! each backed by a host frame allocated on first use (`kvm_gmem_get_pfn`; 4 KiB folios, or
+//! 2 MiB folios where the machine hands them out), which a hole punch (`fallocate(PUNCH_HOLE)`)
+//! removes again. The backing is kept in extents ([`ExtentMap`]). Frames the guest converted to
+//! shared live in a separate map, as the VMM's ordinary (userspace) memory does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
-use vmsa_core::{Gfn, PAGE_SIZE, PageBuf, Pfn};
+use vmsa_core::{Gfn, PAGE_SIZE, PTRS_PER_PMD, PageBuf, Pfn};
 
 /// The first frame of simulated DRAM: 4 GiB, the usual start of high memory on an EPYC host
 /// (legacy memory and the PCI hole sit below).
@@ -46,35 +48,47 @@ pub enum MemError {
     },
 }
 
+/// How many of the most recently freed runs [`HostMemory::alloc_2m_run`] looks through for a
+/// 2 MiB block (a bound, so that many small freed runs do not make every folio slow).
+pub const FOLIO_SEARCH: usize = 16;
+
 /// The host's DRAM and its page allocator.
+///
+/// Everything is kept as runs of frames, so a guest of any size costs a few entries: the
+/// allocated and leaked frames are interval sets, the frames given back are a stack of runs
+/// (the most recently freed frame is handed out first, as a per-CPU page list does), and frames
+/// never handed out are the range from `next` to `aligned_top`.
 #[derive(Debug)]
 pub struct HostMemory {
     first: u64,
     end: u64,
     next: u64,
-    free: Vec<u64>,
-    allocated: HashSet<u64>,
-    leaked: BTreeSet<u64>,
+    aligned_top: u64,
+    free: Vec<(u64, u64)>,
+    allocated: RangeSet,
+    allocated_frames: u64,
+    leaked: RangeSet,
     data: HashMap<u64, Box<PageBuf>>,
-    peak_allocated: usize,
+    peak_allocated: u64,
     peak_data: usize,
-    aligned_top: Option<u64>,
 }
 
 impl HostMemory {
     /// DRAM of `bytes` (rounded down to whole frames) starting at frame `first_pfn`.
     pub fn new(first_pfn: u64, bytes: u64) -> Self {
+        let end = first_pfn.saturating_add(bytes / PAGE_SIZE);
         Self {
             first: first_pfn,
-            end: first_pfn.saturating_add(bytes / PAGE_SIZE),
+            end,
             next: first_pfn,
+            aligned_top: end,
             free: Vec::new(),
-            allocated: HashSet::new(),
-            leaked: BTreeSet::new(),
+            allocated: RangeSet::default(),
+            allocated_frames: 0,
+            leaked: RangeSet::default(),
             data: HashMap::new(),
             peak_allocated: 0,
             peak_data: 0,
-            aligned_top: None,
         }
     }
 
@@ -105,80 +119,214 @@ impl HostMemory {
         }
     }
 
+    fn out_of_memory(&self) -> MemError {
+        MemError::OutOfMemory {
+            frames: self.end - self.first,
+        }
+    }
+
+    /// Record `[start, start + n)` as handed out: zeroed (their old contents dropped) and
+    /// counted.
+    fn hand_out(&mut self, start: u64, n: u64) {
+        self.drop_data(start, n);
+        self.allocated.insert(start, start + n);
+        self.allocated_frames += n;
+        self.peak_allocated = self.peak_allocated.max(self.allocated_frames);
+    }
+
+    /// Forget the contents of `[start, start + n)`.
+    fn drop_data(&mut self, start: u64, n: u64) {
+        if self.data.is_empty() {
+            return;
+        }
+        if (n as usize) < self.data.len() {
+            for p in start..start + n {
+                self.data.remove(&p);
+            }
+        } else {
+            self.data.retain(|&p, _| !(start..start + n).contains(&p));
+        }
+    }
+
     /// Allocate one zeroed frame: the most recently freed one, else the next never-used one
     /// (which may be 2 MiB aligned, like any buddy-allocator page).
     pub fn alloc(&mut self) -> Result<Pfn, MemError> {
-        let pfn = match self.free.pop() {
-            Some(p) => p,
-            None if self.next < self.aligned_top.unwrap_or(self.end) => {
-                self.next += 1;
-                self.next - 1
+        let (pfn, n) = self.alloc_run(1)?;
+        debug_assert_eq!(n, 1);
+        Ok(pfn)
+    }
+
+    /// Allocate up to `max` (at least 1) contiguous zeroed frames: the end of the most recently
+    /// freed run, else never-used frames. Returns the first frame and how many it got.
+    pub fn alloc_run(&mut self, max: u64) -> Result<(Pfn, u64), MemError> {
+        let max = max.max(1);
+        let (start, n) = match self.free.last_mut() {
+            Some(top) => {
+                let n = top.1.min(max);
+                top.1 -= n;
+                let start = top.0 + top.1;
+                if top.1 == 0 {
+                    self.free.pop();
+                }
+                (start, n)
             }
-            None => {
-                return Err(MemError::OutOfMemory {
-                    frames: self.end - self.first,
-                });
+            None if self.next < self.aligned_top => {
+                let n = (self.aligned_top - self.next).min(max);
+                self.next += n;
+                (self.next - n, n)
             }
+            None => return Err(self.out_of_memory()),
         };
-        self.data.remove(&pfn);
-        self.allocated.insert(pfn);
-        self.peak_allocated = self.peak_allocated.max(self.allocated.len());
-        Ok(Pfn(pfn))
+        self.hand_out(start, n);
+        Ok((Pfn(start), n))
+    }
+
+    /// Allocate up to `max` contiguous zeroed never-used frames, the first at `offset` within
+    /// its 2 MiB region (the frames skipped to get there join the freed runs, at the bottom of
+    /// the stack); when no never-used frames are left, [`HostMemory::alloc_run`]'s.
+    pub fn alloc_run_at(&mut self, max: u64, offset: u64) -> Result<(Pfn, u64), MemError> {
+        let offset = offset % PTRS_PER_PMD;
+        let skip = (offset + PTRS_PER_PMD - self.next % PTRS_PER_PMD) % PTRS_PER_PMD;
+        let start = self.next + skip;
+        if start >= self.aligned_top {
+            return self.alloc_run(max);
+        }
+        if skip > 0 {
+            self.free.insert(0, (self.next, skip));
+        }
+        let n = (self.aligned_top - start).min(max.max(1));
+        self.next = start + n;
+        self.hand_out(start, n);
+        Ok((Pfn(start), n))
+    }
+
+    /// Allocate 512 contiguous zeroed frames starting 2 MiB aligned (a 2 MiB folio): from the
+    /// [`FOLIO_SEARCH`] most recently freed runs, else from never-used frames (the frames skipped to reach
+    /// the alignment join the freed runs, at the bottom of the stack). `None` when DRAM has no
+    /// such block left.
+    pub fn alloc_2m_run(&mut self) -> Option<Pfn> {
+        let fits = |&(s, n): &(u64, u64)| {
+            let a = s.next_multiple_of(PTRS_PER_PMD);
+            (a + PTRS_PER_PMD <= s + n).then_some(a)
+        };
+        let mut recent = self.free.iter().enumerate().rev().take(FOLIO_SEARCH);
+        if let Some((i, a)) = recent.find_map(|(i, r)| fits(r).map(|a| (i, a))) {
+            let (s, n) = self.free.remove(i);
+            let after = (a + PTRS_PER_PMD, s + n - a - PTRS_PER_PMD);
+            for (j, run) in [(s, a - s), after].into_iter().filter(|r| r.1 > 0).enumerate() {
+                self.free.insert(i + j, run);
+            }
+            self.hand_out(a, PTRS_PER_PMD);
+            return Some(Pfn(a));
+        }
+        let start = self.next.next_multiple_of(PTRS_PER_PMD);
+        if start.checked_add(PTRS_PER_PMD)? > self.aligned_top {
+            return None;
+        }
+        if start > self.next {
+            self.free.insert(0, (self.next, start - self.next));
+        }
+        self.next = start + PTRS_PER_PMD;
+        self.hand_out(start, PTRS_PER_PMD);
+        Some(Pfn(start))
     }
 
     /// Allocate a 2 MiB-aligned frame (what a buddy allocator returns when it splits a fresh
     /// 2 MiB block), taken from the top of DRAM downwards.
     pub fn alloc_2m_aligned(&mut self) -> Result<Pfn, MemError> {
-        let top = self.aligned_top.unwrap_or(self.end) & !511;
-        let pfn = top.checked_sub(512).filter(|&p| p >= self.next.max(self.first));
-        let Some(pfn) = pfn.filter(|p| !self.allocated.contains(p) && !self.leaked.contains(p)) else {
-            return Err(MemError::OutOfMemory {
-                frames: self.end - self.first,
-            });
+        let top = self.aligned_top & !(PTRS_PER_PMD - 1);
+        let pfn = top
+            .checked_sub(PTRS_PER_PMD)
+            .filter(|&p| p >= self.next.max(self.first));
+        let Some(pfn) = pfn.filter(|&p| !self.allocated.contains(p) && !self.leaked.contains(p)) else {
+            return Err(self.out_of_memory());
         };
-        self.aligned_top = Some(pfn);
-        self.data.remove(&pfn);
-        self.allocated.insert(pfn);
-        self.peak_allocated = self.peak_allocated.max(self.allocated.len());
+        // The rest of the block below the old top is never handed out again: as before, the
+        // allocator only moves its top down.
+        self.aligned_top = pfn;
+        self.hand_out(pfn, 1);
         Ok(Pfn(pfn))
     }
 
     /// Give a frame back to the allocator.
     pub fn free(&mut self, pfn: Pfn) -> Result<(), MemError> {
-        if !self.allocated.remove(&pfn.0) {
-            return Err(MemError::NotAllocated { pfn });
+        self.free_run(pfn, 1)
+    }
+
+    /// Give `n` contiguous frames back to the allocator. All of them must be allocated. Their
+    /// contents go (a frame is handed out zeroed again), so freed memory costs no storage.
+    pub fn free_run(&mut self, pfn: Pfn, n: u64) -> Result<(), MemError> {
+        self.take_allocated(pfn, n)?;
+        self.drop_data(pfn.0, n);
+        match self.free.last_mut() {
+            // Extend the top run only at its end, so the last frame freed is the next handed out.
+            Some(top) if top.0 + top.1 == pfn.0 => top.1 += n,
+            _ => self.free.push((pfn.0, n)),
         }
-        self.free.push(pfn.0);
+        Ok(())
+    }
+
+    fn take_allocated(&mut self, pfn: Pfn, n: u64) -> Result<(), MemError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if !self.allocated.covers(pfn.0, pfn.0 + n) {
+            let missing = (pfn.0..pfn.0 + n)
+                .find(|&p| !self.allocated.contains(p))
+                .unwrap_or(pfn.0);
+            return Err(MemError::NotAllocated { pfn: Pfn(missing) });
+        }
+        self.allocated.remove(pfn.0, pfn.0 + n);
+        self.allocated_frames -= n;
         Ok(())
     }
 
     /// Take a frame out of circulation for good (`snp_leak_pages`).
     pub fn leak(&mut self, pfn: Pfn) -> Result<(), MemError> {
-        if !self.allocated.remove(&pfn.0) {
-            return Err(MemError::NotAllocated { pfn });
-        }
-        self.leaked.insert(pfn.0);
+        self.leak_run(pfn, 1)
+    }
+
+    /// Take `n` contiguous allocated frames out of circulation for good.
+    pub fn leak_run(&mut self, pfn: Pfn, n: u64) -> Result<(), MemError> {
+        self.take_allocated(pfn, n)?;
+        self.leaked.insert(pfn.0, pfn.0 + n);
         Ok(())
     }
 
     /// Whether the frame is currently handed out.
     pub fn is_allocated(&self, pfn: Pfn) -> bool {
-        self.allocated.contains(&pfn.0)
+        self.allocated.contains(pfn.0)
     }
 
     /// Whether the frame was leaked.
     pub fn is_leaked(&self, pfn: Pfn) -> bool {
-        self.leaked.contains(&pfn.0)
+        self.leaked.contains(pfn.0)
+    }
+
+    /// The leaked frames among the `n` frames from `pfn`.
+    pub fn leaked_in(&self, pfn: Pfn, n: u64) -> Vec<Pfn> {
+        let end = pfn.0 + n;
+        self.leaked
+            .iter()
+            .filter(|&(s, e)| s < end && e > pfn.0)
+            .flat_map(|(s, e)| s.max(pfn.0)..e.min(end))
+            .map(Pfn)
+            .collect()
     }
 
     /// Frames currently handed out.
     pub fn allocated(&self) -> usize {
-        self.allocated.len()
+        self.allocated_frames as usize
     }
 
     /// Frames leaked so far.
     pub fn leaked(&self) -> Vec<Pfn> {
-        self.leaked.iter().map(|&p| Pfn(p)).collect()
+        self.leaked.iter().flat_map(|(s, e)| (s..e).map(Pfn)).collect()
+    }
+
+    /// How many frames were leaked so far.
+    pub fn leaked_count(&self) -> u64 {
+        self.leaked.iter().map(|(s, e)| e - s).sum()
     }
 
     /// The raw bytes of a frame as they sit in DRAM (ciphertext for encrypted frames).
@@ -213,19 +361,23 @@ impl HostMemory {
         self.data.len()
     }
 
-    /// Bytes the sparse structures take now (approximate: entry sizes times capacities, plus
-    /// 4 KiB per backed frame).
-    pub fn footprint_bytes(&self) -> usize {
+    /// Bytes of the allocator's own bookkeeping (the interval sets, the free runs and the map
+    /// of frame contents, not the contents themselves).
+    pub fn bookkeeping_bytes(&self) -> usize {
         self.data.capacity() * (8 + 8 + 8)
-            + self.data.len() * PAGE_SIZE as usize
-            + self.allocated.capacity() * (8 + 8)
-            + self.free.capacity() * 8
-            + self.leaked.len() * 16
+            + self.allocated.bytes()
+            + self.leaked.bytes()
+            + self.free.capacity() * 16
+    }
+
+    /// Bytes the frame contents take: 4 KiB per frame with non-zero bytes.
+    pub fn contents_bytes(&self) -> usize {
+        self.data.len() * PAGE_SIZE as usize
     }
 
     /// The most frames ever allocated at once, and the most ever backed by storage at once.
     pub fn peaks(&self) -> (usize, usize) {
-        (self.peak_allocated, self.peak_data)
+        (self.peak_allocated as usize, self.peak_data)
     }
 }
 
@@ -259,14 +411,11 @@ impl RangeSet {
             return;
         }
         let (mut s, mut e) = (start, end);
-        let touching: Vec<(u64, u64)> = self
-            .map
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &ie)| ie >= start)
-            .map(|(&is, &ie)| (is, ie))
-            .collect();
-        for (is, ie) in touching {
+        // Every interval that overlaps or touches [start, end] merges into it.
+        while let Some((&is, &ie)) = self.map.range(..=e).next_back() {
+            if ie < s {
+                break;
+            }
             self.map.remove(&is);
             s = s.min(is);
             e = e.max(ie);
@@ -279,37 +428,225 @@ impl RangeSet {
         if start >= end {
             return;
         }
-        let overlapping: Vec<(u64, u64)> = self
-            .map
-            .range(..end)
-            .rev()
-            .take_while(|&(_, &ie)| ie > start)
-            .map(|(&is, &ie)| (is, ie))
-            .collect();
-        for (is, ie) in overlapping {
-            self.map.remove(&is);
-            if is < start {
-                self.map.insert(is, start);
+        while let Some((&is, &ie)) = self.map.range(..end).next_back() {
+            if ie <= start {
+                break;
             }
+            self.map.remove(&is);
             if end < ie {
                 self.map.insert(end, ie);
             }
+            if is < start {
+                self.map.insert(is, start);
+                break;
+            }
         }
+    }
+
+    /// How many values of `[start, end)` are in the set.
+    pub fn count(&self, start: u64, end: u64) -> u64 {
+        let first = self.map.range(..=start).next_back().map_or(start, |(&s, _)| s);
+        self.map
+            .range(first..end)
+            .map(|(&s, &e)| e.min(end).saturating_sub(s.max(start)))
+            .sum()
     }
 
     /// The number of intervals.
     pub fn intervals(&self) -> usize {
         self.map.len()
     }
+
+    /// The intervals, `(start, end)`, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.map.iter().map(|(&s, &e)| (s, e))
+    }
+
+    /// Approximate bytes of the set (a B-tree entry of two `u64`s and its share of a node).
+    pub fn bytes(&self) -> usize {
+        self.map.len() * 24
+    }
+}
+
+/// A run of guest frames backed by a run of host frames: guest frames
+/// `[gfn, gfn + frames)` are host frames `[pfn, pfn + frames)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// The first guest frame.
+    pub gfn: Gfn,
+    /// The host frame backing it.
+    pub pfn: Pfn,
+    /// How many frames.
+    pub frames: u64,
+    /// Whether the run is made of 2 MiB folios (`gfn`, `pfn` and `frames` are then multiples of
+    /// 512): KVM may back each with one 2 MiB RMP entry.
+    pub huge: bool,
+}
+
+impl Extent {
+    fn end(&self) -> u64 {
+        self.gfn.0 + self.frames
+    }
+
+    /// The part of the extent within guest frames `[start, end)`, keeping `huge` only for
+    /// whole 2 MiB folios (a cut folio is no longer one).
+    fn clip(self, start: u64, end: u64) -> impl Iterator<Item = Extent> {
+        let (s, e) = (self.gfn.0.max(start), self.end().min(end));
+        let piece = |from: u64, to: u64, huge: bool| {
+            (from < to).then(|| Extent {
+                gfn: Gfn(from),
+                pfn: Pfn(self.pfn.0 + (from - self.gfn.0)),
+                frames: to - from,
+                huge,
+            })
+        };
+        let (up, down) = if self.huge {
+            (s.next_multiple_of(PTRS_PER_PMD), e & !(PTRS_PER_PMD - 1))
+        } else {
+            (e, e)
+        };
+        let parts = if up < down {
+            [piece(s, up, false), piece(up, down, true), piece(down, e, false)]
+        } else {
+            [piece(s, e, false), None, None]
+        };
+        parts.into_iter().flatten()
+    }
+}
+
+/// Guest frames mapped to host frames in extents (runs), keyed by their first guest frame.
+#[derive(Clone, Debug, Default)]
+pub struct ExtentMap {
+    /// gfn -> (frames, pfn, huge).
+    map: BTreeMap<u64, (u64, u64, bool)>,
+    frames: u64,
+}
+
+impl ExtentMap {
+    fn at(&self, gfn: u64) -> Option<Extent> {
+        let (&g, &(frames, pfn, huge)) = self.map.range(..=gfn).next_back()?;
+        (gfn < g + frames).then_some(Extent {
+            gfn: Gfn(g),
+            pfn: Pfn(pfn),
+            frames,
+            huge,
+        })
+    }
+
+    /// The host frame backing `gfn` and the extent it lies in.
+    pub fn get(&self, gfn: Gfn) -> Option<(Pfn, Extent)> {
+        self.at(gfn.0).map(|e| (Pfn(e.pfn.0 + (gfn.0 - e.gfn.0)), e))
+    }
+
+    /// Add an extent over guest frames that have no backing, merged with its neighbours when
+    /// it continues them in both address spaces.
+    pub fn insert(&mut self, e: Extent) {
+        if e.frames == 0 {
+            return;
+        }
+        debug_assert!(
+            self.iter_range(e.gfn.0, e.end()).next().is_none(),
+            "overlapping extent {e:?}"
+        );
+        self.frames += e.frames;
+        let mut e = e;
+        if let Some(prev) = e.gfn.0.checked_sub(1).and_then(|g| self.at(g))
+            && prev.huge == e.huge
+            && prev.pfn.0 + prev.frames == e.pfn.0
+        {
+            self.map.remove(&prev.gfn.0);
+            e = Extent {
+                gfn: prev.gfn,
+                pfn: prev.pfn,
+                frames: prev.frames + e.frames,
+                huge: e.huge,
+            };
+        }
+        if let Some(next) = self.at(e.end())
+            && next.huge == e.huge
+            && e.pfn.0 + e.frames == next.pfn.0
+        {
+            self.map.remove(&next.gfn.0);
+            e.frames += next.frames;
+        }
+        self.map.insert(e.gfn.0, (e.frames, e.pfn.0, e.huge));
+    }
+
+    /// The extents over guest frames `[start, end)`, clipped to it, in order.
+    pub fn iter_range(&self, start: u64, end: u64) -> impl Iterator<Item = Extent> + '_ {
+        let first = self.at(start).map_or(start, |e| e.gfn.0);
+        self.map
+            .range(first..end)
+            .map(|(&g, &(frames, pfn, huge))| Extent {
+                gfn: Gfn(g),
+                pfn: Pfn(pfn),
+                frames,
+                huge,
+            })
+            .flat_map(move |e| e.clip(start, end))
+    }
+
+    /// Remove the backing of guest frames `[start, end)` and return what it was, in order.
+    pub fn remove(&mut self, start: u64, end: u64) -> Vec<Extent> {
+        let hit: Vec<Extent> = {
+            let first = self.at(start).map_or(start, |e| e.gfn.0);
+            self.map
+                .range(first..end)
+                .map(|(&g, &(frames, pfn, huge))| Extent {
+                    gfn: Gfn(g),
+                    pfn: Pfn(pfn),
+                    frames,
+                    huge,
+                })
+                .filter(|e| e.end() > start)
+                .collect()
+        };
+        let mut out = Vec::new();
+        for e in hit {
+            self.map.remove(&e.gfn.0);
+            self.frames -= e.frames;
+            for keep in e.clip(e.gfn.0, start).chain(e.clip(end, e.end())) {
+                self.frames += keep.frames;
+                self.map.insert(keep.gfn.0, (keep.frames, keep.pfn.0, keep.huge));
+            }
+            out.extend(e.clip(start, end));
+        }
+        out
+    }
+
+    /// Remove everything and return it, in order.
+    pub fn take(&mut self) -> Vec<Extent> {
+        self.frames = 0;
+        std::mem::take(&mut self.map)
+            .into_iter()
+            .map(|(g, (frames, pfn, huge))| Extent {
+                gfn: Gfn(g),
+                pfn: Pfn(pfn),
+                frames,
+                huge,
+            })
+            .collect()
+    }
+
+    /// Frames mapped.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Approximate bytes of the map.
+    pub fn bytes(&self) -> usize {
+        self.map.len() * 40
+    }
 }
 
 /// One guest's memory: guest_memfd-backed private frames, the VMM's shared frames, and the
 /// memory attributes (`KVM_SET_MEMORY_ATTRIBUTES`) that say which side a guest frame is on.
+/// Backing is kept in extents, so a guest costs a few entries per run of frames it touched.
 #[derive(Debug, Default)]
 pub struct GuestMemfd {
     slots: Vec<(u64, u64)>,
-    private: BTreeMap<u64, Pfn>,
-    shared: BTreeMap<u64, Pfn>,
+    private: ExtentMap,
+    shared: ExtentMap,
     private_attr: RangeSet,
 }
 
@@ -346,42 +683,67 @@ impl GuestMemfd {
 
     /// The private (guest_memfd) frame backing `gfn`, if one is allocated.
     pub fn private_pfn(&self, gfn: Gfn) -> Option<Pfn> {
-        self.private.get(&gfn.0).copied()
+        self.private.get(gfn).map(|(p, _)| p)
     }
 
-    /// Record that `pfn` now backs `gfn` privately.
+    /// The private frame backing `gfn` and the extent it lies in.
+    pub fn private_extent(&self, gfn: Gfn) -> Option<(Pfn, Extent)> {
+        self.private.get(gfn)
+    }
+
+    /// Record that `pfn` now backs `gfn` privately (a 4 KiB folio).
     pub fn set_private(&mut self, gfn: Gfn, pfn: Pfn) {
-        self.private.insert(gfn.0, pfn);
+        self.add_private(Extent {
+            gfn,
+            pfn,
+            frames: 1,
+            huge: false,
+        });
     }
 
-    /// Remove the private backing of `gfn` (hole punch) and return the frame it had.
-    pub fn punch(&mut self, gfn: Gfn) -> Option<Pfn> {
-        self.private.remove(&gfn.0)
+    /// Record a run of private backing over guest frames that have none.
+    pub fn add_private(&mut self, e: Extent) {
+        self.private.insert(e);
     }
 
-    /// Every private frame, by guest frame.
-    pub fn private_frames(&self) -> Vec<(Gfn, Pfn)> {
-        self.private.iter().map(|(&g, &p)| (Gfn(g), p)).collect()
+    /// The private backing over `[start, end)`, in order.
+    pub fn private_extents(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = Extent> + '_ {
+        self.private.iter_range(start.0, end.0)
+    }
+
+    /// Remove the private backing of `[start, end)` (a hole punch) and return it.
+    pub fn punch(&mut self, start: Gfn, end: Gfn) -> Vec<Extent> {
+        self.private.remove(start.0, end.0)
+    }
+
+    /// Remove every private frame and return them.
+    pub fn take_private(&mut self) -> Vec<Extent> {
+        self.private.take()
     }
 
     /// The shared (VMM memory) frame backing `gfn`, if one is allocated.
     pub fn shared_pfn(&self, gfn: Gfn) -> Option<Pfn> {
-        self.shared.get(&gfn.0).copied()
+        self.shared.get(gfn).map(|(p, _)| p)
     }
 
     /// Record that `pfn` backs `gfn` in shared memory.
     pub fn set_shared(&mut self, gfn: Gfn, pfn: Pfn) {
-        self.shared.insert(gfn.0, pfn);
+        self.shared.insert(Extent {
+            gfn,
+            pfn,
+            frames: 1,
+            huge: false,
+        });
     }
 
-    /// Remove the shared frame of `gfn` and return it.
-    pub fn remove_shared(&mut self, gfn: Gfn) -> Option<Pfn> {
-        self.shared.remove(&gfn.0)
+    /// Remove the shared frames of `[start, end)` and return them.
+    pub fn remove_shared(&mut self, start: Gfn, end: Gfn) -> Vec<Extent> {
+        self.shared.remove(start.0, end.0)
     }
 
     /// Drop every shared frame and return them.
-    pub fn take_shared(&mut self) -> Vec<Pfn> {
-        std::mem::take(&mut self.shared).into_values().collect()
+    pub fn take_shared(&mut self) -> Vec<Extent> {
+        self.shared.take()
     }
 
     /// Whether `gfn`'s attribute is shared (not `KVM_MEMORY_ATTRIBUTE_PRIVATE`).
@@ -394,6 +756,11 @@ impl GuestMemfd {
         self.private_attr.covers(start.0, end.0)
     }
 
+    /// How many frames of `[start, end)` have the private attribute.
+    pub fn private_attr_frames(&self, start: Gfn, end: Gfn) -> u64 {
+        self.private_attr.count(start.0, end.0)
+    }
+
     /// Set the attribute of `[start, end)` (`KVM_SET_MEMORY_ATTRIBUTES`).
     pub fn set_attr(&mut self, start: Gfn, end: Gfn, private: bool) {
         if private {
@@ -403,19 +770,16 @@ impl GuestMemfd {
         }
     }
 
-    /// The guest frames of `[start, end)` with a private frame allocated.
-    pub fn private_in(&self, start: Gfn, end: Gfn) -> Vec<Gfn> {
-        self.private.range(start.0..end.0).map(|(&g, _)| Gfn(g)).collect()
-    }
-
-    /// The guest frames of `[start, end)` with a shared frame allocated.
-    pub fn shared_in(&self, start: Gfn, end: Gfn) -> Vec<Gfn> {
-        self.shared.range(start.0..end.0).map(|(&g, _)| Gfn(g)).collect()
+    /// Whether a memslot covers all of 2 MiB-aligned guest region `[start, start + 512)` and
+    /// none of it has private backing: a 2 MiB folio can back it.
+    pub fn folio_fits(&self, start: Gfn) -> bool {
+        let end = Gfn(start.0 + PTRS_PER_PMD);
+        self.covers(start, end) && self.private.iter_range(start.0, end.0).next().is_none()
     }
 
     /// Approximate bytes of the maps.
     pub fn footprint_bytes(&self) -> usize {
-        (self.private.len() + self.shared.len() + self.private_attr.intervals()) * 32 + self.slots.len() * 16
+        self.private.bytes() + self.shared.bytes() + self.private_attr.bytes() + self.slots.len() * 16
     }
 }
 
@@ -427,7 +791,7 @@ mod tests {
     fn a_tebibyte_host_is_free_until_touched() {
         let mut m = HostMemory::new(DEFAULT_FIRST_PFN, TIB);
         assert_eq!(m.end_pfn().0 - m.first_pfn().0, 1 << 28);
-        assert!(m.footprint_bytes() < 1024);
+        assert!(m.bookkeeping_bytes() < 1024);
         let p = m.alloc().unwrap();
         assert_eq!(p, Pfn(DEFAULT_FIRST_PFN), "real-looking address above 4 GiB");
         assert!(
@@ -480,8 +844,18 @@ mod tests {
         assert!(g.covers(Gfn(0x100), Gfn(0x110)) && !g.covers(Gfn(0x100), Gfn(0x111)));
         g.set_private(Gfn(0x101), Pfn(9));
         assert_eq!(g.private_pfn(Gfn(0x101)), Some(Pfn(9)));
-        assert_eq!(g.private_in(Gfn(0x100), Gfn(0x110)), vec![Gfn(0x101)]);
-        assert_eq!(g.punch(Gfn(0x101)), Some(Pfn(9)));
+        let backed: Vec<Gfn> = g.private_extents(Gfn(0x100), Gfn(0x110)).map(|e| e.gfn).collect();
+        assert_eq!(backed, vec![Gfn(0x101)]);
+        let punched = g.punch(Gfn(0x101), Gfn(0x102));
+        assert_eq!(
+            punched,
+            vec![Extent {
+                gfn: Gfn(0x101),
+                pfn: Pfn(9),
+                frames: 1,
+                huge: false
+            }]
+        );
         assert_eq!(g.private_pfn(Gfn(0x101)), None);
         assert!(!g.is_shared(Gfn(0x102)), "the slot was added private");
         g.set_attr(Gfn(0x102), Gfn(0x103), false);
@@ -512,5 +886,71 @@ mod tests {
         // A tebibyte of 4 KiB frames is one interval.
         r.insert(0, 1 << 28);
         assert!(r.covers(0, 1 << 28) && r.intervals() == 1);
+    }
+
+    #[test]
+    fn runs_come_from_the_most_recent_free_run_and_count_once() {
+        let mut m = HostMemory::new(DEFAULT_FIRST_PFN, 64 << 20);
+        let (a, n) = m.alloc_run(100).unwrap();
+        assert_eq!((a, n), (Pfn(DEFAULT_FIRST_PFN), 100));
+        assert_eq!(m.allocated(), 100);
+        m.free_run(Pfn(a.0 + 10), 20).unwrap();
+        assert_eq!(
+            m.free_run(Pfn(a.0 + 15), 1),
+            Err(MemError::NotAllocated { pfn: Pfn(a.0 + 15) })
+        );
+        assert_eq!(m.allocated(), 80);
+        // The last frame freed is the first handed out again.
+        assert_eq!(m.alloc().unwrap(), Pfn(a.0 + 29));
+        assert_eq!(
+            m.alloc_run(100).unwrap(),
+            (Pfn(a.0 + 10), 19),
+            "the rest of that run"
+        );
+        let folio = m.alloc_2m_run().unwrap();
+        assert!(folio.is_2m_aligned() && folio.0 > a.0);
+        m.leak_run(Pfn(a.0 + 50), 10).unwrap();
+        assert_eq!(m.leaked_count(), 10);
+        assert_eq!(m.allocated(), 100 - 10 + 512);
+        assert!(m.bookkeeping_bytes() < 1024, "runs, not frames");
+    }
+
+    #[test]
+    fn extents_merge_split_and_keep_folios_whole() {
+        let mut x = ExtentMap::default();
+        let e = |gfn, pfn, frames, huge| Extent {
+            gfn: Gfn(gfn),
+            pfn: Pfn(pfn),
+            frames,
+            huge,
+        };
+        x.insert(e(0, 1024, 512, true));
+        x.insert(e(512, 1536, 512, true));
+        x.insert(e(1024, 5000, 3, false));
+        assert_eq!(
+            x.map.len(),
+            2,
+            "contiguous folios merge; a 4 KiB run elsewhere does not"
+        );
+        assert_eq!(x.get(Gfn(700)), Some((Pfn(1724), e(0, 1024, 1024, true))));
+        assert_eq!(x.frames(), 1027);
+        // Punching a page out of a folio leaves the rest as 4 KiB folios around it.
+        let out = x.remove(600, 601);
+        assert_eq!(out, vec![e(600, 1624, 1, false)]);
+        assert_eq!(x.get(Gfn(599)).unwrap().1, e(512, 1536, 88, false));
+        assert_eq!(x.get(Gfn(10)).unwrap().1, e(0, 1024, 512, true));
+        let clipped: Vec<Extent> = x.iter_range(500, 1026).collect();
+        assert_eq!(
+            clipped,
+            vec![
+                e(500, 1524, 12, false),
+                e(512, 1536, 88, false),
+                e(601, 1625, 423, false),
+                e(1024, 5000, 2, false)
+            ]
+        );
+        assert_eq!(x.frames(), 1026);
+        assert_eq!(x.take().len(), 4);
+        assert_eq!(x.frames(), 0);
     }
 }

@@ -88,11 +88,8 @@ impl SimPlatform {
         let start = gpa.gfn();
         let end = Gfn(start.0 + len.div_ceil(PAGE_SIZE));
         let mut hw = self.machine.hw();
-        for g in start.0..end.0 {
-            let pfn = hw.slot_mut(self.asid)?.gmem.punch(Gfn(g));
-            if let Some(pfn) = pfn {
-                hw.release_gmem_frame(self.asid, pfn);
-            }
+        for e in hw.slot_mut(self.asid)?.gmem.punch(start, end) {
+            hw.release_gmem_extent(self.asid, e);
         }
         Ok((start, end))
     }
@@ -121,6 +118,21 @@ impl SimPlatform {
     /// Guest `PVALIDATE` (VMPL0); `Ok(false)` when the bit did not change.
     pub fn pvalidate(&self, gpa: Gpa, size: PageSize, validate: bool) -> Result<bool, SimError> {
         self.machine.hw().pvalidate(self.asid, gpa, size, validate)
+    }
+
+    /// Guest `PVALIDATE` (VMPL0) of `pages` pages of `size` from `gpa`, in order, stopping at
+    /// the first failure, as that many [`SimPlatform::pvalidate`] calls would; returns how
+    /// many pages changed and how many did not ("no update").
+    pub fn pvalidate_range(
+        &self,
+        gpa: Gpa,
+        pages: u64,
+        size: PageSize,
+        validate: bool,
+    ) -> Result<(u64, u64), SimError> {
+        self.machine
+            .hw()
+            .pvalidate_range(self.asid, gpa, pages, size, validate)
     }
 
     /// Guest `RMPADJUST` (VMPL0, 4 KiB) of the page at `gpa`.

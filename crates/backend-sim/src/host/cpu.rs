@@ -123,8 +123,8 @@ pub(crate) fn convert(vm: &Vm<SimPlatform>, cpus: &mut Cpus, range: Conversion) 
     }
     let done = vm.platform().convert(start, end, !range.private)?;
     let mut out = format!("{} pages to {to}", end.0 - start.0);
-    if !done.released.is_empty() {
-        out += &format!("; {} private frames released", done.released.len());
+    if done.released != 0 {
+        out += &format!("; {} private frames released", done.released);
     }
     if !hit.is_empty() {
         out += &format!(", vCPUs reloading: {hit:?}");
@@ -267,12 +267,16 @@ impl Cpus {
                 size,
                 validate,
                 ..
-            } => each_page(gpa, pages, size.bytes(), |g| {
-                p.pvalidate(g, size, validate)
-                    .map(|changed| if changed { "ok" } else { "no update" }.to_string())
-            })
-            .map(done)
-            .map_err(|e| e.to_string()),
+            } => p
+                .pvalidate_range(Gpa(gpa), pages, size, validate)
+                .map(|(changed, same)| {
+                    done(match (changed, same) {
+                        (1, 0) => "ok".into(),
+                        (0, 1) => "no update".into(),
+                        _ => format!("{changed} pages ok, {same} no update"),
+                    })
+                })
+                .map_err(|e| e.to_string()),
             GuestAction::Write {
                 gpa,
                 pages,

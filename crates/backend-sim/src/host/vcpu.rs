@@ -33,7 +33,7 @@ pub struct SimKick {
 impl Kick for SimKick {
     fn kick(&self) {
         self.shared.guest().kicked.insert(self.id);
-        self.shared.wake.notify_all();
+        self.shared.wake(self.id);
     }
 }
 
@@ -119,7 +119,7 @@ impl vmsa_host::Vcpu for SimVcpu {
                     }
                     g.next += 1;
                     g.faulted = None;
-                    shared.wake.notify_all();
+                    shared.wake_next(&g);
                     match acted {
                         Acted::Convert(range) => {
                             g.pending = Some(Pending {
@@ -156,7 +156,11 @@ impl vmsa_host::Vcpu for SimVcpu {
                         size: 1,
                     });
                 }
-                _ => g = shared.wake.wait(g).unwrap_or_else(|p| p.into_inner()),
+                _ => {
+                    g = shared.wakes[self.id as usize]
+                        .wait(g)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
             }
         }
     }
@@ -173,7 +177,7 @@ impl vmsa_host::Vcpu for SimVcpu {
         let (index, action) = (pending.index, pending.action.clone());
         let outcome = pending.outcome(answer);
         g.cpus.record(index, &action, outcome);
-        self.shared.wake.notify_all();
+        self.shared.wake_next(&g);
         Ok(())
     }
 

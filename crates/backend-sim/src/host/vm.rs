@@ -53,13 +53,33 @@ pub(super) struct Shared {
     pub kernel: RwLock<vmsa_core::Vm<SimPlatform>>,
     pub platform: SimPlatform,
     pub guest: Mutex<Guest>,
-    /// Signalled whenever the guest makes progress or a vCPU is kicked.
-    pub wake: Condvar,
+    /// One per vCPU ID: signalled when that vCPU has something to do (its action is next, it
+    /// was kicked, or, for the BSP, the script is exhausted), so progress wakes one thread,
+    /// not all of them.
+    pub wakes: Vec<Condvar>,
 }
 
 impl Shared {
     pub fn guest(&self) -> MutexGuard<'_, Guest> {
         self.guest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wake whoever runs next, after the guest made progress (`g` is the locked state): the
+    /// vCPU whose action is next, every vCPU when that one was never created (any of them runs
+    /// it), or the BSP when the script is exhausted (it reports done).
+    pub fn wake_next(&self, g: &Guest) {
+        match g.script.actions.get(g.next).map(|a| a.vcpu()) {
+            Some(v) if g.vcpus.contains(&v) => self.wake(v),
+            Some(_) => g.vcpus.iter().for_each(|&v| self.wake(v)),
+            None => self.wake(0),
+        }
+    }
+
+    /// Wake vCPU `id`'s thread.
+    pub fn wake(&self, id: u32) {
+        if let Some(c) = self.wakes.get(id as usize) {
+            c.notify_all();
+        }
     }
 
     pub fn kernel(&self) -> RwLockReadGuard<'_, vmsa_core::Vm<SimPlatform>> {
@@ -120,7 +140,7 @@ impl SimVm {
                     vcpus: BTreeSet::new(),
                     done_reported: false,
                 }),
-                wake: Condvar::new(),
+                wakes: (0..super::MAX_VCPUS).map(|_| Condvar::new()).collect(),
             }),
             events,
             regions: Vec::new(),
@@ -242,11 +262,11 @@ impl vmsa_host::Vm for SimVm {
         drop(kernel);
         drop(g);
         let machine = shared.platform.machine();
-        let leaked_before = machine.leaked_frames().len() as u64;
+        let leaked_before = machine.leaked_frame_count();
         let destroyed = shared.platform.destroy();
         // A failed destroy (DECOMMISSION refused) leaks the guest's memory: count what it
         // leaked from the machine's ledger, since there is no destroy report then.
-        let leaked_by_destroy = machine.leaked_frames().len() as u64 - leaked_before;
+        let leaked_by_destroy = machine.leaked_frame_count() - leaked_before;
         let frames = |f: fn(&crate::machine::DestroyReport) -> u64, failed: u64| {
             Observed::Seen(destroyed.as_ref().map_or(failed, f))
         };
@@ -261,7 +281,7 @@ impl vmsa_host::Vm for SimVm {
                 guest_frames_released: frames(|d| d.frames_released, 0),
                 guest_frames_leaked: frames(|d| d.frames_leaked, leaked_by_destroy),
                 frames_still_allocated: Observed::Seen(machine.allocated_frames() as u64),
-                frames_leaked_on_purpose: Observed::Seen(machine.leaked_frames().len() as u64),
+                frames_leaked_on_purpose: Observed::Seen(machine.leaked_frame_count()),
                 error: destroyed.err().map(|e| e.to_string()),
             },
         }

@@ -141,6 +141,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
         costs: None,
         teardown: seen.teardown,
         trace: None,
+        footprint: None,
         hidden: seen.hidden,
     };
     summary.judge(false, true);

@@ -50,8 +50,8 @@ pub struct RunArgs {
     /// Guest memory, e.g. 512M, 16G (powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "1G", allow_hyphen_values = true)]
     pub memory: ByteSize,
-    /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail, or a JSON
-    /// guest script (simulator).
+    /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail,
+    /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator).
     #[arg(
         long,
         value_name = "builtin:NAME|FILE",
@@ -192,10 +192,7 @@ pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
     let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
     let progress = progress::Progress::new(!args.json);
     match args.backend {
-        BackendKind::Sim => {
-            let scenario = scenario::Scenario::new(&args.guest, args.vcpus.get(), kind)?;
-            sim::run(args, kind, &scenario, &progress)
-        }
+        BackendKind::Sim => sim::run(args, kind, &progress),
         BackendKind::Kvm => kvm::run(args, &progress),
     }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use backend_sim::CostReport;
+use backend_sim::{CostReport, Footprint};
 use serde::Serialize;
 use vmsa_core::LaunchState;
 use vmsa_host::{GuestActivity, GuestStep};
@@ -206,6 +206,9 @@ pub struct RunSummary {
     pub phases: Vec<PhaseSummary>,
     /// Per-operation counts and cycles.
     pub costs: Option<CostReport>,
+    /// The simulator's own structures at the end of the guest's run, before teardown: the
+    /// frames it tracks and the bytes its bookkeeping takes (none on other backends).
+    pub footprint: Option<Footprint>,
     /// Teardown.
     pub teardown: TeardownSummary,
     /// The Perfetto timeline written, if any.
@@ -367,6 +370,19 @@ impl RunSummary {
                 c.total_cycles,
                 c.total_us / 1000.0,
                 c.clock_hz / 1e9
+            )?;
+        }
+        if let Some(f) = &self.footprint {
+            writeln!(
+                s,
+                "simulator: {} frames tracked, {} bytes of bookkeeping ({:.2} per frame); RMP {} bytes for {} frames ({:.2} per frame); {} frames with contents",
+                f.allocated_frames,
+                f.bookkeeping_bytes,
+                f.bookkeeping_per_frame(),
+                f.rmp_bytes,
+                f.rmp_frames,
+                f.rmp_bytes_per_frame(),
+                f.backed_frames
             )?;
         }
         let t = &self.teardown;

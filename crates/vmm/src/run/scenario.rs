@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use backend_sim::FaultPlan;
-use backend_sim::guest::{GuestAction, GuestScript, smp_boot_vmsa_gpa};
+use backend_sim::guest::{GuestAction, GuestScript, LINUX_BOOT_MIN_RAM, LinuxBootLayout, smp_boot_vmsa_gpa};
 use vmsa_core::{PAGE_SIZE, PMD_SIZE, VmKind};
 
 /// Where the built-in guests put their AP VMSAs: 2 MiB up, one 2 MiB region per AP.
@@ -30,6 +30,14 @@ pub const BUILTINS: &[(&str, &str)] = &[
     (
         "launch-fail",
         "the firmware refuses the last vCPU's VMSA at launch; the page is reclaimed, nothing leaks",
+    ),
+    (
+        "linux-boot",
+        "a Linux guest's way up: PVALIDATE of all RAM (2 MiB pages where aligned, on 2 MiB guest_memfd folios), a 64 MiB bounce buffer made shared, every AP created through the GHCB",
+    ),
+    (
+        "linux-boot-4k",
+        "linux-boot with everything at 4 KiB: 4 KiB guest_memfd folios, RMP entries and PVALIDATEs",
     ),
 ];
 
@@ -95,6 +103,18 @@ pub struct Scenario {
     pub expect_launch_failure: bool,
     /// The least guest memory the script touches, in bytes.
     pub min_memory: u64,
+    /// Whether guest_memfd hands out 2 MiB folios (so that KVM can make 2 MiB RMP entries)
+    /// rather than 4 KiB ones.
+    pub gmem_2m_folios: bool,
+}
+
+/// The guest memory a scenario runs in: what it may touch and what the launch already did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestMemory {
+    /// RAM, `[start, end)` byte ranges in address order (the first at 0).
+    pub ram: Vec<(u64, u64)>,
+    /// Ranges the launch measured and so validated, `[start, end)`.
+    pub launched: Vec<(u64, u64)>,
 }
 
 /// Why a guest cannot run as asked.
@@ -118,17 +138,34 @@ pub enum ScenarioError {
         /// The built-in.
         name: String,
     },
+    /// The built-in needs more low RAM than `--memory` gives.
+    #[error(
+        "builtin:{name} needs at least {min} bytes of guest RAM from address 0 (got {got}); raise --memory"
+    )]
+    TooLittleMemory {
+        /// The built-in.
+        name: String,
+        /// Its minimum, in bytes.
+        min: u64,
+        /// The RAM from address 0 the layout has, in bytes.
+        got: u64,
+    },
     /// The script file could not be used.
     #[error("{0}")]
     Script(String),
 }
 
 impl Scenario {
-    /// The guest `spec` names, for `vcpus` vCPUs of a `kind` guest.
-    pub fn new(spec: &GuestSpec, vcpus: u32, kind: VmKind) -> Result<Self, ScenarioError> {
+    /// The guest `spec` names, for `vcpus` vCPUs of a `kind` guest in `memory`.
+    pub fn new(
+        spec: &GuestSpec,
+        vcpus: u32,
+        kind: VmKind,
+        memory: &GuestMemory,
+    ) -> Result<Self, ScenarioError> {
         match spec {
             GuestSpec::File(path) => Self::from_file(path),
-            GuestSpec::Builtin(name) => Self::builtin(name, vcpus, kind),
+            GuestSpec::Builtin(name) => Self::builtin(name, vcpus, kind, memory),
         }
     }
 
@@ -153,10 +190,11 @@ impl Scenario {
             faults: FaultPlan::default(),
             expect_launch_failure: false,
             min_memory: 0,
+            gmem_2m_folios: false,
         })
     }
 
-    fn builtin(name: &str, vcpus: u32, kind: VmKind) -> Result<Self, ScenarioError> {
+    fn builtin(name: &str, vcpus: u32, kind: VmKind, memory: &GuestMemory) -> Result<Self, ScenarioError> {
         let need = |min: u32| {
             if vcpus < min {
                 Err(ScenarioError::TooFewVcpus {
@@ -175,53 +213,68 @@ impl Scenario {
                 Err(ScenarioError::NeedsSnp { name: name.into() })
             }
         };
-        let min_memory = (u64::from(vcpus) + 1) * PMD_SIZE;
+        let mut min_memory = (u64::from(vcpus) + 1) * PMD_SIZE;
+        let mut gmem_2m_folios = false;
         let mut faults = FaultPlan::default();
-        let (script, expect_launch_failure) = match name {
-            // SEV-ES guests have no AP creation: their APs run from launched host VMSAs, so
-            // the SEV-ES boot is the BSP's.
-            "boot" if kind == VmKind::SevEs => (
-                GuestScript {
-                    name: "boot".into(),
-                    actions: vec![GuestAction::Run { vcpu: 0 }, GuestAction::Hlt { vcpu: 0 }],
-                },
-                false,
-            ),
-            "boot" => (named("boot", GuestScript::smp_boot(vcpus, VMSA_BASE)), false),
-            "ap-churn" => {
-                need(2)?;
-                snp()?;
-                (ap_churn(vcpus, CHURN_ROUNDS), false)
-            }
-            "reset" => {
-                need(2)?;
-                snp()?;
-                (reset(vcpus), false)
-            }
-            "launch-fail" => {
-                snp()?;
-                let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
-                faults = spec
-                    .parse()
-                    .map_err(|e: backend_sim::FaultSpecError| ScenarioError::Script(e.to_string()))?;
-                (
-                    named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
-                    true,
-                )
-            }
-            other => {
-                return Err(ScenarioError::Script(format!(
-                    "'builtin:{other}' is not a built-in guest (known: {})",
-                    names()
-                )));
-            }
-        };
+        let (script, expect_launch_failure) =
+            match name {
+                // SEV-ES guests have no AP creation: their APs run from launched host VMSAs, so
+                // the SEV-ES boot is the BSP's.
+                "boot" if kind == VmKind::SevEs => (
+                    GuestScript {
+                        name: "boot".into(),
+                        actions: vec![GuestAction::Run { vcpu: 0 }, GuestAction::Hlt { vcpu: 0 }],
+                    },
+                    false,
+                ),
+                "boot" => (named("boot", GuestScript::smp_boot(vcpus, VMSA_BASE)), false),
+                "ap-churn" => {
+                    need(2)?;
+                    snp()?;
+                    (ap_churn(vcpus, CHURN_ROUNDS), false)
+                }
+                "reset" => {
+                    need(2)?;
+                    snp()?;
+                    (reset(vcpus), false)
+                }
+                "launch-fail" => {
+                    snp()?;
+                    let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
+                    faults = spec
+                        .parse()
+                        .map_err(|e: backend_sim::FaultSpecError| ScenarioError::Script(e.to_string()))?;
+                    (
+                        named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
+                        true,
+                    )
+                }
+                "linux-boot" | "linux-boot-4k" => {
+                    snp()?;
+                    let layout = LinuxBootLayout::new(memory.ram.clone(), memory.launched.clone())
+                        .ok_or_else(|| ScenarioError::TooLittleMemory {
+                            name: name.into(),
+                            min: LINUX_BOOT_MIN_RAM,
+                            got: memory.ram.first().filter(|r| r.0 == 0).map_or(0, |r| r.1),
+                        })?;
+                    gmem_2m_folios = name == "linux-boot";
+                    min_memory = LINUX_BOOT_MIN_RAM;
+                    (GuestScript::linux_boot(vcpus, &layout, gmem_2m_folios), false)
+                }
+                other => {
+                    return Err(ScenarioError::Script(format!(
+                        "'builtin:{other}' is not a built-in guest (known: {})",
+                        names()
+                    )));
+                }
+            };
         Ok(Self {
             name: name.into(),
             script,
             faults,
             expect_launch_failure,
             min_memory,
+            gmem_2m_folios,
         })
     }
 }
@@ -336,7 +389,7 @@ mod tests {
     fn builtins_check_their_needs() {
         let spec = GuestSpec::Builtin("ap-churn".into());
         assert_eq!(
-            Scenario::new(&spec, 1, VmKind::Snp).unwrap_err(),
+            Scenario::new(&spec, 1, VmKind::Snp, &GuestMemory::default()).unwrap_err(),
             ScenarioError::TooFewVcpus {
                 name: "ap-churn".into(),
                 min: 2,
@@ -344,10 +397,16 @@ mod tests {
             }
         );
         assert!(matches!(
-            Scenario::new(&spec, 4, VmKind::SevEs),
+            Scenario::new(&spec, 4, VmKind::SevEs, &GuestMemory::default()),
             Err(ScenarioError::NeedsSnp { .. })
         ));
-        let fail = Scenario::new(&GuestSpec::Builtin("launch-fail".into()), 4, VmKind::Snp).unwrap();
+        let fail = Scenario::new(
+            &GuestSpec::Builtin("launch-fail".into()),
+            4,
+            VmKind::Snp,
+            &GuestMemory::default(),
+        )
+        .unwrap();
         assert!(fail.expect_launch_failure);
         assert_eq!(fail.faults.pending().len(), 1);
     }

@@ -19,7 +19,7 @@ use super::memory::GuestRam;
 use super::phases::Phases;
 use super::progress::Progress;
 use super::report::{LaunchSummary, Observed, RunSummary};
-use super::scenario::Scenario;
+use super::scenario::{GuestMemory, Scenario};
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
 use crate::measure::plan::LaunchDigest;
@@ -63,6 +63,13 @@ fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<
         }
     }
     Ok(())
+}
+
+/// The simulated host's DRAM for a guest of `memory` bytes: the default 1 TiB, or twice the
+/// guest's memory if that is more (its memory, the VMSAs and firmware pages, and room for the
+/// allocator's alignment of 2 MiB folios). Untouched DRAM costs nothing.
+fn host_bytes(memory: u64) -> u64 {
+    memory.saturating_mul(2).max(backend_sim::memory::TIB)
 }
 
 /// How long a scripted guest may run (wall clock) before the watchdog stops it.
@@ -319,29 +326,20 @@ fn load(ram: &GuestRam, image: &Image) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Run `scenario` on the simulator as `args` ask.
-pub(super) fn run(
-    args: &RunArgs,
-    kind: VmKind,
-    scenario: &Scenario,
-    progress: &Progress,
-) -> Result<RunSummary, RunError> {
+/// Run the guest `args` name on the simulator as `args` ask.
+pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<RunSummary, RunError> {
     let vcpus = args.vcpus.get();
     // Every input is checked before anything is created.
     let costs = match &args.costs {
         Some(p) => CostModel::from_file("--costs", p)?,
         None => CostModel::default(),
     };
-    let mut faults = scenario.faults.clone();
-    if let Some(spec) = &args.fault {
-        let extra: FaultPlan = spec
+    let extra: FaultPlan = match &args.fault {
+        Some(spec) => spec
             .parse()
-            .map_err(|e: backend_sim::FaultSpecError| RunError::Input(format!("--fault: {e}")))?;
-        for rule in extra.pending() {
-            faults.add(*rule);
-        }
-    }
-    let injecting = !faults.pending().is_empty();
+            .map_err(|e: backend_sim::FaultSpecError| RunError::Input(format!("--fault: {e}")))?,
+        None => FaultPlan::default(),
+    };
     if let Some(trace) = &args.trace {
         let dir = trace
             .parent()
@@ -388,6 +386,32 @@ pub(super) fn run(
         Some(pages) => GuestRam::with_image_pages(memory, pages)?,
         None => GuestRam::new(memory, rom)?,
     };
+    // The guest knows its RAM and what the launch validated, as a real guest learns them from
+    // the firmware's memory map.
+    let guest_memory = GuestMemory {
+        ram: ram
+            .regions()
+            .iter()
+            .filter(|r| !r.rom)
+            .map(|r| (r.gpa.0, r.gpa.0 + r.len))
+            .collect(),
+        launched: image
+            .updates
+            .iter()
+            .map(|d| {
+                (
+                    d.gpa.0 & !(PAGE_SIZE - 1),
+                    (d.gpa.0 + d.len).next_multiple_of(PAGE_SIZE),
+                )
+            })
+            .collect(),
+    };
+    let scenario = &Scenario::new(&args.guest, vcpus, kind, &guest_memory)?;
+    let mut faults = scenario.faults.clone();
+    for rule in extra.pending() {
+        faults.add(*rule);
+    }
+    let injecting = !faults.pending().is_empty();
     if memory < scenario.min_memory {
         return Err(RunError::Input(format!(
             "--memory {}: {} needs at least {} of guest memory for its VMSA and data pages",
@@ -447,11 +471,19 @@ pub(super) fn run(
         costs,
         faults,
         trace: args.trace.is_some(),
+        gmem_2m_folios: scenario.gmem_2m_folios,
+        host_bytes: host_bytes(memory),
         ..MachineConfig::default()
     });
     let host = SimHost::new(machine.clone(), scenario.script.clone());
     let mut phases = Phases::simulated(PhaseClock::new(&machine));
-    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| phases.end(name))?;
+    let mut footprint = None;
+    let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| {
+        if name == "run" {
+            footprint = Some(machine.footprint());
+        }
+        phases.end(name)
+    })?;
 
     if let Some(path) = &args.trace {
         serde_json::to_vec(&machine.trace_json())
@@ -510,6 +542,7 @@ pub(super) fn run(
             .collect(),
         phases: phases.into_phases(),
         costs: Some(machine.cost_report()),
+        footprint,
         teardown: seen.teardown,
         trace: args.trace.as_ref().map(|p| p.display().to_string()),
         hidden: seen.hidden,
