@@ -7,11 +7,15 @@
 //!   operation the scenarios reach, and a second failure at each of the last four calls of
 //!   each recovery operation), its size and outcomes printed.
 //! - `bench`: the criterion benchmarks (`-- <filter>` narrows them).
+//! - `fuzz --time N [TARGET]`: build the fuzz targets (`fuzz/`) with libFuzzer on the stable
+//!   toolchain and run each (or TARGET) for N seconds, printing executions and coverage.
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
 //! - `costs`: print the simulator's cost table, with the basis and public source of each row.
 
 #![forbid(unsafe_code)]
+
+mod fuzz;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -30,15 +34,18 @@ fn main() -> ExitCode {
         "test" => test(),
         "soak" => soak(),
         "bench" => bench(rest),
+        "fuzz" => fuzz::fuzz(rest),
         "lint" => lint(),
         "fixtures" => fixtures(),
         "costs" => costs(),
         "help" | "-h" | "--help" => {
-            println!("usage: cargo xtask <test | soak | bench [-- FILTER] | lint | fixtures | costs>");
+            println!(
+                "usage: cargo xtask <test | soak | bench [-- FILTER] | fuzz --time N [TARGET] | lint | fixtures | costs>"
+            );
             Ok(())
         }
         other => Err(format!(
-            "unknown task `{other}` (expected test, soak, bench, lint, fixtures or costs)"
+            "unknown task `{other}` (expected test, soak, bench, fuzz, lint, fixtures or costs)"
         )),
     };
     match result {
