@@ -10,6 +10,8 @@
 //!   CI form); `bench measure`: only `vmm measure` against sev-snp-measure; `bench linux-boot`:
 //!   only the simulator's linux-boot scaling runs ([`linux_boot`]: the release `vmm` as a child
 //!   per row, the table and an SVG plot).
+//! - `fuzz --time N [TARGET]`: build the fuzz targets (`fuzz/`) with libFuzzer on the stable
+//!   toolchain and run each (or TARGET) for N seconds, printing executions and coverage.
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
 //! - `costs`: print the simulator's cost table, with the basis and public source of each row.
@@ -18,6 +20,8 @@
 #![deny(unsafe_code)]
 
 mod linux_boot;
+
+mod fuzz;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -36,17 +40,18 @@ fn main() -> ExitCode {
         "test" => test(),
         "soak" => soak(),
         "bench" => bench(rest),
+        "fuzz" => fuzz::fuzz(rest),
         "lint" => lint(),
         "fixtures" => fixtures(),
         "costs" => costs(),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <test | soak | bench [--quick] [measure | linux-boot] [-- FILTER] | lint | fixtures | costs>"
+                "usage: cargo xtask <test | soak | bench [--quick] [measure | linux-boot] [-- FILTER] | fuzz --time N [TARGET] | lint | fixtures | costs>"
             );
             Ok(())
         }
         other => Err(format!(
-            "unknown task `{other}` (expected test, soak, bench, lint, fixtures or costs)"
+            "unknown task `{other}` (expected test, soak, bench, fuzz, lint, fixtures or costs)"
         )),
     };
     match result {
@@ -206,7 +211,11 @@ fn bench(rest: &[String]) -> Result<(), String> {
             }
         }
     }
-    let quick_arg = if quick { vec!["--quick".to_owned()] } else { Vec::new() };
+    let quick_arg = if quick {
+        vec!["--quick".to_owned()]
+    } else {
+        Vec::new()
+    };
     if only == Some("linux-boot") {
         return linux_boot_bench(&quick_arg);
     }

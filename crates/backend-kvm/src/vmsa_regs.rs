@@ -13,8 +13,9 @@
 //! - segment attributes are the VMCB's packed 12-bit form (type 3:0, S 4, DPL 6:5, P 7,
 //!   AVL 8, L 9, D/B 10, G 11); a non-present segment has attributes 0 and is "unusable" in
 //!   KVM terms; limits are byte-granular in both;
-//! - `CPL` is `SS.DPL` (KVM sets the VMCB's CPL from SS); an image whose `cpl` disagrees is
-//!   refused;
+//! - `CPL` is `SS.DPL` (KVM sets the VMCB's CPL from SS); an image whose `cpl` is above 3, or
+//!   disagrees with a present SS, is refused; with SS not present KVM gets the image's `cpl`
+//!   as SS's DPL;
 //! - `EFER.SVME` (bit 12) is set in every VMSA of a running guest but is not guest-visible: it
 //!   is cleared on load and set on capture;
 //! - `CR8` is `V_TPR`, bits 3:0 of `VINTR_CTRL`;
@@ -186,11 +187,11 @@ impl KvmState {
     /// The KVM state for `img`. `current` supplies what a VMSA does not hold (the APIC base).
     pub fn from_image(img: &SevEsSaveArea, current: &kvm_sregs) -> Result<Self, RegsError> {
         let ss_dpl = (img.ss.attrib >> 5) & 3;
-        if img.ss.attrib & 0x80 != 0 && u16::from(img.cpl) != ss_dpl {
+        if img.cpl > 3 || (img.ss.attrib & 0x80 != 0 && u16::from(img.cpl) != ss_dpl) {
             return Err(RegsError::Field {
                 field: "cpl",
                 value: u64::from(img.cpl),
-                rule: "the CPL must equal SS.DPL (KVM derives the CPL from SS)",
+                rule: "the CPL must be 0 to 3 and equal SS.DPL if SS is present (KVM derives the CPL from SS)",
             });
         }
         if img.x87_ftw > 0xff {
@@ -226,7 +227,13 @@ impl KvmState {
             es: seg_to_kvm(&img.es),
             fs: seg_to_kvm(&img.fs),
             gs: seg_to_kvm(&img.gs),
-            ss: seg_to_kvm(&img.ss),
+            // KVM keeps the CPL as SS's DPL: `svm_set_segment` sets `save.cpl` from SS's `dpl`
+            // and `svm_get_segment` returns `save.cpl` as SS's `dpl` (arch/x86/kvm/svm/svm.c),
+            // also for an unusable SS, whose attributes the VMSA holds as 0: give KVM the CPL.
+            ss: kvm_segment {
+                dpl: img.cpl,
+                ..seg_to_kvm(&img.ss)
+            },
             tr: seg_to_kvm(&img.tr),
             ldt: seg_to_kvm(&img.ldtr),
             gdt: dtable_to_kvm("gdtr", &img.gdtr)?,
@@ -688,6 +695,42 @@ mod tests {
         let mut img = image();
         img.xcr0 = 0;
         assert_eq!(KvmState::from_image(&img, &current).unwrap().xcr0, 1);
+    }
+
+    /// Regression (found by the `vmsa_image` fuzz target): with SS not present, the image's
+    /// CPL was not checked and KVM got SS's attribute DPL bits instead, which KVM takes as the
+    /// CPL (`svm_set_segment`), so the vCPU ran at another CPL than the image's and the capture
+    /// of the capture changed the CPL again.
+    #[test]
+    fn the_cpl_survives_an_unusable_ss() {
+        let current = kvm_sregs::default();
+        let mut img = image();
+        img.ss = VmcbSeg::new(0, 0x20, 0, 0); // not present, attribute DPL bits 1
+        img.cpl = 0;
+        let st = KvmState::from_image(&img, &current).unwrap();
+        assert_eq!(
+            (st.sregs.ss.unusable, st.sregs.ss.dpl),
+            (1, 0),
+            "KVM's CPL is the image's"
+        );
+        let mut once = img.clone();
+        st.store(&mut once);
+        assert_eq!((once.cpl, once.ss.attrib), (0, 0));
+        let mut twice = once.clone();
+        KvmState::from_image(&once, &current).unwrap().store(&mut twice);
+        assert_eq!(
+            twice, once,
+            "load and capture of a captured image is a fixed point"
+        );
+        img.cpl = 4;
+        assert!(matches!(
+            KvmState::from_image(&img, &current),
+            Err(RegsError::Field {
+                field: "cpl",
+                value: 4,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use vmsa_host::input::one_line;
 
 /// The clock the defaults are expressed at: the TSC of TUM-DSE/CVM_eval's EPYC 9334 (Genoa) host
 /// (docs/amd-snp.md names the CPU; benchmarks/vmexit/README.md's 10,421 cycles in 3,859 ns is
@@ -173,11 +174,12 @@ pub fn table() -> String {
     out
 }
 
-/// Why a cost file was refused. Every message is one line that starts with the file's name.
+/// Why a cost file was refused. Every message is one line that starts with the file's name
+/// (control characters in the name or in text quoted from the file are shown escaped).
 #[derive(Debug, thiserror::Error)]
 pub enum CostError {
     /// The file is not valid TOML/JSON of the expected shape.
-    #[error("{path}: {detail}")]
+    #[error("{}: {}", one_line(.path), one_line(.detail))]
     Parse {
         /// How the file is named (`--costs FILE`, a path, or `<string>`).
         path: String,
@@ -185,7 +187,7 @@ pub enum CostError {
         detail: String,
     },
     /// An operation name is unknown.
-    #[error("{path}: unknown operation `{name}` (known: {known})")]
+    #[error("{}: unknown operation `{}` (known: {known})", one_line(.path), one_line(.name))]
     UnknownOp {
         /// How the file is named.
         path: String,
@@ -195,7 +197,7 @@ pub enum CostError {
         known: String,
     },
     /// The clock is outside [`CLOCK_HZ_RANGE`].
-    #[error("{path}: clock_hz {clock_hz} must be a clock frequency from 1e6 to 1e11 cycles per second")]
+    #[error("{}: clock_hz {clock_hz} must be a clock frequency from 1e6 to 1e11 cycles per second", one_line(.path))]
     BadClock {
         /// How the file is named.
         path: String,
@@ -204,7 +206,8 @@ pub enum CostError {
     },
     /// An operation's cost is above [`MAX_OP_CYCLES`].
     #[error(
-        "{path}: {op} = {cycles} cycles is above the most one operation may cost ({MAX_OP_CYCLES} cycles)"
+        "{}: {op} = {cycles} cycles is above the most one operation may cost ({MAX_OP_CYCLES} cycles)",
+        one_line(.path)
     )]
     BadCycles {
         /// How the file is named.
@@ -567,6 +570,22 @@ mod tests {
             .to_string();
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(e.starts_with("c.toml: line 2, column "), "{e}");
+    }
+
+    /// Regression (found by the `cost_file` fuzz target): a key holding an escaped newline is
+    /// quoted unescaped by the JSON parser and in the unknown-operation refusal, which made
+    /// the message two lines.
+    #[test]
+    fn refusals_quoting_the_file_are_one_line() {
+        for (path, text) in [
+            ("c.json", r#"{"clock\nhz": 0}"#),
+            ("c.toml", "[cycles]\n\"vm\\nrun\" = 1\n"),
+            ("c.json", r#"{"cycles": {"vm\nrun": 1}}"#),
+        ] {
+            let e = CostModel::from_text(path, text).unwrap_err().to_string();
+            assert_eq!(e.lines().count(), 1, "{text}: {e}");
+            assert!(e.starts_with(&format!("{path}: ")) && e.contains("\\n"), "{e}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 use vmsa_core::{SevStatus, SnpPageType};
+use vmsa_host::input::one_line;
 
 use crate::rmp::RmpRet;
 
@@ -180,9 +181,10 @@ pub struct FaultRule {
     pub code: FaultCode,
 }
 
-/// Why a plan did not parse: the input and the rule it broke.
+/// Why a plan did not parse: the input and the rule it broke (one line: control characters in
+/// the quoted input are shown escaped).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("fault spec `{input}`: {rule}")]
+#[error("fault spec `{}`: {}", one_line(.input), one_line(.rule))]
 pub struct FaultSpecError {
     /// The rule text that failed.
     pub input: String,
@@ -504,6 +506,21 @@ mod tests {
         assert_eq!(p.fired().len(), 2);
         assert!(p.pending().is_empty());
         assert_eq!(p.calls(FaultOp::SnpLaunchUpdate), 5);
+    }
+
+    /// Regression (found by the `fault_spec` fuzz target): a spec holding a newline (a shell
+    /// argument can) gave a refusal of two lines, quoting the spec and the operation as written.
+    #[test]
+    fn a_refused_spec_with_control_characters_is_one_line() {
+        let spec = "a:(d:1\n\u{1}=INVALID";
+        let e = spec.parse::<FaultPlan>().unwrap_err();
+        assert_eq!(e.input, spec, "the error keeps the spec as given");
+        let msg = e.to_string();
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        assert!(
+            msg.starts_with("fault spec `a:(d:1\\n\\u{1}=INVALID`: unknown operation `a`"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use vmsa_core::{PAGE_SIZE, PMD_SIZE};
+use vmsa_host::input::one_line;
 
 use crate::rmp::PageSize;
 
@@ -262,8 +263,9 @@ pub struct GuestScript {
 /// Why a script could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptError {
-    /// The JSON did not parse.
-    #[error("{source_name}: not a guest script: {detail}")]
+    /// The JSON did not parse (one line: control characters the parser quotes from the file
+    /// are shown escaped).
+    #[error("{}: not a guest script: {}", one_line(.source_name), one_line(.detail))]
     Parse {
         /// The file name (or `<string>`).
         source_name: String,
@@ -562,6 +564,21 @@ mod tests {
         let e =
             GuestScript::from_json("t.json", r#"{"actions":[{"action":"hlt","vcpu":0,"x":1}]}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    /// Regression (found by the `guest_script` fuzz target): serde quotes an unknown field or
+    /// action as the file spells it once unescaped, so `"a\\nb"` made the refusal two lines.
+    #[test]
+    fn a_refused_script_is_one_line_whatever_it_quotes() {
+        for text in [
+            r#"{"a\nb": 1, "actions": []}"#,
+            r#"{"actions":[{"action":"hlt\r\n","vcpu":0}]}"#,
+        ] {
+            let e = GuestScript::from_json("t.json", text).unwrap_err().to_string();
+            assert_eq!(e.lines().count(), 1, "{e}");
+            assert!(e.starts_with("t.json: not a guest script: unknown "), "{e}");
+            assert!(e.contains("\\n"), "the newline is shown escaped: {e}");
+        }
     }
 
     #[test]

@@ -231,6 +231,26 @@ pub fn read_text(option: &str, path: &Path, kind: InputKind) -> Result<String, I
     InputFile::open(option, path, kind)?.read_text()
 }
 
+/// `text` as it may appear inside a one-line message: control characters (a newline, a tab, a
+/// terminal escape) are written as Rust escapes (`\n`, `\t`, `\u{1b}`), everything else as it
+/// is. Parsers quote what the user wrote in their refusals (a field name, an operation), and
+/// that text may hold any character a file or an argument can.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +308,12 @@ mod tests {
         assert_eq!(human(4 << 30), "4 GiB");
         assert_eq!(human(1536), "1536 bytes");
         assert_eq!(human(2048), "2 KiB");
+    }
+
+    #[test]
+    fn one_line_escapes_control_characters_only() {
+        assert_eq!(one_line("unknown `a b`: é"), "unknown `a b`: é");
+        assert_eq!(one_line("a\nb\tc\u{1b}[2J\0"), "a\\nb\\tc\\u{1b}[2J\\u{0}");
     }
 
     #[test]
