@@ -6,7 +6,8 @@
 //! - `soak`: the long runs: the whole fault matrix (`VMSA_SOAK=1`: every call number of every
 //!   operation the scenarios reach, and a second failure at each of the last four calls of
 //!   each recovery operation), its size and outcomes printed.
-//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them).
+//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them); `bench qemu [--runs N]`: the
+//!   release `vmm run --backend kvm` against QEMU, whole processes, 4 and 64 vCPUs ([`qemu`]).
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
 //! - `costs`: print the simulator's cost table, with the basis and public source of each row.
@@ -16,6 +17,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
+
+mod qemu;
 
 /// The sev-snp-measure release the fixtures are generated with.
 const SEV_SNP_MEASURE: &str = "sev-snp-measure==0.0.13";
@@ -34,7 +37,9 @@ fn main() -> ExitCode {
         "fixtures" => fixtures(),
         "costs" => costs(),
         "help" | "-h" | "--help" => {
-            println!("usage: cargo xtask <test | soak | bench [-- FILTER] | lint | fixtures | costs>");
+            println!(
+                "usage: cargo xtask <test | soak | bench [-- FILTER] | bench qemu [--runs N] | lint | fixtures | costs>"
+            );
             Ok(())
         }
         other => Err(format!(
@@ -176,6 +181,9 @@ fn soak() -> Result<(), String> {
 }
 
 fn bench(rest: &[String]) -> Result<(), String> {
+    if let Some(("qemu", args)) = rest.split_first().map(|(a, r)| (a.as_str(), r)) {
+        return qemu::bench(args);
+    }
     let mut b = cargo();
     // Only the criterion targets: `--benches` would also run every library's test harness in
     // bench mode, which rejects criterion's options.
