@@ -18,8 +18,15 @@
 //! [`GuestActivity`], in order: its action (`ap_create`, `ap_create_on_init`, `ap_destroy`, or
 //! `ghcb` for a GHCB refused before its request was decoded), the requesting vCPU, the refusal
 //! with the `sw_exit_info` codes the guest got, and what happened to the target. The requester
-//! waits until the target has applied an accepted request (KVM itself does not wait; the guest
-//! cannot tell the difference), which keeps ownership histories and steps deterministic.
+//! does not return to its guest before an accepted request is applied (KVM itself does not wait;
+//! the guest cannot tell the difference), which keeps ownership histories and steps
+//! deterministic: to a parked target (halted, an AP nobody created yet, or a vCPU whose thread
+//! has not started) it applies the request itself while the target stays parked, because that
+//! is the first thing the target would do on waking (KVM's
+//! `KVM_REQ_UPDATE_PROTECTED_GUEST_STATE` is served before anything else at its next entry);
+//! otherwise it waits until the target has applied it (see [`crate::kick`]). Either way the
+//! same `prepare_entry` runs under the target's vCPU lock, and the requester never waits for
+//! another thread to be scheduled while its target sleeps.
 //!
 //! Exits of the built-in guest program: the BSP's (vCPU 0) `OUT` to the DONE port is
 //! [`VcpuExit::IoOut`]; an AP's DONE (`out DONE; hlt`) parks it, reported as the
@@ -242,6 +249,16 @@ fn write_map(l: &Mutex<BTreeMap<u32, String>>) -> std::sync::MutexGuard<'_, BTre
     l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What an entry made of the AP-creation request it applied, in the simulator's words (the
+/// guest step's detail).
+fn applied(id: u32, entry: &Result<Entry, vmsa_core::Error<crate::platform::PlatformError>>) -> String {
+    match entry {
+        Ok(Entry::Run(_)) => format!("vCPU {id} entered"),
+        Ok(Entry::Blocked(_)) => format!("vCPU {id} halted"),
+        Err(e) => format!("vCPU {id} cannot run: {e}"),
+    }
+}
+
 fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
@@ -379,7 +396,7 @@ impl Vm for KvmImageVm {
         cpuid::set(&fd, &self.shared.cpuid, id).map_err(|e| VmError::host("KVM_SET_CPUID2", e))?;
         core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
         let sev_status = (core.config().vmsa_features() << 2) | 0b11;
-        let kick = KvmKick::new();
+        let kick = KvmKick::parked();
         // SAFETY: the kvm_run mapping lives as long as `fd`, which the vCPU owns; its Drop
         // unregisters the pointer before `fd` is dropped.
         unsafe { kick.state().register_run(fd.get_kvm_run()) };
@@ -507,13 +524,7 @@ impl KvmImageVcpu {
         let entry = core.prepare_entry(VcpuId(self.id));
         if woken {
             // Tell the requester waiting for this wake what its request led to.
-            let id = self.id;
-            let what = match &entry {
-                Ok(Entry::Run(_)) => format!("vCPU {id} entered"),
-                Ok(Entry::Blocked(_)) => format!("vCPU {id} halted"),
-                Err(e) => format!("vCPU {id} cannot run: {e}"),
-            };
-            write_map(&self.shared.applied).insert(id, what);
+            write_map(&self.shared.applied).insert(self.id, applied(self.id, &entry));
         }
         st.ack(self.wakes_seen);
         match entry {
@@ -586,12 +597,7 @@ impl KvmImageVcpu {
             self.kick.state().wake();
             Ok(format!("vCPU {target} applies it at its next entry"))
         } else {
-            self.shared.take_applied(target);
-            self.wake(target).map(|()| {
-                self.shared
-                    .take_applied(target)
-                    .unwrap_or_else(|| format!("vCPU {target} has not applied it yet"))
-            })
+            self.wake(target)
         };
         let from = answer
             .request
@@ -612,17 +618,32 @@ impl KvmImageVcpu {
         applied.map(drop)
     }
 
-    /// Wake `target` (another vCPU) for the request just accepted and wait until it has applied
-    /// it.
-    fn wake(&mut self, target: u32) -> Result<(), VcpuError> {
+    /// Wake `target` (another vCPU) for the request just accepted once the request is applied:
+    /// by this thread if the target is parked (it would do nothing else first), else by the
+    /// target, waited for. Returns what applying it led to.
+    fn wake(&mut self, target: u32) -> Result<String, VcpuError> {
         let Some(t) = read(&self.shared.kicks).get(&target).cloned() else {
             return Err(self.host("GHCB doorbell", vcpu::VcpuError::UnknownTarget { target }));
         };
+        {
+            // Lock order: vmsa-core's VM, then the target's kick state (as the target's entry).
+            let core = read(&self.shared.core);
+            let core = core
+                .as_ref()
+                .ok_or_else(|| self.host("GHCB doorbell", HostError::NoVm))?;
+            if let Some(what) = t.wake_parked(|| applied(target, &core.prepare_entry(VcpuId(target)))) {
+                return Ok(what);
+            }
+        }
+        self.shared.take_applied(target);
         let own = self.kick.state().clone();
         let seen = self.consumed.seen();
         // Stop waiting if this vCPU is kicked itself (the VMM is stopping the VM).
         if t.wake_and_wait(self.shared.kick_timeout, &|| own.kicks() != seen) {
-            Ok(())
+            Ok(self
+                .shared
+                .take_applied(target)
+                .unwrap_or_else(|| format!("vCPU {target} has not applied it yet")))
         } else {
             Err(self.host(
                 "GHCB doorbell",
@@ -660,6 +681,7 @@ impl Vcpu for KvmImageVcpu {
     fn run(&mut self) -> Result<VcpuExit, VcpuError> {
         let st = self.kick.state().clone();
         let _attached = st.signal().attach();
+        st.unpark();
         loop {
             if self.consumed.take(&st) {
                 return Ok(VcpuExit::Interrupted);
@@ -671,9 +693,13 @@ impl Vcpu for KvmImageVcpu {
                     continue;
                 }
             }
-            match vcpu::run_once(&mut self.fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits) {
-                Step::Again => {}
-                Step::Interrupted => st.clear_immediate_exit(),
+            let Some(guest) = st.enter_guest(self.consumed.seen(), self.wakes_seen) else {
+                continue;
+            };
+            let step = vcpu::run_once(&mut self.fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits);
+            drop(guest);
+            match step {
+                Step::Again | Step::Interrupted => {}
                 Step::Doorbell(value) => self.doorbell(value)?,
                 Step::Out {
                     port: ports::DONE, ..
