@@ -9,10 +9,11 @@
 //!   INIT_SHARED`), the CPUID table, and vmsa-core's [`vmsa_core::Vm`] over a [`KvmPlatform`]:
 //!   the "kernel", which owns every host VMSA page and the tracked RMP. vmsa-core's VM is created
 //!   when the first vCPU is (memory must be in place by then: its frame space is fixed).
-//! - [`KvmImageVcpu`] owns the KVM vCPU fd, its GHCB MSR and its [`KvmKick`]. Its
-//!   [`Vcpu::run`] loops over [`crate::vcpu`]'s steps: `prepare_entry`, load the VMSA the VMCB
-//!   points at when it changed, `KVM_RUN`, the GHCB doorbell (AP creation through vmsa-core,
-//!   the target woken and waited for) served inside; only vmsa-host's exits come out.
+//! - [`KvmImageVcpu`] owns the KVM vCPU fd (created by its first run, on its own thread), its
+//!   GHCB MSR and its [`KvmKick`]. Its [`Vcpu::run`] loops over [`crate::vcpu`]'s steps:
+//!   `prepare_entry`, load the VMSA the VMCB points at when it changed, `KVM_RUN`, the GHCB
+//!   doorbell (AP creation through vmsa-core, the target's request applied before the requester
+//!   goes on) served inside; only vmsa-host's exits come out.
 //!
 //! Every GHCB request the guest makes is recorded as a [`GuestStep`] of the report's
 //! [`GuestActivity`], in order: its action (`ap_create`, `ap_create_on_init`, `ap_destroy`, or
@@ -164,10 +165,14 @@ impl Hypervisor for KvmImageHost {
             .enable_cap(&user_space_msr_cap())
             .map_err(|e| host(call, IoctlError::new(call, e)))?;
         let cpuid = cpuid::supported(&kvm).map_err(|e| host("KVM_GET_SUPPORTED_CPUID", e))?;
+        let limit = |cap| u64::try_from(kvm.check_extension_int(cap)).unwrap_or(0);
         Ok(KvmImageVm {
             spec,
+            created: 0,
             shared: Arc::new(Shared {
                 vm_fd: Arc::new(vm_fd),
+                max_vcpu_ids: limit(kvm_ioctls::Cap::MaxVcpuId),
+                max_vcpus: limit(kvm_ioctls::Cap::MaxVcpus),
                 max_phys_bits: cpuid::max_phys_bits(&cpuid),
                 cpuid,
                 rams: RwLock::new(Vec::new()),
@@ -198,6 +203,10 @@ pub fn user_space_msr_cap() -> kvm_enable_cap {
 /// What the VM and its vCPU threads share.
 struct Shared {
     vm_fd: Arc<VmFd>,
+    /// `KVM_CAP_MAX_VCPU_ID`: vCPU ids must be below it.
+    max_vcpu_ids: u64,
+    /// `KVM_CAP_MAX_VCPUS`: how many vCPUs a VM may have.
+    max_vcpus: u64,
     cpuid: CpuId,
     max_phys_bits: u8,
     rams: RwLock<Vec<Arc<GuestRam>>>,
@@ -267,6 +276,8 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 pub struct KvmImageVm {
     spec: VmSpec,
     shared: Arc<Shared>,
+    /// vCPUs created (KVM's `created_vcpus`).
+    created: u64,
 }
 
 impl std::fmt::Debug for KvmImageVm {
@@ -373,33 +384,32 @@ impl Vm for KvmImageVm {
         self.command("KVM_SEV_SNP_LAUNCH_FINISH", |vm| vm.launch_finish([0; 32]))
     }
 
+    /// vmsa-core's vCPU now; the KVM vCPU (`KVM_CREATE_VCPU`, `KVM_SET_CPUID2`) is created by
+    /// the vCPU's first [`Vcpu::run`], on the thread that runs it: vCPUs then come up in
+    /// parallel, and an AP's KVM vCPU is made while its thread waits for the guest to create it,
+    /// off the VMM's and the BSP's way. KVM's refusals of `kvm_vm_ioctl_create_vcpu` are
+    /// answered here, at creation: a taken id (vmsa-core's same rule), an id of
+    /// `KVM_MAX_VCPU_IDS` or more, a VM that has `KVM_MAX_VCPUS` vCPUs.
     fn create_vcpu(&mut self, id: u32) -> Result<KvmImageVcpu, VmError> {
-        let mut guard = self.core_mut();
-        let Some(core) = guard.as_mut() else {
-            unreachable!("core_mut creates the VM");
-        };
         let call = "KVM_CREATE_VCPU";
-        let mut fd = self.shared.vm_fd.create_vcpu(u64::from(id)).map_err(|e| {
-            // kvm_vm_ioctl_create_vcpu's rules are refusals, not host failures: a taken id
-            // (answered as vmsa-core's same rule is) and an id or count beyond KVM's limits.
-            match e.errno() {
-                libc::EEXIST => core_error(call, vmsa_core::Error::VcpuExists(VcpuId(id))),
-                libc::EINVAL => Refusal::new(
-                    call,
-                    Errno::EINVAL,
-                    "the vCPU id is beyond KVM_MAX_VCPU_IDS or the VM has KVM_MAX_VCPUS vCPUs (kvm_vm_ioctl_create_vcpu)",
-                )
-                .into(),
-                _ => VmError::host(call, IoctlError::new(call, e)),
-            }
-        })?;
-        cpuid::set(&fd, &self.shared.cpuid, id).map_err(|e| VmError::host("KVM_SET_CPUID2", e))?;
-        core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
-        let sev_status = (core.config().vmsa_features() << 2) | 0b11;
+        if u64::from(id) >= self.shared.max_vcpu_ids || self.created >= self.shared.max_vcpus {
+            return Err(Refusal::new(
+                call,
+                Errno::EINVAL,
+                "the vCPU id is beyond KVM_MAX_VCPU_IDS or the VM has KVM_MAX_VCPUS vCPUs (kvm_vm_ioctl_create_vcpu)",
+            )
+            .into());
+        }
+        let sev_status = {
+            let mut guard = self.core_mut();
+            let Some(core) = guard.as_mut() else {
+                unreachable!("core_mut creates the VM");
+            };
+            core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
+            (core.config().vmsa_features() << 2) | 0b11
+        };
+        self.created += 1;
         let kick = KvmKick::parked();
-        // SAFETY: the kvm_run mapping lives as long as `fd`, which the vCPU owns; its Drop
-        // unregisters the pointer before `fd` is dropped.
-        unsafe { kick.state().register_run(fd.get_kvm_run()) };
         write(&self.shared.kicks).insert(id, kick.state().clone());
         Ok(KvmImageVcpu {
             id,
@@ -412,7 +422,7 @@ impl Vm for KvmImageVm {
             ghcb_msr: 0,
             sev_status,
             exits: ExitCounts::default(),
-            fd,
+            fd: None,
         })
     }
 
@@ -479,7 +489,8 @@ pub struct KvmImageVcpu {
     ghcb_msr: u64,
     sev_status: u64,
     exits: ExitCounts,
-    fd: VcpuFd,
+    /// The KVM vCPU, from the first `run` on (see [`KvmImageVm::create_vcpu`]).
+    fd: Option<VcpuFd>,
 }
 
 impl std::fmt::Debug for KvmImageVcpu {
@@ -506,6 +517,25 @@ impl KvmImageVcpu {
 
     fn host(&self, call: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> VcpuError {
         VcpuError::host(self.id, call, e)
+    }
+
+    /// Create the KVM vCPU, with its CPUID table, if this is the first run.
+    fn create_kvm_vcpu(&mut self) -> Result<(), VcpuError> {
+        if self.fd.is_some() {
+            return Ok(());
+        }
+        let call = "KVM_CREATE_VCPU";
+        let mut fd = self
+            .shared
+            .vm_fd
+            .create_vcpu(u64::from(self.id))
+            .map_err(|e| self.host(call, IoctlError::new(call, e)))?;
+        cpuid::set(&fd, &self.shared.cpuid, self.id).map_err(|e| self.host("KVM_SET_CPUID2", e))?;
+        // SAFETY: the kvm_run mapping lives as long as `fd`, which this vCPU owns; its Drop
+        // unregisters the pointer before `fd` is dropped.
+        unsafe { self.kick.state().register_run(fd.get_kvm_run()) };
+        self.fd = Some(fd);
+        Ok(())
     }
 
     /// vmsa-core's entry for this vCPU; loads the VMSA if it changed. `Ok(false)`: Blocked.
@@ -541,7 +571,10 @@ impl KvmImageVcpu {
             Ok(Entry::Blocked(_)) => Ok(false),
             Ok(Entry::Run(hpa)) => {
                 if self.need_load {
-                    if let Err(e) = vcpu::load(core, &self.fd, hpa) {
+                    let Some(fd) = &self.fd else {
+                        unreachable!("run creates the KVM vCPU before its first entry");
+                    };
+                    if let Err(e) = vcpu::load(core, fd, hpa) {
                         // Like a failed VMRUN: the vCPU stays as it is until the next request.
                         let _ = core.set_mp_state(VcpuId(self.id), MpState::Halted);
                         return Err(self.host("loading the VMSA", e));
@@ -681,6 +714,8 @@ impl Vcpu for KvmImageVcpu {
     fn run(&mut self) -> Result<VcpuExit, VcpuError> {
         let st = self.kick.state().clone();
         let _attached = st.signal().attach();
+        // Still parked: making the KVM vCPU changes nothing vmsa-core knows.
+        self.create_kvm_vcpu()?;
         st.unpark();
         loop {
             if self.consumed.take(&st) {
@@ -696,7 +731,10 @@ impl Vcpu for KvmImageVcpu {
             let Some(guest) = st.enter_guest(self.consumed.seen(), self.wakes_seen) else {
                 continue;
             };
-            let step = vcpu::run_once(&mut self.fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits);
+            let Some(fd) = &mut self.fd else {
+                unreachable!("run creates the KVM vCPU first");
+            };
+            let step = vcpu::run_once(fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits);
             drop(guest);
             match step {
                 Step::Again | Step::Interrupted => {}
