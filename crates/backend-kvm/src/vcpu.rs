@@ -22,8 +22,8 @@ use crate::error::IoctlError;
 use crate::frames::FrameError;
 use crate::ghcb::{self, GHCB_MSR, GhcbRequest, ReadGhcb};
 use crate::gmem::{GmemError, GuestRam};
+use crate::guest::layout::MSR_SEV_STATUS;
 use crate::guest::layout::ports;
-use crate::guest::program::MSR_SEV_STATUS;
 use crate::platform::KvmPlatform;
 use crate::vmsa_regs::{self, RegsError};
 

@@ -82,6 +82,19 @@ pub mod params {
     pub const FLAG_RECREATE: u64 = 1;
 }
 
+/// The SEV_STATUS MSR, which the guest reads to derive SEV_FEATURES (`>> 2`, as Linux does).
+pub const MSR_SEV_STATUS: u32 = 0xc001_0131;
+
+/// Failure codes the guest reports through [`ports::FAIL`].
+pub mod fail {
+    /// An AP_CREATE of the first round was refused.
+    pub const CREATE: u32 = 1;
+    /// The AP_DESTROY of AP 1 was refused.
+    pub const DESTROY: u32 = 2;
+    /// The re-creation of AP 1 was refused.
+    pub const RECREATE: u32 = 3;
+}
+
 /// I/O ports the guest uses to talk to the VMM.
 pub mod ports {
     /// "This vCPU is done" (value: 0 for the BSP, the APIC ID for an AP).
