@@ -293,6 +293,55 @@ impl KickState {
     }
 }
 
+/// The exits of every vCPU of a VM, for a vCPU that waits for the others (the guest program's
+/// YIELD port, written by a BSP that spins on guest memory until its APs report).
+///
+/// Serving YIELD with `sched_yield` kept the spinning BSP on a CPU, each loop a round of
+/// emulated guest instructions and an exit, while its APs waited for that CPU (two here, shared
+/// with other work); a wait here costs no CPU. It ends when another vCPU exits after the
+/// waiter last looked (an AP of the built-in programs reports in memory and then exits, so the
+/// BSP finds the report when it looks again), when `abort()` says so, or after a timeout (for
+/// progress a guest makes in memory alone, and for kicks, which reach the waiter through
+/// `abort`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    exits: AtomicU64,
+    waiters: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Progress {
+    /// A vCPU exited `KVM_RUN` (other than to wait here).
+    pub fn exited(&self) {
+        self.exits.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()));
+            self.cv.notify_all();
+        }
+    }
+
+    /// Wait until an exit newer than `seen` (then `seen` is updated to it), `abort()`, or
+    /// `timeout`, looking at `abort` at least every millisecond.
+    pub fn wait(&self, seen: &mut u64, timeout: Duration, abort: &dyn Fn() -> bool) {
+        // Counted as a waiter before looking: an exit either is seen here or notifies.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.exits.load(Ordering::SeqCst) == *seen && !abort() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(1));
+            g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(g);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        *seen = self.exits.load(Ordering::SeqCst);
+    }
+}
+
 /// vmsa-host's kick for a KVM vCPU of either mode.
 #[derive(Debug, Clone, Default)]
 pub struct KvmKick {
@@ -396,6 +445,30 @@ mod tests {
         assert!(st.enter_guest(0, 0).is_none(), "a kick newer than the one seen");
         assert!(st.enter_guest(1, 1).is_none(), "a wake newer than the one seen");
         assert!(st.enter_guest(1, 0).is_some());
+    }
+
+    #[test]
+    fn a_progress_wait_ends_at_the_next_exit_or_the_timeout() {
+        let p = Arc::new(Progress::default());
+        let mut seen = 0;
+        p.exited();
+        // An exit since the last look: no wait at all, however long the timeout.
+        p.wait(&mut seen, Duration::from_secs(3600), &|| false);
+        assert_eq!(seen, 1);
+        p.wait(&mut seen, Duration::from_millis(5), &|| false);
+        assert_eq!(seen, 1, "nothing exited: the timeout ended it");
+        p.wait(&mut seen, Duration::from_secs(3600), &|| true);
+        assert_eq!(seen, 1, "aborted");
+        let q = p.clone();
+        let h = std::thread::spawn(move || {
+            while q.waiters.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            q.exited();
+        });
+        p.wait(&mut seen, Duration::from_secs(3600), &|| false);
+        h.join().unwrap();
+        assert_eq!(seen, 2, "woken by the other vCPU's exit");
     }
 
     #[test]

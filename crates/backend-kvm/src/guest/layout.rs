@@ -99,7 +99,8 @@ pub mod fail {
 pub mod ports {
     /// "This vCPU is done" (value: 0 for the BSP, the APIC ID for an AP).
     pub const DONE: u16 = 0x10;
-    /// "Nothing to do; let other threads run" (the BSP's wait loops).
+    /// "Nothing to do until another vCPU does something" (the BSP's wait loops): the VMM
+    /// blocks the vCPU until another vCPU's next exit (see `kick::Progress`).
     pub const YIELD: u16 = 0x11;
     /// "A step failed" (value: the step code; the GHCB response is in the parameter page).
     pub const FAIL: u16 = 0x12;

@@ -31,7 +31,8 @@
 //!
 //! Exits of the built-in guest program: the BSP's (vCPU 0) `OUT` to the DONE port is
 //! [`VcpuExit::IoOut`]; an AP's DONE (`out DONE; hlt`) parks it, reported as the
-//! [`VcpuExit::Halt`] it leads to; YIELD is served inside; any
+//! [`VcpuExit::Halt`] it leads to; YIELD is served inside, by waiting for another vCPU's exit
+//! ([`Progress`]); any
 //! other port (FAIL included) is `IoOut`. A triple fault is `Shutdown`; `EINTR` after a kick is
 //! `Interrupted`. A vCPU vmsa-core reports Blocked (halted, or an AP nobody created yet) waits
 //! inside `run()` until kicked or woken by an AP-creation request.
@@ -59,7 +60,7 @@ use crate::error::IoctlError;
 use crate::frames::FrameSpace;
 use crate::gmem::GuestRam;
 use crate::guest::layout::ports;
-use crate::kick::{self, Consumed, KickState, KvmKick};
+use crate::kick::{self, Consumed, KickState, KvmKick, Progress};
 use crate::platform::KvmPlatform;
 use kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR;
 
@@ -68,6 +69,10 @@ use crate::probe::{Mode, ProbeReport};
 use crate::vcpu::{self, ExitCounts, Outcome, Step};
 
 type CoreVm = vmsa_core::Vm<KvmPlatform>;
+
+/// How long a YIELD waits for another vCPU's exit before the vCPU looks at guest memory again
+/// (for progress other vCPUs make in memory alone).
+const YIELD_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// What a VMSA-image host says in reports and refusals.
 const NO_SEV_ES: &str = "VMSA-image mode runs SEV-SNP guests only: its guest program and GHCB doorbell speak the SNP AP-creation protocol, which SEV-ES guests do not have";
@@ -179,6 +184,7 @@ impl Hypervisor for KvmImageHost {
                 core: RwLock::new(None),
                 events: Arc::new(EventLog::new()),
                 kicks: RwLock::new(BTreeMap::new()),
+                progress: Progress::default(),
                 kick_timeout: self.kick_timeout,
                 vmruns: AtomicU64::new(0),
                 ap_refused: AtomicU64::new(0),
@@ -216,6 +222,8 @@ struct Shared {
     events: Arc<EventLog>,
     /// Each vCPU's kick state, by APIC ID: doorbells wake their targets through it.
     kicks: RwLock<BTreeMap<u32, Arc<KickState>>>,
+    /// Every vCPU's exits, for a vCPU on the YIELD port.
+    progress: Progress,
     kick_timeout: Duration,
     vmruns: AtomicU64,
     ap_refused: AtomicU64,
@@ -422,6 +430,7 @@ impl Vm for KvmImageVm {
             ghcb_msr: 0,
             sev_status,
             exits: ExitCounts::default(),
+            progress_seen: 0,
             fd: None,
         })
     }
@@ -489,6 +498,8 @@ pub struct KvmImageVcpu {
     ghcb_msr: u64,
     sev_status: u64,
     exits: ExitCounts,
+    /// The VM's exit count this vCPU last saw on the YIELD port.
+    progress_seen: u64,
     /// The KVM vCPU, from the first `run` on (see [`KvmImageVm::create_vcpu`]).
     fd: Option<VcpuFd>,
 }
@@ -736,8 +747,18 @@ impl Vcpu for KvmImageVcpu {
             };
             let step = vcpu::run_once(fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits);
             drop(guest);
+            if !matches!(step, Step::Yield) {
+                self.shared.progress.exited();
+            }
             match step {
                 Step::Again | Step::Interrupted => {}
+                Step::Yield => {
+                    let (kicks, wakes) = (self.consumed.seen(), self.wakes_seen);
+                    let called = || st.kicks() != kicks || st.wakes() != wakes;
+                    self.shared
+                        .progress
+                        .wait(&mut self.progress_seen, YIELD_TIMEOUT, &called);
+                }
                 Step::Doorbell(value) => self.doorbell(value)?,
                 Step::Out {
                     port: ports::DONE, ..
