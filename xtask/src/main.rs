@@ -6,8 +6,9 @@
 //! - `soak`: the long runs: the whole fault matrix (`VMSA_SOAK=1`: every call number of every
 //!   operation the scenarios reach, and a second failure at each of the last four calls of
 //!   each recovery operation), its size and outcomes printed.
-//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them); `bench qemu [--runs N]`: the
-//!   release `vmm run --backend kvm` against QEMU, whole processes, 4 and 64 vCPUs ([`qemu`]).
+//! - `bench`: the criterion benchmarks (`-- <filter>` narrows them); `bench qemu [--runs N]
+//!   [--accel tcg|kvm]`: the release `vmm run --backend kvm` against QEMU, whole processes, 4 and
+//!   64 vCPUs ([`qemu`]).
 //! - `lint`: formatting and clippy only.
 //! - `fixtures`: (re)generate the test vectors from independent tools (sev-snp-measure).
 //! - `costs`: print the simulator's cost table, with the basis and public source of each row.
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
         "costs" => costs(),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <test | soak | bench [-- FILTER] | bench qemu [--runs N] | lint | fixtures | costs>"
+                "usage: cargo xtask <test | soak | bench [-- FILTER] | bench qemu [--runs N] [--accel tcg|kvm] | lint | fixtures | costs>"
             );
             Ok(())
         }
