@@ -124,24 +124,27 @@ impl Contender {
             .stdin(Stdio::null())
             .stdout(log("out")?)
             .stderr(log("err")?);
-        let start = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;
-        // A watchdog thread kills this child (by its pid) if it outlives the timeout; the main
-        // thread blocks in wait() so the time is not rounded to a polling interval.
-        let (done, finished) = mpsc::channel::<()>();
-        let pid = child.id().to_string();
+        // A watchdog thread, started before the clock, kills the child (by its pid) if it
+        // outlives the timeout; this thread blocks in wait() so the time is not rounded to a
+        // polling interval.
+        let (tell, told) = mpsc::channel::<u32>();
         let dog = std::thread::spawn(move || {
-            if finished.recv_timeout(timeout) == Err(mpsc::RecvTimeoutError::Timeout) {
-                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            let Ok(pid) = told.recv() else { return false };
+            if told.recv_timeout(timeout) == Err(mpsc::RecvTimeoutError::Timeout) {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
                 return true;
             }
             false
         });
+        let start = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.program.display()))?;
+        let _ = tell.send(child.id());
         let status = child.wait().map_err(|e| format!("wait: {e}"));
         let elapsed = start.elapsed();
-        let _ = done.send(());
+        // Anything ends the watchdog's wait: the child is gone.
+        let _ = tell.send(0);
         let killed = dog.join().unwrap_or(false);
         let status = status?;
         if killed {
@@ -390,38 +393,33 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         println!("| {vcpus} |{times}{ratios}");
     }
     println!();
-    println!(
-        "vmm's phases (`vmm run --backend kvm --json`, medians of {runs}), and the rest of the process:"
-    );
+    println!("vmm's phases (`vmm run --backend kvm --json`, {runs} more runs, medians):");
     for vcpus in VCPUS {
         let mut all: Vec<Vec<(String, u64)>> = Vec::new();
-        let mut walls = Vec::new();
+        let mut rest = Vec::new();
         for _ in 0..runs {
             let start = Instant::now();
             let o = Command::new(&vmm)
                 .args(["run", "--backend", "kvm", "--vcpus", &vcpus.to_string(), "--json"])
                 .output()
                 .map_err(|e| format!("{}: {e}", vmm.display()))?;
-            walls.push(start.elapsed().as_micros() as u64);
-            all.push(phases(&String::from_utf8_lossy(&o.stdout)));
+            let wall = start.elapsed().as_micros() as u64;
+            let p = phases(&String::from_utf8_lossy(&o.stdout));
+            rest.push(wall.saturating_sub(p.iter().map(|x| x.1).sum()));
+            all.push(p);
         }
         let median = |mut v: Vec<u64>| {
             v.sort_unstable();
             v[v.len() / 2]
         };
-        let names: Vec<String> = all[0].iter().map(|(n, _)| n.clone()).collect();
         let mut line = format!("  {vcpus} vCPUs:");
-        let mut sum = 0;
-        for (k, name) in names.iter().enumerate() {
+        for (k, (name, _)) in all[0].iter().enumerate() {
             let us = median(all.iter().filter_map(|p| p.get(k).map(|x| x.1)).collect());
-            sum += us;
             line.push_str(&format!(" {name} {:.2} ms,", us as f64 / 1e3));
         }
-        let wall = median(walls);
         println!(
-            "{line} process wall {:.2} ms (start, probe, guest image, report and exit: {:.2} ms)",
-            wall as f64 / 1e3,
-            wall.saturating_sub(sum) as f64 / 1e3
+            "{line} the rest of the process (start, probe, guest image, report, exit) {:.2} ms",
+            median(rest) as f64 / 1e3
         );
     }
     println!("load at the end: {}", load());
