@@ -162,21 +162,14 @@ impl Hypervisor for KvmImageHost {
         };
         kick::install().map_err(|e| host("sigaction(SIGRTMIN)", e))?;
         let kvm = Kvm::new().map_err(|e| host("open /dev/kvm", IoctlError::new("open /dev/kvm", e)))?;
-        // KVM_GET_SUPPORTED_CPUID (~0.3 ms here: every host CPUID it runs traps to the
-        // hypervisor below) on another thread while this one makes the VM.
-        let (vm_fd, cpuid) = std::thread::scope(|s| {
-            let cpuid = s.spawn(|| cpuid::supported(&kvm));
-            let vm_fd = kvm.create_vm();
-            (vm_fd, cpuid.join())
-        });
-        let vm_fd = vm_fd.map_err(|e| host("KVM_CREATE_VM", IoctlError::new("KVM_CREATE_VM", e)))?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| host("KVM_CREATE_VM", IoctlError::new("KVM_CREATE_VM", e)))?;
         let call = "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)";
         vm_fd
             .enable_cap(&user_space_msr_cap())
             .map_err(|e| host(call, IoctlError::new(call, e)))?;
-        let cpuid = cpuid
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-            .map_err(|e| host("KVM_GET_SUPPORTED_CPUID", e))?;
+        let cpuid = cpuid::supported(&kvm).map_err(|e| host("KVM_GET_SUPPORTED_CPUID", e))?;
         let limit = |cap| u64::try_from(kvm.check_extension_int(cap)).unwrap_or(0);
         Ok(KvmImageVm {
             spec,
