@@ -157,10 +157,7 @@ fn kvm_snp_host() -> Result<KvmSnpHost, String> {
 /// (the simulator does when the script is exhausted). The program never destroys the APs at the
 /// end: teardown frees what is left, on every host.
 fn sim_script(g: Guest) -> GuestScript {
-    let ap_entry = program::assemble()
-        .expect("the guest program assembles")
-        .entries
-        .ap;
+    let ap_entry = program::PROGRAM.entries.ap;
     let mut actions = Vec::new();
     for apic in 1..g.vcpus {
         let gpa = layout::ap_vmsa_gpa(apic);

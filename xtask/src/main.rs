@@ -9,7 +9,8 @@
 //! - `bench`: the benchmarks (`-- <filter>` narrows the criterion ones; `--quick` is the short
 //!   CI form); `bench measure`: only `vmm measure` against sev-snp-measure; `bench linux-boot`:
 //!   only the simulator's linux-boot scaling runs ([`linux_boot`]: the release `vmm` as a child
-//!   per row, the table and an SVG plot).
+//!   per row, the table and an SVG plot); `bench qemu [--runs N] [--accel tcg|kvm]`: the release
+//!   `vmm run --backend kvm` against QEMU, whole processes, 4 and 64 vCPUs ([`qemu`]).
 //! - `fuzz --time N [TARGET]`: build the fuzz targets (`fuzz/`) with libFuzzer on the stable
 //!   toolchain and run each (or TARGET) for N seconds, printing executions and coverage.
 //! - `lint`: formatting and clippy only.
@@ -26,6 +27,8 @@ mod fuzz;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
+
+mod qemu;
 
 /// The sev-snp-measure release the fixtures are generated with.
 const SEV_SNP_MEASURE: &str = "sev-snp-measure==0.0.13";
@@ -46,7 +49,7 @@ fn main() -> ExitCode {
         "costs" => costs(),
         "help" | "-h" | "--help" => {
             println!(
-                "usage: cargo xtask <test | soak | bench [--quick] [measure | linux-boot] [-- FILTER] | fuzz --time N [TARGET] | lint | fixtures | costs>"
+                "usage: cargo xtask <test | soak | bench [--quick] [measure | linux-boot] [-- FILTER] | bench qemu [--runs N] [--accel tcg|kvm] | fuzz --time N [TARGET] | lint | fixtures | costs>"
             );
             Ok(())
         }
@@ -188,12 +191,15 @@ fn soak() -> Result<(), String> {
     run("fault matrix (soak)", t)
 }
 
-/// `bench [--quick] [measure | linux-boot] [-- FILTER...]`: every bench, or only one of the
+/// `bench [--quick] [measure | linux-boot] [-- FILTER...]` or `bench qemu ...`: every bench, or only one of the
 /// whole-process comparisons: `measure` (`vmm measure` against sev-snp-measure,
 /// `crates/vmm/benches/measure_peer.rs`) or `linux-boot` (the simulator's scaling runs,
-/// [`linux_boot`]). `--quick` (CI smoke) is passed on: criterion's short mode, fewer runs in
+/// [`linux_boot`]), or `qemu` ([`qemu`]). `--quick` (CI smoke) is passed on: criterion's short mode, fewer runs in
 /// measure_peer, the small linux-boot rows.
 fn bench(rest: &[String]) -> Result<(), String> {
+    if let Some(("qemu", args)) = rest.split_first().map(|(a, r)| (a.as_str(), r)) {
+        return qemu::bench(args);
+    }
     let (ours, passed) = match rest.iter().position(|a| a == "--") {
         Some(i) => (&rest[..i], &rest[i + 1..]),
         None => (rest, &[][..]),

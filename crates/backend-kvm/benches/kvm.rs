@@ -47,7 +47,7 @@ fn create_to_first_exit(kvm: &Kvm, prog: &program::Program, table: &kvm_bindings
 
 fn bench_create(c: &mut Criterion) {
     let kvm = Kvm::new().unwrap();
-    let prog = program::assemble().unwrap();
+    let prog = program::PROGRAM;
     let table = cpuid::supported(&kvm).unwrap();
     let mut g = c.benchmark_group("create");
     g.sample_size(30).measurement_time(Duration::from_secs(4));
@@ -73,8 +73,7 @@ fn looper(kvm: &Kvm, body: impl FnOnce(&mut CodeAssembler)) -> Looper {
     cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL);
     vm.enable_cap(&cap).unwrap();
     let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
-    ram.write(0, &guest::image(&program::assemble().unwrap(), 1, 0))
-        .unwrap();
+    ram.write(0, &guest::image(&program::PROGRAM, 1, 0)).unwrap();
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();
     a.mov(ecx, ghcb::GHCB_MSR).unwrap();

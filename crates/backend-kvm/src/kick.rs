@@ -6,15 +6,20 @@
 //! - a **kick** ([`KvmKick`], vmsa-host's [`Kick`]): the vCPU's current or next run returns
 //!   `Interrupted`;
 //! - a **wake**: an AP-creation request for it was accepted, so it must go back to vmsa-core
-//!   (`prepare_entry`) before it enters the guest again. The requester waits until the target
-//!   has acknowledged it ([`KickState::wake_and_wait`]), which keeps ownership histories
-//!   deterministic.
+//!   (`prepare_entry`) before it enters the guest again. The requester does not continue before
+//!   the request is applied, which keeps ownership histories deterministic: if the target is
+//!   *parked* (asleep in [`KickState::wait`], or not running yet) the requester applies it on
+//!   the target's behalf while the target stays parked ([`KickState::wake_parked`]), since
+//!   applying it is the first thing the target would do on waking; otherwise it waits until the
+//!   target has acknowledged it ([`KickState::wake_and_wait`]).
 //!
-//! Both set `immediate_exit` in the vCPU's `kvm_run` (so a `KVM_RUN` about to start returns
-//! `EINTR` at once), signal the vCPU thread ([`SignalTarget`]) with [`kick_signal`], whose
-//! handler ([`install`]) does nothing and is installed without `SA_RESTART` (so a `KVM_RUN`
-//! already running returns `EINTR`), and wake the condition variable a vCPU blocked inside its
-//! run (halted, or an AP not created yet) sleeps on.
+//! Both wake the condition variable a parked vCPU sleeps on. A vCPU in the guest (between
+//! [`KickState::enter_guest`] and the end of its `KVM_RUN`) is also made to leave it: both set
+//! `immediate_exit` in its `kvm_run` (so a `KVM_RUN` about to start returns `EINTR` at once) and
+//! signal its thread ([`SignalTarget`]) with [`kick_signal`], whose handler ([`install`]) does
+//! nothing and is installed without `SA_RESTART` (so a `KVM_RUN` already running returns
+//! `EINTR`). A vCPU outside the guest gets neither: it sees the new kick or wake counts before
+//! it enters again, because it checks them under the same lock that marks it in the guest.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -99,10 +104,29 @@ struct ImmediateExit(NonNull<u8>);
 // `kvm_run` mapping is alive; which thread does the atomic store does not matter.
 unsafe impl Send for ImmediateExit {}
 
-/// Acknowledged wakes, under the lock the condition variable uses.
+/// Where the vCPU's thread is, and the wakes it acknowledged, under the lock the condition
+/// variable uses.
 #[derive(Debug, Default)]
 struct Acks {
     acked: u64,
+    /// In `KVM_RUN` or about to enter it: kicks and wakes must get it out.
+    in_guest: bool,
+    /// Asleep in [`KickState::wait`], or not running yet: it changes nothing until woken.
+    parked: bool,
+}
+
+/// While alive, the vCPU counts as in the guest (see [`KickState::enter_guest`]).
+#[derive(Debug)]
+pub struct InGuest<'a>(&'a KickState);
+
+impl Drop for InGuest<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.in_guest = false;
+        // Whatever asked the vCPU out is in the kick and wake counts, which it reads before it
+        // enters again.
+        self.0.set_immediate_exit(0);
+    }
 }
 
 /// What interrupts one vCPU: kicks, wakes and their acknowledgements, its thread and its
@@ -118,6 +142,17 @@ pub struct KickState {
 }
 
 impl KickState {
+    /// The state of a vCPU whose thread has not started running it: parked.
+    pub fn parked() -> Self {
+        Self {
+            acks: Mutex::new(Acks {
+                parked: true,
+                ..Acks::default()
+            }),
+            ..Self::default()
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Acks> {
         self.acks.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -166,17 +201,46 @@ impl KickState {
         }
     }
 
-    /// Clear `immediate_exit` after `KVM_RUN` returned `EINTR`.
-    pub fn clear_immediate_exit(&self) {
-        self.set_immediate_exit(0);
+    /// Get the vCPU out of `KVM_RUN` if it is in the guest, and out of [`KickState::wait`]. The
+    /// caller has counted the kick or wake already.
+    fn interrupt(&self) {
+        let g = self.lock();
+        if g.in_guest {
+            self.set_immediate_exit(1);
+            self.signal.signal();
+        }
+        self.cv.notify_all();
     }
 
-    /// Get the vCPU out of `KVM_RUN` and out of [`KickState::wait`].
-    fn interrupt(&self) {
-        self.set_immediate_exit(1);
-        drop(self.lock());
+    /// Mark the vCPU in the guest for one `KVM_RUN`, unless a kick newer than `kicks` or a wake
+    /// newer than `wakes` has come (then `None`: serve it first). Checked under the lock kicks
+    /// and wakes take, so each of them either is seen here or sees the vCPU in the guest.
+    pub fn enter_guest(&self, kicks: u64, wakes: u64) -> Option<InGuest<'_>> {
+        let mut g = self.lock();
+        if self.kicks() != kicks || self.wakes() != wakes {
+            return None;
+        }
+        g.in_guest = true;
+        Some(InGuest(self))
+    }
+
+    /// The vCPU's thread starts running it: it is no longer parked.
+    pub fn unpark(&self) {
+        self.lock().parked = false;
+    }
+
+    /// If the vCPU is parked, `apply` its accepted AP-creation request on its behalf, keeping it
+    /// parked until `apply` returns, then wake it (acknowledged already: nobody waits). `None`
+    /// if it is not parked (use [`KickState::wake_and_wait`]).
+    pub fn wake_parked<T>(&self, apply: impl FnOnce() -> T) -> Option<T> {
+        let mut g = self.lock();
+        if !g.parked {
+            return None;
+        }
+        let done = apply();
+        g.acked = self.wakes.fetch_add(1, Ordering::SeqCst) + 1;
         self.cv.notify_all();
-        self.signal.signal();
+        Some(done)
     }
 
     /// Kick: the current or next run returns `Interrupted`.
@@ -210,22 +274,71 @@ impl KickState {
             if now >= deadline {
                 return false;
             }
-            drop(g);
-            // Out of KVM_RUN if it is in there (re-sent in case it raced the entry).
-            self.signal.signal();
-            g = self.lock();
+            // A kick of the requester itself reaches it only through `abort`: look again at
+            // least every millisecond.
             let wait = (deadline - now).min(Duration::from_millis(1));
             g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
         true
     }
 
-    /// Sleep until a kick newer than `kicks` or a wake newer than `wakes`.
+    /// Sleep, parked, until a kick newer than `kicks` or a wake newer than `wakes`.
     pub fn wait(&self, kicks: u64, wakes: u64) {
         let mut g = self.lock();
+        g.parked = true;
         while self.kicks() == kicks && self.wakes() == wakes {
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+        g.parked = false;
+    }
+}
+
+/// The exits of every vCPU of a VM, for a vCPU that waits for the others (the guest program's
+/// YIELD port, written by a BSP that spins on guest memory until its APs report).
+///
+/// Serving YIELD with `sched_yield` kept the spinning BSP on a CPU, each loop a round of
+/// emulated guest instructions and an exit, while its APs waited for that CPU (two here, shared
+/// with other work); a wait here costs no CPU. It ends when another vCPU exits after the
+/// waiter last looked (an AP of the built-in programs reports in memory and then exits, so the
+/// BSP finds the report when it looks again), when `abort()` says so, or after a timeout (for
+/// progress a guest makes in memory alone, and for kicks, which reach the waiter through
+/// `abort`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    exits: AtomicU64,
+    waiters: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Progress {
+    /// A vCPU exited `KVM_RUN` (other than to wait here).
+    pub fn exited(&self) {
+        self.exits.fetch_add(1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()));
+            self.cv.notify_all();
+        }
+    }
+
+    /// Wait until an exit newer than `seen` (then `seen` is updated to it), `abort()`, or
+    /// `timeout`, looking at `abort` at least every millisecond.
+    pub fn wait(&self, seen: &mut u64, timeout: Duration, abort: &dyn Fn() -> bool) {
+        // Counted as a waiter before looking: an exit either is seen here or notifies.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.exits.load(Ordering::SeqCst) == *seen && !abort() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(1));
+            g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(g);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        *seen = self.exits.load(Ordering::SeqCst);
     }
 }
 
@@ -239,6 +352,14 @@ impl KvmKick {
     /// A kick handle for a new vCPU.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A kick handle for a new vCPU that counts as parked until its thread starts running it
+    /// ([`KickState::unpark`]).
+    pub fn parked() -> Self {
+        Self {
+            state: Arc::new(KickState::parked()),
+        }
     }
 
     /// The vCPU's kick state.
@@ -260,14 +381,13 @@ pub(crate) struct Consumed {
 }
 
 impl Consumed {
-    /// Whether a kick arrived since the last call (and consume it, clearing `immediate_exit`).
+    /// Whether a kick arrived since the last call (and consume it).
     pub(crate) fn take(&mut self, state: &KickState) -> bool {
         let now = state.kicks();
         if now == self.kicks {
             return false;
         }
         self.kicks = now;
-        state.clear_immediate_exit();
         true
     }
 
@@ -282,7 +402,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_kick_wakes_a_waiting_thread_and_sets_immediate_exit() {
+    fn a_kick_wakes_a_waiting_thread_without_touching_immediate_exit() {
         install().unwrap();
         let k = KvmKick::new();
         let mut run: kvm_bindings::kvm_run = Default::default();
@@ -298,10 +418,76 @@ mod tests {
         k.kick();
         assert_eq!(h.join().unwrap(), 1);
         k.state().unregister_run();
-        assert_eq!(run.immediate_exit, 1);
+        assert_eq!(run.immediate_exit, 0, "the vCPU was not in the guest");
         let mut c = Consumed::default();
         assert!(c.take(k.state()));
         assert!(!c.take(k.state()));
+    }
+
+    #[test]
+    fn a_kick_in_the_guest_sets_immediate_exit_until_the_vcpu_leaves() {
+        install().unwrap();
+        let k = KvmKick::new();
+        let st = k.state();
+        let mut run: kvm_bindings::kvm_run = Default::default();
+        // SAFETY: `run` outlives the registration, which is removed below.
+        unsafe { st.register_run(&mut run) };
+        let guest = st.enter_guest(0, 0).expect("nothing pending");
+        // No thread is attached: the signal is skipped, immediate_exit is what stops KVM_RUN.
+        k.kick();
+        st.unregister_run();
+        assert_eq!(run.immediate_exit, 1);
+        // SAFETY: as above.
+        unsafe { st.register_run(&mut run) };
+        drop(guest);
+        st.unregister_run();
+        assert_eq!(run.immediate_exit, 0, "cleared on leaving the guest");
+        assert!(st.enter_guest(0, 0).is_none(), "a kick newer than the one seen");
+        assert!(st.enter_guest(1, 1).is_none(), "a wake newer than the one seen");
+        assert!(st.enter_guest(1, 0).is_some());
+    }
+
+    #[test]
+    fn a_progress_wait_ends_at_the_next_exit_or_the_timeout() {
+        let p = Arc::new(Progress::default());
+        let mut seen = 0;
+        p.exited();
+        // An exit since the last look: no wait at all, however long the timeout.
+        p.wait(&mut seen, Duration::from_secs(3600), &|| false);
+        assert_eq!(seen, 1);
+        p.wait(&mut seen, Duration::from_millis(5), &|| false);
+        assert_eq!(seen, 1, "nothing exited: the timeout ended it");
+        p.wait(&mut seen, Duration::from_secs(3600), &|| true);
+        assert_eq!(seen, 1, "aborted");
+        let q = p.clone();
+        let h = std::thread::spawn(move || {
+            while q.waiters.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            q.exited();
+        });
+        p.wait(&mut seen, Duration::from_secs(3600), &|| false);
+        h.join().unwrap();
+        assert_eq!(seen, 2, "woken by the other vCPU's exit");
+    }
+
+    #[test]
+    fn a_parked_vcpu_has_its_request_applied_by_the_requester() {
+        let st = Arc::new(KickState::parked());
+        assert_eq!(st.wake_parked(|| 7), Some(7), "not started: parked");
+        assert_eq!((st.wakes(), st.lock().acked), (1, 1), "woken and acknowledged");
+        st.unpark();
+        assert_eq!(st.wake_parked(|| 7), None, "running: the requester must wait");
+        let t = st.clone();
+        let h = std::thread::spawn(move || t.wait(0, 1));
+        while !st.lock().parked {
+            std::thread::yield_now();
+        }
+        // The sleeper cannot leave the wait while the request is applied.
+        let seen = st.wake_parked(|| st.acks.try_lock().is_err());
+        h.join().unwrap();
+        assert_eq!(seen, Some(true));
+        assert!(!st.lock().parked, "awake again");
     }
 
     #[test]

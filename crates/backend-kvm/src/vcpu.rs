@@ -22,8 +22,8 @@ use crate::error::IoctlError;
 use crate::frames::FrameError;
 use crate::ghcb::{self, GHCB_MSR, GhcbRequest, ReadGhcb};
 use crate::gmem::{GmemError, GuestRam};
+use crate::guest::layout::MSR_SEV_STATUS;
 use crate::guest::layout::ports;
-use crate::guest::program::MSR_SEV_STATUS;
 use crate::platform::KvmPlatform;
 use crate::vmsa_regs::{self, RegsError};
 
@@ -131,11 +131,13 @@ pub(crate) fn load(
 }
 
 /// What one `KVM_RUN` of a VMSA-image vCPU came back with, after the exits this backend serves
-/// itself (SEV_STATUS and GHCB MSR reads, YIELD) were served.
+/// itself (SEV_STATUS and GHCB MSR reads) were served.
 #[derive(Debug)]
 pub(crate) enum Step {
     /// Served; run again.
     Again,
+    /// An `OUT` to the YIELD port: the vCPU waits for other vCPUs; let them run.
+    Yield,
     /// `KVM_RUN` returned `EINTR` or `EAGAIN` (a signal or `immediate_exit`).
     Interrupted,
     /// The guest wrote this value to the GHCB MSR: a doorbell for [`doorbell`].
@@ -170,8 +172,7 @@ pub(crate) fn run_once(fd: &mut VcpuFd, sev_status: u64, ghcb_msr: &mut u64, exi
             v[..n].copy_from_slice(&data[..n]);
             let value = u32::from_le_bytes(v);
             if port == ports::YIELD {
-                std::thread::yield_now();
-                Step::Again
+                Step::Yield
             } else {
                 Step::Out {
                     port,

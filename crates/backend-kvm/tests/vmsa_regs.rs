@@ -121,7 +121,7 @@ fn a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu() {
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
     let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
-    let prog = program::assemble().unwrap();
+    let prog = program::PROGRAM;
     ram.write(0, &guest::image(&prog, 2, 0)).unwrap();
     let table = cpuid::supported(&kvm).unwrap();
 

@@ -7,7 +7,7 @@ use vmsa_core::{Gpa, SevEsSaveArea};
 use super::layout::{
     self, CODE_GPA, GDT, GDT_GPA, MAX_REQUESTS, PARAMS_GPA, REQUESTS_GPA, STACK_TOP, params,
 };
-use super::program::{self, AssembleError};
+use super::program::PROGRAM;
 use super::{IMAGE_END, image};
 
 /// One AP-creation request the request-table guest issues.
@@ -80,9 +80,9 @@ pub struct GuestImage {
 /// Why a built-in guest cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestImageError {
-    /// The program did not assemble.
-    #[error(transparent)]
-    Assemble(#[from] AssembleError),
+    /// The SNP mode's guest code did not assemble.
+    #[error("assembling the SNP guest's code failed: {0}")]
+    Assemble(#[from] iced_x86::IcedError),
     /// The host's CPUID has no C-bit position (leaf 0x8000001F `EBX[5:0]` is 0).
     #[error("CPUID 0x8000001F reports no C-bit position (EBX = {ebx:#x})")]
     NoCBit {
@@ -101,22 +101,21 @@ impl GuestProgram {
     /// The image and initial states of this program on `vcpus` vCPUs (VMSA-image mode: the
     /// guest creates its APs through the GHCB doorbell).
     pub fn image(&self, vcpus: u32) -> Result<GuestImage, GuestImageError> {
-        let prog = program::assemble()?;
         let (flags, entry, bsp_rdi) = match self {
             Self::ApCreation { recreate } => (
                 if *recreate { params::FLAG_RECREATE } else { 0 },
-                prog.entries.scenario,
+                PROGRAM.entries.scenario,
                 u64::from(vcpus),
             ),
             Self::Requests { requests, .. } => {
                 if requests.len() > MAX_REQUESTS {
                     return Err(GuestImageError::TooManyRequests(requests.len()));
                 }
-                (0, prog.entries.requests, requests.len() as u64)
+                (0, PROGRAM.entries.requests, requests.len() as u64)
             }
-            Self::Spin => (0, prog.entries.spin, 0),
+            Self::Spin => (0, PROGRAM.entries.spin, 0),
         };
-        let mut bytes = image(&prog, vcpus, flags);
+        let mut bytes = image(&PROGRAM, vcpus, flags);
         if let Self::Requests {
             requests,
             expect_reports,
@@ -146,7 +145,7 @@ impl GuestProgram {
                     bsp.rsp = STACK_TOP;
                     bsp
                 } else {
-                    layout::long_mode_image(prog.entries.ap)
+                    layout::long_mode_image(PROGRAM.entries.ap)
                 }
             })
             .collect();
@@ -166,7 +165,7 @@ impl GuestProgram {
 /// The SEV-SNP guest's code (SNP mode): terminate through the GHCB MSR protocol
 /// (`GHCB_MSR_TERM_REQ` written to the GHCB MSR, then VMGEXIT = `rep; vmmcall`), as the KVM
 /// selftests' SNP guests end.
-pub fn snp_terminate_code() -> Result<Vec<u8>, AssembleError> {
+pub fn snp_terminate_code() -> Result<Vec<u8>, iced_x86::IcedError> {
     use iced_x86::code_asm::{CodeAssembler, eax, ecx, edx};
     let mut a = CodeAssembler::new(64)?;
     a.mov(ecx, vmsa_core::ghcb::GHCB_MSR)?;
@@ -175,7 +174,7 @@ pub fn snp_terminate_code() -> Result<Vec<u8>, AssembleError> {
     a.wrmsr()?;
     a.db(&[0xf3, 0x0f, 0x01, 0xd9])?;
     a.hlt()?;
-    Ok(a.assemble(CODE_GPA)?)
+    a.assemble(CODE_GPA)
 }
 
 /// The SEV-SNP guest (SNP mode) on `vcpus` vCPUs: the GDT, page tables with the C-bit at bit

@@ -82,11 +82,25 @@ pub mod params {
     pub const FLAG_RECREATE: u64 = 1;
 }
 
+/// The SEV_STATUS MSR, which the guest reads to derive SEV_FEATURES (`>> 2`, as Linux does).
+pub const MSR_SEV_STATUS: u32 = 0xc001_0131;
+
+/// Failure codes the guest reports through [`ports::FAIL`].
+pub mod fail {
+    /// An AP_CREATE of the first round was refused.
+    pub const CREATE: u32 = 1;
+    /// The AP_DESTROY of AP 1 was refused.
+    pub const DESTROY: u32 = 2;
+    /// The re-creation of AP 1 was refused.
+    pub const RECREATE: u32 = 3;
+}
+
 /// I/O ports the guest uses to talk to the VMM.
 pub mod ports {
     /// "This vCPU is done" (value: 0 for the BSP, the APIC ID for an AP).
     pub const DONE: u16 = 0x10;
-    /// "Nothing to do; let other threads run" (the BSP's wait loops).
+    /// "Nothing to do until another vCPU does something" (the BSP's wait loops): the VMM
+    /// blocks the vCPU until another vCPU's next exit (see `kick::Progress`).
     pub const YIELD: u16 = 0x11;
     /// "A step failed" (value: the step code; the GHCB response is in the parameter page).
     pub const FAIL: u16 = 0x12;

@@ -23,7 +23,7 @@ fn pieces(program: &Program, vcpus: u32, flags: u64) -> Vec<(u64, Vec<u8>)> {
     for (gpa, entries) in page_tables() {
         out.push((gpa, entries.iter().flat_map(|e| e.to_le_bytes()).collect()));
     }
-    out.push((CODE_GPA, program.code.clone()));
+    out.push((CODE_GPA, program.code.to_vec()));
     let template: Box<SevEsSaveArea> = layout::long_mode_image(program.entries.ap);
     out.push((TEMPLATE_GPA, template.as_bytes().to_vec()));
     out.push((

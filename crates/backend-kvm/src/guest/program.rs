@@ -1,6 +1,9 @@
-//! The guest program, assembled at build time of the VM with iced-x86's code assembler.
+//! The guest program, assembled when backend-kvm is built: the build script runs
+//! `src/guest/asm.rs` (iced-x86's code assembler) and writes [`PROGRAM`]. Assembling it when a
+//! VM is built cost each VMM process ~0.5 ms, nearly all of it iced-x86 building its encoder
+//! tables on first use.
 //!
-//! Three entry points share one image at [`CODE_GPA`]:
+//! Three entry points share one image at [`CODE_GPA`](super::layout::CODE_GPA):
 //!
 //! - [`Entries::scenario`] (BSP): derive SEV_FEATURES from the SEV_STATUS MSR (`>> 2`, as
 //!   Linux does), then for every APIC ID `1..n`: copy the VMSA template to the AP's page,
@@ -8,10 +11,10 @@
 //!   the GHCB. Wait until every AP has reported through its mailbox. If asked (flag bit 0),
 //!   `AP_DESTROY` AP 1, rewrite its VMSA with generation 2, `AP_CREATE` it again and wait
 //!   for its new report. Then `OUT DONE`.
-//! - [`Entries::requests`] (BSP): issue every request of the table at [`REQUESTS_GPA`]
+//! - [`Entries::requests`] (BSP): issue every request of the table at [`REQUESTS_GPA`](super::layout::REQUESTS_GPA)
 //!   (`exit_info_1`, `exit_info_2`, RAX, flags: bit 0 RAX valid, bit 1 write an AP VMSA at
 //!   `exit_info_2` first) and store each `(sw_exit_info_1, sw_exit_info_2)` at
-//!   [`RESULTS_GPA`]; wait for the expected number of AP reports; `OUT DONE`.
+//!   [`RESULTS_GPA`](super::layout::RESULTS_GPA); wait for the expected number of AP reports; `OUT DONE`.
 //! - [`Entries::ap`] (APs): write `generation << 32 | apic_id` to the mailbox, `lock inc` the
 //!   report counter, `OUT DONE`.
 //! - [`Entries::spin`]: `jmp $`, a vCPU stuck in `KVM_RUN` for the watchdog to end.
@@ -22,30 +25,6 @@
 //! answers in `sw_exit_info_1/2`. The code is CPL0, integer-only and within the instruction
 //! set KVM's instruction emulator handles on PVM hosts (`x86_emulate_insn`): mov, add/shl/shr/or, cmp/test/jcc, call/ret,
 //! push-free subroutines, `rep movsq`, `lock inc`, rdmsr/wrmsr, out, hlt.
-
-use iced_x86::code_asm::*;
-use iced_x86::{BlockEncoderOptions, IcedError};
-
-use super::layout::{
-    CODE_GPA, CODE_MAX, GHCB_GPA, MAILBOX_GPA, PARAMS_GPA, REQUESTS_GPA, RESULTS_GPA, TEMPLATE_GPA,
-    VMSA_BASE, params, ports,
-};
-use vmsa_core::ghcb::{self, GHCB_MSR};
-
-/// Failure codes the guest reports through [`ports::FAIL`].
-pub mod fail {
-    /// An AP_CREATE of the first round was refused.
-    pub const CREATE: u32 = 1;
-    /// The AP_DESTROY of AP 1 was refused.
-    pub const DESTROY: u32 = 2;
-    /// The re-creation of AP 1 was refused.
-    pub const RECREATE: u32 = 3;
-}
-
-/// The SEV_STATUS MSR.
-pub const MSR_SEV_STATUS: u32 = 0xc001_0131;
-/// Qwords of the template the guest copies (the defined part of the save area, 0x670 bytes).
-const TEMPLATE_QWORDS: u32 = 0x670 / 8;
 
 /// Where each entry point starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,304 +40,30 @@ pub struct Entries {
 }
 
 /// The assembled program.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Program {
-    /// The machine code, to be loaded at [`CODE_GPA`].
-    pub code: Vec<u8>,
+    /// The machine code, to be loaded at [`CODE_GPA`](super::layout::CODE_GPA).
+    pub code: &'static [u8],
     /// Its entry points (guest-virtual = guest-physical addresses).
     pub entries: Entries,
 }
 
-/// The program could not be assembled.
-#[derive(Debug, thiserror::Error)]
-pub enum AssembleError {
-    /// iced-x86 refused an instruction or the encoding.
-    #[error("assembling the guest program failed: {0}")]
-    Iced(#[from] IcedError),
-    /// The code does not fit below the parameter page.
-    #[error("the guest program is {len} bytes; {max} fit at the code address")]
-    TooLarge {
-        /// Its length.
-        len: usize,
-        /// What fits.
-        max: u64,
-    },
-}
-
-/// Assemble the program for [`CODE_GPA`].
-pub fn assemble() -> Result<Program, AssembleError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut scenario = a.create_label();
-    let mut requests = a.create_label();
-    let mut ap = a.create_label();
-    let mut ghcb_call = a.create_label();
-    let mut write_vmsa = a.create_label();
-    let mut sev_features = a.create_label();
-    let mut spin = a.create_label();
-
-    // ---- BSP: AP-creation scenario. In: rdi = n_vcpus, rsp = stack.
-    a.set_label(&mut scenario)?;
-    a.mov(r14, rdi)?;
-    a.call(sev_features)?;
-    a.mov(r13, 1u64)?;
-    let mut create_loop = a.create_label();
-    let mut created = a.create_label();
-    let mut fail_create = a.create_label();
-    a.set_label(&mut create_loop)?;
-    a.cmp(r13, r14)?;
-    a.jae(created)?;
-    // VMSA at VMSA_BASE + apic * 4096.
-    a.mov(rdi, r13)?;
-    a.shl(rdi, 12)?;
-    a.add(rdi, VMSA_BASE as i32)?;
-    a.mov(rbp, rdi)?;
-    a.mov(rsi, r13)?;
-    a.mov(rdx, 1u64)?;
-    a.call(write_vmsa)?;
-    // exit_info_1 = apic << 32 | AP_CREATE; exit_info_2 = the VMSA; RAX = SEV_FEATURES.
-    a.mov(rbx, r13)?;
-    a.shl(rbx, 32)?;
-    a.or(rbx, vmsa_core::ghcb::AP_CREATE as i32)?;
-    a.mov(rax, r15)?;
-    a.mov(r8, 1u64)?;
-    a.call(ghcb_call)?;
-    a.test(rax, rax)?;
-    a.jnz(fail_create)?;
-    a.inc(r13)?;
-    a.jmp(create_loop)?;
-
-    a.set_label(&mut created)?;
-    // Wait for n - 1 reports.
-    a.mov(r12, r14)?;
-    a.dec(r12)?;
-    wait_counter(&mut a, r12)?;
-
-    let mut done = a.create_label();
-    let mut fail_destroy = a.create_label();
-    let mut fail_recreate = a.create_label();
-    a.mov(rax, PARAMS_GPA)?;
-    a.mov(rax, qword_ptr(rax + params::FLAGS as i32))?;
-    a.test(rax, params::FLAG_RECREATE as i32)?;
-    a.jz(done)?;
-    a.cmp(r14, 2)?;
-    a.jb(done)?;
-    // AP_DESTROY of APIC ID 1 (no RAX, no GPA).
-    a.mov(rbx, (1u64 << 32) | u64::from(vmsa_core::ghcb::AP_DESTROY))?;
-    a.xor(ebp, ebp)?;
-    a.xor(eax, eax)?;
-    a.xor(r8d, r8d)?;
-    a.call(ghcb_call)?;
-    a.test(rax, rax)?;
-    a.jnz(fail_destroy)?;
-    // Forget the old report, write a generation-2 VMSA and create the AP again.
-    a.mov(rax, MAILBOX_GPA)?;
-    a.mov(qword_ptr(rax + 8), 0)?;
-    a.mov(rdi, VMSA_BASE + 0x1000)?;
-    a.mov(rbp, rdi)?;
-    a.mov(rsi, 1u64)?;
-    a.mov(rdx, 2u64)?;
-    a.call(write_vmsa)?;
-    a.mov(rbx, (1u64 << 32) | u64::from(vmsa_core::ghcb::AP_CREATE))?;
-    a.mov(rax, r15)?;
-    a.mov(r8, 1u64)?;
-    a.call(ghcb_call)?;
-    a.test(rax, rax)?;
-    a.jnz(fail_recreate)?;
-    // Wait for the generation-2 report.
-    a.mov(r12, (2u64 << 32) | 1)?;
-    let mut wait2 = a.create_label();
-    a.set_label(&mut wait2)?;
-    a.mov(rax, MAILBOX_GPA)?;
-    a.mov(rax, qword_ptr(rax + 8))?;
-    a.cmp(rax, r12)?;
-    a.je(done)?;
-    a.out(ports::YIELD as u32, al)?;
-    a.jmp(wait2)?;
-
-    a.set_label(&mut done)?;
-    a.xor(eax, eax)?;
-    a.out(ports::DONE as u32, eax)?;
-    a.hlt()?;
-
-    for (label, code) in [
-        (&mut fail_create, fail::CREATE),
-        (&mut fail_destroy, fail::DESTROY),
-        (&mut fail_recreate, fail::RECREATE),
-    ] {
-        a.set_label(label)?;
-        a.mov(rcx, PARAMS_GPA)?;
-        a.mov(qword_ptr(rcx + params::RESP1 as i32), rax)?;
-        a.mov(qword_ptr(rcx + params::RESP2 as i32), rdx)?;
-        a.mov(eax, code)?;
-        a.out(ports::FAIL as u32, eax)?;
-        a.hlt()?;
-    }
-
-    // ---- BSP: request table. In: rdi = number of requests.
-    a.set_label(&mut requests)?;
-    a.mov(r14, rdi)?;
-    a.call(sev_features)?;
-    a.xor(r13d, r13d)?;
-    let mut req_loop = a.create_label();
-    let mut req_done = a.create_label();
-    let mut no_vmsa = a.create_label();
-    a.set_label(&mut req_loop)?;
-    a.cmp(r13, r14)?;
-    a.jae(req_done)?;
-    a.mov(r12, r13)?;
-    a.shl(r12, 5)?;
-    a.add(r12, REQUESTS_GPA as i32)?;
-    a.mov(r8, qword_ptr(r12 + 24))?;
-    a.test(r8, 2)?;
-    a.jz(no_vmsa)?;
-    // Write a VMSA for apic = exit_info_1 >> 32 at exit_info_2, generation 1.
-    a.mov(rdi, qword_ptr(r12 + 8))?;
-    a.mov(rsi, qword_ptr(r12))?;
-    a.shr(rsi, 32)?;
-    a.mov(rdx, 1u64)?;
-    a.call(write_vmsa)?;
-    a.set_label(&mut no_vmsa)?;
-    a.mov(rbx, qword_ptr(r12))?;
-    a.mov(rbp, qword_ptr(r12 + 8))?;
-    a.mov(rax, qword_ptr(r12 + 16))?;
-    a.mov(r8, qword_ptr(r12 + 24))?;
-    a.and(r8, 1)?;
-    a.call(ghcb_call)?;
-    a.mov(r12, r13)?;
-    a.shl(r12, 4)?;
-    a.add(r12, RESULTS_GPA as i32)?;
-    a.mov(qword_ptr(r12), rax)?;
-    a.mov(qword_ptr(r12 + 8), rdx)?;
-    a.inc(r13)?;
-    a.jmp(req_loop)?;
-    a.set_label(&mut req_done)?;
-    a.mov(rax, PARAMS_GPA)?;
-    a.mov(r12, qword_ptr(rax + params::EXPECT_REPORTS as i32))?;
-    wait_counter(&mut a, r12)?;
-    a.xor(eax, eax)?;
-    a.out(ports::DONE as u32, eax)?;
-    a.hlt()?;
-
-    // ---- AP. In: rdi = APIC ID, rsi = generation (from the VMSA the BSP wrote).
-    a.set_label(&mut ap)?;
-    a.mov(rax, rsi)?;
-    a.shl(rax, 32)?;
-    a.or(rax, rdi)?;
-    a.mov(rcx, MAILBOX_GPA)?;
-    a.mov(qword_ptr(rcx + rdi * 8), rax)?;
-    a.mov(rcx, PARAMS_GPA)?;
-    a.lock().inc(qword_ptr(rcx + params::COUNTER as i32))?;
-    a.mov(eax, edi)?;
-    a.out(ports::DONE as u32, eax)?;
-    a.hlt()?;
-
-    // ---- spin: never exits.
-    a.set_label(&mut spin)?;
-    a.jmp(spin)?;
-
-    // ---- sev_features: r15 = SEV_STATUS >> 2; also stored in the parameter page.
-    a.set_label(&mut sev_features)?;
-    a.mov(ecx, MSR_SEV_STATUS)?;
-    a.rdmsr()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.shr(rax, 2)?;
-    a.mov(r15, rax)?;
-    a.mov(rax, PARAMS_GPA)?;
-    a.mov(qword_ptr(rax + params::SEV_FEATURES as i32), r15)?;
-    a.ret()?;
-
-    // ---- write_vmsa(rdi = destination, rsi = APIC ID, rdx = generation); uses r15.
-    a.set_label(&mut write_vmsa)?;
-    a.mov(r10, rdi)?;
-    a.mov(r9, rsi)?;
-    a.mov(r11, rdx)?;
-    a.mov(rsi, TEMPLATE_GPA)?;
-    a.mov(ecx, TEMPLATE_QWORDS)?;
-    a.cld()?;
-    a.rep().movsq()?;
-    a.mov(qword_ptr(r10 + 0x338), r9)?; // VMSA RDI
-    a.mov(qword_ptr(r10 + 0x330), r11)?; // VMSA RSI
-    a.mov(qword_ptr(r10 + 0x3b0), r15)?; // SEV_FEATURES
-    a.ret()?;
-
-    // ---- ghcb_call(rbx = exit_info_1, rbp = exit_info_2, rax = RAX, r8 = RAX valid)
-    //      -> rax = sw_exit_info_1, rdx = sw_exit_info_2.
-    a.set_label(&mut ghcb_call)?;
-    a.mov(r9, GHCB_GPA)?;
-    a.mov(qword_ptr(r9 + ghcb::RAX as i32), rax)?;
-    a.mov(r10d, vmsa_core::ghcb::SVM_VMGEXIT_AP_CREATION as u32)?;
-    a.mov(qword_ptr(r9 + ghcb::SW_EXIT_CODE as i32), r10)?;
-    a.mov(qword_ptr(r9 + ghcb::SW_EXIT_INFO_1 as i32), rbx)?;
-    a.mov(qword_ptr(r9 + ghcb::SW_EXIT_INFO_2 as i32), rbp)?;
-    let mut rax_invalid = a.create_label();
-    a.xor(r10d, r10d)?;
-    a.test(r8, r8)?;
-    a.jz(rax_invalid)?;
-    a.mov(r10, ghcb::valid_bit(ghcb::RAX).1)?;
-    a.set_label(&mut rax_invalid)?;
-    a.mov(qword_ptr(r9 + ghcb::VALID_BITMAP as i32), r10)?;
-    a.mov(
-        r10,
-        ghcb::valid_bit(ghcb::SW_EXIT_CODE).1
-            | ghcb::valid_bit(ghcb::SW_EXIT_INFO_1).1
-            | ghcb::valid_bit(ghcb::SW_EXIT_INFO_2).1,
-    )?;
-    a.mov(qword_ptr(r9 + (ghcb::VALID_BITMAP + 8) as i32), r10)?;
-    a.mov(dword_ptr(r9 + ghcb::USAGE as i32), 0)?;
-    a.mov(ecx, GHCB_MSR)?;
-    a.mov(eax, GHCB_GPA as u32)?;
-    a.xor(edx, edx)?;
-    a.wrmsr()?;
-    a.mov(rax, qword_ptr(r9 + ghcb::SW_EXIT_INFO_1 as i32))?;
-    a.mov(rdx, qword_ptr(r9 + ghcb::SW_EXIT_INFO_2 as i32))?;
-    a.ret()?;
-
-    let result = a.assemble_options(CODE_GPA, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
-    let entries = Entries {
-        scenario: result.label_ip(&scenario)?,
-        requests: result.label_ip(&requests)?,
-        ap: result.label_ip(&ap)?,
-        spin: result.label_ip(&spin)?,
-    };
-    let code = result.inner.code_buffer;
-    if code.len() as u64 > CODE_MAX {
-        return Err(AssembleError::TooLarge {
-            len: code.len(),
-            max: CODE_MAX,
-        });
-    }
-    Ok(Program { code, entries })
-}
-
-/// Spin until the report counter reaches `target` (a register), yielding to the VMM through
-/// [`ports::YIELD`] between looks.
-fn wait_counter(a: &mut CodeAssembler, target: AsmRegister64) -> Result<(), IcedError> {
-    let mut again = a.create_label();
-    let mut reached = a.create_label();
-    a.set_label(&mut again)?;
-    a.mov(rax, PARAMS_GPA)?;
-    a.mov(rax, qword_ptr(rax + params::COUNTER as i32))?;
-    a.cmp(rax, target)?;
-    a.jae(reached)?;
-    a.out(ports::YIELD as u32, al)?;
-    a.jmp(again)?;
-    a.set_label(&mut reached)?;
-    Ok(())
-}
+// `pub const PROGRAM: Program`, written by the build script (`build.rs`).
+include!(concat!(env!("OUT_DIR"), "/guest_program.rs"));
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guest::layout::{CODE_GPA, CODE_MAX};
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
     }
 
     #[test]
-    fn assembles_deterministically_within_its_region() {
-        let p = assemble().unwrap();
-        assert_eq!(p, assemble().unwrap());
+    fn the_entries_lie_in_the_code_within_its_region() {
+        let p = PROGRAM;
+        assert!(p.code.len() as u64 <= CODE_MAX);
         assert_eq!(p.entries.scenario, CODE_GPA);
         let end = CODE_GPA + p.code.len() as u64;
         for e in [p.entries.requests, p.entries.ap, p.entries.spin] {
@@ -368,8 +73,8 @@ mod tests {
 
     #[test]
     fn uses_the_doorbell_and_no_hypercall() {
-        let p = assemble().unwrap();
-        let c = &p.code;
+        let p = PROGRAM;
+        let c = p.code;
         assert!(contains(c, &[0x0f, 0x30]), "wrmsr");
         assert!(contains(c, &[0x0f, 0x32]), "rdmsr");
         // mov ecx, 0xC0010130 (GHCB MSR) and mov ecx, 0xC0010131 (SEV_STATUS).

@@ -9,21 +9,30 @@
 //!   INIT_SHARED`), the CPUID table, and vmsa-core's [`vmsa_core::Vm`] over a [`KvmPlatform`]:
 //!   the "kernel", which owns every host VMSA page and the tracked RMP. vmsa-core's VM is created
 //!   when the first vCPU is (memory must be in place by then: its frame space is fixed).
-//! - [`KvmImageVcpu`] owns the KVM vCPU fd, its GHCB MSR and its [`KvmKick`]. Its
-//!   [`Vcpu::run`] loops over [`crate::vcpu`]'s steps: `prepare_entry`, load the VMSA the VMCB
-//!   points at when it changed, `KVM_RUN`, the GHCB doorbell (AP creation through vmsa-core,
-//!   the target woken and waited for) served inside; only vmsa-host's exits come out.
+//! - [`KvmImageVcpu`] owns the KVM vCPU fd (created by its first run, on its own thread), its
+//!   GHCB MSR and its [`KvmKick`]. Its [`Vcpu::run`] loops over [`crate::vcpu`]'s steps:
+//!   `prepare_entry`, load the VMSA the VMCB points at when it changed, `KVM_RUN`, the GHCB
+//!   doorbell (AP creation through vmsa-core, the target's request applied before the requester
+//!   goes on) served inside; only vmsa-host's exits come out.
 //!
 //! Every GHCB request the guest makes is recorded as a [`GuestStep`] of the report's
 //! [`GuestActivity`], in order: its action (`ap_create`, `ap_create_on_init`, `ap_destroy`, or
 //! `ghcb` for a GHCB refused before its request was decoded), the requesting vCPU, the refusal
 //! with the `sw_exit_info` codes the guest got, and what happened to the target. The requester
-//! waits until the target has applied an accepted request (KVM itself does not wait; the guest
-//! cannot tell the difference), which keeps ownership histories and steps deterministic.
+//! does not return to its guest before an accepted request is applied (KVM itself does not wait;
+//! the guest cannot tell the difference), which keeps ownership histories and steps
+//! deterministic: to a parked target (halted, an AP nobody created yet, or a vCPU whose thread
+//! has not started) it applies the request itself while the target stays parked, because that
+//! is the first thing the target would do on waking (KVM's
+//! `KVM_REQ_UPDATE_PROTECTED_GUEST_STATE` is served before anything else at its next entry);
+//! otherwise it waits until the target has applied it (see [`crate::kick`]). Either way the
+//! same `prepare_entry` runs under the target's vCPU lock, and the requester never waits for
+//! another thread to be scheduled while its target sleeps.
 //!
 //! Exits of the built-in guest program: the BSP's (vCPU 0) `OUT` to the DONE port is
 //! [`VcpuExit::IoOut`]; an AP's DONE (`out DONE; hlt`) parks it, reported as the
-//! [`VcpuExit::Halt`] it leads to; YIELD is served inside; any
+//! [`VcpuExit::Halt`] it leads to; YIELD is served inside, by waiting for another vCPU's exit
+//! ([`Progress`]); any
 //! other port (FAIL included) is `IoOut`. A triple fault is `Shutdown`; `EINTR` after a kick is
 //! `Interrupted`. A vCPU vmsa-core reports Blocked (halted, or an AP nobody created yet) waits
 //! inside `run()` until kicked or woken by an AP-creation request.
@@ -51,7 +60,7 @@ use crate::error::IoctlError;
 use crate::frames::FrameSpace;
 use crate::gmem::GuestRam;
 use crate::guest::layout::ports;
-use crate::kick::{self, Consumed, KickState, KvmKick};
+use crate::kick::{self, Consumed, KickState, KvmKick, Progress};
 use crate::platform::KvmPlatform;
 use kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR;
 
@@ -60,6 +69,10 @@ use crate::probe::{Mode, ProbeReport};
 use crate::vcpu::{self, ExitCounts, Outcome, Step};
 
 type CoreVm = vmsa_core::Vm<KvmPlatform>;
+
+/// How long a YIELD waits for another vCPU's exit before the vCPU looks at guest memory again
+/// (for progress other vCPUs make in memory alone).
+const YIELD_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// What a VMSA-image host says in reports and refusals.
 const NO_SEV_ES: &str = "VMSA-image mode runs SEV-SNP guests only: its guest program and GHCB doorbell speak the SNP AP-creation protocol, which SEV-ES guests do not have";
@@ -157,16 +170,21 @@ impl Hypervisor for KvmImageHost {
             .enable_cap(&user_space_msr_cap())
             .map_err(|e| host(call, IoctlError::new(call, e)))?;
         let cpuid = cpuid::supported(&kvm).map_err(|e| host("KVM_GET_SUPPORTED_CPUID", e))?;
+        let limit = |cap| u64::try_from(kvm.check_extension_int(cap)).unwrap_or(0);
         Ok(KvmImageVm {
             spec,
+            created: 0,
             shared: Arc::new(Shared {
                 vm_fd: Arc::new(vm_fd),
+                max_vcpu_ids: limit(kvm_ioctls::Cap::MaxVcpuId),
+                max_vcpus: limit(kvm_ioctls::Cap::MaxVcpus),
                 max_phys_bits: cpuid::max_phys_bits(&cpuid),
                 cpuid,
                 rams: RwLock::new(Vec::new()),
                 core: RwLock::new(None),
                 events: Arc::new(EventLog::new()),
                 kicks: RwLock::new(BTreeMap::new()),
+                progress: Progress::default(),
                 kick_timeout: self.kick_timeout,
                 vmruns: AtomicU64::new(0),
                 ap_refused: AtomicU64::new(0),
@@ -191,6 +209,10 @@ pub fn user_space_msr_cap() -> kvm_enable_cap {
 /// What the VM and its vCPU threads share.
 struct Shared {
     vm_fd: Arc<VmFd>,
+    /// `KVM_CAP_MAX_VCPU_ID`: vCPU ids must be below it.
+    max_vcpu_ids: u64,
+    /// `KVM_CAP_MAX_VCPUS`: how many vCPUs a VM may have.
+    max_vcpus: u64,
     cpuid: CpuId,
     max_phys_bits: u8,
     rams: RwLock<Vec<Arc<GuestRam>>>,
@@ -200,6 +222,8 @@ struct Shared {
     events: Arc<EventLog>,
     /// Each vCPU's kick state, by APIC ID: doorbells wake their targets through it.
     kicks: RwLock<BTreeMap<u32, Arc<KickState>>>,
+    /// Every vCPU's exits, for a vCPU on the YIELD port.
+    progress: Progress,
     kick_timeout: Duration,
     vmruns: AtomicU64,
     ap_refused: AtomicU64,
@@ -242,6 +266,16 @@ fn write_map(l: &Mutex<BTreeMap<u32, String>>) -> std::sync::MutexGuard<'_, BTre
     l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What an entry made of the AP-creation request it applied, in the simulator's words (the
+/// guest step's detail).
+fn applied(id: u32, entry: &Result<Entry, vmsa_core::Error<crate::platform::PlatformError>>) -> String {
+    match entry {
+        Ok(Entry::Run(_)) => format!("vCPU {id} entered"),
+        Ok(Entry::Blocked(_)) => format!("vCPU {id} halted"),
+        Err(e) => format!("vCPU {id} cannot run: {e}"),
+    }
+}
+
 fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
@@ -250,6 +284,8 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 pub struct KvmImageVm {
     spec: VmSpec,
     shared: Arc<Shared>,
+    /// vCPUs created (KVM's `created_vcpus`).
+    created: u64,
 }
 
 impl std::fmt::Debug for KvmImageVm {
@@ -356,33 +392,32 @@ impl Vm for KvmImageVm {
         self.command("KVM_SEV_SNP_LAUNCH_FINISH", |vm| vm.launch_finish([0; 32]))
     }
 
+    /// vmsa-core's vCPU now; the KVM vCPU (`KVM_CREATE_VCPU`, `KVM_SET_CPUID2`) is created by
+    /// the vCPU's first [`Vcpu::run`], on the thread that runs it: vCPUs then come up in
+    /// parallel, and an AP's KVM vCPU is made while its thread waits for the guest to create it,
+    /// off the VMM's and the BSP's way. KVM's refusals of `kvm_vm_ioctl_create_vcpu` are
+    /// answered here, at creation: a taken id (vmsa-core's same rule), an id of
+    /// `KVM_MAX_VCPU_IDS` or more, a VM that has `KVM_MAX_VCPUS` vCPUs.
     fn create_vcpu(&mut self, id: u32) -> Result<KvmImageVcpu, VmError> {
-        let mut guard = self.core_mut();
-        let Some(core) = guard.as_mut() else {
-            unreachable!("core_mut creates the VM");
-        };
         let call = "KVM_CREATE_VCPU";
-        let mut fd = self.shared.vm_fd.create_vcpu(u64::from(id)).map_err(|e| {
-            // kvm_vm_ioctl_create_vcpu's rules are refusals, not host failures: a taken id
-            // (answered as vmsa-core's same rule is) and an id or count beyond KVM's limits.
-            match e.errno() {
-                libc::EEXIST => core_error(call, vmsa_core::Error::VcpuExists(VcpuId(id))),
-                libc::EINVAL => Refusal::new(
-                    call,
-                    Errno::EINVAL,
-                    "the vCPU id is beyond KVM_MAX_VCPU_IDS or the VM has KVM_MAX_VCPUS vCPUs (kvm_vm_ioctl_create_vcpu)",
-                )
-                .into(),
-                _ => VmError::host(call, IoctlError::new(call, e)),
-            }
-        })?;
-        cpuid::set(&fd, &self.shared.cpuid, id).map_err(|e| VmError::host("KVM_SET_CPUID2", e))?;
-        core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
-        let sev_status = (core.config().vmsa_features() << 2) | 0b11;
-        let kick = KvmKick::new();
-        // SAFETY: the kvm_run mapping lives as long as `fd`, which the vCPU owns; its Drop
-        // unregisters the pointer before `fd` is dropped.
-        unsafe { kick.state().register_run(fd.get_kvm_run()) };
+        if u64::from(id) >= self.shared.max_vcpu_ids || self.created >= self.shared.max_vcpus {
+            return Err(Refusal::new(
+                call,
+                Errno::EINVAL,
+                "the vCPU id is beyond KVM_MAX_VCPU_IDS or the VM has KVM_MAX_VCPUS vCPUs (kvm_vm_ioctl_create_vcpu)",
+            )
+            .into());
+        }
+        let sev_status = {
+            let mut guard = self.core_mut();
+            let Some(core) = guard.as_mut() else {
+                unreachable!("core_mut creates the VM");
+            };
+            core.create_vcpu(VcpuId(id)).map_err(|e| core_error(call, e))?;
+            (core.config().vmsa_features() << 2) | 0b11
+        };
+        self.created += 1;
+        let kick = KvmKick::parked();
         write(&self.shared.kicks).insert(id, kick.state().clone());
         Ok(KvmImageVcpu {
             id,
@@ -395,7 +430,8 @@ impl Vm for KvmImageVm {
             ghcb_msr: 0,
             sev_status,
             exits: ExitCounts::default(),
-            fd,
+            progress_seen: 0,
+            fd: None,
         })
     }
 
@@ -462,7 +498,10 @@ pub struct KvmImageVcpu {
     ghcb_msr: u64,
     sev_status: u64,
     exits: ExitCounts,
-    fd: VcpuFd,
+    /// The VM's exit count this vCPU last saw on the YIELD port.
+    progress_seen: u64,
+    /// The KVM vCPU, from the first `run` on (see [`KvmImageVm::create_vcpu`]).
+    fd: Option<VcpuFd>,
 }
 
 impl std::fmt::Debug for KvmImageVcpu {
@@ -491,6 +530,25 @@ impl KvmImageVcpu {
         VcpuError::host(self.id, call, e)
     }
 
+    /// Create the KVM vCPU, with its CPUID table, if this is the first run.
+    fn create_kvm_vcpu(&mut self) -> Result<(), VcpuError> {
+        if self.fd.is_some() {
+            return Ok(());
+        }
+        let call = "KVM_CREATE_VCPU";
+        let mut fd = self
+            .shared
+            .vm_fd
+            .create_vcpu(u64::from(self.id))
+            .map_err(|e| self.host(call, IoctlError::new(call, e)))?;
+        cpuid::set(&fd, &self.shared.cpuid, self.id).map_err(|e| self.host("KVM_SET_CPUID2", e))?;
+        // SAFETY: the kvm_run mapping lives as long as `fd`, which this vCPU owns; its Drop
+        // unregisters the pointer before `fd` is dropped.
+        unsafe { self.kick.state().register_run(fd.get_kvm_run()) };
+        self.fd = Some(fd);
+        Ok(())
+    }
+
     /// vmsa-core's entry for this vCPU; loads the VMSA if it changed. `Ok(false)`: Blocked.
     fn enter(&mut self) -> Result<bool, VcpuError> {
         let st = self.kick.state().clone();
@@ -507,13 +565,7 @@ impl KvmImageVcpu {
         let entry = core.prepare_entry(VcpuId(self.id));
         if woken {
             // Tell the requester waiting for this wake what its request led to.
-            let id = self.id;
-            let what = match &entry {
-                Ok(Entry::Run(_)) => format!("vCPU {id} entered"),
-                Ok(Entry::Blocked(_)) => format!("vCPU {id} halted"),
-                Err(e) => format!("vCPU {id} cannot run: {e}"),
-            };
-            write_map(&self.shared.applied).insert(id, what);
+            write_map(&self.shared.applied).insert(self.id, applied(self.id, &entry));
         }
         st.ack(self.wakes_seen);
         match entry {
@@ -530,7 +582,10 @@ impl KvmImageVcpu {
             Ok(Entry::Blocked(_)) => Ok(false),
             Ok(Entry::Run(hpa)) => {
                 if self.need_load {
-                    if let Err(e) = vcpu::load(core, &self.fd, hpa) {
+                    let Some(fd) = &self.fd else {
+                        unreachable!("run creates the KVM vCPU before its first entry");
+                    };
+                    if let Err(e) = vcpu::load(core, fd, hpa) {
                         // Like a failed VMRUN: the vCPU stays as it is until the next request.
                         let _ = core.set_mp_state(VcpuId(self.id), MpState::Halted);
                         return Err(self.host("loading the VMSA", e));
@@ -586,12 +641,7 @@ impl KvmImageVcpu {
             self.kick.state().wake();
             Ok(format!("vCPU {target} applies it at its next entry"))
         } else {
-            self.shared.take_applied(target);
-            self.wake(target).map(|()| {
-                self.shared
-                    .take_applied(target)
-                    .unwrap_or_else(|| format!("vCPU {target} has not applied it yet"))
-            })
+            self.wake(target)
         };
         let from = answer
             .request
@@ -612,17 +662,32 @@ impl KvmImageVcpu {
         applied.map(drop)
     }
 
-    /// Wake `target` (another vCPU) for the request just accepted and wait until it has applied
-    /// it.
-    fn wake(&mut self, target: u32) -> Result<(), VcpuError> {
+    /// Wake `target` (another vCPU) for the request just accepted once the request is applied:
+    /// by this thread if the target is parked (it would do nothing else first), else by the
+    /// target, waited for. Returns what applying it led to.
+    fn wake(&mut self, target: u32) -> Result<String, VcpuError> {
         let Some(t) = read(&self.shared.kicks).get(&target).cloned() else {
             return Err(self.host("GHCB doorbell", vcpu::VcpuError::UnknownTarget { target }));
         };
+        {
+            // Lock order: vmsa-core's VM, then the target's kick state (as the target's entry).
+            let core = read(&self.shared.core);
+            let core = core
+                .as_ref()
+                .ok_or_else(|| self.host("GHCB doorbell", HostError::NoVm))?;
+            if let Some(what) = t.wake_parked(|| applied(target, &core.prepare_entry(VcpuId(target)))) {
+                return Ok(what);
+            }
+        }
+        self.shared.take_applied(target);
         let own = self.kick.state().clone();
         let seen = self.consumed.seen();
         // Stop waiting if this vCPU is kicked itself (the VMM is stopping the VM).
         if t.wake_and_wait(self.shared.kick_timeout, &|| own.kicks() != seen) {
-            Ok(())
+            Ok(self
+                .shared
+                .take_applied(target)
+                .unwrap_or_else(|| format!("vCPU {target} has not applied it yet")))
         } else {
             Err(self.host(
                 "GHCB doorbell",
@@ -660,6 +725,9 @@ impl Vcpu for KvmImageVcpu {
     fn run(&mut self) -> Result<VcpuExit, VcpuError> {
         let st = self.kick.state().clone();
         let _attached = st.signal().attach();
+        // Still parked: making the KVM vCPU changes nothing vmsa-core knows.
+        self.create_kvm_vcpu()?;
+        st.unpark();
         loop {
             if self.consumed.take(&st) {
                 return Ok(VcpuExit::Interrupted);
@@ -671,9 +739,26 @@ impl Vcpu for KvmImageVcpu {
                     continue;
                 }
             }
-            match vcpu::run_once(&mut self.fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits) {
-                Step::Again => {}
-                Step::Interrupted => st.clear_immediate_exit(),
+            let Some(guest) = st.enter_guest(self.consumed.seen(), self.wakes_seen) else {
+                continue;
+            };
+            let Some(fd) = &mut self.fd else {
+                unreachable!("run creates the KVM vCPU first");
+            };
+            let step = vcpu::run_once(fd, self.sev_status, &mut self.ghcb_msr, &mut self.exits);
+            drop(guest);
+            if !matches!(step, Step::Yield) {
+                self.shared.progress.exited();
+            }
+            match step {
+                Step::Again | Step::Interrupted => {}
+                Step::Yield => {
+                    let (kicks, wakes) = (self.consumed.seen(), self.wakes_seen);
+                    let called = || st.kicks() != kicks || st.wakes() != wakes;
+                    self.shared
+                        .progress
+                        .wait(&mut self.progress_seen, YIELD_TIMEOUT, &called);
+                }
                 Step::Doorbell(value) => self.doorbell(value)?,
                 Step::Out {
                     port: ports::DONE, ..

@@ -529,7 +529,12 @@ impl Vcpu for KvmSnpVcpu {
                 return Ok(VcpuExit::Interrupted);
             }
             let mut bad_hypercall = false;
-            let exit = match self.fd.run() {
+            let Some(guest) = st.enter_guest(self.consumed.seen(), st.wakes()) else {
+                continue;
+            };
+            let ran = self.fd.run();
+            drop(guest);
+            let exit = match ran {
                 Ok(KvmExit::SystemEvent(kind, data)) => match system_event(kind, data) {
                     Some(e) => e,
                     None => {
@@ -568,10 +573,7 @@ impl Vcpu for KvmSnpVcpu {
                     let exit = format!("{other:?}");
                     return Err(self.host("KVM_RUN", vmsa_exit(exit)));
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    st.clear_immediate_exit();
-                    continue;
-                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Err(self.host("KVM_RUN", IoctlError::new("KVM_RUN", e))),
             };
             if !bad_hypercall {

@@ -47,8 +47,15 @@ pub struct RunArgs {
     /// Number of vCPUs (1 to 512).
     #[arg(long, value_name = "N", default_value = "4", allow_negative_numbers = true)]
     pub vcpus: VcpuCount,
-    /// Guest memory, e.g. 512M, 16G (powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "1G", allow_hyphen_values = true)]
+    /// Guest memory, e.g. 512M, 16G (powers of 1024); 1G by default, 4M with --backend kvm
+    /// (what its guest program needs).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "1G",
+        default_value_if("backend", "kvm", kvm::DEFAULT_MEMORY),
+        allow_hyphen_values = true
+    )]
     pub memory: ByteSize,
     /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail,
     /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator).
