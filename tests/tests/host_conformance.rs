@@ -162,13 +162,7 @@ fn sim_script(g: Guest) -> GuestScript {
     for apic in 1..g.vcpus {
         let gpa = layout::ap_vmsa_gpa(apic);
         actions.extend(GuestAction::vmsa_setup(0, gpa, ap_entry, 0));
-        actions.push(GuestAction::ApCreate {
-            vcpu: 0,
-            apic_id: apic,
-            gpa,
-            on_init: false,
-            sev_features: None,
-        });
+        actions.push(GuestAction::ap_create(0, apic, gpa, false));
     }
     // Each AP's report (mailbox write, DONE) ends in HLT.
     actions.extend((1..g.vcpus).map(|vcpu| GuestAction::Hlt { vcpu }));
@@ -182,25 +176,8 @@ fn sim_script(g: Guest) -> GuestScript {
             gpa,
             vmsa: false,
         });
-        actions.push(GuestAction::WriteVmsa {
-            vcpu: 0,
-            gpa,
-            rip: ap_entry,
-            rsp: 0,
-            sev_features: None,
-        });
-        actions.push(GuestAction::MakeVmsa {
-            vcpu: 0,
-            gpa,
-            vmsa: true,
-        });
-        actions.push(GuestAction::ApCreate {
-            vcpu: 0,
-            apic_id: 1,
-            gpa,
-            on_init: false,
-            sev_features: None,
-        });
+        actions.extend(GuestAction::ap_vmsa(0, gpa, ap_entry, 0));
+        actions.push(GuestAction::ap_create(0, 1, gpa, false));
         actions.push(GuestAction::Hlt { vcpu: 1 });
     }
     GuestScript {

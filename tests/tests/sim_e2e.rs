@@ -239,13 +239,7 @@ fn converting_a_running_aps_vmsa_to_shared_kicks_it_out_before_the_page_is_freed
     let gpa = smp_boot_vmsa_gpa(0x20_0000, 1);
     let mut actions = GuestAction::vmsa_setup(0, gpa, 0x10_0000, 0x8_0000).to_vec();
     actions.extend([
-        GuestAction::ApCreate {
-            vcpu: 0,
-            apic_id: 1,
-            gpa,
-            on_init: false,
-            sev_features: None,
-        },
+        GuestAction::ap_create(0, 1, gpa, false),
         GuestAction::Run { vcpu: 1 },
         GuestAction::PageState {
             vcpu: 0,

@@ -94,13 +94,7 @@ fn fw_status<T: std::fmt::Debug>(r: Result<T, Error<SimError>>) -> (PlatformOp, 
 /// it: at once, or (`on_init`) at its next INIT.
 fn create_ap_1(gpa: u64, rip: u64, on_init: bool) -> Vec<GuestAction> {
     let mut a = GuestAction::vmsa_setup(0, gpa, rip, 0).to_vec();
-    a.push(GuestAction::ApCreate {
-        vcpu: 0,
-        apic_id: 1,
-        gpa,
-        on_init,
-        sev_features: None,
-    });
+    a.push(GuestAction::ap_create(0, 1, gpa, on_init));
     a
 }
 

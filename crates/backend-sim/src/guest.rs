@@ -199,8 +199,14 @@ impl GuestAction {
     /// `wakeup_cpu_via_vmgexit`): `vcpu` validates the page at `gpa`, writes a 64-bit entry
     /// state (`rip`, `rsp`) there, and RMPADJUSTs it into a VMSA.
     pub fn vmsa_setup(vcpu: u32, gpa: u64, rip: u64, rsp: u64) -> [Self; 3] {
+        let [write, make] = Self::ap_vmsa(vcpu, gpa, rip, rsp);
+        [Self::pvalidate_4k(vcpu, gpa, true), write, make]
+    }
+
+    /// [`Self::vmsa_setup`] on a page the guest has validated already: write the entry state
+    /// and RMPADJUST the page into a VMSA.
+    pub fn ap_vmsa(vcpu: u32, gpa: u64, rip: u64, rsp: u64) -> [Self; 2] {
         [
-            Self::pvalidate_4k(vcpu, gpa, true),
             Self::WriteVmsa {
                 vcpu,
                 gpa,
@@ -214,6 +220,18 @@ impl GuestAction {
                 vmsa: true,
             },
         ]
+    }
+
+    /// `vcpu` asks the host to start vCPU `apic_id` from the VMSA at `gpa` (AP_CREATE, or
+    /// AP_CREATE_ON_INIT when `on_init`), with the VM's SEV features.
+    pub fn ap_create(vcpu: u32, apic_id: u32, gpa: u64, on_init: bool) -> Self {
+        Self::ApCreate {
+            vcpu,
+            apic_id,
+            gpa,
+            on_init,
+            sev_features: None,
+        }
     }
 
     /// The pages a multi-page action covers: its first GPA and its length in bytes (a `u128`,
@@ -416,25 +434,13 @@ impl GuestScript {
         });
         for i in 1..vcpus {
             let gpa = linux_boot_vmsa_gpa(i);
-            a.push(GuestAction::WriteVmsa {
-                vcpu: 0,
+            a.extend(GuestAction::ap_vmsa(
+                0,
                 gpa,
-                rip: 0x10_0000 + u64::from(i) * 0x100,
-                rsp: 0x8_0000 + u64::from(i) * 0x1000,
-                sev_features: None,
-            });
-            a.push(GuestAction::MakeVmsa {
-                vcpu: 0,
-                gpa,
-                vmsa: true,
-            });
-            a.push(GuestAction::ApCreate {
-                vcpu: 0,
-                apic_id: i,
-                gpa,
-                on_init: false,
-                sev_features: None,
-            });
+                0x10_0000 + u64::from(i) * 0x100,
+                0x8_0000 + u64::from(i) * 0x1000,
+            ));
+            a.push(GuestAction::ap_create(0, i, gpa, false));
             a.push(GuestAction::Run { vcpu: i });
         }
         Self {
@@ -480,13 +486,7 @@ impl GuestScript {
                 0x10_0000 + u64::from(i) * 0x100,
                 0x8_0000 + u64::from(i) * 0x1000,
             ));
-            a.push(GuestAction::ApCreate {
-                vcpu: 0,
-                apic_id: i,
-                gpa,
-                on_init: false,
-                sev_features: None,
-            });
+            a.push(GuestAction::ap_create(0, i, gpa, false));
         }
         for i in 1..vcpus {
             let data = smp_boot_vmsa_gpa(base, i) + PAGE_SIZE;

@@ -574,6 +574,11 @@ impl ExtentMap {
 
     /// The extents over guest frames `[start, end)`, clipped to it, in order.
     pub fn iter_range(&self, start: u64, end: u64) -> impl Iterator<Item = Extent> + '_ {
+        self.touching(start, end).flat_map(move |e| e.clip(start, end))
+    }
+
+    /// The whole extents that reach into guest frames `[start, end)`, in order, unclipped.
+    fn touching(&self, start: u64, end: u64) -> impl Iterator<Item = Extent> + '_ {
         let first = self.at(start).map_or(start, |e| e.gfn.0);
         self.map
             .range(first..end)
@@ -583,24 +588,12 @@ impl ExtentMap {
                 frames,
                 huge,
             })
-            .flat_map(move |e| e.clip(start, end))
+            .filter(move |e| e.end() > start)
     }
 
     /// Remove the backing of guest frames `[start, end)` and return what it was, in order.
     pub fn remove(&mut self, start: u64, end: u64) -> Vec<Extent> {
-        let hit: Vec<Extent> = {
-            let first = self.at(start).map_or(start, |e| e.gfn.0);
-            self.map
-                .range(first..end)
-                .map(|(&g, &(frames, pfn, huge))| Extent {
-                    gfn: Gfn(g),
-                    pfn: Pfn(pfn),
-                    frames,
-                    huge,
-                })
-                .filter(|e| e.end() > start)
-                .collect()
-        };
+        let hit: Vec<Extent> = self.touching(start, end).collect();
         let mut out = Vec::new();
         for e in hit {
             self.map.remove(&e.gfn.0);

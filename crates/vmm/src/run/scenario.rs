@@ -291,13 +291,7 @@ fn prepare_vmsa(a: &mut Vec<GuestAction>, gpa: u64, rip: u64) {
 
 /// The BSP asks for `ap` to run from the VMSA at `gpa`, now or (`on_init`) at its next INIT.
 fn ap_create(a: &mut Vec<GuestAction>, ap: u32, gpa: u64, on_init: bool) {
-    a.push(GuestAction::ApCreate {
-        vcpu: 0,
-        apic_id: ap,
-        gpa,
-        on_init,
-        sev_features: None,
-    });
+    a.push(GuestAction::ap_create(0, ap, gpa, on_init));
 }
 
 /// The BSP takes a VMSA page out of service: RMPADJUST clears the VMSA bit, PVALIDATE rescinds.
