@@ -940,6 +940,10 @@ impl<P: Platform> Vm<P> {
         if v.reload_requested {
             cx.reload(&mut v);
         }
+        // A page leaked by the switch just made bugs the VM (KVM_BUG), and KVM checks
+        // KVM_REQ_VM_DEAD again before VMRUN (vcpu_enter_guest, arch/x86/kvm/x86.c: a request
+        // pending at kvm_vcpu_exit_request cancels the entry): the vCPU leaves with EIO.
+        self.check_usable()?;
         match v.mp_state {
             MpState::Runnable => v
                 .vmcb_vmsa_pa
