@@ -1,6 +1,7 @@
 //! Shared helpers for the scenario tests.
 
 pub mod kvm;
+pub mod random;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -564,6 +564,13 @@ fn refusals() -> Vec<Row> {
         .collect();
     vec![
         row(
+            "a page launched twice (kvm_gmem_populate: -EEXIST for a prepared page, before any write to it)",
+            &[READY.as_slice(), &[LaunchStart, normal]].concat(),
+            &[normal],
+            UPDATE,
+            Errno::EEXIST,
+        ),
+        row(
             "a second VMSA page for the BSP (snp_launch_update, series 4/4)",
             &SUPPLIED,
             &[SupplyVmsa(0x9000, ACTIVE), SupplyVmsa(0xa000, ACTIVE)],

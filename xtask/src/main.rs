@@ -5,7 +5,9 @@
 //!   print why they skip elsewhere).
 //! - `soak`: the long runs: the whole fault matrix (`VMSA_SOAK=1`: every call number of every
 //!   operation the scenarios reach, and a second failure at each of the last four calls of
-//!   each recovery operation), its size and outcomes printed.
+//!   each recovery operation), its size and outcomes printed; then the model checks of
+//!   vmsa-core's locking at wider bounds and the random event runs (millions of events), their
+//!   interleaving and event counts printed.
 //! - `bench`: the benchmarks (`-- <filter>` narrows the criterion ones; `--quick` is the short
 //!   CI form); `bench measure`: only `vmm measure` against sev-snp-measure; `bench linux-boot`:
 //!   only the simulator's linux-boot scaling runs ([`linux_boot`]: the release `vmm` as a child
@@ -188,7 +190,44 @@ fn soak() -> Result<(), String> {
         "--",
         "--nocapture",
     ]);
-    run("fault matrix (soak)", t)
+    run("fault matrix (soak)", t)?;
+    soak_concurrency_and_random_runs()
+}
+
+/// Issue 10 items 2 and 3 at their soak bounds (`VMSA_SOAK=1`), release builds, counts printed:
+/// the model checks of vmsa-core's locking (wider scenarios, every interleaving) and the random
+/// event runs on the test platform (millions of events) and on the simulated machine.
+fn soak_concurrency_and_random_runs() -> Result<(), String> {
+    let mut model = cargo();
+    model.env("VMSA_SOAK", "1").args([
+        "test",
+        "--release",
+        "--locked",
+        "-p",
+        "vmsa-core",
+        "--test",
+        "model_check",
+        "--",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    run("model checks (soak)", model)?;
+    let mut random = cargo();
+    random.env("VMSA_SOAK", "1").args([
+        "test",
+        "--release",
+        "--locked",
+        "-p",
+        "scenario-tests",
+        "--test",
+        "random_core",
+        "--test",
+        "random_sim",
+        "--",
+        "--nocapture",
+    ]);
+    run("random event runs (soak)", random)
 }
 
 /// `bench [--quick] [measure | linux-boot] [-- FILTER...]` or `bench qemu ...`: every bench, or only one of the

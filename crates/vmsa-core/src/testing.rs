@@ -14,7 +14,7 @@ use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 
-use crate::sync::{Guard, Lock, lock};
+use crate::sync::{Guard, Lock, leaf, lock};
 
 mod bare;
 pub use bare::{BareError, BarePage, BarePlatform};
@@ -160,7 +160,7 @@ impl TestPlatform {
     pub fn new(asid: Asid, first_pfn: Pfn) -> Self {
         Self {
             asid,
-            inner: Lock::new(Inner {
+            inner: leaf(Inner {
                 next_pfn: first_pfn.0,
                 ..Inner::default()
             }),

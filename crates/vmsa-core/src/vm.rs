@@ -941,6 +941,10 @@ impl<P: Platform> Vm<P> {
         if v.reload_requested {
             cx.reload(&mut v);
         }
+        // A page leaked by the switch just made bugs the VM (KVM_BUG), and KVM checks
+        // KVM_REQ_VM_DEAD again before VMRUN (vcpu_enter_guest, arch/x86/kvm/x86.c: a request
+        // pending at kvm_vcpu_exit_request cancels the entry): the vCPU leaves with EIO.
+        self.check_usable()?;
         match v.mp_state {
             MpState::Runnable => v
                 .vmcb_vmsa_pa
@@ -953,6 +957,12 @@ impl<P: Platform> Vm<P> {
     /// The guest memory in `[start, end)` is being replaced (guest_memfd hole punch or
     /// conversion; upstream's `sev_gmem_invalidate_range`): every vCPU whose installed guest
     /// VMSA lies there stops pointing at it now and re-resolves it at its next entry.
+    ///
+    /// Order, when vCPUs run concurrently: first make the range unresolvable
+    /// ([`Platform::gmem_pfn`] answers `None` for it), then call this, then free the frames. A
+    /// vCPU that switches to a guest VMSA there after this call passed it but before the range
+    /// stopped resolving would keep a VMCB address of a freed frame (found by the model check
+    /// `invalidating_before_unmapping_is_caught` in `tests/model_check.rs`).
     pub fn gmem_invalidate(&self, start: Gfn, end: Gfn) -> Vec<VcpuId> {
         let cx = self.cx();
         let mut hit = Vec::new();

@@ -379,9 +379,30 @@ impl Vm for KvmImageVm {
         // The contents go into guest memory through vmsa-core (SNP_LAUNCH_UPDATE of the tracked
         // RMP: written, made pre-guest, "measured"); no vCPU's VMSA changes owner, except for a
         // supplied VMSA page, which becomes the BSP's (GuestOwned) in the supplied mode.
-        self.command("KVM_SEV_SNP_LAUNCH_UPDATE", |vm| {
-            vm.launch_update_data(u.gpa, u.len, u.page_type, u.data)
-        })
+        let mut guard = self.core_mut();
+        let Some(core) = guard.as_mut() else {
+            unreachable!("core_mut creates the VM");
+        };
+        // kvm_gmem_populate (virt/kvm/guest_memfd.c) refuses a page guest_memfd prepared
+        // already with -EEXIST before post_populate writes to it: here, a frame the tracked RMP
+        // has assigned (a write to it would be an RMP #PF).
+        if self.spec.kind == VmKind::Snp && u.gpa.is_page_aligned() {
+            let first = u.gpa.gfn().0;
+            let p = core.platform();
+            let prepared = (first..first.saturating_add(u.len / vmsa_core::PAGE_SIZE)).any(|gfn| {
+                vmsa_core::Platform::gmem_pfn(p, vmsa_core::Gfn(gfn)).is_some_and(|pfn| p.rmp(pfn).assigned)
+            });
+            if prepared {
+                return Err(Refusal::new(
+                    "KVM_SEV_SNP_LAUNCH_UPDATE",
+                    Errno::EEXIST,
+                    "a page of the range is prepared already (launched before): kvm_gmem_populate refuses it",
+                )
+                .into());
+            }
+        }
+        core.launch_update_data(u.gpa, u.len, u.page_type, u.data)
+            .map_err(|e| core_error("KVM_SEV_SNP_LAUNCH_UPDATE", e))
     }
 
     fn launch_update_vmsas(&mut self) -> Result<(), VmError> {

@@ -111,19 +111,44 @@ pub fn check_conversion(range: &Conversion, kind: VmKind) -> Result<(), VmError>
     Ok(())
 }
 
-/// `kvm_gmem_populate`: an SNP launch update measures only memory whose attribute is private
-/// (`kvm_range_has_memory_attributes(.., KVM_MEMORY_ATTRIBUTE_PRIVATE)`, else `-EINVAL`).
+/// `kvm_gmem_populate` (virt/kvm/guest_memfd.c): an SNP launch update measures only memory
+/// whose attribute is private (`kvm_range_has_memory_attributes(..,
+/// KVM_MEMORY_ATTRIBUTE_PRIVATE)`, else `-EINVAL`), and refuses a page guest_memfd has prepared
+/// already (launched before, or faulted in private by the guest) with `-EEXIST` before
+/// `post_populate` writes anything to it: here, a frame assigned in the RMP, which a host write
+/// would fault on.
 pub fn check_populate(platform: &SimPlatform, u: &LaunchUpdate<'_>) -> Result<(), VmError> {
+    const CALL: &str = "KVM_SEV_SNP_LAUNCH_UPDATE";
     // A range outside guest memory is vmsa-core's to refuse (no guest_memfd slot).
-    if u.len == 0 || !u.gpa.is_page_aligned() || !matches!(platform.is_private(u.gpa, u.len), Ok(false)) {
+    if u.len == 0 || !u.gpa.is_page_aligned() {
         return Ok(());
     }
-    Err(Refusal::new(
-        "KVM_SEV_SNP_LAUNCH_UPDATE",
-        Errno::EINVAL,
-        "the range is not private: set KVM_MEMORY_ATTRIBUTE_PRIVATE on it first (kvm_gmem_populate)",
-    )
-    .into())
+    match platform.is_private(u.gpa, u.len) {
+        Ok(false) => {
+            return Err(Refusal::new(
+                CALL,
+                Errno::EINVAL,
+                "the range is not private: set KVM_MEMORY_ATTRIBUTE_PRIVATE on it first (kvm_gmem_populate)",
+            )
+            .into());
+        }
+        Ok(true) => {}
+        Err(_) => return Ok(()),
+    }
+    let first = u.gpa.gfn().0;
+    let prepared = (first..first.saturating_add(u.len / PAGE_SIZE)).any(|gfn| {
+        vmsa_core::Platform::gmem_pfn(platform, vmsa_core::Gfn(gfn))
+            .is_some_and(|pfn| platform.machine().rmp_entry(pfn).assigned)
+    });
+    if prepared {
+        return Err(Refusal::new(
+            CALL,
+            Errno::EEXIST,
+            "a page of the range is prepared already (launched before): kvm_gmem_populate refuses it",
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// vmsa-core's refusal of `call` as the refusal KVM gives for the same rule
