@@ -230,6 +230,9 @@ struct World {
     expect: BTreeMap<VcpuId, Expect>,
     /// Frames named by `Leaked` events of vCPU pages, over every VM of the run.
     vcpu_leaks: BTreeSet<Pfn>,
+    /// Every frame a `Leaked` event named: the vCPUs' host pages and the guest frames a
+    /// failed launch page left leaked (`Platform::leak_guest_frame`).
+    leaks: BTreeSet<Pfn>,
     /// `Leaked` events of this VM (any page), and of its vCPU pages.
     leaks_here: usize,
     vcpu_leaks_here: usize,
@@ -265,6 +268,7 @@ impl World {
             dead: Vec::new(),
             expect: BTreeMap::new(),
             vcpu_leaks: BTreeSet::new(),
+            leaks: BTreeSet::new(),
             leaks_here: 0,
             vcpu_leaks_here: 0,
             torn_down: false,
@@ -511,6 +515,7 @@ impl World {
                 ensure!(!detail.is_empty(), "leak without a reason: pfn {pfn}");
                 count(LEAKS);
                 self.leaks_here += 1;
+                ensure!(self.leaks.insert(pfn), "frame leaked twice: pfn {pfn}");
                 if vcpu.is_some() {
                     self.vcpu_leaks_here += 1;
                     ensure!(self.vcpu_leaks.insert(pfn), "leak reported twice: pfn {pfn}");
@@ -530,9 +535,9 @@ impl World {
         );
         let leaked: BTreeSet<Pfn> = p.leaked_pages().into_iter().collect();
         ensure!(
-            leaked == self.vcpu_leaks,
+            leaked == self.leaks,
             "leak accounting: the platform leaked {leaked:?}, the events name {:?}",
-            self.vcpu_leaks
+            self.leaks
         );
         // Teardown leaks without bugging: the VM is gone then.
         ensure!(
