@@ -645,7 +645,7 @@ fn run(events: &[Ev]) -> Result<usize, Broken> {
 
 #[test]
 fn random_event_runs_keep_every_invariant() {
-    let (seeds, len) = if soak() { (20_000, 260) } else { (1_000, 120) };
+    let (seeds, len) = if soak() { (100_000, 260) } else { (1_000, 120) };
     let t = std::time::Instant::now();
     let events = check_seeds("random_core", 0, seeds, |r| generate(r, len), run);
     println!(
