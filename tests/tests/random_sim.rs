@@ -392,7 +392,7 @@ fn run(events: &[Ev]) -> Result<usize, Broken> {
 
 #[test]
 fn random_runs_on_the_simulated_machine_keep_every_invariant() {
-    let (seeds, len) = if soak() { (20_000, 80) } else { (300, 40) };
+    let (seeds, len) = if soak() { (50_000, 80) } else { (300, 40) };
     let t = std::time::Instant::now();
     let events = check_seeds("random_sim", 0, seeds, |r| generate(r, len), run);
     let actions = ACTIONS.load(Ordering::Relaxed);
