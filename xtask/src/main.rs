@@ -176,21 +176,9 @@ fn test() -> Result<(), String> {
 }
 
 /// The whole fault matrix (tests/tests/fault_matrix.rs widened by `VMSA_SOAK=1`), release
-/// build, its summary line shown.
+/// build, its summary line shown; then the model checks and random runs at their soak bounds.
 fn soak() -> Result<(), String> {
-    let mut t = cargo();
-    t.env("VMSA_SOAK", "1").args([
-        "test",
-        "--release",
-        "--locked",
-        "-p",
-        "scenario-tests",
-        "--test",
-        "fault_matrix",
-        "--",
-        "--nocapture",
-    ]);
-    run("fault matrix (soak)", t)?;
+    soak_tests("fault matrix (soak)", "scenario-tests", &["fault_matrix"], &[])?;
     soak_concurrency_and_random_runs()
 }
 
@@ -198,36 +186,31 @@ fn soak() -> Result<(), String> {
 /// the model checks of vmsa-core's locking (wider scenarios, every interleaving) and the random
 /// event runs on the test platform (millions of events) and on the simulated machine.
 fn soak_concurrency_and_random_runs() -> Result<(), String> {
-    let mut model = cargo();
-    model.env("VMSA_SOAK", "1").args([
-        "test",
-        "--release",
-        "--locked",
-        "-p",
+    soak_tests(
+        "model checks (soak)",
         "vmsa-core",
-        "--test",
-        "model_check",
-        "--",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ]);
-    run("model checks (soak)", model)?;
-    let mut random = cargo();
-    random.env("VMSA_SOAK", "1").args([
-        "test",
-        "--release",
-        "--locked",
-        "-p",
+        &["model_check"],
+        &["--test-threads", "1"],
+    )?;
+    soak_tests(
+        "random event runs (soak)",
         "scenario-tests",
-        "--test",
-        "random_core",
-        "--test",
-        "random_sim",
-        "--",
-        "--nocapture",
-    ]);
-    run("random event runs (soak)", random)
+        &["random_core", "random_sim"],
+        &[],
+    )
+}
+
+/// `VMSA_SOAK=1 cargo test --release` of `tests` in `package`, their output shown, `harness`
+/// passed to the test harness.
+fn soak_tests(label: &str, package: &str, tests: &[&str], harness: &[&str]) -> Result<(), String> {
+    let mut t = cargo();
+    t.env("VMSA_SOAK", "1")
+        .args(["test", "--release", "--locked", "-p", package]);
+    for test in tests {
+        t.args(["--test", test]);
+    }
+    t.args(["--", "--nocapture"]).args(harness);
+    run(label, t)
 }
 
 /// `bench [--quick] [measure | linux-boot] [-- FILTER...]` or `bench qemu ...`: every bench, or only one of the

@@ -645,19 +645,7 @@ mod tests {
         p.add_private_memslot(Gpa(0), 8 << 20).unwrap();
         let asid = vmsa_core::Platform::asid(&p).0;
         let gpa = Gpa(0x40_0000);
-        {
-            let mut hw = m.hw();
-            let head = hw.mem.alloc_2m_aligned().unwrap();
-            hw.slot_mut(asid).unwrap().gmem.set_private(gpa.gfn(), head);
-            let st = RmpState {
-                gpa,
-                assigned: true,
-                page_size: PageSize::Size2M,
-                asid,
-                ..RmpState::default()
-            };
-            hw.rmp.rmpupdate(head, st).unwrap();
-        }
+        map_2m(&m, asid, gpa);
         assert_eq!(p.pvalidate(gpa, PageSize::Size4K, true), Ok(true));
         let s = m.stats();
         assert_eq!((s.psmash_on_fault, s.npf), (1, 1));

@@ -259,6 +259,17 @@ fn teardown_clean(vm: &mut TestVm) {
     assert!(p.violations().is_empty(), "{:?}", p.violations());
 }
 
+/// After a scenario's threads: the target runs the request the VM accepted last, every
+/// invariant holds, and the VM tears down clean.
+fn last_request_applied_then_teardown(host: &Host, target: VcpuId) {
+    let last = host.trace.last_request(target).expect("an accepted request");
+    host.vm(|vm| {
+        assert_applied(vm, target, last);
+        check_vms(&[vm], &[]);
+        teardown_clean(vm);
+    });
+}
+
 /// What the target must hold once `last` (the last accepted request) took effect.
 fn assert_applied(vm: &TestVm, target: VcpuId, last: (u32, Option<Gpa>)) {
     let v = vm.vcpu(target).expect("target");
@@ -422,12 +433,7 @@ fn ap_create_vs_target(steps: &[Step]) {
     target.join().unwrap();
     host.vcpu(|vm| check_vms(&[vm], &[]));
     host.enter(VcpuId(1)).expect("entry");
-    let last = host.trace.last_request(VcpuId(1)).expect("one request");
-    host.vm(|vm| {
-        assert_applied(vm, VcpuId(1), last);
-        check_vms(&[vm], &[]);
-        teardown_clean(vm);
-    });
+    last_request_applied_then_teardown(&host, VcpuId(1));
 }
 
 #[test]
@@ -484,12 +490,7 @@ fn ap_create_on_init_vs_init(rounds: usize) {
     target.join().unwrap();
     host.vcpu(|vm| check_vms(&[vm], &[]));
     host.vcpu(|vm| vm.init_vcpu(VcpuId(1))).expect("INIT");
-    let last = host.trace.last_request(VcpuId(1)).expect("one request");
-    host.vm(|vm| {
-        assert_applied(vm, VcpuId(1), last);
-        check_vms(&[vm], &[]);
-        teardown_clean(vm);
-    });
+    last_request_applied_then_teardown(&host, VcpuId(1));
 }
 
 #[test]
@@ -542,12 +543,7 @@ fn ap_destroy_vs_target(steps: &[Step]) {
     requester.join().unwrap();
     target.join().unwrap();
     host.enter(VcpuId(1)).expect("entry");
-    let last = host.trace.last_request(VcpuId(1)).expect("requests");
-    host.vm(|vm| {
-        assert_applied(vm, VcpuId(1), last);
-        check_vms(&[vm], &[]);
-        teardown_clean(vm);
-    });
+    last_request_applied_then_teardown(&host, VcpuId(1));
 }
 
 #[test]
@@ -597,12 +593,7 @@ fn two_requesters(kinds: [(u32, u64); 2], target_init: bool) {
     // The target's next INIT applies whatever is still pending, CREATE_ON_INIT included.
     host.vcpu(|vm| vm.init_vcpu(VcpuId(2))).expect("INIT");
     host.enter(VcpuId(2)).expect("entry");
-    let last = host.trace.last_request(VcpuId(2)).expect("requests");
-    host.vm(|vm| {
-        assert_applied(vm, VcpuId(2), last);
-        check_vms(&[vm], &[]);
-        teardown_clean(vm);
-    });
+    last_request_applied_then_teardown(&host, VcpuId(2));
 }
 
 #[test]
