@@ -65,21 +65,14 @@ pub fn sim_boot_spec(
     memory: u64,
     script: GuestScript,
 ) -> SimRun {
-    let (machine, result) = sim_try_boot(
-        config,
+    let boot = Boot {
         spec,
         policy,
         vcpus,
         memory,
-        script,
-        Duration::from_secs(60),
-    );
-    let (report, phases) = result.expect("the simulator creates the VM");
-    SimRun {
-        machine,
-        report,
-        phases,
-    }
+        watchdog: Duration::from_secs(60),
+    };
+    sim_boot_expecting(config, &boot, script, &mut |_, _| {})
 }
 
 /// The flow's report and the machine's phases, or why the flow could not create the VM.
@@ -123,11 +116,21 @@ pub fn sim_boot_inspecting(
         memory,
         watchdog: Duration::from_secs(60),
     };
-    let (machine, result) = sim_try_boot_inspecting(config, &boot, script, &mut |phase, m| {
+    sim_boot_expecting(config, &boot, script, &mut |phase, m| {
         if phase == "run" {
             inspect(m);
         }
-    });
+    })
+}
+
+/// [`sim_try_boot_inspecting`] of a boot that must create the VM.
+fn sim_boot_expecting(
+    config: MachineConfig,
+    boot: &Boot,
+    script: GuestScript,
+    at_phase: &mut dyn FnMut(&'static str, &Machine),
+) -> SimRun {
+    let (machine, result) = sim_try_boot_inspecting(config, boot, script, at_phase);
     let (report, phases) = result.expect("the simulator creates the VM");
     SimRun {
         machine,
