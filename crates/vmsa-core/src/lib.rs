@@ -81,8 +81,8 @@ pub use platform::{DbgDecryptFailure, HostPage, LaunchFinish, LaunchStart, PageB
 pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
 pub use status::SevStatus;
 pub use vm::{
-    ApCreated, Entry, KVM_SNP_POLICY_MASK_VALID, SEV_POLICY_NODBG, SNP_ONLY_VMSA_FEATURES, SNP_POLICY_DEBUG,
-    SNP_POLICY_RSVD_MBO, SUPPORTED_VMSA_FEATURES, Teardown, VcpuInfo, Vm, VmConfig,
+    ApCreated, Entry, KVM_SNP_POLICY_MASK_VALID, PreparedEntry, SEV_POLICY_NODBG, SNP_ONLY_VMSA_FEATURES,
+    SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, SUPPORTED_VMSA_FEATURES, Teardown, VcpuInfo, Vm, VmConfig,
 };
 
 /// The README's embedding example is compiled as a doctest so it cannot drift from the API.

@@ -1136,6 +1136,34 @@ fn ap_create_switches_the_target_to_the_guest_vmsa_at_its_next_entry() {
 }
 
 #[test]
+fn only_the_entry_that_applies_an_ap_creation_notes_the_switch() {
+    let (vm, _) = launched_snp(2, SNP_POLICY);
+    let gmem = vm.platform().map_gmem(Gfn(0x31));
+    let first = vm.prepare_entry_noting_switch(VcpuId(1));
+    assert!(!first.switched, "nothing pending");
+    // Re-creating from the same GPA gives the same address: only the note says to reload.
+    for round in 0..2 {
+        vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x31_000)).unwrap();
+        let applied = vm.prepare_entry_noting_switch(VcpuId(1));
+        assert_eq!(
+            (applied.entry.unwrap(), applied.switched),
+            (Entry::Run(gmem.hpa()), true),
+            "round {round}"
+        );
+        let again = vm.prepare_entry_noting_switch(VcpuId(1));
+        assert_eq!(
+            (again.entry.unwrap(), again.switched),
+            (Entry::Run(gmem.hpa()), false),
+            "round {round}: consumed"
+        );
+    }
+    // A switch whose entry is then refused is still noted.
+    vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x77_000)).unwrap();
+    let refused = vm.prepare_entry_noting_switch(VcpuId(1));
+    assert!(matches!(refused.entry, Err(Error::InvalidVmsa { .. })) && refused.switched);
+}
+
+#[test]
 fn ap_create_on_init_waits_for_init() {
     let (vm, _) = launched_snp(2, SNP_POLICY);
     let gmem2 = vm.platform().map_gmem(Gfn(0x41));

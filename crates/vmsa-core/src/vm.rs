@@ -206,6 +206,16 @@ pub enum Entry {
     Blocked(MpState),
 }
 
+/// One guest entry as [`Vm::prepare_entry_noting_switch`] prepared it.
+#[derive(Debug)]
+pub struct PreparedEntry<E: core::error::Error + Send + Sync + 'static> {
+    /// What the vCPU may do ([`Vm::prepare_entry`]'s answer).
+    pub entry: Result<Entry, Error<E>>,
+    /// This entry applied a pending AP-creation update or guest-VMSA reload (even if the
+    /// entry is then refused).
+    pub switched: bool,
+}
+
 /// What tearing a VM down did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -930,28 +940,42 @@ impl<P: Platform> Vm<P> {
     /// `KVM_REQ_UPDATE_PROTECTED_GUEST_STATE`) or guest VMSA reload, then check the VMSA
     /// (`pre_sev_run`): a runnable vCPU without a valid VMSA is refused.
     pub fn prepare_entry(&self, id: VcpuId) -> Res<Entry, P> {
-        self.check_usable()?;
-        let i = self.idx(id)?;
-        let cx = self.cx();
-        let mut v = self.lock(i);
-        if v.update_requested {
-            v.update_requested = false;
-            self.reset(&cx, &mut v);
-        }
-        if v.reload_requested {
-            cx.reload(&mut v);
-        }
-        // A page leaked by the switch just made bugs the VM (KVM_BUG), and KVM checks
-        // KVM_REQ_VM_DEAD again before VMRUN (vcpu_enter_guest, arch/x86/kvm/x86.c: a request
-        // pending at kvm_vcpu_exit_request cancels the entry): the vCPU leaves with EIO.
-        self.check_usable()?;
-        match v.mp_state {
-            MpState::Runnable => v
-                .vmcb_vmsa_pa
-                .map(Entry::Run)
-                .ok_or(Error::InvalidVmsa { vcpu: id }),
-            other => Ok(Entry::Blocked(other)),
-        }
+        self.prepare_entry_noting_switch(id).entry
+    }
+
+    /// [`Vm::prepare_entry`], also saying whether this entry applied a pending AP-creation
+    /// update or guest-VMSA reload. Only the entry that applied it can tell (a request is
+    /// consumed once, by whichever thread enters for the vCPU first), and after one the VMSA
+    /// must be loaded again even at an unchanged address (KVM marks the VMCB dirty).
+    pub fn prepare_entry_noting_switch(&self, id: VcpuId) -> PreparedEntry<P::Error> {
+        let mut switched = false;
+        let entry = (|| {
+            self.check_usable()?;
+            let i = self.idx(id)?;
+            let cx = self.cx();
+            let mut v = self.lock(i);
+            switched = v.update_requested || v.reload_requested;
+            if v.update_requested {
+                v.update_requested = false;
+                self.reset(&cx, &mut v);
+            }
+            if v.reload_requested {
+                cx.reload(&mut v);
+            }
+            // A page leaked by the switch just made bugs the VM (KVM_BUG), and KVM checks
+            // KVM_REQ_VM_DEAD again before VMRUN (vcpu_enter_guest, arch/x86/kvm/x86.c: a
+            // request pending at kvm_vcpu_exit_request cancels the entry): the vCPU leaves
+            // with EIO.
+            self.check_usable()?;
+            match v.mp_state {
+                MpState::Runnable => v
+                    .vmcb_vmsa_pa
+                    .map(Entry::Run)
+                    .ok_or(Error::InvalidVmsa { vcpu: id }),
+                other => Ok(Entry::Blocked(other)),
+            }
+        })();
+        PreparedEntry { entry, switched }
     }
 
     /// The guest memory in `[start, end)` is being replaced (guest_memfd hole punch or

@@ -159,6 +159,18 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 4]), IcedError> {
     a.add(r12, RESULTS_GPA as i32)?;
     a.mov(qword_ptr(r12), rax)?;
     a.mov(qword_ptr(r12 + 8), rdx)?;
+    // Flags bits 63:8: AP reports to wait for before the next request (0: none).
+    let mut no_wait = a.create_label();
+    a.mov(r12, r13)?;
+    a.shl(r12, 5)?;
+    a.add(r12, REQUESTS_GPA as i32)?;
+    a.mov(r12, qword_ptr(r12 + 24))?;
+    a.shr(r12, 8)?;
+    a.jz(no_wait)?;
+    wait_counter(&mut a, r12)?;
+    // wait_counter's end label takes the next instruction: give it an empty one of its own.
+    a.zero_bytes()?;
+    a.set_label(&mut no_wait)?;
     a.inc(r13)?;
     a.jmp(req_loop)?;
     a.set_label(&mut req_done)?;

@@ -21,6 +21,10 @@ pub struct GuestRequest {
     pub rax: Option<u64>,
     /// Write an AP VMSA at `exit_info_2` before asking (only for in-memory GPAs).
     pub write_vmsa: bool,
+    /// After the answer, wait until this many AP reports came in all before the next request
+    /// (0: go on at once). An AP's report comes after its VMSA was loaded and it ran, so a
+    /// later request cannot end the run before it.
+    pub then_wait_for_reports: u64,
 }
 
 impl GuestRequest {
@@ -31,6 +35,7 @@ impl GuestRequest {
             exit_info_2: gpa,
             rax,
             write_vmsa: false,
+            then_wait_for_reports: 0,
         }
     }
 
@@ -39,6 +44,14 @@ impl GuestRequest {
         Self {
             write_vmsa: true,
             ..Self::new(vmsa_core::ghcb::AP_CREATE, apic_id, gpa, Some(sev_features))
+        }
+    }
+
+    /// This request, after whose answer the guest waits until `reports` AP reports came in all.
+    pub fn then_wait_for_reports(self, reports: u64) -> Self {
+        Self {
+            then_wait_for_reports: reports,
+            ..self
         }
     }
 }
@@ -131,7 +144,9 @@ impl GuestProgram {
                 put(at + 16, r.rax.unwrap_or(0));
                 put(
                     at + 24,
-                    u64::from(r.rax.is_some()) | (u64::from(r.write_vmsa) << 1),
+                    u64::from(r.rax.is_some())
+                        | (u64::from(r.write_vmsa) << 1)
+                        | (r.then_wait_for_reports << 8),
                 );
             }
             put(PARAMS_GPA + params::N_REQUESTS, requests.len() as u64);
@@ -253,7 +268,10 @@ mod tests {
             Err(GuestImageError::TooManyRequests(65))
         ));
         let one = GuestProgram::Requests {
-            requests: vec![GuestRequest::new(1, 3, 0x5000, Some(1))],
+            requests: vec![
+                GuestRequest::new(1, 3, 0x5000, Some(1)),
+                GuestRequest::create_with_vmsa(2, 0x6000, 1).then_wait_for_reports(1),
+            ],
             expect_reports: 0,
         };
         let g = one.image(4).unwrap();
@@ -261,8 +279,13 @@ mod tests {
         assert_eq!(at(REQUESTS_GPA), (3 << 32) | 1);
         assert_eq!(at(REQUESTS_GPA + 8), 0x5000);
         assert_eq!(at(REQUESTS_GPA + 24), 1, "RAX valid, no VMSA write");
-        assert_eq!(at(PARAMS_GPA + params::N_REQUESTS), 1);
-        assert_eq!(g.vmsas[0].rdi, 1);
+        assert_eq!(
+            at(REQUESTS_GPA + 32 + 24),
+            (1 << 8) | 0b11,
+            "RAX valid, VMSA written, then wait for one report"
+        );
+        assert_eq!(at(PARAMS_GPA + params::N_REQUESTS), 2);
+        assert_eq!(g.vmsas[0].rdi, 2);
         assert_eq!(g.vmsas.len(), 4);
     }
 }

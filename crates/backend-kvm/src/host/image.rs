@@ -11,7 +11,8 @@
 //!   when the first vCPU is (memory must be in place by then: its frame space is fixed).
 //! - [`KvmImageVcpu`] owns the KVM vCPU fd (created by its first run, on its own thread), its
 //!   GHCB MSR and its [`KvmKick`]. Its [`Vcpu::run`] loops over [`crate::vcpu`]'s steps:
-//!   `prepare_entry`, load the VMSA the VMCB points at when it changed, `KVM_RUN`, the GHCB
+//!   `prepare_entry`, load the VMSA the VMCB points at when an AP-creation request switched it,
+//!   `KVM_RUN`, the GHCB
 //!   doorbell (AP creation through vmsa-core, the target's request applied before the requester
 //!   goes on) served inside; only vmsa-host's exits come out.
 //!
@@ -41,14 +42,14 @@
 //! refused at `create_vm`: the guest program and the doorbell speak the SNP AP-creation
 //! protocol, which an SEV-ES guest does not have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vmsa_core::{Entry, Event, EventLog, MpState, SevEsSaveArea, VcpuId, VmConfig, VmKind};
+use vmsa_core::{Entry, Event, EventLog, MpState, PreparedEntry, SevEsSaveArea, VcpuId, VmConfig, VmKind};
 use vmsa_host::{
     Capabilities, Conversion, Errno, GuestActivity, GuestStep, HostReport, Hypervisor, HypervisorError, Kick,
     LaunchUpdate, MemoryRegion, Observed, Refusal, TeardownCounts, Vcpu, VcpuError, VcpuExit, Vm, VmError,
@@ -190,6 +191,7 @@ impl Hypervisor for KvmImageHost {
                 ap_refused: AtomicU64::new(0),
                 steps: Mutex::new(Vec::new()),
                 applied: Mutex::new(BTreeMap::new()),
+                switched_for: Mutex::new(BTreeSet::new()),
             }),
         })
     }
@@ -229,9 +231,12 @@ struct Shared {
     ap_refused: AtomicU64,
     /// Every GHCB request so far, in order.
     steps: Mutex<Vec<GuestStep>>,
-    /// By APIC ID: what a woken vCPU's entry made of the request it applied, written before it
-    /// acknowledges the wake, for the requester's step.
+    /// By APIC ID: what applying an AP-creation request led to, written by the vCPU's own entry
+    /// that applied it (before it acknowledges a wake), for the requester's step.
     applied: Mutex<BTreeMap<u32, String>>,
+    /// APIC IDs of parked vCPUs whose requester applied their AP-creation request on their
+    /// behalf: their next entry must load the VMSA, although it applies nothing itself.
+    switched_for: Mutex<BTreeSet<u32>>,
 }
 
 impl Shared {
@@ -248,13 +253,22 @@ impl Shared {
         });
     }
 
-    /// What vCPU `target`'s entry made of the request it was woken for, once it has applied
-    /// it (the simulator's words: entered, halted, cannot run).
+    /// What vCPU `target`'s entry made of the request it applied (the simulator's words:
+    /// entered, halted, cannot run).
     fn take_applied(&self, target: u32) -> Option<String> {
         self.applied
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&target)
+    }
+
+    /// Whether a requester applied `id`'s AP-creation request on its behalf since it last
+    /// looked (and forget it).
+    fn take_switched_for(&self, id: u32) -> bool {
+        self.switched_for
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
     }
 }
 
@@ -570,22 +584,28 @@ impl KvmImageVcpu {
         Ok(())
     }
 
-    /// vmsa-core's entry for this vCPU; loads the VMSA if it changed. `Ok(false)`: Blocked.
+    /// vmsa-core's entry for this vCPU; loads the VMSA if an AP-creation request switched it
+    /// (applied here or, while this vCPU was parked, by its requester). `Ok(false)`: Blocked.
+    ///
+    /// A wake alone does not reload: the request it was sent for may have been applied by an
+    /// earlier entry of this vCPU, between the request's acceptance and the wake.
     fn enter(&mut self) -> Result<bool, VcpuError> {
         let st = self.kick.state().clone();
         let wakes = st.wakes();
-        let woken = wakes != self.wakes_seen;
-        if woken {
+        if wakes != self.wakes_seen {
             self.wakes_seen = wakes;
-            self.need_load = true;
+            if self.shared.take_switched_for(self.id) {
+                self.need_load = true;
+            }
         }
         let core = read(&self.shared.core);
         let Some(core) = core.as_ref() else {
             return Err(self.host("prepare_entry", HostError::NoVm));
         };
-        let entry = core.prepare_entry(VcpuId(self.id));
-        if woken {
-            // Tell the requester waiting for this wake what its request led to.
+        let PreparedEntry { entry, switched } = core.prepare_entry_noting_switch(VcpuId(self.id));
+        if switched {
+            self.need_load = true;
+            // For the requester's step: what its request led to.
             write_map(&self.shared.applied).insert(self.id, applied(self.id, &entry));
         }
         st.ack(self.wakes_seen);
@@ -696,11 +716,28 @@ impl KvmImageVcpu {
             let core = core
                 .as_ref()
                 .ok_or_else(|| self.host("GHCB doorbell", HostError::NoVm))?;
-            if let Some(what) = t.wake_parked(|| applied(target, &core.prepare_entry(VcpuId(target)))) {
-                return Ok(what);
+            let apply = || {
+                let p = core.prepare_entry_noting_switch(VcpuId(target));
+                if p.switched {
+                    self.shared
+                        .switched_for
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(target);
+                    Some(applied(target, &p.entry))
+                } else {
+                    // The target's own entry applied it before it parked.
+                    None
+                }
+            };
+            if let Some(what) = t.wake_parked(apply) {
+                return Ok(what
+                    .or_else(|| self.shared.take_applied(target))
+                    .unwrap_or_else(|| {
+                        format!("vCPU {target} applied it before this request was answered")
+                    }));
             }
         }
-        self.shared.take_applied(target);
         let own = self.kick.state().clone();
         let seen = self.consumed.seen();
         // Stop waiting if this vCPU is kicked itself (the VMM is stopping the VM).
