@@ -986,7 +986,7 @@ impl<P: Platform> Vm<P> {
     /// ([`Platform::gmem_pfn`] answers `None` for it), then call this, then free the frames. A
     /// vCPU that switches to a guest VMSA there after this call passed it but before the range
     /// stopped resolving would keep a VMCB address of a freed frame (found by the model check
-    /// `invalidating_before_unmapping_is_caught` in `tests/model_check.rs`).
+    /// `invalidating_before_unmapping_is_caught` in `crates/model-check/tests/model_check.rs`).
     pub fn gmem_invalidate(&self, start: Gfn, end: Gfn) -> Vec<VcpuId> {
         let cx = self.cx();
         let mut hit = Vec::new();

@@ -5,8 +5,8 @@
 //! interleaving of each bounded scenario.
 //!
 //! What runs is vmsa-core's own code on [`TestPlatform`]: with the crate's `shuttle` feature
-//! (enabled for its tests by the dev-dependency on itself), every vmsa-core lock created inside a
-//! shuttle execution is shuttle's mutex (`src/sync.rs`), so each acquire and release of a vCPU
+//! (which this crate enables for its tests), every vmsa-core lock created inside a
+//! shuttle execution is shuttle's mutex (`crates/vmsa-core/src/sync.rs`), so each acquire and release of a vCPU
 //! lock, the VM's `bugged` and leak-count locks and the platform's lock is a scheduling point.
 //! The VM sits behind an outer reader-writer lock as on the simulated host
 //! (`backend-sim/src/host/vm.rs`, `Shared::kernel`): per-vCPU calls take it shared, VM-wide
