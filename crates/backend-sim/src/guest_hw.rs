@@ -113,7 +113,7 @@ impl Hw {
                 };
                 (pfn, st)
             };
-            self.rmp.rmpupdate(at, st).map_err(|code| SimError::Rmp {
+            self.rmp_update(at, st).map_err(|code| SimError::Rmp {
                 op: "RMPUPDATE (gmem prepare)",
                 pfn: at,
                 code,
@@ -230,8 +230,9 @@ impl Hw {
                 p
             }
         };
-        if let Err(e) = self.rmp.check_hypervisor_owned(pfn) {
-            let _ = e;
+        // The guest's access goes through its nested page table, not the host's direct map;
+        // the simulator's shared guest frames are single 4 KiB frames, mapped 4 KiB there.
+        if self.rmp.check_hypervisor_owned(pfn, PageSize::Size4K).is_err() {
             return Err(self.guest_fault(
                 asid,
                 GuestFault::Npf {
@@ -403,6 +404,10 @@ impl Hw {
             return Ok(None);
         }
         let run = self.rmp.pvalidate_4k_run(asid, gpa, pfn, n, validate);
+        if run.prepared > 0 || matches!(run.error, Some(RunError::Prepare(_))) {
+            // Linux `rmpupdate()`'s `adjust_direct_map` before the run's first RMPUPDATE.
+            self.direct_map.adjust(pfn, PageSize::Size4K);
+        }
         let failed = u64::from(run.error.is_some());
         self.faults.skip(FaultOp::Pvalidate, run.done + failed);
         self.stats.npf += run.prepared;
@@ -538,7 +543,7 @@ impl Hw {
                         page_size: PageSize::Size2M,
                         ..RmpState::default()
                     };
-                    if self.rmp.rmpupdate(Pfn(head), st).is_err() {
+                    if self.rmp_update(Pfn(head), st).is_err() {
                         refused.extend((p..p + k).map(Pfn));
                     }
                 } else if self.psmash(Pfn(head)).is_err() {
@@ -548,6 +553,10 @@ impl Hw {
             if refused.is_empty() && self.rmp.run_fits(Pfn(p), k) {
                 // Not vmsa-core platform calls, so the fault plan does not count them.
                 let (updated, r) = self.rmp.make_shared_4k_run(Pfn(p), k);
+                if updated > 0 || !r.is_empty() {
+                    // Linux `rmpupdate()`'s `adjust_direct_map` before the run's first RMPUPDATE.
+                    self.direct_map.adjust(Pfn(p), PageSize::Size4K);
+                }
                 self.charge_n(CostOp::Rmpupdate4K, updated, asid, || {
                     format!("{updated} gmem frames from pfn {p} shared")
                 });
