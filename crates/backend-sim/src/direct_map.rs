@@ -10,7 +10,7 @@
 //! table checks are concerned" (same function). So a write through a 2 MiB or 1 GiB mapping is
 //! checked against every RMP entry of the 2 MiB region around the written address, a write
 //! through a 4 KiB mapping against the written frame's entry only. Two more public sources say
-//! the same: AMD's explanation of a kexec RMP #PF (Ashish Kalra, "Re: [REGRESSION] kexec does
+//! the same: AMD's explanation of a kexec RMP #PF (Ashish Kalra, "Re: \[REGRESSION\] kexec does
 //! firmware reboot in kernel v6.7.6", stable@vger.kernel.org, 2024-10-24, citing APM §15.36.10:
 //! kexec's identity map covered the end of the RMP table and usable RAM with one 2 MiB page,
 //! and a write to the usable part faulted "because the mappings don't match"; Linux now
@@ -33,10 +33,9 @@
 //! direct map), where the rule fires.
 
 use serde::Serialize;
-use vmsa_core::{PTRS_PER_PMD, Pfn};
+use vmsa_core::{PTRS_PER_PMD, PageLevel as PageSize, Pfn};
 
 use crate::memory::RangeSet;
-use crate::rmp::PageSize;
 
 /// Whether the host splits its large direct-map mappings before an RMPUPDATE.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

@@ -688,6 +688,35 @@ mod tests {
     }
 
     #[test]
+    fn every_host_rmpupdate_path_splits_the_direct_map_before_a_region_holds_a_mix() {
+        // Linux `rmpupdate()` calls `adjust_direct_map` before each RMPUPDATE: 4 KiB updates
+        // split the region's large mapping, 2 MiB ones (and PSMASH) do not.
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(VmKind::Snp).unwrap();
+        p.add_private_memslot(Gpa(0), 8 << 20).unwrap();
+        let asid = vmsa_core::Platform::asid(&p).0;
+        let pfn_of = |gpa: u64| vmsa_core::Platform::gmem_pfn(&p, Gpa(gpa).gfn()).unwrap();
+        // guest_memfd's first-use RMPUPDATE of one page (`sev_gmem_prepare`)...
+        p.pvalidate(Gpa(0x1000), PageSize::Size4K, true).unwrap();
+        assert_eq!(m.host_mapping(pfn_of(0x1000)), PageSize::Size4K);
+        // ... and of a run of pages in another 2 MiB region.
+        p.pvalidate_range(Gpa(0x20_0000), 64, PageSize::Size4K, true)
+            .unwrap();
+        assert_eq!(m.host_mapping(pfn_of(0x20_0000)), PageSize::Size4K);
+        // A 2 MiB private entry, then PSMASH: the region is all private, nothing to split.
+        let gpa = Gpa(0x40_0000);
+        let head = map_2m(&m, asid, gpa);
+        m.psmash(head).unwrap();
+        assert_eq!(m.host_mapping(head), PageSize::Size2M);
+        // Making one page of it shared (`sev_gmem_invalidate`'s 4 KiB RMPUPDATE) is the first
+        // mix of private and shared there: the region is split first.
+        let gfn = Gfn(gpa.gfn().0 + 5);
+        p.convert(gfn, Gfn(gfn.0 + 1), true).unwrap();
+        assert_eq!(m.host_mapping(head), PageSize::Size4K);
+        assert_eq!(m.stats().direct_map_splits, 3);
+    }
+
+    #[test]
     fn only_pvalidate_and_rmpadjust_raise_sizem_a_2m_pvalidate_on_a_2m_entry_succeeds() {
         // KVM sev_handle_rmp_fault: "Only RMPADJUST/PVALIDATE should cause PFERR_GUEST_SIZEM".
         let m = Machine::new(MachineConfig::default());
