@@ -31,6 +31,10 @@
 //! [`DirectMap`] keeps exactly that state; [`DirectMapPolicy::KeepLarge`] models a host that
 //! does not split (a kernel without `adjust_direct_map`, or any 2 MiB host mapping outside the
 //! direct map), where the rule fires.
+//!
+//! Not charged on the clock: neither a split (`set_memory_4k`: a page-table page, a TLB
+//! flush) nor the RMP check of a write through a large mapping has a cost that a public
+//! source states.
 
 use serde::Serialize;
 use vmsa_core::{PTRS_PER_PMD, PageLevel as PageSize, Pfn};
