@@ -450,8 +450,9 @@ impl Hw {
         }
     }
 
-    /// A host write of a whole frame, through the direct map (the kernel's copies, e.g.
-    /// `kvm_gmem_populate`'s, go through `kmap_local_pfn`, which is the direct map on x86-64):
+    /// A host write of a whole frame, through the direct map (the kernel's copies do: e.g.
+    /// Linux arch/x86/kvm/svm/sev.c `sev_gmem_post_populate` copies a launch page through
+    /// `kmap_local_pfn`, which on x86-64 is the direct-map address):
     /// RMP-checked (Hypervisor-Owned, APM table 15-39) at the size of the direct map's mapping
     /// there, so through a 2 MiB mapping every frame of the region must be hypervisor-owned.
     pub fn host_write(&mut self, pfn: Pfn, data: &PageBuf) -> Result<(), SimError> {

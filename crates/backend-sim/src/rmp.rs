@@ -801,8 +801,9 @@ impl Rmp {
     /// a 2 MiB or larger mapping "that contains any 4KB pages that are set to private in the
     /// RMP table" takes an RMP #PF; see [`crate::direct_map`]). The error is the frame whose
     /// entry failed the check: `pfn` itself if it is assigned, else the region's first assigned
-    /// frame (the one Linux's `dump_rmpentry` prints for an unassigned PFN). O(1) when the check
-    /// passes, from the region's count of assigned 4 KiB entries.
+    /// frame (for an unassigned PFN Linux's `dump_rmpentry` dumps the region's non-zero entries,
+    /// "such as when the PFN is being accessed via a 2MB mapping"). O(1) when the check passes,
+    /// from the region's count of assigned 4 KiB entries.
     pub fn check_hypervisor_owned(&self, pfn: Pfn, mapping: PageSize) -> Result<(), Pfn> {
         if !self.covered(pfn) {
             return Ok(());
