@@ -4,10 +4,12 @@
 //! the host and another guest see it; the cost report and the Perfetto trace.
 
 use backend_sim::guest::{GuestScript, PscTarget, smp_boot_vmsa_gpa};
-use backend_sim::{CostOp, GuestAction, Machine, MachineConfig, PageSize, PageState, SimError};
+use backend_sim::{
+    CostOp, DirectMapPolicy, GuestAction, Machine, MachineConfig, PageSize, PageState, RmpState, SimError,
+};
 use scenario_tests::{FIRMWARE_PAGES, SimRun, sim_boot};
 use vmm::run::flow::RunEnd;
-use vmsa_core::{Gpa, SNP_POLICY_RSVD_MBO, VcpuId, Vm, VmConfig, VmKind, VmsaState};
+use vmsa_core::{Gpa, HostPage, Pfn, Platform, SNP_POLICY_RSVD_MBO, VcpuId, Vm, VmConfig, VmKind, VmsaState};
 
 /// The built-in SMP boot of a 2-vCPU, 16 MiB SNP guest on a machine configured with `config`.
 fn smp_boot_2(config: MachineConfig) -> SimRun {
@@ -112,6 +114,124 @@ fn host_write_into_a_launched_vmsa_is_an_rmp_fault() {
     vm.teardown();
     p.destroy().unwrap();
     assert_eq!(m.stats().rmp_faults, 1);
+}
+
+/// Two hypervisor-owned frames of one 2 MiB region from `p`'s machine, the first made private
+/// to `p` at GPA 0x1000 with a 4 KiB host RMPUPDATE (Linux `rmp_make_private(.., PG_LEVEL_4K,
+/// ..)`): the private frame and its still hypervisor-owned neighbour.
+fn private_frame_and_neighbour(m: &Machine, p: &backend_sim::SimPlatform) -> (Pfn, Pfn) {
+    let (a, b) = (p.alloc_page().unwrap().pfn(), p.alloc_page().unwrap().pfn());
+    assert_eq!(a.0 / 512, b.0 / 512, "the allocator hands out neighbours");
+    let st = RmpState {
+        gpa: Gpa(0x1000),
+        assigned: true,
+        asid: p.asid().0,
+        ..RmpState::default()
+    };
+    m.rmpupdate(a, st).unwrap();
+    (a, b)
+}
+
+#[test]
+fn a_host_write_through_a_2m_mapping_faults_if_any_4k_page_in_it_is_guest_owned() {
+    // Linux arch/x86/virt/svm/sev.c `adjust_direct_map`: a write through a 2 MiB or larger
+    // mapping "that contains any 4KB pages that are set to private in the RMP table" takes an
+    // RMP #PF. A host that keeps its large direct-map pages meets the rule.
+    let m = Machine::new(MachineConfig {
+        direct_map: DirectMapPolicy::KeepLarge,
+        ..MachineConfig::default()
+    });
+    let p = m.create_guest(VmKind::Snp).unwrap();
+    let (private, neighbour) = private_frame_and_neighbour(&m, &p);
+    assert_eq!(m.host_mapping(neighbour), PageSize::Size2M);
+    let e = m.host_write(neighbour, &[0xcc; 4096]).unwrap_err();
+    assert_eq!(
+        e,
+        SimError::RmpFault {
+            access: "write",
+            pfn: neighbour,
+            mapping: PageSize::Size2M,
+            checked: private,
+            state: PageState::GuestInvalid,
+            asid: p.asid().0,
+            injected: false,
+        }
+    );
+    let s = m.stats();
+    assert_eq!((s.rmp_faults, s.direct_map_splits), (1, 0));
+    let log = &s.rmp_fault_log[0];
+    assert_eq!(
+        (log.pfn, log.mapping, log.checked),
+        (neighbour, PageSize::Size2M, private)
+    );
+    assert_eq!(
+        *m.host_read(neighbour).unwrap(),
+        [0; 4096],
+        "the write did not land"
+    );
+    // Once the region holds no assigned frame, the same write goes through.
+    m.rmpupdate(private, RmpState::default()).unwrap();
+    m.host_write(neighbour, &[0xcc; 4096]).unwrap();
+    assert_eq!(m.stats().rmp_faults, 1);
+}
+
+#[test]
+fn linux_splits_the_direct_map_before_a_4k_rmpupdate_so_the_neighbours_host_write_passes() {
+    // The default host is Linux: `rmpupdate()` calls `adjust_direct_map`, whose
+    // `set_memory_4k` maps the region with 4 KiB pages before the page turns private.
+    let m = Machine::with_defaults();
+    let p = m.create_guest(VmKind::Snp).unwrap();
+    let (private, neighbour) = private_frame_and_neighbour(&m, &p);
+    assert_eq!(m.host_mapping(neighbour), PageSize::Size4K);
+    m.host_write(neighbour, &[0xcc; 4096]).unwrap();
+    // The private frame itself is still refused, now through a 4 KiB mapping.
+    let e = m.host_write(private, &[0xcc; 4096]).unwrap_err();
+    assert!(
+        matches!(e, SimError::RmpFault { mapping: PageSize::Size4K, checked, .. } if checked == private),
+        "{e}"
+    );
+    // The split stays when the page is shared again (Linux never merges it back).
+    m.rmpupdate(private, RmpState::default()).unwrap();
+    assert_eq!(m.host_mapping(private), PageSize::Size4K);
+    let s = m.stats();
+    assert_eq!((s.rmp_faults, s.direct_map_splits), (1, 1));
+}
+
+#[test]
+fn without_the_direct_map_split_an_snp_launch_faults_writing_a_vmsa_beside_the_context_page() {
+    // The guest context page (made firmware-owned with a 4 KiB RMPUPDATE) lands in the 2 MiB
+    // region of the vCPU's VMSA page, so the VMSA sync at launch finish writes through a 2 MiB
+    // mapping over an assigned page: what `adjust_direct_map` exists to prevent.
+    let launch = |direct_map| {
+        let m = Machine::new(MachineConfig {
+            direct_map,
+            ..MachineConfig::default()
+        });
+        let p = m.create_guest(VmKind::Snp).unwrap();
+        let mut vm = Vm::without_events(p.clone(), VmConfig::snp(0));
+        vm.create_vcpu(VcpuId(0)).unwrap();
+        vm.launch_start(SNP_POLICY_RSVD_MBO).unwrap();
+        // The machine's error is the source of vmsa-core's.
+        let r = vm.launch_finish([0; 32]).map_err(|e| {
+            let source = std::error::Error::source(&e).map(ToString::to_string);
+            format!("{e}: {}", source.unwrap_or_default())
+        });
+        vm.teardown();
+        p.destroy().unwrap();
+        (r, m.stats())
+    };
+    let (r, s) = launch(DirectMapPolicy::SplitBefore4kRmpupdate);
+    assert_eq!((r, s.rmp_faults), (Ok(()), 0));
+    assert!(s.direct_map_splits > 0);
+    let (r, s) = launch(DirectMapPolicy::KeepLarge);
+    let e = r.unwrap_err();
+    assert!(e.contains("RMP fault"), "{e}");
+    assert_eq!(s.rmp_faults, 1);
+    let log = &s.rmp_fault_log[0];
+    assert_eq!(
+        (log.access, log.mapping, log.state),
+        ("write", PageSize::Size2M, PageState::Context)
+    );
 }
 
 #[test]

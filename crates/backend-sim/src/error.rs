@@ -5,7 +5,7 @@ use vmsa_core::{Gpa, Hpa, Pfn, SevStatus, VmKind};
 
 use crate::firmware::PageState;
 use crate::memory::MemError;
-use crate::rmp::{GuestFault, RmpRet};
+use crate::rmp::{GuestFault, PageSize, RmpRet};
 
 /// Errors of the machine (the `Platform::Error` of [`crate::SimPlatform`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,16 +22,27 @@ pub enum SimError {
         /// Whether the fault plan made it fail.
         injected: bool,
     },
-    /// A host access broke the RMP rules: an RMP #PF (APM §15.36.10), counted in the stats.
-    #[error("RMP fault: host {access} of pfn {pfn}, which is {state:?} (assigned to ASID {asid}){}", inj(*injected))]
+    /// A host access broke the RMP rules: an RMP #PF (APM §15.36.10; error code bit 31, Linux
+    /// `X86_PF_RMP`, which `show_fault_oops` reports as "RMP violation" before the oops),
+    /// counted in the stats.
+    #[error(
+        "RMP fault: host {access} of pfn {pfn} through a {} mapping: pfn {checked} is {state:?} (assigned to ASID {asid}){}",
+        size_name(*mapping),
+        inj(*injected)
+    )]
     RmpFault {
         /// `write` or `read`.
         access: &'static str,
-        /// The frame.
+        /// The frame accessed.
         pfn: Pfn,
-        /// Its firmware page state.
+        /// The page size of the host mapping the access went through.
+        mapping: PageSize,
+        /// The frame whose RMP entry failed the check: `pfn`, or (through a 2 MiB mapping) an
+        /// assigned frame of its 2 MiB region.
+        checked: Pfn,
+        /// The firmware page state of `checked`.
         state: PageState,
-        /// Its owner.
+        /// The owner of `checked`.
         asid: u32,
         /// Whether the fault plan made it fail.
         injected: bool,
@@ -148,6 +159,13 @@ pub enum SimError {
 
 fn inj(injected: bool) -> &'static str {
     if injected { " (injected)" } else { "" }
+}
+
+fn size_name(size: PageSize) -> &'static str {
+    match size {
+        PageSize::Size4K => "4 KiB",
+        PageSize::Size2M => "2 MiB",
+    }
 }
 
 impl SimError {

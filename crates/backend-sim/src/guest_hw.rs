@@ -113,7 +113,7 @@ impl Hw {
                 };
                 (pfn, st)
             };
-            self.rmp.rmpupdate(at, st).map_err(|code| SimError::Rmp {
+            self.rmp_update(at, st).map_err(|code| SimError::Rmp {
                 op: "RMPUPDATE (gmem prepare)",
                 pfn: at,
                 code,
@@ -230,8 +230,9 @@ impl Hw {
                 p
             }
         };
-        if let Err(e) = self.rmp.check_hypervisor_owned(pfn) {
-            let _ = e;
+        // The guest's access goes through its nested page table, not the host's direct map;
+        // the simulator's shared guest frames are single 4 KiB frames, mapped 4 KiB there.
+        if self.rmp.check_hypervisor_owned(pfn, PageSize::Size4K).is_err() {
             return Err(self.guest_fault(
                 asid,
                 GuestFault::Npf {
@@ -403,6 +404,10 @@ impl Hw {
             return Ok(None);
         }
         let run = self.rmp.pvalidate_4k_run(asid, gpa, pfn, n, validate);
+        if run.prepared > 0 || matches!(run.error, Some(RunError::Prepare(_))) {
+            // Linux `rmpupdate()`'s `adjust_direct_map` before the run's first RMPUPDATE.
+            self.direct_map.adjust(pfn, PageSize::Size4K);
+        }
         let failed = u64::from(run.error.is_some());
         self.faults.skip(FaultOp::Pvalidate, run.done + failed);
         self.stats.npf += run.prepared;
@@ -538,7 +543,7 @@ impl Hw {
                         page_size: PageSize::Size2M,
                         ..RmpState::default()
                     };
-                    if self.rmp.rmpupdate(Pfn(head), st).is_err() {
+                    if self.rmp_update(Pfn(head), st).is_err() {
                         refused.extend((p..p + k).map(Pfn));
                     }
                 } else if self.psmash(Pfn(head)).is_err() {
@@ -548,6 +553,10 @@ impl Hw {
             if refused.is_empty() && self.rmp.run_fits(Pfn(p), k) {
                 // Not vmsa-core platform calls, so the fault plan does not count them.
                 let (updated, r) = self.rmp.make_shared_4k_run(Pfn(p), k);
+                if updated > 0 || !r.is_empty() {
+                    // Linux `rmpupdate()`'s `adjust_direct_map` before the run's first RMPUPDATE.
+                    self.direct_map.adjust(Pfn(p), PageSize::Size4K);
+                }
                 self.charge_n(CostOp::Rmpupdate4K, updated, asid, || {
                     format!("{updated} gmem frames from pfn {p} shared")
                 });
@@ -676,6 +685,35 @@ mod tests {
         };
         hw.rmp.rmpupdate(head, st).unwrap();
         head
+    }
+
+    #[test]
+    fn every_host_rmpupdate_path_splits_the_direct_map_before_a_region_holds_a_mix() {
+        // Linux `rmpupdate()` calls `adjust_direct_map` before each RMPUPDATE: 4 KiB updates
+        // split the region's large mapping, 2 MiB ones (and PSMASH) do not.
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(VmKind::Snp).unwrap();
+        p.add_private_memslot(Gpa(0), 8 << 20).unwrap();
+        let asid = vmsa_core::Platform::asid(&p).0;
+        let pfn_of = |gpa: u64| vmsa_core::Platform::gmem_pfn(&p, Gpa(gpa).gfn()).unwrap();
+        // guest_memfd's first-use RMPUPDATE of one page (`sev_gmem_prepare`)...
+        p.pvalidate(Gpa(0x1000), PageSize::Size4K, true).unwrap();
+        assert_eq!(m.host_mapping(pfn_of(0x1000)), PageSize::Size4K);
+        // ... and of a run of pages in another 2 MiB region.
+        p.pvalidate_range(Gpa(0x20_0000), 64, PageSize::Size4K, true)
+            .unwrap();
+        assert_eq!(m.host_mapping(pfn_of(0x20_0000)), PageSize::Size4K);
+        // A 2 MiB private entry, then PSMASH: the region is all private, nothing to split.
+        let gpa = Gpa(0x40_0000);
+        let head = map_2m(&m, asid, gpa);
+        m.psmash(head).unwrap();
+        assert_eq!(m.host_mapping(head), PageSize::Size2M);
+        // Making one page of it shared (`sev_gmem_invalidate`'s 4 KiB RMPUPDATE) is the first
+        // mix of private and shared there: the region is split first.
+        let gfn = Gfn(gpa.gfn().0 + 5);
+        p.convert(gfn, Gfn(gfn.0 + 1), true).unwrap();
+        assert_eq!(m.host_mapping(head), PageSize::Size4K);
+        assert_eq!(m.stats().direct_map_splits, 3);
     }
 
     #[test]

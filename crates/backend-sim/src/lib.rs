@@ -1,7 +1,8 @@
 //! backend-sim: a cycle-approximate software SEV-SNP machine implementing vmsa-core's
 //! [`Platform`](vmsa_core::Platform).
 //!
-//! - [`Machine`]: host DRAM (sparse, 1 TiB by default), the RMP ([`rmp`]), the PSP firmware
+//! - [`Machine`]: host DRAM (sparse, 1 TiB by default), the RMP ([`rmp`]), the host's direct
+//!   map whose page size decides how host writes are RMP-checked ([`direct_map`]), the PSP firmware
 //!   ([`firmware`]), memory encryption ([`crypto`]), caches, the cost ledger ([`cost`]), the
 //!   timeline ([`trace`]) and the fault plan ([`fault`]).
 //! - [`SimPlatform`]: one guest on the machine (its ASID and guest_memfd memory), the
@@ -54,6 +55,7 @@
 
 pub mod cost;
 pub mod crypto;
+pub mod direct_map;
 mod error;
 pub mod fault;
 pub mod firmware;
@@ -69,6 +71,7 @@ pub mod rmp;
 pub mod trace;
 
 pub use cost::{CostError, CostModel, CostOp, CostReport};
+pub use direct_map::DirectMapPolicy;
 pub use fault::{FaultCode, FaultOp, FaultPlan, FaultRule, FaultSpecError};
 pub use firmware::PageState;
 pub use guest::{GuestAction, GuestScript, ScriptError};

@@ -13,12 +13,13 @@ use serde::Serialize;
 use vmsa_core::{Gfn, Gpa, PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::cost::{CostModel, CostOp, CostReport, Ledger};
+use crate::direct_map::{DirectMap, DirectMapPolicy};
 pub use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp, FaultPlan};
 use crate::firmware::{Firmware, Handle, PageState, page_state};
 use crate::measure::LaunchDigest;
 use crate::memory::{DEFAULT_FIRST_PFN, GuestMemfd, HostMemory, TIB};
-use crate::rmp::{PageSize, Rmp, RmpEntry, RmpState};
+use crate::rmp::{PageSize, Rmp, RmpEntry, RmpRet, RmpState};
 use crate::trace::{Trace, TraceEvent};
 
 /// One phase of a run (create, launch, run, teardown), on the machine's clock.
@@ -91,6 +92,10 @@ pub struct MachineConfig {
     /// make one 2 MiB RMP entry for it (`sev_gmem_prepare`'s `is_large_rmp_possible`); else
     /// 4 KiB folios, what upstream guest_memfd allocates, and 4 KiB RMP entries.
     pub gmem_2m_folios: bool,
+    /// Whether the host splits its direct map before 4 KiB RMPUPDATEs (Linux's
+    /// `adjust_direct_map`, the default), which decides how host writes are RMP-checked (see
+    /// [`crate::direct_map`]).
+    pub direct_map: DirectMapPolicy,
 }
 
 impl Default for MachineConfig {
@@ -105,6 +110,7 @@ impl Default for MachineConfig {
             trace_cap: 1 << 18,
             faults: FaultPlan::default(),
             gmem_2m_folios: false,
+            direct_map: DirectMapPolicy::default(),
         }
     }
 }
@@ -112,11 +118,16 @@ impl Default for MachineConfig {
 /// One recorded RMP fault.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RmpFaultRecord {
-    /// The frame.
+    /// The frame accessed.
     pub pfn: Pfn,
     /// `write` or `read`.
     pub access: &'static str,
-    /// The frame's state then.
+    /// The page size of the host mapping the access went through.
+    pub mapping: PageSize,
+    /// The frame whose RMP entry failed the check: `pfn`, or through a 2 MiB mapping an
+    /// assigned frame of its 2 MiB region.
+    pub checked: Pfn,
+    /// The state of `checked` then.
     pub state: PageState,
     /// The cycle it happened at.
     pub at_cycle: u64,
@@ -151,6 +162,9 @@ pub struct Stats {
     pub vc: u64,
     /// PSMASHes the host did to resolve SIZEM faults.
     pub psmash_on_fault: u64,
+    /// 2 MiB regions of the host's direct map split to 4 KiB pages before an RMPUPDATE (Linux
+    /// `adjust_direct_map`; see [`crate::direct_map`]).
+    pub direct_map_splits: u64,
 }
 
 /// Sizes of the machine's structures: what it tracks and what that costs.
@@ -173,7 +187,7 @@ pub struct Footprint {
     /// Guest frames the memslots describe (the guests' configured memory).
     pub guest_slot_frames: u64,
     /// Bytes of every structure but frame contents: RMP, allocator, guest memory maps, dirty
-    /// lines.
+    /// lines, the direct map's split regions.
     pub bookkeeping_bytes: usize,
     /// Bookkeeping plus 4 KiB per frame with contents.
     pub bytes: usize,
@@ -227,6 +241,8 @@ pub(crate) struct Hw {
     pub dirty: HashMap<u64, u32>,
     /// See [`MachineConfig::gmem_2m_folios`].
     pub gmem_2m_folios: bool,
+    /// The host's direct map, which host writes go through.
+    pub direct_map: DirectMap,
     max_asid: u32,
 }
 
@@ -321,14 +337,25 @@ impl Hw {
         self.guests.get_mut(&asid).ok_or(SimError::UnknownGuest { asid })
     }
 
-    pub(crate) fn rmp_fault(&mut self, pfn: Pfn, access: &'static str, injected: bool) -> SimError {
-        let e = self.rmp.entry(pfn);
-        let state = page_state(self.rmp.covered(pfn), &e);
+    /// Record an RMP #PF of a host `access` to `pfn`, whose check failed on the entry of frame
+    /// `checked` (see [`Rmp::check_hypervisor_owned`]), and return its error.
+    pub(crate) fn rmp_fault(
+        &mut self,
+        pfn: Pfn,
+        access: &'static str,
+        checked: Pfn,
+        injected: bool,
+    ) -> SimError {
+        let mapping = self.direct_map.mapping(pfn);
+        let e = self.rmp.entry(checked);
+        let state = page_state(self.rmp.covered(checked), &e);
         self.stats.rmp_faults += 1;
         if self.stats.rmp_fault_log.len() < 64 {
             self.stats.rmp_fault_log.push(RmpFaultRecord {
                 pfn,
                 access,
+                mapping,
+                checked,
                 state,
                 at_cycle: self.ledger.now(),
             });
@@ -336,6 +363,8 @@ impl Hw {
         SimError::RmpFault {
             access,
             pfn,
+            mapping,
+            checked,
             state,
             asid: e.asid,
             injected,
@@ -421,13 +450,18 @@ impl Hw {
         }
     }
 
-    /// A host write of a whole frame: RMP-checked (Hypervisor-Owned, APM table 15-39).
+    /// A host write of a whole frame, through the direct map (the kernel's copies do: e.g.
+    /// Linux arch/x86/kvm/svm/sev.c `sev_gmem_post_populate` copies a launch page through
+    /// `kmap_local_pfn`, which on x86-64 is the direct-map address):
+    /// RMP-checked (Hypervisor-Owned, APM table 15-39) at the size of the direct map's mapping
+    /// there, so through a 2 MiB mapping every frame of the region must be hypervisor-owned.
     pub fn host_write(&mut self, pfn: Pfn, data: &PageBuf) -> Result<(), SimError> {
         if self.inject(FaultOp::WriteFrame, None).is_some() {
-            return Err(self.rmp_fault(pfn, "write", true));
+            return Err(self.rmp_fault(pfn, "write", pfn, true));
         }
-        if self.rmp.check_hypervisor_owned(pfn).is_err() {
-            return Err(self.rmp_fault(pfn, "write", false));
+        let mapping = self.direct_map.mapping(pfn);
+        if let Err(checked) = self.rmp.check_hypervisor_owned(pfn, mapping) {
+            return Err(self.rmp_fault(pfn, "write", checked, false));
         }
         self.charge(CostOp::HostCopy, 0, || format!("write pfn {pfn}"));
         self.mem.write(pfn, data)?;
@@ -437,7 +471,7 @@ impl Hw {
     /// A host read: not RMP-checked; private frames read back as ciphertext.
     pub fn host_read(&mut self, pfn: Pfn, out: &mut PageBuf) -> Result<(), SimError> {
         if self.inject(FaultOp::ReadFrame, None).is_some() {
-            return Err(self.rmp_fault(pfn, "read", true));
+            return Err(self.rmp_fault(pfn, "read", pfn, true));
         }
         self.charge(CostOp::HostCopy, 0, || format!("read pfn {pfn}"));
         self.mem.read(pfn, out)?;
@@ -445,6 +479,16 @@ impl Hw {
     }
 
     // ---- RMP (host) ----
+
+    /// Linux `rmpupdate()` (arch/x86/virt/svm/sev.c) without the fault plan and the charge:
+    /// `adjust_direct_map` (which splits the direct map's large mapping over a 4 KiB update's
+    /// frame), then the RMPUPDATE instruction. Every host RMPUPDATE of the machine goes through
+    /// here or, for a run of 4 KiB updates in one 2 MiB region, through [`Rmp`]'s run methods
+    /// after one `adjust_direct_map` of the region.
+    pub(crate) fn rmp_update(&mut self, pfn: Pfn, st: RmpState) -> Result<(), RmpRet> {
+        self.direct_map.adjust(pfn, st.page_size);
+        self.rmp.rmpupdate(pfn, st)
+    }
 
     pub fn rmpupdate(&mut self, op: FaultOp, pfn: Pfn, st: RmpState) -> Result<(), SimError> {
         let name = if st.assigned {
@@ -467,7 +511,7 @@ impl Hw {
         self.charge(cost, 0, || {
             format!("pfn {pfn} assigned={} asid={}", st.assigned, st.asid)
         });
-        self.rmp.rmpupdate(pfn, st).map_err(|code| SimError::Rmp {
+        self.rmp_update(pfn, st).map_err(|code| SimError::Rmp {
             op: name,
             pfn,
             code,
@@ -500,7 +544,7 @@ impl Hw {
             immutable: true,
             ..RmpState::default()
         };
-        if let Err(e) = self.rmp.rmpupdate(pfn, st) {
+        if let Err(e) = self.rmp_update(pfn, st) {
             self.free_page(pfn);
             return Err(SimError::Rmp {
                 op: "RMPUPDATE (firmware)",
@@ -517,7 +561,7 @@ impl Hw {
     pub(crate) fn free_firmware_page(&mut self, pfn: Pfn) -> bool {
         self.charge(CostOp::SnpPageReclaim, 0, || format!("pfn {pfn}"));
         let ok = self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn).is_ok()
-            && self.rmp.rmpupdate(pfn, RmpState::default()).is_ok();
+            && self.rmp_update(pfn, RmpState::default()).is_ok();
         if ok {
             self.charge(CostOp::Rmpupdate4K, 0, || format!("pfn {pfn} shared"));
             self.free_page(pfn);
@@ -580,6 +624,7 @@ impl Machine {
             guests: HashMap::new(),
             dirty: HashMap::new(),
             gmem_2m_folios: config.gmem_2m_folios,
+            direct_map: DirectMap::new(config.direct_map),
             max_asid: config.max_asid,
         };
         // SNP_INIT cannot fail on a fresh firmware.
@@ -674,7 +719,11 @@ impl Machine {
 
     /// The counters.
     pub fn stats(&self) -> Stats {
-        self.hw().stats.clone()
+        let hw = self.hw();
+        Stats {
+            direct_map_splits: hw.direct_map.splits(),
+            ..hw.stats.clone()
+        }
     }
 
     /// Sizes of the machine's structures now.
@@ -683,7 +732,8 @@ impl Machine {
         let (peak_alloc, peak_data) = hw.mem.peaks();
         let gmem: usize = hw.guests.values().map(|g| g.gmem.footprint_bytes()).sum();
         let rmp_bytes = hw.rmp.footprint_bytes();
-        let bookkeeping = hw.mem.bookkeeping_bytes() + rmp_bytes + gmem + hw.dirty.capacity() * 24;
+        let bookkeeping =
+            hw.mem.bookkeeping_bytes() + rmp_bytes + gmem + hw.dirty.capacity() * 24 + hw.direct_map.bytes();
         Footprint {
             allocated_frames: hw.mem.allocated(),
             peak_allocated_frames: peak_alloc,
@@ -725,6 +775,12 @@ impl Machine {
     /// The RMP entry governing a frame.
     pub fn rmp_entry(&self, pfn: Pfn) -> RmpEntry {
         self.hw().rmp.entry(pfn)
+    }
+
+    /// The page size of the host's direct-map mapping a host write of `pfn` goes through
+    /// (2 MiB until a 4 KiB RMPUPDATE in its region split it; see [`crate::direct_map`]).
+    pub fn host_mapping(&self, pfn: Pfn) -> PageSize {
+        self.hw().direct_map.mapping(pfn)
     }
 
     /// The firmware page state of a frame.

@@ -304,9 +304,14 @@ impl Small {
 
     /// Whether any stored entry has all of `bits`.
     fn any(&self, bits: u64) -> bool {
+        self.first(bits).is_some()
+    }
+
+    /// The index of the first stored entry with all of `bits`.
+    fn first(&self, bits: u64) -> Option<usize> {
         match self {
-            Self::Sparse(v) => v.iter().any(|e| e.1 & bits == bits),
-            Self::Dense(d) => d.iter().any(|&q| q & bits == bits),
+            Self::Sparse(v) => v.iter().find(|e| e.1 & bits == bits).map(|e| usize::from(e.0)),
+            Self::Dense(d) => d.iter().position(|&q| q & bits == bits),
         }
     }
 
@@ -789,13 +794,32 @@ impl Rmp {
         Ok(())
     }
 
-    /// The check of a C=0 (shared) guest access or any host write: Hypervisor-Owned.
-    pub fn check_hypervisor_owned(&self, pfn: Pfn) -> Result<(), RmpEntry> {
-        let e = self.entry(pfn);
-        if self.covered(pfn) && e.assigned {
-            return Err(e);
+    /// The Hypervisor-Owned check (APM table 15-39) of a host write, or of a C=0 (shared)
+    /// guest access, to `pfn` through a mapping of `mapping` size. Through 4 KiB the frame must
+    /// not be assigned; through 2 MiB (a 1 GiB mapping is checked as 2 MiB) no frame of its
+    /// 2 MiB region may be (Linux arch/x86/virt/svm/sev.c `adjust_direct_map`: a write through
+    /// a 2 MiB or larger mapping "that contains any 4KB pages that are set to private in the
+    /// RMP table" takes an RMP #PF; see [`crate::direct_map`]). The error is the frame whose
+    /// entry failed the check: `pfn` itself if it is assigned, else the region's first assigned
+    /// frame (for an unassigned PFN Linux's `dump_rmpentry` dumps the region's non-zero entries,
+    /// "such as when the PFN is being accessed via a 2MB mapping"). O(1) when the check passes,
+    /// from the region's count of assigned 4 KiB entries.
+    pub fn check_hypervisor_owned(&self, pfn: Pfn, mapping: PageSize) -> Result<(), Pfn> {
+        if !self.covered(pfn) {
+            return Ok(());
         }
-        Ok(())
+        if self.entry(pfn).assigned {
+            return Err(pfn);
+        }
+        if mapping == PageSize::Size4K {
+            return Ok(());
+        }
+        // The written frame is not assigned, so the region has no assigned 2 MiB entry.
+        let Some(r) = self.region(pfn.0).filter(|r| r.assigned_4k > 0) else {
+            return Ok(());
+        };
+        let first = r.small.as_deref().and_then(|s| s.first(qw::ASSIGNED));
+        Err(Pfn(head(pfn.0) + first.unwrap_or(0) as u64))
     }
 
     fn owned_by(&self, asid: u32, gpa: Gpa, pfn: Pfn) -> Result<RmpEntry, GuestFault> {
@@ -1351,11 +1375,52 @@ mod tests {
     fn host_and_shared_accesses_need_hypervisor_ownership() {
         let mut r = Rmp::new(END, 16);
         let p = Pfn(0x10_0030);
-        r.check_hypervisor_owned(p).unwrap();
+        r.check_hypervisor_owned(p, PageSize::Size4K).unwrap();
         r.rmpupdate(p, private(0x1000, 1, false, PageSize::Size4K))
             .unwrap();
-        assert!(r.check_hypervisor_owned(p).is_err());
-        r.check_hypervisor_owned(END).unwrap();
+        assert_eq!(r.check_hypervisor_owned(p, PageSize::Size4K), Err(p));
+        r.check_hypervisor_owned(END, PageSize::Size4K).unwrap();
+        r.check_hypervisor_owned(END, PageSize::Size2M).unwrap();
+    }
+
+    #[test]
+    fn the_hypervisor_owned_check_through_a_2m_mapping_covers_its_whole_2m_region() {
+        // Linux arch/x86/virt/svm/sev.c `adjust_direct_map`: a write through a 2 MiB or larger
+        // mapping that "contains any 4KB pages that are set to private in the RMP table" takes
+        // an RMP #PF; 1 GiB mappings are checked as 2 MiB ones.
+        let mut r = Rmp::new(END, 16);
+        let h = Pfn(0x10_0200);
+        let (guest, neighbour, next_region) = (Pfn(h.0 + 300), Pfn(h.0 + 7), Pfn(h.0 + 512));
+        r.check_hypervisor_owned(neighbour, PageSize::Size2M).unwrap();
+        r.rmpupdate(guest, private(0x5000, 1, false, PageSize::Size4K))
+            .unwrap();
+        // The neighbour is hypervisor-owned: through 4 KiB it may be written, through 2 MiB
+        // not, and the check names the guest's frame.
+        r.check_hypervisor_owned(neighbour, PageSize::Size4K).unwrap();
+        assert_eq!(r.check_hypervisor_owned(neighbour, PageSize::Size2M), Err(guest));
+        assert_eq!(r.check_hypervisor_owned(guest, PageSize::Size2M), Err(guest));
+        // Only the 2 MiB region around the write counts.
+        r.check_hypervisor_owned(next_region, PageSize::Size2M).unwrap();
+        r.rmpupdate(guest, SHARED).unwrap();
+        r.check_hypervisor_owned(neighbour, PageSize::Size2M).unwrap();
+        // A 2 MiB private entry: every frame of the region fails, through either size.
+        r.rmpupdate(h, private(0x20_0000, 1, false, PageSize::Size2M))
+            .unwrap();
+        assert_eq!(
+            r.check_hypervisor_owned(neighbour, PageSize::Size4K),
+            Err(neighbour)
+        );
+        assert_eq!(
+            r.check_hypervisor_owned(neighbour, PageSize::Size2M),
+            Err(neighbour)
+        );
+        // A firmware page (assigned, ASID 0) counts as much as a guest's.
+        r.rmpupdate(next_region, private(0, 0, true, PageSize::Size4K))
+            .unwrap();
+        assert_eq!(
+            r.check_hypervisor_owned(Pfn(next_region.0 + 9), PageSize::Size2M),
+            Err(next_region)
+        );
     }
     #[test]
     fn rmpupdate_and_psmash_of_a_frame_at_the_top_of_the_address_space_are_fail_input() {
