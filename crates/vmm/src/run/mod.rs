@@ -4,6 +4,7 @@
 //! - [`scenario`]: the built-in guests and guest files;
 //! - [`memory`]: the VMM's guest memory (vm-memory) the image is loaded into;
 //! - [`flow`]: the one launch-and-run flow over the host interface, for every backend;
+//! - [`igvm`]: an IGVM file made ready to launch (`--igvm`), for every backend;
 //! - `sim` / `kvm`: the two backends;
 //! - [`history`], [`phases`] and [`report`]: the summary, for people or as JSON;
 //! - [`progress`]: the progress bar of long runs.
@@ -18,6 +19,7 @@ use crate::size::ByteSize;
 
 pub mod flow;
 pub mod history;
+pub mod igvm;
 mod kvm;
 pub mod memory;
 pub mod phases;
