@@ -205,3 +205,110 @@ impl IgvmLaunch {
             .sum()
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use igvm::IgvmDirectiveHeader;
+    use igvm_defs::IGVM_VHS_PARAMETER;
+
+    use super::*;
+    use crate::measure::igvm::guest_to_igvm;
+
+    /// An IGVM file in the temporary directory, removed when dropped.
+    pub(crate) struct ScratchIgvm(PathBuf);
+
+    impl std::ops::Deref for ScratchIgvm {
+        type Target = std::path::Path;
+
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for ScratchIgvm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// `file` serialised into the temporary directory under a name of this process's.
+    pub(crate) fn scratch_igvm(name: &str, file: &igvm::IgvmFile) -> ScratchIgvm {
+        let mut bytes = Vec::new();
+        file.serialize(&mut bytes).unwrap();
+        let path = std::env::temp_dir().join(format!("vmm-lib-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        ScratchIgvm(path)
+    }
+
+    #[test]
+    fn a_supplied_launch_is_the_image_the_filled_parameter_page_and_the_vmsa_in_file_order() {
+        let guest = backend_kvm::guest::builtin::ap_creation_igvm(false);
+        let path = scratch_igvm("load-boot.igvm", &guest_to_igvm(&guest).unwrap());
+        let l = IgvmLaunch::load(&path, 7, false, false).unwrap();
+        let shape: Vec<(u64, u64, SnpPageType)> =
+            l.updates.iter().map(|d| (d.gpa.0, d.len, d.page_type)).collect();
+        assert_eq!(
+            shape,
+            [
+                (0, guest.bytes.len() as u64, SnpPageType::Normal),
+                (guest.params_gpa.0, PAGE_SIZE, SnpPageType::Unmeasured),
+                (guest.vmsa_gpa.0, PAGE_SIZE, SnpPageType::Vmsa),
+            ]
+        );
+        assert_eq!(l.updates[0].contents.as_deref(), Some(&guest.bytes[..]));
+        let params = l.updates[1].contents.as_ref().unwrap();
+        assert_eq!(params[..4], 7u32.to_le_bytes());
+        assert!(params[4..].iter().all(|b| *b == 0));
+        assert_eq!(l.updates[2].contents.as_deref(), Some(&guest.bsp.as_page()[..]));
+        assert_eq!(l.bsp.as_page(), guest.bsp.as_page());
+        assert!(l.supplied && l.warnings.is_empty());
+        assert_eq!(l.config.sev_features, 0, "SNP_ACTIVE is KVM's to add");
+        assert_eq!(l.data_pages(), guest.bytes.len() as u64 / PAGE_SIZE + 1);
+        assert_eq!(l.pages.len() as u64, l.data_pages() + 1);
+        // The digest is the file's, whatever the vCPU count.
+        assert_eq!(
+            IgvmLaunch::load(&path, 1, false, false).unwrap().expected,
+            l.expected
+        );
+        // Classic: the VP context is no launch page.
+        let c = IgvmLaunch::load(&path, 1, false, true).unwrap();
+        assert!(!c.supplied);
+        assert!(c.updates.iter().all(|d| d.page_type != SnpPageType::Vmsa));
+    }
+
+    #[test]
+    fn parameters_the_loader_does_not_supply_are_named_in_a_warning() {
+        let guest = backend_kvm::guest::builtin::ap_creation_igvm(false);
+        let mut directives = guest_to_igvm(&guest).unwrap().directives().to_vec();
+        // A command line and a memory map in the same area, before its insert.
+        let insert = directives
+            .iter()
+            .position(|d| matches!(d, IgvmDirectiveHeader::ParameterInsert(_)))
+            .unwrap();
+        let at = |byte_offset| IGVM_VHS_PARAMETER {
+            parameter_area_index: 0,
+            byte_offset,
+        };
+        directives.insert(insert, IgvmDirectiveHeader::CommandLine(at(0x100)));
+        directives.insert(insert, IgvmDirectiveHeader::MemoryMap(at(0x200)));
+        let file = igvm::IgvmFile::new(
+            igvm::IgvmRevision::V1,
+            guest_to_igvm(&guest).unwrap().platforms().to_vec(),
+            guest_to_igvm(&guest).unwrap().initializations().to_vec(),
+            directives,
+        )
+        .unwrap();
+        let path = scratch_igvm("load-params.igvm", &file);
+        let l = IgvmLaunch::load(&path, 2, false, false).unwrap();
+        assert_eq!(
+            l.warnings,
+            [format!(
+                "--igvm {}: this loader supplies the VP count only; these parameters keep the file's initial data: \
+                 memory map, command line",
+                path.display()
+            )]
+        );
+    }
+}

@@ -28,6 +28,8 @@ pub mod report;
 pub mod scenario;
 mod sim;
 
+pub use kvm::KvmIgvmError;
+pub(crate) use kvm::{ap_creation_program, program_names};
 pub use report::RunSummary;
 pub use scenario::GuestSpec;
 
@@ -157,6 +159,9 @@ pub enum RunError {
     /// The KVM backend's guest program could not be built.
     #[error("kvm guest: {0}")]
     KvmGuest(#[from] backend_kvm::guest::builtin::GuestImageError),
+    /// The kvm backend does not launch this IGVM file.
+    #[error(transparent)]
+    KvmIgvm(#[from] kvm::KvmIgvmError),
     /// The run's event loop failed.
     #[error(transparent)]
     Flow(#[from] flow::FlowError),
@@ -174,6 +179,7 @@ impl RunError {
             | Self::Memory(_)
             | Self::Costs(_)
             | Self::ActionBeyondMemory { .. }
+            | Self::KvmIgvm(_)
             | Self::Scenario(_) => 2,
             _ => 1,
         }
