@@ -128,7 +128,7 @@ const _: () = assert!(REQUESTS_GPA + MAX_REQUESTS as u64 * 32 <= RESULTS_GPA);
 const _: () = assert!(RESULTS_GPA + MAX_REQUESTS as u64 * 16 <= TEMPLATE_GPA);
 const _: () = assert!(TEMPLATE_GPA + 0x1000 < STACK_TOP);
 const _: () = assert!(STACK_TOP <= IGVM_PARAMS_GPA && IGVM_PARAMS_GPA + 0x1000 <= IGVM_VMSA_GPA);
-const _: () = assert!(IGVM_VMSA_GPA + 0x1000 <= VMSA_BASE && IGVM_VMSA_GPA % 0x20_0000 != 0);
+const _: () = assert!(IGVM_VMSA_GPA + 0x1000 <= VMSA_BASE && !IGVM_VMSA_GPA.is_multiple_of(0x20_0000));
 
 /// The GDT entries: null, 64-bit code, data.
 pub const GDT: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];

@@ -127,7 +127,7 @@ pub enum KvmIgvmError {
         path: PathBuf,
         /// Its launch digest (`vmm measure --igvm`).
         digest: String,
-        /// Where and in which mode its BSP starts ([`describe_entry`]).
+        /// Where and in which mode its BSP starts (64-bit, protected or real mode).
         entry: String,
         /// The programs it could have been.
         names: String,

@@ -62,7 +62,8 @@ pub struct RunArgs {
     )]
     pub memory: ByteSize,
     /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail,
-    /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator).
+    /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator). On the
+    /// simulator it is what runs in an --igvm launch too.
     #[arg(
         long,
         value_name = "builtin:NAME|FILE",
@@ -74,10 +75,11 @@ pub struct RunArgs {
     /// `vmm measure`'s). Simulator only.
     #[arg(long, value_name = "OVMF.fd")]
     pub firmware: Option<PathBuf>,
-    /// Launch this IGVM file (SEV-SNP platform) on the simulator: its directives are loaded into
-    /// guest memory and launched in order, its SNP VP context supplied as the BSP's VMSA (a
-    /// launch page of type VMSA): the digest must equal `vmm measure --igvm`'s, whatever
-    /// --vcpus.
+    /// Launch this IGVM file (SEV-SNP platform): its directives are loaded into guest memory
+    /// and launched in order, its SNP VP context supplied as the BSP's VMSA (a launch page of
+    /// type VMSA): the digest must equal `vmm measure --igvm`'s, whatever --vcpus. With
+    /// --backend kvm, only a file of the kvm backend's own guest programs (`vmm igvm --guest`),
+    /// whose program then runs on real vCPUs instead of --guest's.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["firmware", "sev_es"])]
     pub igvm: Option<PathBuf>,
     /// With --igvm: launch the classic KVM way instead: the VP context's registers set on every
