@@ -9,12 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
+use backend_kvm::guest::builtin::ap_creation_igvm;
 use vmsa_core::VmKind;
 
 use crate::measure::command::{DEFAULT_SNP_GUEST_FEATURES, plan_input, read_firmware};
-use backend_kvm::guest::builtin::ap_creation_igvm;
-
-use crate::measure::igvm::{IgvmMeasureOptions, guest_to_igvm, measure_file, plan_to_igvm};
+use crate::measure::igvm::{IgvmMeasureOptions, guest_igvm_measured, plan_to_igvm};
 use crate::measure::parse_hex_u64;
 use crate::measure::plan::LaunchDigest;
 use crate::measure::vcpu_types::VcpuType;
@@ -184,16 +183,11 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
                     guest: guest.clone(),
                     names: crate::run::program_names(),
                 })?;
-            let file =
-                guest_to_igvm(&ap_creation_igvm(recreate)).map_err(|source| WrapCommandError::Wrap {
-                    input: format!("--guest {guest}"),
-                    source,
-                })?;
-            let m =
-                measure_file(&file, IgvmMeasureOptions::default()).map_err(|source| MeasureError::Igvm {
-                    path: args.output.clone(),
-                    source,
-                })?;
+            let (file, m) = guest_igvm_measured(&ap_creation_igvm(recreate), IgvmMeasureOptions::default())
+                .map_err(|source| WrapCommandError::Wrap {
+                input: format!("--guest {guest}"),
+                source,
+            })?;
             (
                 file,
                 format!("backend-kvm guest program builtin:{name}, any vCPU count"),

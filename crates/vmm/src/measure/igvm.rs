@@ -543,6 +543,9 @@ pub enum WrapError {
     /// The `igvm` crate refused the result.
     #[error("the igvm crate refused the file: {0}")]
     Igvm(#[source] igvm::Error),
+    /// The file written does not measure.
+    #[error("the file does not measure: {0}")]
+    Measure(#[source] IgvmError),
 }
 
 /// An IGVM file that launches `plan` (an SEV-SNP OVMF launch): one SEV-SNP platform, the
@@ -669,6 +672,17 @@ pub fn guest_to_igvm(guest: &IgvmGuest) -> Result<IgvmFile, WrapError> {
         },
     ]);
     snp_igvm(directives)
+}
+
+/// [`guest_to_igvm`]'s file and its measurement under `opts` (what `vmm measure --igvm`
+/// prints for it).
+pub fn guest_igvm_measured(
+    guest: &IgvmGuest,
+    opts: IgvmMeasureOptions,
+) -> Result<(IgvmFile, IgvmMeasurement), WrapError> {
+    let file = guest_to_igvm(guest)?;
+    let m = measure_file(&file, opts).map_err(WrapError::Measure)?;
+    Ok((file, m))
 }
 
 /// `vmm measure`'s arguments: the OVMF form ([`MeasureArgs`]) or the IGVM form
@@ -1031,6 +1045,10 @@ mod tests {
         file.serialize(&mut bytes).unwrap();
         let m = measure_bytes(&bytes, IgvmMeasureOptions::default()).unwrap();
         assert_eq!(m, measure_file(&file, IgvmMeasureOptions::default()).unwrap());
+        let (again, measured) = guest_igvm_measured(&guest, IgvmMeasureOptions::default()).unwrap();
+        let mut again_bytes = Vec::new();
+        again.serialize(&mut again_bytes).unwrap();
+        assert_eq!((again_bytes, measured), (bytes.clone(), m.clone()));
         let image_pages = guest.bytes.len() as u64 / PAGE_SIZE;
         assert_eq!(
             m.pages,

@@ -25,6 +25,8 @@ use super::progress::Progress;
 use super::report::{LaunchSummary, Observed, RunSummary};
 use super::scenario::GuestSpec;
 use super::{RunArgs, RunError};
+use crate::measure::LaunchDigest;
+use crate::measure::igvm::{IgvmMeasureOptions, WrapError, guest_igvm_measured};
 
 /// How long the guest may run before the watchdog kicks every vCPU out.
 const WATCHDOG: Duration = Duration::from_secs(60);
@@ -138,6 +140,26 @@ pub enum KvmIgvmError {
          program's APs start from the VMSAs the BSP writes, not from the VP context's registers"
     )]
     Classic,
+    /// The IGVM form of one of the kvm backend's own programs, which the file is compared
+    /// with, could not be built or measured (a defect of this program, not of the file).
+    #[error("the IGVM form of builtin:{name} to compare the file with: {source}")]
+    ProgramForm {
+        /// The program.
+        name: &'static str,
+        /// What failed.
+        #[source]
+        source: WrapError,
+    },
+}
+
+impl KvmIgvmError {
+    /// 2 for a file or option the kvm backend does not take, 1 for its own failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::ProgramForm { .. } => 1,
+            _ => 2,
+        }
+    }
 }
 
 /// Where and in which mode a VMSA starts its vCPU, for refusals: 64-bit mode (EFER.LMA and a
@@ -167,21 +189,14 @@ fn describe_entry(v: &SevEsSaveArea) -> String {
 /// builtin:NAME`'s file for one of them. The pages then run from the file's own copy.
 fn load_igvm(path: &Path, args: &RunArgs) -> Result<(IgvmLaunch, &'static str), RunError> {
     let launch = IgvmLaunch::load(path, args.vcpus.get(), args.native_zero, false)?;
-    let opts = crate::measure::igvm::IgvmMeasureOptions {
+    let opts = IgvmMeasureOptions {
         native_zero: args.native_zero,
         check_kvm: false,
     };
     for (name, recreate) in PROGRAMS {
-        let file = crate::measure::igvm::guest_to_igvm(&ap_creation_igvm(recreate))
-            .map_err(|e| RunError::Output(format!("the IGVM form of builtin:{name}: {e}")))?;
-        let digest = crate::measure::igvm::measure_file(&file, opts).map_err(|source| {
-            crate::measure::MeasureError::Igvm {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
-        if launch.expected.as_deref() == Some(crate::measure::LaunchDigest::Snp(digest.digest).hex().as_str())
-        {
+        let (_, m) = guest_igvm_measured(&ap_creation_igvm(recreate), opts)
+            .map_err(|source| KvmIgvmError::ProgramForm { name, source })?;
+        if launch.expected.as_deref() == Some(LaunchDigest::Snp(m.digest).hex().as_str()) {
             return Ok((launch, name));
         }
     }
@@ -372,6 +387,7 @@ mod tests {
 
     use super::*;
     use crate::measure::MAX_VCPUS;
+    use crate::measure::igvm::{guest_to_igvm, measure_file};
     use crate::run::igvm::tests::scratch_igvm;
 
     #[derive(Debug, clap::Parser)]
@@ -438,7 +454,7 @@ mod tests {
     #[test]
     fn igvm_files_of_the_kvm_programs_load_and_others_are_refused_in_one_line() {
         for (name, recreate) in PROGRAMS {
-            let file = crate::measure::igvm::guest_to_igvm(&ap_creation_igvm(recreate)).unwrap();
+            let file = guest_to_igvm(&ap_creation_igvm(recreate)).unwrap();
             let path = scratch_igvm(&format!("kvm-{name}.igvm"), &file);
             for vcpus in ["1", "4"] {
                 let args = Cli::parse_from([
@@ -475,19 +491,14 @@ mod tests {
             bsp: vmsa,
             ..ap_creation_igvm(false)
         };
-        let file = crate::measure::igvm::guest_to_igvm(&other).unwrap();
+        let file = guest_to_igvm(&other).unwrap();
         let path = scratch_igvm("kvm-real-mode.igvm", &file);
         let args = Cli::parse_from(["vmm", "--backend", "kvm", "--igvm", path.to_str().unwrap()]).run;
         let e = load_igvm(&path, &args).unwrap_err();
         assert_eq!(e.exit_code(), 2);
         let line = e.to_string();
         assert!(!line.contains('\n'), "{line}");
-        let digest = crate::measure::LaunchDigest::Snp(
-            crate::measure::igvm::measure_file(&file, Default::default())
-                .unwrap()
-                .digest,
-        )
-        .hex();
+        let digest = LaunchDigest::Snp(measure_file(&file, Default::default()).unwrap().digest).hex();
         for part in [
             format!(
                 "--igvm {}: the kvm backend runs only its own guest programs",

@@ -181,8 +181,8 @@ impl RunError {
             | Self::Memory(_)
             | Self::Costs(_)
             | Self::ActionBeyondMemory { .. }
-            | Self::KvmIgvm(_)
             | Self::Scenario(_) => 2,
+            Self::KvmIgvm(e) => e.exit_code(),
             _ => 1,
         }
     }
