@@ -140,6 +140,18 @@ pub enum KvmIgvmError {
          program's APs start from the VMSAs the BSP writes, not from the VP context's registers"
     )]
     Classic,
+    /// The host is SEV-SNP and takes supplied VMSAs, but the file's program is VMSA-image
+    /// mode's (its AP creation is a doorbell only that mode serves, its page tables have no
+    /// C-bit). A host without supplied VMSAs refuses the launch itself, with the probe's reason.
+    #[error(
+        "--igvm {path}: this host runs SEV-SNP, and the file's program is a VMSA-image mode program (its \
+         doorbell and page tables are not SNP's); the kvm backend's SNP guest is built for the host's C-bit, \
+         without --igvm"
+    )]
+    SnpHost {
+        /// The file.
+        path: PathBuf,
+    },
     /// The IGVM form of one of the kvm backend's own programs, which the file is compared
     /// with, could not be built or measured (a defect of this program, not of the file).
     #[error("the IGVM form of builtin:{name} to compare the file with: {source}")]
@@ -304,6 +316,11 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
             launch,
         },
     };
+    if let (KvmHost::Snp(_), Some(path)) = (&host, &args.igvm)
+        && host.capabilities().supplied_vmsa
+    {
+        return Err(KvmIgvmError::SnpHost { path: path.clone() }.into());
+    }
     let policy = match &host {
         KvmHost::Snp(_) => backend_kvm::host::snp::default_policy(),
         KvmHost::Image(_) => SNP_POLICY_RSVD_MBO,
