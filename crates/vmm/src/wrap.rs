@@ -2,39 +2,72 @@
 //! `vmm measure --firmware` plans it ([`crate::measure::igvm::plan_to_igvm`]), so the firmware
 //! a user has becomes the format Cloud Hypervisor, OpenVMM and coconut-svsm load. Measured with
 //! `vmm measure --igvm FILE --native-zero`, the file has the firmware's sev-snp-measure digest.
+//!
+//! `vmm igvm --guest builtin:NAME -o FILE`: write one of backend-kvm's guest programs as an
+//! IGVM file ([`crate::measure::igvm::guest_to_igvm`]), the file `vmm run --backend kvm --igvm`
+//! runs on real vCPUs, its VP context the BSP's VMSA, with one digest for every vCPU count.
 
 use std::path::{Path, PathBuf};
 
+use backend_kvm::guest::builtin::ap_creation_igvm;
 use vmsa_core::VmKind;
 
 use crate::measure::command::{DEFAULT_SNP_GUEST_FEATURES, plan_input, read_firmware};
-use crate::measure::igvm::plan_to_igvm;
+use crate::measure::igvm::{IgvmMeasureOptions, guest_igvm_measured, plan_to_igvm};
 use crate::measure::parse_hex_u64;
+use crate::measure::plan::LaunchDigest;
 use crate::measure::vcpu_types::VcpuType;
 use crate::measure::vmm_types::VmmType;
 use crate::measure::{LaunchPlan, MeasureError, PlanConfig, VcpuCount};
+use crate::run::GuestSpec;
 
 /// The arguments of `vmm igvm`.
 #[derive(Clone, Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["firmware", "guest"])))]
 pub struct IgvmArgs {
     /// The OVMF image to wrap (an SEV-capable build with SEV metadata).
     #[arg(long, value_name = "OVMF.fd")]
-    pub firmware: PathBuf,
+    pub firmware: Option<PathBuf>,
+    /// Instead of a firmware: the kvm backend's guest program (builtin:boot, builtin:ap-churn),
+    /// for `vmm run --backend kvm --igvm FILE` (its image, a VP-count parameter page and the
+    /// BSP's VMSA; nothing depends on the vCPU count).
+    #[arg(
+        long,
+        value_name = "builtin:NAME",
+        value_parser = clap::builder::TypedValueParser::try_map(clap::builder::OsStringValueParser::new(), GuestSpec::from_os)
+    )]
+    pub guest: Option<GuestSpec>,
     /// The IGVM file to write (it must not exist yet).
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: PathBuf,
     /// Number of vCPUs: one SNP VP context each (the supplied-VMSA launch of `vmm run --igvm`
     /// takes one, the BSP's).
-    #[arg(long, value_name = "N", default_value = "1", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "1",
+        allow_negative_numbers = true,
+        conflicts_with = "guest"
+    )]
     pub vcpus: VcpuCount,
     /// The vCPU model whose CPUID signature the VMSAs carry.
-    #[arg(long, value_name = "NAME", default_value = "EPYC-v4")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "EPYC-v4",
+        conflicts_with = "guest"
+    )]
     pub vcpu_type: VcpuType,
     /// The VMM whose reset state the VMSAs follow.
-    #[arg(long, value_name = "qemu|ec2|gce", default_value = "qemu")]
+    #[arg(
+        long,
+        value_name = "qemu|ec2|gce",
+        default_value = "qemu",
+        conflicts_with = "guest"
+    )]
     pub vmm_type: VmmType,
     /// The guest's SEV features (hex, SNP_ACTIVE included), 0x1 by default.
-    #[arg(long, value_name = "HEX", value_parser = parse_hex_u64)]
+    #[arg(long, value_name = "HEX", value_parser = parse_hex_u64, conflicts_with = "guest")]
     pub guest_features: Option<u64>,
 }
 
@@ -44,13 +77,27 @@ pub enum WrapCommandError {
     /// The firmware or the options were refused.
     #[error(transparent)]
     Measure(#[from] MeasureError),
-    /// The plan has no IGVM form.
-    #[error("--firmware {path}: {source}")]
+    /// The plan (or the guest program) has no IGVM form.
+    #[error("{input}: {source}")]
     Wrap {
-        /// The firmware.
-        path: String,
+        /// `--firmware PATH` or `--guest builtin:NAME`.
+        input: String,
         /// The rule.
         source: crate::measure::igvm::WrapError,
+    },
+    /// Neither `--firmware` nor `--guest` was given.
+    #[error("vmm igvm needs --firmware OVMF.fd or --guest builtin:NAME: the file has to launch something")]
+    NoInput,
+    /// `--guest` names no guest program of the kvm backend.
+    #[error(
+        "--guest {guest}: vmm igvm writes the kvm backend's guest programs ({names}); other guests run on the \
+         simulator, and a firmware is wrapped with --firmware"
+    )]
+    Guest {
+        /// `--guest` as given.
+        guest: GuestSpec,
+        /// The programs it may name.
+        names: String,
     },
     /// The output exists, or its directory is not writable.
     #[error("--output {path}: {rule}")]
@@ -103,22 +150,52 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
             dir.display()
         )));
     }
-    let ovmf = read_firmware(&args.firmware)?;
-    let config = PlanConfig {
-        kind: VmKind::Snp,
-        vcpus: args.vcpus,
-        vcpu_sig: args.vcpu_type.signature(),
-        vmm_type: args.vmm_type,
-        guest_features: args.guest_features.unwrap_or(DEFAULT_SNP_GUEST_FEATURES),
+    let (file, what, digest) = match (&args.firmware, &args.guest) {
+        (Some(firmware), _) => {
+            let ovmf = read_firmware(firmware)?;
+            let config = PlanConfig {
+                kind: VmKind::Snp,
+                vcpus: args.vcpus,
+                vcpu_sig: args.vcpu_type.signature(),
+                vmm_type: args.vmm_type,
+                guest_features: args.guest_features.unwrap_or(DEFAULT_SNP_GUEST_FEATURES),
+            };
+            let plan = LaunchPlan::build(&ovmf, &config, None).map_err(|source| MeasureError::Plan {
+                input: plan_input(&source, firmware),
+                source,
+            })?;
+            let file = plan_to_igvm(&plan).map_err(|source| WrapCommandError::Wrap {
+                input: format!("--firmware {}", firmware.display()),
+                source,
+            })?;
+            (
+                file,
+                format!("{} vCPU(s)", args.vcpus.get()),
+                format!(
+                    "launch digest with --native-zero (SHA-384):\n{}",
+                    plan.measure().hex()
+                ),
+            )
+        }
+        (None, Some(guest)) => {
+            let (name, recreate) =
+                crate::run::ap_creation_program(guest).ok_or_else(|| WrapCommandError::Guest {
+                    guest: guest.clone(),
+                    names: crate::run::program_names(),
+                })?;
+            let (file, m) = guest_igvm_measured(&ap_creation_igvm(recreate), IgvmMeasureOptions::default())
+                .map_err(|source| WrapCommandError::Wrap {
+                input: format!("--guest {guest}"),
+                source,
+            })?;
+            (
+                file,
+                format!("backend-kvm guest program builtin:{name}, any vCPU count"),
+                format!("launch digest (SHA-384):\n{}", LaunchDigest::Snp(m.digest).hex()),
+            )
+        }
+        (None, None) => return Err(WrapCommandError::NoInput),
     };
-    let plan = LaunchPlan::build(&ovmf, &config, None).map_err(|source| MeasureError::Plan {
-        input: plan_input(&source, &args.firmware),
-        source,
-    })?;
-    let file = plan_to_igvm(&plan).map_err(|source| WrapCommandError::Wrap {
-        path: args.firmware.display().to_string(),
-        source,
-    })?;
     let mut bytes = Vec::new();
     file.serialize(&mut bytes)
         .map_err(|source| WrapCommandError::Serialize {
@@ -126,10 +203,5 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
             source,
         })?;
     crate::output::write_new(&args.output, &bytes).map_err(|e| output_err(e.to_string()))?;
-    Ok(format!(
-        "wrote {out}: {} vCPU(s), {} bytes; launch digest with --native-zero (SHA-384):\n{}\n",
-        args.vcpus.get(),
-        bytes.len(),
-        plan.measure().hex()
-    ))
+    Ok(format!("wrote {out}: {what}, {} bytes; {digest}\n", bytes.len()))
 }

@@ -2,19 +2,22 @@
 //! (`plan_to_igvm`) launches with its VP context as the supplied BSP VMSA and its digest is
 //! `vmm measure --igvm`'s, with 1 and 4 vCPUs alike; the classic launch (`--igvm-classic`)
 //! is compared with `--check-kvm` only where the file passes its rules, and names the VMSA fields
-//! KVM's sync cannot reproduce; the kvm backend refuses; `vmm igvm` writes the same file as
-//! `plan_to_igvm`, never overwriting; every bad input is one line, exit 2.
+//! KVM's sync cannot reproduce; the kvm backend refuses wrapped OVMF and `--igvm-classic` before
+//! opening /dev/kvm; `vmm igvm` writes the same file as `plan_to_igvm` (`--firmware`) or
+//! `guest_to_igvm` (`--guest`), never overwriting; every bad input is one line, exit 2. (The
+//! kvm backend running `vmm igvm --guest`'s files: tests/tests/kvm_igvm.rs.)
 
 mod measure_support;
 
 use std::path::{Path, PathBuf};
 
+use backend_kvm::guest::builtin::ap_creation_igvm;
 use igvm::snp_defs::SevVmsa;
 use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
 use igvm_defs::{IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags, IgvmPageDataType, IgvmPlatformType};
 use measure_support::{DEBIAN_OVMF, refused_with, scratch, stderr, stdout, vmm};
 use serde_json::Value;
-use vmm::measure::igvm::{KVM_VMSA_GPA, plan_to_igvm};
+use vmm::measure::igvm::{KVM_VMSA_GPA, guest_to_igvm, plan_to_igvm};
 use vmm::measure::ovmf::Ovmf;
 use vmm::measure::vcpu_types::VcpuType;
 use vmm::measure::{LaunchPlan, PlanConfig, VcpuCount};
@@ -268,9 +271,97 @@ fn bad_run_igvm_inputs_are_refused_in_one_line() {
     refused_with(&["run", "--igvm", four, "--sev-es"], "--sev-es", "");
     refused_with(&["run", "--igvm-classic"], "--igvm", "");
     refused_with(&["run", "--native-zero"], "--igvm", "");
+    // The kvm backend: wrapped OVMF is not one of its programs; the classic launch is not its.
+    let one = write(&dir, "ovmf1.igvm", &ovmf_igvm(1));
+    let one = one.to_str().unwrap();
+    refused_with(
+        &["run", "--backend", "kvm", "--igvm", one],
+        &format!("--igvm {one}"),
+        "the kvm backend runs only its own guest programs",
+    );
+    refused_with(
+        &["run", "--backend", "kvm", "--igvm", one],
+        "its BSP starts in real mode at CS base 0xffff0000 + IP 0xfff0 (CR0 0x10)",
+        "--backend sim",
+    );
     refused_with(
         &["run", "--backend", "kvm", "--igvm", four],
         &format!("--igvm {four}"),
-        "kvm backend cannot launch an IGVM file",
+        "VP index 1",
     );
+    refused_with(
+        &["run", "--backend", "kvm", "--igvm", one, "--igvm-classic"],
+        "--igvm-classic",
+        "supplied-VMSA mode only",
+    );
+}
+
+#[test]
+fn vmm_igvm_guest_writes_guest_to_igvm_whose_digest_is_the_same_on_the_simulator_for_any_vcpu_count() {
+    let dir = scratch("vmm-igvm-guest");
+    for (name, recreate) in [("boot", false), ("ap-churn", true)] {
+        let out = dir.join(format!("{name}.igvm"));
+        let o_str = out.to_str().unwrap();
+        let o = vmm(["igvm", "--guest", &format!("builtin:{name}"), "-o", o_str]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let file = guest_to_igvm(&ap_creation_igvm(recreate)).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), serialize(&file));
+        // The digest it prints is `vmm measure --igvm`'s, and the simulator launches the file
+        // to that digest, the BSP from the supplied VMSA, with 1 and 4 vCPUs.
+        let expected = measured(&out, &[]);
+        assert!(
+            stdout(&o).ends_with(&format!("launch digest (SHA-384):\n{expected}\n")),
+            "{}",
+            stdout(&o)
+        );
+        for vcpus in ["1", "4"] {
+            let s = run(&out, &["--vcpus", vcpus, "--guest", "builtin:boot"]);
+            assert_eq!(s["ok"], true, "{s}");
+            assert_eq!(s["launch"]["digest"], expected.as_str(), "--vcpus {vcpus}");
+            assert_eq!(s["launch"]["digest_matches"], true);
+            assert_eq!(s["ownership"]["vcpus"][0]["path"][1], "GuestOwned", "{s}");
+        }
+        refused_with(
+            &["igvm", "--guest", &format!("builtin:{name}"), "-o", o_str],
+            &format!("--output {o_str}"),
+            "never overwrites",
+        );
+    }
+    let new = dir.join("new.igvm");
+    let new = new.to_str().unwrap();
+    refused_with(
+        &["igvm", "--guest", "builtin:linux-boot", "-o", new],
+        "--guest builtin:linux-boot",
+        "vmm igvm writes the kvm backend's guest programs (builtin:boot, builtin:ap-churn)",
+    );
+    refused_with(
+        &["igvm", "--guest", "script.json", "-o", new],
+        "--guest script.json",
+        "the kvm backend's guest programs",
+    );
+    refused_with(
+        &["igvm", "--guest", "builtin:nope", "-o", new],
+        "builtin:nope",
+        "",
+    );
+    refused_with(
+        &["igvm", "--guest", "builtin:boot", "--vcpus", "4", "-o", new],
+        "--vcpus",
+        "cannot be used with",
+    );
+    refused_with(
+        &[
+            "igvm",
+            "--guest",
+            "builtin:boot",
+            "--firmware",
+            DEBIAN_OVMF,
+            "-o",
+            new,
+        ],
+        "--firmware",
+        "cannot be used with",
+    );
+    refused_with(&["igvm", "-o", new], "--guest", "required");
+    assert!(!Path::new(new).exists());
 }

@@ -7,16 +7,16 @@ use iced_x86::{BlockEncoderOptions, IcedError};
 use vmsa_core::ghcb::{self, GHCB_MSR};
 
 use crate::layout::{
-    CODE_GPA, GHCB_GPA, MAILBOX_GPA, MSR_SEV_STATUS, PARAMS_GPA, REQUESTS_GPA, RESULTS_GPA, TEMPLATE_GPA,
-    VMSA_BASE, fail, params, ports,
+    CODE_GPA, GHCB_GPA, IGVM_PARAMS_GPA, IGVM_VP_COUNT_OFFSET, MAILBOX_GPA, MAX_VCPUS, MSR_SEV_STATUS,
+    PARAMS_GPA, REQUESTS_GPA, RESULTS_GPA, TEMPLATE_GPA, VMSA_BASE, fail, params, ports,
 };
 
 /// Qwords of the template the guest copies (the defined part of the save area, 0x670 bytes).
 const TEMPLATE_QWORDS: u32 = 0x670 / 8;
 
 /// The program assembled for [`CODE_GPA`]: its code and its entry points (scenario, requests,
-/// AP, spin).
-pub fn assemble() -> Result<(Vec<u8>, [u64; 4]), IcedError> {
+/// AP, spin, IGVM scenario).
+pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut scenario = a.create_label();
     let mut requests = a.create_label();
@@ -25,6 +25,7 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 4]), IcedError> {
     let mut write_vmsa = a.create_label();
     let mut sev_features = a.create_label();
     let mut spin = a.create_label();
+    let mut igvm = a.create_label();
 
     // ---- BSP: AP-creation scenario. In: rdi = n_vcpus, rsp = stack.
     a.set_label(&mut scenario)?;
@@ -198,6 +199,26 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 4]), IcedError> {
     a.set_label(&mut spin)?;
     a.jmp(spin)?;
 
+    // ---- BSP of an IGVM launch: rdi = the IGVM VP-count parameter (a u32 the loader wrote
+    //      into the unmeasured parameter page), which must be 1..=MAX_VCPUS (the loader is
+    //      not trusted: the IGVM spec asks guests to check parameter values), then the
+    //      scenario. Out of range: FAIL with the value in RESP1.
+    a.set_label(&mut igvm)?;
+    let mut bad_count = a.create_label();
+    a.mov(rax, IGVM_PARAMS_GPA)?;
+    a.mov(edi, dword_ptr(rax + IGVM_VP_COUNT_OFFSET as i32))?;
+    a.test(edi, edi)?;
+    a.jz(bad_count)?;
+    a.cmp(edi, MAX_VCPUS as i32)?;
+    a.ja(bad_count)?;
+    a.jmp(scenario)?;
+    a.set_label(&mut bad_count)?;
+    a.mov(rcx, PARAMS_GPA)?;
+    a.mov(qword_ptr(rcx + params::RESP1 as i32), rdi)?;
+    a.mov(eax, fail::VP_COUNT)?;
+    a.out(ports::FAIL as u32, eax)?;
+    a.hlt()?;
+
     // ---- sev_features: r15 = SEV_STATUS >> 2; also stored in the parameter page.
     a.set_label(&mut sev_features)?;
     a.mov(ecx, MSR_SEV_STATUS)?;
@@ -262,6 +283,7 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 4]), IcedError> {
         result.label_ip(&requests)?,
         result.label_ip(&ap)?,
         result.label_ip(&spin)?,
+        result.label_ip(&igvm)?,
     ];
     Ok((result.inner.code_buffer, entries))
 }

@@ -5,7 +5,8 @@ use serde::Serialize;
 use vmsa_core::{Gpa, SevEsSaveArea};
 
 use super::layout::{
-    self, CODE_GPA, GDT, GDT_GPA, MAX_REQUESTS, PARAMS_GPA, REQUESTS_GPA, STACK_TOP, params,
+    self, CODE_GPA, GDT, GDT_GPA, IGVM_PARAMS_GPA, IGVM_VMSA_GPA, IGVM_VP_COUNT_OFFSET, MAX_REQUESTS,
+    PARAMS_GPA, REQUESTS_GPA, STACK_TOP, params,
 };
 use super::program::PROGRAM;
 use super::{IMAGE_END, image};
@@ -88,6 +89,46 @@ pub struct GuestImage {
     pub bytes: Vec<u8>,
     /// Each vCPU's initial state (the BSP's entry and arguments; the APs' entry).
     pub vmsas: Vec<Box<SevEsSaveArea>>,
+}
+
+/// The AP-creation program as an IGVM file carries it, for the supplied-VMSA launch: its image
+/// and the BSP's VMSA are the same whatever the vCPU count, so its launch digest is too. The
+/// count reaches the guest as the IGVM VP-count parameter, which the loader writes into a
+/// parameter page inserted at launch as UNMEASURED (the BSP starts at [`Entries::igvm`], which
+/// reads and checks it).
+///
+/// [`Entries::igvm`]: super::program::Entries::igvm
+#[derive(Clone, Debug)]
+pub struct IgvmGuest {
+    /// Where the image starts.
+    pub gpa: Gpa,
+    /// The image, whole pages (its `params::N_VCPUS` is 0: the count is the loader's).
+    pub bytes: Vec<u8>,
+    /// The page the IGVM parameter area is inserted at.
+    pub params_gpa: Gpa,
+    /// Where the VP count (a u32) goes in that page.
+    pub vp_count_offset: u32,
+    /// The BSP's VMSA: the IGVM file's SNP VP context (SEV_FEATURES: SNP_ACTIVE alone).
+    pub bsp: Box<SevEsSaveArea>,
+    /// Where the BSP's VMSA is supplied.
+    pub vmsa_gpa: Gpa,
+}
+
+/// The AP-creation program (`recreate`: destroy and re-create AP 1 after the first round) as
+/// an IGVM file carries it (see [`IgvmGuest`]).
+pub fn ap_creation_igvm(recreate: bool) -> IgvmGuest {
+    let flags = if recreate { params::FLAG_RECREATE } else { 0 };
+    let mut bsp = layout::long_mode_image(PROGRAM.entries.igvm);
+    bsp.rsp = STACK_TOP;
+    bsp.sev_features = vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
+    IgvmGuest {
+        gpa: Gpa(0),
+        bytes: image(&PROGRAM, 0, flags),
+        params_gpa: Gpa(IGVM_PARAMS_GPA),
+        vp_count_offset: IGVM_VP_COUNT_OFFSET,
+        bsp,
+        vmsa_gpa: Gpa(IGVM_VMSA_GPA),
+    }
 }
 
 /// Why a built-in guest cannot be built.
@@ -255,6 +296,32 @@ mod tests {
                 .iter()
                 .all(|v| v.cr3 & (1 << 47) != 0 && v.rip == CODE_GPA)
         );
+    }
+
+    #[test]
+    fn the_igvm_form_does_not_depend_on_the_vcpu_count() {
+        for recreate in [false, true] {
+            let g = ap_creation_igvm(recreate);
+            let classic = GuestProgram::ApCreation { recreate }.image(4).unwrap();
+            // The same program, parameters and template; only the vCPU count differs (0: the
+            // loader's parameter carries it).
+            let n = (PARAMS_GPA + params::N_VCPUS) as usize;
+            assert_eq!(g.bytes[..n], classic.bytes[..n]);
+            assert_eq!(g.bytes[n..n + 8], [0; 8]);
+            assert_eq!(classic.bytes[n..n + 8], 4u64.to_le_bytes());
+            assert_eq!(g.bytes[n + 8..], classic.bytes[n + 8..]);
+            // The BSP enters the IGVM entry with the scenario's stack, an SNP VMSA.
+            assert_eq!(g.bsp.rip, PROGRAM.entries.igvm);
+            assert_ne!(g.bsp.rip, classic.vmsas[0].rip);
+            assert_eq!((g.bsp.rsp, g.bsp.rdi), (STACK_TOP, 0));
+            assert_eq!(g.bsp.sev_features, vmsa_core::layout::SEV_FEAT_SNP_ACTIVE);
+            // The parameter page and the VMSA lie outside the image, inside the program's map.
+            let end = g.gpa.0 + g.bytes.len() as u64;
+            for at in [g.params_gpa.0, g.vmsa_gpa.0] {
+                assert!(at >= end && at + 0x1000 <= layout::VMSA_BASE, "{at:#x}");
+            }
+            assert!(!g.vmsa_gpa.is_2m_aligned());
+        }
     }
 
     #[test]

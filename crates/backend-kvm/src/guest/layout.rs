@@ -11,6 +11,8 @@
 //! | `0x1_3000` | AP-creation request table (32 bytes each) and, at `+0x800`, its results (16 bytes each) |
 //! | `0x1_4000` | the AP VMSA template (part of the guest image; the guest copies and patches it) |
 //! | `0x1_5000`–`0x1_7fff` | the BSP's stack |
+//! | `0x1_8000` | an IGVM launch's parameter page ([`IGVM_PARAMS_GPA`]: the VP count the loader writes; unmeasured) |
+//! | `0x1_9000` | an IGVM launch's BSP VMSA ([`IGVM_VMSA_GPA`]: the file's SNP VP context, supplied at launch) |
 //! | `0x20_0000` + `i * 0x1000` | the VMSA the guest writes for the AP with APIC ID `i` (never 2 MiB aligned for `1 <= i < 512`) |
 
 use vmsa_core::layout::EFER_SVME;
@@ -44,6 +46,15 @@ pub const MAX_REQUESTS: usize = 64;
 pub const TEMPLATE_GPA: u64 = 0x1_4000;
 /// The top of the BSP's stack.
 pub const STACK_TOP: u64 = 0x1_8000;
+/// The page an IGVM file of the program inserts its parameter area at (IGVM's
+/// `IGVM_VHT_PARAMETER_INSERT`: launched as an UNMEASURED page, so what the loader writes there
+/// does not enter the launch digest). The loader writes the VP count there.
+pub const IGVM_PARAMS_GPA: u64 = 0x1_8000;
+/// Where in [`IGVM_PARAMS_GPA`] the VP count (`IGVM_VHT_VP_COUNT_PARAMETER`, a u32) goes.
+pub const IGVM_VP_COUNT_OFFSET: u32 = 0;
+/// Where an IGVM file of the program supplies the BSP's VMSA (its SNP VP context): a free page
+/// of this map, 4 KiB but not 2 MiB aligned.
+pub const IGVM_VMSA_GPA: u64 = 0x1_9000;
 /// Where the guest writes AP VMSAs.
 pub const VMSA_BASE: u64 = 0x20_0000;
 /// At most this many vCPUs fit the map (APIC IDs 0..512).
@@ -93,6 +104,9 @@ pub mod fail {
     pub const DESTROY: u32 = 2;
     /// The re-creation of AP 1 was refused.
     pub const RECREATE: u32 = 3;
+    /// The IGVM VP-count parameter is 0 or above [`MAX_VCPUS`](super::MAX_VCPUS) (the
+    /// parameter is the loader's, unmeasured: the guest checks it; the value is in RESP1).
+    pub const VP_COUNT: u32 = 4;
 }
 
 /// I/O ports the guest uses to talk to the VMM.
@@ -113,6 +127,8 @@ const _: () = assert!(MAILBOX_GPA + MAX_VCPUS as u64 * 8 <= REQUESTS_GPA);
 const _: () = assert!(REQUESTS_GPA + MAX_REQUESTS as u64 * 32 <= RESULTS_GPA);
 const _: () = assert!(RESULTS_GPA + MAX_REQUESTS as u64 * 16 <= TEMPLATE_GPA);
 const _: () = assert!(TEMPLATE_GPA + 0x1000 < STACK_TOP);
+const _: () = assert!(STACK_TOP <= IGVM_PARAMS_GPA && IGVM_PARAMS_GPA + 0x1000 <= IGVM_VMSA_GPA);
+const _: () = assert!(IGVM_VMSA_GPA + 0x1000 <= VMSA_BASE && !IGVM_VMSA_GPA.is_multiple_of(0x20_0000));
 
 /// The GDT entries: null, 64-bit code, data.
 pub const GDT: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];

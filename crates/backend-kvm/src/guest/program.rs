@@ -18,6 +18,10 @@
 //! - [`Entries::ap`] (APs): write `generation << 32 | apic_id` to the mailbox, `lock inc` the
 //!   report counter, `OUT DONE`.
 //! - [`Entries::spin`]: `jmp $`, a vCPU stuck in `KVM_RUN` for the watchdog to end.
+//! - [`Entries::igvm`] (BSP of an IGVM launch): the scenario, with the vCPU count read from the
+//!   IGVM VP-count parameter the loader wrote at [`IGVM_PARAMS_GPA`](super::layout::IGVM_PARAMS_GPA)
+//!   instead of from RDI, so that the BSP's VMSA (the file's VP context) is the same for every
+//!   vCPU count; a count of 0 or above 512 is reported on the FAIL port (`fail::VP_COUNT`).
 //!
 //! A request is a GHCB-style doorbell: the guest fills the GHCB (exit code 0x8000_0013,
 //! `exit_info_1`, `exit_info_2`, RAX, the valid bitmap, usage 0) and writes the GHCB's GPA
@@ -37,6 +41,9 @@ pub struct Entries {
     pub ap: u64,
     /// A vCPU that never exits (`jmp $`): only the watchdog gets it out of `KVM_RUN`.
     pub spin: u64,
+    /// The BSP's AP-creation scenario in an IGVM launch (the vCPU count from the IGVM
+    /// VP-count parameter).
+    pub igvm: u64,
 }
 
 /// The assembled program.
@@ -66,7 +73,7 @@ mod tests {
         assert!(p.code.len() as u64 <= CODE_MAX);
         assert_eq!(p.entries.scenario, CODE_GPA);
         let end = CODE_GPA + p.code.len() as u64;
-        for e in [p.entries.requests, p.entries.ap, p.entries.spin] {
+        for e in [p.entries.requests, p.entries.ap, p.entries.spin, p.entries.igvm] {
             assert!((CODE_GPA..end).contains(&e), "{e:#x}");
         }
     }
@@ -89,5 +96,13 @@ mod tests {
         // The AP entry starts with mov rax, rsi.
         let ap = (p.entries.ap - CODE_GPA) as usize;
         assert_eq!(&c[ap..ap + 3], &[0x48, 0x89, 0xf0]);
+        // The IGVM entry starts by reading the VP count: mov rax, IGVM_PARAMS_GPA;
+        // mov edi, [rax] (the offset is 0).
+        let igvm = (p.entries.igvm - CODE_GPA) as usize;
+        let mut want = vec![0x48, 0xb8];
+        want.extend_from_slice(&crate::guest::layout::IGVM_PARAMS_GPA.to_le_bytes());
+        want.extend_from_slice(&[0x8b, 0x38]);
+        assert_eq!(crate::guest::layout::IGVM_VP_COUNT_OFFSET, 0);
+        assert_eq!(&c[igvm..igvm + want.len()], &want[..]);
     }
 }

@@ -17,16 +17,19 @@
 //!   igvmmeasure measures every SNP VP context whatever its compatibility mask; so does this;
 //! - the last `SNP_ID_BLOCK` in the platform's mask carries the digest the file expects.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use backend_kvm::guest::builtin::IgvmGuest;
 use backend_sim::measure::SnpLaunchDigest;
 use clap::{ArgMatches, Args, FromArgMatches};
 use igvm::snp_defs::SevVmsa;
 use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
 use igvm_defs::{
-    IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags, IgvmPageDataType, IgvmPlatformType, PAGE_SIZE_4K,
+    IGVM_VHS_PARAMETER, IGVM_VHS_PARAMETER_INSERT, IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags,
+    IgvmPageDataType, IgvmPlatformType, PAGE_SIZE_4K,
 };
 use serde_json::json;
 use thiserror::Error;
@@ -139,6 +142,32 @@ pub enum IgvmError {
     /// `--check-kvm` refused the file.
     #[error("--check-kvm: {0}")]
     KvmCheck(#[from] KvmCheckError),
+    /// A parameter names a parameter area the file does not declare.
+    #[error("{parameter} parameter names parameter area {index}, which no parameter area directive declares")]
+    UnknownParameterArea {
+        /// The parameter's kind.
+        parameter: &'static str,
+        /// The area's index.
+        index: u32,
+    },
+    /// A parameter the loader writes does not fit where the file puts it (`IGVM_VHS_PARAMETER`:
+    /// "a well behaving loader should fail loading the IGVM file" then).
+    #[error(
+        "{parameter} parameter at byte {offset} of parameter area {index} ({size} bytes): its {len} bytes do \
+         not fit the area's first page, the one a parameter insert launches"
+    )]
+    ParameterOutside {
+        /// The parameter's kind.
+        parameter: &'static str,
+        /// The area's index.
+        index: u32,
+        /// The parameter's byte offset.
+        offset: u32,
+        /// The area's size.
+        size: u64,
+        /// The parameter's size.
+        len: u32,
+    },
 }
 
 /// Pages measured, by SNP page type.
@@ -240,6 +269,9 @@ pub struct IgvmPage<'a> {
     pub contents: &'a [u8; PAGE_SIZE as usize],
     /// The VP context this page is, if it is one.
     pub vp_index: Option<u16>,
+    /// The parameter area this page inserts, if it is a parameter insert (its contents are
+    /// then zeros: what the loader writes there is [`parameter_areas`]' business).
+    pub parameter_area: Option<u32>,
 }
 
 /// Walk the SEV-SNP launch of `file` page by page, in directive order, calling `page` for each
@@ -255,14 +287,16 @@ pub fn walk(
     let mut vmsas = Vec::new();
     let mut id_block_digest = None;
     let zero = [0u8; PAGE_SIZE as usize];
-    let mut emit = |gpa: u64, page_type: SnpPageType, contents: &[u8; PAGE_SIZE as usize], vp_index| {
-        page(IgvmPage {
-            gpa,
-            page_type,
-            contents,
-            vp_index,
-        })
-    };
+    let mut emit =
+        |gpa: u64, page_type: SnpPageType, contents: &[u8; PAGE_SIZE as usize], vp_index, parameter_area| {
+            page(IgvmPage {
+                gpa,
+                page_type,
+                contents,
+                vp_index,
+                parameter_area,
+            })
+        };
     for d in file.directives() {
         match d {
             IgvmDirectiveHeader::PageData {
@@ -301,14 +335,20 @@ pub fn walk(
                         Some(p) => p.try_into().expect("a 4 KiB slice"),
                         None => &zero,
                     };
-                    emit(gpa + i * PAGE_SIZE_4K, ty, contents, None);
+                    emit(gpa + i * PAGE_SIZE_4K, ty, contents, None, None);
                 }
             }
             IgvmDirectiveHeader::ParameterInsert(p) if p.compatibility_mask & mask != 0 => {
                 if opts.check_kvm && !vmsas.is_empty() {
                     return Err(KvmCheckError::ParameterInsertAfterVmsa { gpa: p.gpa }.into());
                 }
-                emit(p.gpa, SnpPageType::Unmeasured, &zero, None);
+                emit(
+                    p.gpa,
+                    SnpPageType::Unmeasured,
+                    &zero,
+                    None,
+                    Some(p.parameter_area_index),
+                );
             }
             IgvmDirectiveHeader::SnpVpContext {
                 gpa, vp_index, vmsa, ..
@@ -321,6 +361,7 @@ pub fn walk(
                     SnpPageType::Vmsa,
                     save_area_from_sev_vmsa(vmsa).as_page(),
                     Some(*vp_index),
+                    None,
                 );
                 vmsas.push(IgvmVmsa {
                     vp_index: *vp_index,
@@ -340,6 +381,80 @@ pub fn walk(
         vmsas,
         id_block_digest,
     })
+}
+
+/// The parameter areas of an IGVM file as this loader fills them: the first page of each area
+/// (the one a parameter insert launches, one UNMEASURED page per insert as [`walk`] and
+/// igvmmeasure count them), with the parameters this loader supplies written in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParameterAreas {
+    /// Each area's first page, by parameter area index.
+    pub pages: BTreeMap<u32, Box<[u8; PAGE_SIZE as usize]>>,
+    /// The kinds of parameter the file asks for that this loader does not supply (their bytes
+    /// stay as the area's initial data), in file order, each once.
+    pub not_supplied: Vec<&'static str>,
+}
+
+/// Fill `file`'s parameter areas for a launch of `vcpus` vCPUs: each area's initial data
+/// (zeros unless the file gives some), and the VP count (`IGVM_VHT_VP_COUNT_PARAMETER`: a u32
+/// at the parameter's byte offset). The other parameter kinds (memory map, ACPI tables,
+/// command line, device tree, environment) describe a platform this loader does not model:
+/// they are left as they are and named in [`ParameterAreas::not_supplied`]. The values are
+/// unmeasured, so none of this changes the launch digest.
+pub fn parameter_areas(file: &IgvmFile, vcpus: u32) -> Result<ParameterAreas, IgvmError> {
+    let mut out = ParameterAreas::default();
+    let mut sizes = BTreeMap::new();
+    for d in file.directives() {
+        let (parameter, p) = match d {
+            IgvmDirectiveHeader::ParameterArea {
+                number_of_bytes,
+                parameter_area_index,
+                initial_data,
+            } => {
+                let mut page = Box::new([0u8; PAGE_SIZE as usize]);
+                let n = initial_data.len().min(PAGE_SIZE as usize);
+                page[..n].copy_from_slice(&initial_data[..n]);
+                out.pages.insert(*parameter_area_index, page);
+                sizes.insert(*parameter_area_index, *number_of_bytes);
+                continue;
+            }
+            IgvmDirectiveHeader::VpCount(p) => ("VP count", p),
+            IgvmDirectiveHeader::EnvironmentInfo(p) => ("environment info", p),
+            IgvmDirectiveHeader::Srat(p) => ("SRAT", p),
+            IgvmDirectiveHeader::Madt(p) => ("MADT", p),
+            IgvmDirectiveHeader::Slit(p) => ("SLIT", p),
+            IgvmDirectiveHeader::Pptt(p) => ("PPTT", p),
+            IgvmDirectiveHeader::MmioRanges(p) => ("MMIO ranges", p),
+            IgvmDirectiveHeader::MemoryMap(p) => ("memory map", p),
+            IgvmDirectiveHeader::CommandLine(p) => ("command line", p),
+            IgvmDirectiveHeader::DeviceTree(p) => ("device tree", p),
+            _ => continue,
+        };
+        let index = p.parameter_area_index;
+        let (Some(page), Some(&size)) = (out.pages.get_mut(&index), sizes.get(&index)) else {
+            return Err(IgvmError::UnknownParameterArea { parameter, index });
+        };
+        if parameter != "VP count" {
+            if !out.not_supplied.contains(&parameter) {
+                out.not_supplied.push(parameter);
+            }
+            continue;
+        }
+        let value = vcpus.to_le_bytes();
+        let start = p.byte_offset as usize;
+        let end = start + value.len();
+        if end as u64 > size.min(PAGE_SIZE) {
+            return Err(IgvmError::ParameterOutside {
+                parameter,
+                index,
+                offset: p.byte_offset,
+                size,
+                len: value.len() as u32,
+            });
+        }
+        page[start..end].copy_from_slice(&value);
+    }
+    Ok(out)
 }
 
 /// What [`walk`] found besides the pages.
@@ -428,6 +543,9 @@ pub enum WrapError {
     /// The `igvm` crate refused the result.
     #[error("the igvm crate refused the file: {0}")]
     Igvm(#[source] igvm::Error),
+    /// The file written does not measure.
+    #[error("the file does not measure: {0}")]
+    Measure(#[source] IgvmError),
 }
 
 /// An IGVM file that launches `plan` (an SEV-SNP OVMF launch): one SEV-SNP platform, the
@@ -440,17 +558,6 @@ pub fn plan_to_igvm(plan: &LaunchPlan) -> Result<IgvmFile, WrapError> {
         return Err(WrapError::NotSnp);
     }
     let mask = WRAPPED_COMPATIBILITY_MASK;
-    let platform = IgvmPlatformHeader::SupportedPlatform(IGVM_VHS_SUPPORTED_PLATFORM {
-        compatibility_mask: mask,
-        highest_vtl: 0,
-        platform_type: IgvmPlatformType::SEV_SNP,
-        platform_version: 1,
-        shared_gpa_boundary: 0,
-    });
-    let init = IgvmInitializationHeader::GuestPolicy {
-        policy: WRAPPED_GUEST_POLICY,
-        compatibility_mask: mask,
-    };
     let mut directives = Vec::new();
     for step in plan.steps() {
         match step {
@@ -494,7 +601,88 @@ pub fn plan_to_igvm(plan: &LaunchPlan) -> Result<IgvmFile, WrapError> {
             }
         }
     }
+    snp_igvm(directives)
+}
+
+/// An IGVM file of `directives` for the one SEV-SNP platform this module writes (compatibility
+/// mask [`WRAPPED_COMPATIBILITY_MASK`], guest policy [`WRAPPED_GUEST_POLICY`]).
+fn snp_igvm(directives: Vec<IgvmDirectiveHeader>) -> Result<IgvmFile, WrapError> {
+    let mask = WRAPPED_COMPATIBILITY_MASK;
+    let platform = IgvmPlatformHeader::SupportedPlatform(IGVM_VHS_SUPPORTED_PLATFORM {
+        compatibility_mask: mask,
+        highest_vtl: 0,
+        platform_type: IgvmPlatformType::SEV_SNP,
+        platform_version: 1,
+        shared_gpa_boundary: 0,
+    });
+    let init = IgvmInitializationHeader::GuestPolicy {
+        policy: WRAPPED_GUEST_POLICY,
+        compatibility_mask: mask,
+    };
     IgvmFile::new(IgvmRevision::V1, vec![platform], vec![init], directives).map_err(WrapError::Igvm)
+}
+
+/// The parameter area index [`guest_to_igvm`] uses.
+const GUEST_PARAMETER_AREA: u32 = 0;
+
+/// An IGVM file that launches one of backend-kvm's guest programs in the supplied-VMSA mode
+/// ([`IgvmGuest`]): its image as NORMAL page data (every page with its data, so `--native-zero`
+/// measures it alike), a one-page parameter area holding the VP count, inserted at the
+/// program's parameter page (UNMEASURED), then the BSP's VMSA as the one SNP VP context (VP
+/// index 0) at the program's VMSA GPA. Nothing in it depends on the vCPU count, so neither does
+/// its digest. `vmm run --backend kvm --igvm` runs such a file on real vCPUs.
+pub fn guest_to_igvm(guest: &IgvmGuest) -> Result<IgvmFile, WrapError> {
+    let mask = WRAPPED_COMPATIBILITY_MASK;
+    let mut directives: Vec<IgvmDirectiveHeader> = guest
+        .bytes
+        .chunks(PAGE_SIZE as usize)
+        .zip((0u64..).map(|i| guest.gpa.0 + i * PAGE_SIZE))
+        .map(|(page, gpa)| {
+            let mut data = page.to_vec();
+            data.resize(PAGE_SIZE as usize, 0);
+            IgvmDirectiveHeader::PageData {
+                gpa,
+                compatibility_mask: mask,
+                flags: IgvmPageDataFlags::new(),
+                data_type: IgvmPageDataType::NORMAL,
+                data,
+            }
+        })
+        .collect();
+    directives.extend([
+        IgvmDirectiveHeader::ParameterArea {
+            number_of_bytes: PAGE_SIZE,
+            parameter_area_index: GUEST_PARAMETER_AREA,
+            initial_data: Vec::new(),
+        },
+        IgvmDirectiveHeader::VpCount(IGVM_VHS_PARAMETER {
+            parameter_area_index: GUEST_PARAMETER_AREA,
+            byte_offset: guest.vp_count_offset,
+        }),
+        IgvmDirectiveHeader::ParameterInsert(IGVM_VHS_PARAMETER_INSERT {
+            gpa: guest.params_gpa.0,
+            compatibility_mask: mask,
+            parameter_area_index: GUEST_PARAMETER_AREA,
+        }),
+        IgvmDirectiveHeader::SnpVpContext {
+            gpa: guest.vmsa_gpa.0,
+            compatibility_mask: mask,
+            vp_index: 0,
+            vmsa: sev_vmsa_from_save_area(&guest.bsp),
+        },
+    ]);
+    snp_igvm(directives)
+}
+
+/// [`guest_to_igvm`]'s file and its measurement under `opts` (what `vmm measure --igvm`
+/// prints for it).
+pub fn guest_igvm_measured(
+    guest: &IgvmGuest,
+    opts: IgvmMeasureOptions,
+) -> Result<(IgvmFile, IgvmMeasurement), WrapError> {
+    let file = guest_to_igvm(guest)?;
+    let m = measure_file(&file, opts).map_err(WrapError::Measure)?;
+    Ok((file, m))
 }
 
 /// `vmm measure`'s arguments: the OVMF form ([`MeasureArgs`]) or the IGVM form
@@ -767,6 +955,145 @@ mod tests {
         assert_eq!(vmsa.cs.base, 0xffff_0000);
         // And back, byte for byte.
         assert_eq!(save_area_from_sev_vmsa(&vmsa).as_page(), area.as_page());
+    }
+
+    /// An IGVM file of one SEV-SNP platform with a one-page parameter area (index 0) holding
+    /// `initial`, these parameter directives, and an insert of it at 0x5000.
+    fn with_parameters(initial: Vec<u8>, parameters: Vec<IgvmDirectiveHeader>) -> IgvmFile {
+        let mut d = vec![IgvmDirectiveHeader::ParameterArea {
+            number_of_bytes: PAGE_SIZE,
+            parameter_area_index: 0,
+            initial_data: initial,
+        }];
+        d.extend(parameters);
+        d.push(IgvmDirectiveHeader::ParameterInsert(IGVM_VHS_PARAMETER_INSERT {
+            gpa: 0x5000,
+            compatibility_mask: 1,
+            parameter_area_index: 0,
+        }));
+        snp_igvm(d).unwrap()
+    }
+
+    fn at(byte_offset: u32) -> IGVM_VHS_PARAMETER {
+        IGVM_VHS_PARAMETER {
+            parameter_area_index: 0,
+            byte_offset,
+        }
+    }
+
+    #[test]
+    fn the_vp_count_is_written_into_its_area_and_other_parameters_are_named() {
+        let file = with_parameters(
+            vec![0xaa; 16],
+            vec![
+                IgvmDirectiveHeader::MemoryMap(at(0x100)),
+                IgvmDirectiveHeader::VpCount(at(8)),
+                IgvmDirectiveHeader::CommandLine(at(0x200)),
+                IgvmDirectiveHeader::MemoryMap(at(0x300)),
+            ],
+        );
+        let areas = parameter_areas(&file, 0x0102_0304).unwrap();
+        let page = &areas.pages[&0];
+        assert_eq!(page[..8], [0xaa; 8], "the initial data stays");
+        assert_eq!(page[8..12], [4, 3, 2, 1], "the VP count, a little-endian u32");
+        assert_eq!(page[12..16], [0xaa; 4]);
+        assert!(page[16..].iter().all(|b| *b == 0));
+        assert_eq!(areas.not_supplied, ["memory map", "command line"]);
+        // The walk marks the insert's page with its area, measured as UNMEASURED zeros.
+        let mut inserts = Vec::new();
+        walk(&file, IgvmMeasureOptions::default(), &mut |p| {
+            inserts.push((
+                p.gpa,
+                p.page_type,
+                p.parameter_area,
+                p.contents.iter().all(|b| *b == 0),
+            ))
+        })
+        .unwrap();
+        assert_eq!(inserts, [(0x5000, SnpPageType::Unmeasured, Some(0), true)]);
+    }
+
+    #[test]
+    fn a_vp_count_outside_the_first_page_of_its_area_is_refused() {
+        let file = with_parameters(Vec::new(), vec![IgvmDirectiveHeader::VpCount(at(4094))]);
+        let e = parameter_areas(&file, 4).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                IgvmError::ParameterOutside {
+                    parameter: "VP count",
+                    index: 0,
+                    offset: 4094,
+                    size: 4096,
+                    len: 4
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("byte 4094 of parameter area 0"), "{e}");
+        // At the last place it fits, it is written.
+        let file = with_parameters(Vec::new(), vec![IgvmDirectiveHeader::VpCount(at(4092))]);
+        assert_eq!(parameter_areas(&file, 7).unwrap().pages[&0][4092..], [7, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_guest_program_file_measures_its_image_one_parameter_page_and_one_vmsa() {
+        let guest = backend_kvm::guest::builtin::ap_creation_igvm(false);
+        let file = guest_to_igvm(&guest).unwrap();
+        // What it serialises to parses back to the same launch.
+        let mut bytes = Vec::new();
+        file.serialize(&mut bytes).unwrap();
+        let m = measure_bytes(&bytes, IgvmMeasureOptions::default()).unwrap();
+        assert_eq!(m, measure_file(&file, IgvmMeasureOptions::default()).unwrap());
+        let (again, measured) = guest_igvm_measured(&guest, IgvmMeasureOptions::default()).unwrap();
+        let mut again_bytes = Vec::new();
+        again.serialize(&mut again_bytes).unwrap();
+        assert_eq!((again_bytes, measured), (bytes.clone(), m.clone()));
+        let image_pages = guest.bytes.len() as u64 / PAGE_SIZE;
+        assert_eq!(
+            m.pages,
+            PageCounts {
+                normal: image_pages,
+                vmsa: 1,
+                unmeasured: 1,
+                ..PageCounts::default()
+            }
+        );
+        assert_eq!(
+            m.vmsas,
+            [IgvmVmsa {
+                vp_index: 0,
+                gpa: guest.vmsa_gpa.0
+            }]
+        );
+        // Every page carries its data: --native-zero measures it alike.
+        let zero = IgvmMeasureOptions {
+            native_zero: true,
+            ..IgvmMeasureOptions::default()
+        };
+        assert_eq!(measure_file(&file, zero).unwrap().digest, m.digest);
+        // The VP context is the BSP's VMSA, byte for byte; the VP count goes to the program's
+        // parameter page.
+        let mut vmsa = None;
+        walk(&file, IgvmMeasureOptions::default(), &mut |p| {
+            if p.vp_index.is_some() {
+                vmsa = Some(*p.contents);
+            }
+        })
+        .unwrap();
+        assert_eq!(vmsa.as_ref(), Some(guest.bsp.as_page()));
+        let areas = parameter_areas(&file, 4).unwrap();
+        let off = guest.vp_count_offset as usize;
+        assert_eq!(areas.pages[&0][off..off + 4], 4u32.to_le_bytes());
+        assert!(areas.not_supplied.is_empty());
+        // The re-creating program is another file.
+        let recreate = guest_to_igvm(&backend_kvm::guest::builtin::ap_creation_igvm(true)).unwrap();
+        assert_ne!(
+            measure_file(&recreate, IgvmMeasureOptions::default())
+                .unwrap()
+                .digest,
+            m.digest
+        );
     }
 
     #[test]

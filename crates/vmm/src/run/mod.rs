@@ -4,6 +4,7 @@
 //! - [`scenario`]: the built-in guests and guest files;
 //! - [`memory`]: the VMM's guest memory (vm-memory) the image is loaded into;
 //! - [`flow`]: the one launch-and-run flow over the host interface, for every backend;
+//! - [`igvm`]: an IGVM file made ready to launch (`--igvm`), for every backend;
 //! - `sim` / `kvm`: the two backends;
 //! - [`history`], [`phases`] and [`report`]: the summary, for people or as JSON;
 //! - [`progress`]: the progress bar of long runs.
@@ -18,6 +19,7 @@ use crate::size::ByteSize;
 
 pub mod flow;
 pub mod history;
+pub mod igvm;
 mod kvm;
 pub mod memory;
 pub mod phases;
@@ -26,6 +28,8 @@ pub mod report;
 pub mod scenario;
 mod sim;
 
+pub use kvm::KvmIgvmError;
+pub(crate) use kvm::{ap_creation_program, program_names};
 pub use report::RunSummary;
 pub use scenario::GuestSpec;
 
@@ -58,7 +62,8 @@ pub struct RunArgs {
     )]
     pub memory: ByteSize,
     /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail,
-    /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator).
+    /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator). On the
+    /// simulator it is what runs in an --igvm launch too.
     #[arg(
         long,
         value_name = "builtin:NAME|FILE",
@@ -70,10 +75,11 @@ pub struct RunArgs {
     /// `vmm measure`'s). Simulator only.
     #[arg(long, value_name = "OVMF.fd")]
     pub firmware: Option<PathBuf>,
-    /// Launch this IGVM file (SEV-SNP platform) on the simulator: its directives are loaded into
-    /// guest memory and launched in order, its SNP VP context supplied as the BSP's VMSA (a
-    /// launch page of type VMSA): the digest must equal `vmm measure --igvm`'s, whatever
-    /// --vcpus.
+    /// Launch this IGVM file (SEV-SNP platform): its directives are loaded into guest memory
+    /// and launched in order, its SNP VP context supplied as the BSP's VMSA (a launch page of
+    /// type VMSA): the digest must equal `vmm measure --igvm`'s, whatever --vcpus. With
+    /// --backend kvm, only a file of the kvm backend's own guest programs (`vmm igvm --guest`),
+    /// whose program then runs on real vCPUs instead of --guest's.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["firmware", "sev_es"])]
     pub igvm: Option<PathBuf>,
     /// With --igvm: launch the classic KVM way instead: the VP context's registers set on every
@@ -155,6 +161,9 @@ pub enum RunError {
     /// The KVM backend's guest program could not be built.
     #[error("kvm guest: {0}")]
     KvmGuest(#[from] backend_kvm::guest::builtin::GuestImageError),
+    /// The kvm backend does not launch this IGVM file.
+    #[error(transparent)]
+    KvmIgvm(#[from] kvm::KvmIgvmError),
     /// The run's event loop failed.
     #[error(transparent)]
     Flow(#[from] flow::FlowError),
@@ -173,6 +182,7 @@ impl RunError {
             | Self::Costs(_)
             | Self::ActionBeyondMemory { .. }
             | Self::Scenario(_) => 2,
+            Self::KvmIgvm(e) => e.exit_code(),
             _ => 1,
         }
     }

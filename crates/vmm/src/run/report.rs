@@ -28,9 +28,11 @@ pub struct LaunchSummary {
     pub vmsas: u32,
     /// The launch digest the firmware computed (hex), if the launch got that far.
     pub digest: Option<String>,
-    /// The digest `vmm measure` predicts for this firmware (with `--firmware`).
+    /// The digest `vmm measure` predicts for this firmware (with `--firmware`) or IGVM file
+    /// (with `--igvm`).
     pub expected_digest: Option<String>,
-    /// Whether they agree (with `--firmware`).
+    /// Whether they agree (`None` where there is nothing to compare: no prediction, or a host
+    /// that reports no digest).
     pub digest_matches: Option<bool>,
     /// The guest policy.
     pub policy: u64,
@@ -318,12 +320,14 @@ impl RunSummary {
         if let Some(d) = &l.digest {
             writeln!(s, "  launch digest: {d}")?;
         }
-        if let (Some(e), Some(m)) = (&l.expected_digest, l.digest_matches) {
-            writeln!(
-                s,
-                "  predicted:     {e} ({})",
-                if m { "matches" } else { "DIFFERS" }
-            )?;
+        if let Some(e) = &l.expected_digest {
+            let verdict = match l.digest_matches {
+                Some(true) => "matches",
+                Some(false) => "DIFFERS",
+                None if l.expected_failure => "not compared: the launch fails on purpose",
+                None => "not compared: this host reports no launch digest",
+            };
+            writeln!(s, "  predicted:     {e} ({verdict})")?;
         }
         writeln!(s, "VMSA ownership:")?;
         for h in &self.ownership.vcpus {

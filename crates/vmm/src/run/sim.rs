@@ -15,6 +15,7 @@ use vmsa_core::{
 use vmsa_host::{LaunchUpdate, MemoryRegion, VmSpec};
 
 use super::flow::{self, Launch};
+use super::igvm::IgvmLaunch;
 use super::memory::GuestRam;
 use super::phases::Phases;
 use super::progress::Progress;
@@ -22,7 +23,6 @@ use super::report::{LaunchSummary, Observed, RunSummary};
 use super::scenario::{GuestMemory, Scenario};
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
-use crate::measure::plan::LaunchDigest;
 use crate::measure::plan::UpdateSource;
 use crate::measure::reset::{BSP_EIP, reset_vmsa};
 use crate::measure::vmm_types::VmmType;
@@ -120,157 +120,20 @@ impl Image {
         })
     }
 
-    /// The launch of an IGVM file: its pages in directive order, as `vmm measure --igvm` walks
-    /// them ([`crate::measure::igvm::walk`]). Supplied-VMSA mode: the one SNP VP context (the
-    /// BSP's, VP index 0) is a launch page of type VMSA at its GPA, and the digest must be
-    /// `vmm measure --igvm`'s whatever the vCPU count. Classic mode (`--igvm-classic`): the VP
-    /// context's registers are every vCPU's initial state and KVM syncs them into one VMSA per
-    /// vCPU at launch finish; the digest is comparable with `vmm measure --igvm --check-kvm`'s
-    /// only for a file that passes its rules, launched with one vCPU.
+    /// The launch of an IGVM file, as every backend launches it ([`IgvmLaunch`]): its pages
+    /// in directive order, the VP context's VMSA the BSP's (supplied-VMSA mode) or every
+    /// vCPU's registers (classic mode, `--igvm-classic`).
     fn igvm(path: &Path, vcpus: u32, args: &RunArgs) -> Result<Self, RunError> {
-        use crate::measure::igvm::{IgvmMeasureOptions, measure_file, read_igvm, walk};
-        let shown = path.display();
-        let data = read_igvm(path)?;
-        let file = igvm::IgvmFile::new_from_binary(&data, None).map_err(|e| MeasureError::Igvm {
-            path: path.to_path_buf(),
-            source: crate::measure::igvm::IgvmError::Parse(e),
-        })?;
-        let igvm_err = |source| MeasureError::Igvm {
-            path: path.to_path_buf(),
-            source,
-        };
-        let opts = IgvmMeasureOptions {
-            native_zero: args.native_zero,
-            check_kvm: false,
-        };
-        let classic = args.igvm_classic;
-        let mut updates: Vec<DataUpdate> = Vec::new();
-        let mut vps: Vec<(u16, u64, Box<SevEsSaveArea>)> = Vec::new();
-        walk(&file, opts, &mut |p| {
-            if let Some(vp) = p.vp_index {
-                vps.push((vp, p.gpa, SevEsSaveArea::from_page(p.contents)));
-                if classic {
-                    return;
-                }
-            }
-            let contents = (p.page_type != SnpPageType::Zero).then(|| p.contents.to_vec());
-            // Merge a page into the previous update when it continues it (same type, next GPA).
-            if let Some(last) = updates.last_mut()
-                && last.page_type == p.page_type
-                && p.page_type != SnpPageType::Vmsa
-                && last.gpa.0.checked_add(last.len) == Some(p.gpa)
-            {
-                last.len += PAGE_SIZE;
-                if let (Some(c), Some(new)) = (&mut last.contents, contents) {
-                    c.extend_from_slice(&new);
-                }
-                return;
-            }
-            updates.push(DataUpdate {
-                gpa: Gpa(p.gpa),
-                len: PAGE_SIZE,
-                page_type: p.page_type,
-                contents,
-                source: UpdateSource::Igvm,
-            });
-        })
-        .map_err(igvm_err)?;
-        let input = |rule: String| RunError::Input(format!("--igvm {shown}: {rule}"));
-        let Some((vp_index, _, vmsa)) = vps.first() else {
-            return Err(input(
-                "the file has no SNP VP context: a launch needs the BSP's VMSA".into(),
-            ));
-        };
-        if *vp_index != 0 {
-            return Err(input(format!(
-                "its first SNP VP context has VP index {vp_index}: the BSP's (VP index 0) must come first"
-            )));
-        }
-        if let Some((_, gpa, _)) = vps.first()
-            && !classic
-            && Gpa(*gpa).is_2m_aligned()
-        {
-            return Err(input(format!(
-                "the BSP's SNP VP context is at GPA {gpa:#x}, which is 2 MiB aligned: a supplied VMSA must not be \
-                 (erratum 1467)"
-            )));
-        }
-        if !classic && let Some((vp, gpa, _)) = vps.get(1) {
-            return Err(input(format!(
-                "SNP VP context of VP index {vp} at GPA {gpa:#x}: the supplied-VMSA launch takes the BSP's VMSA \
-                 only (the APs get theirs from the guest's AP creation); --igvm-classic sets registers instead"
-            )));
-        }
-        let features = vmsa.sev_features;
-        if features & vmsa_core::layout::SEV_FEAT_SNP_ACTIVE == 0 {
-            return Err(input(format!(
-                "the BSP's VMSA has SEV_FEATURES {features:#x} without SNP_ACTIVE (bit 0): an SEV-SNP VMSA must set it"
-            )));
-        }
-        let config = VmConfig::snp(features & !vmsa_core::layout::SEV_FEAT_SNP_ACTIVE);
-        let mut warnings = Vec::new();
-        let expected = if classic {
-            // What KVM's sync writes for the VP context's registers, field by field.
-            let synced = vmsa.synced(config.vmsa_features(), true);
-            let lost: Vec<&str> = vmsa_core::layout::FIELD_OFFSETS
-                .iter()
-                .zip(
-                    vmsa_core::layout::FIELD_OFFSETS
-                        .iter()
-                        .skip(1)
-                        .map(|f| f.1)
-                        .chain([PAGE_SIZE as usize]),
-                )
-                .filter(|((_, start), end)| vmsa.as_page()[*start..*end] != synced.as_page()[*start..*end])
-                .map(|((name, _), _)| *name)
-                .collect();
-            warnings.push(if lost.is_empty() {
-                "--igvm-classic: KVM's VMSA sync reproduces every field of the BSP's VP context".to_owned()
-            } else {
-                format!(
-                    "--igvm-classic: KVM's VMSA sync does not reproduce these fields of the BSP's VP context: {}",
-                    lost.join(", ")
-                )
-            });
-            let checked = IgvmMeasureOptions {
-                check_kvm: true,
-                ..opts
-            };
-            match measure_file(&file, checked) {
-                Err(e) => {
-                    warnings.push(format!(
-                        "--igvm-classic: no expected digest: the file breaks {}",
-                        crate::run::error_chain(&e)
-                    ));
-                    None
-                }
-                Ok(_) if vcpus != 1 => {
-                    warnings.push(format!(
-                        "--igvm-classic: no expected digest: KVM measures one VMSA per vCPU ({vcpus}), the file one"
-                    ));
-                    None
-                }
-                Ok(m) => Some(LaunchDigest::Snp(m.digest).hex()),
-            }
-        } else {
-            Some(LaunchDigest::Snp(measure_file(&file, opts).map_err(igvm_err)?.digest).hex())
-        };
-        let image_pages = updates
-            .iter()
-            .flat_map(|d| (0..d.len / PAGE_SIZE).map(move |i| Gpa(d.gpa.0 + i * PAGE_SIZE)))
-            .collect();
+        let l = IgvmLaunch::load(path, vcpus, args.native_zero, args.igvm_classic)?;
         Ok(Self {
-            source: format!(
-                "IGVM {shown} ({} launch)",
-                if classic { "classic" } else { "supplied-VMSA" }
-            ),
-            vmsas: (0..vcpus).map(|_| vmsa.clone()).collect(),
-            updates,
-            config,
-            expected,
-            warnings,
-            supplied: !classic,
-            image_pages: Some(image_pages),
+            source: l.source,
+            vmsas: (0..vcpus).map(|_| l.bsp.clone()).collect(),
+            updates: l.updates,
+            config: l.config,
+            expected: l.expected,
+            warnings: l.warnings,
+            supplied: l.supplied,
+            image_pages: Some(l.pages),
         })
     }
 

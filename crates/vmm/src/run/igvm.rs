@@ -1,0 +1,314 @@
+//! `vmm run --igvm FILE`: an IGVM file made ready to launch, the same way for every backend.
+//! Its pages come from the page walk `vmm measure --igvm` digests
+//! ([`crate::measure::igvm::walk`]), in directive order; its parameter areas are filled as this
+//! loader can ([`crate::measure::igvm::parameter_areas`]: the VP count); its one SNP VP context
+//! is the BSP's VMSA.
+
+use std::path::Path;
+
+use vmsa_core::{Gpa, PAGE_SIZE, SevEsSaveArea, SnpPageType, VmConfig};
+
+use super::RunError;
+use crate::measure::igvm::{IgvmError, IgvmMeasureOptions, measure_file, parameter_areas, read_igvm, walk};
+use crate::measure::plan::{LaunchDigest, UpdateSource};
+use crate::measure::{DataUpdate, MeasureError};
+
+/// An IGVM file ready to launch.
+#[derive(Debug)]
+pub struct IgvmLaunch {
+    /// What the report names as the image.
+    pub source: String,
+    /// Its pages in directive order, consecutive pages of one type merged into one update. In
+    /// the supplied-VMSA mode the BSP's VMSA is one of them (page type VMSA, at the VP
+    /// context's GPA); in the classic mode it is not.
+    pub updates: Vec<DataUpdate>,
+    /// The VP context's VMSA: the BSP's.
+    pub bsp: Box<SevEsSaveArea>,
+    /// The VM's configuration: SEV-SNP with the VP context's SEV_FEATURES (without SNP_ACTIVE,
+    /// which KVM adds itself).
+    pub config: VmConfig,
+    /// The digest the launch must have: `vmm measure --igvm`'s (supplied-VMSA mode), or
+    /// `--check-kvm`'s where the classic launch is comparable with it; `None` otherwise.
+    pub expected: Option<String>,
+    /// Things to know: what the classic launch cannot reproduce, parameters not supplied.
+    pub warnings: Vec<String>,
+    /// The supplied-VMSA launch mode (else the classic one).
+    pub supplied: bool,
+    /// Every page the launch puts into guest memory.
+    pub pages: Vec<Gpa>,
+}
+
+impl IgvmLaunch {
+    /// Read and prepare `path` for a launch of `vcpus` vCPUs. Supplied-VMSA mode: the one SNP
+    /// VP context (the BSP's, VP index 0) is a launch page of type VMSA at its GPA, and the
+    /// digest must be `vmm measure --igvm`'s whatever the vCPU count. Classic mode
+    /// (`classic`): the VP context's registers are every vCPU's initial state and KVM syncs
+    /// them into one VMSA per vCPU at launch finish; the digest is comparable with `vmm measure
+    /// --igvm --check-kvm`'s only for a file that passes its rules, launched with one vCPU.
+    /// `native_zero`: data-less pages are ZERO pages, as `--native-zero` measures them.
+    pub fn load(path: &Path, vcpus: u32, native_zero: bool, classic: bool) -> Result<Self, RunError> {
+        let shown = path.display();
+        let igvm_err = |source| MeasureError::Igvm {
+            path: path.to_path_buf(),
+            source,
+        };
+        let data = read_igvm(path)?;
+        let file = igvm::IgvmFile::new_from_binary(&data, None).map_err(|e| igvm_err(IgvmError::Parse(e)))?;
+        let opts = IgvmMeasureOptions {
+            native_zero,
+            check_kvm: false,
+        };
+        let areas = parameter_areas(&file, vcpus).map_err(igvm_err)?;
+        let mut updates: Vec<DataUpdate> = Vec::new();
+        let mut vps: Vec<(u16, u64, Box<SevEsSaveArea>)> = Vec::new();
+        walk(&file, opts, &mut |p| {
+            if let Some(vp) = p.vp_index {
+                vps.push((vp, p.gpa, SevEsSaveArea::from_page(p.contents)));
+                if classic {
+                    return;
+                }
+            }
+            let contents = match p.parameter_area.and_then(|i| areas.pages.get(&i)) {
+                Some(params) => Some(params.to_vec()),
+                None => (p.page_type != SnpPageType::Zero).then(|| p.contents.to_vec()),
+            };
+            // Merge a page into the previous update when it continues it (same type, next GPA).
+            if let Some(last) = updates.last_mut()
+                && last.page_type == p.page_type
+                && p.page_type != SnpPageType::Vmsa
+                && last.gpa.0.checked_add(last.len) == Some(p.gpa)
+            {
+                last.len += PAGE_SIZE;
+                if let (Some(c), Some(new)) = (&mut last.contents, contents) {
+                    c.extend_from_slice(&new);
+                }
+                return;
+            }
+            updates.push(DataUpdate {
+                gpa: Gpa(p.gpa),
+                len: PAGE_SIZE,
+                page_type: p.page_type,
+                contents,
+                source: UpdateSource::Igvm,
+            });
+        })
+        .map_err(igvm_err)?;
+        let input = |rule: String| RunError::Input(format!("--igvm {shown}: {rule}"));
+        let Some((vp_index, gpa, vmsa)) = vps.first() else {
+            return Err(input(
+                "the file has no SNP VP context: a launch needs the BSP's VMSA".into(),
+            ));
+        };
+        if *vp_index != 0 {
+            return Err(input(format!(
+                "its first SNP VP context has VP index {vp_index}: the BSP's (VP index 0) must come first"
+            )));
+        }
+        if !classic && Gpa(*gpa).is_2m_aligned() {
+            return Err(input(format!(
+                "the BSP's SNP VP context is at GPA {gpa:#x}, which is 2 MiB aligned: a supplied VMSA must not be \
+                 (erratum 1467)"
+            )));
+        }
+        if !classic && let Some((vp, gpa, _)) = vps.get(1) {
+            return Err(input(format!(
+                "SNP VP context of VP index {vp} at GPA {gpa:#x}: the supplied-VMSA launch takes the BSP's VMSA \
+                 only (the APs get theirs from the guest's AP creation); --igvm-classic sets registers instead"
+            )));
+        }
+        let features = vmsa.sev_features;
+        if features & vmsa_core::layout::SEV_FEAT_SNP_ACTIVE == 0 {
+            return Err(input(format!(
+                "the BSP's VMSA has SEV_FEATURES {features:#x} without SNP_ACTIVE (bit 0): an SEV-SNP VMSA must set it"
+            )));
+        }
+        let config = VmConfig::snp(features & !vmsa_core::layout::SEV_FEAT_SNP_ACTIVE);
+        let mut warnings = Vec::new();
+        if !areas.not_supplied.is_empty() {
+            warnings.push(format!(
+                "--igvm {shown}: this loader supplies the VP count only; these parameters keep the file's initial \
+                 data: {}",
+                areas.not_supplied.join(", ")
+            ));
+        }
+        let expected = if classic {
+            // What KVM's sync writes for the VP context's registers, field by field.
+            let synced = vmsa.synced(config.vmsa_features(), true);
+            let lost: Vec<&str> = vmsa_core::layout::FIELD_OFFSETS
+                .iter()
+                .zip(
+                    vmsa_core::layout::FIELD_OFFSETS
+                        .iter()
+                        .skip(1)
+                        .map(|f| f.1)
+                        .chain([PAGE_SIZE as usize]),
+                )
+                .filter(|((_, start), end)| vmsa.as_page()[*start..*end] != synced.as_page()[*start..*end])
+                .map(|((name, _), _)| *name)
+                .collect();
+            warnings.push(if lost.is_empty() {
+                "--igvm-classic: KVM's VMSA sync reproduces every field of the BSP's VP context".to_owned()
+            } else {
+                format!(
+                    "--igvm-classic: KVM's VMSA sync does not reproduce these fields of the BSP's VP context: {}",
+                    lost.join(", ")
+                )
+            });
+            let checked = IgvmMeasureOptions {
+                check_kvm: true,
+                ..opts
+            };
+            match measure_file(&file, checked) {
+                Err(e) => {
+                    warnings.push(format!(
+                        "--igvm-classic: no expected digest: the file breaks {}",
+                        crate::run::error_chain(&e)
+                    ));
+                    None
+                }
+                Ok(_) if vcpus != 1 => {
+                    warnings.push(format!(
+                        "--igvm-classic: no expected digest: KVM measures one VMSA per vCPU ({vcpus}), the file one"
+                    ));
+                    None
+                }
+                Ok(m) => Some(LaunchDigest::Snp(m.digest).hex()),
+            }
+        } else {
+            Some(LaunchDigest::Snp(measure_file(&file, opts).map_err(igvm_err)?.digest).hex())
+        };
+        let pages = updates
+            .iter()
+            .flat_map(|d| (0..d.len / PAGE_SIZE).map(move |i| Gpa(d.gpa.0 + i * PAGE_SIZE)))
+            .collect();
+        Ok(Self {
+            source: format!(
+                "IGVM {shown} ({} launch)",
+                if classic { "classic" } else { "supplied-VMSA" }
+            ),
+            bsp: vmsa.clone(),
+            updates,
+            config,
+            expected,
+            warnings,
+            supplied: !classic,
+            pages,
+        })
+    }
+
+    /// Data pages (a supplied VMSA page is counted as a VMSA).
+    pub fn data_pages(&self) -> u64 {
+        self.updates
+            .iter()
+            .filter(|d| d.page_type != SnpPageType::Vmsa)
+            .map(|d| d.len.div_ceil(PAGE_SIZE))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::PathBuf;
+
+    use igvm::IgvmDirectiveHeader;
+    use igvm_defs::IGVM_VHS_PARAMETER;
+
+    use super::*;
+    use crate::measure::igvm::guest_to_igvm;
+
+    /// An IGVM file in the temporary directory, removed when dropped.
+    pub(crate) struct ScratchIgvm(PathBuf);
+
+    impl std::ops::Deref for ScratchIgvm {
+        type Target = std::path::Path;
+
+        fn deref(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for ScratchIgvm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// `file` serialised into the temporary directory under a name of this process's.
+    pub(crate) fn scratch_igvm(name: &str, file: &igvm::IgvmFile) -> ScratchIgvm {
+        let mut bytes = Vec::new();
+        file.serialize(&mut bytes).unwrap();
+        let path = std::env::temp_dir().join(format!("vmm-lib-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        ScratchIgvm(path)
+    }
+
+    #[test]
+    fn a_supplied_launch_is_the_image_the_filled_parameter_page_and_the_vmsa_in_file_order() {
+        let guest = backend_kvm::guest::builtin::ap_creation_igvm(false);
+        let path = scratch_igvm("load-boot.igvm", &guest_to_igvm(&guest).unwrap());
+        let l = IgvmLaunch::load(&path, 7, false, false).unwrap();
+        let shape: Vec<(u64, u64, SnpPageType)> =
+            l.updates.iter().map(|d| (d.gpa.0, d.len, d.page_type)).collect();
+        assert_eq!(
+            shape,
+            [
+                (0, guest.bytes.len() as u64, SnpPageType::Normal),
+                (guest.params_gpa.0, PAGE_SIZE, SnpPageType::Unmeasured),
+                (guest.vmsa_gpa.0, PAGE_SIZE, SnpPageType::Vmsa),
+            ]
+        );
+        assert_eq!(l.updates[0].contents.as_deref(), Some(&guest.bytes[..]));
+        let params = l.updates[1].contents.as_ref().unwrap();
+        assert_eq!(params[..4], 7u32.to_le_bytes());
+        assert!(params[4..].iter().all(|b| *b == 0));
+        assert_eq!(l.updates[2].contents.as_deref(), Some(&guest.bsp.as_page()[..]));
+        assert_eq!(l.bsp.as_page(), guest.bsp.as_page());
+        assert!(l.supplied && l.warnings.is_empty());
+        assert_eq!(l.config.sev_features, 0, "SNP_ACTIVE is KVM's to add");
+        assert_eq!(l.data_pages(), guest.bytes.len() as u64 / PAGE_SIZE + 1);
+        assert_eq!(l.pages.len() as u64, l.data_pages() + 1);
+        // The digest is the file's, whatever the vCPU count.
+        assert_eq!(
+            IgvmLaunch::load(&path, 1, false, false).unwrap().expected,
+            l.expected
+        );
+        // Classic: the VP context is no launch page.
+        let c = IgvmLaunch::load(&path, 1, false, true).unwrap();
+        assert!(!c.supplied);
+        assert!(c.updates.iter().all(|d| d.page_type != SnpPageType::Vmsa));
+    }
+
+    #[test]
+    fn parameters_the_loader_does_not_supply_are_named_in_a_warning() {
+        let guest = backend_kvm::guest::builtin::ap_creation_igvm(false);
+        let mut directives = guest_to_igvm(&guest).unwrap().directives().to_vec();
+        // A command line and a memory map in the same area, before its insert.
+        let insert = directives
+            .iter()
+            .position(|d| matches!(d, IgvmDirectiveHeader::ParameterInsert(_)))
+            .unwrap();
+        let at = |byte_offset| IGVM_VHS_PARAMETER {
+            parameter_area_index: 0,
+            byte_offset,
+        };
+        directives.insert(insert, IgvmDirectiveHeader::CommandLine(at(0x100)));
+        directives.insert(insert, IgvmDirectiveHeader::MemoryMap(at(0x200)));
+        let file = igvm::IgvmFile::new(
+            igvm::IgvmRevision::V1,
+            guest_to_igvm(&guest).unwrap().platforms().to_vec(),
+            guest_to_igvm(&guest).unwrap().initializations().to_vec(),
+            directives,
+        )
+        .unwrap();
+        let path = scratch_igvm("load-params.igvm", &file);
+        let l = IgvmLaunch::load(&path, 2, false, false).unwrap();
+        assert_eq!(
+            l.warnings,
+            [format!(
+                "--igvm {}: this loader supplies the VP count only; these parameters keep the file's initial data: \
+                 memory map, command line",
+                path.display()
+            )]
+        );
+    }
+}
