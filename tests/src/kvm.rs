@@ -13,7 +13,12 @@ use vmsa_core::{Event, History, Op, SNP_POLICY_RSVD_MBO, StateKind};
 use vmsa_host::{GuestActivity, GuestStep};
 
 /// Whether /dev/kvm can be used; prints why not when it cannot (the only reason to skip).
+///
+/// Takes the [`turn`] while its fd is open, as every helper here that opens a KVM fd does: a
+/// test that counts the process's KVM fds must not see another test thread's (under
+/// `cargo test` the tests of a binary share one process).
 pub fn kvm_or_skip(test: &str) -> bool {
+    let _turn = turn();
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -33,7 +38,12 @@ pub fn image_host(test: &str) -> Option<KvmImageHost> {
     if !kvm_or_skip(test) {
         return None;
     }
-    match KvmImageHost::new(&backend_kvm::probe(), "asked for by the test") {
+    // The probe opens /dev/kvm and tries VM types: KVM fds, so in turn (see `kvm_or_skip`).
+    let probe = {
+        let _turn = turn();
+        backend_kvm::probe()
+    };
+    match KvmImageHost::new(&probe, "asked for by the test") {
         Ok(h) => Some(h),
         Err(e) => {
             eprintln!("skipped {test}: {e}");
@@ -42,7 +52,8 @@ pub fn image_host(test: &str) -> Option<KvmImageHost> {
     }
 }
 
-/// Tests that count the process's KVM fds or mappings take turns.
+/// Tests that count the process's KVM fds or mappings take turns, and so does every helper
+/// here that opens one. Not reentrant: never call those helpers while holding it.
 pub fn turn() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
     TURN.lock().unwrap_or_else(|p| p.into_inner())
