@@ -210,6 +210,9 @@ pub(crate) struct GuestSlot {
     pub handle: Option<Handle>,
     pub gctx: Option<Pfn>,
     pub gmem: GuestMemfd,
+    /// Firmware pages of this guest leaked before it was destroyed (a context page whose
+    /// reclaim failed after a failed launch start).
+    pub leaked_firmware_pages: u64,
 }
 
 #[derive(Debug)]
@@ -513,10 +516,14 @@ impl Hw {
         Ok(pfn)
     }
 
-    /// `snp_free_firmware_page`: reclaim, make shared, free; leak if either step fails.
+    /// `snp_free_firmware_page`: reclaim, make shared, free; leak if either step fails. The
+    /// reclaim is `SNP_PAGE_RECLAIM` (`snp_reclaim_pages`), a `page_reclaim` call of the fault
+    /// plan like every other.
     pub(crate) fn free_firmware_page(&mut self, pfn: Pfn) -> bool {
         self.charge(CostOp::SnpPageReclaim, 0, || format!("pfn {pfn}"));
-        let ok = self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn).is_ok()
+        let injected = self.inject(FaultOp::PageReclaim, None).is_some();
+        let ok = !injected
+            && self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn).is_ok()
             && self.rmp.rmpupdate(pfn, RmpState::default()).is_ok();
         if ok {
             self.charge(CostOp::Rmpupdate4K, 0, || format!("pfn {pfn} shared"));
@@ -624,6 +631,7 @@ impl Machine {
                 handle: None,
                 gctx: None,
                 gmem: GuestMemfd::default(),
+                leaked_firmware_pages: 0,
             },
         );
         Ok(crate::SimPlatform::new(self.clone(), asid, kind))
@@ -858,7 +866,8 @@ impl Machine {
             hw.free_frames(x.pfn, x.frames);
             report.frames_released += x.frames;
         }
-        report.frames_leaked = hw.stats.leaked_pages - leaked_before + leaked_earlier;
+        report.frames_leaked =
+            hw.stats.leaked_pages - leaked_before + leaked_earlier + slot.leaked_firmware_pages;
         Ok(report)
     }
 

@@ -48,6 +48,11 @@ pub struct Launch<'a> {
     /// `spec.supplied_vmsa`) a launch whose `updates` carry the BSP's VMSA page themselves, in
     /// the order its image gives (an IGVM file's VP context).
     pub supplied_vmsa: Option<Gpa>,
+    /// After the launch, move the guest into a second VM and run it there (intra-host
+    /// migration, `KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`, as a VMM's live update does; SEV-ES
+    /// only): the destination gets the same memory slots and as many vCPUs, then the
+    /// context.
+    pub migrate: bool,
 }
 
 impl<'a> Launch<'a> {
@@ -77,6 +82,7 @@ impl<'a> Launch<'a> {
             }],
             vmsas,
             supplied_vmsa: None,
+            migrate: false,
         }
     }
 
@@ -126,6 +132,18 @@ pub enum LaunchError {
     /// A vCPU call failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+}
+
+/// Why moving the launched guest into a second VM failed (the guest then does not run; both
+/// VMs are still torn down).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The host could not create the destination.
+    #[error("creating the migration target: {0}")]
+    Create(#[from] HypervisorError),
+    /// A call on the destination failed: its memory, its vCPUs, or the move itself.
+    #[error("migration target: {0}")]
+    Vm(#[from] VmError),
 }
 
 /// How the guest's run ended.
@@ -225,9 +243,13 @@ pub struct RunOutcome {
 pub struct FlowReport {
     /// Why creating or launching failed, if it did (the guest then did not run).
     pub launch_error: Option<LaunchError>,
+    /// With [`Launch::migrate`]: why moving the guest failed, if it did (the guest then did
+    /// not run).
+    pub migration_error: Option<MigrationError>,
     /// The run, if the launch finished.
     pub run: Option<RunOutcome>,
-    /// The host's report at teardown.
+    /// The host's report at teardown (with [`Launch::migrate`], of both VMs:
+    /// [`HostReport::merged`]).
     pub host: HostReport,
 }
 
@@ -248,26 +270,83 @@ pub fn run<H: Hypervisor>(
     progress.phase("launch", launch.updates.len() as u64 + 1);
     let launched = created.and_then(|()| self::launch(&mut vm, launch, progress));
     phase("launch");
+    // The VM torn down first, with migration: the dead source after a move, or the unused
+    // destination after a failed one.
+    let mut first = None;
+    let mut migration_error = None;
+    if launched.is_ok() && launch.migrate {
+        progress.message("migration");
+        match migrate(host, &mut vm, launch) {
+            Ok((target, target_vcpus)) => {
+                drop(std::mem::replace(&mut vcpus, target_vcpus));
+                first = Some(std::mem::replace(&mut vm, target).teardown());
+            }
+            Err((e, target)) => {
+                migration_error = Some(e);
+                if let Some((target, target_vcpus)) = target {
+                    drop(target_vcpus);
+                    first = Some(target.teardown());
+                }
+            }
+        }
+        phase("migrate");
+    }
     let run = match &launched {
-        Ok(()) => {
+        Ok(()) if migration_error.is_none() => {
             progress.phase("guest", 0);
             Some(run_vcpus(&vm, vcpus, watchdog, progress)?)
         }
-        Err(_) => {
+        _ => {
             drop(vcpus);
             None
         }
     };
     phase("run");
     progress.message("teardown");
-    let report = vm.teardown();
+    let last = vm.teardown();
+    let report = match first {
+        Some(first) => HostReport::merged(first, last),
+        None => last,
+    };
     phase("teardown");
     progress.finish();
     Ok(FlowReport {
         launch_error: launched.err(),
+        migration_error,
         run,
         host: report,
     })
+}
+
+/// A VM and its vCPUs.
+type WithVcpus<V> = (V, Vec<<V as Vm>::Vcpu>);
+
+/// Intra-host migration of the launched `source` (KVM's order, as `sev_migrate_tests.c` does
+/// it): create the destination without an encryption context, give it the same memory slots
+/// and as many vCPUs, then move the context (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`). The
+/// destination and its vCPUs, or why not and what of the destination exists (for teardown).
+fn migrate<H: Hypervisor>(
+    host: &H,
+    source: &mut H::Vm,
+    launch: &Launch<'_>,
+) -> Result<WithVcpus<H::Vm>, (MigrationError, Option<WithVcpus<H::Vm>>)> {
+    let mut target = host
+        .create_migration_target(launch.spec.kind)
+        .map_err(|e| (e.into(), None))?;
+    let mut vcpus = Vec::with_capacity(launch.vmsas.len());
+    let set_up = (|| {
+        for r in &launch.memory {
+            target.add_memory(*r)?;
+        }
+        for id in (0u32..).take(launch.vmsas.len()) {
+            vcpus.push(target.create_vcpu(id)?);
+        }
+        target.move_enc_context_from(source)
+    })();
+    match set_up {
+        Ok(()) => Ok((target, vcpus)),
+        Err(e) => Err((e.into(), Some((target, vcpus)))),
+    }
 }
 
 /// Memory (made private where the host has private memory: an SNP guest's RAM is private
