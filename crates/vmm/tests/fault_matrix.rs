@@ -1009,7 +1009,7 @@ fn a_bugged_vm_refuses_kvm_run() {
 #[test]
 fn a_vcpu_whose_own_vmrun_fails_ends_the_run() {
     let p = point(
-        &builtin("boot", 2, &[], &[], Outcome::Done),
+        &builtin("boot", 2, &["--sev-es"], &[], Outcome::Done),
         &["vmrun:1=VMEXIT_INVALID"],
     );
     assert_eq!(p.outcome, Outcome::RunEnded);
