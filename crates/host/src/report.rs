@@ -208,6 +208,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_migrated_guests_reports_add_up_and_the_host_is_the_last_ones() {
+        let counts = |vcpus, leaked: u64, left: u64| TeardownCounts {
+            vcpus,
+            vmsas_leaked: Observed::Seen(leaked as usize),
+            guest_frames_released: Observed::Seen(10),
+            guest_frames_leaked: Observed::Seen(leaked),
+            frames_still_allocated: Observed::Seen(left),
+            frames_leaked_on_purpose: Observed::Seen(leaked * 5),
+            error: None,
+        };
+        let report = |digest: Option<&str>, t| HostReport {
+            events: Observed::Seen(Vec::new()),
+            launch_digest: Observed::Seen(digest.map(str::to_owned)),
+            rmp_faults: Observed::Seen(t),
+            guest: Observed::Seen(GuestActivity::default()),
+            teardown: counts(2, t, t),
+        };
+        let m = HostReport::merged(report(None, 1), report(Some("ab"), 2));
+        assert_eq!(m.launch_digest, Observed::Seen(Some("ab".into())));
+        assert_eq!(
+            m.rmp_faults,
+            Observed::Seen(2),
+            "the host's count is the last report's"
+        );
+        let t = m.teardown;
+        assert_eq!(
+            (t.vcpus, t.vmsas_leaked, t.guest_frames_leaked),
+            (4, Observed::Seen(3), Observed::Seen(3))
+        );
+        assert_eq!(t.guest_frames_released, Observed::Seen(20));
+        assert_eq!(
+            (t.frames_still_allocated, t.frames_leaked_on_purpose),
+            (Observed::Seen(2), Observed::Seen(10))
+        );
+        let hidden: Observed<u64> = Observed::hidden("no");
+        assert_eq!(
+            hidden.zip_with(Observed::Seen(1), |a, b| a + b),
+            Observed::hidden("no")
+        );
+    }
+
+    #[test]
     fn hidden_values_say_why_in_json() {
         let v: Observed<u64> = Observed::hidden("the SNP kernel owns the VMSAs");
         assert_eq!(

@@ -357,3 +357,96 @@ impl Pending {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vmsa_core::{Gpa, SnpPageType};
+    use vmsa_host::{Hypervisor, LaunchUpdate, Vm as _};
+
+    use super::*;
+    use crate::host::SimHost;
+    use crate::machine::MachineConfig;
+
+    const MEMORY: MemoryRegion = MemoryRegion {
+        slot: 0,
+        gpa: Gpa(0),
+        size: 1 << 20,
+        guest_memfd: true,
+    };
+
+    /// A launched SEV-ES VM of `vcpus` vCPUs (its vCPU handles dropped: none runs).
+    fn launched(host: &SimHost, vcpus: u32) -> SimVm {
+        let mut vm = host.create_vm(VmSpec::sev_es(0)).unwrap();
+        vm.add_memory(MEMORY).unwrap();
+        for id in 0..vcpus {
+            vm.create_vcpu(id).unwrap();
+        }
+        vm.launch_start(0).unwrap();
+        vm.launch_update(LaunchUpdate {
+            gpa: Gpa(0x1000),
+            len: 0x1000,
+            page_type: SnpPageType::Normal,
+            data: Some(&[0xf4; 0x1000]),
+        })
+        .unwrap();
+        vm.launch_update_vmsas().unwrap();
+        vm.launch_finish().unwrap();
+        vm
+    }
+
+    fn target(host: &SimHost, vcpus: u32) -> SimVm {
+        let mut vm = host.create_migration_target(VmKind::SevEs).unwrap();
+        vm.add_memory(MEMORY).unwrap();
+        for id in 0..vcpus {
+            vm.create_vcpu(id).unwrap();
+        }
+        vm
+    }
+
+    fn errno(e: VmError) -> Option<Errno> {
+        e.refusal().map(|r| r.errno)
+    }
+
+    /// `sev_vm_move_enc_context_from`'s rules, with KVM's errnos: the vCPU counts must agree
+    /// (nothing moves if not), an SNP source is refused, a source that moved is dead.
+    #[test]
+    fn moving_an_encryption_context_follows_kvms_rules() {
+        let machine = Machine::new(MachineConfig::default());
+        let host = SimHost::new(machine.clone(), GuestScript::default());
+        let mut src = launched(&host, 2);
+        let mut short = target(&host, 1);
+        assert_eq!(
+            errno(short.move_enc_context_from(&mut src).unwrap_err()),
+            Some(Errno::EINVAL)
+        );
+        let mut dst = target(&host, 2);
+        dst.move_enc_context_from(&mut src).unwrap();
+        assert_eq!(dst.spec(), VmSpec::sev_es(0));
+        assert_eq!(
+            errno(src.launch_start(0).unwrap_err()),
+            Some(Errno::EIO),
+            "the source is dead"
+        );
+        let mut again = target(&host, 2);
+        assert!(
+            errno(again.move_enc_context_from(&mut src).unwrap_err()).is_some(),
+            "a source that moved has no context left to give"
+        );
+        let mut snp = host.create_vm(VmSpec::snp(0)).unwrap();
+        snp.create_vcpu(0).unwrap();
+        let mut from_snp = target(&host, 1);
+        assert_eq!(
+            errno(from_snp.move_enc_context_from(&mut snp).unwrap_err()),
+            Some(Errno::EINVAL)
+        );
+        // Every VM torn down, the source's context with the destination: nothing is left.
+        let reports: Vec<HostReport> = [short, src, dst, again, snp, from_snp]
+            .into_iter()
+            .map(vmsa_host::Vm::teardown)
+            .collect();
+        assert!(reports.iter().all(|r| r.teardown.error.is_none()));
+        assert_eq!(machine.allocated_frames(), 0);
+        assert!(machine.leaked_frames().is_empty());
+        assert!(machine.guests().is_empty());
+    }
+}
