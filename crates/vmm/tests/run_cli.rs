@@ -319,6 +319,56 @@ fn costs_file_changes_the_cycles() {
     assert!(slow["costs"]["total_cycles"].as_u64() > base["costs"]["total_cycles"].as_u64());
 }
 
+/// A guest action whose bookkeeping outgrows the simulator's memory budget ends the run there
+/// (the vCPU's KVM_RUN fails), with an error naming the operation and the budget; everything
+/// is torn down and the run fails with exit code 1. (4 KiB PVALIDATEs of 10^9 pages at
+/// `--memory 8T` held 8 GB of RMP entries for 43 s before.)
+#[test]
+fn a_run_that_outgrows_the_memory_budget_ends_there_naming_it() {
+    let dir = scratch("run-budget");
+    let script = dir.join("pvalidate.json");
+    // 4 GiB of 4 KiB PVALIDATEs above 4 GiB: 8 MiB of RMP entries.
+    std::fs::write(
+        &script,
+        r#"{"name": "big", "actions": [
+            {"action": "pvalidate", "vcpu": 0, "gpa": 4294967296, "pages": 1048576},
+            {"action": "hlt", "vcpu": 0}
+        ]}"#,
+    )
+    .unwrap();
+    let args = [
+        "--vcpus",
+        "1",
+        "--memory",
+        "8G",
+        "--guest",
+        script.to_str().unwrap(),
+    ];
+    let mut small = args.to_vec();
+    small.extend(["--sim-memory-budget", "4M"]);
+    let (s, code) = run_json(&small);
+    assert_eq!(code, 1, "{s:#}");
+    let end = &s["guest_run"]["end"];
+    assert_eq!(
+        (&end["end"], &end["vcpu"]),
+        (&Value::from("error"), &Value::from(0))
+    );
+    let error = end["error"].as_str().unwrap();
+    assert!(
+        error.contains("KVM_RUN: PVALIDATE") && error.contains("memory budget of 4194304 bytes"),
+        "{error}"
+    );
+    assert!(
+        s["footprint"]["bytes"].as_u64().unwrap() <= (4 << 20) + 8192,
+        "stopped within a region's pass of the budget: {:#}",
+        s["footprint"]
+    );
+    assert_eq!(s["teardown"]["frames_still_allocated"], 0);
+    // The default budget (2G) holds the same run.
+    let (s, code) = run_json(&args);
+    assert_eq!(code, 0, "{s:#}");
+}
+
 #[test]
 fn a_guest_script_file_runs() {
     let dir = scratch("run-script");

@@ -58,13 +58,26 @@ pub(crate) enum EntryError {
     Vmrun(#[from] SimError),
 }
 
+/// Why a vCPU's next `KVM_RUN` fails.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunFailure {
+    /// Its entry failed: `KVM_EXIT_FAIL_ENTRY`, or `KVM_RUN`'s refusal (an entry after a kick
+    /// too: the kicker's request itself succeeded).
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    /// The host failed while the vCPU ran the guest: the simulated machine outgrew its memory
+    /// budget (as a KVM host out of memory fails the vCPU's `KVM_RUN`). The guest's operation
+    /// is not the guest's failure, and the run cannot go on.
+    #[error(transparent)]
+    Host(SimError),
+}
+
 /// The processors of one scripted guest.
 #[derive(Debug)]
 pub(super) struct Cpus {
     running: HashMap<u32, Hpa>,
-    /// vCPUs whose entry failed: their own next `KVM_RUN` reports it, as KVM's does with
-    /// `KVM_EXIT_FAIL_ENTRY` (an entry after a kick: the kicker's request itself succeeded).
-    entry_failed: HashMap<u32, EntryError>,
+    /// vCPUs whose next `KVM_RUN` fails, and why.
+    failed: HashMap<u32, RunFailure>,
     /// `kvm_amd.dump_invalid_vmcb`: dump a vCPU whose VMRUN failed.
     dump_invalid_vmcb: bool,
     report: GuestActivity,
@@ -167,7 +180,7 @@ impl Cpus {
     pub(super) fn new(dump_invalid_vmcb: bool) -> Self {
         Self {
             running: HashMap::new(),
-            entry_failed: HashMap::new(),
+            failed: HashMap::new(),
             dump_invalid_vmcb,
             report: GuestActivity::default(),
         }
@@ -245,15 +258,25 @@ impl Cpus {
             Ok(false) => format!("vCPU {target} halted"),
             Err(e) => {
                 let text = format!("vCPU {target} cannot run: {e}");
-                self.entry_failed.insert(target, e);
+                self.failed.insert(target, e.into());
                 text
             }
         }
     }
 
-    /// The failed entry of `vcpu` after a kick, if any, taken (its `KVM_RUN` reports it once).
-    pub(super) fn take_entry_failure(&mut self, vcpu: u32) -> Option<EntryError> {
-        self.entry_failed.remove(&vcpu)
+    /// Why `vcpu`'s next `KVM_RUN` fails, if it does, taken (its `KVM_RUN` reports it once).
+    pub(super) fn take_failure(&mut self, vcpu: u32) -> Option<RunFailure> {
+        self.failed.remove(&vcpu)
+    }
+
+    /// What the guest sees of a failed operation of `vcpu`'s; a failure of the host beneath
+    /// (the machine's memory budget) also fails the vCPU's `KVM_RUN`.
+    fn guest_error(&mut self, vcpu: u32, e: SimError) -> String {
+        let text = e.to_string();
+        if matches!(e, SimError::MemoryBudget { .. }) {
+            self.failed.insert(vcpu, RunFailure::Host(e));
+        }
+        text
     }
 
     fn exit_cost(vm: &Vm<SimPlatform>) -> CostOp {
@@ -293,7 +316,7 @@ impl Cpus {
                 // The action never runs; the vCPU's KVM_RUN fails with the entry's error, as
                 // after a kick.
                 let text = format!("vCPU {vcpu} cannot run: {e}");
-                self.entry_failed.insert(vcpu, e);
+                self.failed.insert(vcpu, e.into());
                 return Err(text);
             }
         };
@@ -319,7 +342,7 @@ impl Cpus {
                         _ => format!("{changed} pages ok, {same} no update"),
                     })
                 })
-                .map_err(|e| e.to_string()),
+                .map_err(|e| self.guest_error(vcpu, e)),
             GuestAction::Write {
                 gpa,
                 pages,
@@ -339,7 +362,7 @@ impl Cpus {
                     }),
                     String::new(),
                 )),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(self.guest_error(vcpu, e)),
             },
             GuestAction::WriteVmsa {
                 gpa,
@@ -352,12 +375,12 @@ impl Cpus {
                 let img = vmsa_image(rip, rsp, f);
                 p.guest_write(Gpa(gpa), img.as_page(), true)
                     .map(|()| done(format!("VMSA rip {rip:#x}")))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| self.guest_error(vcpu, e))
             }
             GuestAction::MakeVmsa { gpa, vmsa, .. } => p
                 .rmpadjust(Gpa(gpa), 1, 0, vmsa)
                 .map(|()| done("ok".into()))
-                .map_err(|e| e.to_string()),
+                .map_err(|e| self.guest_error(vcpu, e)),
             GuestAction::ApCreate {
                 apic_id,
                 gpa,

@@ -281,8 +281,8 @@ pub fn run<H: Hypervisor>(
                 drop(std::mem::replace(&mut vcpus, target_vcpus));
                 first = Some(std::mem::replace(&mut vm, target).teardown());
             }
-            Err((e, target)) => {
-                migration_error = Some(e);
+            Err(FailedMigration { error, target }) => {
+                migration_error = Some(error);
                 if let Some((target, target_vcpus)) = target {
                     drop(target_vcpus);
                     first = Some(target.teardown());
@@ -321,6 +321,12 @@ pub fn run<H: Hypervisor>(
 /// A VM and its vCPUs.
 type WithVcpus<V> = (V, Vec<<V as Vm>::Vcpu>);
 
+/// Why a migration failed, and the destination as far as it got (to be torn down).
+struct FailedMigration<V: Vm> {
+    error: MigrationError,
+    target: Option<WithVcpus<V>>,
+}
+
 /// Intra-host migration of the launched `source` (KVM's order, as `sev_migrate_tests.c` does
 /// it): create the destination without an encryption context, give it the same memory slots
 /// and as many vCPUs, then move the context (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`). The
@@ -329,10 +335,13 @@ fn migrate<H: Hypervisor>(
     host: &H,
     source: &mut H::Vm,
     launch: &Launch<'_>,
-) -> Result<WithVcpus<H::Vm>, (MigrationError, Option<WithVcpus<H::Vm>>)> {
+) -> Result<WithVcpus<H::Vm>, FailedMigration<H::Vm>> {
     let mut target = host
         .create_migration_target(launch.spec.kind)
-        .map_err(|e| (e.into(), None))?;
+        .map_err(|e| FailedMigration {
+            error: e.into(),
+            target: None,
+        })?;
     let mut vcpus = Vec::with_capacity(launch.vmsas.len());
     let set_up = (|| {
         for r in &launch.memory {
@@ -345,7 +354,10 @@ fn migrate<H: Hypervisor>(
     })();
     match set_up {
         Ok(()) => Ok((target, vcpus)),
-        Err(e) => Err((e.into(), Some((target, vcpus)))),
+        Err(e) => Err(FailedMigration {
+            error: e.into(),
+            target: Some((target, vcpus)),
+        }),
     }
 }
 
@@ -607,4 +619,49 @@ pub fn run_vcpus<V: Vm>(
             error: "every vCPU thread left without ending the run".into(),
         });
     Ok(RunOutcome { end, vcpus: counts })
+}
+
+#[cfg(test)]
+mod tests {
+    use backend_sim::host::SimHost;
+    use backend_sim::{GuestScript, Machine, MachineConfig};
+    use vmsa_core::{SNP_POLICY_RSVD_MBO, SevEsSaveArea};
+
+    use super::*;
+
+    /// A move the host refuses (an SNP source: `sev_vm_move_enc_context_from`'s EINVAL)
+    /// leaves the guest unrun and both VMs torn down, their reports merged: nothing is left on
+    /// the machine.
+    #[test]
+    fn a_refused_migration_tears_both_vms_down() {
+        let machine = Machine::new(MachineConfig::default());
+        let host = SimHost::new(machine.clone(), GuestScript::default());
+        let vmsas = vec![SevEsSaveArea::boxed(), SevEsSaveArea::boxed()];
+        let image = [0xf4u8; 4096];
+        let launch = Launch {
+            migrate: true,
+            ..Launch::snp_image(1 << 20, SNP_POLICY_RSVD_MBO, Gpa(0x1000), &image, &vmsas)
+        };
+        let report = run(
+            &host,
+            &launch,
+            Duration::from_secs(60),
+            &Progress::hidden(),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(report.launch_error.is_none());
+        let e = report.migration_error.expect("an SNP context does not move");
+        let refusal = match &e {
+            MigrationError::Vm(v) => v.refusal(),
+            MigrationError::Create(_) => None,
+        };
+        assert_eq!(refusal.map(|r| r.errno), Some(Errno::EINVAL), "{e}");
+        assert!(report.run.is_none(), "the guest does not run");
+        let t = report.host.teardown;
+        assert_eq!(t.vcpus, 4, "the source's and the destination's vCPUs");
+        assert_eq!(t.frames_still_allocated.seen(), Some(&0));
+        assert!(machine.guests().is_empty());
+        assert_eq!(machine.allocated_frames(), 0);
+    }
 }

@@ -494,6 +494,9 @@ pub(super) fn run(
         trace: args.trace.is_some(),
         gmem_2m_folios: scenario.gmem_2m_folios,
         host_bytes: host_bytes(memory),
+        memory_budget: args
+            .sim_memory_budget
+            .map_or(backend_sim::DEFAULT_MEMORY_BUDGET, |b| b.bytes()),
         ..MachineConfig::default()
     });
     *machine_out = Some(machine.clone());
