@@ -76,29 +76,7 @@ pub fn sim_boot_spec(
 }
 
 /// The flow's report and the machine's phases, or why the flow could not create the VM.
-pub type TryRun = Result<(FlowReport, Vec<PhaseReport>), FlowError>;
-
-/// [`sim_boot_spec`] under a `watchdog` of its own, for runs that may fail (e.g. under injected
-/// faults): the machine, and the flow's report and phases or why the flow could not create the
-/// VM.
-pub fn sim_try_boot(
-    config: MachineConfig,
-    spec: VmSpec,
-    policy: u64,
-    vcpus: u32,
-    memory: u64,
-    script: GuestScript,
-    watchdog: Duration,
-) -> (Arc<Machine>, TryRun) {
-    let boot = Boot {
-        spec,
-        policy,
-        vcpus,
-        memory,
-        watchdog,
-    };
-    sim_try_boot_inspecting(config, &boot, script, &mut |_, _| {})
-}
+type TryRun = Result<(FlowReport, Vec<PhaseReport>), FlowError>;
 
 /// [`sim_boot`] that lets `inspect` look at the machine as the guest's run ends, before the
 /// teardown (when the guest's state is still there to see).

@@ -236,6 +236,7 @@ impl OnHost for Boot {
             launch_error,
             run,
             host: report,
+            ..
         } = flow::run(
             host,
             &launch,

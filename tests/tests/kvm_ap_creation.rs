@@ -235,6 +235,10 @@ fn run_args(vcpus: &str, memory: &str) -> vmm::run::RunArgs {
         trace: None,
         costs: None,
         fault: None,
+        migrate: false,
+        dump_invalid_vmcb: false,
+        allow_debug: false,
+        sim_memory_budget: None,
     }
 }
 

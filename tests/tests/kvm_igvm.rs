@@ -84,6 +84,10 @@ fn run(backend: BackendKind, vcpus: u32, igvm: &Path) -> Result<RunSummary, RunE
         trace: None,
         costs: None,
         fault: None,
+        migrate: false,
+        dump_invalid_vmcb: false,
+        allow_debug: false,
+        sim_memory_budget: None,
     })
 }
 

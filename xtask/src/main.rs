@@ -175,10 +175,10 @@ fn test() -> Result<(), String> {
     run("rustdoc", docs)
 }
 
-/// The whole fault matrix (tests/tests/fault_matrix.rs widened by `VMSA_SOAK=1`), release
+/// The whole fault matrix (crates/vmm/tests/fault_matrix.rs widened by `VMSA_SOAK=1`), release
 /// build, its summary line shown; then the model checks and random runs at their soak bounds.
 fn soak() -> Result<(), String> {
-    soak_tests("fault matrix (soak)", "scenario-tests", &["fault_matrix"], &[])?;
+    soak_tests("fault matrix (soak)", "vmm", &["fault_matrix"], &[])?;
     soak_concurrency_and_random_runs()
 }
 

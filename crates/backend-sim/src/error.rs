@@ -60,6 +60,18 @@ pub enum SimError {
     /// The page allocator failed.
     #[error("host memory: {0}")]
     Memory(#[from] MemError),
+    /// The machine's own structures outgrew their budget ([`crate::MachineConfig::memory_budget`]).
+    #[error(
+        "{op}: the simulator's own structures take {used} bytes, more than its memory budget of {budget} bytes (vmm run --sim-memory-budget)"
+    )]
+    MemoryBudget {
+        /// The operation that outgrew it.
+        op: &'static str,
+        /// Bytes taken.
+        used: u64,
+        /// The budget.
+        budget: u64,
+    },
     /// The allocator was told to fail.
     #[error("page allocation failed (ENOMEM, injected)")]
     InjectedNoMemory,

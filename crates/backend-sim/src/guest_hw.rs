@@ -192,6 +192,7 @@ impl Hw {
         data: &PageBuf,
         private: bool,
     ) -> Result<(), SimError> {
+        self.check_budget("guest write")?;
         let pfn = self.access_frame(asid, gpa, private, "write")?;
         let mut page = *data;
         if private {
@@ -335,6 +336,9 @@ impl Hw {
         let (mut changed, mut same) = (0, 0);
         let mut i = 0;
         while i < pages {
+            // A pass does at most one 2 MiB region: the structures grow by at most one
+            // region's entries beyond the budget before the range stops.
+            self.check_budget("PVALIDATE")?;
             let at = Gpa(gpa.0 + i * size.bytes());
             if size == PageSize::Size4K
                 && let Some((done, ch)) = self.pvalidate_4k_fast(asid, at, pages - i, validate)?
@@ -469,6 +473,7 @@ impl Hw {
         perms: u8,
         vmsa: bool,
     ) -> Result<(), SimError> {
+        self.check_budget("RMPADJUST")?;
         let pfn = self.guest_instr_frame(asid, "RMPADJUST", FaultOp::Rmpadjust, gpa)?;
         self.charge(CostOp::Rmpadjust, asid, || format!("gpa {gpa} vmsa={vmsa}"));
         self.with_sizem_retry(pfn, |hw| {
@@ -645,7 +650,7 @@ impl Hw {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::{Machine, MachineConfig};
+    use crate::machine::{DEFAULT_MEMORY_BUDGET, Machine, MachineConfig};
 
     #[test]
     fn a_4k_access_to_a_2m_entry_is_psmashed_by_the_host() {
@@ -665,6 +670,61 @@ mod tests {
         assert_eq!(
             (next.asid, next.gpa, next.validated),
             (asid, gpa.0 + 0x1000, false)
+        );
+    }
+
+    /// A guest's range operation stops at the machine's memory budget, with an error naming
+    /// the operation and the budget, once the structures outgrow it (it went on for as long as
+    /// the range lasted: 4 KiB PVALIDATEs of 10^9 pages took 8 GB), and later operations fail
+    /// the same way.
+    #[test]
+    fn a_range_operation_stops_at_the_memory_budget() {
+        let guest = |budget| {
+            let m = Machine::new(MachineConfig {
+                memory_budget: budget,
+                ..MachineConfig::default()
+            });
+            let p = m.create_guest(VmKind::Snp).unwrap();
+            p.add_private_memslot(Gpa(0), 64 << 20).unwrap();
+            (m, p)
+        };
+        let base = guest(DEFAULT_MEMORY_BUDGET).0.footprint().bytes as u64;
+        // 16,384 4 KiB entries take 128 KiB of RMP alone: 64 KiB over the bare machine is not
+        // enough.
+        let budget = base + (64 << 10);
+        let (m, p) = guest(budget);
+        let e = p
+            .pvalidate_range(Gpa(0), 16384, PageSize::Size4K, true)
+            .unwrap_err();
+        assert!(
+            matches!(e, SimError::MemoryBudget { op: "PVALIDATE", budget: b, used } if b == budget && used > budget),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains(&format!("memory budget of {budget} bytes")),
+            "{e}"
+        );
+        // One 2 MiB region's pass at most beyond the budget.
+        let f = m.footprint();
+        assert!(f.bytes as u64 <= budget + 4096 + 64, "{f:?}");
+        assert!(f.rmp_frames < 16384, "the range stopped: {f:?}");
+        let e = p.guest_write(Gpa(0), &[1; 4096], true).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SimError::MemoryBudget {
+                    op: "guest write",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Within the budget nothing changes.
+        let (_, p) = guest(DEFAULT_MEMORY_BUDGET);
+        assert_eq!(
+            p.pvalidate_range(Gpa(0), 16384, PageSize::Size4K, true),
+            Ok((16384, 0))
         );
     }
 

@@ -79,7 +79,8 @@ pub use guest_hw::Converted;
 pub use measure::LaunchDigest;
 
 pub use machine::{
-    DestroyReport, Footprint, GuestCensus, Machine, MachineConfig, PhaseClock, PhaseReport, SimError, Stats,
+    DEFAULT_MEMORY_BUDGET, DestroyReport, Footprint, GuestCensus, Machine, MachineConfig, PhaseClock,
+    PhaseReport, SimError, Stats,
 };
 pub use platform::{SimPage, SimPlatform};
 pub use rmp::{PageSize, RmpEntry, RmpRet, RmpState};

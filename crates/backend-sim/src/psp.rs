@@ -2,7 +2,7 @@
 //! cleanup the kernel does when one fails (`snp_decommission_context`, reclaim of temporary
 //! firmware pages).
 
-use vmsa_core::{Gpa, Hpa, PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
+use vmsa_core::{DbgDecryptFailure, Gpa, Hpa, PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::cost::CostOp;
 use crate::error::SimError;
@@ -18,7 +18,7 @@ impl Hw {
         self.charge(CostOp::SnpGctxCreate, asid, || format!("gctx {gctx}"));
         let r = self.fw.snp_gctx_create(&mut self.rmp, gctx).map(|_| ());
         if let Err(e) = self.fw_result("SNP_GCTX_CREATE", r) {
-            self.free_firmware_page(gctx);
+            self.free_context_page(asid, gctx);
             return Err(e);
         }
         let done = (|| {
@@ -34,13 +34,23 @@ impl Hw {
             // snp_decommission_context: DECOMMISSION, then reclaim and free the page.
             self.charge(CostOp::SnpDecommission, asid, || format!("gctx {gctx}"));
             let _ = self.fw.snp_decommission(&mut self.rmp, gctx);
-            self.free_firmware_page(gctx);
+            self.free_context_page(asid, gctx);
             return Err(e);
         }
         let slot = self.slot_mut(asid)?;
         slot.handle = Some(Handle(gctx.0));
         slot.gctx = Some(gctx);
         Ok(())
+    }
+
+    /// Free the context page of a launch start that failed; a page the reclaim refuses is
+    /// leaked (`snp_free_firmware_page`) and counted as the guest's.
+    fn free_context_page(&mut self, asid: u32, gctx: Pfn) {
+        if !self.free_firmware_page(gctx)
+            && let Ok(slot) = self.slot_mut(asid)
+        {
+            slot.leaked_firmware_pages += 1;
+        }
     }
 
     pub fn sev_launch_start(&mut self, asid: u32, policy: u32) -> Result<(), SimError> {
@@ -150,14 +160,15 @@ impl Hw {
     }
 
     /// `sev_decrypt_vmsa`'s firmware part: SNP decrypts into a temporary firmware page that is
-    /// reclaimed afterwards (leaked if that fails); SEV-ES decrypts directly.
+    /// reclaimed afterwards, whatever the outcome (leaked, and named in the failure, if that
+    /// fails); SEV-ES decrypts directly.
     pub fn dbg_decrypt(
         &mut self,
         asid: u32,
         kind: VmKind,
         pa: Hpa,
         out: &mut PageBuf,
-    ) -> Result<(), SimError> {
+    ) -> Result<(), DbgDecryptFailure<SimError>> {
         let cmd = match kind {
             VmKind::Snp => "SNP_DBG_DECRYPT",
             VmKind::SevEs => "DBG_DECRYPT",
@@ -168,7 +179,7 @@ impl Hw {
             VmKind::SevEs => {
                 self.charge(CostOp::SevDbgDecrypt, asid, || format!("pa {pa}"));
                 let r = self.fw.sev_dbg_decrypt(&self.mem, h, pa.pfn(), out);
-                self.fw_result(cmd, r)
+                Ok(self.fw_result(cmd, r)?)
             }
             VmKind::Snp => {
                 let dst = self.make_firmware_page()?;
@@ -176,17 +187,21 @@ impl Hw {
                 let Hw { fw, rmp, mem, .. } = self;
                 let r = fw.snp_dbg_decrypt(rmp, mem, Pfn(h.0), pa.pfn(), dst);
                 let r = self.fw_result(cmd, r);
-                if r.is_ok() {
-                    self.mem.read(dst, out)?;
-                }
+                let r = match r {
+                    Ok(()) => self.mem.read(dst, out).map_err(SimError::from),
+                    Err(e) => Err(e),
+                };
                 if !self.free_firmware_page(dst) {
-                    return Err(SimError::Firmware {
-                        cmd: "SNP_PAGE_RECLAIM",
-                        status: SevStatus::InvalidPageState,
-                        injected: false,
+                    return Err(DbgDecryptFailure {
+                        source: SimError::Firmware {
+                            cmd: "SNP_PAGE_RECLAIM",
+                            status: SevStatus::InvalidPageState,
+                            injected: false,
+                        },
+                        leaked: Some(dst),
                     });
                 }
-                r
+                Ok(r?)
             }
         }
     }

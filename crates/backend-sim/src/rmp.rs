@@ -323,6 +323,12 @@ impl Small {
     }
 }
 
+/// Bytes a region's 4 KiB entries take (the box and what it holds).
+fn small_bytes(s: &Option<Box<Small>>) -> usize {
+    s.as_deref()
+        .map_or(0, |s| s.bytes() + std::mem::size_of::<Small>())
+}
+
 /// The RMP entries of one 2 MiB region: one 2 MiB entry, or 4 KiB entries.
 #[derive(Debug, Default)]
 struct Region {
@@ -368,6 +374,10 @@ pub struct Rmp {
     in_use: BTreeSet<u64>,
     stored_4k: u64,
     stored_2m: u64,
+    /// Bytes every region's 4 KiB entries take ([`small_bytes`] summed), kept up to date where
+    /// they change so that [`Rmp::footprint_bytes`] costs nothing to ask inside a long range
+    /// operation.
+    small_bytes: usize,
 }
 
 fn head(pfn: u64) -> u64 {
@@ -426,6 +436,7 @@ impl Rmp {
             in_use: BTreeSet::new(),
             stored_4k: 0,
             stored_2m: 0,
+            small_bytes: 0,
         }
     }
 
@@ -449,15 +460,15 @@ impl Rmp {
     pub fn footprint_bytes(&self) -> usize {
         let slot = std::mem::size_of::<(u64, Region)>() + 1;
         self.regions.capacity() * slot
-            + self
-                .regions
-                .values()
-                .filter_map(|r| r.small.as_deref())
-                .map(|s| s.bytes() + std::mem::size_of::<Small>())
-                .sum::<usize>()
+            + self.small_bytes
             + self.perms.capacity() * (8 + 3 + 8)
             + self.asid_pages.capacity() * 16
             + self.in_use.len() * 24
+    }
+
+    /// Account for a region's 4 KiB entries going from `before` bytes to `after`.
+    fn resized(&mut self, before: usize, after: usize) {
+        self.small_bytes = self.small_bytes + after - before;
     }
 
     fn region(&self, pfn: u64) -> Option<&Region> {
@@ -615,6 +626,7 @@ impl Rmp {
             r.large = 0;
             self.stored_2m -= 1;
         } else {
+            let before = small_bytes(&r.small);
             if let Some(s) = r.small.as_mut() {
                 s.set(idx, 0);
             }
@@ -622,6 +634,8 @@ impl Rmp {
             if r.stored_4k == 0 {
                 r.small = None;
             }
+            let after = small_bytes(&r.small);
+            self.resized(before, after);
             self.stored_4k -= 1;
         }
         self.prune(pfn);
@@ -651,10 +665,13 @@ impl Rmp {
             r.large = q;
             self.stored_2m += 1;
         } else {
+            let before = small_bytes(&r.small);
             r.small
                 .get_or_insert_with(|| Box::new(Small::Sparse(Vec::new())))
                 .set((pfn - head(pfn)) as usize, q);
             r.stored_4k += 1;
+            let after = small_bytes(&r.small);
+            self.resized(before, after);
             self.stored_4k += 1;
         }
         self.account(pfn, q, true);
@@ -1014,6 +1031,7 @@ impl Rmp {
         let (mut new_stored, mut new_assigned) = (0u16, 0u16);
         let mut fail = None;
         let region = self.regions.entry(h / PTRS_PER_PMD).or_default();
+        let before = small_bytes(&region.small);
         let chunk = region
             .small
             .get_or_insert_with(|| Box::new(Small::Sparse(Vec::new())));
@@ -1065,6 +1083,8 @@ impl Rmp {
         if region.stored_4k == 0 {
             region.small = None;
         }
+        let after = small_bytes(&region.small);
+        self.resized(before, after);
         self.prune(h);
         self.stored_4k += u64::from(new_stored);
         self.count_asid(asid, u64::from(new_assigned), 0);
@@ -1099,6 +1119,7 @@ impl Rmp {
         let Some(region) = self.regions.get_mut(&(h / PTRS_PER_PMD)) else {
             return (0, Vec::new());
         };
+        let before = small_bytes(&region.small);
         let Some(chunk) = region.small.as_mut() else {
             return (0, Vec::new());
         };
@@ -1127,6 +1148,8 @@ impl Rmp {
         if region.stored_4k == 0 {
             region.small = None;
         }
+        let after = small_bytes(&region.small);
+        self.resized(before, after);
         self.prune(h);
         self.stored_4k -= updated;
         for (asid, c) in per_asid {
@@ -1497,6 +1520,16 @@ mod tests {
         (a, b)
     }
 
+    /// The 4 KiB entries' bytes counted region by region, which the kept count must equal.
+    #[track_caller]
+    fn assert_small_bytes_kept(r: &Rmp) {
+        let walked: usize = r.regions.values().map(|x| small_bytes(&x.small)).sum();
+        assert_eq!(
+            r.small_bytes, walked,
+            "the kept count of the 4 KiB entries' bytes"
+        );
+    }
+
     fn region_entries(r: &Rmp, base: u64) -> Vec<RmpEntry> {
         (base..base + PTRS_PER_PMD).map(|p| r.entry(Pfn(p))).collect()
     }
@@ -1537,6 +1570,8 @@ mod tests {
                 }
             }
             assert_eq!(run, want);
+            assert_small_bytes_kept(&fast);
+            assert_small_bytes_kept(&slow);
             assert_eq!(region_entries(&fast, base), region_entries(&slow, base));
             assert_eq!(fast.asid_pages(1), slow.asid_pages(1));
             assert_eq!(fast.stored_entries(), slow.stored_entries());
@@ -1561,6 +1596,8 @@ mod tests {
             );
             assert_eq!(fast.stored_entries(), slow.stored_entries());
             assert_eq!(fast.tracked_frames(), slow.tracked_frames());
+            assert_small_bytes_kept(&fast);
+            assert_small_bytes_kept(&slow);
         }
     }
 
@@ -1601,5 +1638,6 @@ mod tests {
         }
         assert_eq!((s.stored_entries(), s.asid_pages(1)), (0, 0));
         assert!(s.regions.is_empty());
+        assert_eq!(s.small_bytes, 0);
     }
 }

@@ -28,6 +28,11 @@ pub struct Capabilities {
     /// Whether it creates VMs in the supplied-VMSA launch mode ([`crate::VmSpec::supplied_vmsa`]:
     /// `SNP_LAUNCH_UPDATE` takes the BSP's VMSA, the series' 4/4). Mainline KVM does not.
     pub supplied_vmsa: bool,
+    /// Whether it moves an SEV-ES guest's encryption context into another VM
+    /// (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`: [`Hypervisor::create_migration_target`], then
+    /// [`crate::Vm::move_enc_context_from`]). A host without it keeps their defaults, which
+    /// refuse.
+    pub intra_host_migration: bool,
 }
 
 /// Why a host could not create a VM.
@@ -68,4 +73,18 @@ pub trait Hypervisor {
 
     /// `KVM_CREATE_VM` of the kind's type, then `KVM_SEV_INIT2` with `spec.vmsa_features`.
     fn create_vm(&self, spec: VmSpec) -> Result<Self::Vm, HypervisorError>;
+
+    /// `KVM_CREATE_VM` of the kind's type without `KVM_SEV_INIT2`: the destination of an
+    /// intra-host migration, which gets its encryption context (and its vCPUs' VMSAs) from a
+    /// launched VM with [`crate::Vm::move_enc_context_from`] once it has as many vCPUs
+    /// (`sev_vm_move_enc_context_from` requires the same VM type, a destination that is no SEV
+    /// guest yet, and `sev_check_source_vcpus` the same vCPU count).
+    fn create_migration_target(&self, _kind: VmKind) -> Result<Self::Vm, HypervisorError> {
+        Err(Refusal::new(
+            "KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM",
+            crate::Errno::EINVAL,
+            "this host cannot move an encryption context between VMs",
+        )
+        .into())
+    }
 }

@@ -38,6 +38,6 @@ pub use errno::Errno;
 pub use exit::{Conversion, VcpuExit};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
 pub use refusal::{Refusal, supplied_vmsa_rule};
-pub use report::{GuestActivity, GuestStep, HostReport, Observed, TeardownCounts};
+pub use report::{DumpedSaveArea, GuestActivity, GuestStep, HostReport, Observed, TeardownCounts, VmcbDump};
 pub use vcpu::{Kick, Vcpu, VcpuError};
 pub use vm::{LaunchUpdate, MemoryRegion, Vm, VmError, VmSpec};

@@ -49,6 +49,25 @@ pub fn supplied_vmsa_rule(e: &vmsa_core::SuppliedVmsaError) -> &'static str {
     }
 }
 
+/// The rule a refused intra-host migration (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`) broke, with
+/// the function that enforces it (arch/x86/kvm/svm/sev.c).
+fn migration_rule(e: &vmsa_core::MigrationError) -> &'static str {
+    use vmsa_core::MigrationError as M;
+    match e {
+        M::DestinationIsConfidential { .. } => {
+            "the destination is an SEV guest already: it must be created without KVM_SEV_INIT2 (sev_vm_move_enc_context_from)"
+        }
+        M::SourceNotConfidential => "the source is not an SEV guest (sev_vm_move_enc_context_from)",
+        M::SourceIsSnp => "an SEV-SNP source cannot move its context (sev_vm_move_enc_context_from)",
+        M::VcpuCountMismatch { .. } => {
+            "the destination must have as many vCPUs as the source (sev_check_source_vcpus)"
+        }
+        M::SourceNotLaunched { .. } => {
+            "every source vCPU's VMSA must be encrypted (guest_state_protected, sev_check_source_vcpus)"
+        }
+    }
+}
+
 impl Refusal {
     /// `call` refused with `errno` because it broke `rule`.
     pub const fn new(call: &'static str, errno: Errno, rule: &'static str) -> Self {
@@ -116,6 +135,8 @@ impl Refusal {
             ),
             E2::SuppliedVmsa(s) => r(Errno::EINVAL, supplied_vmsa_rule(s)),
             E2::VmBugged { .. } | E2::VmDead => r(Errno::EIO, "the VM is bugged or dead (KVM_BUG_ON)"),
+            // sev_vm_move_enc_context_from: every rule it checks answers -EINVAL.
+            E2::Migration(m) => r(Errno::EINVAL, migration_rule(m)),
             _ => None,
         }
     }

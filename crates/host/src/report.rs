@@ -47,6 +47,14 @@ impl<T> Observed<T> {
         }
     }
 
+    /// Both values combined with `f` if both were seen, else the first reason either is hidden.
+    pub fn zip_with<U>(self, other: Self, f: impl FnOnce(T, T) -> U) -> Observed<U> {
+        match (self, other) {
+            (Self::Seen(a), Self::Seen(b)) => Observed::Seen(f(a, b)),
+            (Self::Hidden { hidden }, _) | (_, Self::Hidden { hidden }) => Observed::Hidden { hidden },
+        }
+    }
+
     /// Map the seen value.
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Observed<U> {
         match self {
@@ -82,6 +90,36 @@ pub struct GuestActivity {
     pub ap_requests: u64,
     /// AP-creation requests it refused (a GHCB error to the guest).
     pub ap_refused: u64,
+    /// What the host kernel dumped of vCPUs whose VMRUN failed.
+    pub vmcb_dumps: Vec<VmcbDump>,
+}
+
+/// What KVM's `dump_vmcb` (arch/x86/kvm/svm/svm.c) logs for a vCPU whose VMRUN failed
+/// (`SVM_EXIT_ERR`, reported as `KVM_EXIT_FAIL_ENTRY`) when `kvm_amd.dump_invalid_vmcb` is set:
+/// for an SEV-ES or SNP guest the save area comes from `sev_decrypt_vmsa`, which reads a VMSA
+/// not yet encrypted as it is, decrypts an encrypted one with `SNP_DBG_DECRYPT` /
+/// `DBG_DECRYPT` if the guest policy allows debugging, and gives none otherwise.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmcbDump {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// The save area's registers that say where the vCPU was (`dump_vmcb` prints them all).
+    pub save_area: Option<DumpedSaveArea>,
+    /// Why there is no save area (`sev_decrypt_vmsa` returned none).
+    pub unavailable: Option<String>,
+}
+
+/// A few registers of a dumped save area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct DumpedSaveArea {
+    /// RIP.
+    pub rip: u64,
+    /// RSP.
+    pub rsp: u64,
+    /// EFER.
+    pub efer: u64,
+    /// SEV_FEATURES.
+    pub sev_features: u64,
 }
 
 impl GuestActivity {
@@ -125,9 +163,91 @@ pub struct HostReport {
     pub teardown: TeardownCounts,
 }
 
+impl HostReport {
+    /// The account of two VMs one guest lived in (an intra-host migration): `first` torn down
+    /// before `last`. Events follow each other, per-VM counts add up, and what describes the
+    /// host as a whole (RMP faults, frames still allocated or leaked) is `last`'s, taken after
+    /// both teardowns. The launch digest is the first one either reports (the context that
+    /// moved holds it); the guest's activity is `last`'s, where it ran.
+    pub fn merged(first: HostReport, last: HostReport) -> HostReport {
+        let (f, l) = (first.teardown, last.teardown);
+        let launch_digest = match (first.launch_digest, last.launch_digest) {
+            (Observed::Seen(Some(d)), _) | (_, Observed::Seen(Some(d))) => Observed::Seen(Some(d)),
+            (_, l) => l,
+        };
+        HostReport {
+            events: first.events.zip_with(last.events, |mut a, b| {
+                a.extend(b);
+                a
+            }),
+            launch_digest,
+            rmp_faults: last.rmp_faults,
+            guest: last.guest,
+            teardown: TeardownCounts {
+                vcpus: f.vcpus + l.vcpus,
+                vmsas_leaked: f.vmsas_leaked.zip_with(l.vmsas_leaked, |a, b| a + b),
+                guest_frames_released: f
+                    .guest_frames_released
+                    .zip_with(l.guest_frames_released, |a, b| a + b),
+                guest_frames_leaked: f
+                    .guest_frames_leaked
+                    .zip_with(l.guest_frames_leaked, |a, b| a + b),
+                frames_still_allocated: l.frames_still_allocated,
+                frames_leaked_on_purpose: l.frames_leaked_on_purpose,
+                error: match (f.error, l.error) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.or(b),
+                },
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_migrated_guests_reports_add_up_and_the_host_is_the_last_ones() {
+        let counts = |vcpus, leaked: u64, left: u64| TeardownCounts {
+            vcpus,
+            vmsas_leaked: Observed::Seen(leaked as usize),
+            guest_frames_released: Observed::Seen(10),
+            guest_frames_leaked: Observed::Seen(leaked),
+            frames_still_allocated: Observed::Seen(left),
+            frames_leaked_on_purpose: Observed::Seen(leaked * 5),
+            error: None,
+        };
+        let report = |digest: Option<&str>, t| HostReport {
+            events: Observed::Seen(Vec::new()),
+            launch_digest: Observed::Seen(digest.map(str::to_owned)),
+            rmp_faults: Observed::Seen(t),
+            guest: Observed::Seen(GuestActivity::default()),
+            teardown: counts(2, t, t),
+        };
+        let m = HostReport::merged(report(None, 1), report(Some("ab"), 2));
+        assert_eq!(m.launch_digest, Observed::Seen(Some("ab".into())));
+        assert_eq!(
+            m.rmp_faults,
+            Observed::Seen(2),
+            "the host's count is the last report's"
+        );
+        let t = m.teardown;
+        assert_eq!(
+            (t.vcpus, t.vmsas_leaked, t.guest_frames_leaked),
+            (4, Observed::Seen(3), Observed::Seen(3))
+        );
+        assert_eq!(t.guest_frames_released, Observed::Seen(20));
+        assert_eq!(
+            (t.frames_still_allocated, t.frames_leaked_on_purpose),
+            (Observed::Seen(2), Observed::Seen(10))
+        );
+        let hidden: Observed<u64> = Observed::hidden("no");
+        assert_eq!(
+            hidden.zip_with(Observed::Seen(1), |a, b| a + b),
+            Observed::hidden("no")
+        );
+    }
 
     #[test]
     fn hidden_values_say_why_in_json() {

@@ -161,4 +161,18 @@ pub trait Vm: Sync {
 
     /// Destroy the VM (its vCPUs must be dropped first) and report what it did and left.
     fn teardown(self) -> HostReport;
+
+    /// `KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM` on this VM (made by
+    /// [`crate::Hypervisor::create_migration_target`], with as many vCPUs as `source`): take
+    /// `source`'s encryption context, launch state and every vCPU's VMSA; `source` is dead
+    /// afterwards (`kvm_vm_dead`: only teardown is left). Nothing moves if a rule is broken.
+    /// Guest memory slots do not move: the VMM adds the same ones to this VM first.
+    fn move_enc_context_from(&mut self, _source: &mut Self) -> Result<(), VmError> {
+        Err(Refusal::new(
+            "KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM",
+            crate::Errno::EINVAL,
+            "this host cannot move an encryption context between VMs",
+        )
+        .into())
+    }
 }

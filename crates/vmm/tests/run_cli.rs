@@ -319,6 +319,56 @@ fn costs_file_changes_the_cycles() {
     assert!(slow["costs"]["total_cycles"].as_u64() > base["costs"]["total_cycles"].as_u64());
 }
 
+/// A guest action whose bookkeeping outgrows the simulator's memory budget ends the run there
+/// (the vCPU's KVM_RUN fails), with an error naming the operation and the budget; everything
+/// is torn down and the run fails with exit code 1. (4 KiB PVALIDATEs of 10^9 pages at
+/// `--memory 8T` held 8 GB of RMP entries for 43 s before.)
+#[test]
+fn a_run_that_outgrows_the_memory_budget_ends_there_naming_it() {
+    let dir = scratch("run-budget");
+    let script = dir.join("pvalidate.json");
+    // 4 GiB of 4 KiB PVALIDATEs above 4 GiB: 8 MiB of RMP entries.
+    std::fs::write(
+        &script,
+        r#"{"name": "big", "actions": [
+            {"action": "pvalidate", "vcpu": 0, "gpa": 4294967296, "pages": 1048576},
+            {"action": "hlt", "vcpu": 0}
+        ]}"#,
+    )
+    .unwrap();
+    let args = [
+        "--vcpus",
+        "1",
+        "--memory",
+        "8G",
+        "--guest",
+        script.to_str().unwrap(),
+    ];
+    let mut small = args.to_vec();
+    small.extend(["--sim-memory-budget", "4M"]);
+    let (s, code) = run_json(&small);
+    assert_eq!(code, 1, "{s:#}");
+    let end = &s["guest_run"]["end"];
+    assert_eq!(
+        (&end["end"], &end["vcpu"]),
+        (&Value::from("error"), &Value::from(0))
+    );
+    let error = end["error"].as_str().unwrap();
+    assert!(
+        error.contains("KVM_RUN: PVALIDATE") && error.contains("memory budget of 4194304 bytes"),
+        "{error}"
+    );
+    assert!(
+        s["footprint"]["bytes"].as_u64().unwrap() <= (4 << 20) + 8192,
+        "stopped within a region's pass of the budget: {:#}",
+        s["footprint"]
+    );
+    assert_eq!(s["teardown"]["frames_still_allocated"], 0);
+    // The default budget (2G) holds the same run.
+    let (s, code) = run_json(&args);
+    assert_eq!(code, 0, "{s:#}");
+}
+
 #[test]
 fn a_guest_script_file_runs() {
     let dir = scratch("run-script");
@@ -411,6 +461,80 @@ fn probe_reports_the_modes_and_why() {
     assert!(text.contains("backend sim: available"), "{text}");
 }
 
+/// `--sev-es --migrate`: the launched guest moves into a second VM
+/// (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`) and runs there; each vCPU's history goes through the
+/// move, and the teardown covers both VMs.
+#[test]
+fn an_sev_es_guest_moves_into_a_second_vm_and_runs_there() {
+    let (s, code) = run_json(&["--sev-es", "--migrate", "--vcpus", "2", "--memory", "8M"]);
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(s["migration"]["error"], Value::Null);
+    for v in 0..2 {
+        assert_eq!(
+            ops(&s, v),
+            ["Alloc", "MakePrivate", "MigrateOut", "MigrateIn", "Free"],
+            "vCPU {v}"
+        );
+    }
+    assert_eq!(
+        s["teardown"]["vcpus"], 4,
+        "the dead source's two vCPUs and the destination's"
+    );
+    assert_eq!(s["guest_run"]["end"]["end"], "done");
+    assert!(
+        s["guest_run"]["vmruns"].as_u64() > Some(0),
+        "the guest ran in the destination"
+    );
+}
+
+/// `builtin:vmrun-fail`: the AP's VMRUN fails on a page that is no VMSA; with
+/// `--dump-invalid-vmcb` the host dumps the vCPU, its save area decrypted only if the policy
+/// allows debugging (`SNP_DBG_DECRYPT`, through a firmware page that is reclaimed after).
+#[test]
+fn a_failed_vmrun_is_dumped_and_decrypted_when_the_policy_allows_debugging() {
+    let base = ["--vcpus", "2", "--memory", "8M", "--guest", "builtin:vmrun-fail"];
+    let dumps = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let (s, code) = run_json(&a);
+        assert_eq!(code, 0, "{a:?}: the entry failure is the scenario's: {s:#}");
+        assert_eq!(s["guest_run"]["end"]["end"], "error", "{s:#}");
+        assert_eq!(s["guest_run"]["end"]["vcpu"], 1);
+        assert_eq!(s["teardown"]["frames_still_allocated"], 0);
+        s["guest_run"]["vmcb_dumps"].as_array().unwrap().clone()
+    };
+    assert!(
+        dumps(&[]).is_empty(),
+        "kvm_amd.dump_invalid_vmcb is off by default"
+    );
+    let refused = dumps(&["--dump-invalid-vmcb"]);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["save_area"], Value::Null);
+    assert!(
+        refused[0]["unavailable"]
+            .as_str()
+            .unwrap()
+            .contains("lacks DEBUG (bit 19)")
+    );
+    let decrypted = dumps(&["--dump-invalid-vmcb", "--allow-debug"]);
+    assert_eq!(decrypted[0]["vcpu"], 1);
+    assert_eq!(
+        decrypted[0]["save_area"]["rip"], 0x10_0000,
+        "the entry state the BSP wrote into the page"
+    );
+    // With sound VMSAs (builtin:boot) no VMRUN fails and nothing is dumped.
+    let (s, code) = run_json(&[
+        "--vcpus",
+        "2",
+        "--memory",
+        "8M",
+        "--dump-invalid-vmcb",
+        "--allow-debug",
+    ]);
+    assert_eq!(code, 0, "{s:#}");
+    assert_eq!(s["guest_run"]["vmcb_dumps"], Value::Array(vec![]));
+}
+
 #[test]
 fn bad_inputs_are_one_line_with_exit_code_2() {
     let dir = scratch("run-bad");
@@ -459,6 +583,23 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
         (
             vec!["--backend".into(), "kvm".into(), "--trace".into(), "x".into()],
             "--trace belongs to the simulator",
+        ),
+        (
+            vec!["--backend".into(), "kvm".into(), "--migrate".into()],
+            "--migrate belongs to the simulator",
+        ),
+        (
+            vec![
+                "--backend".into(),
+                "kvm".into(),
+                "--sim-memory-budget".into(),
+                "1G".into(),
+            ],
+            "--sim-memory-budget belongs to the simulator",
+        ),
+        (
+            vec!["--migrate".into()],
+            "--migrate: only SEV-ES guests move between VMs",
         ),
         (vec!["--vcpu-type".into(), "Pentium".into()], "Pentium"),
         (

@@ -112,6 +112,9 @@ impl KvmImageHost {
                 // vmsa-core plays the kernel, with its supplied-VMSA mode: the BSP starts from
                 // the VMSA page the VMM put into guest memory.
                 supplied_vmsa: true,
+                // It creates SNP VMs only, and KVM moves no SNP context
+                // (sev_vm_move_enc_context_from refuses an SNP source).
+                intra_host_migration: false,
             },
             reason: reason.into(),
             kick_timeout: Duration::from_secs(10),
@@ -501,6 +504,8 @@ impl Vm for KvmImageVm {
                 ap_requests,
                 ap_refused: self.shared.ap_refused.load(Ordering::SeqCst),
                 steps: std::mem::take(&mut *self.shared.steps.lock().unwrap_or_else(|p| p.into_inner())),
+                // The kernel's dump_vmcb goes to its log, which this host does not read.
+                vmcb_dumps: Vec::new(),
             }),
             teardown: TeardownCounts {
                 vcpus: down.vcpus,

@@ -74,6 +74,9 @@ impl KvmSnpHost {
                 launch_digest_visible: false,
                 private_memory: true,
                 supplied_vmsa: probe.supplied_vmsa.supported,
+                // It creates SNP VMs only, and KVM moves no SNP context
+                // (sev_vm_move_enc_context_from refuses an SNP source).
+                intra_host_migration: false,
             },
             supplied_vmsa: probe.supplied_vmsa.clone(),
         })

@@ -17,7 +17,7 @@ use vmsa_core::{
     ApCreationRequest, Entry, Gfn, Gpa, Hpa, INITIAL_VMSA_GPA, MpState, PAGE_SIZE, SevEsSaveArea, VcpuId, Vm,
     VmKind, VmcbSeg, VmsaState,
 };
-use vmsa_host::{Conversion, GuestActivity, GuestStep};
+use vmsa_host::{Conversion, DumpedSaveArea, GuestActivity, GuestStep, VmcbDump};
 
 use crate::cost::CostOp;
 use crate::error::SimError;
@@ -58,13 +58,28 @@ pub(crate) enum EntryError {
     Vmrun(#[from] SimError),
 }
 
+/// Why a vCPU's next `KVM_RUN` fails.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunFailure {
+    /// Its entry failed: `KVM_EXIT_FAIL_ENTRY`, or `KVM_RUN`'s refusal (an entry after a kick
+    /// too: the kicker's request itself succeeded).
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    /// The host failed while the vCPU ran the guest: the simulated machine outgrew its memory
+    /// budget (as a KVM host out of memory fails the vCPU's `KVM_RUN`). The guest's operation
+    /// is not the guest's failure, and the run cannot go on.
+    #[error(transparent)]
+    Host(SimError),
+}
+
 /// The processors of one scripted guest.
 #[derive(Debug)]
 pub(super) struct Cpus {
     running: HashMap<u32, Hpa>,
-    /// vCPUs whose entry after a kick failed: their own next `KVM_RUN` reports it, as KVM's
-    /// does with `KVM_EXIT_FAIL_ENTRY` (the kicker's request itself succeeded).
-    entry_failed: HashMap<u32, EntryError>,
+    /// vCPUs whose next `KVM_RUN` fails, and why.
+    failed: HashMap<u32, RunFailure>,
+    /// `kvm_amd.dump_invalid_vmcb`: dump a vCPU whose VMRUN failed.
+    dump_invalid_vmcb: bool,
     report: GuestActivity,
 }
 
@@ -140,7 +155,7 @@ pub(crate) fn convert(vm: &Vm<SimPlatform>, cpus: &mut Cpus, range: Conversion) 
 /// guest's page state changes and memory faults at once, as the VMM would. For tests of the host
 /// kernel that inspect `vm` between scripts; a VMM runs guests through [`super::SimHost`].
 pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> GuestActivity {
-    let mut cpus = Cpus::new();
+    let mut cpus = Cpus::new(false);
     for (index, a) in script.actions.iter().enumerate() {
         match cpus.step(vm, index, a, false) {
             Acted::Convert(range) => {
@@ -161,11 +176,12 @@ pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> G
 }
 
 impl Cpus {
-    /// No vCPU inside the guest yet.
-    pub(super) fn new() -> Self {
+    /// No vCPU inside the guest yet; `dump_invalid_vmcb` as the kvm_amd parameter.
+    pub(super) fn new(dump_invalid_vmcb: bool) -> Self {
         Self {
             running: HashMap::new(),
-            entry_failed: HashMap::new(),
+            failed: HashMap::new(),
+            dump_invalid_vmcb,
             report: GuestActivity::default(),
         }
     }
@@ -189,12 +205,42 @@ impl Cpus {
             Entry::Blocked(_) => Ok(false),
             Entry::Run(hpa) => {
                 let gpa = Self::expected_gpa(vm, id);
-                vm.platform().vmrun(hpa, gpa)?;
+                if let Err(e) = vm.platform().vmrun(hpa, gpa) {
+                    // svm_handle_exit: SVM_EXIT_ERR is KVM_EXIT_FAIL_ENTRY, after dump_vmcb.
+                    if self.dump_invalid_vmcb {
+                        self.dump_vmcb(vm, id);
+                    }
+                    return Err(e.into());
+                }
                 self.report.vmruns += 1;
                 self.running.insert(vcpu, hpa);
                 Ok(true)
             }
         }
+    }
+
+    /// KVM's `dump_vmcb` of a vCPU whose VMRUN failed, for an SEV-ES or SNP guest: the save
+    /// area `sev_decrypt_vmsa` gives (the page itself before the VMSA is encrypted, else
+    /// `SNP_DBG_DECRYPT` / `DBG_DECRYPT` of it if the policy allows debugging), or why none.
+    fn dump_vmcb(&mut self, vm: &Vm<SimPlatform>, id: VcpuId) {
+        let dump = match vm.decrypt_vmsa(id) {
+            Ok(s) => VmcbDump {
+                vcpu: id.0,
+                save_area: Some(DumpedSaveArea {
+                    rip: s.rip,
+                    rsp: s.rsp,
+                    efer: s.efer,
+                    sev_features: s.sev_features,
+                }),
+                unavailable: None,
+            },
+            Err(e) => VmcbDump {
+                vcpu: id.0,
+                save_area: None,
+                unavailable: Some(e.to_string()),
+            },
+        };
+        self.report.vmcb_dumps.push(dump);
     }
 
     pub(super) fn exit(&mut self, vm: &Vm<SimPlatform>, vcpu: u32) {
@@ -212,15 +258,25 @@ impl Cpus {
             Ok(false) => format!("vCPU {target} halted"),
             Err(e) => {
                 let text = format!("vCPU {target} cannot run: {e}");
-                self.entry_failed.insert(target, e);
+                self.failed.insert(target, e.into());
                 text
             }
         }
     }
 
-    /// The failed entry of `vcpu` after a kick, if any, taken (its `KVM_RUN` reports it once).
-    pub(super) fn take_entry_failure(&mut self, vcpu: u32) -> Option<EntryError> {
-        self.entry_failed.remove(&vcpu)
+    /// Why `vcpu`'s next `KVM_RUN` fails, if it does, taken (its `KVM_RUN` reports it once).
+    pub(super) fn take_failure(&mut self, vcpu: u32) -> Option<RunFailure> {
+        self.failed.remove(&vcpu)
+    }
+
+    /// What the guest sees of a failed operation of `vcpu`'s; a failure of the host beneath
+    /// (the machine's memory budget) also fails the vCPU's `KVM_RUN`.
+    fn guest_error(&mut self, vcpu: u32, e: SimError) -> String {
+        let text = e.to_string();
+        if matches!(e, SimError::MemoryBudget { .. }) {
+            self.failed.insert(vcpu, RunFailure::Host(e));
+        }
+        text
     }
 
     fn exit_cost(vm: &Vm<SimPlatform>) -> CostOp {
@@ -254,7 +310,17 @@ impl Cpus {
         if !vm.vcpu_ids().contains(&VcpuId(vcpu)) {
             return Err(format!("no vCPU {vcpu}"));
         }
-        if !self.enter(vm, vcpu).map_err(|e| e.to_string())? {
+        let entered = match self.enter(vm, vcpu) {
+            Ok(entered) => entered,
+            Err(e) => {
+                // The action never runs; the vCPU's KVM_RUN fails with the entry's error, as
+                // after a kick.
+                let text = format!("vCPU {vcpu} cannot run: {e}");
+                self.failed.insert(vcpu, e.into());
+                return Err(text);
+            }
+        };
+        if !entered {
             let mp = vm.vcpu(VcpuId(vcpu)).map(|v| v.mp_state).ok();
             return Err(format!("vCPU {vcpu} is not runnable ({mp:?})"));
         }
@@ -276,7 +342,7 @@ impl Cpus {
                         _ => format!("{changed} pages ok, {same} no update"),
                     })
                 })
-                .map_err(|e| e.to_string()),
+                .map_err(|e| self.guest_error(vcpu, e)),
             GuestAction::Write {
                 gpa,
                 pages,
@@ -296,7 +362,7 @@ impl Cpus {
                     }),
                     String::new(),
                 )),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(self.guest_error(vcpu, e)),
             },
             GuestAction::WriteVmsa {
                 gpa,
@@ -309,12 +375,12 @@ impl Cpus {
                 let img = vmsa_image(rip, rsp, f);
                 p.guest_write(Gpa(gpa), img.as_page(), true)
                     .map(|()| done(format!("VMSA rip {rip:#x}")))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| self.guest_error(vcpu, e))
             }
             GuestAction::MakeVmsa { gpa, vmsa, .. } => p
                 .rmpadjust(Gpa(gpa), 1, 0, vmsa)
                 .map(|()| done("ok".into()))
-                .map_err(|e| e.to_string()),
+                .map_err(|e| self.guest_error(vcpu, e)),
             GuestAction::ApCreate {
                 apic_id,
                 gpa,

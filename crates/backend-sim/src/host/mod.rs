@@ -41,6 +41,7 @@ mod vm;
 
 pub use cpu::run_script;
 pub use vcpu::{SimKick, SimVcpu};
+use vm::Role;
 pub use vm::SimVm;
 
 /// The most vCPUs a simulated VM takes (KVM's `KVM_MAX_VCPUS` on x86 is larger; the
@@ -53,6 +54,16 @@ pub struct SimHost {
     machine: Arc<Machine>,
     script: Arc<GuestScript>,
     caps: Capabilities,
+    options: HostOptions,
+}
+
+/// The host kernel's settings (kvm_amd's module parameters).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HostOptions {
+    /// `kvm_amd.dump_invalid_vmcb`: after a failed VMRUN, dump the VMCB and the vCPU's save
+    /// area (decrypted where the guest policy allows) into the report's
+    /// [`vmsa_host::GuestActivity::vmcb_dumps`].
+    pub dump_invalid_vmcb: bool,
 }
 
 impl SimHost {
@@ -71,8 +82,20 @@ impl SimHost {
                 // vmsa-core's supplied-VMSA mode: SNP_LAUNCH_UPDATE takes page type 2 (VMSA) in
                 // a VM created with VmSpec::supplied_vmsa, as the series' 4/4 proposes.
                 supplied_vmsa: true,
+                // vmsa-core's Vm::migrate_from, as sev_vm_move_enc_context_from (SEV-ES only).
+                intra_host_migration: true,
             },
+            options: HostOptions::default(),
         }
+    }
+
+    /// This host with `kvm_amd.dump_invalid_vmcb` set or not (off by default, as in KVM): a
+    /// vCPU whose VMRUN fails then has its VMCB dumped, and its save area with it, which
+    /// `sev_decrypt_vmsa` decrypts if the guest policy allows debugging (`SNP_DBG_DECRYPT` /
+    /// `DBG_DECRYPT`); see [`vmsa_host::VmcbDump`].
+    pub fn with_dump_invalid_vmcb(mut self, on: bool) -> Self {
+        self.options.dump_invalid_vmcb = on;
+        self
     }
 
     /// The machine beneath (costs, trace, fault plan, frame ledger).
@@ -94,6 +117,27 @@ impl Hypervisor for SimHost {
 
     fn create_vm(&self, spec: VmSpec) -> Result<SimVm, HypervisorError> {
         rules::check_init(&spec, self.caps.vmsa_features)?;
-        SimVm::new(&self.machine, spec, self.script.clone())
+        SimVm::new(
+            &self.machine,
+            spec,
+            Role::Confidential,
+            self.options,
+            self.script.clone(),
+        )
+    }
+
+    fn create_migration_target(&self, kind: VmKind) -> Result<SimVm, HypervisorError> {
+        let spec = VmSpec {
+            kind,
+            vmsa_features: 0,
+            supplied_vmsa: false,
+        };
+        SimVm::new(
+            &self.machine,
+            spec,
+            Role::MigrationTarget,
+            self.options,
+            self.script.clone(),
+        )
     }
 }

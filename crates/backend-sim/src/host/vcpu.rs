@@ -78,8 +78,8 @@ impl vmsa_host::Vcpu for SimVcpu {
         let shared = &self.shared;
         let mut g = shared.guest();
         loop {
-            if let Some(e) = g.cpus.take_entry_failure(self.id) {
-                // KVM_RUN of a vCPU whose VMRUN failed: KVM_EXIT_FAIL_ENTRY.
+            if let Some(e) = g.cpus.take_failure(self.id) {
+                // KVM_RUN of a vCPU whose VMRUN failed (KVM_EXIT_FAIL_ENTRY), or whose host did.
                 return Err(VcpuError::host(self.id, "KVM_RUN", e));
             }
             if shared.kernel().is_bugged() {

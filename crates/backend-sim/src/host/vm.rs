@@ -49,9 +49,10 @@ pub(super) struct Guest {
 /// What the VM and its vCPUs share.
 #[derive(Debug)]
 pub(super) struct Shared {
-    /// The host kernel's view of the VM: VMSA ownership, launch state, AP creation.
+    /// The host kernel's view of the VM: VMSA ownership, launch state, AP creation. Its
+    /// platform is the guest on the machine (ASID, memory, firmware context), which an
+    /// intra-host migration moves to another VM.
     pub kernel: RwLock<vmsa_core::Vm<SimPlatform>>,
-    pub platform: SimPlatform,
     pub guest: Mutex<Guest>,
     /// One per vCPU ID: signalled when that vCPU has something to do (its action is next, it
     /// was kicked, or, for the BSP, the script is exhausted), so progress wakes one thread,
@@ -86,6 +87,11 @@ impl Shared {
         self.kernel.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The guest on the machine this VM holds now.
+    pub fn platform(&self) -> SimPlatform {
+        self.kernel().platform().clone()
+    }
+
     fn kernel_mut(&self) -> RwLockWriteGuard<'_, vmsa_core::Vm<SimPlatform>> {
         self.kernel.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -100,10 +106,21 @@ pub struct SimVm {
     regions: Vec<MemoryRegion>,
 }
 
+/// How a [`SimVm`] is created.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Role {
+    /// `KVM_CREATE_VM` + `KVM_SEV_INIT2`: a confidential VM of the spec.
+    Confidential,
+    /// `KVM_CREATE_VM` alone: the destination of an intra-host migration.
+    MigrationTarget,
+}
+
 impl SimVm {
     pub(super) fn new(
         machine: &Arc<Machine>,
         spec: VmSpec,
+        role: Role,
+        options: super::HostOptions,
         script: Arc<GuestScript>,
     ) -> Result<Self, HypervisorError> {
         let platform = machine
@@ -112,24 +129,28 @@ impl SimVm {
                 call: "KVM_CREATE_VM",
                 source: Box::new(e),
             })?;
-        let config = match spec.kind {
-            VmKind::Snp => VmConfig::snp(spec.vmsa_features),
-            VmKind::SevEs => VmConfig::sev_es(spec.vmsa_features),
-        };
-        // The supplied-VMSA mode is fixed here, before any vCPU: vmsa-core then allocates no
-        // VMSA at vCPU creation (rules::check_init refused it for SEV-ES).
-        let config = VmConfig {
-            supplied_vmsa: spec.supplied_vmsa,
-            ..config
-        };
         let events = Arc::new(EventLog::new());
-        let kernel = vmsa_core::Vm::new(platform.clone(), config, events.clone());
-        let cpus = Cpus::new();
+        let kernel = match role {
+            Role::Confidential => {
+                let config = match spec.kind {
+                    VmKind::Snp => VmConfig::snp(spec.vmsa_features),
+                    VmKind::SevEs => VmConfig::sev_es(spec.vmsa_features),
+                };
+                // The supplied-VMSA mode is fixed here, before any vCPU: vmsa-core then
+                // allocates no VMSA at vCPU creation (rules::check_init refused it for SEV-ES).
+                let config = VmConfig {
+                    supplied_vmsa: spec.supplied_vmsa,
+                    ..config
+                };
+                vmsa_core::Vm::new(platform, config, events.clone())
+            }
+            Role::MigrationTarget => vmsa_core::Vm::migration_target(platform, events.clone()),
+        };
+        let cpus = Cpus::new(options.dump_invalid_vmcb);
         Ok(Self {
             spec,
             shared: Arc::new(Shared {
                 kernel: RwLock::new(kernel),
-                platform,
                 guest: Mutex::new(Guest {
                     script,
                     next: 0,
@@ -147,9 +168,9 @@ impl SimVm {
         })
     }
 
-    /// The simulated guest this VM is (its ASID, memory, launch digest).
-    pub fn platform(&self) -> &SimPlatform {
-        &self.shared.platform
+    /// The simulated guest this VM holds now (its ASID, memory, launch digest).
+    pub fn platform(&self) -> SimPlatform {
+        self.shared.platform()
     }
 }
 
@@ -166,7 +187,7 @@ impl vmsa_host::Vm for SimVm {
         // the guest cannot launch into (snp_launch_update refuses it).
         if region.guest_memfd {
             self.shared
-                .platform
+                .platform()
                 .add_memslot(region.gpa, region.size)
                 .map_err(|e| VmError::host("KVM_SET_USER_MEMORY_REGION2", e))?;
         }
@@ -201,7 +222,7 @@ impl vmsa_host::Vm for SimVm {
 
     fn launch_update(&mut self, u: LaunchUpdate<'_>) -> Result<(), VmError> {
         if self.spec.kind == VmKind::Snp {
-            rules::check_populate(&self.shared.platform, &u)?;
+            rules::check_populate(&self.shared.platform(), &u)?;
         }
         self.shared
             .kernel_mut()
@@ -249,7 +270,21 @@ impl vmsa_host::Vm for SimVm {
     }
 
     fn cycles(&self) -> Observed<u64> {
-        Observed::Seen(self.shared.platform.machine().now())
+        Observed::Seen(self.shared.platform().machine().now())
+    }
+
+    /// vmsa-core's `Vm::migrate_from` under both VMs' locks, the destination's first, as
+    /// `sev_lock_two_vms` takes them. The scripted guest starts afresh on the destination:
+    /// the VMM moves a guest before running it (a live update of the VMM).
+    fn move_enc_context_from(&mut self, source: &mut SimVm) -> Result<(), VmError> {
+        let mut dst = self.shared.kernel_mut();
+        let mut src = source.shared.kernel_mut();
+        dst.migrate_from(&mut src)
+            .map_err(|e| rules::from_core("KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM", e))?;
+        drop(dst);
+        drop(src);
+        self.spec = source.spec;
+        Ok(())
     }
 
     fn teardown(self) -> HostReport {
@@ -257,13 +292,14 @@ impl vmsa_host::Vm for SimVm {
         let mut g = shared.guest();
         let mut kernel = shared.kernel_mut();
         let script = g.cpus.finish(&kernel);
-        let digest = shared.platform.launch_digest().map(|d| d.hex());
+        let platform = kernel.platform().clone();
+        let digest = platform.launch_digest().map(|d| d.hex());
         let down = kernel.teardown();
         drop(kernel);
         drop(g);
-        let machine = shared.platform.machine();
+        let machine = platform.machine();
         let leaked_before = machine.leaked_frame_count();
-        let destroyed = shared.platform.destroy();
+        let destroyed = platform.destroy();
         // A failed destroy (DECOMMISSION refused) leaks the guest's memory: count what it
         // leaked from the machine's ledger, since there is no destroy report then.
         let leaked_by_destroy = machine.leaked_frame_count() - leaked_before;
@@ -319,5 +355,98 @@ impl Pending {
             (None, Ok(())) => Err("the VMM answered the conversion without converting the range".into()),
             (None, Err(errno)) => Err(format!("the VMM refused the conversion: {errno}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmsa_core::{Gpa, SnpPageType};
+    use vmsa_host::{Hypervisor, LaunchUpdate, Vm as _};
+
+    use super::*;
+    use crate::host::SimHost;
+    use crate::machine::MachineConfig;
+
+    const MEMORY: MemoryRegion = MemoryRegion {
+        slot: 0,
+        gpa: Gpa(0),
+        size: 1 << 20,
+        guest_memfd: true,
+    };
+
+    /// A launched SEV-ES VM of `vcpus` vCPUs (its vCPU handles dropped: none runs).
+    fn launched(host: &SimHost, vcpus: u32) -> SimVm {
+        let mut vm = host.create_vm(VmSpec::sev_es(0)).unwrap();
+        vm.add_memory(MEMORY).unwrap();
+        for id in 0..vcpus {
+            vm.create_vcpu(id).unwrap();
+        }
+        vm.launch_start(0).unwrap();
+        vm.launch_update(LaunchUpdate {
+            gpa: Gpa(0x1000),
+            len: 0x1000,
+            page_type: SnpPageType::Normal,
+            data: Some(&[0xf4; 0x1000]),
+        })
+        .unwrap();
+        vm.launch_update_vmsas().unwrap();
+        vm.launch_finish().unwrap();
+        vm
+    }
+
+    fn target(host: &SimHost, vcpus: u32) -> SimVm {
+        let mut vm = host.create_migration_target(VmKind::SevEs).unwrap();
+        vm.add_memory(MEMORY).unwrap();
+        for id in 0..vcpus {
+            vm.create_vcpu(id).unwrap();
+        }
+        vm
+    }
+
+    fn errno(e: VmError) -> Option<Errno> {
+        e.refusal().map(|r| r.errno)
+    }
+
+    /// `sev_vm_move_enc_context_from`'s rules, with KVM's errnos: the vCPU counts must agree
+    /// (nothing moves if not), an SNP source is refused, a source that moved is dead.
+    #[test]
+    fn moving_an_encryption_context_follows_kvms_rules() {
+        let machine = Machine::new(MachineConfig::default());
+        let host = SimHost::new(machine.clone(), GuestScript::default());
+        let mut src = launched(&host, 2);
+        let mut short = target(&host, 1);
+        assert_eq!(
+            errno(short.move_enc_context_from(&mut src).unwrap_err()),
+            Some(Errno::EINVAL)
+        );
+        let mut dst = target(&host, 2);
+        dst.move_enc_context_from(&mut src).unwrap();
+        assert_eq!(dst.spec(), VmSpec::sev_es(0));
+        assert_eq!(
+            errno(src.launch_start(0).unwrap_err()),
+            Some(Errno::EIO),
+            "the source is dead"
+        );
+        let mut again = target(&host, 2);
+        assert!(
+            errno(again.move_enc_context_from(&mut src).unwrap_err()).is_some(),
+            "a source that moved has no context left to give"
+        );
+        let mut snp = host.create_vm(VmSpec::snp(0)).unwrap();
+        snp.create_vcpu(0).unwrap();
+        let mut from_snp = target(&host, 1);
+        assert_eq!(
+            errno(from_snp.move_enc_context_from(&mut snp).unwrap_err()),
+            Some(Errno::EINVAL)
+        );
+        // Every VM torn down, the source's context with the destination: nothing is left.
+        let reports: Vec<HostReport> = [short, src, dst, again, snp, from_snp]
+            .into_iter()
+            .map(vmsa_host::Vm::teardown)
+            .collect();
+        assert!(reports.iter().all(|r| r.teardown.error.is_none()));
+        assert_eq!(machine.allocated_frames(), 0);
+        assert!(machine.leaked_frames().is_empty());
+        assert!(machine.guests().is_empty());
     }
 }

@@ -48,6 +48,11 @@ pub struct Launch<'a> {
     /// `spec.supplied_vmsa`) a launch whose `updates` carry the BSP's VMSA page themselves, in
     /// the order its image gives (an IGVM file's VP context).
     pub supplied_vmsa: Option<Gpa>,
+    /// After the launch, move the guest into a second VM and run it there (intra-host
+    /// migration, `KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`, as a VMM's live update does; SEV-ES
+    /// only): the destination gets the same memory slots and as many vCPUs, then the
+    /// context.
+    pub migrate: bool,
 }
 
 impl<'a> Launch<'a> {
@@ -77,6 +82,7 @@ impl<'a> Launch<'a> {
             }],
             vmsas,
             supplied_vmsa: None,
+            migrate: false,
         }
     }
 
@@ -126,6 +132,18 @@ pub enum LaunchError {
     /// A vCPU call failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+}
+
+/// Why moving the launched guest into a second VM failed (the guest then does not run; both
+/// VMs are still torn down).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The host could not create the destination.
+    #[error("creating the migration target: {0}")]
+    Create(#[from] HypervisorError),
+    /// A call on the destination failed: its memory, its vCPUs, or the move itself.
+    #[error("migration target: {0}")]
+    Vm(#[from] VmError),
 }
 
 /// How the guest's run ended.
@@ -225,9 +243,13 @@ pub struct RunOutcome {
 pub struct FlowReport {
     /// Why creating or launching failed, if it did (the guest then did not run).
     pub launch_error: Option<LaunchError>,
+    /// With [`Launch::migrate`]: why moving the guest failed, if it did (the guest then did
+    /// not run).
+    pub migration_error: Option<MigrationError>,
     /// The run, if the launch finished.
     pub run: Option<RunOutcome>,
-    /// The host's report at teardown.
+    /// The host's report at teardown (with [`Launch::migrate`], of both VMs:
+    /// [`HostReport::merged`]).
     pub host: HostReport,
 }
 
@@ -248,26 +270,95 @@ pub fn run<H: Hypervisor>(
     progress.phase("launch", launch.updates.len() as u64 + 1);
     let launched = created.and_then(|()| self::launch(&mut vm, launch, progress));
     phase("launch");
+    // The VM torn down first, with migration: the dead source after a move, or the unused
+    // destination after a failed one.
+    let mut first = None;
+    let mut migration_error = None;
+    if launched.is_ok() && launch.migrate {
+        progress.message("migration");
+        match migrate(host, &mut vm, launch) {
+            Ok((target, target_vcpus)) => {
+                drop(std::mem::replace(&mut vcpus, target_vcpus));
+                first = Some(std::mem::replace(&mut vm, target).teardown());
+            }
+            Err(FailedMigration { error, target }) => {
+                migration_error = Some(error);
+                if let Some((target, target_vcpus)) = target {
+                    drop(target_vcpus);
+                    first = Some(target.teardown());
+                }
+            }
+        }
+        phase("migrate");
+    }
     let run = match &launched {
-        Ok(()) => {
+        Ok(()) if migration_error.is_none() => {
             progress.phase("guest", 0);
             Some(run_vcpus(&vm, vcpus, watchdog, progress)?)
         }
-        Err(_) => {
+        _ => {
             drop(vcpus);
             None
         }
     };
     phase("run");
     progress.message("teardown");
-    let report = vm.teardown();
+    let last = vm.teardown();
+    let report = match first {
+        Some(first) => HostReport::merged(first, last),
+        None => last,
+    };
     phase("teardown");
     progress.finish();
     Ok(FlowReport {
         launch_error: launched.err(),
+        migration_error,
         run,
         host: report,
     })
+}
+
+/// A VM and its vCPUs.
+type WithVcpus<V> = (V, Vec<<V as Vm>::Vcpu>);
+
+/// Why a migration failed, and the destination as far as it got (to be torn down).
+struct FailedMigration<V: Vm> {
+    error: MigrationError,
+    target: Option<WithVcpus<V>>,
+}
+
+/// Intra-host migration of the launched `source` (KVM's order, as `sev_migrate_tests.c` does
+/// it): create the destination without an encryption context, give it the same memory slots
+/// and as many vCPUs, then move the context (`KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM`). The
+/// destination and its vCPUs, or why not and what of the destination exists (for teardown).
+fn migrate<H: Hypervisor>(
+    host: &H,
+    source: &mut H::Vm,
+    launch: &Launch<'_>,
+) -> Result<WithVcpus<H::Vm>, FailedMigration<H::Vm>> {
+    let mut target = host
+        .create_migration_target(launch.spec.kind)
+        .map_err(|e| FailedMigration {
+            error: e.into(),
+            target: None,
+        })?;
+    let mut vcpus = Vec::with_capacity(launch.vmsas.len());
+    let set_up = (|| {
+        for r in &launch.memory {
+            target.add_memory(*r)?;
+        }
+        for id in (0u32..).take(launch.vmsas.len()) {
+            vcpus.push(target.create_vcpu(id)?);
+        }
+        target.move_enc_context_from(source)
+    })();
+    match set_up {
+        Ok(()) => Ok((target, vcpus)),
+        Err(e) => Err(FailedMigration {
+            error: e.into(),
+            target: Some((target, vcpus)),
+        }),
+    }
 }
 
 /// Memory (made private where the host has private memory: an SNP guest's RAM is private
@@ -528,4 +619,49 @@ pub fn run_vcpus<V: Vm>(
             error: "every vCPU thread left without ending the run".into(),
         });
     Ok(RunOutcome { end, vcpus: counts })
+}
+
+#[cfg(test)]
+mod tests {
+    use backend_sim::host::SimHost;
+    use backend_sim::{GuestScript, Machine, MachineConfig};
+    use vmsa_core::{SNP_POLICY_RSVD_MBO, SevEsSaveArea};
+
+    use super::*;
+
+    /// A move the host refuses (an SNP source: `sev_vm_move_enc_context_from`'s EINVAL)
+    /// leaves the guest unrun and both VMs torn down, their reports merged: nothing is left on
+    /// the machine.
+    #[test]
+    fn a_refused_migration_tears_both_vms_down() {
+        let machine = Machine::new(MachineConfig::default());
+        let host = SimHost::new(machine.clone(), GuestScript::default());
+        let vmsas = vec![SevEsSaveArea::boxed(), SevEsSaveArea::boxed()];
+        let image = [0xf4u8; 4096];
+        let launch = Launch {
+            migrate: true,
+            ..Launch::snp_image(1 << 20, SNP_POLICY_RSVD_MBO, Gpa(0x1000), &image, &vmsas)
+        };
+        let report = run(
+            &host,
+            &launch,
+            Duration::from_secs(60),
+            &Progress::hidden(),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(report.launch_error.is_none());
+        let e = report.migration_error.expect("an SNP context does not move");
+        let refusal = match &e {
+            MigrationError::Vm(v) => v.refusal(),
+            MigrationError::Create(_) => None,
+        };
+        assert_eq!(refusal.map(|r| r.errno), Some(Errno::EINVAL), "{e}");
+        assert!(report.run.is_none(), "the guest does not run");
+        let t = report.host.teardown;
+        assert_eq!(t.vcpus, 4, "the source's and the destination's vCPUs");
+        assert_eq!(t.frames_still_allocated.seen(), Some(&0));
+        assert!(machine.guests().is_empty());
+        assert_eq!(machine.allocated_frames(), 0);
+    }
 }

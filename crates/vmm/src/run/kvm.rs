@@ -93,10 +93,14 @@ fn check(args: &RunArgs) -> Result<(), RunError> {
         ("--trace", args.trace.is_some()),
         ("--costs", args.costs.is_some()),
         ("--fault", args.fault.is_some()),
+        ("--migrate", args.migrate),
+        ("--dump-invalid-vmcb", args.dump_invalid_vmcb),
+        ("--allow-debug", args.allow_debug),
+        ("--sim-memory-budget", args.sim_memory_budget.is_some()),
     ] {
         if given {
             return Err(RunError::Input(format!(
-                "{flag} belongs to the simulator (--backend sim); the kvm backend has no simulated firmware, costs or fault plan"
+                "{flag} belongs to the simulator (--backend sim); the kvm backend has no simulated firmware, costs, fault plan, migration, VMCB dumps or bookkeeping budget"
             )));
         }
     }
@@ -280,6 +284,7 @@ impl Guest {
                     .collect(),
                 vmsas,
                 supplied_vmsa: None,
+                migrate: false,
             },
         }
     }
@@ -383,6 +388,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
             expected_digest: expected,
             policy,
         },
+        migration: None,
         ownership: seen.ledger,
         guest_run: seen.guest_run,
         rmp_faults: seen.rmp_faults,

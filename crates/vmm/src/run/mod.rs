@@ -10,6 +10,7 @@
 //! - [`progress`]: the progress bar of long runs.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use vmsa_core::VmKind;
 
@@ -113,6 +114,26 @@ pub struct RunArgs {
     /// snp_launch_update:vmsa:2=INVALID_PAGE_STATE.
     #[arg(long, value_name = "SPEC")]
     pub fault: Option<String>,
+    /// SEV-ES: after the launch, move the guest into a second VM and run it there (intra-host
+    /// migration, KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, as a VMM's live update does). Simulator
+    /// only.
+    #[arg(long)]
+    pub migrate: bool,
+    /// Set the simulated host's kvm_amd.dump_invalid_vmcb: a vCPU whose VMRUN fails has its
+    /// VMCB and save area dumped into the report (its VMSA decrypted if the guest policy allows
+    /// debugging, see --allow-debug). Simulator only.
+    #[arg(long)]
+    pub dump_invalid_vmcb: bool,
+    /// Launch with a guest policy that allows the host to debug the guest (SEV-SNP: DEBUG,
+    /// bit 19; SEV-ES: without NODBG, bit 0), so that its VMSAs can be decrypted
+    /// (SNP_DBG_DECRYPT / DBG_DECRYPT). Simulator only.
+    #[arg(long)]
+    pub allow_debug: bool,
+    /// The most memory the simulator's own structures (RMP, allocator, guest memory maps,
+    /// page contents) may take, e.g. 512M, 8G (default 2G); a run that needs more ends at once
+    /// with an error naming the budget and the operation. Simulator only.
+    #[arg(long, value_name = "SIZE")]
+    pub sim_memory_budget: Option<ByteSize>,
 }
 
 /// Why `vmm run` stopped.
@@ -206,10 +227,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Run a guest as `args` ask and summarise it.
 pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
-    let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
     let progress = progress::Progress::new(!args.json);
     match args.backend {
-        BackendKind::Sim => sim::run(args, kind, &progress),
+        BackendKind::Sim => sim::run(args, kind(args), &progress, &mut None),
         BackendKind::Kvm => kvm::run(args, &progress),
     }
+}
+
+/// `vmm run` on the simulator (whatever `args.backend` says), without a progress bar: the
+/// summary `vmm run --json` prints, or why there is none, and the simulated machine the guest
+/// ran on, once one was built (so that a test can hold the summary against the machine's own
+/// frame ledger).
+pub fn run_on_simulator(args: &RunArgs) -> (Result<RunSummary, RunError>, Option<Arc<backend_sim::Machine>>) {
+    let mut machine = None;
+    let summary = sim::run(args, kind(args), &progress::Progress::hidden(), &mut machine);
+    (summary, machine)
+}
+
+/// The kind of guest `args` ask for.
+fn kind(args: &RunArgs) -> VmKind {
+    if args.sev_es { VmKind::SevEs } else { VmKind::Snp }
 }

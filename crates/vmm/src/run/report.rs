@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use backend_sim::{CostReport, Footprint};
 use serde::Serialize;
 use vmsa_core::LaunchState;
-use vmsa_host::{GuestActivity, GuestStep};
+use vmsa_host::{GuestActivity, GuestStep, VmcbDump};
 
 use super::flow::{RunEnd, RunOutcome, VcpuExits};
 use super::history::{Ledger, render};
@@ -57,6 +57,10 @@ pub struct GuestRunSummary {
     pub ap_refused: u64,
     /// Each vCPU thread's exits, by APIC ID.
     pub vcpus: Vec<VcpuExits>,
+    /// What the host dumped of vCPUs whose VMRUN failed (`--dump-invalid-vmcb`).
+    pub vmcb_dumps: Vec<VmcbDump>,
+    /// Whether the scenario means the run to end with a failed VMRUN.
+    pub expected_entry_failure: bool,
 }
 
 impl GuestRunSummary {
@@ -73,8 +77,17 @@ impl GuestRunSummary {
             ap_requests: g.ap_requests,
             ap_refused: g.ap_refused,
             vcpus: run.vcpus,
+            vmcb_dumps: g.vmcb_dumps,
+            expected_entry_failure: false,
         }
     }
+}
+
+/// The intra-host migration `--migrate` asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MigrationSummary {
+    /// Why moving the guest failed (it then did not run).
+    pub error: Option<String>,
 }
 
 /// What tearing down left behind.
@@ -195,6 +208,9 @@ pub struct RunSummary {
     pub warnings: Vec<String>,
     /// The launch.
     pub launch: LaunchSummary,
+    /// The migration after the launch, if one was asked for (the teardown and ownership then
+    /// cover both VMs).
+    pub migration: Option<MigrationSummary>,
     /// Per-vCPU VMSA ownership histories, leaks and warnings.
     pub ownership: Ledger,
     /// What the guest did (absent if the launch failed).
@@ -268,9 +284,16 @@ impl RunSummary {
         if let Some(e) = &self.teardown.error {
             p.push(format!("destroying the guest failed: {e}"));
         }
+        if let Some(e) = self.migration.as_ref().and_then(|m| m.error.as_ref()) {
+            p.push(format!("the migration failed: {e}"));
+        }
         if let Some(g) = &self.guest_run {
-            if g.end != RunEnd::Done {
-                p.push(format!("the guest's run ended: {}", g.end));
+            match (&g.end, g.expected_entry_failure) {
+                (RunEnd::Done, false) | (RunEnd::Error { .. }, true) => {}
+                (RunEnd::Done, true) => {
+                    p.push("the run was meant to end with a failed VMRUN but finished".into())
+                }
+                (end, _) => p.push(format!("the guest's run ended: {end}")),
             }
             if builtin && g.failed != 0 {
                 p.push(format!("{} guest actions failed", g.failed));
@@ -329,6 +352,12 @@ impl RunSummary {
             };
             writeln!(s, "  predicted:     {e} ({verdict})")?;
         }
+        if let Some(m) = &self.migration {
+            match &m.error {
+                None => writeln!(s, "migration: the guest moved into a second VM after its launch")?,
+                Some(e) => writeln!(s, "migration: FAILED: {e}")?,
+            }
+        }
         writeln!(s, "VMSA ownership:")?;
         for h in &self.ownership.vcpus {
             writeln!(s, "  vCPU {:>3}: {}", h.history.vcpu, render(&h.history))?;
@@ -353,6 +382,21 @@ impl RunSummary {
                     f.vcpu,
                     f.error.as_deref().unwrap_or("")
                 )?;
+            }
+            for d in &g.vmcb_dumps {
+                match (&d.save_area, &d.unavailable) {
+                    (Some(a), _) => writeln!(
+                        s,
+                        "  VMCB dump of vCPU {}: save area rip {:#x} rsp {:#x} efer {:#x} sev_features {:#x}",
+                        d.vcpu, a.rip, a.rsp, a.efer, a.sev_features
+                    )?,
+                    (None, why) => writeln!(
+                        s,
+                        "  VMCB dump of vCPU {}: no save area: {}",
+                        d.vcpu,
+                        why.as_deref().unwrap_or("")
+                    )?,
+                }
             }
         }
         writeln!(s, "leaks: {}", self.ownership.leaks.len())?;
@@ -392,10 +436,11 @@ impl RunSummary {
         let t = &self.teardown;
         writeln!(
             s,
-            "teardown: {} vCPUs, {} VMSAs leaked, {} guest frames released, {} host frames left ({} leaked on purpose)",
+            "teardown: {} vCPUs, {} VMSAs leaked, {} guest frames released, {} guest frames leaked, {} host frames left ({} leaked on purpose)",
             t.vcpus,
             t.vmsas_leaked,
             t.guest_frames_released,
+            t.guest_frames_leaked,
             t.frames_still_allocated,
             t.frames_leaked_on_purpose
         )?;

@@ -39,6 +39,10 @@ pub const BUILTINS: &[(&str, &str)] = &[
         "linux-boot-4k",
         "linux-boot with everything at 4 KiB: 4 KiB guest_memfd folios, RMP entries and PVALIDATEs",
     ),
+    (
+        "vmrun-fail",
+        "the BSP creates AP 1 from a page it never made a VMSA (no RMPADJUST): the AP's VMRUN fails and the run ends with KVM_EXIT_FAIL_ENTRY; with --dump-invalid-vmcb --allow-debug the host dumps the page, decrypted",
+    ),
 ];
 
 /// What `--guest` named.
@@ -101,6 +105,8 @@ pub struct Scenario {
     pub faults: FaultPlan,
     /// Whether the launch is meant to fail (the run then shows the recovery, not the guest).
     pub expect_launch_failure: bool,
+    /// Whether the run is meant to end with a vCPU whose VMRUN failed.
+    pub expect_entry_failure: bool,
     /// The least guest memory the script touches, in bytes.
     pub min_memory: u64,
     /// Whether guest_memfd hands out 2 MiB folios (so that KVM can make 2 MiB RMP entries)
@@ -189,6 +195,7 @@ impl Scenario {
             script,
             faults: FaultPlan::default(),
             expect_launch_failure: false,
+            expect_entry_failure: false,
             min_memory: 0,
             gmem_2m_folios: false,
         })
@@ -249,6 +256,11 @@ impl Scenario {
                         true,
                     )
                 }
+                "vmrun-fail" => {
+                    need(2)?;
+                    snp()?;
+                    (vmrun_fail(), false)
+                }
                 "linux-boot" | "linux-boot-4k" => {
                     snp()?;
                     let layout = LinuxBootLayout::new(memory.ram.clone(), memory.launched.clone())
@@ -273,6 +285,7 @@ impl Scenario {
             script,
             faults,
             expect_launch_failure,
+            expect_entry_failure: name == "vmrun-fail",
             min_memory,
             gmem_2m_folios,
         })
@@ -357,6 +370,28 @@ fn reset(vcpus: u32) -> GuestScript {
     a.push(GuestAction::Hlt { vcpu: 0 });
     GuestScript {
         name: "reset".into(),
+        actions: a,
+    }
+}
+
+/// `vmrun-fail`: the BSP validates a page and writes an AP's entry state into it, but leaves
+/// out the RMPADJUST that makes it a VMSA; AP_CREATE accepts the GPA (KVM checks no RMP bit
+/// there), and the AP's VMRUN fails: the page lacks the RMP's VMSA bit (VMRUN's checks of the
+/// VMSA page, APM table 15-41, as backend-sim's `vmrun` applies them). Its next KVM_RUN
+/// reports the failed entry.
+fn vmrun_fail() -> GuestScript {
+    let gpa = smp_boot_vmsa_gpa(VMSA_BASE, 1);
+    let [validate, write, _make_vmsa] = GuestAction::vmsa_setup(0, gpa, 0x10_0000, 0x8_0000);
+    let a = vec![
+        validate,
+        write,
+        GuestAction::ap_create(0, 1, gpa, false),
+        // The AP's own KVM_RUN comes next and reports the failed entry.
+        GuestAction::Run { vcpu: 1 },
+        GuestAction::Hlt { vcpu: 0 },
+    ];
+    GuestScript {
+        name: "vmrun-fail".into(),
         actions: a,
     }
 }

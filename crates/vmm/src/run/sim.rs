@@ -4,13 +4,15 @@
 //! interface, and report.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backend_sim::guest::GuestAction;
 use backend_sim::host::SimHost;
 use backend_sim::{CostModel, FaultPlan, Machine, MachineConfig, PhaseClock};
 use vmsa_core::{
-    Gpa, LaunchState, PAGE_SIZE, SNP_POLICY_RSVD_MBO, SevEsSaveArea, SnpPageType, VmConfig, VmKind,
+    Gpa, LaunchState, PAGE_SIZE, SEV_POLICY_NODBG, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, SevEsSaveArea,
+    SnpPageType, VmConfig, VmKind,
 };
 use vmsa_host::{LaunchUpdate, MemoryRegion, VmSpec};
 
@@ -19,7 +21,7 @@ use super::igvm::IgvmLaunch;
 use super::memory::GuestRam;
 use super::phases::Phases;
 use super::progress::Progress;
-use super::report::{LaunchSummary, Observed, RunSummary};
+use super::report::{LaunchSummary, MigrationSummary, Observed, RunSummary};
 use super::scenario::{GuestMemory, Scenario};
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
@@ -189,9 +191,30 @@ fn load(ram: &GuestRam, image: &Image) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Run the guest `args` name on the simulator as `args` ask.
-pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<RunSummary, RunError> {
+/// The guest policy of a `kind` launch: QEMU's default, with debugging allowed if asked.
+fn policy(kind: VmKind, allow_debug: bool) -> u64 {
+    match (kind, allow_debug) {
+        (VmKind::Snp, false) => SNP_POLICY,
+        (VmKind::Snp, true) => SNP_POLICY | SNP_POLICY_DEBUG,
+        (VmKind::SevEs, false) => SEV_ES_POLICY,
+        (VmKind::SevEs, true) => SEV_ES_POLICY & !SEV_POLICY_NODBG,
+    }
+}
+
+/// Run the guest `args` name on the simulator as `args` ask; `machine` gets the simulated
+/// machine once it is built.
+pub(super) fn run(
+    args: &RunArgs,
+    kind: VmKind,
+    progress: &Progress,
+    machine_out: &mut Option<Arc<Machine>>,
+) -> Result<RunSummary, RunError> {
     let vcpus = args.vcpus.get();
+    if args.migrate && kind != VmKind::SevEs {
+        return Err(RunError::Input(
+            "--migrate: only SEV-ES guests move between VMs (sev_vm_move_enc_context_from refuses an SEV-SNP source); add --sev-es".into(),
+        ));
+    }
     // Every input is checked before anything is created.
     let costs = match &args.costs {
         Some(p) => CostModel::from_file("--costs", p)?,
@@ -311,10 +334,7 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
                 guest_memfd: true,
             })
             .collect(),
-        policy: match kind {
-            VmKind::Snp => SNP_POLICY,
-            VmKind::SevEs => SEV_ES_POLICY,
-        },
+        policy: policy(kind, args.allow_debug),
         updates: image
             .updates
             .iter()
@@ -328,6 +348,7 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
             .collect(),
         vmsas: &image.vmsas,
         supplied_vmsa: None,
+        migrate: args.migrate,
     };
 
     let machine = Machine::new(MachineConfig {
@@ -336,9 +357,14 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
         trace: args.trace.is_some(),
         gmem_2m_folios: scenario.gmem_2m_folios,
         host_bytes: host_bytes(memory),
+        memory_budget: args
+            .sim_memory_budget
+            .map_or(backend_sim::DEFAULT_MEMORY_BUDGET, |b| b.bytes()),
         ..MachineConfig::default()
     });
-    let host = SimHost::new(machine.clone(), scenario.script.clone());
+    *machine_out = Some(machine.clone());
+    let host =
+        SimHost::new(machine.clone(), scenario.script.clone()).with_dump_invalid_vmcb(args.dump_invalid_vmcb);
     let mut phases = Phases::simulated(PhaseClock::new(&machine));
     let mut footprint = None;
     let done = flow::run(&host, &launch, WATCHDOG, progress, &mut |name| {
@@ -356,7 +382,13 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
     }
 
     let launch_error = done.launch_error.as_ref().map(|e| super::error_chain(e));
-    let seen = Observed::new(done.host, done.run);
+    let migration = args.migrate.then(|| MigrationSummary {
+        error: done.migration_error.as_ref().map(|e| super::error_chain(e)),
+    });
+    let mut seen = Observed::new(done.host, done.run);
+    if let Some(g) = &mut seen.guest_run {
+        g.expected_entry_failure = scenario.expect_entry_failure;
+    }
     let launch = LaunchSummary {
         state: if launch_error.is_none() {
             LaunchState::Finished
@@ -376,10 +408,7 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
             .map(|e| seen.digest.as_ref() == Some(e)),
         digest: seen.digest,
         expected_digest: image.expected.clone(),
-        policy: match kind {
-            VmKind::Snp => SNP_POLICY,
-            VmKind::SevEs => SEV_ES_POLICY,
-        },
+        policy: policy(kind, args.allow_debug),
     };
     let mut summary = RunSummary {
         backend: "sim",
@@ -394,6 +423,7 @@ pub(super) fn run(args: &RunArgs, kind: VmKind, progress: &Progress) -> Result<R
         problems: Vec::new(),
         warnings: image.warnings.clone(),
         launch,
+        migration,
         ownership: seen.ledger,
         guest_run: seen.guest_run,
         rmp_faults: seen.rmp_faults,
