@@ -507,3 +507,44 @@ fn guest_instructions_fail_on_demand() {
     );
     assert_eq!(m.allocated_frames(), 0);
 }
+
+#[test]
+fn a_vmsa_another_vcpu_runs_fails_vmrun_with_vmexit_busy() {
+    // The guest gives two APs the same VMSA GPA; KVM (`sev_snp_ap_creation`) accepts both, so
+    // both vCPUs point their VMCB at one page. The processor sets the VMSA's BUSY bit at VMRUN
+    // and clears it at #VMEXIT, and a VMRUN that finds it set fails with VMEXIT_BUSY (AMD APM
+    // vol. 2 table C-1): AP 1 runs on the page, AP 2's VMRUN fails, and since KVM has no
+    // handler for that exit code (svm_invoke_exit_handler: an unexpected exit reason) AP 2's
+    // KVM_RUN ends the run. Before, both VMRUNs succeeded on one VMSA.
+    let gpa = smp_boot_vmsa_gpa(0x20_0000, 1);
+    let mut actions = GuestAction::vmsa_setup(0, gpa, 0x10_0000, 0x8_0000).to_vec();
+    actions.extend([
+        GuestAction::ap_create(0, 1, gpa, false),
+        GuestAction::Run { vcpu: 1 },
+        GuestAction::ap_create(0, 2, gpa, false),
+        GuestAction::Run { vcpu: 2 },
+        GuestAction::Hlt { vcpu: 0 },
+    ]);
+    let r = sim_boot(
+        MachineConfig::default(),
+        3,
+        16 << 20,
+        GuestScript {
+            name: "two-aps-one-vmsa".into(),
+            actions,
+        },
+    );
+    let run = r.report.run.as_ref().expect("the guest ran");
+    match &run.end {
+        RunEnd::Error { vcpu, error } => {
+            assert_eq!(*vcpu, 2, "{error}");
+            assert!(error.contains("VMEXIT_BUSY"), "{error}");
+        }
+        other => panic!("the run must end at AP 2's VMRUN, ended: {other:?}"),
+    }
+    assert_eq!(r.machine.stats().vmrun_failures, 1);
+    // Nothing is lost on the way out: the shared page is freed once, nothing leaks.
+    assert!(r.machine.leaked_frames().is_empty());
+    assert_eq!(r.machine.stats().rmp_faults, 0);
+    assert_eq!(r.machine.allocated_frames(), 0);
+}

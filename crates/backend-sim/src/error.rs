@@ -149,6 +149,19 @@ pub enum SimError {
         /// The check that failed.
         check: &'static str,
     },
+    /// VMRUN found the VMSA's BUSY bit set: another processor runs it (`VMEXIT_BUSY`, exit
+    /// code -2, AMD APM vol. 2 table C-1 "BUSY bit was set in the VMSA"). KVM has no handler
+    /// for that exit code: `svm_invoke_exit_handler` (arch/x86/kvm/svm/svm.c) dumps the VMCB
+    /// and ends `KVM_RUN` with `KVM_EXIT_INTERNAL_ERROR` (unexpected exit reason).
+    #[error(
+        "VMRUN of ASID {asid} with VMSA {hpa} failed with VMEXIT_BUSY: another vCPU runs that VMSA (its BUSY bit is set)"
+    )]
+    VmrunBusy {
+        /// The guest.
+        asid: u32,
+        /// The VMSA address.
+        hpa: Hpa,
+    },
     /// A shared (C=0) access to a frame whose attribute is private (KVM exits with
     /// `KVM_EXIT_MEMORY_FAULT` for an implicit conversion, which this machine refuses).
     #[error("guest ASID {asid}: shared access to GPA {gpa}, which is private")]

@@ -634,6 +634,14 @@ impl Hw {
             self.stats.vmrun_failures += 1;
             return Err(fail(check));
         }
+        // The processor sets the VMSA's BUSY bit at VMRUN and clears it at #VMEXIT; a VMRUN
+        // that finds it set fails (APM vol. 2 table C-1, VMEXIT_BUSY). On SNP two vCPUs can
+        // name one page: AP creation lets a guest give two APs the same VMSA GPA, and KVM
+        // (`sev_snp_ap_creation`) does not check that no other vCPU uses it.
+        if kind == VmKind::Snp && self.rmp.in_use(pfn) {
+            self.stats.vmrun_failures += 1;
+            return Err(SimError::VmrunBusy { asid, hpa });
+        }
         self.stats.vmruns += 1;
         if kind == VmKind::Snp {
             self.rmp.set_in_use(pfn, true);
