@@ -173,11 +173,12 @@ pub enum RunEnd {
         /// The step code.
         code: u32,
     },
-    /// A vCPU call failed.
+    /// A vCPU call failed (or the VMM's own loop did, reported as vCPU 0's).
     Error {
         /// The vCPU.
         vcpu: u32,
-        /// What failed, with its causes.
+        /// What failed, with its causes; a vCPU's error names the vCPU itself
+        /// ([`VcpuError`]'s message starts with it).
         error: String,
     },
     /// The watchdog fired first.
@@ -201,7 +202,8 @@ impl std::fmt::Display for RunEnd {
             ),
             Self::Shutdown { vcpu } => write!(f, "vCPU {vcpu} shut down (triple fault)"),
             Self::GuestFailed { vcpu, code } => write!(f, "vCPU {vcpu} reported failed step {code}"),
-            Self::Error { vcpu, error } => write!(f, "vCPU {vcpu}: {error}"),
+            // The error names its vCPU already ("vCPU 2: KVM_RUN: ...").
+            Self::Error { error, .. } => f.write_str(error),
             Self::Watchdog { after_ms } => write!(
                 f,
                 "the guest did not finish within {after_ms} ms (watchdog); every vCPU was kicked out"
@@ -628,6 +630,14 @@ mod tests {
     use vmsa_core::{SNP_POLICY_RSVD_MBO, SevEsSaveArea};
 
     use super::*;
+
+    #[test]
+    fn a_vcpus_error_end_names_the_vcpu_once() {
+        let e = VcpuError::host(2, "KVM_RUN", std::io::Error::other("entry failed"));
+        let end = error_end(2, &e);
+        assert_eq!(end.to_string(), "vCPU 2: KVM_RUN: entry failed");
+        assert!(matches!(end, RunEnd::Error { vcpu: 2, .. }));
+    }
 
     /// A move the host refuses (an SNP source: `sev_vm_move_enc_context_from`'s EINVAL)
     /// leaves the guest unrun and both VMs torn down, their reports merged: nothing is left on
