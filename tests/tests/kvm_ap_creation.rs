@@ -219,27 +219,18 @@ fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
 }
 
 fn run_args(vcpus: &str, memory: &str) -> vmm::run::RunArgs {
-    vmm::run::RunArgs {
-        backend: vmm::run::BackendKind::Kvm,
-        vcpus: vcpus.parse().unwrap(),
-        memory: memory.parse().unwrap(),
-        guest: "builtin:ap-churn".parse().unwrap(),
-        firmware: None,
-        igvm: None,
-        igvm_classic: false,
-        native_zero: false,
-        vcpu_type: "EPYC-v4".parse().unwrap(),
-        sev_es: false,
-        snp: false,
-        json: true,
-        trace: None,
-        costs: None,
-        fault: None,
-        migrate: false,
-        dump_invalid_vmcb: false,
-        allow_debug: false,
-        sim_memory_budget: None,
-    }
+    vmm::run::RunArgs::from_args([
+        "--backend",
+        "kvm",
+        "--vcpus",
+        vcpus,
+        "--memory",
+        memory,
+        "--guest",
+        "builtin:ap-churn",
+        "--json",
+    ])
+    .unwrap()
 }
 
 #[test]

@@ -63,32 +63,24 @@ fn measured(path: &Path) -> String {
 
 /// `vmm run --backend BACKEND --vcpus N --igvm FILE --json`.
 fn run(backend: BackendKind, vcpus: u32, igvm: &Path) -> Result<RunSummary, RunError> {
-    vmm::run::run(&RunArgs {
+    let (backend, memory) = match backend {
+        BackendKind::Kvm => ("kvm", "4M"),
+        BackendKind::Sim => ("sim", "1G"),
+    };
+    let vcpus = vcpus.to_string();
+    let igvm = igvm.to_str().expect("a UTF-8 scratch path");
+    let args = [
+        "--backend",
         backend,
-        vcpus: vmm::measure::VcpuCount::new(vcpus).unwrap(),
-        memory: match backend {
-            BackendKind::Kvm => "4M",
-            BackendKind::Sim => "1G",
-        }
-        .parse()
-        .unwrap(),
-        guest: "builtin:boot".parse().unwrap(),
-        firmware: None,
-        igvm: Some(igvm.to_path_buf()),
-        igvm_classic: false,
-        native_zero: false,
-        vcpu_type: "EPYC-v4".parse().unwrap(),
-        sev_es: false,
-        snp: false,
-        json: true,
-        trace: None,
-        costs: None,
-        fault: None,
-        migrate: false,
-        dump_invalid_vmcb: false,
-        allow_debug: false,
-        sim_memory_budget: None,
-    })
+        "--vcpus",
+        &vcpus,
+        "--memory",
+        memory,
+        "--igvm",
+        igvm,
+        "--json",
+    ];
+    vmm::run::run(&RunArgs::from_args(args).unwrap())
 }
 
 /// Whether this test can run VMSA-image mode on /dev/kvm; prints why not when it cannot.

@@ -68,6 +68,18 @@ pub struct MemoryRegion {
     pub guest_memfd: bool,
 }
 
+impl MemoryRegion {
+    /// A guest's whole RAM as one guest_memfd-backed memslot: slot 0, `size` bytes from GPA 0.
+    pub fn ram(size: u64) -> Self {
+        Self {
+            slot: 0,
+            gpa: Gpa(0),
+            size,
+            guest_memfd: true,
+        }
+    }
+}
+
 /// One launch update (`KVM_SEV_SNP_LAUNCH_UPDATE`, or SEV-ES `LAUNCH_UPDATE_DATA`): `len`
 /// bytes at `gpa` of one page type, from `data` (none for ZERO pages). Page type
 /// [`SnpPageType::Vmsa`] (2, `KVM_SEV_SNP_PAGE_TYPE_VMSA` as the pre-merge SNP uapi reserved

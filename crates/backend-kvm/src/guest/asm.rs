@@ -136,9 +136,7 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     a.set_label(&mut req_loop)?;
     a.cmp(r13, r14)?;
     a.jae(req_done)?;
-    a.mov(r12, r13)?;
-    a.shl(r12, 5)?;
-    a.add(r12, REQUESTS_GPA as i32)?;
+    request_entry(&mut a, r12)?;
     a.mov(r8, qword_ptr(r12 + 24))?;
     a.test(r8, 2)?;
     a.jz(no_vmsa)?;
@@ -162,9 +160,7 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     a.mov(qword_ptr(r12 + 8), rdx)?;
     // Flags bits 63:8: AP reports to wait for before the next request (0: none).
     let mut no_wait = a.create_label();
-    a.mov(r12, r13)?;
-    a.shl(r12, 5)?;
-    a.add(r12, REQUESTS_GPA as i32)?;
+    request_entry(&mut a, r12)?;
     a.mov(r12, qword_ptr(r12 + 24))?;
     a.shr(r12, 8)?;
     a.jz(no_wait)?;
@@ -290,6 +286,14 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
 
 /// Spin until the report counter reaches `target` (a register), yielding to the VMM through
 /// [`ports::YIELD`] between looks.
+/// `reg` = the address of request `r13` of the request table (32 bytes each).
+fn request_entry(a: &mut CodeAssembler, reg: AsmRegister64) -> Result<(), IcedError> {
+    a.mov(reg, r13)?;
+    a.shl(reg, 5)?;
+    a.add(reg, REQUESTS_GPA as i32)?;
+    Ok(())
+}
+
 fn wait_counter(a: &mut CodeAssembler, target: AsmRegister64) -> Result<(), IcedError> {
     let mut again = a.create_label();
     let mut reached = a.create_label();

@@ -67,12 +67,7 @@ impl<'a> Launch<'a> {
     ) -> Self {
         Self {
             spec: VmSpec::snp(0),
-            memory: vec![MemoryRegion {
-                slot: 0,
-                gpa: Gpa(0),
-                size: memory,
-                guest_memfd: true,
-            }],
+            memory: vec![MemoryRegion::ram(memory)],
             policy,
             updates: vec![LaunchUpdate {
                 gpa,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use backend_kvm::guest::builtin::{GuestImage, GuestProgram, ap_creation_igvm};
 use backend_kvm::host::KvmHost;
-use vmsa_core::{Gpa, LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea};
+use vmsa_core::{LaunchState, SNP_POLICY_RSVD_MBO, SevEsSaveArea};
 use vmsa_host::{Hypervisor, LaunchUpdate, MemoryRegion, VmSpec};
 
 use super::flow::{self, Launch};
@@ -265,12 +265,7 @@ impl Guest {
             }
             Self::Igvm { launch, vmsas, .. } => Launch {
                 spec: VmSpec::snp(launch.config.sev_features).with_supplied_vmsa(),
-                memory: vec![MemoryRegion {
-                    slot: 0,
-                    gpa: Gpa(0),
-                    size: memory,
-                    guest_memfd: true,
-                }],
+                memory: vec![MemoryRegion::ram(memory)],
                 policy,
                 updates: launch
                     .updates

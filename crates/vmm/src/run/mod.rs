@@ -136,6 +136,16 @@ pub struct RunArgs {
     pub sim_memory_budget: Option<ByteSize>,
 }
 
+impl RunArgs {
+    /// The arguments of `vmm run ARGS` as the command line parses them, defaults included, for
+    /// a caller of [`run`] that has no command line (a test, an embedder).
+    pub fn from_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Self, clap::Error> {
+        use clap::{Args, FromArgMatches};
+        let command = Self::augment_args(clap::Command::new("run").no_binary_name(true));
+        Self::from_arg_matches(&command.try_get_matches_from(args)?)
+    }
+}
+
 /// Why `vmm run` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

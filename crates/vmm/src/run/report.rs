@@ -109,6 +109,22 @@ pub struct TeardownSummary {
     pub error: Option<String>,
 }
 
+impl std::fmt::Display for TeardownSummary {
+    /// The text report's `teardown:` line (without its error, which has a line of its own).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "teardown: {} vCPUs, {} VMSAs leaked, {} guest frames released, {} guest frames leaked, {} host frames left ({} leaked on purpose)",
+            self.vcpus,
+            self.vmsas_leaked,
+            self.guest_frames_released,
+            self.guest_frames_leaked,
+            self.frames_still_allocated,
+            self.frames_leaked_on_purpose
+        )
+    }
+}
+
 /// What the host reported at teardown, in the summary's terms (hidden items listed, not
 /// guessed).
 #[derive(Debug)]
@@ -433,17 +449,7 @@ impl RunSummary {
                 f.backed_frames
             )?;
         }
-        let t = &self.teardown;
-        writeln!(
-            s,
-            "teardown: {} vCPUs, {} VMSAs leaked, {} guest frames released, {} guest frames leaked, {} host frames left ({} leaked on purpose)",
-            t.vcpus,
-            t.vmsas_leaked,
-            t.guest_frames_released,
-            t.guest_frames_leaked,
-            t.frames_still_allocated,
-            t.frames_leaked_on_purpose
-        )?;
+        writeln!(s, "{}", self.teardown)?;
         for h in &self.hidden {
             writeln!(s, "not observable on this host: {} ({})", h.what, h.why)?;
         }
@@ -458,5 +464,27 @@ impl RunSummary {
         } else {
             writeln!(s, "result: FAILED: {}", self.problems.join("; "))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_teardown_line_names_every_count_in_order() {
+        let t = TeardownSummary {
+            vcpus: 4,
+            vmsas_leaked: 1,
+            guest_frames_released: 300,
+            guest_frames_leaked: 2,
+            frames_still_allocated: 0,
+            frames_leaked_on_purpose: 3,
+            error: Some("not on the line".into()),
+        };
+        assert_eq!(
+            t.to_string(),
+            "teardown: 4 vCPUs, 1 VMSAs leaked, 300 guest frames released, 2 guest frames leaked, 0 host frames left (3 leaked on purpose)"
+        );
     }
 }
