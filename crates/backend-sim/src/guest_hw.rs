@@ -630,6 +630,10 @@ impl Hw {
         } else {
             None
         };
+        let check = match check {
+            Some(c) => Some(c),
+            None => self.vmsa_state_check(asid, pfn)?,
+        };
         if let Some(check) = check {
             self.stats.vmrun_failures += 1;
             return Err(fail(check));
@@ -647,6 +651,36 @@ impl Hw {
             self.rmp.set_in_use(pfn, true);
         }
         Ok(())
+    }
+
+    /// VMRUN's checks of the guest state it loads (AMD APM vol. 2 §15.5.1, the illegal states
+    /// that fail VMRUN with VMEXIT_INVALID, which KVM's `__nested_vmcb_check_save` and
+    /// `nested_vmcb_valid_sregs` (arch/x86/kvm/svm/nested.c) apply to a nested guest):
+    /// CR0[63:32], DR6[63:32], DR7[63:32] and EFER[63:32] must be zero, and CR0.NW without
+    /// CR0.CD is illegal. For an encrypted VMSA the processor checks what the page decrypts to
+    /// with the guest's key, so a page nobody encrypted with that key (an SEV-ES VMSA before
+    /// LAUNCH_UPDATE_VMSA) decrypts to noise and fails: noise has one of those 128 must-be-zero
+    /// bits set but with probability 2^-128. Only bits that are reserved on every processor are
+    /// checked (EFER's defined bits all sit below bit 32).
+    fn vmsa_state_check(&self, asid: u32, pfn: Pfn) -> Result<Option<&'static str>, SimError> {
+        let mut page = [0u8; PAGE_SIZE as usize];
+        self.mem.read(pfn, &mut page)?;
+        self.key_for(asid)?.decrypt(pfn, &mut page);
+        let s = vmsa_core::SevEsSaveArea::from_page(&page);
+        const HIGH: u64 = 0xffff_ffff_0000_0000;
+        const CR0_NW: u64 = 1 << 29;
+        const CR0_CD: u64 = 1 << 30;
+        Ok(if s.cr0 & HIGH != 0 {
+            Some("CR0[63:32] are not zero (the VMSA decrypts to an illegal state)")
+        } else if s.cr0 & (CR0_NW | CR0_CD) == CR0_NW {
+            Some("CR0.NW is set without CR0.CD")
+        } else if s.dr6 & HIGH != 0 || s.dr7 & HIGH != 0 {
+            Some("DR6[63:32] or DR7[63:32] are not zero (the VMSA decrypts to an illegal state)")
+        } else if s.efer & HIGH != 0 {
+            Some("an EFER must-be-zero bit is set (the VMSA decrypts to an illegal state)")
+        } else {
+            None
+        })
     }
 
     /// #VMEXIT: the VMSA is no longer in use.
@@ -828,6 +862,50 @@ mod tests {
         ));
         p.destroy().unwrap();
         assert_eq!(m.allocated_frames(), 0);
+    }
+
+    /// An SEV-ES VMSA the firmware never encrypted (no LAUNCH_UPDATE_VMSA) decrypts at VMRUN
+    /// to noise, which breaks VMRUN's must-be-zero checks: VMEXIT_INVALID. The same image
+    /// encrypted under the guest's key runs. Before, VMRUN looked at nothing in the page.
+    #[test]
+    fn vmrun_checks_the_state_the_vmsa_decrypts_to() {
+        use vmsa_core::Platform as _;
+        let m = Machine::new(MachineConfig::default());
+        let p = m.create_guest(VmKind::SevEs).unwrap();
+        p.launch_start(&vmsa_core::LaunchStart::SevEs { policy: 0 })
+            .unwrap();
+        // A VMSA page is never 2 MiB aligned (erratum 1467): vmsa-core takes another one.
+        let page = || loop {
+            let pfn = vmsa_core::HostPage::pfn(&p.alloc_page().unwrap());
+            if !pfn.is_2m_aligned() {
+                break pfn;
+            }
+        };
+        let pfn = page();
+        let mut state = vmsa_core::SevEsSaveArea::boxed();
+        state.efer = vmsa_core::layout::EFER_SVME;
+        state.cr0 = 0x10;
+        p.write_frame(pfn, state.as_page()).unwrap();
+        let r = p.vmrun(pfn.hpa(), Gpa(0));
+        assert!(
+            matches!(&r, Err(SimError::VmrunInvalid { check, .. }) if check.contains("decrypts to an illegal state")),
+            "{r:?}"
+        );
+        p.launch_update_vmsa(pfn).unwrap();
+        p.vmrun(pfn.hpa(), Gpa(0)).unwrap();
+        p.vmexit(pfn.hpa());
+        // A state that is illegal in itself fails however it was encrypted.
+        let pfn2 = page();
+        state.cr0 = 1 << 29;
+        p.write_frame(pfn2, state.as_page()).unwrap();
+        p.launch_update_vmsa(pfn2).unwrap();
+        assert!(matches!(
+            p.vmrun(pfn2.hpa(), Gpa(0)),
+            Err(SimError::VmrunInvalid {
+                check: "CR0.NW is set without CR0.CD",
+                ..
+            })
+        ));
     }
 
     #[test]
