@@ -1379,7 +1379,11 @@ fn migration_moves_every_vmsa_and_kills_the_source() {
             .all(|v| v.state == VmsaState::None && !v.protected)
     );
     assert!(matches!(src.prepare_entry(BSP), Err(Error::VmDead)));
-    assert!(matches!(dst.migrate_from(&mut src), Err(Error::VmDead)));
+    // Back again: the destination is an SEV guest now (sev_guest(kvm): -EINVAL).
+    assert!(matches!(
+        dst.migrate_from(&mut src),
+        Err(Error::Migration(MigrationError::DestinationIsConfidential { .. }))
+    ));
     assert_eq!(dst.platform().asid(), Asid(1), "the encryption context moved");
     assert!(transitions(&log, BSP).contains(&(Op::MigrateIn, StateKind::None, StateKind::KvmPrivate)));
     assert_eq!(src.teardown(), Teardown { vcpus: 2, leaked: 0 });
@@ -1439,6 +1443,19 @@ fn launch_update_range_past_the_top_of_the_address_space_is_refused() {
 }
 
 /// `sev_vm_move_enc_context_from`: -EINVAL when the source is not an SEV guest.
+#[test]
+fn migration_from_a_source_moved_away_before_is_einval_not_eio() {
+    // sev_vm_move_enc_context_from runs on the destination: a source that was moved away
+    // (sev_migrate_from left it inactive, kvm_vm_dead) is "not an SEV guest", -EINVAL.
+    let (mut src, log) = launched_es(2);
+    let (mut first, mut second) = (target(2, &log), target(2, &log));
+    first.migrate_from(&mut src).unwrap();
+    assert!(matches!(
+        second.migrate_from(&mut src),
+        Err(Error::Migration(MigrationError::SourceNotConfidential))
+    ));
+}
+
 #[test]
 fn migration_refuses_a_source_that_is_not_confidential() {
     let log = Arc::new(EventLog::new());

@@ -1063,17 +1063,22 @@ impl<P: Platform> Vm<P> {
     /// [`Vm::policy`]); the VMCB addresses that change are reported as `VmcbVmsaPa` events.
     pub fn migrate_from(&mut self, src: &mut Vm<P>) -> Res<(), P> {
         self.check_usable()?;
-        src.check_usable()?;
         if self.role != Role::MigrationTarget {
             return Err(MigrationError::DestinationIsConfidential {
                 kind: self.config.kind,
             }
             .into());
         }
-        // sev_vm_move_enc_context_from: -EINVAL when the source is not an SEV guest.
+        // sev_vm_move_enc_context_from: -EINVAL when the source is not an SEV guest, which
+        // includes a source moved away before (sev_migrate_from leaves it inactive; the move
+        // ioctl runs on the destination, so the source being dead gives no EIO).
         if src.role != Role::Confidential {
             return Err(MigrationError::SourceNotConfidential.into());
         }
+        // A bugged source (KVM_BUG) is refused as every call on a bugged VM is; KVM's move
+        // does not look at the source's vm_dead, a deliberate difference: its state is not
+        // to be trusted.
+        src.check_usable()?;
         if src.config.kind == VmKind::Snp {
             return Err(MigrationError::SourceIsSnp.into());
         }
