@@ -12,9 +12,8 @@
 //! - [`KvmImageVcpu`] owns the KVM vCPU fd (created by its first run, on its own thread), its
 //!   GHCB MSR and its [`KvmKick`]. Its [`Vcpu::run`] loops over [`crate::vcpu`]'s steps:
 //!   `prepare_entry`, load the VMSA the VMCB points at when an AP-creation request switched it,
-//!   `KVM_RUN`, the GHCB
-//!   doorbell (AP creation through vmsa-core, the target's request applied before the requester
-//!   goes on) served inside; only vmsa-host's exits come out.
+//!   `KVM_RUN`, the GHCB doorbell (AP creation through vmsa-core, the target's request applied
+//!   before the requester goes on) served inside; only vmsa-host's exits come out.
 //!
 //! Every GHCB request the guest makes is recorded as a [`GuestStep`] of the report's
 //! [`GuestActivity`], in order: its action (`ap_create`, `ap_create_on_init`, `ap_destroy`, or
