@@ -779,12 +779,7 @@ fn calls<H: Hypervisor>(host: &H, calls: &[Call]) -> Vec<Answer> {
             },
             (_, None) => panic!("{c:?} before create_vm"),
             (AddMemory | AddSharedMemory, Some(vm)) => {
-                let region = MemoryRegion {
-                    slot: 0,
-                    gpa: Gpa(0),
-                    size: 4 << 20,
-                    guest_memfd: true,
-                };
+                let region = MemoryRegion::ram(4 << 20);
                 let private = c == AddMemory && host.capabilities().private_memory;
                 answer(vm.add_memory(region).and_then(|()| {
                     if private {

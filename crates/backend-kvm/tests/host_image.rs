@@ -68,13 +68,7 @@ fn kvms_rules_are_refused_through_the_interface() {
     assert!(e.to_string().contains("SNP AP-creation protocol"), "{e}");
 
     let mut vm = h.create_vm(SPEC).unwrap();
-    vm.add_memory(MemoryRegion {
-        slot: 0,
-        gpa: Gpa(0),
-        size: 4 << 20,
-        guest_memfd: true,
-    })
-    .unwrap();
+    vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
     let mut v = vm.create_vcpu(0).unwrap();
     let page = vec![0u8; 4096];
     let update = LaunchUpdate {

@@ -70,7 +70,7 @@ pub struct MemoryRegion {
 
 impl MemoryRegion {
     /// A guest's whole RAM as one guest_memfd-backed memslot: slot 0, `size` bytes from GPA 0.
-    pub fn ram(size: u64) -> Self {
+    pub const fn ram(size: u64) -> Self {
         Self {
             slot: 0,
             gpa: Gpa(0),

@@ -836,13 +836,7 @@ fn read_frame_point(extra: &[FaultRule]) -> Result<PointResult, String> {
             let mut vcpus = Vec::new();
             let steps = (|| -> Result<Option<vmsa_host::VcpuError>, String> {
                 let err = |e: &dyn std::error::Error| e.to_string();
-                vm.add_memory(MemoryRegion {
-                    slot: 0,
-                    gpa: Gpa(0),
-                    size: memory,
-                    guest_memfd: true,
-                })
-                .map_err(|e| err(&e))?;
+                vm.add_memory(MemoryRegion::ram(memory)).map_err(|e| err(&e))?;
                 vm.set_memory_attributes(Conversion {
                     gpa: Gpa(0),
                     size: memory,

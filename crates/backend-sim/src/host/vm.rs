@@ -367,12 +367,7 @@ mod tests {
     use crate::host::SimHost;
     use crate::machine::MachineConfig;
 
-    const MEMORY: MemoryRegion = MemoryRegion {
-        slot: 0,
-        gpa: Gpa(0),
-        size: 1 << 20,
-        guest_memfd: true,
-    };
+    const MEMORY: MemoryRegion = MemoryRegion::ram(1 << 20);
 
     /// A launched SEV-ES VM of `vcpus` vCPUs (its vCPU handles dropped: none runs).
     fn launched(host: &SimHost, vcpus: u32) -> SimVm {
