@@ -11,6 +11,7 @@ use alloc::boxed::Box;
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 use crate::addr::PAGE_SIZE;
+use crate::platform::PageBuf;
 
 #[cfg(target_endian = "big")]
 compile_error!("the VMSA layout is little-endian; vmsa-core supports little-endian hosts only");
@@ -273,21 +274,32 @@ impl SevEsSaveArea {
         ] = *g;
     }
 
-    /// The image KVM's `sev_es_sync_vmsa` would write for this register state: `sev_features`
-    /// forced to the VM's value, and the x87/SSE/AVX area kept only when `with_fpu` (VMs created
-    /// with `KVM_SEV_INIT2`; legacy `KVM_SEV_ES_INIT` VMs keep it zero to preserve their old
-    /// measurements). `x87_ds`/`x87_cs` are always zero, as in KVM. Returned by value: the
-    /// launch writes it to the page at once, and a transition must not allocate.
+    /// The image KVM's `sev_es_sync_vmsa` would write for this register state (see
+    /// [`Self::sync_page`]). Returned by value, so it allocates nothing.
     pub fn synced(&self, sev_features: u64, with_fpu: bool) -> Self {
         let mut out = self.clone();
-        out.sev_features = sev_features;
-        out.x87_ds = 0;
-        out.x87_cs = 0;
-        if !with_fpu {
-            let start = core::mem::offset_of!(SevEsSaveArea, x87_dp);
-            out.as_mut_bytes()[start..SEV_ES_SAVE_AREA_SIZE].fill(0);
-        }
+        Self::sync_page(zerocopy::transmute_mut!(&mut out), sev_features, with_fpu);
         out
+    }
+
+    /// Turn `page`, a copy of a register image, into the image KVM's `sev_es_sync_vmsa`
+    /// writes: `sev_features` forced to the VM's value, and the x87/SSE/AVX area kept only when
+    /// `with_fpu` (VMs created with `KVM_SEV_INIT2`; legacy `KVM_SEV_ES_INIT` VMs keep it zero
+    /// to preserve their old measurements). `x87_ds`/`x87_cs` are always zero, as in KVM.
+    ///
+    /// In place on bytes, so that a launch copies the register image once, into the buffer it
+    /// writes to the VMSA page, and patches it there.
+    pub fn sync_page(page: &mut PageBuf, sev_features: u64, with_fpu: bool) {
+        use core::mem::{offset_of, size_of};
+        let at = offset_of!(SevEsSaveArea, sev_features);
+        page[at..at + size_of::<u64>()].copy_from_slice(&sev_features.to_ne_bytes());
+        let at = offset_of!(SevEsSaveArea, x87_ds);
+        page[at..at + size_of::<u16>()].fill(0);
+        let at = offset_of!(SevEsSaveArea, x87_cs);
+        page[at..at + size_of::<u16>()].fill(0);
+        if !with_fpu {
+            page[offset_of!(SevEsSaveArea, x87_dp)..SEV_ES_SAVE_AREA_SIZE].fill(0);
+        }
     }
 
     /// The ten segment registers in VMSA order (ES, CS, SS, DS, FS, GS, GDTR, LDTR, IDTR, TR).

@@ -156,6 +156,50 @@ fn duplicate_and_unknown_vcpus_are_refused() {
     assert_eq!(vm.platform().live_pages().len(), 1);
 }
 
+#[test]
+fn vcpus_whose_ids_are_not_their_indices_are_found_by_id() {
+    // Index 0 holds id 2, index 1 id 0, index 2 id 1 (an id equal to another vCPU's index),
+    // index 3 id 7: the fast path (id == index) must never answer for the wrong vCPU.
+    let ids = [VcpuId(2), VcpuId(0), VcpuId(1), VcpuId(7)];
+    let log = Arc::new(EventLog::new());
+    let mut vm = Vm::new(TestPlatform::default(), VmConfig::snp(0), log);
+    for id in ids {
+        vm.create_vcpu(id).unwrap();
+    }
+    assert_eq!(vm.vcpu_ids(), ids);
+    for id in ids {
+        assert_eq!(vm.vcpu(id).unwrap().id, id);
+    }
+    assert!(matches!(vm.vcpu(VcpuId(3)), Err(Error::UnknownVcpu(VcpuId(3)))));
+    assert_eq!(
+        vm.vcpu(VcpuId(2)).unwrap().mp_state,
+        MpState::Runnable,
+        "the first created is the BSP"
+    );
+    vm.launch_start(SNP_POLICY).unwrap();
+    vm.launch_finish([0; 32]).unwrap();
+    for target in [1, 7] {
+        vm.ap_creation(&ap(
+            2,
+            ghcb::AP_CREATE,
+            target,
+            0x20_1000 + u64::from(target) * 0x1000,
+        ))
+        .unwrap();
+        let gpa = vm.vcpu(VcpuId(target)).unwrap().pending_gpa;
+        assert_eq!(
+            gpa,
+            Some(Gpa(0x20_1000 + u64::from(target) * 0x1000)),
+            "target {target}"
+        );
+    }
+    assert_eq!(vm.vcpu(VcpuId(0)).unwrap().pending_gpa, None);
+    assert!(matches!(
+        vm.ap_creation(&ap(2, ghcb::AP_CREATE, 3, 0x20_1000)),
+        Err(ApCreationError::UnknownApicId { apic_id: 3 })
+    ));
+}
+
 // ---- SNP launch --------------------------------------------------------------------------
 
 #[test]

@@ -198,9 +198,11 @@ impl<P: Platform> Cx<'_, P> {
         let VmsaState::KvmShared(page) = &v.state else {
             return Err(self.invalid(v, Op::Sync));
         };
-        let image = v.regs.synced(sev_features, with_fpu);
+        // The one copy of the image, patched in place (`synced` would copy it twice).
+        let mut image = *v.regs.as_page();
+        SevEsSaveArea::sync_page(&mut image, sev_features, with_fpu);
         self.p
-            .write_frame(page.pfn(), image.as_page())
+            .write_frame(page.pfn(), &image)
             .map_err(|source| Error::Platform {
                 vcpu: Some(v.id),
                 op: PlatformOp::WriteFrame,

@@ -246,6 +246,9 @@ pub struct Vm<P: Platform> {
     launch: LaunchState,
     events: Arc<dyn EventSink>,
     vcpus: Vec<Lock<Vcpu<P::Page>>>,
+    /// The vCPUs' ids in creation (index) order.
+    ids: Vec<VcpuId>,
+    /// Each vCPU's index, for ids that are not their own index (see [`Vm::idx`]).
     index: BTreeMap<VcpuId, usize>,
     bugged: Lock<Option<Leak>>,
     /// Host pages of vCPUs leaked so far (before teardown).
@@ -276,6 +279,7 @@ impl<P: Platform> Vm<P> {
             launch: LaunchState::NotStarted,
             events,
             vcpus: Vec::new(),
+            ids: Vec::new(),
             index: BTreeMap::new(),
             bugged: Lock::new(None),
             vcpu_leaks: Lock::new(0),
@@ -322,7 +326,14 @@ impl<P: Platform> Vm<P> {
         lock(&self.vcpus[i])
     }
 
+    /// The index of vCPU `id`. As in KVM's `kvm_get_vcpu_by_id`, an id equal to its vCPU's
+    /// index (a VMM that numbers its vCPUs 0, 1, ... in creation order, as nearly all do) is
+    /// found without a search; this is on every entry and AP-creation request.
     fn idx(&self, id: VcpuId) -> Res<usize, P> {
+        let at = id.0 as usize;
+        if self.ids.get(at) == Some(&id) {
+            return Ok(at);
+        }
         self.index.get(&id).copied().ok_or(Error::UnknownVcpu(id))
     }
 
@@ -375,15 +386,14 @@ impl<P: Platform> Vm<P> {
         }
         let info = info(&v);
         self.index.insert(id, self.vcpus.len());
+        self.ids.push(id);
         self.vcpus.push(Lock::new(v));
         Ok(info)
     }
 
     /// The vCPUs in creation (index) order.
     pub fn vcpu_ids(&self) -> Vec<VcpuId> {
-        let mut ids: Vec<_> = self.index.iter().map(|(id, i)| (*i, *id)).collect();
-        ids.sort();
-        ids.into_iter().map(|(_, id)| id).collect()
+        self.ids.clone()
     }
 
     /// A snapshot of one vCPU.
@@ -892,9 +902,12 @@ impl<P: Platform> Vm<P> {
             vmsa_features: self.config.vmsa_features(),
             max_phys_bits: self.config.max_phys_bits,
         };
-        let valid = rules.validate(req, |apic| self.index.contains_key(&VcpuId(apic)))?;
+        let valid = rules.validate(req, |apic| self.idx(VcpuId(apic)).is_ok())?;
         let target = VcpuId(valid.apic_id);
-        let mut v = self.lock(self.index[&target]);
+        let at = self
+            .idx(target)
+            .map_err(|_| ApCreationError::UnknownApicId { apic_id: target.0 })?;
+        let mut v = self.lock(at);
         v.pending_gpa = valid.gpa;
         v.waiting_for_reset = true;
         let kick = valid.request != ApRequest::CreateOnInit;
@@ -1164,6 +1177,7 @@ impl<P: Platform> Vm<P> {
             }
         }
         self.index.clear();
+        self.ids.clear();
         report
     }
 
