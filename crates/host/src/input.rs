@@ -17,6 +17,9 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+pub use crate::file_bytes::FileBytes;
+use crate::file_bytes::HUGE_MIN;
+
 /// A kind of input file: what it is, for messages, and the most bytes it may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InputKind {
@@ -212,6 +215,50 @@ impl InputFile {
         Ok(data)
     }
 
+    /// The whole file, as [`Self::read_all`], in memory on transparent huge pages where the
+    /// kernel offers them when the file is at least 1 MiB (see [`FileBytes`]): for firmware
+    /// images, whose page faults on a fresh heap buffer cost more than reading them.
+    pub fn read_all_huge(self) -> Result<FileBytes, InputError> {
+        let len = usize::try_from(self.len).ok().filter(|_| self.len >= HUGE_MIN);
+        let Some(mut buf) = len.and_then(FileBytes::huge_zeroed) else {
+            return Ok(self.read_all()?.into());
+        };
+        let read_err = |source| InputError::Read {
+            option: self.option.clone(),
+            path: self.path.clone(),
+            source,
+        };
+        let mut filled = 0;
+        while filled < buf.len() {
+            match (&self.file).read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(read_err(e)),
+            }
+        }
+        if filled < buf.len() {
+            // The file shrank since it was opened: what is there is the file.
+            buf.truncate(filled);
+            return Ok(buf);
+        }
+        // The file may have grown since it was opened: the rest (up to the limit) goes to the
+        // heap, as `read_all` would have read it.
+        let mut rest = Vec::new();
+        (&self.file)
+            .take(self.kind.limit.saturating_add(1).saturating_sub(self.len))
+            .read_to_end(&mut rest)
+            .map_err(read_err)?;
+        if rest.is_empty() {
+            return Ok(buf);
+        }
+        let mut all = Vec::with_capacity(buf.len() + rest.len());
+        all.extend_from_slice(&buf);
+        all.append(&mut rest);
+        self.check_size(all.len() as u64)?;
+        Ok(all.into())
+    }
+
     /// The whole file as UTF-8 text.
     pub fn read_text(self) -> Result<String, InputError> {
         let option = self.option.clone();
@@ -300,6 +347,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("--x /no/such/file: cannot read it"), "{e}");
+    }
+
+    #[test]
+    fn large_files_read_into_huge_pages_as_read_all_reads_them() {
+        let dir = scratch("huge");
+        let path = dir.join("image");
+        let data: Vec<u8> = (0..HUGE_MIN as usize + 4099).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let kind = InputKind {
+            what: "an image",
+            limit: 4 << 20,
+        };
+        let read = InputFile::open("--x", &path, kind)
+            .unwrap()
+            .read_all_huge()
+            .unwrap();
+        assert_eq!(*read, data[..]);
+        assert!(format!("{read:?}").contains("huge-page memory"), "{read:?}");
+        // A small file goes to the heap.
+        let small = dir.join("small");
+        std::fs::write(&small, b"abc").unwrap();
+        let read = InputFile::open("--x", &small, kind)
+            .unwrap()
+            .read_all_huge()
+            .unwrap();
+        assert_eq!(*read, b"abc"[..]);
+        // Grown after open, within the limit: all of it, as read_all.
+        let file = InputFile::open("--x", &path, kind).unwrap();
+        let mut grown = data.clone();
+        grown.extend_from_slice(b"tail");
+        std::fs::write(&path, &grown).unwrap();
+        assert_eq!(*file.read_all_huge().unwrap(), grown[..]);
+        // Grown past the limit after open: refused.
+        let file = InputFile::open("--x", &path, kind).unwrap();
+        std::fs::write(&path, vec![1; (4 << 20) + 1]).unwrap();
+        let e = file.read_all_huge().unwrap_err().to_string();
+        assert!(e.contains("an image may be at most 4 MiB"), "{e}");
+        // Shrunk after open: what is left.
+        std::fs::write(&path, &data).unwrap();
+        let file = InputFile::open("--x", &path, kind).unwrap();
+        std::fs::write(&path, &data[..HUGE_MIN as usize]).unwrap();
+        assert_eq!(*file.read_all_huge().unwrap(), data[..HUGE_MIN as usize]);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

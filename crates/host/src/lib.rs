@@ -26,6 +26,7 @@
 
 mod errno;
 mod exit;
+mod file_bytes;
 mod hypervisor;
 pub mod input;
 pub mod ports;

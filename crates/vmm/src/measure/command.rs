@@ -87,7 +87,7 @@ pub(crate) fn read_firmware(path: &Path) -> Result<Ovmf, MeasureError> {
     };
     let file = InputFile::open("--firmware", path, FIRMWARE_FILE_KIND)?;
     check_image_size(file.len()).map_err(fw_err)?;
-    Ovmf::parse(file.read_all()?).map_err(fw_err)
+    Ovmf::parse(file.read_all_huge()?).map_err(fw_err)
 }
 
 pub(crate) fn plan_input(e: &PlanError, firmware: &Path) -> String {

@@ -12,6 +12,7 @@ use core::fmt;
 use std::sync::Arc;
 
 use thiserror::Error;
+use vmsa_host::input::FileBytes;
 
 /// A GUID as EFI stores it: `Data1..Data3` little-endian, `Data4` as bytes (Python's
 /// `uuid.UUID.bytes_le`).
@@ -302,7 +303,7 @@ pub enum OvmfError {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ovmf {
     /// Shared, not copied, with the launch plans built from the image.
-    data: Arc<Vec<u8>>,
+    data: Arc<FileBytes>,
     table: Vec<(Guid, Vec<u8>)>,
     reset_eip: u32,
     metadata: Option<Vec<MetadataSection>>,
@@ -435,7 +436,8 @@ fn parse_metadata(data: &[u8], offset: u32) -> Result<Vec<MetadataSection>, Ovmf
 impl Ovmf {
     /// Parse an image: the size rule, the footer table, the SEV-ES reset block (required: an
     /// image without it has no SEV metadata at all) and, when present, the SEV metadata.
-    pub fn parse(data: Vec<u8>) -> Result<Self, OvmfError> {
+    pub fn parse(data: impl Into<FileBytes>) -> Result<Self, OvmfError> {
+        let data = data.into();
         check_image_size(data.len() as u64)?;
         let table = parse_table(&data)?;
         let reset_eip = entry_u32(&table, SEV_ES_RESET_BLOCK_GUID)?.ok_or(OvmfError::NoResetBlock)?;
@@ -459,7 +461,7 @@ impl Ovmf {
     }
 
     /// The image bytes, shared: a launch plan keeps them without copying 2 MiB or more.
-    pub(crate) fn shared_data(&self) -> Arc<Vec<u8>> {
+    pub(crate) fn shared_data(&self) -> Arc<FileBytes> {
         Arc::clone(&self.data)
     }
 

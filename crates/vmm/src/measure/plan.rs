@@ -39,6 +39,7 @@ use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest, SnpPage};
 use thiserror::Error;
 use vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
 use vmsa_core::{Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SevEsSaveArea, SnpPageType, VcpuId, VmConfig, VmKind};
+use vmsa_host::input::FileBytes;
 
 use super::VcpuCount;
 use super::hashes::{PADDED_TABLE_SIZE, SevHashes};
@@ -221,7 +222,7 @@ pub enum PlanError {
 pub struct LaunchPlan {
     kind: VmKind,
     guest_features: u64,
-    firmware: Arc<Vec<u8>>,
+    firmware: Arc<FileBytes>,
     data: Vec<PlannedData>,
     bsp: Box<SevEsSaveArea>,
     ap: Box<SevEsSaveArea>,
