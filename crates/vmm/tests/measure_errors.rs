@@ -311,7 +311,8 @@ fn usage_errors_are_one_line_too() {
     assert!(stdout(&help).contains("--dump-vmsa"));
 }
 
-/// A FIFO as `--firmware` blocked `open(2)` forever; `--sev-es --kernel /dev/zero` hashed
+/// A FIFO as `--firmware` (and, until it read through `vmsa_host::input` too, as `--igvm`)
+/// blocked `open(2)` forever; `--sev-es --kernel /dev/zero` hashed
 /// without end before the check that this firmware cannot take kernel hashes.
 #[test]
 fn fifos_devices_and_unmeasurable_kernels_are_refused_at_once() {
@@ -332,6 +333,15 @@ fn fifos_devices_and_unmeasurable_kernels_are_refused_at_once() {
     check(
         cli(&f, "1", "EPYC-v4", &[]),
         &format!("--firmware {f}: is a FIFO, not a regular file"),
+    );
+    // `--igvm` was opened by a path of its own that blocked on a FIFO too.
+    check(
+        vec!["--igvm", &f],
+        &format!("--igvm {f}: is a FIFO, not a regular file: an IGVM file must be"),
+    );
+    check(
+        vec!["--igvm", "/dev/zero"],
+        "--igvm /dev/zero: is a character device, not a regular file: an IGVM file must be",
     );
     let synthetic = s(&fixture_dir().join("synthetic-hashes.fd"));
     check(

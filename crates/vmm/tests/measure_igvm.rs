@@ -408,7 +408,7 @@ fn bad_inputs_are_refused_in_one_line() {
     refused_with(
         &["measure", "--igvm", m],
         &format!("--igvm {m}"),
-        "cannot read the IGVM file",
+        "cannot read it",
     );
     let d = dir.to_str().unwrap();
     refused_with(

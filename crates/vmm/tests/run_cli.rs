@@ -655,6 +655,11 @@ fn fifos_and_devices_as_input_files_are_refused_at_once() {
             "is a FIFO, not a regular file: a cost file must be",
         ),
         (
+            "--igvm",
+            fifo.as_str(),
+            "is a FIFO, not a regular file: an IGVM file must be",
+        ),
+        (
             "--guest",
             "/dev/zero",
             "is a character device, not a regular file",

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use super::igvm::{IgvmError, MAX_IGVM_SIZE};
+use super::igvm::IgvmError;
 use super::ovmf::OvmfError;
 use super::plan::PlanError;
 
@@ -70,22 +70,6 @@ pub enum MeasureError {
         path: PathBuf,
         /// The I/O error.
         source: io::Error,
-    },
-    /// The IGVM file cannot be read.
-    #[error("--igvm {}: cannot read the IGVM file: {source}", path.display())]
-    ReadIgvm {
-        /// The path given.
-        path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
-    },
-    /// The IGVM file is larger than [`MAX_IGVM_SIZE`].
-    #[error("--igvm {}: the file has {size} bytes: at most {MAX_IGVM_SIZE} are read", path.display())]
-    IgvmTooLarge {
-        /// The path given.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
     },
     /// The IGVM file cannot be measured.
     #[error("--igvm {}: {source}", path.display())]

@@ -18,8 +18,6 @@
 //! - the last `SNP_ID_BLOCK` in the platform's mask carries the digest the file expects.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use backend_kvm::guest::builtin::IgvmGuest;
@@ -34,6 +32,7 @@ use igvm_defs::{
 use serde_json::json;
 use thiserror::Error;
 use vmsa_core::{Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SevEsSaveArea, SnpPageType, VmKind};
+use vmsa_host::input::{FileBytes, InputFile, InputKind};
 use zerocopy::FromBytes;
 
 use super::plan::{LaunchDigest, LaunchPlan, LaunchStep};
@@ -808,32 +807,16 @@ pub struct IgvmOutput {
     pub measurement: IgvmMeasurement,
 }
 
-/// Read an IGVM file (at most [`MAX_IGVM_SIZE`] bytes).
-pub fn read_igvm(path: &Path) -> Result<Vec<u8>, MeasureError> {
-    let err = |source| MeasureError::ReadIgvm {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(err)?;
-    let meta = file.metadata().map_err(err)?;
-    if !meta.is_file() {
-        return Err(err(io::Error::other("not a regular file")));
-    }
-    if meta.len() > MAX_IGVM_SIZE {
-        return Err(MeasureError::IgvmTooLarge {
-            path: path.to_path_buf(),
-            size: meta.len(),
-        });
-    }
-    let mut data = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_IGVM_SIZE + 1).read_to_end(&mut data).map_err(err)?;
-    if data.len() as u64 > MAX_IGVM_SIZE {
-        return Err(MeasureError::IgvmTooLarge {
-            path: path.to_path_buf(),
-            size: data.len() as u64,
-        });
-    }
-    Ok(data)
+/// IGVM files: at most [`MAX_IGVM_SIZE`] bytes.
+pub const IGVM_FILE_KIND: InputKind = InputKind {
+    what: "an IGVM file",
+    limit: MAX_IGVM_SIZE,
+};
+
+/// Read the IGVM file at `path`, given with `--igvm`: a regular file (opened without blocking)
+/// of at most [`MAX_IGVM_SIZE`] bytes.
+pub fn read_igvm(path: &Path) -> Result<FileBytes, MeasureError> {
+    Ok(InputFile::open("--igvm", path, IGVM_FILE_KIND)?.read_all_huge()?)
 }
 
 /// Run `vmm measure --igvm`: read, measure, and render.
