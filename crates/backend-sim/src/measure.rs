@@ -15,6 +15,7 @@
 //! VMSAs and a 2 MiB firmware image).
 
 use std::num::NonZeroUsize;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
@@ -61,8 +62,9 @@ impl SnpLaunchDigest {
     /// Extend the digest with `pages` in order: the same digest as [`SnpLaunchDigest::update`]
     /// on each, faster. A page equal to the last page whose contents were hashed (a run of
     /// identical AP VMSAs, of erased flash) reuses that hash; the remaining contents hashes are
-    /// spread over the available cores; then the `PAGE_INFO` chain runs. Two allocations,
-    /// whatever the number of pages.
+    /// spread over the available cores, and the calling thread runs the `PAGE_INFO` chain over
+    /// each chunk of them as soon as it and every chunk before it are hashed (hashing chunks
+    /// itself while it waits). Three allocations, whatever the number of pages.
     pub fn update_pages(&mut self, pages: &[SnpPage<'_>]) {
         // Index into `distinct` of each page's contents hash; None where it measures as zeros.
         let mut distinct: Vec<&PageBuf> = Vec::new();
@@ -80,11 +82,28 @@ impl SnpLaunchDigest {
                 _ => None,
             });
         }
-        let hashes = hash_pages(&distinct);
-        for (p, slot) in pages.iter().zip(slots) {
-            let hash = slot.map_or([0; SNP_DIGEST_SIZE], |i| hashes[i]);
-            self.ld = Sha384::digest(page_info(&self.ld, &hash, p.page_type, p.gpa)).into();
-        }
+        // Slots never decrease along `pages`, so the chain can run up to the first page whose
+        // hash is not in yet.
+        let mut at = 0;
+        let mut chain =
+            |ld: &mut [u8; SNP_DIGEST_SIZE], hashed: usize, hash: &dyn Fn(usize) -> [u8; SNP_DIGEST_SIZE]| {
+                while let Some(p) = pages.get(at) {
+                    let contents = match slots[at] {
+                        Some(i) if i >= hashed => break,
+                        Some(i) => hash(i),
+                        None => [0; SNP_DIGEST_SIZE],
+                    };
+                    *ld = Sha384::digest(page_info(ld, &contents, p.page_type, p.gpa)).into();
+                    at += 1;
+                }
+            };
+        hash_pages_in_order(&distinct, |first, digests| {
+            chain(&mut self.ld, first + digests.len(), &|i| digests[i - first]);
+        });
+        // The pages after the last one with contents (or all of them, if none has any): each
+        // measures as zeros, so none needs a hash.
+        chain(&mut self.ld, 0, &|_| [0; SNP_DIGEST_SIZE]);
+        debug_assert_eq!(at, pages.len(), "every page extends the digest");
     }
 
     /// The digest so far.
@@ -122,11 +141,14 @@ pub struct SnpPage<'a> {
 /// [`sha384_pages`]' eight-page passes.
 const CHUNK_PAGES: usize = 16;
 
-/// SHA-384 of each page, in order ([`sha384_pages`]: eight pages per pass where the CPU has
-/// AVX-512), on as many threads as the machine offers (the calling thread included), which
-/// take chunks of pages from a shared counter. Hashing stays on the calling thread for few
-/// pages, or when no thread can be started.
-fn hash_pages(pages: &[&PageBuf]) -> Vec<[u8; SNP_DIGEST_SIZE]> {
+/// SHA-384 of each page ([`sha384_pages`]: eight pages per pass where the CPU has AVX-512),
+/// given to `consume` on the calling thread chunk by chunk, in page order: `consume(first,
+/// digests)` gets the digests of pages `first..first + digests.len()`. The hashing runs on as
+/// many threads as the machine offers, the calling thread included, which take chunks from a
+/// shared counter; the calling thread consumes each chunk as soon as it and those before it
+/// are done, and hashes a chunk itself whenever the next one to consume is not done yet. It
+/// stays alone for few pages, or when no thread can be started.
+fn hash_pages_in_order(pages: &[&PageBuf], mut consume: impl FnMut(usize, &[[u8; SNP_DIGEST_SIZE]])) {
     let threads = if pages.len() < 2 * PARALLEL_MIN_PAGES {
         1
     } else {
@@ -134,42 +156,68 @@ fn hash_pages(pages: &[&PageBuf]) -> Vec<[u8; SNP_DIGEST_SIZE]> {
             .map_or(1, NonZeroUsize::get)
             .min(pages.len() / PARALLEL_MIN_PAGES)
     };
-    let next = AtomicUsize::new(0);
-    // Each thread's chunks: (first page index, digests). Allocated here, so that the threads
-    // allocate nothing (a first allocation on a new thread sets up a malloc arena).
-    let work = |mut done: Vec<(usize, [[u8; SNP_DIGEST_SIZE]; CHUNK_PAGES])>| loop {
-        let start = next.fetch_add(CHUNK_PAGES, Ordering::Relaxed);
-        let Some(chunk) = pages.get(start..pages.len().min(start + CHUNK_PAGES)) else {
-            break done;
-        };
-        if chunk.is_empty() {
-            break done;
-        }
-        let mut digests = [[0; SNP_DIGEST_SIZE]; CHUNK_PAGES];
-        sha384_pages(chunk, &mut digests[..chunk.len()]);
-        done.push((start, digests));
-    };
     let chunks = pages.len().div_ceil(CHUNK_PAGES);
-    let mut out = vec![[0; SNP_DIGEST_SIZE]; pages.len()];
+    let range = |c: usize| c * CHUNK_PAGES..pages.len().min((c + 1) * CHUNK_PAGES);
+    let hash = |c: usize| {
+        let mut digests = [[0; SNP_DIGEST_SIZE]; CHUNK_PAGES];
+        let chunk = &pages[range(c)];
+        sha384_pages(chunk, &mut digests[..chunk.len()]);
+        digests
+    };
+    if threads == 1 {
+        for c in 0..chunks {
+            consume(range(c).start, &hash(c)[..range(c).len()]);
+        }
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    // Allocated here, so that the helpers allocate nothing (a first allocation on a new thread
+    // sets up a malloc arena).
+    let done: Vec<OnceLock<[[u8; SNP_DIGEST_SIZE]; CHUNK_PAGES]>> =
+        (0..chunks).map(|_| OnceLock::new()).collect();
+    let caller = thread::current();
     thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads)
-            .filter_map(|_| {
-                let done = Vec::with_capacity(chunks);
-                thread::Builder::new().spawn_scoped(s, || work(done)).ok()
-            })
-            .collect();
-        let mut place = |done: Vec<(usize, [[u8; SNP_DIGEST_SIZE]; CHUNK_PAGES])>| {
-            for (start, digests) in done {
-                let n = CHUNK_PAGES.min(pages.len() - start);
-                out[start..start + n].copy_from_slice(&digests[..n]);
+        let helper = || {
+            // Wakes the calling thread after every chunk, and once more when the helper ends,
+            // even by a panic, so that it never waits for a chunk nobody will hash.
+            struct WakeOnExit<'a>(&'a thread::Thread);
+            impl Drop for WakeOnExit<'_> {
+                fn drop(&mut self) {
+                    self.0.unpark();
+                }
+            }
+            let _wake = WakeOnExit(&caller);
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks {
+                    break;
+                }
+                let _ = done[c].set(hash(c));
+                caller.unpark();
             }
         };
-        place(work(Vec::with_capacity(chunks)));
-        for h in helpers {
-            place(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| thread::Builder::new().spawn_scoped(s, helper).ok())
+            .collect();
+        let mut want = 0;
+        while want < chunks {
+            if let Some(digests) = done[want].get() {
+                consume(range(want).start, &digests[..range(want).len()]);
+                want += 1;
+                continue;
+            }
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c < chunks {
+                let _ = done[c].set(hash(c));
+            } else if helpers.iter().all(|h| h.is_finished()) && done[want].get().is_none() {
+                // A helper died before hashing a chunk it took; the scope re-raises its panic.
+                break;
+            } else {
+                // A helper is hashing `want`; it unparks this thread when it is done.
+                thread::park();
+            }
         }
     });
-    out
 }
 
 /// Lay out `PAGE_INFO` (SNP ABI §8.17.2 table 67): DIGEST_CUR @0x00, CONTENTS @0x30,
@@ -293,6 +341,8 @@ mod tests {
             }
         }
         kinds.extend([(SnpPageType::Vmsa, Some(&*distinct[0])); 5]);
+        // Pages measured as zeros after the last hashed one.
+        kinds.extend([(SnpPageType::Zero, None), (SnpPageType::Secrets, None)]);
         let pages: Vec<(Gpa, SnpPageType, Option<&PageBuf>)> = (0u64..)
             .zip(kinds)
             .map(|(i, (ty, contents))| (Gpa(i * 0x1000), ty, contents))
@@ -318,6 +368,19 @@ mod tests {
         split.update_pages(&batch[123..]);
         assert_eq!(split, one_by_one);
         assert_ne!(one_by_one, SnpLaunchDigest::new());
+        // Only pages measured as zeros: nothing to hash, the chain alone.
+        let zeros: Vec<SnpPage<'_>> = batch
+            .iter()
+            .filter(|p| p.page_type == SnpPageType::Zero)
+            .copied()
+            .collect();
+        let mut chain_only = SnpLaunchDigest::new();
+        chain_only.update_pages(&zeros);
+        let mut one_by_one = SnpLaunchDigest::new();
+        for p in &zeros {
+            one_by_one.update(p.gpa, p.page_type, &[0; 4096]);
+        }
+        assert_eq!(chain_only, one_by_one);
     }
 
     #[test]
