@@ -18,6 +18,7 @@ use std::num::NonZeroUsize;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256, Sha384};
 use sha384_pages::sha384_pages;
@@ -97,9 +98,14 @@ impl SnpLaunchDigest {
                     at += 1;
                 }
             };
-        hash_pages_in_order(&distinct, |first, digests| {
-            chain(&mut self.ld, first + digests.len(), &|i| digests[i - first]);
-        });
+        hash_pages_in_order(
+            &distinct,
+            hash_threads(distinct.len()),
+            sha384_pages,
+            |first, digests| {
+                chain(&mut self.ld, first + digests.len(), &|i| digests[i - first]);
+            },
+        );
         // The pages after the last one with contents (or all of them, if none has any): each
         // measures as zeros, so none needs a hash.
         chain(&mut self.ld, 0, &|_| [0; SNP_DIGEST_SIZE]);
@@ -141,27 +147,38 @@ pub struct SnpPage<'a> {
 /// [`sha384_pages`]' eight-page passes.
 const CHUNK_PAGES: usize = 16;
 
+/// How many threads hash `pages` distinct pages: all the machine offers, but none that would
+/// get fewer than [`PARALLEL_MIN_PAGES`].
+fn hash_threads(pages: usize) -> usize {
+    if pages < 2 * PARALLEL_MIN_PAGES {
+        1
+    } else {
+        thread::available_parallelism()
+            .map_or(1, NonZeroUsize::get)
+            .min(pages / PARALLEL_MIN_PAGES)
+    }
+}
+
 /// SHA-384 of each page ([`sha384_pages`]: eight pages per pass where the CPU has AVX-512),
 /// given to `consume` on the calling thread chunk by chunk, in page order: `consume(first,
 /// digests)` gets the digests of pages `first..first + digests.len()`. The hashing runs on as
 /// many threads as the machine offers, the calling thread included, which take chunks from a
 /// shared counter; the calling thread consumes each chunk as soon as it and those before it
 /// are done, and hashes a chunk itself whenever the next one to consume is not done yet. It
-/// stays alone for few pages, or when no thread can be started.
-fn hash_pages_in_order(pages: &[&PageBuf], mut consume: impl FnMut(usize, &[[u8; SNP_DIGEST_SIZE]])) {
-    let threads = if pages.len() < 2 * PARALLEL_MIN_PAGES {
-        1
-    } else {
-        thread::available_parallelism()
-            .map_or(1, NonZeroUsize::get)
-            .min(pages.len() / PARALLEL_MIN_PAGES)
-    };
+/// stays alone with `threads` 1, or when no thread can be started. `hasher` is
+/// [`sha384_pages`] (a parameter so that tests can make a helper fail).
+fn hash_pages_in_order(
+    pages: &[&PageBuf],
+    threads: usize,
+    hasher: impl Fn(&[&PageBuf], &mut [[u8; SNP_DIGEST_SIZE]]) + Sync,
+    mut consume: impl FnMut(usize, &[[u8; SNP_DIGEST_SIZE]]),
+) {
     let chunks = pages.len().div_ceil(CHUNK_PAGES);
     let range = |c: usize| c * CHUNK_PAGES..pages.len().min((c + 1) * CHUNK_PAGES);
     let hash = |c: usize| {
         let mut digests = [[0; SNP_DIGEST_SIZE]; CHUNK_PAGES];
         let chunk = &pages[range(c)];
-        sha384_pages(chunk, &mut digests[..chunk.len()]);
+        hasher(chunk, &mut digests[..chunk.len()]);
         digests
     };
     if threads == 1 {
@@ -213,8 +230,10 @@ fn hash_pages_in_order(pages: &[&PageBuf], mut consume: impl FnMut(usize, &[[u8;
                 // A helper died before hashing a chunk it took; the scope re-raises its panic.
                 break;
             } else {
-                // A helper is hashing `want`; it unparks this thread when it is done.
-                thread::park();
+                // A helper is hashing `want`; it unparks this thread when it is done. The
+                // timeout only matters if a helper panicked: its last unpark can come just
+                // before `is_finished` holds.
+                thread::park_timeout(Duration::from_millis(1));
             }
         }
     });
@@ -381,6 +400,55 @@ mod tests {
             one_by_one.update(p.gpa, p.page_type, &[0; 4096]);
         }
         assert_eq!(chain_only, one_by_one);
+    }
+
+    /// A helper thread that dies with a chunk it took must not leave the calling thread
+    /// waiting for that chunk: the hashing ends, with the helper's panic.
+    #[test]
+    fn a_helper_that_dies_mid_chunk_ends_the_hashing_with_its_panic_not_a_hang() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pages: Vec<Box<PageBuf>> = (0..8 * CHUNK_PAGES).map(|i| Box::new([i as u8; 4096])).collect();
+            let refs: Vec<&PageBuf> = pages.iter().map(|p| &**p).collect();
+            let caller = thread::current().id();
+            let hasher = |chunk: &[&PageBuf], out: &mut [[u8; SNP_DIGEST_SIZE]]| {
+                assert_eq!(thread::current().id(), caller, "a helper dies");
+                sha384_pages(chunk, out);
+            };
+            let mut consumed = 0;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                hash_pages_in_order(&refs, 2, hasher, |_, d| consumed += d.len())
+            }));
+            let _ = tx.send((r.is_err(), consumed));
+        });
+        let (panicked, consumed) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the calling thread hung after a helper died");
+        // The helper may not have started before the caller took every chunk; then all pages
+        // were hashed and nothing panicked.
+        assert!(panicked || consumed == 8 * CHUNK_PAGES, "{panicked} {consumed}");
+    }
+
+    #[test]
+    fn threads_share_the_hashing_and_the_chain_sees_every_chunk_in_order() {
+        let pages: Vec<Box<PageBuf>> = (0..300).map(|i| Box::new([(i * 7) as u8; 4096])).collect();
+        let refs: Vec<&PageBuf> = pages.iter().map(|p| &**p).collect();
+        let mut alone = Vec::new();
+        hash_pages_in_order(&refs, 1, sha384_pages, |first, d| alone.push((first, d.to_vec())));
+        for threads in [2, 3, 8] {
+            let mut shared = Vec::new();
+            hash_pages_in_order(&refs, threads, sha384_pages, |first, d| {
+                shared.push((first, d.to_vec()))
+            });
+            assert_eq!(shared, alone, "{threads} threads");
+        }
+        let firsts: Vec<usize> = alone.iter().map(|(f, _)| *f).collect();
+        assert_eq!(firsts, (0..300).step_by(CHUNK_PAGES).collect::<Vec<_>>());
+        assert_eq!(alone.iter().map(|(_, d)| d.len()).sum::<usize>(), 300);
+        assert_eq!(
+            alone[1].1[0],
+            <[u8; 48]>::from(Sha384::digest(*pages[CHUNK_PAGES]))
+        );
     }
 
     #[test]
