@@ -108,7 +108,9 @@ fn human(limit: u64) -> String {
     format!("{limit} bytes")
 }
 
-fn file_type_name(ft: std::fs::FileType) -> &'static str {
+/// What a file that is not a regular file is, for messages: "a directory", "a FIFO", "a
+/// character device", "a block device", "a socket".
+pub fn file_type_name(ft: std::fs::FileType) -> &'static str {
     if ft.is_dir() {
         "a directory"
     } else if ft.is_fifo() {

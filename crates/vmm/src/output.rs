@@ -36,8 +36,33 @@ fn through_temp(
     result
 }
 
-/// Write `bytes` to `path`, replacing it if it exists (renamed into place).
+/// Why an output cannot take the place of what is at its path.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "is {file_type}, not a regular file: an output only replaces a regular file (renaming over {file_type} would \
+     put a regular file in its place)"
+)]
+pub struct NotReplaceable {
+    /// What is there ("a FIFO", "a character device", "a directory", ...).
+    pub file_type: &'static str,
+}
+
+/// Whether an output may replace what is at `path`: nothing, or a regular file (a symbolic
+/// link is judged by what it points to). Renaming over a FIFO or a device node, say
+/// `/dev/full` as root, would replace the node itself with a regular file.
+pub fn check_replaceable(path: &Path) -> Result<(), NotReplaceable> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(NotReplaceable {
+            file_type: vmsa_host::input::file_type_name(m.file_type()),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Write `bytes` to `path`, replacing it if it exists and is a regular file (renamed into
+/// place); anything else at `path` is refused ([`check_replaceable`]) and left as it is.
 pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    check_replaceable(path).map_err(std::io::Error::other)?;
     through_temp(path, bytes, |tmp, path| std::fs::rename(tmp, path))
 }
 
@@ -49,6 +74,8 @@ pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileTypeExt;
+
     use super::*;
 
     #[test]
@@ -68,6 +95,38 @@ mod tests {
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
             1,
+            "no temporary file left"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_is_never_replaced() {
+        let dir = std::env::temp_dir().join(format!("vmm-output-node-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let fifo = dir.join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let e = write_replacing(&fifo, b"x").unwrap_err().to_string();
+        assert!(e.starts_with("is a FIFO, not a regular file"), "{e}");
+        assert!(
+            std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(),
+            "still a FIFO"
+        );
+        let e = write_replacing(&dir.join("sub"), b"x").unwrap_err().to_string();
+        assert!(e.starts_with("is a directory, not a regular file"), "{e}");
+        let e = check_replaceable(Path::new("/dev/null")).unwrap_err().to_string();
+        assert!(e.starts_with("is a character device"), "{e}");
+        assert!(check_replaceable(&dir.join("absent")).is_ok());
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            2,
             "no temporary file left"
         );
         std::fs::remove_dir_all(dir).unwrap();

@@ -630,6 +630,39 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
     );
 }
 
+/// `--trace` renamed its file over whatever was at the path: a FIFO (or, as root, a device
+/// node such as `/dev/full`) became a regular JSON file, and a directory ended the run with an
+/// OS error after it had run. Now both are refused before the run, exit 2, one line, and left
+/// as they are. (Only scratch paths here: the old behaviour would replace a real device.)
+#[test]
+fn a_trace_path_that_is_not_a_regular_file_is_refused_before_the_run() {
+    let dir = scratch("run-trace-node");
+    let fifo = dir.join("fifo");
+    mkfifo(&fifo);
+    std::fs::create_dir(dir.join("sub")).unwrap();
+    for (path, what) in [(fifo.clone(), "a FIFO"), (dir.join("sub"), "a directory")] {
+        let p = path.display().to_string();
+        let o = vmm_within(std::time::Duration::from_secs(60), ["run", "--trace", p.as_str()]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{p}: {err}");
+        assert_eq!(err.lines().count(), 1, "{p}: {err}");
+        assert!(
+            err.contains(&format!("--trace {p}: is {what}, not a regular file")),
+            "{p}: {err}"
+        );
+        assert!(stdout(&o).is_empty(), "{p}: the run went ahead");
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(dir.join("sub").is_dir());
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        2,
+        "no temporary file left"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A FIFO blocked `open(2)` forever and `/dev/zero` was read without end: every input file is
 /// now opened without blocking and must be a regular file (`vmsa_host::input`).
 #[test]

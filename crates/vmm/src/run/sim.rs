@@ -238,6 +238,8 @@ pub(super) fn run(
                 dir.display()
             )));
         }
+        crate::output::check_replaceable(trace)
+            .map_err(|e| RunError::Input(format!("--trace {}: {e}", trace.display())))?;
         // Discover an unwritable directory now, not after the run: create (and remove) the
         // temporary file the trace will be written to.
         let tmp = crate::output::temp_path(trace);
