@@ -333,7 +333,7 @@ impl FromStr for FaultPlan {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut plan = Self::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            plan.rules.push(part.parse()?);
+            plan.add(part.parse()?)?;
         }
         Ok(plan)
     }
@@ -345,9 +345,21 @@ impl FaultPlan {
         Self::default()
     }
 
-    /// Add a rule.
-    pub fn add(&mut self, rule: FaultRule) {
+    /// Add a rule, unless a pending rule already fails the same call: a call fails once, so
+    /// the second rule could never fire.
+    pub fn add(&mut self, rule: FaultRule) -> Result<(), FaultSpecError> {
+        if let Some(existing) = self
+            .rules
+            .iter()
+            .find(|r| (r.op, r.page_type, r.nth) == (rule.op, rule.page_type, rule.nth))
+        {
+            return Err(FaultSpecError {
+                input: rule.to_string(),
+                rule: format!("that call already fails by `{existing}`; a call fails only once"),
+            });
+        }
         self.rules.push(rule);
+        Ok(())
     }
 
     /// Rules not yet fired.
@@ -363,6 +375,12 @@ impl FaultPlan {
     /// Calls of `op` so far (all page types).
     pub fn calls(&self, op: FaultOp) -> u64 {
         self.calls.get(&(op, None)).copied().unwrap_or(0)
+    }
+
+    /// Calls so far that `rule` counts: of its operation, and of its page type if it names one.
+    pub fn calls_counted_by(&self, rule: &FaultRule) -> u64 {
+        let key = (rule.op, rule.page_type.map(|t| t as u8));
+        self.calls.get(&key).copied().unwrap_or(0)
     }
 
     /// How many calls of `op` can come before the next one a rule fails (`u64::MAX` if none
@@ -416,6 +434,39 @@ impl FaultPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_rule_for_the_same_call_is_refused_naming_both() {
+        let e = "alloc_page:1=ENOMEM, alloc_page:1=ALIGNED_2M"
+            .parse::<FaultPlan>()
+            .unwrap_err();
+        assert_eq!(e.input, "alloc_page:1=ALIGNED_2M");
+        assert!(e.rule.contains("`alloc_page:1=ENOMEM`"), "{}", e.rule);
+        // The same call number of another operation or page type is another call.
+        let p: FaultPlan = "alloc_page:1=ENOMEM, rmp_make_shared:1=FAIL_INUSE, \
+                            snp_launch_update:vmsa:1=INVALID_PAGE_STATE, \
+                            snp_launch_update:1=INVALID_PAGE_STATE"
+            .parse()
+            .unwrap();
+        assert_eq!(p.pending().len(), 4);
+    }
+
+    #[test]
+    fn a_typed_rule_counts_only_calls_of_its_page_type() {
+        let mut p: FaultPlan = "snp_launch_update:vmsa:3=INVALID_PAGE_STATE, psmash:9=FAIL_INPUT"
+            .parse()
+            .unwrap();
+        for t in [SnpPageType::Normal, SnpPageType::Vmsa, SnpPageType::Normal] {
+            assert_eq!(p.check(FaultOp::SnpLaunchUpdate, Some(t)), None);
+        }
+        assert_eq!(p.check(FaultOp::Psmash, None), None);
+        let [vmsa, psmash] = p.pending() else {
+            panic!("{:?}", p.pending())
+        };
+        assert_eq!(p.calls_counted_by(vmsa), 1);
+        assert_eq!(p.calls(FaultOp::SnpLaunchUpdate), 3);
+        assert_eq!(p.calls_counted_by(psmash), 1);
+    }
 
     #[test]
     fn parses_the_examples() {

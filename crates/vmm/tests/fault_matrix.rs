@@ -809,7 +809,7 @@ fn every_fault_point_frees_or_reports_every_frame() {
 fn read_frame_point(extra: &[FaultRule]) -> Result<PointResult, String> {
     let mut faults = FaultPlan::default();
     for r in extra {
-        faults.add(*r);
+        faults.add(*r).map_err(|e| e.to_string())?;
     }
     let machine = Machine::new(MachineConfig {
         faults,

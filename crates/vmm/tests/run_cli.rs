@@ -163,6 +163,30 @@ fn launch_fail_shows_the_reclaim_path() {
 }
 
 #[test]
+fn a_fault_rule_that_never_fires_is_a_warning_naming_the_calls_it_counted() {
+    // 4 vCPUs launch 4 VMSAs: the fifth never comes.
+    let rules = "snp_launch_update:vmsa:5=INVALID_PAGE_STATE,snp_launch_update:vmsa:2=INVALID_PAGE_STATE";
+    let (s, code) = run_json(&["--fault", rules]);
+    assert_eq!(code, 1, "the second rule fails the launch: {s}");
+    assert_eq!(
+        s["faults_injected"],
+        serde_json::json!(["snp_launch_update:vmsa:2=INVALID_PAGE_STATE"])
+    );
+    assert_eq!(
+        s["faults_not_fired"],
+        serde_json::json!([{"rule": "snp_launch_update:vmsa:5=INVALID_PAGE_STATE", "calls": 2}])
+    );
+    let o = vmm(["run", "--fault", "alloc_page:99999=ENOMEM"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    let warning = text
+        .lines()
+        .find(|l| l.starts_with("warning: fault rule `alloc_page:99999=ENOMEM` never fired"))
+        .unwrap_or_else(|| panic!("no warning:\n{text}"));
+    assert!(warning.ends_with(" calls"), "{warning}");
+}
+
+#[test]
 fn a_failed_reclaim_is_leaked_on_purpose_and_reported() {
     let (s, code) = run_json(&[
         "--vcpus",
@@ -566,6 +590,23 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
         (
             vec!["--fault".into(), "alloc_page:1=BOOM".into()],
             "alloc_page cannot fail with `BOOM`",
+        ),
+        (
+            // The second rule could never fire: the first fails that call.
+            vec![
+                "--fault".into(),
+                "alloc_page:1=ENOMEM,alloc_page:1=ALIGNED_2M".into(),
+            ],
+            "--fault: fault spec `alloc_page:1=ALIGNED_2M`: that call already fails by `alloc_page:1=ENOMEM`",
+        ),
+        (
+            vec![
+                "--guest".into(),
+                "builtin:launch-fail".into(),
+                "--fault".into(),
+                "snp_launch_update:vmsa:4=INVALID_ADDRESS".into(),
+            ],
+            "already fails by `snp_launch_update:vmsa:4=INVALID_PAGE_STATE`; a call fails only once (a rule of --guest builtin:launch-fail)",
         ),
         (
             vec![

@@ -388,6 +388,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
         guest_run: seen.guest_run,
         rmp_faults: seen.rmp_faults,
         faults_injected: Vec::new(),
+        faults_not_fired: Vec::new(),
         phases: phases.into_phases(),
         costs: None,
         teardown: seen.teardown,

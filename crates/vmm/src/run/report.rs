@@ -11,6 +11,16 @@ use super::flow::{RunEnd, RunOutcome, VcpuExits};
 use super::history::{Ledger, render};
 use super::phases::PhaseSummary;
 
+/// A `--fault` rule (or a scenario's) that never fired: the run ended, or took another path,
+/// before the call it names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnfiredFault {
+    /// The rule, as written.
+    pub rule: String,
+    /// The calls it counted (of its operation, and page type if it names one).
+    pub calls: u64,
+}
+
 /// How the launch went.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LaunchSummary {
@@ -235,6 +245,8 @@ pub struct RunSummary {
     pub rmp_faults: u64,
     /// Failures injected (rules that fired).
     pub faults_injected: Vec<String>,
+    /// Rules that never fired (a warning: what they were to test did not happen).
+    pub faults_not_fired: Vec<UnfiredFault>,
     /// The phases (create, launch, run, teardown): wall clock, and simulated cycles on the
     /// simulator.
     pub phases: Vec<PhaseSummary>,
@@ -458,6 +470,13 @@ impl RunSummary {
         }
         for w in &self.warnings {
             writeln!(s, "warning: {w}")?;
+        }
+        for f in &self.faults_not_fired {
+            writeln!(
+                s,
+                "warning: fault rule `{}` never fired: it counted {} calls",
+                f.rule, f.calls
+            )?;
         }
         if self.ok {
             writeln!(s, "result: ok")

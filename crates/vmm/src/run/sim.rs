@@ -21,7 +21,7 @@ use super::igvm::IgvmLaunch;
 use super::memory::GuestRam;
 use super::phases::Phases;
 use super::progress::Progress;
-use super::report::{LaunchSummary, MigrationSummary, Observed, RunSummary};
+use super::report::{LaunchSummary, MigrationSummary, Observed, RunSummary, UnfiredFault};
 use super::scenario::{GuestMemory, Scenario};
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
@@ -296,8 +296,11 @@ pub(super) fn run(
     };
     let scenario = &Scenario::new(&args.guest, vcpus, kind, &guest_memory)?;
     let mut faults = scenario.faults.clone();
+    // `extra` parsed as one plan, so a rule can only collide with the scenario's own.
     for rule in extra.pending() {
-        faults.add(*rule);
+        faults
+            .add(*rule)
+            .map_err(|e| RunError::Input(format!("--fault: {e} (a rule of --guest {})", args.guest)))?;
     }
     let injecting = !faults.pending().is_empty();
     if memory < scenario.min_memory {
@@ -434,6 +437,15 @@ pub(super) fn run(
             .fired()
             .iter()
             .map(|r| r.to_string())
+            .collect(),
+        faults_not_fired: machine
+            .fault_plan()
+            .pending()
+            .iter()
+            .map(|r| UnfiredFault {
+                rule: r.to_string(),
+                calls: machine.fault_plan().calls_counted_by(r),
+            })
             .collect(),
         phases: phases.into_phases(),
         costs: Some(machine.cost_report()),
