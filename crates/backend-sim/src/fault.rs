@@ -206,6 +206,14 @@ fn page_type_name(s: &str) -> Option<SnpPageType> {
     PAGE_TYPES.iter().find(|(n, _)| *n == s).map(|(_, t)| *t)
 }
 
+impl FaultRule {
+    /// Whether `other` names the same call (operation, page type and number): only one rule
+    /// can fail a call.
+    pub fn same_call(&self, other: &FaultRule) -> bool {
+        (self.op, self.page_type, self.nth) == (other.op, other.page_type, other.nth)
+    }
+}
+
 /// A rule in the syntax it is parsed from (`OP[:PAGE_TYPE]:N=CODE`).
 impl std::fmt::Display for FaultRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -348,11 +356,7 @@ impl FaultPlan {
     /// Add a rule, unless a pending rule already fails the same call: a call fails once, so
     /// the second rule could never fire.
     pub fn add(&mut self, rule: FaultRule) -> Result<(), FaultSpecError> {
-        if let Some(existing) = self
-            .rules
-            .iter()
-            .find(|r| (r.op, r.page_type, r.nth) == (rule.op, rule.page_type, rule.nth))
-        {
+        if let Some(existing) = self.rules.iter().find(|r| r.same_call(&rule)) {
             return Err(FaultSpecError {
                 input: rule.to_string(),
                 rule: format!("that call already fails by `{existing}`; a call fails only once"),
