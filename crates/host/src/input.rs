@@ -108,10 +108,14 @@ fn human(limit: u64) -> String {
     format!("{limit} bytes")
 }
 
-/// What a file that is not a regular file is, for messages: "a directory", "a FIFO", "a
-/// character device", "a block device", "a socket".
+/// What a file is, for messages: "a regular file", "a directory", "a FIFO", "a character
+/// device", "a block device", "a socket", "a symbolic link".
 pub fn file_type_name(ft: std::fs::FileType) -> &'static str {
-    if ft.is_dir() {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_dir() {
         "a directory"
     } else if ft.is_fifo() {
         "a FIFO"
@@ -122,7 +126,7 @@ pub fn file_type_name(ft: std::fs::FileType) -> &'static str {
     } else if ft.is_socket() {
         "a socket"
     } else {
-        "not a file"
+        "of an unknown type"
     }
 }
 

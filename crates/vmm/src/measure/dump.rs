@@ -41,13 +41,25 @@ pub(crate) fn check_dir(dir: &Path) -> Result<(PathBuf, String), MeasureError> {
             format!("its parent {} is not an existing directory", parent.display()),
         ));
     }
-    match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+    // DIR may be a symbolic link to a directory (filled through it, as `cp` would); one that
+    // points nowhere is refused, since renaming the new directory into place would replace it.
+    match fs::metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if fs::symlink_metadata(dir).is_ok() {
+                return Err(dir_error(
+                    dir,
+                    "is a symbolic link to nothing (refusing to replace it)",
+                ));
+            }
+        }
         Err(e) => return Err(dir_error(dir, format!("cannot inspect it: {e}"))),
         Ok(m) if !m.is_dir() => {
             return Err(dir_error(
                 dir,
-                "exists and is not a directory (refusing to overwrite)",
+                format!(
+                    "exists and is {}, not a directory (refusing to overwrite)",
+                    vmsa_host::input::file_type_name(m.file_type())
+                ),
             ));
         }
         Ok(_) => {
@@ -185,6 +197,22 @@ mod tests {
     }
 
     #[test]
+    fn a_symbolic_link_to_an_empty_directory_is_filled_through() {
+        let root = scratch("link");
+        let target = root.join("target");
+        fs::create_dir(&target).unwrap();
+        let link = root.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert_eq!(write(&link, vmsas(2).iter()).unwrap(), 2);
+        assert!(
+            fs::symlink_metadata(&link).unwrap().is_symlink(),
+            "the link stays"
+        );
+        assert_eq!(fs::read(target.join("vmsa1.bin")).unwrap().len(), 4096);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
     fn refuses_to_overwrite_and_leaves_nothing() {
         let root = scratch("refuse");
         let full = root.join("full");
@@ -192,9 +220,16 @@ mod tests {
         fs::write(full.join("keep"), b"x").unwrap();
         let file = root.join("file");
         fs::write(&file, b"x").unwrap();
+        let fifo = root.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo {}", fifo.display());
+        let dangling = root.join("dangling");
+        std::os::unix::fs::symlink(root.join("nowhere"), &dangling).unwrap();
         for (dir, rule) in [
             (full.clone(), "not empty"),
-            (file.clone(), "not a directory"),
+            (file.clone(), "exists and is a regular file, not a directory"),
+            (fifo.clone(), "exists and is a FIFO, not a directory"),
+            (dangling.clone(), "is a symbolic link to nothing"),
             (root.join("missing/out"), "parent"),
             (PathBuf::from("/"), "must name"),
             (root.join(".."), "must name"),
@@ -205,7 +240,11 @@ mod tests {
         }
         assert_eq!(fs::read(full.join("keep")).unwrap(), b"x");
         assert_eq!(fs::read_dir(&full).unwrap().count(), 1);
-        assert_eq!(fs::read_dir(&root).unwrap().count(), 2);
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 4);
+        assert!(
+            fs::symlink_metadata(&dangling).unwrap().is_symlink(),
+            "the link stays"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 }
