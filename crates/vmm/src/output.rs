@@ -47,23 +47,31 @@ pub struct NotReplaceable {
     pub file_type: &'static str,
 }
 
-/// Whether an output may replace what is at `path`: nothing, or a regular file (a symbolic
-/// link is judged by what it points to). Renaming over a FIFO or a device node, say
-/// `/dev/full` as root, would replace the node itself with a regular file.
-pub fn check_replaceable(path: &Path) -> Result<(), NotReplaceable> {
+/// The file an output named `path` replaces: `path` itself, or what the symbolic link there
+/// points to (the link stays a link, as a shell's `>` writes through it). Refused unless it is
+/// nothing yet or a regular file: renaming over a FIFO or a device node, say `/dev/full` as
+/// root, would replace the node itself with a regular file, and renaming over a link that
+/// points nowhere would replace the link.
+pub fn replace_target(path: &Path) -> Result<PathBuf, NotReplaceable> {
+    let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink());
     match std::fs::metadata(path) {
         Ok(m) if !m.is_file() => Err(NotReplaceable {
             file_type: vmsa_host::input::file_type_name(m.file_type()),
         }),
-        _ => Ok(()),
+        Err(_) if link => Err(NotReplaceable {
+            file_type: "a symbolic link to nothing",
+        }),
+        // `metadata` followed the link, so its target resolves.
+        _ if link => Ok(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())),
+        _ => Ok(path.to_path_buf()),
     }
 }
 
-/// Write `bytes` to `path`, replacing it if it exists and is a regular file (renamed into
-/// place); anything else at `path` is refused ([`check_replaceable`]) and left as it is.
+/// Write `bytes` to the file `path` names ([`replace_target`]), replacing it if it exists
+/// (renamed into place); anything but a regular file is refused and left as it is.
 pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    check_replaceable(path).map_err(std::io::Error::other)?;
-    through_temp(path, bytes, |tmp, path| std::fs::rename(tmp, path))
+    let target = replace_target(path).map_err(std::io::Error::other)?;
+    through_temp(&target, bytes, |tmp, path| std::fs::rename(tmp, path))
 }
 
 /// Write `bytes` to `path`, which must not exist (hard-linked into place, which fails if
@@ -101,6 +109,37 @@ mod tests {
     }
 
     #[test]
+    fn an_output_through_a_symbolic_link_replaces_its_target_and_keeps_the_link() {
+        let dir = std::env::temp_dir().join(format!("vmm-output-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let real = dir.join("data/trace.json");
+        std::fs::write(&real, b"old").unwrap();
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink("data/trace.json", &link).unwrap();
+        write_replacing(&link, b"new").unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link).unwrap().is_symlink(),
+            "still a link"
+        );
+        assert_eq!(std::fs::read(&real).unwrap(), b"new");
+        assert_eq!(
+            std::fs::read_dir(dir.join("data")).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        let dangling = dir.join("dangling.json");
+        std::os::unix::fs::symlink("nowhere/x.json", &dangling).unwrap();
+        let e = write_replacing(&dangling, b"x").unwrap_err().to_string();
+        assert!(e.starts_with("is a symbolic link to nothing"), "{e}");
+        assert!(
+            std::fs::symlink_metadata(&dangling).unwrap().is_symlink(),
+            "the link stays"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_fifo_or_a_directory_is_never_replaced() {
         let dir = std::env::temp_dir().join(format!("vmm-output-node-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -121,9 +160,10 @@ mod tests {
         );
         let e = write_replacing(&dir.join("sub"), b"x").unwrap_err().to_string();
         assert!(e.starts_with("is a directory, not a regular file"), "{e}");
-        let e = check_replaceable(Path::new("/dev/null")).unwrap_err().to_string();
+        let e = replace_target(Path::new("/dev/null")).unwrap_err().to_string();
         assert!(e.starts_with("is a character device"), "{e}");
-        assert!(check_replaceable(&dir.join("absent")).is_ok());
+        let absent = dir.join("absent");
+        assert_eq!(replace_target(&absent).unwrap(), absent);
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
             2,

@@ -650,7 +650,7 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
         // Even root cannot create files in /proc: found before the run, not after it.
         (
             vec!["--trace".into(), "/proc/t.json".into()],
-            "--trace /proc/t.json: cannot create a file in /proc",
+            "--trace /proc/t.json: cannot create a file beside /proc/t.json",
         ),
     ];
     for (extra, needle) in cases {

@@ -227,34 +227,24 @@ pub(super) fn run(
         None => FaultPlan::default(),
     };
     if let Some(trace) = &args.trace {
+        let bad = |rule: String| RunError::Input(format!("--trace {}: {rule}", trace.display()));
         let dir = trace
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         if !dir.is_dir() {
-            return Err(RunError::Input(format!(
-                "--trace {}: the directory {} does not exist",
-                trace.display(),
-                dir.display()
-            )));
+            return Err(bad(format!("the directory {} does not exist", dir.display())));
         }
-        crate::output::check_replaceable(trace)
-            .map_err(|e| RunError::Input(format!("--trace {}: {e}", trace.display())))?;
+        let target = crate::output::replace_target(trace).map_err(|e| bad(e.to_string()))?;
         // Discover an unwritable directory now, not after the run: create (and remove) the
         // temporary file the trace will be written to.
-        let tmp = crate::output::temp_path(trace);
+        let tmp = crate::output::temp_path(&target);
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
             .and_then(|_| std::fs::remove_file(&tmp))
-            .map_err(|e| {
-                RunError::Input(format!(
-                    "--trace {}: cannot create a file in {}: {e}",
-                    trace.display(),
-                    dir.display()
-                ))
-            })?;
+            .map_err(|e| bad(format!("cannot create a file beside {}: {e}", target.display())))?;
     }
     let image = match (&args.firmware, &args.igvm) {
         (Some(path), _) => Image::firmware(path, kind, args.vcpus, args)?,
