@@ -134,10 +134,11 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
         path: out.clone(),
         rule,
     };
-    if args.output.symlink_metadata().is_ok() {
-        return Err(output_err(
-            "the file exists; vmm igvm never overwrites a file".into(),
-        ));
+    if let Ok(m) = args.output.symlink_metadata() {
+        return Err(output_err(format!(
+            "it exists ({}); vmm igvm never overwrites anything",
+            vmsa_host::input::file_type_name(m.file_type())
+        )));
     }
     let dir = args
         .output
@@ -202,6 +203,7 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
             path: out.clone(),
             source,
         })?;
-    crate::output::write_new(&args.output, &bytes).map_err(|e| output_err(e.to_string()))?;
+    crate::output::write_new(&args.output, &bytes)
+        .map_err(|e| output_err(format!("cannot write it: {e}")))?;
     Ok(format!("wrote {out}: {what}, {} bytes; {digest}\n", bytes.len()))
 }

@@ -212,7 +212,20 @@ fn vmm_igvm_writes_plan_to_igvm_and_never_overwrites() {
     refused_with(
         &["igvm", "--firmware", DEBIAN_OVMF, "-o", o_str],
         &format!("--output {o_str}"),
-        "never overwrites",
+        "it exists (a regular file); vmm igvm never overwrites anything",
+    );
+    let dangling = dir.join("dangling.igvm");
+    std::os::unix::fs::symlink("nowhere", &dangling).unwrap();
+    let d_str = dangling.to_str().unwrap();
+    refused_with(
+        &["igvm", "--firmware", DEBIAN_OVMF, "-o", d_str],
+        &format!("--output {d_str}"),
+        "it exists (a symbolic link)",
+    );
+    refused_with(
+        &["igvm", "--firmware", DEBIAN_OVMF, "-o", "/proc/x.igvm"],
+        "--output /proc/x.igvm",
+        "cannot write it: ",
     );
     refused_with(
         &["igvm", "--firmware", DEBIAN_OVMF, "-o", "/nonexistent-dir/x.igvm"],
