@@ -796,6 +796,36 @@ fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
     }
 }
 
+/// A script action on a vCPU past --vcpus used to run as a failed guest step ("no vCPU 9") with
+/// `result: ok`: the script and --vcpus disagree, which is the input's fault.
+#[test]
+fn an_action_on_a_vcpu_the_guest_does_not_have_is_refused_before_the_run() {
+    let dir = scratch("run-missing-vcpu");
+    let script = dir.join("vcpu9.json");
+    std::fs::write(
+        &script,
+        r#"{"actions": [
+            {"action":"hlt","vcpu":0},
+            {"action":"pvalidate","vcpu":9,"gpa":0}
+        ]}"#,
+    )
+    .unwrap();
+    let script = script.display().to_string();
+    let o = vmm(["run", "--vcpus", "4", "--guest", &script]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "vmm run: --guest {script}: action 1 (pvalidate) runs on vCPU 9, but the guest has 4 vCPUs \
+             (--vcpus 4): an action's vcpu must be below --vcpus"
+        )
+    );
+    assert!(stdout(&o).is_empty());
+    let o = vmm(["run", "--vcpus", "10", "--guest", &script]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 #[test]
 fn a_non_utf8_guest_path_is_a_path_and_errors_name_the_option() {
     use std::os::unix::ffi::OsStrExt;

@@ -180,6 +180,23 @@ pub enum RunError {
         /// `--memory`.
         memory: ByteSize,
     },
+    /// A guest script action is executed by a vCPU the guest does not have.
+    #[error(
+        "--guest {guest}: action {index} ({action}) runs on vCPU {vcpu}, but the guest has {vcpus} vCPUs \
+         (--vcpus {vcpus}): an action's vcpu must be below --vcpus"
+    )]
+    ActionOnMissingVcpu {
+        /// The script.
+        guest: GuestSpec,
+        /// The action's index in the script (from 0).
+        index: usize,
+        /// The action's name.
+        action: &'static str,
+        /// The vCPU it names.
+        vcpu: u32,
+        /// `--vcpus`.
+        vcpus: u32,
+    },
     /// The cost file was refused.
     #[error(transparent)]
     Costs(#[from] backend_sim::CostError),
@@ -212,6 +229,7 @@ impl RunError {
             | Self::Memory(_)
             | Self::Costs(_)
             | Self::ActionBeyondMemory { .. }
+            | Self::ActionOnMissingVcpu { .. }
             | Self::Scenario(_) => 2,
             Self::KvmIgvm(e) => e.exit_code(),
             _ => 1,

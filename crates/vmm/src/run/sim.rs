@@ -39,12 +39,23 @@ const HLT: u8 = 0xf4;
 /// SEV-ES: NODBG + ES).
 const SNP_POLICY: u64 = SNP_POLICY_RSVD_MBO | (1 << 16);
 const SEV_ES_POLICY: u64 = 0x5;
-/// Refuse a script action that covers pages past the end of guest memory: the script knows
-/// nothing of memory, so the check is here, where both are known. (The page count of one
-/// action is otherwise unbounded, and the watchdog only looks between actions.)
+/// Refuse a script action run by a vCPU the guest does not have, or covering pages past the end
+/// of guest memory: the script knows nothing of --vcpus or memory, so the check is here, where
+/// both are known. (The page count of one action is otherwise unbounded, and the watchdog only
+/// looks between actions.)
 fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<(), RunError> {
     let top = ram.regions().iter().map(|r| r.gpa.0 + r.len).max().unwrap_or(0);
+    let vcpus = args.vcpus.get();
     for (index, a) in scenario.script.actions.iter().enumerate() {
+        if a.vcpu() >= vcpus {
+            return Err(RunError::ActionOnMissingVcpu {
+                guest: args.guest.clone(),
+                index,
+                action: a.name(),
+                vcpu: a.vcpu(),
+                vcpus,
+            });
+        }
         let Some((gpa, len)) = a.span() else { continue };
         if u128::from(gpa) + len > u128::from(top) {
             let pages = match *a {
