@@ -546,6 +546,9 @@ impl Facts {
                 });
             }
         };
+        let nonzero = |out: &mut Vec<Missing>, cap, name, seen: i32| {
+            need(out, cap, name, seen, seen > 0, "a non-zero value");
+        };
         let sev = |out: &mut Vec<Missing>| {
             if let Probed::Err { errno } = self.sev_device {
                 out.push(Missing::Device {
@@ -561,21 +564,17 @@ impl Facts {
             Mode::Snp => {
                 vm_type(&mut out, KVM_X86_SNP_VM, "KVM_X86_SNP_VM");
                 sev(&mut out);
-                need(
+                nonzero(
                     &mut out,
                     KVM_CAP_GUEST_MEMFD,
                     "KVM_CAP_GUEST_MEMFD",
                     c.guest_memfd,
-                    c.guest_memfd > 0,
-                    "a non-zero value",
                 );
-                need(
+                nonzero(
                     &mut out,
                     KVM_CAP_USER_MEMORY2,
                     "KVM_CAP_USER_MEMORY2",
                     c.user_memory2,
-                    c.user_memory2 > 0,
-                    "a non-zero value",
                 );
                 need(
                     &mut out,
@@ -601,13 +600,11 @@ impl Facts {
                 if c.vm_types > 0 {
                     vm_type(&mut out, KVM_X86_DEFAULT_VM, "KVM_X86_DEFAULT_VM");
                 }
-                need(
+                nonzero(
                     &mut out,
                     KVM_CAP_GUEST_MEMFD,
                     "KVM_CAP_GUEST_MEMFD",
                     c.guest_memfd,
-                    c.guest_memfd > 0,
-                    "a non-zero value",
                 );
                 let flags = (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i32;
                 need(
@@ -618,13 +615,11 @@ impl Facts {
                     c.guest_memfd_flags >= 0 && c.guest_memfd_flags & flags == flags,
                     "GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED (0x3)",
                 );
-                need(
+                nonzero(
                     &mut out,
                     KVM_CAP_USER_MEMORY2,
                     "KVM_CAP_USER_MEMORY2",
                     c.user_memory2,
-                    c.user_memory2 > 0,
-                    "a non-zero value",
                 );
                 need(
                     &mut out,
