@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         Command::Measure(vmm::measure::igvm::MeasureCommand::Igvm(args)) => {
             match vmm::measure::igvm::measure(&args) {
                 Ok(out) => {
-                    let code = print(&out.stdout);
+                    let code = print("measure", &out.stdout);
                     match out.failure {
                         Some(f) => {
                             eprintln!("vmm measure: {f}");
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
                     for w in &out.warnings {
                         eprintln!("vmm measure: warning: {w}");
                     }
-                    print(&out.stdout)
+                    print("measure", &out.stdout)
                 }
                 Err(e) => {
                     eprintln!("vmm measure: {e}");
@@ -98,9 +98,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Probe(args) => print(&vmm::probe::probe(&args)),
+        Command::Probe(args) => print("probe", &vmm::probe::probe(&args)),
         Command::Igvm(args) => match vmm::wrap::write_igvm(&args) {
-            Ok(line) => print(&line),
+            Ok(line) => print("igvm", &line),
             Err(e) => {
                 eprintln!("vmm igvm: {}", vmm::run::error_chain(&e));
                 ExitCode::from(e.exit_code())
@@ -109,17 +109,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// Write to stdout; a closed pipe is a failure, not a panic.
-fn print(text: &str) -> ExitCode {
+/// Write `vmm COMMAND`'s output to stdout. A failed write is a failure, not a panic, and is
+/// said on stderr (a full disk must not pass for a short report), except for a reader that
+/// went away (a closed pipe), which has nothing left to tell.
+fn print(command: &str, text: &str) -> ExitCode {
     let mut stdout = std::io::stdout().lock();
-    if stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
-        return ExitCode::FAILURE;
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("vmm {command}: cannot write the output to stdout: {e}");
+            ExitCode::FAILURE
+        }
     }
-    ExitCode::SUCCESS
 }
 
 fn run(args: &vmm::run::RunArgs) -> ExitCode {
@@ -139,7 +141,7 @@ fn run(args: &vmm::run::RunArgs) -> ExitCode {
             } else {
                 summary.render_text()
             };
-            let printed = print(&text);
+            let printed = print("run", &text);
             if !summary.ok {
                 return ExitCode::FAILURE;
             }

@@ -826,6 +826,29 @@ fn an_action_on_a_vcpu_the_guest_does_not_have_is_refused_before_the_run() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
+/// A report that cannot be written (stdout on a full disk) used to exit 1 without a word.
+#[test]
+fn an_unwritable_stdout_is_said_on_stderr() {
+    // Opened for writing only: /dev/full takes no data and is never replaced.
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("skipped: no /dev/full here");
+        return;
+    };
+    for (cmd, args) in [("run", &["run"][..]), ("probe", &["probe", "--json"][..])] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(args)
+            .stdout(full.try_clone().unwrap())
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            format!("vmm {cmd}: cannot write the output to stdout: No space left on device (os error 28)")
+        );
+    }
+}
+
 #[test]
 fn a_non_utf8_guest_path_is_a_path_and_errors_name_the_option() {
     use std::os::unix::ffi::OsStrExt;
