@@ -4,7 +4,8 @@
 //! Input: the spec's text (non-UTF-8 input is not a spec: a command-line argument that is not
 //! UTF-8 is refused before the parser), then nothing else.
 //!
-//! Properties: a refusal is one line and names the rule it read; every rule of a parsed plan
+//! Properties: a refusal is one line and names the rule it read (as written); no two rules of
+//! a parsed plan fail the same call; every rule of a parsed plan
 //! prints in the syntax it parses from, back to the same rule, and the printed plan parses to
 //! the same rules; counting calls fires at most one rule per call, with its code, and a rule
 //! alone on its operation exactly at its call number (for call numbers small enough to reach).
@@ -34,6 +35,12 @@ pub fn run(data: &[u8]) {
         }
     };
     let rules = plan.pending().to_vec();
+    for (i, a) in rules.iter().enumerate() {
+        assert!(
+            !rules[i + 1..].iter().any(|b| a.same_call(b)),
+            "two rules fail the call of `{a}`"
+        );
+    }
     let mut printed = Vec::new();
     for rule in &rules {
         let text = rule.to_string();

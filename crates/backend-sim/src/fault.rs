@@ -341,7 +341,12 @@ impl FromStr for FaultPlan {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut plan = Self::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            plan.add(part.parse()?)?;
+            // A refusal names the rule as it was written (`alloc_page:01=ENOMEM`), not as
+            // it prints.
+            plan.add(part.parse()?).map_err(|e| FaultSpecError {
+                input: part.to_string(),
+                ..e
+            })?;
         }
         Ok(plan)
     }
@@ -441,10 +446,10 @@ mod tests {
 
     #[test]
     fn a_second_rule_for_the_same_call_is_refused_naming_both() {
-        let e = "alloc_page:1=ENOMEM, alloc_page:1=ALIGNED_2M"
+        let e = "alloc_page:1=ENOMEM, alloc_page:01= ALIGNED_2M"
             .parse::<FaultPlan>()
             .unwrap_err();
-        assert_eq!(e.input, "alloc_page:1=ALIGNED_2M");
+        assert_eq!(e.input, "alloc_page:01= ALIGNED_2M", "as written");
         assert!(e.rule.contains("`alloc_page:1=ENOMEM`"), "{}", e.rule);
         // The same call number of another operation or page type is another call.
         let p: FaultPlan = "alloc_page:1=ENOMEM, rmp_make_shared:1=FAIL_INUSE, \
