@@ -53,11 +53,13 @@ impl SnpLaunchDigest {
     /// pages (their SHA-384 enters `PAGE_INFO.CONTENTS`); other types measure as zeros.
     /// VMPL1-3 permissions are zero and IMI is off, as in every launch this crate performs.
     pub fn update(&mut self, gpa: Gpa, page_type: SnpPageType, contents: &PageBuf) {
-        let hash: [u8; SNP_DIGEST_SIZE] = match page_type {
-            SnpPageType::Normal | SnpPageType::Vmsa => Sha384::digest(contents).into(),
-            _ => [0; SNP_DIGEST_SIZE],
-        };
-        self.ld = Sha384::digest(page_info(&self.ld, &hash, page_type, gpa)).into();
+        self.update_hashed(gpa, page_type, &contents_hash(page_type, contents));
+    }
+
+    /// [`SnpLaunchDigest::update`] with `PAGE_INFO.CONTENTS` already computed
+    /// ([`contents_hash`]), for a caller that hashes a repeated page once.
+    pub fn update_hashed(&mut self, gpa: Gpa, page_type: SnpPageType, contents: &[u8; SNP_DIGEST_SIZE]) {
+        self.ld = Sha384::digest(page_info(&self.ld, contents, page_type, gpa)).into();
     }
 
     /// Extend the digest with `pages` in order: the same digest as [`SnpLaunchDigest::update`]
@@ -120,6 +122,15 @@ impl SnpLaunchDigest {
     /// The digest so far, in lowercase hex.
     pub fn hex(&self) -> String {
         hex(&self.ld)
+    }
+}
+
+/// `PAGE_INFO.CONTENTS` of a page: the SHA-384 of `contents` for `Normal` and `Vmsa` pages,
+/// zeros for every other type.
+pub fn contents_hash(page_type: SnpPageType, contents: &PageBuf) -> [u8; SNP_DIGEST_SIZE] {
+    match page_type {
+        SnpPageType::Normal | SnpPageType::Vmsa => Sha384::digest(contents).into(),
+        _ => [0; SNP_DIGEST_SIZE],
     }
 }
 

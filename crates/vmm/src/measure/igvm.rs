@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use backend_kvm::guest::builtin::IgvmGuest;
-use backend_sim::measure::SnpLaunchDigest;
+use backend_sim::measure::{SNP_DIGEST_SIZE, SnpLaunchDigest, contents_hash};
 use clap::{ArgMatches, Args, FromArgMatches};
 use igvm::snp_defs::SevVmsa;
 use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
@@ -47,6 +47,15 @@ pub const KVM_VMSA_GPA: u64 = INITIAL_VMSA_GPA.0;
 
 /// A 2 MiB IGVM page.
 const PAGE_SIZE_2M: u64 = 2 << 20;
+
+/// The most 4 KiB pages an IGVM file's SEV-SNP launch may have (1 GiB). A data-less 2 MiB page
+/// directive takes 32 bytes of the file, so a file within [`MAX_IGVM_SIZE`] could ask for
+/// billions of pages: hours of hashing for `vmm measure`, and for `vmm run` a page of memory
+/// each. Real launches measure firmware, an SVSM or a kernel: tens of thousands of pages (the
+/// largest published, openvmm's dense Linux-direct image of PR #4321, ~40,000). On hardware,
+/// at about 1 ms per SNP_LAUNCH_UPDATE page (that PR's dense-minus-sparse time), this limit is
+/// already four minutes of launch.
+pub const MAX_IGVM_LAUNCH_PAGES: u64 = 1 << 18;
 
 /// The compatibility mask [`plan_to_igvm`] gives its one platform.
 pub const WRAPPED_COMPATIBILITY_MASK: u32 = 1;
@@ -137,6 +146,15 @@ pub enum IgvmError {
     GpaOverflow {
         /// The page's GPA.
         gpa: u64,
+    },
+    /// The launch has more pages than [`MAX_IGVM_LAUNCH_PAGES`].
+    #[error(
+        "its SEV-SNP launch has {pages} pages of 4 KiB: more than the {MAX_IGVM_LAUNCH_PAGES} (1 GiB) a launch may \
+         have"
+    )]
+    TooManyPages {
+        /// The pages the file's directives launch.
+        pages: u64,
     },
     /// `--check-kvm` refused the file.
     #[error("--check-kvm: {0}")]
@@ -283,6 +301,10 @@ pub fn walk(
     page: &mut dyn FnMut(IgvmPage<'_>),
 ) -> Result<WalkSummary, IgvmError> {
     let mask = snp_compatibility_mask(file).ok_or(IgvmError::NoSnpPlatform)?;
+    let pages = launch_pages(file, mask);
+    if pages > MAX_IGVM_LAUNCH_PAGES {
+        return Err(IgvmError::TooManyPages { pages });
+    }
     let mut vmsas = Vec::new();
     let mut id_block_digest = None;
     let zero = [0u8; PAGE_SIZE as usize];
@@ -456,6 +478,30 @@ pub fn parameter_areas(file: &IgvmFile, vcpus: u32) -> Result<ParameterAreas, Ig
     Ok(out)
 }
 
+/// How many 4 KiB pages [`walk`] would give for `file` under the platform `mask` (at most one
+/// per 32 bytes of directive, times 512: no overflow).
+fn launch_pages(file: &IgvmFile, mask: u32) -> u64 {
+    file.directives()
+        .iter()
+        .map(|d| match d {
+            IgvmDirectiveHeader::PageData {
+                compatibility_mask,
+                flags,
+                ..
+            } if compatibility_mask & mask != 0 => {
+                if flags.is_2mb_page() {
+                    PAGE_SIZE_2M / PAGE_SIZE_4K
+                } else {
+                    1
+                }
+            }
+            IgvmDirectiveHeader::ParameterInsert(p) if p.compatibility_mask & mask != 0 => 1,
+            IgvmDirectiveHeader::SnpVpContext { .. } => 1,
+            _ => 0,
+        })
+        .sum()
+}
+
 /// What [`walk`] found besides the pages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WalkSummary {
@@ -486,6 +532,7 @@ pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMea
     let mut m = Measurer {
         ld: SnpLaunchDigest::new(),
         pages: PageCounts::default(),
+        last: None,
     };
     let WalkSummary {
         compatibility_mask,
@@ -504,11 +551,29 @@ pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMea
 struct Measurer {
     ld: SnpLaunchDigest,
     pages: PageCounts,
+    /// The last page whose contents were hashed, and its hash: runs of equal pages (data-less
+    /// pages, erased flash, a 2 MiB page of zeros) are hashed once.
+    last: Option<(Box<[u8; PAGE_SIZE as usize]>, [u8; SNP_DIGEST_SIZE])>,
 }
 
 impl Measurer {
     fn page(&mut self, gpa: u64, ty: SnpPageType, contents: &[u8; PAGE_SIZE as usize]) {
-        self.ld.update(Gpa(gpa), ty, contents);
+        let hash = match (ty, &mut self.last) {
+            (SnpPageType::Normal | SnpPageType::Vmsa, Some((page, hash))) if **page == *contents => *hash,
+            (SnpPageType::Normal | SnpPageType::Vmsa, last) => {
+                let hash = contents_hash(ty, contents);
+                match last {
+                    Some((page, h)) => {
+                        **page = *contents;
+                        *h = hash;
+                    }
+                    None => *last = Some((Box::new(*contents), hash)),
+                }
+                hash
+            }
+            _ => contents_hash(ty, contents),
+        };
+        self.ld.update_hashed(Gpa(gpa), ty, &hash);
         self.pages.add(ty);
     }
 }

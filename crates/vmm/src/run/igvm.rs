@@ -59,14 +59,42 @@ impl IgvmLaunch {
             check_kvm: false,
         };
         let areas = parameter_areas(&file, vcpus).map_err(igvm_err)?;
-        let mut updates: Vec<DataUpdate> = Vec::new();
+        // The VP contexts first: a file the launch must refuse is refused before its pages are
+        // copied out (up to MAX_IGVM_LAUNCH_PAGES of them).
         let mut vps: Vec<(u16, u64, Box<SevEsSaveArea>)> = Vec::new();
         walk(&file, opts, &mut |p| {
             if let Some(vp) = p.vp_index {
                 vps.push((vp, p.gpa, SevEsSaveArea::from_page(p.contents)));
-                if classic {
-                    return;
-                }
+            }
+        })
+        .map_err(igvm_err)?;
+        let input = |rule: String| RunError::Input(format!("--igvm {shown}: {rule}"));
+        let Some((vp_index, gpa, vmsa)) = vps.first() else {
+            return Err(input(
+                "the file has no SNP VP context: a launch needs the BSP's VMSA".into(),
+            ));
+        };
+        if *vp_index != 0 {
+            return Err(input(format!(
+                "its first SNP VP context has VP index {vp_index}: the BSP's (VP index 0) must come first"
+            )));
+        }
+        if !classic && Gpa(*gpa).is_2m_aligned() {
+            return Err(input(format!(
+                "the BSP's SNP VP context is at GPA {gpa:#x}, which is 2 MiB aligned: a supplied VMSA must not be \
+                 (erratum 1467)"
+            )));
+        }
+        if !classic && let Some((vp, gpa, _)) = vps.get(1) {
+            return Err(input(format!(
+                "SNP VP context of VP index {vp} at GPA {gpa:#x}: the supplied-VMSA launch takes the BSP's VMSA \
+                 only (the APs get theirs from the guest's AP creation); --igvm-classic sets registers instead"
+            )));
+        }
+        let mut updates: Vec<DataUpdate> = Vec::new();
+        walk(&file, opts, &mut |p| {
+            if p.vp_index.is_some() && classic {
+                return;
             }
             let contents = match p.parameter_area.and_then(|i| areas.pages.get(&i)) {
                 Some(params) => Some(params.to_vec()),
@@ -93,29 +121,6 @@ impl IgvmLaunch {
             });
         })
         .map_err(igvm_err)?;
-        let input = |rule: String| RunError::Input(format!("--igvm {shown}: {rule}"));
-        let Some((vp_index, gpa, vmsa)) = vps.first() else {
-            return Err(input(
-                "the file has no SNP VP context: a launch needs the BSP's VMSA".into(),
-            ));
-        };
-        if *vp_index != 0 {
-            return Err(input(format!(
-                "its first SNP VP context has VP index {vp_index}: the BSP's (VP index 0) must come first"
-            )));
-        }
-        if !classic && Gpa(*gpa).is_2m_aligned() {
-            return Err(input(format!(
-                "the BSP's SNP VP context is at GPA {gpa:#x}, which is 2 MiB aligned: a supplied VMSA must not be \
-                 (erratum 1467)"
-            )));
-        }
-        if !classic && let Some((vp, gpa, _)) = vps.get(1) {
-            return Err(input(format!(
-                "SNP VP context of VP index {vp} at GPA {gpa:#x}: the supplied-VMSA launch takes the BSP's VMSA \
-                 only (the APs get theirs from the guest's AP creation); --igvm-classic sets registers instead"
-            )));
-        }
         let features = vmsa.sev_features;
         if features & vmsa_core::layout::SEV_FEAT_SNP_ACTIVE == 0 {
             return Err(input(format!(
