@@ -22,6 +22,7 @@ pub mod cost_file;
 pub mod fault_spec;
 pub mod ghcb;
 pub mod guest_script;
+pub mod igvm;
 mod input;
 pub mod ovmf;
 pub mod seeds;
@@ -40,6 +41,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("guest_script", guest_script::run),
     ("fault_spec", fault_spec::run),
     ("cost_file", cost_file::run),
+    ("igvm", igvm::run),
 ];
 
 /// The `main` of a target binary built without `--cfg fuzzing`: run every file named on the

@@ -62,7 +62,105 @@ pub fn seeds() -> Vec<Seed> {
         data.extend_from_slice(text.as_bytes());
         add("cost_file", &format!("{i:02}"), data);
     }
+    for (name, data) in igvm() {
+        add("igvm", name, data);
+    }
     out
+}
+
+/// IGVM files: the kvm backend's guest program as `vmm igvm --guest builtin:boot` writes it,
+/// and a small file with every directive kind the walk reads (each page-data type, a data-less
+/// 2 MiB page, an unmeasured page, a parameter area with its insert and VP-count parameter,
+/// another platform's page, the BSP's VP context).
+fn igvm() -> Vec<(&'static str, Vec<u8>)> {
+    use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
+    use igvm_defs::{
+        IGVM_VHS_PARAMETER, IGVM_VHS_PARAMETER_INSERT, IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags,
+        IgvmPageDataType, IgvmPlatformType,
+    };
+    use vmm::measure::igvm::{KVM_VMSA_GPA, guest_to_igvm, sev_vmsa_from_save_area};
+
+    let serialize = |file: IgvmFile| {
+        let mut bytes = Vec::new();
+        file.serialize(&mut bytes).expect("a serializable IGVM file");
+        bytes
+    };
+    let boot = guest_to_igvm(&backend_kvm::guest::builtin::ap_creation_igvm(false)).expect("the guest wraps");
+    let none = IgvmPageDataFlags::new();
+    let page = |gpa, mask, flags, data_type, data| IgvmDirectiveHeader::PageData {
+        gpa,
+        compatibility_mask: mask,
+        flags,
+        data_type,
+        data,
+    };
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let bsp = reset_vmsa(BSP_EIP, SEV_FEAT_SNP_ACTIVE, 0x00a0_0f11, VmmType::Qemu);
+    let directives = vec![
+        page(0x1000, 1, none, IgvmPageDataType::NORMAL, data.clone()),
+        page(0x2000, 1, none, IgvmPageDataType::NORMAL, Vec::new()),
+        page(
+            0x3000,
+            1,
+            none.with_unmeasured(true),
+            IgvmPageDataType::NORMAL,
+            Vec::new(),
+        ),
+        page(0x4000, 1, none, IgvmPageDataType::SECRETS, Vec::new()),
+        page(0x5000, 1, none, IgvmPageDataType::CPUID_DATA, Vec::new()),
+        page(0x6000, 1, none, IgvmPageDataType::CPUID_XF, Vec::new()),
+        page(
+            0x20_0000,
+            1,
+            none.with_is_2mb_page(true),
+            IgvmPageDataType::NORMAL,
+            Vec::new(),
+        ),
+        page(0x7000, 2, none, IgvmPageDataType::NORMAL, data),
+        IgvmDirectiveHeader::ParameterArea {
+            number_of_bytes: 4096,
+            parameter_area_index: 0,
+            initial_data: Vec::new(),
+        },
+        IgvmDirectiveHeader::VpCount(IGVM_VHS_PARAMETER {
+            parameter_area_index: 0,
+            byte_offset: 8,
+        }),
+        IgvmDirectiveHeader::ParameterInsert(IGVM_VHS_PARAMETER_INSERT {
+            gpa: 0x8000,
+            compatibility_mask: 1,
+            parameter_area_index: 0,
+        }),
+        IgvmDirectiveHeader::SnpVpContext {
+            gpa: KVM_VMSA_GPA,
+            compatibility_mask: 1,
+            vp_index: 0,
+            vmsa: sev_vmsa_from_save_area(&bsp),
+        },
+    ];
+    let platform = |mask, platform_type| {
+        IgvmPlatformHeader::SupportedPlatform(IGVM_VHS_SUPPORTED_PLATFORM {
+            compatibility_mask: mask,
+            highest_vtl: 0,
+            platform_type,
+            platform_version: 1,
+            shared_gpa_boundary: 0,
+        })
+    };
+    let kinds = IgvmFile::new(
+        IgvmRevision::V1,
+        vec![
+            platform(1, IgvmPlatformType::SEV_SNP),
+            platform(2, IgvmPlatformType::TDX),
+        ],
+        vec![IgvmInitializationHeader::GuestPolicy {
+            policy: 0x30000,
+            compatibility_mask: 1,
+        }],
+        directives,
+    )
+    .expect("a valid IGVM file");
+    vec![("guest-boot", serialize(boot)), ("every-kind", serialize(kinds))]
 }
 
 /// GHCB pages with AP-creation requests (vmsa-core's ghcb tests), each followed by the rules of

@@ -10,12 +10,14 @@
 //!   and the [`measure::LaunchPlan`] a real launch of that firmware follows;
 //! - [`probe`]: `vmm probe`, what the host supports and why;
 //! - [`output`]: output files written whole or not at all;
+//! - [`contain`]: a panic of third-party code fed with outside input, as an error;
 //! - [`size`]: byte sizes on the command line;
 //! - [`wrap`]: `vmm igvm`, an OVMF image wrapped into an IGVM file.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod contain;
 pub mod measure;
 pub mod output;
 pub mod probe;

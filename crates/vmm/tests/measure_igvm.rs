@@ -13,6 +13,7 @@ use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatform
 use igvm_defs::{
     IGVM_VHS_PARAMETER_INSERT, IGVM_VHS_SNP_ID_BLOCK_PUBLIC_KEY, IGVM_VHS_SNP_ID_BLOCK_SIGNATURE,
     IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags, IgvmPageDataType, IgvmPlatformType,
+    IgvmVariableHeaderType,
 };
 use measure_support::*;
 use serde_json::Value;
@@ -486,6 +487,57 @@ fn bad_inputs_are_refused_in_one_line() {
         );
     }
     refused_with(&["measure", "--vcpus", "1"], "--firmware", "required");
+}
+
+/// The igvm crate 0.5.0 subtracts a page-data directive's file offset from the start of the
+/// file data without a check: an offset below it (with the header CRC fixed up, as the `igvm`
+/// fuzz target makes it) panicked `vmm measure --igvm` and `vmm run --igvm` in the dev profile,
+/// exit code 101. The parser runs inside `vmm::contain` now: one line, exit code 2.
+#[test]
+fn a_file_the_igvm_parser_panics_on_is_refused_in_one_line() {
+    let dir = scratch("igvm-parser-panic");
+    let data = vec![0x5a; 4096];
+    let good = file(vec![
+        page(
+            0x1000,
+            MASK,
+            IgvmPageDataFlags::new(),
+            IgvmPageDataType::NORMAL,
+            data,
+        ),
+        vp(KVM_VMSA_GPA, 0, 0x31),
+    ]);
+    let mut bytes = Vec::new();
+    good.serialize(&mut bytes).unwrap();
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let (offset, size) = (u32_at(&bytes, 8) as usize, u32_at(&bytes, 12) as usize);
+    // The variable headers: (type, length) then the body, each padded to 8 bytes. The page
+    // data body (IGVM_VHS_PAGE_DATA) holds its file offset at byte 12.
+    let mut at = offset;
+    while u32_at(&bytes, at) != IgvmVariableHeaderType::IGVM_VHT_PAGE_DATA.0 {
+        at += 8 + (u32_at(&bytes, at + 4) as usize).next_multiple_of(8);
+        assert!(at < offset + size, "no page data directive");
+    }
+    let file_offset = at + 8 + 12;
+    assert!(u32_at(&bytes, file_offset) >= (offset + size) as u32);
+    bytes[file_offset..file_offset + 4].copy_from_slice(&1u32.to_le_bytes());
+    bytes[20..24].fill(0);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&bytes[..24]);
+    crc.update(&bytes[offset..offset + size]);
+    bytes[20..24].copy_from_slice(&crc.finalize().to_le_bytes());
+    let path = dir.join("offset-below-data.igvm");
+    std::fs::write(&path, &bytes).unwrap();
+    let p = path.to_str().unwrap();
+    for cmd in ["measure", "run"] {
+        refused_with(
+            &[cmd, "--igvm", p],
+            &format!("--igvm {p}"),
+            // igvm 0.5.0: "... the igvm crate's parser panicked on it (attempt to subtract with
+            // overflow at igvm-0.5.0/src/lib.rs:2060)"; a fixed release refuses it as it should.
+            "not a valid IGVM file: ",
+        );
+    }
 }
 
 /// A data-less 2 MiB page directive takes 32 bytes of the file and launches 512 pages: a 266 KB

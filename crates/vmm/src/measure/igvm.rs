@@ -123,6 +123,9 @@ pub enum IgvmError {
     /// Not a valid IGVM file.
     #[error("not a valid IGVM file: {0}")]
     Parse(#[source] igvm::Error),
+    /// The `igvm` crate's parser panicked on the file (see [`parse_igvm`]).
+    #[error("not a valid IGVM file: the igvm crate's parser panicked on it ({0})")]
+    ParserPanic(String),
     /// No SEV-SNP platform header.
     #[error(
         "no SEV-SNP platform header: the launch digest covers the directives in the SEV-SNP platform's \
@@ -269,10 +272,19 @@ pub fn snp_compatibility_mask(file: &IgvmFile) -> Option<u32> {
     })
 }
 
+/// Parse an IGVM file with the `igvm` crate, a panic of which is an error here: it is
+/// third-party code fed with outside input, and 0.5.0 subtracts a directive's file offset from
+/// the start of the file data without a check (`IgvmDirectiveHeader::new_from_binary_split`),
+/// which panics where overflow checks are on, as in the dev profile `cargo run` builds.
+pub fn parse_igvm(data: &[u8]) -> Result<IgvmFile, IgvmError> {
+    crate::contain::contain(|| IgvmFile::new_from_binary(data, None))
+        .map_err(IgvmError::ParserPanic)?
+        .map_err(IgvmError::Parse)
+}
+
 /// Parse an IGVM file and measure it.
 pub fn measure_bytes(data: &[u8], opts: IgvmMeasureOptions) -> Result<IgvmMeasurement, IgvmError> {
-    let file = IgvmFile::new_from_binary(data, None).map_err(IgvmError::Parse)?;
-    measure_file(&file, opts)
+    measure_file(&parse_igvm(data)?, opts)
 }
 
 /// One 4 KiB page of an IGVM file's SEV-SNP launch, as [`walk`] finds it.

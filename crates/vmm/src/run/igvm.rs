@@ -9,7 +9,7 @@ use std::path::Path;
 use vmsa_core::{Gpa, PAGE_SIZE, SevEsSaveArea, SnpPageType, VmConfig};
 
 use super::RunError;
-use crate::measure::igvm::{IgvmError, IgvmMeasureOptions, measure_file, parameter_areas, read_igvm, walk};
+use crate::measure::igvm::{IgvmMeasureOptions, measure_file, parameter_areas, parse_igvm, read_igvm, walk};
 use crate::measure::plan::{LaunchDigest, UpdateSource};
 use crate::measure::{DataUpdate, MeasureError};
 
@@ -53,7 +53,7 @@ impl IgvmLaunch {
             source,
         };
         let data = read_igvm(path)?;
-        let file = igvm::IgvmFile::new_from_binary(&data, None).map_err(|e| igvm_err(IgvmError::Parse(e)))?;
+        let file = parse_igvm(&data).map_err(igvm_err)?;
         let opts = IgvmMeasureOptions {
             native_zero,
             check_kvm: false,
