@@ -86,11 +86,17 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn replaces_or_refuses_and_leaves_no_temporary_file() {
-        let dir = std::env::temp_dir().join(format!("vmm-output-test-{}", std::process::id()));
+    /// A fresh, empty directory for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-output-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn replaces_or_refuses_and_leaves_no_temporary_file() {
+        let dir = scratch("replace");
         let p = dir.join("out.json");
         write_new(&p, b"one").unwrap();
         assert_eq!(
@@ -110,9 +116,8 @@ mod tests {
 
     #[test]
     fn an_output_through_a_symbolic_link_replaces_its_target_and_keeps_the_link() {
-        let dir = std::env::temp_dir().join(format!("vmm-output-link-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let dir = scratch("link");
+        std::fs::create_dir(dir.join("data")).unwrap();
         let real = dir.join("data/trace.json");
         std::fs::write(&real, b"old").unwrap();
         let link = dir.join("link.json");
@@ -141,9 +146,8 @@ mod tests {
 
     #[test]
     fn a_fifo_or_a_directory_is_never_replaced() {
-        let dir = std::env::temp_dir().join(format!("vmm-output-node-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let dir = scratch("node");
+        std::fs::create_dir(dir.join("sub")).unwrap();
         let fifo = dir.join("fifo");
         assert!(
             std::process::Command::new("mkfifo")
