@@ -190,12 +190,13 @@ impl Image {
 }
 
 /// Load the image into guest memory: the launch reads it back from there, as KVM reads
-/// `SNP_LAUNCH_UPDATE`'s `uaddr`.
-fn load(ram: &GuestRam, image: &Image) -> Result<(), RunError> {
-    for d in &image.updates {
+/// `SNP_LAUNCH_UPDATE`'s `uaddr`. Each update's bytes are dropped once in guest memory, so an
+/// image is held twice at most while it loads, not for the whole run.
+fn load(ram: &GuestRam, image: &mut Image) -> Result<(), RunError> {
+    for d in &mut image.updates {
         let what = format!("{} of the launch image", d.source);
-        match &d.contents {
-            Some(bytes) => ram.load(&what, d.gpa, bytes)?,
+        match d.contents.take() {
+            Some(bytes) => ram.load(&what, d.gpa, &bytes)?,
             None => ram.require(&what, d.gpa, d.len)?,
         }
     }
@@ -257,7 +258,7 @@ pub(super) fn run(
             .and_then(|_| std::fs::remove_file(&tmp))
             .map_err(|e| bad(format!("cannot create a file beside {}: {e}", target.display())))?;
     }
-    let image = match (&args.firmware, &args.igvm) {
+    let mut image = match (&args.firmware, &args.igvm) {
         (Some(path), _) => Image::firmware(path, kind, args.vcpus, args)?,
         (None, Some(path)) => Image::igvm(path, vcpus, args)?,
         (None, None) => Image::synthetic(kind, vcpus, args),
@@ -313,7 +314,7 @@ pub(super) fn run(
         )));
     }
     check_actions(args, scenario, &ram)?;
-    load(&ram, &image)?;
+    load(&ram, &mut image)?;
 
     // The launch reads the image back from guest memory, as KVM reads `SNP_LAUNCH_UPDATE`'s
     // `uaddr`.
