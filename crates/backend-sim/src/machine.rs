@@ -97,9 +97,11 @@ pub struct MachineConfig {
     /// [`crate::direct_map`]).
     pub direct_map: DirectMapPolicy,
     /// The most bytes the machine's own structures may take ([`Footprint::bytes`]: the RMP,
-    /// the allocator, the guest memory maps and frame contents). A guest operation that would
-    /// go beyond fails with [`SimError::MemoryBudget`] at once, instead of holding the host's
-    /// memory until a watchdog (4 KiB PVALIDATEs of 10^9 pages take 8 GB of RMP entries).
+    /// the allocator, the guest memory maps and frame contents). A guest operation, a host
+    /// write or a launch update made once they take more fails with
+    /// [`SimError::MemoryBudget`] at once, instead of holding the host's memory until a
+    /// watchdog (4 KiB PVALIDATEs of 10^9 pages take 8 GB of RMP entries; a launch of 3 GiB of
+    /// ZERO pages, 3 GiB of encrypted frames).
     pub memory_budget: u64,
 }
 
@@ -497,6 +499,7 @@ impl Hw {
     /// RMP-checked (Hypervisor-Owned, APM table 15-39) at the size of the direct map's mapping
     /// there, so through a 2 MiB mapping every frame of the region must be hypervisor-owned.
     pub fn host_write(&mut self, pfn: Pfn, data: &PageBuf) -> Result<(), SimError> {
+        self.check_budget("host write")?;
         if self.inject(FaultOp::WriteFrame, None).is_some() {
             return Err(self.rmp_fault(pfn, "write", pfn, true));
         }

@@ -100,6 +100,7 @@ impl Hw {
         } else {
             (FaultOp::LaunchUpdateData, "LAUNCH_UPDATE_DATA")
         };
+        self.check_budget(cmd)?;
         self.fw_inject(op, None, cmd)?;
         let h = self.handle(asid, cmd)?;
         self.charge(CostOp::SevLaunchUpdate, asid, || format!("{cmd} pfn {pfn}"));
@@ -116,6 +117,7 @@ impl Hw {
         gpa: Gpa,
         ty: SnpPageType,
     ) -> Result<(), SimError> {
+        self.check_budget("SNP_LAUNCH_UPDATE")?;
         self.fw_inject(FaultOp::SnpLaunchUpdate, Some(ty), "SNP_LAUNCH_UPDATE")?;
         let h = self.handle(asid, "SNP_LAUNCH_UPDATE")?;
         let cost = match ty {

@@ -393,6 +393,34 @@ fn a_run_that_outgrows_the_memory_budget_ends_there_naming_it() {
     assert_eq!(code, 0, "{s:#}");
 }
 
+/// The budget held the guest's operations only: a launch whose pages took more (an OVMF image
+/// with a 3 GiB SNP_SEC_MEM section: 3 GiB of encrypted ZERO pages) went past it, and the
+/// failed launch was also reported as a digest mismatch. Launch updates and host writes are
+/// held to it too, and a failed launch has no digest to compare.
+#[test]
+fn a_launch_that_outgrows_the_memory_budget_ends_there_naming_it() {
+    let (s, code) = run_json(&[
+        "--firmware",
+        DEBIAN_OVMF,
+        "--vcpus",
+        "1",
+        "--sim-memory-budget",
+        "256K",
+    ]);
+    assert_eq!(code, 1, "{s:#}");
+    assert_eq!(s["launch"]["state"], "Failed", "{s:#}");
+    let error = s["launch"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("SNP_LAUNCH_UPDATE: the simulator's own structures take")
+            && error.contains("more than its memory budget of 262144 bytes (vmm run --sim-memory-budget)"),
+        "{error}"
+    );
+    assert!(s["launch"]["digest_matches"].is_null(), "{s:#}");
+    assert_eq!(s["problems"].as_array().unwrap().len(), 1, "{s:#}");
+    assert_eq!(s["teardown"]["frames_still_allocated"], 0);
+    assert_eq!(s["ownership"]["leaks"].as_array().unwrap().len(), 0, "{s:#}");
+}
+
 #[test]
 fn a_guest_script_file_runs() {
     let dir = scratch("run-script");

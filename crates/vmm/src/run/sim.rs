@@ -396,8 +396,9 @@ pub(super) fn run(
     if let Some(g) = &mut seen.guest_run {
         g.expected_entry_failure = scenario.expect_entry_failure;
     }
+    let finished = launch_error.is_none();
     let launch = LaunchSummary {
-        state: if launch_error.is_none() {
+        state: if finished {
             LaunchState::Finished
         } else {
             LaunchState::Failed
@@ -407,11 +408,12 @@ pub(super) fn run(
         image: image.source.clone(),
         data_pages: image.pages(),
         vmsas: if image.supplied { 1 } else { vcpus },
-        // A launch that fails on purpose has no digest to compare.
+        // A launch that failed, on purpose or not, has no digest to compare (its failure is
+        // the problem to report).
         digest_matches: image
             .expected
             .as_ref()
-            .filter(|_| !scenario.expect_launch_failure)
+            .filter(|_| finished)
             .map(|e| seen.digest.as_ref() == Some(e)),
         digest: seen.digest,
         expected_digest: image.expected.clone(),
