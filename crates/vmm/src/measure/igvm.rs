@@ -208,7 +208,8 @@ pub struct PageCounts {
 }
 
 impl PageCounts {
-    fn add(&mut self, ty: SnpPageType) {
+    /// Count one page of type `ty`.
+    pub fn add(&mut self, ty: SnpPageType) {
         let c = match ty {
             SnpPageType::Normal => &mut self.normal,
             SnpPageType::Vmsa => &mut self.vmsa,
@@ -339,11 +340,7 @@ pub fn walk(
                 data_type,
                 data,
             } if compatibility_mask & mask != 0 => {
-                let page_len = if flags.is_2mb_page() {
-                    PAGE_SIZE_2M
-                } else {
-                    PAGE_SIZE_4K
-                };
+                let page_len = page_len(*flags);
                 if !data.is_empty() && data.len() as u64 != page_len {
                     return Err(IgvmError::PageDataSize {
                         gpa: *gpa,
@@ -490,6 +487,15 @@ pub fn parameter_areas(file: &IgvmFile, vcpus: u32) -> Result<ParameterAreas, Ig
     Ok(out)
 }
 
+/// The bytes a page-data directive launches: 2 MiB with `is_2mb_page`, else 4 KiB.
+fn page_len(flags: IgvmPageDataFlags) -> u64 {
+    if flags.is_2mb_page() {
+        PAGE_SIZE_2M
+    } else {
+        PAGE_SIZE_4K
+    }
+}
+
 /// How many 4 KiB pages [`walk`] would give for `file` under the platform `mask` (at most one
 /// per 32 bytes of directive, times 512: no overflow).
 fn launch_pages(file: &IgvmFile, mask: u32) -> u64 {
@@ -500,13 +506,7 @@ fn launch_pages(file: &IgvmFile, mask: u32) -> u64 {
                 compatibility_mask,
                 flags,
                 ..
-            } if compatibility_mask & mask != 0 => {
-                if flags.is_2mb_page() {
-                    PAGE_SIZE_2M / PAGE_SIZE_4K
-                } else {
-                    1
-                }
-            }
+            } if compatibility_mask & mask != 0 => page_len(*flags) / PAGE_SIZE_4K,
             IgvmDirectiveHeader::ParameterInsert(p) if p.compatibility_mask & mask != 0 => 1,
             IgvmDirectiveHeader::SnpVpContext { .. } => 1,
             _ => 0,
@@ -564,23 +564,19 @@ struct Measurer {
     ld: SnpLaunchDigest,
     pages: PageCounts,
     /// The last page whose contents were hashed, and its hash: runs of equal pages (data-less
-    /// pages, erased flash, a 2 MiB page of zeros) are hashed once.
+    /// pages, erased flash, a 2 MiB page of zeros) are hashed once. (Only NORMAL and VMSA
+    /// pages are hashed; the others measure as zeros whatever they hold.)
     last: Option<(Box<[u8; PAGE_SIZE as usize]>, [u8; SNP_DIGEST_SIZE])>,
 }
 
 impl Measurer {
     fn page(&mut self, gpa: u64, ty: SnpPageType, contents: &[u8; PAGE_SIZE as usize]) {
-        let hash = match (ty, &mut self.last) {
-            (SnpPageType::Normal | SnpPageType::Vmsa, Some((page, hash))) if **page == *contents => *hash,
-            (SnpPageType::Normal | SnpPageType::Vmsa, last) => {
+        let hashed = matches!(ty, SnpPageType::Normal | SnpPageType::Vmsa);
+        let hash = match &self.last {
+            Some((page, hash)) if hashed && **page == *contents => *hash,
+            _ if hashed => {
                 let hash = contents_hash(ty, contents);
-                match last {
-                    Some((page, h)) => {
-                        **page = *contents;
-                        *h = hash;
-                    }
-                    None => *last = Some((Box::new(*contents), hash)),
-                }
+                self.last = Some((Box::new(*contents), hash));
                 hash
             }
             _ => contents_hash(ty, contents),
