@@ -18,6 +18,13 @@ fn run_json(args: &[&str]) -> (Value, i32) {
     (v, o.status.code().unwrap_or(-1))
 }
 
+/// A guest script file `name` holding `json`, in a fresh scratch directory `dir`.
+fn guest_script(dir: &str, name: &str, json: &str) -> std::path::PathBuf {
+    let path = scratch(dir).join(name);
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
 /// The state names a vCPU's VMSA went through.
 fn path(summary: &Value, vcpu: u64) -> Vec<String> {
     let h = summary["ownership"]["vcpus"]
@@ -349,17 +356,15 @@ fn costs_file_changes_the_cycles() {
 /// `--memory 8T` held 8 GB of RMP entries for 43 s before.)
 #[test]
 fn a_run_that_outgrows_the_memory_budget_ends_there_naming_it() {
-    let dir = scratch("run-budget");
-    let script = dir.join("pvalidate.json");
     // 4 GiB of 4 KiB PVALIDATEs above 4 GiB: 8 MiB of RMP entries.
-    std::fs::write(
-        &script,
+    let script = guest_script(
+        "run-budget",
+        "pvalidate.json",
         r#"{"name": "big", "actions": [
             {"action": "pvalidate", "vcpu": 0, "gpa": 4294967296, "pages": 1048576},
             {"action": "hlt", "vcpu": 0}
         ]}"#,
-    )
-    .unwrap();
+    );
     let args = [
         "--vcpus",
         "1",
@@ -423,10 +428,9 @@ fn a_launch_that_outgrows_the_memory_budget_ends_there_naming_it() {
 
 #[test]
 fn a_guest_script_file_runs() {
-    let dir = scratch("run-script");
-    let script = dir.join("guest.json");
-    std::fs::write(
-        &script,
+    let script = guest_script(
+        "run-script",
+        "guest.json",
         r#"{"name": "one-ap", "actions": [
             {"action": "pvalidate", "vcpu": 0, "gpa": 2101248},
             {"action": "write_vmsa", "vcpu": 0, "gpa": 2101248, "rip": 4096},
@@ -436,8 +440,7 @@ fn a_guest_script_file_runs() {
             {"action": "hlt", "vcpu": 1},
             {"action": "hlt", "vcpu": 0}
         ]}"#,
-    )
-    .unwrap();
+    );
     let (s, code) = run_json(&[
         "--vcpus",
         "2",
@@ -795,16 +798,14 @@ fn fifos_and_devices_as_input_files_are_refused_at_once() {
 /// script meets the memory size, before anything runs.
 #[test]
 fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
-    let dir = scratch("run-huge-action");
-    let script = dir.join("huge.json");
-    std::fs::write(
-        &script,
+    let script = guest_script(
+        "run-huge-action",
+        "huge.json",
         r#"{"actions": [
             {"action":"page_state","vcpu":0,"gpa":4294967296,"pages":17179869184,"to":"shared"},
             {"action":"hlt","vcpu":0}
         ]}"#,
-    )
-    .unwrap();
+    );
     let script = script.display().to_string();
     for (memory, shown) in [("64M", "64MiB"), ("64T", "64TiB")] {
         let o = vmm_within(
@@ -828,16 +829,14 @@ fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
 /// `result: ok`: the script and --vcpus disagree, which is the input's fault.
 #[test]
 fn an_action_on_a_vcpu_the_guest_does_not_have_is_refused_before_the_run() {
-    let dir = scratch("run-missing-vcpu");
-    let script = dir.join("vcpu9.json");
-    std::fs::write(
-        &script,
+    let script = guest_script(
+        "run-missing-vcpu",
+        "vcpu9.json",
         r#"{"actions": [
             {"action":"hlt","vcpu":0},
             {"action":"pvalidate","vcpu":9,"gpa":0}
         ]}"#,
-    )
-    .unwrap();
+    );
     let script = script.display().to_string();
     let o = vmm(["run", "--vcpus", "4", "--guest", &script]);
     let err = stderr(&o);
