@@ -7,7 +7,8 @@
 //! pass run through rustc's stable `-C passes` / `-C llvm-args` options (inline 8-bit edge
 //! counters, the PC table, and comparison tracing). `--target` is given explicitly so the
 //! flags reach the target's code but not build scripts and proc-macros; the instrumented
-//! artifacts live under `target/<host triple>/release/`, apart from the normal builds.
+//! artifacts live under `target/fuzz-build/<host triple>/release/`, apart from the normal builds
+//! (which are built for the same triple, `.cargo/config.toml`, with other flags).
 //!
 //! Each target starts from its committed seeds (`fuzz/corpus/TARGET/`, read only) and the
 //! corpus earlier runs grew (`target/fuzz/corpus/TARGET/`, where new inputs go), with its
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::{cargo, root, run};
+use crate::{cargo, root, run, target_dir};
 
 /// The SanitizerCoverage instrumentation cargo-fuzz passes, plus `--cfg fuzzing` and the
 /// checks a fuzzing build keeps on.
@@ -78,8 +79,10 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
         None => all,
     };
     let triple = host_triple()?;
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let target_dir = target_dir();
+    // A directory of its own: the instrumented build's flags differ from the normal build's,
+    // and sharing one directory would rebuild each in turn.
+    let build_dir = target_dir.join("fuzz-build");
     let mut build = cargo();
     let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
     for f in RUSTFLAGS {
@@ -97,9 +100,11 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
             "--bins",
             "--target",
         ])
-        .arg(&triple);
+        .arg(&triple)
+        .arg("--target-dir")
+        .arg(&build_dir);
     run("build the fuzz targets (libFuzzer, SanitizerCoverage)", build)?;
-    let bin_dir = target_dir.join(&triple).join("release");
+    let bin_dir = build_dir.join(&triple).join("release");
     let work = target_dir.join("fuzz");
     let mut outcomes = Vec::new();
     for t in &chosen {

@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,13 +85,12 @@ fn quick_cases() -> Vec<Case> {
     v
 }
 
-/// Run the bench: `args` may hold `--quick`.
-pub fn run(root: &Path, target: &Path, args: &[String]) -> Result<(), String> {
+/// Run the bench with the release binary `vmm`: `args` may hold `--quick`.
+pub fn run(root: &Path, target: &Path, vmm: &Path, args: &[String]) -> Result<(), String> {
     let quick = args.iter().any(|a| a == "--quick");
     if let Some(bad) = args.iter().find(|a| *a != "--quick") {
         return Err(format!("bench linux-boot: unknown option `{bad}` (only --quick)"));
     }
-    let vmm = target.join("release/vmm");
     let (cases, reps, out_dir) = if quick {
         (quick_cases(), 1, target.join("bench"))
     } else {
@@ -99,7 +98,7 @@ pub fn run(root: &Path, target: &Path, args: &[String]) -> Result<(), String> {
     };
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     let baseline = measure(
-        &vmm,
+        vmm,
         Case {
             guest: "boot",
             vcpus: 1,
@@ -114,7 +113,7 @@ pub fn run(root: &Path, target: &Path, args: &[String]) -> Result<(), String> {
     );
     let mut rows = Vec::new();
     for c in cases {
-        let r = measure(&vmm, c, reps)?;
+        let r = measure(vmm, c, reps)?;
         println!(
             "{} x{} {}: {:.3} s, {} MiB, {:.2} B/frame, ok {}",
             c.guest,
@@ -534,11 +533,6 @@ fn panel(
             ly + 4.0
         );
     }
-}
-
-/// Where cargo puts build outputs: `CARGO_TARGET_DIR`, else `<root>/target`.
-pub fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 #[cfg(test)]

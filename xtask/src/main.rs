@@ -275,11 +275,40 @@ fn bench(rest: &[String]) -> Result<(), String> {
 
 /// The linux-boot scaling bench on a fresh release build of `vmm`.
 fn linux_boot_bench(args: &[String]) -> Result<(), String> {
-    let mut build = cargo();
-    build.args(["build", "--release", "--locked", "-p", "vmm"]);
-    run("release vmm", build)?;
+    let vmm = release_vmm()?;
     let root = root();
-    linux_boot::run(&root, &linux_boot::target_dir(&root), args)
+    linux_boot::run(&root, &target_dir(), &vmm, args)
+}
+
+/// Where cargo puts build outputs: `CARGO_TARGET_DIR`, else `<root>/target`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
+/// Build the release `vmm` binary and return its path, as cargo reports it: the path depends
+/// on `.cargo/config.toml`'s build target (the static build lives under the target triple).
+fn release_vmm() -> Result<PathBuf, String> {
+    let step = "build vmm (release)";
+    let mut build = cargo();
+    build
+        .args(["build", "--release", "--locked", "-p", "vmm", "--bin", "vmm"])
+        .arg("--message-format=json-render-diagnostics")
+        .stdout(std::process::Stdio::piped());
+    println!("==> {step}: {build:?}");
+    let t = Instant::now();
+    let out = build
+        .output()
+        .map_err(|e| format!("{step}: cannot start {build:?}: {e}"))?;
+    println!("<== {step}: {} in {:.1}s", out.status, t.elapsed().as_secs_f64());
+    if !out.status.success() {
+        return Err(format!("{step} failed ({})", out.status));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "vmm")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| format!("{step}: cargo named no `vmm` executable"))
 }
 
 /// Generate the test vectors under `target/fixtures` with independent tools, installed into a

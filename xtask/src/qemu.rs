@@ -31,7 +31,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{cargo, root, run};
+use super::{release_vmm, root, target_dir};
 
 /// The vCPU counts compared.
 const VCPUS: [u32; 2] = [4, 64];
@@ -332,12 +332,8 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         );
         return Ok(());
     };
-    let mut build = cargo();
-    build.args(["build", "--release", "--locked", "-p", "vmm", "--bin", "vmm"]);
-    run("build vmm (release)", build)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let vmm = target.join("release/vmm");
-    let dir = target.join("qemu-bench");
+    let vmm = release_vmm()?;
+    let dir = target_dir().join("qemu-bench");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let boot = dir.join("boot.bin");
     std::fs::write(&boot, boot_sector()).map_err(|e| format!("{}: {e}", boot.display()))?;
