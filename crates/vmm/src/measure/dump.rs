@@ -4,6 +4,7 @@
 //! is kept as it is (its owner, mode and mount stay) and filled with files written under
 //! temporary names first, renamed at the end.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,17 +21,11 @@ fn dir_error(path: &Path, rule: impl Into<String>) -> MeasureError {
 
 /// The parent and final name of DIR, checked before any work: DIR must name a directory that
 /// does not exist or is empty (nothing is overwritten), in an existing parent directory.
-pub(crate) fn check_dir(dir: &Path) -> Result<(PathBuf, String), MeasureError> {
+pub(crate) fn check_dir(dir: &Path) -> Result<(PathBuf, OsString), MeasureError> {
     let name = dir
         .file_name()
-        .and_then(|n| n.to_str())
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| {
-            dir_error(
-                dir,
-                "must name a directory by a UTF-8 name (not '/', '.' or '..')",
-            )
-        })?;
+        .ok_or_else(|| dir_error(dir, "must name a directory (not '/', '.' or '..')"))?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -86,7 +81,10 @@ pub(crate) fn write<'a>(
     if dir.is_dir() {
         return fill(dir, vmsas).map_err(werr);
     }
-    let tmp = parent.join(format!(".{name}.vmm-measure-{}", std::process::id()));
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(&name);
+    tmp_name.push(format!(".vmm-measure-{}", std::process::id()));
+    let tmp = parent.join(tmp_name);
     fs::create_dir(&tmp).map_err(werr)?;
     let result = (|| {
         let mut n = 0;
@@ -172,6 +170,22 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["empty", "out"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_directory_name_need_not_be_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        // Linux names are bytes; sev-snp-measure's --dump-vmsa takes any of them too.
+        let root = scratch("bytes");
+        let d = root.join(std::ffi::OsStr::from_bytes(b"out\xff"));
+        assert_eq!(write(&d, vmsas(2).iter()).unwrap(), 2);
+        assert_eq!(fs::read(d.join("vmsa1.bin")).unwrap().len(), 4096);
+        let names: Vec<_> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [d.file_name().unwrap()], "no temporary directory left");
         fs::remove_dir_all(root).unwrap();
     }
 
