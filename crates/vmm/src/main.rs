@@ -47,6 +47,36 @@ fn one_line(e: &clap::Error) -> String {
     msg.join(" ").trim_start_matches("error: ").to_owned()
 }
 
+/// The line for clap's `InvalidUtf8` error, which names no argument: the first argument that
+/// is not UTF-8, as the value of the option before it (`--append VALUE`) or in it
+/// (`--append=VALUE`). clap raises that error only for an option whose value must be text (paths
+/// may be any bytes).
+fn not_utf8(args: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut previous: Option<String> = None;
+    for arg in args {
+        let Some(text) = arg.to_str() else {
+            let bytes = arg.as_bytes();
+            let (option, value) = match bytes.iter().position(|&b| b == b'=') {
+                Some(eq) if bytes.starts_with(b"--") => (
+                    Some(String::from_utf8_lossy(&bytes[..eq]).into_owned()),
+                    std::ffi::OsStr::from_bytes(&bytes[eq + 1..]),
+                ),
+                _ => (
+                    previous.filter(|p| p.starts_with('-') && p != "--"),
+                    arg.as_os_str(),
+                ),
+            };
+            let option = option.unwrap_or_else(|| "an argument".to_owned());
+            return Some(format!(
+                "{option} {value:?}: is not UTF-8: this option takes text"
+            ));
+        };
+        previous = Some(text.to_owned());
+    }
+    None
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -57,6 +87,12 @@ fn main() -> ExitCode {
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             eprintln!("vmm: a subcommand is required (run, measure, igvm or probe); see 'vmm --help'");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
+            // clap's message names no argument; find the one that is not text.
+            let line = not_utf8(std::env::args_os().skip(1)).unwrap_or_else(|| one_line(&e));
+            eprintln!("vmm: {line}");
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -151,5 +187,33 @@ fn run(args: &vmm::run::RunArgs) -> ExitCode {
             eprintln!("vmm run: {}", vmm::run::error_chain(&e));
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    use super::not_utf8;
+
+    fn args(list: &[&[u8]]) -> impl Iterator<Item = OsString> {
+        list.iter()
+            .map(|a| OsString::from_vec(a.to_vec()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn the_option_whose_value_is_not_text_is_named() {
+        assert_eq!(
+            not_utf8(args(&[b"measure", b"--append", b"bad\xff"])).unwrap(),
+            r#"--append "bad\xFF": is not UTF-8: this option takes text"#
+        );
+        assert_eq!(
+            not_utf8(args(&[b"run", b"--fault=x\xfe"])).unwrap(),
+            r#"--fault "x\xFE": is not UTF-8: this option takes text"#
+        );
+        assert!(not_utf8(args(&[b"run", b"--vcpus", b"4"])).is_none());
     }
 }

@@ -894,6 +894,30 @@ fn a_non_utf8_guest_path_is_a_path_and_errors_name_the_option() {
 }
 
 #[test]
+fn a_text_option_given_bytes_is_named_with_its_value() {
+    use std::os::unix::ffi::OsStrExt;
+    // clap's own message ("invalid UTF-8 was detected in one or more arguments") named neither.
+    for (option, joined) in [("--fault", false), ("--memory", true)] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"));
+        cmd.arg("run");
+        if joined {
+            cmd.arg(std::ffi::OsStr::from_bytes(
+                &[option.as_bytes(), b"=1\xffG"].concat(),
+            ));
+        } else {
+            cmd.arg(option).arg(std::ffi::OsStr::from_bytes(b"1\xffG"));
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.trim_end(),
+            format!(r#"vmm: {option} "1\xFFG": is not UTF-8: this option takes text"#)
+        );
+    }
+}
+
+#[test]
 fn a_firmware_launch_meant_to_fail_is_not_judged_by_its_digest() {
     let (s, code) = run_json(&[
         "--firmware",
