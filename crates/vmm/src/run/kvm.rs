@@ -105,6 +105,7 @@ fn check(args: &RunArgs) -> Result<(), RunError> {
         }
     }
     let memory = args.memory.bytes();
+    super::memory::check_size(memory)?;
     let need = GuestProgram::min_memory(args.vcpus.get());
     if memory < need || memory > MAX_MEMORY {
         return Err(RunError::Input(format!(
@@ -536,6 +537,19 @@ mod tests {
         let args = Cli::parse_from(["vmm", "--backend", "kvm", "--igvm", "x.igvm", "--igvm-classic"]).run;
         let e = check(&args).unwrap_err();
         assert!(matches!(e, RunError::KvmIgvm(KvmIgvmError::Classic)), "{e:?}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn memory_that_is_not_whole_pages_is_refused_before_kvm_is_opened() {
+        // It was a failed launch (exit 1, from KVM_SET_USER_MEMORY_REGION2), where the
+        // simulator refuses it as input.
+        let args = Cli::parse_from(["vmm", "--backend", "kvm", "--memory", "4097K"]).run;
+        let e = check(&args).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--memory 4195328 bytes: guest memory must be a non-zero multiple of 4 KiB"
+        );
         assert_eq!(e.exit_code(), 2);
     }
 }

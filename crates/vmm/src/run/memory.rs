@@ -85,6 +85,18 @@ pub enum MemoryError {
     },
 }
 
+/// `--memory` on every backend: a non-zero multiple of 4 KiB (KVM's memslots and the
+/// simulator's RAM are both made of 4 KiB pages).
+pub fn check_size(memory: u64) -> Result<(), MemoryError> {
+    if memory == 0 || !memory.is_multiple_of(PAGE_SIZE) {
+        return Err(MemoryError::BadSize {
+            size: memory,
+            rule: "guest memory must be a non-zero multiple of 4 KiB",
+        });
+    }
+    Ok(())
+}
+
 /// The VMM's copy of guest memory.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -97,12 +109,7 @@ impl GuestRam {
     /// region of that many bytes ending at 4 GiB. The mappings are reserved lazily: untouched
     /// memory costs nothing.
     pub fn new(memory: u64, rom: Option<u64>) -> Result<Self, MemoryError> {
-        if memory == 0 || !memory.is_multiple_of(PAGE_SIZE) {
-            return Err(MemoryError::BadSize {
-                size: memory,
-                rule: "guest memory must be a non-zero multiple of 4 KiB",
-            });
-        }
+        check_size(memory)?;
         let mut regions = vec![Region {
             gpa: Gpa(0),
             len: memory.min(LOW_RAM_END),
