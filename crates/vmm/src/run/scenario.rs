@@ -146,7 +146,9 @@ pub enum ScenarioError {
     },
     /// The built-in needs more low RAM than `--memory` gives.
     #[error(
-        "builtin:{name} needs at least {min} bytes of guest RAM from address 0 (got {got}); raise --memory"
+        "--memory {}: builtin:{name} needs at least {} of guest RAM from address 0",
+        crate::size::ByteSize::new(*got),
+        crate::size::ByteSize::new(*min)
     )]
     TooLittleMemory {
         /// The built-in.
@@ -438,6 +440,16 @@ mod tests {
         .unwrap();
         assert!(fail.expect_launch_failure);
         assert_eq!(fail.faults.pending().len(), 1);
+        // Named as every other --memory refusal: the option, its value, the rule.
+        let small = GuestMemory {
+            ram: vec![(0, 4096)],
+            launched: vec![],
+        };
+        let e = Scenario::new(&GuestSpec::Builtin("linux-boot".into()), 1, VmKind::Snp, &small).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--memory 4KiB: builtin:linux-boot needs at least 8MiB of guest RAM from address 0"
+        );
     }
 
     #[test]
