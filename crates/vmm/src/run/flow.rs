@@ -290,7 +290,7 @@ pub fn run<H: Hypervisor>(
     }
     let run = match &launched {
         Ok(()) if migration_error.is_none() => {
-            progress.phase("guest", 0);
+            progress.counted_phase("guest", "vCPU exits");
             Some(run_vcpus(&vm, vcpus, watchdog, progress)?)
         }
         _ => {
