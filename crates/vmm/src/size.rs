@@ -48,10 +48,9 @@ impl FromStr for ByteSize {
             return Err(err("it must start with a whole number (e.g. 512M, 16G)"));
         }
         let (num, suffix) = t.split_at(digits);
-        let unit = suffix
-            .trim_end_matches(['B', 'b'])
-            .trim_end_matches(['i', 'I'])
-            .to_ascii_uppercase();
+        // One optional B after one optional i: "1KiBiB" and "1Kbb" are not sizes.
+        let unit = suffix.strip_suffix(['B', 'b']).unwrap_or(suffix);
+        let unit = unit.strip_suffix(['i', 'I']).unwrap_or(unit).to_ascii_uppercase();
         let shift = UNITS
             .iter()
             .find(|(name, _)| *name == unit)
@@ -117,6 +116,9 @@ mod tests {
             ("G", "whole number"),
             ("12X", "suffix"),
             ("1.5G", "suffix"),
+            ("1Kbb", "suffix"),
+            ("1Mii", "suffix"),
+            ("1iB", "suffix"),
             ("-1G", "whole number"),
             ("99999999999999999999", "too large"),
             ("20000000T", "64 bits"),
