@@ -2,7 +2,7 @@
 //! sev-snp-measure's `--dump-vmsa` writes into its working directory), written all or nothing.
 //! A new DIR is built as a fresh sibling directory and renamed into place; an existing empty DIR
 //! is kept as it is (its owner, mode and mount stay) and filled with files written under
-//! temporary names first, renamed at the end.
+//! temporary names first, linked to their names at the end (never over a file).
 
 use std::ffi::OsString;
 use std::fs;
@@ -103,24 +103,35 @@ pub(crate) fn write<'a>(
 }
 
 /// Fill the existing empty directory `dir`: every file under a temporary name first, then each
-/// renamed to its name; on any failure every file written is removed again.
+/// linked to its name; on any failure every file this call put there is removed again.
 fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> io::Result<usize> {
-    let mut written: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let result = (|| {
+    let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut linked: Vec<&Path> = Vec::new();
+    let mut result = (|| {
         for v in vmsas {
             let name = format!("vmsa{}.bin", v.vcpu.0);
             let tmp = dir.join(format!(".{name}.vmm-measure-{}", std::process::id()));
-            written.push((tmp.clone(), dir.join(&name)));
+            temps.push((tmp.clone(), dir.join(&name)));
             fs::write(&tmp, v.save_area.as_page())?;
         }
-        for (tmp, done) in &written {
-            fs::rename(tmp, done)?;
-        }
-        Ok(written.len())
+        Ok(temps.len())
     })();
+    if result.is_ok() {
+        for (tmp, done) in &temps {
+            // A link, not a rename: it fails if the name appeared since the directory was found
+            // empty (another writer), which a rename would silently replace.
+            if let Err(e) = fs::hard_link(tmp, done) {
+                result = Err(e);
+                break;
+            }
+            linked.push(done);
+        }
+    }
+    for (tmp, _) in &temps {
+        let _ = fs::remove_file(tmp);
+    }
     if result.is_err() {
-        for (tmp, done) in &written {
-            let _ = fs::remove_file(tmp);
+        for done in linked {
             let _ = fs::remove_file(done);
         }
     }
@@ -207,6 +218,26 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["vmsa0.bin", "vmsa1.bin"], "no temporary file left");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_appears_while_filling_is_neither_replaced_nor_removed() {
+        // Another writer's file, made after this one found the directory empty.
+        let root = scratch("race");
+        fs::write(root.join("vmsa1.bin"), b"theirs").unwrap();
+        let e = fill(&root, vmsas(3).iter()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(fs::read(root.join("vmsa1.bin")).unwrap(), b"theirs");
+        let names: Vec<_> = fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["vmsa1.bin"],
+            "what this call wrote is gone, what it found stays"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
