@@ -457,7 +457,9 @@ fn cost_overrides_and_perfetto_trace() {
     assert_eq!(up.unit_cycles, 10);
     assert_eq!(up.cycles, up.count * 10);
     assert_eq!(costs.op(CostOp::Vmrun).unwrap().unit_cycles, 1);
-    let trace = m.trace_json();
+    let mut bytes = Vec::new();
+    m.write_trace_json(&mut bytes).unwrap();
+    let trace: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
     let x: Vec<_> = events.iter().filter(|e| e["ph"] == "X").collect();
     assert!(x.iter().any(|e| e["name"] == "snp_launch_update_measured"));

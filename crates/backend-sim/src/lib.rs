@@ -25,7 +25,7 @@
 //!   ([`GuestScript::from_file`] for JSON, or [`GuestScript::smp_boot`]) is a
 //!   [`vmsa_host::Hypervisor`]; a VMM drives its VMs and vCPUs through that interface;
 //! - reports: [`Machine::cost_report`], [`Machine::stats`] (RMP faults, leaks, VMRUNs),
-//!   [`Machine::footprint`], [`SimPlatform::launch_digest`], [`Machine::trace_json`]
+//!   [`Machine::footprint`], [`SimPlatform::launch_digest`], [`Machine::write_trace_json`]
 //!   (Chrome trace-event JSON for ui.perfetto.dev; `vmm run --trace` writes it whole or not
 //!   at all).
 //!

@@ -740,10 +740,10 @@ impl Machine {
         self.hw().model.clone()
     }
 
-    /// The timeline as Chrome trace-event JSON (opens in ui.perfetto.dev).
-    pub fn trace_json(&self) -> serde_json::Value {
+    /// Write the timeline as Chrome trace-event JSON (opens in ui.perfetto.dev) to `out`.
+    pub fn write_trace_json(&self, out: impl std::io::Write) -> serde_json::Result<()> {
         let hw = self.hw();
-        hw.trace.to_chrome_json(hw.model.clock_hz())
+        hw.trace.write_chrome_json(hw.model.clock_hz(), out)
     }
 
     /// Close a phase of the caller's run that began at cycle `start`: put it on the timeline

@@ -2,7 +2,7 @@
 //! format ui.perfetto.dev and chrome://tracing open): complete events (`"ph": "X"`) with `ts`
 //! and `dur` in microseconds at the cost model's clock.
 
-use serde_json::{Value, json};
+use serde::Serialize;
 
 /// One span on the timeline.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,47 +81,134 @@ impl Trace {
         self.dropped
     }
 
-    /// The Chrome trace-event JSON document; `clock_hz` converts cycles to microseconds.
-    pub fn to_chrome_json(&self, clock_hz: f64) -> Value {
-        let us = |c: u64| c as f64 * 1e6 / clock_hz;
-        let mut events: Vec<Value> = vec![json!({
-            "name": "process_name", "ph": "M", "pid": 1, "tid": 0,
-            "args": {"name": "backend-sim machine"}
-        })];
+    /// Write the Chrome trace-event JSON document to `out`; `clock_hz` converts cycles to
+    /// microseconds. The document is serialized as it is written, from the recorded spans: a
+    /// full timeline (a quarter million spans) costs no tree of JSON values beside it.
+    pub fn write_chrome_json(&self, clock_hz: f64, out: impl std::io::Write) -> serde_json::Result<()> {
         let mut tids: Vec<u32> = self.events.iter().map(|e| e.tid).collect();
         tids.sort_unstable();
         tids.dedup();
-        for t in tids {
-            let name = if t == 0 {
-                "host / platform".to_string()
+        serde_json::to_writer(
+            out,
+            &ChromeTrace {
+                trace_events: ChromeEvents {
+                    trace: self,
+                    clock_hz,
+                    tids,
+                },
+                display_time_unit: "ns",
+                other_data: OtherData {
+                    clock_hz,
+                    dropped_events: self.dropped,
+                },
+            },
+        )
+    }
+}
+
+/// The document: <https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU>
+/// (the Trace Event Format), as Perfetto reads it.
+#[derive(Serialize)]
+struct ChromeTrace<'a> {
+    #[serde(rename = "traceEvents")]
+    trace_events: ChromeEvents<'a>,
+    #[serde(rename = "displayTimeUnit")]
+    display_time_unit: &'static str,
+    #[serde(rename = "otherData")]
+    other_data: OtherData,
+}
+
+#[derive(Serialize)]
+struct OtherData {
+    clock_hz: f64,
+    dropped_events: u64,
+}
+
+/// The event array: the process's and each track's name (metadata events, `"ph": "M"`), then
+/// every span as a complete event (`"ph": "X"`).
+struct ChromeEvents<'a> {
+    trace: &'a Trace,
+    clock_hz: f64,
+    tids: Vec<u32>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChromeEvent<'a> {
+    Meta {
+        name: &'static str,
+        ph: &'static str,
+        pid: u32,
+        tid: u32,
+        args: MetaArgs,
+    },
+    Span {
+        name: &'a str,
+        cat: &'static str,
+        ph: &'static str,
+        ts: f64,
+        dur: f64,
+        pid: u32,
+        tid: u32,
+        args: SpanArgs<'a>,
+    },
+}
+
+#[derive(Serialize)]
+struct MetaArgs {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct SpanArgs<'a> {
+    cycles: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    /// A charged operation carries where its cost comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    basis: Option<crate::cost::Basis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'static str>,
+}
+
+impl Serialize for ChromeEvents<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let us = |c: u64| c as f64 * 1e6 / self.clock_hz;
+        let meta = |name, tid, label| ChromeEvent::Meta {
+            name,
+            ph: "M",
+            pid: 1,
+            tid,
+            args: MetaArgs { name: label },
+        };
+        let process = std::iter::once(meta("process_name", 0, "backend-sim machine".to_owned()));
+        let tracks = self.tids.iter().map(|&t| {
+            let label = if t == 0 {
+                "host / platform".to_owned()
             } else {
                 format!("guest ASID {t}")
             };
-            events
-                .push(json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": t, "args": {"name": name}}));
-        }
-        for e in &self.events {
-            let mut args = serde_json::Map::new();
-            args.insert("cycles".into(), json!(e.dur));
-            if let Some(d) = &e.detail {
-                args.insert("detail".into(), json!(d));
+            meta("thread_name", t, label)
+        });
+        let spans = self.trace.events.iter().map(|e| {
+            let op = crate::cost::CostOp::from_name(&e.name);
+            ChromeEvent::Span {
+                name: &e.name,
+                cat: e.cat,
+                ph: "X",
+                ts: us(e.start),
+                dur: us(e.dur),
+                pid: 1,
+                tid: e.tid,
+                args: SpanArgs {
+                    cycles: e.dur,
+                    detail: e.detail.as_deref(),
+                    basis: op.map(|o| o.basis()),
+                    source: op.map(|o| o.source()),
+                },
             }
-            // A charged operation carries where its cost comes from.
-            if let Some(op) = crate::cost::CostOp::from_name(&e.name) {
-                args.insert("basis".into(), json!(op.basis()));
-                args.insert("source".into(), json!(op.source()));
-            }
-            events.push(json!({
-                "name": e.name, "cat": e.cat, "ph": "X",
-                "ts": us(e.start), "dur": us(e.dur),
-                "pid": 1, "tid": e.tid, "args": Value::Object(args),
-            }));
-        }
-        json!({
-            "traceEvents": events,
-            "displayTimeUnit": "ns",
-            "otherData": {"clock_hz": clock_hz, "dropped_events": self.dropped},
-        })
+        });
+        s.collect_seq(process.chain(tracks).chain(spans))
     }
 }
 
@@ -145,7 +232,12 @@ mod tests {
         assert_eq!(t.dropped(), 1);
         t.record_with(|| unreachable!("not built when it would be dropped"));
         assert_eq!(t.dropped(), 2);
-        let v = t.to_chrome_json(2.7e9);
+        let mut bytes = Vec::new();
+        t.write_chrome_json(2.7e9, &mut bytes).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["otherData"]["dropped_events"], 2);
+        assert_eq!(v["traceEvents"][0]["args"]["name"], "backend-sim machine");
+        assert_eq!(v["traceEvents"][1]["args"]["name"], "guest ASID 5");
         let evs = v["traceEvents"].as_array().unwrap();
         let x: Vec<_> = evs.iter().filter(|e| e["ph"] == "X").collect();
         assert_eq!(x.len(), 2);

@@ -382,9 +382,11 @@ pub(super) fn run(
     })?;
 
     if let Some(path) = &args.trace {
-        serde_json::to_vec(&machine.trace_json())
+        let mut bytes = Vec::new();
+        machine
+            .write_trace_json(&mut bytes)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::output::write_replacing(path, &bytes))
+            .and_then(|()| crate::output::write_replacing(path, &bytes))
             .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
     }
 
