@@ -47,32 +47,44 @@ fn one_line(e: &clap::Error) -> String {
     msg.join(" ").trim_start_matches("error: ").to_owned()
 }
 
-/// The line for clap's `InvalidUtf8` error, which names no argument: the first argument that
-/// is not UTF-8, as the value of the option before it (`--append VALUE`) or in it
-/// (`--append=VALUE`). clap raises that error only for an option whose value must be text (paths
-/// may be any bytes).
-fn not_utf8(args: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+/// The line for clap's `InvalidUtf8` error, which names no argument: the first option value
+/// that is not UTF-8 and whose option does not take bytes (a path or an `OsString` does),
+/// given after the option (`--append VALUE`) or in it (`--append=VALUE`). `args` are the
+/// arguments after the program's name.
+fn not_utf8(cmd: &clap::Command, args: &[std::ffi::OsString]) -> Option<String> {
+    use std::any::TypeId;
+    use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    let mut previous: Option<String> = None;
-    for arg in args {
-        let Some(text) = arg.to_str() else {
-            let bytes = arg.as_bytes();
-            let (option, value) = match bytes.iter().position(|&b| b == b'=') {
-                Some(eq) if bytes.starts_with(b"--") => (
-                    Some(String::from_utf8_lossy(&bytes[..eq]).into_owned()),
-                    std::ffi::OsStr::from_bytes(&bytes[eq + 1..]),
-                ),
-                _ => (
-                    previous.filter(|p| p.starts_with('-') && p != "--"),
-                    arg.as_os_str(),
-                ),
-            };
-            let option = option.unwrap_or_else(|| "an argument".to_owned());
+    let sub = cmd.find_subcommand(args.first()?.to_str()?)?;
+    let mut previous: Option<&str> = None;
+    for arg in &args[1..] {
+        if let Some(text) = arg.to_str() {
+            previous = Some(text);
+            continue;
+        }
+        let bytes = arg.as_bytes();
+        let (option, value) = match bytes.iter().position(|&b| b == b'=') {
+            Some(eq) if bytes.starts_with(b"--") => (
+                String::from_utf8_lossy(&bytes[..eq]).into_owned(),
+                OsStr::from_bytes(&bytes[eq + 1..]),
+            ),
+            _ => (previous.take()?.to_owned(), arg.as_os_str()),
+        };
+        let takes_bytes = sub
+            .get_arguments()
+            .find(|a| match option.strip_prefix("--") {
+                Some(long) => a.get_long() == Some(long),
+                None => option.strip_prefix('-').and_then(|s| s.chars().next()) == a.get_short(),
+            })
+            .is_some_and(|a| {
+                let parsed = a.get_value_parser().type_id();
+                parsed == TypeId::of::<std::path::PathBuf>() || parsed == TypeId::of::<std::ffi::OsString>()
+            });
+        if !takes_bytes {
             return Some(format!(
                 "{option} {value:?}: is not UTF-8: this option takes text"
             ));
-        };
-        previous = Some(text.to_owned());
+        }
     }
     None
 }
@@ -91,7 +103,9 @@ fn main() -> ExitCode {
         }
         Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
             // clap's message names no argument; find the one that is not text.
-            let line = not_utf8(std::env::args_os().skip(1)).unwrap_or_else(|| one_line(&e));
+            let args: Vec<_> = std::env::args_os().skip(1).collect();
+            let line =
+                not_utf8(&<Cli as clap::CommandFactory>::command(), &args).unwrap_or_else(|| one_line(&e));
             eprintln!("vmm: {line}");
             return ExitCode::from(EXIT_USAGE);
         }
@@ -195,25 +209,42 @@ mod tests {
     use std::ffi::OsString;
     use std::os::unix::ffi::OsStringExt;
 
-    use super::not_utf8;
+    use clap::CommandFactory;
 
-    fn args(list: &[&[u8]]) -> impl Iterator<Item = OsString> {
-        list.iter()
-            .map(|a| OsString::from_vec(a.to_vec()))
-            .collect::<Vec<_>>()
-            .into_iter()
+    use super::{Cli, not_utf8};
+
+    fn line(list: &[&[u8]]) -> Option<String> {
+        let args: Vec<_> = list.iter().map(|a| OsString::from_vec(a.to_vec())).collect();
+        not_utf8(&Cli::command(), &args)
     }
 
     #[test]
     fn the_option_whose_value_is_not_text_is_named() {
         assert_eq!(
-            not_utf8(args(&[b"measure", b"--append", b"bad\xff"])).unwrap(),
+            line(&[b"measure", b"--append", b"bad\xff"]).unwrap(),
             r#"--append "bad\xFF": is not UTF-8: this option takes text"#
         );
         assert_eq!(
-            not_utf8(args(&[b"run", b"--fault=x\xfe"])).unwrap(),
+            line(&[b"run", b"--fault=x\xfe"]).unwrap(),
             r#"--fault "x\xFE": is not UTF-8: this option takes text"#
         );
-        assert!(not_utf8(args(&[b"run", b"--vcpus", b"4"])).is_none());
+        // A path before it may be any bytes: the text option is the one named.
+        assert_eq!(
+            line(&[
+                b"measure",
+                b"--firmware",
+                b"f\xff",
+                b"--kernel=k\xff",
+                b"--append",
+                b"a\xff"
+            ])
+            .unwrap(),
+            r#"--append "a\xFF": is not UTF-8: this option takes text"#
+        );
+        assert_eq!(
+            line(&[b"igvm", b"-o", b"o\xff", b"--vcpu-type", b"E\xff"]).unwrap(),
+            r#"--vcpu-type "E\xFF": is not UTF-8: this option takes text"#
+        );
+        assert!(line(&[b"run", b"--vcpus", b"4"]).is_none());
     }
 }
