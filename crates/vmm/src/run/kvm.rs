@@ -23,7 +23,7 @@ use super::igvm::IgvmLaunch;
 use super::phases::Phases;
 use super::progress::Progress;
 use super::report::{LaunchSummary, Observed, RunSummary};
-use super::scenario::GuestSpec;
+use super::scenario::{GuestSpec, ScenarioError};
 use super::{RunArgs, RunError};
 use crate::measure::LaunchDigest;
 use crate::measure::igvm::{IgvmMeasureOptions, WrapError, guest_igvm_measured};
@@ -226,6 +226,25 @@ fn load_igvm(path: &Path, args: &RunArgs) -> Result<(IgvmLaunch, &'static str), 
     .into())
 }
 
+/// `ap-churn` destroys and re-creates AP 1: with no AP it would run as `boot` and report
+/// `ok`. Refused as the simulator refuses it.
+fn churn_has_an_ap(chosen: &Chosen, vcpus: u32) -> Result<(), RunError> {
+    let churns = match chosen {
+        Chosen::Program((_, GuestProgram::ApCreation { recreate })) => *recreate,
+        Chosen::Program(_) => false,
+        Chosen::Igvm((_, name)) => PROGRAMS.iter().any(|(n, recreate)| n == name && *recreate),
+    };
+    if churns && vcpus < 2 {
+        return Err(ScenarioError::TooFewVcpus {
+            name: "ap-churn".into(),
+            min: 2,
+            got: vcpus,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// What `--guest` or `--igvm` chose, before the host (whose mode a built-in image depends on)
 /// is known.
 enum Chosen {
@@ -304,6 +323,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
         Some(path) => Chosen::Igvm(load_igvm(path, args)?),
         None => Chosen::Program(program(&args.guest)?),
     };
+    churn_has_an_ap(&chosen, vcpus)?;
     let host = KvmHost::new()?;
     // The built-in program's image depends on the host's mode; an IGVM file's does not.
     let guest = match chosen {
@@ -538,6 +558,21 @@ mod tests {
         let e = check(&args).unwrap_err();
         assert!(matches!(e, RunError::KvmIgvm(KvmIgvmError::Classic)), "{e:?}");
         assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn ap_churn_without_an_ap_is_refused_as_on_the_simulator() {
+        // It ran as `boot` and reported ok.
+        let chosen = Chosen::Program(program(&GuestSpec::Builtin("ap-churn".into())).unwrap());
+        let e = churn_has_an_ap(&chosen, 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "builtin:ap-churn needs at least 2 vCPUs (got --vcpus 1)"
+        );
+        assert_eq!(e.exit_code(), 2);
+        assert!(churn_has_an_ap(&chosen, 2).is_ok());
+        let boot = Chosen::Program(program(&GuestSpec::Builtin("boot".into())).unwrap());
+        assert!(churn_has_an_ap(&boot, 1).is_ok());
     }
 
     #[test]
