@@ -74,10 +74,34 @@ pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     through_temp(&target, bytes, |tmp, path| std::fs::rename(tmp, path))
 }
 
-/// Write `bytes` to `path`, which must not exist (hard-linked into place, which fails if
-/// `path` appeared meanwhile: nothing is ever overwritten).
+/// Write `bytes` to `path`, which must not exist ([`link_new`]: nothing is ever overwritten).
 pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    through_temp(path, bytes, |tmp, path| std::fs::hard_link(tmp, path))
+    through_temp(path, bytes, link_new)
+}
+
+/// Give the file `tmp` the name `path`, which must not exist: a hard link, which fails if
+/// `path` appeared meanwhile, so nothing is ever overwritten. On a file system without hard
+/// links (vfat, some FUSE mounts: `EPERM` or `EOPNOTSUPP`) a rename after checking that the
+/// name is free, which only a writer racing this one could defeat. `tmp` is left for the
+/// caller to remove.
+pub fn link_new(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    link_new_with(tmp, path, |a, b| std::fs::hard_link(a, b))
+}
+
+fn link_new_with(
+    tmp: &Path,
+    path: &Path,
+    link: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    match link(tmp, path) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(std::io::ErrorKind::AlreadyExists.into());
+            }
+            std::fs::rename(tmp, path)
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +109,26 @@ mod tests {
     use std::os::unix::fs::FileTypeExt;
 
     use super::*;
+
+    #[test]
+    fn without_hard_links_a_free_name_is_taken_by_rename_and_a_taken_one_refused() {
+        let dir = scratch("nolinks");
+        let no_links = |_: &Path, _: &Path| Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        let (tmp, out) = (dir.join("tmp"), dir.join("out"));
+        std::fs::write(&tmp, b"new").unwrap();
+        link_new_with(&tmp, &out, no_links).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        std::fs::write(&tmp, b"newer").unwrap();
+        let e = link_new_with(&tmp, &out, no_links).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&out).unwrap(), b"new", "never overwritten");
+        // Any other failure is the link's own.
+        let full = |_: &Path, _: &Path| Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = link_new_with(&tmp, &dir.join("other"), full).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        assert!(!dir.join("other").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     /// A fresh, empty directory for one test.
     fn scratch(name: &str) -> PathBuf {

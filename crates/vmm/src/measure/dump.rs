@@ -118,9 +118,9 @@ fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> io::Resu
     })();
     if result.is_ok() {
         for (tmp, done) in &temps {
-            // A link, not a rename: it fails if the name appeared since the directory was found
-            // empty (another writer), which a rename would silently replace.
-            if let Err(e) = fs::hard_link(tmp, done) {
+            // Not a plain rename: the name may have appeared since the directory was found
+            // empty (another writer), and a rename would silently replace it.
+            if let Err(e) = crate::output::link_new(tmp, done) {
                 result = Err(e);
                 break;
             }
