@@ -14,6 +14,7 @@
 //! AVX-512F at run time; the hashing itself is safe Rust on `core::arch` values.
 
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 
 use sha2::{Digest, Sha384};
 
