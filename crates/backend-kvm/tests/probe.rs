@@ -68,10 +68,10 @@ fn the_probe_reports_what_this_host_has() {
             snp.iter()
                 .any(|m| matches!(m, Missing::SevAttribute { errno } if errno.code == libc::ENXIO))
         );
-        assert!(
-            snp.iter()
-                .any(|m| matches!(m, Missing::CreateVm { vm_type: 4, errno } if errno.code == libc::EINVAL))
-        );
+        // Not tried: KVM_CAP_VM_TYPES lacks the type, so KVM_CREATE_VM would fail for certain
+        // (it was, at ~0.25 ms of every run).
+        assert_eq!(r.snp_vm_create, Probed::Skipped);
+        assert!(!snp.iter().any(|m| matches!(m, Missing::CreateVm { .. })));
         let text = r.to_string();
         assert!(text.contains("KVM_CAP_VM_TYPES = 0x1 (DEFAULT)"), "{text}");
         assert!(text.contains("ENXIO"), "{text}");
