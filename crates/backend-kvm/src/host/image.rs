@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use kvm_bindings::{CpuId, KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
+use kvm_bindings::{KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmsa_core::{Entry, Event, EventLog, MpState, PreparedEntry, SevEsSaveArea, VcpuId, VmConfig, VmKind};
 use vmsa_host::{
@@ -83,6 +83,9 @@ pub struct KvmImageHost {
     caps: Capabilities,
     reason: String,
     kick_timeout: Duration,
+    /// KVM's supported CPUID table, read from the host's creation on (its VMs share it): the
+    /// read then overlaps `KVM_CREATE_VM` and the guest's setup.
+    cpuid: Arc<cpuid::SupportedLater>,
 }
 
 impl KvmImageHost {
@@ -98,7 +101,12 @@ impl KvmImageHost {
                 }),
             });
         }
+        let kvm = Kvm::new().map_err(|e| HypervisorError::Host {
+            call: "open /dev/kvm",
+            source: Box::new(IoctlError::new("open /dev/kvm", e)),
+        })?;
         Ok(Self {
+            cpuid: cpuid::SupportedLater::start(kvm),
             caps: Capabilities {
                 kinds: vec![VmKind::Snp],
                 // SEV_FEATURES beyond SNP_ACTIVE are copied into the VMSAs and checked on AP
@@ -172,17 +180,19 @@ impl Hypervisor for KvmImageHost {
         vm_fd
             .enable_cap(&user_space_msr_cap())
             .map_err(|e| host(call, IoctlError::new(call, e)))?;
-        let cpuid = cpuid::supported(&kvm).map_err(|e| host("KVM_GET_SUPPORTED_CPUID", e))?;
         let limit = |cap| u64::try_from(kvm.check_extension_int(cap)).unwrap_or(0);
+        let (max_vcpu_ids, max_vcpus) = (
+            limit(kvm_ioctls::Cap::MaxVcpuId),
+            limit(kvm_ioctls::Cap::MaxVcpus),
+        );
         Ok(KvmImageVm {
             spec,
             created: 0,
             shared: Arc::new(Shared {
                 vm_fd: Arc::new(vm_fd),
-                max_vcpu_ids: limit(kvm_ioctls::Cap::MaxVcpuId),
-                max_vcpus: limit(kvm_ioctls::Cap::MaxVcpus),
-                max_phys_bits: cpuid::max_phys_bits(&cpuid),
-                cpuid,
+                max_vcpu_ids,
+                max_vcpus,
+                cpuid: self.cpuid.clone(),
                 rams: RwLock::new(Vec::new()),
                 core: RwLock::new(None),
                 events: Arc::new(EventLog::new()),
@@ -217,8 +227,8 @@ struct Shared {
     max_vcpu_ids: u64,
     /// `KVM_CAP_MAX_VCPUS`: how many vCPUs a VM may have.
     max_vcpus: u64,
-    cpuid: CpuId,
-    max_phys_bits: u8,
+    /// KVM's supported CPUID table, read while the VM is set up.
+    cpuid: Arc<cpuid::SupportedLater>,
     rams: RwLock<Vec<Arc<GuestRam>>>,
     /// vmsa-core's VM (the SNP "kernel"): VM-wide commands take it for writing; vCPU threads
     /// read it around `prepare_entry` and doorbells, never across `KVM_RUN`.
@@ -323,7 +333,8 @@ impl KvmImageVm {
             // VMCB points at the supplied page's guest_memfd frame once the launch update took
             // it, and `KvmImageVcpu::enter` loads the BSP's registers from there.
             let config = VmConfig {
-                max_phys_bits: self.shared.max_phys_bits,
+                // A table KVM would not give fails the vCPUs' KVM_SET_CPUID2 with its error.
+                max_phys_bits: self.shared.cpuid.get().map_or(48, cpuid::max_phys_bits),
                 supplied_vmsa: self.spec.supplied_vmsa,
                 ..VmConfig::snp(self.spec.vmsa_features)
             };
@@ -580,7 +591,12 @@ impl KvmImageVcpu {
             .vm_fd
             .create_vcpu(u64::from(self.id))
             .map_err(|e| self.host(call, IoctlError::new(call, e)))?;
-        cpuid::set(&fd, &self.shared.cpuid, self.id).map_err(|e| self.host("KVM_SET_CPUID2", e))?;
+        let table = self
+            .shared
+            .cpuid
+            .get()
+            .map_err(|e| self.host("KVM_GET_SUPPORTED_CPUID", e))?;
+        cpuid::set(&fd, table, self.id).map_err(|e| self.host("KVM_SET_CPUID2", e))?;
         // SAFETY: the kvm_run mapping lives as long as `fd`, which this vCPU owns; its Drop
         // unregisters the pointer before `fd` is dropped.
         unsafe { self.kick.state().register_run(fd.get_kvm_run()) };
