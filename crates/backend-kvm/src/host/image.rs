@@ -333,7 +333,8 @@ impl KvmImageVm {
             // VMCB points at the supplied page's guest_memfd frame once the launch update took
             // it, and `KvmImageVcpu::enter` loads the BSP's registers from there.
             let config = VmConfig {
-                // A table KVM would not give fails the vCPUs' KVM_SET_CPUID2 with its error.
+                // Without a table (KVM_GET_SUPPORTED_CPUID failed), each vCPU's first run
+                // reports that failure; the default bound only stands until then.
                 max_phys_bits: self.shared.cpuid.get().map_or(48, cpuid::max_phys_bits),
                 supplied_vmsa: self.spec.supplied_vmsa,
                 ..VmConfig::snp(self.spec.vmsa_features)
