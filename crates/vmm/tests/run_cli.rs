@@ -877,6 +877,22 @@ fn an_unwritable_stdout_is_said_on_stderr() {
 }
 
 #[test]
+fn an_igvm_launch_option_without_igvm_is_named() {
+    // clap's `requires` said only "the following required arguments were not provided: --igvm".
+    for option in ["--native-zero", "--igvm-classic"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["run", option])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim_end(),
+            format!("vmm run: {option} needs --igvm: it is an option of the IGVM launch")
+        );
+    }
+}
+
+#[test]
 fn a_non_utf8_guest_path_is_a_path_and_errors_name_the_option() {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::OsStr::from_bytes(b"/nonexistent-dir/\xff.json");

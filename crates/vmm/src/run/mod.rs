@@ -86,11 +86,11 @@ pub struct RunArgs {
     /// With --igvm: launch the classic KVM way instead: the VP context's registers set on every
     /// vCPU, KVM syncing each vCPU's VMSA at launch finish (the digest can equal `vmm measure
     /// --igvm --check-kvm`'s only for a file that passes its rules, with one vCPU).
-    #[arg(long, requires = "igvm")]
+    #[arg(long)]
     pub igvm_classic: bool,
     /// With --igvm: load data-less pages as ZERO pages (as QEMU's loader does), as `vmm measure
     /// --igvm --native-zero` measures them.
-    #[arg(long, requires = "igvm")]
+    #[arg(long)]
     pub native_zero: bool,
     /// The vCPU model whose CPUID signature the reset VMSAs carry.
     #[arg(long, value_name = "NAME", default_value = "EPYC-v4")]
@@ -253,8 +253,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Refuse an option of the IGVM launch without `--igvm`, naming it (clap's `requires` named
+/// only the missing `--igvm`).
+fn check_igvm_options(args: &RunArgs) -> Result<(), RunError> {
+    let igvm_only = [
+        (args.igvm_classic, "igvm-classic"),
+        (args.native_zero, "native-zero"),
+    ];
+    match igvm_only.iter().find(|(on, _)| *on) {
+        Some((_, name)) if args.igvm.is_none() => Err(RunError::Input(format!(
+            "--{name} needs --igvm: it is an option of the IGVM launch"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Run a guest as `args` ask and summarise it.
 pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
+    check_igvm_options(args)?;
     let progress = progress::Progress::new(!args.json);
     match args.backend {
         BackendKind::Sim => sim::run(args, kind(args), &progress, &mut None),
@@ -267,6 +283,9 @@ pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
 /// ran on, once one was built (so that a test can hold the summary against the machine's own
 /// frame ledger).
 pub fn run_on_simulator(args: &RunArgs) -> (Result<RunSummary, RunError>, Option<Arc<backend_sim::Machine>>) {
+    if let Err(e) = check_igvm_options(args) {
+        return (Err(e), None);
+    }
     let mut machine = None;
     let summary = sim::run(args, kind(args), &progress::Progress::hidden(), &mut machine);
     (summary, machine)
