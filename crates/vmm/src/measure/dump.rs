@@ -4,7 +4,6 @@
 //! is kept as it is (its owner, mode and mount stay) and filled with files written under
 //! temporary names first, linked to their names at the end (never over a file).
 
-use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,13 +18,12 @@ fn dir_error(path: &Path, rule: impl Into<String>) -> MeasureError {
     }
 }
 
-/// The parent and final name of DIR, checked before any work: DIR must name a directory that
-/// does not exist or is empty (nothing is overwritten), in an existing parent directory.
-pub(crate) fn check_dir(dir: &Path) -> Result<(PathBuf, OsString), MeasureError> {
-    let name = dir
-        .file_name()
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| dir_error(dir, "must name a directory (not '/', '.' or '..')"))?;
+/// Check DIR before any work: it must name a directory that does not exist or is empty
+/// (nothing is overwritten), in an existing parent directory.
+pub(crate) fn check_dir(dir: &Path) -> Result<(), MeasureError> {
+    if dir.file_name().is_none_or(|n| n.is_empty()) {
+        return Err(dir_error(dir, "must name a directory (not '/', '.' or '..')"));
+    }
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -65,7 +63,7 @@ pub(crate) fn check_dir(dir: &Path) -> Result<(PathBuf, OsString), MeasureError>
             }
         }
     }
-    Ok((parent, name.to_owned()))
+    Ok(())
 }
 
 /// Write `vmsa<N>.bin` for every VMSA into DIR, atomically; returns how many were written.
@@ -73,7 +71,7 @@ pub(crate) fn write<'a>(
     dir: &Path,
     vmsas: impl Iterator<Item = &'a VmsaUpdate>,
 ) -> Result<usize, MeasureError> {
-    let (parent, name) = check_dir(dir)?;
+    check_dir(dir)?;
     let werr = |source| MeasureError::DumpWrite {
         path: dir.to_path_buf(),
         source,
@@ -81,10 +79,7 @@ pub(crate) fn write<'a>(
     if dir.is_dir() {
         return fill(dir, vmsas).map_err(werr);
     }
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(&name);
-    tmp_name.push(format!(".vmm-measure-{}", std::process::id()));
-    let tmp = parent.join(tmp_name);
+    let tmp = crate::output::temp_path(dir);
     fs::create_dir(&tmp).map_err(werr)?;
     let result = (|| {
         let mut n = 0;
@@ -109,9 +104,9 @@ fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> io::Resu
     let mut linked: Vec<&Path> = Vec::new();
     let mut result = (|| {
         for v in vmsas {
-            let name = format!("vmsa{}.bin", v.vcpu.0);
-            let tmp = dir.join(format!(".{name}.vmm-measure-{}", std::process::id()));
-            temps.push((tmp.clone(), dir.join(&name)));
+            let done = dir.join(format!("vmsa{}.bin", v.vcpu.0));
+            let tmp = crate::output::temp_path(&done);
+            temps.push((tmp.clone(), done));
             fs::write(&tmp, v.save_area.as_page())?;
         }
         Ok(temps.len())
