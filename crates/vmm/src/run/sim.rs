@@ -421,6 +421,8 @@ pub(super) fn run(
         expected_digest: image.expected.clone(),
         policy: policy(kind, args.allow_debug),
     };
+    // The plan as the run left it: one copy for the rules that fired and those that did not.
+    let plan = machine.fault_plan();
     let mut summary = RunSummary {
         backend: "sim",
         mode: kind.to_string(),
@@ -438,19 +440,13 @@ pub(super) fn run(
         ownership: seen.ledger,
         guest_run: seen.guest_run,
         rmp_faults: seen.rmp_faults,
-        faults_injected: machine
-            .fault_plan()
-            .fired()
-            .iter()
-            .map(|r| r.to_string())
-            .collect(),
-        faults_not_fired: machine
-            .fault_plan()
+        faults_injected: plan.fired().iter().map(|r| r.to_string()).collect(),
+        faults_not_fired: plan
             .pending()
             .iter()
             .map(|r| UnfiredFault {
                 rule: r.to_string(),
-                calls: machine.fault_plan().calls_counted_by(r),
+                calls: plan.calls_counted_by(r),
             })
             .collect(),
         phases: phases.into_phases(),
