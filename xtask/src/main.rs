@@ -27,7 +27,7 @@ mod linux_boot;
 mod fuzz;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 mod qemu;
@@ -81,18 +81,27 @@ fn cargo() -> Command {
     c
 }
 
-/// Run a command, echoing it and timing it; fail with its status.
+/// Run a command, echoing it and timing it, on our stdin, stdout and stderr; fail with its
+/// status.
 fn run(step: &str, mut cmd: Command) -> Result<(), String> {
+    cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit());
+    run_capturing(step, cmd).map(drop)
+}
+
+/// [`run`], returning what the command wrote to stdout (unless the caller routed it elsewhere);
+/// its stderr goes to ours.
+fn run_capturing(step: &str, mut cmd: Command) -> Result<Vec<u8>, String> {
     println!("==> {step}: {cmd:?}");
     let t = Instant::now();
-    let status = cmd
-        .status()
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
         .map_err(|e| format!("{step}: cannot start {cmd:?}: {e}"))?;
-    println!("<== {step}: {status} in {:.1}s", t.elapsed().as_secs_f64());
-    if status.success() {
-        Ok(())
+    println!("<== {step}: {} in {:.1}s", out.status, t.elapsed().as_secs_f64());
+    if out.status.success() {
+        Ok(out.stdout)
     } else {
-        Err(format!("{step} failed ({status})"))
+        Err(format!("{step} failed ({})", out.status))
     }
 }
 
@@ -292,18 +301,8 @@ fn release_vmm() -> Result<PathBuf, String> {
     let mut build = cargo();
     build
         .args(["build", "--release", "--locked", "-p", "vmm", "--bin", "vmm"])
-        .arg("--message-format=json-render-diagnostics")
-        .stdout(std::process::Stdio::piped());
-    println!("==> {step}: {build:?}");
-    let t = Instant::now();
-    let out = build
-        .output()
-        .map_err(|e| format!("{step}: cannot start {build:?}: {e}"))?;
-    println!("<== {step}: {} in {:.1}s", out.status, t.elapsed().as_secs_f64());
-    if !out.status.success() {
-        return Err(format!("{step} failed ({})", out.status));
-    }
-    String::from_utf8_lossy(&out.stdout)
+        .arg("--message-format=json-render-diagnostics");
+    String::from_utf8_lossy(&run_capturing(step, build)?)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "vmm")
