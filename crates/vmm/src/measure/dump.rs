@@ -145,6 +145,16 @@ mod tests {
         p
     }
 
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    }
+
     fn vmsas(n: u32) -> Vec<VmsaUpdate> {
         (0..n)
             .map(|i| {
@@ -170,12 +180,7 @@ mod tests {
         fs::create_dir(&empty).unwrap();
         assert_eq!(write(&empty, vmsas(1).iter()).unwrap(), 1);
         // Nothing but the two results remains.
-        let mut names: Vec<_> = fs::read_dir(&root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["empty", "out"]);
+        assert_eq!(names(&root), ["empty", "out"]);
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -187,11 +192,11 @@ mod tests {
         let d = root.join(std::ffi::OsStr::from_bytes(b"out\xff"));
         assert_eq!(write(&d, vmsas(2).iter()).unwrap(), 2);
         assert_eq!(fs::read(d.join("vmsa1.bin")).unwrap().len(), 4096);
-        let names: Vec<_> = fs::read_dir(&root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, [d.file_name().unwrap()], "no temporary directory left");
+        assert_eq!(
+            names(&root),
+            [d.file_name().unwrap()],
+            "no temporary directory left"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -207,12 +212,7 @@ mod tests {
         let after = fs::metadata(&d).unwrap();
         assert_eq!(after.ino(), before.ino(), "the same directory, not a replacement");
         assert_eq!(after.mode() & 0o7777, 0o710);
-        let mut names: Vec<_> = fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["vmsa0.bin", "vmsa1.bin"], "no temporary file left");
+        assert_eq!(names(&d), ["vmsa0.bin", "vmsa1.bin"], "no temporary file left");
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -224,12 +224,8 @@ mod tests {
         let e = fill(&root, vmsas(3).iter()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
         assert_eq!(fs::read(root.join("vmsa1.bin")).unwrap(), b"theirs");
-        let names: Vec<_> = fs::read_dir(&root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
         assert_eq!(
-            names,
+            names(&root),
             ["vmsa1.bin"],
             "what this call wrote is gone, what it found stays"
         );
