@@ -34,11 +34,18 @@ pub enum Backend {
     Sha2,
 }
 
+// AVX-512F in CPUID and its register state enabled by the OS (XCR0), asked once per process.
+// `cpufeatures` rather than `std::is_x86_feature_detected!`: it asks two CPUID leaves where std
+// asks ten, and in a VM each CPUID traps to the hypervisor (~12 µs on the development machine,
+// so std's detection alone cost as much as hashing 50 pages in the first call of a process).
+#[cfg(target_arch = "x86_64")]
+cpufeatures::new!(avx512f, "avx512f");
+
 impl Backend {
     /// The backend [`sha384_pages`] uses on this CPU.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
+        if avx512f::get() {
             return Self::Avx512x8;
         }
         Self::Sha2
