@@ -67,6 +67,16 @@ pub fn replace_target(path: &Path) -> Result<PathBuf, NotReplaceable> {
     }
 }
 
+/// Whether `a` and `b` name the same existing file: the same device and inode, whatever the
+/// spelling, symbolic links or hard links between them.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// Write `bytes` to the file `path` names ([`replace_target`]), replacing it if it exists
 /// (renamed into place); anything but a regular file is refused and left as it is.
 pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -109,6 +119,31 @@ mod tests {
     use std::os::unix::fs::FileTypeExt;
 
     use super::*;
+
+    #[test]
+    fn same_file_sees_through_spellings_and_links_but_not_equal_contents() {
+        let dir = scratch("same-file");
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, b"x").unwrap();
+        std::fs::write(&b, b"x").unwrap();
+        std::os::unix::fs::symlink(&a, dir.join("sym")).unwrap();
+        std::fs::hard_link(&a, dir.join("hard")).unwrap();
+        for other in [
+            a.clone(),
+            dir.join("sym"),
+            dir.join("hard"),
+            dir.join(".").join("a"),
+        ] {
+            assert!(same_file(&a, &other), "{}", other.display());
+        }
+        assert!(!same_file(&a, &b), "equal bytes, another file");
+        assert!(!same_file(&a, &dir.join("missing")));
+        assert!(
+            !same_file(&dir.join("missing"), &dir.join("missing")),
+            "nothing is no file"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn without_hard_links_a_free_name_is_taken_by_rename_and_a_taken_one_refused() {

@@ -735,6 +735,67 @@ fn a_trace_path_that_is_not_a_regular_file_is_refused_before_the_run() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `--trace` replaced whatever regular file was at its path, so `vmm run --firmware fw.fd
+/// --trace fw.fd` ran and then put the trace in place of the firmware image. A trace path that
+/// names one of the run's inputs (spelled the same, through a symbolic link, a hard link or
+/// another spelling) is now refused before the run, and the input is left as it was.
+#[test]
+fn a_trace_path_naming_an_input_of_the_run_is_refused_and_the_input_kept() {
+    let dir = scratch("run-trace-input");
+    let firmware = dir.join("fw.fd");
+    std::fs::copy(DEBIAN_OVMF, &firmware).unwrap();
+    let costs = dir.join("costs.toml");
+    std::fs::write(&costs, "[cycles]\nrmpupdate_4k = 1000\n").unwrap();
+    let costs_link = dir.join("costs-link.toml");
+    std::os::unix::fs::symlink(&costs, &costs_link).unwrap();
+    let guest = dir.join("guest.json");
+    std::fs::write(&guest, "{}").unwrap();
+    let guest_link = dir.join("guest-hard-link.json");
+    std::fs::hard_link(&guest, &guest_link).unwrap();
+    let igvm = dir.join("guest.igvm");
+    std::fs::write(&igvm, b"not read: the trace is refused first").unwrap();
+    let igvm_other_spelling = dir.join(".").join("guest.igvm");
+    let inputs = [&firmware, &costs, &guest, &igvm].map(|p| std::fs::read(p).unwrap());
+    let cases = [
+        ("--firmware", &firmware, &firmware),
+        ("--costs", &costs, &costs_link),
+        ("--guest", &guest, &guest_link),
+        ("--igvm", &igvm, &igvm_other_spelling),
+    ];
+    for (option, input, trace) in cases {
+        let (input, trace) = (input.display().to_string(), trace.display().to_string());
+        let o = vmm([
+            "run",
+            "--memory",
+            "64M",
+            option,
+            input.as_str(),
+            "--trace",
+            trace.as_str(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{option}: {err}");
+        assert_eq!(err.lines().count(), 1, "{option}: {err}");
+        assert!(
+            err.contains(&format!("--trace {trace}: is the file given as {option}")),
+            "{option}: {err}"
+        );
+        assert!(stdout(&o).is_empty(), "{option}: the run went ahead");
+    }
+    assert_eq!(
+        [&firmware, &costs, &guest, &igvm].map(|p| std::fs::read(p).unwrap()),
+        inputs,
+        "every input as it was"
+    );
+    assert!(std::fs::symlink_metadata(&costs_link).unwrap().is_symlink());
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        6,
+        "no temporary file left"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A FIFO blocked `open(2)` forever and `/dev/zero` was read without end: every input file is
 /// now opened without blocking and must be a regular file (`vmsa_host::input`).
 #[test]

@@ -22,7 +22,7 @@ use super::memory::GuestRam;
 use super::phases::Phases;
 use super::progress::Progress;
 use super::report::{LaunchSummary, MigrationSummary, Observed, RunSummary, UnfiredFault};
-use super::scenario::{GuestMemory, Scenario};
+use super::scenario::{GuestMemory, GuestSpec, Scenario};
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
 use crate::measure::plan::UpdateSource;
@@ -248,6 +248,25 @@ pub(super) fn run(
             return Err(bad(format!("the directory {} does not exist", dir.display())));
         }
         let target = crate::output::replace_target(trace).map_err(|e| bad(e.to_string()))?;
+        // The trace replaces the file at its path; never one this run reads.
+        let guest_file = match &args.guest {
+            GuestSpec::File(p) => Some(p.as_path()),
+            GuestSpec::Builtin(_) => None,
+        };
+        let inputs = [
+            ("--firmware", args.firmware.as_deref()),
+            ("--igvm", args.igvm.as_deref()),
+            ("--costs", args.costs.as_deref()),
+            ("--guest", guest_file),
+        ];
+        if let Some((option, _)) = inputs
+            .iter()
+            .find(|(_, input)| input.is_some_and(|p| crate::output::same_file(&target, p)))
+        {
+            return Err(bad(format!(
+                "is the file given as {option}: the trace would replace an input of the run"
+            )));
+        }
         // Discover an unwritable directory now, not after the run: create (and remove) the
         // temporary file the trace will be written to.
         let tmp = crate::output::temp_path(&target);
