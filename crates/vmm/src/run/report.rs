@@ -341,12 +341,13 @@ impl RunSummary {
     fn write_text(&self, s: &mut String) -> std::fmt::Result {
         writeln!(
             s,
-            "vmm run: {} guest '{}' on the {} backend: {} vCPUs, {} MiB",
+            "vmm run: {} guest '{}' on the {} backend: {} vCPU{}, {} of memory",
             self.mode,
             self.scenario,
             self.backend,
             self.vcpus,
-            self.memory >> 20
+            if self.vcpus == 1 { "" } else { "s" },
+            crate::size::ByteSize::new(self.memory)
         )?;
         if let Some(r) = &self.mode_reason {
             writeln!(s, "  mode: {r}")?;
