@@ -1,12 +1,18 @@
-//! Output files written whole or not at all: into a synced temporary file in the same
-//! directory first, then moved to their name, so a full disk or a crash never leaves a
-//! truncated file.
+//! Output files written whole or not at all: written and synced before they get their name,
+//! so a full disk, a crash or a kill never leaves a truncated file under it. Where the kernel
+//! and the file system offer unnamed files (`O_TMPFILE`: ext4, xfs, btrfs, tmpfs, ...) an
+//! output has no name at all until it is whole, so a process killed while writing (a trace
+//! of tens of megabytes takes a second) leaves nothing behind; elsewhere it is written under a
+//! temporary name beside its own.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// The temporary file an output is written to before it takes `path`'s name (same directory,
-/// so the final step is atomic).
+/// The temporary name an output takes before its own (same directory, so the final step is
+/// atomic).
 pub fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
@@ -15,23 +21,90 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Write `bytes` to a new temporary file beside `path`, synced, then `finish(tmp, path)`; the
-/// temporary name never outlives the call.
-fn through_temp(
-    path: &Path,
-    bytes: &[u8],
-    finish: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let tmp = temp_path(path);
-    let result = std::fs::OpenOptions::new()
+/// How a finished output takes its name.
+#[derive(Clone, Copy, Debug)]
+enum Naming {
+    /// Only while the name is free ([`link_new`]): nothing is overwritten.
+    New,
+    /// In place of what is there (a rename over it).
+    Replace,
+}
+
+/// A new unnamed regular file (`O_TMPFILE`) in the directory where `path` is to be, or `None`
+/// where there is none to be had: a kernel or file system without unnamed files, or no
+/// `/proc` to name one through ([`name_unnamed`]). Any other failure (no such directory, no
+/// permission) is met again, and reported, by the named temporary file tried instead.
+fn unnamed_beside(path: &Path) -> Option<File> {
+    if !Path::new("/proc/self/fd").is_dir() {
+        return None;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    OpenOptions::new()
         .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(bytes)?;
-            f.sync_all()
-        })
-        .and_then(|()| finish(&tmp, path));
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o666)
+        .open(dir)
+        .ok()
+}
+
+/// Give the unnamed `file` ([`unnamed_beside`]) the name `path`, which must be free: a link,
+/// which fails with `EEXIST` if the name is taken. Through `/proc/self/fd` as open(2) shows
+/// for `O_TMPFILE` (linking the descriptor itself, `AT_EMPTY_PATH`, needs
+/// `CAP_DAC_READ_SEARCH`).
+fn name_unnamed(file: &File, path: &Path) -> io::Result<()> {
+    let fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        fd.as_str(),
+        rustix::fs::CWD,
+        path,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+    .map_err(io::Error::from)
+}
+
+/// `write` into `file` (buffered), then sync it.
+fn fill(file: File, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<File> {
+    let mut out = BufWriter::with_capacity(1 << 16, file);
+    write(&mut out)?;
+    let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// Write the output `path` with `write`, synced, into `unnamed` (an unnamed file beside it,
+/// [`unnamed_beside`]) or, without one, under [`temp_path`]; then give it its name as
+/// `naming` says. No name but `path`'s outlives the call.
+fn write_whole(
+    path: &Path,
+    naming: Naming,
+    unnamed: Option<File>,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
+    let tmp = temp_path(path);
+    if let Some(file) = unnamed {
+        let file = fill(file, write)?;
+        return match naming {
+            Naming::New => name_unnamed(&file, path),
+            Naming::Replace => {
+                name_unnamed(&file, &tmp)?;
+                let renamed = std::fs::rename(&tmp, path);
+                if renamed.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                renamed
+            }
+        };
+    }
+    // Only a temporary file this call made is removed (a taken name is somebody else's).
+    let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let result = fill(file, write).and_then(|_| match naming {
+        Naming::New => link_new(&tmp, path),
+        Naming::Replace => std::fs::rename(&tmp, path),
+    });
     let _ = std::fs::remove_file(&tmp);
     result
 }
@@ -77,16 +150,17 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Write `bytes` to the file `path` names ([`replace_target`]), replacing it if it exists
-/// (renamed into place); anything but a regular file is refused and left as it is.
-pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let target = replace_target(path).map_err(std::io::Error::other)?;
-    through_temp(&target, bytes, |tmp, path| std::fs::rename(tmp, path))
+/// Write the file `path` names ([`replace_target`]) with what `write` puts into the (buffered)
+/// writer it is given, replacing the file if it exists; anything but a regular file is
+/// refused and left as it is.
+pub fn write_replacing(path: &Path, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<()> {
+    let target = replace_target(path).map_err(io::Error::other)?;
+    write_whole(&target, Naming::Replace, unnamed_beside(&target), write)
 }
 
 /// Write `bytes` to `path`, which must not exist ([`link_new`]: nothing is ever overwritten).
-pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    through_temp(path, bytes, link_new)
+pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_whole(path, Naming::New, unnamed_beside(path), |w| w.write_all(bytes))
 }
 
 /// Give the file `tmp` the name `path`, which must not exist: a hard link, which fails if
@@ -165,6 +239,83 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// What [`write_replacing`] is given to write `b`.
+    fn bytes(b: &[u8]) -> impl FnOnce(&mut dyn Write) -> io::Result<()> + '_ {
+        move |w| w.write_all(b)
+    }
+
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A trace killed while it was written left its temporary file (tens of megabytes under a
+    /// hidden name); now an output has no name at all until it is whole, on a file system with
+    /// unnamed files (the tests' temporary directory: tmpfs or ext4).
+    #[test]
+    fn an_output_has_no_name_in_its_directory_until_it_is_whole() {
+        let dir = scratch("unnamed");
+        std::fs::write(dir.join("old.json"), b"old").unwrap();
+        let seen = std::cell::RefCell::new(Vec::new());
+        let watch = |w: &mut dyn Write| {
+            w.write_all(&[b'x'; 100_000])?;
+            w.flush()?;
+            seen.borrow_mut().push(names(&dir));
+            w.write_all(b"end")
+        };
+        write_replacing(&dir.join("old.json"), watch).unwrap();
+        write_new(&dir.join("new.json"), b"new").unwrap();
+        write_replacing(&dir.join("third.json"), watch).unwrap();
+        assert_eq!(*seen.borrow(), [vec!["old.json"], vec!["new.json", "old.json"]]);
+        assert_eq!(std::fs::read(dir.join("old.json")).unwrap().len(), 100_003);
+        assert!(std::fs::read(dir.join("third.json")).unwrap().ends_with(b"xend"));
+        assert_eq!(names(&dir), ["new.json", "old.json", "third.json"]);
+        // A write that fails leaves neither a name nor a change.
+        let broken = |w: &mut dyn Write| {
+            w.write_all(b"half")?;
+            Err(io::Error::other("the writer failed"))
+        };
+        let e = write_replacing(&dir.join("old.json"), broken).unwrap_err();
+        assert_eq!(e.to_string(), "the writer failed");
+        assert_eq!(std::fs::read(dir.join("old.json")).unwrap().len(), 100_003);
+        assert_eq!(names(&dir), ["new.json", "old.json", "third.json"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Where there are no unnamed files the output is written under its temporary name, which
+    /// is gone afterwards; and a file that already had that name (somebody else's) is neither
+    /// written to nor removed (it was removed before).
+    #[test]
+    fn without_unnamed_files_the_temporary_name_is_used_and_never_someone_elses() {
+        let dir = scratch("named");
+        let out = dir.join("out.json");
+        let mut during = Vec::new();
+        let watch = |w: &mut dyn Write| {
+            w.write_all(b"data")?;
+            during = names(&dir);
+            Ok(())
+        };
+        write_whole(&out, Naming::Replace, None, watch).unwrap();
+        let tmp_name = temp_path(&out)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(during, [tmp_name]);
+        assert_eq!(names(&dir), ["out.json"]);
+        std::fs::write(temp_path(&out), b"theirs").unwrap();
+        let e = write_whole(&out, Naming::Replace, None, bytes(b"mine")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(temp_path(&out)).unwrap(), b"theirs");
+        assert_eq!(std::fs::read(&out).unwrap(), b"data");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// A fresh, empty directory for one test.
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("vmm-output-{name}-{}", std::process::id()));
@@ -183,7 +334,7 @@ mod tests {
             std::io::ErrorKind::AlreadyExists
         );
         assert_eq!(std::fs::read(&p).unwrap(), b"one");
-        write_replacing(&p, b"three").unwrap();
+        write_replacing(&p, bytes(b"three")).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"three");
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
@@ -201,7 +352,7 @@ mod tests {
         std::fs::write(&real, b"old").unwrap();
         let link = dir.join("link.json");
         std::os::unix::fs::symlink("data/trace.json", &link).unwrap();
-        write_replacing(&link, b"new").unwrap();
+        write_replacing(&link, bytes(b"new")).unwrap();
         assert!(
             std::fs::symlink_metadata(&link).unwrap().is_symlink(),
             "still a link"
@@ -214,7 +365,7 @@ mod tests {
         );
         let dangling = dir.join("dangling.json");
         std::os::unix::fs::symlink("nowhere/x.json", &dangling).unwrap();
-        let e = write_replacing(&dangling, b"x").unwrap_err().to_string();
+        let e = write_replacing(&dangling, bytes(b"x")).unwrap_err().to_string();
         assert!(e.starts_with("is a symbolic link to nothing"), "{e}");
         assert!(
             std::fs::symlink_metadata(&dangling).unwrap().is_symlink(),
@@ -235,13 +386,15 @@ mod tests {
                 .unwrap()
                 .success()
         );
-        let e = write_replacing(&fifo, b"x").unwrap_err().to_string();
+        let e = write_replacing(&fifo, bytes(b"x")).unwrap_err().to_string();
         assert!(e.starts_with("is a FIFO, not a regular file"), "{e}");
         assert!(
             std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(),
             "still a FIFO"
         );
-        let e = write_replacing(&dir.join("sub"), b"x").unwrap_err().to_string();
+        let e = write_replacing(&dir.join("sub"), bytes(b"x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("is a directory, not a regular file"), "{e}");
         let e = replace_target(Path::new("/dev/null")).unwrap_err().to_string();
         assert!(e.starts_with("is a character device"), "{e}");

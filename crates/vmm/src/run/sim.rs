@@ -267,8 +267,8 @@ pub(super) fn run(
                 "is the file given as {option}: the trace would replace an input of the run"
             )));
         }
-        // Discover an unwritable directory now, not after the run: create (and remove) the
-        // temporary file the trace will be written to.
+        // Discover an unwritable directory now, not after the run: create (and remove) a file
+        // beside the trace, under the temporary name it would take without unnamed files.
         let tmp = crate::output::temp_path(&target);
         std::fs::OpenOptions::new()
             .write(true)
@@ -401,11 +401,7 @@ pub(super) fn run(
     })?;
 
     if let Some(path) = &args.trace {
-        let mut bytes = Vec::new();
-        machine
-            .write_trace_json(&mut bytes)
-            .map_err(std::io::Error::other)
-            .and_then(|()| crate::output::write_replacing(path, &bytes))
+        crate::output::write_replacing(path, |out| Ok(machine.write_trace_json(out)?))
             .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
     }
 
