@@ -93,9 +93,8 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
+            // --help and --version, whose failed write (a full disk) is said as any output's.
+            return written("", e.print().and_then(|()| std::io::stdout().flush()));
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             eprintln!("vmm: a subcommand is required (run, measure, igvm or probe); see 'vmm --help'");
@@ -164,11 +163,19 @@ fn main() -> ExitCode {
 /// went away (a closed pipe), which has nothing left to tell.
 fn print(command: &str, text: &str) -> ExitCode {
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    written(
+        &format!(" {command}"),
+        stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()),
+    )
+}
+
+/// The exit code of a write to stdout by `vmm{command}`, its failure said on stderr.
+fn written(command: &str, result: std::io::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("vmm {command}: cannot write the output to stdout: {e}");
+            eprintln!("vmm{command}: cannot write the output to stdout: {e}");
             ExitCode::FAILURE
         }
     }

@@ -914,7 +914,8 @@ fn an_action_on_a_vcpu_the_guest_does_not_have_is_refused_before_the_run() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
-/// A report that cannot be written (stdout on a full disk) used to exit 1 without a word.
+/// A report that cannot be written (stdout on a full disk) used to exit 1 without a word, and
+/// --help or --version 0.
 #[test]
 fn an_unwritable_stdout_is_said_on_stderr() {
     // Opened for writing only: /dev/full takes no data and is never replaced.
@@ -922,7 +923,14 @@ fn an_unwritable_stdout_is_said_on_stderr() {
         eprintln!("skipped: no /dev/full here");
         return;
     };
-    for (cmd, args) in [("run", &["run"][..]), ("probe", &["probe", "--json"][..])] {
+    // --help and --version too: they exited 0 with nothing written (as `ls --version >
+    // /dev/full` does not).
+    for (cmd, args) in [
+        ("vmm run", &["run"][..]),
+        ("vmm probe", &["probe", "--json"][..]),
+        ("vmm", &["--version"][..]),
+        ("vmm", &["run", "--help"][..]),
+    ] {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
             .args(args)
             .stdout(full.try_clone().unwrap())
@@ -932,7 +940,7 @@ fn an_unwritable_stdout_is_said_on_stderr() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
         assert_eq!(
             err.trim_end(),
-            format!("vmm {cmd}: cannot write the output to stdout: No space left on device (os error 28)")
+            format!("{cmd}: cannot write the output to stdout: No space left on device (os error 28)")
         );
     }
 }
