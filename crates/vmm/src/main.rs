@@ -32,6 +32,14 @@ enum Command {
     Probe(vmm::probe::ProbeArgs),
 }
 
+/// A line on stderr. Not `eprintln!`, which panics when stderr cannot be written (a full
+/// disk) and so turned every exit code into 101: the code still says what happened.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Exit code for a bad argument or input file.
 const EXIT_USAGE: u8 = 2;
 
@@ -97,7 +105,7 @@ fn main() -> ExitCode {
             return written("", e.print().and_then(|()| std::io::stdout().flush()));
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            eprintln!("vmm: a subcommand is required (run, measure, igvm or probe); see 'vmm --help'");
+            say!("vmm: a subcommand is required (run, measure, igvm or probe); see 'vmm --help'");
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
@@ -105,11 +113,11 @@ fn main() -> ExitCode {
             let args: Vec<_> = std::env::args_os().skip(1).collect();
             let line =
                 not_utf8(&<Cli as clap::CommandFactory>::command(), &args).unwrap_or_else(|| one_line(&e));
-            eprintln!("vmm: {line}");
+            say!("vmm: {line}");
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
-            eprintln!("vmm: {}", one_line(&e));
+            say!("vmm: {}", one_line(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -121,14 +129,14 @@ fn main() -> ExitCode {
                     let code = print("measure", &out.stdout);
                     match out.failure {
                         Some(f) => {
-                            eprintln!("vmm measure: {f}");
+                            say!("vmm measure: {f}");
                             ExitCode::FAILURE
                         }
                         None => code,
                     }
                 }
                 Err(e) => {
-                    eprintln!("vmm measure: {e}");
+                    say!("vmm measure: {e}");
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -137,12 +145,12 @@ fn main() -> ExitCode {
             match vmm::measure::measure(&args) {
                 Ok(out) => {
                     for w in &out.warnings {
-                        eprintln!("vmm measure: warning: {w}");
+                        say!("vmm measure: warning: {w}");
                     }
                     print("measure", &out.stdout)
                 }
                 Err(e) => {
-                    eprintln!("vmm measure: {e}");
+                    say!("vmm measure: {e}");
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -151,7 +159,7 @@ fn main() -> ExitCode {
         Command::Igvm(args) => match vmm::wrap::write_igvm(&args) {
             Ok(line) => print("igvm", &line),
             Err(e) => {
-                eprintln!("vmm igvm: {}", vmm::run::error_chain(&e));
+                say!("vmm igvm: {}", vmm::run::error_chain(&e));
                 ExitCode::from(e.exit_code())
             }
         },
@@ -175,7 +183,7 @@ fn written(command: &str, result: std::io::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("vmm{command}: cannot write the output to stdout: {e}");
+            say!("vmm{command}: cannot write the output to stdout: {e}");
             ExitCode::FAILURE
         }
     }
@@ -191,7 +199,7 @@ fn run(args: &vmm::run::RunArgs) -> ExitCode {
                         j
                     }
                     Err(e) => {
-                        eprintln!("vmm run: cannot render the summary as JSON: {e}");
+                        say!("vmm run: cannot render the summary as JSON: {e}");
                         return ExitCode::FAILURE;
                     }
                 }
@@ -205,7 +213,7 @@ fn run(args: &vmm::run::RunArgs) -> ExitCode {
             printed
         }
         Err(e) => {
-            eprintln!("vmm run: {}", vmm::run::error_chain(&e));
+            say!("vmm run: {}", vmm::run::error_chain(&e));
             ExitCode::from(e.exit_code())
         }
     }

@@ -945,6 +945,30 @@ fn an_unwritable_stdout_is_said_on_stderr() {
     }
 }
 
+/// With stderr on a full disk, a refused argument or input exited 101 (`eprintln!` panicked
+/// on the failed write) instead of 2; the exit code must still say what happened.
+#[test]
+fn an_unwritable_stderr_keeps_the_exit_code() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("skipped: no /dev/full here");
+        return;
+    };
+    for args in [
+        &["run", "--vcpus", "0"][..],
+        &["run", "--memory", "64K"][..],
+        &["measure", "--firmware", "/nonexistent/OVMF.fd", "--vcpus", "1"][..],
+        &[][..],
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(args)
+            .stderr(full.try_clone().unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(stdout(&o).is_empty(), "{args:?}");
+    }
+}
+
 #[test]
 fn an_igvm_launch_option_without_igvm_is_named() {
     // clap's `requires` said only "the following required arguments were not provided: --igvm".
