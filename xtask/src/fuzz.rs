@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::{cargo, root, run, target_dir};
+use crate::{Failure, cargo, root, run, target_dir};
 
 /// The SanitizerCoverage instrumentation cargo-fuzz passes, plus `--cfg fuzzing` and the
 /// checks a fuzzing build keeps on.
@@ -51,7 +51,7 @@ struct Outcome {
 }
 
 /// Run the task with its command-line arguments.
-pub fn fuzz(args: &[String]) -> Result<(), String> {
+pub fn fuzz(args: &[String]) -> Result<(), Failure> {
     let usage = "usage: cargo xtask fuzz --time SECONDS [TARGET]";
     let mut time = None;
     let mut only = None;
@@ -61,21 +61,28 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
             "--time" => {
                 let v = it
                     .next()
-                    .ok_or_else(|| format!("--time needs a value; {usage}"))?;
+                    .ok_or_else(|| Failure::Usage(format!("--time needs a value; {usage}")))?;
                 time = Some(v.parse::<u32>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    format!("--time {v}: the seconds per target must be a whole number >= 1")
+                    Failure::Usage(format!(
+                        "--time {v}: the seconds per target must be a whole number >= 1"
+                    ))
                 })?);
             }
             t if !t.starts_with('-') && only.is_none() => only = Some(t.to_string()),
-            other => return Err(format!("unexpected argument `{other}`; {usage}")),
+            other => return Err(Failure::Usage(format!("unexpected argument `{other}`; {usage}"))),
         }
     }
-    let time = time.ok_or_else(|| format!("--time is required; {usage}"))?;
+    let time = time.ok_or_else(|| Failure::Usage(format!("--time is required; {usage}")))?;
     let fuzz_dir = root().join("fuzz");
     let all = targets(&fuzz_dir)?;
     let chosen: Vec<String> = match only {
         Some(t) if all.contains(&t) => vec![t],
-        Some(t) => return Err(format!("unknown fuzz target `{t}` (known: {})", all.join(", "))),
+        Some(t) => {
+            return Err(Failure::Usage(format!(
+                "unknown fuzz target `{t}` (known: {})",
+                all.join(", ")
+            )));
+        }
         None => all,
     };
     let triple = host_triple()?;
@@ -147,7 +154,10 @@ pub fn fuzz(args: &[String]) -> Result<(), String> {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(format!("fuzz targets failed: {}", failed.join("; ")))
+        Err(Failure::Failed(format!(
+            "fuzz targets failed: {}",
+            failed.join("; ")
+        )))
     }
 }
 

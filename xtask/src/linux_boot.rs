@@ -85,12 +85,8 @@ fn quick_cases() -> Vec<Case> {
     v
 }
 
-/// Run the bench with the release binary `vmm`: `args` may hold `--quick`.
-pub fn run(root: &Path, target: &Path, vmm: &Path, args: &[String]) -> Result<(), String> {
-    let quick = args.iter().any(|a| a == "--quick");
-    if let Some(bad) = args.iter().find(|a| *a != "--quick") {
-        return Err(format!("bench linux-boot: unknown option `{bad}` (only --quick)"));
-    }
+/// Run the bench with the release binary `vmm`: the six small rows with `quick`.
+pub fn run(root: &Path, target: &Path, vmm: &Path, quick: bool) -> Result<(), String> {
     let (cases, reps, out_dir) = if quick {
         (quick_cases(), 1, target.join("bench"))
     } else {

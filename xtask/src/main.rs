@@ -35,6 +35,32 @@ mod qemu;
 /// The sev-snp-measure release the fixtures are generated with.
 const SEV_SNP_MEASURE: &str = "sev-snp-measure==0.0.13";
 
+/// Why a task did not succeed.
+#[derive(Debug)]
+enum Failure {
+    /// The command line asked for something that is not a task or an option of it: nothing
+    /// ran (exit 2).
+    Usage(String),
+    /// A step of the task failed (exit 1).
+    Failed(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
+/// A task that takes no arguments, refusing any.
+fn no_arguments(rest: &[String], task: fn() -> Result<(), String>) -> Result<(), Failure> {
+    match rest.first() {
+        Some(a) => Err(Failure::Usage(format!(
+            "unexpected argument `{a}`: this task takes none"
+        ))),
+        None => Ok(task()?),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (task, rest) = match args.split_first() {
@@ -42,26 +68,30 @@ fn main() -> ExitCode {
         None => ("help", &[][..]),
     };
     let result = match task {
-        "test" => test(),
-        "soak" => soak(),
+        "test" => no_arguments(rest, test),
+        "soak" => no_arguments(rest, soak),
         "bench" => bench(rest),
         "fuzz" => fuzz::fuzz(rest),
-        "lint" => lint(),
-        "fixtures" => fixtures(),
-        "costs" => costs(),
+        "lint" => no_arguments(rest, lint),
+        "fixtures" => no_arguments(rest, fixtures),
+        "costs" => no_arguments(rest, costs),
         "help" | "-h" | "--help" => {
             println!(
                 "usage: cargo xtask <test | soak | bench [--quick] [measure | linux-boot] [-- FILTER] | bench qemu [--runs N] [--accel tcg|kvm] | fuzz --time N [TARGET] | lint | fixtures | costs>"
             );
             Ok(())
         }
-        other => Err(format!(
+        other => Err(Failure::Usage(format!(
             "unknown task `{other}` (expected test, soak, bench, fuzz, lint, fixtures or costs)"
-        )),
+        ))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Usage(e)) => {
+            eprintln!("xtask {task}: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(e)) => {
             eprintln!("xtask {task}: {e}");
             ExitCode::FAILURE
         }
@@ -227,7 +257,7 @@ fn soak_tests(label: &str, package: &str, tests: &[&str], harness: &[&str]) -> R
 /// `crates/vmm/benches/measure_peer.rs`) or `linux-boot` (the simulator's scaling runs,
 /// [`linux_boot`]), or `qemu` ([`qemu`]). `--quick` (CI smoke) is passed on: criterion's short mode, fewer runs in
 /// measure_peer, the small linux-boot rows.
-fn bench(rest: &[String]) -> Result<(), String> {
+fn bench(rest: &[String]) -> Result<(), Failure> {
     if let Some(("qemu", args)) = rest.split_first().map(|(a, r)| (a.as_str(), r)) {
         return qemu::bench(args);
     }
@@ -242,9 +272,9 @@ fn bench(rest: &[String]) -> Result<(), String> {
             "--quick" => quick = true,
             "measure" | "linux-boot" if only.is_none() => only = Some(a.as_str()),
             other => {
-                return Err(format!(
+                return Err(Failure::Usage(format!(
                     "unknown bench argument `{other}` (expected --quick, one of measure or linux-boot, or -- FILTER)"
-                ));
+                )));
             }
         }
     }
@@ -254,7 +284,7 @@ fn bench(rest: &[String]) -> Result<(), String> {
         Vec::new()
     };
     if only == Some("linux-boot") {
-        return linux_boot_bench(&quick_arg);
+        return Ok(linux_boot_bench(quick)?);
     }
     let mut b = cargo();
     if only == Some("measure") {
@@ -277,16 +307,16 @@ fn bench(rest: &[String]) -> Result<(), String> {
     b.arg("--").args(passed).args(&quick_arg);
     run("benchmarks", b)?;
     if only.is_none() && passed.is_empty() {
-        linux_boot_bench(&quick_arg)?;
+        linux_boot_bench(quick)?;
     }
     Ok(())
 }
 
 /// The linux-boot scaling bench on a fresh release build of `vmm`.
-fn linux_boot_bench(args: &[String]) -> Result<(), String> {
+fn linux_boot_bench(quick: bool) -> Result<(), String> {
     let vmm = release_vmm()?;
     let root = root();
-    linux_boot::run(&root, &target_dir(), &vmm, args)
+    linux_boot::run(&root, &target_dir(), &vmm, quick)
 }
 
 /// Where cargo puts build outputs: `CARGO_TARGET_DIR`, else `<root>/target`.
@@ -348,4 +378,39 @@ fn fixtures() -> Result<(), String> {
         .arg(root.join("target/fixtures"))
         .current_dir(&root);
     run("generate fixtures", generate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cargo xtask soak --bogus` ran the soak, `lint extra` the lint: a task without options
+    /// now refuses any, as a usage error (exit 2), without running.
+    #[test]
+    fn a_task_without_options_refuses_an_argument_without_running() {
+        fn must_not_run() -> Result<(), String> {
+            panic!("the task ran");
+        }
+        match no_arguments(&["--bogus".to_owned()], must_not_run) {
+            Err(Failure::Usage(e)) => assert_eq!(e, "unexpected argument `--bogus`: this task takes none"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(no_arguments(&[], || Ok(())), Ok(())));
+        assert!(matches!(
+            no_arguments(&[], || Err("step failed".to_owned())),
+            Err(Failure::Failed(e)) if e == "step failed"
+        ));
+    }
+
+    #[test]
+    fn bench_arguments_it_does_not_know_are_usage_errors() {
+        for args in [
+            &["--bogus"][..],
+            &["measure", "linux-boot"][..],
+            &["qemu", "--runs", "0"][..],
+        ] {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            assert!(matches!(bench(&args), Err(Failure::Usage(_))), "{args:?}");
+        }
+    }
 }

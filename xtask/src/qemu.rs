@@ -31,7 +31,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{release_vmm, root, target_dir};
+use super::{Failure, release_vmm, root, target_dir};
 
 /// The vCPU counts compared.
 const VCPUS: [u32; 2] = [4, 64];
@@ -315,8 +315,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
 }
 
 /// `cargo xtask bench qemu [--runs N]`.
-pub fn bench(args: &[String]) -> Result<(), String> {
-    let Options { runs, accels } = parse(args)?;
+pub fn bench(args: &[String]) -> Result<(), Failure> {
+    let Options { runs, accels } = parse(args).map_err(Failure::Usage)?;
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
