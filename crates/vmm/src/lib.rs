@@ -24,3 +24,6 @@ pub mod probe;
 pub mod run;
 pub mod size;
 pub mod wrap;
+
+#[cfg(test)]
+mod test_support;

@@ -193,6 +193,7 @@ mod tests {
     use std::os::unix::fs::FileTypeExt;
 
     use super::*;
+    use crate::test_support::{names, scratch};
 
     #[test]
     fn same_file_sees_through_spellings_and_links_but_not_equal_contents() {
@@ -244,16 +245,6 @@ mod tests {
         move |w| w.write_all(b)
     }
 
-    /// The names in `dir`, sorted.
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
     /// A trace killed while it was written left its temporary file (tens of megabytes under a
     /// hidden name); now an output has no name at all until it is whole, on a file system with
     /// unnamed files (the tests' temporary directory: tmpfs or ext4).
@@ -301,12 +292,7 @@ mod tests {
             Ok(())
         };
         write_whole(&out, Naming::Replace, None, watch).unwrap();
-        let tmp_name = temp_path(&out)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        assert_eq!(during, [tmp_name]);
+        assert_eq!(during, [temp_path(&out).file_name().unwrap()]);
         assert_eq!(names(&dir), ["out.json"]);
         std::fs::write(temp_path(&out), b"theirs").unwrap();
         let e = write_whole(&out, Naming::Replace, None, bytes(b"mine")).unwrap_err();
@@ -314,14 +300,6 @@ mod tests {
         assert_eq!(std::fs::read(temp_path(&out)).unwrap(), b"theirs");
         assert_eq!(std::fs::read(&out).unwrap(), b"data");
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    /// A fresh, empty directory for one test.
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vmm-output-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 
     #[test]
@@ -346,7 +324,7 @@ mod tests {
 
     #[test]
     fn an_output_through_a_symbolic_link_replaces_its_target_and_keeps_the_link() {
-        let dir = scratch("link");
+        let dir = scratch("output-link");
         std::fs::create_dir(dir.join("data")).unwrap();
         let real = dir.join("data/trace.json");
         std::fs::write(&real, b"old").unwrap();

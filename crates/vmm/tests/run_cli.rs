@@ -5,7 +5,9 @@
 
 mod measure_support;
 
-use measure_support::{DEBIAN_OVMF, fixtures, mkfifo, scratch, stderr, stdout, vmm, vmm_within};
+use measure_support::{
+    DEBIAN_OVMF, assert_refused, fixtures, mkfifo, scratch, stderr, stdout, vmm, vmm_within,
+};
 use serde_json::Value;
 
 fn run_json(args: &[&str]) -> (Value, i32) {
@@ -687,12 +689,7 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
     for (extra, needle) in cases {
         let mut a = vec!["run".to_owned()];
         a.extend(extra.iter().cloned());
-        let o = vmm(&a);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{a:?}: {err}");
-        assert_eq!(err.lines().count(), 1, "{a:?}: {err}");
-        assert!(err.contains(needle), "{a:?}: {err:?} lacks {needle:?}");
-        assert!(stdout(&o).is_empty(), "{a:?} printed a summary");
+        assert_refused(&vmm(&a), &format!("{a:?}"), needle);
     }
     assert!(!missing_dir_trace.exists());
     assert_eq!(
@@ -715,14 +712,7 @@ fn a_trace_path_that_is_not_a_regular_file_is_refused_before_the_run() {
     for (path, what) in [(fifo.clone(), "a FIFO"), (dir.join("sub"), "a directory")] {
         let p = path.display().to_string();
         let o = vmm_within(std::time::Duration::from_secs(60), ["run", "--trace", p.as_str()]);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{p}: {err}");
-        assert_eq!(err.lines().count(), 1, "{p}: {err}");
-        assert!(
-            err.contains(&format!("--trace {p}: is {what}, not a regular file")),
-            "{p}: {err}"
-        );
-        assert!(stdout(&o).is_empty(), "{p}: the run went ahead");
+        assert_refused(&o, &p, &format!("--trace {p}: is {what}, not a regular file"));
     }
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
@@ -773,14 +763,11 @@ fn a_trace_path_naming_an_input_of_the_run_is_refused_and_the_input_kept() {
             "--trace",
             trace.as_str(),
         ]);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{option}: {err}");
-        assert_eq!(err.lines().count(), 1, "{option}: {err}");
-        assert!(
-            err.contains(&format!("--trace {trace}: is the file given as {option}")),
-            "{option}: {err}"
+        assert_refused(
+            &o,
+            option,
+            &format!("--trace {trace}: is the file given as {option}"),
         );
-        assert!(stdout(&o).is_empty(), "{option}: the run went ahead");
     }
     assert_eq!(
         [&firmware, &costs, &guest, &igvm].map(|p| std::fs::read(p).unwrap()),
@@ -843,14 +830,7 @@ fn fifos_and_devices_as_input_files_are_refused_at_once() {
     ];
     for (option, path, rule) in cases {
         let o = vmm_within(std::time::Duration::from_secs(30), ["run", option, path]);
-        let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(2), "{option} {path}: {err}");
-        assert_eq!(err.lines().count(), 1, "{option} {path}: {err}");
-        assert!(
-            err.contains(&format!("{option} {path}: {rule}")),
-            "{option} {path}: {err}"
-        );
-        assert!(stdout(&o).is_empty());
+        assert_refused(&o, option, &format!("{option} {path}: {rule}"));
     }
 }
 

@@ -136,24 +136,8 @@ fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{names, scratch};
     use vmsa_core::{SevEsSaveArea, VcpuId};
-
-    fn scratch(name: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("vmm-dump-test-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        p
-    }
-
-    /// The names in `dir`, sorted.
-    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
-        let mut names: Vec<_> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        names
-    }
 
     fn vmsas(n: u32) -> Vec<VmsaUpdate> {
         (0..n)
@@ -234,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_symbolic_link_to_an_empty_directory_is_filled_through() {
-        let root = scratch("link");
+        let root = scratch("dump-link");
         let target = root.join("target");
         fs::create_dir(&target).unwrap();
         let link = root.join("link");

@@ -10,17 +10,25 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// Run `vmm ARGS` and check it is refused: exit 2, nothing on stdout, one line on stderr that
-/// names `input` and contains `rule`.
+/// Check that `o`, what a run of `vmm` (`what`, for the messages) gave, is a refusal: exit 2,
+/// nothing on stdout, one line on stderr that contains `needle`.
+#[track_caller]
+pub fn assert_refused(o: &Output, what: &str, needle: &str) {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{what}: {e}");
+    assert_eq!(e.lines().count(), 1, "{what}: {e}");
+    assert!(e.contains(needle), "{what}: {e:?} lacks {needle:?}");
+    assert!(o.stdout.is_empty(), "{what}: it went ahead: {}", stdout(o));
+}
+
+/// Run `vmm ARGS` and check it is refused ([`assert_refused`]) with a line that names `input`
+/// and contains `rule`.
 #[track_caller]
 pub fn refused_with(args: &[&str], input: &str, rule: &str) {
     let o = vmm(args);
+    assert_refused(&o, &format!("{args:?}"), input);
     let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
-    assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(e.contains(input), "{e} does not name {input}");
     assert!(e.contains(rule), "{e} does not say {rule}");
-    assert!(o.stdout.is_empty());
 }
 
 /// Debian's OVMF builds the fixtures were generated with (`apt-get install ovmf`).
