@@ -607,7 +607,7 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
         (
             // 2^60 bytes: more than any x86-64 address space (57 bits with 5-level paging).
             vec!["--memory".into(), "1048576T".into()],
-            "--memory 1152921504606846976 bytes: this host cannot reserve that much guest memory",
+            "--memory 1048576TiB: this host cannot reserve that much guest memory",
         ),
         (vec!["--vcpus".into(), "513".into()], "from 1 to 512"),
         (

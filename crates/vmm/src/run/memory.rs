@@ -9,6 +9,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use vmsa_core::{Gpa, PAGE_SIZE};
 
+use crate::size::ByteSize;
+
 /// Where the PCI hole starts: RAM above this is placed from 4 GiB on.
 pub const LOW_RAM_END: u64 = 0xC000_0000;
 /// 4 GiB: the reset vector's region ends here.
@@ -38,7 +40,7 @@ impl Region {
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The size breaks a rule.
-    #[error("--memory {size} bytes: {rule}")]
+    #[error("--memory {}: {rule}", ByteSize::new(*size))]
     BadSize {
         /// The size.
         size: u64,
@@ -67,7 +69,7 @@ pub enum MemoryError {
         beyond: bool,
     },
     /// The host could not reserve the guest memory asked for.
-    #[error("--memory {size} bytes: this host cannot reserve that much guest memory: {source}")]
+    #[error("--memory {}: this host cannot reserve that much guest memory: {source}", ByteSize::new(*size))]
     Reserve {
         /// The size asked for.
         size: u64,
