@@ -583,7 +583,7 @@ mod tests {
         let e = check(&args).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "--memory 4195328 bytes: guest memory must be a non-zero multiple of 4 KiB"
+            "--memory 4097KiB: guest memory must be a non-zero multiple of 4 KiB"
         );
         assert_eq!(e.exit_code(), 2);
     }
