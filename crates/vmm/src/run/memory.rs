@@ -240,7 +240,7 @@ impl GuestRam {
     }
 
     /// Load `bytes` at `gpa` (`what` names it in errors). A page of zeros is not written where
-    /// guest memory holds zeros already ([`ZERO_PAGE`]).
+    /// guest memory holds zeros already: untouched guest memory costs nothing.
     pub fn load(&self, what: &str, gpa: Gpa, bytes: &[u8]) -> Result<(), MemoryError> {
         self.check(what, gpa, bytes.len() as u64)?;
         let err = |source| MemoryError::Access { gpa, source };
@@ -259,8 +259,8 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Read `len` bytes at `gpa`. Pages of zeros are not copied: the buffer starts as zeros
-    /// ([`ZERO_PAGE`]).
+    /// Read `len` bytes at `gpa`. Pages of zeros are not copied: the buffer starts as zeros,
+    /// which cost nothing until written.
     pub fn read(&self, what: &str, gpa: Gpa, len: u64) -> Result<Vec<u8>, MemoryError> {
         self.check(what, gpa, len)?;
         let mut buf = vec![0u8; len as usize];
