@@ -15,7 +15,7 @@ use serde::Serialize;
 use vmsa_core::{Gpa, PAGE_SIZE, PageBuf, Pfn, SevStatus, SnpPageType, VmKind};
 
 use crate::crypto::{GuestKey, KeySource};
-use crate::measure::{LaunchDigest, SevEsLaunchDigest, SnpLaunchDigest};
+use crate::measure::{LastContents, LaunchDigest, SevEsLaunchDigest, SnpLaunchDigest};
 use crate::memory::HostMemory;
 use crate::rmp::{PageSize, Rmp, RmpEntry};
 
@@ -119,7 +119,8 @@ pub enum GuestState {
 
 #[derive(Debug, Clone)]
 enum Digest {
-    Snp(SnpLaunchDigest),
+    /// The digest, and the hash of the page measured last (a run of equal pages is hashed once).
+    Snp(SnpLaunchDigest, LastContents),
     SevEs(SevEsLaunchDigest),
 }
 
@@ -229,7 +230,7 @@ impl Firmware {
             return None;
         }
         Some(match &g.digest {
-            Digest::Snp(d) => LaunchDigest::Snp(d.digest()),
+            Digest::Snp(d, _) => LaunchDigest::Snp(d.digest()),
             Digest::SevEs(d) => LaunchDigest::SevEs(d.digest()),
         })
     }
@@ -267,7 +268,7 @@ impl Firmware {
                 host_data: [0; 32],
                 gosvw: [0; 16],
                 key: None,
-                digest: Digest::Snp(SnpLaunchDigest::new()),
+                digest: Digest::Snp(SnpLaunchDigest::new(), LastContents::default()),
             },
         );
         Ok(h)
@@ -401,10 +402,10 @@ impl Firmware {
             }
             _ => {}
         }
-        let Digest::Snp(d) = &mut g.digest else {
+        let Digest::Snp(d, last) = &mut g.digest else {
             return Err(SevStatus::InvalidGuest);
         };
-        d.update(Gpa(e.gpa), page_type, &page);
+        d.update_hashed(Gpa(e.gpa), page_type, &last.hash(page_type, &page));
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
         key.encrypt(pfn, &mut page);
         mem.write(pfn, &page).map_err(|_| SevStatus::InvalidAddress)?;
