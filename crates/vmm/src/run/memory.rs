@@ -102,8 +102,8 @@ pub fn check_size(memory: u64) -> Result<(), MemoryError> {
 /// How much [`GuestRam::load`] and [`GuestRam::read`] copy at a time: a page.
 const PAGE: usize = PAGE_SIZE as usize;
 
-/// A page of zeros, to compare with. Fresh guest memory and a fresh buffer (`vec![0; n]`,
-/// which the allocator takes zeroed from the kernel) cost no memory until written: an image
+/// A page of zeros, to compare with. Fresh guest memory and a large fresh buffer (`vec![0;
+/// n]`, which the allocator then maps zeroed from the kernel) cost no memory until written: an image
 /// of data-less pages (an IGVM file's, up to a gigabyte from a 1.6 MB file) written into guest
 /// memory and read back for the launch took a gigabyte of resident memory for each copy,
 /// where skipping its pages of zeros takes none.
