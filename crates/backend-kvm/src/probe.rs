@@ -242,8 +242,9 @@ impl<T> Probed<T> {
 pub struct ProbeReport {
     /// `KVM_GET_API_VERSION`, or the errno of opening `/dev/kvm`.
     pub api_version: Probed<i32>,
-    /// Capability values from the system fd (all zero when `/dev/kvm` is unusable).
-    pub caps: Capabilities,
+    /// Capability values from the system fd; `None` (JSON `null`) when `/dev/kvm` cannot be
+    /// opened, so that nothing could be read (zeros would read as "not supported").
+    pub caps: Option<Capabilities>,
     /// Opening `/dev/sev` read-write.
     pub sev_device: Probed<&'static str>,
     /// `KVM_X86_SEV_VMSA_FEATURES`: the SEV_FEATURES KVM supports.
@@ -321,24 +322,31 @@ impl ProbeReport {
 impl fmt::Display for ProbeReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "KVM host probe")?;
-        writeln!(f, "  {KVM_DEVICE}: API version {}", self.api_version)?;
-        let c = &self.caps;
-        writeln!(
-            f,
-            "  KVM_CAP_VM_TYPES = {:#x} ({})",
-            c.vm_types,
-            vm_type_names(c.vm_types)
-        )?;
-        writeln!(
-            f,
-            "  KVM_CAP_GUEST_MEMFD = {}, KVM_CAP_GUEST_MEMFD_FLAGS = {:#x}, KVM_CAP_USER_MEMORY2 = {}, KVM_CAP_MEMORY_ATTRIBUTES = {:#x}",
-            c.guest_memfd, c.guest_memfd_flags, c.user_memory2, c.memory_attributes
-        )?;
-        writeln!(
-            f,
-            "  KVM_CAP_X86_USER_SPACE_MSR = {}, KVM_CAP_EXIT_HYPERCALL = {:#x}, KVM_CAP_MAX_VCPUS = {}",
-            c.user_space_msr, c.exit_hypercall, c.max_vcpus
-        )?;
+        match self.api_version {
+            Probed::Err { errno } => writeln!(f, "  {KVM_DEVICE}: cannot be opened: {errno}")?,
+            other => writeln!(f, "  {KVM_DEVICE}: API version {other}")?,
+        }
+        match &self.caps {
+            None => writeln!(f, "  KVM capabilities: not read ({KVM_DEVICE} cannot be opened)")?,
+            Some(c) => {
+                writeln!(
+                    f,
+                    "  KVM_CAP_VM_TYPES = {:#x} ({})",
+                    c.vm_types,
+                    vm_type_names(c.vm_types)
+                )?;
+                writeln!(
+                    f,
+                    "  KVM_CAP_GUEST_MEMFD = {}, KVM_CAP_GUEST_MEMFD_FLAGS = {:#x}, KVM_CAP_USER_MEMORY2 = {}, KVM_CAP_MEMORY_ATTRIBUTES = {:#x}",
+                    c.guest_memfd, c.guest_memfd_flags, c.user_memory2, c.memory_attributes
+                )?;
+                writeln!(
+                    f,
+                    "  KVM_CAP_X86_USER_SPACE_MSR = {}, KVM_CAP_EXIT_HYPERCALL = {:#x}, KVM_CAP_MAX_VCPUS = {}",
+                    c.user_space_msr, c.exit_hypercall, c.max_vcpus
+                )?;
+            }
+        }
         writeln!(f, "  {SEV_DEVICE}: {}", self.sev_device)?;
         match self.sev_vmsa_features {
             Probed::Ok { value } => writeln!(f, "  KVM_X86_SEV_VMSA_FEATURES = {value:#x}")?,
@@ -383,30 +391,33 @@ fn vm_type_listed(vm_types: i32, vm_type: u32) -> bool {
 pub fn probe() -> ProbeReport {
     match Kvm::new() {
         Ok(kvm) => probe_with(&kvm),
-        Err(e) => {
-            let errno = Errno::from(e);
-            let missing = vec![Missing::Kvm {
-                path: KVM_DEVICE,
-                errno,
-            }];
-            ProbeReport {
-                api_version: Probed::Err { errno },
-                caps: Capabilities::default(),
-                sev_device: probe_sev_device(),
-                sev_vmsa_features: Probed::Skipped,
-                xcomp_guest_supp: Probed::Skipped,
-                snp_vm_create: Probed::Skipped,
-                modes: [Mode::Snp, Mode::SevEs, Mode::VmsaImage]
-                    .into_iter()
-                    .map(|mode| ModeSupport {
-                        mode,
-                        supported: false,
-                        missing: missing.clone(),
-                    })
-                    .collect(),
-                supplied_vmsa: SuppliedVmsaProbe::decide(false),
-            }
-        }
+        Err(e) => unusable(Errno::from(e), probe_sev_device()),
+    }
+}
+
+/// The report where opening `/dev/kvm` failed with `errno`: nothing of KVM could be read, and
+/// every mode misses it.
+fn unusable(errno: Errno, sev_device: Probed<&'static str>) -> ProbeReport {
+    let missing = vec![Missing::Kvm {
+        path: KVM_DEVICE,
+        errno,
+    }];
+    ProbeReport {
+        api_version: Probed::Err { errno },
+        caps: None,
+        sev_device,
+        sev_vmsa_features: Probed::Skipped,
+        xcomp_guest_supp: Probed::Skipped,
+        snp_vm_create: Probed::Skipped,
+        modes: [Mode::Snp, Mode::SevEs, Mode::VmsaImage]
+            .into_iter()
+            .map(|mode| ModeSupport {
+                mode,
+                supported: false,
+                missing: missing.clone(),
+            })
+            .collect(),
+        supplied_vmsa: SuppliedVmsaProbe::decide(false),
     }
 }
 
@@ -495,7 +506,7 @@ pub fn probe_with(kvm: &Kvm) -> ProbeReport {
     let snp = modes.iter().any(|m| m.mode == Mode::Snp && m.supported);
     ProbeReport {
         api_version: Probed::Ok { value: api },
-        caps,
+        caps: Some(caps),
         sev_device,
         sev_vmsa_features,
         xcomp_guest_supp,
@@ -676,6 +687,33 @@ mod tests {
                 errno: Errno::new(libc::EINVAL),
             },
         }
+    }
+
+    /// A /dev/kvm this user may not open was reported as "API version error EACCES" followed
+    /// by every capability as 0 ("KVM_CAP_VM_TYPES = 0x0 (none)", `"vm_types": 0` in JSON):
+    /// values never read, shown as a host without them.
+    #[test]
+    fn capabilities_of_a_kvm_that_cannot_be_opened_are_unknown_not_zero() {
+        let r = unusable(
+            Errno::new(libc::EACCES),
+            Probed::Err {
+                errno: Errno::new(libc::ENOENT),
+            },
+        );
+        let text = r.to_string();
+        assert!(
+            text.contains("  /dev/kvm: cannot be opened: EACCES (13): Permission denied\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  KVM capabilities: not read (/dev/kvm cannot be opened)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("KVM_CAP_"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["caps"].is_null(), "{json}");
+        assert!(r.modes.iter().all(|m| !m.supported));
+        assert_eq!(r.best_mode(), None);
     }
 
     #[test]

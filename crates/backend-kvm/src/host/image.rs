@@ -112,7 +112,7 @@ impl KvmImageHost {
                 // SEV_FEATURES beyond SNP_ACTIVE are copied into the VMSAs and checked on AP
                 // creation; nothing else depends on them here.
                 vmsa_features: !vmsa_core::layout::SEV_FEAT_SNP_ACTIVE,
-                max_vcpus: u32::try_from(probe.caps.max_vcpus).unwrap_or(0),
+                max_vcpus: probe.caps.map_or(0, |c| u32::try_from(c.max_vcpus).unwrap_or(0)),
                 ownership_visible: true,
                 launch_digest_visible: false,
                 private_memory: false,

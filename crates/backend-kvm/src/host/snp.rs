@@ -69,7 +69,7 @@ impl KvmSnpHost {
             caps: Capabilities {
                 kinds: vec![VmKind::Snp],
                 vmsa_features,
-                max_vcpus: u32::try_from(probe.caps.max_vcpus).unwrap_or(0),
+                max_vcpus: probe.caps.map_or(0, |c| u32::try_from(c.max_vcpus).unwrap_or(0)),
                 ownership_visible: false,
                 launch_digest_visible: false,
                 private_memory: true,
