@@ -32,11 +32,15 @@ enum Command {
     Probe(vmm::probe::ProbeArgs),
 }
 
-/// A line on stderr. Not `eprintln!`, which panics when stderr cannot be written (a full
-/// disk) and so turned every exit code into 101: the code still says what happened.
+/// A line on stderr, in one write (`eprintln!` writes each piece of its format on its own, so
+/// lines of processes sharing a stderr could interleave). Not `eprintln!` either because it
+/// panics when stderr cannot be written (a full disk), which turned every exit code into 101:
+/// a failed write is dropped and the code still says what happened.
 macro_rules! say {
     ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }};
 }
 
