@@ -161,7 +161,7 @@ fn main() -> ExitCode {
         }
         Command::Probe(args) => print("probe", &vmm::probe::probe(&args)),
         Command::Igvm(args) => match vmm::wrap::write_igvm(&args) {
-            Ok(line) => print("igvm", &line),
+            Ok(written) => print("igvm", &written.render(args.json)),
             Err(e) => {
                 say!("vmm igvm: {}", vmm::run::error_chain(&e));
                 ExitCode::from(e.exit_code())

@@ -69,6 +69,77 @@ pub struct IgvmArgs {
     /// The guest's SEV features (hex, SNP_ACTIVE included), 0x1 by default.
     #[arg(long, value_name = "HEX", value_parser = parse_hex_u64, conflicts_with = "guest")]
     pub guest_features: Option<u64>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What an IGVM file written by `vmm igvm` launches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Launches {
+    /// An OVMF image, with one SNP VP context per vCPU.
+    Firmware {
+        /// `--firmware`.
+        path: PathBuf,
+        /// `--vcpus`.
+        vcpus: u32,
+    },
+    /// One of backend-kvm's guest programs, for any vCPU count.
+    Guest {
+        /// Its name (`boot`, `ap-churn`).
+        name: &'static str,
+    },
+}
+
+/// The IGVM file `vmm igvm` wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// `--output`.
+    pub output: PathBuf,
+    /// Its size in bytes.
+    pub bytes: usize,
+    /// What it launches.
+    pub launches: Launches,
+    /// Its SEV-SNP launch digest as `vmm measure --igvm` computes it: with `--native-zero`
+    /// for a wrapped firmware (the firmware's sev-snp-measure digest), as is for a guest
+    /// program (which has no data-less pages).
+    pub digest: LaunchDigest,
+}
+
+impl Written {
+    /// The output of `vmm igvm`: a line naming the file and its digest, or (`json`) one JSON
+    /// document.
+    pub fn render(&self, json: bool) -> String {
+        let out = self.output.display();
+        let native_zero = matches!(self.launches, Launches::Firmware { .. });
+        if json {
+            let (firmware, guest, vcpus) = match &self.launches {
+                Launches::Firmware { path, vcpus } => (Some(path.display().to_string()), None, Some(*vcpus)),
+                Launches::Guest { name } => (None, Some(format!("builtin:{name}")), None),
+            };
+            let doc = serde_json::json!({
+                "output": out.to_string(),
+                "bytes": self.bytes,
+                "firmware": firmware,
+                "guest": guest,
+                "vcpus": vcpus,
+                "algorithm": self.digest.algorithm(),
+                "digest": self.digest.hex(),
+                "digest_with_native_zero": native_zero,
+            });
+            return format!("{doc}\n");
+        }
+        let what = match &self.launches {
+            Launches::Firmware { vcpus, .. } => format!("{vcpus} vCPU(s)"),
+            Launches::Guest { name } => format!("backend-kvm guest program builtin:{name}, any vCPU count"),
+        };
+        let with = if native_zero { " with --native-zero" } else { "" };
+        format!(
+            "wrote {out}: {what}, {} bytes; launch digest{with} (SHA-384):\n{}\n",
+            self.bytes,
+            self.digest.hex()
+        )
+    }
 }
 
 /// Why `vmm igvm` wrote nothing.
@@ -127,8 +198,8 @@ impl WrapCommandError {
     }
 }
 
-/// Write the IGVM file and return the line to print (its path and digest).
-pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
+/// Write the IGVM file; what was written, with its digest.
+pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
     let out = args.output.display().to_string();
     let output_err = |rule: String| WrapCommandError::Output {
         path: out.clone(),
@@ -151,7 +222,7 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
             dir.display()
         )));
     }
-    let (file, what, digest) = match (&args.firmware, &args.guest) {
+    let (file, launches, digest) = match (&args.firmware, &args.guest) {
         (Some(firmware), _) => {
             let ovmf = read_firmware(firmware)?;
             let config = PlanConfig {
@@ -171,11 +242,11 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
             })?;
             (
                 file,
-                format!("{} vCPU(s)", args.vcpus.get()),
-                format!(
-                    "launch digest with --native-zero (SHA-384):\n{}",
-                    plan.measure().hex()
-                ),
+                Launches::Firmware {
+                    path: firmware.clone(),
+                    vcpus: args.vcpus.get(),
+                },
+                plan.measure(),
             )
         }
         (None, Some(guest)) => {
@@ -189,11 +260,7 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
                 input: format!("--guest {guest}"),
                 source,
             })?;
-            (
-                file,
-                format!("backend-kvm guest program builtin:{name}, any vCPU count"),
-                format!("launch digest (SHA-384):\n{}", LaunchDigest::Snp(m.digest).hex()),
-            )
+            (file, Launches::Guest { name }, LaunchDigest::Snp(m.digest))
         }
         (None, None) => return Err(WrapCommandError::NoInput),
     };
@@ -205,5 +272,10 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<String, WrapCommandError> {
         })?;
     crate::output::write_new(&args.output, &bytes)
         .map_err(|e| output_err(format!("cannot write it: {e}")))?;
-    Ok(format!("wrote {out}: {what}, {} bytes; {digest}\n", bytes.len()))
+    Ok(Written {
+        output: args.output.clone(),
+        bytes: bytes.len(),
+        launches,
+        digest,
+    })
 }

@@ -309,6 +309,48 @@ fn bad_run_igvm_inputs_are_refused_in_one_line() {
     );
 }
 
+/// `vmm igvm` had no `--json` while `run`, `measure` and `probe` do: a script had to cut the
+/// digest out of a sentence. One document: the file, its size, what it launches and the
+/// digest `vmm measure --igvm` gives it (with `--native-zero` for a wrapped firmware).
+#[test]
+fn vmm_igvm_json_is_one_document_with_the_digest_measure_gives() {
+    let dir = scratch("vmm-igvm-json");
+    let cases: [(&str, &[&str], &[&str]); 2] = [
+        (
+            "ovmf.igvm",
+            &["--firmware", DEBIAN_OVMF, "--vcpus", "3"],
+            &["--native-zero"],
+        ),
+        ("boot.igvm", &["--guest", "builtin:boot"], &[]),
+    ];
+    for (name, input, measure_with) in cases {
+        let out = dir.join(name);
+        let o_str = out.to_str().unwrap();
+        let mut args = vec!["igvm", "-o", o_str, "--json"];
+        args.extend_from_slice(input);
+        let o = vmm(&args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        let text = stdout(&o);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(doc["output"], o_str);
+        assert_eq!(doc["bytes"], std::fs::metadata(&out).unwrap().len());
+        assert_eq!(doc["algorithm"], "sha384");
+        assert_eq!(doc["digest"], measured(&out, measure_with).as_str(), "{doc}");
+        assert_eq!(doc["digest_with_native_zero"], !measure_with.is_empty());
+        if input[0] == "--firmware" {
+            assert_eq!(
+                (&doc["firmware"], &doc["vcpus"]),
+                (&Value::from(DEBIAN_OVMF), &Value::from(3))
+            );
+            assert!(doc["guest"].is_null());
+        } else {
+            assert_eq!(doc["guest"], "builtin:boot");
+            assert!(doc["firmware"].is_null() && doc["vcpus"].is_null(), "{doc}");
+        }
+    }
+}
+
 #[test]
 fn vmm_igvm_guest_writes_guest_to_igvm_whose_digest_is_the_same_on_the_simulator_for_any_vcpu_count() {
     let dir = scratch("vmm-igvm-guest");
