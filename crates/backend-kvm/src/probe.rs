@@ -118,7 +118,21 @@ pub enum Missing {
 impl fmt::Display for Missing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Missing::Kvm { path, errno } => write!(f, "{path} cannot be opened: {errno}"),
+            Missing::Kvm { path, errno } => {
+                write!(f, "{path} cannot be opened: {errno}")?;
+                match errno.code {
+                    libc::EACCES | libc::EPERM => write!(
+                        f,
+                        " (this user may not read and write it: `ls -l {path}` shows who may; \
+                         distributions give it to the kvm group)"
+                    ),
+                    libc::ENOENT => write!(
+                        f,
+                        " (no KVM here: the kvm module is not loaded, or this is a guest without nested virtualization)"
+                    ),
+                    _ => Ok(()),
+                }
+            }
             Missing::ApiVersion { seen, required } => {
                 write!(f, "KVM API version is {seen}, {required} is required")
             }
@@ -710,6 +724,14 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("KVM_CAP_"), "{text}");
+        // Every mode says why, and what to look at.
+        assert!(
+            text.contains(
+                "    - /dev/kvm cannot be opened: EACCES (13): Permission denied (this user may not read and write \
+                 it: `ls -l /dev/kvm` shows who may; distributions give it to the kvm group)\n"
+            ),
+            "{text}"
+        );
         let json = serde_json::to_value(&r).unwrap();
         assert!(json["caps"].is_null(), "{json}");
         assert!(r.modes.iter().all(|m| !m.supported));
