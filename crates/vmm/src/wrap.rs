@@ -66,7 +66,8 @@ pub struct IgvmArgs {
         conflicts_with = "guest"
     )]
     pub vmm_type: VmmType,
-    /// The guest's SEV features (hex, SNP_ACTIVE included), 0x1 by default.
+    /// The guest's SEV features (hex, SNP_ACTIVE included), 0x1 by default (`21` is refused
+    /// as ambiguous: sev-snp-measure reads it as decimal).
     #[arg(long, value_name = "HEX", value_parser = parse_hex_u64, conflicts_with = "guest")]
     pub guest_features: Option<u64>,
     /// Print one JSON document instead of text.

@@ -100,6 +100,29 @@ fn bad_hex_and_impossible_features() {
             &["--guest-features", &format!("'{v}'"), "hex"],
         );
     }
+    // `21` was measured as 0x21; sev-snp-measure reads it as 21 (0x15): one command line, two
+    // digests. Refused, both readings named.
+    refused(
+        &with(&["--guest-features", "21"]),
+        &[
+            "--guest-features",
+            "'21' is ambiguous without 0x",
+            "write 0x21 or 0x15",
+        ],
+    );
+    measure_support::refused_with(
+        &[
+            "igvm",
+            "--firmware",
+            DEBIAN_OVMF,
+            "-o",
+            "/nonexistent/x.igvm",
+            "--guest-features",
+            "21",
+        ],
+        "--guest-features",
+        "'21' is ambiguous without 0x",
+    );
     refused(
         &with(&["--guest-features", "0x20"]),
         &["--guest-features", "0x20", "SNP_ACTIVE"],

@@ -38,7 +38,8 @@ pub struct MeasureArgs {
     /// The VMM whose launch to reproduce: qemu, ec2 or gce.
     #[arg(long, value_name = "qemu|ec2|gce", default_value = "qemu")]
     pub vmm_type: VmmType,
-    /// SEV_FEATURES of the SNP VMSAs, in hex (default 0x1, SNP_ACTIVE). SNP only.
+    /// SEV_FEATURES of the SNP VMSAs, in hex (default 0x1, SNP_ACTIVE; `21` is refused as
+    /// ambiguous: sev-snp-measure reads it as decimal). SNP only.
     #[arg(long, value_name = "HEX", value_parser = parse_hex_u64)]
     pub guest_features: Option<u64>,
     /// Measure an SEV-ES launch (SHA-256) instead of SEV-SNP (SHA-384).

@@ -81,23 +81,56 @@ impl FromStr for VcpuCount {
     }
 }
 
-/// A `--guest-features` value that is not hex.
+/// A `--guest-features` value refused.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
-#[error(
-    "'{value}' is not a valid guest features value: it must be 1 to 16 hex digits, optionally prefixed 0x"
-)]
-pub struct HexError {
-    /// The value given.
-    pub value: String,
+pub enum HexError {
+    /// Not hex at all.
+    #[error(
+        "'{value}' is not a valid guest features value: it must be 1 to 16 hex digits, optionally prefixed 0x"
+    )]
+    NotHex {
+        /// The value given.
+        value: String,
+    },
+    /// Decimal digits without `0x` whose hex and decimal readings differ: sev-snp-measure
+    /// parses `--guest-features` with Python's `int(x, 0)`, so `21` is 21 (0x15) there and
+    /// 0x21 here, and the same command line would give two digests.
+    #[error(
+        "'{value}' is ambiguous without 0x: it is {hex:#x} read as hex (this tool) but {decimal:#x} read as \
+         decimal (sev-snp-measure reads an unprefixed number so); write {hex:#x} or {decimal:#x}"
+    )]
+    Ambiguous {
+        /// The value given.
+        value: String,
+        /// Its hex reading.
+        hex: u64,
+        /// Its decimal reading.
+        decimal: u64,
+    },
 }
 
-/// Parse a 64-bit hex value with an optional `0x`/`0X` prefix (`--guest-features HEX`).
+/// Parse a 64-bit hex value with an optional `0x`/`0X` prefix (`--guest-features HEX`). An
+/// unprefixed value made of decimal digits is refused where its decimal reading differs
+/// ([`HexError::Ambiguous`]); `0` to `9` read the same either way.
 pub fn parse_hex_u64(s: &str) -> Result<u64, HexError> {
-    let digits = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+    let not_hex = || HexError::NotHex { value: s.to_owned() };
+    let prefixed = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"));
+    let digits = prefixed.unwrap_or(s);
     if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(HexError { value: s.to_owned() });
+        return Err(not_hex());
     }
-    u64::from_str_radix(digits, 16).map_err(|_| HexError { value: s.to_owned() })
+    let hex = u64::from_str_radix(digits, 16).map_err(|_| not_hex())?;
+    if prefixed.is_none()
+        && let Ok(decimal) = s.parse::<u64>()
+        && decimal != hex
+    {
+        return Err(HexError::Ambiguous {
+            value: s.to_owned(),
+            hex,
+            decimal,
+        });
+    }
+    Ok(hex)
 }
 
 #[cfg(test)]
@@ -122,8 +155,25 @@ mod tests {
     fn hex_values() {
         assert_eq!(parse_hex_u64("0x21"), Ok(0x21));
         assert_eq!(parse_hex_u64("0X21"), Ok(0x21));
-        assert_eq!(parse_hex_u64("21"), Ok(0x21));
         assert_eq!(parse_hex_u64("ffffffffffffffff"), Ok(u64::MAX));
+        assert_eq!(parse_hex_u64("1"), Ok(1), "the same in hex and decimal");
+        assert_eq!(parse_hex_u64("01"), Ok(1));
+        assert_eq!(
+            parse_hex_u64("a1"),
+            Ok(0xa1),
+            "sev-snp-measure refuses it, nothing differs"
+        );
+        // `21` was taken as 0x21, where sev-snp-measure takes 21 (0x15): the same command
+        // line gave two digests.
+        assert_eq!(
+            parse_hex_u64("21"),
+            Err(HexError::Ambiguous {
+                value: "21".into(),
+                hex: 0x21,
+                decimal: 21
+            })
+        );
+        assert!(parse_hex_u64("12345678901234567890").is_err());
         for bad in ["", "0x", "0x1g", "12345678901234567", "+1", "-1", "0x 1", "1_0"] {
             assert!(parse_hex_u64(bad).is_err(), "{bad}");
         }
