@@ -81,6 +81,83 @@ fn bad_vcpu_types_list_the_known_ones() {
     );
 }
 
+/// `--vcpu-sig` and `--vcpu-family/--vcpu-model/--vcpu-stepping` (sev-snp-measure's other ways
+/// to name the model) refuse what is not a 32-bit signature or an encodable family, model or
+/// stepping, and go with no other way of naming it.
+#[test]
+fn vcpu_signatures_and_families_outside_what_cpuid_encodes() {
+    let base = ["--firmware", DEBIAN_OVMF, "--vcpus", "2"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> { base.iter().chain(extra).copied().collect() };
+    for v in ["0x100000000", "-1", "0o17", "0x", "4294967296", "1_0"] {
+        refused(
+            &with(&["--vcpu-sig", v]),
+            &["--vcpu-sig", &format!("'{v}' is not a vCPU signature")],
+        );
+    }
+    refused(
+        &with(&[
+            "--vcpu-family",
+            "271",
+            "--vcpu-model",
+            "0",
+            "--vcpu-stepping",
+            "0",
+        ]),
+        &["--vcpu-family", "'271'", "0..=270"],
+    );
+    refused(
+        &with(&[
+            "--vcpu-family",
+            "25",
+            "--vcpu-model",
+            "256",
+            "--vcpu-stepping",
+            "0",
+        ]),
+        &["--vcpu-model", "0..=255"],
+    );
+    refused(
+        &with(&[
+            "--vcpu-family",
+            "25",
+            "--vcpu-model",
+            "1",
+            "--vcpu-stepping",
+            "16",
+        ]),
+        &["--vcpu-stepping", "0..=15"],
+    );
+    refused(
+        &with(&["--vcpu-family", "25"]),
+        &["--vcpu-model", "--vcpu-stepping"],
+    );
+    refused(
+        &with(&["--vcpu-sig", "0xa10f11", "--vcpu-type", "EPYC"]),
+        &["--vcpu-sig", "--vcpu-type", "cannot be used with"],
+    );
+    refused(
+        &with(&[
+            "--vcpu-sig",
+            "0xa10f11",
+            "--vcpu-family",
+            "25",
+            "--vcpu-model",
+            "1",
+            "--vcpu-stepping",
+            "1",
+        ]),
+        &["--vcpu-sig", "--vcpu-family", "cannot be used with"],
+    );
+    refused(
+        &base,
+        &[
+            "--vcpu-type is required with --vmm-type qemu",
+            "--vcpu-sig",
+            "--vcpu-family",
+        ],
+    );
+}
+
 #[test]
 fn vcpu_counts_outside_1_to_512() {
     for n in ["0", "513", "4096", "-1", "two", ""] {

@@ -20,7 +20,6 @@ use serde_json::Value;
 use vmm::measure::hashes::SevHashes;
 use vmm::measure::igvm::{KVM_VMSA_GPA, MAX_IGVM_LAUNCH_PAGES, plan_to_igvm, save_area_from_sev_vmsa};
 use vmm::measure::ovmf::Ovmf;
-use vmm::measure::vcpu_types::VcpuType;
 use vmm::measure::{LaunchPlan, PlanConfig, VcpuCount, parse_hex_u64};
 use vmsa_core::{Gpa, SnpPageType, VmKind};
 use zerocopy::FromZeros;
@@ -40,9 +39,7 @@ fn plan(case: &Value) -> LaunchPlan {
     let config = PlanConfig {
         kind: VmKind::Snp,
         vcpus: VcpuCount::new(case["vcpus"].as_u64().unwrap() as u32).unwrap(),
-        vcpu_sig: case["vcpu_type"]
-            .as_str()
-            .map_or(0, |t| t.parse::<VcpuType>().unwrap().signature()),
+        vcpu_sig: case_vcpu_sig(case),
         vmm_type: case["vmm_type"].as_str().unwrap().parse().unwrap(),
         guest_features: parse_hex_u64(case["guest_features"].as_str().unwrap()).unwrap(),
     };

@@ -63,6 +63,15 @@ fn the_matrix_covers_what_the_issue_asks() {
         fws.contains(&format!("\"{DEBIAN_OVMF}\"")) && fws.contains(&format!("\"{DEBIAN_OVMF_CODE_4M}\""))
     );
     assert!(set("guest_features").len() > 3);
+    // A model given by signature and by family/model/stepping, in both modes.
+    for key in ["vcpu_sig", "vcpu_fms"] {
+        for mode in ["snp", "sev-es"] {
+            assert!(
+                cases.iter().any(|c| c.get(key).is_some() && c["mode"] == mode),
+                "no {mode} case with {key}"
+            );
+        }
+    }
     assert!(
         cases
             .iter()

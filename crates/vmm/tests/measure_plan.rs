@@ -10,7 +10,6 @@ use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest, hex as hexstr};
 use measure_support::*;
 use serde_json::Value;
 use vmm::measure::ovmf::Ovmf;
-use vmm::measure::vcpu_types::VcpuType;
 use vmm::measure::{LaunchPlan, PlanConfig, VcpuCount};
 use vmsa_core::testing::TestPlatform;
 use vmsa_core::{Gfn, Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SNP_POLICY_RSVD_MBO, SnpPageType, Vm, VmKind};
@@ -76,9 +75,7 @@ fn a_launch_through_vmsa_core_reaches_sev_snp_measures_digest() {
         let config = PlanConfig {
             kind,
             vcpus: VcpuCount::new(c["vcpus"].as_u64().unwrap() as u32).unwrap(),
-            vcpu_sig: c["vcpu_type"]
-                .as_str()
-                .map_or(0, |t| t.parse::<VcpuType>().unwrap().signature()),
+            vcpu_sig: case_vcpu_sig(c),
             vmm_type: c["vmm_type"].as_str().unwrap().parse().unwrap(),
             guest_features: c["guest_features"]
                 .as_str()

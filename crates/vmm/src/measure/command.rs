@@ -35,6 +35,45 @@ pub struct MeasureArgs {
     /// EPYC-Genoa[-v1], EPYC-Turin); required with --vmm-type qemu.
     #[arg(long, value_name = "NAME")]
     pub vcpu_type: Option<VcpuType>,
+    /// Instead of --vcpu-type: the vCPU's CPUID signature (Fn0000_0001_EAX), 0x-prefixed hex
+    /// or decimal, as sev-snp-measure's --vcpu-sig.
+    #[arg(
+        long,
+        value_name = "VALUE",
+        value_parser = parse_vcpu_sig,
+        conflicts_with = "vcpu_type",
+        allow_negative_numbers = true
+    )]
+    pub vcpu_sig: Option<u32>,
+    /// Instead of --vcpu-type: the vCPU's family (decimal), with --vcpu-model and
+    /// --vcpu-stepping, whose signature they make, as sev-snp-measure's --vcpu-family.
+    #[arg(
+        long,
+        value_name = "FAMILY",
+        value_parser = clap::value_parser!(u32).range(0..=MAX_FAMILY),
+        requires_all = ["vcpu_model", "vcpu_stepping"],
+        conflicts_with_all = ["vcpu_type", "vcpu_sig"],
+        allow_negative_numbers = true
+    )]
+    pub vcpu_family: Option<u32>,
+    /// The vCPU's model (decimal, 0 to 255), with --vcpu-family.
+    #[arg(
+        long,
+        value_name = "MODEL",
+        value_parser = clap::value_parser!(u32).range(0..=0xff),
+        requires = "vcpu_family",
+        allow_negative_numbers = true
+    )]
+    pub vcpu_model: Option<u32>,
+    /// The vCPU's stepping (decimal, 0 to 15), with --vcpu-family.
+    #[arg(
+        long,
+        value_name = "STEPPING",
+        value_parser = clap::value_parser!(u32).range(0..=0xf),
+        requires = "vcpu_family",
+        allow_negative_numbers = true
+    )]
+    pub vcpu_stepping: Option<u32>,
     /// The VMM whose launch to reproduce: qemu, ec2 or gce.
     #[arg(long, value_name = "qemu|ec2|gce", default_value = "qemu")]
     pub vmm_type: VmmType,
@@ -60,6 +99,45 @@ pub struct MeasureArgs {
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The largest family a signature holds: BaseFamily 0xF plus an 8-bit ExtFamily.
+const MAX_FAMILY: i64 = 0xf + 0xff;
+
+/// Parse `--vcpu-sig`: a 32-bit number, 0x-prefixed hex or decimal (sev-snp-measure takes
+/// Python's `int(x, 0)`; its other bases and underscores are not CPUID signatures anyone
+/// writes).
+fn parse_vcpu_sig(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u32::from_str_radix(hex, 16).ok()
+        }
+        Some(_) => None,
+        None if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
+        None => None,
+    };
+    parsed.ok_or_else(|| {
+        format!("'{s}' is not a vCPU signature: it must be a 32-bit number (CPUID Fn0000_0001_EAX), 0x-prefixed hex or decimal")
+    })
+}
+
+impl MeasureArgs {
+    /// The vCPU model the VMSAs' RDX carries, as given (`--vcpu-type`, `--vcpu-sig` or
+    /// `--vcpu-family/-model/-stepping`): how to name it, and its signature.
+    pub fn vcpu_model(&self) -> Option<(String, u32)> {
+        match (self.vcpu_type, self.vcpu_sig, self.vcpu_family) {
+            (Some(t), _, _) => Some((format!("--vcpu-type {}", t.name), t.signature())),
+            (_, Some(sig), _) => Some((format!("--vcpu-sig {sig:#x}"), sig)),
+            (_, _, Some(family)) => {
+                let (model, stepping) = (self.vcpu_model.unwrap_or(0), self.vcpu_stepping.unwrap_or(0));
+                Some((
+                    format!("--vcpu-family {family} --vcpu-model {model} --vcpu-stepping {stepping}"),
+                    super::vcpu_types::cpu_sig(family, model, stepping),
+                ))
+            }
+            (None, None, None) => None,
+        }
+    }
 }
 
 /// What `vmm measure` prints.
@@ -121,7 +199,8 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         (VmKind::SevEs, None) => 0,
         (VmKind::Snp, v) => v.unwrap_or(DEFAULT_SNP_GUEST_FEATURES),
     };
-    if args.vmm_type.uses_vcpu_signature() && args.vcpu_type.is_none() {
+    let vcpu_model = args.vcpu_model();
+    if args.vmm_type.uses_vcpu_signature() && vcpu_model.is_none() {
         return Err(MeasureError::MissingVcpuType);
     }
     if let Some(dir) = &args.dump_vmsa {
@@ -145,7 +224,7 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
     let config = PlanConfig {
         kind,
         vcpus: args.vcpus,
-        vcpu_sig: args.vcpu_type.map_or(0, |t| t.signature()),
+        vcpu_sig: vcpu_model.as_ref().map_or(0, |(_, sig)| *sig),
         vmm_type: args.vmm_type,
         guest_features,
     };
@@ -159,12 +238,15 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         None => None,
     };
     let mut warnings = plan.warnings().to_vec();
-    if let Some(t) = args.vcpu_type.filter(|_| !args.vmm_type.uses_vcpu_signature()) {
+    if let Some((given, _)) = vcpu_model
+        .as_ref()
+        .filter(|_| !args.vmm_type.uses_vcpu_signature())
+    {
         // sev-snp-measure accepts the option here and ignores it (RDX = 0x600, EC2's and GCE's
         // reset value); say so rather than ignore it silently.
         warnings.push(format!(
-            "--vcpu-type {}: ignored with --vmm-type {}, whose VMSAs carry no vCPU model signature (RDX = 0x600)",
-            t.name, args.vmm_type
+            "{given}: ignored with --vmm-type {}, whose VMSAs carry no vCPU model signature (RDX = 0x600)",
+            args.vmm_type
         ));
     }
     let stdout = if args.json {
@@ -225,12 +307,14 @@ fn render_text(
         ovmf.gpa(),
         ovmf.metadata_sections().len()
     );
-    let cpu = match args.vcpu_type {
-        Some(t) if config.vmm_type.uses_vcpu_signature() => {
-            format!(" {t} (signature {:#010x})", t.signature())
-        }
-        Some(t) => format!(
-            " ({t} ignored: {} VMSAs carry no model signature)",
+    let named = |sig: u32| match args.vcpu_type {
+        Some(t) => format!("{t} (signature {sig:#010x})"),
+        None => format!("of signature {sig:#010x}"),
+    };
+    let cpu = match args.vcpu_model() {
+        Some((_, sig)) if config.vmm_type.uses_vcpu_signature() => format!(" {}", named(sig)),
+        Some((given, _)) => format!(
+            " ({given} ignored: {} VMSAs carry no model signature)",
             config.vmm_type
         ),
         None => String::new(),
@@ -289,7 +373,7 @@ fn render_json(
             "firmware_gpa": format!("{:#x}", ovmf.gpa()),
             "vcpus": config.vcpus.get(),
             "vcpu_type": args.vcpu_type.map(|t| t.name),
-            "vcpu_signature": args.vcpu_type.map(|t| format!("{:#x}", t.signature())),
+            "vcpu_signature": args.vcpu_model().map(|(_, sig)| format!("{sig:#x}")),
             "vmm_type": config.vmm_type.name(),
             "guest_features": format!("{:#x}", config.guest_features),
             "kernel": path(&args.kernel),

@@ -49,10 +49,10 @@ pub enum MeasureError {
         /// Its value.
         value: String,
     },
-    /// No `--vcpu-type` where the model matters.
+    /// No vCPU model where the model matters.
     #[error(
-        "--vcpu-type is required with --vmm-type qemu: QEMU puts the vCPU model's CPUID signature in RDX of \
-         every launch VMSA"
+        "--vcpu-type is required with --vmm-type qemu (or --vcpu-sig, or --vcpu-family with --vcpu-model and \
+         --vcpu-stepping): QEMU puts the vCPU model's CPUID signature in RDX of every launch VMSA"
     )]
     MissingVcpuType,
     /// The dump directory cannot be used.

@@ -86,6 +86,28 @@ pub fn fixture_path(p: &str) -> PathBuf {
     }
 }
 
+/// The vCPU signature a fixture case's VMSAs carry: its `vcpu_type`'s, its `vcpu_sig`, or the
+/// signature of its `vcpu_fms` (family, model, stepping); 0 without any.
+pub fn case_vcpu_sig(case: &Value) -> u32 {
+    use vmm::measure::vcpu_types::{VcpuType, cpu_sig};
+    if let Some(t) = case["vcpu_type"].as_str() {
+        return t.parse::<VcpuType>().unwrap().signature();
+    }
+    if let Some(sig) = case.get("vcpu_sig").and_then(Value::as_str) {
+        return match sig.strip_prefix("0x") {
+            Some(hex) => u32::from_str_radix(hex, 16).unwrap(),
+            None => sig.parse().unwrap(),
+        };
+    }
+    match case.get("vcpu_fms").and_then(Value::as_array) {
+        Some(fms) => {
+            let n = |i: usize| fms[i].as_u64().unwrap() as u32;
+            cpu_sig(n(0), n(1), n(2))
+        }
+        None => 0,
+    }
+}
+
 /// The `vmm measure` arguments for a fixture case.
 pub fn measure_args(case: &Value) -> Vec<String> {
     let mut a = vec![
@@ -101,6 +123,17 @@ pub fn measure_args(case: &Value) -> Vec<String> {
     ];
     if let Some(t) = case["vcpu_type"].as_str() {
         a.extend(["--vcpu-type".to_owned(), t.to_owned()]);
+    }
+    if let Some(sig) = case.get("vcpu_sig").and_then(Value::as_str) {
+        a.extend(["--vcpu-sig".to_owned(), sig.to_owned()]);
+    }
+    if let Some(fms) = case.get("vcpu_fms").and_then(Value::as_array) {
+        for (opt, v) in ["--vcpu-family", "--vcpu-model", "--vcpu-stepping"]
+            .iter()
+            .zip(fms)
+        {
+            a.extend([(*opt).to_owned(), v.to_string()]);
+        }
     }
     match case["mode"].as_str().unwrap() {
         "snp" => a.extend([
