@@ -104,10 +104,21 @@ pub struct MeasureArgs {
 /// The largest family a signature holds: BaseFamily 0xF plus an 8-bit ExtFamily.
 const MAX_FAMILY: i64 = 0xf + 0xff;
 
+/// A `--vcpu-sig` value that is not a CPUID signature.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "'{value}' is not a vCPU signature: it must be a 32-bit number (CPUID Fn0000_0001_EAX), 0x-prefixed hex or \
+     decimal"
+)]
+pub struct VcpuSigError {
+    /// The value given.
+    pub value: String,
+}
+
 /// Parse `--vcpu-sig`: a 32-bit number, 0x-prefixed hex or decimal (sev-snp-measure takes
 /// Python's `int(x, 0)`; its other bases and underscores are not CPUID signatures anyone
 /// writes).
-fn parse_vcpu_sig(s: &str) -> Result<u32, String> {
+pub fn parse_vcpu_sig(s: &str) -> Result<u32, VcpuSigError> {
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
             u32::from_str_radix(hex, 16).ok()
@@ -116,9 +127,7 @@ fn parse_vcpu_sig(s: &str) -> Result<u32, String> {
         None if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
         None => None,
     };
-    parsed.ok_or_else(|| {
-        format!("'{s}' is not a vCPU signature: it must be a 32-bit number (CPUID Fn0000_0001_EAX), 0x-prefixed hex or decimal")
-    })
+    parsed.ok_or_else(|| VcpuSigError { value: s.to_owned() })
 }
 
 impl MeasureArgs {
