@@ -32,7 +32,8 @@ pub struct MeasureArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub vcpus: VcpuCount,
     /// QEMU vCPU model (EPYC, EPYC-v1..v4, EPYC-IBPB, EPYC-Rome[-v1..v3], EPYC-Milan[-v1,v2],
-    /// EPYC-Genoa[-v1], EPYC-Turin); required with --vmm-type qemu.
+    /// EPYC-Genoa[-v1], EPYC-Turin); with --vmm-type qemu it, --vcpu-sig or --vcpu-family is
+    /// required.
     #[arg(long, value_name = "NAME")]
     pub vcpu_type: Option<VcpuType>,
     /// Instead of --vcpu-type: the vCPU's CPUID signature (Fn0000_0001_EAX), 0x-prefixed hex
