@@ -675,6 +675,11 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
             vec!["--migrate".into()],
             "--migrate: only SEV-ES guests move between VMs",
         ),
+        // It was a failed run (exit 1) at the first host write.
+        (
+            vec!["--sim-memory-budget".into(), "0".into()],
+            "--sim-memory-budget 0 bytes: the simulator needs some memory for any run",
+        ),
         (vec!["--vcpu-type".into(), "Pentium".into()], "Pentium"),
         (
             vec!["--trace".into(), missing_dir_trace.display().to_string()],

@@ -227,6 +227,13 @@ pub(super) fn run(
             "--migrate: only SEV-ES guests move between VMs (sev_vm_move_enc_context_from refuses an SEV-SNP source); add --sev-es".into(),
         ));
     }
+    if args.sim_memory_budget.is_some_and(|b| b.bytes() == 0) {
+        // It would end every run at its first host write, with exit 1.
+        return Err(RunError::Input(
+            "--sim-memory-budget 0 bytes: the simulator needs some memory for any run; give a size (the default is 2G)"
+                .into(),
+        ));
+    }
     // Every input is checked before anything is created.
     let costs = match &args.costs {
         Some(p) => CostModel::from_file("--costs", p)?,
