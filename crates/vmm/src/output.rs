@@ -21,6 +21,13 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// The directory `path` is in: its parent, or `.` for a bare name.
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// How a finished output takes its name.
 #[derive(Clone, Copy, Debug)]
 enum Naming {
@@ -38,15 +45,11 @@ fn unnamed_beside(path: &Path) -> Option<File> {
     if !Path::new("/proc/self/fd").is_dir() {
         return None;
     }
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_TMPFILE)
         .mode(0o666)
-        .open(dir)
+        .open(parent_dir(path))
         .ok()
 }
 

@@ -7,7 +7,7 @@
 //! IGVM file ([`crate::measure::igvm::guest_to_igvm`]), the file `vmm run --backend kvm --igvm`
 //! runs on real vCPUs, its VP context the BSP's VMSA, with one digest for every vCPU count.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use backend_kvm::guest::builtin::ap_creation_igvm;
 use vmsa_core::VmKind;
@@ -212,11 +212,7 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
             vmsa_host::input::file_type_name(m.file_type())
         )));
     }
-    let dir = args
-        .output
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::output::parent_dir(&args.output);
     if !dir.is_dir() {
         return Err(output_err(format!(
             "the directory {} does not exist",

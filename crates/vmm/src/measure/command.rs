@@ -16,7 +16,7 @@ use super::ovmf::{MAX_IMAGE_SIZE, Ovmf, check_image_size};
 use super::plan::{LaunchDigest, LaunchPlan, PlanConfig, PlanError};
 use super::vcpu_types::VcpuType;
 use super::vmm_types::VmmType;
-use super::{VcpuCount, dump, parse_hex_u64};
+use super::{VcpuCount, dump, parse_hex_u64, parse_vcpu_sig};
 
 /// SEV_FEATURES of SNP VMSAs when `--guest-features` is not given: SNP_ACTIVE only (as
 /// sev-snp-measure defaults).
@@ -104,32 +104,6 @@ pub struct MeasureArgs {
 
 /// The largest family a signature holds: BaseFamily 0xF plus an 8-bit ExtFamily.
 const MAX_FAMILY: i64 = 0xf + 0xff;
-
-/// A `--vcpu-sig` value that is not a CPUID signature.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "'{value}' is not a vCPU signature: it must be a 32-bit number (CPUID Fn0000_0001_EAX), 0x-prefixed hex or \
-     decimal"
-)]
-pub struct VcpuSigError {
-    /// The value given.
-    pub value: String,
-}
-
-/// Parse `--vcpu-sig`: a 32-bit number, 0x-prefixed hex or decimal (sev-snp-measure takes
-/// Python's `int(x, 0)`; its other bases and underscores are not CPUID signatures anyone
-/// writes).
-pub fn parse_vcpu_sig(s: &str) -> Result<u32, VcpuSigError> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            u32::from_str_radix(hex, 16).ok()
-        }
-        Some(_) => None,
-        None if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
-        None => None,
-    };
-    parsed.ok_or_else(|| VcpuSigError { value: s.to_owned() })
-}
 
 impl MeasureArgs {
     /// The vCPU model the VMSAs' RDX carries, as given (`--vcpu-type`, `--vcpu-sig` or

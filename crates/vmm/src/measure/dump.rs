@@ -24,10 +24,7 @@ pub(crate) fn check_dir(dir: &Path) -> Result<(), MeasureError> {
     if dir.file_name().is_none_or(|n| n.is_empty()) {
         return Err(dir_error(dir, "must name a directory (not '/', '.' or '..')"));
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = crate::output::parent_dir(dir);
     if !parent.is_dir() {
         return Err(dir_error(
             dir,

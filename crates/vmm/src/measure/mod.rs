@@ -81,6 +81,37 @@ impl FromStr for VcpuCount {
     }
 }
 
+/// The digits after a `0x` or `0X` prefix; `None` without one.
+fn strip_0x(s: &str) -> Option<&str> {
+    s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))
+}
+
+/// A `--vcpu-sig` value that is not a CPUID signature.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error(
+    "'{value}' is not a vCPU signature: it must be a 32-bit number (CPUID Fn0000_0001_EAX), 0x-prefixed hex or \
+     decimal"
+)]
+pub struct VcpuSigError {
+    /// The value given.
+    pub value: String,
+}
+
+/// Parse `--vcpu-sig`: a 32-bit number, 0x-prefixed hex or decimal (sev-snp-measure takes
+/// Python's `int(x, 0)`; its other bases and underscores are not CPUID signatures anyone
+/// writes).
+pub fn parse_vcpu_sig(s: &str) -> Result<u32, VcpuSigError> {
+    let parsed = match strip_0x(s) {
+        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u32::from_str_radix(hex, 16).ok()
+        }
+        Some(_) => None,
+        None if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
+        None => None,
+    };
+    parsed.ok_or_else(|| VcpuSigError { value: s.to_owned() })
+}
+
 /// A `--guest-features` value refused.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum HexError {
@@ -114,7 +145,7 @@ pub enum HexError {
 /// ([`HexError::Ambiguous`]); `0` to `9` read the same either way.
 pub fn parse_hex_u64(s: &str) -> Result<u64, HexError> {
     let not_hex = || HexError::NotHex { value: s.to_owned() };
-    let prefixed = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"));
+    let prefixed = strip_0x(s);
     let digits = prefixed.unwrap_or(s);
     if digits.is_empty() || digits.len() > 16 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(not_hex());

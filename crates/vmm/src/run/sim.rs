@@ -247,10 +247,7 @@ pub(super) fn run(
     };
     if let Some(trace) = &args.trace {
         let bad = |rule: String| RunError::Input(format!("--trace {}: {rule}", trace.display()));
-        let dir = trace
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let dir = crate::output::parent_dir(trace);
         if !dir.is_dir() {
             return Err(bad(format!("the directory {} does not exist", dir.display())));
         }

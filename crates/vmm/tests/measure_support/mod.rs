@@ -94,10 +94,7 @@ pub fn case_vcpu_sig(case: &Value) -> u32 {
         return t.parse::<VcpuType>().unwrap().signature();
     }
     if let Some(sig) = case.get("vcpu_sig").and_then(Value::as_str) {
-        return match sig.strip_prefix("0x") {
-            Some(hex) => u32::from_str_radix(hex, 16).unwrap(),
-            None => sig.parse().unwrap(),
-        };
+        return vmm::measure::parse_vcpu_sig(sig).unwrap();
     }
     match case.get("vcpu_fms").and_then(Value::as_array) {
         Some(fms) => {
