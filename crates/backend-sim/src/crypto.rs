@@ -10,13 +10,18 @@ use aes::Aes128;
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use vmsa_core::{PAGE_SIZE, PageBuf, Pfn};
 
 type Block = GenericArray<u8, aes::cipher::consts::U16>;
 
-/// A guest's memory encryption key (VEK).
+/// A guest's memory encryption key (VEK): a shared handle, so the frames a key encrypted can
+/// name it (see `HostMemory::write_encrypted`) and cloning it copies no key schedule.
 #[derive(Clone)]
-pub struct GuestKey {
+pub struct GuestKey(Arc<Schedules>);
+
+/// The expanded AES keys of a [`GuestKey`] and a short id that tells keys apart in logs.
+struct Schedules {
     data: Aes128,
     tweak: Aes128,
     id: [u8; 8],
@@ -25,7 +30,7 @@ pub struct GuestKey {
 impl std::fmt::Debug for GuestKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material; the id tells keys apart in logs.
-        write!(f, "GuestKey({:02x?})", self.id)
+        write!(f, "GuestKey({:02x?})", self.0.id)
     }
 }
 
@@ -69,11 +74,16 @@ impl GuestKey {
     pub fn from_bytes(k: &[u8; 32]) -> Self {
         let mut id = [0u8; 8];
         id.copy_from_slice(&Sha256::digest(k)[..8]);
-        Self {
+        Self(Arc::new(Schedules {
             data: Aes128::new(GenericArray::from_slice(&k[..16])),
             tweak: Aes128::new(GenericArray::from_slice(&k[16..])),
             id,
-        }
+        }))
+    }
+
+    /// Whether `other` is this very key (a handle to the same schedules), not merely equal.
+    pub fn is(&self, other: &GuestKey) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     fn tweaks(&self, pfn: Pfn) -> Vec<Block> {
@@ -85,7 +95,7 @@ impl GuestKey {
                 Block::from(b)
             })
             .collect();
-        self.tweak.encrypt_blocks(&mut t);
+        self.0.tweak.encrypt_blocks(&mut t);
         t
     }
 
@@ -112,7 +122,7 @@ impl GuestKey {
         let t = self.tweaks(pfn);
         let mut b = Self::blocks(page);
         Self::xor(&mut b, &t);
-        cipher(&self.data, &mut b);
+        cipher(&self.0.data, &mut b);
         Self::xor(&mut b, &t);
         Self::store(&b, page);
     }
@@ -153,6 +163,10 @@ mod tests {
         let mut wrong = c;
         k2.decrypt(Pfn(0x100), &mut wrong);
         assert_ne!(wrong, plain);
-        assert_eq!(KeySource::new(7).generate().id, k1.id, "deterministic per seed");
+        assert_eq!(
+            KeySource::new(7).generate().0.id,
+            k1.0.id,
+            "deterministic per seed"
+        );
     }
 }

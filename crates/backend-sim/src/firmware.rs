@@ -407,8 +407,8 @@ impl Firmware {
         };
         d.update_hashed(Gpa(e.gpa), page_type, &last.hash(page_type, &page));
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
-        key.encrypt(pfn, &mut page);
-        mem.write(pfn, &page).map_err(|_| SevStatus::InvalidAddress)?;
+        mem.write_encrypted(pfn, key, &page)
+            .map_err(|_| SevStatus::InvalidAddress)?;
         rmp.firmware_set(pfn, |e| {
             e.immutable = false;
             e.validated = true;
@@ -513,8 +513,8 @@ impl Firmware {
         }
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
         let mut page = [0u8; PAGE_SIZE as usize];
-        mem.read(src, &mut page).map_err(|_| SevStatus::InvalidAddress)?;
-        key.decrypt(src, &mut page);
+        mem.read_decrypted(src, key, &mut page)
+            .map_err(|_| SevStatus::InvalidAddress)?;
         mem.write(dst, &page).map_err(|_| SevStatus::InvalidAddress)
     }
 
@@ -641,9 +641,8 @@ impl Firmware {
             return Err(SevStatus::InvalidAddress);
         }
         let key = g.key.as_ref().ok_or(SevStatus::InvalidGuestState)?;
-        mem.read(src, out).map_err(|_| SevStatus::InvalidAddress)?;
-        key.decrypt(src, out);
-        Ok(())
+        mem.read_decrypted(src, key, out)
+            .map_err(|_| SevStatus::InvalidAddress)
     }
 
     /// SEV `DEACTIVATE` (SEV API §6.11; ASPFW sev_mcmd.c `sev_mcmd_deactivate`): unbind the

@@ -194,12 +194,13 @@ impl Hw {
     ) -> Result<(), SimError> {
         self.check_budget("guest write")?;
         let pfn = self.access_frame(asid, gpa, private, "write")?;
-        let mut page = *data;
         if private {
-            self.key_for(asid)?.encrypt(pfn, &mut page);
+            let key = self.key_for(asid)?;
+            self.mem.write_encrypted(pfn, &key, data)?;
             self.dirty.insert(pfn.0, asid);
+        } else {
+            self.mem.write(pfn, data)?;
         }
-        self.mem.write(pfn, &page)?;
         Ok(())
     }
 
@@ -207,9 +208,10 @@ impl Hw {
     pub fn guest_read(&mut self, asid: u32, gpa: Gpa, private: bool) -> Result<Box<PageBuf>, SimError> {
         let pfn = self.access_frame(asid, gpa, private, "read")?;
         let mut page = Box::new([0u8; PAGE_SIZE as usize]);
-        self.mem.read(pfn, &mut page)?;
         if private {
-            self.key_for(asid)?.decrypt(pfn, &mut page);
+            self.mem.read_decrypted(pfn, &self.key_for(asid)?, &mut page)?;
+        } else {
+            self.mem.read(pfn, &mut page)?;
         }
         Ok(page)
     }
@@ -664,8 +666,7 @@ impl Hw {
     /// checked (EFER's defined bits all sit below bit 32).
     fn vmsa_state_check(&self, asid: u32, pfn: Pfn) -> Result<Option<&'static str>, SimError> {
         let mut page = [0u8; PAGE_SIZE as usize];
-        self.mem.read(pfn, &mut page)?;
-        self.key_for(asid)?.decrypt(pfn, &mut page);
+        self.mem.read_decrypted(pfn, &self.key_for(asid)?, &mut page)?;
         let s = vmsa_core::SevEsSaveArea::from_page(&page);
         const HIGH: u64 = 0xffff_ffff_0000_0000;
         const CR0_NW: u64 = 1 << 29;

@@ -2,8 +2,10 @@
 //!
 //! [`HostMemory`] is the machine's DRAM: 4 KiB frames at real-looking physical addresses
 //! (starting above the 4 GiB hole), allocated by a page allocator that keeps runs of frames, and
-//! backed by storage only while a frame holds non-zero bytes. A 1 TiB host costs a few words
-//! until used, and a guest of any size a few entries per run of frames it holds.
+//! backed by storage only while a frame holds bytes that cannot be computed: zeros take none,
+//! and neither does a page of zeros encrypted with a guest's key (its ciphertext is computed
+//! when read). A 1 TiB host costs a few words until used, and a guest of any size a few entries
+//! per run of frames it holds.
 //!
 //! [`GuestMemfd`] is one guest's memory as KVM's guest_memfd gives it: memslots of guest frames,
 //! each backed by a host frame allocated on first use (`kvm_gmem_get_pfn`; 4 KiB folios, or
@@ -14,6 +16,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use vmsa_core::{Gfn, PAGE_SIZE, PTRS_PER_PMD, PageBuf, Pfn};
+
+use crate::crypto::GuestKey;
 
 /// The first frame of simulated DRAM: 4 GiB, the usual start of high memory on an EPYC host
 /// (legacy memory and the PCI hole sit below).
@@ -68,9 +72,23 @@ pub struct HostMemory {
     allocated: RangeSet,
     allocated_frames: u64,
     leaked: RangeSet,
-    data: HashMap<u64, Box<PageBuf>>,
+    data: HashMap<u64, Contents>,
+    /// How many entries of `data` are [`Contents::Bytes`].
+    stored: usize,
     peak_allocated: u64,
-    peak_data: usize,
+    peak_stored: usize,
+}
+
+/// What a frame holds when it is not all zeros.
+#[derive(Debug)]
+enum Contents {
+    /// These bytes.
+    Bytes(Box<PageBuf>),
+    /// A page of zeros encrypted with this key at the frame's address. Launched pages of zeros
+    /// are common (an IGVM file's data-less pages: up to a gibibyte of them) and a guest clears
+    /// pages it owns; the ciphertext is the same whenever it is computed, so only the key is
+    /// kept.
+    EncryptedZeros(GuestKey),
 }
 
 impl HostMemory {
@@ -87,8 +105,9 @@ impl HostMemory {
             allocated_frames: 0,
             leaked: RangeSet::default(),
             data: HashMap::new(),
+            stored: 0,
             peak_allocated: 0,
-            peak_data: 0,
+            peak_stored: 0,
         }
     }
 
@@ -141,10 +160,36 @@ impl HostMemory {
         }
         if (n as usize) < self.data.len() {
             for p in start..start + n {
-                self.data.remove(&p);
+                self.remove_contents(p);
             }
         } else {
-            self.data.retain(|&p, _| !(start..start + n).contains(&p));
+            let stored = &mut self.stored;
+            self.data.retain(|&p, c| {
+                let keep = !(start..start + n).contains(&p);
+                if !keep && matches!(c, Contents::Bytes(_)) {
+                    *stored -= 1;
+                }
+                keep
+            });
+        }
+    }
+
+    /// Make frame `p` read as zeros.
+    fn remove_contents(&mut self, p: u64) {
+        if let Some(Contents::Bytes(_)) = self.data.remove(&p) {
+            self.stored -= 1;
+        }
+    }
+
+    /// Make frame `p` hold `c`.
+    fn set_contents(&mut self, p: u64, c: Contents) {
+        let bytes = matches!(c, Contents::Bytes(_));
+        let was_bytes = matches!(self.data.insert(p, c), Some(Contents::Bytes(_)));
+        if bytes && !was_bytes {
+            self.stored += 1;
+            self.peak_stored = self.peak_stored.max(self.stored);
+        } else if was_bytes && !bytes {
+            self.stored -= 1;
         }
     }
 
@@ -333,32 +378,60 @@ impl HostMemory {
     pub fn read(&self, pfn: Pfn, out: &mut PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
         match self.data.get(&pfn.0) {
-            Some(d) => out.copy_from_slice(&d[..]),
+            Some(Contents::Bytes(d)) => out.copy_from_slice(&d[..]),
+            Some(Contents::EncryptedZeros(key)) => {
+                out.fill(0);
+                key.encrypt(pfn, out);
+            }
             None => out.fill(0),
         }
+        Ok(())
+    }
+
+    /// A frame's bytes decrypted with `key` (what a C=1 read with that key sees). A page of
+    /// zeros this very key encrypted reads back as zeros without computing its ciphertext.
+    pub fn read_decrypted(&self, pfn: Pfn, key: &GuestKey, out: &mut PageBuf) -> Result<(), MemError> {
+        if let Some(Contents::EncryptedZeros(k)) = self.data.get(&pfn.0)
+            && k.is(key)
+        {
+            out.fill(0);
+            return Ok(());
+        }
+        self.read(pfn, out)?;
+        key.decrypt(pfn, out);
         Ok(())
     }
 
     /// Store raw bytes into a frame. An all-zero frame gives its storage back.
     pub fn write(&mut self, pfn: Pfn, data: &PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
-        if data.iter().all(|&b| b == 0) {
-            self.data.remove(&pfn.0);
+        if is_zero(data) {
+            self.remove_contents(pfn.0);
+        } else if let Some(Contents::Bytes(d)) = self.data.get_mut(&pfn.0) {
+            d.copy_from_slice(data);
         } else {
-            match self.data.get_mut(&pfn.0) {
-                Some(d) => d.copy_from_slice(data),
-                None => {
-                    self.data.insert(pfn.0, Box::new(*data));
-                    self.peak_data = self.peak_data.max(self.data.len());
-                }
-            }
+            self.set_contents(pfn.0, Contents::Bytes(Box::new(*data)));
         }
         Ok(())
     }
 
-    /// Frames that hold non-zero bytes (and so take storage).
+    /// Store `plain` encrypted with `key` at the frame's address (what a C=1 write, or the
+    /// firmware's encryption of a launch page, leaves in DRAM). A page of zeros keeps only the
+    /// key.
+    pub fn write_encrypted(&mut self, pfn: Pfn, key: &GuestKey, plain: &PageBuf) -> Result<(), MemError> {
+        self.check(pfn)?;
+        if is_zero(plain) {
+            self.set_contents(pfn.0, Contents::EncryptedZeros(key.clone()));
+            return Ok(());
+        }
+        let mut page = *plain;
+        key.encrypt(pfn, &mut page);
+        self.write(pfn, &page)
+    }
+
+    /// Frames whose contents take storage (4 KiB each): neither zeros nor encrypted zeros.
     pub fn backed_frames(&self) -> usize {
-        self.data.len()
+        self.stored
     }
 
     /// Bytes of the allocator's own bookkeeping (the interval sets, the free runs and the map
@@ -370,15 +443,21 @@ impl HostMemory {
             + self.free.capacity() * 16
     }
 
-    /// Bytes the frame contents take: 4 KiB per frame with non-zero bytes.
+    /// Bytes the frame contents take: 4 KiB per [backed](Self::backed_frames) frame.
     pub fn contents_bytes(&self) -> usize {
-        self.data.len() * PAGE_SIZE as usize
+        self.stored * PAGE_SIZE as usize
     }
 
     /// The most frames ever allocated at once, and the most ever backed by storage at once.
     pub fn peaks(&self) -> (usize, usize) {
-        (self.peak_allocated as usize, self.peak_data)
+        (self.peak_allocated as usize, self.peak_stored)
     }
+}
+
+/// Whether a page is all zeros.
+fn is_zero(page: &PageBuf) -> bool {
+    static ZEROS: PageBuf = [0; PAGE_SIZE as usize];
+    page == &ZEROS
 }
 
 /// A set of `u64`s kept as disjoint, non-adjacent half-open intervals, so a range of any size
@@ -798,6 +877,53 @@ mod tests {
         assert_eq!(m.backed_frames(), 1);
         m.write(p, &[0; 4096]).unwrap();
         assert_eq!(m.backed_frames(), 0, "zero frames give their storage back");
+    }
+
+    #[test]
+    fn encrypted_zeros_take_no_storage_and_read_as_their_ciphertext() {
+        let mut keys = crate::crypto::KeySource::new(3);
+        let (key, other) = (keys.generate(), keys.generate());
+        let mut m = HostMemory::new(DEFAULT_FIRST_PFN, 8 * PAGE_SIZE);
+        let (p, q) = (m.alloc().unwrap(), m.alloc().unwrap());
+        m.write_encrypted(p, &key, &[0; 4096]).unwrap();
+        m.write_encrypted(q, &key, &[5; 4096]).unwrap();
+        assert_eq!(m.backed_frames(), 1, "only the non-zero page takes storage");
+        assert_eq!(m.contents_bytes(), 4096);
+        let mut raw = [0; 4096];
+        for (pfn, plain) in [(p, [0; 4096]), (q, [5; 4096])] {
+            m.read(pfn, &mut raw).unwrap();
+            let mut want = plain;
+            key.encrypt(pfn, &mut want);
+            assert_eq!(raw, want, "DRAM holds the ciphertext at {pfn}");
+            m.read_decrypted(pfn, &key, &mut raw).unwrap();
+            assert_eq!(raw, plain);
+            m.read_decrypted(pfn, &key.clone(), &mut raw).unwrap();
+            assert_eq!(raw, plain, "a handle to the same key");
+            m.read_decrypted(pfn, &other, &mut raw).unwrap();
+            want = plain;
+            key.encrypt(pfn, &mut want);
+            other.decrypt(pfn, &mut want);
+            assert_eq!(raw, want, "another key reads noise");
+            assert_ne!(raw, plain);
+        }
+        // Overwritten, freed and reallocated like any contents.
+        m.write(p, &[1; 4096]).unwrap();
+        assert_eq!(m.backed_frames(), 2);
+        m.write_encrypted(p, &other, &[0; 4096]).unwrap();
+        m.write_encrypted(q, &other, &[0; 4096]).unwrap();
+        assert_eq!((m.backed_frames(), m.peaks().1), (0, 2));
+        m.free(p).unwrap();
+        assert_eq!(m.alloc().unwrap(), p);
+        m.read(p, &mut raw).unwrap();
+        assert_eq!(raw, [0; 4096], "reallocated frames are zeroed");
+        m.read_decrypted(q, &other, &mut raw).unwrap();
+        assert_eq!(raw, [0; 4096]);
+        m.write(p, &[1; 4096]).unwrap();
+        m.write(q, &[2; 4096]).unwrap();
+        m.free(q).unwrap();
+        assert_eq!(m.backed_frames(), 1, "freed frames drop their contents");
+        m.free(p).unwrap();
+        assert_eq!(m.backed_frames(), 0);
     }
 
     #[test]

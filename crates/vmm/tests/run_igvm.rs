@@ -121,6 +121,46 @@ fn supplied_vmsa_launch_of_wrapped_ovmf_has_measure_igvm_digest_for_any_vcpu_cou
     }
 }
 
+/// A launched page of zeros takes no storage in the simulator: the PSP's ciphertext of zeros is
+/// computed when read, not kept (an IGVM file may launch a gibibyte of data-less pages). 16 MiB
+/// of data-less pages added to the wrapped OVMF launch 4096 more pages, measured as
+/// `vmm measure --igvm` measures them, and add no frame with stored contents.
+#[test]
+fn launched_pages_of_zeros_take_no_simulator_storage() {
+    let dir = scratch("run-igvm-zeros");
+    let ovmf = ovmf_igvm(1);
+    let base = run(&write(&dir, "ovmf.igvm", &ovmf), &[]);
+    let two_m = IgvmPageDataFlags::new().with_is_2mb_page(true);
+    let zeros = (0..8u64).map(|i| IgvmDirectiveHeader::PageData {
+        gpa: 0x1000_0000 + (i << 21),
+        compatibility_mask: 1,
+        flags: two_m,
+        data_type: IgvmPageDataType::NORMAL,
+        data: Vec::new(),
+    });
+    let with_zeros = IgvmFile::new(
+        IgvmRevision::V1,
+        ovmf.platforms().to_vec(),
+        ovmf.initializations().to_vec(),
+        zeros.chain(ovmf.directives().iter().cloned()).collect(),
+    )
+    .unwrap();
+    let path = write(&dir, "zeros.igvm", &with_zeros);
+    let s = run(&path, &[]);
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(s["launch"]["digest"], measured(&path, &[]).as_str());
+    assert_ne!(s["launch"]["digest"], base["launch"]["digest"]);
+    let count = |v: &Value, what: &str| v["launch"][what].as_u64().unwrap();
+    assert_eq!(
+        count(&s, "data_pages"),
+        count(&base, "data_pages") + 4096,
+        "{}",
+        s["launch"]
+    );
+    let backed = |v: &Value| v["footprint"]["peak_backed_frames"].as_u64().unwrap();
+    assert_eq!(backed(&s), backed(&base), "{}", s["footprint"]);
+}
+
 #[test]
 fn classic_launch_compares_only_where_check_kvm_passes() {
     let dir = scratch("run-igvm-classic");
