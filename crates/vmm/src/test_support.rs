@@ -20,3 +20,10 @@ pub(crate) fn names(dir: &Path) -> Vec<OsString> {
     names.sort();
     names
 }
+
+/// This process's resident memory in bytes, from /proc/self/statm.
+pub(crate) fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}

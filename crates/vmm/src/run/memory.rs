@@ -110,7 +110,7 @@ const PAGE: usize = PAGE_SIZE as usize;
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// Whether `bytes` (at most a page) are all zeros.
-fn is_zero(bytes: &[u8]) -> bool {
+pub(super) fn is_zero(bytes: &[u8]) -> bool {
     bytes == &ZERO_PAGE[..bytes.len()]
 }
 
@@ -286,12 +286,7 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// This process's resident memory, from /proc/self/statm (pages).
-    fn resident_bytes() -> u64 {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-        statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * PAGE_SIZE
-    }
+    use crate::test_support::resident_bytes;
 
     /// Loading 512 MiB of zeros into guest memory and reading them back for the launch took
     /// a gigabyte of resident memory (both copies written); pages of zeros are now skipped,
