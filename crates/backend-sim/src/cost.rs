@@ -555,7 +555,9 @@ mod tests {
             // The value as short as it reads (1e300 was shown with its 301 digits).
             assert_eq!(
                 e.to_string(),
-                format!("c.toml: clock_hz {shown} must be a clock frequency from 1e6 to 1e11 cycles per second")
+                format!(
+                    "c.toml: clock_hz {shown} must be a clock frequency from 1e6 to 1e11 cycles per second"
+                )
             );
         }
         let e = CostModel::from_text("c.toml", "[cycles]\nvmrun = 9223372036854775807\n").unwrap_err();

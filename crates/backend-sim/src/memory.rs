@@ -72,23 +72,15 @@ pub struct HostMemory {
     allocated: RangeSet,
     allocated_frames: u64,
     leaked: RangeSet,
-    data: HashMap<u64, Contents>,
-    /// How many entries of `data` are [`Contents::Bytes`].
-    stored: usize,
+    data: HashMap<u64, Box<PageBuf>>,
+    /// The frames that hold a page of zeros encrypted with a key at the frame's address, by
+    /// key. Launched pages of zeros are common (an IGVM file's data-less pages: up to a
+    /// gibibyte of them) and a guest clears the pages it owns; their ciphertext is the same
+    /// whenever it is computed, so a run of them costs one interval, not 4 KiB a frame. A frame
+    /// is in at most one set, and never also in `data`.
+    encrypted_zeros: Vec<(GuestKey, RangeSet)>,
     peak_allocated: u64,
-    peak_stored: usize,
-}
-
-/// What a frame holds when it is not all zeros.
-#[derive(Debug)]
-enum Contents {
-    /// These bytes.
-    Bytes(Box<PageBuf>),
-    /// A page of zeros encrypted with this key at the frame's address. Launched pages of zeros
-    /// are common (an IGVM file's data-less pages: up to a gibibyte of them) and a guest clears
-    /// pages it owns; the ciphertext is the same whenever it is computed, so only the key is
-    /// kept.
-    EncryptedZeros(GuestKey),
+    peak_data: usize,
 }
 
 impl HostMemory {
@@ -105,9 +97,9 @@ impl HostMemory {
             allocated_frames: 0,
             leaked: RangeSet::default(),
             data: HashMap::new(),
-            stored: 0,
+            encrypted_zeros: Vec::new(),
             peak_allocated: 0,
-            peak_stored: 0,
+            peak_data: 0,
         }
     }
 
@@ -155,42 +147,38 @@ impl HostMemory {
 
     /// Forget the contents of `[start, start + n)`.
     fn drop_data(&mut self, start: u64, n: u64) {
+        self.forget_encrypted_zeros(start, start + n, None);
         if self.data.is_empty() {
             return;
         }
         if (n as usize) < self.data.len() {
             for p in start..start + n {
-                self.remove_contents(p);
+                self.data.remove(&p);
             }
         } else {
-            let stored = &mut self.stored;
-            self.data.retain(|&p, c| {
-                let keep = !(start..start + n).contains(&p);
-                if !keep && matches!(c, Contents::Bytes(_)) {
-                    *stored -= 1;
-                }
-                keep
-            });
+            self.data.retain(|&p, _| !(start..start + n).contains(&p));
         }
     }
 
-    /// Make frame `p` read as zeros.
-    fn remove_contents(&mut self, p: u64) {
-        if let Some(Contents::Bytes(_)) = self.data.remove(&p) {
-            self.stored -= 1;
+    /// Take frames `[start, end)` out of every key's encrypted zeros but `keep`'s.
+    fn forget_encrypted_zeros(&mut self, start: u64, end: u64, keep: Option<&GuestKey>) {
+        if self.encrypted_zeros.is_empty() {
+            return;
         }
+        for (key, frames) in &mut self.encrypted_zeros {
+            if !keep.is_some_and(|k| k.is(key)) {
+                frames.remove(start, end);
+            }
+        }
+        self.encrypted_zeros.retain(|(_, frames)| frames.intervals() > 0);
     }
 
-    /// Make frame `p` hold `c`.
-    fn set_contents(&mut self, p: u64, c: Contents) {
-        let bytes = matches!(c, Contents::Bytes(_));
-        let was_bytes = matches!(self.data.insert(p, c), Some(Contents::Bytes(_)));
-        if bytes && !was_bytes {
-            self.stored += 1;
-            self.peak_stored = self.peak_stored.max(self.stored);
-        } else if was_bytes && !bytes {
-            self.stored -= 1;
-        }
+    /// The key whose page of zeros frame `p` holds, if it holds one.
+    fn encrypted_zeros_key(&self, p: u64) -> Option<&GuestKey> {
+        self.encrypted_zeros
+            .iter()
+            .find(|(_, frames)| frames.contains(p))
+            .map(|(key, _)| key)
     }
 
     /// Allocate one zeroed frame: the most recently freed one, else the next never-used one
@@ -377,13 +365,13 @@ impl HostMemory {
     /// The raw bytes of a frame as they sit in DRAM (ciphertext for encrypted frames).
     pub fn read(&self, pfn: Pfn, out: &mut PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
-        match self.data.get(&pfn.0) {
-            Some(Contents::Bytes(d)) => out.copy_from_slice(&d[..]),
-            Some(Contents::EncryptedZeros(key)) => {
-                out.fill(0);
+        if let Some(d) = self.data.get(&pfn.0) {
+            out.copy_from_slice(&d[..]);
+        } else {
+            out.fill(0);
+            if let Some(key) = self.encrypted_zeros_key(pfn.0) {
                 key.encrypt(pfn, out);
             }
-            None => out.fill(0),
         }
         Ok(())
     }
@@ -391,9 +379,8 @@ impl HostMemory {
     /// A frame's bytes decrypted with `key` (what a C=1 read with that key sees). A page of
     /// zeros this very key encrypted reads back as zeros without computing its ciphertext.
     pub fn read_decrypted(&self, pfn: Pfn, key: &GuestKey, out: &mut PageBuf) -> Result<(), MemError> {
-        if let Some(Contents::EncryptedZeros(k)) = self.data.get(&pfn.0)
-            && k.is(key)
-        {
+        self.check(pfn)?;
+        if self.encrypted_zeros_key(pfn.0).is_some_and(|k| k.is(key)) {
             out.fill(0);
             return Ok(());
         }
@@ -405,12 +392,17 @@ impl HostMemory {
     /// Store raw bytes into a frame. An all-zero frame gives its storage back.
     pub fn write(&mut self, pfn: Pfn, data: &PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
+        self.forget_encrypted_zeros(pfn.0, pfn.0 + 1, None);
         if is_zero(data) {
-            self.remove_contents(pfn.0);
-        } else if let Some(Contents::Bytes(d)) = self.data.get_mut(&pfn.0) {
-            d.copy_from_slice(data);
+            self.data.remove(&pfn.0);
         } else {
-            self.set_contents(pfn.0, Contents::Bytes(Box::new(*data)));
+            match self.data.get_mut(&pfn.0) {
+                Some(d) => d.copy_from_slice(data),
+                None => {
+                    self.data.insert(pfn.0, Box::new(*data));
+                    self.peak_data = self.peak_data.max(self.data.len());
+                }
+            }
         }
         Ok(())
     }
@@ -421,7 +413,16 @@ impl HostMemory {
     pub fn write_encrypted(&mut self, pfn: Pfn, key: &GuestKey, plain: &PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
         if is_zero(plain) {
-            self.set_contents(pfn.0, Contents::EncryptedZeros(key.clone()));
+            self.data.remove(&pfn.0);
+            self.forget_encrypted_zeros(pfn.0, pfn.0 + 1, Some(key));
+            match self.encrypted_zeros.iter_mut().find(|(k, _)| k.is(key)) {
+                Some((_, frames)) => frames.insert(pfn.0, pfn.0 + 1),
+                None => {
+                    let mut frames = RangeSet::default();
+                    frames.insert(pfn.0, pfn.0 + 1);
+                    self.encrypted_zeros.push((key.clone(), frames));
+                }
+            }
             return Ok(());
         }
         let mut page = *plain;
@@ -431,13 +432,18 @@ impl HostMemory {
 
     /// Frames whose contents take storage (4 KiB each): neither zeros nor encrypted zeros.
     pub fn backed_frames(&self) -> usize {
-        self.stored
+        self.data.len()
     }
 
     /// Bytes of the allocator's own bookkeeping (the interval sets, the free runs and the map
     /// of frame contents, not the contents themselves).
     pub fn bookkeeping_bytes(&self) -> usize {
         self.data.capacity() * (8 + 8 + 8)
+            + self
+                .encrypted_zeros
+                .iter()
+                .map(|(_, f)| 8 + 24 + f.bytes())
+                .sum::<usize>()
             + self.allocated.bytes()
             + self.leaked.bytes()
             + self.free.capacity() * 16
@@ -445,12 +451,12 @@ impl HostMemory {
 
     /// Bytes the frame contents take: 4 KiB per [backed](Self::backed_frames) frame.
     pub fn contents_bytes(&self) -> usize {
-        self.stored * PAGE_SIZE as usize
+        self.data.len() * PAGE_SIZE as usize
     }
 
     /// The most frames ever allocated at once, and the most ever backed by storage at once.
     pub fn peaks(&self) -> (usize, usize) {
-        (self.peak_allocated as usize, self.peak_stored)
+        (self.peak_allocated as usize, self.peak_data)
     }
 }
 
@@ -924,6 +930,18 @@ mod tests {
         assert_eq!(m.backed_frames(), 1, "freed frames drop their contents");
         m.free(p).unwrap();
         assert_eq!(m.backed_frames(), 0);
+        // A run of them costs one interval, whatever its length.
+        let mut big = HostMemory::new(DEFAULT_FIRST_PFN, 1 << 30);
+        let (first, n) = big.alloc_run(1 << 18).unwrap();
+        let before = big.bookkeeping_bytes();
+        for i in 0..n {
+            big.write_encrypted(Pfn(first.0 + i), &key, &[0; 4096]).unwrap();
+        }
+        assert_eq!(big.bookkeeping_bytes() - before, 8 + 24 + 24, "one key, one interval");
+        big.free_run(first, n).unwrap();
+        let again = big.alloc().unwrap();
+        big.read(again, &mut raw).unwrap();
+        assert!(again.0 < first.0 + n && raw == [0; 4096], "freed frames forget their key");
     }
 
     #[test]
