@@ -467,6 +467,25 @@ fn bad_inputs_are_refused_in_one_line() {
         "--sev-es",
         "cannot be used with",
     );
+    // Every option of the OVMF form, not only those that existed when the rule was written:
+    // --vcpu-sig and --vcpu-family were accepted and ignored (the file's VMSAs decide).
+    for (opt, value) in [
+        ("--vcpu-sig", Some("0x800f12")),
+        ("--vcpu-family", Some("23")),
+        ("--vcpu-model", Some("1")),
+        ("--vcpu-stepping", Some("2")),
+        ("--vcpu-type", Some("EPYC")),
+        ("--vmm-type", Some("ec2")),
+        ("--guest-features", Some("0x1")),
+        ("--kernel", Some("k")),
+        ("--initrd", Some("i")),
+        ("--append", Some("a")),
+        ("--dump-vmsa", Some("d")),
+    ] {
+        let mut a = vec!["measure", "--igvm", t, opt];
+        a.extend(value);
+        refused_with(&a, opt, "cannot be used with");
+    }
     for opt in ["--native-zero", "--check-kvm", "--ignore-idblock"] {
         refused_with(
             &[

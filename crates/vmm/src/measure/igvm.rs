@@ -800,20 +800,6 @@ pub struct IgvmArgs {
     pub json: bool,
 }
 
-/// The OVMF options `--igvm` conflicts with (clap argument ids).
-const OVMF_ONLY: [&str; 10] = [
-    "firmware",
-    "vcpus",
-    "vcpu_type",
-    "vmm_type",
-    "guest_features",
-    "sev_es",
-    "kernel",
-    "initrd",
-    "append",
-    "dump_vmsa",
-];
-
 impl FromArgMatches for MeasureCommand {
     fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
         let flags = IgvmFlags::from_arg_matches(m)?;
@@ -854,10 +840,17 @@ impl FromArgMatches for MeasureCommand {
 
 impl Args for MeasureCommand {
     fn augment_args(cmd: clap::Command) -> clap::Command {
+        // Every option of the OVMF form but --json conflicts with --igvm: taken from
+        // `MeasureArgs` itself, so that an option added there cannot be silently ignored here.
+        let ovmf_only: Vec<clap::Id> = MeasureArgs::augment_args(clap::Command::new("measure"))
+            .get_arguments()
+            .map(|a| a.get_id().clone())
+            .filter(|id| id != "json")
+            .collect();
         let mut cmd = IgvmFlags::augment_args(MeasureArgs::augment_args(cmd))
             .mut_arg("firmware", |a| a.required(false).required_unless_present("igvm"))
             .mut_arg("vcpus", |a| a.required(false).required_unless_present("igvm"));
-        for id in OVMF_ONLY {
+        for id in ovmf_only {
             cmd = cmd.mut_arg(id, |a| a.conflicts_with("igvm"));
         }
         cmd
