@@ -937,11 +937,18 @@ mod tests {
         for i in 0..n {
             big.write_encrypted(Pfn(first.0 + i), &key, &[0; 4096]).unwrap();
         }
-        assert_eq!(big.bookkeeping_bytes() - before, 8 + 24 + 24, "one key, one interval");
+        assert_eq!(
+            big.bookkeeping_bytes() - before,
+            8 + 24 + 24,
+            "one key, one interval"
+        );
         big.free_run(first, n).unwrap();
         let again = big.alloc().unwrap();
         big.read(again, &mut raw).unwrap();
-        assert!(again.0 < first.0 + n && raw == [0; 4096], "freed frames forget their key");
+        assert!(
+            again.0 < first.0 + n && raw == [0; 4096],
+            "freed frames forget their key"
+        );
     }
 
     #[test]
