@@ -49,6 +49,13 @@ impl SnpLaunchDigest {
         }
     }
 
+    /// A digest that continues from `ld`: a launch whose first pages were measured elsewhere
+    /// (sev-snp-measure's `--snp-ovmf-hash`, a verifier given the firmware's part of the chain
+    /// instead of the firmware).
+    pub fn resume(ld: [u8; SNP_DIGEST_SIZE]) -> Self {
+        Self { ld }
+    }
+
     /// Extend the digest with one 4 KiB page. `contents` is needed for `Normal` and `Vmsa`
     /// pages (their SHA-384 enters `PAGE_INFO.CONTENTS`); other types measure as zeros.
     /// VMPL1-3 permissions are zero and IMI is off, as in every launch this crate performs.

@@ -25,7 +25,7 @@ enum Command {
     Run(vmm::run::RunArgs),
     /// Compute the launch digest of an OVMF guest without running it (as sev-snp-measure), or
     /// of an IGVM file (--igvm, as igvmmeasure).
-    Measure(vmm::measure::igvm::MeasureCommand),
+    Measure(vmm::measure::MeasureCommand),
     /// Write the IGVM file that launches an OVMF image (SEV-SNP), as `vmm measure` plans it.
     Igvm(vmm::wrap::IgvmArgs),
     /// Show what this host supports (KVM, VM types, SEV-SNP) and why.
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(&args),
-        Command::Measure(vmm::measure::igvm::MeasureCommand::Igvm(args)) => {
+        Command::Measure(vmm::measure::MeasureCommand::Igvm(args)) => {
             match vmm::measure::igvm::measure(&args) {
                 Ok(out) => {
                     let code = print("measure", &out.stdout);
@@ -145,20 +145,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Measure(vmm::measure::igvm::MeasureCommand::Ovmf(args)) => {
-            match vmm::measure::measure(&args) {
-                Ok(out) => {
-                    for w in &out.warnings {
-                        say!("vmm measure: warning: {w}");
-                    }
-                    print("measure", &out.stdout)
-                }
+        Command::Measure(vmm::measure::MeasureCommand::OvmfHash(args)) => {
+            match vmm::measure::measure_ovmf_hash(&args) {
+                Ok(out) => print("measure", &out),
                 Err(e) => {
                     say!("vmm measure: {e}");
                     ExitCode::from(e.exit_code())
                 }
             }
         }
+        Command::Measure(vmm::measure::MeasureCommand::Ovmf(args)) => match vmm::measure::measure(&args) {
+            Ok(out) => {
+                for w in &out.warnings {
+                    say!("vmm measure: warning: {w}");
+                }
+                print("measure", &out.stdout)
+            }
+            Err(e) => {
+                say!("vmm measure: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::Probe(args) => print("probe", &vmm::probe::probe(&args)),
         Command::Igvm(args) => match vmm::wrap::write_igvm(&args) {
             Ok(written) => print("igvm", &written.render(args.json)),

@@ -65,6 +65,51 @@ fn the_good_base_invocation_works() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
+/// `--snp-ovmf-hash` takes exactly a SHA-384 in hex and SEV-SNP only; `--ovmf-hash-only`
+/// takes the firmware and nothing that would change a launch (it prints no launch's digest).
+#[test]
+fn ovmf_hash_options_refuse_what_they_cannot_use() {
+    let hash = "ab".repeat(48);
+    for v in [
+        "",
+        "ab",
+        &format!("{hash}ab"),
+        &format!("0x{}", &hash[2..]),
+        &hash.replace('b', "z"),
+    ] {
+        refused(
+            &with(&["--snp-ovmf-hash", v]),
+            &[
+                "--snp-ovmf-hash",
+                &format!("'{v}' is not an OVMF hash"),
+                "96 hex digits",
+            ],
+        );
+    }
+    refused(
+        &with(&["--snp-ovmf-hash", &hash, "--sev-es"]),
+        &[&format!("--snp-ovmf-hash {hash}"), "SEV-SNP launches only"],
+    );
+    let hash_only = ["--firmware", DEBIAN_OVMF, "--ovmf-hash-only"];
+    for extra in [
+        &["--vcpus", "2"][..],
+        &["--vcpu-type", "EPYC"],
+        &["--snp-ovmf-hash", &hash],
+        &["--sev-es"],
+        &["--kernel", "k"],
+        &["--dump-vmsa", "d"],
+        &["--guest-features", "0x1"],
+    ] {
+        let args: Vec<&str> = hash_only.iter().copied().chain(extra.iter().copied()).collect();
+        refused(&args, &["--ovmf-hash-only", extra[0], "cannot be used with"]);
+    }
+    refused(&["--ovmf-hash-only"], &["--firmware", "required"]);
+    refused(
+        &["--igvm", "f.igvm", "--ovmf-hash-only"],
+        &["--igvm", "--ovmf-hash-only", "cannot be used with"],
+    );
+}
+
 #[test]
 fn bad_vcpu_types_list_the_known_ones() {
     let e = refused(

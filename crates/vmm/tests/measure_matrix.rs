@@ -119,6 +119,71 @@ fn every_digest_matches_sev_snp_measure() {
     );
 }
 
+/// `--ovmf-hash-only` prints the OVMF hash sev-snp-measure prints (`--mode snp:ovmf-hash`) for
+/// each firmware, and `--snp-ovmf-hash` continues a launch from a given hash as
+/// sev-snp-measure's does: the firmware's own hash gives the whole launch's digest, and a
+/// hash of no firmware (whose pages then are not hashed at all) gives sev-snp-measure's digest
+/// for it, with each VMM type and a direct kernel boot. The JSON names the given hash.
+#[test]
+fn ovmf_hashes_and_launches_from_them_match_sev_snp_measure() {
+    let hashes = fixtures()["ovmf_hashes"].as_array().unwrap();
+    assert_eq!(hashes.len(), 3, "both Debian firmwares and the synthetic one");
+    for h in hashes {
+        let fw = fixture_path(h["firmware"].as_str().unwrap());
+        let fw = fw.to_str().unwrap();
+        let out = vmm(["measure", "--firmware", fw, "--ovmf-hash-only"]);
+        assert_eq!(out.status.code(), Some(0), "{fw}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert_eq!(text.lines().last(), h["hash"].as_str(), "{fw}: {text}");
+        assert!(text.contains("ovmf hash (sha384):"), "{text}");
+        let out = vmm(["measure", "--firmware", fw, "--ovmf-hash-only", "--json"]);
+        let doc: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(
+            (&doc["ovmf_hash"], &doc["mode"]),
+            (&h["hash"], &Value::from("snp:ovmf-hash"))
+        );
+    }
+    let from_hash = fixtures()["ovmf_hash_cases"].as_array().unwrap();
+    let full = |c: &Value| {
+        cases()
+            .iter()
+            .find(|f| {
+                [
+                    "firmware",
+                    "mode",
+                    "vcpus",
+                    "vcpu_type",
+                    "vmm_type",
+                    "guest_features",
+                ]
+                .iter()
+                .all(|k| f[k] == c[k])
+                    && f.get("kernel").is_none()
+            })
+            .map(|f| f["digest"].clone())
+    };
+    assert_eq!(
+        full(&from_hash[0]),
+        Some(from_hash[0]["digest"].clone()),
+        "the firmware's own hash gives the launch's digest"
+    );
+    let failures = parallel(from_hash, |c| {
+        let mut args = measure_args(c);
+        args.push("--json".to_owned());
+        let out = vmm(&args);
+        let doc: Value =
+            serde_json::from_str(&stdout(&out)).map_err(|e| format!("{args:?}: {e}: {}", stderr(&out)))?;
+        if doc["digest"] != c["digest"] || doc["inputs"]["snp_ovmf_hash"] != c["snp_ovmf_hash"] {
+            return Err(format!(
+                "case {}: {doc}, sev-snp-measure {}",
+                c["id"], c["digest"]
+            ));
+        }
+        Ok(())
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn dumped_vmsas_are_byte_identical() {
     let dumps: Vec<&Value> = cases().iter().filter(|c| c["dump"] == true).collect();

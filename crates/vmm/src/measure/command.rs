@@ -6,17 +6,19 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::{ArgMatches, Args, FromArgMatches};
 use serde_json::json;
 use vmsa_core::{SnpPageType, VmKind};
 use vmsa_host::input::{InputFile, InputKind};
 
 use super::error::MeasureError;
 use super::hashes::SevHashes;
+use super::igvm::{IgvmArgs, IgvmFlags, IgvmMeasureOptions};
 use super::ovmf::{MAX_IMAGE_SIZE, Ovmf, check_image_size};
-use super::plan::{LaunchDigest, LaunchPlan, PlanConfig, PlanError};
+use super::plan::{LaunchDigest, LaunchPlan, PlanConfig, PlanError, ovmf_hash};
 use super::vcpu_types::VcpuType;
 use super::vmm_types::VmmType;
-use super::{VcpuCount, dump, parse_hex_u64, parse_vcpu_sig};
+use super::{OvmfHash, VcpuCount, dump, parse_hex_u64, parse_ovmf_hash, parse_vcpu_sig};
 
 /// SEV_FEATURES of SNP VMSAs when `--guest-features` is not given: SNP_ACTIVE only (as
 /// sev-snp-measure defaults).
@@ -82,6 +84,11 @@ pub struct MeasureArgs {
     /// ambiguous: sev-snp-measure reads it as decimal). SNP only.
     #[arg(long, value_name = "HEX", value_parser = parse_hex_u64)]
     pub guest_features: Option<u64>,
+    /// A precalculated OVMF hash (96 hex digits, as --ovmf-hash-only prints it): the launch
+    /// digest continues from it instead of hashing the firmware's pages (--firmware still gives
+    /// the metadata and reset vector), as sev-snp-measure's --snp-ovmf-hash. SNP only.
+    #[arg(long, value_name = "HASH", value_parser = parse_ovmf_hash)]
+    pub snp_ovmf_hash: Option<OvmfHash>,
     /// Measure an SEV-ES launch (SHA-256) instead of SEV-SNP (SHA-384).
     #[arg(long)]
     pub sev_es: bool,
@@ -121,6 +128,115 @@ impl MeasureArgs {
             }
             (None, None, None) => None,
         }
+    }
+}
+
+/// `vmm measure`'s arguments: the OVMF form ([`MeasureArgs`]), the OVMF hash of a firmware
+/// (`--ovmf-hash-only`), or the IGVM form (`--igvm FILE`). Parsed as one command line:
+/// `--firmware` and `--vcpus` are required unless `--igvm` is given (`--vcpus` also unless
+/// `--ovmf-hash-only` is), and every other option of the OVMF form conflicts with either.
+#[derive(Clone, Debug)]
+pub enum MeasureCommand {
+    /// `vmm measure --firmware ...` (boxed: it is by far the largest form).
+    Ovmf(Box<MeasureArgs>),
+    /// `vmm measure --firmware FILE --ovmf-hash-only`.
+    OvmfHash(OvmfHashArgs),
+    /// `vmm measure --igvm ...`.
+    Igvm(IgvmArgs),
+}
+
+/// The flag that asks for a firmware's OVMF hash instead of a launch digest.
+#[derive(Clone, Debug, clap::Args)]
+pub struct OvmfHashFlag {
+    /// Print the OVMF hash of --firmware instead of a launch digest: the SEV-SNP digest of the
+    /// firmware's pages alone, which --snp-ovmf-hash takes (sev-snp-measure's --mode
+    /// snp:ovmf-hash). No other option applies.
+    #[arg(long)]
+    pub ovmf_hash_only: bool,
+}
+
+/// `vmm measure --firmware FILE --ovmf-hash-only`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OvmfHashArgs {
+    /// The firmware.
+    pub firmware: PathBuf,
+    /// Print one JSON document.
+    pub json: bool,
+}
+
+impl FromArgMatches for MeasureCommand {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let flags = IgvmFlags::from_arg_matches(m)?;
+        let ovmf_hash_only = OvmfHashFlag::from_arg_matches(m)?.ovmf_hash_only;
+        match flags.igvm {
+            Some(path) => Ok(Self::Igvm(IgvmArgs {
+                path,
+                options: IgvmMeasureOptions {
+                    native_zero: flags.native_zero,
+                    check_kvm: flags.check_kvm,
+                },
+                ignore_idblock: flags.ignore_idblock,
+                json: m.get_flag("json"),
+            })),
+            None => {
+                // clap's `requires` does not fire once the OVMF form's own arguments are all
+                // there, so the rule is checked here.
+                let igvm_only = [
+                    (flags.native_zero, "native-zero"),
+                    (flags.check_kvm, "check-kvm"),
+                    (flags.ignore_idblock, "ignore-idblock"),
+                ];
+                if let Some((_, name)) = igvm_only.iter().find(|(on, _)| *on) {
+                    return Err(clap::Error::raw(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        format!("--{name} needs --igvm: it is an option of the IGVM measurement\n"),
+                    ));
+                }
+                if ovmf_hash_only {
+                    return Ok(Self::OvmfHash(OvmfHashArgs {
+                        firmware: m.get_one::<PathBuf>("firmware").cloned().unwrap_or_default(),
+                        json: m.get_flag("json"),
+                    }));
+                }
+                Ok(Self::Ovmf(Box::new(MeasureArgs::from_arg_matches(m)?)))
+            }
+        }
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for MeasureCommand {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        // Every option of the OVMF form but --json conflicts with --igvm, and all but --firmware
+        // too with --ovmf-hash-only: taken from `MeasureArgs` itself, so that an option added
+        // there cannot be silently ignored by the other forms.
+        let ovmf_only: Vec<clap::Id> = MeasureArgs::augment_args(clap::Command::new("measure"))
+            .get_arguments()
+            .map(|a| a.get_id().clone())
+            .filter(|id| id != "json")
+            .collect();
+        let mut cmd = OvmfHashFlag::augment_args(IgvmFlags::augment_args(MeasureArgs::augment_args(cmd)))
+            .mut_arg("firmware", |a| a.required(false).required_unless_present("igvm"))
+            .mut_arg("vcpus", |a| {
+                a.required(false)
+                    .required_unless_present_any(["igvm", "ovmf_hash_only"])
+            })
+            .mut_arg("ovmf_hash_only", |a| a.conflicts_with("igvm"));
+        for id in ovmf_only {
+            cmd = cmd.mut_arg(id.clone(), |a| a.conflicts_with("igvm"));
+            if id != "firmware" {
+                cmd = cmd.mut_arg(id, |a| a.conflicts_with("ovmf_hash_only"));
+            }
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 
@@ -183,6 +299,12 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         (VmKind::SevEs, None) => 0,
         (VmKind::Snp, v) => v.unwrap_or(DEFAULT_SNP_GUEST_FEATURES),
     };
+    if let (VmKind::SevEs, Some(h)) = (kind, args.snp_ovmf_hash) {
+        return Err(MeasureError::SnpOnly {
+            option: "snp-ovmf-hash",
+            value: h.to_string(),
+        });
+    }
     let vcpu_model = args.vcpu_model();
     if args.vmm_type.uses_vcpu_signature() && vcpu_model.is_none() {
         return Err(MeasureError::MissingVcpuType);
@@ -216,7 +338,11 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         input: plan_input(&source, &args.firmware),
         source,
     })?;
-    let digest = plan.measure();
+    // SEV-ES with a given OVMF hash was refused above.
+    let digest = match args.snp_ovmf_hash.and_then(|h| plan.measure_after(h)) {
+        Some(d) => d,
+        None => plan.measure(),
+    };
     let dumped = match &args.dump_vmsa {
         Some(dir) => Some(dump::write(dir, plan.vmsas())?),
         None => None,
@@ -243,6 +369,41 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         warnings,
         digest,
     })
+}
+
+/// Run `vmm measure --ovmf-hash-only`: the firmware's OVMF hash, as text or one JSON document.
+pub fn measure_ovmf_hash(args: &OvmfHashArgs) -> Result<String, MeasureError> {
+    let ovmf = read_firmware(&args.firmware)?;
+    let hash = ovmf_hash(&ovmf);
+    Ok(if args.json {
+        let doc = json!({
+            "mode": "snp:ovmf-hash",
+            "algorithm": "sha384",
+            "ovmf_hash": hash.to_string(),
+            "inputs": {
+                "firmware": args.firmware.display().to_string(),
+                "firmware_size": ovmf.data().len(),
+                "firmware_gpa": format!("{:#x}", ovmf.gpa()),
+            },
+        });
+        format!("{doc}\n")
+    } else {
+        format!(
+            "{}ovmf hash (sha384):\n{hash}\n",
+            firmware_line(&args.firmware, &ovmf)
+        )
+    })
+}
+
+/// The text output's first line: the firmware, its size and place, its metadata.
+fn firmware_line(path: &Path, ovmf: &Ovmf) -> String {
+    format!(
+        "firmware: {} ({} bytes at {:#x}, {} SEV metadata sections)\n",
+        path.display(),
+        ovmf.data().len(),
+        ovmf.gpa(),
+        ovmf.metadata_sections().len()
+    )
 }
 
 fn mode_name(kind: VmKind) -> &'static str {
@@ -284,13 +445,7 @@ fn render_text(
     digest: LaunchDigest,
     dumped: Option<usize>,
 ) -> String {
-    let mut out = format!(
-        "firmware: {} ({} bytes at {:#x}, {} SEV metadata sections)\n",
-        args.firmware.display(),
-        ovmf.data().len(),
-        ovmf.gpa(),
-        ovmf.metadata_sections().len()
-    );
+    let mut out = firmware_line(&args.firmware, ovmf);
     let named = |sig: u32| match args.vcpu_type {
         Some(t) => format!("{t} (signature {sig:#010x})"),
         None => format!("of signature {sig:#010x}"),
@@ -326,6 +481,9 @@ fn render_text(
         .map(|(t, n)| format!("{n} {}", type_name(*t)))
         .collect();
     out += &format!("pages measured: {}\n", pages.join(", "));
+    if let Some(h) = args.snp_ovmf_hash {
+        out += &format!("ovmf hash: given (--snp-ovmf-hash {h}): the firmware's pages were not hashed\n");
+    }
     if let (Some(dir), Some(n)) = (&args.dump_vmsa, dumped) {
         out += &format!("vmsa dump: {n} files in {}\n", dir.display());
     }
@@ -363,6 +521,7 @@ fn render_json(
             "kernel": path(&args.kernel),
             "initrd": path(&args.initrd),
             "append": args.append,
+            "snp_ovmf_hash": args.snp_ovmf_hash.map(|h| h.to_string()),
         },
         "pages": pages,
         "vmsa_dump": path(&args.dump_vmsa).map(|d| json!({"dir": d, "files": dumped})),

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 
 use backend_kvm::guest::builtin::IgvmGuest;
 use backend_sim::measure::{SNP_DIGEST_SIZE, SnpLaunchDigest, contents_hash};
-use clap::{ArgMatches, Args, FromArgMatches};
 use igvm::snp_defs::SevVmsa;
 use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
 use igvm_defs::{
@@ -35,8 +34,8 @@ use vmsa_core::{Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SevEsSaveArea, SnpPageType, Vm
 use vmsa_host::input::{FileBytes, InputFile, InputKind};
 use zerocopy::FromBytes;
 
+use super::MeasureError;
 use super::plan::{LaunchDigest, LaunchPlan, LaunchStep};
-use super::{MeasureArgs, MeasureError};
 
 /// The largest IGVM file `vmm measure --igvm` reads. Firmware-plus-SVSM files are tens of
 /// MiB; the `igvm` crate itself limits file data offsets to 32 bits.
@@ -757,17 +756,6 @@ pub fn guest_igvm_measured(
     Ok((file, m))
 }
 
-/// `vmm measure`'s arguments: the OVMF form ([`MeasureArgs`]) or the IGVM form
-/// (`--igvm FILE`). Parsed as one command line; `--firmware` and `--vcpus` are required
-/// unless `--igvm` is given, and the OVMF options conflict with it.
-#[derive(Clone, Debug)]
-pub enum MeasureCommand {
-    /// `vmm measure --firmware ...`.
-    Ovmf(MeasureArgs),
-    /// `vmm measure --igvm ...`.
-    Igvm(IgvmArgs),
-}
-
 /// The options only `--igvm` takes, under igvmmeasure's names.
 #[derive(Clone, Debug, clap::Args)]
 pub struct IgvmFlags {
@@ -798,67 +786,6 @@ pub struct IgvmArgs {
     pub ignore_idblock: bool,
     /// Print one JSON document.
     pub json: bool,
-}
-
-impl FromArgMatches for MeasureCommand {
-    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        let flags = IgvmFlags::from_arg_matches(m)?;
-        match flags.igvm {
-            Some(path) => Ok(Self::Igvm(IgvmArgs {
-                path,
-                options: IgvmMeasureOptions {
-                    native_zero: flags.native_zero,
-                    check_kvm: flags.check_kvm,
-                },
-                ignore_idblock: flags.ignore_idblock,
-                json: m.get_flag("json"),
-            })),
-            None => {
-                // clap's `requires` does not fire once the OVMF form's own arguments are all
-                // there, so the rule is checked here.
-                let igvm_only = [
-                    (flags.native_zero, "native-zero"),
-                    (flags.check_kvm, "check-kvm"),
-                    (flags.ignore_idblock, "ignore-idblock"),
-                ];
-                if let Some((_, name)) = igvm_only.iter().find(|(on, _)| *on) {
-                    return Err(clap::Error::raw(
-                        clap::error::ErrorKind::MissingRequiredArgument,
-                        format!("--{name} needs --igvm: it is an option of the IGVM measurement\n"),
-                    ));
-                }
-                Ok(Self::Ovmf(MeasureArgs::from_arg_matches(m)?))
-            }
-        }
-    }
-
-    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
-        *self = Self::from_arg_matches(m)?;
-        Ok(())
-    }
-}
-
-impl Args for MeasureCommand {
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        // Every option of the OVMF form but --json conflicts with --igvm: taken from
-        // `MeasureArgs` itself, so that an option added there cannot be silently ignored here.
-        let ovmf_only: Vec<clap::Id> = MeasureArgs::augment_args(clap::Command::new("measure"))
-            .get_arguments()
-            .map(|a| a.get_id().clone())
-            .filter(|id| id != "json")
-            .collect();
-        let mut cmd = IgvmFlags::augment_args(MeasureArgs::augment_args(cmd))
-            .mut_arg("firmware", |a| a.required(false).required_unless_present("igvm"))
-            .mut_arg("vcpus", |a| a.required(false).required_unless_present("igvm"));
-        for id in ovmf_only {
-            cmd = cmd.mut_arg(id, |a| a.conflicts_with("igvm"));
-        }
-        cmd
-    }
-
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        Self::augment_args(cmd)
-    }
 }
 
 /// What `vmm measure --igvm` prints, and how it exits.

@@ -28,7 +28,7 @@ pub mod reset;
 pub mod vcpu_types;
 pub mod vmm_types;
 
-pub use command::{MeasureArgs, MeasureOutput, measure};
+pub use command::{MeasureArgs, MeasureCommand, MeasureOutput, OvmfHashArgs, measure, measure_ovmf_hash};
 pub use error::MeasureError;
 pub use plan::{DataUpdate, LaunchDigest, LaunchPlan, LaunchStep, PlanConfig, PlanError, VmsaUpdate};
 
@@ -164,6 +164,43 @@ pub fn parse_hex_u64(s: &str) -> Result<u64, HexError> {
     Ok(hex)
 }
 
+/// An OVMF hash: the SEV-SNP launch digest of a firmware's pages alone (SHA-384), from which
+/// a launch's chain continues (sev-snp-measure's `--mode snp:ovmf-hash` prints one and its
+/// `--snp-ovmf-hash` takes one). Shown as 96 lowercase hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OvmfHash(pub [u8; backend_sim::measure::SNP_DIGEST_SIZE]);
+
+impl fmt::Display for OvmfHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// A `--snp-ovmf-hash` value refused.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error(
+    "'{value}' is not an OVMF hash: it must be 96 hex digits (48 bytes of SHA-384, as --ovmf-hash-only prints it)"
+)]
+pub struct OvmfHashError {
+    /// The value given.
+    pub value: String,
+}
+
+/// Parse `--snp-ovmf-hash`: exactly 96 hex digits, either case, as sev-snp-measure's
+/// `bytes.fromhex` reads the digest it prints.
+pub fn parse_ovmf_hash(s: &str) -> Result<OvmfHash, OvmfHashError> {
+    let mut out = [0u8; backend_sim::measure::SNP_DIGEST_SIZE];
+    let refused = || OvmfHashError { value: s.to_owned() };
+    if s.len() != 2 * out.len() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(refused());
+    }
+    for (byte, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        let pair = core::str::from_utf8(pair).map_err(|_| refused())?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| refused())?;
+    }
+    Ok(OvmfHash(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +217,33 @@ mod tests {
             assert!(e.to_string().contains("1 to 512"), "{e}");
         }
         assert_eq!("64".parse::<VcpuCount>().unwrap().get(), 64);
+    }
+
+    #[test]
+    fn ovmf_hashes() {
+        let hex = "00112233445566778899aabbccddeeff".repeat(3);
+        let h = parse_ovmf_hash(&hex).unwrap();
+        assert_eq!((h.0[0], h.0[1], h.0[15], h.0[47]), (0x00, 0x11, 0xff, 0xff));
+        assert_eq!(h.to_string(), hex, "shown as given");
+        assert_eq!(parse_ovmf_hash(&hex.to_uppercase()), Ok(h));
+        for bad in [
+            "",
+            &hex[..94],
+            &format!("{hex}00"),
+            &format!("0x{}", &hex[2..]),
+            &hex.replace('a', "g"),
+            &format!(" {}", &hex[1..]),
+            &format!("{}é", &hex[..94]),
+        ] {
+            let e = parse_ovmf_hash(bad).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "'{bad}' is not an OVMF hash: it must be 96 hex digits (48 bytes of SHA-384, as --ovmf-hash-only \
+                     prints it)"
+                )
+            );
+        }
     }
 
     #[test]

@@ -35,17 +35,17 @@ use core::fmt;
 use std::sync::{Arc, OnceLock};
 
 pub use backend_sim::measure::LaunchDigest;
-use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest, SnpPage};
+use backend_sim::measure::{SNP_DIGEST_SIZE, SevEsLaunchDigest, SnpLaunchDigest, SnpPage};
 use thiserror::Error;
 use vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
 use vmsa_core::{Gpa, INITIAL_VMSA_GPA, PAGE_SIZE, SevEsSaveArea, SnpPageType, VcpuId, VmConfig, VmKind};
 use vmsa_host::input::FileBytes;
 
-use super::VcpuCount;
 use super::hashes::{PADDED_TABLE_SIZE, SevHashes};
 use super::ovmf::{FOUR_GIB, OVMF_SEV_METADATA_GUID, Ovmf, SEV_HASH_TABLE_RV_GUID, SectionType};
 use super::reset::{BSP_EIP, reset_vmsa};
 use super::vmm_types::VmmType;
+use super::{OvmfHash, VcpuCount};
 
 /// What to launch, besides the firmware image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -490,32 +490,7 @@ impl LaunchPlan {
     /// stream.
     pub fn measure(&self) -> LaunchDigest {
         match self.kind {
-            VmKind::Snp => {
-                let n = self.data.iter().map(|d| d.len / PAGE_SIZE).sum::<u64>() + u64::from(self.vcpus);
-                let mut pages = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-                for d in &self.data {
-                    let page = |i: u64, contents| SnpPage {
-                        gpa: Gpa(d.gpa.0 + i * PAGE_SIZE),
-                        page_type: d.page_type,
-                        contents,
-                    };
-                    match self.bytes(d).filter(|_| d.page_type == SnpPageType::Normal) {
-                        Some(b) => {
-                            let (whole, _) = b.as_chunks::<{ PAGE_SIZE as usize }>();
-                            pages.extend((0..).zip(whole).map(|(i, c)| page(i, Some(c))));
-                        }
-                        None => pages.extend((0..d.len / PAGE_SIZE).map(|i| page(i, None))),
-                    }
-                }
-                pages.extend(self.vmsa_images().map(|(_, v)| SnpPage {
-                    gpa: INITIAL_VMSA_GPA,
-                    page_type: SnpPageType::Vmsa,
-                    contents: Some(v.as_page()),
-                }));
-                let mut ld = SnpLaunchDigest::new();
-                ld.update_pages(&pages);
-                LaunchDigest::Snp(ld.digest())
-            }
+            VmKind::Snp => LaunchDigest::Snp(self.snp_digest(SnpLaunchDigest::new(), true)),
             VmKind::SevEs => {
                 let mut ld = SevEsLaunchDigest::new();
                 for d in &self.data {
@@ -540,6 +515,66 @@ impl LaunchPlan {
             }
         }
     }
+
+    /// The SEV-SNP launch digest of this plan with the firmware's pages measured elsewhere:
+    /// the chain continues from `ovmf_hash` ([`ovmf_hash`] of the firmware, as sev-snp-measure's
+    /// `--snp-ovmf-hash` takes it) through the metadata pages and the VMSAs. `None` for an
+    /// SEV-ES plan, whose digest is one stream with no such point.
+    pub fn measure_after(&self, ovmf_hash: OvmfHash) -> Option<LaunchDigest> {
+        (self.kind == VmKind::Snp)
+            .then(|| LaunchDigest::Snp(self.snp_digest(SnpLaunchDigest::resume(ovmf_hash.0), false)))
+    }
+
+    /// `ld` extended with the plan's pages (the firmware's too if `firmware`) and its VMSAs,
+    /// each distinct page hashed once, on every core ([`SnpLaunchDigest::update_pages`]).
+    fn snp_digest(&self, mut ld: SnpLaunchDigest, firmware: bool) -> [u8; SNP_DIGEST_SIZE] {
+        let data = self
+            .data
+            .iter()
+            .filter(|d| firmware || d.contents != Contents::Firmware);
+        let n = data.clone().map(|d| d.len / PAGE_SIZE).sum::<u64>() + u64::from(self.vcpus);
+        let mut pages = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+        for d in data {
+            let page = |i: u64, contents| SnpPage {
+                gpa: Gpa(d.gpa.0 + i * PAGE_SIZE),
+                page_type: d.page_type,
+                contents,
+            };
+            match self.bytes(d).filter(|_| d.page_type == SnpPageType::Normal) {
+                Some(b) => {
+                    let (whole, _) = b.as_chunks::<{ PAGE_SIZE as usize }>();
+                    pages.extend((0..).zip(whole).map(|(i, c)| page(i, Some(c))));
+                }
+                None => pages.extend((0..d.len / PAGE_SIZE).map(|i| page(i, None))),
+            }
+        }
+        pages.extend(self.vmsa_images().map(|(_, v)| SnpPage {
+            gpa: INITIAL_VMSA_GPA,
+            page_type: SnpPageType::Vmsa,
+            contents: Some(v.as_page()),
+        }));
+        ld.update_pages(&pages);
+        ld.digest()
+    }
+}
+
+/// The OVMF hash of `ovmf`: the SEV-SNP launch digest of its pages alone, from which the rest
+/// of a launch's chain continues ([`LaunchPlan::measure_after`]), as sev-snp-measure's
+/// `--mode snp:ovmf-hash` prints it. A verifier that trusts this value needs only the
+/// firmware's metadata, not its code.
+pub fn ovmf_hash(ovmf: &Ovmf) -> OvmfHash {
+    let (whole, _) = ovmf.data().as_chunks::<{ PAGE_SIZE as usize }>();
+    let pages: Vec<SnpPage<'_>> = (0..)
+        .zip(whole)
+        .map(|(i, c)| SnpPage {
+            gpa: Gpa(ovmf.gpa() + i * PAGE_SIZE),
+            page_type: SnpPageType::Normal,
+            contents: Some(c),
+        })
+        .collect();
+    let mut ld = SnpLaunchDigest::new();
+    ld.update_pages(&pages);
+    OvmfHash(ld.digest())
 }
 
 /// The SNP metadata sections as launch steps (sev-snp-measure `snp_update_metadata_pages`).
@@ -717,26 +752,48 @@ mod tests {
         let ovmf = Ovmf::parse(sev_image().build()).unwrap();
         let plan = LaunchPlan::build(&ovmf, &cfg(VmKind::Snp, 2, VmmType::Qemu), None).unwrap();
         let mut ld = [0u8; 48];
-        let mut ext = |ty: u8, gpa: u64, contents: [u8; 48]| {
+        let ext = |ld: &mut [u8; 48], ty: u8, gpa: u64, contents: [u8; 48]| {
             let mut info = Vec::with_capacity(0x70);
-            info.extend_from_slice(&ld);
+            info.extend_from_slice(ld);
             info.extend_from_slice(&contents);
             info.extend_from_slice(&[0x70, 0, ty, 0, 0, 0, 0, 0]);
             info.extend_from_slice(&gpa.to_le_bytes());
-            ld = Sha384::digest(&info).into();
+            *ld = Sha384::digest(&info).into();
         };
         for (i, page) in ovmf.data().chunks(4096).enumerate() {
-            ext(1, ovmf.gpa() + i as u64 * 4096, Sha384::digest(page).into());
+            ext(
+                &mut ld,
+                1,
+                ovmf.gpa() + i as u64 * 4096,
+                Sha384::digest(page).into(),
+            );
         }
+        // The OVMF hash is the chain this far, and the rest continues from it.
+        assert_eq!(ovmf_hash(&ovmf), OvmfHash(ld));
+        let other = OvmfHash([0x5a; 48]);
+        let after_other = plan.measure_after(other).unwrap();
         for i in 0..9 {
-            ext(3, 0x80_0000 + i * 4096, [0; 48]);
+            ext(&mut ld, 3, 0x80_0000 + i * 4096, [0; 48]);
         }
-        ext(5, 0x80_d000, [0; 48]);
-        ext(6, 0x80_e000, [0; 48]);
+        ext(&mut ld, 5, 0x80_d000, [0; 48]);
+        ext(&mut ld, 6, 0x80_e000, [0; 48]);
         for v in plan.vmsas() {
-            ext(2, 0xffff_ffff_f000, Sha384::digest(v.save_area.as_page()).into());
+            ext(
+                &mut ld,
+                2,
+                0xffff_ffff_f000,
+                Sha384::digest(v.save_area.as_page()).into(),
+            );
         }
         assert_eq!(plan.measure(), LaunchDigest::Snp(ld));
+        assert_eq!(plan.measure_after(ovmf_hash(&ovmf)), Some(LaunchDigest::Snp(ld)));
+        assert_ne!(after_other, LaunchDigest::Snp(ld));
+        let es = LaunchPlan::build(&ovmf, &cfg(VmKind::SevEs, 2, VmmType::Qemu), None).unwrap();
+        assert_eq!(
+            es.measure_after(OvmfHash(ld)),
+            None,
+            "SEV-ES has one SHA-256 stream"
+        );
     }
 
     #[test]

@@ -148,6 +148,9 @@ pub fn measure_args(case: &Value) -> Vec<String> {
     if let Some(s) = case.get("append").and_then(Value::as_str) {
         a.extend(["--append".to_owned(), s.to_owned()]);
     }
+    if let Some(h) = case.get("snp_ovmf_hash").and_then(Value::as_str) {
+        a.extend(["--snp-ovmf-hash".to_owned(), h.to_owned()]);
+    }
     a
 }
 
