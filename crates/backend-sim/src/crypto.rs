@@ -27,6 +27,14 @@ struct Schedules {
     id: [u8; 8],
 }
 
+/// Keys are equal when they are one key: handles to the same schedules (the firmware generates
+/// each guest's key once and hands out clones of it).
+impl PartialEq for GuestKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl std::fmt::Debug for GuestKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material; the id tells keys apart in logs.
@@ -79,11 +87,6 @@ impl GuestKey {
             tweak: Aes128::new(GenericArray::from_slice(&k[16..])),
             id,
         }))
-    }
-
-    /// Whether `other` is this very key (a handle to the same schedules), not merely equal.
-    pub fn is(&self, other: &GuestKey) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
     }
 
     fn tweaks(&self, pfn: Pfn) -> Vec<Block> {

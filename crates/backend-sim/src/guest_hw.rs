@@ -197,7 +197,7 @@ impl Hw {
         if private {
             let key = self.key_for(asid)?;
             self.mem.write_encrypted(pfn, &key, data)?;
-            self.dirty.insert(pfn.0, asid);
+            self.dirty.set(pfn.0, &asid);
         } else {
             self.mem.write(pfn, data)?;
         }
@@ -583,7 +583,7 @@ impl Hw {
             // Free the runs between refused frames; leak the refused ones.
             let mut from = p;
             for &r in &refused {
-                self.clean(from, r.0 - from);
+                self.dirty.remove(from, r.0);
                 self.free_frames(Pfn(from), r.0 - from);
                 if !self.mem.is_leaked(r) {
                     self.leak_page(r);
@@ -591,7 +591,7 @@ impl Hw {
                 leaked.push((Gfn(e.gfn.0 + (r.0 - e.pfn.0)), r));
                 from = r.0 + 1;
             }
-            self.clean(from, p + k - from);
+            self.dirty.remove(from, p + k);
             self.free_frames(Pfn(from), p + k - from);
             p += k;
         }

@@ -18,7 +18,7 @@ pub use crate::error::SimError;
 use crate::fault::{FaultCode, FaultOp, FaultPlan};
 use crate::firmware::{Firmware, Handle, PageState, page_state};
 use crate::measure::LaunchDigest;
-use crate::memory::{DEFAULT_FIRST_PFN, GuestMemfd, HostMemory, TIB};
+use crate::memory::{DEFAULT_FIRST_PFN, GuestMemfd, HostMemory, LabelledFrames, TIB};
 use crate::rmp::{PageSize, Rmp, RmpEntry, RmpRet, RmpState};
 use crate::trace::{Trace, TraceEvent};
 
@@ -254,8 +254,9 @@ pub(crate) struct Hw {
     pub faults: FaultPlan,
     pub stats: Stats,
     pub guests: HashMap<u32, GuestSlot>,
-    /// Frames with lines cached dirty under an ASID's key.
-    pub dirty: HashMap<u64, u32>,
+    /// Frames with lines cached dirty under an ASID's key, labelled with the ASID (runs of
+    /// frames: a launch or a guest writing its memory dirties long runs).
+    pub dirty: LabelledFrames<u32>,
     /// See [`MachineConfig::gmem_2m_folios`].
     pub gmem_2m_folios: bool,
     /// The host's direct map, which host writes go through.
@@ -355,7 +356,7 @@ impl Hw {
         let bookkeeping = self.mem.bookkeeping_bytes()
             + self.rmp.footprint_bytes()
             + gmem
-            + self.dirty.capacity() * 24
+            + self.dirty.bytes()
             + self.direct_map.bytes();
         (bookkeeping, bookkeeping + self.mem.contents_bytes())
     }
@@ -431,9 +432,7 @@ impl Hw {
         if self.rmp.entry(pfn).assigned {
             self.stats.freed_while_assigned += 1;
         }
-        if self.dirty.remove(&pfn.0).is_some() {
-            self.stats.freed_unflushed += 1;
-        }
+        self.stats.freed_unflushed += self.dirty.remove(pfn.0, pfn.0 + 1);
         if self.mem.free(pfn).is_err() {
             self.stats.bad_frees += 1;
         }
@@ -446,29 +445,13 @@ impl Hw {
             return;
         }
         self.stats.freed_while_assigned += self.rmp.assigned_frames(pfn, n);
-        let before = self.dirty.len();
-        self.clean(pfn.0, n);
-        self.stats.freed_unflushed += (before - self.dirty.len()) as u64;
+        self.stats.freed_unflushed += self.dirty.remove(pfn.0, pfn.0 + n);
         if self.mem.free_run(pfn, n).is_err() {
             for p in pfn.0..pfn.0 + n {
                 if self.mem.free(Pfn(p)).is_err() {
                     self.stats.bad_frees += 1;
                 }
             }
-        }
-    }
-
-    /// Forget the dirty cache lines of frames `[pfn, pfn + n)` (they were flushed).
-    pub(crate) fn clean(&mut self, pfn: u64, n: u64) {
-        if self.dirty.is_empty() || n == 0 {
-            return;
-        }
-        if (n as usize) < self.dirty.len() {
-            for p in pfn..pfn + n {
-                self.dirty.remove(&p);
-            }
-        } else {
-            self.dirty.retain(|&p, _| !(pfn..pfn + n).contains(&p));
         }
     }
 
@@ -643,9 +626,7 @@ impl Hw {
             });
         }
         self.charge(CostOp::VmPageFlush, 0, || format!("pfn {pfn} asid {asid}"));
-        if self.dirty.get(&pfn.0) == Some(&asid) {
-            self.dirty.remove(&pfn.0);
-        }
+        self.dirty.remove_label(pfn.0, pfn.0 + 1, &asid);
         Ok(())
     }
 
@@ -671,7 +652,7 @@ impl Machine {
             faults: config.faults,
             stats: Stats::default(),
             guests: HashMap::new(),
-            dirty: HashMap::new(),
+            dirty: LabelledFrames::default(),
             gmem_2m_folios: config.gmem_2m_folios,
             direct_map: DirectMap::new(config.direct_map),
             memory_budget: config.memory_budget,
@@ -892,7 +873,7 @@ impl Machine {
 
     /// Frames whose cache lines are dirty under a guest key.
     pub fn dirty_frames(&self) -> usize {
-        self.hw().dirty.len()
+        self.hw().dirty.frames() as usize
     }
 
     /// The launch digest of the guest with `asid`, once its launch finished.

@@ -73,12 +73,12 @@ pub struct HostMemory {
     allocated_frames: u64,
     leaked: RangeSet,
     data: HashMap<u64, Box<PageBuf>>,
-    /// The frames that hold a page of zeros encrypted with a key at the frame's address, by
-    /// key. Launched pages of zeros are common (an IGVM file's data-less pages: up to a
-    /// gibibyte of them) and a guest clears the pages it owns; their ciphertext is the same
-    /// whenever it is computed, so a run of them costs one interval, not 4 KiB a frame. A frame
-    /// is in at most one set, and never also in `data`.
-    encrypted_zeros: Vec<(GuestKey, RangeSet)>,
+    /// The frames that hold a page of zeros encrypted with a key at the frame's address,
+    /// labelled with the key. Launched pages of zeros are common (an IGVM file's data-less
+    /// pages: up to a gibibyte of them) and a guest clears the pages it owns; their ciphertext
+    /// is the same whenever it is computed, so a run of them costs one interval, not 4 KiB a
+    /// frame. A frame here is never also in `data`.
+    encrypted_zeros: LabelledFrames<GuestKey>,
     peak_allocated: u64,
     peak_data: usize,
 }
@@ -97,7 +97,7 @@ impl HostMemory {
             allocated_frames: 0,
             leaked: RangeSet::default(),
             data: HashMap::new(),
-            encrypted_zeros: Vec::new(),
+            encrypted_zeros: LabelledFrames::default(),
             peak_allocated: 0,
             peak_data: 0,
         }
@@ -147,7 +147,7 @@ impl HostMemory {
 
     /// Forget the contents of `[start, start + n)`.
     fn drop_data(&mut self, start: u64, n: u64) {
-        self.forget_encrypted_zeros(start, start + n, None);
+        self.encrypted_zeros.remove(start, start + n);
         if self.data.is_empty() {
             return;
         }
@@ -158,27 +158,6 @@ impl HostMemory {
         } else {
             self.data.retain(|&p, _| !(start..start + n).contains(&p));
         }
-    }
-
-    /// Take frames `[start, end)` out of every key's encrypted zeros but `keep`'s.
-    fn forget_encrypted_zeros(&mut self, start: u64, end: u64, keep: Option<&GuestKey>) {
-        if self.encrypted_zeros.is_empty() {
-            return;
-        }
-        for (key, frames) in &mut self.encrypted_zeros {
-            if !keep.is_some_and(|k| k.is(key)) {
-                frames.remove(start, end);
-            }
-        }
-        self.encrypted_zeros.retain(|(_, frames)| frames.intervals() > 0);
-    }
-
-    /// The key whose page of zeros frame `p` holds, if it holds one.
-    fn encrypted_zeros_key(&self, p: u64) -> Option<&GuestKey> {
-        self.encrypted_zeros
-            .iter()
-            .find(|(_, frames)| frames.contains(p))
-            .map(|(key, _)| key)
     }
 
     /// Allocate one zeroed frame: the most recently freed one, else the next never-used one
@@ -369,7 +348,7 @@ impl HostMemory {
             out.copy_from_slice(&d[..]);
         } else {
             out.fill(0);
-            if let Some(key) = self.encrypted_zeros_key(pfn.0) {
+            if let Some(key) = self.encrypted_zeros.label(pfn.0) {
                 key.encrypt(pfn, out);
             }
         }
@@ -380,7 +359,7 @@ impl HostMemory {
     /// zeros this very key encrypted reads back as zeros without computing its ciphertext.
     pub fn read_decrypted(&self, pfn: Pfn, key: &GuestKey, out: &mut PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
-        if self.encrypted_zeros_key(pfn.0).is_some_and(|k| k.is(key)) {
+        if self.encrypted_zeros.label(pfn.0) == Some(key) {
             out.fill(0);
             return Ok(());
         }
@@ -392,7 +371,7 @@ impl HostMemory {
     /// Store raw bytes into a frame. An all-zero frame gives its storage back.
     pub fn write(&mut self, pfn: Pfn, data: &PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
-        self.forget_encrypted_zeros(pfn.0, pfn.0 + 1, None);
+        self.encrypted_zeros.remove(pfn.0, pfn.0 + 1);
         if is_zero(data) {
             self.data.remove(&pfn.0);
         } else {
@@ -414,15 +393,7 @@ impl HostMemory {
         self.check(pfn)?;
         if is_zero(plain) {
             self.data.remove(&pfn.0);
-            self.forget_encrypted_zeros(pfn.0, pfn.0 + 1, Some(key));
-            match self.encrypted_zeros.iter_mut().find(|(k, _)| k.is(key)) {
-                Some((_, frames)) => frames.insert(pfn.0, pfn.0 + 1),
-                None => {
-                    let mut frames = RangeSet::default();
-                    frames.insert(pfn.0, pfn.0 + 1);
-                    self.encrypted_zeros.push((key.clone(), frames));
-                }
-            }
+            self.encrypted_zeros.set(pfn.0, key);
             return Ok(());
         }
         let mut page = *plain;
@@ -439,11 +410,7 @@ impl HostMemory {
     /// of frame contents, not the contents themselves).
     pub fn bookkeeping_bytes(&self) -> usize {
         self.data.capacity() * (8 + 8 + 8)
-            + self
-                .encrypted_zeros
-                .iter()
-                .map(|(_, f)| 8 + 24 + f.bytes())
-                .sum::<usize>()
+            + self.encrypted_zeros.bytes()
             + self.allocated.bytes()
             + self.leaked.bytes()
             + self.free.capacity() * 16
@@ -550,6 +517,83 @@ impl RangeSet {
     /// Approximate bytes of the set (a B-tree entry of two `u64`s and its share of a node).
     pub fn bytes(&self) -> usize {
         self.map.len() * 24
+    }
+}
+
+/// Frames each labelled with at most one `K` (a key, an ASID), kept as runs of frames per
+/// label, so a label shared by a million consecutive frames costs one interval. Labels are
+/// few (one per guest), so they are searched in order.
+#[derive(Clone, Debug)]
+pub struct LabelledFrames<K> {
+    sets: Vec<(K, RangeSet)>,
+}
+
+impl<K> Default for LabelledFrames<K> {
+    fn default() -> Self {
+        Self { sets: Vec::new() }
+    }
+}
+
+impl<K: Clone + PartialEq> LabelledFrames<K> {
+    /// Frame `p`'s label, if it has one.
+    pub fn label(&self, p: u64) -> Option<&K> {
+        self.sets.iter().find(|(_, f)| f.contains(p)).map(|(k, _)| k)
+    }
+
+    /// Label frame `p` with `k` (in place of any label it had).
+    pub fn set(&mut self, p: u64, k: &K) {
+        self.remove_where(p, p + 1, |l| l != k);
+        match self.sets.iter_mut().find(|(l, _)| l == k) {
+            Some((_, frames)) => frames.insert(p, p + 1),
+            None => {
+                let mut frames = RangeSet::default();
+                frames.insert(p, p + 1);
+                self.sets.push((k.clone(), frames));
+            }
+        }
+    }
+
+    /// Take the labels of frames `[start, end)`; returns how many frames had one.
+    pub fn remove(&mut self, start: u64, end: u64) -> u64 {
+        self.remove_where(start, end, |_| true)
+    }
+
+    /// Take the label of those frames of `[start, end)` labelled `k`; returns how many were.
+    pub fn remove_label(&mut self, start: u64, end: u64, k: &K) -> u64 {
+        self.remove_where(start, end, |l| l == k)
+    }
+
+    fn remove_where(&mut self, start: u64, end: u64, which: impl Fn(&K) -> bool) -> u64 {
+        let mut removed = 0;
+        for (label, frames) in &mut self.sets {
+            if which(label) {
+                removed += frames.count(start, end);
+                frames.remove(start, end);
+            }
+        }
+        self.sets.retain(|(_, frames)| frames.intervals() > 0);
+        removed
+    }
+
+    /// Take every label.
+    pub fn clear(&mut self) {
+        self.sets.clear();
+    }
+
+    /// How many frames have a label.
+    pub fn frames(&self) -> u64 {
+        self.sets
+            .iter()
+            .map(|(_, f)| f.iter().map(|(s, e)| e - s).sum::<u64>())
+            .sum()
+    }
+
+    /// Approximate bytes: each label's entry and its intervals.
+    pub fn bytes(&self) -> usize {
+        self.sets
+            .iter()
+            .map(|(_, f)| size_of::<(K, RangeSet)>() + f.bytes())
+            .sum()
     }
 }
 
@@ -949,6 +993,27 @@ mod tests {
             again.0 < first.0 + n && raw == [0; 4096],
             "freed frames forget their key"
         );
+    }
+
+    /// What the dirty-line tracking and the encrypted zeros rely on: one label per frame, the
+    /// counts a free reports as unflushed, and a run costing one interval.
+    #[test]
+    fn labelled_frames_hold_one_label_per_frame_as_runs() {
+        let mut l = LabelledFrames::<u32>::default();
+        for p in 100..200 {
+            l.set(p, &1);
+        }
+        assert_eq!((l.frames(), l.bytes()), (100, size_of::<(u32, RangeSet)>() + 24));
+        l.set(150, &2);
+        assert_eq!((l.label(149), l.label(150), l.label(200)), (Some(&1), Some(&2), None));
+        assert_eq!(l.frames(), 100, "relabelled, not added");
+        assert_eq!(l.remove_label(140, 160, &1), 19, "only label 1's frames");
+        assert_eq!(l.label(150), Some(&2));
+        assert_eq!(l.remove(0, 1000), 81);
+        assert_eq!((l.frames(), l.bytes()), (0, 0), "an emptied label goes");
+        l.set(7, &3);
+        l.clear();
+        assert_eq!(l.label(7), None);
     }
 
     #[test]

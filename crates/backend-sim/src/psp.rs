@@ -106,7 +106,7 @@ impl Hw {
         self.charge(CostOp::SevLaunchUpdate, asid, || format!("{cmd} pfn {pfn}"));
         let r = self.fw.sev_launch_update_range(&mut self.mem, h, pfn, off, len);
         self.fw_result(cmd, r)?;
-        self.dirty.insert(pfn.0, asid);
+        self.dirty.set(pfn.0, &asid);
         Ok(())
     }
 
@@ -129,7 +129,7 @@ impl Hw {
         // The GPA is only for the trace: the command measures the RMP entry's GPA.
         let r = fw.snp_launch_update(rmp, mem, Pfn(h.0), pfn, ty);
         self.fw_result("SNP_LAUNCH_UPDATE", r)?;
-        self.dirty.insert(pfn.0, asid);
+        self.dirty.set(pfn.0, &asid);
         Ok(())
     }
 
