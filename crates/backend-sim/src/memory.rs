@@ -1005,7 +1005,10 @@ mod tests {
         }
         assert_eq!((l.frames(), l.bytes()), (100, size_of::<(u32, RangeSet)>() + 24));
         l.set(150, &2);
-        assert_eq!((l.label(149), l.label(150), l.label(200)), (Some(&1), Some(&2), None));
+        assert_eq!(
+            (l.label(149), l.label(150), l.label(200)),
+            (Some(&1), Some(&2), None)
+        );
         assert_eq!(l.frames(), 100, "relabelled, not added");
         assert_eq!(l.remove_label(140, 160, &1), 19, "only label 1's frames");
         assert_eq!(l.label(150), Some(&2));

@@ -5,8 +5,10 @@
 
 mod measure_support;
 
+use std::process::Command;
+
 use measure_support::{
-    DEBIAN_OVMF, assert_refused, fixtures, mkfifo, scratch, stderr, stdout, vmm, vmm_within,
+    DEBIAN_OVMF, assert_refused, fixtures, mkfifo, output_within, scratch, stderr, stdout, vmm, vmm_within,
 };
 use serde_json::Value;
 
@@ -842,6 +844,37 @@ fn fifos_and_devices_as_input_files_are_refused_at_once() {
 /// One page-state action of 2^34 pages ran past the watchdog, which only looks between
 /// actions: an action that covers pages past the end of guest memory is refused when the
 /// script meets the memory size, before anything runs.
+/// A vCPU thread the host will not start ended the process in a panic inside the thread
+/// scope, which then waited forever for the vCPUs already started (parked until AP creation):
+/// `vmm run` hung. Now the run ends with an error naming the vCPU, the started threads are
+/// kicked out, and everything is torn down. The address space is capped (`ulimit -v`, with
+/// one malloc arena so that thread stacks, not arenas, run out first) for 64 vCPUs.
+#[test]
+fn a_vcpu_thread_the_host_cannot_start_ends_the_run_instead_of_hanging() {
+    let out = output_within(
+        std::time::Duration::from_secs(60),
+        Command::new("sh")
+            .args(["-c", "ulimit -v 200000 && exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_vmm"))
+            .args(["run", "--vcpus", "64", "--memory", "130M", "--json"])
+            .env("MALLOC_ARENA_MAX", "1"),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let s: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let end = &s["guest_run"]["end"];
+    assert_eq!(end["end"], "error", "{end}");
+    let error = end["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!(
+            "vCPU {}: its thread could not be started: ",
+            end["vcpu"]
+        )),
+        "{error}"
+    );
+    assert_eq!(s["teardown"]["frames_still_allocated"], 0, "{}", s["teardown"]);
+    assert_eq!(s["teardown"]["vmsas_leaked"], 0);
+}
+
 #[test]
 fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
     let script = guest_script(

@@ -570,12 +570,28 @@ pub fn run_vcpus<V: Vm>(
     });
     let kicks: Vec<<V::Vcpu as Vcpu>::Kick> = vcpus.iter().map(Vcpu::kicker).collect();
     let kick_all = || kicks.iter().for_each(Kick::kick);
-    let (polled, counts) = std::thread::scope(|s| {
+    let n = vcpus.len();
+    let (polled, mut counts) = std::thread::scope(|s| {
         let control = &control;
-        let handles: Vec<_> = vcpus
-            .into_iter()
-            .map(|mut vcpu| s.spawn(move || vcpu_loop(vm, &mut vcpu, control, progress)))
-            .collect();
+        let mut handles = Vec::with_capacity(n);
+        for (i, mut vcpu) in vcpus.into_iter().enumerate() {
+            // A thread the host will not start (out of threads or address space) ends the
+            // run; the threads already started are kicked out below. (`Scope::spawn` would
+            // panic, and the scope then waited forever for vCPUs parked until AP creation.)
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn_scoped(s, move || vcpu_loop(vm, &mut vcpu, control, progress));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    control.end(RunEnd::Error {
+                        vcpu: u32::try_from(i).unwrap_or(u32::MAX),
+                        error: format!("vCPU {i}: its thread could not be started: {e}"),
+                    });
+                    break;
+                }
+            }
+        }
         let mut polled = Ok(());
         let mut kicked = false;
         while control.left.load(Ordering::SeqCst) < handles.len() {
@@ -606,6 +622,8 @@ pub fn run_vcpus<V: Vm>(
             .collect();
         (polled, counts)
     });
+    // vCPUs whose thread never started made no exits.
+    counts.resize_with(n, VcpuExits::default);
     polled?;
     let end = control
         .end

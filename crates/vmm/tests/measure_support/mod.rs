@@ -174,16 +174,23 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.args(&args);
+    output_within(limit, &mut cmd)
+}
+
+/// Run `cmd`, killing it and failing the test if it has not exited after `limit`.
+#[track_caller]
+pub fn output_within(limit: std::time::Duration, cmd: &mut Command) -> Output {
     use std::io::Read;
     use std::process::Stdio;
-    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(&args)
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("the vmm binary runs");
+        .expect("the command runs");
     let drain = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut v = Vec::new();
@@ -201,7 +208,7 @@ where
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("vmm {args:?} still running after {limit:?}: it hangs");
+            panic!("{cmd:?} still running after {limit:?}: it hangs");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
