@@ -147,12 +147,12 @@ pub enum MeasureCommand {
 
 /// The flag that asks for a firmware's OVMF hash instead of a launch digest.
 #[derive(Clone, Debug, clap::Args)]
-pub struct OvmfHashFlag {
+struct OvmfHashFlag {
     /// Print the OVMF hash of --firmware instead of a launch digest: the SEV-SNP digest of the
     /// firmware's pages alone, which --snp-ovmf-hash takes (sev-snp-measure's --mode
     /// snp:ovmf-hash). No other option applies.
     #[arg(long)]
-    pub ovmf_hash_only: bool,
+    ovmf_hash_only: bool,
 }
 
 /// `vmm measure --firmware FILE --ovmf-hash-only`.
