@@ -28,6 +28,20 @@ pub fn parent_dir(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// Why `path` cannot name an output, if it cannot: `-`, which other tools take for standard
+/// output (here standard output carries the command's report, and the file would silently be
+/// one named `-`), or a path in a directory that does not exist.
+pub fn unusable(path: &Path) -> Option<String> {
+    if path.as_os_str() == "-" {
+        return Some(
+            "'-' is not standard output here (that carries the report): name a file (./- for one called '-')"
+                .to_owned(),
+        );
+    }
+    let dir = parent_dir(path);
+    (!dir.is_dir()).then(|| format!("the directory {} does not exist", dir.display()))
+}
+
 /// How a finished output takes its name.
 #[derive(Clone, Copy, Debug)]
 enum Naming {

@@ -206,17 +206,13 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
         path: out.clone(),
         rule,
     };
+    if let Some(rule) = crate::output::unusable(&args.output) {
+        return Err(output_err(rule));
+    }
     if let Ok(m) = args.output.symlink_metadata() {
         return Err(output_err(format!(
             "it exists ({}); vmm igvm never overwrites anything",
             vmsa_host::input::file_type_name(m.file_type())
-        )));
-    }
-    let dir = crate::output::parent_dir(&args.output);
-    if !dir.is_dir() {
-        return Err(output_err(format!(
-            "the directory {} does not exist",
-            dir.display()
         )));
     }
     let (file, launches, digest) = match (&args.firmware, &args.guest) {

@@ -409,7 +409,10 @@ fn dump_vmsa_refuses_to_overwrite_and_leaves_nothing_behind() {
         &["--dump-vmsa", "not a directory"],
     );
     let orphan = root.join("no/such/dir");
-    refused(&with(&["--dump-vmsa", &s(&orphan)]), &["--dump-vmsa", "parent"]);
+    refused(
+        &with(&["--dump-vmsa", &s(&orphan)]),
+        &["--dump-vmsa", "does not exist"],
+    );
     // A bad input with a valid dump directory: the directory is not created.
     let fresh = root.join("fresh");
     refused(

@@ -875,6 +875,43 @@ fn a_vcpu_thread_the_host_cannot_start_ends_the_run_instead_of_hanging() {
     assert_eq!(s["teardown"]["vmsas_leaked"], 0);
 }
 
+/// `-`, which other tools take for standard output, was written as a file named `-` in the
+/// working directory by `--trace -`, `vmm igvm -o -` and `--dump-vmsa -`. Each is refused in
+/// one line (standard output carries the report here), and nothing is created.
+#[test]
+fn a_dash_output_is_refused_not_written_as_a_file_named_dash() {
+    let dir = scratch("dash-output");
+    let cases: [&[&str]; 3] = [
+        &["run", "--trace", "-"],
+        &["igvm", "--firmware", DEBIAN_OVMF, "-o", "-"],
+        &[
+            "measure",
+            "--firmware",
+            DEBIAN_OVMF,
+            "--vcpus",
+            "1",
+            "--vcpu-type",
+            "EPYC",
+            "--dump-vmsa",
+            "-",
+        ],
+    ];
+    for args in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_refused(&out, &format!("{args:?}"), " -: '-' is not standard output here");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "{args:?} created a file"
+        );
+    }
+}
+
 #[test]
 fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
     let script = guest_script(

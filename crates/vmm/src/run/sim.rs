@@ -247,9 +247,8 @@ pub(super) fn run(
     };
     if let Some(trace) = &args.trace {
         let bad = |rule: String| RunError::Input(format!("--trace {}: {rule}", trace.display()));
-        let dir = crate::output::parent_dir(trace);
-        if !dir.is_dir() {
-            return Err(bad(format!("the directory {} does not exist", dir.display())));
+        if let Some(rule) = crate::output::unusable(trace) {
+            return Err(bad(rule));
         }
         let target = crate::output::replace_target(trace).map_err(|e| bad(e.to_string()))?;
         // The trace replaces the file at its path; never one this run reads.
