@@ -243,7 +243,7 @@ mod tests {
             (file.clone(), "exists and is a regular file, not a directory"),
             (fifo.clone(), "exists and is a FIFO, not a directory"),
             (dangling.clone(), "is a symbolic link to nothing"),
-            (root.join("missing/out"), "parent"),
+            (root.join("missing/out"), "does not exist"),
             (PathBuf::from("/"), "must name"),
             (root.join(".."), "must name"),
         ] {
