@@ -42,6 +42,16 @@ pub enum InputError {
         /// The OS error.
         source: io::Error,
     },
+    /// `-`, which other tools take for standard input: inputs here are regular files.
+    #[error(
+        "{option} -: standard input is not read: {what} must be a regular file (./- names a file called '-')"
+    )]
+    StandardInput {
+        /// The option the path was given with.
+        option: String,
+        /// What the file should hold.
+        what: &'static str,
+    },
     /// Not a regular file.
     #[error(
         "{option} {}: is {file_type}, not a regular file: {what} must be a regular file (its size must be known \
@@ -144,6 +154,12 @@ impl InputFile {
     /// Open `path`, given with `option` (e.g. `"--costs"`), as an input of `kind`: without
     /// blocking, refusing anything but a regular file of at most `kind.limit` bytes.
     pub fn open(option: &str, path: &Path, kind: InputKind) -> Result<Self, InputError> {
+        if path.as_os_str() == "-" {
+            return Err(InputError::StandardInput {
+                option: option.to_owned(),
+                what: kind.what,
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
@@ -353,6 +369,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("--x /no/such/file: cannot read it"), "{e}");
+        // `-` read as a file called `-` (or refused as missing): it is standard input to a
+        // user of other tools; refused as such, whatever the working directory holds.
+        let e = read("--x", Path::new("-"), KIND).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--x -: standard input is not read: a test file must be a regular file (./- names a file called '-')"
+        );
     }
 
     #[test]
