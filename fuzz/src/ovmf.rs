@@ -13,7 +13,8 @@
 //! descriptors' bytes under a version-1 `ASEV` header, and the image maps to end at 4 GiB; a
 //! refusal is one line. A plan built from it has the image first, one VMSA per vCPU, and
 //! every data range 4 KiB aligned (but the SEV-ES hash table) and below 4 GiB without
-//! overlaps; small plans are measured too.
+//! overlaps; small plans are measured too, and an SNP plan's digest continued from the
+//! image's OVMF hash (`--snp-ovmf-hash`) is its digest.
 
 use vmm::measure::VcpuCount;
 use vmm::measure::ovmf::{
@@ -21,7 +22,7 @@ use vmm::measure::ovmf::{
     OVMF_SEV_METADATA_GUID, OVMF_TABLE_FOOTER_GUID, Ovmf, SEV_ES_RESET_BLOCK_GUID, SEV_HASH_TABLE_RV_GUID,
     TABLE_END_FROM_IMAGE_END, TABLE_ENTRY_HEADER_SIZE, check_image_size,
 };
-use vmm::measure::plan::{LaunchPlan, PlanConfig};
+use vmm::measure::plan::{LaunchPlan, PlanConfig, ovmf_hash};
 use vmm::measure::vmm_types::VMM_TYPES;
 use vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
 use vmsa_core::{PAGE_SIZE, VmKind};
@@ -176,6 +177,12 @@ fn plan(ovmf: &Ovmf, flags: u8) {
         one_line(w);
     }
     if pages <= MEASURE_PAGES {
-        let _ = plan.measure();
+        let digest = plan.measure();
+        // The chain continued from the firmware's OVMF hash is the whole launch's (SNP);
+        // SEV-ES has no such point.
+        match kind {
+            VmKind::Snp => assert_eq!(plan.measure_after(ovmf_hash(ovmf)), Some(digest)),
+            VmKind::SevEs => assert_eq!(plan.measure_after(ovmf_hash(ovmf)), None),
+        }
     }
 }
