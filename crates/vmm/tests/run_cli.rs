@@ -8,7 +8,8 @@ mod measure_support;
 use std::process::Command;
 
 use measure_support::{
-    DEBIAN_OVMF, assert_refused, fixtures, mkfifo, output_within, scratch, stderr, stdout, vmm, vmm_within,
+    DEBIAN_OVMF, assert_refused, fixture_path, fixtures, mkfifo, output_within, scratch, stderr, stdout, vmm,
+    vmm_within,
 };
 use serde_json::Value;
 
@@ -293,6 +294,78 @@ fn a_firmware_launch_reaches_sev_snp_measures_digest() {
         let out = stdout(&vmm(&m));
         assert_eq!(out.lines().last(), case["digest"].as_str());
     }
+}
+
+/// A direct kernel boot launched on the simulator (`--firmware` with `--kernel`, `--initrd`,
+/// `--append`) puts the hash table into the launch as sev-snp-measure measures it: every
+/// QEMU kernel case of the fixtures (SEV-SNP and SEV-ES, the synthetic firmware that has the
+/// table) reaches sev-snp-measure's digest. The options need what they apply to, Debian's
+/// OVMF (no SNP_KERNEL_HASHES) is refused in one line, and --trace cannot replace the kernel.
+#[test]
+fn a_direct_kernel_boot_launch_reaches_sev_snp_measures_digest() {
+    let cases: Vec<&Value> = fixtures()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c.get("kernel").is_some() && c["vmm_type"] == "qemu" && c["dump"] == false)
+        .collect();
+    assert!(cases.len() >= 10, "{} kernel cases", cases.len());
+    for case in &cases {
+        let path = |k: &str| case.get(k).and_then(Value::as_str).map(fixture_path);
+        let (firmware, kernel) = (path("firmware").unwrap(), path("kernel").unwrap());
+        let n = case["vcpus"].to_string();
+        let mut args = vec![
+            "--firmware".to_owned(),
+            firmware.display().to_string(),
+            "--kernel".to_owned(),
+            kernel.display().to_string(),
+            "--vcpus".to_owned(),
+            n,
+            "--vcpu-type".to_owned(),
+            case["vcpu_type"].as_str().unwrap().to_owned(),
+            "--memory".to_owned(),
+            "64M".to_owned(),
+        ];
+        if let Some(i) = path("initrd") {
+            args.extend(["--initrd".to_owned(), i.display().to_string()]);
+        }
+        if let Some(a) = case.get("append").and_then(Value::as_str) {
+            args.extend(["--append".to_owned(), a.to_owned()]);
+        }
+        if case["mode"] == "sev-es" {
+            args.push("--sev-es".to_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (s, code) = run_json(&args);
+        assert_eq!(code, 0, "case {}: {s:#}", case["id"]);
+        assert_eq!(s["launch"]["digest"], case["digest"], "case {}", case["id"]);
+        assert_eq!(s["launch"]["digest_matches"], true);
+    }
+    let kernel = fixture_path("kernel.bin");
+    let kernel = kernel.to_str().unwrap();
+    let refused = |args: &[&str], needle: &str| {
+        let mut a = vec!["run"];
+        a.extend_from_slice(args);
+        assert_refused(&vmm(&a), &format!("{a:?}"), needle);
+    };
+    refused(&["--kernel", kernel], "--firmware");
+    refused(&["--firmware", DEBIAN_OVMF, "--initrd", kernel], "--kernel");
+    refused(
+        &["--firmware", DEBIAN_OVMF, "--kernel", kernel],
+        "has no SNP_KERNEL_HASHES metadata section",
+    );
+    let synthetic = fixture_path("synthetic-hashes.fd");
+    refused(
+        &[
+            "--firmware",
+            synthetic.to_str().unwrap(),
+            "--kernel",
+            kernel,
+            "--trace",
+            kernel,
+        ],
+        "is the file given as --kernel",
+    );
 }
 
 #[test]

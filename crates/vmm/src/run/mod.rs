@@ -83,6 +83,17 @@ pub struct RunArgs {
     /// whose program then runs on real vCPUs instead of --guest's.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["firmware", "sev_es"])]
     pub igvm: Option<PathBuf>,
+    /// With --firmware: a direct boot's kernel, whose hash (with --initrd's and --append's)
+    /// the launch puts into the firmware's SEV hash table, as `vmm measure --kernel` measures
+    /// it (the firmware must have the table: SNP_KERNEL_HASHES for SEV-SNP). Simulator only.
+    #[arg(long, value_name = "K", requires = "firmware")]
+    pub kernel: Option<PathBuf>,
+    /// With --kernel: the initrd of the direct boot.
+    #[arg(long, value_name = "I", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// With --kernel: the kernel command line of the direct boot.
+    #[arg(long, value_name = "CMDLINE", requires = "kernel")]
+    pub append: Option<String>,
     /// With --igvm: launch the classic KVM way instead: the VP context's registers set on every
     /// vCPU, KVM syncing each vCPU's VMSA at launch finish (the digest can equal `vmm measure
     /// --igvm --check-kvm`'s only for a file that passes its rules, with one vCPU).
