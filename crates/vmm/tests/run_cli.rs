@@ -954,24 +954,15 @@ fn a_vcpu_thread_the_host_cannot_start_ends_the_run_instead_of_hanging() {
 #[test]
 fn a_dash_output_is_refused_not_written_as_a_file_named_dash() {
     let dir = scratch("dash-output");
-    let cases: [&[&str]; 3] = [
-        &["run", "--trace", "-"],
-        &["igvm", "--firmware", DEBIAN_OVMF, "-o", "-"],
-        &[
-            "measure",
-            "--firmware",
-            DEBIAN_OVMF,
-            "--vcpus",
-            "1",
-            "--vcpu-type",
-            "EPYC",
-            "--dump-vmsa",
-            "-",
-        ],
+    let cases = [
+        "run --trace -".to_owned(),
+        format!("igvm --firmware {DEBIAN_OVMF} -o -"),
+        format!("measure --firmware {DEBIAN_OVMF} --vcpus 1 --vcpu-type EPYC --dump-vmsa -"),
     ];
-    for args in cases {
+    for line in cases {
+        let args: Vec<&str> = line.split_whitespace().collect();
         let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
-            .args(args)
+            .args(&args)
             .current_dir(&dir)
             .output()
             .unwrap();
