@@ -38,7 +38,8 @@ enum Command {
 /// a failed write is dropped and the code still says what happened.
 macro_rules! say {
     ($($arg:tt)*) => {{
-        let mut line = format!($($arg)*);
+        // Control characters (a newline in a path, say) are shown escaped: one message, one line.
+        let mut line = vmsa_host::input::one_line(&format!($($arg)*)).into_owned();
         line.push('\n');
         let _ = std::io::stderr().write_all(line.as_bytes());
     }};
@@ -48,7 +49,7 @@ macro_rules! say {
 const EXIT_USAGE: u8 = 2;
 
 /// One line from a clap error: its message lines before the usage block, without tips.
-fn one_line(e: &clap::Error) -> String {
+fn clap_message(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
     let msg: Vec<&str> = rendered
         .lines()
@@ -115,13 +116,13 @@ fn main() -> ExitCode {
         Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
             // clap's message names no argument; find the one that is not text.
             let args: Vec<_> = std::env::args_os().skip(1).collect();
-            let line =
-                not_utf8(&<Cli as clap::CommandFactory>::command(), &args).unwrap_or_else(|| one_line(&e));
+            let line = not_utf8(&<Cli as clap::CommandFactory>::command(), &args)
+                .unwrap_or_else(|| clap_message(&e));
             say!("vmm: {line}");
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
-            say!("vmm: {}", one_line(&e));
+            say!("vmm: {}", clap_message(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -976,6 +976,29 @@ fn a_dash_output_is_refused_not_written_as_a_file_named_dash() {
     }
 }
 
+/// A newline in a path split the refusal naming it over two lines (`vmm run --trace`, `vmm
+/// igvm -o`, and every error that quotes a path): each stderr line of `vmm` shows control
+/// characters escaped.
+#[test]
+fn control_characters_in_a_path_are_escaped_in_its_one_line_refusal() {
+    for args in [
+        vec!["run", "--trace", "/no/such/dir/a\nb"],
+        vec!["igvm", "--firmware", DEBIAN_OVMF, "-o", "/no/such/dir/a\nb"],
+        vec![
+            "measure",
+            "--firmware",
+            "/no/such\tfile\n",
+            "--vcpus",
+            "1",
+            "--vcpu-type",
+            "EPYC",
+        ],
+    ] {
+        let out = vmm(&args);
+        assert_refused(&out, &format!("{args:?}"), "\\n");
+    }
+}
+
 #[test]
 fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
     let script = guest_script(
