@@ -43,6 +43,7 @@ fn write(dir: &Path, name: &str, guest: Option<&str>, firmware: Option<&str>) ->
         vcpu_type: "EPYC-v4".parse().unwrap(),
         vmm_type: "qemu".parse().unwrap(),
         guest_features: None,
+        boot: Default::default(),
         json: false,
     })
     .unwrap_or_else(|e| panic!("vmm igvm: {e}"));

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use backend_kvm::guest::builtin::ap_creation_igvm;
 use vmsa_core::VmKind;
 
-use crate::measure::command::{DEFAULT_SNP_GUEST_FEATURES, plan_input, read_firmware};
+use crate::measure::command::{DEFAULT_SNP_GUEST_FEATURES, DirectBoot, plan_input, read_firmware};
 use crate::measure::igvm::{IgvmMeasureOptions, guest_igvm_measured, plan_to_igvm};
 use crate::measure::parse_hex_u64;
 use crate::measure::plan::LaunchDigest;
@@ -70,6 +70,10 @@ pub struct IgvmArgs {
     /// as ambiguous: sev-snp-measure reads it as decimal).
     #[arg(long, value_name = "HEX", value_parser = parse_hex_u64, conflicts_with = "guest")]
     pub guest_features: Option<u64>,
+    /// With --firmware: a direct kernel boot (--kernel, --initrd, --append), whose hash table
+    /// the file's pages carry as `vmm measure` plans it.
+    #[command(flatten)]
+    pub boot: DirectBoot,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -84,6 +88,8 @@ pub enum Launches {
         path: PathBuf,
         /// `--vcpus`.
         vcpus: u32,
+        /// `--kernel`, whose hashes (with `--initrd`'s and `--append`'s) the file carries.
+        kernel: Option<PathBuf>,
     },
     /// One of backend-kvm's guest programs, for any vCPU count.
     Guest {
@@ -114,9 +120,14 @@ impl Written {
         let out = self.output.display();
         let native_zero = matches!(self.launches, Launches::Firmware { .. });
         if json {
-            let (firmware, guest, vcpus) = match &self.launches {
-                Launches::Firmware { path, vcpus } => (Some(path.display().to_string()), None, Some(*vcpus)),
-                Launches::Guest { name } => (None, Some(format!("builtin:{name}")), None),
+            let (firmware, guest, vcpus, kernel) = match &self.launches {
+                Launches::Firmware { path, vcpus, kernel } => (
+                    Some(path.display().to_string()),
+                    None,
+                    Some(*vcpus),
+                    kernel.as_ref().map(|k| k.display().to_string()),
+                ),
+                Launches::Guest { name } => (None, Some(format!("builtin:{name}")), None, None),
             };
             let doc = serde_json::json!({
                 "output": out.to_string(),
@@ -124,6 +135,7 @@ impl Written {
                 "firmware": firmware,
                 "guest": guest,
                 "vcpus": vcpus,
+                "kernel": kernel,
                 "algorithm": self.digest.algorithm(),
                 "digest": self.digest.hex(),
                 "digest_with_native_zero": native_zero,
@@ -131,7 +143,14 @@ impl Written {
             return format!("{doc}\n");
         }
         let what = match &self.launches {
-            Launches::Firmware { vcpus, .. } => format!("{vcpus} vCPU(s)"),
+            Launches::Firmware {
+                vcpus, kernel: None, ..
+            } => format!("{vcpus} vCPU(s)"),
+            Launches::Firmware {
+                vcpus,
+                kernel: Some(k),
+                ..
+            } => format!("{vcpus} vCPU(s), direct boot of {}", k.display()),
             Launches::Guest { name } => format!("backend-kvm guest program builtin:{name}, any vCPU count"),
         };
         let with = if native_zero { " with --native-zero" } else { "" };
@@ -201,6 +220,7 @@ impl WrapCommandError {
 
 /// Write the IGVM file; what was written, with its digest.
 pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
+    args.boot.check()?;
     let out = args.output.display().to_string();
     let output_err = |rule: String| WrapCommandError::Output {
         path: out.clone(),
@@ -225,10 +245,12 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
                 vmm_type: args.vmm_type,
                 guest_features: args.guest_features.unwrap_or(DEFAULT_SNP_GUEST_FEATURES),
             };
-            let plan = LaunchPlan::build(&ovmf, &config, None).map_err(|source| MeasureError::Plan {
-                input: plan_input(&source, firmware),
-                source,
-            })?;
+            let hashes = args.boot.hashes(&ovmf, VmKind::Snp, firmware)?;
+            let plan =
+                LaunchPlan::build(&ovmf, &config, hashes.as_ref()).map_err(|source| MeasureError::Plan {
+                    input: plan_input(&source, firmware),
+                    source,
+                })?;
             let file = plan_to_igvm(&plan).map_err(|source| WrapCommandError::Wrap {
                 input: format!("--firmware {}", firmware.display()),
                 source,
@@ -238,6 +260,7 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
                 Launches::Firmware {
                     path: firmware.clone(),
                     vcpus: args.vcpus.get(),
+                    kernel: args.boot.kernel.clone(),
                 },
                 plan.measure(),
             )

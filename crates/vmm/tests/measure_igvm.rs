@@ -64,12 +64,7 @@ fn json_out(args: &[&str]) -> Value {
 #[test]
 fn wrapped_ovmf_measures_as_sev_snp_measure_with_native_zero() {
     let dir = scratch("igvm-wrap");
-    let cases: Vec<&Value> = fixtures()["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["mode"] == "snp" && c["vcpus"].as_u64().unwrap() <= 64)
-        .collect();
+    let cases = fixture_cases(|c| c["mode"] == "snp" && c["vcpus"].as_u64().unwrap() <= 64);
     assert!(cases.len() >= 20, "{} SEV-SNP cases", cases.len());
     let mut debian_qemu = 0;
     for case in cases {

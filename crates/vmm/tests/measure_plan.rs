@@ -8,7 +8,6 @@ use std::collections::HashMap;
 
 use backend_sim::measure::{SevEsLaunchDigest, SnpLaunchDigest, hex as hexstr};
 use measure_support::*;
-use serde_json::Value;
 use vmm::measure::ovmf::Ovmf;
 use vmm::measure::{LaunchPlan, PlanConfig, VcpuCount};
 use vmsa_core::testing::TestPlatform;
@@ -58,12 +57,8 @@ fn replay(plan: &LaunchPlan) -> String {
 
 #[test]
 fn a_launch_through_vmsa_core_reaches_sev_snp_measures_digest() {
-    let cases: Vec<&Value> = fixtures()["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["dump"] == true && c["firmware"] == DEBIAN_OVMF && c.get("kernel").is_none())
-        .collect();
+    let cases =
+        fixture_cases(|c| c["dump"] == true && c["firmware"] == DEBIAN_OVMF && c.get("kernel").is_none());
     assert!(cases.len() >= 6, "one per mode and VMM type");
     let ovmf = Ovmf::parse(std::fs::read(DEBIAN_OVMF).unwrap()).unwrap();
     for c in cases {

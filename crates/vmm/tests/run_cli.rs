@@ -8,8 +8,8 @@ mod measure_support;
 use std::process::Command;
 
 use measure_support::{
-    DEBIAN_OVMF, assert_refused, fixture_path, fixtures, mkfifo, output_within, scratch, stderr, stdout, vmm,
-    vmm_within,
+    DEBIAN_OVMF, assert_refused, fixture_cases, fixture_path, fixtures, mkfifo, output_within, scratch,
+    stderr, stdout, vmm, vmm_within,
 };
 use serde_json::Value;
 
@@ -303,12 +303,7 @@ fn a_firmware_launch_reaches_sev_snp_measures_digest() {
 /// OVMF (no SNP_KERNEL_HASHES) is refused in one line, and --trace cannot replace the kernel.
 #[test]
 fn a_direct_kernel_boot_launch_reaches_sev_snp_measures_digest() {
-    let cases: Vec<&Value> = fixtures()["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c.get("kernel").is_some() && c["vmm_type"] == "qemu" && c["dump"] == false)
-        .collect();
+    let cases = fixture_cases(|c| c.get("kernel").is_some() && c["vmm_type"] == "qemu" && c["dump"] == false);
     assert!(cases.len() >= 10, "{} kernel cases", cases.len());
     for case in &cases {
         let path = |k: &str| case.get(k).and_then(Value::as_str).map(fixture_path);

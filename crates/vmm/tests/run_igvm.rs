@@ -15,7 +15,7 @@ use backend_kvm::guest::builtin::ap_creation_igvm;
 use igvm::snp_defs::SevVmsa;
 use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
 use igvm_defs::{IGVM_VHS_SUPPORTED_PLATFORM, IgvmPageDataFlags, IgvmPageDataType, IgvmPlatformType};
-use measure_support::{DEBIAN_OVMF, refused_with, scratch, stderr, stdout, vmm};
+use measure_support::{DEBIAN_OVMF, fixture_cases, fixture_path, refused_with, scratch, stderr, stdout, vmm};
 use serde_json::Value;
 use vmm::measure::igvm::{KVM_VMSA_GPA, guest_to_igvm, plan_to_igvm};
 use vmm::measure::ovmf::Ovmf;
@@ -223,6 +223,75 @@ fn classic_launch_compares_only_where_check_kvm_passes() {
         "{warnings}"
     );
     assert_eq!(s["launch"]["digest_matches"], false, "{s}");
+}
+
+/// `vmm igvm --firmware F --kernel K [--initrd I] [--append CMDLINE]` wraps a direct boot's
+/// launch: the file measures (`--native-zero`, as for any wrapped firmware) to sev-snp-measure's
+/// digest of the same direct boot, for every QEMU SEV-SNP kernel case of the fixtures, and says
+/// what it boots; --initrd without --kernel and a firmware without the table are refused.
+#[test]
+fn vmm_igvm_wraps_a_direct_kernel_boot_to_sev_snp_measures_digest() {
+    let dir = scratch("igvm-kernel");
+    let cases = fixture_cases(|c| c.get("kernel").is_some() && c["vmm_type"] == "qemu" && c["mode"] == "snp");
+    assert!(cases.len() >= 5, "{} kernel cases", cases.len());
+    for case in cases {
+        let id = case["id"].as_str().unwrap();
+        let out = dir.join(format!("{id}.igvm"));
+        let path = |k: &str| case.get(k).and_then(Value::as_str).map(fixture_path);
+        let mut args: Vec<String> = ["igvm", "--json", "-o", out.to_str().unwrap()]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        for (opt, p) in [
+            ("--firmware", path("firmware")),
+            ("--kernel", path("kernel")),
+            ("--initrd", path("initrd")),
+        ] {
+            if let Some(p) = p {
+                args.extend([opt.to_owned(), p.display().to_string()]);
+            }
+        }
+        if let Some(a) = case.get("append").and_then(Value::as_str) {
+            args.extend(["--append".to_owned(), a.to_owned()]);
+        }
+        args.extend(["--vcpus".to_owned(), case["vcpus"].to_string()]);
+        args.extend([
+            "--vcpu-type".to_owned(),
+            case["vcpu_type"].as_str().unwrap().to_owned(),
+        ]);
+        let o = vmm(&args);
+        assert_eq!(o.status.code(), Some(0), "case {id}: {}", stderr(&o));
+        let written: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(written["digest"], case["digest"], "case {id}");
+        assert_eq!(written["kernel"], path("kernel").unwrap().display().to_string());
+        assert_eq!(
+            measured(&out, &["--native-zero"]),
+            case["digest"].as_str().unwrap(),
+            "case {id}"
+        );
+    }
+    let o = dir.join("refused.igvm");
+    let o = o.to_str().unwrap();
+    refused_with(
+        &["igvm", "--guest", "builtin:boot", "--initrd", "x", "-o", o],
+        "--initrd",
+        "needs --kernel",
+    );
+    let kernel = fixture_path("kernel.bin");
+    refused_with(
+        &[
+            "igvm",
+            "--firmware",
+            DEBIAN_OVMF,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "-o",
+            o,
+        ],
+        "--firmware",
+        "has no SNP_KERNEL_HASHES metadata section",
+    );
+    assert!(!Path::new(o).exists());
 }
 
 #[test]

@@ -92,8 +92,26 @@ pub struct MeasureArgs {
     /// Measure an SEV-ES launch (SHA-256) instead of SEV-SNP (SHA-384).
     #[arg(long)]
     pub sev_es: bool,
-    /// Kernel for a direct boot: its hash goes into the firmware's SEV hash table.
-    #[arg(long, value_name = "K")]
+    /// A direct kernel boot: --kernel, --initrd, --append.
+    #[command(flatten)]
+    pub boot: DirectBoot,
+    /// Write the launch VMSAs as DIR/vmsa0.bin, vmsa1.bin, ... (DIR must not exist or be empty).
+    #[arg(long, value_name = "DIR")]
+    pub dump_vmsa: Option<PathBuf>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A direct kernel boot (QEMU's `-kernel`, `-initrd`, `-append` with `kernel-hashes=on`): the
+/// files whose hashes the launch puts into the firmware's SEV hash table. The same options for
+/// `vmm measure`, `vmm run --firmware` and `vmm igvm --firmware`, so that the three plan one
+/// launch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct DirectBoot {
+    /// Kernel for a direct boot: its hash goes into the firmware's SEV hash table (the firmware
+    /// must have the table: SNP_KERNEL_HASHES for SEV-SNP, as AmdSev OVMF builds do).
+    #[arg(long, value_name = "K", requires = "firmware")]
     pub kernel: Option<PathBuf>,
     /// Initrd for a direct boot (needs --kernel).
     #[arg(long, value_name = "I")]
@@ -101,12 +119,45 @@ pub struct MeasureArgs {
     /// Kernel command line for a direct boot (needs --kernel).
     #[arg(long, value_name = "CMDLINE")]
     pub append: Option<String>,
-    /// Write the launch VMSAs as DIR/vmsa0.bin, vmsa1.bin, ... (DIR must not exist or be empty).
-    #[arg(long, value_name = "DIR")]
-    pub dump_vmsa: Option<PathBuf>,
-    /// Print one JSON document instead of text.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl DirectBoot {
+    /// Refuse --initrd or --append without --kernel (before any file is read).
+    pub fn check(&self) -> Result<(), MeasureError> {
+        if self.kernel.is_none() {
+            if self.initrd.is_some() {
+                return Err(MeasureError::NeedsKernel { option: "initrd" });
+            }
+            if self.append.is_some() {
+                return Err(MeasureError::NeedsKernel { option: "append" });
+            }
+        }
+        Ok(())
+    }
+
+    /// The hash table's hashes for a `kind` launch of `ovmf` (read from `firmware`), or `None`
+    /// without --kernel. The firmware must have the table; the files are hashed as they are
+    /// read.
+    pub fn hashes(
+        &self,
+        ovmf: &Ovmf,
+        kind: VmKind,
+        firmware: &Path,
+    ) -> Result<Option<SevHashes>, MeasureError> {
+        self.check()?;
+        let Some(kernel) = &self.kernel else {
+            return Ok(None);
+        };
+        LaunchPlan::check_kernel_hashes(ovmf, kind).map_err(|source| MeasureError::Plan {
+            input: plan_input(&source, firmware),
+            source,
+        })?;
+        Ok(Some(SevHashes::from_files(
+            kernel,
+            self.initrd.as_deref(),
+            self.append.as_deref(),
+        )?))
+    }
 }
 
 /// The largest family a signature holds: BaseFamily 0xF plus an 8-bit ExtFamily.
@@ -280,14 +331,7 @@ pub(crate) fn plan_input(e: &PlanError, firmware: &Path) -> String {
 
 /// Run `vmm measure`: validate, plan, measure, dump, and render the output.
 pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
-    if args.kernel.is_none() {
-        if args.initrd.is_some() {
-            return Err(MeasureError::NeedsKernel { option: "initrd" });
-        }
-        if args.append.is_some() {
-            return Err(MeasureError::NeedsKernel { option: "append" });
-        }
-    }
+    args.boot.check()?;
     let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
     let guest_features = match (kind, args.guest_features) {
         (VmKind::SevEs, Some(v)) => {
@@ -313,20 +357,7 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         dump::check_dir(dir)?;
     }
     let ovmf = read_firmware(&args.firmware)?;
-    if args.kernel.is_some() {
-        LaunchPlan::check_kernel_hashes(&ovmf, kind).map_err(|source| MeasureError::Plan {
-            input: plan_input(&source, &args.firmware),
-            source,
-        })?;
-    }
-    let hashes = match &args.kernel {
-        None => None,
-        Some(k) => Some(SevHashes::from_files(
-            k,
-            args.initrd.as_deref(),
-            args.append.as_deref(),
-        )?),
-    };
+    let hashes = args.boot.hashes(&ovmf, kind, &args.firmware)?;
     let config = PlanConfig {
         kind,
         vcpus: args.vcpus,
@@ -465,12 +496,12 @@ fn render_text(
         config.vmm_type,
         config.guest_features
     );
-    if let Some(k) = &args.kernel {
+    if let Some(k) = &args.boot.kernel {
         out += &format!("kernel hashes: kernel {}", k.display());
-        if let Some(i) = &args.initrd {
+        if let Some(i) = &args.boot.initrd {
             out += &format!(", initrd {}", i.display());
         }
-        if let Some(a) = &args.append {
+        if let Some(a) = &args.boot.append {
             out += &format!(", cmdline {a:?}");
         }
         out += "\n";
@@ -518,9 +549,9 @@ fn render_json(
             "vcpu_signature": args.vcpu_model().map(|(_, sig)| format!("{sig:#x}")),
             "vmm_type": config.vmm_type.name(),
             "guest_features": format!("{:#x}", config.guest_features),
-            "kernel": path(&args.kernel),
-            "initrd": path(&args.initrd),
-            "append": args.append,
+            "kernel": path(&args.boot.kernel),
+            "initrd": path(&args.boot.initrd),
+            "append": args.boot.append,
             "snp_ovmf_hash": args.snp_ovmf_hash.map(|h| h.to_string()),
         },
         "pages": pages,

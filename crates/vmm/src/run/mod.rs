@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use vmsa_core::VmKind;
 
+use crate::measure::command::DirectBoot;
 use crate::measure::vcpu_types::VcpuType;
 use crate::measure::{MeasureError, VcpuCount};
 use crate::size::ByteSize;
@@ -83,17 +84,10 @@ pub struct RunArgs {
     /// whose program then runs on real vCPUs instead of --guest's.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["firmware", "sev_es"])]
     pub igvm: Option<PathBuf>,
-    /// With --firmware: a direct boot's kernel, whose hash (with --initrd's and --append's)
-    /// the launch puts into the firmware's SEV hash table, as `vmm measure --kernel` measures
-    /// it (the firmware must have the table: SNP_KERNEL_HASHES for SEV-SNP). Simulator only.
-    #[arg(long, value_name = "K", requires = "firmware")]
-    pub kernel: Option<PathBuf>,
-    /// With --kernel: the initrd of the direct boot.
-    #[arg(long, value_name = "I", requires = "kernel")]
-    pub initrd: Option<PathBuf>,
-    /// With --kernel: the kernel command line of the direct boot.
-    #[arg(long, value_name = "CMDLINE", requires = "kernel")]
-    pub append: Option<String>,
+    /// With --firmware: a direct kernel boot (--kernel, --initrd, --append), whose hash table
+    /// the launch measures as `vmm measure` does. Simulator only.
+    #[command(flatten)]
+    pub boot: DirectBoot,
     /// With --igvm: launch the classic KVM way instead: the VP context's registers set on every
     /// vCPU, KVM syncing each vCPU's VMSA at launch finish (the digest can equal `vmm measure
     /// --igvm --check-kvm`'s only for a file that passes its rules, with one vCPU).
@@ -265,8 +259,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Refuse an option of the IGVM launch without `--igvm`, naming it (clap's `requires` named
-/// only the missing `--igvm`).
-fn check_igvm_options(args: &RunArgs) -> Result<(), RunError> {
+/// only the missing `--igvm`), and --initrd or --append without --kernel.
+fn check_options(args: &RunArgs) -> Result<(), RunError> {
+    args.boot.check()?;
     let igvm_only = [
         (args.igvm_classic, "igvm-classic"),
         (args.native_zero, "native-zero"),
@@ -281,7 +276,7 @@ fn check_igvm_options(args: &RunArgs) -> Result<(), RunError> {
 
 /// Run a guest as `args` ask and summarise it.
 pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
-    check_igvm_options(args)?;
+    check_options(args)?;
     let progress = progress::Progress::new(!args.json);
     match args.backend {
         BackendKind::Sim => sim::run(args, kind(args), &progress, &mut None),
@@ -294,7 +289,7 @@ pub fn run(args: &RunArgs) -> Result<RunSummary, RunError> {
 /// ran on, once one was built (so that a test can hold the summary against the machine's own
 /// frame ledger).
 pub fn run_on_simulator(args: &RunArgs) -> (Result<RunSummary, RunError>, Option<Arc<backend_sim::Machine>>) {
-    if let Err(e) = check_igvm_options(args) {
+    if let Err(e) = check_options(args) {
         return (Err(e), None);
     }
     let mut machine = None;

@@ -25,7 +25,6 @@ use super::report::{LaunchSummary, MigrationSummary, Observed, RunSummary, Unfir
 use super::scenario::{GuestMemory, GuestSpec, Scenario};
 use super::{RunArgs, RunError};
 use crate::measure::command::{plan_input, read_firmware};
-use crate::measure::hashes::SevHashes;
 use crate::measure::plan::UpdateSource;
 use crate::measure::reset::{BSP_EIP, reset_vmsa};
 use crate::measure::vmm_types::VmmType;
@@ -118,19 +117,12 @@ impl Image {
                 VmKind::SevEs => 0,
             },
         };
-        let plan_err = |source| MeasureError::Plan {
-            input: plan_input(&source, path),
-            source,
-        };
-        let hashes = match &args.kernel {
-            None => None,
-            Some(kernel) => {
-                LaunchPlan::check_kernel_hashes(&ovmf, kind).map_err(plan_err)?;
-                let hashes = SevHashes::from_files(kernel, args.initrd.as_deref(), args.append.as_deref());
-                Some(hashes.map_err(MeasureError::from)?)
-            }
-        };
-        let plan = LaunchPlan::build(&ovmf, &config, hashes.as_ref()).map_err(plan_err)?;
+        let hashes = args.boot.hashes(&ovmf, kind, path)?;
+        let plan =
+            LaunchPlan::build(&ovmf, &config, hashes.as_ref()).map_err(|source| MeasureError::Plan {
+                input: plan_input(&source, path),
+                source,
+            })?;
         Ok(Self {
             source: path.display().to_string(),
             updates: plan.data_updates().cloned().collect(),
@@ -271,8 +263,8 @@ pub(super) fn run(
             ("--igvm", args.igvm.as_deref()),
             ("--costs", args.costs.as_deref()),
             ("--guest", guest_file),
-            ("--kernel", args.kernel.as_deref()),
-            ("--initrd", args.initrd.as_deref()),
+            ("--kernel", args.boot.kernel.as_deref()),
+            ("--initrd", args.boot.initrd.as_deref()),
         ];
         if let Some((option, _)) = inputs
             .iter()

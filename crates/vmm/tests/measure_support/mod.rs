@@ -77,6 +77,16 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The fixture cases `keep` keeps.
+pub fn fixture_cases(keep: impl Fn(&Value) -> bool) -> Vec<&'static Value> {
+    fixtures()["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .filter(|c| keep(c))
+        .collect()
+}
+
 /// A fixture path: absolute paths are system files, others live in the fixture directory.
 pub fn fixture_path(p: &str) -> PathBuf {
     if p.starts_with('/') {
