@@ -49,8 +49,15 @@ pub fn check_init(spec: &VmSpec, supported: u64) -> Result<(), HypervisorError> 
     Ok(())
 }
 
-/// `kvm_set_memory_region`: a slot must be page aligned, non-empty and not overlap another.
-pub fn check_region(region: &MemoryRegion, existing: &[MemoryRegion]) -> Result<(), VmError> {
+/// `kvm_set_memory_region`: a slot must be page aligned, non-empty and not overlap another;
+/// and x86's `kvm_arch_prepare_memory_region` (arch/x86/kvm/x86.c) refuses with -EINVAL a slot
+/// whose last frame lies above `kvm_mmu_max_gfn()`, the host's physical address width
+/// (`max_phys_bits` here: the simulated host gives its VMs its own).
+pub fn check_region(
+    region: &MemoryRegion,
+    existing: &[MemoryRegion],
+    max_phys_bits: u8,
+) -> Result<(), VmError> {
     const CALL: &str = "KVM_SET_USER_MEMORY_REGION2";
     let end = region.gpa.0.checked_add(region.size);
     if region.size == 0
@@ -66,6 +73,14 @@ pub fn check_region(region: &MemoryRegion, existing: &[MemoryRegion]) -> Result<
         .into());
     }
     let end = end.unwrap_or(u64::MAX);
+    if (end - 1) >> max_phys_bits != 0 {
+        return Err(Refusal::new(
+            CALL,
+            Errno::EINVAL,
+            "the slot ends above the host's physical address space (kvm_arch_prepare_memory_region: kvm_mmu_max_gfn)",
+        )
+        .into());
+    }
     for r in existing {
         if r.slot == region.slot {
             return Err(Refusal::new(
@@ -201,20 +216,27 @@ mod tests {
             guest_memfd: true,
         };
         let have = [r(0, 0, 0x10_0000)];
-        assert!(check_region(&r(1, 0x10_0000, 0x1000), &have).is_ok());
+        assert!(check_region(&r(1, 0x10_0000, 0x1000), &have, 48).is_ok());
         let errno = |e: VmError| e.refusal().map(|r| r.errno);
         assert_eq!(
-            errno(check_region(&r(1, 0xf_f000, 0x2000), &have).unwrap_err()),
+            errno(check_region(&r(1, 0xf_f000, 0x2000), &have, 48).unwrap_err()),
             Some(Errno::EEXIST)
         );
         assert_eq!(
-            errno(check_region(&r(0, 0x20_0000, 0x1000), &have).unwrap_err()),
+            errno(check_region(&r(0, 0x20_0000, 0x1000), &have, 48).unwrap_err()),
             Some(Errno::EEXIST)
         );
         assert_eq!(
-            errno(check_region(&r(1, 0x20_0000, 0), &have).unwrap_err()),
+            errno(check_region(&r(1, 0x20_0000, 0), &have, 48).unwrap_err()),
             Some(Errno::EINVAL)
         );
+        // The last frame must lie within the host's physical address width.
+        assert!(check_region(&r(1, (1 << 48) - 0x1000, 0x1000), &have, 48).is_ok());
+        assert_eq!(
+            errno(check_region(&r(1, (1 << 48) - 0x1000, 0x2000), &have, 48).unwrap_err()),
+            Some(Errno::EINVAL)
+        );
+        assert!(check_region(&r(1, 1 << 48, 0x1000), &have, 52).is_ok());
         let c = |gpa, size| Conversion {
             gpa: Gpa(gpa),
             size,

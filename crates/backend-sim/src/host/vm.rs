@@ -182,7 +182,8 @@ impl vmsa_host::Vm for SimVm {
     }
 
     fn add_memory(&mut self, region: MemoryRegion) -> Result<(), VmError> {
-        rules::check_region(&region, &self.regions)?;
+        let max_phys_bits = self.shared.kernel().config().max_phys_bits;
+        rules::check_region(&region, &self.regions, max_phys_bits)?;
         // Private memory only comes from guest_memfd; a slot without one holds shared memory
         // the guest cannot launch into (snp_launch_update refuses it).
         if region.guest_memfd {
