@@ -529,3 +529,53 @@ fn vmm_igvm_guest_writes_guest_to_igvm_whose_digest_is_the_same_on_the_simulator
     refused_with(&["igvm", "-o", new], "--guest", "required");
     assert!(!Path::new(new).exists());
 }
+
+/// A page at the top of the 64-bit space was taken for guest memory the host could not lay
+/// out ("--memory 1GiB: this host cannot reserve that much guest memory", the wrong input), one
+/// at 2^51 or above failed the launch at RMPUPDATE: the RMP entry's GPA field ends at bit 50,
+/// so such a file is refused in one line naming the page. One below 2^51 but above the
+/// simulated host's 48-bit physical space is the host's refusal of its memory slot, as KVM's
+/// `kvm_arch_prepare_memory_region` refuses it (exit 1, the launch failed).
+#[test]
+fn pages_beyond_what_an_snp_launch_can_address_are_refused() {
+    let dir = scratch("run-igvm-gpa");
+    let ovmf = ovmf_igvm(1);
+    let with_page_at = |gpa: u64| {
+        let page = IgvmDirectiveHeader::PageData {
+            gpa,
+            compatibility_mask: 1,
+            flags: IgvmPageDataFlags::new(),
+            data_type: IgvmPageDataType::NORMAL,
+            data: vec![7; 4096],
+        };
+        let file = IgvmFile::new(
+            IgvmRevision::V1,
+            ovmf.platforms().to_vec(),
+            ovmf.initializations().to_vec(),
+            std::iter::once(page)
+                .chain(ovmf.directives().iter().cloned())
+                .collect(),
+        )
+        .unwrap();
+        write(&dir, &format!("{gpa:x}.igvm"), &file)
+    };
+    for gpa in [1u64 << 51, 0xffff_ffff_ffff_f000] {
+        let p = with_page_at(gpa);
+        let p = p.to_str().unwrap();
+        refused_with(
+            &["run", "--igvm", p],
+            &format!("--igvm {p}: its page at GPA {gpa:#x} lies at or above 0x8000000000000"),
+            "GPA field ends at bit 50",
+        );
+    }
+    let p = with_page_at(1 << 48);
+    let s = run_exit(&p, &[], 1);
+    let problems = s["problems"].to_string();
+    assert!(
+        problems.contains("KVM_SET_USER_MEMORY_REGION2") && problems.contains("kvm_mmu_max_gfn"),
+        "{problems}"
+    );
+    assert_eq!(s["teardown"]["frames_still_allocated"], 0);
+    // (The wrapped OVMF's VMSA is the last page below 2^48.)
+    assert_eq!(run(&with_page_at((1 << 48) - 0x2000), &[])["ok"], true);
+}

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use backend_sim::rmp::GPA_LIMIT;
 use vmsa_core::{Gpa, PAGE_SIZE, SevEsSaveArea, SnpPageType, VmConfig};
 
 use super::RunError;
@@ -120,6 +121,19 @@ impl IgvmLaunch {
             });
         })
         .map_err(igvm_err)?;
+        // An SNP launch page is an RMP entry, whose GPA field ends at bit 50: a page at or above
+        // 2^51 (up to the top of the 64-bit space, where the igvm crate allows one) cannot be
+        // launched, and guest memory for it could not even be laid out.
+        if let Some(d) = updates
+            .iter()
+            .find(|d| d.gpa.0.checked_add(d.len).is_none_or(|end| end > GPA_LIMIT))
+        {
+            return Err(input(format!(
+                "its page at GPA {:#x} lies at or above {GPA_LIMIT:#x}: an SEV-SNP launch page is an RMP entry, \
+                 whose GPA field ends at bit 50",
+                d.gpa.0.max(GPA_LIMIT)
+            )));
+        }
         for d in &mut updates {
             if let Some(c) = &mut d.contents {
                 *c = vec![0; d.len as usize];
