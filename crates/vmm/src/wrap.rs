@@ -220,7 +220,7 @@ impl WrapCommandError {
 
 /// Write the IGVM file; what was written, with its digest.
 pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
-    args.boot.check()?;
+    args.boot.check(args.firmware.is_some())?;
     let out = args.output.display().to_string();
     let output_err = |rule: String| WrapCommandError::Output {
         path: out.clone(),

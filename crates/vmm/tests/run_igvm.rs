@@ -278,16 +278,22 @@ fn vmm_igvm_wraps_a_direct_kernel_boot_to_sev_snp_measures_digest() {
         "needs --kernel",
     );
     let kernel = fixture_path("kernel.bin");
+    let kernel = kernel.to_str().unwrap();
+    // --kernel with --guest (whose launch has no hash table) was written without it.
     refused_with(
-        &[
-            "igvm",
-            "--firmware",
-            DEBIAN_OVMF,
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "-o",
-            o,
-        ],
+        &["igvm", "--guest", "builtin:boot", "--kernel", kernel, "-o", o],
+        "--kernel",
+        "needs --firmware",
+    );
+    let boot = dir.join("boot.igvm");
+    std::fs::write(&boot, b"").unwrap();
+    refused_with(
+        &["run", "--igvm", boot.to_str().unwrap(), "--kernel", kernel],
+        "--kernel",
+        "needs --firmware",
+    );
+    refused_with(
+        &["igvm", "--firmware", DEBIAN_OVMF, "--kernel", kernel, "-o", o],
         "--firmware",
         "has no SNP_KERNEL_HASHES metadata section",
     );

@@ -111,7 +111,7 @@ pub struct MeasureArgs {
 pub struct DirectBoot {
     /// Kernel for a direct boot: its hash goes into the firmware's SEV hash table (the firmware
     /// must have the table: SNP_KERNEL_HASHES for SEV-SNP, as AmdSev OVMF builds do).
-    #[arg(long, value_name = "K", requires = "firmware")]
+    #[arg(long, value_name = "K")]
     pub kernel: Option<PathBuf>,
     /// Initrd for a direct boot (needs --kernel).
     #[arg(long, value_name = "I")]
@@ -122,8 +122,14 @@ pub struct DirectBoot {
 }
 
 impl DirectBoot {
-    /// Refuse --initrd or --append without --kernel (before any file is read).
-    pub fn check(&self) -> Result<(), MeasureError> {
+    /// Refuse --initrd or --append without --kernel, and --kernel without a firmware to hold
+    /// its hashes (`firmware`: whether one is given), before any file is read. (clap's
+    /// `requires` does not fire where --firmware conflicts with an option given instead, such
+    /// as --igvm or --guest: --kernel was ignored there.)
+    pub fn check(&self, firmware: bool) -> Result<(), MeasureError> {
+        if self.kernel.is_some() && !firmware {
+            return Err(MeasureError::NeedsFirmware);
+        }
         if self.kernel.is_none() {
             if self.initrd.is_some() {
                 return Err(MeasureError::NeedsKernel { option: "initrd" });
@@ -144,7 +150,7 @@ impl DirectBoot {
         kind: VmKind,
         firmware: &Path,
     ) -> Result<Option<SevHashes>, MeasureError> {
-        self.check()?;
+        self.check(true)?;
         let Some(kernel) = &self.kernel else {
             return Ok(None);
         };
@@ -331,7 +337,7 @@ pub(crate) fn plan_input(e: &PlanError, firmware: &Path) -> String {
 
 /// Run `vmm measure`: validate, plan, measure, dump, and render the output.
 pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
-    args.boot.check()?;
+    args.boot.check(true)?;
     let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
     let guest_features = match (kind, args.guest_features) {
         (VmKind::SevEs, Some(v)) => {

@@ -41,6 +41,10 @@ pub enum MeasureError {
         /// `initrd` or `append`.
         option: &'static str,
     },
+    /// `--kernel` without `--firmware` (with `--igvm` or `--guest`, whose launch has no hash
+    /// table to put it in).
+    #[error("--kernel needs --firmware: the hashes go into the firmware's SEV hash table")]
+    NeedsFirmware,
     /// An SNP-only option with `--sev-es`.
     #[error("--{option} {value}: this option applies to SEV-SNP launches only, not with --sev-es")]
     SnpOnly {

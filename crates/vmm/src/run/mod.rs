@@ -261,7 +261,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Refuse an option of the IGVM launch without `--igvm`, naming it (clap's `requires` named
 /// only the missing `--igvm`), and --initrd or --append without --kernel.
 fn check_options(args: &RunArgs) -> Result<(), RunError> {
-    args.boot.check()?;
+    args.boot.check(args.firmware.is_some())?;
     let igvm_only = [
         (args.igvm_classic, "igvm-classic"),
         (args.native_zero, "native-zero"),
