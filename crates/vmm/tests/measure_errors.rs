@@ -176,6 +176,26 @@ fn vcpu_signatures_and_families_outside_what_cpuid_encodes() {
         &with(&["--vcpu-family", "25"]),
         &["--vcpu-model", "--vcpu-stepping"],
     );
+    // Beside a type or a signature, a model and stepping were accepted and ignored.
+    refused(
+        &with(&["--vcpu-type", "EPYC", "--vcpu-model", "5", "--vcpu-stepping", "1"]),
+        &["--vcpu-model needs --vcpu-family"],
+    );
+    refused(
+        &[
+            "--firmware",
+            DEBIAN_OVMF,
+            "--vcpus",
+            "2",
+            "--vcpu-sig",
+            "0xa10f11",
+            "--vcpu-model",
+            "5",
+            "--vcpu-stepping",
+            "1",
+        ],
+        &["--vcpu-model needs --vcpu-family"],
+    );
     refused(
         &with(&["--vcpu-sig", "0xa10f11", "--vcpu-type", "EPYC"]),
         &["--vcpu-sig", "--vcpu-type", "cannot be used with"],

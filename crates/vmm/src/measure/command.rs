@@ -64,7 +64,6 @@ pub struct MeasureArgs {
         long,
         value_name = "MODEL",
         value_parser = clap::value_parser!(u32).range(0..=0xff),
-        requires = "vcpu_family",
         allow_negative_numbers = true
     )]
     pub vcpu_model: Option<u32>,
@@ -73,7 +72,6 @@ pub struct MeasureArgs {
         long,
         value_name = "STEPPING",
         value_parser = clap::value_parser!(u32).range(0..=0xf),
-        requires = "vcpu_family",
         allow_negative_numbers = true
     )]
     pub vcpu_stepping: Option<u32>,
@@ -338,6 +336,16 @@ pub(crate) fn plan_input(e: &PlanError, firmware: &Path) -> String {
 /// Run `vmm measure`: validate, plan, measure, dump, and render the output.
 pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
     args.boot.check(true)?;
+    if args.vcpu_family.is_none() {
+        if args.vcpu_model.is_some() {
+            return Err(MeasureError::NeedsFamily { option: "vcpu-model" });
+        }
+        if args.vcpu_stepping.is_some() {
+            return Err(MeasureError::NeedsFamily {
+                option: "vcpu-stepping",
+            });
+        }
+    }
     let kind = if args.sev_es { VmKind::SevEs } else { VmKind::Snp };
     let guest_features = match (kind, args.guest_features) {
         (VmKind::SevEs, Some(v)) => {

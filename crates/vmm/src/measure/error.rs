@@ -45,6 +45,16 @@ pub enum MeasureError {
     /// table to put it in).
     #[error("--kernel needs --firmware: the hashes go into the firmware's SEV hash table")]
     NeedsFirmware,
+    /// `--vcpu-model` or `--vcpu-stepping` without `--vcpu-family` (beside `--vcpu-type` or
+    /// `--vcpu-sig` they were accepted and ignored).
+    #[error(
+        "--{option} needs --vcpu-family: family, model and stepping make one signature (--vcpu-type and \
+         --vcpu-sig give the model instead)"
+    )]
+    NeedsFamily {
+        /// `vcpu-model` or `vcpu-stepping`.
+        option: &'static str,
+    },
     /// An SNP-only option with `--sev-es`.
     #[error("--{option} {value}: this option applies to SEV-SNP launches only, not with --sev-es")]
     SnpOnly {
