@@ -732,6 +732,25 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
             vec!["--backend".into(), "kvm".into(), "--migrate".into()],
             "--migrate belongs to the simulator",
         ),
+        // Both ignored it: the kvm backend's programs and an IGVM file carry their own VMSAs.
+        (
+            vec![
+                "--backend".into(),
+                "kvm".into(),
+                "--vcpu-type".into(),
+                "EPYC-Milan".into(),
+            ],
+            "--vcpu-type belongs to the simulator",
+        ),
+        (
+            vec![
+                "--igvm".into(),
+                "x.igvm".into(),
+                "--vcpu-type".into(),
+                "EPYC-Milan".into(),
+            ],
+            "'--igvm <FILE>' cannot be used with '--vcpu-type <NAME>'",
+        ),
         (
             vec![
                 "--backend".into(),

@@ -66,6 +66,9 @@ const fn t(name: &'static str, family: u32, model: u32, stepping: u32) -> VcpuTy
     }
 }
 
+/// EPYC-v4, the model `vmm run` and `vmm igvm` give their VMSAs unless told another.
+pub const EPYC_V4: VcpuType = t("EPYC-v4", 23, 1, 2);
+
 /// Every model sev-snp-measure 0.0.13 knows, in its order.
 pub const VCPU_TYPES: &[VcpuType] = &[
     t("EPYC", 23, 1, 2),
@@ -73,7 +76,7 @@ pub const VCPU_TYPES: &[VcpuType] = &[
     t("EPYC-v2", 23, 1, 2),
     t("EPYC-IBPB", 23, 1, 2),
     t("EPYC-v3", 23, 1, 2),
-    t("EPYC-v4", 23, 1, 2),
+    EPYC_V4,
     t("EPYC-Rome", 23, 49, 0),
     t("EPYC-Rome-v1", 23, 49, 0),
     t("EPYC-Rome-v2", 23, 49, 0),

@@ -97,10 +97,11 @@ fn check(args: &RunArgs) -> Result<(), RunError> {
         ("--dump-invalid-vmcb", args.dump_invalid_vmcb),
         ("--allow-debug", args.allow_debug),
         ("--sim-memory-budget", args.sim_memory_budget.is_some()),
+        ("--vcpu-type", args.vcpu_type.is_some()),
     ] {
         if given {
             return Err(RunError::Input(format!(
-                "{flag} belongs to the simulator (--backend sim); the kvm backend has no simulated firmware, costs, fault plan, migration, VMCB dumps or bookkeeping budget"
+                "{flag} belongs to the simulator (--backend sim); the kvm backend has no simulated firmware, costs, fault plan, migration, VMCB dumps or bookkeeping budget, and its guest programs carry their own VMSAs"
             )));
         }
     }

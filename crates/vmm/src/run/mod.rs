@@ -97,9 +97,10 @@ pub struct RunArgs {
     /// --igvm --native-zero` measures them.
     #[arg(long)]
     pub native_zero: bool,
-    /// The vCPU model whose CPUID signature the reset VMSAs carry.
-    #[arg(long, value_name = "NAME", default_value = "EPYC-v4")]
-    pub vcpu_type: VcpuType,
+    /// The vCPU model whose CPUID signature the reset VMSAs carry (EPYC-v4 when not given).
+    /// Simulator only, and not with --igvm, whose VP context carries its own.
+    #[arg(long, value_name = "NAME", conflicts_with = "igvm")]
+    pub vcpu_type: Option<VcpuType>,
     /// An SEV-ES guest instead of SEV-SNP.
     #[arg(long, conflicts_with = "snp")]
     pub sev_es: bool,
@@ -142,6 +143,11 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The vCPU model of the reset VMSAs: --vcpu-type, or EPYC-v4.
+    pub fn vcpu_type(&self) -> VcpuType {
+        self.vcpu_type.unwrap_or(crate::measure::vcpu_types::EPYC_V4)
+    }
+
     /// The arguments of `vmm run ARGS` as the command line parses them, defaults included, for
     /// a caller of [`run`] that has no command line (a test, an embedder).
     pub fn from_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Self, clap::Error> {

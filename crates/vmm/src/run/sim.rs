@@ -110,7 +110,7 @@ impl Image {
         let config = PlanConfig {
             kind,
             vcpus,
-            vcpu_sig: args.vcpu_type.signature(),
+            vcpu_sig: args.vcpu_type().signature(),
             vmm_type: VmmType::Qemu,
             guest_features: match kind {
                 VmKind::Snp => vmsa_core::layout::SEV_FEAT_SNP_ACTIVE,
@@ -159,7 +159,7 @@ impl Image {
             VmKind::Snp => (VmConfig::snp(0), vmsa_core::layout::SEV_FEAT_SNP_ACTIVE),
             VmKind::SevEs => (VmConfig::sev_es(0), 0),
         };
-        let vmsa = reset_vmsa(BSP_EIP, features, args.vcpu_type.signature(), VmmType::Qemu);
+        let vmsa = reset_vmsa(BSP_EIP, features, args.vcpu_type().signature(), VmmType::Qemu);
         Self {
             source: format!(
                 "built-in {} KiB HLT image at {SYNTHETIC_IMAGE_GPA:#x}",
