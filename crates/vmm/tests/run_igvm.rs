@@ -417,6 +417,20 @@ fn bad_run_igvm_inputs_are_refused_in_one_line() {
         &format!("--igvm {four}"),
         "VP index 1",
     );
+    // --guest was ignored there: the file's program ran.
+    refused_with(
+        &[
+            "run",
+            "--backend",
+            "kvm",
+            "--igvm",
+            one,
+            "--guest",
+            "builtin:ap-churn",
+        ],
+        "--guest builtin:ap-churn",
+        "the file's own program runs",
+    );
     refused_with(
         &["run", "--backend", "kvm", "--igvm", one, "--igvm-classic"],
         "--igvm-classic",

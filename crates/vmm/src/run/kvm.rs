@@ -320,9 +320,15 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
     let vcpus = args.vcpus.get();
     let memory = args.memory.bytes();
     // Every input is read and checked before /dev/kvm is opened.
-    let chosen = match &args.igvm {
-        Some(path) => Chosen::Igvm(load_igvm(path, args)?),
-        None => Chosen::Program(program(&args.guest)?),
+    let chosen = match (&args.igvm, &args.guest) {
+        (Some(path), None) => Chosen::Igvm(load_igvm(path, args)?),
+        (Some(_), Some(guest)) => {
+            return Err(RunError::Input(format!(
+                "--guest {guest}: with --backend kvm --igvm the file's own program runs (--guest is what runs in \
+                 the simulator's --igvm launch)"
+            )));
+        }
+        (None, _) => Chosen::Program(program(&args.guest())?),
     };
     churn_has_an_ap(&chosen, vcpus)?;
     let host = KvmHost::new()?;
@@ -364,7 +370,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
             vcpus,
             None,
             Vec::new(),
-            args.guest.to_string(),
+            args.guest().to_string(),
         ),
         Guest::Igvm { name, launch, .. } => (
             launch.source.clone(),

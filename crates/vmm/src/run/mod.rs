@@ -63,16 +63,16 @@ pub struct RunArgs {
         allow_hyphen_values = true
     )]
     pub memory: ByteSize,
-    /// The guest: builtin:boot, builtin:ap-churn, builtin:reset, builtin:launch-fail,
-    /// builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script (simulator). On the
-    /// simulator it is what runs in an --igvm launch too.
+    /// The guest: builtin:boot (when not given), builtin:ap-churn, builtin:reset,
+    /// builtin:launch-fail, builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script
+    /// (simulator). On the simulator it is what runs in an --igvm launch too; with --backend
+    /// kvm --igvm the file's program runs, and --guest is refused.
     #[arg(
         long,
         value_name = "builtin:NAME|FILE",
-        default_value = "builtin:boot",
         value_parser = clap::builder::TypedValueParser::try_map(clap::builder::OsStringValueParser::new(), GuestSpec::from_os)
     )]
-    pub guest: GuestSpec,
+    pub guest: Option<GuestSpec>,
     /// Launch this OVMF image (its pages and SEV metadata are measured; the digest must equal
     /// `vmm measure`'s). Simulator only.
     #[arg(long, value_name = "OVMF.fd")]
@@ -143,6 +143,13 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The guest: --guest, or builtin:boot.
+    pub fn guest(&self) -> GuestSpec {
+        self.guest
+            .clone()
+            .unwrap_or_else(|| GuestSpec::Builtin("boot".into()))
+    }
+
     /// The vCPU model of the reset VMSAs: --vcpu-type, or EPYC-v4.
     pub fn vcpu_type(&self) -> VcpuType {
         self.vcpu_type.unwrap_or(crate::measure::vcpu_types::EPYC_V4)

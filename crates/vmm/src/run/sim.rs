@@ -49,7 +49,7 @@ fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<
     for (index, a) in scenario.script.actions.iter().enumerate() {
         if a.vcpu() >= vcpus {
             return Err(RunError::ActionOnMissingVcpu {
-                guest: args.guest.clone(),
+                guest: args.guest(),
                 index,
                 action: a.name(),
                 vcpu: a.vcpu(),
@@ -65,7 +65,7 @@ fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<
                 _ => 1,
             };
             return Err(RunError::ActionBeyondMemory {
-                guest: args.guest.clone(),
+                guest: args.guest(),
                 index,
                 action: a.name(),
                 gpa,
@@ -255,8 +255,8 @@ pub(super) fn run(
         let target = crate::output::replace_target(trace).map_err(|e| bad(e.to_string()))?;
         // The trace replaces the file at its path; never one this run reads.
         let guest_file = match &args.guest {
-            GuestSpec::File(p) => Some(p.as_path()),
-            GuestSpec::Builtin(_) => None,
+            Some(GuestSpec::File(p)) => Some(p.as_path()),
+            Some(GuestSpec::Builtin(_)) | None => None,
         };
         let inputs = [
             ("--firmware", args.firmware.as_deref()),
@@ -322,20 +322,21 @@ pub(super) fn run(
             })
             .collect(),
     };
-    let scenario = &Scenario::new(&args.guest, vcpus, kind, &guest_memory)?;
+    let guest = args.guest();
+    let scenario = &Scenario::new(&guest, vcpus, kind, &guest_memory)?;
     let mut faults = scenario.faults.clone();
     // `extra` parsed as one plan, so a rule can only collide with the scenario's own.
     for rule in extra.pending() {
         faults
             .add(*rule)
-            .map_err(|e| RunError::Input(format!("--fault: {e} (a rule of --guest {})", args.guest)))?;
+            .map_err(|e| RunError::Input(format!("--fault: {e} (a rule of --guest {guest})")))?;
     }
     let injecting = !faults.pending().is_empty();
     if memory < scenario.min_memory {
         return Err(RunError::Input(format!(
             "--memory {}: {} needs at least {} of guest memory for its VMSA and data pages",
             args.memory,
-            args.guest,
+            guest,
             crate::size::ByteSize::new(scenario.min_memory)
         )));
     }
@@ -452,7 +453,7 @@ pub(super) fn run(
         vcpus,
         memory,
         memory_layout: ram.describe(),
-        guest: args.guest.to_string(),
+        guest: guest.to_string(),
         scenario: scenario.name.clone(),
         ok: true,
         problems: Vec::new(),
@@ -478,6 +479,6 @@ pub(super) fn run(
         trace: args.trace.as_ref().map(|p| p.display().to_string()),
         hidden: seen.hidden,
     };
-    summary.judge(injecting, matches!(args.guest, super::GuestSpec::Builtin(_)));
+    summary.judge(injecting, matches!(guest, super::GuestSpec::Builtin(_)));
     Ok(summary)
 }
