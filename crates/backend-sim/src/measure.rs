@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256, Sha384};
 use sha384_pages::sha384_pages;
-use vmsa_core::{Gpa, PAGE_SIZE, PageBuf, SnpPageType};
+use vmsa_core::{Gpa, PageBuf, SnpPageType, ZERO_PAGE};
 
 /// Size of a SEV-SNP launch digest (SHA-384).
 pub const SNP_DIGEST_SIZE: usize = 48;
@@ -170,9 +170,6 @@ impl LastContents {
         }
     }
 }
-
-/// A page of zeros: what a page without contents measures as.
-static ZERO_PAGE: PageBuf = [0; PAGE_SIZE as usize];
 
 /// Pages a thread must have to hash for it to be worth starting: a thread costs some tens of
 /// microseconds to start, about what hashing this many pages costs.

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use vmsa_core::{Gfn, PAGE_SIZE, PTRS_PER_PMD, PageBuf, Pfn};
+use vmsa_core::{Gfn, PAGE_SIZE, PTRS_PER_PMD, PageBuf, Pfn, is_zero};
 
 use crate::crypto::GuestKey;
 
@@ -425,12 +425,6 @@ impl HostMemory {
     pub fn peaks(&self) -> (usize, usize) {
         (self.peak_allocated as usize, self.peak_data)
     }
-}
-
-/// Whether a page is all zeros.
-fn is_zero(page: &PageBuf) -> bool {
-    static ZEROS: PageBuf = [0; PAGE_SIZE as usize];
-    page == &ZEROS
 }
 
 /// A set of `u64`s kept as disjoint, non-adjacent half-open intervals, so a range of any size

@@ -77,7 +77,10 @@ pub use error::{ConfigError, Error, LaunchState, MigrationError, PlatformOp, Sup
 pub use event::{Event, EventLog, EventSink, History, LeakReason, NullSink, Transition, histories};
 pub use ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest, ValidApRequest};
 pub use layout::{SevEsSaveArea, VmcbSeg};
-pub use platform::{DbgDecryptFailure, HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
+pub use platform::{
+    DbgDecryptFailure, HostPage, LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType, ZERO_PAGE,
+    is_zero,
+};
 pub use state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
 pub use status::SevStatus;
 pub use vm::{

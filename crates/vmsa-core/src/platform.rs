@@ -11,6 +11,15 @@ use crate::addr::{Asid, Gfn, Gpa, Hpa, PAGE_SIZE, PageLevel, Pfn};
 /// One 4 KiB page of host memory.
 pub type PageBuf = [u8; PAGE_SIZE as usize];
 
+/// A page of zeros: what a page without contents stands for, and what pages are compared with
+/// to skip storing or copying zeros.
+pub static ZERO_PAGE: PageBuf = [0; PAGE_SIZE as usize];
+
+/// Whether `bytes` (at most a page) are all zeros.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    bytes == &ZERO_PAGE[..bytes.len()]
+}
+
 /// A 4 KiB host page handed out by [`Platform::alloc_page`].
 ///
 /// The handle is the page's ownership: vmsa-core gives it back exactly once, through

@@ -7,10 +7,9 @@
 use std::path::Path;
 
 use backend_sim::rmp::GPA_LIMIT;
-use vmsa_core::{Gpa, PAGE_SIZE, SevEsSaveArea, SnpPageType, VmConfig};
+use vmsa_core::{Gpa, PAGE_SIZE, SevEsSaveArea, SnpPageType, VmConfig, is_zero};
 
 use super::RunError;
-use super::memory::is_zero;
 use crate::measure::igvm::{
     IgvmMeasureOptions, IgvmPage, ParameterAreas, measure_file, parameter_areas, parse_igvm, read_igvm, walk,
 };

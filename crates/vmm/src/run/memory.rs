@@ -7,7 +7,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use vmsa_core::{Gpa, PAGE_SIZE};
+use vmsa_core::{Gpa, PAGE_SIZE, is_zero};
 
 use crate::size::ByteSize;
 
@@ -99,20 +99,13 @@ pub fn check_size(memory: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// How much [`GuestRam::load`] and [`GuestRam::read`] copy at a time: a page.
-const PAGE: usize = PAGE_SIZE as usize;
-
-/// A page of zeros, to compare with. Fresh guest memory and a large fresh buffer (`vec![0;
-/// n]`, which the allocator then maps zeroed from the kernel) cost no memory until written: an image
-/// of data-less pages (an IGVM file's, up to a gigabyte from a 1.6 MB file) written into guest
-/// memory and read back for the launch took a gigabyte of resident memory for each copy,
+/// How much [`GuestRam::load`] and [`GuestRam::read`] copy at a time: a page, so that they can
+/// skip pages of zeros ([`is_zero`]). Fresh guest memory and a large fresh buffer (`vec![0;
+/// n]`, which the allocator then maps zeroed from the kernel) cost no memory until written: an
+/// image of data-less pages (an IGVM file's, up to a gigabyte from a 1.6 MB file) written into
+/// guest memory and read back for the launch took a gigabyte of resident memory for each copy,
 /// where skipping its pages of zeros takes none.
-static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
-
-/// Whether `bytes` (at most a page) are all zeros.
-pub(super) fn is_zero(bytes: &[u8]) -> bool {
-    bytes == &ZERO_PAGE[..bytes.len()]
-}
+const PAGE: usize = PAGE_SIZE as usize;
 
 /// The VMM's copy of guest memory.
 #[derive(Debug)]
