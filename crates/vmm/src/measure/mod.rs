@@ -172,7 +172,7 @@ pub struct OvmfHash(pub [u8; backend_sim::measure::SNP_DIGEST_SIZE]);
 
 impl fmt::Display for OvmfHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(&backend_sim::measure::hex(&self.0))
     }
 }
 

@@ -535,17 +535,13 @@ impl LaunchPlan {
         let n = data.clone().map(|d| d.len / PAGE_SIZE).sum::<u64>() + u64::from(self.vcpus);
         let mut pages = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
         for d in data {
-            let page = |i: u64, contents| SnpPage {
-                gpa: Gpa(d.gpa.0 + i * PAGE_SIZE),
-                page_type: d.page_type,
-                contents,
-            };
             match self.bytes(d).filter(|_| d.page_type == SnpPageType::Normal) {
-                Some(b) => {
-                    let (whole, _) = b.as_chunks::<{ PAGE_SIZE as usize }>();
-                    pages.extend((0..).zip(whole).map(|(i, c)| page(i, Some(c))));
-                }
-                None => pages.extend((0..d.len / PAGE_SIZE).map(|i| page(i, None))),
+                Some(b) => pages.extend(normal_pages(d.gpa, b)),
+                None => pages.extend((0..d.len / PAGE_SIZE).map(|i| SnpPage {
+                    gpa: Gpa(d.gpa.0 + i * PAGE_SIZE),
+                    page_type: d.page_type,
+                    contents: None,
+                })),
             }
         }
         pages.extend(self.vmsa_images().map(|(_, v)| SnpPage {
@@ -563,18 +559,20 @@ impl LaunchPlan {
 /// `--mode snp:ovmf-hash` prints it. A verifier that trusts this value needs only the
 /// firmware's metadata, not its code.
 pub fn ovmf_hash(ovmf: &Ovmf) -> OvmfHash {
-    let (whole, _) = ovmf.data().as_chunks::<{ PAGE_SIZE as usize }>();
-    let pages: Vec<SnpPage<'_>> = (0..)
-        .zip(whole)
-        .map(|(i, c)| SnpPage {
-            gpa: Gpa(ovmf.gpa() + i * PAGE_SIZE),
-            page_type: SnpPageType::Normal,
-            contents: Some(c),
-        })
-        .collect();
+    let pages: Vec<SnpPage<'_>> = normal_pages(Gpa(ovmf.gpa()), ovmf.data()).collect();
     let mut ld = SnpLaunchDigest::new();
     ld.update_pages(&pages);
     OvmfHash(ld.digest())
+}
+
+/// `bytes` as the NORMAL launch pages from `gpa` on (whole pages; the caller's ranges are).
+fn normal_pages(gpa: Gpa, bytes: &[u8]) -> impl Iterator<Item = SnpPage<'_>> {
+    let (whole, _) = bytes.as_chunks::<{ PAGE_SIZE as usize }>();
+    (0..).zip(whole).map(move |(i, c)| SnpPage {
+        gpa: Gpa(gpa.0 + i * PAGE_SIZE),
+        page_type: SnpPageType::Normal,
+        contents: Some(c),
+    })
 }
 
 /// The SNP metadata sections as launch steps (sev-snp-measure `snp_update_metadata_pages`).
