@@ -143,14 +143,10 @@ impl Written {
             return format!("{doc}\n");
         }
         let what = match &self.launches {
-            Launches::Firmware {
-                vcpus, kernel: None, ..
-            } => format!("{vcpus} vCPU(s)"),
-            Launches::Firmware {
-                vcpus,
-                kernel: Some(k),
-                ..
-            } => format!("{vcpus} vCPU(s), direct boot of {}", k.display()),
+            Launches::Firmware { vcpus, kernel, .. } => match kernel {
+                None => format!("{vcpus} vCPU(s)"),
+                Some(k) => format!("{vcpus} vCPU(s), direct boot of {}", k.display()),
+            },
             Launches::Guest { name } => format!("backend-kvm guest program builtin:{name}, any vCPU count"),
         };
         let with = if native_zero { " with --native-zero" } else { "" };
