@@ -189,7 +189,7 @@ pub struct SnpPage<'a> {
 
 /// Pages one thread takes from the shared counter at a time: small enough that the threads
 /// finish together when a core is busy with something else, large enough to fill
-/// [`sha384_pages`]' eight-page passes.
+/// [`sha384_pages`]' passes (eight pages each with AVX-512, four with AVX2).
 const CHUNK_PAGES: usize = 16;
 
 /// How many threads hash `pages` distinct pages: all the machine offers, but none that would
@@ -204,7 +204,7 @@ fn hash_threads(pages: usize) -> usize {
     }
 }
 
-/// SHA-384 of each page ([`sha384_pages`]: eight pages per pass where the CPU has AVX-512),
+/// SHA-384 of each page ([`sha384_pages`]: several pages per pass in vector registers),
 /// given to `consume` on the calling thread chunk by chunk, in page order: `consume(first,
 /// digests)` gets the digests of pages `first..first + digests.len()`. The hashing runs on as
 /// many threads as the machine offers, the calling thread included, which take chunks from a

@@ -2,16 +2,17 @@
 //!
 //! An SEV-SNP launch digest hashes every measured page's contents with SHA-384 (SNP firmware
 //! ABI §8.17.2, `PAGE_INFO.CONTENTS`): 512 pages for a 2 MiB OVMF image. The hashes are
-//! independent, so on CPUs with AVX-512 this crate hashes eight pages in one pass, one page per
-//! 64-bit lane of the 512-bit registers (FIPS 180-4 §6.4 run lane-wise, with AVX-512's rotate
-//! and three-input logic instructions), about four times the throughput of the `sha2` crate's
-//! single-message AVX2 code on the same core. Elsewhere, and for a lone page, it uses `sha2`.
+//! independent, so this crate hashes several pages in one pass, one page per 64-bit lane of a
+//! vector register (FIPS 180-4 §6.4 run lane-wise): eight per pass with AVX-512's rotate and
+//! three-input logic instructions, four per pass with AVX2 elsewhere, each several times the
+//! throughput of the `sha2` crate's single-message code on the same core. Without either, and
+//! for a lone page, it uses `sha2`.
 //!
 //! Every message here is exactly one page, so all lanes run the same number of blocks and the
 //! padding block (FIPS 180-4 §5.1.2) is the same constant for all of them.
 //!
-//! The only unsafe code is the call into the AVX-512 function after the CPU was found to have
-//! AVX-512F at run time; the hashing itself is safe Rust on `core::arch` values.
+//! The only unsafe code is the call into a vector function after the CPU was found to have its
+//! instructions at run time; the hashing itself is safe Rust on `core::arch` values.
 
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
@@ -30,25 +31,48 @@ pub const DIGEST_SIZE: usize = 48;
 pub enum Backend {
     /// Eight pages per pass in AVX-512 registers.
     Avx512x8,
+    /// Four pages per pass in AVX2 registers.
+    Avx2x4,
     /// One page at a time with the `sha2` crate (its own best code for the CPU).
     Sha2,
 }
 
-// AVX-512F in CPUID and its register state enabled by the OS (XCR0), asked once per process.
-// `cpufeatures` rather than `std::is_x86_feature_detected!`: it asks two CPUID leaves where std
-// asks ten, and in a VM each CPUID traps to the hypervisor (~12 µs on the development machine,
-// so std's detection alone cost as much as hashing 50 pages in the first call of a process).
+// AVX-512F and AVX2 in CPUID and their register state enabled by the OS (XCR0), each asked once
+// per process. `cpufeatures` rather than `std::is_x86_feature_detected!`: it asks two CPUID
+// leaves where std asks ten, and in a VM each CPUID traps to the hypervisor (~12 µs on the
+// development machine, so std's detection alone cost as much as hashing 50 pages in the first
+// call of a process).
 #[cfg(target_arch = "x86_64")]
 cpufeatures::new!(avx512f, "avx512f");
+#[cfg(target_arch = "x86_64")]
+cpufeatures::new!(avx2, "avx2");
 
 impl Backend {
-    /// The backend [`sha384_pages`] uses on this CPU.
+    /// The backend [`sha384_pages`] uses on this CPU: the widest this CPU has.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if avx512f::get() {
-            return Self::Avx512x8;
+        {
+            if avx512f::get() {
+                return Self::Avx512x8;
+            }
+            if avx2::get() {
+                return Self::Avx2x4;
+            }
         }
         Self::Sha2
+    }
+
+    /// Whether this CPU can run this backend.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512x8 => avx512f::get(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2x4 => avx2::get(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Avx512x8 | Self::Avx2x4 => false,
+            Self::Sha2 => true,
+        }
     }
 }
 
@@ -58,33 +82,58 @@ impl Backend {
 ///
 /// If `out` and `pages` differ in length.
 pub fn sha384_pages(pages: &[&Page], out: &mut [[u8; DIGEST_SIZE]]) {
-    hash_with(Backend::detect(), pages, out);
+    Backend::detect().hash(pages, out);
 }
 
-/// [`sha384_pages`] with a given backend (which the CPU must support: [`Backend::detect`]).
-fn hash_with(backend: Backend, pages: &[&Page], out: &mut [[u8; DIGEST_SIZE]]) {
-    assert_eq!(pages.len(), out.len(), "one digest per page");
-    match backend {
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512x8 => {
-            for (group, digests) in pages.chunks(x8::LANES).zip(out.chunks_mut(x8::LANES)) {
-                // A pass costs the same for one lane as for eight; one page alone is cheaper in
-                // sha2.
-                if group.len() == 1 {
-                    sha2_pages(group, digests);
-                    continue;
-                }
-                // Idle lanes hash the group's last page again; their digests are dropped.
-                let lanes = std::array::from_fn(|i| group[i.min(group.len() - 1)]);
+impl Backend {
+    /// [`sha384_pages`] with this backend, for benchmarks and tests that compare backends.
+    ///
+    /// # Panics
+    ///
+    /// If `out` and `pages` differ in length, or if this CPU lacks the backend's instructions
+    /// ([`Backend::supported`]).
+    pub fn hash(self, pages: &[&Page], out: &mut [[u8; DIGEST_SIZE]]) {
+        assert_eq!(pages.len(), out.len(), "one digest per page");
+        assert!(self.supported(), "{self:?} needs instructions this CPU lacks");
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512x8 => in_passes(pages, out, |lanes| {
                 #[allow(unsafe_code)]
-                // SAFETY: `sha384_x8` needs AVX-512F and nothing else; `Backend::Avx512x8` is
-                // only chosen (by `Backend::detect`, or by the tests after it) where the CPU
-                // reports AVX-512F at run time.
-                let all = unsafe { x8::sha384_x8(lanes) };
-                digests.copy_from_slice(&all[..group.len()]);
-            }
+                // SAFETY: `x8::sha384` needs AVX-512F and nothing else, and the assertion above
+                // found that the CPU reports it (`Backend::supported`).
+                unsafe {
+                    x8::sha384(lanes)
+                }
+            }),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2x4 => in_passes(pages, out, |lanes| {
+                #[allow(unsafe_code)]
+                // SAFETY: `x4::sha384` needs AVX2 and nothing else, and the assertion above found
+                // that the CPU reports it (`Backend::supported`).
+                unsafe {
+                    x4::sha384(lanes)
+                }
+            }),
+            _ => sha2_pages(pages, out),
         }
-        _ => sha2_pages(pages, out),
+    }
+}
+
+/// `pages` hashed `N` at a time by `pass`, which hashes one page per lane.
+fn in_passes<const N: usize>(
+    pages: &[&Page],
+    out: &mut [[u8; DIGEST_SIZE]],
+    pass: impl Fn([&Page; N]) -> [[u8; DIGEST_SIZE]; N],
+) {
+    for (group, digests) in pages.chunks(N).zip(out.chunks_mut(N)) {
+        // A pass costs the same for one lane as for all; one page alone is cheaper in sha2.
+        if group.len() == 1 {
+            sha2_pages(group, digests);
+            continue;
+        }
+        // Idle lanes hash the group's last page again; their digests are dropped.
+        let lanes = std::array::from_fn(|i| group[i.min(group.len() - 1)]);
+        digests.copy_from_slice(&pass(lanes)[..group.len()]);
     }
 }
 
@@ -202,6 +251,80 @@ const PAD_BLOCK: [u64; 16] = {
     w
 };
 
+/// FIPS 180-4 §6.4.2 run lane-wise: one page per 64-bit lane of a vector register, the same
+/// algorithm for every register width. The module that invokes it supplies, compiled for
+/// `$feature`: the register type `Vector`, its lane count `LANES`, and the primitives `splat`
+/// (one word in every lane), `gather` (one word from each lane), `lanes` (the inverse), `add`,
+/// `xor3`, `ch` and `maj` (FIPS 180-4 §4.1.3's Ch and Maj), `ror::<R>` and `shr::<R>`.
+macro_rules! sha384_lanes {
+    ($feature:literal) => {
+        /// FIPS 180-4 §6.4.2 on `LANES` independent states, one block each.
+        #[target_feature(enable = $feature)]
+        fn compress(state: &mut [Vector; 8], block: &[[u64; LANES]; 16]) {
+            let mut w = [splat(0); 16];
+            for (v, words) in w.iter_mut().zip(block) {
+                *v = gather(words);
+            }
+            let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+            for (t, k) in K.iter().enumerate() {
+                let wt = if t < 16 {
+                    w[t]
+                } else {
+                    let w15 = w[(t - 15) % 16];
+                    let w2 = w[(t - 2) % 16];
+                    let s0 = xor3(ror::<1>(w15), ror::<8>(w15), shr::<7>(w15));
+                    let s1 = xor3(ror::<19>(w2), ror::<61>(w2), shr::<6>(w2));
+                    let next = add(add(w[t % 16], s0), add(w[(t - 7) % 16], s1));
+                    w[t % 16] = next;
+                    next
+                };
+                let s1 = xor3(ror::<14>(e), ror::<18>(e), ror::<41>(e));
+                let t1 = add(add(add(h, s1), add(ch(e, f, g), splat(*k))), wt);
+                let s0 = xor3(ror::<28>(a), ror::<34>(a), ror::<39>(a));
+                let t2 = add(s0, maj(a, b, c));
+                h = g;
+                g = f;
+                f = e;
+                e = add(d, t1);
+                d = c;
+                c = b;
+                b = a;
+                a = add(t1, t2);
+            }
+            for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+                *s = add(*s, v);
+            }
+        }
+
+        /// SHA-384 of `LANES` pages.
+        #[target_feature(enable = $feature)]
+        pub(super) fn sha384(pages: [&Page; LANES]) -> [[u8; DIGEST_SIZE]; LANES] {
+            let mut state = IV.map(|x| splat(x));
+            let mut block = [[0u64; LANES]; 16];
+            for offset in (0..PAGE_SIZE).step_by(BLOCK) {
+                for (lane, page) in pages.iter().enumerate() {
+                    let (words, _) = page[offset..offset + BLOCK].as_chunks::<8>();
+                    for (t, word) in words.iter().enumerate() {
+                        block[t][lane] = u64::from_be_bytes(*word);
+                    }
+                }
+                compress(&mut state, &block);
+            }
+            compress(&mut state, &PAD_BLOCK.map(|w| [w; LANES]));
+            let words = state.map(|v| lanes(v));
+            std::array::from_fn(|lane| {
+                let mut digest = [0u8; DIGEST_SIZE];
+                for (out, word) in digest.chunks_exact_mut(8).zip(&words) {
+                    out.copy_from_slice(&word[lane].to_be_bytes());
+                }
+                digest
+            })
+        }
+    };
+}
+
+/// Eight pages per pass in AVX-512 registers, with its rotate and three-input logic
+/// instructions.
 #[cfg(target_arch = "x86_64")]
 mod x8 {
     use core::arch::x86_64::{
@@ -214,85 +337,26 @@ mod x8 {
     /// Pages per pass: one per 64-bit lane of a 512-bit register.
     pub(super) const LANES: usize = 8;
 
+    type Vector = __m512i;
+
     /// `vpternlogq` truth tables: `a ^ b ^ c`, `a ? b : c` (Ch), majority (Maj).
     const XOR3: i32 = 0x96;
     const CH: i32 = 0xca;
     const MAJ: i32 = 0xe8;
 
-    /// One 64-bit word from each lane.
     #[target_feature(enable = "avx512f")]
-    fn gather(words: &[u64; LANES]) -> __m512i {
+    fn splat(x: u64) -> Vector {
+        _mm512_set1_epi64(x as i64)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn gather(words: &[u64; LANES]) -> Vector {
         let w = words.map(|x| x as i64);
         _mm512_set_epi64(w[7], w[6], w[5], w[4], w[3], w[2], w[1], w[0])
     }
 
-    /// FIPS 180-4 §6.4.2 on eight independent states, one block each.
     #[target_feature(enable = "avx512f")]
-    fn compress(state: &mut [__m512i; 8], block: &[[u64; LANES]; 16]) {
-        let mut w: [__m512i; 16] = [_mm512_set1_epi64(0); 16];
-        for (v, words) in w.iter_mut().zip(block) {
-            *v = gather(words);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
-        for (t, k) in K.iter().enumerate() {
-            let wt = if t < 16 {
-                w[t]
-            } else {
-                let w15 = w[(t - 15) % 16];
-                let w2 = w[(t - 2) % 16];
-                let s0 = _mm512_ternarylogic_epi64::<XOR3>(
-                    _mm512_ror_epi64::<1>(w15),
-                    _mm512_ror_epi64::<8>(w15),
-                    _mm512_srli_epi64::<7>(w15),
-                );
-                let s1 = _mm512_ternarylogic_epi64::<XOR3>(
-                    _mm512_ror_epi64::<19>(w2),
-                    _mm512_ror_epi64::<61>(w2),
-                    _mm512_srli_epi64::<6>(w2),
-                );
-                let next = _mm512_add_epi64(
-                    _mm512_add_epi64(w[t % 16], s0),
-                    _mm512_add_epi64(w[(t - 7) % 16], s1),
-                );
-                w[t % 16] = next;
-                next
-            };
-            let s1 = _mm512_ternarylogic_epi64::<XOR3>(
-                _mm512_ror_epi64::<14>(e),
-                _mm512_ror_epi64::<18>(e),
-                _mm512_ror_epi64::<41>(e),
-            );
-            let ch = _mm512_ternarylogic_epi64::<CH>(e, f, g);
-            let t1 = _mm512_add_epi64(
-                _mm512_add_epi64(
-                    _mm512_add_epi64(h, s1),
-                    _mm512_add_epi64(ch, _mm512_set1_epi64(*k as i64)),
-                ),
-                wt,
-            );
-            let s0 = _mm512_ternarylogic_epi64::<XOR3>(
-                _mm512_ror_epi64::<28>(a),
-                _mm512_ror_epi64::<34>(a),
-                _mm512_ror_epi64::<39>(a),
-            );
-            let t2 = _mm512_add_epi64(s0, _mm512_ternarylogic_epi64::<MAJ>(a, b, c));
-            h = g;
-            g = f;
-            f = e;
-            e = _mm512_add_epi64(d, t1);
-            d = c;
-            c = b;
-            b = a;
-            a = _mm512_add_epi64(t1, t2);
-        }
-        for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-            *s = _mm512_add_epi64(*s, v);
-        }
-    }
-
-    /// The eight 64-bit lanes of a register, lane 0 first.
-    #[target_feature(enable = "avx512f")]
-    fn lanes(v: __m512i) -> [u64; LANES] {
+    fn lanes(v: Vector) -> [u64; LANES] {
         let lo = _mm512_extracti64x4_epi64::<0>(v);
         let hi = _mm512_extracti64x4_epi64::<1>(v);
         [
@@ -308,33 +372,121 @@ mod x8 {
         .map(|x| x as u64)
     }
 
-    /// SHA-384 of eight pages.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn sha384_x8(pages: [&Page; LANES]) -> [[u8; DIGEST_SIZE]; LANES] {
-        let mut state = IV.map(|x| _mm512_set1_epi64(x as i64));
-        let mut block = [[0u64; LANES]; 16];
-        for offset in (0..PAGE_SIZE).step_by(BLOCK) {
-            for (lane, page) in pages.iter().enumerate() {
-                let (words, _) = page[offset..offset + BLOCK].as_chunks::<8>();
-                for (t, word) in words.iter().enumerate() {
-                    block[t][lane] = u64::from_be_bytes(*word);
-                }
-            }
-            compress(&mut state, &block);
-        }
-        compress(&mut state, &PAD_BLOCK.map(|w| [w; LANES]));
-        let mut words = [[0u64; LANES]; 8];
-        for (w, v) in words.iter_mut().zip(state) {
-            *w = lanes(v);
-        }
-        std::array::from_fn(|lane| {
-            let mut digest = [0u8; DIGEST_SIZE];
-            for (out, word) in digest.chunks_exact_mut(8).zip(&words) {
-                out.copy_from_slice(&word[lane].to_be_bytes());
-            }
-            digest
-        })
+    fn add(a: Vector, b: Vector) -> Vector {
+        _mm512_add_epi64(a, b)
     }
+
+    #[target_feature(enable = "avx512f")]
+    fn xor3(a: Vector, b: Vector, c: Vector) -> Vector {
+        _mm512_ternarylogic_epi64::<XOR3>(a, b, c)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn ch(e: Vector, f: Vector, g: Vector) -> Vector {
+        _mm512_ternarylogic_epi64::<CH>(e, f, g)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn maj(a: Vector, b: Vector, c: Vector) -> Vector {
+        _mm512_ternarylogic_epi64::<MAJ>(a, b, c)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn ror<const R: i32>(x: Vector) -> Vector {
+        _mm512_ror_epi64::<R>(x)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn shr<const R: u32>(x: Vector) -> Vector {
+        _mm512_srli_epi64::<R>(x)
+    }
+
+    sha384_lanes!("avx512f");
+}
+
+/// Four pages per pass in AVX2 registers, for CPUs (or VMs that hide AVX-512): AVX2 has no
+/// 64-bit rotate or three-input logic, so each costs two or three instructions, and a pass
+/// still hashes about 2.4 times the bytes per second of `sha2`'s single-message AVX2 code
+/// (`cargo bench -p sha384-pages`, BENCHMARKS.md).
+#[cfg(target_arch = "x86_64")]
+mod x4 {
+    use core::arch::x86_64::{
+        __m256i, _mm_cvtsi64_si128, _mm256_add_epi64, _mm256_and_si256, _mm256_extract_epi64,
+        _mm256_or_si256, _mm256_set_epi64x, _mm256_set1_epi64x, _mm256_sll_epi64, _mm256_srl_epi64,
+        _mm256_xor_si256,
+    };
+
+    use super::{BLOCK, DIGEST_SIZE, IV, K, PAD_BLOCK, PAGE_SIZE, Page};
+
+    /// Pages per pass: one per 64-bit lane of a 256-bit register.
+    pub(super) const LANES: usize = 4;
+
+    type Vector = __m256i;
+
+    #[target_feature(enable = "avx2")]
+    fn splat(x: u64) -> Vector {
+        _mm256_set1_epi64x(x as i64)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn gather(words: &[u64; LANES]) -> Vector {
+        let w = words.map(|x| x as i64);
+        _mm256_set_epi64x(w[3], w[2], w[1], w[0])
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn lanes(v: Vector) -> [u64; LANES] {
+        [
+            _mm256_extract_epi64::<0>(v),
+            _mm256_extract_epi64::<1>(v),
+            _mm256_extract_epi64::<2>(v),
+            _mm256_extract_epi64::<3>(v),
+        ]
+        .map(|x| x as u64)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn add(a: Vector, b: Vector) -> Vector {
+        _mm256_add_epi64(a, b)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn xor3(a: Vector, b: Vector, c: Vector) -> Vector {
+        _mm256_xor_si256(_mm256_xor_si256(a, b), c)
+    }
+
+    /// `(e & f) ^ (!e & g)`, as `((f ^ g) & e) ^ g`.
+    #[target_feature(enable = "avx2")]
+    fn ch(e: Vector, f: Vector, g: Vector) -> Vector {
+        _mm256_xor_si256(_mm256_and_si256(_mm256_xor_si256(f, g), e), g)
+    }
+
+    /// `(a & b) ^ (a & c) ^ (b & c)`, as `((a ^ b) & c) ^ (a & b)`.
+    #[target_feature(enable = "avx2")]
+    fn maj(a: Vector, b: Vector, c: Vector) -> Vector {
+        _mm256_xor_si256(
+            _mm256_and_si256(_mm256_xor_si256(a, b), c),
+            _mm256_and_si256(a, b),
+        )
+    }
+
+    /// A rotate as two shifts by counts in a register (`64 - R` cannot be an immediate of a
+    /// const generic on stable Rust); the counts are constants, so the compiler folds them.
+    #[target_feature(enable = "avx2")]
+    fn ror<const R: i64>(x: Vector) -> Vector {
+        _mm256_or_si256(
+            _mm256_srl_epi64(x, _mm_cvtsi64_si128(R)),
+            _mm256_sll_epi64(x, _mm_cvtsi64_si128(64 - R)),
+        )
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn shr<const R: i64>(x: Vector) -> Vector {
+        _mm256_srl_epi64(x, _mm_cvtsi64_si128(R))
+    }
+
+    sha384_lanes!("avx2");
 }
 
 #[cfg(test)]
@@ -383,14 +535,22 @@ mod tests {
     #[test]
     fn backends_agree_with_sha2() {
         let all = pages(27);
-        let backends = [Backend::Sha2, Backend::detect()];
-        eprintln!("backend here: {:?}", Backend::detect());
+        let backends: Vec<Backend> = [Backend::Avx512x8, Backend::Avx2x4, Backend::Sha2]
+            .into_iter()
+            .filter(|b| {
+                let here = b.supported();
+                if !here {
+                    eprintln!("skipping {b:?}: this CPU lacks its instructions");
+                }
+                here
+            })
+            .collect();
         for n in 0..=all.len() {
             let refs: Vec<&Page> = all[..n].iter().map(|p| &**p).collect();
             let want: Vec<[u8; DIGEST_SIZE]> = refs.iter().map(|p| Sha384::digest(p).into()).collect();
-            for backend in backends {
+            for &backend in &backends {
                 let mut got = vec![[0; DIGEST_SIZE]; n];
-                hash_with(backend, &refs, &mut got);
+                backend.hash(&refs, &mut got);
                 assert_eq!(got, want, "{backend:?}, {n} pages");
             }
         }

@@ -1,7 +1,7 @@
 //! `vmm measure`'s digest in this process (no process start, no file read): the launch plan
 //! of Debian's OVMF image built and measured, against SHA-384 of the image's pages on one
 //! core with the `sha2` crate (`floor/sha2_pages`, the baseline: what hashing the firmware
-//! costs without deduplication, threads or AVX-512).
+//! costs without deduplication, threads or multi-page vector passes).
 //!
 //! `measure_peer` compares whole processes with sev-snp-measure; this bench shows what is left
 //! of a run once the process and the file read are taken away.

@@ -66,7 +66,7 @@ struct Floor {
     /// the floor the issue states ("SHA-384 of the pages on one core").
     sha2: Duration,
     /// With the fastest hashing this workspace has: `sha384_pages` for the SNP page contents
-    /// (eight pages per AVX-512 pass where the CPU has it), `sha2` for the rest.
+    /// (several pages per pass in AVX-512 or AVX2 registers), `sha2` for the rest.
     fastest: Duration,
     /// The digest, compared with both tools' (so the floor provably hashes the right bytes).
     digest: String,
