@@ -89,7 +89,8 @@ impl Backend for Kvm {
         let kvm = kvm_ioctls::Kvm::new().map_err(|e| e.to_string())?;
         let vm = Arc::new(kvm.create_vm().map_err(|e| e.to_string())?);
         // The guest RAM holds the VM, so the platform keeps both alive.
-        let ram = backend_kvm::gmem::GuestRam::new(vm, 0, 0, MEMORY).map_err(|e| e.to_string())?;
+        let backing = backend_kvm::probe::Capabilities::read(&kvm).image_ram();
+        let ram = backend_kvm::gmem::GuestRam::new(vm, 0, 0, MEMORY, backing).map_err(|e| e.to_string())?;
         let frames = backend_kvm::frames::FrameSpace::new(vec![Arc::new(ram)]);
         Ok(backend_kvm::platform::KvmPlatform::new(frames))
     }

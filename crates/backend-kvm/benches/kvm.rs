@@ -1,6 +1,6 @@
 //! backend-kvm benchmarks on real KVM, each against a baseline measured in the same run:
 //!
-//! - `create/to_first_exit`: KVM VM, guest_memfd RAM with the guest image, one vCPU with
+//! - `create/to_first_exit`: KVM VM, RAM (guest_memfd where mappable) with the guest image, one vCPU with
 //!   CPUID, started from a VMSA image, `KVM_RUN` to its first exit (the AP program's DONE),
 //!   and teardown — against `create/bare_vm` (`KVM_CREATE_VM` + close).
 //! - `exit/*`: one guest exit round trip on a running vCPU: `out_port` (the baseline, an OUT
@@ -19,6 +19,7 @@ use backend_kvm::gmem::GuestRam;
 use backend_kvm::guest::layout::{self, CODE_GPA, GHCB_GPA};
 use backend_kvm::guest::{self, program};
 use backend_kvm::platform::KvmPlatform;
+use backend_kvm::probe::Capabilities;
 use backend_kvm::{cpuid, vmsa_regs};
 use criterion::{Criterion, black_box};
 use iced_x86::code_asm::*;
@@ -32,7 +33,7 @@ use vmsa_core::{VcpuId, Vm, VmConfig};
 
 fn create_to_first_exit(kvm: &Kvm, prog: &program::Program, table: &kvm_bindings::CpuId) {
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
+    let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20, Capabilities::read(kvm).image_ram()).unwrap();
     ram.write(0, &guest::image(prog, 1, 0)).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     cpuid::set(&vcpu, table, 0).unwrap();
@@ -72,7 +73,7 @@ fn looper(kvm: &Kvm, body: impl FnOnce(&mut CodeAssembler)) -> Looper {
     };
     cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL);
     vm.enable_cap(&cap).unwrap();
-    let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
+    let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20, Capabilities::read(kvm).image_ram()).unwrap();
     ram.write(0, &guest::image(&program::PROGRAM, 1, 0)).unwrap();
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();

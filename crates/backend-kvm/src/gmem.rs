@@ -1,10 +1,15 @@
-//! guest_memfd-backed guest memory (`KVM_CREATE_GUEST_MEMFD`, `KVM_SET_USER_MEMORY_REGION2`).
+//! Guest memory: guest_memfd (`KVM_CREATE_GUEST_MEMFD`, `KVM_SET_USER_MEMORY_REGION2`) and the
+//! shared RAM of VMSA-image VMs.
 //!
 //! [`GuestMemfd`] owns the fd and, when created with `GUEST_MEMFD_FLAG_MMAP`, its shared
-//! mapping. [`GuestRam`] is one memslot backed by a guest_memfd with `MMAP | INIT_SHARED`
-//! whose `userspace_addr` is the guest_memfd's own mapping: on the PVM hosts this project runs
-//! on, that is the only arrangement in which the guest really runs from guest_memfd memory
-//! (`kvm_gmem_mmap` serves the faults of that mapping from the same folios the guest maps). The
+//! mapping. [`GuestRam`] is one memslot of shared guest RAM, backed as [`RamBacking`] says:
+//! where KVM has a mappable guest_memfd (`KVM_CAP_GUEST_MEMFD_FLAGS` with `MMAP |
+//! INIT_SHARED`, Linux 6.18), a guest_memfd whose `userspace_addr` is its own mapping: on the
+//! PVM hosts this project runs on, that is the only arrangement in which the guest really runs
+//! from guest_memfd memory (`kvm_gmem_mmap` serves the faults of that mapping from the same
+//! folios the guest maps); elsewhere (kernels before 6.18, or built without
+//! `CONFIG_KVM_GUEST_MEMFD`, where `KVM_CREATE_GUEST_MEMFD` is `ENOTTY`), anonymous memory in
+//! an ordinary `KVM_SET_USER_MEMORY_REGION` slot, as every VMM backs a default VM's RAM. The
 //! memslot is deleted before the mapping is unmapped and the fd closed, so KVM never holds a
 //! dangling `userspace_addr`.
 //!
@@ -18,7 +23,11 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kvm_bindings::{KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_userspace_memory_region2};
+use std::fmt;
+
+use kvm_bindings::{
+    KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_userspace_memory_region, kvm_userspace_memory_region2,
+};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 use vm_memory::mmap::MmapRegionError;
@@ -34,7 +43,7 @@ pub enum GmemError {
     /// An ioctl failed.
     #[error(transparent)]
     Ioctl(#[from] IoctlError),
-    /// `mmap` of the guest_memfd failed.
+    /// `mmap` of the guest_memfd or of anonymous memory failed.
     #[error("mmap of {len:#x} bytes failed with {errno}")]
     Mmap {
         /// The length asked for.
@@ -86,10 +95,7 @@ impl GuestMemfd {
     /// `KVM_CREATE_GUEST_MEMFD` of `size` bytes with `flags`; mapped shared when `flags` has
     /// `GUEST_MEMFD_FLAG_MMAP`.
     pub fn create(vm: &VmFd, size: u64, flags: u64) -> Result<Self, GmemError> {
-        let len = usize::try_from(size).map_err(|_| GmemError::BadSize { size })?;
-        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
-            return Err(GmemError::BadSize { size });
-        }
+        let len = mapping_len(size)?;
         let raw = vm
             .create_guest_memfd(kvm_create_guest_memfd {
                 size,
@@ -100,15 +106,8 @@ impl GuestMemfd {
         // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that nothing else owns.
         let file = Arc::new(unsafe { File::from_raw_fd(raw) });
         let map = if flags & GUEST_MEMFD_FLAG_MMAP != 0 {
-            let region = MmapRegion::from_file(FileOffset::from_arc(file.clone(), 0), len).map_err(|e| {
-                GmemError::Mmap {
-                    len: size,
-                    errno: match &e {
-                        MmapRegionError::Mmap(io) => Errno::from(io),
-                        _ => Errno::new(libc::EINVAL),
-                    },
-                }
-            })?;
+            let region = MmapRegion::from_file(FileOffset::from_arc(file.clone(), 0), len)
+                .map_err(|e| mmap_error(size, &e))?;
             Some(region)
         } else {
             None
@@ -149,41 +148,142 @@ impl GuestMemfd {
     }
 }
 
-/// One memslot of shared guest RAM backed by a guest_memfd (`MMAP | INIT_SHARED`), mapped at
-/// its own `userspace_addr`. Deleted from the VM on drop.
+/// What backs a VMSA-image VM's shared guest RAM ([`GuestRam`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RamBacking {
+    /// A guest_memfd created `MMAP | INIT_SHARED`, mapped at its own `userspace_addr`, in a
+    /// `KVM_SET_USER_MEMORY_REGION2` slot.
+    GuestMemfd,
+    /// Anonymous memory in a `KVM_SET_USER_MEMORY_REGION` slot, where KVM has no mappable
+    /// guest_memfd.
+    Anonymous,
+}
+
+impl RamBacking {
+    /// The ioctl that registers a memslot of this backing.
+    pub fn memslot_call(self) -> &'static str {
+        match self {
+            Self::GuestMemfd => "KVM_SET_USER_MEMORY_REGION2",
+            Self::Anonymous => "KVM_SET_USER_MEMORY_REGION",
+        }
+    }
+
+    /// How the frames of this backing go back to the host (reports cannot count them).
+    pub fn released_by(self) -> &'static str {
+        match self {
+            Self::GuestMemfd => "guest memory is guest_memfd, released by the kernel when its fd closes",
+            Self::Anonymous => {
+                "guest memory is anonymous memory of this process, unmapped when the VM is torn down"
+            }
+        }
+    }
+}
+
+impl fmt::Display for RamBacking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::GuestMemfd => "guest_memfd (MMAP | INIT_SHARED)",
+            Self::Anonymous => "anonymous memory (no mappable guest_memfd here)",
+        })
+    }
+}
+
+/// The memory behind a [`GuestRam`].
+#[derive(Debug)]
+enum Backing {
+    Gmem(GuestMemfd),
+    Anonymous(MmapRegion),
+}
+
+/// One memslot of shared guest RAM, backed as its [`RamBacking`] says. Deleted from the VM on
+/// drop.
 #[derive(Debug)]
 pub struct GuestRam {
     vm: Arc<VmFd>,
     slot: u32,
     gpa: u64,
+    size: u64,
     // Dropped after the memslot is deleted (in `Drop::drop`).
-    gmem: GuestMemfd,
+    backing: Backing,
 }
 
 impl GuestRam {
-    /// Create a guest_memfd of `size` bytes and register it as memslot `slot` at `gpa`.
-    pub fn new(vm: Arc<VmFd>, slot: u32, gpa: u64, size: u64) -> Result<Self, GmemError> {
+    /// Create `size` bytes of memory backed as `backing` says and register it as memslot
+    /// `slot` at `gpa`.
+    pub fn new(
+        vm: Arc<VmFd>,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        backing: RamBacking,
+    ) -> Result<Self, GmemError> {
         if !gpa.is_multiple_of(PAGE_SIZE) || gpa.checked_add(size).is_none() {
             return Err(GmemError::BadSize { size });
         }
-        let gmem = GuestMemfd::create(&vm, size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)?;
-        let userspace_addr = gmem.host_addr()?;
-        let region = kvm_userspace_memory_region2 {
-            slot,
-            flags: KVM_MEM_GUEST_MEMFD,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr,
-            guest_memfd_offset: 0,
-            guest_memfd: gmem.raw_fd() as u32,
-            ..Default::default()
+        let backing = match backing {
+            RamBacking::GuestMemfd => {
+                let gmem =
+                    GuestMemfd::create(&vm, size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)?;
+                let region = kvm_userspace_memory_region2 {
+                    slot,
+                    flags: KVM_MEM_GUEST_MEMFD,
+                    guest_phys_addr: gpa,
+                    memory_size: size,
+                    userspace_addr: gmem.host_addr()?,
+                    guest_memfd_offset: 0,
+                    guest_memfd: gmem.raw_fd() as u32,
+                    ..Default::default()
+                };
+                // SAFETY: `userspace_addr` is the guest_memfd's own shared mapping of exactly
+                // `size` bytes, owned by the returned `GuestRam`, whose Drop deletes this
+                // memslot before the mapping is unmapped; KVM therefore never uses the address
+                // after it is released.
+                unsafe { vm.set_user_memory_region2(region) }
+                    .map_err(|e| IoctlError::new(RamBacking::GuestMemfd.memslot_call(), e))?;
+                Backing::Gmem(gmem)
+            }
+            RamBacking::Anonymous => {
+                let map = MmapRegion::new(mapping_len(size)?).map_err(|e| mmap_error(size, &e))?;
+                let region = kvm_userspace_memory_region {
+                    slot,
+                    flags: 0,
+                    guest_phys_addr: gpa,
+                    memory_size: size,
+                    userspace_addr: map.as_ptr() as u64,
+                };
+                // SAFETY: `userspace_addr` is an anonymous mapping of exactly `size` bytes,
+                // owned by the returned `GuestRam`, whose Drop deletes this memslot before the
+                // mapping is unmapped; KVM therefore never uses the address after it is
+                // released.
+                unsafe { vm.set_user_memory_region(region) }
+                    .map_err(|e| IoctlError::new(RamBacking::Anonymous.memslot_call(), e))?;
+                Backing::Anonymous(map)
+            }
         };
-        // SAFETY: `userspace_addr` is the guest_memfd's own shared mapping of exactly `size`
-        // bytes, owned by the returned `GuestRam`, whose Drop deletes this memslot before the
-        // mapping is unmapped; KVM therefore never uses the address after it is released.
-        unsafe { vm.set_user_memory_region2(region) }
-            .map_err(|e| IoctlError::new("KVM_SET_USER_MEMORY_REGION2", e))?;
-        Ok(Self { vm, slot, gpa, gmem })
+        Ok(Self {
+            vm,
+            slot,
+            gpa,
+            size,
+            backing,
+        })
+    }
+
+    /// What backs this RAM.
+    pub fn backing(&self) -> RamBacking {
+        match self.backing {
+            Backing::Gmem(_) => RamBacking::GuestMemfd,
+            Backing::Anonymous(_) => RamBacking::Anonymous,
+        }
+    }
+
+    /// The host mapping.
+    fn mapping(&self) -> Result<&MmapRegion, GmemError> {
+        match &self.backing {
+            Backing::Gmem(gmem) => gmem.mapping(),
+            Backing::Anonymous(map) => Ok(map),
+        }
     }
 
     /// The first guest-physical address.
@@ -193,17 +293,12 @@ impl GuestRam {
 
     /// The size in bytes.
     pub fn size(&self) -> u64 {
-        self.gmem.size()
+        self.size
     }
 
     /// The memslot number.
     pub fn slot(&self) -> u32 {
         self.slot
-    }
-
-    /// The backing guest_memfd.
-    pub fn gmem(&self) -> &GuestMemfd {
-        &self.gmem
     }
 
     /// The offset of `gpa` in this slot, if the `len` bytes from it are inside.
@@ -220,8 +315,7 @@ impl GuestRam {
             size: self.size(),
         };
         let off = self.offset_of(gpa, len).ok_or(out.clone())?;
-        self.gmem
-            .mapping()?
+        self.mapping()?
             .get_slice(off as usize, len as usize)
             .map_err(|_| out)
     }
@@ -236,8 +330,7 @@ impl GuestRam {
             len: 8,
             size: self.size(),
         })?;
-        self.gmem
-            .mapping()?
+        self.mapping()?
             .get_atomic_ref::<AtomicU64>(off as usize)
             .map_err(|_| GmemError::Unaligned { offset: gpa })
     }
@@ -268,19 +361,48 @@ impl GuestRam {
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
-        let region = kvm_userspace_memory_region2 {
-            slot: self.slot,
-            flags: KVM_MEM_GUEST_MEMFD,
-            guest_phys_addr: self.gpa,
-            memory_size: 0,
-            userspace_addr: 0,
-            guest_memfd_offset: 0,
-            guest_memfd: self.gmem.raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: memory_size 0 deletes the slot; no host memory is handed to KVM. A failure
-        // (only if the VM is already being destroyed) leaves nothing that can use the mapping
-        // once the VM fd closes.
-        let _ = unsafe { self.vm.set_user_memory_region2(region) };
+        // A failure to delete the slot (only if the VM is already being destroyed) leaves
+        // nothing that can use the mapping once the VM fd closes.
+        match &self.backing {
+            Backing::Gmem(gmem) => {
+                let region = kvm_userspace_memory_region2 {
+                    slot: self.slot,
+                    flags: KVM_MEM_GUEST_MEMFD,
+                    guest_phys_addr: self.gpa,
+                    guest_memfd: gmem.raw_fd() as u32,
+                    ..Default::default()
+                };
+                // SAFETY: memory_size 0 deletes the slot; KVM is handed no memory.
+                let _ = unsafe { self.vm.set_user_memory_region2(region) };
+            }
+            Backing::Anonymous(_) => {
+                let region = kvm_userspace_memory_region {
+                    slot: self.slot,
+                    guest_phys_addr: self.gpa,
+                    ..Default::default()
+                };
+                // SAFETY: memory_size 0 deletes the slot; KVM is handed no memory.
+                let _ = unsafe { self.vm.set_user_memory_region(region) };
+            }
+        }
+    }
+}
+
+/// `size` as the length of a mapping: non-zero, page aligned, addressable.
+fn mapping_len(size: u64) -> Result<usize, GmemError> {
+    match usize::try_from(size) {
+        Ok(len) if size != 0 && size.is_multiple_of(PAGE_SIZE) => Ok(len),
+        _ => Err(GmemError::BadSize { size }),
+    }
+}
+
+/// [`GmemError::Mmap`] of a failed mapping of `len` bytes.
+fn mmap_error(len: u64, e: &MmapRegionError) -> GmemError {
+    GmemError::Mmap {
+        len,
+        errno: match e {
+            MmapRegionError::Mmap(io) => Errno::from(io),
+            _ => Errno::new(libc::EINVAL),
+        },
     }
 }

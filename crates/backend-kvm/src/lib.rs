@@ -13,7 +13,8 @@
 //! - **VMSA-image** on any KVM host: a default VM whose vCPUs are started from
 //!   [`vmsa_core::SevEsSaveArea`] images ([`vmsa_regs`]). vmsa-core's ownership state machine
 //!   runs unchanged over [`platform::KvmPlatform`]; a real guest program ([`guest`]) writes
-//!   AP VMSAs into its own guest_memfd-backed memory and asks for them through a GHCB-style
+//!   AP VMSAs into its own memory (guest_memfd where KVM can map it, anonymous memory
+//!   elsewhere: [`gmem::RamBacking`]) and asks for them through a GHCB-style
 //!   doorbell (a userspace MSR exit, [`ghcb`]), validated by vmsa-core with the same rules
 //!   and GHCB error codes as SNP, and the VMM starts real vCPUs from those pages ([`vcpu`]).
 //!   **Nothing is encrypted and there is no RMP in this mode**: the RMP is tracked in

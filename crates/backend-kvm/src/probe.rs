@@ -27,6 +27,7 @@ use serde::Serialize;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::error::Errno;
+use crate::gmem::RamBacking;
 use crate::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_DEVICE,
     KVM_GET_DEVICE_ATTR, KVM_HC_MAP_GPA_RANGE, SEV_DEVICE,
@@ -214,6 +215,38 @@ pub struct Capabilities {
     pub max_vcpus: i32,
 }
 
+impl Capabilities {
+    /// The values of an open `/dev/kvm`.
+    pub fn read(kvm: &Kvm) -> Self {
+        // kvm-ioctls has no `Cap` for these two.
+        let raw = |c: u32| kvm.check_extension_raw(c as libc::c_ulong);
+        Self {
+            vm_types: raw(KVM_CAP_VM_TYPES),
+            guest_memfd: kvm.check_extension_int(Cap::GuestMemfd),
+            guest_memfd_flags: raw(KVM_CAP_GUEST_MEMFD_FLAGS),
+            user_memory2: kvm.check_extension_int(Cap::UserMemory2),
+            memory_attributes: kvm.check_extension_int(Cap::MemoryAttributes),
+            user_space_msr: kvm.check_extension_int(Cap::X86UserSpaceMsr),
+            exit_hypercall: kvm.check_extension_int(Cap::ExitHypercall),
+            max_vcpus: kvm.check_extension_int(Cap::MaxVcpus),
+        }
+    }
+
+    /// What a VMSA-image VM's RAM is on this host: guest_memfd where it can be created mappable
+    /// and shared (`GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`, Linux 6.18) and put in
+    /// a `KVM_SET_USER_MEMORY_REGION2` slot, anonymous memory elsewhere.
+    pub fn image_ram(&self) -> RamBacking {
+        let flags = (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i32;
+        let mappable =
+            self.guest_memfd > 0 && self.guest_memfd_flags >= 0 && self.guest_memfd_flags & flags == flags;
+        if mappable && self.user_memory2 > 0 {
+            RamBacking::GuestMemfd
+        } else {
+            RamBacking::Anonymous
+        }
+    }
+}
+
 /// The outcome of one probe step that can fail with an errno.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -271,6 +304,9 @@ pub struct ProbeReport {
     pub snp_vm_create: Probed<&'static str>,
     /// The verdict per mode: SNP, SEV-ES, VMSA-image.
     pub modes: Vec<ModeSupport>,
+    /// What a VMSA-image VM's RAM would be here ([`Capabilities::image_ram`]); `None` when
+    /// the capabilities could not be read.
+    pub image_ram: Option<RamBacking>,
     /// Whether this kernel takes supplied VMSAs (see [`SuppliedVmsaProbe`]).
     pub supplied_vmsa: SuppliedVmsaProbe,
 }
@@ -379,7 +415,12 @@ impl fmt::Display for ProbeReport {
         writeln!(f, "Modes")?;
         for m in &self.modes {
             if m.supported {
-                writeln!(f, "  {}: supported", m.mode)?;
+                match (m.mode, self.image_ram) {
+                    (Mode::VmsaImage, Some(ram)) => {
+                        writeln!(f, "  {}: supported, guest RAM in {ram}", m.mode)?
+                    }
+                    _ => writeln!(f, "  {}: supported", m.mode)?,
+                }
             } else {
                 writeln!(f, "  {}: not supported", m.mode)?;
                 for why in &m.missing {
@@ -431,6 +472,7 @@ fn unusable(errno: Errno, sev_device: Probed<&'static str>) -> ProbeReport {
                 missing: missing.clone(),
             })
             .collect(),
+        image_ram: None,
         supplied_vmsa: SuppliedVmsaProbe::decide(false),
     }
 }
@@ -469,19 +511,8 @@ fn probe_sev_device() -> Probed<&'static str> {
 
 /// Probe through an already open `Kvm`.
 pub fn probe_with(kvm: &Kvm) -> ProbeReport {
-    // kvm-ioctls has no `Cap` for these two.
-    let raw = |c: u32| kvm.check_extension_raw(c as libc::c_ulong);
     let api = kvm.get_api_version();
-    let caps = Capabilities {
-        vm_types: raw(KVM_CAP_VM_TYPES),
-        guest_memfd: kvm.check_extension_int(Cap::GuestMemfd),
-        guest_memfd_flags: raw(KVM_CAP_GUEST_MEMFD_FLAGS),
-        user_memory2: kvm.check_extension_int(Cap::UserMemory2),
-        memory_attributes: kvm.check_extension_int(Cap::MemoryAttributes),
-        user_space_msr: kvm.check_extension_int(Cap::X86UserSpaceMsr),
-        exit_hypercall: kvm.check_extension_int(Cap::ExitHypercall),
-        max_vcpus: kvm.check_extension_int(Cap::MaxVcpus),
-    };
+    let caps = Capabilities::read(kvm);
     let sev_device = probe_sev_device();
     let sev_vmsa_features = Probed::from_result(system_attr(
         kvm,
@@ -526,6 +557,7 @@ pub fn probe_with(kvm: &Kvm) -> ProbeReport {
         xcomp_guest_supp,
         snp_vm_create,
         modes,
+        image_ram: Some(caps.image_ram()),
         supplied_vmsa: SuppliedVmsaProbe::decide(snp),
     }
 }
@@ -635,31 +667,12 @@ impl Facts {
                 sev(&mut out);
             }
             Mode::VmsaImage => {
-                // Kernels without KVM_CAP_VM_TYPES still have the default type.
+                // Kernels without KVM_CAP_VM_TYPES still have the default type. Its RAM needs
+                // no capability: guest_memfd where mappable, anonymous memory elsewhere
+                // (`Capabilities::image_ram`).
                 if c.vm_types > 0 {
                     vm_type(&mut out, KVM_X86_DEFAULT_VM, "KVM_X86_DEFAULT_VM");
                 }
-                nonzero(
-                    &mut out,
-                    KVM_CAP_GUEST_MEMFD,
-                    "KVM_CAP_GUEST_MEMFD",
-                    c.guest_memfd,
-                );
-                let flags = (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i32;
-                need(
-                    &mut out,
-                    KVM_CAP_GUEST_MEMFD_FLAGS,
-                    "KVM_CAP_GUEST_MEMFD_FLAGS",
-                    c.guest_memfd_flags,
-                    c.guest_memfd_flags >= 0 && c.guest_memfd_flags & flags == flags,
-                    "GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED (0x3)",
-                );
-                nonzero(
-                    &mut out,
-                    KVM_CAP_USER_MEMORY2,
-                    "KVM_CAP_USER_MEMORY2",
-                    c.user_memory2,
-                );
                 need(
                     &mut out,
                     KVM_CAP_X86_USER_SPACE_MSR,
@@ -789,7 +802,7 @@ mod tests {
     }
 
     #[test]
-    fn snp_host_is_supported_and_vmsa_image_needs_mmap_flags() {
+    fn snp_host_is_supported_and_vmsa_image_runs_without_a_mappable_guest_memfd() {
         let mut f = host_like();
         f.caps.vm_types = 0b11101;
         f.sev_device = Probed::Ok { value: "present" };
@@ -799,15 +812,37 @@ mod tests {
         let modes = f.verdicts();
         assert!(modes[0].supported, "{:?}", modes[0]);
         assert!(modes[1].supported);
-        assert!(!modes[2].supported);
-        assert!(matches!(
-            modes[2].missing[0],
-            Missing::Capability {
-                cap: 244,
-                seen: 0,
-                ..
-            }
-        ));
+        assert!(modes[2].supported, "{:?}", modes[2]);
+        assert_eq!(f.caps.image_ram(), RamBacking::Anonymous);
+    }
+
+    /// A kernel without guest_memfd (before 6.8, or built without CONFIG_KVM_GUEST_MEMFD, where
+    /// KVM_CREATE_GUEST_MEMFD is ENOTTY) or without its mmap flags (before 6.18) still runs
+    /// VMSA-image VMs, from anonymous memory; only a mappable, shared guest_memfd in a
+    /// KVM_SET_USER_MEMORY_REGION2 slot is used as guest_memfd.
+    #[test]
+    fn vmsa_image_ram_is_guest_memfd_only_where_it_can_be_mapped_shared() {
+        let full = host_like().caps;
+        assert_eq!(full.image_ram(), RamBacking::GuestMemfd);
+        let without = |change: fn(&mut Capabilities)| {
+            let mut f = host_like();
+            change(&mut f.caps);
+            assert!(f.verdicts()[2].supported, "{:?}", f.caps);
+            f.caps.image_ram()
+        };
+        assert_eq!(without(|c| c.guest_memfd = 0), RamBacking::Anonymous);
+        assert_eq!(without(|c| c.guest_memfd_flags = 1), RamBacking::Anonymous);
+        assert_eq!(without(|c| c.guest_memfd_flags = 2), RamBacking::Anonymous);
+        assert_eq!(without(|c| c.guest_memfd_flags = -22), RamBacking::Anonymous);
+        assert_eq!(without(|c| c.user_memory2 = 0), RamBacking::Anonymous);
+        assert_eq!(
+            without(|c| {
+                c.guest_memfd = 0;
+                c.guest_memfd_flags = 0;
+                c.user_memory2 = 0;
+            }),
+            RamBacking::Anonymous
+        );
     }
 
     #[test]

@@ -1,20 +1,33 @@
-//! guest_memfd-backed guest RAM on real KVM: bounds, volatile copies and atomic 64-bit fields
-//! through vm-memory's mapping of the guest_memfd, and the memslot released on drop.
+//! Shared guest RAM on real KVM, backed by guest_memfd where this KVM has a mappable one and by
+//! anonymous memory always: bounds, volatile copies and atomic 64-bit fields through
+//! vm-memory's mapping, and the memslot released on drop.
 
 mod common;
 
 use std::sync::Arc;
 
-use backend_kvm::gmem::{GmemError, GuestRam};
+use backend_kvm::gmem::{GmemError, GuestRam, RamBacking};
 use kvm_ioctls::Kvm;
 
 #[test]
 fn guest_ram_checks_bounds_and_reads_back_what_it_wrote() {
-    if !common::kvm_or_skip("guest_ram_checks_bounds_and_reads_back_what_it_wrote") {
+    let test = "guest_ram_checks_bounds_and_reads_back_what_it_wrote";
+    if !common::kvm_or_skip(test) {
         return;
     }
+    check(RamBacking::Anonymous);
+    let here = backend_kvm::probe().image_ram;
+    if here == Some(RamBacking::GuestMemfd) {
+        check(RamBacking::GuestMemfd);
+    } else {
+        eprintln!("skipped {test} on guest_memfd: this KVM has no mappable guest_memfd ({here:?})");
+    }
+}
+
+fn check(backing: RamBacking) {
     let vm = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
-    let ram = GuestRam::new(vm.clone(), 0, 0x10_0000, 2 << 20).unwrap();
+    let ram = GuestRam::new(vm.clone(), 0, 0x10_0000, 2 << 20, backing).unwrap();
+    assert_eq!(ram.backing(), backing);
     assert_eq!((ram.gpa(), ram.size(), ram.slot()), (0x10_0000, 2 << 20, 0));
     // A copy across a page boundary reads back exactly.
     ram.write(0x10_0ffa, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
@@ -44,10 +57,10 @@ fn guest_ram_checks_bounds_and_reads_back_what_it_wrote() {
     assert!(matches!(ram.read_u64(end), Err(GmemError::OutOfRange { .. })));
     assert!(ram.write(u64::MAX, &[0]).is_err());
     assert_eq!(
-        GuestRam::new(vm.clone(), 1, 0x1000_0000, 100).unwrap_err(),
+        GuestRam::new(vm.clone(), 1, 0x1000_0000, 100, backing).unwrap_err(),
         GmemError::BadSize { size: 100 }
     );
     // Dropping the RAM deletes the memslot, so the same slot and range can be added again.
     drop(ram);
-    GuestRam::new(vm, 0, 0x10_0000, 2 << 20).unwrap();
+    GuestRam::new(vm, 0, 0x10_0000, 2 << 20, backing).unwrap();
 }

@@ -2,9 +2,14 @@
 
 mod common;
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use backend_kvm::gmem::RamBacking;
 use backend_kvm::host::{HostError, KvmSnpHost};
 use backend_kvm::probe::{Missing, Probed};
 use backend_kvm::{Mode, probe};
+use kvm_ioctls::Kvm;
 use vmsa_host::HypervisorError;
 
 /// Whether the host CPU advertises SVM (no SVM, no SEV of any kind).
@@ -80,8 +85,31 @@ fn the_probe_reports_what_this_host_has() {
         assert!(text.contains("KVM_CAP_VM_TYPES = 0x1 (DEFAULT)"), "{text}");
         assert!(text.contains("ENXIO"), "{text}");
         assert!(text.contains("A run uses VMSA-image mode."), "{text}");
-        // The VMSA-image prerequisites are there: guest_memfd with MMAP | INIT_SHARED.
-        assert_eq!(caps.guest_memfd_flags & 3, 3);
+    }
+    // The RAM a VMSA-image VM gets agrees with what KVM does: a mappable, shared guest_memfd
+    // is created where the probe says so, and refused where the probe chose anonymous memory
+    // because KVM has no guest_memfd (ENOTTY: the ioctl is not built in).
+    let ram = r.image_ram.expect("capabilities read");
+    let text = r.to_string();
+    assert!(
+        text.contains(&format!("VMSA-image: supported, guest RAM in {ram}")),
+        "{text}"
+    );
+    let vm = Kvm::new().unwrap().create_vm().unwrap();
+    let created = vm
+        .create_guest_memfd(kvm_bindings::kvm_create_guest_memfd {
+            size: 1 << 20,
+            flags: 3,
+            ..Default::default()
+        })
+        // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that nothing else owns; it is closed.
+        .map(|fd| drop(unsafe { File::from_raw_fd(fd) }));
+    match ram {
+        RamBacking::GuestMemfd => assert!(created.is_ok(), "{created:?}"),
+        RamBacking::Anonymous if caps.guest_memfd == 0 => {
+            assert_eq!(created.map_err(|e| e.errno()), Err(libc::ENOTTY))
+        }
+        RamBacking::Anonymous => assert!(created.is_err() || caps.user_memory2 == 0, "{caps:?}"),
     }
 
     let json = serde_json::to_value(&r).unwrap();
@@ -89,6 +117,7 @@ fn the_probe_reports_what_this_host_has() {
     assert_eq!(json["modes"][0]["mode"], "Snp");
     assert_eq!(json["modes"][2]["mode"], "VmsaImage");
     assert_eq!(json["modes"][2]["supported"], true);
+    assert_eq!(json["image_ram"], serde_json::to_value(ram).unwrap());
     if !host_has_svm() {
         assert_eq!(json["sev_vmsa_features"]["errno"]["name"], "ENXIO");
         assert_eq!(json["modes"][0]["missing"][0]["missing"], "vm_type");

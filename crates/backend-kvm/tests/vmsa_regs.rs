@@ -9,6 +9,7 @@ use std::sync::Arc;
 use backend_kvm::gmem::GuestRam;
 use backend_kvm::guest::layout::{self, MAILBOX_GPA, PARAMS_GPA, params, ports};
 use backend_kvm::guest::{self, program};
+use backend_kvm::probe::Capabilities;
 use backend_kvm::vmsa_regs;
 use backend_kvm::{cpuid, vmsa_regs::RegsError};
 use kvm_ioctls::{Kvm, VcpuExit};
@@ -120,7 +121,7 @@ fn a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu() {
     }
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
-    let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20).unwrap();
+    let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20, Capabilities::read(&kvm).image_ram()).unwrap();
     let prog = program::PROGRAM;
     ram.write(0, &guest::image(&prog, 2, 0)).unwrap();
     let table = cpuid::supported(&kvm).unwrap();

@@ -575,6 +575,15 @@ fn kvm_backend_runs_real_vcpus_where_dev_kvm_is_usable() {
         .collect();
     assert!(hidden.contains(&"launch_digest"), "{hidden:?}");
     assert_eq!(s["teardown"]["frames_still_allocated"], 0);
+    // The RAM is what the probe says this KVM can back it with (it was always reported as
+    // guest_memfd, also on a KVM without guest_memfd, where the run failed before).
+    let probe: Value = serde_json::from_str(&stdout(&vmm(["probe", "--json"]))).unwrap();
+    let layout = s["memory_layout"].as_str().unwrap();
+    match probe["kvm"]["image_ram"].as_str() {
+        Some("guest_memfd") => assert!(layout.starts_with("RAM in guest_memfd"), "{layout}"),
+        Some("anonymous") => assert!(layout.starts_with("RAM in anonymous memory"), "{layout}"),
+        other => panic!("probe image_ram {other:?}"),
+    }
 }
 
 #[test]

@@ -5,8 +5,8 @@
 //!
 //! - [`KvmImageHost`] owns the probe's verdict and nothing else; every VM opens `/dev/kvm` itself.
 //! - [`KvmImageVm`] owns (through an `Arc` its vCPUs share) the default-type KVM VM fd with
-//!   `KVM_CAP_X86_USER_SPACE_MSR`, the guest_memfd-backed memslots ([`GuestRam`], `MMAP |
-//!   INIT_SHARED`), the CPUID table, and vmsa-core's [`vmsa_core::Vm`] over a [`KvmPlatform`]:
+//!   `KVM_CAP_X86_USER_SPACE_MSR`, the memslots of shared RAM ([`GuestRam`]: guest_memfd `MMAP |
+//!   INIT_SHARED` where KVM has it, anonymous memory elsewhere), the CPUID table, and vmsa-core's [`vmsa_core::Vm`] over a [`KvmPlatform`]:
 //!   the "kernel", which owns every host VMSA page and the tracked RMP. vmsa-core's VM is created
 //!   when the first vCPU is (memory must be in place by then: its frame space is fixed).
 //! - [`KvmImageVcpu`] owns the KVM vCPU fd (created by its first run, on its own thread), its
@@ -58,7 +58,7 @@ use vmsa_host::{
 use super::HostError;
 use crate::error::IoctlError;
 use crate::frames::FrameSpace;
-use crate::gmem::GuestRam;
+use crate::gmem::{GuestRam, RamBacking};
 use crate::guest::layout::ports;
 use crate::kick::{self, Consumed, KickState, KvmKick, Progress};
 use crate::platform::KvmPlatform;
@@ -81,6 +81,8 @@ const NO_SEV_ES: &str = "VMSA-image mode runs SEV-SNP guests only: its guest pro
 #[derive(Debug)]
 pub struct KvmImageHost {
     caps: Capabilities,
+    /// What its VMs' RAM is (the probe's [`crate::probe::Capabilities::image_ram`]).
+    ram: RamBacking,
     reason: String,
     kick_timeout: Duration,
     /// KVM's supported CPUID table, read from the host's creation on (its VMs share it): the
@@ -107,6 +109,7 @@ impl KvmImageHost {
         })?;
         Ok(Self {
             cpuid: cpuid::SupportedLater::start(kvm),
+            ram: probe.image_ram.unwrap_or(RamBacking::Anonymous),
             caps: Capabilities {
                 kinds: vec![VmKind::Snp],
                 // SEV_FEATURES beyond SNP_ACTIVE are copied into the VMSAs and checked on AP
@@ -131,6 +134,11 @@ impl KvmImageHost {
     /// Why this mode was chosen.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// What its VMs' guest RAM is.
+    pub fn ram_backing(&self) -> RamBacking {
+        self.ram
     }
 
     /// How long a doorbell waits for its target vCPU to apply an AP-creation request (10 s).
@@ -193,6 +201,7 @@ impl Hypervisor for KvmImageHost {
                 max_vcpu_ids,
                 max_vcpus,
                 cpuid: self.cpuid.clone(),
+                ram_backing: self.ram,
                 rams: RwLock::new(Vec::new()),
                 core: RwLock::new(None),
                 events: Arc::new(EventLog::new()),
@@ -229,6 +238,8 @@ struct Shared {
     max_vcpus: u64,
     /// KVM's supported CPUID table, read while the VM is set up.
     cpuid: Arc<cpuid::SupportedLater>,
+    /// What `add_memory` backs guest RAM with.
+    ram_backing: RamBacking,
     rams: RwLock<Vec<Arc<GuestRam>>>,
     /// vmsa-core's VM (the SNP "kernel"): VM-wide commands take it for writing; vCPU threads
     /// read it around `prepare_entry` and doorbells, never across `KVM_RUN`.
@@ -375,15 +386,22 @@ impl Vm for KvmImageVm {
     }
 
     fn add_memory(&mut self, region: MemoryRegion) -> Result<(), VmError> {
-        let call = "KVM_SET_USER_MEMORY_REGION2";
+        // guest_memfd-backed (MMAP | INIT_SHARED, mapped at its own userspace_addr: the only
+        // arrangement in which a guest runs from guest_memfd memory on PVM hosts) where KVM has
+        // it, anonymous memory elsewhere; vmsa-core's guest-owned VMSAs resolve through either.
+        let backing = self.shared.ram_backing;
+        let call = backing.memslot_call();
         if read(&self.shared.core).is_some() {
             return Err(VmError::host(call, HostError::MemoryAfterVcpus));
         }
-        // Always guest_memfd-backed, MMAP | INIT_SHARED, mapped at its own userspace_addr: the
-        // only arrangement in which a guest runs from guest_memfd memory on PVM hosts, and what
-        // vmsa-core's guest-owned VMSAs resolve through.
-        let ram = GuestRam::new(self.shared.vm_fd.clone(), region.slot, region.gpa.0, region.size)
-            .map_err(|e| VmError::host(call, e))?;
+        let ram = GuestRam::new(
+            self.shared.vm_fd.clone(),
+            region.slot,
+            region.gpa.0,
+            region.size,
+            backing,
+        )
+        .map_err(|e| VmError::host(call, e))?;
         write(&self.shared.rams).push(Arc::new(ram));
         Ok(())
     }
@@ -521,12 +539,8 @@ impl Vm for KvmImageVm {
             teardown: TeardownCounts {
                 vcpus: down.vcpus,
                 vmsas_leaked: Observed::Seen(down.leaked),
-                guest_frames_released: Observed::hidden(
-                    "guest memory is guest_memfd, released by the kernel when its fd closes",
-                ),
-                guest_frames_leaked: Observed::hidden(
-                    "guest memory is guest_memfd, released by the kernel when its fd closes",
-                ),
+                guest_frames_released: Observed::hidden(self.shared.ram_backing.released_by()),
+                guest_frames_leaked: Observed::hidden(self.shared.ram_backing.released_by()),
                 frames_still_allocated: Observed::Seen(pages.0 as u64),
                 frames_leaked_on_purpose: Observed::Seen(pages.1 as u64),
                 error: None,

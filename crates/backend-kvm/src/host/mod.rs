@@ -107,6 +107,14 @@ impl KvmHost {
             Self::Image(h) => h.reason(),
         }
     }
+
+    /// What its VMs' guest RAM is, from GPA 0 (for the report).
+    pub fn memory_layout(&self) -> String {
+        match self {
+            Self::Snp(_) => "guest_memfd-backed RAM from GPA 0".to_owned(),
+            Self::Image(h) => format!("RAM in {} from GPA 0", h.ram_backing()),
+        }
+    }
 }
 
 /// A VM of [`KvmHost`]: one of the two modes.

@@ -387,7 +387,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
         mode_reason: Some(host.reason().to_owned()),
         vcpus,
         memory,
-        memory_layout: "guest_memfd-backed RAM from GPA 0".into(),
+        memory_layout: host.memory_layout(),
         guest: guest_name,
         scenario: guest.name().to_owned(),
         ok: true,
