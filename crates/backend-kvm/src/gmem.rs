@@ -18,12 +18,11 @@
 //! references make a racing guest store visible whole or not at all, never undefined behaviour
 //! of this process.
 
+use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use std::fmt;
 
 use kvm_bindings::{
     KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_userspace_memory_region, kvm_userspace_memory_region2,

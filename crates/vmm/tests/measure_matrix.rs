@@ -300,6 +300,62 @@ fn json_is_one_document_with_digest_mode_and_inputs() {
     }
 }
 
+/// `--output-format base64` writes the digest as sev-snp-measure's `--output-format base64`
+/// does, in the text's last line and in the JSON document (which names the format); hex stays
+/// the default. The other forms of `vmm measure` refuse the option instead of ignoring it.
+#[test]
+fn base64_digests_match_sev_snp_measure() {
+    let picked = fixture_cases(|c| c.get("digest_base64").is_some());
+    assert_eq!(picked.len(), 6, "one launch per mode and VMM type");
+    for c in picked {
+        let want = c["digest_base64"].as_str().unwrap();
+        let mut args = measure_args(c);
+        args.extend(["--output-format".to_owned(), "base64".to_owned()]);
+        let out = vmm(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(stdout(&out).lines().last(), Some(want), "case {}", c["id"]);
+        args.push("--json".to_owned());
+        let doc: Value = serde_json::from_str(&stdout(&vmm(&args))).unwrap();
+        assert_eq!(
+            (doc["digest"].as_str(), doc["digest_format"].as_str()),
+            (Some(want), Some("base64"))
+        );
+        let mut hex = measure_args(c);
+        hex.extend([
+            "--output-format".to_owned(),
+            "hex".to_owned(),
+            "--json".to_owned(),
+        ]);
+        let doc: Value = serde_json::from_str(&stdout(&vmm(&hex))).unwrap();
+        assert_eq!(
+            (&doc["digest"], doc["digest_format"].as_str()),
+            (&c["digest"], Some("hex"))
+        );
+    }
+    let fw = fixture_path(cases()[0]["firmware"].as_str().unwrap());
+    let fw = fw.to_str().unwrap();
+    for form in [["--firmware", fw, "--ovmf-hash-only"], ["--igvm", fw, "--json"]] {
+        let mut args = vec!["measure", "--output-format", "base64"];
+        args.extend(form);
+        refused_with(&args, "--output-format", "cannot be used with");
+    }
+    refused_with(
+        &[
+            "measure",
+            "--firmware",
+            fw,
+            "--vcpus",
+            "1",
+            "--vcpu-type",
+            "EPYC-v4",
+            "--output-format",
+            "b64",
+        ],
+        "--output-format",
+        "'b64'",
+    );
+}
+
 #[test]
 fn snp_with_a_firmware_without_metadata_warns_on_stderr_but_matches() {
     let c = cases()

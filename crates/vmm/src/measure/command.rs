@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use base64::Engine;
 use clap::{ArgMatches, Args, FromArgMatches};
 use serde_json::json;
 use vmsa_core::{SnpPageType, VmKind};
@@ -96,9 +97,41 @@ pub struct MeasureArgs {
     /// Write the launch VMSAs as DIR/vmsa0.bin, vmsa1.bin, ... (DIR must not exist or be empty).
     #[arg(long, value_name = "DIR")]
     pub dump_vmsa: Option<PathBuf>,
+    /// How to write the launch digest: hex (the default) or base64, as sev-snp-measure's
+    /// --output-format.
+    #[arg(long, value_name = "hex|base64", default_value = "hex")]
+    pub output_format: DigestFormat,
     /// Print one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How `vmm measure` writes a launch digest (sev-snp-measure's `--output-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DigestFormat {
+    /// Lowercase hex digits.
+    #[default]
+    Hex,
+    /// Standard base64 with padding (RFC 4648 §4), as Python's `base64.b64encode`.
+    Base64,
+}
+
+impl DigestFormat {
+    /// `digest` written in this format.
+    pub fn write(self, digest: &LaunchDigest) -> String {
+        match self {
+            Self::Hex => digest.hex(),
+            Self::Base64 => base64::engine::general_purpose::STANDARD.encode(digest.bytes()),
+        }
+    }
+
+    /// Its name, as the option takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hex => "hex",
+            Self::Base64 => "base64",
+        }
+    }
 }
 
 /// A direct kernel boot (QEMU's `-kernel`, `-initrd`, `-append` with `kernel-hashes=on`): the
@@ -532,7 +565,11 @@ fn render_text(
     if let (Some(dir), Some(n)) = (&args.dump_vmsa, dumped) {
         out += &format!("vmsa dump: {n} files in {}\n", dir.display());
     }
-    out += &format!("launch digest ({}):\n{}\n", digest.algorithm(), digest.hex());
+    out += &format!(
+        "launch digest ({}):\n{}\n",
+        digest.algorithm(),
+        args.output_format.write(&digest)
+    );
     out
 }
 
@@ -553,7 +590,8 @@ fn render_json(
     let doc = json!({
         "mode": mode_name(plan.kind()),
         "algorithm": digest.algorithm(),
-        "digest": digest.hex(),
+        "digest": args.output_format.write(&digest),
+        "digest_format": args.output_format.name(),
         "inputs": {
             "firmware": args.firmware.display().to_string(),
             "firmware_size": ovmf.data().len(),
