@@ -187,8 +187,8 @@ pub struct Footprint {
     pub allocated_frames: usize,
     /// Most frames allocated at once.
     pub peak_allocated_frames: usize,
-    /// Frames whose contents take storage now (neither zeros nor a page of zeros encrypted
-    /// with a guest's key, whose ciphertext is computed when read).
+    /// Frames whose contents take storage now (not one byte repeated over the page, in the
+    /// clear or encrypted with a guest's key, whose ciphertext is computed when read).
     pub backed_frames: usize,
     /// Most frames backed at once.
     pub peak_backed_frames: usize,

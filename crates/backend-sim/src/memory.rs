@@ -3,9 +3,9 @@
 //! [`HostMemory`] is the machine's DRAM: 4 KiB frames at real-looking physical addresses
 //! (starting above the 4 GiB hole), allocated by a page allocator that keeps runs of frames, and
 //! backed by storage only while a frame holds bytes that cannot be computed: zeros take none,
-//! and neither does a page of zeros encrypted with a guest's key (its ciphertext is computed
-//! when read). A 1 TiB host costs a few words until used, and a guest of any size a few entries
-//! per run of frames it holds.
+//! and neither does a page of one repeated byte, in the clear or encrypted with a guest's key
+//! (its ciphertext is computed when read). A 1 TiB host costs a few words until used, and a
+//! guest of any size a few entries per run of frames it holds.
 //!
 //! [`GuestMemfd`] is one guest's memory as KVM's guest_memfd gives it: memslots of guest frames,
 //! each backed by a host frame allocated on first use (`kvm_gmem_get_pfn`; 4 KiB folios, or
@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use vmsa_core::{Gfn, PAGE_SIZE, PTRS_PER_PMD, PageBuf, Pfn, is_zero};
+use vmsa_core::{Gfn, PAGE_SIZE, PTRS_PER_PMD, PageBuf, Pfn};
 
 use crate::crypto::GuestKey;
 
@@ -73,12 +73,14 @@ pub struct HostMemory {
     allocated_frames: u64,
     leaked: RangeSet,
     data: HashMap<u64, Box<PageBuf>>,
-    /// The frames that hold a page of zeros encrypted with a key at the frame's address,
-    /// labelled with the key. Launched pages of zeros are common (an IGVM file's data-less
-    /// pages: up to a gibibyte of them) and a guest clears the pages it owns; their ciphertext
-    /// is the same whenever it is computed, so a run of them costs one interval, not 4 KiB a
-    /// frame. A frame here is never also in `data`.
-    encrypted_zeros: LabelledFrames<GuestKey>,
+    /// The frames that hold one byte repeated over the page, in the clear or encrypted with a
+    /// key at the frame's address, labelled with both ([`Fill`]). Launched pages of zeros are
+    /// common (an IGVM file's data-less pages: up to a gibibyte of them; OVMF's erased flash of
+    /// 0xff), a guest clears the pages it owns, and a guest script fills pages with a byte;
+    /// their ciphertext is the same whenever it is computed, so a run of them costs one
+    /// interval, not 4 KiB a frame. A frame here is never also in `data`; a frame of zeros in
+    /// the clear is in neither.
+    fills: LabelledFrames<Fill>,
     peak_allocated: u64,
     peak_data: usize,
 }
@@ -97,7 +99,7 @@ impl HostMemory {
             allocated_frames: 0,
             leaked: RangeSet::default(),
             data: HashMap::new(),
-            encrypted_zeros: LabelledFrames::default(),
+            fills: LabelledFrames::default(),
             peak_allocated: 0,
             peak_data: 0,
         }
@@ -147,7 +149,7 @@ impl HostMemory {
 
     /// Forget the contents of `[start, start + n)`.
     fn drop_data(&mut self, start: u64, n: u64) {
-        self.encrypted_zeros.remove(start, start + n);
+        self.fills.remove(start, start + n);
         if self.data.is_empty() {
             return;
         }
@@ -346,21 +348,25 @@ impl HostMemory {
         self.check(pfn)?;
         if let Some(d) = self.data.get(&pfn.0) {
             out.copy_from_slice(&d[..]);
-        } else {
-            out.fill(0);
-            if let Some(key) = self.encrypted_zeros.label(pfn.0) {
+        } else if let Some(fill) = self.fills.label(pfn.0) {
+            out.fill(fill.byte);
+            if let Some(key) = &fill.key {
                 key.encrypt(pfn, out);
             }
+        } else {
+            out.fill(0);
         }
         Ok(())
     }
 
-    /// A frame's bytes decrypted with `key` (what a C=1 read with that key sees). A page of
-    /// zeros this very key encrypted reads back as zeros without computing its ciphertext.
+    /// A frame's bytes decrypted with `key` (what a C=1 read with that key sees). A page of one
+    /// byte this very key encrypted reads back as that byte without computing its ciphertext.
     pub fn read_decrypted(&self, pfn: Pfn, key: &GuestKey, out: &mut PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
-        if self.encrypted_zeros.label(pfn.0) == Some(key) {
-            out.fill(0);
+        if let Some(Fill { key: Some(k), byte }) = self.fills.label(pfn.0)
+            && k == key
+        {
+            out.fill(*byte);
             return Ok(());
         }
         self.read(pfn, out)?;
@@ -368,12 +374,15 @@ impl HostMemory {
         Ok(())
     }
 
-    /// Store raw bytes into a frame. An all-zero frame gives its storage back.
+    /// Store raw bytes into a frame. A frame of one repeated byte gives its storage back.
     pub fn write(&mut self, pfn: Pfn, data: &PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
-        self.encrypted_zeros.remove(pfn.0, pfn.0 + 1);
-        if is_zero(data) {
+        self.fills.remove(pfn.0, pfn.0 + 1);
+        if let Some(byte) = fill_byte(data) {
             self.data.remove(&pfn.0);
+            if byte != 0 {
+                self.fills.set(pfn.0, &Fill { key: None, byte });
+            }
         } else {
             match self.data.get_mut(&pfn.0) {
                 Some(d) => d.copy_from_slice(data),
@@ -387,13 +396,17 @@ impl HostMemory {
     }
 
     /// Store `plain` encrypted with `key` at the frame's address (what a C=1 write, or the
-    /// firmware's encryption of a launch page, leaves in DRAM). A page of zeros keeps only the
-    /// key.
+    /// firmware's encryption of a launch page, leaves in DRAM). A page of one repeated byte
+    /// keeps only the byte and the key.
     pub fn write_encrypted(&mut self, pfn: Pfn, key: &GuestKey, plain: &PageBuf) -> Result<(), MemError> {
         self.check(pfn)?;
-        if is_zero(plain) {
+        if let Some(byte) = fill_byte(plain) {
             self.data.remove(&pfn.0);
-            self.encrypted_zeros.set(pfn.0, key);
+            let fill = Fill {
+                key: Some(key.clone()),
+                byte,
+            };
+            self.fills.set(pfn.0, &fill);
             return Ok(());
         }
         let mut page = *plain;
@@ -401,7 +414,8 @@ impl HostMemory {
         self.write(pfn, &page)
     }
 
-    /// Frames whose contents take storage (4 KiB each): neither zeros nor encrypted zeros.
+    /// Frames whose contents take storage (4 KiB each): not one repeated byte, in the clear or
+    /// encrypted.
     pub fn backed_frames(&self) -> usize {
         self.data.len()
     }
@@ -410,7 +424,7 @@ impl HostMemory {
     /// of frame contents, not the contents themselves).
     pub fn bookkeeping_bytes(&self) -> usize {
         self.data.capacity() * (8 + 8 + 8)
-            + self.encrypted_zeros.bytes()
+            + self.fills.bytes()
             + self.allocated.bytes()
             + self.leaked.bytes()
             + self.free.capacity() * 16
@@ -425,6 +439,22 @@ impl HostMemory {
     pub fn peaks(&self) -> (usize, usize) {
         (self.peak_allocated as usize, self.peak_data)
     }
+}
+
+/// What a frame of one repeated byte holds: the byte, in the clear (`key` `None`) or encrypted
+/// with `key` at the frame's address.
+#[derive(Clone, Debug, PartialEq)]
+struct Fill {
+    key: Option<GuestKey>,
+    byte: u8,
+}
+
+/// The byte `page` repeats, if it is one byte over the whole page.
+fn fill_byte(page: &PageBuf) -> Option<u8> {
+    let byte = page[0];
+    // No early exit: the compiler compares 32 bytes a step, faster than stopping at the first
+    // difference byte by byte.
+    (page.iter().fold(0, |acc, &x| acc | (x ^ byte)) == 0).then_some(byte)
 }
 
 /// A set of `u64`s kept as disjoint, non-adjacent half-open intervals, so a range of any size
@@ -917,24 +947,32 @@ mod tests {
         let mut buf = [0xaa; 4096];
         m.read(p, &mut buf).unwrap();
         assert_eq!(buf, [0; 4096], "allocated frames read as zero");
-        m.write(p, &[7; 4096]).unwrap();
+        let mut varied = [7; 4096];
+        varied[9] = 8;
+        m.write(p, &varied).unwrap();
         assert_eq!(m.backed_frames(), 1);
         m.write(p, &[0; 4096]).unwrap();
         assert_eq!(m.backed_frames(), 0, "zero frames give their storage back");
     }
 
     #[test]
-    fn encrypted_zeros_take_no_storage_and_read_as_their_ciphertext() {
+    fn pages_of_one_byte_take_no_storage_and_read_as_their_ciphertext() {
         let mut keys = crate::crypto::KeySource::new(3);
         let (key, other) = (keys.generate(), keys.generate());
         let mut m = HostMemory::new(DEFAULT_FIRST_PFN, 8 * PAGE_SIZE);
-        let (p, q) = (m.alloc().unwrap(), m.alloc().unwrap());
+        let (p, q, r) = (m.alloc().unwrap(), m.alloc().unwrap(), m.alloc().unwrap());
+        let ramp: PageBuf = std::array::from_fn(|i| (i % 251) as u8);
         m.write_encrypted(p, &key, &[0; 4096]).unwrap();
         m.write_encrypted(q, &key, &[5; 4096]).unwrap();
-        assert_eq!(m.backed_frames(), 1, "only the non-zero page takes storage");
+        m.write_encrypted(r, &key, &ramp).unwrap();
+        assert_eq!(
+            m.backed_frames(),
+            1,
+            "only the page of varied bytes takes storage"
+        );
         assert_eq!(m.contents_bytes(), 4096);
         let mut raw = [0; 4096];
-        for (pfn, plain) in [(p, [0; 4096]), (q, [5; 4096])] {
+        for (pfn, plain) in [(p, [0; 4096]), (q, [5; 4096]), (r, ramp)] {
             m.read(pfn, &mut raw).unwrap();
             let mut want = plain;
             key.encrypt(pfn, &mut want);
@@ -950,35 +988,50 @@ mod tests {
             assert_eq!(raw, want, "another key reads noise");
             assert_ne!(raw, plain);
         }
-        // Overwritten, freed and reallocated like any contents.
+        // In the clear: a page of one byte takes no storage either, and reads back as written.
         m.write(p, &[1; 4096]).unwrap();
-        assert_eq!(m.backed_frames(), 2);
+        m.write(q, &ramp).unwrap();
+        assert_eq!(m.backed_frames(), 2, "the two pages of varied bytes");
+        m.read(p, &mut raw).unwrap();
+        assert_eq!(raw, [1; 4096]);
+        // One byte off is a page of varied bytes.
+        let mut almost = [7; 4096];
+        almost[4095] = 8;
+        m.write_encrypted(p, &key, &almost).unwrap();
+        assert_eq!(m.backed_frames(), 3);
+        m.read_decrypted(p, &key, &mut raw).unwrap();
+        assert_eq!(raw, almost);
+        // Overwritten, freed and reallocated like any contents.
         m.write_encrypted(p, &other, &[0; 4096]).unwrap();
-        m.write_encrypted(q, &other, &[0; 4096]).unwrap();
-        assert_eq!((m.backed_frames(), m.peaks().1), (0, 2));
+        m.write(q, &[0; 4096]).unwrap();
+        m.write_encrypted(r, &other, &[0xff; 4096]).unwrap();
+        assert_eq!((m.backed_frames(), m.peaks().1), (0, 3));
         m.free(p).unwrap();
         assert_eq!(m.alloc().unwrap(), p);
         m.read(p, &mut raw).unwrap();
         assert_eq!(raw, [0; 4096], "reallocated frames are zeroed");
-        m.read_decrypted(q, &other, &mut raw).unwrap();
-        assert_eq!(raw, [0; 4096]);
+        m.read_decrypted(r, &other, &mut raw).unwrap();
+        assert_eq!(raw, [0xff; 4096]);
         m.write(p, &[1; 4096]).unwrap();
-        m.write(q, &[2; 4096]).unwrap();
+        m.write(q, &ramp).unwrap();
         m.free(q).unwrap();
-        assert_eq!(m.backed_frames(), 1, "freed frames drop their contents");
         m.free(p).unwrap();
-        assert_eq!(m.backed_frames(), 0);
+        assert_eq!(m.backed_frames(), 0, "freed frames drop their contents");
+        let again = m.alloc().unwrap();
+        m.read(again, &mut raw).unwrap();
+        assert_eq!(raw, [0; 4096], "and their byte");
         // A run of them costs one interval, whatever its length.
         let mut big = HostMemory::new(DEFAULT_FIRST_PFN, 1 << 30);
         let (first, n) = big.alloc_run(1 << 18).unwrap();
         let before = big.bookkeeping_bytes();
         for i in 0..n {
-            big.write_encrypted(Pfn(first.0 + i), &key, &[0; 4096]).unwrap();
+            big.write_encrypted(Pfn(first.0 + i), &key, &[0xff; 4096])
+                .unwrap();
         }
         assert_eq!(
             big.bookkeeping_bytes() - before,
-            8 + 24 + 24,
-            "one key, one interval"
+            size_of::<(Fill, RangeSet)>() + 24,
+            "one label, one interval"
         );
         big.free_run(first, n).unwrap();
         let again = big.alloc().unwrap();
@@ -989,7 +1042,18 @@ mod tests {
         );
     }
 
-    /// What the dirty-line tracking and the encrypted zeros rely on: one label per frame, the
+    #[test]
+    fn fill_byte_finds_a_page_of_one_byte_and_nothing_else() {
+        assert_eq!(fill_byte(&[0; 4096]), Some(0));
+        assert_eq!(fill_byte(&[0xa5; 4096]), Some(0xa5));
+        for at in [0, 1, 31, 32, 2048, 4095] {
+            let mut page = [0xa5; 4096];
+            page[at] ^= 1;
+            assert_eq!(fill_byte(&page), None, "byte {at} differs");
+        }
+    }
+
+    /// What the dirty-line tracking and the pages of one byte rely on: one label per frame, the
     /// counts a free reports as unflushed, and a run costing one interval.
     #[test]
     fn labelled_frames_hold_one_label_per_frame_as_runs() {
