@@ -544,37 +544,57 @@ impl RangeSet {
     }
 }
 
-/// Frames each labelled with at most one `K` (a key, an ASID), kept as runs of frames per
-/// label, so a label shared by a million consecutive frames costs one interval. Labels are
-/// few (one per guest), so they are searched in order.
+/// Frames each labelled with at most one `K` (a key and byte, an ASID), kept as runs of
+/// consecutive frames of one label, so a label shared by a million consecutive frames costs one
+/// entry, and finding a frame's label costs a logarithm of the runs whatever the number of
+/// labels (a guest script may fill pages with 256 bytes, each its own label).
 #[derive(Clone, Debug)]
 pub struct LabelledFrames<K> {
-    sets: Vec<(K, RangeSet)>,
+    /// First frame -> (one past the last frame, label): disjoint runs; touching runs of the
+    /// same label are one.
+    runs: BTreeMap<u64, (u64, K)>,
 }
 
 impl<K> Default for LabelledFrames<K> {
     fn default() -> Self {
-        Self { sets: Vec::new() }
+        Self {
+            runs: BTreeMap::new(),
+        }
     }
 }
 
 impl<K: Clone + PartialEq> LabelledFrames<K> {
+    /// The run that holds frame `p`: its first frame.
+    fn run_of(&self, p: u64) -> Option<u64> {
+        let (&start, (end, _)) = self.runs.range(..=p).next_back()?;
+        (p < *end).then_some(start)
+    }
+
     /// Frame `p`'s label, if it has one.
     pub fn label(&self, p: u64) -> Option<&K> {
-        self.sets.iter().find(|(_, f)| f.contains(p)).map(|(k, _)| k)
+        self.run_of(p).map(|start| &self.runs[&start].1)
     }
 
     /// Label frame `p` with `k` (in place of any label it had).
     pub fn set(&mut self, p: u64, k: &K) {
-        self.remove_where(p, p + 1, |l| l != k);
-        match self.sets.iter_mut().find(|(l, _)| l == k) {
-            Some((_, frames)) => frames.insert(p, p + 1),
-            None => {
-                let mut frames = RangeSet::default();
-                frames.insert(p, p + 1);
-                self.sets.push((k.clone(), frames));
-            }
+        if self.label(p) == Some(k) {
+            return;
         }
+        self.remove(p, p + 1);
+        let (mut start, mut end) = (p, p + 1);
+        if let Some((&s, (e, l))) = self.runs.range(..p).next_back()
+            && *e == p
+            && l == k
+        {
+            start = s;
+        }
+        if let Some((e, l)) = self.runs.get(&(p + 1))
+            && l == k
+        {
+            end = *e;
+            self.runs.remove(&(p + 1));
+        }
+        self.runs.insert(start, (end, k.clone()));
     }
 
     /// Take the labels of frames `[start, end)`; returns how many frames had one.
@@ -589,35 +609,44 @@ impl<K: Clone + PartialEq> LabelledFrames<K> {
 
     fn remove_where(&mut self, start: u64, end: u64, which: impl Fn(&K) -> bool) -> u64 {
         let mut removed = 0;
-        for (label, frames) in &mut self.sets {
-            if which(label) {
-                removed += frames.count(start, end);
-                frames.remove(start, end);
+        let mut from = start;
+        while from < end {
+            // The run holding `from`, else the first run starting inside the range.
+            let next = self
+                .run_of(from)
+                .or_else(|| self.runs.range(from..end).next().map(|(&s, _)| s));
+            let Some(s) = next else { break };
+            let (e, label) = self.runs[&s].clone();
+            let (lo, hi) = (s.max(start), e.min(end));
+            if which(&label) {
+                self.runs.remove(&s);
+                if s < lo {
+                    self.runs.insert(s, (lo, label.clone()));
+                }
+                if hi < e {
+                    self.runs.insert(hi, (e, label));
+                }
+                removed += hi - lo;
             }
+            from = hi;
         }
-        self.sets.retain(|(_, frames)| frames.intervals() > 0);
         removed
     }
 
     /// Take every label.
     pub fn clear(&mut self) {
-        self.sets.clear();
+        self.runs.clear();
     }
 
     /// How many frames have a label.
     pub fn frames(&self) -> u64 {
-        self.sets
-            .iter()
-            .map(|(_, f)| f.iter().map(|(s, e)| e - s).sum::<u64>())
-            .sum()
+        self.runs.iter().map(|(s, (e, _))| e - s).sum()
     }
 
-    /// Approximate bytes: each label's entry and its intervals.
+    /// Approximate bytes: a B-tree entry per run (its first frame, end and label) and its share
+    /// of a node.
     pub fn bytes(&self) -> usize {
-        self.sets
-            .iter()
-            .map(|(_, f)| size_of::<(K, RangeSet)>() + f.bytes())
-            .sum()
+        self.runs.len() * (size_of::<(u64, (u64, K))>() + 8)
     }
 }
 
@@ -1028,10 +1057,18 @@ mod tests {
             big.write_encrypted(Pfn(first.0 + i), &key, &[0xff; 4096])
                 .unwrap();
         }
+        let mut one = LabelledFrames::default();
+        one.set(
+            0,
+            &Fill {
+                key: Some(key.clone()),
+                byte: 0xff,
+            },
+        );
         assert_eq!(
             big.bookkeeping_bytes() - before,
-            size_of::<(Fill, RangeSet)>() + 24,
-            "one label, one interval"
+            one.bytes(),
+            "one label, one run"
         );
         big.free_run(first, n).unwrap();
         let again = big.alloc().unwrap();
@@ -1061,17 +1098,42 @@ mod tests {
         for p in 100..200 {
             l.set(p, &1);
         }
-        assert_eq!((l.frames(), l.bytes()), (100, size_of::<(u32, RangeSet)>() + 24));
+        assert_eq!((l.frames(), l.bytes()), (100, size_of::<(u64, (u64, u32))>() + 8));
         l.set(150, &2);
         assert_eq!(
             (l.label(149), l.label(150), l.label(200)),
             (Some(&1), Some(&2), None)
         );
         assert_eq!(l.frames(), 100, "relabelled, not added");
+        l.set(150, &1);
+        assert_eq!(l.bytes(), size_of::<(u64, (u64, u32))>() + 8, "one run again");
+        l.set(150, &2);
         assert_eq!(l.remove_label(140, 160, &1), 19, "only label 1's frames");
         assert_eq!(l.label(150), Some(&2));
+        assert_eq!(
+            (l.label(139), l.label(140), l.label(160)),
+            (Some(&1), None, Some(&1))
+        );
         assert_eq!(l.remove(0, 1000), 81);
         assert_eq!((l.frames(), l.bytes()), (0, 0), "an emptied label goes");
+        // Many labels, interleaved: each frame keeps its own, and runs merge as they touch.
+        for p in 0..512 {
+            l.set(p, &((p % 256) as u32));
+        }
+        assert_eq!((l.frames(), l.label(300), l.label(512)), (512, Some(&44), None));
+        for p in 0..512 {
+            l.set(p, &9);
+        }
+        assert_eq!(
+            l.bytes(),
+            size_of::<(u64, (u64, u32))>() + 8,
+            "one run of label 9"
+        );
+        assert_eq!(l.remove(100, 101) + l.remove(100, 101), 1);
+        assert_eq!(
+            (l.label(99), l.label(100), l.label(101)),
+            (Some(&9), None, Some(&9))
+        );
         l.set(7, &3);
         l.clear();
         assert_eq!(l.label(7), None);
