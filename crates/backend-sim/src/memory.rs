@@ -1139,6 +1139,59 @@ mod tests {
         assert_eq!(l.label(7), None);
     }
 
+    /// Random sets and removals against a model of one optional label per frame: every frame's
+    /// label, the counts returned and kept, and the runs in their one canonical form (disjoint,
+    /// non-empty, touching runs of different labels), so that bytes are the fewest runs.
+    #[test]
+    fn labelled_frames_agree_with_a_label_per_frame() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut l = LabelledFrames::<u32>::default();
+        let mut model = [None; 300];
+        for step in 0..5_000 {
+            let (a, b) = (next(300), next(300));
+            let (start, end) = (a.min(b), a.max(b) + 1);
+            let k = next(5) as u32;
+            let range = start as usize..end as usize;
+            match next(4) {
+                0 | 1 => {
+                    l.set(a, &k);
+                    model[a as usize] = Some(k);
+                }
+                2 => {
+                    let want = model[range.clone()].iter().filter(|m| m.is_some()).count() as u64;
+                    assert_eq!(l.remove(start, end), want, "step {step}");
+                    model[range].fill(None);
+                }
+                _ => {
+                    let hit = |m: &Option<u32>| *m == Some(k);
+                    let want = model[range.clone()].iter().filter(|m| hit(m)).count() as u64;
+                    assert_eq!(l.remove_label(start, end, &k), want, "step {step}");
+                    model[range].iter_mut().filter(|m| hit(m)).for_each(|m| *m = None);
+                }
+            }
+            for (p, m) in model.iter().enumerate() {
+                assert_eq!(l.label(p as u64), m.as_ref(), "step {step}, frame {p}");
+            }
+            assert_eq!(l.frames(), model.iter().filter(|m| m.is_some()).count() as u64);
+            let runs = model
+                .iter()
+                .enumerate()
+                .filter(|&(p, m)| m.is_some() && (p == 0 || model[p - 1] != *m))
+                .count();
+            assert_eq!(
+                l.bytes(),
+                runs * (size_of::<(u64, (u64, u32))>() + 8),
+                "step {step}"
+            );
+        }
+    }
+
     #[test]
     fn free_list_reuses_and_rejects_double_free() {
         let mut m = HostMemory::new(DEFAULT_FIRST_PFN, 4 * PAGE_SIZE);
