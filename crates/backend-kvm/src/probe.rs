@@ -746,7 +746,8 @@ mod tests {
             "{text}"
         );
         let json = serde_json::to_value(&r).unwrap();
-        assert!(json["caps"].is_null(), "{json}");
+        assert!(json["caps"].is_null() && json["image_ram"].is_null(), "{json}");
+        assert!(!text.contains("guest RAM"), "{text}");
         assert!(r.modes.iter().all(|m| !m.supported));
         assert_eq!(r.best_mode(), None);
     }
