@@ -818,7 +818,7 @@ mod tests {
     }
 
     /// A kernel without guest_memfd (before 6.8, or built without CONFIG_KVM_GUEST_MEMFD, where
-    /// KVM_CREATE_GUEST_MEMFD is ENOTTY) or without its mmap flags (before 6.18) still runs
+    /// KVM_CREATE_GUEST_MEMFD is ENOTTY) or without both of its flags (before 6.18) still runs
     /// VMSA-image VMs, from anonymous memory; only a mappable, shared guest_memfd in a
     /// KVM_SET_USER_MEMORY_REGION2 slot is used as guest_memfd.
     #[test]
