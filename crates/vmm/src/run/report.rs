@@ -202,7 +202,18 @@ impl Hidden {
         note("guest", report.guest.why_hidden());
         let t = &report.teardown;
         note("vmsas_leaked", t.vmsas_leaked.why_hidden());
-        note("frames", t.frames_still_allocated.why_hidden());
+        note(
+            "guest_frames",
+            t.guest_frames_released
+                .why_hidden()
+                .or(t.guest_frames_leaked.why_hidden()),
+        );
+        note(
+            "frames",
+            t.frames_still_allocated
+                .why_hidden()
+                .or(t.frames_leaked_on_purpose.why_hidden()),
+        );
         out
     }
 }
