@@ -577,6 +577,22 @@ fn kvm_backend_runs_real_vcpus_where_dev_kvm_is_usable() {
     // Guest RAM goes back with the VM (guest_memfd's fd, or this process's mapping): its frames
     // are not counted, and the report says so instead of showing 0 released (it did).
     assert!(hidden.contains(&"guest_frames"), "{hidden:?}");
+    // The text names none of them as counted: each has its "not observable" line instead.
+    let text = stdout(&vmm(["run", "--backend", "kvm", "--vcpus", "2"]));
+    for h in &hidden {
+        assert!(
+            text.contains(&format!("not observable on this host: {h} (")),
+            "{text}"
+        );
+    }
+    assert!(
+        !text.contains("RMP faults:") && !text.contains("guest frames"),
+        "{text}"
+    );
+    assert!(
+        text.contains("teardown: 2 vCPUs, 0 VMSAs leaked, 0 host frames left"),
+        "{text}"
+    );
     assert_eq!(s["teardown"]["frames_still_allocated"], 0);
     // The RAM is what the probe says this KVM can back it with (it was always reported as
     // guest_memfd, also on a KVM without guest_memfd, where the run failed before).

@@ -119,19 +119,27 @@ pub struct TeardownSummary {
     pub error: Option<String>,
 }
 
-impl std::fmt::Display for TeardownSummary {
-    /// The text report's `teardown:` line (without its error, which has a line of its own).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "teardown: {} vCPUs, {} VMSAs leaked, {} guest frames released, {} guest frames leaked, {} host frames left ({} leaked on purpose)",
-            self.vcpus,
-            self.vmsas_leaked,
-            self.guest_frames_released,
-            self.guest_frames_leaked,
-            self.frames_still_allocated,
-            self.frames_leaked_on_purpose
-        )
+impl TeardownSummary {
+    /// The text report's `teardown:` line (without its error, which has a line of its own),
+    /// naming only the counts the host could see: those in `hidden` have their own "not
+    /// observable" line, and a 0 here would read as counted.
+    pub fn line(&self, hidden: &[Hidden]) -> String {
+        let seen = |what: &str| !hidden.iter().any(|h| h.what == what);
+        let mut parts = vec![format!("{} vCPUs", self.vcpus)];
+        if seen("vmsas_leaked") {
+            parts.push(format!("{} VMSAs leaked", self.vmsas_leaked));
+        }
+        if seen("guest_frames") {
+            parts.push(format!("{} guest frames released", self.guest_frames_released));
+            parts.push(format!("{} guest frames leaked", self.guest_frames_leaked));
+        }
+        if seen("frames") {
+            parts.push(format!(
+                "{} host frames left ({} leaked on purpose)",
+                self.frames_still_allocated, self.frames_leaked_on_purpose
+            ));
+        }
+        format!("teardown: {}", parts.join(", "))
     }
 }
 
@@ -439,11 +447,17 @@ impl RunSummary {
                 }
             }
         }
-        writeln!(s, "leaks: {}", self.ownership.leaks.len())?;
-        for leak in &self.ownership.leaks {
-            writeln!(s, "  pfn {} ({:?}): {}", leak.pfn, leak.reason, leak.detail)?;
+        // A count the host could not see has its "not observable" line instead of a 0.
+        let seen = |what: &str| !self.hidden.iter().any(|h| h.what == what);
+        if seen("ownership") {
+            writeln!(s, "leaks: {}", self.ownership.leaks.len())?;
+            for leak in &self.ownership.leaks {
+                writeln!(s, "  pfn {} ({:?}): {}", leak.pfn, leak.reason, leak.detail)?;
+            }
         }
-        writeln!(s, "RMP faults: {}", self.rmp_faults)?;
+        if seen("rmp_faults") {
+            writeln!(s, "RMP faults: {}", self.rmp_faults)?;
+        }
         if !self.faults_injected.is_empty() {
             writeln!(s, "faults injected: {}", self.faults_injected.join(", "))?;
         }
@@ -473,7 +487,7 @@ impl RunSummary {
                 f.backed_frames
             )?;
         }
-        writeln!(s, "{}", self.teardown)?;
+        writeln!(s, "{}", self.teardown.line(&self.hidden))?;
         for h in &self.hidden {
             writeln!(s, "not observable on this host: {} ({})", h.what, h.why)?;
         }
@@ -514,8 +528,20 @@ mod tests {
             error: Some("not on the line".into()),
         };
         assert_eq!(
-            t.to_string(),
+            t.line(&[]),
             "teardown: 4 vCPUs, 1 VMSAs leaked, 300 guest frames released, 2 guest frames leaked, 0 host frames left (3 leaked on purpose)"
+        );
+        let hidden = |what| Hidden {
+            what,
+            why: "the kernel's",
+        };
+        assert_eq!(
+            t.line(&[hidden("guest_frames")]),
+            "teardown: 4 vCPUs, 1 VMSAs leaked, 0 host frames left (3 leaked on purpose)"
+        );
+        assert_eq!(
+            t.line(&[hidden("vmsas_leaked"), hidden("frames"), hidden("launch_digest")]),
+            "teardown: 4 vCPUs, 300 guest frames released, 2 guest frames leaked"
         );
     }
 }
