@@ -124,7 +124,7 @@ impl TeardownSummary {
     /// naming only the counts the host could see: those in `hidden` have their own "not
     /// observable" line, and a 0 here would read as counted.
     pub fn line(&self, hidden: &[Hidden]) -> String {
-        let seen = |what: &str| !hidden.iter().any(|h| h.what == what);
+        let seen = |what| Hidden::seen(hidden, what);
         let mut parts = vec![format!("{} vCPUs", self.vcpus)];
         if seen("vmsas_leaked") {
             parts.push(format!("{} VMSAs leaked", self.vmsas_leaked));
@@ -196,6 +196,11 @@ pub struct Hidden {
 }
 
 impl Hidden {
+    /// Whether `what` is none of `hidden`: the host saw it.
+    pub fn seen(hidden: &[Hidden], what: &str) -> bool {
+        !hidden.iter().any(|h| h.what == what)
+    }
+
     /// The items of `report` the host marked hidden.
     pub fn of(report: &vmsa_host::HostReport) -> Vec<Self> {
         let mut out = Vec::new();
@@ -448,7 +453,7 @@ impl RunSummary {
             }
         }
         // A count the host could not see has its "not observable" line instead of a 0.
-        let seen = |what: &str| !self.hidden.iter().any(|h| h.what == what);
+        let seen = |what| Hidden::seen(&self.hidden, what);
         if seen("ownership") {
             writeln!(s, "leaks: {}", self.ownership.leaks.len())?;
             for leak in &self.ownership.leaks {
