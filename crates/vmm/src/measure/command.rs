@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use clap::{ArgMatches, Args, FromArgMatches};
+use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use serde_json::json;
 use vmsa_core::{SnpPageType, VmKind};
 use vmsa_host::input::{InputFile, InputKind};
@@ -122,14 +122,6 @@ impl DigestFormat {
         match self {
             Self::Hex => digest.hex(),
             Self::Base64 => base64::engine::general_purpose::STANDARD.encode(digest.bytes()),
-        }
-    }
-
-    /// Its name, as the option takes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Hex => "hex",
-            Self::Base64 => "base64",
         }
     }
 }
@@ -591,7 +583,8 @@ fn render_json(
         "mode": mode_name(plan.kind()),
         "algorithm": digest.algorithm(),
         "digest": args.output_format.write(&digest),
-        "digest_format": args.output_format.name(),
+        // Named as the option takes it (clap's name of the value).
+        "digest_format": args.output_format.to_possible_value().map(|v| v.get_name().to_owned()),
         "inputs": {
             "firmware": args.firmware.display().to_string(),
             "firmware_size": ovmf.data().len(),
