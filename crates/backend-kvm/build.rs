@@ -5,7 +5,8 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-// The guest's memory map: the build reads its addresses and constants, not its VMSA images.
+// The guest's memory map: the build reads its addresses, its constants and which stretches of
+// the AP VMSA template are non-zero (`template_stretches`).
 #[allow(dead_code)]
 #[path = "src/guest/layout.rs"]
 mod layout;

@@ -7,11 +7,14 @@
 use std::time::Duration;
 
 use backend_kvm::guest::builtin::GuestProgram;
+use backend_kvm::guest::layout;
+use backend_kvm::guest::program::PROGRAM;
 use backend_kvm::{Mode, probe};
 use scenario_tests::kvm::{self, KvmRun};
-use vmm::run::flow::RunEnd;
-use vmsa_core::{Event, Gpa, Op, StateKind};
-use vmsa_host::Observed;
+use vmm::run::flow::{self, Launch, RunEnd};
+use vmm::run::progress::Progress;
+use vmsa_core::{Event, Gpa, Op, SNP_POLICY_RSVD_MBO, StateKind};
+use vmsa_host::{Hypervisor, Observed, Vcpu, Vm};
 
 const WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -215,6 +218,57 @@ fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
     );
     assert_eq!(r.exits()[0].io, 0, "the BSP never reported");
     assert_eq!(r.report.host.teardown.frames_still_allocated, Observed::Seen(0));
+    assert_eq!(kvm::kvm_fds(), 0);
+}
+
+/// The BSP writes a fresh AP page (zero since launch) with only the template's non-zero
+/// stretches, and AP 1's page, rewritten for generation 2, whole: after the run every AP page
+/// is the whole template with the APIC ID (RDI), the generation (RSI) and the SEV_FEATURES the
+/// guest derived, byte for byte. Drives the host through the VMM's interface, to read guest
+/// memory before teardown.
+#[test]
+fn every_ap_page_the_bsp_wrote_is_the_whole_template() {
+    let Some(host) = kvm::image_host("every_ap_page_the_bsp_wrote_is_the_whole_template") else {
+        return;
+    };
+    let _turn = kvm::turn();
+    let n = 6;
+    let image = GuestProgram::ApCreation { recreate: true }.image(n).unwrap();
+    let launch = Launch::snp_image(
+        kvm::memory_for(n),
+        SNP_POLICY_RSVD_MBO,
+        image.gpa,
+        &image.bytes,
+        &image.vmsas,
+    );
+    let mut vm = host.create_vm(launch.spec).unwrap();
+    for r in &launch.memory {
+        vm.add_memory(*r).unwrap();
+    }
+    let mut vcpus = Vec::new();
+    for (id, state) in (0..n).zip(launch.vmsas) {
+        let mut vcpu = vm.create_vcpu(id).unwrap();
+        vcpu.set_state(state).unwrap();
+        vcpus.push(vcpu);
+    }
+    vm.launch_start(launch.policy).unwrap();
+    for u in &launch.updates {
+        vm.launch_update(*u).unwrap();
+    }
+    vm.launch_finish().unwrap();
+    let out = flow::run_vcpus(&vm, vcpus, WATCHDOG, &Progress::hidden()).unwrap();
+    assert_eq!(out.end, RunEnd::Done);
+    for apic in 1..n {
+        let mut want = layout::long_mode_image(PROGRAM.entries.ap);
+        want.rdi = u64::from(apic);
+        want.rsi = if apic == 1 { 2 } else { 1 };
+        want.sev_features = 1;
+        let mut page = [0u8; 4096];
+        vm.read_memory(layout::ap_vmsa_gpa(apic), &mut page).unwrap();
+        let diff: Vec<usize> = (0..4096).filter(|&i| page[i] != want.as_page()[i]).collect();
+        assert!(diff.is_empty(), "AP {apic}: bytes differ at {diff:x?}");
+    }
+    vm.teardown();
     assert_eq!(kvm::kvm_fds(), 0);
 }
 

@@ -8,11 +8,16 @@ use vmsa_core::ghcb::{self, GHCB_MSR};
 
 use crate::layout::{
     CODE_GPA, GHCB_GPA, IGVM_PARAMS_GPA, IGVM_VP_COUNT_OFFSET, MAILBOX_GPA, MAX_VCPUS, MSR_SEV_STATUS,
-    PARAMS_GPA, REQUESTS_GPA, RESULTS_GPA, TEMPLATE_GPA, VMSA_BASE, fail, params, ports,
+    PARAMS_GPA, REQUESTS_GPA, RESULTS_GPA, TEMPLATE_BYTES, TEMPLATE_GPA, VMSA_BASE, fail, params, ports,
+    template_stretches,
 };
 
-/// Qwords of the template the guest copies (the defined part of the save area, 0x670 bytes).
-const TEMPLATE_QWORDS: u32 = 0x670 / 8;
+/// Qwords of the template the guest copies (the defined part of the save area).
+const TEMPLATE_QWORDS: u32 = (TEMPLATE_BYTES / 8) as u32;
+
+/// A stretch at least this long is copied with `rep movsq` (four instructions to set up, then
+/// one emulated iteration per qword); a shorter one qword by qword (two instructions each).
+const REP_MIN_QWORDS: u32 = 3;
 
 /// The program assembled for [`CODE_GPA`]: its code and its entry points (scenario, requests,
 /// AP, spin, IGVM scenario).
@@ -23,6 +28,8 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     let mut ap = a.create_label();
     let mut ghcb_call = a.create_label();
     let mut write_vmsa = a.create_label();
+    let mut write_fresh_vmsa = a.create_label();
+    let mut patch_vmsa = a.create_label();
     let mut sev_features = a.create_label();
     let mut spin = a.create_label();
     let mut igvm = a.create_label();
@@ -45,7 +52,7 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     a.mov(rbp, rdi)?;
     a.mov(rsi, r13)?;
     a.mov(rdx, 1u64)?;
-    a.call(write_vmsa)?;
+    a.call(write_fresh_vmsa)?;
     // exit_info_1 = apic << 32 | AP_CREATE; exit_info_2 = the VMSA; RAX = SEV_FEATURES.
     a.mov(rbx, r13)?;
     a.shl(rbx, 32)?;
@@ -228,6 +235,8 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     a.ret()?;
 
     // ---- write_vmsa(rdi = destination, rsi = APIC ID, rdx = generation); uses r15.
+    //      Copies the whole template: the page may hold anything (an earlier VMSA, a
+    //      request's GPA).
     a.set_label(&mut write_vmsa)?;
     a.mov(r10, rdi)?;
     a.mov(r9, rsi)?;
@@ -236,6 +245,30 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     a.mov(ecx, TEMPLATE_QWORDS)?;
     a.cld()?;
     a.rep().movsq()?;
+    a.jmp(patch_vmsa)?;
+
+    // ---- write_fresh_vmsa(rdi = destination, a page never written since launch: zero; rsi,
+    //      rdx as above): only the template's non-zero stretches.
+    a.set_label(&mut write_fresh_vmsa)?;
+    a.mov(r10, rdi)?;
+    a.mov(r9, rsi)?;
+    a.mov(r11, rdx)?;
+    a.cld()?;
+    for st in template_stretches() {
+        let at = st.offset as i32;
+        if st.qwords >= REP_MIN_QWORDS {
+            a.lea(rdi, qword_ptr(r10 + at))?;
+            a.mov(esi, TEMPLATE_GPA as u32 + st.offset)?;
+            a.mov(ecx, st.qwords)?;
+            a.rep().movsq()?;
+        } else {
+            for q in 0..st.qwords as i32 {
+                a.mov(rax, qword_ptr(TEMPLATE_GPA as i32 + at + q * 8))?;
+                a.mov(qword_ptr(r10 + at + q * 8), rax)?;
+            }
+        }
+    }
+    a.set_label(&mut patch_vmsa)?;
     a.mov(qword_ptr(r10 + 0x338), r9)?; // VMSA RDI
     a.mov(qword_ptr(r10 + 0x330), r11)?; // VMSA RSI
     a.mov(qword_ptr(r10 + 0x3b0), r15)?; // SEV_FEATURES

@@ -6,11 +6,14 @@
 //! Three entry points share one image at [`CODE_GPA`](super::layout::CODE_GPA):
 //!
 //! - [`Entries::scenario`] (BSP): derive SEV_FEATURES from the SEV_STATUS MSR (`>> 2`, as
-//!   Linux does), then for every APIC ID `1..n`: copy the VMSA template to the AP's page,
+//!   Linux does), then for every APIC ID `1..n`: write the VMSA template into the AP's page,
 //!   patch RDI (APIC ID), RSI (generation) and SEV_FEATURES, and ask for `AP_CREATE` through
-//!   the GHCB. Wait until every AP has reported through its mailbox. If asked (flag bit 0),
-//!   `AP_DESTROY` AP 1, rewrite its VMSA with generation 2, `AP_CREATE` it again and wait
-//!   for its new report. Then `OUT DONE`.
+//!   the GHCB. The AP pages are fresh (zero since launch), so only the template's non-zero
+//!   stretches are written ([`template_stretches`](super::layout::template_stretches)), as
+//!   Linux fills a zeroed page field by field: every guest store is emulated on PVM hosts, where
+//!   a whole copy (206 qwords) cost ~0.3 ms per AP. Wait until every AP has reported
+//!   through its mailbox. If asked (flag bit 0), `AP_DESTROY` AP 1, rewrite its VMSA whole
+//!   with generation 2, `AP_CREATE` it again and wait for its new report. Then `OUT DONE`.
 //! - [`Entries::requests`] (BSP): issue every request of the table at [`REQUESTS_GPA`](super::layout::REQUESTS_GPA)
 //!   (`exit_info_1`, `exit_info_2`, RAX, flags: bit 0 RAX valid, bit 1 write an AP VMSA at
 //!   `exit_info_2` first) and store each `(sw_exit_info_1, sw_exit_info_2)` at

@@ -58,7 +58,7 @@ use vmsa_host::{
 use super::HostError;
 use crate::error::IoctlError;
 use crate::frames::FrameSpace;
-use crate::gmem::{GuestRam, RamBacking};
+use crate::gmem::{GmemError, GuestRam, RamBacking};
 use crate::guest::layout::ports;
 use crate::kick::{self, Consumed, KickState, KvmKick, Progress};
 use crate::platform::KvmPlatform;
@@ -263,6 +263,16 @@ struct Shared {
 }
 
 impl Shared {
+    /// The memory slot holding `len` bytes at `gpa`, else the first slot (whose accesses then
+    /// report the range error); `None` before any memory was added.
+    fn ram_for(&self, gpa: u64, len: u64) -> Option<Arc<GuestRam>> {
+        let rams = read(&self.rams);
+        rams.iter()
+            .find(|r| r.offset_of(gpa, len).is_some())
+            .or(rams.first())
+            .cloned()
+    }
+
     /// Record a GHCB request of `vcpu` as the next guest step.
     fn record(&self, action: &str, vcpu: u32, error: Option<String>, detail: String) {
         let mut steps = self.steps.lock().unwrap_or_else(|p| p.into_inner());
@@ -335,6 +345,18 @@ impl std::fmt::Debug for KvmImageVm {
 }
 
 impl KvmImageVm {
+    /// Read guest memory at `gpa`: what the guest wrote (a VMSA-image guest is not encrypted),
+    /// for tests and debugging.
+    pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GmemError> {
+        let len = buf.len() as u64;
+        let ram = self.shared.ram_for(gpa, len).ok_or(GmemError::OutOfRange {
+            offset: gpa,
+            len,
+            size: 0,
+        })?;
+        ram.read(gpa, buf)
+    }
+
     /// vmsa-core's VM, created on first use over the memory added so far.
     fn core_mut(&self) -> RwLockWriteGuard<'_, Option<CoreVm>> {
         let mut core = write(&self.shared.core);
@@ -687,19 +709,14 @@ impl KvmImageVcpu {
     /// accepted request.
     fn doorbell(&mut self, value: u64) -> Result<(), VcpuError> {
         let answer = {
-            let rams = read(&self.shared.rams);
-            let ram = rams
-                .iter()
-                .find(|r| r.offset_of(value & !0xfff, 4096).is_some())
-                .or(rams.first())
-                .ok_or_else(|| {
-                    self.host("GHCB doorbell", vcpu::VcpuError::GhcbOutsideMemory { gpa: value })
-                })?;
+            let ram = self.shared.ram_for(value & !0xfff, 4096).ok_or_else(|| {
+                self.host("GHCB doorbell", vcpu::VcpuError::GhcbOutsideMemory { gpa: value })
+            })?;
             let core = read(&self.shared.core);
             let core = core
                 .as_ref()
                 .ok_or_else(|| self.host("GHCB doorbell", HostError::NoVm))?;
-            vcpu::doorbell(core, ram, self.id, value).map_err(|e| self.host("GHCB doorbell", e))?
+            vcpu::doorbell(core, &ram, self.id, value).map_err(|e| self.host("GHCB doorbell", e))?
         };
         let (target, wake) = match answer.outcome {
             Outcome::Refused { why } => {
