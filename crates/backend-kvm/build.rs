@@ -18,7 +18,7 @@ fn main() {
     for f in ["build.rs", "src/guest/asm.rs", "src/guest/layout.rs"] {
         println!("cargo::rerun-if-changed={f}");
     }
-    let (code, [scenario, requests, ap, spin, igvm]) = match asm::assemble() {
+    let (code, [scenario, requests, ap, spin, igvm, halt]) = match asm::assemble() {
         Ok(p) => p,
         Err(e) => panic!("assembling the guest program failed: {e}"),
     };
@@ -36,7 +36,7 @@ fn main() {
     let out = format!(
         "/// The built-in guest program (see the module docs), as the build assembled it.\n\
          pub const PROGRAM: Program = Program {{\n    code: &[{bytes}\n    ],\n    entries: Entries {{\n        \
-         scenario: {scenario:#x},\n        requests: {requests:#x},\n        ap: {ap:#x},\n        spin: {spin:#x},\n        igvm: {igvm:#x},\n    }},\n}};\n"
+         scenario: {scenario:#x},\n        requests: {requests:#x},\n        ap: {ap:#x},\n        spin: {spin:#x},\n        igvm: {igvm:#x},\n        halt: {halt:#x},\n    }},\n}};\n"
     );
     let dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let path = dir.join("guest_program.rs");

@@ -221,6 +221,31 @@ fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
     assert_eq!(kvm::kvm_fds(), 0);
 }
 
+/// A guest HLT halts its vCPU inside KVM, its local APIC being in the kernel (a split irqchip,
+/// as an SNP VM has), rather than exiting to the VMM: the run ends by the watchdog's kick, the
+/// vCPU never reported a halt to the VMM, and `KVM_RUN` came back interrupted.
+#[test]
+fn a_halted_vcpu_stays_in_kvm_until_the_watchdog() {
+    let Some(host) = kvm::image_host("a_halted_vcpu_stays_in_kvm_until_the_watchdog") else {
+        return;
+    };
+    let _turn = kvm::turn();
+    let r = kvm::run(
+        &host,
+        &GuestProgram::Halt,
+        2,
+        kvm::memory_for(2),
+        Duration::from_millis(300),
+    );
+    assert_eq!(*r.end(), RunEnd::Watchdog { after_ms: 300 });
+    let bsp = &r.exits()[0];
+    assert_eq!(bsp.halts, 0, "HLT did not leave KVM: {bsp:?}");
+    assert!(bsp.interrupted >= 1, "the kick ended KVM_RUN: {bsp:?}");
+    assert_eq!(bsp.io, 0);
+    assert_eq!(r.report.host.teardown.frames_still_allocated, Observed::Seen(0));
+    assert_eq!(kvm::kvm_fds(), 0);
+}
+
 /// The BSP writes a fresh AP page (zero since launch) with only the template's non-zero
 /// stretches, and AP 1's page, rewritten for generation 2, whole: after the run every AP page
 /// is the whole template with the APIC ID (RDI), the generation (RSI) and the SEV_FEATURES the

@@ -18,9 +18,10 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
-    KVM_API_VERSION, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD, KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_X86_DEFAULT_VM, KVM_X86_GRP_SEV, KVM_X86_GRP_SYSTEM, KVM_X86_SEV_ES_VM,
-    KVM_X86_SEV_VMSA_FEATURES, KVM_X86_SNP_VM, KVM_X86_XCOMP_GUEST_SUPP, kvm_device_attr,
+    KVM_API_VERSION, KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES, KVM_CAP_X86_USER_SPACE_MSR, KVM_X86_DEFAULT_VM, KVM_X86_GRP_SEV,
+    KVM_X86_GRP_SYSTEM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VMSA_FEATURES, KVM_X86_SNP_VM,
+    KVM_X86_XCOMP_GUEST_SUPP, kvm_device_attr,
 };
 use kvm_ioctls::{Cap, Kvm};
 use serde::Serialize;
@@ -211,6 +212,8 @@ pub struct Capabilities {
     pub user_space_msr: i32,
     /// `KVM_CAP_EXIT_HYPERCALL` (201): bitmask of hypercalls that can exit to userspace.
     pub exit_hypercall: i32,
+    /// `KVM_CAP_SPLIT_IRQCHIP` (121): an in-kernel local APIC without the PIC and IOAPIC.
+    pub split_irqchip: i32,
     /// `KVM_CAP_MAX_VCPUS` (66).
     pub max_vcpus: i32,
 }
@@ -228,6 +231,7 @@ impl Capabilities {
             memory_attributes: kvm.check_extension_int(Cap::MemoryAttributes),
             user_space_msr: kvm.check_extension_int(Cap::X86UserSpaceMsr),
             exit_hypercall: kvm.check_extension_int(Cap::ExitHypercall),
+            split_irqchip: kvm.check_extension_int(Cap::SplitIrqchip),
             max_vcpus: kvm.check_extension_int(Cap::MaxVcpus),
         }
     }
@@ -392,8 +396,8 @@ impl fmt::Display for ProbeReport {
                 )?;
                 writeln!(
                     f,
-                    "  KVM_CAP_X86_USER_SPACE_MSR = {}, KVM_CAP_EXIT_HYPERCALL = {:#x}, KVM_CAP_MAX_VCPUS = {}",
-                    c.user_space_msr, c.exit_hypercall, c.max_vcpus
+                    "  KVM_CAP_X86_USER_SPACE_MSR = {}, KVM_CAP_EXIT_HYPERCALL = {:#x}, KVM_CAP_SPLIT_IRQCHIP = {}, KVM_CAP_MAX_VCPUS = {}",
+                    c.user_space_msr, c.exit_hypercall, c.split_irqchip, c.max_vcpus
                 )?;
             }
         }
@@ -681,6 +685,14 @@ impl Facts {
                     c.user_space_msr > 0,
                     "a non-zero value (the GHCB doorbell is a userspace MSR exit)",
                 );
+                need(
+                    &mut out,
+                    KVM_CAP_SPLIT_IRQCHIP,
+                    "KVM_CAP_SPLIT_IRQCHIP",
+                    c.split_irqchip,
+                    c.split_irqchip > 0,
+                    "a non-zero value (each vCPU has an in-kernel local APIC, as an SNP guest's has)",
+                );
             }
         }
         out
@@ -702,6 +714,7 @@ mod tests {
                 memory_attributes: 0,
                 user_space_msr: 1,
                 exit_hypercall: 4096,
+                split_irqchip: 1,
                 max_vcpus: 1024,
             },
             sev_device: Probed::Err {
@@ -815,6 +828,25 @@ mod tests {
         assert!(modes[1].supported);
         assert!(modes[2].supported, "{:?}", modes[2]);
         assert_eq!(f.caps.image_ram(), RamBacking::Anonymous);
+    }
+
+    /// VMSA-image VMs get a split irqchip; a KVM without one (before 4.5) cannot run them, and
+    /// says so.
+    #[test]
+    fn vmsa_image_needs_a_split_irqchip() {
+        let mut f = host_like();
+        f.caps.split_irqchip = 0;
+        let image = &f.verdicts()[2];
+        assert!(!image.supported);
+        assert_eq!(
+            image.missing,
+            vec![Missing::Capability {
+                cap: KVM_CAP_SPLIT_IRQCHIP,
+                name: "KVM_CAP_SPLIT_IRQCHIP",
+                seen: 0,
+                required: "a non-zero value (each vCPU has an in-kernel local APIC, as an SNP guest's has)",
+            }]
+        );
     }
 
     /// A kernel without guest_memfd (before 6.8, or built without CONFIG_KVM_GUEST_MEMFD, where

@@ -108,8 +108,6 @@ pub struct ExitCounts {
     pub wrmsr: u64,
     /// GHCB doorbells (AP-creation requests).
     pub doorbells: u64,
-    /// HLT exits.
-    pub hlt: u64,
     /// KVM_RUN returns with EINTR/EAGAIN (kicks).
     pub interrupted: u64,
 }
@@ -151,8 +149,6 @@ pub(crate) enum Step {
         /// The access size in bytes.
         size: u8,
     },
-    /// `HLT`.
-    Hlt,
     /// A triple fault (`KVM_EXIT_SHUTDOWN`).
     Shutdown,
     /// The vCPU cannot continue.
@@ -201,10 +197,6 @@ pub(crate) fn run_once(fd: &mut VcpuFd, sev_status: u64, ghcb_msr: &mut u64, exi
                 *msr.error = 1;
                 Step::Again
             }
-        }
-        Ok(VcpuExit::Hlt) => {
-            exits.hlt += 1;
-            Step::Hlt
         }
         Ok(VcpuExit::Shutdown) => Step::Shutdown,
         Ok(VcpuExit::InternalError) => Step::Fatal(VcpuError::InternalError {

@@ -20,8 +20,8 @@ const TEMPLATE_QWORDS: u32 = (TEMPLATE_BYTES / 8) as u32;
 const REP_MIN_QWORDS: u32 = 3;
 
 /// The program assembled for [`CODE_GPA`]: its code and its entry points (scenario, requests,
-/// AP, spin, IGVM scenario).
-pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
+/// AP, spin, IGVM scenario, halt).
+pub fn assemble() -> Result<(Vec<u8>, [u64; 6]), IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut scenario = a.create_label();
     let mut requests = a.create_label();
@@ -32,6 +32,7 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     let mut patch_vmsa = a.create_label();
     let mut sev_features = a.create_label();
     let mut spin = a.create_label();
+    let mut halt = a.create_label();
     let mut igvm = a.create_label();
 
     // ---- BSP: AP-creation scenario. In: rdi = n_vcpus, rsp = stack.
@@ -202,6 +203,11 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
     a.set_label(&mut spin)?;
     a.jmp(spin)?;
 
+    // ---- halt: HLT with nothing to wake it; again if anything does.
+    a.set_label(&mut halt)?;
+    a.hlt()?;
+    a.jmp(halt)?;
+
     // ---- BSP of an IGVM launch: rdi = the IGVM VP-count parameter (a u32 the loader wrote
     //      into the unmeasured parameter page), which must be 1..=MAX_VCPUS (the loader is
     //      not trusted: the IGVM spec asks guests to check parameter values), then the
@@ -313,6 +319,7 @@ pub fn assemble() -> Result<(Vec<u8>, [u64; 5]), IcedError> {
         result.label_ip(&ap)?,
         result.label_ip(&spin)?,
         result.label_ip(&igvm)?,
+        result.label_ip(&halt)?,
     ];
     Ok((result.inner.code_buffer, entries))
 }

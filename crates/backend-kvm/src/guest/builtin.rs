@@ -77,6 +77,10 @@ pub enum GuestProgram {
     /// The BSP loops forever without an exit (`jmp $`): the run ends only by the watchdog,
     /// with `timed_out` set. For checking that a stuck vCPU cannot hang the VMM.
     Spin,
+    /// The BSP halts (`hlt`) with nothing to wake it: KVM keeps it halted inside `KVM_RUN` (its
+    /// local APIC is in the kernel) until the watchdog's kick. For checking that a halted vCPU
+    /// cannot hang the VMM either.
+    Halt,
 }
 
 /// A built-in guest ready to launch: its image (guest-physical bytes `gpa..gpa + bytes.len()`)
@@ -168,6 +172,7 @@ impl GuestProgram {
                 (0, PROGRAM.entries.requests, requests.len() as u64)
             }
             Self::Spin => (0, PROGRAM.entries.spin, 0),
+            Self::Halt => (0, PROGRAM.entries.halt, 0),
         };
         let mut bytes = image(&PROGRAM, vcpus, flags);
         if let Self::Requests {

@@ -21,6 +21,8 @@
 //! - [`Entries::ap`] (APs): write `generation << 32 | apic_id` to the mailbox, `lock inc` the
 //!   report counter, `OUT DONE`.
 //! - [`Entries::spin`]: `jmp $`, a vCPU stuck in `KVM_RUN` for the watchdog to end.
+//! - [`Entries::halt`]: `HLT` with nothing to wake it (KVM halts the vCPU in the kernel, its
+//!   local APIC being there), for the watchdog to end.
 //! - [`Entries::igvm`] (BSP of an IGVM launch): the scenario, with the vCPU count read from the
 //!   IGVM VP-count parameter the loader wrote at [`IGVM_PARAMS_GPA`](super::layout::IGVM_PARAMS_GPA)
 //!   instead of from RDI, so that the BSP's VMSA (the file's VP context) is the same for every
@@ -44,6 +46,8 @@ pub struct Entries {
     pub ap: u64,
     /// A vCPU that never exits (`jmp $`): only the watchdog gets it out of `KVM_RUN`.
     pub spin: u64,
+    /// A vCPU that halts (`hlt`) and waits for an interrupt that never comes.
+    pub halt: u64,
     /// The BSP's AP-creation scenario in an IGVM launch (the vCPU count from the IGVM
     /// VP-count parameter).
     pub igvm: u64,
@@ -76,7 +80,13 @@ mod tests {
         assert!(p.code.len() as u64 <= CODE_MAX);
         assert_eq!(p.entries.scenario, CODE_GPA);
         let end = CODE_GPA + p.code.len() as u64;
-        for e in [p.entries.requests, p.entries.ap, p.entries.spin, p.entries.igvm] {
+        for e in [
+            p.entries.requests,
+            p.entries.ap,
+            p.entries.spin,
+            p.entries.igvm,
+            p.entries.halt,
+        ] {
             assert!((CODE_GPA..end).contains(&e), "{e:#x}");
         }
     }
