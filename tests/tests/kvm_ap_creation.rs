@@ -11,7 +11,7 @@ use backend_kvm::guest::layout;
 use backend_kvm::guest::program::PROGRAM;
 use backend_kvm::{Mode, probe};
 use scenario_tests::kvm::{self, KvmRun};
-use vmm::run::flow::{self, Launch, RunEnd};
+use vmm::run::flow::{self, Launch, RunEnd, VcpuExits};
 use vmm::run::progress::Progress;
 use vmsa_core::{Event, Gpa, Op, SNP_POLICY_RSVD_MBO, StateKind};
 use vmsa_host::{Hypervisor, Observed, Vcpu, Vm};
@@ -197,53 +197,44 @@ fn without_recreation_ap_1_reports_once() {
     check_teardown(&r, 3);
 }
 
-#[test]
-fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
-    let Some(host) = kvm::image_host("a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog") else {
-        return;
-    };
+/// `program` on 2 vCPUs, whose BSP never exits on its own, ended by a 300 ms watchdog: the
+/// kick brought `KVM_RUN` back interrupted, the BSP never reported, nothing is left. The BSP's
+/// exits, or `None` where KVM cannot be used.
+fn ended_by_the_watchdog(test: &str, program: &GuestProgram) -> Option<VcpuExits> {
+    let host = kvm::image_host(test)?;
     let _turn = kvm::turn();
-    let r = kvm::run(
-        &host,
-        &GuestProgram::Spin,
-        2,
-        kvm::memory_for(2),
-        Duration::from_millis(300),
-    );
+    let r = kvm::run(&host, program, 2, kvm::memory_for(2), Duration::from_millis(300));
     assert!(r.elapsed < Duration::from_secs(10), "{:?}", r.elapsed);
     assert_eq!(*r.end(), RunEnd::Watchdog { after_ms: 300 });
+    let bsp = r.exits()[0].clone();
     assert!(
-        r.exits()[0].interrupted >= 1,
-        "KVM_RUN returned EINTR after the kick"
+        bsp.interrupted >= 1,
+        "KVM_RUN returned EINTR after the kick: {bsp:?}"
     );
-    assert_eq!(r.exits()[0].io, 0, "the BSP never reported");
+    assert_eq!(bsp.io, 0, "the BSP never reported");
     assert_eq!(r.report.host.teardown.frames_still_allocated, Observed::Seen(0));
     assert_eq!(kvm::kvm_fds(), 0);
+    Some(bsp)
+}
+
+#[test]
+fn a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog() {
+    ended_by_the_watchdog(
+        "a_vcpu_stuck_in_kvm_run_is_ended_by_the_watchdog",
+        &GuestProgram::Spin,
+    );
 }
 
 /// A guest HLT halts its vCPU inside KVM, its local APIC being in the kernel (a split irqchip,
-/// as an SNP VM has), rather than exiting to the VMM: the run ends by the watchdog's kick, the
-/// vCPU never reported a halt to the VMM, and `KVM_RUN` came back interrupted.
+/// as an SNP VM has), rather than exiting to the VMM: the vCPU never reported a halt to the VMM.
 #[test]
 fn a_halted_vcpu_stays_in_kvm_until_the_watchdog() {
-    let Some(host) = kvm::image_host("a_halted_vcpu_stays_in_kvm_until_the_watchdog") else {
-        return;
-    };
-    let _turn = kvm::turn();
-    let r = kvm::run(
-        &host,
+    if let Some(bsp) = ended_by_the_watchdog(
+        "a_halted_vcpu_stays_in_kvm_until_the_watchdog",
         &GuestProgram::Halt,
-        2,
-        kvm::memory_for(2),
-        Duration::from_millis(300),
-    );
-    assert_eq!(*r.end(), RunEnd::Watchdog { after_ms: 300 });
-    let bsp = &r.exits()[0];
-    assert_eq!(bsp.halts, 0, "HLT did not leave KVM: {bsp:?}");
-    assert!(bsp.interrupted >= 1, "the kick ended KVM_RUN: {bsp:?}");
-    assert_eq!(bsp.io, 0);
-    assert_eq!(r.report.host.teardown.frames_still_allocated, Observed::Seen(0));
-    assert_eq!(kvm::kvm_fds(), 0);
+    ) {
+        assert_eq!(bsp.halts, 0, "HLT did not leave KVM: {bsp:?}");
+    }
 }
 
 /// The BSP writes a fresh AP page (zero since launch) with only the template's non-zero
