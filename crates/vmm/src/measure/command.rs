@@ -450,11 +450,7 @@ pub fn measure_ovmf_hash(args: &OvmfHashArgs) -> Result<String, MeasureError> {
             "mode": "snp:ovmf-hash",
             "algorithm": "sha384",
             "ovmf_hash": hash.to_string(),
-            "inputs": {
-                "firmware": args.firmware.display().to_string(),
-                "firmware_size": ovmf.data().len(),
-                "firmware_gpa": format!("{:#x}", ovmf.gpa()),
-            },
+            "inputs": firmware_inputs(&args.firmware, &ovmf),
         });
         format!("{doc}\n")
     } else {
@@ -463,6 +459,15 @@ pub fn measure_ovmf_hash(args: &OvmfHashArgs) -> Result<String, MeasureError> {
             firmware_line(&args.firmware, &ovmf)
         )
     })
+}
+
+/// The JSON `inputs` that name the firmware: its path, size and load address.
+fn firmware_inputs(path: &Path, ovmf: &Ovmf) -> serde_json::Map<String, serde_json::Value> {
+    let mut inputs = serde_json::Map::new();
+    inputs.insert("firmware".into(), json!(path.display().to_string()));
+    inputs.insert("firmware_size".into(), json!(ovmf.data().len()));
+    inputs.insert("firmware_gpa".into(), json!(format!("{:#x}", ovmf.gpa())));
+    inputs
 }
 
 /// The text output's first line: the firmware, its size and place, its metadata.
@@ -579,26 +584,27 @@ fn render_json(
         .iter()
         .map(|(t, n)| (type_name(*t).to_owned(), json!(n)))
         .collect();
+    let mut inputs = firmware_inputs(&args.firmware, ovmf);
+    if let serde_json::Value::Object(launch) = json!({
+        "vcpus": config.vcpus.get(),
+        "vcpu_type": args.vcpu_type.map(|t| t.name),
+        "vcpu_signature": args.vcpu_model().map(|(_, sig)| format!("{sig:#x}")),
+        "vmm_type": config.vmm_type.name(),
+        "guest_features": format!("{:#x}", config.guest_features),
+        "kernel": path(&args.boot.kernel),
+        "initrd": path(&args.boot.initrd),
+        "append": args.boot.append,
+        "snp_ovmf_hash": args.snp_ovmf_hash.map(|h| h.to_string()),
+    }) {
+        inputs.extend(launch);
+    }
     let doc = json!({
         "mode": mode_name(plan.kind()),
         "algorithm": digest.algorithm(),
         "digest": args.output_format.write(&digest),
         // Named as the option takes it (clap's name of the value).
         "digest_format": args.output_format.to_possible_value().map(|v| v.get_name().to_owned()),
-        "inputs": {
-            "firmware": args.firmware.display().to_string(),
-            "firmware_size": ovmf.data().len(),
-            "firmware_gpa": format!("{:#x}", ovmf.gpa()),
-            "vcpus": config.vcpus.get(),
-            "vcpu_type": args.vcpu_type.map(|t| t.name),
-            "vcpu_signature": args.vcpu_model().map(|(_, sig)| format!("{sig:#x}")),
-            "vmm_type": config.vmm_type.name(),
-            "guest_features": format!("{:#x}", config.guest_features),
-            "kernel": path(&args.boot.kernel),
-            "initrd": path(&args.boot.initrd),
-            "append": args.boot.append,
-            "snp_ovmf_hash": args.snp_ovmf_hash.map(|h| h.to_string()),
-        },
+        "inputs": inputs,
         "pages": pages,
         "vmsa_dump": path(&args.dump_vmsa).map(|d| json!({"dir": d, "files": dumped})),
         "warnings": warnings,
