@@ -5,10 +5,12 @@
 //!
 //! - [`KvmImageHost`] owns the probe's verdict and nothing else; every VM opens `/dev/kvm` itself.
 //! - [`KvmImageVm`] owns (through an `Arc` its vCPUs share) the default-type KVM VM fd with
-//!   `KVM_CAP_X86_USER_SPACE_MSR` and a split irqchip ([`split_irqchip_cap`]), the memslots of shared RAM ([`GuestRam`]: guest_memfd `MMAP |
-//!   INIT_SHARED` where KVM has it, anonymous memory elsewhere), the CPUID table, and vmsa-core's [`vmsa_core::Vm`] over a [`KvmPlatform`]:
-//!   the "kernel", which owns every host VMSA page and the tracked RMP. vmsa-core's VM is created
-//!   when the first vCPU is (memory must be in place by then: its frame space is fixed).
+//!   `KVM_CAP_X86_USER_SPACE_MSR` and a split irqchip ([`split_irqchip_cap`]), the memslots of
+//!   shared RAM ([`GuestRam`]: guest_memfd `MMAP | INIT_SHARED` where KVM has it, anonymous
+//!   memory elsewhere), the CPUID table, and vmsa-core's [`vmsa_core::Vm`] over a
+//!   [`KvmPlatform`]: the "kernel", which owns every host VMSA page and the tracked RMP.
+//!   vmsa-core's VM is created when the first vCPU is (memory must be in place by then: its
+//!   frame space is fixed).
 //! - [`KvmImageVcpu`] owns the KVM vCPU fd (created by its first run, on its own thread), its
 //!   GHCB MSR and its [`KvmKick`]. Its [`Vcpu::run`] loops over [`crate::vcpu`]'s steps:
 //!   `prepare_entry`, load the VMSA the VMCB points at when an AP-creation request switched it,
@@ -35,8 +37,8 @@
 //! ([`Progress`]); any
 //! other port (FAIL included) is `IoOut`. A triple fault is `Shutdown`; `EINTR` after a kick is
 //! `Interrupted`. A guest `HLT` halts the vCPU inside KVM (its local APIC is in the kernel)
-//! until a kick brings it out as `Interrupted`. A vCPU vmsa-core reports Blocked (halted, or an AP nobody created yet) waits
-//! inside `run()` until kicked or woken by an AP-creation request.
+//! until a kick brings it out as `Interrupted`. A vCPU vmsa-core reports Blocked (halted, or an
+//! AP nobody created yet) waits inside `run()` until kicked or woken by an AP-creation request.
 //!
 //! Nothing is encrypted and there is no RMP here (see [`crate::platform`]). SEV-ES guests are
 //! refused at `create_vm`: the guest program and the doorbell speak the SNP AP-creation
