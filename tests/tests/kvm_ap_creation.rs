@@ -14,7 +14,7 @@ use scenario_tests::kvm::{self, KvmRun};
 use vmm::run::flow::{self, Launch, RunEnd, VcpuExits};
 use vmm::run::progress::Progress;
 use vmsa_core::{Event, Gpa, Op, SNP_POLICY_RSVD_MBO, StateKind};
-use vmsa_host::{Hypervisor, Observed, Vcpu, Vm};
+use vmsa_host::{Hypervisor, Observed, Vm};
 
 const WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -240,8 +240,8 @@ fn a_halted_vcpu_stays_in_kvm_until_the_watchdog() {
 /// The BSP writes a fresh AP page (zero since launch) with only the template's non-zero
 /// stretches, and AP 1's page, rewritten for generation 2, whole: after the run every AP page
 /// is the whole template with the APIC ID (RDI), the generation (RSI) and the SEV_FEATURES the
-/// guest derived, byte for byte. Drives the host through the VMM's interface, to read guest
-/// memory before teardown.
+/// guest derived, byte for byte. Drives the VMM's flow a step at a time, to read guest memory
+/// before teardown.
 #[test]
 fn every_ap_page_the_bsp_wrote_is_the_whole_template() {
     let Some(host) = kvm::image_host("every_ap_page_the_bsp_wrote_is_the_whole_template") else {
@@ -258,20 +258,9 @@ fn every_ap_page_the_bsp_wrote_is_the_whole_template() {
         &image.vmsas,
     );
     let mut vm = host.create_vm(launch.spec).unwrap();
-    for r in &launch.memory {
-        vm.add_memory(*r).unwrap();
-    }
     let mut vcpus = Vec::new();
-    for (id, state) in (0..n).zip(launch.vmsas) {
-        let mut vcpu = vm.create_vcpu(id).unwrap();
-        vcpu.set_state(state).unwrap();
-        vcpus.push(vcpu);
-    }
-    vm.launch_start(launch.policy).unwrap();
-    for u in &launch.updates {
-        vm.launch_update(*u).unwrap();
-    }
-    vm.launch_finish().unwrap();
+    flow::create(&mut vm, &launch, host.capabilities(), &mut vcpus).unwrap();
+    flow::launch(&mut vm, &launch, &Progress::hidden()).unwrap();
     let out = flow::run_vcpus(&vm, vcpus, WATCHDOG, &Progress::hidden()).unwrap();
     assert_eq!(out.end, RunEnd::Done);
     for apic in 1..n {

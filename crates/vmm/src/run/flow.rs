@@ -22,8 +22,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 use vmsa_core::{Gpa, SevEsSaveArea, SnpPageType, VmKind};
 use vmsa_host::{
-    Conversion, Errno, HostReport, Hypervisor, HypervisorError, Kick, LaunchUpdate, MemoryRegion, Vcpu,
-    VcpuError, VcpuExit, Vm, VmError, VmSpec, ports,
+    Capabilities, Conversion, Errno, HostReport, Hypervisor, HypervisorError, Kick, LaunchUpdate,
+    MemoryRegion, Vcpu, VcpuError, VcpuExit, Vm, VmError, VmSpec, ports,
 };
 
 use super::progress::Progress;
@@ -261,8 +261,7 @@ pub fn run<H: Hypervisor>(
 ) -> Result<FlowReport, FlowError> {
     let mut vm = host.create_vm(launch.spec)?;
     let mut vcpus = Vec::with_capacity(launch.vmsas.len());
-    let private = launch.spec.kind == VmKind::Snp && host.capabilities().private_memory;
-    let created = create(&mut vm, launch, private, &mut vcpus);
+    let created = create(&mut vm, launch, host.capabilities(), &mut vcpus);
     phase("create");
     progress.phase("launch", launch.updates.len() as u64 + 1);
     let launched = created.and_then(|()| self::launch(&mut vm, launch, progress));
@@ -358,14 +357,17 @@ fn migrate<H: Hypervisor>(
     }
 }
 
-/// Memory (made private where the host has private memory: an SNP guest's RAM is private
-/// from the start, and launch updates need it so), then every vCPU with its initial state.
-fn create<V: Vm>(
+/// The first part of [`run`], for a caller that drives the VM itself: `launch`'s memory (made
+/// private where the host, whose capabilities are `caps`, has private memory: an SNP guest's
+/// RAM is private from the start, and launch updates need it so), then every vCPU with its
+/// initial state, pushed onto `vcpus`.
+pub fn create<V: Vm>(
     vm: &mut V,
     launch: &Launch<'_>,
-    private: bool,
+    caps: &Capabilities,
     vcpus: &mut Vec<V::Vcpu>,
 ) -> Result<(), LaunchError> {
+    let private = launch.spec.kind == VmKind::Snp && caps.private_memory;
     for r in &launch.memory {
         vm.add_memory(*r)?;
         if private && r.guest_memfd {
@@ -386,8 +388,9 @@ fn create<V: Vm>(
     Ok(())
 }
 
-/// Start, every image range, (SEV-ES) the VMSAs, finish.
-fn launch<V: Vm>(vm: &mut V, launch: &Launch<'_>, progress: &Progress) -> Result<(), LaunchError> {
+/// The second part of [`run`], after [`create`]: start, every image range, (SEV-ES) the
+/// VMSAs, finish.
+pub fn launch<V: Vm>(vm: &mut V, launch: &Launch<'_>, progress: &Progress) -> Result<(), LaunchError> {
     vm.launch_start(launch.policy)?;
     for u in &launch.updates {
         progress.message(format!("{:?} pages at {}", u.page_type, u.gpa));
