@@ -65,21 +65,32 @@ impl SupportedLater {
         let Some(kvm) = lock(&self.kvm).take() else {
             return;
         };
-        // Set even if the read unwinds, so that no waiter waits for ever.
-        struct Publish<'a>(&'a SupportedLater, Option<Result<CpuId, IoctlError>>);
+        // Set even if the read unwinds, so that no waiter waits for ever; and the fd is closed
+        // before the table is published, so that whoever gets the table finds no /dev/kvm fd
+        // left open by this read (a process counting its fds after a teardown sees none).
+        struct Publish<'a> {
+            later: &'a SupportedLater,
+            kvm: Option<Kvm>,
+            read: Option<Result<CpuId, IoctlError>>,
+        }
         impl Drop for Publish<'_> {
             fn drop(&mut self) {
-                let read = self.1.take().unwrap_or(Err(IoctlError::new(
+                drop(self.kvm.take());
+                let read = self.read.take().unwrap_or(Err(IoctlError::new(
                     "KVM_GET_SUPPORTED_CPUID",
                     kvm_ioctls::Error::new(libc::EIO),
                 )));
-                let _ = self.0.table.set(read);
-                let _held = lock(&self.0.kvm);
-                self.0.read.notify_all();
+                let _ = self.later.table.set(read);
+                let _held = lock(&self.later.kvm);
+                self.later.read.notify_all();
             }
         }
-        let mut publish = Publish(self, None);
-        publish.1 = Some(supported(&kvm));
+        let mut publish = Publish {
+            later: self,
+            kvm: Some(kvm),
+            read: None,
+        };
+        publish.read = publish.kvm.as_ref().map(supported);
     }
 }
 
@@ -156,6 +167,59 @@ mod tests {
                 assert_eq!(for_vcpu(t, 0).as_slice(), for_vcpu(&direct, 0).as_slice());
             }
             assert!(std::ptr::eq(later.get().unwrap(), later.get().unwrap()));
+        }
+    }
+
+    #[test]
+    fn whoever_gets_the_table_finds_the_read_s_fd_closed() {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::time::{Duration, Instant};
+        // The system fd moved to a number at or above 512, which the /dev/kvm opens of tests
+        // running beside this one (in one process under `cargo test`) never reuse: they take
+        // the lowest free number.
+        fn high_fd(kvm: Kvm) -> Kvm {
+            // SAFETY: F_DUPFD_CLOEXEC only reads its arguments; `kvm` is an open fd.
+            let high = unsafe { libc::fcntl(kvm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 512) };
+            assert!(
+                high >= 512,
+                "fcntl(F_DUPFD_CLOEXEC): {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `high` is a fresh fd of /dev/kvm that nothing else owns.
+            unsafe { Kvm::from_raw_fd(high) }
+        }
+        if Kvm::new().is_err() {
+            eprintln!("skipped: /dev/kvm is not usable here");
+            return;
+        }
+        // The helper may run to the end before this thread looks (it shares a CPU with it),
+        // so look many times: a closing after the publishing is caught in most of them.
+        for _ in 0..50 {
+            let kvm = high_fd(Kvm::new().unwrap());
+            let fd = kvm.as_raw_fd();
+            let later = SupportedLater::start(kvm);
+            // Once the helper has claimed the read, hold the lock it takes to wake waiters, so
+            // that it cannot get past publishing the table while we look.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let held = loop {
+                let g = lock(&later.kvm);
+                if g.is_none() {
+                    break g;
+                }
+                drop(g);
+                assert!(Instant::now() < deadline, "the helper never claimed the read");
+                std::thread::yield_now();
+            };
+            while later.table.get().is_none() {
+                std::thread::yield_now();
+            }
+            let open = std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok_and(|p| p.ends_with("kvm"));
+            drop(held);
+            assert!(
+                !open,
+                "fd {fd} (/dev/kvm) is still open when the table is published"
+            );
+            assert!(later.get().is_ok());
         }
     }
 
