@@ -241,36 +241,91 @@ impl InputFile {
     /// kernel offers them when the file is at least 1 MiB (see [`FileBytes`]): for firmware
     /// images, whose page faults on a fresh heap buffer cost more than reading them.
     pub fn read_all_huge(self) -> Result<FileBytes, InputError> {
-        let len = usize::try_from(self.len).ok().filter(|_| self.len >= HUGE_MIN);
-        let Some(mut buf) = len.and_then(FileBytes::huge_zeroed) else {
-            return Ok(self.read_all()?.into());
-        };
-        let read_err = |source| InputError::Read {
-            option: self.option.clone(),
-            path: self.path.clone(),
-            source,
-        };
+        let mut buf = self.buffer();
+        let filled = self.read_into(&mut buf, usize::MAX, &mut |_| {})?;
+        self.finish_read(buf, filled)
+    }
+
+    /// A zeroed buffer for the whole file as it was when opened, to fill with
+    /// [`Self::read_into`]: on transparent huge pages where the kernel offers them when the
+    /// file is at least 1 MiB (see [`FileBytes`]), else on the heap.
+    pub fn buffer(&self) -> FileBytes {
+        // Within the limit, which a usize holds on the 64-bit hosts KVM runs on.
+        let len = usize::try_from(self.len).unwrap_or(usize::MAX);
+        (self.len >= HUGE_MIN)
+            .then(|| FileBytes::huge_zeroed(len))
+            .flatten()
+            .unwrap_or_else(|| vec![0; len].into())
+    }
+
+    /// Read the file from where its reading stands (its start, the first time) into `buf`, in
+    /// pieces of `piece` bytes, giving each to `arrived` as soon as it is in memory (for a
+    /// caller that hashes a firmware image while the rest of it is read). Returns how many
+    /// bytes were read: fewer than `buf` holds if the file ended first (it shrank since it was
+    /// opened). Pieces are `piece` bytes long but the last.
+    pub fn read_into<'b>(
+        &self,
+        buf: &'b mut [u8],
+        piece: usize,
+        arrived: &mut dyn FnMut(&'b [u8]),
+    ) -> Result<usize, InputError> {
+        let mut rest = buf;
+        let mut filled = 0;
+        while !rest.is_empty() {
+            let (head, tail) = rest.split_at_mut(piece.clamp(1, rest.len()));
+            let n = self.fill(head)?;
+            filled += n;
+            let whole = n == head.len();
+            let head: &'b [u8] = head;
+            if n > 0 {
+                arrived(&head[..n]);
+            }
+            if !whole {
+                break;
+            }
+            rest = tail;
+        }
+        Ok(filled)
+    }
+
+    /// Fill `buf` from the file, or as much of it as the file still has.
+    fn fill(&self, buf: &mut [u8]) -> Result<usize, InputError> {
         let mut filled = 0;
         while filled < buf.len() {
             match (&self.file).read(&mut buf[filled..]) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(read_err(e)),
+                Err(source) => {
+                    return Err(InputError::Read {
+                        option: self.option.clone(),
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
             }
         }
+        Ok(filled)
+    }
+
+    /// The file's bytes, from a [`Self::buffer`] that [`Self::read_into`] filled with `filled`
+    /// bytes: cut to them if the file shrank since it was opened (what is there is the file),
+    /// and with the rest of the file after them (up to the limit: a file that grew past it is
+    /// refused) if it grew.
+    pub fn finish_read(self, mut buf: FileBytes, filled: usize) -> Result<FileBytes, InputError> {
         if filled < buf.len() {
-            // The file shrank since it was opened: what is there is the file.
             buf.truncate(filled);
             return Ok(buf);
         }
-        // The file may have grown since it was opened: the rest (up to the limit) goes to the
-        // heap, as `read_all` would have read it.
         let mut rest = Vec::new();
         (&self.file)
             .take(self.kind.limit.saturating_add(1).saturating_sub(self.len))
             .read_to_end(&mut rest)
-            .map_err(read_err)?;
+            .map_err(|source| InputError::Read {
+                option: self.option.clone(),
+                path: self.path.clone(),
+                source,
+            })?;
         if rest.is_empty() {
             return Ok(buf);
         }
@@ -418,6 +473,44 @@ mod tests {
         let file = InputFile::open("--x", &path, kind).unwrap();
         std::fs::write(&path, &data[..HUGE_MIN as usize]).unwrap();
         assert_eq!(*file.read_all_huge().unwrap(), data[..HUGE_MIN as usize]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_read_in_pieces_hands_over_each_piece_once_in_order() {
+        let dir = scratch("pieces");
+        let path = dir.join("image");
+        let data: Vec<u8> = (0..HUGE_MIN as usize + 3 * 4096 + 5)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let kind = InputKind {
+            what: "an image",
+            limit: 4 << 20,
+        };
+        for piece in [1 << 16, 4096, 4095, usize::MAX] {
+            let file = InputFile::open("--x", &path, kind).unwrap();
+            let mut buf = file.buffer();
+            let mut seen: Vec<Vec<u8>> = Vec::new();
+            let filled = file
+                .read_into(&mut buf, piece, &mut |p| seen.push(p.to_vec()))
+                .unwrap();
+            assert_eq!(filled, data.len());
+            assert!(seen[..seen.len() - 1].iter().all(|p| p.len() == piece), "{piece}");
+            assert_eq!(seen.concat(), data, "{piece}");
+            assert_eq!(*file.finish_read(buf, filled).unwrap(), data[..]);
+        }
+        // Shrunk after open: the pieces stop where the file does, and so do the bytes.
+        let file = InputFile::open("--x", &path, kind).unwrap();
+        std::fs::write(&path, &data[..5000]).unwrap();
+        let mut buf = file.buffer();
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        let filled = file
+            .read_into(&mut buf, 4096, &mut |p| seen.push(p.to_vec()))
+            .unwrap();
+        assert_eq!((filled, seen.len()), (5000, 2));
+        assert_eq!(seen.concat(), data[..5000]);
+        assert_eq!(*file.finish_read(buf, filled).unwrap(), data[..5000]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

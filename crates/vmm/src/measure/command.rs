@@ -6,16 +6,17 @@
 
 use std::path::{Path, PathBuf};
 
+use backend_sim::measure::SnpLaunchDigest;
 use base64::Engine;
 use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use serde_json::json;
-use vmsa_core::{SnpPageType, VmKind};
+use vmsa_core::{Gpa, SnpPageType, VmKind};
 use vmsa_host::input::{InputFile, InputKind};
 
 use super::error::MeasureError;
 use super::hashes::SevHashes;
 use super::igvm::{IgvmArgs, IgvmFlags, IgvmMeasureOptions};
-use super::ovmf::{MAX_IMAGE_SIZE, Ovmf, check_image_size};
+use super::ovmf::{FOUR_GIB, MAX_IMAGE_SIZE, Ovmf, check_image_size};
 use super::plan::{LaunchDigest, LaunchPlan, PlanConfig, PlanError, ovmf_hash};
 use super::vcpu_types::VcpuType;
 use super::vmm_types::VmmType;
@@ -340,13 +341,44 @@ pub const FIRMWARE_FILE_KIND: InputKind = InputKind {
 /// Read and parse the OVMF image at `path`, given with `--firmware`: a regular file (opened
 /// without blocking) of at most [`MAX_IMAGE_SIZE`] bytes.
 pub(crate) fn read_firmware(path: &Path) -> Result<Ovmf, MeasureError> {
+    Ok(read_and_measure_firmware(path, false)?.0)
+}
+
+/// The pieces a firmware image is read in while it is measured: 16 pages, what one hashing
+/// thread takes at a time, so that hashing starts after the first 64 KiB are in memory.
+const MEASURED_PIECE: usize = 64 << 10;
+
+/// [`read_firmware`], and if `ovmf_hash` its OVMF hash, the SEV-SNP chain over its pages
+/// ([`ovmf_hash`]; every SNP launch adds the firmware first), computed while the image is read:
+/// the pages read so far are hashed on the other cores while the rest is read. `None` for the
+/// hash if the file changed size while it was read (then the plan measures the bytes read).
+/// (SEV-ES measures the image as one SHA-256 stream, which no other core can share: its image
+/// is read whole first.)
+pub(crate) fn read_and_measure_firmware(
+    path: &Path,
+    ovmf_hash: bool,
+) -> Result<(Ovmf, Option<OvmfHash>), MeasureError> {
     let fw_err = |source| MeasureError::Firmware {
         path: path.to_path_buf(),
         source,
     };
     let file = InputFile::open("--firmware", path, FIRMWARE_FILE_KIND)?;
     check_image_size(file.len()).map_err(fw_err)?;
-    Ovmf::parse(file.read_all_huge()?).map_err(fw_err)
+    // Checked above: at most MAX_IMAGE_SIZE.
+    let len = file.len() as usize;
+    let mut buf = file.buffer();
+    let into: &mut [u8] = &mut buf;
+    let (filled, hash) = if ovmf_hash {
+        let mut ld = SnpLaunchDigest::new();
+        let gpa = Gpa(FOUR_GIB - file.len());
+        let filled = ld.update_read(gpa, len, |arrived| file.read_into(into, MEASURED_PIECE, arrived));
+        (filled, Some(OvmfHash(ld.digest())))
+    } else {
+        (file.read_into(into, usize::MAX, &mut |_| {}), None)
+    };
+    let bytes = file.finish_read(buf, filled?)?;
+    let hash = hash.filter(|_| bytes.len() == len);
+    Ok((Ovmf::parse(bytes).map_err(fw_err)?, hash))
 }
 
 pub(crate) fn plan_input(e: &PlanError, firmware: &Path) -> String {
@@ -395,7 +427,11 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
     if let Some(dir) = &args.dump_vmsa {
         dump::check_dir(dir)?;
     }
-    let ovmf = read_firmware(&args.firmware)?;
+    // SNP measures the firmware while it is read, unless its OVMF hash is given.
+    let (ovmf, read_hash) = read_and_measure_firmware(
+        &args.firmware,
+        kind == VmKind::Snp && args.snp_ovmf_hash.is_none(),
+    )?;
     let hashes = args.boot.hashes(&ovmf, kind, &args.firmware)?;
     let config = PlanConfig {
         kind,
@@ -409,7 +445,11 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         source,
     })?;
     // SEV-ES with a given OVMF hash was refused above.
-    let digest = match args.snp_ovmf_hash.and_then(|h| plan.measure_after(h)) {
+    let digest = match args
+        .snp_ovmf_hash
+        .or(read_hash)
+        .and_then(|h| plan.measure_after(h))
+    {
         Some(d) => d,
         None => plan.measure(),
     };
@@ -443,8 +483,8 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
 
 /// Run `vmm measure --ovmf-hash-only`: the firmware's OVMF hash, as text or one JSON document.
 pub fn measure_ovmf_hash(args: &OvmfHashArgs) -> Result<String, MeasureError> {
-    let ovmf = read_firmware(&args.firmware)?;
-    let hash = ovmf_hash(&ovmf);
+    let (ovmf, read_hash) = read_and_measure_firmware(&args.firmware, true)?;
+    let hash = read_hash.unwrap_or_else(|| ovmf_hash(&ovmf));
     Ok(if args.json {
         let doc = json!({
             "mode": "snp:ovmf-hash",

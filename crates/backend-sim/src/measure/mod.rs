@@ -10,19 +10,16 @@
 //! the plaintext into one SHA-256 stream whose result is the launch digest.
 //!
 //! Only the `PAGE_INFO` chain is sequential: the contents hashes are independent of each other
-//! and of the chain, so [`SnpLaunchDigest::update_pages`] hashes each distinct page once, on
-//! every core, before it runs the chain (what `vmm measure` needs for hundreds of identical AP
-//! VMSAs and a 2 MiB firmware image).
+//! and of the chain, so [`SnpLaunchDigest::update_pages`] hashes each page whose bytes differ
+//! from the page before it once, on every core, while the chain follows (what `vmm measure`
+//! needs for hundreds of identical AP VMSAs and a 2 MiB firmware image); and
+//! [`SnpLaunchDigest::update_read`] measures an image while it is read ([`arrivals`]).
 
-use std::num::NonZeroUsize;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::Duration;
+mod arrivals;
 
 use sha2::{Digest, Sha256, Sha384};
 use sha384_pages::sha384_pages;
-use vmsa_core::{Gpa, PageBuf, SnpPageType, ZERO_PAGE};
+use vmsa_core::{Gpa, PAGE_SIZE, PageBuf, SnpPageType, ZERO_PAGE};
 
 /// Size of a SEV-SNP launch digest (SHA-384).
 pub const SNP_DIGEST_SIZE: usize = 48;
@@ -70,55 +67,61 @@ impl SnpLaunchDigest {
     }
 
     /// Extend the digest with `pages` in order: the same digest as [`SnpLaunchDigest::update`]
-    /// on each, faster. A page equal to the last page whose contents were hashed (a run of
-    /// identical AP VMSAs, of erased flash) reuses that hash; the remaining contents hashes are
-    /// spread over the available cores, and the calling thread runs the `PAGE_INFO` chain over
-    /// each chunk of them as soon as it and every chunk before it are hashed (hashing chunks
-    /// itself while it waits). Three allocations, whatever the number of pages.
+    /// on each, faster. A page whose bytes equal the page's before it (a run of identical AP
+    /// VMSAs, of erased flash) reuses that page's contents hash; the other contents hashes are
+    /// spread over the available cores, and the chain runs over them in order as they are
+    /// done. No allocation per page.
     pub fn update_pages(&mut self, pages: &[SnpPage<'_>]) {
-        // Index into `distinct` of each page's contents hash; None where it measures as zeros.
-        let mut distinct: Vec<&PageBuf> = Vec::new();
-        let mut slots: Vec<Option<usize>> = Vec::with_capacity(pages.len());
-        for p in pages {
-            slots.push(match p.page_type {
-                SnpPageType::Normal | SnpPageType::Vmsa => {
-                    let c = p.contents.unwrap_or(&ZERO_PAGE);
-                    match distinct.last() {
-                        Some(last) if core::ptr::eq(*last, c) || *last == c => {}
-                        _ => distinct.push(c),
+        // Helpers for the pages with contents, not counting a page that is the one before it
+        // (hundreds of AP VMSAs are one image): a helper that finds nothing to hash still
+        // costs its start and its join.
+        let mut previous = None;
+        let to_hash = pages
+            .iter()
+            .filter(|p| matches!(p.page_type, SnpPageType::Normal | SnpPageType::Vmsa))
+            .filter(|p| {
+                let c = p.contents.unwrap_or(&ZERO_PAGE);
+                !previous.replace(c).is_some_and(|q| core::ptr::eq(q, c))
+            })
+            .count();
+        let helpers = arrivals::helpers_for(to_hash);
+        let ((), ld) = arrivals::snp(self.ld, pages.len(), helpers, sha384_pages, |p| {
+            p.arrive(pages.iter().copied())
+        });
+        self.ld = ld;
+    }
+
+    /// Extend the digest with the `Normal` pages of an image of `len` bytes loaded from `gpa`
+    /// on, while `read` brings them into memory: `read` runs on this thread and hands each
+    /// piece it has read (whole pages, in order) to the function it is given, and the pages are
+    /// hashed on the other cores as they come, as [`SnpLaunchDigest::update_pages`] hashes
+    /// them. Returns what `read` returns. Pages that `read` does not hand over (a file that
+    /// turned out shorter) are not measured: the caller that gets fewer than `len` bytes has
+    /// the digest of fewer pages.
+    pub fn update_read<'a, R>(
+        &mut self,
+        gpa: Gpa,
+        len: usize,
+        read: impl FnOnce(&mut dyn FnMut(&'a [u8])) -> R,
+    ) -> R {
+        let n = len / PAGE_SIZE as usize;
+        let (r, ld) = arrivals::snp(self.ld, n, arrivals::helpers_for(n), sha384_pages, |p| {
+            let mut next = gpa;
+            read(&mut |piece: &'a [u8]| {
+                let (whole, _) = piece.as_chunks::<{ PAGE_SIZE as usize }>();
+                p.arrive(whole.iter().map(|page| {
+                    let at = next;
+                    next = Gpa(next.0 + PAGE_SIZE);
+                    SnpPage {
+                        gpa: at,
+                        page_type: SnpPageType::Normal,
+                        contents: Some(page),
                     }
-                    Some(distinct.len() - 1)
-                }
-                _ => None,
-            });
-        }
-        // Slots never decrease along `pages`, so the chain can run up to the first page whose
-        // hash is not in yet.
-        let mut at = 0;
-        let mut chain =
-            |ld: &mut [u8; SNP_DIGEST_SIZE], hashed: usize, hash: &dyn Fn(usize) -> [u8; SNP_DIGEST_SIZE]| {
-                while let Some(p) = pages.get(at) {
-                    let contents = match slots[at] {
-                        Some(i) if i >= hashed => break,
-                        Some(i) => hash(i),
-                        None => [0; SNP_DIGEST_SIZE],
-                    };
-                    *ld = Sha384::digest(page_info(ld, &contents, p.page_type, p.gpa)).into();
-                    at += 1;
-                }
-            };
-        hash_pages_in_order(
-            &distinct,
-            hash_threads(distinct.len()),
-            sha384_pages,
-            |first, digests| {
-                chain(&mut self.ld, first + digests.len(), &|i| digests[i - first]);
-            },
-        );
-        // The pages after the last one with contents (or all of them, if none has any): each
-        // measures as zeros, so none needs a hash.
-        chain(&mut self.ld, 0, &|_| [0; SNP_DIGEST_SIZE]);
-        debug_assert_eq!(at, pages.len(), "every page extends the digest");
+                }));
+            })
+        });
+        self.ld = ld;
+        r
     }
 
     /// The digest so far.
@@ -171,10 +174,6 @@ impl LastContents {
     }
 }
 
-/// Pages a thread must have to hash for it to be worth starting: a thread costs some tens of
-/// microseconds to start, about what hashing this many pages costs.
-const PARALLEL_MIN_PAGES: usize = 64;
-
 /// One page for [`SnpLaunchDigest::update_pages`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnpPage<'a> {
@@ -185,103 +184,6 @@ pub struct SnpPage<'a> {
     /// Its bytes, needed for `Normal` and `Vmsa` pages only (other types measure as zeros);
     /// `None` is a page of zeros.
     pub contents: Option<&'a PageBuf>,
-}
-
-/// Pages one thread takes from the shared counter at a time: small enough that the threads
-/// finish together when a core is busy with something else, large enough to fill
-/// [`sha384_pages`]' passes (eight pages each with AVX-512, four with AVX2).
-const CHUNK_PAGES: usize = 16;
-
-/// How many threads hash `pages` distinct pages: all the machine offers, but none that would
-/// get fewer than [`PARALLEL_MIN_PAGES`].
-fn hash_threads(pages: usize) -> usize {
-    if pages < 2 * PARALLEL_MIN_PAGES {
-        1
-    } else {
-        thread::available_parallelism()
-            .map_or(1, NonZeroUsize::get)
-            .min(pages / PARALLEL_MIN_PAGES)
-    }
-}
-
-/// SHA-384 of each page ([`sha384_pages`]: several pages per pass in vector registers),
-/// given to `consume` on the calling thread chunk by chunk, in page order: `consume(first,
-/// digests)` gets the digests of pages `first..first + digests.len()`. The hashing runs on as
-/// many threads as the machine offers, the calling thread included, which take chunks from a
-/// shared counter; the calling thread consumes each chunk as soon as it and those before it
-/// are done, and hashes a chunk itself whenever the next one to consume is not done yet. It
-/// stays alone with `threads` 1, or when no thread can be started. `hasher` is
-/// [`sha384_pages`] (a parameter so that tests can make a helper fail).
-fn hash_pages_in_order(
-    pages: &[&PageBuf],
-    threads: usize,
-    hasher: impl Fn(&[&PageBuf], &mut [[u8; SNP_DIGEST_SIZE]]) + Sync,
-    mut consume: impl FnMut(usize, &[[u8; SNP_DIGEST_SIZE]]),
-) {
-    let chunks = pages.len().div_ceil(CHUNK_PAGES);
-    let range = |c: usize| c * CHUNK_PAGES..pages.len().min((c + 1) * CHUNK_PAGES);
-    let hash = |c: usize| {
-        let mut digests = [[0; SNP_DIGEST_SIZE]; CHUNK_PAGES];
-        let chunk = &pages[range(c)];
-        hasher(chunk, &mut digests[..chunk.len()]);
-        digests
-    };
-    if threads == 1 {
-        for c in 0..chunks {
-            consume(range(c).start, &hash(c)[..range(c).len()]);
-        }
-        return;
-    }
-    let next = AtomicUsize::new(0);
-    // Allocated here, so that the helpers allocate nothing (a first allocation on a new thread
-    // sets up a malloc arena).
-    let done: Vec<OnceLock<[[u8; SNP_DIGEST_SIZE]; CHUNK_PAGES]>> =
-        (0..chunks).map(|_| OnceLock::new()).collect();
-    let caller = thread::current();
-    thread::scope(|s| {
-        let helper = || {
-            // Wakes the calling thread after every chunk, and once more when the helper ends,
-            // even by a panic, so that it never waits for a chunk nobody will hash.
-            struct WakeOnExit<'a>(&'a thread::Thread);
-            impl Drop for WakeOnExit<'_> {
-                fn drop(&mut self) {
-                    self.0.unpark();
-                }
-            }
-            let _wake = WakeOnExit(&caller);
-            loop {
-                let c = next.fetch_add(1, Ordering::Relaxed);
-                if c >= chunks {
-                    break;
-                }
-                let _ = done[c].set(hash(c));
-                caller.unpark();
-            }
-        };
-        let helpers: Vec<_> = (1..threads)
-            .filter_map(|_| thread::Builder::new().spawn_scoped(s, helper).ok())
-            .collect();
-        let mut want = 0;
-        while want < chunks {
-            if let Some(digests) = done[want].get() {
-                consume(range(want).start, &digests[..range(want).len()]);
-                want += 1;
-                continue;
-            }
-            let c = next.fetch_add(1, Ordering::Relaxed);
-            if c < chunks {
-                let _ = done[c].set(hash(c));
-            } else if helpers.iter().all(|h| h.is_finished()) && done[want].get().is_none() {
-                // A helper died before hashing a chunk it took; the scope re-raises its panic.
-                break;
-            } else {
-                // A helper is hashing `want`; it unparks this thread when it is done. The
-                // timeout only matters if a helper panicked: its last unpark can come just
-                // before `is_finished` holds.
-                thread::park_timeout(Duration::from_millis(1));
-            }
-        }
-    });
 }
 
 /// Lay out `PAGE_INFO` (SNP ABI §8.17.2 table 67): DIGEST_CUR @0x00, CONTENTS @0x30,
@@ -462,55 +364,6 @@ mod tests {
             one_by_one.update(p.gpa, p.page_type, &[0; 4096]);
         }
         assert_eq!(chain_only, one_by_one);
-    }
-
-    /// A helper thread that dies with a chunk it took must not leave the calling thread
-    /// waiting for that chunk: the hashing ends, with the helper's panic.
-    #[test]
-    fn a_helper_that_dies_mid_chunk_ends_the_hashing_with_its_panic_not_a_hang() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let pages: Vec<Box<PageBuf>> = (0..8 * CHUNK_PAGES).map(|i| Box::new([i as u8; 4096])).collect();
-            let refs: Vec<&PageBuf> = pages.iter().map(|p| &**p).collect();
-            let caller = thread::current().id();
-            let hasher = |chunk: &[&PageBuf], out: &mut [[u8; SNP_DIGEST_SIZE]]| {
-                assert_eq!(thread::current().id(), caller, "a helper dies");
-                sha384_pages(chunk, out);
-            };
-            let mut consumed = 0;
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                hash_pages_in_order(&refs, 2, hasher, |_, d| consumed += d.len())
-            }));
-            let _ = tx.send((r.is_err(), consumed));
-        });
-        let (panicked, consumed) = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the calling thread hung after a helper died");
-        // The helper may not have started before the caller took every chunk; then all pages
-        // were hashed and nothing panicked.
-        assert!(panicked || consumed == 8 * CHUNK_PAGES, "{panicked} {consumed}");
-    }
-
-    #[test]
-    fn threads_share_the_hashing_and_the_chain_sees_every_chunk_in_order() {
-        let pages: Vec<Box<PageBuf>> = (0..300).map(|i| Box::new([(i * 7) as u8; 4096])).collect();
-        let refs: Vec<&PageBuf> = pages.iter().map(|p| &**p).collect();
-        let mut alone = Vec::new();
-        hash_pages_in_order(&refs, 1, sha384_pages, |first, d| alone.push((first, d.to_vec())));
-        for threads in [2, 3, 8] {
-            let mut shared = Vec::new();
-            hash_pages_in_order(&refs, threads, sha384_pages, |first, d| {
-                shared.push((first, d.to_vec()))
-            });
-            assert_eq!(shared, alone, "{threads} threads");
-        }
-        let firsts: Vec<usize> = alone.iter().map(|(f, _)| *f).collect();
-        assert_eq!(firsts, (0..300).step_by(CHUNK_PAGES).collect::<Vec<_>>());
-        assert_eq!(alone.iter().map(|(_, d)| d.len()).sum::<usize>(), 300);
-        assert_eq!(
-            alone[1].1[0],
-            <[u8; 48]>::from(Sha384::digest(*pages[CHUNK_PAGES]))
-        );
     }
 
     #[test]
