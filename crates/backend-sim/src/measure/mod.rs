@@ -13,7 +13,7 @@
 //! and of the chain, so [`SnpLaunchDigest::update_pages`] hashes each page whose bytes differ
 //! from the page before it once, on every core, while the chain follows (what `vmm measure`
 //! needs for hundreds of identical AP VMSAs and a 2 MiB firmware image); and
-//! [`SnpLaunchDigest::update_read`] measures an image while it is read ([`arrivals`]).
+//! [`SnpLaunchDigest::update_read`] measures an image while it is read.
 
 mod arrivals;
 
