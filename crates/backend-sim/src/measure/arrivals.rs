@@ -422,9 +422,21 @@ mod tests {
         static PRODUCER: Cell<bool> = const { Cell::new(false) };
     }
 
-    /// Hashes on the producing thread, dies on a helper.
+    /// Whether a helper has taken a chunk to hash (and died with it).
+    static HELPER_HASHED: AtomicBool = AtomicBool::new(false);
+
+    /// Dies on a helper; on the producing thread, hashes once a helper has died, so that the
+    /// producer cannot hash every chunk before a late helper takes one.
     fn only_on_the_producer(pages: &[&PageBuf], out: &mut [Hash]) {
-        assert!(PRODUCER.with(Cell::get), "a helper dies");
+        if !PRODUCER.with(Cell::get) {
+            HELPER_HASHED.store(true, Ordering::SeqCst);
+            panic!("a helper dies");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !HELPER_HASHED.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "no helper ever hashed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         sha384_pages(pages, out);
     }
 
@@ -446,9 +458,7 @@ mod tests {
                 .collect();
             let r = std::panic::catch_unwind(|| {
                 snp([0; 48], pages.len(), 1, only_on_the_producer, |p| {
-                    // The helper starts meanwhile and waits for the first chunk.
-                    std::thread::sleep(Duration::from_millis(50));
-                    p.arrive(pages.iter().copied());
+                    p.arrive(pages.iter().copied())
                 })
             });
             let _ = tx.send(r.is_err());
