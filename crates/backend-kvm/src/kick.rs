@@ -513,7 +513,9 @@ mod tests {
             let h = s.spawn(|| {
                 let _a = target.attach();
                 let mut eintr = 0;
-                while !stop.load(Ordering::SeqCst) {
+                // Until stopped, and until one read was interrupted: a thread that reached its
+                // loop only after the stop (a loaded machine) still blocks once.
+                while !stop.load(Ordering::SeqCst) || eintr == 0 {
                     // A blocking read that only a signal ends.
                     let mut fds = [0; 2];
                     // SAFETY: `fds` is a valid array of two ints for pipe(2) to fill.
