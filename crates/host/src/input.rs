@@ -206,6 +206,15 @@ impl InputFile {
         Ok(())
     }
 
+    /// A read of this file that failed with `source`.
+    fn read_error(&self, source: io::Error) -> InputError {
+        InputError::Read {
+            option: self.option.clone(),
+            path: self.path.clone(),
+            source,
+        }
+    }
+
     /// The file's size when it was opened.
     pub fn len(&self) -> u64 {
         self.len
@@ -219,13 +228,8 @@ impl InputFile {
     /// Feed the whole file to `sink` (at most the limit: a file that grew past it is refused).
     pub fn copy_to(self, sink: &mut impl io::Write) -> Result<u64, InputError> {
         let limit = self.kind.limit;
-        let n = io::copy(&mut (&self.file).take(limit.saturating_add(1)), sink).map_err(|source| {
-            InputError::Read {
-                option: self.option.clone(),
-                path: self.path.clone(),
-                source,
-            }
-        })?;
+        let n = io::copy(&mut (&self.file).take(limit.saturating_add(1)), sink)
+            .map_err(|e| self.read_error(e))?;
         self.check_size(n)?;
         Ok(n)
     }
@@ -296,13 +300,7 @@ impl InputFile {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => {
-                    return Err(InputError::Read {
-                        option: self.option.clone(),
-                        path: self.path.clone(),
-                        source,
-                    });
-                }
+                Err(e) => return Err(self.read_error(e)),
             }
         }
         Ok(filled)
@@ -321,11 +319,7 @@ impl InputFile {
         (&self.file)
             .take(self.kind.limit.saturating_add(1).saturating_sub(self.len))
             .read_to_end(&mut rest)
-            .map_err(|source| InputError::Read {
-                option: self.option.clone(),
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|e| self.read_error(e))?;
         if rest.is_empty() {
             return Ok(buf);
         }
