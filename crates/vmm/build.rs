@@ -10,10 +10,14 @@
 //! flag is given only where `getconf GNU_LIBC_VERSION` reports 2.36 or later (an `ld` older
 //! than binutils 2.38 ignores it with a warning).
 
-use std::process::Command;
+#[path = "glibc_version.rs"]
+mod glibc_version;
+
+use glibc_version::{RELR_GLIBC, glibc_version};
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=glibc_version.rs");
     let static_crt = std::env::var("CARGO_CFG_TARGET_FEATURE")
         .is_ok_and(|features| features.split(',').any(|f| f == "crt-static"));
     let linux_gnu = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
@@ -21,24 +25,11 @@ fn main() {
     if !(static_crt && linux_gnu) {
         return;
     }
-    let glibc = Command::new("getconf")
-        .arg("GNU_LIBC_VERSION")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|v| glibc_version(&v));
-    match glibc {
-        Some(v) if v >= (2, 36) => println!("cargo::rustc-link-arg-bins=-Wl,-z,pack-relative-relocs"),
-        _ => println!(
+    match glibc_version() {
+        (_, Some(v)) if v >= RELR_GLIBC => println!("cargo::rustc-link-arg-bins=-Wl,-z,pack-relative-relocs"),
+        (text, _) => println!(
             "cargo::warning=vmm is linked without packed relocations: they need glibc 2.36 or later (getconf \
-             GNU_LIBC_VERSION: {glibc:?})"
+             GNU_LIBC_VERSION: {text:?})"
         ),
     }
-}
-
-/// `(major, minor)` from `getconf GNU_LIBC_VERSION`'s "glibc 2.36".
-fn glibc_version(text: &str) -> Option<(u32, u32)> {
-    let (major, minor) = text.trim().strip_prefix("glibc ")?.split_once('.')?;
-    let minor = minor.split(|c: char| !c.is_ascii_digit()).next()?;
-    Some((major.parse().ok()?, minor.parse().ok()?))
 }

@@ -1,7 +1,12 @@
 //! How the `vmm` binary is linked: a static PIE whose relative relocations are packed (DT_RELR)
 //! wherever the build's glibc applies them (crates/vmm/build.rs).
 
+#[path = "../glibc_version.rs"]
+mod glibc_version;
+
 use std::process::Command;
+
+use glibc_version::{RELR_GLIBC, glibc_version};
 
 /// `d_tag` values of ELF's dynamic section (System V gABI; DT_RELR from the 2022 gABI update).
 const DT_NULL: u64 = 0;
@@ -44,16 +49,8 @@ fn dynamic_tags(elf: &[u8]) -> Vec<u64> {
 
 #[test]
 fn relative_relocations_are_packed_where_glibc_applies_them() {
-    let glibc = Command::new("getconf")
-        .arg("GNU_LIBC_VERSION")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let version: Option<(u32, u32)> = glibc
-        .strip_prefix("glibc ")
-        .and_then(|v| v.split_once('.'))
-        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
-    let Some(version) = version.filter(|v| *v >= (2, 36)) else {
+    let (glibc, version) = glibc_version();
+    let Some(version) = version.filter(|v| *v >= RELR_GLIBC) else {
         eprintln!(
             "skipped: packed relocations need glibc 2.36 or later (getconf GNU_LIBC_VERSION: {glibc:?})"
         );
