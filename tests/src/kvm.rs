@@ -2,6 +2,7 @@
 //! VMSA-image host driven through the VMM's one flow, and what its report shows.
 #![cfg(target_arch = "x86_64")]
 
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -64,10 +65,18 @@ pub fn kvm_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|p| p.to_string_lossy().contains("kvm"))
+                .filter(|p| is_kvm_object(p))
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// `/dev/kvm` or an object KVM made (`anon_inode:kvm-vm`, `anon_inode:kvm-vcpu:N`,
+/// `anon_inode:[kvm-gmem]`), and never a file that merely has "kvm" in its path (a checkout
+/// under `~/kvm/`, a scratch file's random name).
+fn is_kvm_object(link: &Path) -> bool {
+    let link = link.to_string_lossy();
+    link == "/dev/kvm" || (link.starts_with("anon_inode:") && link.contains("kvm"))
 }
 
 /// The guest memory a run of `vcpus` vCPUs gets: 16 MiB, or what the program needs.
@@ -159,5 +168,36 @@ pub fn run(
     KvmRun {
         report,
         elapsed: t0.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The teardown tests assert `kvm_fds() == 0`: that would hold for a count that sees
+    /// nothing, so it must see a VM's fds, and not a file with "kvm" in its path.
+    #[test]
+    fn kvm_fds_counts_kvm_s_objects_and_only_them() {
+        if !kvm_or_skip("kvm_fds_counts_kvm_s_objects_and_only_them") {
+            return;
+        }
+        let _turn = turn();
+        let dir = std::env::temp_dir().join(format!("kvm-named-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::File::create(dir.join("kvm-vm")).unwrap();
+        assert_eq!(kvm_fds(), 0, "a file under {} is no KVM object", dir.display());
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        assert_eq!(
+            kvm_fds(),
+            3,
+            "/dev/kvm, anon_inode:kvm-vm and anon_inode:kvm-vcpu:0"
+        );
+        drop((vcpu, vm, kvm));
+        assert_eq!(kvm_fds(), 0);
+        drop(file);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

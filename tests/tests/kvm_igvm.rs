@@ -20,16 +20,14 @@ use vmm::measure::igvm::IgvmMeasureOptions;
 use vmm::run::flow::RunEnd;
 use vmm::run::{BackendKind, KvmIgvmError, RunArgs, RunError, RunSummary};
 use vmm::wrap::{IgvmArgs, write_igvm};
+use vmm_sys_util::tempdir::TempDir;
 use vmsa_core::{Gpa, Op, StateKind, VmsaState};
 
-/// A fresh scratch directory for `test`.
-fn scratch(test: &str) -> PathBuf {
-    // No "kvm" in the name: `kvm::kvm_fds` counts open files whose path holds it.
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("igvm-scenario-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh scratch directory for `test`, removed when dropped (also when the test fails).
+fn scratch(test: &str) -> TempDir {
+    let prefix = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("igvm-scenario-{test}-"));
+    TempDir::new_with_prefix(&prefix)
+        .unwrap_or_else(|e| panic!("scratch directory {}: {e}", prefix.display()))
 }
 
 /// `vmm igvm ARGS -o dir/name` (`--guest` or `--firmware`): the file written.
@@ -202,9 +200,10 @@ fn check_kvm_run(s: &RunSummary, n: u32, recreate: bool, expected: &str) {
 #[test]
 fn igvm_guest_runs_from_its_vmsa_on_kvm_with_one_digest_for_any_vcpu_count() {
     let dir = scratch("runs");
+    let dir = dir.as_path();
     for (name, recreate) in [("boot", false), ("ap-churn", true)] {
         let path = write(
-            &dir,
+            dir,
             &format!("{name}.igvm"),
             Some(&format!("builtin:{name}")),
             None,
@@ -257,13 +256,13 @@ fn igvm_guest_runs_from_its_vmsa_on_kvm_with_one_digest_for_any_vcpu_count() {
             "the prediction depends on the vCPU count"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn wrapped_ovmf_is_refused_by_the_kvm_backend_in_one_line() {
     let dir = scratch("ovmf");
-    let ovmf = write(&dir, "ovmf.igvm", None, Some("/usr/share/ovmf/OVMF.fd"));
+    let dir = dir.as_path();
+    let ovmf = write(dir, "ovmf.igvm", None, Some("/usr/share/ovmf/OVMF.fd"));
     let e = run(BackendKind::Kvm, 1, &ovmf).expect_err("wrapped OVMF is not a kvm guest program");
     assert!(
         matches!(e, RunError::KvmIgvm(KvmIgvmError::NotAGuestProgram { .. })),
@@ -286,5 +285,4 @@ fn wrapped_ovmf_is_refused_by_the_kvm_backend_in_one_line() {
     // The simulator launches it.
     let s = run(BackendKind::Sim, 1, &ovmf).unwrap();
     assert_eq!(s.launch.digest_matches, Some(true), "{:?}", s.problems);
-    let _ = std::fs::remove_dir_all(&dir);
 }

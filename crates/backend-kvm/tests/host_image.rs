@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Mutex;
 
 use backend_kvm::guest::layout;
@@ -33,10 +34,18 @@ fn kvm_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|p| p.to_string_lossy().contains("kvm"))
+                .filter(|p| is_kvm_object(p))
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// `/dev/kvm` or an object KVM made (`anon_inode:kvm-vm`, `anon_inode:kvm-vcpu:N`,
+/// `anon_inode:[kvm-gmem]`), and never a file that merely has "kvm" in its path (a checkout
+/// under `~/kvm/`, a scratch file's random name).
+fn is_kvm_object(link: &Path) -> bool {
+    let link = link.to_string_lossy();
+    link == "/dev/kvm" || (link.starts_with("anon_inode:") && link.contains("kvm"))
 }
 
 const SPEC: VmSpec = VmSpec::snp(0);

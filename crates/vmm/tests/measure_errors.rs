@@ -313,7 +313,6 @@ fn unreadable_missing_and_non_sev_firmware() {
     if Path::new(vars).exists() {
         refused(&cli(vars, "1", "EPYC", &[]), &[vars, "no OVMF footer table"]);
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -371,7 +370,6 @@ fn truncated_and_corrupt_firmware() {
         want.extend(rules);
         refused(&cli(path.to_str().unwrap(), "2", "EPYC", &[]), &want);
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -464,7 +462,6 @@ fn dump_vmsa_refuses_to_overwrite_and_leaves_nothing_behind() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(ls(&empty), ["vmsa0.bin", "vmsa1.bin"]);
     assert_eq!(ls(&root), ["empty", "file", "full", "zeros.fd"]);
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]

@@ -244,7 +244,6 @@ fn dumped_vmsas_are_byte_identical() {
         .collect();
     want.sort();
     assert_eq!(left, want);
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]

@@ -8,8 +8,8 @@ mod measure_support;
 use std::process::Command;
 
 use measure_support::{
-    DEBIAN_OVMF, assert_refused, fixture_cases, fixture_path, fixtures, mkfifo, output_within, scratch,
-    stderr, stdout, vmm, vmm_within,
+    DEBIAN_OVMF, Scratch, assert_refused, fixture_cases, fixture_path, fixtures, mkfifo, output_within,
+    scratch, stderr, stdout, vmm, vmm_within,
 };
 use serde_json::Value;
 
@@ -23,11 +23,13 @@ fn run_json(args: &[&str]) -> (Value, i32) {
     (v, o.status.code().unwrap_or(-1))
 }
 
-/// A guest script file `name` holding `json`, in a fresh scratch directory `dir`.
-fn guest_script(dir: &str, name: &str, json: &str) -> std::path::PathBuf {
-    let path = scratch(dir).join(name);
+/// A guest script file `name` holding `json`, in a fresh scratch directory `dir` (which holds
+/// it while the directory is kept).
+fn guest_script(dir: &str, name: &str, json: &str) -> (Scratch, std::path::PathBuf) {
+    let dir = scratch(dir);
+    let path = dir.join(name);
     std::fs::write(&path, json).unwrap();
-    path
+    (dir, path)
 }
 
 /// The state names a vCPU's VMSA went through.
@@ -429,7 +431,7 @@ fn costs_file_changes_the_cycles() {
 #[test]
 fn a_run_that_outgrows_the_memory_budget_ends_there_naming_it() {
     // 4 GiB of 4 KiB PVALIDATEs above 4 GiB: 8 MiB of RMP entries.
-    let script = guest_script(
+    let (_dir, script) = guest_script(
         "run-budget",
         "pvalidate.json",
         r#"{"name": "big", "actions": [
@@ -500,7 +502,7 @@ fn a_launch_that_outgrows_the_memory_budget_ends_there_naming_it() {
 
 #[test]
 fn a_guest_script_file_runs() {
-    let script = guest_script(
+    let (_dir, script) = guest_script(
         "run-script",
         "guest.json",
         r#"{"name": "one-ap", "actions": [
@@ -844,7 +846,6 @@ fn a_trace_path_that_is_not_a_regular_file_is_refused_before_the_run() {
         2,
         "no temporary file left"
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// `--trace` replaced whatever regular file was at its path, so `vmm run --firmware fw.fd
@@ -902,7 +903,6 @@ fn a_trace_path_naming_an_input_of_the_run_is_refused_and_the_input_kept() {
         6,
         "no temporary file left"
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// A FIFO blocked `open(2)` forever and `/dev/zero` was read without end: every input file is
@@ -1043,7 +1043,7 @@ fn control_characters_in_a_path_are_escaped_in_its_one_line_refusal() {
 
 #[test]
 fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
-    let script = guest_script(
+    let (_dir, script) = guest_script(
         "run-huge-action",
         "huge.json",
         r#"{"actions": [
@@ -1074,7 +1074,7 @@ fn an_action_past_the_end_of_guest_memory_is_refused_before_the_run() {
 /// `result: ok`: the script and --vcpus disagree, which is the input's fault.
 #[test]
 fn an_action_on_a_vcpu_the_guest_does_not_have_is_refused_before_the_run() {
-    let script = guest_script(
+    let (_dir, script) = guest_script(
         "run-missing-vcpu",
         "vcpu9.json",
         r#"{"actions": [

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use vmm_sys_util::tempdir::TempDir;
 
 /// Check that `o`, what a run of `vmm` (`what`, for the messages) gave, is a refusal: exit 2,
 /// nothing on stdout, one line on stderr that contains `needle`.
@@ -246,10 +247,29 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8(o.stderr.clone()).expect("stderr is UTF-8")
 }
 
-/// A fresh scratch directory under the target directory's tmp.
-pub fn scratch(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("measure-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
+/// A fresh scratch directory under the target directory's tmp, removed when dropped (also when
+/// the test fails: runs leave nothing behind).
+pub fn scratch(name: &str) -> Scratch {
+    let prefix = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("measure-{name}-"));
+    Scratch(
+        TempDir::new_with_prefix(&prefix)
+            .unwrap_or_else(|e| panic!("scratch directory {}: {e}", prefix.display())),
+    )
+}
+
+/// A test's scratch directory, used as the [`Path`] it is.
+pub struct Scratch(TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        self.0.as_path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.as_path()
+    }
 }
