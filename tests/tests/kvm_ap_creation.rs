@@ -340,7 +340,7 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
     }
     let _turn = kvm::turn();
     let e = vmm::run::run(&run_args("4", "1M")).unwrap_err();
-    assert!(matches!(e, vmm::run::RunError::Input(_)), "{e}");
+    assert!(matches!(e, vmm::run::RunError::KvmMemory { .. }), "{e}");
     assert_eq!(e.exit_code(), 2);
     assert!(e.to_string().contains("--memory 1M"), "{e}");
     assert_eq!(kvm::kvm_fds(), 0, "no VM was created");

@@ -28,18 +28,45 @@ pub fn parent_dir(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// Why `path` cannot name an output, if it cannot: `-`, which other tools take for standard
-/// output (here standard output carries the command's report, and the file would silently be
-/// one named `-`), or a path in a directory that does not exist.
-pub fn unusable(path: &Path) -> Option<String> {
+/// Why an output cannot be written where its path names.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputProblem {
+    /// `-`, which other tools take for standard output (here standard output carries the
+    /// command's report, and the file would silently be one named `-`).
+    #[error(
+        "'-' is not standard output here (that carries the report): name a file (./- for one called '-')"
+    )]
+    Dash,
+    /// The directory it would be in does not exist.
+    #[error("the directory {} does not exist", .0.display())]
+    NoDirectory(PathBuf),
+    /// Something other than a regular file is there ([`replace_target`]).
+    #[error(transparent)]
+    NotReplaceable(#[from] NotReplaceable),
+    /// It is one of the command's inputs.
+    #[error("is the file given as {option}: the output would replace an input of the run")]
+    IsAnInput {
+        /// The input's option.
+        option: &'static str,
+    },
+    /// No file can be created in its directory.
+    #[error("cannot create a file beside {}: {error}", .target.display())]
+    Unwritable {
+        /// The file it would replace.
+        target: PathBuf,
+        /// Why the trial file could not be created.
+        error: io::Error,
+    },
+}
+
+/// Why `path` cannot name an output, if it cannot: `-`, or a path in a directory that does not
+/// exist.
+pub fn unusable(path: &Path) -> Option<OutputProblem> {
     if path.as_os_str() == "-" {
-        return Some(
-            "'-' is not standard output here (that carries the report): name a file (./- for one called '-')"
-                .to_owned(),
-        );
+        return Some(OutputProblem::Dash);
     }
     let dir = parent_dir(path);
-    (!dir.is_dir()).then(|| format!("the directory {} does not exist", dir.display()))
+    (!dir.is_dir()).then(|| OutputProblem::NoDirectory(dir.to_path_buf()))
 }
 
 /// How a finished output takes its name.

@@ -222,8 +222,8 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
         path: out.clone(),
         rule,
     };
-    if let Some(rule) = crate::output::unusable(&args.output) {
-        return Err(output_err(rule));
+    if let Some(problem) = crate::output::unusable(&args.output) {
+        return Err(output_err(problem.to_string()));
     }
     if let Ok(m) = args.output.symlink_metadata() {
         return Err(output_err(format!(

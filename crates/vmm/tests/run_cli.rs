@@ -725,6 +725,12 @@ fn bad_inputs_are_one_line_with_exit_code_2() {
             "alloc_page cannot fail with `BOOM`",
         ),
         (
+            // An unset variable in `--fault "$FAULTS"`: no faults would be injected.
+            vec!["--fault".into(), "".into()],
+            "--fault \"\": no rule: give OP[:PAGE_TYPE]:N=CODE rules",
+        ),
+        (vec!["--fault".into(), " , ".into()], "--fault \" , \": no rule"),
+        (
             // The second rule could never fire: the first fails that call.
             vec![
                 "--fault".into(),

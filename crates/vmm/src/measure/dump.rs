@@ -24,8 +24,8 @@ pub(crate) fn check_dir(dir: &Path) -> Result<(), MeasureError> {
     if dir.file_name().is_none_or(|n| n.is_empty()) {
         return Err(dir_error(dir, "must name a directory (not '/', '.' or '..')"));
     }
-    if let Some(rule) = crate::output::unusable(dir) {
-        return Err(dir_error(dir, rule));
+    if let Some(problem) = crate::output::unusable(dir) {
+        return Err(dir_error(dir, problem.to_string()));
     }
     // DIR may be a symbolic link to a directory (filled through it, as `cp` would); one that
     // points nowhere is refused, since renaming the new directory into place would replace it.

@@ -41,6 +41,57 @@ pub struct IgvmLaunch {
     pub pages: Vec<Gpa>,
 }
 
+/// Why an IGVM file does not make a launch the simulator can run.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchProblem {
+    /// There is none.
+    #[error("the file has no SNP VP context: a launch needs the BSP's VMSA")]
+    NoBsp,
+    /// The first is not the BSP's.
+    #[error("its first SNP VP context has VP index {vp}: the BSP's (VP index 0) must come first")]
+    FirstNotBsp {
+        /// Its VP index.
+        vp: u16,
+    },
+    /// The BSP's would be a supplied VMSA on a 2 MiB-aligned page.
+    #[error(
+        "the BSP's SNP VP context is at GPA {gpa:#x}, which is 2 MiB aligned: a supplied VMSA must not be (erratum \
+         1467)"
+    )]
+    BspAligned {
+        /// Its GPA.
+        gpa: u64,
+    },
+    /// A second VP context in a supplied-VMSA launch.
+    #[error(
+        "SNP VP context of VP index {vp} at GPA {gpa:#x}: the supplied-VMSA launch takes the BSP's VMSA only (the APs \
+         get theirs from the guest's AP creation); --igvm-classic sets registers instead"
+    )]
+    MoreThanBsp {
+        /// Its VP index.
+        vp: u16,
+        /// Its GPA.
+        gpa: u64,
+    },
+    /// A page beyond the RMP's reach.
+    #[error(
+        "its page at GPA {gpa:#x} lies at or above {GPA_LIMIT:#x}: an SEV-SNP launch page is an RMP entry, whose GPA \
+         field ends at bit 50"
+    )]
+    BeyondRmp {
+        /// The page's GPA (at least the limit).
+        gpa: u64,
+    },
+    /// The BSP's VMSA is no SNP VMSA.
+    #[error(
+        "the BSP's VMSA has SEV_FEATURES {features:#x} without SNP_ACTIVE (bit 0): an SEV-SNP VMSA must set it"
+    )]
+    NotSnp {
+        /// Its SEV_FEATURES.
+        features: u64,
+    },
+}
+
 impl IgvmLaunch {
     /// Read and prepare `path` for a launch of `vcpus` vCPUs. Supplied-VMSA mode: the one SNP
     /// VP context (the BSP's, VP index 0) is a launch page of type VMSA at its GPA, and the
@@ -71,28 +122,21 @@ impl IgvmLaunch {
             }
         })
         .map_err(igvm_err)?;
-        let input = |rule: String| RunError::Input(format!("--igvm {shown}: {rule}"));
+        let refuse = |problem| RunError::IgvmLaunch {
+            path: shown.to_string(),
+            problem,
+        };
         let Some((vp_index, gpa, vmsa)) = vps.first() else {
-            return Err(input(
-                "the file has no SNP VP context: a launch needs the BSP's VMSA".into(),
-            ));
+            return Err(refuse(LaunchProblem::NoBsp));
         };
         if *vp_index != 0 {
-            return Err(input(format!(
-                "its first SNP VP context has VP index {vp_index}: the BSP's (VP index 0) must come first"
-            )));
+            return Err(refuse(LaunchProblem::FirstNotBsp { vp: *vp_index }));
         }
         if !classic && Gpa(*gpa).is_2m_aligned() {
-            return Err(input(format!(
-                "the BSP's SNP VP context is at GPA {gpa:#x}, which is 2 MiB aligned: a supplied VMSA must not be \
-                 (erratum 1467)"
-            )));
+            return Err(refuse(LaunchProblem::BspAligned { gpa: *gpa }));
         }
         if !classic && let Some((vp, gpa, _)) = vps.get(1) {
-            return Err(input(format!(
-                "SNP VP context of VP index {vp} at GPA {gpa:#x}: the supplied-VMSA launch takes the BSP's VMSA \
-                 only (the APs get theirs from the guest's AP creation); --igvm-classic sets registers instead"
-            )));
+            return Err(refuse(LaunchProblem::MoreThanBsp { vp: *vp, gpa: *gpa }));
         }
         // The updates first, consecutive pages of one type (but VMSAs) merged into one; their
         // bytes start as fresh zeroed memory, which takes none until written, and a second
@@ -127,11 +171,9 @@ impl IgvmLaunch {
             .iter()
             .find(|d| d.gpa.0.checked_add(d.len).is_none_or(|end| end > GPA_LIMIT))
         {
-            return Err(input(format!(
-                "its page at GPA {:#x} lies at or above {GPA_LIMIT:#x}: an SEV-SNP launch page is an RMP entry, \
-                 whose GPA field ends at bit 50",
-                d.gpa.0.max(GPA_LIMIT)
-            )));
+            return Err(refuse(LaunchProblem::BeyondRmp {
+                gpa: d.gpa.0.max(GPA_LIMIT),
+            }));
         }
         for d in &mut updates {
             if let Some(c) = &mut d.contents {
@@ -162,9 +204,7 @@ impl IgvmLaunch {
         .map_err(igvm_err)?;
         let features = vmsa.sev_features;
         if features & vmsa_core::layout::SEV_FEAT_SNP_ACTIVE == 0 {
-            return Err(input(format!(
-                "the BSP's VMSA has SEV_FEATURES {features:#x} without SNP_ACTIVE (bit 0): an SEV-SNP VMSA must set it"
-            )));
+            return Err(refuse(LaunchProblem::NotSnp { features }));
         }
         let config = VmConfig::snp(features & !vmsa_core::layout::SEV_FEAT_SNP_ACTIVE);
         let mut warnings = Vec::new();

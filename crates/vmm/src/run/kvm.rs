@@ -63,17 +63,12 @@ pub(crate) fn program_names() -> String {
 /// The KVM guest program a built-in name runs.
 fn program(spec: &GuestSpec) -> Result<(String, GuestProgram), RunError> {
     let Some((name, recreate)) = ap_creation_program(spec) else {
-        return Err(RunError::Input(match spec {
-            GuestSpec::File(p) => format!(
-                "--guest {}: scripted guests run on the simulator; the kvm backend runs its own guest programs ({})",
-                p.display(),
-                program_names()
-            ),
-            GuestSpec::Builtin(name) => format!(
-                "--guest builtin:{name} needs the simulator (--backend sim); the kvm backend runs {}",
-                program_names()
-            ),
-        }));
+        return Err(match spec {
+            GuestSpec::File(script) => RunError::KvmScript {
+                script: script.clone(),
+            },
+            GuestSpec::Builtin(name) => RunError::SimulatorBuiltin { name: name.clone() },
+        });
     };
     Ok((name.to_owned(), GuestProgram::ApCreation { recreate }))
 }
@@ -81,9 +76,7 @@ fn program(spec: &GuestSpec) -> Result<(String, GuestProgram), RunError> {
 /// Refuse what the simulator alone has, and sizes the guest program cannot use.
 fn check(args: &RunArgs) -> Result<(), RunError> {
     if args.sev_es {
-        return Err(RunError::Input(
-            "--sev-es: the kvm backend runs SEV-SNP where the host has it, else VMSA-image mode; it has no SEV-ES path".into(),
-        ));
+        return Err(RunError::KvmSevEs);
     }
     if args.igvm_classic {
         return Err(KvmIgvmError::Classic.into());
@@ -100,22 +93,19 @@ fn check(args: &RunArgs) -> Result<(), RunError> {
         ("--vcpu-type", args.vcpu_type.is_some()),
     ] {
         if given {
-            return Err(RunError::Input(format!(
-                "{flag} belongs to the simulator (--backend sim); the kvm backend has no simulated firmware, costs, fault plan, migration, VMCB dumps or bookkeeping budget, and its guest programs carry their own VMSAs"
-            )));
+            return Err(RunError::SimulatorOnly { option: flag });
         }
     }
     let memory = args.memory.bytes();
     super::memory::check_size(memory)?;
     let need = GuestProgram::min_memory(args.vcpus.get());
     if memory < need || memory > MAX_MEMORY {
-        return Err(RunError::Input(format!(
-            "--memory {}: the kvm backend's guest program needs {} to {} for {} vCPUs",
-            args.memory,
-            crate::size::ByteSize::new(need),
-            crate::size::ByteSize::new(MAX_MEMORY),
-            args.vcpus.get()
-        )));
+        return Err(RunError::KvmMemory {
+            memory: args.memory,
+            need: crate::size::ByteSize::new(need),
+            max: crate::size::ByteSize::new(MAX_MEMORY),
+            vcpus: args.vcpus.get(),
+        });
     }
     Ok(())
 }
@@ -323,10 +313,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
     let chosen = match (&args.igvm, &args.guest) {
         (Some(path), None) => Chosen::Igvm(load_igvm(path, args)?),
         (Some(_), Some(guest)) => {
-            return Err(RunError::Input(format!(
-                "--guest {guest}: with --backend kvm --igvm the file's own program runs (--guest is what runs in \
-                 the simulator's --igvm launch)"
-            )));
+            return Err(RunError::KvmIgvmGuest { guest: guest.clone() });
         }
         (None, _) => Chosen::Program(program(&args.guest())?),
     };

@@ -167,9 +167,130 @@ impl RunArgs {
 /// Why `vmm run` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A bad argument or input file (exit code 2).
-    #[error("{0}")]
-    Input(String),
+    /// `--igvm-classic` or `--native-zero` without `--igvm`.
+    #[error("--{option} needs --igvm: it is an option of the IGVM launch")]
+    IgvmOnly {
+        /// The option, without its dashes.
+        option: &'static str,
+    },
+    /// An option that only the simulator has, given with `--backend kvm`.
+    #[error(
+        "{option} belongs to the simulator (--backend sim); the kvm backend has no simulated firmware, costs, fault \
+         plan, migration, VMCB dumps or bookkeeping budget, and its guest programs carry their own VMSAs"
+    )]
+    SimulatorOnly {
+        /// The option.
+        option: &'static str,
+    },
+    /// `--sev-es` with `--backend kvm`.
+    #[error(
+        "--sev-es: the kvm backend runs SEV-SNP where the host has it, else VMSA-image mode; it has no SEV-ES path"
+    )]
+    KvmSevEs,
+    /// A guest script given to the kvm backend, which runs its own guest programs.
+    #[error(
+        "--guest {}: scripted guests run on the simulator; the kvm backend runs its own guest programs ({})",
+        .script.display(),
+        kvm::program_names()
+    )]
+    KvmScript {
+        /// The script.
+        script: PathBuf,
+    },
+    /// A built-in guest that only the simulator runs, given to the kvm backend.
+    #[error(
+        "--guest builtin:{name} needs the simulator (--backend sim); the kvm backend runs {}",
+        kvm::program_names()
+    )]
+    SimulatorBuiltin {
+        /// The built-in's name.
+        name: String,
+    },
+    /// `--guest` with `--backend kvm --igvm`.
+    #[error(
+        "--guest {guest}: with --backend kvm --igvm the file's own program runs (--guest is what runs in the \
+         simulator's --igvm launch)"
+    )]
+    KvmIgvmGuest {
+        /// `--guest`.
+        guest: GuestSpec,
+    },
+    /// `--memory` outside what the kvm backend's guest program can use.
+    #[error("--memory {memory}: the kvm backend's guest program needs {need} to {max} for {vcpus} vCPUs")]
+    KvmMemory {
+        /// `--memory`.
+        memory: ByteSize,
+        /// The least the program needs for `vcpus`.
+        need: ByteSize,
+        /// The most it can address.
+        max: ByteSize,
+        /// `--vcpus`.
+        vcpus: u32,
+    },
+    /// `--memory` below what the simulated guest needs.
+    #[error("--memory {memory}: {guest} needs at least {need} of guest memory for its VMSA and data pages")]
+    SimMemory {
+        /// `--memory`.
+        memory: ByteSize,
+        /// The guest.
+        guest: GuestSpec,
+        /// The least it needs.
+        need: ByteSize,
+    },
+    /// `--migrate` without `--sev-es`.
+    #[error(
+        "--migrate: only SEV-ES guests move between VMs (sev_vm_move_enc_context_from refuses an SEV-SNP source); add \
+         --sev-es"
+    )]
+    MigrateNeedsSevEs,
+    /// `--sim-memory-budget 0`, which would end every run at its first host write.
+    #[error(
+        "--sim-memory-budget 0 bytes: the simulator needs some memory for any run; give a size (the default is 2G)"
+    )]
+    ZeroSimMemoryBudget,
+    /// `--fault` could not be parsed.
+    #[error("--fault: {0}")]
+    Fault(backend_sim::FaultSpecError),
+    /// `--fault` holds no rule (only commas or spaces).
+    #[error(
+        "--fault {spec:?}: no rule: give OP[:PAGE_TYPE]:N=CODE rules, comma-separated, or leave --fault out"
+    )]
+    NoFaultRule {
+        /// `--fault`.
+        spec: String,
+    },
+    /// A `--fault` rule collides with one of the guest's own.
+    #[error("--fault: {error} (a rule of --guest {guest})")]
+    FaultCollides {
+        /// The collision.
+        error: backend_sim::FaultSpecError,
+        /// The guest whose rule it collides with.
+        guest: GuestSpec,
+    },
+    /// `--trace` cannot be written where it names.
+    #[error("--trace {}: {problem}", .path.display())]
+    Trace {
+        /// `--trace`.
+        path: PathBuf,
+        /// Why not.
+        problem: crate::output::OutputProblem,
+    },
+    /// The trace could not be written after the run.
+    #[error("--trace {}: {error}", .path.display())]
+    TraceWrite {
+        /// `--trace`.
+        path: PathBuf,
+        /// The failed write.
+        error: std::io::Error,
+    },
+    /// An IGVM file does not make a launch the simulator can run.
+    #[error("--igvm {path}: {problem}")]
+    IgvmLaunch {
+        /// `--igvm`, as shown.
+        path: String,
+        /// What is wrong with it.
+        problem: igvm::LaunchProblem,
+    },
     /// The firmware could not be used.
     #[error(transparent)]
     Measure(#[from] MeasureError),
@@ -233,16 +354,27 @@ pub enum RunError {
     /// The run's event loop failed.
     #[error(transparent)]
     Flow(#[from] flow::FlowError),
-    /// An output could not be written, or the event loop failed.
-    #[error("{0}")]
-    Output(String),
 }
 
 impl RunError {
     /// 2 for bad arguments or inputs, 1 for failures of the run itself.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Input(_)
+            Self::IgvmOnly { .. }
+            | Self::SimulatorOnly { .. }
+            | Self::KvmSevEs
+            | Self::KvmScript { .. }
+            | Self::SimulatorBuiltin { .. }
+            | Self::KvmIgvmGuest { .. }
+            | Self::KvmMemory { .. }
+            | Self::SimMemory { .. }
+            | Self::MigrateNeedsSevEs
+            | Self::ZeroSimMemoryBudget
+            | Self::Fault(_)
+            | Self::NoFaultRule { .. }
+            | Self::FaultCollides { .. }
+            | Self::Trace { .. }
+            | Self::IgvmLaunch { .. }
             | Self::Measure(_)
             | Self::Memory(_)
             | Self::Costs(_)
@@ -280,9 +412,7 @@ fn check_options(args: &RunArgs) -> Result<(), RunError> {
         (args.native_zero, "native-zero"),
     ];
     match igvm_only.iter().find(|(on, _)| *on) {
-        Some((_, name)) if args.igvm.is_none() => Err(RunError::Input(format!(
-            "--{name} needs --igvm: it is an option of the IGVM launch"
-        ))),
+        Some((_, name)) if args.igvm.is_none() => Err(RunError::IgvmOnly { option: name }),
         _ => Ok(()),
     }
 }

@@ -54,17 +54,28 @@ pub enum GuestSpec {
     File(PathBuf),
 }
 
-impl std::str::FromStr for GuestSpec {
-    type Err = String;
+/// Why `--guest` names no guest.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GuestSpecError {
+    /// `builtin:NAME` with a name no built-in has.
+    #[error("'builtin:{name}' is not a built-in guest (known: {})", names())]
+    UnknownBuiltin {
+        /// The name given.
+        name: String,
+    },
+    /// An empty file name.
+    #[error("the guest file name is empty")]
+    Empty,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for GuestSpec {
+    type Err = GuestSpecError;
+
+    fn from_str(s: &str) -> Result<Self, GuestSpecError> {
         match s.strip_prefix("builtin:") {
             Some(name) if BUILTINS.iter().any(|(n, _)| *n == name) => Ok(Self::Builtin(name.into())),
-            Some(name) => Err(format!(
-                "'builtin:{name}' is not a built-in guest (known: {})",
-                names()
-            )),
-            None if s.is_empty() => Err("the guest file name is empty".into()),
+            Some(name) => Err(GuestSpecError::UnknownBuiltin { name: name.into() }),
+            None if s.is_empty() => Err(GuestSpecError::Empty),
             None => Ok(Self::File(PathBuf::from(s))),
         }
     }
@@ -73,7 +84,7 @@ impl std::str::FromStr for GuestSpec {
 impl GuestSpec {
     /// Parse `--guest` from the command line as the OS gave it: a file name need not be UTF-8
     /// (only `builtin:NAME` must be).
-    pub fn from_os(s: std::ffi::OsString) -> Result<Self, String> {
+    pub fn from_os(s: std::ffi::OsString) -> Result<Self, GuestSpecError> {
         match s.into_string() {
             Ok(text) => text.parse(),
             Err(raw) => Ok(Self::File(PathBuf::from(raw))),
@@ -124,7 +135,7 @@ pub struct GuestMemory {
 }
 
 /// Why a guest cannot run as asked.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     /// The built-in needs more vCPUs.
     #[error("builtin:{name} needs at least {min} vCPUs (got --vcpus {got})")]
@@ -159,8 +170,22 @@ pub enum ScenarioError {
         got: u64,
     },
     /// The script file could not be used.
-    #[error("{0}")]
-    Script(String),
+    #[error(transparent)]
+    Script(#[from] backend_sim::guest::ScriptError),
+    /// The script has no actions.
+    #[error("--guest {}: the guest script has no actions; it needs at least one", .0.display())]
+    NoActions(PathBuf),
+    /// `--guest` names no guest (a [`GuestSpec`] built directly, not parsed).
+    #[error(transparent)]
+    Spec(#[from] GuestSpecError),
+    /// A built-in's own fault rule was refused.
+    #[error("builtin:{name}'s fault rule: {error}")]
+    BuiltinFault {
+        /// The built-in.
+        name: &'static str,
+        /// The refusal.
+        error: backend_sim::FaultSpecError,
+    },
 }
 
 impl Scenario {
@@ -178,13 +203,9 @@ impl Scenario {
     }
 
     fn from_file(path: &Path) -> Result<Self, ScenarioError> {
-        let script =
-            GuestScript::from_file("--guest", path).map_err(|e| ScenarioError::Script(e.to_string()))?;
+        let script = GuestScript::from_file("--guest", path)?;
         if script.actions.is_empty() {
-            return Err(ScenarioError::Script(format!(
-                "--guest {}: the guest script has no actions; it needs at least one",
-                path.display()
-            )));
+            return Err(ScenarioError::NoActions(path.to_path_buf()));
         }
         let name = if script.name.is_empty() {
             path.file_stem()
@@ -250,9 +271,10 @@ impl Scenario {
                 "launch-fail" => {
                     snp()?;
                     let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
-                    faults = spec
-                        .parse()
-                        .map_err(|e: backend_sim::FaultSpecError| ScenarioError::Script(e.to_string()))?;
+                    faults = spec.parse().map_err(|error| ScenarioError::BuiltinFault {
+                        name: "launch-fail",
+                        error,
+                    })?;
                     (
                         named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
                         true,
@@ -276,10 +298,10 @@ impl Scenario {
                     (GuestScript::linux_boot(vcpus, &layout, gmem_2m_folios), false)
                 }
                 other => {
-                    return Err(ScenarioError::Script(format!(
-                        "'builtin:{other}' is not a built-in guest (known: {})",
-                        names()
-                    )));
+                    return Err(GuestSpecError::UnknownBuiltin {
+                        name: other.to_owned(),
+                    }
+                    .into());
                 }
             };
         Ok(Self {
@@ -412,20 +434,33 @@ mod tests {
             "g.json".parse::<GuestSpec>(),
             Ok(GuestSpec::File("g.json".into()))
         );
-        let e = "builtin:doom".parse::<GuestSpec>().unwrap_err();
+        let e = "builtin:doom".parse::<GuestSpec>().unwrap_err().to_string();
         assert!(e.contains("boot, ap-churn, reset, launch-fail"), "{e}");
     }
 
     #[test]
     fn builtins_check_their_needs() {
         let spec = GuestSpec::Builtin("ap-churn".into());
-        assert_eq!(
-            Scenario::new(&spec, 1, VmKind::Snp, &GuestMemory::default()).unwrap_err(),
-            ScenarioError::TooFewVcpus {
-                name: "ap-churn".into(),
-                min: 2,
-                got: 1
-            }
+        assert!(matches!(
+            Scenario::new(&spec, 1, VmKind::Snp, &GuestMemory::default()),
+            Err(ScenarioError::TooFewVcpus { ref name, min: 2, got: 1 }) if name == "ap-churn"
+        ));
+        // A name that `GuestSpec::from_str` would refuse, built directly.
+        let e = Scenario::new(
+            &GuestSpec::Builtin("doom".into()),
+            1,
+            VmKind::Snp,
+            &GuestMemory::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ScenarioError::Spec(GuestSpecError::UnknownBuiltin { .. })),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("'builtin:doom' is not a built-in guest (known: boot,"),
+            "{e}"
         );
         assert!(matches!(
             Scenario::new(&spec, 4, VmKind::SevEs, &GuestMemory::default()),

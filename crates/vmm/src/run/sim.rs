@@ -29,6 +29,7 @@ use crate::measure::plan::UpdateSource;
 use crate::measure::reset::{BSP_EIP, reset_vmsa};
 use crate::measure::vmm_types::VmmType;
 use crate::measure::{DataUpdate, LaunchPlan, MeasureError, PlanConfig, VcpuCount};
+use crate::output::OutputProblem;
 
 /// Where the stand-in image of a guest without `--firmware` is loaded, and how big it is.
 const SYNTHETIC_IMAGE_GPA: u64 = 0x10_0000;
@@ -225,16 +226,11 @@ pub(super) fn run(
 ) -> Result<RunSummary, RunError> {
     let vcpus = args.vcpus.get();
     if args.migrate && kind != VmKind::SevEs {
-        return Err(RunError::Input(
-            "--migrate: only SEV-ES guests move between VMs (sev_vm_move_enc_context_from refuses an SEV-SNP source); add --sev-es".into(),
-        ));
+        return Err(RunError::MigrateNeedsSevEs);
     }
     if args.sim_memory_budget.is_some_and(|b| b.bytes() == 0) {
         // It would end every run at its first host write, with exit 1.
-        return Err(RunError::Input(
-            "--sim-memory-budget 0 bytes: the simulator needs some memory for any run; give a size (the default is 2G)"
-                .into(),
-        ));
+        return Err(RunError::ZeroSimMemoryBudget);
     }
     // Every input is checked before anything is created.
     let costs = match &args.costs {
@@ -242,17 +238,26 @@ pub(super) fn run(
         None => CostModel::default(),
     };
     let extra: FaultPlan = match &args.fault {
-        Some(spec) => spec
-            .parse()
-            .map_err(|e: backend_sim::FaultSpecError| RunError::Input(format!("--fault: {e}")))?,
+        Some(spec) => {
+            let plan: FaultPlan = spec.parse().map_err(RunError::Fault)?;
+            if plan.pending().is_empty() {
+                // Only commas and spaces: most likely an unset variable; leaving `--fault` out
+                // says "no faults".
+                return Err(RunError::NoFaultRule { spec: spec.clone() });
+            }
+            plan
+        }
         None => FaultPlan::default(),
     };
     if let Some(trace) = &args.trace {
-        let bad = |rule: String| RunError::Input(format!("--trace {}: {rule}", trace.display()));
-        if let Some(rule) = crate::output::unusable(trace) {
-            return Err(bad(rule));
+        let bad = |problem: OutputProblem| RunError::Trace {
+            path: trace.clone(),
+            problem,
+        };
+        if let Some(problem) = crate::output::unusable(trace) {
+            return Err(bad(problem));
         }
-        let target = crate::output::replace_target(trace).map_err(|e| bad(e.to_string()))?;
+        let target = crate::output::replace_target(trace).map_err(|e| bad(e.into()))?;
         // The trace replaces the file at its path; never one this run reads.
         let guest_file = match &args.guest {
             Some(GuestSpec::File(p)) => Some(p.as_path()),
@@ -270,9 +275,7 @@ pub(super) fn run(
             .iter()
             .find(|(_, input)| input.is_some_and(|p| crate::output::same_file(&target, p)))
         {
-            return Err(bad(format!(
-                "is the file given as {option}: the trace would replace an input of the run"
-            )));
+            return Err(bad(OutputProblem::IsAnInput { option }));
         }
         // Discover an unwritable directory now, not after the run: create (and remove) a file
         // beside the trace, under the temporary name it would take without unnamed files.
@@ -282,7 +285,12 @@ pub(super) fn run(
             .create_new(true)
             .open(&tmp)
             .and_then(|_| std::fs::remove_file(&tmp))
-            .map_err(|e| bad(format!("cannot create a file beside {}: {e}", target.display())))?;
+            .map_err(|error| {
+                bad(OutputProblem::Unwritable {
+                    target: target.clone(),
+                    error,
+                })
+            })?;
     }
     let mut image = match (&args.firmware, &args.igvm) {
         (Some(path), _) => Image::firmware(path, kind, args.vcpus, args)?,
@@ -327,18 +335,18 @@ pub(super) fn run(
     let mut faults = scenario.faults.clone();
     // `extra` parsed as one plan, so a rule can only collide with the scenario's own.
     for rule in extra.pending() {
-        faults
-            .add(*rule)
-            .map_err(|e| RunError::Input(format!("--fault: {e} (a rule of --guest {guest})")))?;
+        faults.add(*rule).map_err(|error| RunError::FaultCollides {
+            error,
+            guest: guest.clone(),
+        })?;
     }
     let injecting = !faults.pending().is_empty();
     if memory < scenario.min_memory {
-        return Err(RunError::Input(format!(
-            "--memory {}: {} needs at least {} of guest memory for its VMSA and data pages",
-            args.memory,
+        return Err(RunError::SimMemory {
+            memory: args.memory,
             guest,
-            crate::size::ByteSize::new(scenario.min_memory)
-        )));
+            need: crate::size::ByteSize::new(scenario.min_memory),
+        });
     }
     check_actions(args, scenario, &ram)?;
     load(&ram, &mut image)?;
@@ -409,8 +417,12 @@ pub(super) fn run(
     })?;
 
     if let Some(path) = &args.trace {
-        crate::output::write_replacing(path, |out| Ok(machine.write_trace_json(out)?))
-            .map_err(|e| RunError::Output(format!("--trace {}: {e}", path.display())))?;
+        crate::output::write_replacing(path, |out| Ok(machine.write_trace_json(out)?)).map_err(|error| {
+            RunError::TraceWrite {
+                path: path.clone(),
+                error,
+            }
+        })?;
     }
 
     let launch_error = done.launch_error.as_ref().map(|e| super::error_chain(e));
