@@ -6,6 +6,13 @@
 //! - `exit/*`: one guest exit round trip on a running vCPU: `out_port` (the baseline, an OUT
 //!   exit), `wrmsr` (the GHCB MSR write alone), and `doorbell` (the GHCB MSR write plus
 //!   reading the GHCB, vmsa-core's AP-creation validation and the answer written back).
+//! - `vcpu/*`: what one more vCPU costs the kernel before it runs, each on a fresh VM (whose
+//!   creation and teardown are not timed): `create` (the baseline, `KVM_CREATE_VCPU` and the
+//!   `kvm_run` mapping, on a VM with the split irqchip), `cpuid` (and `KVM_SET_CPUID2` with the
+//!   supported table), and `load` (and the VMSA image's registers, as a VMSA-image AP gets
+//!   them).
+//! - `ioctl/*`: one ioctl that does nothing much: `vm_check_extension` (the baseline, on the VM
+//!   fd) and `vcpu_get_mp_state` (on a vCPU fd, which loads and puts the vCPU around it).
 //!
 //! After criterion's summary the ratios to the baselines are printed.
 
@@ -55,6 +62,71 @@ fn bench_create(c: &mut Criterion) {
     g.bench_function("bare_vm", |b| b.iter(|| black_box(kvm.create_vm().unwrap())));
     g.bench_function("to_first_exit", |b| {
         b.iter(|| create_to_first_exit(&kvm, &prog, &table))
+    });
+    g.finish();
+}
+
+fn bench_vcpu(c: &mut Criterion) {
+    let kvm = Kvm::new().unwrap();
+    let table = cpuid::supported(&kvm).unwrap();
+    let img = layout::long_mode_image(CODE_GPA);
+    let mut g = c.benchmark_group("vcpu");
+    g.sample_size(30).measurement_time(Duration::from_secs(4));
+    // One step more in each: a vCPU of a fresh VM, returned with it so that both are dropped
+    // outside the timing.
+    // With the split irqchip a VMSA-image VM has: a first vCPU without an in-kernel APIC would
+    // also pay for patching the kernel's `kvm_has_noapic_vcpu` branches.
+    let fresh_vm = || {
+        let vm = kvm.create_vm().unwrap();
+        vm.enable_cap(&backend_kvm::host::image::split_irqchip_cap())
+            .unwrap();
+        vm
+    };
+    let create = |vm: &kvm_ioctls::VmFd| vm.create_vcpu(0).unwrap();
+    g.bench_function("create", |b| {
+        b.iter_batched(
+            fresh_vm,
+            |vm| {
+                let vcpu = create(&vm);
+                (vm, vcpu)
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("cpuid", |b| {
+        b.iter_batched(
+            fresh_vm,
+            |vm| {
+                let vcpu = create(&vm);
+                cpuid::set(&vcpu, &table, 0).unwrap();
+                (vm, vcpu)
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("load", |b| {
+        b.iter_batched(
+            fresh_vm,
+            |vm| {
+                let vcpu = create(&vm);
+                cpuid::set(&vcpu, &table, 0).unwrap();
+                vmsa_regs::load(&vcpu, &img).unwrap();
+                (vm, vcpu)
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+
+    let vm = kvm.create_vm().unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut g = c.benchmark_group("ioctl");
+    g.sample_size(30).measurement_time(Duration::from_secs(3));
+    g.bench_function("vm_check_extension", |b| {
+        b.iter(|| black_box(vm.check_extension(kvm_ioctls::Cap::Irqchip)))
+    });
+    g.bench_function("vcpu_get_mp_state", |b| {
+        b.iter(|| black_box(vcpu.get_mp_state().unwrap()))
     });
     g.finish();
 }
@@ -178,6 +250,7 @@ fn main() {
     let mut c = Criterion::default().output_directory(&dir).configure_from_args();
     bench_create(&mut c);
     bench_exits(&mut c);
+    bench_vcpu(&mut c);
     c.final_summary();
     let ratio = |a: &str, base: &str| match (median_ns(&dir, a), median_ns(&dir, base)) {
         (Some(x), Some(y)) if y > 0.0 => {
@@ -193,4 +266,8 @@ fn main() {
     ratio("create/to_first_exit", "create/bare_vm");
     ratio("exit/wrmsr", "exit/out_port");
     ratio("exit/doorbell", "exit/out_port");
+    for step in ["cpuid", "load"] {
+        ratio(&format!("vcpu/{step}"), "vcpu/create");
+    }
+    ratio("ioctl/vcpu_get_mp_state", "ioctl/vm_check_extension");
 }
