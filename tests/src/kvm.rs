@@ -2,7 +2,6 @@
 //! VMSA-image host driven through the VMM's one flow, and what its report shows.
 #![cfg(target_arch = "x86_64")]
 
-use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,8 @@ use vmm::run::progress::Progress;
 use vmsa_core::{Event, History, Op, SNP_POLICY_RSVD_MBO, StateKind};
 use vmsa_host::{GuestActivity, GuestStep};
 
+pub use backend_kvm::testing::kvm_fds;
+
 /// Whether /dev/kvm can be used; prints why not when it cannot (the only reason to skip).
 ///
 /// Takes the [`turn`] while its fd is open, as every helper here that opens a KVM fd does: a
@@ -20,17 +21,7 @@ use vmsa_host::{GuestActivity, GuestStep};
 /// `cargo test` the tests of a binary share one process).
 pub fn kvm_or_skip(test: &str) -> bool {
     let _turn = turn();
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped {test}: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
+    backend_kvm::testing::kvm_or_skip(test)
 }
 
 /// backend-kvm's VMSA-image host (forced, whatever the probe would pick), or `None` with the
@@ -58,25 +49,6 @@ pub fn image_host(test: &str) -> Option<KvmImageHost> {
 pub fn turn() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
     TURN.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// KVM objects (`anon_inode:kvm-vm`, `kvm-vcpu:N`, `[kvm-gmem]`) among the process's open fds.
-pub fn kvm_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|p| is_kvm_object(p))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-/// `/dev/kvm` or an object KVM made (`anon_inode:kvm-vm`, `anon_inode:kvm-vcpu:N`,
-/// `anon_inode:[kvm-gmem]`), and never a file that merely has "kvm" in its path (a checkout
-/// under `~/kvm/`, a scratch file's random name).
-fn is_kvm_object(link: &Path) -> bool {
-    let link = link.to_string_lossy();
-    link == "/dev/kvm" || (link.starts_with("anon_inode:") && link.contains("kvm"))
 }
 
 /// The guest memory a run of `vcpus` vCPUs gets: 16 MiB, or what the program needs.

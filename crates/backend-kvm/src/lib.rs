@@ -66,6 +66,8 @@ pub mod kick;
 pub mod platform;
 pub mod probe;
 pub mod sev;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod uapi;
 pub mod vcpu;
 pub mod vmsa_regs;

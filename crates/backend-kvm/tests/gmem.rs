@@ -2,8 +2,6 @@
 //! anonymous memory always: bounds, volatile copies and atomic 64-bit fields through
 //! vm-memory's mapping, and the memslot released on drop.
 
-mod common;
-
 use std::sync::Arc;
 
 use backend_kvm::gmem::{GmemError, GuestRam, RamBacking};
@@ -12,7 +10,7 @@ use kvm_ioctls::Kvm;
 #[test]
 fn guest_ram_checks_bounds_and_reads_back_what_it_wrote() {
     let test = "guest_ram_checks_bounds_and_reads_back_what_it_wrote";
-    if !common::kvm_or_skip(test) {
+    if !backend_kvm::testing::kvm_or_skip(test) {
         return;
     }
     check(RamBacking::Anonymous);

@@ -2,9 +2,6 @@
 //! KvmHost picks. (Guests run through the VMM's flow in the scenario tests, tests/tests/kvm_*.rs.)
 //! The tests take turns: they count the process's KVM fds.
 
-mod common;
-
-use std::path::Path;
 use std::sync::Mutex;
 
 use backend_kvm::guest::layout;
@@ -18,7 +15,7 @@ use vmsa_host::{
 static TURN: Mutex<()> = Mutex::new(());
 
 fn host(test: &str) -> Option<KvmImageHost> {
-    if !common::kvm_or_skip(test) {
+    if !backend_kvm::testing::kvm_or_skip(test) {
         return None;
     }
     match KvmImageHost::new(&backend_kvm::probe(), "asked for by the test") {
@@ -28,24 +25,6 @@ fn host(test: &str) -> Option<KvmImageHost> {
             None
         }
     }
-}
-
-fn kvm_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|p| is_kvm_object(p))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-/// `/dev/kvm` or an object KVM made (`anon_inode:kvm-vm`, `anon_inode:kvm-vcpu:N`,
-/// `anon_inode:[kvm-gmem]`), and never a file that merely has "kvm" in its path (a checkout
-/// under `~/kvm/`, a scratch file's random name).
-fn is_kvm_object(link: &Path) -> bool {
-    let link = link.to_string_lossy();
-    link == "/dev/kvm" || (link.starts_with("anon_inode:") && link.contains("kvm"))
 }
 
 const SPEC: VmSpec = VmSpec::snp(0);
@@ -142,7 +121,7 @@ fn kvms_rules_are_refused_through_the_interface() {
     drop(v);
     let report = vm.teardown();
     assert_eq!(report.teardown.frames_still_allocated, Observed::Seen(0));
-    assert_eq!(kvm_fds(), 0);
+    assert_eq!(backend_kvm::testing::kvm_fds(), 0);
 }
 
 #[test]

@@ -1,7 +1,5 @@
 //! The probe on the real host, and SNP mode's refusal where the probe says no.
 
-mod common;
-
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
@@ -24,7 +22,7 @@ fn host_has_svm() -> bool {
 
 #[test]
 fn the_probe_reports_what_this_host_has() {
-    if !common::kvm_or_skip("the_probe_reports_what_this_host_has") {
+    if !backend_kvm::testing::kvm_or_skip("the_probe_reports_what_this_host_has") {
         return;
     }
     let r = probe();

@@ -2,8 +2,6 @@
 //! field KVM holds, and a vCPU that ran can be synced into an image that starts another vCPU
 //! in the same state.
 
-mod common;
-
 use std::sync::Arc;
 
 use backend_kvm::gmem::GuestRam;
@@ -60,7 +58,7 @@ fn rich_image() -> Box<SevEsSaveArea> {
 
 #[test]
 fn images_round_trip_through_real_vcpus() {
-    if !common::kvm_or_skip("images_round_trip_through_real_vcpus") {
+    if !backend_kvm::testing::kvm_or_skip("images_round_trip_through_real_vcpus") {
         return;
     }
     let kvm = Kvm::new().unwrap();
@@ -116,7 +114,7 @@ fn images_round_trip_through_real_vcpus() {
 
 #[test]
 fn a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu() {
-    if !common::kvm_or_skip("a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu") {
+    if !backend_kvm::testing::kvm_or_skip("a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu") {
         return;
     }
     let kvm = Kvm::new().unwrap();
