@@ -123,7 +123,7 @@ impl IgvmLaunch {
         })
         .map_err(igvm_err)?;
         let refuse = |problem| RunError::IgvmLaunch {
-            path: shown.to_string(),
+            path: path.to_path_buf(),
             problem,
         };
         let Some((vp_index, gpa, vmsa)) = vps.first() else {

@@ -130,6 +130,15 @@ pub enum KvmIgvmError {
         /// The programs it could have been.
         names: String,
     },
+    /// `--guest` beside `--igvm`: the file's own program runs.
+    #[error(
+        "--guest {guest}: with --backend kvm --igvm the file's own program runs (--guest is what runs in the \
+         simulator's --igvm launch)"
+    )]
+    Guest {
+        /// `--guest`.
+        guest: GuestSpec,
+    },
     /// The classic launch is not the kvm backend's.
     #[error(
         "--igvm-classic: the kvm backend launches an IGVM file in the supplied-VMSA mode only: its guest \
@@ -313,7 +322,7 @@ pub(super) fn run(args: &RunArgs, progress: &Progress) -> Result<RunSummary, Run
     let chosen = match (&args.igvm, &args.guest) {
         (Some(path), None) => Chosen::Igvm(load_igvm(path, args)?),
         (Some(_), Some(guest)) => {
-            return Err(RunError::KvmIgvmGuest { guest: guest.clone() });
+            return Err(KvmIgvmError::Guest { guest: guest.clone() }.into());
         }
         (None, _) => Chosen::Program(program(&args.guest())?),
     };

@@ -206,15 +206,6 @@ pub enum RunError {
         /// The built-in's name.
         name: String,
     },
-    /// `--guest` with `--backend kvm --igvm`.
-    #[error(
-        "--guest {guest}: with --backend kvm --igvm the file's own program runs (--guest is what runs in the \
-         simulator's --igvm launch)"
-    )]
-    KvmIgvmGuest {
-        /// `--guest`.
-        guest: GuestSpec,
-    },
     /// `--memory` outside what the kvm backend's guest program can use.
     #[error("--memory {memory}: the kvm backend's guest program needs {need} to {max} for {vcpus} vCPUs")]
     KvmMemory {
@@ -284,10 +275,10 @@ pub enum RunError {
         error: std::io::Error,
     },
     /// An IGVM file does not make a launch the simulator can run.
-    #[error("--igvm {path}: {problem}")]
+    #[error("--igvm {}: {problem}", .path.display())]
     IgvmLaunch {
-        /// `--igvm`, as shown.
-        path: String,
+        /// `--igvm`.
+        path: PathBuf,
         /// What is wrong with it.
         problem: igvm::LaunchProblem,
     },
@@ -365,7 +356,6 @@ impl RunError {
             | Self::KvmSevEs
             | Self::KvmScript { .. }
             | Self::SimulatorBuiltin { .. }
-            | Self::KvmIgvmGuest { .. }
             | Self::KvmMemory { .. }
             | Self::SimMemory { .. }
             | Self::MigrateNeedsSevEs
