@@ -155,8 +155,10 @@ mod tests {
             return;
         }
         let _turn = turn();
-        let dir = std::env::temp_dir().join(format!("kvm-named-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // Removed when dropped, also when an assertion fails.
+        let dir =
+            vmm_sys_util::tempdir::TempDir::new_with_prefix(std::env::temp_dir().join("kvm-named-")).unwrap();
+        let dir = dir.as_path();
         let file = std::fs::File::create(dir.join("kvm-vm")).unwrap();
         assert_eq!(kvm_fds(), 0, "a file under {} is no KVM object", dir.display());
         let kvm = kvm_ioctls::Kvm::new().unwrap();
@@ -170,6 +172,5 @@ mod tests {
         drop((vcpu, vm, kvm));
         assert_eq!(kvm_fds(), 0);
         drop(file);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }
