@@ -156,7 +156,9 @@ pub enum ApCreationError {
         /// Why nothing runs.
         why: &'static str,
     },
-    /// AP creation exists only for SEV-SNP guests.
+    /// AP creation exists only for SEV-SNP guests. KVM's `sev_es_validate_vmgexit` refuses it
+    /// for any other guest after setting `reason = GHCB_ERR_MISSING_INPUT` (the exit code is one
+    /// it knows, so not `GHCB_ERR_INVALID_EVENT`): the guest gets `(2, 4)`.
     #[error("AP creation is an SEV-SNP event; this is an {kind} guest")]
     NotSnp {
         /// The guest's kind.
@@ -214,8 +216,7 @@ impl ApCreationError {
     /// The GHCB error code the guest receives in `sw_exit_info_2`.
     pub fn ghcb_error(&self) -> u64 {
         match self {
-            Self::NotSnp { .. } => GHCB_ERR_INVALID_EVENT,
-            Self::MissingRax { .. } => GHCB_ERR_MISSING_INPUT,
+            Self::NotSnp { .. } | Self::MissingRax { .. } => GHCB_ERR_MISSING_INPUT,
             _ => GHCB_ERR_INVALID_INPUT,
         }
     }
@@ -617,7 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn sev_es_guests_get_invalid_event() {
+    fn sev_es_guests_get_missing_input_as_from_kvm() {
         let rules = ApCreationRules {
             kind: VmKind::SevEs,
             ..RULES
@@ -626,7 +627,9 @@ mod tests {
             .validate(&req(AP_CREATE, 1, 0x5000, Some(1)), |_| true)
             .unwrap_err();
         assert_eq!(err, ApCreationError::NotSnp { kind: VmKind::SevEs });
-        assert_eq!(err.ghcb_error(), 6);
+        // GHCB_ERR_MISSING_INPUT, the reason sev_es_validate_vmgexit holds when its
+        // SVM_VMGEXIT_AP_CREATION case finds a guest that is not SNP.
+        assert_eq!(err.sw_exit_info(), (2, 4));
         assert_eq!(
             err.to_string(),
             "AP creation is an SEV-SNP event; this is an SEV-ES guest"

@@ -1296,7 +1296,7 @@ fn sev_es_guests_cannot_create_aps() {
     let e = vm
         .ap_creation(&ApCreationRequest::new(BSP, ghcb::AP_CREATE, 1, 0x3000, Some(0)))
         .unwrap_err();
-    assert_eq!(e.ghcb_error(), ghcb::GHCB_ERR_INVALID_EVENT);
+    assert_eq!(e.ghcb_error(), ghcb::GHCB_ERR_MISSING_INPUT);
 }
 
 #[test]
