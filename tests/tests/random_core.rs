@@ -307,9 +307,18 @@ impl World {
             (ApRequest::Destroy, _) => v.state == VmsaState::None && v.mp_state == MpState::Halted,
             (_, Some(g)) => {
                 let backed = self.vm.platform().gmem_pfn(g.gfn()).is_some();
-                // A guest VMSA whose page is gone is dropped again at the reload that follows.
-                (v.state == VmsaState::GuestOwned(g) || (!backed && v.state == VmsaState::None))
-                    && v.mp_state == MpState::Runnable
+                match v.mp_state {
+                    // A guest VMSA whose page is gone is dropped again at the reload that follows.
+                    MpState::Runnable => {
+                        v.state == VmsaState::GuestOwned(g) || (!backed && v.state == VmsaState::None)
+                    }
+                    // No page backed it when it was applied: the vCPU stays halted
+                    // (__sev_snp_update_protected_guest_state).
+                    MpState::Halted => {
+                        !backed && matches!(v.state, VmsaState::GuestOwned(_) | VmsaState::None)
+                    }
+                    _ => false,
+                }
             }
             _ => false,
         };

@@ -8,9 +8,9 @@ use backend_sim::guest::{GuestAction, GuestScript};
 use backend_sim::host::run_script;
 use backend_sim::{FaultPlan, Machine, MachineConfig, PageState, RmpRet, SimError, SimPlatform};
 use vmsa_core::{
-    Error, Event, EventLog, Gpa, INITIAL_VMSA_GPA, LaunchState, LeakReason, MpState, Op, Pfn, PlatformOp,
-    SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, SevStatus, SnpPageType, StateKind, VcpuId, Vm, VmConfig, VmKind,
-    VmsaState,
+    Entry, Error, Event, EventLog, Gpa, INITIAL_VMSA_GPA, LaunchState, LeakReason, MpState, Op, Pfn,
+    PlatformOp, SNP_POLICY_DEBUG, SNP_POLICY_RSVD_MBO, SevStatus, SnpPageType, StateKind, VcpuId, Vm,
+    VmConfig, VmKind, VmsaState,
 };
 
 const POLICY: u64 = SNP_POLICY_RSVD_MBO;
@@ -523,7 +523,7 @@ fn debug_decrypt_failures() {
 }
 
 #[test]
-fn entry_failures_invalid_vmsa_and_vmrun_checks() {
+fn entry_failures_unbacked_vmsa_and_vmrun_checks() {
     let g = launched("vmrun:2=VMEXIT_INVALID", 3);
     let page = |gpa| GuestAction::Pvalidate {
         vcpu: 0,
@@ -535,7 +535,7 @@ fn entry_failures_invalid_vmsa_and_vmrun_checks() {
     let script = GuestScript {
         name: "entry".into(),
         actions: vec![
-            // AP 1's VMSA lies outside every memslot: runnable without a VMSA.
+            // AP 1's VMSA lies outside every memslot: it stays halted, with no VMSA address.
             GuestAction::ApCreate {
                 vcpu: 0,
                 apic_id: 1,
@@ -573,11 +573,12 @@ fn entry_failures_invalid_vmsa_and_vmrun_checks() {
         ],
     };
     let r = run_script(&g.vm, &script);
-    assert!(r.steps[0].detail.contains("cannot run"), "{:?}", r.steps[0]);
-    assert!(matches!(
-        g.vm.prepare_entry(VcpuId(1)),
-        Err(Error::InvalidVmsa { vcpu: VcpuId(1) })
-    ));
+    assert_eq!(r.steps[0].detail, "vCPU 1 halted", "{:?}", r.steps[0]);
+    assert_eq!(
+        g.vm.prepare_entry(VcpuId(1)).unwrap(),
+        Entry::Blocked(MpState::Halted)
+    );
+    assert_eq!(g.vm.vcpu(VcpuId(1)).unwrap().vmcb_vmsa_pa, None);
     assert!(r.steps[2].detail.contains("injected"), "{:?}", r.steps[2]);
     let run = r.steps[3].error.as_deref().unwrap();
     assert!(run.contains("VMSA bit"), "{run}");

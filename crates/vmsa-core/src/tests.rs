@@ -1201,10 +1201,10 @@ fn only_the_entry_that_applies_an_ap_creation_notes_the_switch() {
             "round {round}: consumed"
         );
     }
-    // A switch whose entry is then refused is still noted.
+    // A switch that leaves the vCPU halted (no page backs the GPA) is still noted.
     vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x77_000)).unwrap();
-    let refused = vm.prepare_entry_noting_switch(VcpuId(1));
-    assert!(matches!(refused.entry, Err(Error::InvalidVmsa { .. })) && refused.switched);
+    let halted = vm.prepare_entry_noting_switch(VcpuId(1));
+    assert!(matches!(halted.entry, Ok(Entry::Blocked(MpState::Halted))) && halted.switched);
 }
 
 #[test]
@@ -1250,18 +1250,24 @@ fn ap_destroy_halts_the_target_and_a_forced_run_is_refused() {
 }
 
 #[test]
-fn ap_create_without_backing_memory_is_runnable_but_cannot_run() {
+fn ap_create_without_backing_memory_leaves_the_ap_halted() {
+    // __sev_snp_update_protected_guest_state halts the vCPU first and returns before making it
+    // runnable when kvm_gmem_get_pfn finds no page for the requested GPA.
     let (vm, _) = launched_snp(2, SNP_POLICY);
     vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x77_000)).unwrap();
-    assert!(matches!(
-        vm.prepare_entry(VcpuId(1)),
-        Err(Error::InvalidVmsa { .. })
-    ));
+    assert_eq!(
+        vm.prepare_entry(VcpuId(1)).unwrap(),
+        Entry::Blocked(MpState::Halted)
+    );
     let v = vm.vcpu(VcpuId(1)).unwrap();
     assert_eq!(
-        (v.state, v.mp_state),
-        (VmsaState::GuestOwned(Gpa(0x77_000)), MpState::Runnable)
+        (v.state, v.mp_state, v.vmcb_vmsa_pa),
+        (VmsaState::GuestOwned(Gpa(0x77_000)), MpState::Halted, None)
     );
+    // A later request for a backed page starts it.
+    let gmem = vm.platform().map_gmem(Gfn(0x78));
+    vm.ap_creation(&ap(0, ghcb::AP_CREATE, 1, 0x78_000)).unwrap();
+    assert_eq!(vm.prepare_entry(VcpuId(1)).unwrap(), Entry::Run(gmem.hpa()));
 }
 
 #[test]

@@ -364,8 +364,9 @@ impl<P: Platform> Cx<'_, P> {
 
     /// `sev_snp_init_protected_guest_state`: on INIT of an SNP vCPU that has an AP-creation
     /// request waiting, switch to the requested guest VMSA (or, after AP_DESTROY, to none).
-    /// The vCPU is runnable whenever a VMSA was requested, even if no page backs it, so that
-    /// running it fails with [`Error::InvalidVmsa`] instead of blocking forever (as upstream).
+    /// As `__sev_snp_update_protected_guest_state`, the vCPU is halted first and made runnable
+    /// only once a guest_memfd page backs the requested GPA: a request for an unbacked GPA
+    /// leaves it halted with no VMSA address (`INVALID_PAGE`), never running.
     pub fn init_protected_guest_state(&self, v: &mut Vcpu<P::Page>) -> Option<Leak> {
         if !v.waiting_for_reset {
             return None;
@@ -380,7 +381,9 @@ impl<P: Platform> Cx<'_, P> {
                 let leak = self.set_guest_vmsa(v, gpa);
                 let pa = self.resolve_pa(v);
                 self.set_vmcb_pa(v, pa);
-                v.mp_state = MpState::Runnable;
+                if pa.is_some() {
+                    v.mp_state = MpState::Runnable;
+                }
                 leak
             }
         }
