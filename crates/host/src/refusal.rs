@@ -5,8 +5,9 @@ use vmsa_core::VmKind;
 
 use crate::errno::Errno;
 
-/// A call refused the way KVM refuses it: the call, KVM's errno, and the rule, as one line
-/// ("SNP_LAUNCH_UPDATE: EINVAL (22): ...: launch update before launch start").
+/// A call refused the way KVM refuses it: the call, the rule, and KVM's errno, as one line
+/// ("KVM_SEV_SNP_LAUNCH_UPDATE: a supplied VMSA is exactly one 4 KiB page (snp_launch_update)
+/// (EINVAL (22): Invalid argument)").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{call}: {rule} ({errno})")]
 pub struct Refusal {
@@ -139,5 +140,23 @@ impl Refusal {
             E2::Migration(m) => r(Errno::EINVAL, migration_rule(m)),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reads_as_its_doc_says() {
+        let r = Refusal {
+            call: "KVM_SEV_SNP_LAUNCH_UPDATE",
+            errno: Errno::EINVAL,
+            rule: "a supplied VMSA is exactly one 4 KiB page (snp_launch_update)",
+        };
+        assert_eq!(
+            r.to_string(),
+            "KVM_SEV_SNP_LAUNCH_UPDATE: a supplied VMSA is exactly one 4 KiB page (snp_launch_update) (EINVAL (22): Invalid argument)"
+        );
     }
 }

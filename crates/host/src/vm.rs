@@ -161,11 +161,12 @@ pub trait Vm: Sync {
     /// launch finish and refuses the call).
     fn launch_update_vmsas(&mut self) -> Result<(), VmError>;
 
-    /// `KVM_SEV_SNP_LAUNCH_FINISH` (SNP: every vCPU's VMSA is synced, made private and
-    /// measured first) or SEV-ES `LAUNCH_FINISH`.
+    /// `KVM_SEV_SNP_LAUNCH_FINISH` (SNP in the classic mode: every vCPU's VMSA is synced, made
+    /// private and measured first; with supplied VMSAs none is) or SEV-ES `LAUNCH_FINISH`.
     fn launch_finish(&mut self) -> Result<(), VmError>;
 
-    /// `KVM_CREATE_VCPU` with APIC ID `id` (the host allocates its VMSA).
+    /// `KVM_CREATE_VCPU` with APIC ID `id` (in the classic mode the host allocates its VMSA;
+    /// with supplied VMSAs it allocates none).
     fn create_vcpu(&mut self, id: u32) -> Result<Self::Vcpu, VmError>;
 
     /// The host's clock in simulated cycles, where it has one.

@@ -23,9 +23,6 @@ pub enum LeakReason {
     ReclaimFailed,
     /// `SNP_PAGE_RECLAIM` succeeded but the `RMPUPDATE` back to hypervisor-owned failed.
     ReclaimMakeSharedFailed,
-    /// A page still private in the RMP was handed back through a path that cannot clean it
-    /// up (a caller bug caught by a warning).
-    StillPrivate,
 }
 
 /// Something vmsa-core did or noticed.

@@ -423,10 +423,14 @@ impl GhcbRequest {
         page[at..at + 4].copy_from_slice(&self.usage.to_le_bytes());
     }
 
-    /// Whether the save-area field at `offset` is marked valid.
+    /// Whether the save-area field at `offset` is marked valid. The bitmap covers the save
+    /// area (offsets below 0x400); a field past it is never valid.
     pub fn is_valid(&self, offset: u64) -> bool {
         let (q, m) = valid_bit(offset);
-        self.valid[q as usize] & m != 0
+        usize::try_from(q)
+            .ok()
+            .and_then(|q| self.valid.get(q))
+            .is_some_and(|w| w & m != 0)
     }
 
     /// The protocol-level checks of KVM's `sev_es_validate_vmgexit`, in its order: usage 0,
@@ -635,6 +639,15 @@ mod tests {
             "AP creation is an SEV-SNP event; this is an SEV-ES guest"
         );
     }
+    #[test]
+    fn a_field_past_the_valid_bitmap_is_never_valid() {
+        let r = GhcbRequest::new_ap_creation(AP_CREATE, 1, 0x5000, Some(1));
+        assert!(r.is_valid(RAX) && r.is_valid(SW_EXIT_INFO_2));
+        for offset in [0x400, SW_EXIT_CODE + 0x400, USAGE, u64::MAX] {
+            assert!(!r.is_valid(offset), "{offset:#x}");
+        }
+    }
+
     #[test]
     fn valid_bits_are_the_kernels_bitmap_indices() {
         // GHCB_BITMAP_IDX(rax) = 0x1f8 / 8 = 63; sw_exit_code = 114, info_1 = 115, info_2 = 116.

@@ -15,9 +15,9 @@ pub type PageBuf = [u8; PAGE_SIZE as usize];
 /// to skip storing or copying zeros.
 pub static ZERO_PAGE: PageBuf = [0; PAGE_SIZE as usize];
 
-/// Whether `bytes` (at most a page) are all zeros.
+/// Whether `bytes` (of any length) are all zeros, compared a page at a time.
 pub fn is_zero(bytes: &[u8]) -> bool {
-    bytes == &ZERO_PAGE[..bytes.len()]
+    bytes.chunks(ZERO_PAGE.len()).all(|c| c == &ZERO_PAGE[..c.len()])
 }
 
 /// A 4 KiB host page handed out by [`Platform::alloc_page`].
@@ -210,6 +210,17 @@ pub trait Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_zero_takes_any_length() {
+        let mut two = [0u8; 2 * PAGE_SIZE as usize + 3];
+        assert!(is_zero(&two) && is_zero(&[]) && is_zero(&two[..5]));
+        two[PAGE_SIZE as usize + 7] = 1;
+        assert!(!is_zero(&two) && is_zero(&two[..PAGE_SIZE as usize]));
+        two[PAGE_SIZE as usize + 7] = 0;
+        two[2 * PAGE_SIZE as usize + 2] = 9;
+        assert!(!is_zero(&two));
+    }
 
     #[test]
     fn page_types_round_trip_their_abi_numbers() {

@@ -580,6 +580,18 @@ fn snp_data_pages_are_written_assigned_and_measured() {
 }
 
 #[test]
+fn contents_given_for_a_zero_page_are_ignored_as_by_kvm() {
+    let (mut vm, _) = snp_vm(1);
+    let p = vm.platform().map_gmem(Gfn(0x100));
+    vm.launch_start(SNP_POLICY).unwrap();
+    let junk = vec![0x5au8; 4096];
+    vm.launch_update_data(Gpa(0x10_0000), 4096, SnpPageType::Zero, Some(&junk))
+        .unwrap();
+    assert_eq!(vm.platform().measured(), vec![(p, SnpPageType::Zero as u8)]);
+    assert_eq!(vm.platform().frame(p)[0], 0, "the junk is not written");
+}
+
+#[test]
 fn bad_data_updates_name_the_rule() {
     let (mut vm, _) = snp_vm(1);
     vm.launch_start(SNP_POLICY).unwrap();

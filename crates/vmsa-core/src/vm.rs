@@ -583,9 +583,16 @@ impl<P: Platform> Vm<P> {
         if gpa.0.checked_add(len - 1).is_none() {
             return bad("the range runs past the top of the guest physical address space");
         }
+        // snp_launch_update passes no source for a ZERO page whatever uaddr holds
+        // (`src = params.type == KVM_SEV_SNP_PAGE_TYPE_ZERO ? NULL : ...`): contents given for
+        // one are ignored, not refused.
+        let data = if page_type == SnpPageType::Zero {
+            None
+        } else {
+            data
+        };
         match (page_type, data) {
-            (SnpPageType::Zero, Some(_)) => return bad("ZERO pages take no contents"),
-            (SnpPageType::Zero, None) => {}
+            (SnpPageType::Zero, _) => {}
             (_, None) => return bad("contents are required for all but ZERO pages"),
             (_, Some(d)) if d.len() as u64 != len => return bad("the contents must be exactly len bytes"),
             _ => {}
