@@ -49,6 +49,18 @@ impl SupportedLater {
         this
     }
 
+    /// A table whose read failed with `e` (for tests of what callers do with the failure).
+    #[cfg(test)]
+    pub(crate) fn failed(e: IoctlError) -> Arc<Self> {
+        let this = Self {
+            kvm: Mutex::new(None),
+            table: OnceLock::new(),
+            read: Condvar::new(),
+        };
+        let _ = this.table.set(Err(e));
+        Arc::new(this)
+    }
+
     /// The table, read by now or by this call.
     pub fn get(&self) -> Result<&CpuId, IoctlError> {
         self.read_if_unclaimed();

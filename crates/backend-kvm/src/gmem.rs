@@ -20,7 +20,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -103,7 +103,11 @@ impl GuestMemfd {
             })
             .map_err(|e| IoctlError::new("KVM_CREATE_GUEST_MEMFD", e))?;
         // SAFETY: KVM_CREATE_GUEST_MEMFD returned a new fd that nothing else owns.
-        let file = Arc::new(unsafe { File::from_raw_fd(raw) });
+        let file = unsafe { File::from_raw_fd(raw) };
+        // __kvm_gmem_create allocates the fd with get_unused_fd_flags(0): without this, a child
+        // that forks and execs inherits it, and with it a reference to the VM (kvm_get_kvm).
+        set_cloexec(file.as_fd())?;
+        let file = Arc::new(file);
         let map = if flags & GUEST_MEMFD_FLAG_MMAP != 0 {
             let region = MmapRegion::from_file(FileOffset::from_arc(file.clone(), 0), len)
                 .map_err(|e| mmap_error(size, &e))?;
@@ -387,6 +391,22 @@ impl Drop for GuestRam {
     }
 }
 
+/// Set `FD_CLOEXEC` on `fd` (`fcntl(F_SETFD)`), so that an `exec` closes it.
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> Result<(), IoctlError> {
+    let call = "fcntl(F_SETFD, FD_CLOEXEC)";
+    // SAFETY: F_GETFD reads the flags of an fd that `fd` borrows, so it is open; no memory is
+    // passed.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    if flags < 0 {
+        return Err(IoctlError::new(call, vmm_sys_util::errno::Error::last()));
+    }
+    // SAFETY: as above; F_SETFD only changes that fd's descriptor flags.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(IoctlError::new(call, vmm_sys_util::errno::Error::last()));
+    }
+    Ok(())
+}
+
 /// `size` as the length of a mapping: non-zero, page aligned, addressable.
 fn mapping_len(size: u64) -> Result<usize, GmemError> {
     match usize::try_from(size) {
@@ -403,5 +423,35 @@ fn mmap_error(len: u64, e: &MmapRegionError) -> GmemError {
             MmapRegionError::Mmap(io) => Errno::from(io),
             _ => Errno::new(libc::EINVAL),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+    use super::*;
+
+    fn fd_flags(fd: &OwnedFd) -> libc::c_int {
+        // SAFETY: F_GETFD of an fd `fd` owns; no memory is passed.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) }
+    }
+
+    #[test]
+    fn set_cloexec_marks_an_inheritable_fd_close_on_exec() {
+        // pipe(2) without O_CLOEXEC: inheritable, as KVM_CREATE_GUEST_MEMFD's fd is
+        // (get_unused_fd_flags(0) in __kvm_gmem_create).
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is an array of two ints for pipe(2) to fill.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: pipe(2) returned two new fds that nothing else owns.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        assert_eq!(fd_flags(&r) & libc::FD_CLOEXEC, 0);
+        set_cloexec(r.as_fd()).unwrap();
+        assert_eq!(fd_flags(&r) & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        assert_eq!(fd_flags(&w) & libc::FD_CLOEXEC, 0, "only the fd asked for");
+        // Idempotent.
+        set_cloexec(r.as_fd()).unwrap();
+        assert_eq!(fd_flags(&r) & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
     }
 }

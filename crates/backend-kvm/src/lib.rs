@@ -66,7 +66,7 @@ pub mod kick;
 pub mod platform;
 pub mod probe;
 pub mod sev;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod uapi;
 pub mod vcpu;

@@ -1,7 +1,38 @@
 //! What tests on real `/dev/kvm` share (feature `testing`): the check that skips a test, with
-//! its reason, where KVM cannot be used, and a count of the KVM objects a process holds open.
+//! its reason, where KVM cannot be used, a count of the KVM objects a process holds open, and a
+//! [`Watchdog`] that bounds a test running real vCPUs.
 
 use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
+/// Ends the whole process (exit status 101, as a failed test) if it is not dropped within its
+/// limit: a vCPU wedged in `KVM_RUN` (a guest-program regression looping without an exit) then
+/// fails its test instead of hanging the test binary. On hosts whose KVM emulates guest code
+/// a kick may not reach a wedged vCPU in time, so the bound does not rely on one.
+#[derive(Debug)]
+#[must_use = "the watchdog is disarmed when dropped"]
+pub struct Watchdog {
+    _disarm: mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    /// Arm a watchdog for `test`: unless dropped within `limit`, it prints why and exits.
+    pub fn arm(test: &'static str, limit: Duration) -> Self {
+        let (tx, rx) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                // Dropping the sender disconnects: the test finished (or unwound) in time.
+                if rx.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
+                    eprintln!("watchdog: {test} did not finish within {limit:?}; exiting the test process");
+                    std::process::exit(101);
+                }
+            })
+            .unwrap_or_else(|e| panic!("cannot start the watchdog of {test}: {e}"));
+        Self { _disarm: tx }
+    }
+}
 
 /// Whether /dev/kvm can be used; prints why not when it cannot (the only reason a real-KVM
 /// test skips).

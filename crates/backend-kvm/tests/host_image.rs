@@ -1,6 +1,6 @@
 //! VMSA-image mode through vmsa-host's traits on real /dev/kvm: KVM's refusals, and the mode
 //! KvmHost picks. (Guests run through the VMM's flow in the scenario tests, tests/tests/kvm_*.rs.)
-//! The tests take turns: they count the process's KVM fds.
+//! Every test that opens KVM takes its turn ([`TURN`]): one counts the process's KVM fds.
 
 use std::sync::Mutex;
 
@@ -126,6 +126,22 @@ fn kvms_rules_are_refused_through_the_interface() {
 
 #[test]
 fn kvm_host_picks_the_mode_the_probe_allows_and_says_why() {
+    // The probe and the host open KVM fds, which the other test counts.
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    check_mode();
+    // The host's CPUID helper thread may still hold its /dev/kvm fd: wait for it to close
+    // before another test counts fds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while backend_kvm::testing::kvm_fds() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "KVM fds still open 10 s after the host was dropped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn check_mode() {
     let probe = backend_kvm::probe();
     let Ok(h) = backend_kvm::KvmHost::from_probe(&probe) else {
         eprintln!("skipped: neither mode runs here");

@@ -3,11 +3,13 @@
 //! in the same state.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use backend_kvm::gmem::GuestRam;
 use backend_kvm::guest::layout::{self, MAILBOX_GPA, PARAMS_GPA, params, ports};
 use backend_kvm::guest::{self, program};
 use backend_kvm::probe::Capabilities;
+use backend_kvm::testing::Watchdog;
 use backend_kvm::vmsa_regs;
 use backend_kvm::{cpuid, vmsa_regs::RegsError};
 use kvm_ioctls::{Kvm, VcpuExit};
@@ -114,9 +116,12 @@ fn images_round_trip_through_real_vcpus() {
 
 #[test]
 fn a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu() {
-    if !backend_kvm::testing::kvm_or_skip("a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu") {
+    let test = "a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu";
+    if !backend_kvm::testing::kvm_or_skip(test) {
         return;
     }
+    // Both vCPUs run guest code: a guest-program regression that never exits ends the test.
+    let _watchdog = Watchdog::arm(test, Duration::from_secs(60));
     let kvm = Kvm::new().unwrap();
     let vm = Arc::new(kvm.create_vm().unwrap());
     let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20, Capabilities::read(&kvm).image_ram()).unwrap();
@@ -162,4 +167,61 @@ fn a_vcpu_that_ran_syncs_into_an_image_that_starts_another_vcpu() {
         other => panic!("the next instruction is HLT, got {other:?}"),
     }
     drop(ram);
+}
+
+/// Set in the child process of [`the_watchdog_ends_a_test_whose_vcpu_never_exits`].
+const WEDGED_CHILD: &str = "BACKEND_KVM_WEDGED_VCPU_CHILD";
+
+/// Runs only in the child of [`the_watchdog_ends_a_test_whose_vcpu_never_exits`]: a vCPU on the
+/// built-in `Spin` program (`jmp $`) under a 1 s watchdog, which must end this process.
+#[test]
+fn wedged_vcpu_child() {
+    if std::env::var_os(WEDGED_CHILD).is_none() {
+        return;
+    }
+    let _watchdog = Watchdog::arm("wedged_vcpu_child", Duration::from_secs(1));
+    let kvm = Kvm::new().unwrap();
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let ram = GuestRam::new(vm.clone(), 0, 0, 4 << 20, Capabilities::read(&kvm).image_ram()).unwrap();
+    let spin = backend_kvm::guest::builtin::GuestProgram::Spin.image(1).unwrap();
+    ram.write(spin.gpa.0, &spin.bytes).unwrap();
+    let mut v = vm.create_vcpu(0).unwrap();
+    cpuid::set(&v, &cpuid::supported(&kvm).unwrap(), 0).unwrap();
+    vmsa_regs::load(&v, &spin.vmsas[0]).unwrap();
+    let exit = format!("{:?}", v.run());
+    panic!("the spinning vCPU exited: {exit}");
+}
+
+#[test]
+fn the_watchdog_ends_a_test_whose_vcpu_never_exits() {
+    let test = "the_watchdog_ends_a_test_whose_vcpu_never_exits";
+    if !backend_kvm::testing::kvm_or_skip(test) {
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["wedged_vcpu_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(WEDGED_CHILD, "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the watchdog did not end the wedged child within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(101), "{stderr}");
+    assert!(
+        stderr.contains("watchdog: wedged_vcpu_child did not finish within 1s"),
+        "{stderr}"
+    );
 }

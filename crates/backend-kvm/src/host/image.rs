@@ -544,6 +544,7 @@ impl Vm for KvmImageVm {
             exits: ExitCounts::default(),
             progress_seen: 0,
             fd: None,
+            cpuid_set: false,
         })
     }
 
@@ -612,6 +613,8 @@ pub struct KvmImageVcpu {
     progress_seen: u64,
     /// The KVM vCPU, from the first `run` on (see [`KvmImageVm::create_vcpu`]).
     fd: Option<VcpuFd>,
+    /// `KVM_SET_CPUID2` succeeded on `fd` (no `KVM_RUN` before it).
+    cpuid_set: bool,
 }
 
 impl std::fmt::Debug for KvmImageVcpu {
@@ -640,27 +643,37 @@ impl KvmImageVcpu {
         VcpuError::host(self.id, call, e)
     }
 
-    /// Create the KVM vCPU, with its CPUID table, if this is the first run.
+    /// Create the KVM vCPU, then set its CPUID table, unless an earlier run did.
+    ///
+    /// The fd is kept as soon as `KVM_CREATE_VCPU` succeeds: closing a vCPU fd does not destroy
+    /// the vCPU (it lives until the VM does, `kvm_destroy_vcpus`), so a retry after a failed
+    /// CPUID step must not create it again (`kvm_vm_ioctl_create_vcpu` would answer `EEXIST`,
+    /// hiding the first error); it retries the CPUID step alone.
     fn create_kvm_vcpu(&mut self) -> Result<(), VcpuError> {
-        if self.fd.is_some() {
-            return Ok(());
+        if self.fd.is_none() {
+            let call = "KVM_CREATE_VCPU";
+            let mut fd = self
+                .shared
+                .vm_fd
+                .create_vcpu(u64::from(self.id))
+                .map_err(|e| self.host(call, IoctlError::new(call, e)))?;
+            // SAFETY: the kvm_run mapping lives as long as `fd`, which this vCPU owns from here
+            // on; its Drop unregisters the pointer before `fd` is dropped.
+            unsafe { self.kick.state().register_run(fd.get_kvm_run()) };
+            self.fd = Some(fd);
         }
-        let call = "KVM_CREATE_VCPU";
-        let mut fd = self
-            .shared
-            .vm_fd
-            .create_vcpu(u64::from(self.id))
-            .map_err(|e| self.host(call, IoctlError::new(call, e)))?;
-        let table = self
-            .shared
-            .cpuid
-            .get()
-            .map_err(|e| self.host("KVM_GET_SUPPORTED_CPUID", e))?;
-        cpuid::set(&fd, table, self.id).map_err(|e| self.host("KVM_SET_CPUID2", e))?;
-        // SAFETY: the kvm_run mapping lives as long as `fd`, which this vCPU owns; its Drop
-        // unregisters the pointer before `fd` is dropped.
-        unsafe { self.kick.state().register_run(fd.get_kvm_run()) };
-        self.fd = Some(fd);
+        if !self.cpuid_set {
+            let Some(fd) = &self.fd else {
+                unreachable!("created above");
+            };
+            let table = self
+                .shared
+                .cpuid
+                .get()
+                .map_err(|e| self.host("KVM_GET_SUPPORTED_CPUID", e))?;
+            cpuid::set(fd, table, self.id).map_err(|e| self.host("KVM_SET_CPUID2", e))?;
+            self.cpuid_set = true;
+        }
         Ok(())
     }
 
@@ -866,6 +879,10 @@ impl Vcpu for KvmImageVcpu {
                 return Ok(VcpuExit::Interrupted);
             }
             if !self.entered || st.wakes() != self.wakes_seen {
+                // Not entered until `enter` says so: if it fails (a VMSA reload refused halfway,
+                // the vCPU then halted), the next run must go through it again, not into
+                // KVM_RUN with half-loaded registers.
+                self.entered = false;
                 self.entered = self.enter()?;
                 if !self.entered {
                     st.wait(self.consumed.seen(), self.wakes_seen);
@@ -930,3 +947,130 @@ const _: fn() = || {
     fn is_kick<K: Kick>() {}
     is_kick::<KvmKick>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Watchdog, kvm_or_skip};
+
+    /// A host whose VMs cannot read KVM's CPUID table (it fails with `E2BIG`).
+    fn host_without_cpuid(test: &str) -> Option<KvmImageHost> {
+        if !kvm_or_skip(test) {
+            return None;
+        }
+        let mut host = match KvmImageHost::new(&crate::probe::probe(), "asked for by the test") {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("skipped {test}: {e}");
+                return None;
+            }
+        };
+        host.cpuid = cpuid::SupportedLater::failed(IoctlError::new(
+            "KVM_GET_SUPPORTED_CPUID",
+            Errno::new(libc::E2BIG),
+        ));
+        Some(host)
+    }
+
+    #[test]
+    fn a_vcpu_whose_vmsa_reload_failed_does_not_run_half_loaded() {
+        use vmsa_core::{Gpa, SnpPageType};
+
+        use crate::guest::{self, layout, program};
+
+        let test = "a_vcpu_whose_vmsa_reload_failed_does_not_run_half_loaded";
+        if !kvm_or_skip(test) {
+            return;
+        }
+        let host = match KvmImageHost::new(&crate::probe::probe(), "asked for by the test") {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("skipped {test}: {e}");
+                return;
+            }
+        };
+        let _watchdog = Watchdog::arm(test, Duration::from_secs(60));
+        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
+        vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
+        let mut v = vm.create_vcpu(0).unwrap();
+        v.set_state(&layout::long_mode_image(layout::CODE_GPA)).unwrap();
+        vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
+        // The program's page tables and GDT, with this code: out 0x80, al; out 0x81, al; jmp $.
+        let mut img = guest::image(&program::PROGRAM, 1, 0);
+        let code = layout::CODE_GPA as usize;
+        img[code..code + 6].copy_from_slice(&[0xe6, 0x80, 0xe6, 0x81, 0xeb, 0xfe]);
+        vm.launch_update(LaunchUpdate {
+            gpa: Gpa(0),
+            len: img.len() as u64,
+            page_type: SnpPageType::Normal,
+            data: Some(&img),
+        })
+        .unwrap();
+        vm.launch_finish().unwrap();
+        assert!(
+            matches!(v.run().unwrap(), VcpuExit::IoOut { port: 0x80, .. }),
+            "the first OUT"
+        );
+
+        // Its VMSA becomes one KVM refuses (CR0.PG without CR0.PE), and a wake makes the vCPU
+        // reload it, as an AP-creation request for itself does.
+        {
+            let core = read(&v.shared.core);
+            let core = core.as_ref().unwrap();
+            let Ok(Entry::Run(hpa)) = core.prepare_entry_noting_switch(VcpuId(0)).entry else {
+                panic!("vCPU 0 is not runnable");
+            };
+            let mut bad = core.platform().vmsa_at(hpa).unwrap();
+            bad.cr0 = 0x8000_0000;
+            core.platform().frames().write(hpa.pfn(), bad.as_page()).unwrap();
+        }
+        v.need_load = true;
+        v.kick.state().wake();
+        let e = v.run().unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VcpuError::Host {
+                    call: "loading the VMSA",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        // The failed entry halted the vCPU: the next run waits (until the kick below) instead of
+        // running the guest on to its second OUT with the registers of before.
+        let kick = v.kicker();
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            kick.kick();
+        });
+        let exit = v.run().unwrap();
+        kicker.join().unwrap();
+        assert_eq!(exit, VcpuExit::Interrupted);
+        assert_eq!(v.exits().io, 1, "no KVM_RUN after the failed reload");
+    }
+
+    #[test]
+    fn a_failed_cpuid_step_is_reported_again_not_hidden_by_eexist() {
+        let test = "a_failed_cpuid_step_is_reported_again_not_hidden_by_eexist";
+        let Some(host) = host_without_cpuid(test) else {
+            return;
+        };
+        let _watchdog = Watchdog::arm(test, Duration::from_secs(60));
+        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
+        vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
+        let mut v = vm.create_vcpu(0).unwrap();
+        // KVM_CREATE_VCPU succeeds, the CPUID step fails; the retry must not create the vCPU
+        // again (kvm_vm_ioctl_create_vcpu: EEXIST) but fail the same way.
+        for attempt in 0..2 {
+            let e = v.run().unwrap_err();
+            let VcpuError::Host { vcpu: 0, call, .. } = &e else {
+                panic!("attempt {attempt}: not a host error: {e}");
+            };
+            assert_eq!(*call, "KVM_GET_SUPPORTED_CPUID", "attempt {attempt}: {e}");
+            assert!(e.to_string().contains("E2BIG"), "attempt {attempt}: {e}");
+        }
+        assert!(v.fd.is_some() && !v.cpuid_set);
+    }
+}

@@ -286,22 +286,82 @@ pub fn map_gpa_range(args: &[u64; 6]) -> Result<VcpuExit, &'static str> {
     }))
 }
 
-/// The exit for a `KVM_EXIT_SYSTEM_EVENT`, if it is the guest's termination request.
-pub fn system_event(kind: u32, data: &[u64]) -> Option<VcpuExit> {
-    (kind == KVM_SYSTEM_EVENT_SEV_TERM)
-        .then(|| VcpuExit::from_term_request(data.first().copied().unwrap_or(0)))
+/// `GHCB_MSR_TERM_REQ`: the GHCB MSR protocol's termination request (GHCB spec pub. 56421,
+/// info in bits 11:0).
+pub const GHCB_MSR_TERM_REQ: u64 = 0x100;
+
+/// The `(reason set, reason code)` of a `KVM_SYSTEM_EVENT_SEV_TERM` whose `data[0]` is
+/// `data0`, if KVM reported them.
+///
+/// KVM stores two different things there: for the MSR protocol
+/// (`sev_handle_vmgexit_msr_protocol`, `GHCB_MSR_TERM_REQ`) the GHCB MSR value, info 0x100 in
+/// bits 11:0, reason set in 15:12, reason code in 23:16; for the NAE event through the GHCB
+/// page (`sev_handle_vmgexit`, `SVM_VMGEXIT_TERM_REQUEST`) the page-aligned GHCB GPA, which
+/// holds no reason (`None`).
+pub fn term_request_reason(data0: u64) -> Option<(u8, u8)> {
+    (data0 & 0xfff == GHCB_MSR_TERM_REQ)
+        .then_some((((data0 >> 12) & 0xf) as u8, ((data0 >> 16) & 0xff) as u8))
 }
 
-/// A memslot of an SNP VM: the guest_memfd (private side) and the shared mapping.
+/// The exit for a `KVM_EXIT_SYSTEM_EVENT`: `None` if it is not the guest's termination request;
+/// [`HostError::TerminationReasonUnknown`] for a request through the GHCB page, whose reason
+/// KVM does not report (see [`term_request_reason`]).
+pub fn system_event(kind: u32, data: &[u64]) -> Option<Result<VcpuExit, HostError>> {
+    if kind != KVM_SYSTEM_EVENT_SEV_TERM {
+        return None;
+    }
+    let data0 = data.first().copied();
+    Some(match data0.and_then(term_request_reason) {
+        Some((reason_set, reason_code)) => Ok(VcpuExit::Terminate {
+            reason_set,
+            reason_code,
+        }),
+        None => Err(HostError::TerminationReasonUnknown { ghcb_gpa: data0 }),
+    })
+}
+
+/// The length of a region's shared mapping: its size, if it fits this host's address space.
+fn shared_len(size: u64) -> Result<usize, HostError> {
+    usize::try_from(size).map_err(|_| HostError::RegionTooLarge { size })
+}
+
+/// `region` (as registered) with `memory_size` 0: `KVM_SET_USER_MEMORY_REGION2` then deletes
+/// the slot (`kvm_set_memory_region`: `!mem->memory_size` is `KVM_MR_DELETE`).
+fn deleting(region: &kvm_userspace_memory_region2) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        memory_size: 0,
+        ..*region
+    }
+}
+
+/// A memslot of an SNP VM: the guest_memfd (private side) and the shared mapping. Deleted from
+/// the VM on drop, before the guest_memfd closes and the mapping goes: the VM can outlive
+/// [`KvmSnpVm`], since every vCPU fd (`kvm_vm_ioctl_create_vcpu`) and guest_memfd file
+/// (`__kvm_gmem_create`) holds a reference to it (`kvm_get_kvm`).
 struct Slot {
+    vm: Arc<VmFd>,
+    /// The region as registered.
+    region: kvm_userspace_memory_region2,
+    // Dropped after the memslot is deleted (in `Drop::drop`).
     _gmem: Option<GuestMemfd>,
     _shared: MmapRegion<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // kvm_set_memory_region refuses a deletion only if it is malformed or the slot is absent,
+        // neither of which can be true of the request registered; a drop could not recover.
+        // SAFETY: memory_size 0 deletes the slot; KVM is handed no memory, and after it returns
+        // no vCPU can reach the mapping through this slot.
+        let _ = unsafe { self.vm.set_user_memory_region2(deleting(&self.region)) };
+    }
 }
 
 /// An SEV-SNP VM (see the module docs).
 pub struct KvmSnpVm {
     spec: VmSpec,
-    // Dropped first: KVM releases the memslots before the memory behind them goes.
+    // Each slot deletes its memslot when dropped, before its memory goes (the VM itself may
+    // live on in vCPU fds and guest_memfd files).
     vm: Arc<VmFd>,
     fw: SevFirmware,
     cpuid: kvm_bindings::CpuId,
@@ -335,7 +395,7 @@ impl Vm for KvmSnpVm {
 
     fn add_memory(&mut self, region: MemoryRegion) -> Result<(), VmError> {
         let call = "KVM_SET_USER_MEMORY_REGION2";
-        let size = usize::try_from(region.size).map_err(|_| VmError::host(call, HostError::NoVm))?;
+        let size = shared_len(region.size).map_err(|e| VmError::host("mmap", e))?;
         let gmem = region
             .guest_memfd
             .then(|| GuestMemfd::create(&self.vm, region.size, 0))
@@ -350,11 +410,15 @@ impl Vm for KvmSnpVm {
         .map_err(|e| VmError::host("mmap", e))?;
         let gmem_fd = gmem.as_ref().map(|g| g.raw_fd() as u32).unwrap_or(0);
         let r = memory_region(&region, shared.as_ptr() as u64, gmem_fd);
-        // SAFETY: `shared` is a mapping of exactly `memory_size` bytes kept in `self.memory`,
-        // which is dropped after the VM fd (field order), so KVM never uses a released address.
+        // SAFETY: `shared` is a mapping of exactly `memory_size` bytes, owned by the `Slot`
+        // pushed below, whose Drop deletes this memslot before the mapping is unmapped (and
+        // before the guest_memfd closes); KVM therefore never uses the address after it is
+        // released. If the ioctl fails, no slot refers to the mapping.
         unsafe { self.vm.set_user_memory_region2(r) }
             .map_err(|e| VmError::host(call, IoctlError::new(call, e)))?;
         self.memory.push(Slot {
+            vm: self.vm.clone(),
+            region: r,
             _gmem: gmem,
             _shared: shared,
         });
@@ -539,7 +603,8 @@ impl Vcpu for KvmSnpVcpu {
             drop(guest);
             let exit = match ran {
                 Ok(KvmExit::SystemEvent(kind, data)) => match system_event(kind, data) {
-                    Some(e) => e,
+                    Some(Ok(e)) => e,
+                    Some(Err(e)) => return Err(self.host("KVM_RUN", e)),
                     None => {
                         let exit = format!("system event {kind} {data:x?}");
                         return Err(self.host("KVM_RUN", vmsa_exit(exit)));
@@ -676,6 +741,32 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_is_deleted_with_memory_size_zero() {
+        let region = MemoryRegion {
+            slot: 3,
+            gpa: Gpa(0x10_0000),
+            size: 0x20_0000,
+            guest_memfd: true,
+        };
+        let r = memory_region(&region, 0x7f00_0000_0000, 9);
+        let d = deleting(&r);
+        assert_eq!(
+            (d.slot, d.memory_size, d.flags, d.guest_phys_addr, d.guest_memfd),
+            (3, 0, 1 << 2, 0x10_0000, 9)
+        );
+    }
+
+    #[test]
+    fn an_unmappable_region_size_is_named() {
+        assert_eq!(shared_len(0x20_0000), Ok(0x20_0000));
+        let e = HostError::RegionTooLarge { size: 1 << 63 };
+        assert_eq!(
+            e.to_string(),
+            "memory region size 0x8000000000000000 does not fit this host's address space"
+        );
+    }
+
+    #[test]
     fn memory_attributes_fill_the_uapi_struct() {
         assert_eq!(size_of::<kvm_memory_attributes>(), 32);
         assert_eq!(offset_of!(kvm_memory_attributes, attributes), 16);
@@ -727,12 +818,43 @@ mod tests {
         assert!(map_gpa_range(&[0x4001, 1, 0, 0, 0, 0]).is_err());
         assert_eq!(
             system_event(KVM_SYSTEM_EVENT_SEV_TERM, &[0x100 | (1 << 12) | (2 << 16)]),
-            Some(VcpuExit::Terminate {
+            Some(Ok(VcpuExit::Terminate {
                 reason_set: 1,
                 reason_code: 2
-            })
+            }))
         );
         assert_eq!(system_event(1, &[]), None);
+    }
+
+    #[test]
+    fn termination_requests_decode_only_the_msr_protocol() {
+        // sev_handle_vmgexit_msr_protocol, GHCB_MSR_TERM_REQ: data[0] is the GHCB MSR value.
+        assert_eq!(term_request_reason(0x100 | (1 << 12) | (2 << 16)), Some((1, 2)));
+        assert_eq!(
+            term_request_reason(0x100 | (0xf << 12) | (0xff << 16)),
+            Some((0xf, 0xff))
+        );
+        assert_eq!(term_request_reason(0x100), Some((0, 0)));
+        // sev_handle_vmgexit, SVM_VMGEXIT_TERM_REQUEST: data[0] is the page-aligned GHCB GPA,
+        // whose bits 23:12 are an address, not a reason (the old decoding read set 3, code 0x12).
+        assert_eq!(term_request_reason(0x12_3000), None);
+        assert_eq!(term_request_reason(0), None);
+        // Another MSR-protocol info is not a termination request.
+        assert_eq!(term_request_reason(0x101 | (1 << 12)), None);
+        assert_eq!(
+            system_event(KVM_SYSTEM_EVENT_SEV_TERM, &[0x12_3000]),
+            Some(Err(HostError::TerminationReasonUnknown {
+                ghcb_gpa: Some(0x12_3000)
+            }))
+        );
+        assert_eq!(
+            system_event(KVM_SYSTEM_EVENT_SEV_TERM, &[]),
+            Some(Err(HostError::TerminationReasonUnknown { ghcb_gpa: None }))
+        );
+        let e = HostError::TerminationReasonUnknown {
+            ghcb_gpa: Some(0x12_3000),
+        };
+        assert!(e.to_string().contains("0x123000"), "{e}");
     }
 
     #[test]
