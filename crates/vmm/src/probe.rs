@@ -18,16 +18,22 @@ pub struct ProbeOutput {
     pub sim: &'static str,
     /// What the KVM probe found.
     pub kvm: backend_kvm::ProbeReport,
+    /// The mode a `--backend kvm` run uses here (the text's "A run uses ... mode."), as
+    /// `kvm.modes[].mode` names it; `null` when no mode can run.
+    pub run_mode: Option<backend_kvm::Mode>,
 }
 
 /// Probe the host and render the answer.
 pub fn probe(args: &ProbeArgs) -> String {
+    let kvm = backend_kvm::probe();
     let out = ProbeOutput {
         sim: "available (software SEV-SNP machine; the default backend)",
-        kvm: backend_kvm::probe(),
+        run_mode: kvm.best_mode(),
+        kvm,
     };
     if args.json {
-        let mut s = serde_json::to_string_pretty(&out).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        let mut s = serde_json::to_string_pretty(&out)
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
         s.push('\n');
         s
     } else {

@@ -110,6 +110,24 @@ fn ovmf_hash_options_refuse_what_they_cannot_use() {
     );
 }
 
+/// `--ovmf-hash-only`'s help said "No other option applies", yet `--json` is taken and used:
+/// the help names it, and the pair gives one JSON document.
+#[test]
+fn ovmf_hash_only_help_names_the_json_it_takes() {
+    let help = stdout(&vmm(["measure", "--help"]));
+    let text: String = help
+        .lines()
+        .skip_while(|l| l.trim() != "--ovmf-hash-only")
+        .take(2)
+        .collect();
+    assert!(!text.contains("No other option applies"), "{text}");
+    assert!(text.contains("Only --json goes with it"), "{text}");
+    let out = vmm(["measure", "--firmware", DEBIAN_OVMF, "--ovmf-hash-only", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["mode"], "snp:ovmf-hash");
+}
+
 #[test]
 fn bad_vcpu_types_list_the_known_ones() {
     let e = refused(

@@ -351,8 +351,8 @@ fn vmm_igvm_writes_plan_to_igvm_and_never_overwrites() {
     let new = new.to_str().unwrap();
     refused_with(
         &["igvm", "--firmware", "/nonexistent.fd", "-o", new],
-        "/nonexistent.fd",
-        "",
+        "--firmware /nonexistent.fd",
+        "cannot read it: No such file or directory",
     );
     refused_with(
         &["igvm", "--firmware", DEBIAN_OVMF, "-o", new, "--vcpus", "0"],
@@ -373,7 +373,11 @@ fn vmm_igvm_writes_plan_to_igvm_and_never_overwrites() {
         "nope",
     );
     // Not an OVMF image.
-    refused_with(&["igvm", "--firmware", o_str, "-o", new], "--firmware", "");
+    refused_with(
+        &["igvm", "--firmware", o_str, "-o", new],
+        &format!("--firmware {o_str}"),
+        "an OVMF image must be a non-zero multiple of 4096 bytes",
+    );
     assert!(!Path::new(new).exists());
 }
 
@@ -383,7 +387,11 @@ fn bad_run_igvm_inputs_are_refused_in_one_line() {
     let four = write(&dir, "ovmf4.igvm", &ovmf_igvm(4));
     let four = four.to_str().unwrap();
     refused_with(&["run", "--igvm", four], &format!("--igvm {four}"), "VP index 1");
-    refused_with(&["run", "--igvm", "/nonexistent.igvm"], "/nonexistent.igvm", "");
+    refused_with(
+        &["run", "--igvm", "/nonexistent.igvm"],
+        "--igvm /nonexistent.igvm",
+        "cannot read it: No such file or directory",
+    );
     let junk = dir.join("junk.igvm");
     std::fs::write(&junk, b"not igvm").unwrap();
     refused_with(
@@ -394,11 +402,23 @@ fn bad_run_igvm_inputs_are_refused_in_one_line() {
     refused_with(
         &["run", "--igvm", four, "--firmware", DEBIAN_OVMF],
         "--firmware",
-        "",
+        "'--igvm <FILE>' cannot be used with '--firmware <OVMF.fd>'",
     );
-    refused_with(&["run", "--igvm", four, "--sev-es"], "--sev-es", "");
-    refused_with(&["run", "--igvm-classic"], "--igvm", "");
-    refused_with(&["run", "--native-zero"], "--igvm", "");
+    refused_with(
+        &["run", "--igvm", four, "--sev-es"],
+        "--sev-es",
+        "'--igvm <FILE>' cannot be used with '--sev-es'",
+    );
+    refused_with(
+        &["run", "--igvm-classic"],
+        "--igvm-classic",
+        "needs --igvm: it is an option of the IGVM launch",
+    );
+    refused_with(
+        &["run", "--native-zero"],
+        "--native-zero",
+        "needs --igvm: it is an option of the IGVM launch",
+    );
     // The kvm backend: wrapped OVMF is not one of its programs; the classic launch is not its.
     let one = write(&dir, "ovmf1.igvm", &ovmf_igvm(1));
     let one = one.to_str().unwrap();
@@ -526,7 +546,7 @@ fn vmm_igvm_guest_writes_guest_to_igvm_whose_digest_is_the_same_on_the_simulator
     refused_with(
         &["igvm", "--guest", "builtin:nope", "-o", new],
         "builtin:nope",
-        "",
+        "is not a built-in guest (known: boot,",
     );
     refused_with(
         &["igvm", "--guest", "builtin:boot", "--vcpus", "4", "-o", new],

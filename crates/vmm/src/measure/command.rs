@@ -231,7 +231,7 @@ pub enum MeasureCommand {
 struct OvmfHashFlag {
     /// Print the OVMF hash of --firmware instead of a launch digest: the SEV-SNP digest of the
     /// firmware's pages alone, which --snp-ovmf-hash takes (sev-snp-measure's --mode
-    /// snp:ovmf-hash). No other option applies.
+    /// snp:ovmf-hash). Only --json goes with it (the hash as a JSON document).
     #[arg(long)]
     ovmf_hash_only: bool,
 }

@@ -101,7 +101,8 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// Why the flow could not even create the VM (after that, everything ends in a report).
+/// Why the flow could not create the VM, or its event loop failed (the VM is then torn down
+/// first); everything else ends in a report.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     /// The host refused to create the VM.
@@ -287,14 +288,18 @@ pub fn run<H: Hypervisor>(
         }
         phase("migrate");
     }
-    let run = match &launched {
+    // An event loop that fails is the run's error, but only once the VM is torn down.
+    let (run, run_error) = match &launched {
         Ok(()) if migration_error.is_none() => {
             progress.counted_phase("guest", "vCPU exits");
-            Some(run_vcpus(&vm, vcpus, watchdog, progress)?)
+            match run_vcpus(&vm, vcpus, watchdog, progress) {
+                Ok(outcome) => (Some(outcome), None),
+                Err(e) => (None, Some(e)),
+            }
         }
         _ => {
             drop(vcpus);
-            None
+            (None, None)
         }
     };
     phase("run");
@@ -306,6 +311,9 @@ pub fn run<H: Hypervisor>(
     };
     phase("teardown");
     progress.finish();
+    if let Some(e) = run_error {
+        return Err(e);
+    }
     Ok(FlowReport {
         launch_error: launched.err(),
         migration_error,
@@ -543,6 +551,15 @@ pub(super) fn errno(e: vmm_sys_util::errno::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
 }
 
+/// An event-manager error as the OS error it carries (its other errors, which this loop's one
+/// subscriber cannot cause, as their own text).
+fn event_manager_error(e: event_manager::Error) -> std::io::Error {
+    match e {
+        event_manager::Error::Epoll(e) => errno(e),
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
 /// Run every vCPU on its own thread until the run ends, under one watchdog.
 pub fn run_vcpus<V: Vm>(
     vm: &V,
@@ -562,10 +579,8 @@ pub fn run_vcpus<V: Vm>(
         .reset(watchdog, None)
         .map_err(|e| os("timerfd arm")(errno(e)))?;
     let woke = std::rc::Rc::new(std::cell::Cell::new((false, false)));
-    let mut em: EventManager<Waiter> = EventManager::new().map_err(|e| FlowError::EventLoop {
-        what: "epoll",
-        source: std::io::Error::other(format!("{e:?}")),
-    })?;
+    let mut em: EventManager<Waiter> =
+        EventManager::new().map_err(|e| os("epoll")(event_manager_error(e)))?;
     em.add_subscriber(Waiter {
         wake,
         watchdog: timer,
@@ -599,10 +614,7 @@ pub fn run_vcpus<V: Vm>(
         let mut kicked = false;
         while control.left.load(Ordering::SeqCst) < handles.len() {
             if let Err(e) = em.run() {
-                polled = Err(FlowError::EventLoop {
-                    what: "epoll_wait",
-                    source: std::io::Error::other(format!("{e:?}")),
-                });
+                polled = Err(os("epoll_wait")(event_manager_error(e)));
                 control.end(RunEnd::Error {
                     vcpu: 0,
                     error: "the VMM's event loop failed".into(),

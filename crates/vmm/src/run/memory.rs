@@ -53,9 +53,14 @@ pub enum MemoryError {
         /// Its size.
         size: u64,
     },
-    /// A range the launch needs is not guest memory.
-    #[error("{what} at GPA {gpa} ({len:#x} bytes) is outside guest memory ({layout}); {}", if *beyond { "raise --memory" } else { "it lies in a hole of the layout (the PCI hole below 4 GiB), where no --memory puts RAM" })]
-    OutOfRange {
+    /// A range the launch needs lies past the RAM `--memory` gives: more memory would cover it.
+    #[error(
+        "--memory {}: {what} at GPA {gpa} ({len:#x} bytes) lies beyond the guest memory it gives ({layout}); raise --memory",
+        ByteSize::new(*memory)
+    )]
+    BeyondMemory {
+        /// `--memory`, in bytes.
+        memory: u64,
         /// What needed it.
         what: String,
         /// Start.
@@ -64,9 +69,20 @@ pub enum MemoryError {
         len: u64,
         /// The layout, for the message.
         layout: String,
-        /// Whether the range ends above all guest memory (more memory would cover it), rather
-        /// than in a hole between regions.
-        beyond: bool,
+    },
+    /// A range the launch needs overlaps the PCI hole, where no `--memory` puts RAM.
+    #[error(
+        "{what} at GPA {gpa} ({len:#x} bytes) is outside guest memory ({layout}); it lies in the PCI hole ({LOW_RAM_END:#x}..{FOUR_GIB:#x}), where no --memory puts RAM"
+    )]
+    InHole {
+        /// What needed it.
+        what: String,
+        /// Start.
+        gpa: Gpa,
+        /// Length.
+        len: u64,
+        /// The layout, for the message.
+        layout: String,
     },
     /// The host could not reserve the guest memory asked for.
     #[error("--memory {}: this host cannot reserve that much guest memory: {source}", ByteSize::new(*size))]
@@ -112,6 +128,8 @@ const PAGE: usize = PAGE_SIZE as usize;
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<Region>,
+    /// `--memory`, in bytes.
+    memory: u64,
 }
 
 impl GuestRam {
@@ -193,7 +211,7 @@ impl GuestRam {
             size: memory,
             source: Box::new(e),
         })?;
-        Ok(Self { mem, regions })
+        Ok(Self { mem, regions, memory })
     }
 
     /// The regions, in address order.
@@ -221,13 +239,25 @@ impl GuestRam {
         if self.regions.iter().any(|r| r.contains(gpa, len)) {
             Ok(())
         } else {
-            let top = self.regions.iter().map(|r| r.gpa.0 + r.len).max().unwrap_or(0);
-            Err(MemoryError::OutOfRange {
-                what: what.into(),
-                gpa,
-                len,
-                layout: self.describe(),
-                beyond: gpa.0.saturating_add(len) > top,
+            // Only RAM is missing unless the range reaches into the PCI hole (a ROM region
+            // there ends at 4 GiB, so the top of the layout says nothing about the RAM).
+            let in_hole = gpa.0 < FOUR_GIB && gpa.0.saturating_add(len) > LOW_RAM_END;
+            let (what, layout) = (what.into(), self.describe());
+            Err(if in_hole {
+                MemoryError::InHole {
+                    what,
+                    gpa,
+                    len,
+                    layout,
+                }
+            } else {
+                MemoryError::BeyondMemory {
+                    memory: self.memory,
+                    what,
+                    gpa,
+                    len,
+                    layout,
+                }
             })
         }
     }
@@ -338,7 +368,8 @@ mod tests {
         assert_eq!(ram.read("image", Gpa(0x10_1000), 4096).unwrap(), vec![0xf4; 4096]);
         let e = ram.load("firmware", Gpa(16 << 20), &[0; 4096]).unwrap_err();
         assert!(
-            e.to_string().contains("outside guest memory (0x0..0x1000000)"),
+            e.to_string()
+                .contains("--memory 16MiB: firmware at GPA 0x1000000 (0x1000 bytes) lies beyond the guest memory it gives (0x0..0x1000000)"),
             "{e}"
         );
         assert!(e.to_string().ends_with("raise --memory"), "{e}");
@@ -352,6 +383,25 @@ mod tests {
             text.contains("PCI hole") && !text.contains("raise --memory"),
             "{text}"
         );
+    }
+
+    /// With a firmware ROM ending at 4 GiB, a range past too small a `--memory` was said to lie
+    /// "in a hole of the layout (the PCI hole below 4 GiB)", as if no --memory could cover it.
+    #[test]
+    fn a_range_past_ram_below_a_rom_is_beyond_memory_not_in_the_hole() {
+        let ram = GuestRam::new(8 << 20, Some(2 << 20)).unwrap();
+        let e = ram.require("SNP_SEC_MEM", Gpa(0x80_0000), 0x9000).unwrap_err();
+        assert!(matches!(e, MemoryError::BeyondMemory { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.starts_with("--memory 8MiB: SNP_SEC_MEM at GPA "), "{text}");
+        assert!(
+            text.ends_with("raise --memory") && !text.contains("hole"),
+            "{text}"
+        );
+        // Just below the hole with more memory: still beyond, not in the hole.
+        let ram = GuestRam::new(1 << 30, Some(2 << 20)).unwrap();
+        let e = ram.require("x", Gpa(LOW_RAM_END - 0x1000), 0x1000).unwrap_err();
+        assert!(matches!(e, MemoryError::BeyondMemory { .. }), "{e:?}");
     }
 
     #[test]

@@ -44,6 +44,22 @@ pub enum BackendKind {
     Kvm,
 }
 
+/// `--guest`'s help: every built-in of [`scenario::BUILTINS`], from that list.
+fn guest_help() -> String {
+    let names: Vec<String> = scenario::BUILTINS
+        .iter()
+        .map(|(name, _)| match *name {
+            "boot" => "builtin:boot (when not given)".to_owned(),
+            name => format!("builtin:{name}"),
+        })
+        .collect();
+    format!(
+        "The guest: {}, or a JSON guest script (simulator). On the simulator it is what runs in an \
+         --igvm launch too; with --backend kvm --igvm the file's program runs, and --guest is refused",
+        names.join(", ")
+    )
+}
+
 /// The arguments of `vmm run`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
@@ -63,12 +79,11 @@ pub struct RunArgs {
         allow_hyphen_values = true
     )]
     pub memory: ByteSize,
-    /// The guest: builtin:boot (when not given), builtin:ap-churn, builtin:reset,
-    /// builtin:launch-fail, builtin:linux-boot, builtin:linux-boot-4k, or a JSON guest script
-    /// (simulator). On the simulator it is what runs in an --igvm launch too; with --backend
-    /// kvm --igvm the file's program runs, and --guest is refused.
+    /// The guest: a built-in (`builtin:NAME`, every name of [`scenario::BUILTINS`], boot when
+    /// not given) or a JSON guest script; the help text is [`guest_help`]'s.
     #[arg(
         long,
+        help = guest_help(),
         value_name = "builtin:NAME|FILE",
         value_parser = clap::builder::TypedValueParser::try_map(clap::builder::OsStringValueParser::new(), GuestSpec::from_os)
     )]

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 
 use backend_sim::FaultPlan;
 use backend_sim::guest::{GuestAction, GuestScript, LINUX_BOOT_MIN_RAM, LinuxBootLayout, smp_boot_vmsa_gpa};
-use vmsa_core::{PAGE_SIZE, PMD_SIZE, VmKind};
+use vmsa_core::{PAGE_SIZE, VmKind};
 
-/// Where the built-in guests put their AP VMSAs: 2 MiB up, one 2 MiB region per AP.
-const VMSA_BASE: u64 = PMD_SIZE;
+/// Where the built-in guests' AP regions are counted from: AP `i` has the 2 MiB region at
+/// `i` × 2 MiB (its VMSA one page in), so the first 2 MiB are the BSP's (and the image's) and
+/// `n` vCPUs fit in `n` × 2 MiB of guest memory (512 in the default 1 GiB).
+const VMSA_BASE: u64 = 0;
 
 /// How many create/destroy rounds `ap-churn` runs per AP.
 pub const CHURN_ROUNDS: u32 = 8;
@@ -118,7 +120,8 @@ pub struct Scenario {
     pub expect_launch_failure: bool,
     /// Whether the run is meant to end with a vCPU whose VMRUN failed.
     pub expect_entry_failure: bool,
-    /// The least guest memory the script touches, in bytes.
+    /// The least guest memory the script needs, in bytes: the end of the highest page its
+    /// actions name (a built-in's; 0 for a file, whose actions are checked one by one).
     pub min_memory: u64,
     /// Whether guest_memfd hands out 2 MiB folios (so that KVM can make 2 MiB RMP entries)
     /// rather than 4 KiB ones.
@@ -243,7 +246,7 @@ impl Scenario {
                 Err(ScenarioError::NeedsSnp { name: name.into() })
             }
         };
-        let mut min_memory = (u64::from(vcpus) + 1) * PMD_SIZE;
+        let mut min_memory = None;
         let mut gmem_2m_folios = false;
         let mut faults = FaultPlan::default();
         let (script, expect_launch_failure) =
@@ -294,7 +297,7 @@ impl Scenario {
                             got: memory.ram.first().filter(|r| r.0 == 0).map_or(0, |r| r.1),
                         })?;
                     gmem_2m_folios = name == "linux-boot";
-                    min_memory = LINUX_BOOT_MIN_RAM;
+                    min_memory = Some(LINUX_BOOT_MIN_RAM);
                     (GuestScript::linux_boot(vcpus, &layout, gmem_2m_folios), false)
                 }
                 other => {
@@ -304,6 +307,7 @@ impl Scenario {
                     .into());
                 }
             };
+        let min_memory = min_memory.unwrap_or_else(|| touched_end(&script));
         Ok(Self {
             name: name.into(),
             script,
@@ -314,6 +318,22 @@ impl Scenario {
             gmem_2m_folios,
         })
     }
+}
+
+/// The end of the highest guest page `script`'s actions name (0 if they name none): the least
+/// memory from address 0 it runs in.
+fn touched_end(script: &GuestScript) -> u64 {
+    script
+        .actions
+        .iter()
+        .map(|a| match *a {
+            GuestAction::WriteVmsa { gpa, .. }
+            | GuestAction::MakeVmsa { gpa, .. }
+            | GuestAction::ApCreate { gpa, .. } => u128::from(gpa) + u128::from(PAGE_SIZE),
+            _ => a.span().map_or(0, |(gpa, len)| u128::from(gpa) + len),
+        })
+        .max()
+        .map_or(0, |end| u64::try_from(end).unwrap_or(u64::MAX))
 }
 
 fn named(name: &str, mut s: GuestScript) -> GuestScript {
@@ -423,6 +443,7 @@ fn vmrun_fail() -> GuestScript {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmsa_core::PMD_SIZE;
 
     #[test]
     fn specs_parse_and_name_the_known_builtins() {

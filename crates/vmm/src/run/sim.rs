@@ -341,11 +341,18 @@ pub(super) fn run(
         })?;
     }
     let injecting = !faults.pending().is_empty();
-    if memory < scenario.min_memory {
+    // What the script touches, and the stand-in image (a firmware's or an IGVM file's pages
+    // are placed, and checked, by the memory layout).
+    let image_end = match (&args.firmware, &image.image_pages) {
+        (None, None) => image.updates.iter().map(|d| d.gpa.0 + d.len).max().unwrap_or(0),
+        _ => 0,
+    };
+    let need = scenario.min_memory.max(image_end);
+    if memory < need {
         return Err(RunError::SimMemory {
             memory: args.memory,
             guest,
-            need: crate::size::ByteSize::new(scenario.min_memory),
+            need: crate::size::ByteSize::new(need),
         });
     }
     check_actions(args, scenario, &ram)?;
