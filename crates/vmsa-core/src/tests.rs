@@ -597,7 +597,7 @@ fn bad_data_updates_name_the_rule() {
     vm.launch_start(SNP_POLICY).unwrap();
     let page = [0u8; 4096];
     type Case<'a> = (Gpa, u64, SnpPageType, Option<&'a [u8]>, &'static str);
-    let cases: [Case<'_>; 6] = [
+    let cases: [Case<'_>; 5] = [
         (
             Gpa(0x1000),
             0,
@@ -625,13 +625,6 @@ fn bad_data_updates_name_the_rule() {
             SnpPageType::Vmsa,
             Some(&page),
             "without supplied VMSAs",
-        ),
-        (
-            Gpa(0x1000),
-            4096,
-            SnpPageType::Zero,
-            Some(&page),
-            "ZERO pages take no",
         ),
         (
             Gpa(0x1000),
