@@ -1,7 +1,8 @@
 //! The machine's error type: every refusal carries the failing value and the rule (an RMP
 //! return code, a firmware status, a fault with the check that failed).
 
-use vmsa_core::{Gpa, Hpa, Pfn, SevStatus, VmKind};
+use vmsa_core::{Gfn, Gpa, Hpa, Pfn, SevStatus, VmKind};
+use vmsa_host::Errno;
 
 use crate::firmware::PageState;
 use crate::memory::MemError;
@@ -170,6 +171,39 @@ pub enum SimError {
         asid: u32,
         /// The address.
         gpa: Gpa,
+    },
+    /// A range of guest frames whose end lies before its start: refused before any lookup
+    /// (an interval `[start, end)` with `start > end` has no frames; treating it as empty
+    /// would hide the caller's bug).
+    #[error("{op} of guest ASID {asid}: guest frame range [{start}, {end}) ends before it starts")]
+    ReversedRange {
+        /// The call.
+        op: &'static str,
+        /// The guest.
+        asid: u32,
+        /// The first frame asked for.
+        start: Gfn,
+        /// The end asked for (exclusive), below `start`.
+        end: Gfn,
+    },
+    /// A memslot that overlaps one the guest has: KVM's `__kvm_set_memory_region`
+    /// (virt/kvm/kvm_main.c) refuses it with `-EEXIST` (`kvm_check_memslot_overlap`).
+    #[error(
+        "KVM_SET_USER_MEMORY_REGION2 of guest ASID {asid}: memslot at GPA {gpa} of {len:#x} bytes overlaps the memslot of guest frames [{other_start}, {other_end}) (__kvm_set_memory_region) ({errno})"
+    )]
+    SlotOverlap {
+        /// The guest.
+        asid: u32,
+        /// The new slot's address.
+        gpa: Gpa,
+        /// The new slot's length in bytes.
+        len: u64,
+        /// The first frame of the slot it overlaps.
+        other_start: Gfn,
+        /// The end (exclusive) of the slot it overlaps.
+        other_end: Gfn,
+        /// KVM's answer: `EEXIST`.
+        errno: Errno,
     },
     /// A private access to a frame the guest made shared (KVM exits with
     /// `KVM_EXIT_MEMORY_FAULT`).

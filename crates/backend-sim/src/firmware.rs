@@ -899,6 +899,63 @@ mod tests {
         assert!(fw.dirty_asids().is_empty());
     }
 
+    /// The launch digest of a guest whose launch adds one Normal page of 0x5a bytes at 0x1000
+    /// (so that the firmware's last-contents cache holds a page first), then `vmsa` as a VMSA
+    /// at 0x2000, then `vmsa` again as a Normal page at 0x3000.
+    fn digest_with_vmsa(vmsa: &PageBuf) -> Option<LaunchDigest> {
+        let (mut fw, mut rmp, mut mem, gctx) = started_guest(1 << 17);
+        for (gpa, ty, bytes) in [
+            (0x1000, SnpPageType::Normal, &[0x5a; 4096]),
+            (0x2000, SnpPageType::Vmsa, vmsa),
+            (0x3000, SnpPageType::Normal, vmsa),
+        ] {
+            let p = pre_guest(&mut rmp, &mut mem, gpa);
+            mem.write(p, bytes).unwrap();
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, p, ty).unwrap();
+        }
+        fw.snp_launch_finish(&rmp, gctx, [0; 32]).unwrap();
+        fw.launch_digest(Handle(gctx.0))
+    }
+
+    /// amd/AMD-ASPFW sev_mcmd.c `snp_mcmd_launch_update` measures a VMSA as if GUEST_TSC_SCALE
+    /// (0x2F0) and GUEST_TSC_OFFSET (0x2F8) were zero; a Normal page's bytes all count.
+    #[test]
+    fn a_vmsa_is_measured_with_its_tsc_scale_and_offset_as_zero() {
+        let mut base = [0x11u8; 4096];
+        base[0x2F0..0x300].fill(0);
+        let mut tsc = base;
+        tsc[0x2F0..0x2F8].copy_from_slice(&0x1_0000_0000u64.to_le_bytes());
+        tsc[0x2F8..0x300].copy_from_slice(&0xdead_beefu64.to_le_bytes());
+        let mut other = base;
+        other[0x2E8] ^= 1;
+        let mut after = base;
+        after[0x300] ^= 1;
+        // The Normal copy at 0x3000 measures every byte: make the VMSA the only difference.
+        let digest_vmsa_only = |vmsa: &PageBuf| {
+            let (mut fw, mut rmp, mut mem, gctx) = started_guest(1 << 17);
+            let p = pre_guest(&mut rmp, &mut mem, 0x2000);
+            mem.write(p, vmsa).unwrap();
+            fw.snp_launch_update(&mut rmp, &mut mem, gctx, p, SnpPageType::Vmsa)
+                .unwrap();
+            fw.snp_launch_finish(&rmp, gctx, [0; 32]).unwrap();
+            fw.launch_digest(Handle(gctx.0))
+        };
+        assert_eq!(digest_vmsa_only(&base), digest_vmsa_only(&tsc));
+        assert_ne!(digest_vmsa_only(&base), digest_vmsa_only(&other));
+        assert_ne!(digest_vmsa_only(&base), digest_vmsa_only(&after));
+        let mut want = SnpLaunchDigest::new();
+        want.update(Gpa(0x2000), SnpPageType::Vmsa, &base);
+        assert_eq!(digest_vmsa_only(&tsc), Some(LaunchDigest::Snp(want.digest())));
+        // The same bytes as a Normal page right after the VMSA are hashed whole (the cache of
+        // the last page's hash does not hand the VMSA's hash on).
+        let mut want = SnpLaunchDigest::new();
+        want.update(Gpa(0x1000), SnpPageType::Normal, &[0x5a; 4096]);
+        want.update(Gpa(0x2000), SnpPageType::Vmsa, &base);
+        want.update(Gpa(0x3000), SnpPageType::Normal, &tsc);
+        assert_eq!(digest_with_vmsa(&tsc), Some(LaunchDigest::Snp(want.digest())));
+        assert_ne!(digest_with_vmsa(&tsc), digest_with_vmsa(&base));
+    }
+
     #[test]
     fn debug_decrypt_returns_the_plaintext_and_cpuid_pages_are_checked() {
         let (mut fw, mut rmp, mut mem, gctx) = started_guest((1 << 17) | (1 << 19));

@@ -26,7 +26,8 @@ impl Hw {
 
     /// guest_memfd's first use of `gfn` (in a memslot, unbacked): a 2 MiB folio when the machine
     /// hands them out and one fits there (2 MiB-aligned guest region wholly in a memslot and
-    /// unbacked, and a 2 MiB host block free), else a 4 KiB one. Returns the frame for `gfn`.
+    /// unbacked, and a 2 MiB host block free), else a 4 KiB one, 2 MiB aligned only if `gfn`
+    /// is ([`crate::memory::HostMemory::alloc_at`]). Returns the frame for `gfn`.
     fn gmem_back(&mut self, asid: u32, gfn: Gfn) -> Result<Pfn, SimError> {
         let region = Gfn(gfn.0 & !(PTRS_PER_PMD - 1));
         if self.gmem_2m_folios
@@ -41,7 +42,11 @@ impl Hw {
             });
             return Ok(Pfn(pfn.0 + (gfn.0 - region.0)));
         }
-        let pfn = self.mem.alloc()?;
+        // A 4 KiB folio keeps the guest frame's offset in its 2 MiB region (as memory from a
+        // huge-page pool does), as `gmem_back_run` places its runs: a guest page that is not
+        // 2 MiB aligned never lands on a 2 MiB-aligned frame, which AMD erratum 1467 forbids
+        // for a VMSA (Linux arch/x86/coco/sev/core.c `snp_alloc_vmsa_page` avoids it by GPA).
+        let pfn = self.mem.alloc_at(gfn.0)?;
         self.slot_mut(asid)?.gmem.set_private(gfn, pfn);
         Ok(pfn)
     }
@@ -448,7 +453,8 @@ impl Hw {
     fn gmem_back_run(&mut self, asid: u32, gfn: Gfn, n: u64) -> Result<(), SimError> {
         let region = Gfn(gfn.0 & !(PTRS_PER_PMD - 1));
         if n == 1 || (self.gmem_2m_folios && self.slot(asid)?.gmem.folio_fits(region)) {
-            // One page is backed as a first touch backs it (a folio, or the next frame free).
+            // One page is backed as a first touch backs it (a folio, or a frame at the page's
+            // offset in its 2 MiB region).
             self.gmem_back(asid, gfn)?;
             return Ok(());
         }
@@ -500,12 +506,16 @@ impl Hw {
         end: Gfn,
         to_shared: bool,
     ) -> Result<Converted, SimError> {
+        if start > end {
+            return Err(SimError::ReversedRange {
+                op: "convert",
+                asid,
+                start,
+                end,
+            });
+        }
         let gmem = &mut self.slot_mut(asid)?.gmem;
-        if !gmem.covers(start, end) {
-            let outside = (start.0..end.0)
-                .map(Gfn)
-                .find(|&g| !gmem.in_slot(g))
-                .unwrap_or(start);
+        if let Some(outside) = gmem.first_uncovered(start, end) {
             return Err(SimError::NotInSlot {
                 gpa: Gpa(outside.0 << 12),
                 asid,

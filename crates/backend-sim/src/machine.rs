@@ -6,7 +6,7 @@
 //! guest-side ones (guest memory accesses, PVALIDATE, RMPADJUST, page state changes, VMRUN)
 //! through the same handle, which the scripted guest drives.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -178,6 +178,9 @@ pub struct Stats {
     /// 2 MiB regions of the host's direct map split to 4 KiB pages before an RMPUPDATE (Linux
     /// `adjust_direct_map`; see [`crate::direct_map`]).
     pub direct_map_splits: u64,
+    /// ASIDs leaked because the firmware refused to decommission their guest (it may still
+    /// bind them): never handed to another guest. Ascending.
+    pub leaked_asids: Vec<u32>,
 }
 
 /// Sizes of the machine's structures: what it tracks and what that costs.
@@ -264,6 +267,9 @@ pub(crate) struct Hw {
     /// See [`MachineConfig::memory_budget`].
     memory_budget: u64,
     max_asid: u32,
+    /// ASIDs of guests whose decommission failed: still bound in the firmware, so never reused
+    /// (see [`Machine::destroy_guest`]).
+    leaked_asids: BTreeSet<u32>,
 }
 
 /// The simulated SEV-SNP host. Share it (`Arc`) between the guests it runs.
@@ -657,6 +663,7 @@ impl Machine {
             direct_map: DirectMap::new(config.direct_map),
             memory_budget: config.memory_budget,
             max_asid: config.max_asid,
+            leaked_asids: BTreeSet::new(),
         };
         // SNP_INIT cannot fail on a fresh firmware.
         let _ = hw.fw.snp_init();
@@ -675,13 +682,15 @@ impl Machine {
     }
 
     /// A new guest of `kind` with a fresh ASID (KVM's `sev_asid_new`: when none is free but
-    /// some are dirty, write back all caches and `SNP_DF_FLUSH` first). Give it memory with
+    /// some are dirty, write back all caches and `SNP_DF_FLUSH` first; an ASID leaked by a
+    /// failed decommission is never free). Give it memory with
     /// [`crate::SimPlatform::add_memslot`].
     pub fn create_guest(self: &Arc<Self>, kind: VmKind) -> Result<crate::SimPlatform, SimError> {
         let mut hw = self.hw();
         let free = |hw: &Hw| {
             let dirty = hw.fw.dirty_asids();
-            (1..=hw.max_asid).find(|a| !hw.guests.contains_key(a) && !dirty.contains(a))
+            (1..=hw.max_asid)
+                .find(|a| !hw.guests.contains_key(a) && !dirty.contains(a) && !hw.leaked_asids.contains(a))
         };
         let asid = match free(&hw) {
             Some(a) => a,
@@ -754,6 +763,7 @@ impl Machine {
         let hw = self.hw();
         Stats {
             direct_map_splits: hw.direct_map.splits(),
+            leaked_asids: hw.leaked_asids.iter().copied().collect(),
             ..hw.stats.clone()
         }
     }
@@ -787,7 +797,16 @@ impl Machine {
 
     /// What guest frames `[start, end)` of the guest with `asid` are now (for tests and
     /// reports; it walks the guest's backing, so it costs time in the size of the range).
+    /// A range with `start > end` is refused ([`SimError::ReversedRange`]).
     pub fn guest_census(&self, asid: u32, start: Gfn, end: Gfn) -> Result<GuestCensus, SimError> {
+        if start > end {
+            return Err(SimError::ReversedRange {
+                op: "guest_census",
+                asid,
+                start,
+                end,
+            });
+        }
         let hw = self.hw();
         let g = &hw.slot(asid)?.gmem;
         let mut census = GuestCensus {
@@ -861,6 +880,11 @@ impl Machine {
         self.hw().mem.allocated()
     }
 
+    /// ASIDs leaked so far (a guest whose decommission failed), ascending: never reused.
+    pub fn leaked_asids(&self) -> Vec<u32> {
+        self.hw().leaked_asids.iter().copied().collect()
+    }
+
     /// Frames leaked so far.
     pub fn leaked_frames(&self) -> Vec<Pfn> {
         self.hw().mem.leaked()
@@ -917,6 +941,9 @@ impl Machine {
             if let Err(e) = r {
                 // sev_vm_destroy returns early: the context page and the ASID are leaked, and
                 // so is the guest's memory (still assigned to a live firmware guest).
+                // Linux arch/x86/kvm/svm/sev.c sev_vm_destroy: "Decomission handles unbinding
+                // of the ASID. If it fails for some unexpected reason, just leak the ASID."
+                hw.leaked_asids.insert(asid);
                 if let Some(g) = slot.gctx {
                     hw.leak_page(g);
                 }

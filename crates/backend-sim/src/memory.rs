@@ -214,6 +214,55 @@ impl HostMemory {
         Ok((Pfn(start), n))
     }
 
+    /// Allocate one zeroed frame for a guest frame at `offset` within its 2 MiB region, as
+    /// [`HostMemory::alloc`] does except that the frame is 2 MiB aligned only if `offset` is
+    /// (a guest page that is not 2 MiB aligned is never backed by a 2 MiB-aligned frame: AMD
+    /// erratum 1467 forbids a 2 MiB-aligned VMSA, and the guest avoids one by its GPA alone,
+    /// Linux arch/x86/coco/sev/core.c `snp_alloc_vmsa_page`). For such a page: the most
+    /// recently freed frame that is not 2 MiB aligned among the [`FOLIO_SEARCH`] most recent
+    /// runs (a run's last frame, or the one before it), else the next never-used frame (at
+    /// `offset` in its region if the next is 2 MiB aligned: [`HostMemory::alloc_run_at`]);
+    /// only when neither is left, any frame.
+    pub fn alloc_at(&mut self, offset: u64) -> Result<Pfn, MemError> {
+        let offset = offset % PTRS_PER_PMD;
+        if offset == 0 {
+            return self.alloc();
+        }
+        let found = self
+            .free
+            .iter()
+            .enumerate()
+            .rev()
+            .take(FOLIO_SEARCH)
+            .find_map(|(i, &(s, n))| {
+                let last = s + n - 1;
+                if !last.is_multiple_of(PTRS_PER_PMD) {
+                    Some((i, last))
+                } else {
+                    (n >= 2).then_some((i, last - 1))
+                }
+            });
+        let Some((i, at)) = found else {
+            // The next never-used frame, or if it is 2 MiB aligned one at `offset`.
+            let at = if self.next.is_multiple_of(PTRS_PER_PMD) {
+                offset
+            } else {
+                self.next
+            };
+            return self.alloc_run_at(1, at).map(|(p, _)| p);
+        };
+        let (s, n) = self.free.remove(i);
+        for (j, run) in [(s, at - s), (at + 1, s + n - at - 1)]
+            .into_iter()
+            .filter(|r| r.1 > 0)
+            .enumerate()
+        {
+            self.free.insert(i + j, run);
+        }
+        self.hand_out(at, 1);
+        Ok(Pfn(at))
+    }
+
     /// Allocate 512 contiguous zeroed frames starting 2 MiB aligned (a 2 MiB folio): from the
     /// [`FOLIO_SEARCH`] most recently freed runs, else from never-used frames (the frames skipped to reach
     /// the alignment join the freed runs, at the bottom of the stack). `None` when DRAM has no
@@ -519,8 +568,12 @@ impl RangeSet {
         }
     }
 
-    /// How many values of `[start, end)` are in the set.
+    /// How many values of `[start, end)` are in the set (none when `start >= end`).
     pub fn count(&self, start: u64, end: u64) -> u64 {
+        if start >= end {
+            // `BTreeMap::range` panics on a range whose start is above its end.
+            return 0;
+        }
         let first = self.map.range(..=start).next_back().map_or(start, |(&s, _)| s);
         self.map
             .range(first..end)
@@ -759,11 +812,15 @@ impl ExtentMap {
         self.touching(start, end).flat_map(move |e| e.clip(start, end))
     }
 
-    /// The whole extents that reach into guest frames `[start, end)`, in order, unclipped.
+    /// The whole extents that reach into guest frames `[start, end)`, in order, unclipped
+    /// (none when `start >= end`).
     fn touching(&self, start: u64, end: u64) -> impl Iterator<Item = Extent> + '_ {
         let first = self.at(start).map_or(start, |e| e.gfn.0);
+        // `BTreeMap::range` panics on a range whose start is above its end: an empty range
+        // (`end <= start`) looks up nothing.
+        let range = if start < end { first..end } else { 0..0 };
         self.map
-            .range(first..end)
+            .range(range)
             .map(|(&g, &(frames, pfn, huge))| Extent {
                 gfn: Gfn(g),
                 pfn: Pfn(pfn),
@@ -819,6 +876,7 @@ impl ExtentMap {
 /// Backing is kept in extents, so a guest costs a few entries per run of frames it touched.
 #[derive(Debug, Default)]
 pub struct GuestMemfd {
+    /// The memslots' guest frame intervals `[start, end)`, in address order.
     slots: Vec<(u64, u64)>,
     private: ExtentMap,
     shared: ExtentMap,
@@ -827,23 +885,45 @@ pub struct GuestMemfd {
 
 impl GuestMemfd {
     /// Add a memslot of guest frames `[start, start + frames)` backed by guest_memfd; its
-    /// attribute starts private if `private`, else shared (KVM's default).
-    pub fn add_slot(&mut self, start: Gfn, frames: u64, private: bool) {
+    /// attribute starts private if `private`, else shared (KVM's default). A slot that
+    /// overlaps one already there is refused, and that slot's `(start, end)` returned: KVM's
+    /// `__kvm_set_memory_region` (virt/kvm/kvm_main.c) refuses a new slot for which
+    /// `kvm_check_memslot_overlap` finds another with `-EEXIST`.
+    pub fn add_slot(&mut self, start: Gfn, frames: u64, private: bool) -> Result<(), (Gfn, Gfn)> {
         let end = start.0.saturating_add(frames);
-        self.slots.push((start.0, end));
+        // Kept in address order (disjoint, so sorted by end too), for `first_uncovered`.
+        let at = self.slots.partition_point(|&(s, _)| s < start.0);
+        let before = at.checked_sub(1).and_then(|i| self.slots.get(i));
+        let overlap = before
+            .filter(|&&(_, e)| e > start.0)
+            .or_else(|| self.slots.get(at).filter(|&&(s, _)| s < end));
+        if let Some(&(s, e)) = overlap {
+            return Err((Gfn(s), Gfn(e)));
+        }
+        self.slots.insert(at, (start.0, end));
         if private {
             self.private_attr.insert(start.0, end);
         }
+        Ok(())
     }
 
     /// Whether the memslots cover every frame of `[start, end)`.
     pub fn covers(&self, start: Gfn, end: Gfn) -> bool {
-        let covered: u64 = self
-            .slots
-            .iter()
-            .map(|&(s, e)| e.min(end.0).saturating_sub(s.max(start.0)))
-            .sum();
-        covered == end.0.saturating_sub(start.0)
+        self.first_uncovered(start, end).is_none()
+    }
+
+    /// The first frame of `[start, end)` no memslot covers, if any: a walk over the slots in
+    /// address order, so its cost is in the number of slots, never in the range's size (a
+    /// range one page past a 2^40-byte slot is answered at once).
+    pub fn first_uncovered(&self, start: Gfn, end: Gfn) -> Option<Gfn> {
+        let mut at = start.0;
+        for &(s, e) in &self.slots {
+            if at >= end.0 || s > at {
+                break;
+            }
+            at = at.max(e);
+        }
+        (at < end.0).then_some(Gfn(at))
     }
 
     /// Whether a memslot covers `gfn`.
@@ -961,6 +1041,37 @@ impl GuestMemfd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `BTreeMap::range(a..b)` panics when `a > b`: a reversed range is empty, not a panic.
+    #[test]
+    fn reversed_ranges_hold_nothing_and_do_not_panic() {
+        // Entries above the range (the lookup starts at `start`, above `end`) and over it
+        // (the lookup starts below `end`).
+        let mut set = RangeSet::default();
+        set.insert(100, 200);
+        assert_eq!(set.count(10, 5), 0);
+        set.insert(0, 20);
+        assert_eq!(set.count(10, 5), 0);
+        assert_eq!(set.count(5, 10), 5);
+        let mut map = ExtentMap::default();
+        let extent = |gfn, pfn| Extent {
+            gfn: Gfn(gfn),
+            pfn: Pfn(pfn),
+            frames: 20,
+            huge: false,
+        };
+        map.insert(extent(100, 0x1000));
+        assert_eq!(map.iter_range(10, 5).count(), 0);
+        assert!(map.remove(10, 5).is_empty());
+        map.insert(extent(0, 0x2000));
+        assert_eq!(map.iter_range(10, 5).count(), 0);
+        assert!(map.remove(10, 5).is_empty());
+        assert_eq!(map.frames(), 40, "a reversed remove keeps every frame once");
+        let mut g = GuestMemfd::default();
+        g.add_slot(Gfn(100), 20, true).unwrap();
+        assert_eq!(g.private_attr_frames(Gfn(10), Gfn(5)), 0);
+        assert_eq!(g.private_extents(Gfn(10), Gfn(5)).count(), 0);
+    }
 
     #[test]
     fn a_tebibyte_host_is_free_until_touched() {
@@ -1221,10 +1332,101 @@ mod tests {
         ));
     }
 
+    /// The first frame no memslot covers comes from the slots' intervals, whatever their
+    /// order of addition and however large the range.
+    #[test]
+    fn the_first_uncovered_frame_is_found_from_the_slot_intervals() {
+        let mut g = GuestMemfd::default();
+        assert_eq!(g.first_uncovered(Gfn(3), Gfn(4)), Some(Gfn(3)));
+        assert_eq!(
+            g.first_uncovered(Gfn(3), Gfn(3)),
+            None,
+            "an empty range is covered"
+        );
+        g.add_slot(Gfn(1 << 39), 16, false).unwrap();
+        g.add_slot(Gfn(0), 1 << 39, false).unwrap();
+        g.add_slot(Gfn((1 << 39) + 32), 16, false).unwrap();
+        assert_eq!(g.first_uncovered(Gfn(0), Gfn((1 << 39) + 16)), None);
+        assert_eq!(
+            g.first_uncovered(Gfn(0), Gfn((1 << 39) + 17)),
+            Some(Gfn((1 << 39) + 16))
+        );
+        assert_eq!(
+            g.first_uncovered(Gfn(5), Gfn(u64::MAX)),
+            Some(Gfn((1 << 39) + 16))
+        );
+        assert_eq!(
+            g.first_uncovered(Gfn((1 << 39) + 20), Gfn((1 << 39) + 40)),
+            Some(Gfn((1 << 39) + 20))
+        );
+        assert_eq!(
+            g.first_uncovered(Gfn((1 << 39) + 32), Gfn((1 << 39) + 49)),
+            Some(Gfn((1 << 39) + 48))
+        );
+        assert!(g.covers(Gfn((1 << 39) + 32), Gfn((1 << 39) + 48)));
+    }
+
+    /// KVM's `__kvm_set_memory_region` refuses a slot overlapping another (-EEXIST): every
+    /// way of overlapping is refused, naming the slot overlapped; touching is fine.
+    #[test]
+    fn an_overlapping_memslot_is_refused() {
+        let mut g = GuestMemfd::default();
+        g.add_slot(Gfn(0x100), 0x100, false).unwrap();
+        let taken = Err((Gfn(0x100), Gfn(0x200)));
+        for (start, frames) in [(0x100, 0x100), (0xff, 2), (0x1ff, 5), (0x120, 1), (0, 0x1000)] {
+            assert_eq!(
+                g.add_slot(Gfn(start), frames, true),
+                taken,
+                "{start:#x}+{frames:#x}"
+            );
+        }
+        g.add_slot(Gfn(0x200), 0x10, false).unwrap();
+        g.add_slot(Gfn(0x80), 0x80, false).unwrap();
+        assert_eq!(g.add_slot(Gfn(0x20f), 1, false), Err((Gfn(0x200), Gfn(0x210))));
+        assert_eq!(g.slot_frames(), 0x190, "refused slots count nothing");
+        assert!(g.covers(Gfn(0x80), Gfn(0x210)) && !g.covers(Gfn(0x80), Gfn(0x211)));
+        assert_eq!(
+            g.private_attr_frames(Gfn(0), Gfn(0x1000)),
+            0,
+            "nor set an attribute"
+        );
+    }
+
+    /// `alloc_at` of a frame for a guest page at an offset other than 0 in its 2 MiB region
+    /// never returns a 2 MiB-aligned frame, from never-used or freed frames (AMD erratum 1467
+    /// for a VMSA); offset 0 takes what `alloc` takes.
+    #[test]
+    fn alloc_at_an_unaligned_offset_never_returns_a_2m_aligned_frame() {
+        let mut m = HostMemory::new(DEFAULT_FIRST_PFN, 16 << 20);
+        assert!(Pfn(DEFAULT_FIRST_PFN).is_2m_aligned());
+        let mut got = Vec::new();
+        for i in 0..1500u64 {
+            let offset = if i % 5 == 0 { 0 } else { i % 512 };
+            let p = m.alloc_at(offset).unwrap();
+            assert!(offset == 0 || !p.is_2m_aligned(), "offset {offset}: {p}");
+            got.push(p);
+        }
+        // Freed singly and in runs, 2 MiB-aligned frames on top of the stack.
+        for p in got.iter().filter(|p| !p.is_2m_aligned()) {
+            m.free(*p).unwrap();
+        }
+        for p in got.iter().filter(|p| p.is_2m_aligned()) {
+            m.free(*p).unwrap();
+        }
+        for i in 1..3000u64 {
+            let offset = i % 512;
+            let p = m.alloc_at(offset).unwrap();
+            assert!(
+                offset == 0 || !p.is_2m_aligned(),
+                "recycled, offset {offset}: {p}"
+            );
+        }
+    }
+
     #[test]
     fn gmem_slots_and_holes() {
         let mut g = GuestMemfd::default();
-        g.add_slot(Gfn(0x100), 16, true);
+        g.add_slot(Gfn(0x100), 16, true).unwrap();
         assert!(g.in_slot(Gfn(0x10f)) && !g.in_slot(Gfn(0x110)));
         assert!(g.covers(Gfn(0x100), Gfn(0x110)) && !g.covers(Gfn(0x100), Gfn(0x111)));
         g.set_private(Gfn(0x101), Pfn(9));
@@ -1249,7 +1451,7 @@ mod tests {
         g.set_attr(Gfn(0x102), Gfn(0x103), true);
         assert!(g.is_private_range(Gfn(0x100), Gfn(0x110)));
         let mut kvm_default = GuestMemfd::default();
-        kvm_default.add_slot(Gfn(0), 8, false);
+        kvm_default.add_slot(Gfn(0), 8, false).unwrap();
         assert!(kvm_default.is_shared(Gfn(3)), "KVM's default attribute is shared");
     }
 

@@ -53,13 +53,24 @@ impl SimPlatform {
     /// Give the guest `len` bytes of guest_memfd-backed memory at `gpa` (a memslot; frames are
     /// allocated on first use, so 16 GiB costs nothing until touched). An SNP guest's memory
     /// starts shared, as KVM's memory attributes do, until [`SimPlatform::convert`] makes it
-    /// private; an SEV-ES guest has no memory attributes (its C-bit alone decides).
+    /// private; an SEV-ES guest has no memory attributes (its C-bit alone decides). A slot
+    /// that overlaps one the guest has is refused ([`SimError::SlotOverlap`], KVM's `EEXIST`).
     pub fn add_memslot(&self, gpa: Gpa, len: u64) -> Result<(), SimError> {
         let mut hw = self.machine.hw();
         let slot = hw.slot_mut(self.asid)?;
         let private = slot.kind == VmKind::SevEs;
-        slot.gmem.add_slot(gpa.gfn(), len.div_ceil(PAGE_SIZE), private);
-        Ok(())
+        // virt/kvm/kvm_main.c __kvm_set_memory_region: a new slot that overlaps another
+        // (kvm_check_memslot_overlap) is refused with -EEXIST.
+        slot.gmem
+            .add_slot(gpa.gfn(), len.div_ceil(PAGE_SIZE), private)
+            .map_err(|(other_start, other_end)| SimError::SlotOverlap {
+                asid: self.asid,
+                gpa,
+                len,
+                other_start,
+                other_end,
+                errno: vmsa_host::Errno::EEXIST,
+            })
     }
 
     /// Give the guest `len` bytes of private memory at `gpa`: a memslot made private at once
@@ -146,6 +157,7 @@ impl SimPlatform {
     /// plus the guest_memfd hole punch of a conversion to shared); says which private frames
     /// were released and which leaked. Call `Vm::gmem_invalidate` for the range first, and take
     /// any vCPU running on a guest VMSA there out of the guest, as KVM does before it frees.
+    /// A range with `start > end` is refused ([`SimError::ReversedRange`]).
     pub fn convert(
         &self,
         start: Gfn,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha384};
 use vmsa_core::{PageBuf, SnpPageType, ZERO_PAGE};
 
-use super::{SNP_DIGEST_SIZE, SnpPage, page_info};
+use super::{SNP_DIGEST_SIZE, SnpPage, contents_hash, page_info};
 
 /// Pages one thread takes at a time: small enough that the threads finish together when a core
 /// is busy with something else, large enough to fill [`sha384_pages`]' passes (eight pages each
@@ -221,6 +221,7 @@ impl Snp<'_> {
         let from = start.saturating_sub(1);
         let mut prev: Option<&SnpPage<'_>> = None;
         let mut todo: [(usize, &PageBuf); CHUNK_PAGES] = [(0, &ZERO_PAGE); CHUNK_PAGES];
+        let mut hashes = [[0; SNP_DIGEST_SIZE]; CHUNK_PAGES];
         let (mut n, mut same, mut len) = (0, 0, 0);
         for (i, p) in (from..).zip(self.pages.wait_for(from, end)) {
             let prev = prev.replace(p);
@@ -232,11 +233,17 @@ impl Snp<'_> {
                 continue;
             }
             let page = contents(p);
+            let vmsa = p.page_type == SnpPageType::Vmsa;
+            // The same bytes hash differently as a VMSA (its TSC fields measure as zero).
             let repeat = prev.is_some_and(|q| {
-                hashes_contents(q.page_type) && (core::ptr::eq(contents(q), page) || contents(q) == page)
+                hashes_contents(q.page_type)
+                    && (q.page_type == SnpPageType::Vmsa) == vmsa
+                    && (core::ptr::eq(contents(q), page) || contents(q) == page)
             });
             if repeat {
                 same |= 1 << (i - start);
+            } else if vmsa {
+                hashes[i - start] = contents_hash(SnpPageType::Vmsa, page);
             } else {
                 todo[n] = (i - start, page);
                 n += 1;
@@ -245,7 +252,6 @@ impl Snp<'_> {
         let mut out = [[0; SNP_DIGEST_SIZE]; CHUNK_PAGES];
         let refs: [&PageBuf; CHUNK_PAGES] = core::array::from_fn(|k| todo[k].1);
         (self.hasher)(&refs[..n], &mut out[..n]);
-        let mut hashes = [[0; SNP_DIGEST_SIZE]; CHUNK_PAGES];
         for (k, &(at, _)) in todo[..n].iter().enumerate() {
             hashes[at] = out[k];
         }

@@ -135,13 +135,36 @@ impl SnpLaunchDigest {
     }
 }
 
-/// `PAGE_INFO.CONTENTS` of a page: the SHA-384 of `contents` for `Normal` and `Vmsa` pages,
-/// zeros for every other type.
+/// VMSA offset of `GUEST_TSC_SCALE` (amd/AMD-ASPFW `fw/psp_bl_uapps/sev_uapp/src/sev_es.h`,
+/// `VMSA_GUEST_TSC_SCALE`).
+pub const VMSA_GUEST_TSC_SCALE: usize = 0x2F0;
+/// VMSA offset of `GUEST_TSC_OFFSET` (amd/AMD-ASPFW `sev_es.h`, `VMSA_GUEST_TSC_OFFSET`).
+pub const VMSA_GUEST_TSC_OFFSET: usize = 0x2F8;
+
+/// `PAGE_INFO.CONTENTS` of a page: the SHA-384 of `contents` for `Normal` pages, of `contents`
+/// with `GUEST_TSC_SCALE` and `GUEST_TSC_OFFSET` read as zero for `Vmsa` pages, zeros for
+/// every other type.
 pub fn contents_hash(page_type: SnpPageType, contents: &PageBuf) -> [u8; SNP_DIGEST_SIZE] {
     match page_type {
-        SnpPageType::Normal | SnpPageType::Vmsa => Sha384::digest(contents).into(),
+        SnpPageType::Normal => Sha384::digest(contents).into(),
+        SnpPageType::Vmsa => vmsa_contents_hash(contents),
         _ => [0; SNP_DIGEST_SIZE],
     }
+}
+
+/// The SHA-384 the firmware measures for a VMSA page: the page as if its `GUEST_TSC_SCALE`
+/// and `GUEST_TSC_OFFSET` (16 bytes at 0x2F0) were zero, so that the hypervisor's TSC settings
+/// do not change the launch digest. Hashed in three pieces, without a copy of the page.
+fn vmsa_contents_hash(contents: &PageBuf) -> [u8; SNP_DIGEST_SIZE] {
+    // amd/AMD-ASPFW fw/psp_bl_uapps/sev_uapp/src/sev_mcmd.c, snp_mcmd_launch_update: "If VMSA
+    // page, ignore the values of GUEST_TSC_SCALE and GUEST_TSC_OFFSET and measure the VMSA as
+    // if those fields contained zero" (both set to 0 in the scratch copy before digest_sha).
+    const END: usize = VMSA_GUEST_TSC_OFFSET + 8;
+    let mut h = Sha384::new();
+    h.update(&contents[..VMSA_GUEST_TSC_SCALE]);
+    h.update([0u8; END - VMSA_GUEST_TSC_SCALE]);
+    h.update(&contents[END..]);
+    h.finalize().into()
 }
 
 /// The contents hash of the last page measured one at a time, as the firmware measures
@@ -149,8 +172,9 @@ pub fn contents_hash(page_type: SnpPageType, contents: &PageBuf) -> [u8; SNP_DIG
 /// [`SnpLaunchDigest::update_pages`] does within a batch: a launch of erased flash, or of the
 /// gigabyte of zero pages an IGVM file's data-less directives may ask for, costs the
 /// simulator one SHA-384 of a page instead of one per page. The digest is the same.
+/// The page is kept with whether it was a VMSA: the same bytes hash differently as a VMSA.
 #[derive(Clone, Debug, Default)]
-pub struct LastContents(Option<Box<(PageBuf, [u8; SNP_DIGEST_SIZE])>>);
+pub struct LastContents(Option<Box<(bool, PageBuf, [u8; SNP_DIGEST_SIZE])>>);
 
 impl LastContents {
     /// [`contents_hash`] of `contents` as a page of `page_type`: the last page's hash when
@@ -159,15 +183,16 @@ impl LastContents {
         if !matches!(page_type, SnpPageType::Normal | SnpPageType::Vmsa) {
             return contents_hash(page_type, contents);
         }
+        let vmsa = page_type == SnpPageType::Vmsa;
         match &mut self.0 {
-            Some(last) if last.0 == *contents => last.1,
+            Some(last) if last.0 == vmsa && last.1 == *contents => last.2,
             Some(last) => {
-                *last.as_mut() = (*contents, contents_hash(page_type, contents));
-                last.1
+                *last.as_mut() = (vmsa, *contents, contents_hash(page_type, contents));
+                last.2
             }
             None => {
                 let hash = contents_hash(page_type, contents);
-                self.0 = Some(Box::new((*contents, hash)));
+                self.0 = Some(Box::new((vmsa, *contents, hash)));
                 hash
             }
         }
@@ -364,6 +389,73 @@ mod tests {
             one_by_one.update(p.gpa, p.page_type, &[0; 4096]);
         }
         assert_eq!(chain_only, one_by_one);
+    }
+
+    /// amd/AMD-ASPFW sev_mcmd.c `snp_mcmd_launch_update`: a VMSA measures as if
+    /// GUEST_TSC_SCALE and GUEST_TSC_OFFSET were zero, one page at a time, through the
+    /// last-contents cache and in a batch; a Normal page with the same bytes measures them all.
+    #[test]
+    fn a_vmsa_measures_its_tsc_fields_as_zero_on_every_path() {
+        let mut zeroed = [0x33u8; 4096];
+        zeroed[0x2F0..0x300].fill(0);
+        let mut tsc = zeroed;
+        tsc[0x2F0..0x300].fill(0x77);
+        let mut elsewhere = zeroed;
+        elsewhere[0x2EF] = 0;
+        let hash = |ty, p: &PageBuf| contents_hash(ty, p);
+        assert_eq!(hash(SnpPageType::Vmsa, &tsc), hash(SnpPageType::Vmsa, &zeroed));
+        assert_eq!(
+            hash(SnpPageType::Vmsa, &zeroed),
+            hash(SnpPageType::Normal, &zeroed)
+        );
+        assert_ne!(
+            hash(SnpPageType::Vmsa, &elsewhere),
+            hash(SnpPageType::Vmsa, &zeroed)
+        );
+        assert_ne!(
+            hash(SnpPageType::Normal, &tsc),
+            hash(SnpPageType::Normal, &zeroed)
+        );
+        let mut last = LastContents::default();
+        for (ty, page) in [
+            (SnpPageType::Normal, &tsc),
+            (SnpPageType::Vmsa, &tsc),
+            (SnpPageType::Normal, &tsc),
+            (SnpPageType::Vmsa, &elsewhere),
+        ] {
+            assert_eq!(last.hash(ty, page), contents_hash(ty, page), "{ty:?}");
+        }
+        let launch = |pages: &[(SnpPageType, &PageBuf)]| {
+            let mut one = SnpLaunchDigest::new();
+            let batch: Vec<SnpPage<'_>> = (0u64..)
+                .zip(pages)
+                .map(|(i, &(page_type, contents))| {
+                    one.update(Gpa(i << 12), page_type, contents);
+                    SnpPage {
+                        gpa: Gpa(i << 12),
+                        page_type,
+                        contents: Some(contents),
+                    }
+                })
+                .collect();
+            let mut all = SnpLaunchDigest::new();
+            all.update_pages(&batch);
+            assert_eq!(all, one, "batch and one by one");
+            one
+        };
+        use SnpPageType::{Normal, Vmsa};
+        assert_eq!(launch(&[(Vmsa, &tsc)]), launch(&[(Vmsa, &zeroed)]));
+        assert_ne!(launch(&[(Vmsa, &elsewhere)]), launch(&[(Vmsa, &zeroed)]));
+        // A run of equal bytes that changes type mid-run: each type hashes its own way.
+        let mixed = launch(&[(Normal, &tsc), (Vmsa, &tsc), (Vmsa, &tsc), (Normal, &tsc)]);
+        let mut want = SnpLaunchDigest::new();
+        for (i, (ty, p)) in [(Normal, &tsc), (Vmsa, &zeroed), (Vmsa, &zeroed), (Normal, &tsc)]
+            .into_iter()
+            .enumerate()
+        {
+            want.update_hashed(Gpa((i as u64) << 12), ty, &Sha384::digest(p).into());
+        }
+        assert_eq!(mixed, want);
     }
 
     #[test]
