@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use backend_kvm::guest::builtin::IgvmGuest;
-use backend_sim::measure::{SNP_DIGEST_SIZE, SnpLaunchDigest, contents_hash};
+use backend_sim::measure::{LastContents, SnpLaunchDigest};
 use igvm::snp_defs::SevVmsa;
 use igvm::{IgvmDirectiveHeader, IgvmFile, IgvmInitializationHeader, IgvmPlatformHeader, IgvmRevision};
 use igvm_defs::{
@@ -543,7 +543,7 @@ pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMea
     let mut m = Measurer {
         ld: SnpLaunchDigest::new(),
         pages: PageCounts::default(),
-        last: None,
+        last: LastContents::default(),
     };
     let WalkSummary {
         compatibility_mask,
@@ -563,23 +563,13 @@ struct Measurer {
     ld: SnpLaunchDigest,
     pages: PageCounts,
     /// The last page whose contents were hashed, and its hash: runs of equal pages (data-less
-    /// pages, erased flash, a 2 MiB page of zeros) are hashed once. (Only NORMAL and VMSA
-    /// pages are hashed; the others measure as zeros whatever they hold.)
-    last: Option<(Box<[u8; PAGE_SIZE as usize]>, [u8; SNP_DIGEST_SIZE])>,
+    /// pages, erased flash, a 2 MiB page of zeros) are hashed once.
+    last: LastContents,
 }
 
 impl Measurer {
     fn page(&mut self, gpa: u64, ty: SnpPageType, contents: &[u8; PAGE_SIZE as usize]) {
-        let hashed = matches!(ty, SnpPageType::Normal | SnpPageType::Vmsa);
-        let hash = match &self.last {
-            Some((page, hash)) if hashed && **page == *contents => *hash,
-            _ if hashed => {
-                let hash = contents_hash(ty, contents);
-                self.last = Some((Box::new(*contents), hash));
-                hash
-            }
-            _ => contents_hash(ty, contents),
-        };
+        let hash = self.last.hash(ty, contents);
         self.ld.update_hashed(Gpa(gpa), ty, &hash);
         self.pages.add(ty);
     }
@@ -909,6 +899,29 @@ mod tests {
     use zerocopy::IntoBytes;
 
     use super::*;
+
+    #[test]
+    fn a_vmsa_equal_to_the_page_before_it_is_hashed_as_a_vmsa() {
+        // The firmware measures a VMSA with GUEST_TSC_SCALE/OFFSET (0x2f0, 0x2f8) as zero, so
+        // the same bytes hash differently as a NORMAL page and as a VMSA: the cache of the last
+        // page's hash must not hand one's hash to the other.
+        let mut page = [0u8; PAGE_SIZE as usize];
+        page[0x2f0] = 1;
+        page[0x10] = 7;
+        let mut m = Measurer {
+            ld: SnpLaunchDigest::new(),
+            pages: PageCounts::default(),
+            last: LastContents::default(),
+        };
+        m.page(0x1000, SnpPageType::Normal, &page);
+        m.page(0x2000, SnpPageType::Vmsa, &page);
+        let mut want = SnpLaunchDigest::new();
+        for (gpa, ty) in [(0x1000, SnpPageType::Normal), (0x2000, SnpPageType::Vmsa)] {
+            let hash = backend_sim::measure::contents_hash(ty, &page);
+            want.update_hashed(Gpa(gpa), ty, &hash);
+        }
+        assert_eq!(m.ld.digest(), want.digest());
+    }
 
     #[test]
     fn sev_vmsa_is_the_head_of_the_vmsa_page() {
