@@ -316,16 +316,12 @@ impl<P: Platform> Cx<'_, P> {
                 return Err(self.invalid(v, Op::Reclaim));
             }
         };
-        let pfn = page.pfn();
-        let leak = match self.p.page_reclaim(pfn) {
-            Err(e) => Some(self.leak(v, page, LeakReason::ReclaimFailed, e.to_string())),
-            Ok(()) => match self.p.rmp_make_shared(pfn, PageLevel::Size4K) {
-                Err(e) => Some(self.leak(v, page, LeakReason::ReclaimMakeSharedFailed, e.to_string())),
-                Ok(()) => {
-                    self.p.free_page(page);
-                    None
-                }
-            },
+        let leak = match snp_page_reclaim(self.p, page.pfn()) {
+            Err((reason, detail)) => Some(self.leak(v, page, reason, detail)),
+            Ok(()) => {
+                self.p.free_page(page);
+                None
+            }
         };
         self.released(v, Op::Reclaim, from);
         Ok(leak)
@@ -404,4 +400,14 @@ impl<P: Platform> Cx<'_, P> {
             self.transition(v, Op::Reload, VmsaState::GuestOwned(gpa));
         }
     }
+}
+
+/// The kernel's `snp_page_reclaim`: give a page the firmware holds back to the hypervisor
+/// (`SNP_PAGE_RECLAIM`, then `RMPUPDATE` shared). On failure, why the page must now be leaked
+/// and the platform's message; the caller leaks it and reports it.
+pub(crate) fn snp_page_reclaim<P: Platform>(p: &P, pfn: Pfn) -> Result<(), (LeakReason, String)> {
+    p.page_reclaim(pfn)
+        .map_err(|e| (LeakReason::ReclaimFailed, e.to_string()))?;
+    p.rmp_make_shared(pfn, PageLevel::Size4K)
+        .map_err(|e| (LeakReason::ReclaimMakeSharedFailed, e.to_string()))
 }

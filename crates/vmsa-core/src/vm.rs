@@ -22,7 +22,7 @@ use crate::ghcb::{ApCreationError, ApCreationRequest, ApCreationRules, ApRequest
 use crate::layout::{SEV_FEAT_DEBUG_SWAP, SEV_FEAT_SECURE_TSC, SEV_FEAT_SNP_ACTIVE, SevEsSaveArea};
 use crate::platform::{LaunchFinish, LaunchStart, PageBuf, Platform, SnpPageType};
 use crate::state::{MpState, Op, StateKind, VcpuId, VmKind, VmsaState};
-use crate::vcpu::{Cx, Leak, Vcpu};
+use crate::vcpu::{Cx, Leak, Vcpu, snp_page_reclaim};
 
 /// SEV policy bit 0 (`NODBG`): debugging is forbidden.
 pub const SEV_POLICY_NODBG: u64 = 1 << 0;
@@ -759,15 +759,7 @@ impl<P: Platform> Vm<P> {
     /// `snp_page_reclaim` for a guest_memfd frame the firmware refused: reclaim and make shared,
     /// or report the frame leaked.
     fn reclaim_guest_frame(&self, pfn: Pfn) {
-        let failed = match self.platform.page_reclaim(pfn) {
-            Err(e) => Some((LeakReason::ReclaimFailed, e.to_string())),
-            Ok(()) => self
-                .platform
-                .rmp_make_shared(pfn, PageLevel::Size4K)
-                .err()
-                .map(|e| (LeakReason::ReclaimMakeSharedFailed, e.to_string())),
-        };
-        if let Some((reason, detail)) = failed {
+        if let Err((reason, detail)) = snp_page_reclaim(&self.platform, pfn) {
             self.platform.leak_guest_frame(pfn);
             self.events.emit(Event::Leaked {
                 vcpu: None,
