@@ -88,20 +88,12 @@ fn test_sev(kind: VmKind, policy: u64) -> SimRun {
     // exit_reason == KVM_EXIT_SYSTEM_EVENT, type KVM_SYSTEM_EVENT_SEV_TERM, ndata 1,
     // data[0] == GHCB_MSR_TERM_REQ: the interface's Terminate exit carries data[0]'s reason
     // fields, and a bare GHCB_MSR_TERM_REQ is reason set 0, code 0.
-    let VcpuExit::Terminate {
-        reason_set,
-        reason_code,
-    } = VcpuExit::from_term_request(GHCB_MSR_TERM_REQ)
-    else {
+    let VcpuExit::Terminate { reason } = VcpuExit::from_sev_term(&[GHCB_MSR_TERM_REQ]) else {
         unreachable!("a termination request is a Terminate exit")
     };
     assert_eq!(
         end,
-        &RunEnd::Terminated {
-            vcpu: 0,
-            reason_set,
-            reason_code
-        },
+        &RunEnd::Terminated { vcpu: 0, reason },
         "{kind} policy {policy:#x}: wanted SYSTEM_EVENT SEV_TERM with data[0] = {GHCB_MSR_TERM_REQ:#x}"
     );
     // kvm_vm_free: nothing left behind.

@@ -434,8 +434,7 @@ fn a_guest_termination_request_ends_the_run_with_its_reason() {
         run.end,
         RunEnd::Terminated {
             vcpu: 0,
-            reason_set: 1,
-            reason_code: 2
+            reason: Some(vmsa_host::TermReason { set: 1, code: 2 })
         }
     );
     // The run stopped there: the BSP's HLT never ran, and nothing leaked.

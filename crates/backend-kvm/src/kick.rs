@@ -11,18 +11,28 @@
 //!   *parked* (asleep in [`KickState::wait`], or not running yet) the requester applies it on
 //!   the target's behalf while the target stays parked ([`KickState::wake_parked`]), since
 //!   applying it is the first thing the target would do on waking; otherwise it waits until the
-//!   target has acknowledged it ([`KickState::wake_and_wait`]).
+//!   target has acknowledged it ([`KickState::wait_for_ack`]). A requester's own kicks and wakes
+//!   end that wait: it serves them (a wake for itself through its own entry, which
+//!   acknowledges it) and waits again before it enters its guest, so two vCPUs whose requests
+//!   target each other do not wait for each other.
 //!
 //! Both wake the condition variable a parked vCPU sleeps on. A vCPU in the guest (between
-//! [`KickState::enter_guest`] and the end of its `KVM_RUN`) is also made to leave it: both set
-//! `immediate_exit` in its `kvm_run` (so a `KVM_RUN` about to start returns `EINTR` at once) and
-//! signal its thread ([`SignalTarget`]) with [`kick_signal`], whose handler ([`install`]) does
-//! nothing and is installed without `SA_RESTART` (so a `KVM_RUN` already running returns
-//! `EINTR`). A vCPU outside the guest gets neither: it sees the new kick or wake counts before
-//! it enters again, because it checks them under the same lock that marks it in the guest.
+//! [`KickState::enter_guest`] and the end of its `KVM_RUN`) is also made to leave it: its
+//! thread ([`SignalTarget`]) is sent [`kick_signal`], whose handler ([`install`]) does nothing
+//! and is installed without `SA_RESTART`, so a `KVM_RUN` running or blocked (a halted vCPU in
+//! `kvm_vcpu_block`) returns `EINTR` (`kvm_handle_signal_exit`). A signal that lands just before
+//! the thread enters `KVM_RUN` is spent on the handler, so the kicker signals again, every
+//! [`SIGNAL_RETRY`], until the thread has left that entry into the guest. A vCPU outside the
+//! guest gets no signal: it sees the new kick or wake counts before it enters again, because it
+//! checks them under the same lock that marks it in the guest.
+//!
+//! Nothing here touches the vCPU's `kvm_run` (its `immediate_exit` byte would also close that
+//! window): kvm-ioctls' `VcpuFd::run` turns the mapping into a `&mut kvm_run` after each
+//! `KVM_RUN`, and the exit it returns borrows from it, so a store from a kicker thread could
+//! race with a live unique reference, undefined behaviour in Rust. Only the vCPU's own thread
+//! uses its `kvm_run`, through kvm-ioctls.
 
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -95,14 +105,9 @@ impl SignalTarget {
     }
 }
 
-/// The `immediate_exit` byte of a live `kvm_run` mapping.
-#[derive(Debug, Clone, Copy)]
-struct ImmediateExit(NonNull<u8>);
-
-// SAFETY: the pointer is only dereferenced (atomically) while the owning vCPU registered it and
-// has not yet unregistered it (under `KickState::immediate_exit`'s lock), i.e. while the
-// `kvm_run` mapping is alive; which thread does the atomic store does not matter.
-unsafe impl Send for ImmediateExit {}
+/// How long a kicker waits for a signalled vCPU to leave the guest before it signals again
+/// (the signal may have come just before the vCPU's thread entered `KVM_RUN`).
+pub const SIGNAL_RETRY: Duration = Duration::from_millis(1);
 
 /// Where the vCPU's thread is, and the wakes it acknowledged, under the lock the condition
 /// variable uses.
@@ -111,6 +116,9 @@ struct Acks {
     acked: u64,
     /// In `KVM_RUN` or about to enter it: kicks and wakes must get it out.
     in_guest: bool,
+    /// Entries into the guest so far ([`KickState::enter_guest`]): a kicker stops signalling
+    /// once the entry it saw has ended, not at a later one.
+    entries: u64,
     /// Asleep in [`KickState::wait`], or not running yet: it changes nothing until woken.
     parked: bool,
 }
@@ -124,13 +132,12 @@ impl Drop for InGuest<'_> {
         let mut g = self.0.lock();
         g.in_guest = false;
         // Whatever asked the vCPU out is in the kick and wake counts, which it reads before it
-        // enters again.
-        self.0.set_immediate_exit(0);
+        // enters again; a kicker still signalling stops now.
+        self.0.cv.notify_all();
     }
 }
 
-/// What interrupts one vCPU: kicks, wakes and their acknowledgements, its thread and its
-/// `kvm_run`.
+/// What interrupts one vCPU: kicks, wakes and their acknowledgements, and its thread.
 #[derive(Debug, Default)]
 pub struct KickState {
     kicks: AtomicU64,
@@ -138,7 +145,6 @@ pub struct KickState {
     acks: Mutex<Acks>,
     cv: Condvar,
     signal: SignalTarget,
-    immediate_exit: Mutex<Option<ImmediateExit>>,
 }
 
 impl KickState {
@@ -172,44 +178,27 @@ impl KickState {
         self.wakes.load(Ordering::SeqCst)
     }
 
-    /// Let kicks set `immediate_exit` in `kvm_run` (the vCPU's mapping, which must stay mapped
-    /// until [`KickState::unregister_run`]).
-    ///
-    /// # Safety
-    ///
-    /// `run` must point into the vCPU's live `kvm_run` mapping, and the caller must call
-    /// [`KickState::unregister_run`] before that mapping goes away.
-    pub unsafe fn register_run(&self, run: *mut kvm_bindings::kvm_run) {
-        // SAFETY: the caller guarantees `run` points at a live kvm_run; taking the address of a
-        // field does not read it.
-        let byte = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
-        *self.immediate_exit.lock().unwrap_or_else(|p| p.into_inner()) =
-            NonNull::new(byte).map(ImmediateExit);
-    }
-
-    /// Stop touching `kvm_run` (its vCPU is going away).
-    pub fn unregister_run(&self) {
-        *self.immediate_exit.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    fn set_immediate_exit(&self, value: u8) {
-        let guard = self.immediate_exit.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ImmediateExit(p)) = *guard {
-            // SAFETY: registered pointers are live (see `register_run`), the byte is only ever
-            // accessed atomically by this process, and a u8 is always aligned.
-            unsafe { AtomicU8::from_ptr(p.as_ptr()) }.store(value, Ordering::SeqCst);
-        }
-    }
-
     /// Get the vCPU out of `KVM_RUN` if it is in the guest, and out of [`KickState::wait`]. The
     /// caller has counted the kick or wake already.
+    ///
+    /// A vCPU in the guest is signalled until the entry it was in has ended: the first signal
+    /// may be spent before its thread enters `KVM_RUN` (see the module docs). That takes as
+    /// long as the thread needs to leave `KVM_RUN` after a signal; a vCPU without an attached
+    /// thread is not waited for.
     fn interrupt(&self) {
-        let g = self.lock();
-        if g.in_guest {
-            self.set_immediate_exit(1);
-            self.signal.signal();
-        }
+        let mut g = self.lock();
         self.cv.notify_all();
+        let entry = g.entries;
+        while g.in_guest && g.entries == entry {
+            if !self.signal.signal() {
+                break;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, SIGNAL_RETRY)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Mark the vCPU in the guest for one `KVM_RUN`, unless a kick newer than `kicks` or a wake
@@ -221,6 +210,7 @@ impl KickState {
             return None;
         }
         g.in_guest = true;
+        g.entries += 1;
         Some(InGuest(self))
     }
 
@@ -231,7 +221,7 @@ impl KickState {
 
     /// If the vCPU is parked, `apply` its accepted AP-creation request on its behalf, keeping it
     /// parked until `apply` returns, then wake it (acknowledged already: nobody waits). `None`
-    /// if it is not parked (use [`KickState::wake_and_wait`]).
+    /// if it is not parked (use [`KickState::wake`] and [`KickState::wait_for_ack`]).
     pub fn wake_parked<T>(&self, apply: impl FnOnce() -> T) -> Option<T> {
         let mut g = self.lock();
         if !g.parked {
@@ -263,23 +253,30 @@ impl KickState {
         self.cv.notify_all();
     }
 
-    /// Wake the vCPU and wait until it acknowledges, `abort()` says to stop waiting, or `timeout`
-    /// passes. Returns whether it acknowledged (or the wait was aborted).
-    pub fn wake_and_wait(&self, timeout: Duration, abort: &dyn Fn() -> bool) -> bool {
-        let want = self.wake();
+    /// Wait until the vCPU acknowledges wake `want` (from [`KickState::wake`]), `abort()` says
+    /// to stop waiting, or `timeout` passes, looking at `abort` at least every millisecond.
+    ///
+    /// The waiter's own kicks and wakes reach it only through `abort`: a requester must abort
+    /// on both. Two vCPUs that each wait for the other's acknowledgement would otherwise wait
+    /// until the timeout, since a vCPU acknowledges only at its own entry; aborting on its own
+    /// wake lets each serve the other's request (its entry acknowledges it) and wait again.
+    pub fn wait_for_ack(&self, want: u64, timeout: Duration, abort: &dyn Fn() -> bool) -> Waited {
         let deadline = Instant::now() + timeout;
         let mut g = self.lock();
-        while g.acked < want && !abort() {
+        loop {
+            if g.acked >= want {
+                return Waited::Acked;
+            }
+            if abort() {
+                return Waited::Aborted;
+            }
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return Waited::TimedOut;
             }
-            // A kick of the requester itself reaches it only through `abort`: look again at
-            // least every millisecond.
             let wait = (deadline - now).min(Duration::from_millis(1));
             g = self.cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
-        true
     }
 
     /// Sleep, parked, until a kick newer than `kicks` or a wake newer than `wakes`.
@@ -291,6 +288,17 @@ impl KickState {
         }
         g.parked = false;
     }
+}
+
+/// How [`KickState::wait_for_ack`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// The vCPU acknowledged the wake.
+    Acked,
+    /// `abort()` said to stop first (the waiter has a kick or a wake of its own to serve).
+    Aborted,
+    /// The timeout passed first.
+    TimedOut,
 }
 
 /// The exits of every vCPU of a VM, for a vCPU that waits for the others (the guest program's
@@ -402,12 +410,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_kick_wakes_a_waiting_thread_without_touching_immediate_exit() {
+    fn a_kick_wakes_a_waiting_thread() {
         install().unwrap();
         let k = KvmKick::new();
-        let mut run: kvm_bindings::kvm_run = Default::default();
-        // SAFETY: `run` outlives the registration, which is removed below.
-        unsafe { k.state().register_run(&mut run) };
         let st = k.state().clone();
         let h = std::thread::spawn(move || {
             let _a = st.signal().attach();
@@ -417,34 +422,70 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         k.kick();
         assert_eq!(h.join().unwrap(), 1);
-        k.state().unregister_run();
-        assert_eq!(run.immediate_exit, 0, "the vCPU was not in the guest");
         let mut c = Consumed::default();
         assert!(c.take(k.state()));
         assert!(!c.take(k.state()));
     }
 
     #[test]
-    fn a_kick_in_the_guest_sets_immediate_exit_until_the_vcpu_leaves() {
-        install().unwrap();
+    fn a_vcpu_in_the_guest_sees_kicks_and_wakes_before_its_next_entry() {
         let k = KvmKick::new();
         let st = k.state();
-        let mut run: kvm_bindings::kvm_run = Default::default();
-        // SAFETY: `run` outlives the registration, which is removed below.
-        unsafe { st.register_run(&mut run) };
         let guest = st.enter_guest(0, 0).expect("nothing pending");
-        // No thread is attached: the signal is skipped, immediate_exit is what stops KVM_RUN.
+        // No thread is attached: nothing to signal, and the kick does not wait.
         k.kick();
-        st.unregister_run();
-        assert_eq!(run.immediate_exit, 1);
-        // SAFETY: as above.
-        unsafe { st.register_run(&mut run) };
         drop(guest);
-        st.unregister_run();
-        assert_eq!(run.immediate_exit, 0, "cleared on leaving the guest");
         assert!(st.enter_guest(0, 0).is_none(), "a kick newer than the one seen");
-        assert!(st.enter_guest(1, 1).is_none(), "a wake newer than the one seen");
-        assert!(st.enter_guest(1, 0).is_some());
+        st.wake();
+        assert!(st.enter_guest(1, 0).is_none(), "a wake newer than the one seen");
+        assert!(st.enter_guest(1, 1).is_some());
+    }
+
+    /// A kick that lands after the vCPU was marked in the guest but before its thread blocks in
+    /// the call that stands for `KVM_RUN` (the handler spends that signal) still gets it out:
+    /// the kicker signals again until that entry has ended. (Before, it signalled once and
+    /// relied on `immediate_exit`, written from the kicker's thread into a `kvm_run` that
+    /// kvm-ioctls holds as `&mut`.)
+    #[test]
+    fn a_kick_just_before_the_blocking_call_is_signalled_again() {
+        install().unwrap();
+        let _watchdog = crate::testing::Watchdog::arm(
+            "a_kick_just_before_the_blocking_call_is_signalled_again",
+            Duration::from_secs(60),
+        );
+        let k = KvmKick::new();
+        let st = k.state().clone();
+        let entered = Arc::new(std::sync::Barrier::new(2));
+        let gate = entered.clone();
+        let h = std::thread::spawn(move || {
+            let _a = st.signal().attach();
+            let guest = st.enter_guest(0, 0).expect("nothing pending");
+            gate.wait();
+            // The window: the kicker signals now, while this thread makes no blocking call.
+            let until = Instant::now() + Duration::from_millis(50);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            // Block as KVM_RUN would, until a signal ends the call with EINTR.
+            let mut fds = [0; 2];
+            // SAFETY: `fds` is a valid array of two ints for pipe(2) to fill.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let mut b = 0u8;
+            // SAFETY: fds[0] is the read end just created; `b` is a valid 1-byte buffer.
+            let r = unsafe { libc::read(fds[0], (&mut b as *mut u8).cast(), 1) };
+            let errno = Errno::last().code;
+            // SAFETY: both fds were created above and are closed exactly once.
+            unsafe {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+            }
+            drop(guest);
+            (r, errno)
+        });
+        entered.wait();
+        k.kick();
+        let (r, errno) = h.join().unwrap();
+        assert_eq!((r, errno), (-1, libc::EINTR));
     }
 
     #[test]
@@ -491,17 +532,73 @@ mod tests {
     }
 
     #[test]
-    fn wake_and_wait_returns_on_ack_or_timeout() {
+    fn wait_for_ack_returns_on_ack_abort_or_timeout() {
         let st = Arc::new(KickState::default());
-        assert!(!st.wake_and_wait(Duration::from_millis(5), &|| false));
+        let want = st.wake();
+        assert_eq!(
+            st.wait_for_ack(want, Duration::from_millis(5), &|| false),
+            Waited::TimedOut
+        );
+        assert_eq!(
+            st.wait_for_ack(want, Duration::from_secs(3600), &|| true),
+            Waited::Aborted
+        );
+        let want = st.wake();
         let t = st.clone();
         let h = std::thread::spawn(move || {
-            t.wait(0, 1);
+            t.wait(0, 0);
             t.ack(t.wakes());
         });
-        assert!(st.wake_and_wait(Duration::from_secs(10), &|| false));
+        assert_eq!(
+            st.wait_for_ack(want, Duration::from_secs(3600), &|| false),
+            Waited::Acked
+        );
         h.join().unwrap();
-        assert!(st.wake_and_wait(Duration::from_secs(10), &|| true), "aborted");
+        // Acknowledged already: no wait, even when an abort is pending.
+        assert_eq!(st.wait_for_ack(want, Duration::ZERO, &|| true), Waited::Acked);
+    }
+
+    /// Two vCPUs that wait for each other's acknowledgement, each aborting on a wake of its own
+    /// and serving it (its entry acknowledges it) before it waits again, as the VMSA-image
+    /// requesters do: both get their acknowledgement.
+    #[test]
+    fn mutual_waits_end_by_serving_the_own_wake() {
+        let a = Arc::new(KickState::default());
+        let b = Arc::new(KickState::default());
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let requester = |own: Arc<KickState>, target: Arc<KickState>, barrier: Arc<std::sync::Barrier>| {
+            std::thread::spawn(move || {
+                // Fresh states: no wake served yet.
+                let mut served = 0;
+                let want = target.wake();
+                // Both requests are made before either waits.
+                barrier.wait();
+                let serve = |served: &mut u64| {
+                    if own.wakes() != *served {
+                        *served = own.wakes();
+                        own.ack(*served);
+                    }
+                };
+                loop {
+                    serve(&mut served);
+                    let seen = served;
+                    match target.wait_for_ack(want, Duration::from_secs(30), &|| own.wakes() != seen) {
+                        Waited::Acked => break,
+                        Waited::Aborted => {}
+                        Waited::TimedOut => return Waited::TimedOut,
+                    }
+                }
+                // As the vCPU's next entry would.
+                serve(&mut served);
+                Waited::Acked
+            })
+        };
+        let ha = requester(a.clone(), b.clone(), barrier.clone());
+        let hb = requester(b.clone(), a.clone(), barrier);
+        assert_eq!(
+            (ha.join().unwrap(), hb.join().unwrap()),
+            (Waited::Acked, Waited::Acked)
+        );
     }
 
     #[test]

@@ -30,8 +30,6 @@ use crate::error::Errno;
 use crate::uapi::{
     KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_1G, KVM_MAP_GPA_RANGE_PAGE_SZ_2M, SEV_DEVICE,
 };
-/// `GHCB_MSR_TERM_REQ`: the GHCB MSR value of a bare termination request.
-pub const GHCB_MSR_TERM_REQ: u64 = 0x100;
 
 /// The `KVM_MEMORY_ENCRYPT_OP` commands this backend issues.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]

@@ -136,7 +136,7 @@ pub(crate) enum Step {
     Again,
     /// An `OUT` to the YIELD port: the vCPU waits for other vCPUs; let them run.
     Yield,
-    /// `KVM_RUN` returned `EINTR` or `EAGAIN` (a signal or `immediate_exit`).
+    /// `KVM_RUN` returned `EINTR` or `EAGAIN` (a kick's signal, see [`crate::kick`]).
     Interrupted,
     /// The guest wrote this value to the GHCB MSR: a doorbell for [`doorbell`].
     Doorbell(u64),

@@ -36,7 +36,7 @@ mod vcpu;
 mod vm;
 
 pub use errno::Errno;
-pub use exit::{Conversion, VcpuExit};
+pub use exit::{Conversion, GHCB_MSR_TERM_REQ, TermReason, VcpuExit};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
 pub use refusal::{Refusal, supplied_vmsa_rule};
 pub use report::{DumpedSaveArea, GuestActivity, GuestStep, HostReport, Observed, TeardownCounts, VmcbDump};

@@ -7,7 +7,8 @@ use crate::exit::VcpuExit;
 use crate::refusal::Refusal;
 
 /// A handle that makes a vCPU's current or next [`Vcpu::run`] return
-/// [`VcpuExit::Interrupted`] (KVM: `immediate_exit` plus a signal to the vCPU thread).
+/// [`VcpuExit::Interrupted`] (KVM: a signal to the vCPU thread, repeated until its `KVM_RUN`
+/// has returned, so that a signal landing just before the call is not lost).
 pub trait Kick: Clone + Send + Sync + 'static {
     /// Interrupt the vCPU.
     fn kick(&self);

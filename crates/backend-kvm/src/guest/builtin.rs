@@ -230,7 +230,7 @@ pub fn snp_terminate_code() -> Result<Vec<u8>, iced_x86::IcedError> {
     use iced_x86::code_asm::{CodeAssembler, eax, ecx, edx};
     let mut a = CodeAssembler::new(64)?;
     a.mov(ecx, vmsa_core::ghcb::GHCB_MSR)?;
-    a.mov(eax, crate::sev::GHCB_MSR_TERM_REQ as u32)?;
+    a.mov(eax, vmsa_host::GHCB_MSR_TERM_REQ as u32)?;
     a.xor(edx, edx)?;
     a.wrmsr()?;
     a.db(&[0xf3, 0x0f, 0x01, 0xd9])?;

@@ -29,7 +29,11 @@
 //! `KVM_REQ_UPDATE_PROTECTED_GUEST_STATE` is served before anything else at its next entry);
 //! otherwise it waits until the target has applied it (see [`crate::kick`]). Either way the
 //! same `prepare_entry` runs under the target's vCPU lock, and the requester never waits for
-//! another thread to be scheduled while its target sleeps.
+//! another thread to be scheduled while its target sleeps. Nor does it wait while a request
+//! for itself is pending: a target acknowledges only at its own entry, so two vCPUs whose
+//! requests target each other would wait for each other. Its own wake (or kick) ends the wait;
+//! it serves it first and waits again before it enters its guest
+//! (`KvmImageVcpu::wait_for_target`).
 //!
 //! Exits of the built-in guest program: the BSP's (vCPU 0) `OUT` to the DONE port is
 //! [`VcpuExit::IoOut`]; an AP's DONE (`out DONE; hlt`) parks it, reported as the
@@ -545,6 +549,7 @@ impl Vm for KvmImageVm {
             progress_seen: 0,
             fd: None,
             cpuid_set: false,
+            awaiting: None,
         })
     }
 
@@ -615,6 +620,20 @@ pub struct KvmImageVcpu {
     fd: Option<VcpuFd>,
     /// `KVM_SET_CPUID2` succeeded on `fd` (no `KVM_RUN` before it).
     cpuid_set: bool,
+    /// A request of this vCPU's whose target has not acknowledged it yet: the wait for it was
+    /// cut short by this vCPU's own kick or wake, and goes on before it enters its guest.
+    awaiting: Option<Awaited>,
+}
+
+/// The acknowledgement a requester still waits for (see [`KvmImageVcpu::wait_for_target`]).
+#[derive(Debug)]
+struct Awaited {
+    /// The target's APIC ID.
+    target: u32,
+    /// Its kick state.
+    state: Arc<KickState>,
+    /// The wake sent for the request.
+    seq: u64,
 }
 
 impl std::fmt::Debug for KvmImageVcpu {
@@ -623,13 +642,6 @@ impl std::fmt::Debug for KvmImageVcpu {
             .field("id", &self.id)
             .field("exits", &self.exits)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for KvmImageVcpu {
-    fn drop(&mut self) {
-        // Before `fd` (and its kvm_run mapping) goes: kicks must stop writing to it.
-        self.kick.state().unregister_run();
     }
 }
 
@@ -652,14 +664,11 @@ impl KvmImageVcpu {
     fn create_kvm_vcpu(&mut self) -> Result<(), VcpuError> {
         if self.fd.is_none() {
             let call = "KVM_CREATE_VCPU";
-            let mut fd = self
+            let fd = self
                 .shared
                 .vm_fd
                 .create_vcpu(u64::from(self.id))
                 .map_err(|e| self.host(call, IoctlError::new(call, e)))?;
-            // SAFETY: the kvm_run mapping lives as long as `fd`, which this vCPU owns from here
-            // on; its Drop unregisters the pointer before `fd` is dropped.
-            unsafe { self.kick.state().register_run(fd.get_kvm_run()) };
             self.fd = Some(fd);
         }
         if !self.cpuid_set {
@@ -826,22 +835,58 @@ impl KvmImageVcpu {
                     }));
             }
         }
-        let own = self.kick.state().clone();
-        let seen = self.consumed.seen();
-        // Stop waiting if this vCPU is kicked itself (the VMM is stopping the VM).
-        if t.wake_and_wait(self.shared.kick_timeout, &|| own.kicks() != seen) {
+        let seq = t.wake();
+        self.awaiting = Some(Awaited {
+            target,
+            state: t,
+            seq,
+        });
+        if self.wait_for_target()? {
             Ok(self
                 .shared
                 .take_applied(target)
                 .unwrap_or_else(|| format!("vCPU {target} has not applied it yet")))
         } else {
-            Err(self.host(
-                "GHCB doorbell",
-                vcpu::VcpuError::KickTimeout {
-                    target,
-                    ms: self.shared.kick_timeout.as_millis() as u64,
-                },
+            Ok(format!(
+                "vCPU {target} applies it at its next entry (this vCPU serves its own kick or request first)"
             ))
+        }
+    }
+
+    /// Wait for the target of this vCPU's last accepted request ([`KvmImageVcpu::awaiting`]) to
+    /// acknowledge it. `Ok(true)`: acknowledged (or nothing awaited); `Ok(false)`: this vCPU's
+    /// own kick or wake came first, and the wait goes on after this vCPU has served it.
+    ///
+    /// Real KVM never blocks the requester (`sev_snp_ap_creation` makes the request and kicks
+    /// the target, which applies it at its next entry). This host keeps the requester out of
+    /// its guest until the request is applied (see the module docs), but never by blocking its
+    /// own requests: if two vCPUs' requests target each other, each acknowledges only at its
+    /// own entry, so each must serve its own wake before it can wait for the other's
+    /// acknowledgement.
+    fn wait_for_target(&mut self) -> Result<bool, VcpuError> {
+        let Some(a) = &self.awaiting else {
+            return Ok(true);
+        };
+        let own = self.kick.state().clone();
+        let (kicks, wakes) = (self.consumed.seen(), self.wakes_seen);
+        let abort = || own.kicks() != kicks || own.wakes() != wakes;
+        match a.state.wait_for_ack(a.seq, self.shared.kick_timeout, &abort) {
+            kick::Waited::Acked => {
+                self.awaiting = None;
+                Ok(true)
+            }
+            kick::Waited::Aborted => Ok(false),
+            kick::Waited::TimedOut => {
+                let target = a.target;
+                self.awaiting = None;
+                Err(self.host(
+                    "GHCB doorbell",
+                    vcpu::VcpuError::KickTimeout {
+                        target,
+                        ms: self.shared.kick_timeout.as_millis() as u64,
+                    },
+                ))
+            }
         }
     }
 }
@@ -888,6 +933,16 @@ impl Vcpu for KvmImageVcpu {
                     st.wait(self.consumed.seen(), self.wakes_seen);
                     continue;
                 }
+            }
+            // A request of this vCPU's whose wait its own kick or wake cut short: applied
+            // before this vCPU's guest goes on (else serve the kick or wake first).
+            if let Some(target) = self.awaiting.as_ref().map(|a| a.target) {
+                if !self.wait_for_target()? {
+                    continue;
+                }
+                // Its step was recorded already: what the target's entry noted is not for a
+                // later request's step.
+                let _ = self.shared.take_applied(target);
             }
             let Some(guest) = st.enter_guest(self.consumed.seen(), self.wakes_seen) else {
                 continue;
@@ -1049,6 +1104,113 @@ mod tests {
         kicker.join().unwrap();
         assert_eq!(exit, VcpuExit::Interrupted);
         assert_eq!(v.exits().io, 1, "no KVM_RUN after the failed reload");
+    }
+
+    /// Two running APs whose AP_CREATE requests target each other, both answered before either
+    /// target applied them: each requester serves the other's request at its own entry instead
+    /// of waiting for an acknowledgement the other, waiting too, cannot give (before, both
+    /// doorbells failed with `KickTimeout` after the kick timeout). The doorbells are served
+    /// directly, so both requests are always in flight at once.
+    #[test]
+    fn aps_creating_each_other_at_once_do_not_wait_for_each_other() {
+        use vmsa_core::{Gpa, SnpPageType};
+
+        use crate::guest::{self, layout, program};
+
+        let test = "aps_creating_each_other_at_once_do_not_wait_for_each_other";
+        if !kvm_or_skip(test) {
+            return;
+        }
+        let host = match KvmImageHost::new(&crate::probe::probe(), "asked for by the test") {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("skipped {test}: {e}");
+                return;
+            }
+        };
+        let _watchdog = Watchdog::arm(test, Duration::from_secs(60));
+        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
+        vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
+        // vCPU `id`'s GHCB page (2: the BSP's first request).
+        let ghcb = |id: u32| layout::VMSA_BASE + 0x1_0000 + u64::from(id) * 0x1000;
+        // First code: out 0x81, al; jmp $. The VMSAs the mutual requests name: out 0x80, al; jmp $.
+        let first = layout::CODE_GPA;
+        let created = layout::CODE_GPA + 0x10;
+        let mut img = guest::image(&program::PROGRAM, 2, 0);
+        img.resize(ghcb(3) as usize, 0);
+        let mut put =
+            |gpa: u64, data: &[u8]| img[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+        put(first, &[0xe6, 0x81, 0xeb, 0xfe]);
+        put(created, &[0xe6, 0x80, 0xeb, 0xfe]);
+        let features = vmsa_core::layout::SEV_FEAT_SNP_ACTIVE;
+        let mut request = |at: u32, target: u32, vmsa_gpa: u64, rip: u64| {
+            let mut vmsa = layout::long_mode_image(rip);
+            vmsa.sev_features = features;
+            put(vmsa_gpa, vmsa.as_page());
+            let mut page = [0u8; 4096];
+            vmsa_core::ghcb::GhcbRequest::new_ap_creation(
+                vmsa_core::ghcb::AP_CREATE,
+                target,
+                vmsa_gpa,
+                Some(features),
+            )
+            .encode(&mut page);
+            put(ghcb(at), &page);
+        };
+        // The BSP first creates AP 1 (at the first code); then each asks to create the other.
+        request(2, 1, layout::ap_vmsa_gpa(2), first);
+        request(0, 1, layout::ap_vmsa_gpa(1), created);
+        // (Not at ap_vmsa_gpa(0): a 2 MiB-aligned VMSA is refused, AMD erratum 1467.)
+        request(1, 0, layout::ap_vmsa_gpa(3), created);
+        let mut vcpus = [vm.create_vcpu(0).unwrap(), vm.create_vcpu(1).unwrap()];
+        vcpus[0].set_state(&layout::long_mode_image(first)).unwrap();
+        vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
+        vm.launch_update(LaunchUpdate {
+            gpa: Gpa(0),
+            len: img.len() as u64,
+            page_type: SnpPageType::Normal,
+            data: Some(&img),
+        })
+        .unwrap();
+        vm.launch_finish().unwrap();
+        assert!(matches!(
+            vcpus[0].run().unwrap(),
+            VcpuExit::IoOut { port: 0x81, .. }
+        ));
+        // AP 1 is parked (its thread has not run it): the BSP applies this one itself.
+        vcpus[0].doorbell(ghcb(2)).unwrap();
+        assert!(matches!(
+            vcpus[1].run().unwrap(),
+            VcpuExit::IoOut { port: 0x81, .. }
+        ));
+        // Now both run (neither is parked, so neither request below is applied by its
+        // requester).
+        let ends: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = vcpus
+                .iter_mut()
+                .map(|v| {
+                    s.spawn(move || {
+                        let answered = v.doorbell(ghcb(v.id));
+                        (answered, v.run())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (id, (answered, ran)) in ends.into_iter().enumerate() {
+            assert!(answered.is_ok(), "vCPU {id}'s doorbell: {answered:?}");
+            // Each runs the VMSA the other's request gave it.
+            assert!(
+                matches!(ran, Ok(VcpuExit::IoOut { port: 0x80, .. })),
+                "vCPU {id}: {ran:?}"
+            );
+        }
+        let steps = vcpus[0].shared.steps.lock().unwrap().clone();
+        assert_eq!(steps.len(), 3, "{steps:?}");
+        assert!(
+            steps.iter().all(|s| s.action == "ap_create" && s.error.is_none()),
+            "{steps:?}"
+        );
     }
 
     #[test]

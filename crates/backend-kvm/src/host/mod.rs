@@ -48,18 +48,6 @@ pub enum HostError {
         /// The size asked for.
         size: u64,
     },
-    /// The guest asked to terminate through its GHCB page (NAE event `SVM_VMGEXIT_TERM_REQUEST`):
-    /// KVM reports only the GHCB's GPA (`sev_handle_vmgexit`: `system_event.data[0] =
-    /// control->ghcb_gpa`), not the reason, and vmsa-host's `VcpuExit::Terminate` has no way to
-    /// say "reason unknown".
-    #[error(
-        "the guest requested termination through its GHCB page (KVM_SYSTEM_EVENT_SEV_TERM data[0] {}); KVM does not report the reason (sev_handle_vmgexit, SVM_VMGEXIT_TERM_REQUEST)",
-        .ghcb_gpa.map_or_else(|| "missing".to_owned(), |g| format!("{g:#x}"))
-    )]
-    TerminationReasonUnknown {
-        /// `system_event.data[0]`, the GHCB's GPA (`None`: KVM gave no data).
-        ghcb_gpa: Option<u64>,
-    },
 }
 
 /// The kvm host of this machine: SEV-SNP where the host has it, else VMSA-image mode.

@@ -286,38 +286,12 @@ pub fn map_gpa_range(args: &[u64; 6]) -> Result<VcpuExit, &'static str> {
     }))
 }
 
-/// `GHCB_MSR_TERM_REQ`: the GHCB MSR protocol's termination request (GHCB spec pub. 56421,
-/// info in bits 11:0).
-pub const GHCB_MSR_TERM_REQ: u64 = 0x100;
-
-/// The `(reason set, reason code)` of a `KVM_SYSTEM_EVENT_SEV_TERM` whose `data[0]` is
-/// `data0`, if KVM reported them.
-///
-/// KVM stores two different things there: for the MSR protocol
-/// (`sev_handle_vmgexit_msr_protocol`, `GHCB_MSR_TERM_REQ`) the GHCB MSR value, info 0x100 in
-/// bits 11:0, reason set in 15:12, reason code in 23:16; for the NAE event through the GHCB
-/// page (`sev_handle_vmgexit`, `SVM_VMGEXIT_TERM_REQUEST`) the page-aligned GHCB GPA, which
-/// holds no reason (`None`).
-pub fn term_request_reason(data0: u64) -> Option<(u8, u8)> {
-    (data0 & 0xfff == GHCB_MSR_TERM_REQ)
-        .then_some((((data0 >> 12) & 0xf) as u8, ((data0 >> 16) & 0xff) as u8))
-}
-
-/// The exit for a `KVM_EXIT_SYSTEM_EVENT`: `None` if it is not the guest's termination request;
-/// [`HostError::TerminationReasonUnknown`] for a request through the GHCB page, whose reason
-/// KVM does not report (see [`term_request_reason`]).
-pub fn system_event(kind: u32, data: &[u64]) -> Option<Result<VcpuExit, HostError>> {
-    if kind != KVM_SYSTEM_EVENT_SEV_TERM {
-        return None;
-    }
-    let data0 = data.first().copied();
-    Some(match data0.and_then(term_request_reason) {
-        Some((reason_set, reason_code)) => Ok(VcpuExit::Terminate {
-            reason_set,
-            reason_code,
-        }),
-        None => Err(HostError::TerminationReasonUnknown { ghcb_gpa: data0 }),
-    })
+/// The exit for a `KVM_EXIT_SYSTEM_EVENT`: `None` if it is not the guest's termination request
+/// (`KVM_SYSTEM_EVENT_SEV_TERM`). A termination request is always the guest's `Terminate`
+/// exit, with its reason when KVM reports one ([`VcpuExit::from_sev_term`]: only the MSR
+/// protocol does; a request through the GHCB page has none).
+pub fn system_event(kind: u32, data: &[u64]) -> Option<VcpuExit> {
+    (kind == KVM_SYSTEM_EVENT_SEV_TERM).then(|| VcpuExit::from_sev_term(data))
 }
 
 /// The length of a region's shared mapping: its size, if it fits this host's address space.
@@ -483,15 +457,12 @@ impl Vm for KvmSnpVm {
 
     fn create_vcpu(&mut self, id: u32) -> Result<KvmSnpVcpu, VmError> {
         let call = "KVM_CREATE_VCPU";
-        let mut fd = self
+        let fd = self
             .vm
             .create_vcpu(u64::from(id))
             .map_err(|e| VmError::host(call, IoctlError::new(call, e)))?;
         cpuid::set(&fd, &self.cpuid, id).map_err(|e| VmError::host("KVM_SET_CPUID2", e))?;
         let kick = KvmKick::new();
-        // SAFETY: the kvm_run mapping lives as long as `fd`, which the vCPU owns; its Drop
-        // unregisters the pointer before `fd` is dropped.
-        unsafe { kick.state().register_run(fd.get_kvm_run()) };
         self.vcpus += 1;
         Ok(KvmSnpVcpu {
             id,
@@ -548,12 +519,6 @@ impl std::fmt::Debug for KvmSnpVcpu {
     }
 }
 
-impl Drop for KvmSnpVcpu {
-    fn drop(&mut self) {
-        self.kick.state().unregister_run();
-    }
-}
-
 impl KvmSnpVcpu {
     fn host(&self, call: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> VcpuError {
         VcpuError::host(self.id, call, e)
@@ -603,8 +568,7 @@ impl Vcpu for KvmSnpVcpu {
             drop(guest);
             let exit = match ran {
                 Ok(KvmExit::SystemEvent(kind, data)) => match system_event(kind, data) {
-                    Some(Ok(e)) => e,
-                    Some(Err(e)) => return Err(self.host("KVM_RUN", e)),
+                    Some(e) => e,
                     None => {
                         let exit = format!("system event {kind} {data:x?}");
                         return Err(self.host("KVM_RUN", vmsa_exit(exit)));
@@ -702,6 +666,7 @@ mod tests {
     use std::mem::{offset_of, size_of};
 
     use vmsa_core::SnpPageType;
+    use vmsa_host::TermReason;
 
     use super::*;
 
@@ -818,43 +783,26 @@ mod tests {
         assert!(map_gpa_range(&[0x4001, 1, 0, 0, 0, 0]).is_err());
         assert_eq!(
             system_event(KVM_SYSTEM_EVENT_SEV_TERM, &[0x100 | (1 << 12) | (2 << 16)]),
-            Some(Ok(VcpuExit::Terminate {
-                reason_set: 1,
-                reason_code: 2
-            }))
+            Some(VcpuExit::Terminate {
+                reason: Some(TermReason { set: 1, code: 2 })
+            })
         );
         assert_eq!(system_event(1, &[]), None);
     }
 
+    /// A termination request through the GHCB page (`sev_handle_vmgexit`,
+    /// `SVM_VMGEXIT_TERM_REQUEST`: `data[0]` is the GHCB's GPA) is the guest's `Terminate` exit
+    /// with no reason, not a host error.
     #[test]
-    fn termination_requests_decode_only_the_msr_protocol() {
-        // sev_handle_vmgexit_msr_protocol, GHCB_MSR_TERM_REQ: data[0] is the GHCB MSR value.
-        assert_eq!(term_request_reason(0x100 | (1 << 12) | (2 << 16)), Some((1, 2)));
-        assert_eq!(
-            term_request_reason(0x100 | (0xf << 12) | (0xff << 16)),
-            Some((0xf, 0xff))
-        );
-        assert_eq!(term_request_reason(0x100), Some((0, 0)));
-        // sev_handle_vmgexit, SVM_VMGEXIT_TERM_REQUEST: data[0] is the page-aligned GHCB GPA,
-        // whose bits 23:12 are an address, not a reason (the old decoding read set 3, code 0x12).
-        assert_eq!(term_request_reason(0x12_3000), None);
-        assert_eq!(term_request_reason(0), None);
-        // Another MSR-protocol info is not a termination request.
-        assert_eq!(term_request_reason(0x101 | (1 << 12)), None);
+    fn a_ghcb_page_termination_request_is_a_terminate_exit() {
         assert_eq!(
             system_event(KVM_SYSTEM_EVENT_SEV_TERM, &[0x12_3000]),
-            Some(Err(HostError::TerminationReasonUnknown {
-                ghcb_gpa: Some(0x12_3000)
-            }))
+            Some(VcpuExit::Terminate { reason: None })
         );
         assert_eq!(
             system_event(KVM_SYSTEM_EVENT_SEV_TERM, &[]),
-            Some(Err(HostError::TerminationReasonUnknown { ghcb_gpa: None }))
+            Some(VcpuExit::Terminate { reason: None })
         );
-        let e = HostError::TerminationReasonUnknown {
-            ghcb_gpa: Some(0x12_3000),
-        };
-        assert!(e.to_string().contains("0x123000"), "{e}");
     }
 
     #[test]

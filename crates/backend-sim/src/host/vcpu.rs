@@ -107,14 +107,16 @@ impl vmsa_host::Vcpu for SimVcpu {
             };
             match action {
                 Some((index, a)) if a.vcpu() == self.id || !g.vcpus.contains(&a.vcpu()) => {
-                    let retry = g.faulted == Some(index);
+                    // The page this action last faulted at, if it did: only a fault there
+                    // again is the guest's error (each page of a multi-page access exits once).
+                    let faulted = g.faulted.and_then(|(i, gpa)| (i == index).then_some(gpa));
                     let acted = {
                         let kernel = shared.kernel();
-                        g.cpus.step(&kernel, index, &a, retry)
+                        g.cpus.step(&kernel, index, &a, faulted)
                     };
                     if let Acted::Fault(range) = acted {
                         // The action runs again once the VMM has converted the page.
-                        g.faulted = Some(index);
+                        g.faulted = Some((index, range.gpa));
                         return Ok(VcpuExit::MemoryFault(range));
                     }
                     g.next += 1;
@@ -136,8 +138,10 @@ impl vmsa_host::Vcpu for SimVcpu {
                             reason_code,
                         } => {
                             return Ok(VcpuExit::Terminate {
-                                reason_set,
-                                reason_code,
+                                reason: Some(vmsa_host::TermReason {
+                                    set: reason_set,
+                                    code: reason_code,
+                                }),
                             });
                         }
                         Acted::Shutdown => return Ok(VcpuExit::Shutdown),

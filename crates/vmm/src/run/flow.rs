@@ -23,7 +23,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use vmsa_core::{Gpa, SevEsSaveArea, SnpPageType, VmKind};
 use vmsa_host::{
     Capabilities, Conversion, Errno, HostReport, Hypervisor, HypervisorError, Kick, LaunchUpdate,
-    MemoryRegion, Vcpu, VcpuError, VcpuExit, Vm, VmError, VmSpec, ports,
+    MemoryRegion, TermReason, Vcpu, VcpuError, VcpuExit, Vm, VmError, VmSpec, ports,
 };
 
 use super::progress::Progress;
@@ -148,14 +148,15 @@ pub enum MigrationError {
 pub enum RunEnd {
     /// vCPU 0 wrote the done port.
     Done,
-    /// A vCPU asked to terminate (the GHCB termination request).
+    /// A vCPU asked to terminate (the GHCB termination request). JSON: `reason_set` and
+    /// `reason_code` beside `vcpu` when the reason is known, neither when it is not.
     Terminated {
         /// The vCPU.
         vcpu: u32,
-        /// The reason code set.
-        reason_set: u8,
-        /// The reason code.
-        reason_code: u8,
+        /// The guest's reason; `None` for a request through the GHCB page, whose reason KVM
+        /// does not report ([`VcpuExit::Terminate`]).
+        #[serde(flatten)]
+        reason: Option<TermReason>,
     },
     /// A vCPU triple-faulted.
     Shutdown {
@@ -190,11 +191,11 @@ impl std::fmt::Display for RunEnd {
             Self::Done => write!(f, "vCPU 0 reported done"),
             Self::Terminated {
                 vcpu,
-                reason_set,
-                reason_code,
-            } => write!(
+                reason: Some(reason),
+            } => write!(f, "vCPU {vcpu} asked to terminate ({reason})"),
+            Self::Terminated { vcpu, reason: None } => write!(
                 f,
-                "vCPU {vcpu} asked to terminate (GHCB reason set {reason_set}, code {reason_code})"
+                "vCPU {vcpu} asked to terminate (through its GHCB page; KVM does not report the reason)"
             ),
             Self::Shutdown { vcpu } => write!(f, "vCPU {vcpu} shut down (triple fault)"),
             Self::GuestFailed { vcpu, code } => write!(f, "vCPU {vcpu} reported failed step {code}"),
@@ -493,14 +494,7 @@ fn vcpu_loop<V: Vm>(vm: &V, vcpu: &mut V::Vcpu, control: &Control, progress: &Pr
                 }
             }
             Ok(VcpuExit::Halt) => n.halts += 1,
-            Ok(VcpuExit::Terminate {
-                reason_set,
-                reason_code,
-            }) => control.end(RunEnd::Terminated {
-                vcpu: id,
-                reason_set,
-                reason_code,
-            }),
+            Ok(VcpuExit::Terminate { reason }) => control.end(RunEnd::Terminated { vcpu: id, reason }),
             Ok(VcpuExit::Shutdown) => control.end(RunEnd::Shutdown { vcpu: id }),
             Ok(VcpuExit::Interrupted) => n.interrupted += 1,
             Err(e) => control.end(error_end(id, &e)),
@@ -665,6 +659,36 @@ mod tests {
         let end = error_end(2, &e);
         assert_eq!(end.to_string(), "vCPU 2: KVM_RUN: entry failed");
         assert!(matches!(end, RunEnd::Error { vcpu: 2, .. }));
+    }
+
+    /// A termination's text and JSON: the known reason as before, and an unknown one (a request
+    /// through the GHCB page) said so, without made-up reason fields.
+    #[test]
+    fn a_termination_end_says_whether_its_reason_is_known() {
+        let known = RunEnd::Terminated {
+            vcpu: 1,
+            reason: Some(TermReason { set: 1, code: 2 }),
+        };
+        assert_eq!(
+            known.to_string(),
+            "vCPU 1 asked to terminate (GHCB reason set 1, code 2)"
+        );
+        assert_eq!(
+            serde_json::to_value(&known).unwrap(),
+            serde_json::json!({"end": "terminated", "vcpu": 1, "reason_set": 1, "reason_code": 2})
+        );
+        let unknown = RunEnd::Terminated {
+            vcpu: 1,
+            reason: None,
+        };
+        assert_eq!(
+            unknown.to_string(),
+            "vCPU 1 asked to terminate (through its GHCB page; KVM does not report the reason)"
+        );
+        assert_eq!(
+            serde_json::to_value(&unknown).unwrap(),
+            serde_json::json!({"end": "terminated", "vcpu": 1})
+        );
     }
 
     /// A move the host refuses (an SNP source: `sev_vm_move_enc_context_from`'s EINVAL)
