@@ -98,6 +98,32 @@ pub enum SimError {
         /// The ASID.
         asid: u32,
     },
+    /// A live guest has no memory encryption key yet: the firmware generates it at the launch
+    /// start (`LAUNCH_START`, SEV API §6.2; `SNP_LAUNCH_START`, SNP ABI §8.16) and binds it to
+    /// the ASID at ACTIVATE, so a private access or VMRUN before then has no key to use.
+    #[error("guest ASID {asid} has no memory encryption key yet: it is made at the launch start")]
+    NoKey {
+        /// The guest.
+        asid: u32,
+    },
+    /// A launch update was given fewer bytes of data than the length it measures: the range
+    /// is refused before anything is written (KVM copies `len` bytes from the VMM's buffer,
+    /// `sev_launch_update_data` in Linux arch/x86/kvm/svm/sev.c).
+    #[error(
+        "{op} of guest ASID {asid} at GPA {gpa}: {len:#x} bytes to update but only {data_len:#x} bytes of data"
+    )]
+    DataTooShort {
+        /// The call.
+        op: &'static str,
+        /// The guest.
+        asid: u32,
+        /// The start of the range.
+        gpa: Gpa,
+        /// The length of the range.
+        len: u64,
+        /// The bytes of data given.
+        data_len: u64,
+    },
     /// The operation is for the other kind of guest.
     #[error("{op} is for {needed} guests; ASID {asid} is an {kind} guest")]
     WrongKind {
@@ -205,6 +231,16 @@ pub enum SimError {
         /// KVM's answer: `EEXIST`.
         errno: Errno,
     },
+    /// An operation failed, and so did the cleanup it does whatever its outcome (e.g. the
+    /// reclaim of `SNP_DBG_DECRYPT`'s temporary firmware page, `snp_page_reclaim` in Linux
+    /// arch/x86/kvm/svm/sev.c): both errors are kept, the operation's first.
+    #[error("{source}; then the cleanup failed too: {cleanup}")]
+    CleanupFailed {
+        /// The operation's own failure.
+        source: Box<SimError>,
+        /// The cleanup's failure (its page is leaked).
+        cleanup: Box<SimError>,
+    },
     /// A private access to a frame the guest made shared (KVM exits with
     /// `KVM_EXIT_MEMORY_FAULT`).
     #[error("guest ASID {asid}: private access to GPA {gpa}, which is shared")]
@@ -232,6 +268,7 @@ impl SimError {
     pub fn firmware_status(&self) -> Option<SevStatus> {
         match self {
             Self::Firmware { status, .. } => Some(*status),
+            Self::CleanupFailed { source, .. } => source.firmware_status(),
             _ => None,
         }
     }

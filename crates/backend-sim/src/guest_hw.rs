@@ -51,21 +51,42 @@ impl Hw {
         Ok(pfn)
     }
 
+    /// The frame guest_memfd already has for private `gfn`, if any: a lookup with no side
+    /// effect (no `gmem_pfn` call counted in the fault plan, no cost, no allocation), for the
+    /// host kernel's own prechecks, which must not shift the numbering of the platform calls
+    /// vmsa-core makes ([`crate::fault`]). A frame with no backing yet is not prepared either.
+    pub(crate) fn gmem_backing(&self, asid: u32, gfn: Gfn) -> Option<Pfn> {
+        self.guests.get(&asid)?.gmem.private_pfn(gfn)
+    }
+
     /// `kvm_gmem_get_pfn` without preparing: the frame backing `gfn`, allocated on first use.
+    /// `None` when guest_memfd has no page for it (outside every memslot, shared, an injected
+    /// UNBACKED) and also when backing it failed: `Platform::gmem_pfn` can say nothing else.
+    /// A caller that can return an error uses [`Hw::gmem_frame`], which keeps that failure.
     pub fn gmem_pfn(&mut self, asid: u32, gfn: Gfn) -> Option<Pfn> {
+        self.gmem_frame(asid, gfn).ok().flatten()
+    }
+
+    /// [`Hw::gmem_pfn`] keeping why a frame could not be had: `Ok(None)` when guest_memfd has
+    /// no page for `gfn` (outside every memslot, shared, or the fault plan's UNBACKED: a
+    /// `gmem_pfn` call of the plan), `Err` when backing it failed (host memory exhausted,
+    /// [`SimError::Memory`]) or the guest is gone. `kvm_gmem_get_pfn` (virt/kvm/guest_memfd.c)
+    /// likewise returns the folio allocation's `-ENOMEM`, distinct from `-EINVAL`/`-EFAULT`
+    /// for a GFN without guest_memfd.
+    pub(crate) fn gmem_frame(&mut self, asid: u32, gfn: Gfn) -> Result<Option<Pfn>, SimError> {
         if self.inject(FaultOp::GmemPfn, None).is_some() {
-            return None;
+            return Ok(None);
         }
-        let g = &self.guests.get(&asid)?.gmem;
+        let g = &self.slot(asid)?.gmem;
         if let Some(p) = g.private_pfn(gfn) {
-            return Some(p);
+            return Ok(Some(p));
         }
         if !g.in_slot(gfn) || g.is_shared(gfn) {
-            return None;
+            return Ok(None);
         }
-        let pfn = self.gmem_back(asid, gfn).ok()?;
+        let pfn = self.gmem_back(asid, gfn)?;
         self.charge(CostOp::PageAlloc, asid, || format!("gmem gfn {gfn} -> pfn {pfn}"));
-        Some(pfn)
+        Ok(Some(pfn))
     }
 
     /// Resolve a private guest access: the guest_memfd frame, prepared on the first fault as
@@ -158,11 +179,17 @@ impl Hw {
         SimError::GuestFault { asid, fault }
     }
 
+    /// The memory encryption key of guest `asid`. A live guest has none until its launch
+    /// start (the firmware generates the VEK at `LAUNCH_START`, SEV API §6.2, or
+    /// `SNP_LAUNCH_START`, SNP ABI §8.16, and binds it to the ASID at ACTIVATE): a private
+    /// access or VMRUN before then is [`SimError::NoKey`]; an ASID with no guest at all is
+    /// [`SimError::UnknownGuest`].
     pub(crate) fn key_for(&self, asid: u32) -> Result<crate::crypto::GuestKey, SimError> {
-        self.fw
-            .key_for_asid(asid)
-            .cloned()
-            .ok_or(SimError::UnknownGuest { asid })
+        if let Some(key) = self.fw.key_for_asid(asid) {
+            return Ok(key.clone());
+        }
+        self.slot(asid)?;
+        Err(SimError::NoKey { asid })
     }
 
     /// The frame a guest `access` ("read" or "write") of the page at `gpa` goes to, charged as

@@ -591,22 +591,35 @@ impl Hw {
         Ok(pfn)
     }
 
-    /// `snp_free_firmware_page`: reclaim, make shared, free; leak if either step fails. The
-    /// reclaim is `SNP_PAGE_RECLAIM` (`snp_reclaim_pages`), a `page_reclaim` call of the fault
-    /// plan like every other.
-    pub(crate) fn free_firmware_page(&mut self, pfn: Pfn) -> bool {
+    /// `snp_free_firmware_page` (Linux arch/x86/virt/svm/sev.c): reclaim, make shared, free;
+    /// leak the page if either step fails. The reclaim is `SNP_PAGE_RECLAIM`
+    /// (`snp_reclaim_pages`), a `page_reclaim` call of the fault plan like every other. The
+    /// error is the step that failed as it failed: the reclaim's firmware status (`injected`
+    /// when the fault plan made it fail) or RMPUPDATE's return code, so a caller reports the
+    /// real cause rather than a guess.
+    pub(crate) fn free_firmware_page(&mut self, pfn: Pfn) -> Result<(), SimError> {
         self.charge(CostOp::SnpPageReclaim, 0, || format!("pfn {pfn}"));
-        let injected = self.inject(FaultOp::PageReclaim, None).is_some();
-        let ok = !injected
-            && self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn).is_ok()
-            && self.rmp_update(pfn, RmpState::default()).is_ok();
-        if ok {
-            self.charge(CostOp::Rmpupdate4K, 0, || format!("pfn {pfn} shared"));
-            self.free_page(pfn);
-        } else {
-            self.leak_page(pfn);
+        let done = (|| {
+            self.fw_inject(FaultOp::PageReclaim, None, "SNP_PAGE_RECLAIM")?;
+            let r = self.fw.snp_page_reclaim(&mut self.rmp, &self.mem, pfn);
+            self.fw_result("SNP_PAGE_RECLAIM", r)?;
+            // rmp_make_shared (Linux arch/x86/virt/svm/sev.c): RMPUPDATE to hypervisor-owned.
+            self.rmp_update(pfn, RmpState::default())
+                .map_err(|code| SimError::Rmp {
+                    op: "RMPUPDATE (firmware page to shared)",
+                    pfn,
+                    code,
+                    injected: false,
+                })
+        })();
+        match done {
+            Ok(()) => {
+                self.charge(CostOp::Rmpupdate4K, 0, || format!("pfn {pfn} shared"));
+                self.free_page(pfn);
+            }
+            Err(_) => self.leak_page(pfn),
         }
-        ok
+        done
     }
 
     pub fn flush_page(&mut self, pfn: Pfn, asid: u32) -> Result<(), SimError> {
@@ -957,7 +970,10 @@ impl Machine {
             }
         }
         if let Some(g) = slot.gctx {
-            hw.free_firmware_page(g);
+            // A context page the reclaim refuses is leaked (`snp_free_firmware_page`) and
+            // counted in `leaked_pages`, hence in the report's leaks below; the destroy goes on,
+            // as `sev_vm_destroy` does.
+            let _ = hw.free_firmware_page(g);
         }
         // Frames leaked while the guest ran (a launch page whose reclaim failed) are the
         // guest's leaks too; release_gmem_extent leaves them leaked.

@@ -105,6 +105,14 @@ impl SimPlatform {
         Ok((start, end))
     }
 
+    /// The frame guest_memfd already has behind private `gfn`, looked up without side effects:
+    /// unlike [`Platform::gmem_pfn`] it is not a call of the fault plan, charges nothing and
+    /// allocates nothing (`None` for a frame not backed yet). For the host kernel's prechecks
+    /// (`kvm_gmem_populate`'s `-EEXIST` test), which run before vmsa-core's own calls.
+    pub fn gmem_backing(&self, gfn: Gfn) -> Option<Pfn> {
+        self.machine.hw().gmem_backing(self.asid, gfn)
+    }
+
     /// The launch digest, once the launch finished.
     pub fn launch_digest(&self) -> Option<LaunchDigest> {
         self.machine.launch_digest(self.asid)
@@ -289,15 +297,32 @@ impl Platform for SimPlatform {
     /// (if `data` is given) and measured piece by piece, one command per page it touches. The
     /// simulator keeps an SEV-ES guest's memory in the same per-guest map as SNP guest
     /// memory; KVM would pin the VMM's memory instead.
+    ///
+    /// `data`, when given, must hold at least `len` bytes (KVM copies `len` bytes from the
+    /// VMM's buffer, `sev_launch_update_data` in Linux arch/x86/kvm/svm/sev.c); a shorter one is
+    /// refused ([`SimError::DataTooShort`]) before anything is written or measured.
     fn launch_update_data(&self, gpa: Gpa, len: u64, data: Option<&[u8]>) -> Result<(), SimError> {
         self.need("LAUNCH_UPDATE_DATA", VmKind::SevEs)?;
+        if let Some(data) = data
+            && (data.len() as u64) < len
+        {
+            return Err(SimError::DataTooShort {
+                op: "LAUNCH_UPDATE_DATA",
+                asid: self.asid,
+                gpa,
+                len,
+                data_len: data.len() as u64,
+            });
+        }
         let mut hw = self.machine.hw();
         let mut done = 0;
         while done < len {
             let at = Gpa(gpa.0 + done);
             let off = at.0 % PAGE_SIZE;
             let n = (PAGE_SIZE - off).min(len - done);
-            let pfn = hw.gmem_pfn(self.asid, at.gfn()).ok_or(SimError::NotInSlot {
+            // A failure to back the frame (host memory exhausted) is reported as itself, not
+            // as a GPA outside every memslot.
+            let pfn = hw.gmem_frame(self.asid, at.gfn())?.ok_or(SimError::NotInSlot {
                 gpa: at,
                 asid: self.asid,
             })?;

@@ -46,7 +46,7 @@ impl Hw {
     /// Free the context page of a launch start that failed; a page the reclaim refuses is
     /// leaked (`snp_free_firmware_page`) and counted as the guest's.
     fn free_context_page(&mut self, asid: u32, gctx: Pfn) {
-        if !self.free_firmware_page(gctx)
+        if self.free_firmware_page(gctx).is_err()
             && let Ok(slot) = self.slot_mut(asid)
         {
             slot.leaked_firmware_pages += 1;
@@ -193,13 +193,19 @@ impl Hw {
                     Ok(()) => self.mem.read(dst, out).map_err(SimError::from),
                     Err(e) => Err(e),
                 };
-                if !self.free_firmware_page(dst) {
-                    return Err(DbgDecryptFailure {
-                        source: SimError::Firmware {
-                            cmd: "SNP_PAGE_RECLAIM",
-                            status: SevStatus::InvalidPageState,
-                            injected: false,
+                // sev_decrypt_vmsa / snp_page_reclaim: the page is reclaimed whatever the
+                // decrypt did; a failed reclaim leaks it, and the failure names the step that
+                // failed and keeps the decrypt's own error, if it had one.
+                if let Err(cleanup) = self.free_firmware_page(dst) {
+                    let source = match r {
+                        Ok(()) => cleanup,
+                        Err(e) => SimError::CleanupFailed {
+                            source: Box::new(e),
+                            cleanup: Box::new(cleanup),
                         },
+                    };
+                    return Err(DbgDecryptFailure {
+                        source,
                         leaked: Some(dst),
                     });
                 }
@@ -293,6 +299,54 @@ mod tests {
             m.launch_digest(p.asid().0),
             Some(crate::measure::LaunchDigest::Snp(want.digest()))
         );
+    }
+    /// When the reclaim of SNP_DBG_DECRYPT's temporary page fails, the failure is the reclaim's
+    /// real one (here an injected INVALID_ADDRESS, `injected: true`), not a made-up
+    /// INVALID_PAGE_STATE; the page is leaked and named. If the decrypt failed too, its error is
+    /// kept beside the reclaim's.
+    #[test]
+    fn a_failed_debug_decrypt_cleanup_reports_the_reclaims_real_error() {
+        let m = Machine::new(MachineConfig {
+            faults: "page_reclaim:1=INVALID_ADDRESS,page_reclaim:2=INVALID_PARAM"
+                .parse()
+                .unwrap(),
+            ..MachineConfig::default()
+        });
+        let (p, pfn) = snp_guest_with_pre_guest_page(&m, (1 << 17) | (1 << 19), 0x3000);
+        p.snp_launch_update(pfn, vmsa_core::Gpa(0x3000), vmsa_core::SnpPageType::Normal)
+            .unwrap();
+        let mut out = [0u8; 4096];
+        let e = p.dbg_decrypt_vmsa(pfn.hpa(), &mut out).unwrap_err();
+        assert_eq!(
+            e.source,
+            SimError::Firmware {
+                cmd: "SNP_PAGE_RECLAIM",
+                status: SevStatus::InvalidAddress,
+                injected: true,
+            }
+        );
+        let leaked = e.leaked.expect("the temporary page is leaked");
+        assert_eq!(m.leaked_frames(), vec![leaked]);
+        // A decrypt that fails (a hypervisor page is no guest page) keeps its own error.
+        let other = m.hw().alloc_page().unwrap();
+        let e = p.dbg_decrypt_vmsa(other.hpa(), &mut out).unwrap_err();
+        let SimError::CleanupFailed { source, cleanup } = &e.source else {
+            panic!("{}", e.source);
+        };
+        assert_eq!(
+            source.firmware_status(),
+            Some(SevStatus::InvalidPageState),
+            "{source}"
+        );
+        assert_eq!(
+            **cleanup,
+            SimError::Firmware {
+                cmd: "SNP_PAGE_RECLAIM",
+                status: SevStatus::InvalidParam,
+                injected: true,
+            }
+        );
+        assert!(e.leaked.is_some());
     }
     #[test]
     fn vmrun_is_given_only_the_vmsa_address_and_checks_no_gpa() {

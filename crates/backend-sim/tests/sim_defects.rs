@@ -217,3 +217,122 @@ fn single_pages_not_2m_aligned_never_get_a_2m_aligned_frame() {
     assert!(check(&mut (1..2100).rev().step_by(3)) > 600);
     assert!(check(&mut (1..2100).step_by(7)) > 200);
 }
+
+/// A `Write` over several pages whose attribute differs from its C-bit exits once per page
+/// (KVM's `kvm_mmu_prepare_memory_fault_exit` exits for each faulting access) and succeeds
+/// once every page is converted; only a second fault at the same page is the guest's error.
+/// It used to treat the fault at the second page as "again" and fail the write.
+#[test]
+fn a_multi_page_write_faults_once_per_page_and_succeeds() {
+    let m = machine("");
+    let (p, vm) = launched(&m);
+    let gpa = 0x40_0000;
+    let script = GuestScript {
+        name: "write".into(),
+        actions: vec![GuestAction::Write {
+            vcpu: 0,
+            gpa,
+            pages: 3,
+            byte: 7,
+            private: false,
+        }],
+    };
+    let r = run_script(&vm, &script);
+    let steps: Vec<_> = r
+        .steps
+        .iter()
+        .map(|s| (s.error.clone(), s.detail.clone()))
+        .collect();
+    assert_eq!(steps, vec![(None, "3 pages ok".to_owned())]);
+    for i in 0..3 {
+        assert!(!p.is_private(Gpa(gpa + i * 4096), 4096).unwrap(), "page {i}");
+        assert_eq!(p.guest_read(Gpa(gpa + i * 4096), false).unwrap()[0], 7);
+    }
+}
+
+/// An SEV-ES guest on a machine of `frames` host frames, with a 1 MiB memslot at 0.
+fn sev_es_guest(frames: u64) -> (Arc<Machine>, SimPlatform) {
+    let m = Machine::new(MachineConfig {
+        host_bytes: frames << 12,
+        ..MachineConfig::default()
+    });
+    let p = m.create_guest(VmKind::SevEs).unwrap();
+    p.add_memslot(Gpa(0), 1 << 20).unwrap();
+    (m, p)
+}
+
+/// When guest_memfd cannot back a frame because host memory is exhausted, SEV-ES
+/// `launch_update_data` reports the allocation's failure (`kvm_gmem_get_pfn`'s `-ENOMEM`), not
+/// "GPA ... is not in any memslot", which it used to say of a GPA inside a memslot.
+#[test]
+fn launch_update_data_out_of_host_memory_reports_the_allocation_failure() {
+    let (_m, p) = sev_es_guest(64);
+    p.launch_start(&vmsa_core::LaunchStart::SevEs { policy: 0 })
+        .unwrap();
+    let mut held = Vec::new();
+    while let Ok(page) = p.alloc_page() {
+        held.push(page);
+    }
+    let e = p
+        .launch_update_data(Gpa(0x1000), 0x1000, Some(&[1; 0x1000]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SimError::Memory(backend_sim::memory::MemError::OutOfMemory { .. })
+        ),
+        "{e}"
+    );
+    // With a frame back, the same update works: the GPA is in a memslot.
+    p.free_page(held.pop().unwrap());
+    p.launch_update_data(Gpa(0x1000), 0x1000, Some(&[1; 0x1000]))
+        .unwrap();
+}
+
+/// A private guest write before the launch start is refused as "no key yet" (the firmware
+/// makes the key at LAUNCH_START), not as "no live guest with ASID", which it used to say of a
+/// live guest.
+#[test]
+fn a_private_write_before_the_launch_start_reports_no_key() {
+    let (_m, p) = sev_es_guest(1 << 12);
+    let asid = p.asid().0;
+    assert_eq!(
+        p.guest_write(Gpa(0x1000), &[1; 4096], true).unwrap_err(),
+        SimError::NoKey { asid }
+    );
+    assert_eq!(
+        p.guest_read(Gpa(0x1000), true).unwrap_err(),
+        SimError::NoKey { asid }
+    );
+    p.launch_start(&vmsa_core::LaunchStart::SevEs { policy: 0 })
+        .unwrap();
+    p.guest_write(Gpa(0x1000), &[1; 4096], true).unwrap();
+}
+
+/// `launch_update_data` (a public `Platform` method) given fewer bytes of data than `len` is
+/// refused with a typed error naming both lengths, before anything is written; it used to
+/// panic slicing `data`.
+#[test]
+fn launch_update_data_with_short_data_is_refused_not_a_panic() {
+    let (m, p) = sev_es_guest(1 << 12);
+    p.launch_start(&vmsa_core::LaunchStart::SevEs { policy: 0 })
+        .unwrap();
+    let asid = p.asid().0;
+    let before = m.allocated_frames();
+    let e = p
+        .launch_update_data(Gpa(0x1800), 0x1000, Some(&[1; 0x10]))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        SimError::DataTooShort {
+            op: "LAUNCH_UPDATE_DATA",
+            asid,
+            gpa: Gpa(0x1800),
+            len: 0x1000,
+            data_len: 0x10,
+        }
+    );
+    assert_eq!(m.allocated_frames(), before, "nothing was backed or written");
+    p.launch_update_data(Gpa(0x1800), 0x1000, Some(&[1; 0x1000]))
+        .unwrap();
+}

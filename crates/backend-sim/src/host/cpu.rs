@@ -168,16 +168,28 @@ pub(crate) fn convert(vm: &Vm<SimPlatform>, cpus: &mut Cpus, range: Conversion) 
 pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> GuestActivity {
     let mut cpus = Cpus::new(false);
     for (index, a) in script.actions.iter().enumerate() {
-        match cpus.step(vm, index, a, false) {
+        match cpus.step(vm, index, a, None) {
             Acted::Convert(range) => {
                 let done = convert(vm, &mut cpus, range).map_err(|e| e.to_string());
                 cpus.record(index, a, done);
             }
-            Acted::Fault(range) => {
-                if let Err(e) = convert(vm, &mut cpus, range) {
-                    cpus.record(index, a, Err(e.to_string()));
-                } else {
-                    cpus.step(vm, index, a, true);
+            Acted::Fault(mut range) => {
+                // One conversion per faulting access, as KVM exits once per fault: a multi-page
+                // action may fault once on each of its pages, each answered by a conversion.
+                loop {
+                    if let Err(e) = convert(vm, &mut cpus, range) {
+                        cpus.record(index, a, Err(e.to_string()));
+                        break;
+                    }
+                    match cpus.step(vm, index, a, Some(range.gpa)) {
+                        Acted::Fault(next) => range = next,
+                        Acted::Convert(r) => {
+                            let done = convert(vm, &mut cpus, r).map_err(|e| e.to_string());
+                            cpus.record(index, a, done);
+                            break;
+                        }
+                        Acted::Done | Acted::Terminate { .. } | Acted::Shutdown => break,
+                    }
                 }
             }
             Acted::Done | Acted::Terminate { .. } | Acted::Shutdown => {}
@@ -463,15 +475,24 @@ impl Cpus {
     /// Execute action `index` of the script as the guest would. A failure is recorded (the
     /// guest sees it) rather than returned; a conversion request is recorded when the VMM
     /// answers it ([`Cpus::record`]); a memory fault records nothing (the action runs again).
-    /// `retry` is set when the action already faulted once: a second fault is the guest's
-    /// error, as the VMM did not convert what the fault asked for.
-    pub fn step(&mut self, vm: &Vm<SimPlatform>, index: usize, a: &GuestAction, retry: bool) -> Acted {
+    /// `faulted` is the page at which this action last took a memory fault (the VMM has since
+    /// answered it): a fault at that same page again is the guest's error, as the VMM did not
+    /// convert what the fault asked for; a fault at another page (the next page of a
+    /// multi-page access) is a new exit, as KVM's `kvm_mmu_prepare_memory_fault_exit` exits
+    /// once per faulting access.
+    pub fn step(
+        &mut self,
+        vm: &Vm<SimPlatform>,
+        index: usize,
+        a: &GuestAction,
+        faulted: Option<Gpa>,
+    ) -> Acted {
         match self.act(vm, a) {
             Ok((Acted::Done, detail)) => {
                 self.record(index, a, Ok(detail));
                 Acted::Done
             }
-            Ok((Acted::Fault(range), _)) if retry => {
+            Ok((Acted::Fault(range), _)) if faulted == Some(range.gpa) => {
                 let to = if range.private { "private" } else { "shared" };
                 self.record(
                     index,

@@ -150,9 +150,12 @@ pub fn check_populate(platform: &SimPlatform, u: &LaunchUpdate<'_>) -> Result<()
         Ok(true) => {}
         Err(_) => return Ok(()),
     }
+    // A side-effect-free lookup: `Platform::gmem_pfn` here would count as a `gmem_pfn` call of
+    // the fault plan (absorbing an injection meant for vmsa-core's call), charge and allocate.
     let first = u.gpa.gfn().0;
     let prepared = (first..first.saturating_add(u.len / PAGE_SIZE)).any(|gfn| {
-        vmsa_core::Platform::gmem_pfn(platform, vmsa_core::Gfn(gfn))
+        platform
+            .gmem_backing(vmsa_core::Gfn(gfn))
             .is_some_and(|pfn| platform.machine().rmp_entry(pfn).assigned)
     });
     if prepared {

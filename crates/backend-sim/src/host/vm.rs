@@ -39,8 +39,9 @@ pub(super) struct Guest {
     pub next: usize,
     pub cpus: Cpus,
     pub pending: Option<Pending>,
-    /// The action that took a memory fault and runs again after the VMM's conversion.
-    pub faulted: Option<usize>,
+    /// The action that took a memory fault and runs again after the VMM's conversion, and the
+    /// page it faulted at (a fault at another page of the same action is a new exit).
+    pub faulted: Option<(usize, vmsa_core::Gpa)>,
     pub kicked: BTreeSet<u32>,
     pub vcpus: BTreeSet<u32>,
     pub done_reported: bool,
@@ -401,6 +402,109 @@ mod tests {
 
     fn errno(e: VmError) -> Option<Errno> {
         e.refusal().map(|r| r.errno)
+    }
+
+    /// Through the VMM's path: a shared `Write` over three private pages takes one memory
+    /// fault per page, each answered by `set_memory_attributes`, and then succeeds (the
+    /// retry used to be per action, so the second page's fault was taken for a repeat).
+    #[test]
+    fn a_multi_page_write_exits_once_per_faulting_page() {
+        use vmsa_host::{Vcpu as _, VcpuExit};
+
+        use crate::guest::GuestAction;
+
+        let machine = Machine::new(MachineConfig::default());
+        let script = GuestScript {
+            name: "write".into(),
+            actions: vec![GuestAction::Write {
+                vcpu: 0,
+                gpa: 0x4000,
+                pages: 3,
+                byte: 5,
+                private: false,
+            }],
+        };
+        let host = SimHost::new(machine.clone(), script);
+        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
+        vm.add_memory(MEMORY).unwrap();
+        vm.set_memory_attributes(Conversion {
+            gpa: Gpa(0),
+            size: MEMORY.size,
+            private: true,
+        })
+        .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
+        vm.launch_finish().unwrap();
+        let mut faults = Vec::new();
+        loop {
+            match vcpu.run().unwrap() {
+                VcpuExit::MemoryFault(range) => {
+                    faults.push(range.gpa);
+                    vm.set_memory_attributes(range).unwrap();
+                }
+                VcpuExit::IoOut { .. } => break,
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+        assert_eq!(faults, vec![Gpa(0x4000), Gpa(0x5000), Gpa(0x6000)]);
+        drop(vcpu);
+        let report = vm.teardown();
+        let vmsa_host::Observed::Seen(guest) = report.guest else {
+            panic!("the simulator reports the guest's steps");
+        };
+        let steps: Vec<_> = guest
+            .steps
+            .iter()
+            .map(|s| (s.error.clone(), s.detail.clone()))
+            .collect();
+        assert_eq!(steps, vec![(None, "3 pages ok".to_owned())]);
+    }
+
+    /// `gmem_pfn:1=...` of a fault plan is vmsa-core's first `gmem_pfn` call: the host's
+    /// `kvm_gmem_populate` precheck of an SNP launch update looks frames up without counting
+    /// (it used to call `Platform::gmem_pfn` itself and absorb the injection, so the launch
+    /// update succeeded).
+    #[test]
+    fn the_populate_precheck_does_not_count_as_a_gmem_pfn_call() {
+        let faults = "gmem_pfn:1=UNBACKED".parse().unwrap();
+        let machine = Machine::new(MachineConfig {
+            faults,
+            ..MachineConfig::default()
+        });
+        let host = SimHost::new(machine.clone(), GuestScript::default());
+        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
+        vm.add_memory(MEMORY).unwrap();
+        vm.set_memory_attributes(Conversion {
+            gpa: Gpa(0),
+            size: MEMORY.size,
+            private: true,
+        })
+        .unwrap();
+        vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
+        let allocated = machine.allocated_frames();
+        let e = vm
+            .launch_update(LaunchUpdate {
+                gpa: Gpa(0x1000),
+                len: 0x1000,
+                page_type: SnpPageType::Normal,
+                data: Some(&[1; 0x1000]),
+            })
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("not in a memslot with guest_memfd"), "{text}");
+        assert_eq!(errno(e), Some(Errno::EINVAL));
+        assert_eq!(machine.stats().injected, 1);
+        assert_eq!(machine.allocated_frames(), allocated, "nothing was backed");
+        // The next call is not injected: the update works.
+        vm.launch_update(LaunchUpdate {
+            gpa: Gpa(0x1000),
+            len: 0x1000,
+            page_type: SnpPageType::Normal,
+            data: Some(&[1; 0x1000]),
+        })
+        .unwrap();
+        drop(vm.teardown());
     }
 
     /// `sev_vm_move_enc_context_from`'s rules, with KVM's errnos: the vCPU counts must agree
