@@ -110,47 +110,242 @@ fn name_unnamed(file: &File, path: &Path) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
-/// `write` into `file` (buffered), then sync it.
-fn fill(file: File, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<File> {
-    let mut out = BufWriter::with_capacity(1 << 16, file);
-    write(&mut out)?;
-    let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-    file.sync_all()?;
-    Ok(file)
+/// A call writing an output makes, named when it fails ([`WriteError`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// `open(O_CREAT | O_EXCL)` of the temporary name an output is written under where there
+    /// are no unnamed files.
+    CreateTemporary,
+    /// Writing the output's bytes (the writer's own failure, or `write(2)`).
+    Write,
+    /// `fchmod(2)`: giving a replacement the permission bits of the file it replaces.
+    Chmod,
+    /// `fsync(2)` of the written file.
+    Sync,
+    /// `linkat(2)` of an unnamed (`O_TMPFILE`) file to a name.
+    LinkUnnamed,
+    /// `link(2)` of the temporary name to the output's (never over a file, [`link_new`]).
+    Link,
+    /// `rename(2)` of the temporary name (a file's or a directory's) over the output's.
+    Rename,
+    /// `mkdir(2)` of a temporary directory.
+    CreateDirectory,
+    /// `open(2)` and `fsync(2)` of a directory, which makes the names in it durable.
+    SyncDirectory,
+}
+
+/// A failed call while writing an output: which call, on which path, and its error. Nothing
+/// is left under the output's name (nor under a temporary one this process made).
+#[derive(Debug)]
+pub struct WriteError {
+    /// The call that failed.
+    pub call: Call,
+    /// The path it acted on: the output's (for a link or a rename the name it was to give).
+    pub path: PathBuf,
+    /// For [`Call::Link`] and [`Call::Rename`]: the temporary name linked or renamed.
+    pub from: Option<PathBuf>,
+    /// The call's error.
+    pub source: io::Error,
+}
+
+impl std::error::Error for WriteError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl WriteError {
+    fn new(call: Call, path: &Path, source: io::Error) -> Self {
+        Self {
+            call,
+            path: path.to_path_buf(),
+            from: None,
+            source,
+        }
+    }
+
+    /// The failed `call` that was to give `from` the name `path` (a link or a rename).
+    pub fn naming(call: Call, from: &Path, path: &Path, source: io::Error) -> Self {
+        Self {
+            from: Some(from.to_path_buf()),
+            ..Self::new(call, path, source)
+        }
+    }
+
+    /// The kind of the call's error.
+    pub fn kind(&self) -> io::ErrorKind {
+        self.source.kind()
+    }
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.path.display();
+        let from = self.from.as_deref().unwrap_or(Path::new("?")).display();
+        match self.call {
+            Call::CreateTemporary => write!(f, "creating the temporary file {path} (open O_EXCL)"),
+            Call::Write => write!(f, "writing {path}"),
+            Call::Chmod => write!(f, "giving {path} the replaced file's permission bits (fchmod)"),
+            Call::Sync => write!(f, "syncing {path} (fsync)"),
+            Call::LinkUnnamed => write!(f, "linking the unnamed (O_TMPFILE) file to {path} (linkat)"),
+            Call::Link => write!(f, "linking {from} to {path} (link)"),
+            Call::Rename => write!(f, "renaming {from} to {path} (rename)"),
+            Call::CreateDirectory => write!(f, "creating the directory {path} (mkdir)"),
+            Call::SyncDirectory => write!(f, "syncing the directory {path} (fsync)"),
+        }?;
+        write!(f, " failed: {}", self.source)
+    }
+}
+
+/// An output written whole and synced that has no name yet ([`pending`]): either an unnamed
+/// file or one under its temporary name. [`Pending::name_new`] gives it its name; dropped
+/// unnamed, it leaves nothing behind.
+#[derive(Debug)]
+pub struct Pending {
+    /// The name it is to take.
+    path: PathBuf,
+    /// The file, whole and synced.
+    file: File,
+    /// The temporary name it has, which this process made (removed on drop).
+    temp: Option<PathBuf>,
+}
+
+impl Pending {
+    /// Give the output its name, which must be free ([`link_new`]: nothing is overwritten).
+    pub fn name_new(self) -> Result<(), WriteError> {
+        match self.temp.clone() {
+            None => name_unnamed(&self.file, &self.path)
+                .map_err(|e| WriteError::new(Call::LinkUnnamed, &self.path, e)),
+            // The temporary name goes on drop.
+            Some(tmp) => {
+                link_new(&tmp, &self.path).map_err(|e| WriteError::naming(Call::Link, &tmp, &self.path, e))
+            }
+        }
+    }
+
+    /// Give the output its name in place of what is there (a rename over it).
+    fn name_replacing(mut self) -> Result<(), WriteError> {
+        let tmp = match self.temp.clone() {
+            Some(tmp) => tmp,
+            None => {
+                let tmp = temp_path(&self.path);
+                // A taken temporary name is somebody else's: not this one's to remove.
+                name_unnamed(&self.file, &tmp).map_err(|e| WriteError::new(Call::LinkUnnamed, &tmp, e))?;
+                self.temp = Some(tmp.clone());
+                tmp
+            }
+        };
+        std::fs::rename(&tmp, &self.path)
+            .map_err(|e| WriteError::naming(Call::Rename, &tmp, &self.path, e))?;
+        self.temp = None;
+        Ok(())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.temp {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// Write the output `path` with `write` (buffered), whole and synced, with `mode` as its
+/// permission bits if given, into `unnamed` (an unnamed file beside it, [`unnamed_beside`])
+/// or, without one, under [`temp_path`]: everything but its name.
+fn prepare(
+    path: &Path,
+    unnamed: Option<File>,
+    mode: Option<u32>,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<Pending, WriteError> {
+    let (file, temp) = match unnamed {
+        Some(file) => (file, None),
+        None => {
+            // Only a temporary file this call made is removed (a taken name is somebody else's).
+            let tmp = temp_path(path);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| WriteError::new(Call::CreateTemporary, &tmp, e))?;
+            (file, Some(tmp))
+        }
+    };
+    let pending = Pending {
+        path: path.to_path_buf(),
+        file,
+        temp,
+    };
+    let fail = |call| move |e: io::Error| WriteError::new(call, path, e);
+    let mut out = BufWriter::with_capacity(1 << 16, &pending.file);
+    write(&mut out).map_err(fail(Call::Write))?;
+    out.into_inner()
+        .map_err(io::IntoInnerError::into_error)
+        .map_err(fail(Call::Write))?;
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        pending
+            .file
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(fail(Call::Chmod))?;
+    }
+    pending.file.sync_all().map_err(fail(Call::Sync))?;
+    Ok(pending)
+}
+
+/// The permission bits of the regular file at `path`, which a replacement keeps (as a
+/// shell's `>` keeps the file it truncates); `None` where there is none.
+fn kept_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .map(|m| m.permissions().mode() & 0o777)
 }
 
 /// Write the output `path` with `write`, synced, into `unnamed` (an unnamed file beside it,
 /// [`unnamed_beside`]) or, without one, under [`temp_path`]; then give it its name as
-/// `naming` says. No name but `path`'s outlives the call.
+/// `naming` says (a replacement with the replaced file's permission bits). No name but
+/// `path`'s outlives the call.
 fn write_whole(
     path: &Path,
     naming: Naming,
     unnamed: Option<File>,
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-) -> io::Result<()> {
-    let tmp = temp_path(path);
-    if let Some(file) = unnamed {
-        let file = fill(file, write)?;
-        return match naming {
-            Naming::New => name_unnamed(&file, path),
-            Naming::Replace => {
-                name_unnamed(&file, &tmp)?;
-                let renamed = std::fs::rename(&tmp, path);
-                if renamed.is_err() {
-                    let _ = std::fs::remove_file(&tmp);
-                }
-                renamed
-            }
-        };
+) -> Result<(), WriteError> {
+    match naming {
+        Naming::New => prepare(path, unnamed, None, write)?.name_new(),
+        Naming::Replace => prepare(path, unnamed, kept_mode(path), write)?.name_replacing(),
     }
-    // Only a temporary file this call made is removed (a taken name is somebody else's).
-    let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-    let result = fill(file, write).and_then(|_| match naming {
-        Naming::New => link_new(&tmp, path),
-        Naming::Replace => std::fs::rename(&tmp, path),
-    });
-    let _ = std::fs::remove_file(&tmp);
-    result
+}
+
+/// Write the output `path` with `write`, whole and synced, without giving it its name yet:
+/// [`Pending::name_new`] does (so that several outputs can be written before any is named).
+pub fn pending(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<Pending, WriteError> {
+    prepare(path, unnamed_beside(path), None, write)
+}
+
+/// Sync the directory `dir`, so that the names in it last (before it takes a name of its own,
+/// say).
+pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| WriteError::new(Call::SyncDirectory, dir, e))
+}
+
+/// Why an output was not written ([`write_replacing`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    /// Something other than a regular file is at its path.
+    #[error(transparent)]
+    NotReplaceable(#[from] NotReplaceable),
+    /// A call failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }
 
 /// Why an output cannot take the place of what is at its path.
@@ -195,15 +390,23 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// Write the file `path` names ([`replace_target`]) with what `write` puts into the (buffered)
-/// writer it is given, replacing the file if it exists; anything but a regular file is
-/// refused and left as it is.
-pub fn write_replacing(path: &Path, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<()> {
-    let target = replace_target(path).map_err(io::Error::other)?;
-    write_whole(&target, Naming::Replace, unnamed_beside(&target), write)
+/// writer it is given, replacing the file if it exists (the new file has its permission
+/// bits); anything but a regular file is refused and left as it is.
+pub fn write_replacing(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<(), ReplaceError> {
+    let target = replace_target(path)?;
+    Ok(write_whole(
+        &target,
+        Naming::Replace,
+        unnamed_beside(&target),
+        write,
+    )?)
 }
 
 /// Write `bytes` to `path`, which must not exist ([`link_new`]: nothing is ever overwritten).
-pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_new(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     write_whole(path, Naming::New, unnamed_beside(path), |w| w.write_all(bytes))
 }
 
@@ -316,7 +519,12 @@ mod tests {
             Err(io::Error::other("the writer failed"))
         };
         let e = write_replacing(&dir.join("old.json"), broken).unwrap_err();
-        assert_eq!(e.to_string(), "the writer failed");
+        let ReplaceError::Write(w) = &e else { panic!("{e}") };
+        assert_eq!(w.call, Call::Write);
+        assert!(
+            e.to_string().ends_with("old.json failed: the writer failed"),
+            "{e}"
+        );
         assert_eq!(std::fs::read(dir.join("old.json")).unwrap().len(), 100_003);
         assert_eq!(names(&dir), ["new.json", "old.json", "third.json"]);
         std::fs::remove_dir_all(dir).unwrap();
@@ -343,6 +551,70 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(temp_path(&out)).unwrap(), b"theirs");
         assert_eq!(std::fs::read(&out).unwrap(), b"data");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A replacement was a new file with mode 0666 less the umask: a trace written over a 0600
+    /// file left it 0644 (a shell's `>` keeps the mode). With unnamed files and without.
+    #[test]
+    fn a_replaced_file_keeps_its_permission_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("mode");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let p = dir.join("trace.json");
+        for (bits, unnamed) in [(0o600, true), (0o640, false), (0o755, true)] {
+            std::fs::write(&p, b"old").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(bits)).unwrap();
+            let file = if unnamed { unnamed_beside(&p) } else { None };
+            assert_eq!(file.is_some(), unnamed, "the tests' directory has unnamed files");
+            write_whole(&p, Naming::Replace, file, bytes(b"new")).unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"new");
+            assert_eq!(mode(&p), bits, "{bits:o}, unnamed: {unnamed}");
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_replacing(&p, bytes(b"newer")).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(names(&dir), ["trace.json"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Every failure names its call and path.
+    #[test]
+    fn a_failed_write_names_its_call() {
+        let dir = scratch("calls");
+        let out = dir.join("out.json");
+        std::fs::write(temp_path(&out), b"theirs").unwrap();
+        let e = write_whole(&out, Naming::New, None, bytes(b"x")).unwrap_err();
+        assert_eq!(
+            (e.call, e.kind()),
+            (Call::CreateTemporary, io::ErrorKind::AlreadyExists)
+        );
+        let tmp = temp_path(&out).display().to_string();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("creating the temporary file {tmp}")),
+            "{e}"
+        );
+        std::fs::remove_file(temp_path(&out)).unwrap();
+        // A directory in the way of a rename.
+        let sub = dir.join("sub");
+        std::fs::create_dir_all(sub.join("x")).unwrap();
+        let e = write_whole(&sub, Naming::Replace, None, bytes(b"x")).unwrap_err();
+        assert_eq!(e.call, Call::Rename);
+        let msg = e.to_string();
+        let sub_tmp = temp_path(&sub).display().to_string();
+        assert!(
+            msg.starts_with(&format!("renaming {sub_tmp} to {}", sub.display())),
+            "{msg}"
+        );
+        let e = write_new(&out, b"x")
+            .and_then(|()| write_new(&out, b"y"))
+            .unwrap_err();
+        assert_eq!(
+            (e.call, e.kind()),
+            (Call::LinkUnnamed, io::ErrorKind::AlreadyExists)
+        );
+        assert_eq!(names(&dir), ["out.json", "sub"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

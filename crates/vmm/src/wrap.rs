@@ -186,19 +186,36 @@ pub enum WrapCommandError {
         /// The programs it may name.
         names: String,
     },
-    /// The output exists, or its directory is not writable.
-    #[error("--output {path}: {rule}")]
+    /// The output cannot be written where it is named: `-`, or no such directory.
+    #[error("--output {}: {problem}", .path.display())]
     Output {
         /// The output path.
-        path: String,
-        /// Why it cannot be written.
-        rule: String,
+        path: PathBuf,
+        /// Why it cannot be written there.
+        #[source]
+        problem: crate::output::OutputProblem,
+    },
+    /// Something is already at the output's path.
+    #[error("--output {}: it exists ({file_type}); vmm igvm never overwrites anything", .path.display())]
+    Exists {
+        /// The output path.
+        path: PathBuf,
+        /// What is there ("a regular file", "a directory", ...).
+        file_type: &'static str,
+    },
+    /// Writing the output failed (nothing is left behind).
+    #[error("--output {}: cannot write it: {source}", .path.display())]
+    Write {
+        /// The output path.
+        path: PathBuf,
+        /// The failed call.
+        source: crate::output::WriteError,
     },
     /// The igvm crate could not serialise the file.
-    #[error("--output {path}: the igvm crate cannot serialise the file: {source}")]
+    #[error("--output {}: the igvm crate cannot serialise the file: {source}", .path.display())]
     Serialize {
         /// The output path.
-        path: String,
+        path: PathBuf,
         /// Its error.
         source: igvm::Error,
     },
@@ -217,19 +234,17 @@ impl WrapCommandError {
 /// Write the IGVM file; what was written, with its digest.
 pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
     args.boot.check(args.firmware.is_some())?;
-    let out = args.output.display().to_string();
-    let output_err = |rule: String| WrapCommandError::Output {
-        path: out.clone(),
-        rule,
-    };
     if let Some(problem) = crate::output::unusable(&args.output) {
-        return Err(output_err(problem.to_string()));
+        return Err(WrapCommandError::Output {
+            path: args.output.clone(),
+            problem,
+        });
     }
     if let Ok(m) = args.output.symlink_metadata() {
-        return Err(output_err(format!(
-            "it exists ({}); vmm igvm never overwrites anything",
-            vmsa_host::input::file_type_name(m.file_type())
-        )));
+        return Err(WrapCommandError::Exists {
+            path: args.output.clone(),
+            file_type: vmsa_host::input::file_type_name(m.file_type()),
+        });
     }
     let (file, launches, digest) = match (&args.firmware, &args.guest) {
         (Some(firmware), _) => {
@@ -279,11 +294,13 @@ pub fn write_igvm(args: &IgvmArgs) -> Result<Written, WrapCommandError> {
     let mut bytes = Vec::new();
     file.serialize(&mut bytes)
         .map_err(|source| WrapCommandError::Serialize {
-            path: out.clone(),
+            path: args.output.clone(),
             source,
         })?;
-    crate::output::write_new(&args.output, &bytes)
-        .map_err(|e| output_err(format!("cannot write it: {e}")))?;
+    crate::output::write_new(&args.output, &bytes).map_err(|source| WrapCommandError::Write {
+        path: args.output.clone(),
+        source,
+    })?;
     Ok(Written {
         output: args.output.clone(),
         bytes: bytes.len(),

@@ -300,6 +300,18 @@ fn vmm_igvm_wraps_a_direct_kernel_boot_to_sev_snp_measures_digest() {
     assert!(!Path::new(o).exists());
 }
 
+/// A failed write said only "cannot write it: <errno>", not which call failed: here the
+/// temporary file's creation (`/proc` has no unnamed files and takes no new ones).
+#[test]
+fn vmm_igvm_names_the_call_that_failed_to_write_the_output() {
+    refused_with(
+        &["igvm", "--firmware", DEBIAN_OVMF, "-o", "/proc/x.igvm"],
+        "--output /proc/x.igvm",
+        "cannot write it: creating the temporary file /proc/.x.igvm.tmp-",
+    );
+    assert!(!Path::new("/proc/x.igvm").exists());
+}
+
 #[test]
 fn vmm_igvm_writes_plan_to_igvm_and_never_overwrites() {
     let dir = scratch("vmm-igvm");

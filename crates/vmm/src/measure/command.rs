@@ -10,12 +10,12 @@ use backend_sim::measure::SnpLaunchDigest;
 use base64::Engine;
 use clap::{ArgMatches, Args, FromArgMatches, ValueEnum};
 use serde_json::json;
-use vmsa_core::{Gpa, SnpPageType, VmKind};
+use vmsa_core::{Gpa, VmKind};
 use vmsa_host::input::{InputFile, InputKind};
 
 use super::error::MeasureError;
 use super::hashes::SevHashes;
-use super::igvm::{IgvmArgs, IgvmFlags, IgvmMeasureOptions};
+use super::igvm::{IgvmArgs, IgvmFlags, IgvmMeasureOptions, PageCounts};
 use super::ovmf::{FOUR_GIB, MAX_IMAGE_SIZE, Ovmf, check_image_size};
 use super::plan::{LaunchDigest, LaunchPlan, PlanConfig, PlanError, ovmf_hash};
 use super::vcpu_types::VcpuType;
@@ -528,28 +528,9 @@ fn mode_name(kind: VmKind) -> &'static str {
     }
 }
 
-/// Pages of each type the plan adds (VMSAs included).
-fn page_counts(plan: &LaunchPlan) -> [(SnpPageType, u64); 6] {
-    [
-        SnpPageType::Normal,
-        SnpPageType::Vmsa,
-        SnpPageType::Zero,
-        SnpPageType::Unmeasured,
-        SnpPageType::Secrets,
-        SnpPageType::Cpuid,
-    ]
-    .map(|ty| (ty, plan.page_count(ty)))
-}
-
-fn type_name(ty: SnpPageType) -> &'static str {
-    match ty {
-        SnpPageType::Normal => "normal",
-        SnpPageType::Vmsa => "vmsa",
-        SnpPageType::Zero => "zero",
-        SnpPageType::Unmeasured => "unmeasured",
-        SnpPageType::Secrets => "secrets",
-        SnpPageType::Cpuid => "cpuid",
-    }
+/// `(name, count)` of the pages of each type the plan adds (VMSAs included).
+fn page_counts(plan: &LaunchPlan) -> [(&'static str, u64); 6] {
+    PageCounts::from_fn(|ty| plan.page_count(ty)).named()
 }
 
 fn render_text(
@@ -593,7 +574,7 @@ fn render_text(
     let pages: Vec<String> = page_counts(plan)
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(t, n)| format!("{n} {}", type_name(*t)))
+        .map(|(t, n)| format!("{n} {t}"))
         .collect();
     out += &format!("pages measured: {}\n", pages.join(", "));
     if let Some(h) = args.snp_ovmf_hash {
@@ -622,7 +603,7 @@ fn render_json(
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let pages: serde_json::Map<String, serde_json::Value> = page_counts(plan)
         .iter()
-        .map(|(t, n)| (type_name(*t).to_owned(), json!(n)))
+        .map(|(t, n)| ((*t).to_owned(), json!(n)))
         .collect();
     let mut inputs = firmware_inputs(&args.firmware, ovmf);
     if let serde_json::Value::Object(launch) = json!({

@@ -8,13 +8,14 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::error::MeasureError;
+use super::error::{DumpDirProblem, MeasureError};
 use super::plan::VmsaUpdate;
+use crate::output::{Call, WriteError};
 
-fn dir_error(path: &Path, rule: impl Into<String>) -> MeasureError {
+fn dir_error(path: &Path, problem: DumpDirProblem) -> MeasureError {
     MeasureError::DumpDir {
         path: path.to_path_buf(),
-        rule: rule.into(),
+        problem,
     }
 }
 
@@ -22,44 +23,43 @@ fn dir_error(path: &Path, rule: impl Into<String>) -> MeasureError {
 /// (nothing is overwritten), in an existing parent directory.
 pub(crate) fn check_dir(dir: &Path) -> Result<(), MeasureError> {
     if dir.file_name().is_none_or(|n| n.is_empty()) {
-        return Err(dir_error(dir, "must name a directory (not '/', '.' or '..')"));
+        return Err(dir_error(dir, DumpDirProblem::NoName));
     }
     if let Some(problem) = crate::output::unusable(dir) {
-        return Err(dir_error(dir, problem.to_string()));
+        return Err(dir_error(dir, problem.into()));
     }
     // DIR may be a symbolic link to a directory (filled through it, as `cp` would); one that
     // points nowhere is refused, since renaming the new directory into place would replace it.
     match fs::metadata(dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if fs::symlink_metadata(dir).is_ok() {
-                return Err(dir_error(
-                    dir,
-                    "is a symbolic link to nothing (refusing to replace it)",
-                ));
+                return Err(dir_error(dir, DumpDirProblem::DanglingLink));
             }
         }
-        Err(e) => return Err(dir_error(dir, format!("cannot inspect it: {e}"))),
+        Err(e) => return Err(dir_error(dir, DumpDirProblem::Inspect(e))),
         Ok(m) if !m.is_dir() => {
             return Err(dir_error(
                 dir,
-                format!(
-                    "exists and is {}, not a directory (refusing to overwrite)",
-                    vmsa_host::input::file_type_name(m.file_type())
-                ),
+                DumpDirProblem::NotADirectory(vmsa_host::input::file_type_name(m.file_type())),
             ));
         }
         Ok(_) => {
-            let mut entries =
-                fs::read_dir(dir).map_err(|e| dir_error(dir, format!("cannot list it: {e}")))?;
+            let mut entries = fs::read_dir(dir).map_err(|e| dir_error(dir, DumpDirProblem::List(e)))?;
             if entries.next().is_some() {
-                return Err(dir_error(dir, "exists and is not empty (refusing to overwrite)"));
+                return Err(dir_error(dir, DumpDirProblem::NotEmpty));
             }
         }
     }
     Ok(())
 }
 
-/// Write `vmsa<N>.bin` for every VMSA into DIR, atomically; returns how many were written.
+/// The file `vmsa<N>.bin` of `v` in `dir`.
+fn file_name(dir: &Path, v: &VmsaUpdate) -> PathBuf {
+    dir.join(format!("vmsa{}.bin", v.vcpu.0))
+}
+
+/// Write `vmsa<N>.bin` for every VMSA into DIR, atomically, each file through the output
+/// module (whole and synced before it has its name); returns how many were written.
 pub(crate) fn write<'a>(
     dir: &Path,
     vmsas: impl Iterator<Item = &'a VmsaUpdate>,
@@ -73,15 +73,24 @@ pub(crate) fn write<'a>(
         return fill(dir, vmsas).map_err(werr);
     }
     let tmp = crate::output::temp_path(dir);
-    fs::create_dir(&tmp).map_err(werr)?;
+    fs::create_dir(&tmp).map_err(|source| {
+        werr(WriteError {
+            call: Call::CreateDirectory,
+            path: tmp.clone(),
+            from: None,
+            source,
+        })
+    })?;
     let result = (|| {
         let mut n = 0;
         for v in vmsas {
-            fs::write(tmp.join(format!("vmsa{}.bin", v.vcpu.0)), v.save_area.as_page())?;
+            crate::output::write_new(&file_name(&tmp, v), v.save_area.as_page())?;
             n += 1;
         }
+        // The files' names last before the directory takes its name.
+        crate::output::sync_dir(&tmp)?;
         // Replaces DIR only if it is (still) an empty directory.
-        fs::rename(&tmp, dir)?;
+        fs::rename(&tmp, dir).map_err(|e| WriteError::naming(Call::Rename, &tmp, dir, e))?;
         Ok(n)
     })();
     if result.is_err() {
@@ -90,33 +99,30 @@ pub(crate) fn write<'a>(
     result.map_err(werr)
 }
 
-/// Fill the existing empty directory `dir`: every file under a temporary name first, then each
-/// linked to its name; on any failure every file this call put there is removed again.
-fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> io::Result<usize> {
-    let mut temps: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let mut linked: Vec<&Path> = Vec::new();
-    let mut result = (|| {
-        for v in vmsas {
-            let done = dir.join(format!("vmsa{}.bin", v.vcpu.0));
-            let tmp = crate::output::temp_path(&done);
-            temps.push((tmp.clone(), done));
-            fs::write(&tmp, v.save_area.as_page())?;
-        }
-        Ok(temps.len())
-    })();
-    if result.is_ok() {
-        for (tmp, done) in &temps {
-            // Not a plain rename: the name may have appeared since the directory was found
-            // empty (another writer), and a rename would silently replace it.
-            if let Err(e) = crate::output::link_new(tmp, done) {
-                result = Err(e);
-                break;
-            }
-            linked.push(done);
-        }
+/// Fill the existing empty directory `dir`: every file written whole and synced first
+/// (unnamed, or under a temporary name), then each linked to its name and the directory
+/// synced; on any failure every file this call put there is removed again.
+fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> Result<usize, WriteError> {
+    let mut pending = Vec::new();
+    for v in vmsas {
+        let done = file_name(dir, v);
+        let file = crate::output::pending(&done, |w| w.write_all(v.save_area.as_page()))?;
+        pending.push((file, done));
     }
-    for (tmp, _) in &temps {
-        let _ = fs::remove_file(tmp);
+    let n = pending.len();
+    let mut linked: Vec<PathBuf> = Vec::new();
+    let mut result = Ok(n);
+    for (file, done) in pending {
+        // Never over a file: the name may have appeared since the directory was found empty
+        // (another writer), and a rename would silently replace it.
+        if let Err(e) = file.name_new() {
+            result = Err(e);
+            break;
+        }
+        linked.push(done);
+    }
+    if result.is_ok() {
+        result = crate::output::sync_dir(dir).map(|()| n);
     }
     if result.is_err() {
         for done in linked {
@@ -158,6 +164,65 @@ mod tests {
         assert_eq!(write(&empty, vmsas(1).iter()).unwrap(), 1);
         // Nothing but the two results remains.
         assert_eq!(names(&root), ["empty", "out"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The message named no call: "cannot write the VMSA files: No such file or directory"
+    /// where the rename of the finished directory failed (`d2/.` names no directory to make).
+    #[test]
+    fn a_failed_rename_is_named_and_leaves_nothing() {
+        let root = scratch("dump-rename");
+        let d = root.join("d2/.");
+        let e = write(&d, vmsas(2).iter()).unwrap_err();
+        let MeasureError::DumpWrite { source, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(source.call, Call::Rename);
+        let tmp = crate::output::temp_path(&d);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--dump-vmsa {}: cannot write the VMSA files: renaming {} to {} (rename) failed: {}",
+                d.display(),
+                tmp.display(),
+                d.display(),
+                source.source
+            )
+        );
+        assert_eq!(source.kind(), io::ErrorKind::NotFound);
+        assert!(names(&root).is_empty(), "{:?}", names(&root));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Each file is the whole page of its VMSA, and nothing else is left.
+    #[test]
+    fn every_dumped_file_is_whole() {
+        let root = scratch("dump-whole");
+        let updates = vmsas(4);
+        for d in [root.join("new"), root.join("empty")] {
+            if d.ends_with("empty") {
+                fs::create_dir(&d).unwrap();
+            }
+            assert_eq!(write(&d, updates.iter()).unwrap(), 4);
+            for v in &updates {
+                assert_eq!(fs::read(file_name(&d, v)).unwrap(), v.save_area.as_page());
+            }
+            assert_eq!(names(&d).len(), 4, "{:?}", names(&d));
+        }
+        assert_eq!(names(&root), ["empty", "new"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The files were written with `fs::write` under temporary names, which truncated and then
+    /// removed another writer's file that had one of them.
+    #[test]
+    fn a_file_at_a_temporary_name_is_neither_written_nor_removed() {
+        let root = scratch("dump-theirs");
+        let theirs = crate::output::temp_path(&root.join("vmsa0.bin"));
+        fs::write(&theirs, b"theirs").unwrap();
+        assert_eq!(fill(&root, vmsas(2).iter()).unwrap(), 2);
+        assert_eq!(fs::read(&theirs).unwrap(), b"theirs");
+        assert_eq!(fs::read(root.join("vmsa0.bin")).unwrap().len(), 4096);
         fs::remove_dir_all(root).unwrap();
     }
 

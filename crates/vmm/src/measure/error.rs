@@ -70,20 +70,21 @@ pub enum MeasureError {
     )]
     MissingVcpuType,
     /// The dump directory cannot be used.
-    #[error("--dump-vmsa {}: {rule}", path.display())]
+    #[error("--dump-vmsa {}: {problem}", path.display())]
     DumpDir {
         /// The directory given.
         path: PathBuf,
         /// The rule it breaks.
-        rule: String,
+        #[source]
+        problem: DumpDirProblem,
     },
     /// Writing the dump failed (nothing is left behind).
     #[error("--dump-vmsa {}: cannot write the VMSA files: {source}", path.display())]
     DumpWrite {
         /// The directory given.
         path: PathBuf,
-        /// The I/O error.
-        source: io::Error,
+        /// The failed call.
+        source: crate::output::WriteError,
     },
     /// The IGVM file cannot be measured.
     #[error("--igvm {}: {source}", path.display())]
@@ -93,6 +94,32 @@ pub enum MeasureError {
         /// The rule it breaks.
         source: IgvmError,
     },
+}
+
+/// Why `--dump-vmsa DIR` names no directory the VMSA files can be put in.
+#[derive(Debug, Error)]
+pub enum DumpDirProblem {
+    /// `/`, `.`, `..` or a path ending in one of them.
+    #[error("must name a directory (not '/', '.' or '..')")]
+    NoName,
+    /// `-`, or a directory that is not there.
+    #[error(transparent)]
+    Unusable(#[from] crate::output::OutputProblem),
+    /// A symbolic link to nothing, which renaming the new directory into place would replace.
+    #[error("is a symbolic link to nothing (refusing to replace it)")]
+    DanglingLink,
+    /// `stat(2)` failed.
+    #[error("cannot inspect it (stat): {0}")]
+    Inspect(#[source] io::Error),
+    /// Something other than a directory is there.
+    #[error("exists and is {0}, not a directory (refusing to overwrite)")]
+    NotADirectory(&'static str),
+    /// Listing the directory (`opendir(3)`) failed.
+    #[error("cannot list it (opendir): {0}")]
+    List(#[source] io::Error),
+    /// The directory has entries.
+    #[error("exists and is not empty (refusing to overwrite)")]
+    NotEmpty,
 }
 
 impl MeasureError {

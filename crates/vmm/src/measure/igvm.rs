@@ -207,29 +207,57 @@ pub struct PageCounts {
 }
 
 impl PageCounts {
-    /// Count one page of type `ty`.
-    pub fn add(&mut self, ty: SnpPageType) {
-        let c = match ty {
+    /// The SNP page types, in the order `vmm measure` prints them.
+    pub const TYPES: [SnpPageType; 6] = [
+        SnpPageType::Normal,
+        SnpPageType::Vmsa,
+        SnpPageType::Zero,
+        SnpPageType::Unmeasured,
+        SnpPageType::Secrets,
+        SnpPageType::Cpuid,
+    ];
+
+    /// The name `vmm measure` gives pages of type `ty` (text and JSON).
+    pub fn type_name(ty: SnpPageType) -> &'static str {
+        match ty {
+            SnpPageType::Normal => "normal",
+            SnpPageType::Vmsa => "vmsa",
+            SnpPageType::Zero => "zero",
+            SnpPageType::Unmeasured => "unmeasured",
+            SnpPageType::Secrets => "secrets",
+            SnpPageType::Cpuid => "cpuid",
+        }
+    }
+
+    /// The counts `count` gives for each type.
+    pub fn from_fn(mut count: impl FnMut(SnpPageType) -> u64) -> Self {
+        let mut c = Self::default();
+        for ty in Self::TYPES {
+            *c.count_mut(ty) = count(ty);
+        }
+        c
+    }
+
+    fn count_mut(&mut self, ty: SnpPageType) -> &mut u64 {
+        match ty {
             SnpPageType::Normal => &mut self.normal,
             SnpPageType::Vmsa => &mut self.vmsa,
             SnpPageType::Zero => &mut self.zero,
             SnpPageType::Unmeasured => &mut self.unmeasured,
             SnpPageType::Secrets => &mut self.secrets,
             SnpPageType::Cpuid => &mut self.cpuid,
-        };
-        *c += 1;
+        }
+    }
+
+    /// Count one page of type `ty`.
+    pub fn add(&mut self, ty: SnpPageType) {
+        *self.count_mut(ty) += 1;
     }
 
     /// `(name, count)` for each type, in the order `vmm measure` prints them.
     pub fn named(&self) -> [(&'static str, u64); 6] {
-        [
-            ("normal", self.normal),
-            ("vmsa", self.vmsa),
-            ("zero", self.zero),
-            ("unmeasured", self.unmeasured),
-            ("secrets", self.secrets),
-            ("cpuid", self.cpuid),
-        ]
+        let mut c = *self;
+        Self::TYPES.map(|ty| (Self::type_name(ty), *c.count_mut(ty)))
     }
 }
 

@@ -108,6 +108,16 @@ pub struct DataUpdate {
     pub source: UpdateSource,
 }
 
+/// The data pages `updates` cover, VMSA pages left out (a supplied VMSA page is counted as a
+/// VMSA, with the launch's VMSAs).
+pub fn data_pages(updates: &[DataUpdate]) -> u64 {
+    updates
+        .iter()
+        .filter(|d| d.page_type != SnpPageType::Vmsa)
+        .map(|d| d.len.div_ceil(PAGE_SIZE))
+        .sum()
+}
+
 impl fmt::Debug for DataUpdate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DataUpdate")

@@ -282,11 +282,7 @@ impl IgvmLaunch {
 
     /// Data pages (a supplied VMSA page is counted as a VMSA).
     pub fn data_pages(&self) -> u64 {
-        self.updates
-            .iter()
-            .filter(|d| d.page_type != SnpPageType::Vmsa)
-            .map(|d| d.len.div_ceil(PAGE_SIZE))
-            .sum()
+        crate::measure::plan::data_pages(&self.updates)
     }
 }
 

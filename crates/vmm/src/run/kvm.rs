@@ -11,7 +11,6 @@
 //! opened ([`KvmIgvmError`]).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use backend_kvm::guest::builtin::{GuestImage, GuestProgram, ap_creation_igvm};
 use backend_kvm::host::KvmHost;
@@ -24,12 +23,10 @@ use super::phases::Phases;
 use super::progress::Progress;
 use super::report::{LaunchSummary, Observed, RunSummary};
 use super::scenario::{GuestSpec, ScenarioError};
-use super::{RunArgs, RunError};
+use super::{RunArgs, RunError, WATCHDOG};
 use crate::measure::LaunchDigest;
 use crate::measure::igvm::{IgvmMeasureOptions, WrapError, guest_igvm_measured};
 
-/// How long the guest may run before the watchdog kicks every vCPU out.
-const WATCHDOG: Duration = Duration::from_secs(60);
 /// The most guest memory this backend maps (the guest program's map is in the first 4 MiB).
 const MAX_MEMORY: u64 = 64 << 30;
 /// `--memory` when not given: what the guest program needs on the most vCPUs `--vcpus` allows.

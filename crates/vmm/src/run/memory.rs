@@ -13,8 +13,8 @@ use crate::size::ByteSize;
 
 /// Where the PCI hole starts: RAM above this is placed from 4 GiB on.
 pub const LOW_RAM_END: u64 = 0xC000_0000;
-/// 4 GiB: the reset vector's region ends here.
-pub const FOUR_GIB: u64 = 1 << 32;
+/// 4 GiB: the reset vector's region ends here (where the firmware image ends).
+pub use crate::measure::ovmf::FOUR_GIB;
 /// The largest firmware image the ROM region takes (it must stay inside the PCI hole).
 pub const MAX_ROM: u64 = FOUR_GIB - LOW_RAM_END;
 

@@ -35,6 +35,10 @@ pub(crate) use kvm::{ap_creation_program, program_names};
 pub use report::RunSummary;
 pub use scenario::GuestSpec;
 
+/// How long (wall clock) a guest may run on either backend before the watchdog of
+/// [`flow::run`] kicks every vCPU out.
+const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Which backend runs the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
@@ -80,7 +84,7 @@ pub struct RunArgs {
     )]
     pub memory: ByteSize,
     /// The guest: a built-in (`builtin:NAME`, every name of [`scenario::BUILTINS`], boot when
-    /// not given) or a JSON guest script; the help text is [`guest_help`]'s.
+    /// not given) or a JSON guest script; the help text lists every built-in.
     #[arg(
         long,
         help = guest_help(),
@@ -286,8 +290,9 @@ pub enum RunError {
     TraceWrite {
         /// `--trace`.
         path: PathBuf,
-        /// The failed write.
-        error: std::io::Error,
+        /// The failed call.
+        #[source]
+        error: crate::output::ReplaceError,
     },
     /// An IGVM file does not make a launch the simulator can run.
     #[error("--igvm {}: {problem}", .path.display())]

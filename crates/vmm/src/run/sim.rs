@@ -5,7 +5,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use backend_sim::guest::GuestAction;
 use backend_sim::host::SimHost;
@@ -23,7 +22,7 @@ use super::phases::Phases;
 use super::progress::Progress;
 use super::report::{LaunchSummary, MigrationSummary, Observed, RunSummary, UnfiredFault};
 use super::scenario::{GuestMemory, GuestSpec, Scenario};
-use super::{RunArgs, RunError};
+use super::{RunArgs, RunError, WATCHDOG};
 use crate::measure::command::{plan_input, read_firmware};
 use crate::measure::plan::UpdateSource;
 use crate::measure::reset::{BSP_EIP, reset_vmsa};
@@ -85,9 +84,6 @@ fn check_actions(args: &RunArgs, scenario: &Scenario, ram: &GuestRam) -> Result<
 fn host_bytes(memory: u64) -> u64 {
     memory.saturating_mul(2).max(backend_sim::memory::TIB)
 }
-
-/// How long a scripted guest may run (wall clock) before the watchdog stops it.
-const WATCHDOG: Duration = Duration::from_secs(60);
 
 /// What the launch measures: data pages, the VMSA register state per vCPU, and (with a
 /// firmware) the digest `vmm measure` predicts for it.
@@ -180,15 +176,6 @@ impl Image {
             supplied: false,
             image_pages: None,
         }
-    }
-
-    /// Data pages (a supplied VMSA page is counted as a VMSA).
-    fn pages(&self) -> u64 {
-        self.updates
-            .iter()
-            .filter(|d| d.page_type != SnpPageType::Vmsa)
-            .map(|d| d.len.div_ceil(vmsa_core::PAGE_SIZE))
-            .sum()
     }
 }
 
@@ -450,7 +437,7 @@ pub(super) fn run(
         error: launch_error,
         expected_failure: scenario.expect_launch_failure,
         image: image.source.clone(),
-        data_pages: image.pages(),
+        data_pages: crate::measure::plan::data_pages(&image.updates),
         vmsas: if image.supplied { 1 } else { vcpus },
         // A launch that failed, on purpose or not, has no digest to compare (its failure is
         // the problem to report).
