@@ -260,9 +260,16 @@ fn igvm_guest_runs_from_its_vmsa_on_kvm_with_one_digest_for_any_vcpu_count() {
 
 #[test]
 fn wrapped_ovmf_is_refused_by_the_kvm_backend_in_one_line() {
+    const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+    if !std::path::Path::new(OVMF).exists() {
+        eprintln!(
+            "skipped wrapped_ovmf_is_refused_by_the_kvm_backend_in_one_line: {OVMF} is absent (apt-get install ovmf)"
+        );
+        return;
+    }
     let dir = scratch("ovmf");
     let dir = dir.as_path();
-    let ovmf = write(dir, "ovmf.igvm", None, Some("/usr/share/ovmf/OVMF.fd"));
+    let ovmf = write(dir, "ovmf.igvm", None, Some(OVMF));
     let e = run(BackendKind::Kvm, 1, &ovmf).expect_err("wrapped OVMF is not a kvm guest program");
     assert!(
         matches!(e, RunError::KvmIgvm(KvmIgvmError::NotAGuestProgram { .. })),

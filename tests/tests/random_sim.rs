@@ -71,6 +71,8 @@ enum Ev {
 
 static ACTIONS: AtomicU64 = AtomicU64::new(0);
 static FAILED_STEPS: AtomicU64 = AtomicU64::new(0);
+static VMRUNS: AtomicU64 = AtomicU64::new(0);
+static AP_ACCEPTED: AtomicU64 = AtomicU64::new(0);
 
 fn page(r: &mut Rng) -> u64 {
     match r.below(20) {
@@ -252,6 +254,8 @@ impl World {
                 let done = run_script(&self.vm, &script);
                 ACTIONS.fetch_add(actions.len() as u64, Ordering::Relaxed);
                 FAILED_STEPS.fetch_add(done.failures().count() as u64, Ordering::Relaxed);
+                VMRUNS.fetch_add(done.vmruns, Ordering::Relaxed);
+                AP_ACCEPTED.fetch_add(done.ap_requests, Ordering::Relaxed);
             }
             Ev::LaunchStart => drop(self.vm.launch_start(SNP_POLICY_RSVD_MBO | SNP_POLICY_DEBUG)),
             Ev::LaunchFinish => drop(self.vm.launch_finish([0; 32])),
@@ -391,10 +395,20 @@ fn random_runs_on_the_simulated_machine_keep_every_invariant() {
     let t = std::time::Instant::now();
     let events = check_seeds("random_sim", 0, seeds, |r| generate(r, len), run);
     let actions = ACTIONS.load(Ordering::Relaxed);
+    let failed = FAILED_STEPS.load(Ordering::Relaxed);
+    let (vmruns, accepted) = (
+        VMRUNS.load(Ordering::Relaxed),
+        AP_ACCEPTED.load(Ordering::Relaxed),
+    );
     println!(
-        "random_sim: {seeds} seeds, {events} events ({actions} guest actions, {} refused or failed), every invariant held after every event ({:.1} s)",
-        FAILED_STEPS.load(Ordering::Relaxed),
+        "random_sim: {seeds} seeds, {events} events ({actions} guest actions, {failed} refused or failed, {accepted} AP requests accepted, {vmruns} VMRUNs), every invariant held after every event ({:.1} s)",
         t.elapsed().as_secs_f64()
     );
     assert_eq!(events, seeds * len as u64);
+    // The runs reach the paths they are meant to exercise: a generator or machine change that
+    // made every guest action fail would leave the invariants trivially true.
+    assert!(
+        failed < actions && accepted > 0 && vmruns > 0,
+        "{actions} actions, {failed} failed, {accepted} AP requests accepted, {vmruns} VMRUNs"
+    );
 }

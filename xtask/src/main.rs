@@ -356,8 +356,14 @@ fn fixtures() -> Result<(), String> {
         mk.args(["-m", "venv"]).arg(&venv);
         run("fixture venv", mk)?;
     }
+    // The pinned release, not merely some sev-snp-measure: a venv kept from another pin would
+    // generate fixtures the README attributes to this one.
+    let (name, version) = SEV_SNP_MEASURE.split_once("==").expect("a name==version pin");
     let have = Command::new(&python)
-        .args(["-c", "import sevsnpmeasure"])
+        .args([
+            "-c",
+            &format!("import importlib.metadata as m, sys; sys.exit(m.version('{name}') != '{version}')"),
+        ])
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {

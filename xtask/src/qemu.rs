@@ -359,6 +359,7 @@ pub fn bench(args: &[String]) -> Result<(), Failure> {
     let ratios: String = accels.iter().map(|a| format!(" {a} / vmm |")).collect();
     println!("| vCPUs | vmm run --backend kvm |{head}{ratios}");
     println!("|---|---|{}", "---|---|".repeat(accels.len()));
+    let mut vmm_failed = Vec::new();
     for vcpus in VCPUS {
         let mut contenders = vec![Contender::vmm(&vmm, vcpus)];
         contenders.extend(accels.iter().map(|&a| Contender::qemu(&qemu, a, vcpus, &boot)));
@@ -381,6 +382,11 @@ pub fn bench(args: &[String]) -> Result<(), Failure> {
                 }
             }
         }
+        // QEMU's failures are the table's to show; vmm must run (its exit status 0 is part of
+        // what is timed).
+        if cells[0].median().is_none() {
+            vmm_failed.push(format!("{vcpus} vCPUs: {}", cells[0].render()));
+        }
         let times: String = cells.iter().map(|c| format!(" {} |", c.render())).collect();
         let ratios: String = cells[1..]
             .iter()
@@ -389,6 +395,9 @@ pub fn bench(args: &[String]) -> Result<(), Failure> {
         println!("| {vcpus} |{times}{ratios}");
     }
     println!();
+    if !vmm_failed.is_empty() {
+        return Err(format!("bench qemu: vmm failed every run at {}", vmm_failed.join("; ")).into());
+    }
     println!("vmm's phases (`vmm run --backend kvm --json`, {runs} more runs, medians):");
     for vcpus in VCPUS {
         let mut all: Vec<Vec<(String, u64)>> = Vec::new();
@@ -400,7 +409,21 @@ pub fn bench(args: &[String]) -> Result<(), Failure> {
                 .output()
                 .map_err(|e| format!("{}: {e}", vmm.display()))?;
             let wall = start.elapsed().as_micros() as u64;
+            if !o.status.success() {
+                return Err(format!(
+                    "bench qemu: vmm run --backend kvm --vcpus {vcpus} --json: {}: {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("")
+                )
+                .into());
+            }
             let p = phases(&String::from_utf8_lossy(&o.stdout));
+            if p.is_empty() {
+                return Err(format!(
+                    "bench qemu: vmm run --backend kvm --vcpus {vcpus} --json printed no phases"
+                )
+                .into());
+            }
             rest.push(wall.saturating_sub(p.iter().map(|x| x.1).sum()));
             all.push(p);
         }
