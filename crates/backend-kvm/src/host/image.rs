@@ -1008,23 +1008,33 @@ mod tests {
     use super::*;
     use crate::testing::{Watchdog, kvm_or_skip};
 
-    /// A host whose VMs cannot read KVM's CPUID table (it fails with `E2BIG`).
-    fn host_without_cpuid(test: &str) -> Option<KvmImageHost> {
+    /// This machine's VMSA-image host, or `None` (said why) where KVM cannot run one.
+    fn image_host(test: &str) -> Option<KvmImageHost> {
         if !kvm_or_skip(test) {
             return None;
         }
-        let mut host = match KvmImageHost::new(&crate::probe::probe(), "asked for by the test") {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("skipped {test}: {e}");
-                return None;
-            }
-        };
+        KvmImageHost::new(&crate::probe::probe(), "asked for by the test")
+            .inspect_err(|e| eprintln!("skipped {test}: {e}"))
+            .ok()
+    }
+
+    /// A host whose VMs cannot read KVM's CPUID table (it fails with `E2BIG`).
+    fn host_without_cpuid(test: &str) -> Option<KvmImageHost> {
+        let mut host = image_host(test)?;
         host.cpuid = cpuid::SupportedLater::failed(IoctlError::new(
             "KVM_GET_SUPPORTED_CPUID",
             Errno::new(libc::E2BIG),
         ));
         Some(host)
+    }
+
+    /// An SNP VM with 4 MiB of RAM on `host`, and the watchdog that ends `test` if a vCPU of it
+    /// never comes back.
+    fn small_vm(host: &KvmImageHost, test: &'static str) -> (KvmImageVm, Watchdog) {
+        let watchdog = Watchdog::arm(test, Duration::from_secs(60));
+        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
+        vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
+        (vm, watchdog)
     }
 
     #[test]
@@ -1034,19 +1044,10 @@ mod tests {
         use crate::guest::{self, layout, program};
 
         let test = "a_vcpu_whose_vmsa_reload_failed_does_not_run_half_loaded";
-        if !kvm_or_skip(test) {
+        let Some(host) = image_host(test) else {
             return;
-        }
-        let host = match KvmImageHost::new(&crate::probe::probe(), "asked for by the test") {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("skipped {test}: {e}");
-                return;
-            }
         };
-        let _watchdog = Watchdog::arm(test, Duration::from_secs(60));
-        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
-        vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
+        let (mut vm, _watchdog) = small_vm(&host, test);
         let mut v = vm.create_vcpu(0).unwrap();
         v.set_state(&layout::long_mode_image(layout::CODE_GPA)).unwrap();
         vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
@@ -1118,19 +1119,10 @@ mod tests {
         use crate::guest::{self, layout, program};
 
         let test = "aps_creating_each_other_at_once_do_not_wait_for_each_other";
-        if !kvm_or_skip(test) {
+        let Some(host) = image_host(test) else {
             return;
-        }
-        let host = match KvmImageHost::new(&crate::probe::probe(), "asked for by the test") {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("skipped {test}: {e}");
-                return;
-            }
         };
-        let _watchdog = Watchdog::arm(test, Duration::from_secs(60));
-        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
-        vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
+        let (mut vm, _watchdog) = small_vm(&host, test);
         // vCPU `id`'s GHCB page (2: the BSP's first request).
         let ghcb = |id: u32| layout::VMSA_BASE + 0x1_0000 + u64::from(id) * 0x1000;
         // First code: out 0x81, al; jmp $. The VMSAs the mutual requests name: out 0x80, al; jmp $.
@@ -1219,9 +1211,7 @@ mod tests {
         let Some(host) = host_without_cpuid(test) else {
             return;
         };
-        let _watchdog = Watchdog::arm(test, Duration::from_secs(60));
-        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
-        vm.add_memory(MemoryRegion::ram(4 << 20)).unwrap();
+        let (mut vm, _watchdog) = small_vm(&host, test);
         let mut v = vm.create_vcpu(0).unwrap();
         // KVM_CREATE_VCPU succeeds, the CPUID step fails; the retry must not create the vCPU
         // again (kvm_vm_ioctl_create_vcpu: EEXIST) but fail the same way.

@@ -671,7 +671,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_region_fills_the_uapi_struct() {
+    fn memory_regions_fill_the_uapi_struct_and_delete_with_size_zero() {
         assert_eq!(size_of::<kvm_userspace_memory_region2>(), 160);
         assert_eq!(offset_of!(kvm_userspace_memory_region2, guest_memfd_offset), 32);
         assert_eq!(offset_of!(kvm_userspace_memory_region2, guest_memfd), 40);
@@ -703,17 +703,7 @@ mod tests {
             9,
         );
         assert_eq!((plain.flags, plain.guest_memfd), (0, 0));
-    }
-
-    #[test]
-    fn a_slot_is_deleted_with_memory_size_zero() {
-        let region = MemoryRegion {
-            slot: 3,
-            gpa: Gpa(0x10_0000),
-            size: 0x20_0000,
-            guest_memfd: true,
-        };
-        let r = memory_region(&region, 0x7f00_0000_0000, 9);
+        // The same region with memory_size 0 deletes the slot (kvm_set_memory_region).
         let d = deleting(&r);
         assert_eq!(
             (d.slot, d.memory_size, d.flags, d.guest_phys_addr, d.guest_memfd),

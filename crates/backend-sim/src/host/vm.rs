@@ -400,6 +400,19 @@ mod tests {
         vm
     }
 
+    /// An SNP VM on `host` whose memory is all private (guest_memfd), as a launch wants it.
+    fn private_snp(host: &SimHost) -> SimVm {
+        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
+        vm.add_memory(MEMORY).unwrap();
+        vm.set_memory_attributes(Conversion {
+            gpa: Gpa(0),
+            size: MEMORY.size,
+            private: true,
+        })
+        .unwrap();
+        vm
+    }
+
     fn errno(e: VmError) -> Option<Errno> {
         e.refusal().map(|r| r.errno)
     }
@@ -425,14 +438,7 @@ mod tests {
             }],
         };
         let host = SimHost::new(machine.clone(), script);
-        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
-        vm.add_memory(MEMORY).unwrap();
-        vm.set_memory_attributes(Conversion {
-            gpa: Gpa(0),
-            size: MEMORY.size,
-            private: true,
-        })
-        .unwrap();
+        let mut vm = private_snp(&host);
         let mut vcpu = vm.create_vcpu(0).unwrap();
         vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
         vm.launch_finish().unwrap();
@@ -473,14 +479,7 @@ mod tests {
             ..MachineConfig::default()
         });
         let host = SimHost::new(machine.clone(), GuestScript::default());
-        let mut vm = host.create_vm(VmSpec::snp(0)).unwrap();
-        vm.add_memory(MEMORY).unwrap();
-        vm.set_memory_attributes(Conversion {
-            gpa: Gpa(0),
-            size: MEMORY.size,
-            private: true,
-        })
-        .unwrap();
+        let mut vm = private_snp(&host);
         vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
         let allocated = machine.allocated_frames();
         let e = vm
