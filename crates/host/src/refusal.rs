@@ -84,7 +84,24 @@ impl Refusal {
     ) -> Option<Self> {
         use vmsa_core::{Error as E2, LaunchState as L};
         let r = |errno, rule| Some(Self::new(call, errno, rule));
+        let snp_call = call.starts_with("KVM_SEV_SNP_");
         match e {
+            // sev_launch_update_data, sev_launch_update_vmsa, sev_launch_finish check nothing
+            // and hand the firmware the VM's handle, 0 before LAUNCH_START: the firmware knows
+            // no such guest, and KVM returns its error as EIO.
+            E2::Launch {
+                state: L::NotStarted, ..
+            } if !snp_call => r(
+                Errno::EIO,
+                "the launch has not started: the firmware knows no guest by the VM's handle before LAUNCH_START (sev_launch_update_data, sev_launch_update_vmsa, sev_launch_finish)",
+            ),
+            // sev_launch_start checks nothing either: the firmware makes a second guest context,
+            // whose ACTIVATE of the VM's ASID it refuses (ASID_OWNED: the first context holds
+            // it; amd/AMD-ASPFW mcmd_activate_common), and KVM returns that as EIO.
+            E2::Launch { .. } if call == "KVM_SEV_LAUNCH_START" => r(
+                Errno::EIO,
+                "the launch was already started: the firmware refuses to ACTIVATE the VM's ASID for a second guest context (ASID_OWNED; sev_launch_start, sev_bind_asid)",
+            ),
             // snp_launch_update / snp_launch_finish: no snp_context before SNP_LAUNCH_START.
             E2::Launch {
                 state: L::NotStarted, ..
@@ -146,6 +163,30 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sev_es_launch_calls_out_of_order_are_the_firmwares_refusals() {
+        use vmsa_core::{Error, LaunchState};
+        let launch = |state| Error::<std::io::Error>::Launch {
+            op: "launch start",
+            state,
+        };
+        let again = Refusal::from_core("KVM_SEV_LAUNCH_START", &launch(LaunchState::Started)).unwrap();
+        assert_eq!(again.errno, Errno::EIO);
+        assert!(again.rule.contains("ASID_OWNED"), "{again}");
+        let early =
+            Refusal::from_core("KVM_SEV_LAUNCH_UPDATE_DATA", &launch(LaunchState::NotStarted)).unwrap();
+        assert_eq!(early.errno, Errno::EIO);
+        assert!(!early.rule.contains("SNP"), "{early}");
+        // SNP keeps KVM's own checks: snp_launch_start and snp_launch_update answer EINVAL.
+        for (call, state) in [
+            ("KVM_SEV_SNP_LAUNCH_START", LaunchState::Started),
+            ("KVM_SEV_SNP_LAUNCH_UPDATE", LaunchState::NotStarted),
+        ] {
+            let r = Refusal::from_core(call, &launch(state)).unwrap();
+            assert_eq!(r.errno, Errno::EINVAL, "{r}");
+        }
+    }
 
     #[test]
     fn a_refusal_reads_as_its_doc_says() {
