@@ -51,8 +51,9 @@ pub enum GuestAction {
     },
     /// Fill `pages` pages from `gpa` with `byte` (C=1 private unless `private` is false). An
     /// access whose C-bit differs from the page's memory attribute exits to the VMM as a memory
-    /// fault (KVM's implicit conversion) and is retried once it converted the page; each page
-    /// of a multi-page write whose attribute differs faults once, as KVM exits once per faulting
+    /// fault (KVM's implicit conversion) and resumes at that page once it converted it (as a
+    /// `rep stos` restarts at its current iteration: each page is written once); each page of a
+    /// multi-page write whose attribute differs faults once, as KVM exits once per faulting
     /// access, and a second fault at the same page is the guest's error.
     Write {
         /// The executing vCPU.

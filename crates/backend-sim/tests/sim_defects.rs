@@ -336,3 +336,56 @@ fn launch_update_data_with_short_data_is_refused_not_a_panic() {
     p.launch_update_data(Gpa(0x1800), 0x1000, Some(&[1; 0x1000]))
         .unwrap();
 }
+
+/// How many times the machine has charged `op` (by its name) so far.
+fn charged(m: &Machine, op: &str) -> u64 {
+    m.cost_report()
+        .ops
+        .iter()
+        .find(|r| r.op == op)
+        .map_or(0, |r| r.count)
+}
+
+/// After a memory fault a multi-page `Write` resumes at the page that faulted, as a `rep stos`
+/// restarts at its current iteration: each page is written (and charged) once. It used to rerun
+/// from its first page after each fault, so N faulting pages cost N(N+1)/2 page writes in the
+/// cost model and the trace (a 1 GiB write onto wrong-attribute memory ran until the watchdog).
+#[test]
+fn a_faulting_multi_page_write_resumes_at_the_faulting_page() {
+    const PAGES: u64 = 64;
+    let m = machine("");
+    let (p, vm) = launched(&m);
+    let gpa = 0x40_0000;
+    let write = |byte| GuestScript {
+        name: "write".into(),
+        actions: vec![GuestAction::Write {
+            vcpu: 0,
+            gpa,
+            pages: PAGES,
+            byte,
+            private: false,
+        }],
+    };
+    let details = |r: &vmsa_host::GuestActivity| -> Vec<_> {
+        r.steps
+            .iter()
+            .map(|s| (s.error.clone(), s.detail.clone()))
+            .collect()
+    };
+    // Every page is private: each faults once and is converted to shared.
+    let before = charged(&m, "guest_copy");
+    let r = run_script(&vm, &write(3));
+    let faulting = charged(&m, "guest_copy") - before;
+    assert_eq!(details(&r), vec![(None, format!("{PAGES} pages ok"))]);
+    // The same pages, now shared: no fault.
+    let before = charged(&m, "guest_copy");
+    let r = run_script(&vm, &write(4));
+    let plain = charged(&m, "guest_copy") - before;
+    assert_eq!(details(&r), vec![(None, format!("{PAGES} pages ok"))]);
+    assert_eq!(plain, PAGES);
+    assert_eq!(faulting, plain, "each page of the faulting write is written once");
+    for i in 0..PAGES {
+        assert!(!p.is_private(Gpa(gpa + i * 4096), 4096).unwrap(), "page {i}");
+        assert_eq!(p.guest_read(Gpa(gpa + i * 4096), false).unwrap()[0], 4);
+    }
+}

@@ -33,7 +33,8 @@ pub(crate) enum Acted {
     /// answers.
     Convert(Conversion),
     /// A guest access hit a page whose attribute differs from its C-bit: `KVM_EXIT_MEMORY_FAULT`
-    /// (`kvm_mmu_prepare_memory_fault_exit`). The action runs again after the VMM converts it.
+    /// (`kvm_mmu_prepare_memory_fault_exit`). The action resumes at the faulting page after the
+    /// VMM converts it.
     Fault(Conversion),
     /// The vCPU triple-faulted: it shuts down (`KVM_EXIT_SHUTDOWN`).
     Shutdown,
@@ -105,20 +106,34 @@ fn vmsa_image(rip: u64, rsp: u64, sev_features: u64) -> Box<SevEsSaveArea> {
     v
 }
 
-/// Run `f` on each of `pages` pages from `gpa`, `step` bytes apart, stopping at the first
-/// error; says how many it did as `pvalidate_range`'s detail does ("ok" for one page, "{n}
-/// pages ok" otherwise). Only a count is kept: a script may name 2^28 pages (a 1 TiB guest),
-/// and a word per page would take gigabytes outside the machine's memory budget.
+/// Run `f` on each of `pages` pages from `gpa`, `step` bytes apart, starting at page `first`
+/// (the pages before it were done by an earlier run of the same access, which a fault
+/// interrupted) and stopping at the first error; says how many the whole access did as
+/// `pvalidate_range`'s detail does ("ok" for one page, "{n} pages ok" otherwise). Only a count
+/// is kept: a script may name 2^28 pages (a 1 TiB guest), and a word per page would take
+/// gigabytes outside the machine's memory budget.
 pub(crate) fn each_page(
     gpa: u64,
     pages: u64,
     step: u64,
+    first: u64,
     mut f: impl FnMut(Gpa) -> Result<(), SimError>,
 ) -> Result<String, SimError> {
-    for i in 0..pages {
+    for i in first..pages {
         f(Gpa(gpa + i * step))?;
     }
     Ok(pages_ok(pages))
+}
+
+/// The page of a `pages`-page access from `gpa` at which its run resumes after a memory fault
+/// at `faulted` (the VMM has since converted it): the faulting page itself, as a `rep stos`
+/// restarts at its current iteration, so no page before it is accessed again. The first page
+/// when the access has not faulted (or `faulted` lies outside it).
+fn resume_page(gpa: u64, pages: u64, faulted: Option<Gpa>) -> u64 {
+    faulted
+        .and_then(|f| f.gfn().0.checked_sub(Gpa(gpa).gfn().0))
+        .filter(|&i| i < pages)
+        .unwrap_or(0)
 }
 
 /// The detail of `n` pages done without a complaint.
@@ -328,7 +343,14 @@ impl Cpus {
         }
     }
 
-    fn act(&mut self, vm: &Vm<SimPlatform>, a: &GuestAction) -> Result<(Acted, String), String> {
+    /// Run action `a` on its vCPU; `faulted` is the page at which its last run took a memory
+    /// fault, if it did, where a multi-page access resumes.
+    fn act(
+        &mut self,
+        vm: &Vm<SimPlatform>,
+        a: &GuestAction,
+        faulted: Option<Gpa>,
+    ) -> Result<(Acted, String), String> {
         let vcpu = a.vcpu();
         if !vm.vcpu_ids().contains(&VcpuId(vcpu)) {
             return Err(format!("no vCPU {vcpu}"));
@@ -372,7 +394,7 @@ impl Cpus {
                 byte,
                 private,
                 ..
-            } => match each_page(gpa, pages, PAGE_SIZE, |g| {
+            } => match each_page(gpa, pages, PAGE_SIZE, resume_page(gpa, pages, faulted), |g| {
                 p.guest_write(g, &[byte; PAGE_SIZE as usize], private)
             }) {
                 Ok(d) => Ok(done(d)),
@@ -476,7 +498,9 @@ impl Cpus {
     /// guest sees it) rather than returned; a conversion request is recorded when the VMM
     /// answers it ([`Cpus::record`]); a memory fault records nothing (the action runs again).
     /// `faulted` is the page at which this action last took a memory fault (the VMM has since
-    /// answered it): a fault at that same page again is the guest's error, as the VMM did not
+    /// answered it): the action resumes there, as a `rep stos` restarts at its current
+    /// iteration, so each page of it is accessed once; a fault at that same page again is the
+    /// guest's error, as the VMM did not
     /// convert what the fault asked for; a fault at another page (the next page of a
     /// multi-page access) is a new exit, as KVM's `kvm_mmu_prepare_memory_fault_exit` exits
     /// once per faulting access.
@@ -487,7 +511,7 @@ impl Cpus {
         a: &GuestAction,
         faulted: Option<Gpa>,
     ) -> Acted {
-        match self.act(vm, a) {
+        match self.act(vm, a, faulted) {
             Ok((Acted::Done, detail)) => {
                 self.record(index, a, Ok(detail));
                 Acted::Done

@@ -115,7 +115,7 @@ impl vmsa_host::Vcpu for SimVcpu {
                         g.cpus.step(&kernel, index, &a, faulted)
                     };
                     if let Acted::Fault(range) = acted {
-                        // The action runs again once the VMM has converted the page.
+                        // The action resumes at this page once the VMM has converted it.
                         g.faulted = Some((index, range.gpa));
                         return Ok(VcpuExit::MemoryFault(range));
                     }

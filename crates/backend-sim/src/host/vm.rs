@@ -419,7 +419,8 @@ mod tests {
 
     /// Through the VMM's path: a shared `Write` over three private pages takes one memory
     /// fault per page, each answered by `set_memory_attributes`, and then succeeds (the
-    /// retry used to be per action, so the second page's fault was taken for a repeat).
+    /// retry used to be per action, so the second page's fault was taken for a repeat),
+    /// writing each page once (each retry used to start again at the first page).
     #[test]
     fn a_multi_page_write_exits_once_per_faulting_page() {
         use vmsa_host::{Vcpu as _, VcpuExit};
@@ -442,6 +443,15 @@ mod tests {
         let mut vcpu = vm.create_vcpu(0).unwrap();
         vm.launch_start(vmsa_core::SNP_POLICY_RSVD_MBO).unwrap();
         vm.launch_finish().unwrap();
+        let guest_copies = || {
+            let report = machine.cost_report();
+            report
+                .ops
+                .iter()
+                .find(|r| r.op == "guest_copy")
+                .map_or(0, |r| r.count)
+        };
+        let copies_before = guest_copies();
         let mut faults = Vec::new();
         loop {
             match vcpu.run().unwrap() {
@@ -454,6 +464,8 @@ mod tests {
             }
         }
         assert_eq!(faults, vec![Gpa(0x4000), Gpa(0x5000), Gpa(0x6000)]);
+        // Each run resumes at the page that faulted: each page is written once.
+        assert_eq!(guest_copies() - copies_before, 3);
         drop(vcpu);
         let report = vm.teardown();
         let vmsa_host::Observed::Seen(guest) = report.guest else {
