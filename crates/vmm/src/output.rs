@@ -78,20 +78,37 @@ enum Naming {
     Replace,
 }
 
-/// A new unnamed regular file (`O_TMPFILE`) in the directory where `path` is to be, or `None`
-/// where there is none to be had: a kernel or file system without unnamed files, or no
-/// `/proc` to name one through ([`name_unnamed`]). Any other failure (no such directory, no
-/// permission) is met again, and reported, by the named temporary file tried instead.
-fn unnamed_beside(path: &Path) -> Option<File> {
+/// What [`unnamed_beside`] got: the unnamed file, or why there is none.
+#[derive(Debug)]
+enum Unnamed {
+    /// The new unnamed file.
+    File(File),
+    /// None to be had: a kernel or file system without unnamed files (`EISDIR`,
+    /// `EOPNOTSUPP`), or no `/proc` to name one through ([`name_unnamed`]).
+    Unsupported,
+    /// `open(O_TMPFILE)` failed otherwise (no such directory, no permission, too many open
+    /// files, ...). The named temporary file is tried all the same; if that fails too, its
+    /// error carries this one ([`WriteError::unnamed`]), which is often the cause of both.
+    Failed(io::Error),
+}
+
+/// A new unnamed regular file (`O_TMPFILE`) in the directory where `path` is to be, or why
+/// there is none ([`Unnamed`]).
+fn unnamed_beside(path: &Path) -> Unnamed {
     if !Path::new("/proc/self/fd").is_dir() {
-        return None;
+        return Unnamed::Unsupported;
     }
-    OpenOptions::new()
+    match OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_TMPFILE)
         .mode(0o666)
         .open(parent_dir(path))
-        .ok()
+    {
+        Ok(file) => Unnamed::File(file),
+        // open(2): EISDIR where the kernel has no O_TMPFILE, EOPNOTSUPP where the file system.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EISDIR | libc::EOPNOTSUPP)) => Unnamed::Unsupported,
+        Err(e) => Unnamed::Failed(e),
+    }
 }
 
 /// Give the unnamed `file` ([`unnamed_beside`]) the name `path`, which must be free: a link,
@@ -132,10 +149,14 @@ pub enum Call {
     CreateDirectory,
     /// `open(2)` and `fsync(2)` of a directory, which makes the names in it durable.
     SyncDirectory,
+    /// `open(2)` and `fsync(2)` of the directory an output was just given its name in (its
+    /// parent), without which a crash may lose the name; [`WriteError::path`] is the output's.
+    SyncParent,
 }
 
 /// A failed call while writing an output: which call, on which path, and its error. Nothing
-/// is left under the output's name (nor under a temporary one this process made).
+/// is left under the output's name (nor under a temporary one this process made), but for
+/// [`Call::SyncParent`] of a replacement, which has already taken the replaced file's place.
 #[derive(Debug)]
 pub struct WriteError {
     /// The call that failed.
@@ -146,6 +167,10 @@ pub struct WriteError {
     pub from: Option<PathBuf>,
     /// The call's error.
     pub source: io::Error,
+    /// For [`Call::CreateTemporary`]: the error of the unnamed (`O_TMPFILE`) file tried first,
+    /// where that failed other than for want of support (say `EMFILE`, which the temporary
+    /// file then meets too); shown first, so the cause is never hidden.
+    pub unnamed: Option<io::Error>,
 }
 
 impl std::error::Error for WriteError {
@@ -155,12 +180,14 @@ impl std::error::Error for WriteError {
 }
 
 impl WriteError {
-    fn new(call: Call, path: &Path, source: io::Error) -> Self {
+    /// The failed `call` on `path`.
+    pub fn new(call: Call, path: &Path, source: io::Error) -> Self {
         Self {
             call,
             path: path.to_path_buf(),
             from: None,
             source,
+            unnamed: None,
         }
     }
 
@@ -182,6 +209,13 @@ impl std::fmt::Display for WriteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let path = self.path.display();
         let from = self.from.as_deref().unwrap_or(Path::new("?")).display();
+        if let Some(e) = &self.unnamed {
+            let dir = parent_dir(&self.path).display();
+            write!(
+                f,
+                "creating an unnamed file in {dir} (open O_TMPFILE) failed: {e}; then "
+            )?;
+        }
         match self.call {
             Call::CreateTemporary => write!(f, "creating the temporary file {path} (open O_EXCL)"),
             Call::Write => write!(f, "writing {path}"),
@@ -192,6 +226,11 @@ impl std::fmt::Display for WriteError {
             Call::Rename => write!(f, "renaming {from} to {path} (rename)"),
             Call::CreateDirectory => write!(f, "creating the directory {path} (mkdir)"),
             Call::SyncDirectory => write!(f, "syncing the directory {path} (fsync)"),
+            Call::SyncParent => write!(
+                f,
+                "syncing the directory {} after naming {path} in it (fsync)",
+                parent_dir(&self.path).display()
+            ),
         }?;
         write!(f, " failed: {}", self.source)
     }
@@ -255,20 +294,26 @@ impl Drop for Pending {
 /// or, without one, under [`temp_path`]: everything but its name.
 fn prepare(
     path: &Path,
-    unnamed: Option<File>,
+    unnamed: Unnamed,
     mode: Option<u32>,
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> Result<Pending, WriteError> {
     let (file, temp) = match unnamed {
-        Some(file) => (file, None),
-        None => {
+        Unnamed::File(file) => (file, None),
+        Unnamed::Unsupported | Unnamed::Failed(_) => {
             // Only a temporary file this call made is removed (a taken name is somebody else's).
             let tmp = temp_path(path);
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&tmp)
-                .map_err(|e| WriteError::new(Call::CreateTemporary, &tmp, e))?;
+                .map_err(|e| WriteError {
+                    unnamed: match unnamed {
+                        Unnamed::Failed(e) => Some(e),
+                        _ => None,
+                    },
+                    ..WriteError::new(Call::CreateTemporary, &tmp, e)
+                })?;
             (file, Some(tmp))
         }
     };
@@ -306,22 +351,42 @@ fn kept_mode(path: &Path) -> Option<u32> {
 
 /// Write the output `path` with `write`, synced, into `unnamed` (an unnamed file beside it,
 /// [`unnamed_beside`]) or, without one, under [`temp_path`]; then give it its name as
-/// `naming` says (a replacement with the replaced file's permission bits). No name but
-/// `path`'s outlives the call.
+/// `naming` says (a replacement with the replaced file's permission bits) and sync its
+/// directory, so that the name lasts ([`sync_parent`]). No name but `path`'s outlives the
+/// call.
 fn write_whole(
     path: &Path,
     naming: Naming,
-    unnamed: Option<File>,
+    unnamed: Unnamed,
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> Result<(), WriteError> {
+    write_whole_with(path, naming, unnamed, write, fsync_dir)
+}
+
+/// [`write_whole`], syncing the directory with `fsync` (tests make it fail).
+fn write_whole_with(
+    path: &Path,
+    naming: Naming,
+    unnamed: Unnamed,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    fsync: impl FnOnce(&Path) -> io::Result<()>,
+) -> Result<(), WriteError> {
     match naming {
-        Naming::New => prepare(path, unnamed, None, write)?.name_new(),
-        Naming::Replace => prepare(path, unnamed, kept_mode(path), write)?.name_replacing(),
+        Naming::New => prepare(path, unnamed, None, write)?.name_new()?,
+        Naming::Replace => prepare(path, unnamed, kept_mode(path), write)?.name_replacing()?,
     }
+    sync_parent_with(path, fsync).inspect_err(|_| {
+        // A new output is taken back (nothing is left under its name on failure); a
+        // replacement cannot be, the file it replaced being gone.
+        if let Naming::New = naming {
+            let _ = std::fs::remove_file(path);
+        }
+    })
 }
 
 /// Write the output `path` with `write`, whole and synced, without giving it its name yet:
 /// [`Pending::name_new`] does (so that several outputs can be written before any is named).
+/// Once named, its directory is to be synced ([`sync_dir`], [`sync_parent`]).
 pub fn pending(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
@@ -329,12 +394,26 @@ pub fn pending(
     prepare(path, unnamed_beside(path), None, write)
 }
 
+/// `open(2)` and `fsync(2)` of the directory `dir`.
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
 /// Sync the directory `dir`, so that the names in it last (before it takes a name of its own,
 /// say).
 pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| WriteError::new(Call::SyncDirectory, dir, e))
+    fsync_dir(dir).map_err(|e| WriteError::new(Call::SyncDirectory, dir, e))
+}
+
+/// Sync the directory `path` (a file or a directory) was just given its name in, so that the
+/// name lasts: without it a crash may lose a name whose writing was reported done
+/// ([`Call::SyncParent`]).
+pub fn sync_parent(path: &Path) -> Result<(), WriteError> {
+    sync_parent_with(path, fsync_dir)
+}
+
+fn sync_parent_with(path: &Path, fsync: impl FnOnce(&Path) -> io::Result<()>) -> Result<(), WriteError> {
+    fsync(parent_dir(path)).map_err(|e| WriteError::new(Call::SyncParent, path, e))
 }
 
 /// Why an output was not written ([`write_replacing`]).
@@ -543,11 +622,11 @@ mod tests {
             during = names(&dir);
             Ok(())
         };
-        write_whole(&out, Naming::Replace, None, watch).unwrap();
+        write_whole(&out, Naming::Replace, Unnamed::Unsupported, watch).unwrap();
         assert_eq!(during, [temp_path(&out).file_name().unwrap()]);
         assert_eq!(names(&dir), ["out.json"]);
         std::fs::write(temp_path(&out), b"theirs").unwrap();
-        let e = write_whole(&out, Naming::Replace, None, bytes(b"mine")).unwrap_err();
+        let e = write_whole(&out, Naming::Replace, Unnamed::Unsupported, bytes(b"mine")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(temp_path(&out)).unwrap(), b"theirs");
         assert_eq!(std::fs::read(&out).unwrap(), b"data");
@@ -565,8 +644,16 @@ mod tests {
         for (bits, unnamed) in [(0o600, true), (0o640, false), (0o755, true)] {
             std::fs::write(&p, b"old").unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(bits)).unwrap();
-            let file = if unnamed { unnamed_beside(&p) } else { None };
-            assert_eq!(file.is_some(), unnamed, "the tests' directory has unnamed files");
+            let file = if unnamed {
+                unnamed_beside(&p)
+            } else {
+                Unnamed::Unsupported
+            };
+            assert_eq!(
+                matches!(file, Unnamed::File(_)),
+                unnamed,
+                "the tests' directory has unnamed files"
+            );
             write_whole(&p, Naming::Replace, file, bytes(b"new")).unwrap();
             assert_eq!(std::fs::read(&p).unwrap(), b"new");
             assert_eq!(mode(&p), bits, "{bits:o}, unnamed: {unnamed}");
@@ -584,7 +671,7 @@ mod tests {
         let dir = scratch("calls");
         let out = dir.join("out.json");
         std::fs::write(temp_path(&out), b"theirs").unwrap();
-        let e = write_whole(&out, Naming::New, None, bytes(b"x")).unwrap_err();
+        let e = write_whole(&out, Naming::New, Unnamed::Unsupported, bytes(b"x")).unwrap_err();
         assert_eq!(
             (e.call, e.kind()),
             (Call::CreateTemporary, io::ErrorKind::AlreadyExists)
@@ -599,7 +686,7 @@ mod tests {
         // A directory in the way of a rename.
         let sub = dir.join("sub");
         std::fs::create_dir_all(sub.join("x")).unwrap();
-        let e = write_whole(&sub, Naming::Replace, None, bytes(b"x")).unwrap_err();
+        let e = write_whole(&sub, Naming::Replace, Unnamed::Unsupported, bytes(b"x")).unwrap_err();
         assert_eq!(e.call, Call::Rename);
         let msg = e.to_string();
         let sub_tmp = temp_path(&sub).display().to_string();
@@ -615,6 +702,100 @@ mod tests {
             (Call::LinkUnnamed, io::ErrorKind::AlreadyExists)
         );
         assert_eq!(names(&dir), ["out.json", "sub"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The directory an output was named in was never synced, so a crash could lose a name
+    /// whose writing was reported done. Its failure is an error of its own, naming the call,
+    /// the directory and the output; a new output is taken back, a replacement cannot be.
+    #[test]
+    fn a_failed_sync_of_the_outputs_directory_is_its_own_error() {
+        let dir = scratch("sync-parent");
+        let out = dir.join("out.json");
+        let eio = |_: &Path| Err(io::Error::from_raw_os_error(libc::EIO));
+        for unnamed in [true, false] {
+            let file = if unnamed {
+                unnamed_beside(&out)
+            } else {
+                Unnamed::Unsupported
+            };
+            let e = write_whole_with(&out, Naming::New, file, bytes(b"new"), eio).unwrap_err();
+            assert_eq!(
+                (e.call, e.source.raw_os_error()),
+                (Call::SyncParent, Some(libc::EIO))
+            );
+            assert_eq!(e.path, out);
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "syncing the directory {} after naming {} in it (fsync) failed: {}",
+                    dir.display(),
+                    out.display(),
+                    e.source
+                )
+            );
+            assert!(names(&dir).is_empty(), "unnamed: {unnamed}: {:?}", names(&dir));
+        }
+        std::fs::write(&out, b"old").unwrap();
+        let e = write_whole_with(&out, Naming::Replace, unnamed_beside(&out), bytes(b"new"), eio);
+        assert_eq!(e.unwrap_err().call, Call::SyncParent);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"new",
+            "the old file is gone already"
+        );
+        assert_eq!(names(&dir), ["out.json"]);
+        // A real failure: a directory that cannot be opened.
+        let e = sync_parent(&dir.join("gone/out.json")).unwrap_err();
+        assert_eq!((e.call, e.kind()), (Call::SyncParent, io::ErrorKind::NotFound));
+        assert!(
+            e.to_string()
+                .starts_with(&format!("syncing the directory {}", dir.join("gone").display())),
+            "{e}"
+        );
+        // And the syncs that succeed are made: every output is still written.
+        write_new(&dir.join("new.json"), b"x").unwrap();
+        write_replacing(&out, bytes(b"newer")).unwrap();
+        assert_eq!(names(&dir), ["new.json", "out.json"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `O_TMPFILE` failing with `EMFILE` was taken for "no unnamed files" and its error
+    /// dropped; the temporary file tried instead then failed with the same cause, reported as
+    /// a failed `open O_EXCL` alone. Both are reported now, the unnamed file's first.
+    #[test]
+    fn a_failed_unnamed_file_is_reported_with_the_temporary_files_failure() {
+        let dir = scratch("unnamed-error");
+        let out = dir.join("out.json");
+        let tmp = temp_path(&out);
+        std::fs::write(&tmp, b"theirs").unwrap();
+        let emfile = Unnamed::Failed(io::Error::from_raw_os_error(libc::EMFILE));
+        let e = write_whole(&out, Naming::New, emfile, bytes(b"x")).unwrap_err();
+        assert_eq!(e.call, Call::CreateTemporary);
+        assert_eq!(
+            e.unnamed.as_ref().and_then(io::Error::raw_os_error),
+            Some(libc::EMFILE)
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "creating an unnamed file in {} (open O_TMPFILE) failed: {}; then creating the \
+                 temporary file {} (open O_EXCL) failed: {}",
+                dir.display(),
+                io::Error::from_raw_os_error(libc::EMFILE),
+                tmp.display(),
+                e.source
+            )
+        );
+        // Without unnamed files there is nothing to report but the temporary file's failure.
+        let e = write_whole(&out, Naming::New, Unnamed::Unsupported, bytes(b"x")).unwrap_err();
+        assert!(e.unnamed.is_none());
+        assert!(e.to_string().starts_with("creating the temporary file"), "{e}");
+        // Where the temporary file can be made, the output is written all the same.
+        std::fs::remove_file(&tmp).unwrap();
+        let emfile = Unnamed::Failed(io::Error::from_raw_os_error(libc::EMFILE));
+        write_whole(&out, Naming::New, emfile, bytes(b"x")).unwrap();
+        assert_eq!(names(&dir), ["out.json"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

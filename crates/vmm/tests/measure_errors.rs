@@ -482,6 +482,42 @@ fn dump_vmsa_refuses_to_overwrite_and_leaves_nothing_behind() {
     assert_eq!(ls(&root), ["empty", "file", "full", "zeros.fd"]);
 }
 
+/// Filling an existing empty directory kept every VMSA file open until all were written (an
+/// unnamed `O_TMPFILE` file stays open until it is linked), so `--vcpus 512` under
+/// `ulimit -n 512` failed with `EMFILE`; now one file at a time is open.
+#[test]
+fn dump_vmsa_into_an_existing_directory_keeps_one_file_open_at_a_time() {
+    if !Path::new(DEBIAN_OVMF).exists() {
+        eprintln!("skipped: {DEBIAN_OVMF} is missing (apt-get install ovmf)");
+        return;
+    }
+    let root = scratch("dump-fds");
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = output_within(
+        std::time::Duration::from_secs(120),
+        std::process::Command::new("bash")
+            .args([
+                "-c",
+                r#"ulimit -n 64 && exec "$0" "$@""#,
+                env!("CARGO_BIN_EXE_vmm"),
+                "measure",
+            ])
+            .args(cli(DEBIAN_OVMF, "512", "EPYC-v4", &["--dump-vmsa", &s(&empty)])),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("vmsa dump: 512 files in {}", empty.display())),
+        "{}",
+        stdout(&out)
+    );
+    let mut want: Vec<String> = (0..512).map(|i| format!("vmsa{i}.bin")).collect();
+    want.sort();
+    assert_eq!(ls(&empty), want);
+    assert_eq!(std::fs::metadata(empty.join("vmsa511.bin")).unwrap().len(), 4096);
+    assert_eq!(ls(&root), ["empty"]);
+}
+
 #[test]
 fn usage_errors_are_one_line_too() {
     for args in [&[][..], &["frobnicate"][..]] {

@@ -1,8 +1,9 @@
 //! `--dump-vmsa DIR`: the launch VMSAs as `vmsa<N>.bin` files (the names and bytes
 //! sev-snp-measure's `--dump-vmsa` writes into its working directory), written all or nothing.
 //! A new DIR is built as a fresh sibling directory and renamed into place; an existing empty DIR
-//! is kept as it is (its owner, mode and mount stay) and filled with files written under
-//! temporary names first, linked to their names at the end (never over a file).
+//! is kept as it is (its owner, mode and mount stay) and filled file by file, each written
+//! unnamed (or under a temporary name) and linked to its name as soon as it is whole (never
+//! over a file), so that only one file is open at a time whatever the number of vCPUs.
 
 use std::fs;
 use std::io;
@@ -58,11 +59,29 @@ fn file_name(dir: &Path, v: &VmsaUpdate) -> PathBuf {
     dir.join(format!("vmsa{}.bin", v.vcpu.0))
 }
 
+/// Write `vmsa<N>.bin` of `v` into `dir`, whole and synced before it has its name (which
+/// must be free), closing it; the directory is left for the caller to sync.
+fn put(dir: &Path, v: &VmsaUpdate) -> Result<PathBuf, WriteError> {
+    let done = file_name(dir, v);
+    crate::output::pending(&done, |w| w.write_all(v.save_area.as_page()))?.name_new()?;
+    Ok(done)
+}
+
 /// Write `vmsa<N>.bin` for every VMSA into DIR, atomically, each file through the output
-/// module (whole and synced before it has its name); returns how many were written.
+/// module (whole and synced before it has its name); returns how many were written. A new DIR
+/// is synced in its parent directory once it has its name, so that it lasts.
 pub(crate) fn write<'a>(
     dir: &Path,
     vmsas: impl Iterator<Item = &'a VmsaUpdate>,
+) -> Result<usize, MeasureError> {
+    write_with(dir, vmsas, crate::output::sync_parent)
+}
+
+/// [`write`], syncing DIR's parent directory with `sync_parent` (tests make it fail).
+fn write_with<'a>(
+    dir: &Path,
+    vmsas: impl Iterator<Item = &'a VmsaUpdate>,
+    sync_parent: impl FnOnce(&Path) -> Result<(), WriteError>,
 ) -> Result<usize, MeasureError> {
     check_dir(dir)?;
     let werr = |source| MeasureError::DumpWrite {
@@ -73,24 +92,23 @@ pub(crate) fn write<'a>(
         return fill(dir, vmsas).map_err(werr);
     }
     let tmp = crate::output::temp_path(dir);
-    fs::create_dir(&tmp).map_err(|source| {
-        werr(WriteError {
-            call: Call::CreateDirectory,
-            path: tmp.clone(),
-            from: None,
-            source,
-        })
-    })?;
+    fs::create_dir(&tmp).map_err(|e| werr(WriteError::new(Call::CreateDirectory, &tmp, e)))?;
     let result = (|| {
         let mut n = 0;
         for v in vmsas {
-            crate::output::write_new(&file_name(&tmp, v), v.save_area.as_page())?;
+            put(&tmp, v)?;
             n += 1;
         }
         // The files' names last before the directory takes its name.
         crate::output::sync_dir(&tmp)?;
         // Replaces DIR only if it is (still) an empty directory.
         fs::rename(&tmp, dir).map_err(|e| WriteError::naming(Call::Rename, &tmp, dir, e))?;
+        // DIR's own name lasts (and the temporary one is gone for good) before success.
+        if let Err(e) = sync_parent(dir) {
+            // All or nothing: the directory this call made is taken back.
+            let _ = fs::remove_dir_all(dir);
+            return Err(e);
+        }
         Ok(n)
     })();
     if result.is_err() {
@@ -99,37 +117,34 @@ pub(crate) fn write<'a>(
     result.map_err(werr)
 }
 
-/// Fill the existing empty directory `dir`: every file written whole and synced first
-/// (unnamed, or under a temporary name), then each linked to its name and the directory
-/// synced; on any failure every file this call put there is removed again.
+/// Fill the existing empty directory `dir`: each file written whole and synced (unnamed, or
+/// under a temporary name) and linked to its name before the next is begun, so that one file
+/// at a time is open (an unnamed file stays open until it is linked: all of them at once ran
+/// out of descriptors, `EMFILE`, for a few hundred vCPUs); then the directory synced. On any
+/// failure every file this call put there is removed again.
 fn fill<'a>(dir: &Path, vmsas: impl Iterator<Item = &'a VmsaUpdate>) -> Result<usize, WriteError> {
-    let mut pending = Vec::new();
-    for v in vmsas {
-        let done = file_name(dir, v);
-        let file = crate::output::pending(&done, |w| w.write_all(v.save_area.as_page()))?;
-        pending.push((file, done));
-    }
-    let n = pending.len();
     let mut linked: Vec<PathBuf> = Vec::new();
-    let mut result = Ok(n);
-    for (file, done) in pending {
+    let mut result = Ok(());
+    for v in vmsas {
         // Never over a file: the name may have appeared since the directory was found empty
         // (another writer), and a rename would silently replace it.
-        if let Err(e) = file.name_new() {
-            result = Err(e);
-            break;
+        match put(dir, v) {
+            Ok(done) => linked.push(done),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
         }
-        linked.push(done);
     }
     if result.is_ok() {
-        result = crate::output::sync_dir(dir).map(|()| n);
+        result = crate::output::sync_dir(dir);
     }
     if result.is_err() {
-        for done in linked {
+        for done in &linked {
             let _ = fs::remove_file(done);
         }
     }
-    result
+    result.map(|()| linked.len())
 }
 
 #[cfg(test)]
@@ -223,6 +238,50 @@ mod tests {
         assert_eq!(fill(&root, vmsas(2).iter()).unwrap(), 2);
         assert_eq!(fs::read(&theirs).unwrap(), b"theirs");
         assert_eq!(fs::read(root.join("vmsa0.bin")).unwrap().len(), 4096);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The new directory's parent was never synced after the rename, so a crash could lose
+    /// DIR (and keep `.DIR.tmp-PID`) after a reported success. Its failure is named, and
+    /// leaves nothing; a success syncs it.
+    #[test]
+    fn a_failed_sync_of_the_new_directorys_parent_is_named_and_leaves_nothing() {
+        let root = scratch("dump-sync-parent");
+        let d = root.join("out");
+        let mut synced = None;
+        let record = |p: &Path| {
+            synced = Some(p.to_path_buf());
+            crate::output::sync_parent(p)
+        };
+        assert_eq!(write_with(&d, vmsas(2).iter(), record).unwrap(), 2);
+        assert_eq!(synced.as_deref(), Some(d.as_path()));
+        fs::remove_dir_all(&d).unwrap();
+        let eio = |p: &Path| {
+            Err(WriteError::new(
+                Call::SyncParent,
+                p,
+                io::Error::from_raw_os_error(libc::EIO),
+            ))
+        };
+        let e = write_with(&d, vmsas(2).iter(), eio).unwrap_err();
+        let MeasureError::DumpWrite { source, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(source.call, Call::SyncParent);
+        assert!(
+            e.to_string().ends_with(&format!(
+                "cannot write the VMSA files: syncing the directory {} after naming {} in it \
+                 (fsync) failed: {}",
+                root.display(),
+                d.display(),
+                source.source
+            )),
+            "{e}"
+        );
+        assert!(names(&root).is_empty(), "{:?}", names(&root));
+        // An existing directory is not renamed, so its parent is not synced.
+        fs::create_dir(&d).unwrap();
+        assert_eq!(write_with(&d, vmsas(2).iter(), eio).unwrap(), 2);
         fs::remove_dir_all(root).unwrap();
     }
 
