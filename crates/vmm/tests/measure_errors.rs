@@ -194,6 +194,16 @@ fn vcpu_signatures_and_families_outside_what_cpuid_encodes() {
         &with(&["--vcpu-family", "25"]),
         &["--vcpu-model", "--vcpu-stepping"],
     );
+    // sev-snp-measure reads a 0 signature or family as not given (Python truthiness) and
+    // refuses the QEMU launch; both were measured here.
+    refused(
+        &with(&["--vcpu-sig", "0"]),
+        &["--vcpu-sig 0", "sev-snp-measure reads 0 as no vCPU model"],
+    );
+    refused(
+        &with(&["--vcpu-family", "0", "--vcpu-model", "1", "--vcpu-stepping", "2"]),
+        &["--vcpu-family 0", "sev-snp-measure reads 0 as no vCPU model"],
+    );
     // Beside a type or a signature, a model and stepping were accepted and ignored.
     refused(
         &with(&["--vcpu-type", "EPYC", "--vcpu-model", "5", "--vcpu-stepping", "1"]),

@@ -421,8 +421,15 @@ pub fn measure(args: &MeasureArgs) -> Result<MeasureOutput, MeasureError> {
         });
     }
     let vcpu_model = args.vcpu_model();
-    if args.vmm_type.uses_vcpu_signature() && vcpu_model.is_none() {
-        return Err(MeasureError::MissingVcpuType);
+    if args.vmm_type.uses_vcpu_signature() {
+        if vcpu_model.is_none() {
+            return Err(MeasureError::MissingVcpuType);
+        }
+        for (option, value) in [("vcpu-sig", args.vcpu_sig), ("vcpu-family", args.vcpu_family)] {
+            if value == Some(0) {
+                return Err(MeasureError::ZeroVcpuModel { option });
+            }
+        }
     }
     if let Some(dir) = &args.dump_vmsa {
         dump::check_dir(dir)?;

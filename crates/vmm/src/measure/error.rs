@@ -69,6 +69,17 @@ pub enum MeasureError {
          --vcpu-stepping): QEMU puts the vCPU model's CPUID signature in RDX of every launch VMSA"
     )]
     MissingVcpuType,
+    /// `--vcpu-sig 0` or `--vcpu-family 0` for a QEMU launch: sev-snp-measure tests these with
+    /// Python's truthiness (`elif args.vcpu_sig:`), so it reads 0 as not given and refuses the
+    /// launch, where this tool would measure it.
+    #[error(
+        "--{option} 0: sev-snp-measure reads 0 as no vCPU model and refuses a QEMU launch without one; give the \
+         vCPU's real model (--vcpu-type, or its CPUID Fn0000_0001_EAX signature)"
+    )]
+    ZeroVcpuModel {
+        /// `vcpu-sig` or `vcpu-family`.
+        option: &'static str,
+    },
     /// The dump directory cannot be used.
     #[error("--dump-vmsa {}: {problem}", path.display())]
     DumpDir {

@@ -123,20 +123,23 @@ pub enum HexError {
         /// The value given.
         value: String,
     },
-    /// Decimal digits without `0x` whose hex and decimal readings differ: sev-snp-measure
-    /// parses `--guest-features` with Python's `int(x, 0)`, so `21` is 21 (0x15) there and
-    /// 0x21 here, and the same command line would give two digests.
+    /// A value without `0x` that Python's `int(x, 0)` (how sev-snp-measure parses
+    /// `--guest-features`) reads differently: decimal digits (`21` is 21, 0x15, there and 0x21
+    /// here) or a `0b` binary literal (`0b1` is 1 there and 0xb1 here). The same command line
+    /// would give two digests.
     #[error(
-        "'{value}' is ambiguous without 0x: it is {hex:#x} read as hex (this tool) but {decimal:#x} read as \
-         decimal (sev-snp-measure reads an unprefixed number so); write {hex:#x} or {decimal:#x}"
+        "'{value}' is ambiguous without 0x: it is {hex:#x} read as hex (this tool) but {other:#x} read as \
+         {base} (sev-snp-measure reads it so); write {hex:#x} or {other:#x}"
     )]
     Ambiguous {
         /// The value given.
         value: String,
         /// Its hex reading.
         hex: u64,
-        /// Its decimal reading.
-        decimal: u64,
+        /// Python's reading.
+        other: u64,
+        /// The base Python reads it in: "decimal" or "binary".
+        base: &'static str,
     },
 }
 
@@ -151,17 +154,24 @@ pub fn parse_hex_u64(s: &str) -> Result<u64, HexError> {
         return Err(not_hex());
     }
     let hex = u64::from_str_radix(digits, 16).map_err(|_| not_hex())?;
-    if prefixed.is_none()
-        && let Ok(decimal) = s.parse::<u64>()
-        && decimal != hex
-    {
-        return Err(HexError::Ambiguous {
+    if prefixed.is_some() {
+        return Ok(hex);
+    }
+    // Python's reading where it has one (`int(x, 0)`: a `0b` prefix is binary, other digits
+    // decimal); where Python refuses the value, only this reading exists.
+    let python = match s.strip_prefix("0b").or_else(|| s.strip_prefix("0B")) {
+        Some(bits) => u64::from_str_radix(bits, 2).ok().map(|v| (v, "binary")),
+        None => s.parse::<u64>().ok().map(|v| (v, "decimal")),
+    };
+    match python {
+        Some((other, base)) if other != hex => Err(HexError::Ambiguous {
             value: s.to_owned(),
             hex,
-            decimal,
-        });
+            other,
+            base,
+        }),
+        _ => Ok(hex),
     }
-    Ok(hex)
 }
 
 /// An OVMF hash: the SEV-SNP launch digest of a firmware's pages alone (SHA-384), from which
@@ -265,9 +275,23 @@ mod tests {
             Err(HexError::Ambiguous {
                 value: "21".into(),
                 hex: 0x21,
-                decimal: 21
+                other: 21,
+                base: "decimal"
             })
         );
+        // `0b1` is all hex digits (0xb1) and Python's binary 1: it measured 0xb1 where
+        // sev-snp-measure measures 1.
+        for (bin, value) in [("0b1", 1), ("0B11", 3), ("0b100001", 0x21), ("0b0", 0)] {
+            match parse_hex_u64(bin) {
+                Err(HexError::Ambiguous { other, base, .. }) => {
+                    assert_eq!((other, base), (value, "binary"), "{bin}")
+                }
+                other => panic!("{bin}: {other:?}"),
+            }
+        }
+        // Python refuses `0b` alone and `0b12`: the hex reading is the only one.
+        assert_eq!(parse_hex_u64("0b"), Ok(0xb));
+        assert_eq!(parse_hex_u64("0b12"), Ok(0xb12));
         assert!(parse_hex_u64("12345678901234567890").is_err());
         for bad in ["", "0x", "0x1g", "12345678901234567", "+1", "-1", "0x 1", "1_0"] {
             assert!(parse_hex_u64(bad).is_err(), "{bad}");
