@@ -567,6 +567,12 @@ fn check_kvm_vmsa(index: usize, vp_index: u16, gpa: u64, cr0: u64) -> Result<(),
 }
 
 /// Measure a parsed IGVM file for SEV-SNP.
+///
+/// A VP context's VMSA is measured as the firmware measures it, with GUEST_TSC_SCALE and
+/// GUEST_TSC_OFFSET (0x2f0..0x300) as zero (amd/AMD-ASPFW `snp_mcmd_launch_update`). Those
+/// bytes are reserved, must-be-zero, in IGVM's `SevVmsa`, so for a valid file this is also
+/// igvmmeasure's digest, which hashes the page as it is; for a file with bytes there the two
+/// differ, and this one is what the hardware reports.
 pub fn measure_file(file: &IgvmFile, opts: IgvmMeasureOptions) -> Result<IgvmMeasurement, IgvmError> {
     let mut m = Measurer {
         ld: SnpLaunchDigest::new(),
