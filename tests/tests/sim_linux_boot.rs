@@ -25,7 +25,7 @@ struct AtRunEnd {
 /// Boot `vcpus` vCPUs with `memory` bytes of RAM from 0 (2 MiB pages and folios if `large`).
 fn linux_boot(vcpus: u32, memory: u64, large: bool) -> (SimRun, LinuxBootLayout, AtRunEnd) {
     let launched = (FIRMWARE_GPA, FIRMWARE_GPA + FIRMWARE_PAGES * PAGE_SIZE);
-    let layout = LinuxBootLayout::new(vec![(0, memory)], vec![launched]).expect("enough RAM");
+    let layout = LinuxBootLayout::new(vcpus, vec![(0, memory)], vec![launched]).expect("enough RAM");
     let script = GuestScript::linux_boot(vcpus, &layout, large);
     let config = MachineConfig {
         gmem_2m_folios: large,

@@ -227,8 +227,10 @@ pub enum CostError {
 /// stay finite and meaningful.
 pub const CLOCK_HZ_RANGE: std::ops::RangeInclusive<f64> = 1e6..=1e11;
 
-/// The most cycles one operation may cost: 2^40 (about 400 s at 2.7 GHz), so that 2^23
-/// operations of the dearest kind still fit the machine's 64-bit clock without saturating it.
+/// The most cycles one operation may cost: 2^40 (about 400 s at 2.7 GHz). This bounds one
+/// charge, not a run: 2^24 operations of that cost (a 64 GiB guest validated 4 KiB at a time)
+/// reach the machine's 64-bit clock, which then stops at `u64::MAX` and the [`Ledger`] records
+/// that it saturated ([`CostReport::saturated`]).
 pub const MAX_OP_CYCLES: u64 = 1 << 40;
 
 /// Cost files: at most 1 MiB (a file naming every operation is about 2 KiB).
@@ -241,8 +243,33 @@ pub const COST_FILE_KIND: vmsa_host::input::InputKind = vmsa_host::input::InputK
 #[serde(deny_unknown_fields)]
 struct CostFile {
     clock_hz: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     cycles: BTreeMap<String, u64>,
+}
+
+/// A map that refuses a key given twice: JSON parsers keep the last of repeated keys, so the
+/// first value would be dropped unchecked (TOML refuses repeated keys itself).
+fn unique_keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u64>, D::Error> {
+    struct Unique;
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = BTreeMap<String, u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of operation names to cycles")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, u64>()? {
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "duplicate operation `{key}` in cycles"
+                    )));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
 }
 
 /// Costs in cycles for every operation, and the clock that turns cycles into time.
@@ -370,6 +397,7 @@ pub struct OpTotals {
 pub struct Ledger {
     now: u64,
     per_op: BTreeMap<CostOp, OpTotals>,
+    saturated: bool,
 }
 
 impl Ledger {
@@ -379,14 +407,29 @@ impl Ledger {
     }
 
     /// Charge `op` `n` times; returns the start time and duration.
+    /// A charge past `u64::MAX` cycles stops the clock there and marks the ledger
+    /// [`Ledger::saturated`]: its times are no longer times.
     pub fn charge(&mut self, model: &CostModel, op: CostOp, n: u64) -> (u64, u64) {
-        let dur = model.cycles(op).saturating_mul(n);
-        let start = self.now;
-        self.now = self.now.saturating_add(dur);
+        let dur = model.cycles(op).checked_mul(n);
+        let now = dur.and_then(|d| self.now.checked_add(d));
         let t = self.per_op.entry(op).or_default();
-        t.count += n;
-        t.cycles = t.cycles.saturating_add(dur);
+        let count = t.count.checked_add(n);
+        let cycles = dur.and_then(|d| t.cycles.checked_add(d));
+        if now.is_none() || count.is_none() || cycles.is_none() {
+            self.saturated = true;
+        }
+        let dur = dur.unwrap_or(u64::MAX);
+        t.count = count.unwrap_or(u64::MAX);
+        t.cycles = cycles.unwrap_or(u64::MAX);
+        let start = self.now;
+        self.now = now.unwrap_or(u64::MAX);
         (start, dur)
+    }
+
+    /// Whether a charge ran past `u64::MAX` cycles: the clock stopped there, so it and every
+    /// time measured across the overflow are lower bounds, not times.
+    pub fn saturated(&self) -> bool {
+        self.saturated
     }
 
     /// Totals per operation.
@@ -421,8 +464,11 @@ pub struct CostReport {
     pub ops: Vec<CostRow>,
     /// Total cycles.
     pub total_cycles: u64,
-    /// Total time in microseconds.
+    /// Total time in microseconds; infinite (`null` in JSON) when [`Self::saturated`].
     pub total_us: f64,
+    /// The clock ran past `u64::MAX` cycles and stopped there: `total_cycles` (and any row at
+    /// `u64::MAX`) is a lower bound, not a time.
+    pub saturated: bool,
 }
 
 impl CostReport {
@@ -444,7 +490,12 @@ impl CostReport {
             clock_hz: model.clock_hz(),
             ops,
             total_cycles: ledger.now(),
-            total_us: model.micros(ledger.now()),
+            total_us: if ledger.saturated() {
+                f64::INFINITY
+            } else {
+                model.micros(ledger.now())
+            },
+            saturated: ledger.saturated(),
         }
     }
 
@@ -542,8 +593,10 @@ mod tests {
         assert!(e.to_string().contains("unknown operation `rmpupdate`"), "{e}");
         let e = CostModel::from_text("c.json", r#"{"clock_hz": 0}"#).unwrap_err();
         assert!(matches!(e, CostError::BadClock { .. }), "{e}");
-        // A clock that would give infinite or meaningless times, and a cost that would
-        // saturate the machine's clock, are refused with the bound.
+        // A clock that would give infinite or meaningless times, and a cost of one operation
+        // above MAX_OP_CYCLES, are refused with the bound (a run may still saturate the clock
+        // with many operations: the ledger then says so, see
+        // `a_saturated_clock_is_recorded_and_reported_as_no_time`).
         for (text, shown) in [
             ("clock_hz = 1e-300\n", "1e-300"),
             ("clock_hz = 1e300\n", "1e300"),
@@ -566,6 +619,31 @@ mod tests {
         assert!(CostModel::from_text("c.toml", "[cycles]\nvmrun = 1099511627776\n").is_ok());
         let e = CostModel::from_text("c.toml", "speed = 1").unwrap_err();
         assert!(matches!(e, CostError::Parse { .. }), "{e}");
+    }
+
+    /// Regression: JSON kept the last of a repeated operation, so a first value above
+    /// MAX_OP_CYCLES was never checked; TOML refused the repeat. Both refuse it now.
+    #[test]
+    fn a_repeated_operation_is_refused_in_json_as_in_toml() {
+        let e = CostModel::from_text("c.json", r#"{"cycles":{"vmrun":1099511627776,"vmrun":5}}"#)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.starts_with("c.json: duplicate operation `vmrun` in cycles"),
+            "{e}"
+        );
+        let e = CostModel::from_text("c.json", r#"{"cycles":{"psmash":1,"vm\nrun":2,"vm\nrun":3}}"#)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("duplicate operation `vm\\nrun`"), "{e}");
+        let e = CostModel::from_text("c.toml", "[cycles]\nvmrun = 1\nvmrun = 2\n").unwrap_err();
+        assert!(matches!(e, CostError::Parse { .. }), "{e}");
+        let e = CostModel::from_text("c.json", r#"{"clock_hz":1e9,"clock_hz":2e9}"#).unwrap_err();
+        assert!(e.to_string().contains("duplicate field `clock_hz`"), "{e}");
+        let ok = CostModel::from_text("c.json", r#"{"cycles":{"vmrun":5,"psmash":6}}"#).unwrap();
+        assert_eq!((ok.cycles(CostOp::Vmrun), ok.cycles(CostOp::Psmash)), (5, 6));
     }
 
     #[test]
@@ -609,5 +687,30 @@ mod tests {
         assert_eq!(r.total_cycles, 4_360);
         assert_eq!(r.op(CostOp::Rmpupdate4K).unwrap().count, 2);
         assert!((r.total_us - 4_360.0 / 2_700.0).abs() < 1e-9);
+        assert!(!l.saturated() && !r.saturated);
+    }
+
+    /// Regression: `pvalidate_4k = 2^40` (allowed) over a 64 GiB guest at 4 KiB (2^24
+    /// PVALIDATEs) ran the clock past u64::MAX; it stopped there silently and the report showed
+    /// 18446744073709551615 cycles as a time.
+    #[test]
+    fn a_saturated_clock_is_recorded_and_reported_as_no_time() {
+        let m = CostModel::from_text("c.toml", "[cycles]\npvalidate_4k = 1099511627776\n").unwrap();
+        let mut l = Ledger::default();
+        l.charge(&m, CostOp::Pvalidate4K, 1 << 23);
+        assert!(!l.saturated(), "2^63 cycles still fit");
+        assert!(!CostReport::new(&m, &l).saturated);
+        l.charge(&m, CostOp::Pvalidate4K, 1 << 23);
+        assert!(l.saturated(), "2^64 cycles do not");
+        assert_eq!(l.now(), u64::MAX);
+        let r = CostReport::new(&m, &l);
+        assert!(r.saturated);
+        assert!(r.total_us.is_infinite(), "no time is made of the stopped clock");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["saturated"], true);
+        // One overflowing charge (cost times count) saturates too.
+        let mut l = Ledger::default();
+        l.charge(&m, CostOp::Pvalidate4K, 1 << 24);
+        assert!(l.saturated() && CostReport::new(&m, &l).saturated);
     }
 }

@@ -317,12 +317,24 @@ pub fn smp_boot_vmsa_gpa(base: u64, i: u32) -> u64 {
 /// memory for its devices' DMA.
 pub const LINUX_BOUNCE_SIZE: u64 = 64 << 20;
 
-/// The least low RAM [`LinuxBootLayout::new`] takes: 2 MiB below the AP VMSAs, their 2 MiB, and
-/// a bounce buffer of at least 2 MiB with as much again below it.
-pub const LINUX_BOOT_MIN_RAM: u64 = 8 << 20;
-
 /// Where the AP VMSAs of [`GuestScript::linux_boot`] start: 2 MiB up.
 const LINUX_VMSA_BASE: u64 = PMD_SIZE;
+
+/// The end of the AP VMSA block of [`GuestScript::linux_boot`] with `vcpus` vCPUs: 8 KiB per
+/// vCPU from 2 MiB up (see [`linux_boot_vmsa_gpa`]), rounded up to 2 MiB (at least
+/// 2 MiB, as before any AP).
+pub fn linux_boot_vmsa_end(vcpus: u32) -> u64 {
+    let block = (u64::from(vcpus.max(1)) * 2 * PAGE_SIZE).next_multiple_of(PMD_SIZE);
+    LINUX_VMSA_BASE + block
+}
+
+/// The least low RAM [`LinuxBootLayout::new`] takes for `vcpus` vCPUs: 2 MiB below the AP
+/// VMSAs, their block ([`linux_boot_vmsa_end`]), and a bounce buffer of half of low RAM
+/// (at least 2 MiB) above them, so twice the end of the VMSA block: 8 MiB up to 256 vCPUs,
+/// 12 MiB for 512.
+pub fn linux_boot_min_ram(vcpus: u32) -> u64 {
+    2 * linux_boot_vmsa_end(vcpus)
+}
 
 /// Where [`GuestScript::linux_boot`] puts things in guest memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -333,25 +345,38 @@ pub struct LinuxBootLayout {
     /// Ranges the launch already validated (the pages measured by `SNP_LAUNCH_UPDATE`): the
     /// guest does not validate them again.
     pub prevalidated: Vec<(u64, u64)>,
+    /// The AP VMSA pages, `[start, end)`: from 2 MiB, 8 KiB per vCPU rounded up to 2 MiB
+    /// ([`linux_boot_vmsa_end`]). Private memory the guest writes.
+    pub vmsas: (u64, u64),
     /// The bounce buffer (swiotlb) the guest makes shared, `[start, end)`: at the top of low
     /// RAM, as Linux allocates it from low memory (`swiotlb_init_remap` uses
-    /// `memblock_alloc_low`), [`LINUX_BOUNCE_SIZE`] or half of low RAM, whichever is less.
+    /// `memblock_alloc_low`), [`LINUX_BOUNCE_SIZE`] or half of low RAM, whichever is less;
+    /// always above [`Self::vmsas`].
     pub bounce: (u64, u64),
 }
 
 impl LinuxBootLayout {
-    /// The layout over `ram` (see the fields), or `None` when the first range (low RAM) is not
-    /// at 0 or is smaller than [`LINUX_BOOT_MIN_RAM`].
-    pub fn new(ram: Vec<(u64, u64)>, prevalidated: Vec<(u64, u64)>) -> Option<Self> {
+    /// The layout over `ram` for `vcpus` vCPUs (see the fields), or `None` when the first
+    /// range (low RAM) is not at 0 or is smaller than [`linux_boot_min_ram`]`(vcpus)`.
+    pub fn new(vcpus: u32, ram: Vec<(u64, u64)>, prevalidated: Vec<(u64, u64)>) -> Option<Self> {
         let &(start, low_end) = ram.first()?;
-        if start != 0 || low_end < LINUX_BOOT_MIN_RAM {
+        if start != 0 || low_end < linux_boot_min_ram(vcpus) {
             return None;
         }
-        let size = LINUX_BOUNCE_SIZE.min((low_end / 2) & !(PMD_SIZE - 1));
+        let vmsas = (LINUX_VMSA_BASE, linux_boot_vmsa_end(vcpus));
         let top = low_end & !(PMD_SIZE - 1);
+        // Half of low RAM (2 MiB multiple) never reaches below `top / 2 >= vmsas.1`; the clamp
+        // to the room above the VMSAs only states it.
+        let size = LINUX_BOUNCE_SIZE
+            .min((low_end / 2) & !(PMD_SIZE - 1))
+            .min(top.checked_sub(vmsas.1)?);
+        if size == 0 {
+            return None;
+        }
         Some(Self {
             ram,
             prevalidated,
+            vmsas,
             bounce: (top - size, top),
         })
     }
@@ -409,7 +434,14 @@ impl GuestScript {
     ///    (`vmgexit_ap_control`). Each AP then runs.
     ///
     /// The script ends with every vCPU in the guest; the VMM tears the VM down.
+    ///
+    /// `layout` must be [`LinuxBootLayout::new`]'s for at least `vcpus` vCPUs (else the VMSAs
+    /// of the last APs could fall in the bounce buffer).
     pub fn linux_boot(vcpus: u32, layout: &LinuxBootLayout, large: bool) -> Self {
+        debug_assert!(
+            linux_boot_vmsa_end(vcpus) <= layout.vmsas.1,
+            "layout for fewer vCPUs"
+        );
         let mut a = Vec::new();
         for &(start, end) in &layout.ram {
             // RAM minus the prevalidated ranges, in address order.
@@ -582,6 +614,52 @@ mod tests {
             assert!(e.starts_with("t.json: not a guest script: unknown "), "{e}");
             assert!(e.contains("\\n"), "the newline is shown escaped: {e}");
         }
+    }
+
+    /// Regression: the AP VMSAs of 512 vCPUs (4 MiB) ran into the bounce buffer at [4M, 8M) of
+    /// an 8 MiB guest, which the guest made shared before writing them. The VMSA block now
+    /// grows with the vCPU count, the bounce buffer lies above it, and the minimum grows too.
+    #[test]
+    fn linux_boot_layout_regions_never_overlap_and_fit() {
+        for vcpus in [1, 2, 255, 256, 257, 511, 512] {
+            let min = linux_boot_min_ram(vcpus);
+            assert!(
+                LinuxBootLayout::new(vcpus, vec![(0, min - PAGE_SIZE)], vec![]).is_none(),
+                "{vcpus} vCPUs"
+            );
+            for low in [
+                min,
+                min + PAGE_SIZE,
+                min + PMD_SIZE + 3 * PAGE_SIZE,
+                2 * min,
+                1 << 30,
+            ] {
+                let l = LinuxBootLayout::new(vcpus, vec![(0, low)], vec![]).expect("fits");
+                let (v0, v1) = l.vmsas;
+                let (b0, b1) = l.bounce;
+                assert!(
+                    v0 >= PMD_SIZE && v0 < v1 && v1 <= b0 && b0 < b1 && b1 <= low,
+                    "{vcpus} {low:#x} {l:?}"
+                );
+                assert!(b1 - b0 >= PMD_SIZE, "{l:?}");
+                // Every AP's VMSA page lies in the VMSA block, none 2 MiB aligned.
+                for i in 1..vcpus {
+                    let g = linux_boot_vmsa_gpa(i);
+                    assert!(g >= v0 && g + PAGE_SIZE <= v1, "AP {i} at {g:#x}, {l:?}");
+                    assert!(!vmsa_core::Gpa(g).is_2m_aligned());
+                }
+                // And the script writes no VMSA in the buffer it made shared.
+                let s = GuestScript::linux_boot(vcpus, &l, true);
+                assert!(s.actions.iter().all(|a| match *a {
+                    GuestAction::WriteVmsa { gpa, .. } => gpa < b0 || gpa >= b1,
+                    _ => true,
+                }));
+            }
+        }
+        assert_eq!(linux_boot_min_ram(1), 8 << 20);
+        assert_eq!(linux_boot_min_ram(256), 8 << 20);
+        assert_eq!(linux_boot_min_ram(512), 12 << 20);
+        assert!(LinuxBootLayout::new(512, vec![(0, 8 << 20)], vec![]).is_none());
     }
 
     #[test]

@@ -503,6 +503,39 @@ fn trace_is_a_perfetto_timeline() {
     assert_eq!(phases, ["create", "launch", "run", "teardown"]);
 }
 
+/// Costs that run the simulated clock past `u64::MAX` (2^24 PVALIDATEs at the largest cost a
+/// file may give one, 2^40 cycles) left it stuck there, and the report printed that number as
+/// a time. It now says the clock saturated, in the text and in the JSON.
+#[test]
+fn a_clock_the_costs_overflow_is_reported_as_saturated_not_as_a_time() {
+    let dir = scratch("run-costs-saturated");
+    let costs = dir.join("costs.toml");
+    std::fs::write(&costs, "[cycles]\npvalidate_4k = 1099511627776\n").unwrap();
+    let args = [
+        "--vcpus",
+        "1",
+        "--memory",
+        "64G",
+        "--guest",
+        "builtin:linux-boot-4k",
+        "--costs",
+        costs.to_str().unwrap(),
+    ];
+    let (s, code) = run_json(&args);
+    assert_eq!(code, 0);
+    assert_eq!(s["costs"]["saturated"], true, "{}", s["costs"]);
+    assert_eq!(s["costs"]["total_us"], Value::Null);
+    let mut text = vec!["run"];
+    text.extend(args);
+    let out = stdout(&vmm(&text));
+    let clock = out.lines().find(|l| l.starts_with("machine clock:")).unwrap();
+    assert!(
+        clock.starts_with("machine clock: saturated at 18446744073709551615 cycles"),
+        "{clock}"
+    );
+    assert!(!clock.contains(" ms "), "{clock}");
+}
+
 #[test]
 fn costs_file_changes_the_cycles() {
     let dir = scratch("run-costs");

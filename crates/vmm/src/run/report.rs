@@ -471,13 +471,22 @@ impl RunSummary {
             writeln!(s, "phases: {}", phases.join(", "))?;
         }
         if let Some(c) = &self.costs {
-            writeln!(
-                s,
-                "machine clock: {} cycles ({:.3} ms at {:.1} GHz) since power-on, SNP_INIT included",
-                c.total_cycles,
-                c.total_us / 1000.0,
-                c.clock_hz / 1e9
-            )?;
+            if c.saturated {
+                // The phases above read the same clock: they are no times either.
+                writeln!(
+                    s,
+                    "machine clock: saturated at {} cycles: the cost file's costs overflowed the simulated clock, so no simulated time of this run is valid",
+                    c.total_cycles
+                )?;
+            } else {
+                writeln!(
+                    s,
+                    "machine clock: {} cycles ({:.3} ms at {:.1} GHz) since power-on, SNP_INIT included",
+                    c.total_cycles,
+                    c.total_us / 1000.0,
+                    c.clock_hz / 1e9
+                )?;
+            }
         }
         if let Some(f) = &self.footprint {
             writeln!(

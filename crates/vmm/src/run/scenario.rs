@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use backend_sim::FaultPlan;
-use backend_sim::guest::{GuestAction, GuestScript, LINUX_BOOT_MIN_RAM, LinuxBootLayout, smp_boot_vmsa_gpa};
+use backend_sim::guest::{GuestAction, GuestScript, LinuxBootLayout, linux_boot_min_ram, smp_boot_vmsa_gpa};
 use vmsa_core::{PAGE_SIZE, VmKind};
 
 /// Where the built-in guests' AP regions are counted from: AP `i` has the 2 MiB region at
@@ -249,64 +249,63 @@ impl Scenario {
         let mut min_memory = None;
         let mut gmem_2m_folios = false;
         let mut faults = FaultPlan::default();
-        let (script, expect_launch_failure) =
-            match name {
-                // SEV-ES guests have no AP creation: their APs run from launched host VMSAs, so
-                // the SEV-ES boot is the BSP's.
-                "boot" if kind == VmKind::SevEs => (
-                    GuestScript {
-                        name: "boot".into(),
-                        actions: vec![GuestAction::Run { vcpu: 0 }, GuestAction::Hlt { vcpu: 0 }],
-                    },
-                    false,
-                ),
-                "boot" => (named("boot", GuestScript::smp_boot(vcpus, VMSA_BASE)), false),
-                "ap-churn" => {
-                    need(2)?;
-                    snp()?;
-                    (ap_churn(vcpus, CHURN_ROUNDS), false)
-                }
-                "reset" => {
-                    need(2)?;
-                    snp()?;
-                    (reset(vcpus), false)
-                }
-                "launch-fail" => {
-                    snp()?;
-                    let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
-                    faults = spec.parse().map_err(|error| ScenarioError::BuiltinFault {
-                        name: "launch-fail",
-                        error,
+        let (script, expect_launch_failure) = match name {
+            // SEV-ES guests have no AP creation: their APs run from launched host VMSAs, so
+            // the SEV-ES boot is the BSP's.
+            "boot" if kind == VmKind::SevEs => (
+                GuestScript {
+                    name: "boot".into(),
+                    actions: vec![GuestAction::Run { vcpu: 0 }, GuestAction::Hlt { vcpu: 0 }],
+                },
+                false,
+            ),
+            "boot" => (named("boot", GuestScript::smp_boot(vcpus, VMSA_BASE)), false),
+            "ap-churn" => {
+                need(2)?;
+                snp()?;
+                (ap_churn(vcpus, CHURN_ROUNDS), false)
+            }
+            "reset" => {
+                need(2)?;
+                snp()?;
+                (reset(vcpus), false)
+            }
+            "launch-fail" => {
+                snp()?;
+                let spec = format!("snp_launch_update:vmsa:{vcpus}=INVALID_PAGE_STATE");
+                faults = spec.parse().map_err(|error| ScenarioError::BuiltinFault {
+                    name: "launch-fail",
+                    error,
+                })?;
+                (
+                    named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
+                    true,
+                )
+            }
+            "vmrun-fail" => {
+                need(2)?;
+                snp()?;
+                (vmrun_fail(), false)
+            }
+            "linux-boot" | "linux-boot-4k" => {
+                snp()?;
+                let layout = LinuxBootLayout::new(vcpus, memory.ram.clone(), memory.launched.clone())
+                    .ok_or_else(|| ScenarioError::TooLittleMemory {
+                        name: name.into(),
+                        min: linux_boot_min_ram(vcpus),
+                        got: memory.ram.first().filter(|r| r.0 == 0).map_or(0, |r| r.1),
                     })?;
-                    (
-                        named("launch-fail", GuestScript::smp_boot(vcpus, VMSA_BASE)),
-                        true,
-                    )
+                gmem_2m_folios = name == "linux-boot";
+                min_memory = Some(linux_boot_min_ram(vcpus));
+                (GuestScript::linux_boot(vcpus, &layout, gmem_2m_folios), false)
+            }
+            other => {
+                return Err(GuestSpecError::UnknownBuiltin {
+                    name: other.to_owned(),
                 }
-                "vmrun-fail" => {
-                    need(2)?;
-                    snp()?;
-                    (vmrun_fail(), false)
-                }
-                "linux-boot" | "linux-boot-4k" => {
-                    snp()?;
-                    let layout = LinuxBootLayout::new(memory.ram.clone(), memory.launched.clone())
-                        .ok_or_else(|| ScenarioError::TooLittleMemory {
-                            name: name.into(),
-                            min: LINUX_BOOT_MIN_RAM,
-                            got: memory.ram.first().filter(|r| r.0 == 0).map_or(0, |r| r.1),
-                        })?;
-                    gmem_2m_folios = name == "linux-boot";
-                    min_memory = Some(LINUX_BOOT_MIN_RAM);
-                    (GuestScript::linux_boot(vcpus, &layout, gmem_2m_folios), false)
-                }
-                other => {
-                    return Err(GuestSpecError::UnknownBuiltin {
-                        name: other.to_owned(),
-                    }
-                    .into());
-                }
-            };
+                .into());
+            }
+        };
         let min_memory = min_memory.unwrap_or_else(|| touched_end(&script));
         Ok(Self {
             name: name.into(),
@@ -506,6 +505,39 @@ mod tests {
             e.to_string(),
             "--memory 4KiB: builtin:linux-boot needs at least 8MiB of guest RAM from address 0"
         );
+    }
+
+    /// Regression: with 512 vCPUs the AP VMSAs need 4 MiB, so at 8 MiB they ran into the
+    /// bounce buffer the guest had made shared (768 failed actions). The minimum now grows with
+    /// the vCPU count, and a run at that minimum has no failed action.
+    #[test]
+    fn linux_boot_of_512_vcpus_at_its_minimum_memory_has_no_failed_action() {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: crate::run::RunArgs,
+        }
+        use clap::Parser as _;
+        let run = |memory: &str| {
+            let args = [
+                "vmm",
+                "--guest",
+                "builtin:linux-boot",
+                "--vcpus",
+                "512",
+                "--memory",
+                memory,
+            ];
+            crate::run::run_on_simulator(&Cli::try_parse_from(args).unwrap().run).0
+        };
+        let e = run("8M").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--memory 8MiB: builtin:linux-boot needs at least 12MiB of guest RAM from address 0"
+        );
+        let s = run("12M").unwrap();
+        let g = s.guest_run.expect("the guest ran");
+        assert!(g.end == crate::run::flow::RunEnd::Done && g.failed == 0, "{g:?}");
     }
 
     #[test]
