@@ -194,10 +194,13 @@ impl Hw {
 
     /// The frame a guest `access` ("read" or "write") of the page at `gpa` goes to, charged as
     /// a guest copy: C=1 (`private`) resolves the guest_memfd frame, which for SNP must pass
-    /// the RMP checks of table 15-39; C=0 the shared frame.
+    /// the RMP checks of table 15-39; C=0 the shared frame. An SEV-ES guest has no private or
+    /// shared attribute (KVM's `npf_interception` marks an access private only for SNP): its
+    /// C=0 access goes to the same frame as a C=1 one, unencrypted, and never faults.
     fn access_frame(&mut self, asid: u32, gpa: Gpa, private: bool, access: &str) -> Result<Pfn, SimError> {
         let gpa = Gpa(gpa.0 & !(PAGE_SIZE - 1));
-        let pfn = if private {
+        let sev_es = self.slot(asid)?.kind == VmKind::SevEs;
+        let pfn = if private || sev_es {
             let pfn = self.private_frame(asid, gpa)?;
             if self.slot(asid)?.kind == VmKind::Snp {
                 // One RMP check per page access (the simulator models one TLB fill each).

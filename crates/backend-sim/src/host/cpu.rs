@@ -6,11 +6,13 @@
 //! inside. GHCB AP-creation requests (GHCB spec pub. 56421 §4.1.9) are handled here by the host
 //! kernel (vmsa-core), as KVM's `sev_snp_ap_creation` handles them: an accepted AP_CREATE or
 //! AP_DESTROY kicks the target, which leaves the guest, applies the request at once and enters
-//! its new VMSA if it has one. A GHCB page state change (§4.1.6) is the one request that
-//! reaches the VMM: KVM forwards it as `KVM_HC_MAP_GPA_RANGE`, so the step returns
-//! [`Acted::Convert`] and ends when the VMM answers.
+//! its new VMSA if it has one. A GHCB page state change (§4.1.6) of an SNP guest is the one
+//! request that reaches the VMM: KVM forwards it as `KVM_HC_MAP_GPA_RANGE`, so the step returns
+//! [`Acted::Convert`] and ends when the VMM answers (an SEV-ES guest's is refused with a GHCB
+//! error, as `sev_es_validate_vmgexit` refuses it).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmsa_core::ghcb::{AP_CREATE, AP_CREATE_ON_INIT, AP_DESTROY};
 use vmsa_core::{
@@ -36,6 +38,9 @@ pub(crate) enum Acted {
     /// (`kvm_mmu_prepare_memory_fault_exit`). The action resumes at the faulting page after the
     /// VMM converts it.
     Fault(Conversion),
+    /// A kick interrupted a long access between two of its pages: the vCPU returns to user
+    /// space (`KVM_EXIT_INTR`) and the action resumes at the page it stopped at on the next run.
+    Interrupted,
     /// The vCPU triple-faulted: it shuts down (`KVM_EXIT_SHUTDOWN`).
     Shutdown,
     /// The guest asked to be terminated (a GHCB termination request).
@@ -81,6 +86,8 @@ pub(super) struct Cpus {
     failed: HashMap<u32, RunFailure>,
     /// `kvm_amd.dump_invalid_vmcb`: dump a vCPU whose VMRUN failed.
     dump_invalid_vmcb: bool,
+    /// The action (by index) a kick interrupted, and the page at which it resumes.
+    interrupted: Option<(usize, u64)>,
     report: GuestActivity,
 }
 
@@ -106,23 +113,42 @@ fn vmsa_image(rip: u64, rsp: u64, sev_features: u64) -> Box<SevEsSaveArea> {
     v
 }
 
+/// How often (in pages) a long access looks for a pending kick.
+pub(crate) const KICK_CHECK_PAGES: u64 = 4096;
+
+/// How [`each_page`] ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Paged {
+    /// Every page is done; the detail says how many.
+    Done(String),
+    /// `stop` said to stop before this page (none from it on is done yet).
+    Stopped(u64),
+}
+
 /// Run `f` on each of `pages` pages from `gpa`, `step` bytes apart, starting at page `first`
-/// (the pages before it were done by an earlier run of the same access, which a fault
-/// interrupted) and stopping at the first error; says how many the whole access did as
+/// (the pages before it were done by an earlier run of the same access, which a fault or a
+/// kick interrupted) and stopping at the first error; says how many the whole access did as
 /// `pvalidate_range`'s detail does ("ok" for one page, "{n} pages ok" otherwise). Only a count
 /// is kept: a script may name 2^28 pages (a 1 TiB guest), and a word per page would take
-/// gigabytes outside the machine's memory budget.
+/// gigabytes outside the machine's memory budget. Every [`KICK_CHECK_PAGES`] pages done in
+/// this run it asks `stop` whether a kick is pending, and if so stops there
+/// ([`Paged::Stopped`]), so a long access cannot keep its vCPU from the kick (each run makes
+/// progress: it does at least that many pages before it can stop).
 pub(crate) fn each_page(
     gpa: u64,
     pages: u64,
     step: u64,
     first: u64,
+    stop: impl Fn() -> bool,
     mut f: impl FnMut(Gpa) -> Result<(), SimError>,
-) -> Result<String, SimError> {
+) -> Result<Paged, SimError> {
     for i in first..pages {
+        if i != first && (i - first).is_multiple_of(KICK_CHECK_PAGES) && stop() {
+            return Ok(Paged::Stopped(i));
+        }
         f(Gpa(gpa + i * step))?;
     }
-    Ok(pages_ok(pages))
+    Ok(Paged::Done(pages_ok(pages)))
 }
 
 /// The page of a `pages`-page access from `gpa` at which its run resumes after a memory fault
@@ -183,7 +209,7 @@ pub(crate) fn convert(vm: &Vm<SimPlatform>, cpus: &mut Cpus, range: Conversion) 
 pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> GuestActivity {
     let mut cpus = Cpus::new(false);
     for (index, a) in script.actions.iter().enumerate() {
-        match cpus.step(vm, index, a, None) {
+        match cpus.step(vm, index, a, None, None) {
             Acted::Convert(range) => {
                 let done = convert(vm, &mut cpus, range).map_err(|e| e.to_string());
                 cpus.record(index, a, done);
@@ -196,18 +222,21 @@ pub fn run_script(vm: &Vm<SimPlatform>, script: &crate::guest::GuestScript) -> G
                         cpus.record(index, a, Err(e.to_string()));
                         break;
                     }
-                    match cpus.step(vm, index, a, Some(range.gpa)) {
+                    match cpus.step(vm, index, a, Some(range.gpa), None) {
                         Acted::Fault(next) => range = next,
                         Acted::Convert(r) => {
                             let done = convert(vm, &mut cpus, r).map_err(|e| e.to_string());
                             cpus.record(index, a, done);
                             break;
                         }
-                        Acted::Done | Acted::Terminate { .. } | Acted::Shutdown => break,
+                        Acted::Done | Acted::Interrupted | Acted::Terminate { .. } | Acted::Shutdown => {
+                            break;
+                        }
                     }
                 }
             }
-            Acted::Done | Acted::Terminate { .. } | Acted::Shutdown => {}
+            // No kick reaches this caller's run: nothing interrupts it.
+            Acted::Done | Acted::Interrupted | Acted::Terminate { .. } | Acted::Shutdown => {}
         }
     }
     cpus.finish(vm)
@@ -220,6 +249,7 @@ impl Cpus {
             running: HashMap::new(),
             failed: HashMap::new(),
             dump_invalid_vmcb,
+            interrupted: None,
             report: GuestActivity::default(),
         }
     }
@@ -343,14 +373,21 @@ impl Cpus {
         }
     }
 
-    /// Run action `a` on its vCPU; `faulted` is the page at which its last run took a memory
-    /// fault, if it did, where a multi-page access resumes.
+    /// Run action `index`, `a`, on its vCPU; `faulted` is the page at which its last run took
+    /// a memory fault, if it did, where a multi-page access resumes (or at the page a kick
+    /// stopped it at, if that is later); `kick` is set when a kick is pending.
     fn act(
         &mut self,
         vm: &Vm<SimPlatform>,
+        index: usize,
         a: &GuestAction,
         faulted: Option<Gpa>,
+        kick: Option<&AtomicBool>,
     ) -> Result<(Acted, String), String> {
+        let interrupted = self
+            .interrupted
+            .take()
+            .and_then(|(i, page)| (i == index).then_some(page));
         let vcpu = a.vcpu();
         if !vm.vcpu_ids().contains(&VcpuId(vcpu)) {
             return Err(format!("no vCPU {vcpu}"));
@@ -394,20 +431,28 @@ impl Cpus {
                 byte,
                 private,
                 ..
-            } => match each_page(gpa, pages, PAGE_SIZE, resume_page(gpa, pages, faulted), |g| {
-                p.guest_write(g, &[byte; PAGE_SIZE as usize], private)
-            }) {
-                Ok(d) => Ok(done(d)),
-                Err(SimError::SharedMemory { gpa, .. } | SimError::PrivateMemory { gpa, .. }) => Ok((
-                    Acted::Fault(Conversion {
-                        gpa: Gpa(gpa.0 & !(PAGE_SIZE - 1)),
-                        size: PAGE_SIZE,
-                        private,
-                    }),
-                    String::new(),
-                )),
-                Err(e) => Err(self.guest_error(vcpu, e)),
-            },
+            } => {
+                let first = resume_page(gpa, pages, faulted).max(interrupted.unwrap_or(0));
+                let stop = || kick.is_some_and(|k| k.load(Ordering::SeqCst));
+                match each_page(gpa, pages, PAGE_SIZE, first, stop, |g| {
+                    p.guest_write(g, &[byte; PAGE_SIZE as usize], private)
+                }) {
+                    Ok(Paged::Done(d)) => Ok(done(d)),
+                    Ok(Paged::Stopped(at)) => {
+                        self.interrupted = Some((index, at));
+                        Ok((Acted::Interrupted, String::new()))
+                    }
+                    Err(SimError::SharedMemory { gpa, .. } | SimError::PrivateMemory { gpa, .. }) => Ok((
+                        Acted::Fault(Conversion {
+                            gpa: Gpa(gpa.0 & !(PAGE_SIZE - 1)),
+                            size: PAGE_SIZE,
+                            private,
+                        }),
+                        String::new(),
+                    )),
+                    Err(e) => Err(self.guest_error(vcpu, e)),
+                }
+            }
             GuestAction::WriteVmsa {
                 gpa,
                 rip,
@@ -453,6 +498,15 @@ impl Cpus {
             }
             GuestAction::PageState { gpa, pages, to, .. } => {
                 p.charge(Self::exit_cost(vm), "page state change");
+                if vm.config().kind != VmKind::Snp {
+                    // sev_es_validate_vmgexit: `case SVM_VMGEXIT_PSC: if (!sev_snp_guest(..))
+                    // goto vmgexit_err`, which sets GHCB_ERR_MISSING_INPUT (the exit code is a
+                    // known one) and resumes the guest: no exit to user space.
+                    return Err(format!(
+                        "GHCB page state change refused: not an SNP guest (sw_exit_info 2/{})",
+                        vmsa_core::ghcb::GHCB_ERR_MISSING_INPUT
+                    ));
+                }
                 p.charge(CostOp::ExitToUserspace, "KVM_HC_MAP_GPA_RANGE");
                 let size = pages
                     .checked_mul(PAGE_SIZE)
@@ -503,15 +557,18 @@ impl Cpus {
     /// guest's error, as the VMM did not
     /// convert what the fault asked for; a fault at another page (the next page of a
     /// multi-page access) is a new exit, as KVM's `kvm_mmu_prepare_memory_fault_exit` exits
-    /// once per faulting access.
+    /// once per faulting access. `kick` is the vCPU's pending-kick flag, if a kick can reach
+    /// it: a long access that finds it set stops between pages ([`Acted::Interrupted`],
+    /// nothing recorded) and its next step resumes at the page it stopped at.
     pub fn step(
         &mut self,
         vm: &Vm<SimPlatform>,
         index: usize,
         a: &GuestAction,
         faulted: Option<Gpa>,
+        kick: Option<&AtomicBool>,
     ) -> Acted {
-        match self.act(vm, a, faulted) {
+        match self.act(vm, index, a, faulted, kick) {
             Ok((Acted::Done, detail)) => {
                 self.record(index, a, Ok(detail));
                 Acted::Done

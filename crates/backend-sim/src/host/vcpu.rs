@@ -8,6 +8,7 @@
 //! so a script cannot stall on them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmsa_core::{SevEsSaveArea, VcpuId};
 use vmsa_host::{Errno, Kick, Refusal, VcpuError, VcpuExit};
@@ -21,6 +22,9 @@ use crate::guest::GuestAction;
 pub struct SimVcpu {
     id: u32,
     shared: Arc<Shared>,
+    /// Set by a kick before it takes the guest lock, which a running action holds: a long
+    /// action looks at it between pages and stops, as KVM's kick IPI makes the vCPU exit.
+    kick_pending: Arc<AtomicBool>,
 }
 
 /// Interrupts a [`SimVcpu`]'s run.
@@ -28,18 +32,30 @@ pub struct SimVcpu {
 pub struct SimKick {
     id: u32,
     shared: Arc<Shared>,
+    kick_pending: Arc<AtomicBool>,
 }
 
 impl Kick for SimKick {
     fn kick(&self) {
-        self.shared.guest().kicked.insert(self.id);
+        self.kick_pending.store(true, Ordering::SeqCst);
+        let mut g = self.shared.guest();
+        // A run that stopped its action for this kick while the lock was held has taken the
+        // kick already (and cleared the flag): it is not taken twice.
+        if self.kick_pending.load(Ordering::SeqCst) {
+            g.kicked.insert(self.id);
+        }
+        drop(g);
         self.shared.wake(self.id);
     }
 }
 
 impl SimVcpu {
     pub(super) fn new(id: u32, shared: Arc<Shared>) -> Self {
-        Self { id, shared }
+        Self {
+            id,
+            shared,
+            kick_pending: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     fn refused(&self, call: &'static str, errno: Errno, rule: &'static str) -> VcpuError {
@@ -91,6 +107,7 @@ impl vmsa_host::Vcpu for SimVcpu {
                 ));
             }
             if g.kicked.remove(&self.id) {
+                self.kick_pending.store(false, Ordering::SeqCst);
                 return Ok(VcpuExit::Interrupted);
             }
             if g.pending.as_ref().is_some_and(|p| p.vcpu == self.id) {
@@ -112,8 +129,15 @@ impl vmsa_host::Vcpu for SimVcpu {
                     let faulted = g.faulted.and_then(|(i, gpa)| (i == index).then_some(gpa));
                     let acted = {
                         let kernel = shared.kernel();
-                        g.cpus.step(&kernel, index, &a, faulted)
+                        g.cpus.step(&kernel, index, &a, faulted, Some(&self.kick_pending))
                     };
+                    if let Acted::Interrupted = acted {
+                        // The kick is taken (under the guest lock, so its kicker, waiting for
+                        // it, adds nothing); the action resumes where it stopped.
+                        self.kick_pending.store(false, Ordering::SeqCst);
+                        g.kicked.remove(&self.id);
+                        return Ok(VcpuExit::Interrupted);
+                    }
                     if let Acted::Fault(range) = acted {
                         // The action resumes at this page once the VMM has converted it.
                         g.faulted = Some((index, range.gpa));
@@ -148,7 +172,7 @@ impl vmsa_host::Vcpu for SimVcpu {
                         Acted::Done if matches!(a, GuestAction::Hlt { vcpu } if vcpu == self.id) => {
                             return Ok(VcpuExit::Halt);
                         }
-                        Acted::Done | Acted::Fault(_) => {}
+                        Acted::Done | Acted::Fault(_) | Acted::Interrupted => {}
                     }
                 }
                 // The script is exhausted: the BSP says so on the done port.
@@ -189,6 +213,7 @@ impl vmsa_host::Vcpu for SimVcpu {
         SimKick {
             id: self.id,
             shared: self.shared.clone(),
+            kick_pending: self.kick_pending.clone(),
         }
     }
 }
