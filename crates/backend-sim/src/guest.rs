@@ -348,16 +348,20 @@ pub struct LinuxBootLayout {
     /// The AP VMSA pages, `[start, end)`: from 2 MiB, 8 KiB per vCPU rounded up to 2 MiB
     /// ([`linux_boot_vmsa_end`]). Private memory the guest writes.
     pub vmsas: (u64, u64),
-    /// The bounce buffer (swiotlb) the guest makes shared, `[start, end)`: at the top of low
-    /// RAM, as Linux allocates it from low memory (`swiotlb_init_remap` uses
+    /// The bounce buffer (swiotlb) the guest makes shared, `[start, end)`: as high in low RAM
+    /// as it fits, as Linux allocates it from low memory top down (`swiotlb_init_remap` uses
     /// `memblock_alloc_low`), [`LINUX_BOUNCE_SIZE`] or half of low RAM, whichever is less;
-    /// always above [`Self::vmsas`].
+    /// 2 MiB aligned, always above [`Self::vmsas`], and clear of every [`Self::prevalidated`]
+    /// range (memblock reserves what the firmware measured, e.g. the secrets and CPUID pages,
+    /// which Linux never makes shared).
     pub bounce: (u64, u64),
 }
 
 impl LinuxBootLayout {
     /// The layout over `ram` for `vcpus` vCPUs (see the fields), or `None` when the first
-    /// range (low RAM) is not at 0 or is smaller than [`linux_boot_min_ram`]`(vcpus)`.
+    /// range (low RAM) is not at 0 or is smaller than [`linux_boot_min_ram`]`(vcpus)`, or when
+    /// no 2 MiB-aligned stretch of low RAM above the VMSAs of the bounce buffer's size is clear
+    /// of the prevalidated ranges.
     pub fn new(vcpus: u32, ram: Vec<(u64, u64)>, prevalidated: Vec<(u64, u64)>) -> Option<Self> {
         let &(start, low_end) = ram.first()?;
         if start != 0 || low_end < linux_boot_min_ram(vcpus) {
@@ -373,11 +377,26 @@ impl LinuxBootLayout {
         if size == 0 {
             return None;
         }
+        // Top down, as memblock allocates: below the lowest prevalidated range the candidate
+        // meets, until one meets none (each step moves down, so this ends).
+        let mut end = top;
+        let bounce = loop {
+            let begin = end.checked_sub(size).filter(|&b| b >= vmsas.1)?;
+            match prevalidated
+                .iter()
+                .filter(|&&(s, e)| s < e && s < end && e > begin)
+                .map(|&(s, _)| s)
+                .min()
+            {
+                None => break (begin, end),
+                Some(s) => end = s & !(PMD_SIZE - 1),
+            }
+        };
         Some(Self {
             ram,
             prevalidated,
             vmsas,
-            bounce: (top - size, top),
+            bounce,
         })
     }
 }
@@ -415,6 +434,36 @@ fn pvalidate_range(a: &mut Vec<GuestAction>, start: u64, end: u64, large: bool, 
     }
 }
 
+/// [`pvalidate_range`] over `[start, end)` minus the `skip` ranges (what the launch validated),
+/// in address order. Splitting at the skipped ranges gives 2 MiB pages only to 2 MiB regions
+/// that hold no skipped page; a region that holds one gets 4 KiB pages for the rest of its
+/// pages. This stands for the fallback of Linux's `pval_pages` (arch/x86/coco/sev/core.c):
+/// such a region's RMP entries are 4 KiB (the launch assigned its measured pages one by one),
+/// so a 2 MiB `PVALIDATE` of it fails with `FAIL_SIZEMISMATCH` and Linux retries it page by
+/// page at 4 KiB. The script issues those 4 KiB `PVALIDATE`s at once, and none for the
+/// measured pages, which are validated already (Linux does not accept them again).
+fn pvalidate_except(
+    a: &mut Vec<GuestAction>,
+    start: u64,
+    end: u64,
+    skip: &[(u64, u64)],
+    large: bool,
+    validate: bool,
+) {
+    let mut at = start;
+    let mut skip: Vec<(u64, u64)> = skip
+        .iter()
+        .map(|&(s, e)| (s.max(start), e.min(end)))
+        .filter(|(s, e)| s < e)
+        .collect();
+    skip.sort_unstable();
+    for (s, e) in skip {
+        pvalidate_range(a, at, s.max(at), large, validate);
+        at = at.max(e);
+    }
+    pvalidate_range(a, at, end, large, validate);
+}
+
 impl GuestScript {
     /// What a Linux SEV-SNP guest does on its way up, with one action per range of pages:
     ///
@@ -444,23 +493,12 @@ impl GuestScript {
         );
         let mut a = Vec::new();
         for &(start, end) in &layout.ram {
-            // RAM minus the prevalidated ranges, in address order.
-            let mut at = start;
-            let mut skip: Vec<(u64, u64)> = layout
-                .prevalidated
-                .iter()
-                .map(|&(s, e)| (s.max(start), e.min(end)))
-                .filter(|(s, e)| s < e)
-                .collect();
-            skip.sort_unstable();
-            for (s, e) in skip {
-                pvalidate_range(&mut a, at, s.max(at), large, true);
-                at = at.max(e);
-            }
-            pvalidate_range(&mut a, at, end, large, true);
+            pvalidate_except(&mut a, start, end, &layout.prevalidated, large, true);
         }
         let (b0, b1) = layout.bounce;
-        pvalidate_range(&mut a, b0, b1, large, false);
+        // The layout keeps the bounce buffer clear of the prevalidated ranges; skipping them
+        // here too keeps a layout built by hand from rescinding a measured page at 2 MiB.
+        pvalidate_except(&mut a, b0, b1, &layout.prevalidated, large, false);
         a.push(GuestAction::PageState {
             vcpu: 0,
             gpa: b0,
@@ -660,6 +698,61 @@ mod tests {
         assert_eq!(linux_boot_min_ram(256), 8 << 20);
         assert_eq!(linux_boot_min_ram(512), 12 << 20);
         assert!(LinuxBootLayout::new(512, vec![(0, 8 << 20)], vec![]).is_none());
+    }
+
+    /// Regression: the bounce buffer went to the top of low RAM whatever the launch had
+    /// measured there, so the guest rescinded (at 2 MiB, over 4 KiB RMP entries) and made
+    /// shared the secrets and CPUID pages. It now lies clear of every prevalidated range, the
+    /// layout is refused when no room is left, and no 2 MiB PVALIDATE covers a measured page.
+    #[test]
+    fn linux_boot_bounce_buffer_avoids_prevalidated_ranges() {
+        let mib = 1u64 << 20;
+        // An OVMF's SEV metadata sections: the secrets and CPUID pages at the end.
+        let sections = |base: u64| vec![(base, base + 0xf000)];
+        let overlaps = |(a, b): (u64, u64), r: &[(u64, u64)]| r.iter().any(|&(s, e)| s < b && a < e);
+        for (vcpus, low, pre) in [
+            (4, 32 * mib, sections(24 * mib)),
+            (4, 32 * mib, sections(31 * mib)),
+            (4, 256 * mib, sections(200 * mib)),
+            (
+                4,
+                256 * mib,
+                vec![(250 * mib, 251 * mib), (190 * mib + 0x3000, 190 * mib + 0x5000)],
+            ),
+            (512, 64 * mib, sections(40 * mib)),
+        ] {
+            let l = LinuxBootLayout::new(vcpus, vec![(0, low)], pre.clone()).expect("room below");
+            let (b0, b1) = l.bounce;
+            let size = LINUX_BOUNCE_SIZE.min(low / 2);
+            assert_eq!(b1 - b0, size, "{l:?}");
+            assert!(b0 >= l.vmsas.1 && b1 <= low && b0 % PMD_SIZE == 0, "{l:?}");
+            assert!(!overlaps(l.bounce, &pre), "{l:?}");
+            for large in [true, false] {
+                let s = GuestScript::linux_boot(vcpus, &l, large);
+                for a in &s.actions {
+                    match *a {
+                        GuestAction::Pvalidate { gpa, pages, size, .. } => {
+                            let r = (gpa, gpa + pages * size.bytes());
+                            assert!(!overlaps(r, &pre), "{a:?} touches a measured page, {l:?}");
+                            if size == PageSize::Size2M {
+                                assert_eq!(gpa % PMD_SIZE, 0, "{a:?}");
+                            }
+                        }
+                        GuestAction::PageState { gpa, pages, .. } => {
+                            assert!(!overlaps((gpa, gpa + pages * PAGE_SIZE), &pre), "{a:?}");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // Where the top of a 32 MiB guest is measured the buffer moves down below it, highest
+        // first.
+        let l = LinuxBootLayout::new(4, vec![(0, 32 * mib)], sections(24 * mib)).unwrap();
+        assert_eq!(l.bounce, (8 * mib, 24 * mib));
+        // 16 MiB with OVMF's sections at 8 MiB: no 8 MiB above the VMSAs is clear of them.
+        assert!(LinuxBootLayout::new(4, vec![(0, 16 * mib)], sections(8 * mib)).is_none());
+        assert!(LinuxBootLayout::new(4, vec![(0, 16 * mib)], sections(mib)).is_some());
     }
 
     #[test]

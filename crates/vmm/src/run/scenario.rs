@@ -172,6 +172,18 @@ pub enum ScenarioError {
         /// The RAM from address 0 the layout has, in bytes.
         got: u64,
     },
+    /// Enough RAM, but no room for linux-boot's bounce buffer clear of the pages the launch
+    /// measured (a firmware's SEV metadata sections): Linux never converts those to shared.
+    #[error(
+        "--memory {}: builtin:{name} finds no room for its bounce buffer in guest RAM clear of the pages the launch measured; give more memory",
+        crate::size::ByteSize::new(*got)
+    )]
+    NoBounceBuffer {
+        /// The built-in.
+        name: String,
+        /// The RAM from address 0 the layout has, in bytes.
+        got: u64,
+    },
     /// The script file could not be used.
     #[error(transparent)]
     Script(#[from] backend_sim::guest::ScriptError),
@@ -289,11 +301,22 @@ impl Scenario {
             }
             "linux-boot" | "linux-boot-4k" => {
                 snp()?;
+                let got = memory.ram.first().filter(|r| r.0 == 0).map_or(0, |r| r.1);
                 let layout = LinuxBootLayout::new(vcpus, memory.ram.clone(), memory.launched.clone())
-                    .ok_or_else(|| ScenarioError::TooLittleMemory {
-                        name: name.into(),
-                        min: linux_boot_min_ram(vcpus),
-                        got: memory.ram.first().filter(|r| r.0 == 0).map_or(0, |r| r.1),
+                    .ok_or_else(|| {
+                        let min = linux_boot_min_ram(vcpus);
+                        if got < min {
+                            ScenarioError::TooLittleMemory {
+                                name: name.into(),
+                                min,
+                                got,
+                            }
+                        } else {
+                            ScenarioError::NoBounceBuffer {
+                                name: name.into(),
+                                got,
+                            }
+                        }
                     })?;
                 gmem_2m_folios = name == "linux-boot";
                 min_memory = Some(linux_boot_min_ram(vcpus));
