@@ -17,9 +17,11 @@
 
 mod arrivals;
 
+use core::mem::offset_of;
+
 use sha2::{Digest, Sha256, Sha384};
 use sha384_pages::sha384_pages;
-use vmsa_core::{Gpa, PAGE_SIZE, PageBuf, SnpPageType, ZERO_PAGE};
+use vmsa_core::{Gpa, PAGE_SIZE, PageBuf, SevEsSaveArea, SnpPageType, ZERO_PAGE};
 
 /// Size of a SEV-SNP launch digest (SHA-384).
 pub const SNP_DIGEST_SIZE: usize = 48;
@@ -135,12 +137,6 @@ impl SnpLaunchDigest {
     }
 }
 
-/// VMSA offset of `GUEST_TSC_SCALE` (amd/AMD-ASPFW `fw/psp_bl_uapps/sev_uapp/src/sev_es.h`,
-/// `VMSA_GUEST_TSC_SCALE`).
-pub const VMSA_GUEST_TSC_SCALE: usize = 0x2F0;
-/// VMSA offset of `GUEST_TSC_OFFSET` (amd/AMD-ASPFW `sev_es.h`, `VMSA_GUEST_TSC_OFFSET`).
-pub const VMSA_GUEST_TSC_OFFSET: usize = 0x2F8;
-
 /// `PAGE_INFO.CONTENTS` of a page: the SHA-384 of `contents` for `Normal` pages, of `contents`
 /// with `GUEST_TSC_SCALE` and `GUEST_TSC_OFFSET` read as zero for `Vmsa` pages, zeros for
 /// every other type.
@@ -159,10 +155,12 @@ fn vmsa_contents_hash(contents: &PageBuf) -> [u8; SNP_DIGEST_SIZE] {
     // amd/AMD-ASPFW fw/psp_bl_uapps/sev_uapp/src/sev_mcmd.c, snp_mcmd_launch_update: "If VMSA
     // page, ignore the values of GUEST_TSC_SCALE and GUEST_TSC_OFFSET and measure the VMSA as
     // if those fields contained zero" (both set to 0 in the scratch copy before digest_sha).
-    const END: usize = VMSA_GUEST_TSC_OFFSET + 8;
+    // The fields' offsets are vmsa-core's layout (0x2F0 and 0x2F8, as the firmware's sev_es.h).
+    const START: usize = offset_of!(SevEsSaveArea, tsc_scale);
+    const END: usize = offset_of!(SevEsSaveArea, tsc_offset) + 8;
     let mut h = Sha384::new();
-    h.update(&contents[..VMSA_GUEST_TSC_SCALE]);
-    h.update([0u8; END - VMSA_GUEST_TSC_SCALE]);
+    h.update(&contents[..START]);
+    h.update([0u8; END - START]);
     h.update(&contents[END..]);
     h.finalize().into()
 }
